@@ -1,0 +1,152 @@
+//! CacheGuard: the semantic cache in front of the query path.
+//!
+//! A question whose vector is within `threshold` cosine of an earlier one,
+//! asked with the same scope and top_k, gets the earlier response. An entry
+//! is served only when the principal may see every chunk it cites, and an
+//! entry citing a document version the VersionPruner removed is dropped at
+//! once.
+
+pub mod embedded;
+
+use crate::indexer::{Hit, Scope};
+use crate::stats::ActorStats;
+use async_trait::async_trait;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CachedAnswer {
+    pub answer: Option<String>,
+    pub sources: Vec<Hit>,
+}
+
+#[async_trait]
+pub trait SemanticCache: Send + Sync {
+    fn backend(&self) -> &'static str;
+    async fn lookup(&self, vector: &[f32], scope: &Scope, top_k: usize) -> anyhow::Result<Option<CachedAnswer>>;
+    async fn store(&self, vector: &[f32], scope: &Scope, top_k: usize, value: CachedAnswer) -> anyhow::Result<()>;
+    /// Drops entries citing `doc_id` at any version other than `keep`.
+    async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize>;
+}
+
+/// Is every cited chunk visible inside `scope`? Checked on every hit, so a
+/// bug in scoping can never leak a chunk across partitions.
+pub fn visible(value: &CachedAnswer, scope: &Scope) -> bool {
+    value
+        .sources
+        .iter()
+        .all(|h| scope.allows(&h.division, &h.access_level))
+}
+
+pub enum CacheMsg {
+    Lookup {
+        vector: Vec<f32>,
+        scope: Scope,
+        top_k: usize,
+        reply: RpcReplyPort<Option<CachedAnswer>>,
+    },
+    Store {
+        vector: Vec<f32>,
+        scope: Scope,
+        top_k: usize,
+        value: CachedAnswer,
+    },
+}
+
+pub struct CacheGuard;
+
+pub struct CacheGuardArgs {
+    pub cache: Arc<dyn SemanticCache>,
+    pub stats: Arc<ActorStats>,
+}
+
+impl Actor for CacheGuard {
+    type Msg = CacheMsg;
+    type State = CacheGuardArgs;
+    type Arguments = CacheGuardArgs;
+
+    async fn pre_start(&self, _: ActorRef<CacheMsg>, args: CacheGuardArgs) -> Result<CacheGuardArgs, ActorProcessingErr> {
+        args.stats.set_status("running");
+        args.stats.set_note(format!("backend: {}", args.cache.backend()));
+        Ok(args)
+    }
+
+    async fn handle(&self, _: ActorRef<CacheMsg>, msg: CacheMsg, st: &mut CacheGuardArgs) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CacheMsg::Lookup { vector, scope, top_k, reply } => {
+                let found = match st.cache.lookup(&vector, &scope, top_k).await {
+                    Ok(found) => found.filter(|v| visible(v, &scope)),
+                    Err(e) => {
+                        // A broken cache is a miss, never a failed query.
+                        st.stats.set_error(format!("lookup: {e:#}"));
+                        None
+                    }
+                };
+                metrics::counter!("ragd_cache_lookups_total", "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
+                let _ = reply.send(found);
+            }
+            CacheMsg::Store { vector, scope, top_k, value } => {
+                if let Err(e) = st.cache.store(&vector, &scope, top_k, value).await {
+                    st.stats.set_error(format!("store: {e:#}"));
+                }
+            }
+        }
+        st.stats.processed();
+        Ok(())
+    }
+}
+
+/// How the query path and the VersionPruner reach the cache.
+#[derive(Clone)]
+pub struct CacheHandle {
+    pub actor_name: String,
+    /// Invalidation goes straight to the backend: it must not be lost while
+    /// the CacheGuard actor restarts.
+    pub cache: Arc<dyn SemanticCache>,
+}
+
+impl CacheHandle {
+    fn actor(&self) -> Option<ActorRef<CacheMsg>> {
+        ActorRef::where_is(&self.actor_name)
+    }
+
+    pub async fn lookup(&self, vector: &[f32], scope: &Scope, top_k: usize) -> Option<CachedAnswer> {
+        let actor = self.actor()?;
+        let call = actor
+            .call(
+                |reply| CacheMsg::Lookup {
+                    vector: vector.to_vec(),
+                    scope: scope.clone(),
+                    top_k,
+                    reply,
+                },
+                Some(Duration::from_secs(2)),
+            )
+            .await;
+        match call {
+            Ok(ractor::rpc::CallResult::Success(found)) => found,
+            _ => None,
+        }
+    }
+
+    pub fn store(&self, vector: &[f32], scope: &Scope, top_k: usize, value: CachedAnswer) {
+        if let Some(actor) = self.actor() {
+            let _ = actor.cast(CacheMsg::Store {
+                vector: vector.to_vec(),
+                scope: scope.clone(),
+                top_k,
+                value,
+            });
+        }
+    }
+
+    pub async fn invalidate(&self, doc_id: &str, keep: Option<&str>) {
+        match self.cache.invalidate(doc_id, keep).await {
+            Ok(n) if n > 0 => tracing::debug!(doc = %doc_id, n, "invalidated cached answers"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(doc = %doc_id, "cache invalidation failed: {e:#}"),
+        }
+    }
+}

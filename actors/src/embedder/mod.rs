@@ -1,0 +1,112 @@
+//! The Embedder stage and its batcher.
+//!
+//! Pool workers are concurrency slots: each hands its document's chunks to
+//! the [`Batcher`] and waits. The batcher runs the model on its own thread
+//! and, like TEI's queue, takes every request waiting when it starts a pass,
+//! up to the token budget, so small documents share forward passes instead
+//! of running one tiny batch each. The encoder sorts and pads each pass by
+//! length (see [`crate::model::BatchPolicy`]).
+
+use crate::indexer::actor::IndexJob;
+use crate::messages::{ChunkedDoc, EmbeddedDoc};
+use crate::model::AnyEncoder;
+use crate::pool::{PoolQueue, Stage};
+use std::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+struct Request {
+    texts: Vec<String>,
+    reply: oneshot::Sender<anyhow::Result<Vec<Vec<f32>>>>,
+}
+
+/// Owns the model thread. Dropping every handle stops the thread.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::SyncSender<Request>,
+}
+
+impl Batcher {
+    /// `max_texts` bounds one pass; the encoder cuts it further by tokens.
+    pub fn start(encoder: Arc<AnyEncoder>, max_texts: usize) -> Batcher {
+        // Bounded: a full batcher makes workers wait, which keeps the pool's
+        // queue (and so the watcher) waiting too.
+        let (tx, rx) = mpsc::sync_channel::<Request>(64);
+        std::thread::Builder::new()
+            .name("ragd-embedder".into())
+            .spawn(move || run(encoder, rx, max_texts.max(1)))
+            .expect("spawning the embedder thread");
+        Batcher { tx }
+    }
+
+    pub async fn embed(&self, texts: Vec<String>) -> anyhow::Result<Vec<Vec<f32>>> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.clone();
+        // The send blocks while the batcher is saturated.
+        tokio::task::spawn_blocking(move || tx.send(Request { texts, reply }))
+            .await?
+            .map_err(|_| anyhow::anyhow!("the embedder thread has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the embedder thread dropped the request"))?
+    }
+}
+
+fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let mut n = batch[0].texts.len();
+        while n < max_texts {
+            match rx.try_recv() {
+                Ok(r) => {
+                    n += r.texts.len();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let texts: Vec<&str> = batch.iter().flat_map(|r| r.texts.iter().map(String::as_str)).collect();
+        // A model panic fails this pass's requests (they are retried by
+        // their pools), not the thread.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encoder.embed(&texts)));
+        match result {
+            Ok(Ok(mut vectors)) => {
+                for r in batch.into_iter().rev() {
+                    let mine = vectors.split_off(vectors.len() - r.texts.len());
+                    let _ = r.reply.send(Ok(mine));
+                }
+            }
+            Ok(Err(e)) => {
+                let msg = format!("{e:#}");
+                for r in batch {
+                    let _ = r.reply.send(Err(anyhow::anyhow!("embedding failed: {msg}")));
+                }
+            }
+            Err(_) => {
+                for r in batch {
+                    let _ = r.reply.send(Err(anyhow::anyhow!("the embedding model panicked")));
+                }
+            }
+        }
+    }
+}
+
+pub struct EmbedderStage {
+    pub batcher: Batcher,
+    pub out: Arc<PoolQueue<IndexJob>>,
+}
+
+impl Stage for EmbedderStage {
+    type In = ChunkedDoc;
+
+    async fn process(&self, doc: ChunkedDoc) -> anyhow::Result<()> {
+        let texts: Vec<String> = doc.chunks.iter().map(|c| c.text.clone()).collect();
+        let vectors = self.batcher.embed(texts).await?;
+        anyhow::ensure!(vectors.len() == doc.chunks.len(), "one vector per chunk");
+        self.out.submit(IndexJob::Upsert(EmbeddedDoc {
+            meta: doc.meta,
+            chunks: doc.chunks,
+            vectors,
+        }));
+        Ok(())
+    }
+}

@@ -1,0 +1,395 @@
+//! Embedded vector store: qdrant-edge (Qdrant's own engine, in-process) on
+//! local disk.
+//!
+//! qdrant-edge 0.7 has no background optimizer and does not replay its WAL on
+//! load, and `flush` panics rather than waiting when a write is in progress.
+//! So: writes, flushes and optimisation are serialised by one lock; a
+//! background thread flushes within [`FLUSH_EVERY`] of a write (an fsync per
+//! document would cap ingestion at the disk's fsync rate), and
+//! [`VectorStore::flush`] makes everything written so far durable for callers
+//! that must know (e.g. before committing a Kafka offset). A crash loses at
+//! most the unflushed writes, which the next start's scan redoes, since the
+//! store itself is what the scan compares the folders with.
+//! [`VectorStore::optimize`] runs the optimizer that builds HNSW once a
+//! segment grows past the indexing threshold.
+
+use super::{point_id, Hit, Scope, VectorStore};
+use crate::messages::{Chunk, DocMeta};
+use anyhow::Context;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use qdrant_edge::external::serde_json::{self as qjson, json};
+use qdrant_edge::{
+    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
+    FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, NamedQuery, PayloadFieldSchema,
+    PayloadSchemaType, PointInsertOperations, PointOperations, PointStruct, PointStructPersisted,
+    QueryEnum, QueryRequest, ScoringQuery, ScrollRequest, SearchParams, UpdateOperation,
+    WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
+};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+pub struct Inner {
+    shard: EdgeShard,
+    writer: Mutex<()>,
+    dirty: std::sync::atomic::AtomicBool,
+    dim: usize,
+}
+
+impl Inner {
+    fn flush(&self) -> anyhow::Result<()> {
+        let _w = self.writer.lock();
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let shard = &self.shard;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.flush())).map_err(|_| {
+            self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+            anyhow::anyhow!("vector store flush failed")
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct EdgeStore {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for EdgeStore {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+fn key(field: &str) -> JsonPath {
+    field.parse().expect("static field names are valid JSON paths")
+}
+
+fn eq(field: &str, value: &str) -> Condition {
+    Condition::Field(FieldCondition::new_match(key(field), Match::from(value.to_string())))
+}
+
+fn any_of(field: &str, values: &[String]) -> Condition {
+    Condition::Field(FieldCondition::new_match(key(field), Match::from(values.to_vec())))
+}
+
+/// The engine-side filter of a search: only these partitions are looked at.
+pub fn scope_filter(scope: &Scope) -> Filter {
+    Filter {
+        must: Some(vec![
+            any_of("division", &scope.divisions),
+            any_of("access_level", &scope.access_levels),
+        ]),
+        ..Default::default()
+    }
+}
+
+impl EdgeStore {
+    /// Opens the store in `dir`, creating it (and its payload indexes) on
+    /// first use. Fails clearly when the folder holds vectors of another size.
+    pub fn open(dir: &Path, dim: usize) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = EdgeConfig::builder()
+            .vector(DEFAULT_VECTOR_NAME, EdgeVectorParams::builder(dim, Distance::Cosine).build())
+            .on_disk_payload(true)
+            .build();
+        let shard = EdgeShard::load(dir, Some(config)).map_err(|e| {
+            anyhow::anyhow!(
+                "opening the vector store in {} for {dim}-dimensional vectors: {e} \
+                 (a store built with another model must be moved away or re-indexed)",
+                dir.display()
+            )
+        })?;
+        let store = EdgeStore {
+            inner: Arc::new(Inner {
+                shard,
+                writer: Mutex::new(()),
+                dirty: false.into(),
+                dim,
+            }),
+        };
+        let weak = Arc::downgrade(&store.inner);
+        std::thread::Builder::new()
+            .name("ragd-edge-flush".into())
+            .spawn(move || loop {
+                std::thread::sleep(FLUSH_EVERY);
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = inner.flush() {
+                    tracing::error!("{e:#}");
+                }
+            })
+            .context("starting the flush thread")?;
+        for (field, ty) in [
+            ("doc_id", PayloadSchemaType::Keyword),
+            ("version", PayloadSchemaType::Keyword),
+            ("division", PayloadSchemaType::Keyword),
+            ("access_level", PayloadSchemaType::Keyword),
+            ("chunk_index", PayloadSchemaType::Integer),
+        ] {
+            store.write(UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(
+                CreateIndex {
+                    field_name: key(field),
+                    field_schema: Some(PayloadFieldSchema::FieldType(ty)),
+                },
+            )))?;
+        }
+        Ok(store)
+    }
+
+    fn write(&self, op: UpdateOperation) -> anyhow::Result<()> {
+        let _w = self.writer.lock();
+        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shard.update(op).map_err(|e| anyhow::anyhow!("vector store write: {e}"))
+    }
+
+    fn versions_matching(&self, filter: Filter) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out = BTreeSet::new();
+        let mut offset = None;
+        loop {
+            let (records, next) = self
+                .shard
+                .scroll(ScrollRequest {
+                    offset,
+                    limit: Some(1024),
+                    filter: Some(filter.clone()),
+                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    with_vector: WithVector::Bool(false),
+                    order_by: None,
+                })
+                .map_err(|e| anyhow::anyhow!("vector store scroll: {e}"))?;
+            for r in records {
+                if let Some(p) = r.payload {
+                    let doc = p.0.get("doc_id").and_then(|v| v.as_str());
+                    let ver = p.0.get("version").and_then(|v| v.as_str());
+                    if let (Some(d), Some(v)) = (doc, ver) {
+                        out.insert((d.to_string(), v.to_string()));
+                    }
+                }
+            }
+            match next {
+                Some(n) => offset = Some(n),
+                None => break,
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
+        let mut filter = Filter {
+            must: Some(vec![eq("doc_id", doc_id)]),
+            ..Default::default()
+        };
+        if let Some(keep) = keep {
+            filter.must_not = Some(vec![eq("version", keep)]);
+        }
+        let versions: Vec<String> = self
+            .versions_matching(filter.clone())?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        if !versions.is_empty() {
+            self.write(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(
+                filter,
+            )))?;
+        }
+        Ok(versions)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EdgeStore) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .context("vector store task panicked")?
+    }
+}
+
+#[async_trait]
+impl VectorStore for EdgeStore {
+    fn backend(&self) -> &'static str {
+        "qdrant-edge"
+    }
+
+    async fn upsert(&self, doc: &DocMeta, chunks: &[Chunk], vectors: &[Vec<f32>]) -> anyhow::Result<()> {
+        anyhow::ensure!(chunks.len() == vectors.len(), "one vector per chunk");
+        for v in vectors {
+            anyhow::ensure!(
+                v.len() == self.dim,
+                "vector of size {} for a store of size {}",
+                v.len(),
+                self.dim
+            );
+        }
+        let points: Vec<PointStructPersisted> = chunks
+            .iter()
+            .zip(vectors)
+            .map(|(c, v)| {
+                PointStruct::new(
+                    point_id(&doc.doc_id, &doc.version, c.index),
+                    v.clone(),
+                    json!({
+                        "doc_id": doc.doc_id,
+                        "uri": doc.uri,
+                        "version": doc.version,
+                        "division": doc.partition.division,
+                        "access_level": doc.partition.access_level,
+                        "chunk_index": c.index as i64,
+                        "text": c.text,
+                    }),
+                )
+                .into()
+            })
+            .collect();
+        if points.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |s| {
+            s.write(UpdateOperation::PointOperation(PointOperations::UpsertPoints(
+                PointInsertOperations::PointsList(points),
+            )))
+        })
+        .await
+    }
+
+    async fn search(&self, vector: &[f32], scope: &Scope, limit: usize) -> anyhow::Result<Vec<Hit>> {
+        if scope.is_empty() || limit == 0 {
+            return Ok(vec![]);
+        }
+        anyhow::ensure!(
+            vector.len() == self.dim,
+            "query vector of size {} for a store of size {}",
+            vector.len(),
+            self.dim
+        );
+        let filter = scope_filter(scope);
+        let vector = vector.to_vec();
+        self.blocking(move |s| {
+            let points = s
+                .shard
+                .query(QueryRequest {
+                    prefetches: vec![],
+                    query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery::default_dense(
+                        vector,
+                    )))),
+                    filter: Some(filter),
+                    score_threshold: None,
+                    limit,
+                    offset: 0,
+                    params: Some(SearchParams {
+                        hnsw_ef: Some((limit * 2).max(128)),
+                        ..Default::default()
+                    }),
+                    with_vector: WithVector::Bool(false),
+                    with_payload: WithPayloadInterface::Bool(true),
+                })
+                .map_err(|e| anyhow::anyhow!("vector search: {e}"))?;
+            Ok(points
+                .into_iter()
+                .filter_map(|p| {
+                    let pl = p.payload?.0;
+                    let s = |k: &str| pl.get(k).and_then(qjson::Value::as_str).map(str::to_string);
+                    Some(Hit {
+                        doc_id: s("doc_id")?,
+                        uri: s("uri")?,
+                        version: s("version")?,
+                        division: s("division")?,
+                        access_level: s("access_level")?,
+                        chunk_index: pl.get("chunk_index")?.as_i64()? as u32,
+                        text: s("text")?,
+                        score: p.score,
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>> {
+        let (doc_id, keep) = (doc_id.to_string(), keep.to_string());
+        self.blocking(move |s| s.delete_where(&doc_id, Some(&keep))).await
+    }
+
+    async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
+        let doc_id = doc_id.to_string();
+        self.blocking(move |s| s.delete_where(&doc_id, None)).await
+    }
+
+    async fn indexed_versions(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.blocking(|s| {
+            s.versions_matching(Filter {
+                must: Some(vec![Condition::Field(FieldCondition::new_match(
+                    key("chunk_index"),
+                    Match::from(0i64),
+                ))]),
+                ..Default::default()
+            })
+        })
+        .await
+    }
+
+    async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {
+        let filter = doc_id.map(|d| Filter {
+            must: Some(vec![eq("doc_id", d)]),
+            ..Default::default()
+        });
+        self.blocking(move |s| {
+            s.shard
+                .count(CountRequest { filter, exact: true })
+                .map(|n| n as u64)
+                .map_err(|e| anyhow::anyhow!("vector store count: {e}"))
+        })
+        .await
+    }
+
+    async fn optimize(&self) -> anyhow::Result<()> {
+        self.blocking(|s| {
+            {
+                let _w = s.writer.lock();
+                s.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+                s.shard.optimize().map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
+            }
+            s.inner.flush()
+        })
+        .await
+    }
+
+    async fn flush(&self) -> anyhow::Result<()> {
+        self.blocking(|s| s.inner.flush()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn edge_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EdgeStore::open(dir.path(), super::super::conformance::DIM).unwrap();
+        super::super::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen_and_a_wrong_dimension_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EdgeStore::open(dir.path(), 8).unwrap();
+            let (doc, chunks, vecs) = super::super::conformance::doc("a", "v1", "hr", "public", 3, 0);
+            store.upsert(&doc, &chunks, &vecs).await.unwrap();
+            store.flush().await.unwrap();
+        }
+        // The flush thread lets go of the shard within one period.
+        std::thread::sleep(FLUSH_EVERY * 2);
+        let store = EdgeStore::open(dir.path(), 8).unwrap();
+        assert_eq!(store.count(Some("a")).await.unwrap(), 3);
+        drop(store);
+        let err = EdgeStore::open(dir.path(), 16).err().expect("dimension mismatch must fail");
+        assert!(format!("{err:#}").contains("16-dimensional"), "{err:#}");
+    }
+}

@@ -1,0 +1,110 @@
+//! The vector store behind the Indexer, VersionPruner and the query path.
+//!
+//! Every backend implements [`VectorStore`] and must pass
+//! [`conformance::run_all`]. Point ids are deterministic in (doc id, version,
+//! chunk index), so a re-delivered document overwrites itself instead of
+//! adding duplicates.
+
+pub mod actor;
+pub mod conformance;
+pub mod edge;
+
+use crate::messages::{Chunk, DocMeta};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The partitions a search may look at: `division ∈ divisions` and
+/// `access_level ∈ access_levels`. Empty lists match nothing, never all.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Scope {
+    pub divisions: Vec<String>,
+    pub access_levels: Vec<String>,
+}
+
+impl Scope {
+    pub fn allows(&self, division: &str, access_level: &str) -> bool {
+        self.divisions.iter().any(|d| d == division)
+            && self.access_levels.iter().any(|a| a == access_level)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.divisions.is_empty() || self.access_levels.is_empty()
+    }
+    /// Canonical form: sorted and deduplicated, so equal scopes compare equal.
+    pub fn canonical(mut self) -> Self {
+        self.divisions.sort();
+        self.divisions.dedup();
+        self.access_levels.sort();
+        self.access_levels.dedup();
+        self
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hit {
+    pub doc_id: String,
+    pub uri: String,
+    pub version: String,
+    pub division: String,
+    pub access_level: String,
+    pub chunk_index: u32,
+    pub text: String,
+    pub score: f32,
+}
+
+#[async_trait]
+pub trait VectorStore: Send + Sync {
+    fn backend(&self) -> &'static str;
+    /// Writes every chunk of one document version; visible to searches when
+    /// it returns, durable after [`VectorStore::flush`].
+    async fn upsert(&self, doc: &DocMeta, chunks: &[Chunk], vectors: &[Vec<f32>]) -> anyhow::Result<()>;
+    /// Top `limit` chunks by cosine similarity, looking only inside `scope`.
+    async fn search(&self, vector: &[f32], scope: &Scope, limit: usize) -> anyhow::Result<Vec<Hit>>;
+    /// Deletes every version of `doc_id` except `keep`; returns the versions
+    /// removed.
+    async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>>;
+    /// Deletes every chunk of `doc_id`; returns the versions removed.
+    async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>>;
+    /// (doc id, version) of every document version in the store.
+    async fn indexed_versions(&self) -> anyhow::Result<Vec<(String, String)>>;
+    /// Number of points, optionally only those of one document.
+    async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64>;
+    /// Makes every write so far durable.
+    async fn flush(&self) -> anyhow::Result<()>;
+    /// Builds search indexes for grown segments (a no-op where the engine
+    /// does it by itself).
+    async fn optimize(&self) -> anyhow::Result<()>;
+}
+
+/// Deterministic point id: the first 8 bytes of sha256(doc id, version, index).
+pub fn point_id(doc_id: &str, version: &str, chunk_index: u32) -> u64 {
+    let mut h = Sha256::new();
+    h.update(doc_id.as_bytes());
+    h.update([0]);
+    h.update(version.as_bytes());
+    h.update([0]);
+    h.update(chunk_index.to_le_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_ids_are_deterministic_and_distinct() {
+        assert_eq!(point_id("a", "v1", 0), point_id("a", "v1", 0));
+        assert_ne!(point_id("a", "v1", 0), point_id("a", "v1", 1));
+        assert_ne!(point_id("a", "v1", 0), point_id("a", "v2", 0));
+        // The separator keeps ("ab","c") and ("a","bc") apart.
+        assert_ne!(point_id("ab", "c", 0), point_id("a", "bc", 0));
+    }
+
+    #[test]
+    fn empty_scope_allows_nothing() {
+        let s = Scope { divisions: vec!["hr".into()], access_levels: vec![] };
+        assert!(s.is_empty());
+        assert!(!s.allows("hr", "public"));
+    }
+}

@@ -1,0 +1,109 @@
+//! Typed payloads that travel between stages, and the versioned wire envelope
+//! that carries them across nodes. Everything here is plain data: serde makes
+//! it cross a Kafka topic later without the stages knowing.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Wire-format version of [`Envelope`]; a consumer rejects any other value.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// A company partition: who may see a chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Partition {
+    pub division: String,
+    pub access_level: String,
+}
+
+/// What identifies one version of one document, and where it lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocMeta {
+    /// Stable id: `source name` + `:` + uri.
+    pub doc_id: String,
+    pub source: String,
+    /// Path relative to the source root, `/`-separated.
+    pub uri: String,
+    /// Where the node that saw the file can read it.
+    pub path: PathBuf,
+    /// Content hash (hex sha256 prefix); the version of the document.
+    pub version: String,
+    pub partition: Partition,
+    pub size: u64,
+}
+
+/// A source event: the watcher saw a new version of a document, or saw it go.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum DocEvent {
+    Upsert(DocMeta),
+    Delete { doc_id: String },
+}
+
+impl DocEvent {
+    pub fn doc_id(&self) -> &str {
+        match self {
+            DocEvent::Upsert(m) => &m.doc_id,
+            DocEvent::Delete { doc_id } => doc_id,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub index: u32,
+    /// Heading trail and body: what is embedded and what a query returns.
+    pub text: String,
+}
+
+/// A document version split into chunks (the Chunker's output).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChunkedDoc {
+    pub meta: DocMeta,
+    pub chunks: Vec<Chunk>,
+}
+
+/// A document version with one vector per chunk (the Embedder's output).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EmbeddedDoc {
+    pub meta: DocMeta,
+    pub chunks: Vec<Chunk>,
+    pub vectors: Vec<Vec<f32>>,
+}
+
+/// What the Indexer tells the VersionPruner: this version is durable now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum IndexedEvent {
+    Indexed { doc_id: String, version: String },
+    Deleted { doc_id: String },
+}
+
+/// The versioned envelope for anything that crosses a node boundary.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub v: u32,
+    pub key: String,
+    pub payload: T,
+}
+
+impl<T> Envelope<T> {
+    pub fn new(key: impl Into<String>, payload: T) -> Self {
+        Envelope {
+            v: ENVELOPE_VERSION,
+            key: key.into(),
+            payload,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_and_carries_its_version() {
+        let env = Envelope::new("src:a.md", DocEvent::Delete { doc_id: "src:a.md".into() });
+        let wire = serde_json::to_string(&env).unwrap();
+        let back: Envelope<DocEvent> = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back.v, ENVELOPE_VERSION);
+        assert_eq!(back.payload.doc_id(), "src:a.md");
+    }
+}

@@ -1,0 +1,451 @@
+//! A supervised worker pool: the shape shared by the Chunker, Embedder,
+//! Indexer and VersionPruner stages.
+//!
+//! The pool's queue lives in [`PoolQueue`], outside the actor, so upstream can
+//! submit while the pool restarts and a restart loses nothing. Workers are
+//! actors linked to the pool: a worker whose job fails (an error or a panic)
+//! fails as an actor; the pool re-queues the job with its attempt count (or
+//! dead-letters it after `max_attempts`) and restarts the worker with capped
+//! exponential backoff ([`crate::supervisor`] has the delay table).
+//!
+//! The pool grows by one worker while jobs wait and all workers are busy, up
+//! to `max`, and retires a worker that has been idle for `idle_retire`, down
+//! to `min`.
+
+use crate::dlq::{now_secs, DeadLetters, DlqEntry};
+use crate::ledger::{Ledger, Outcome};
+use crate::stats::ActorStats;
+use crate::supervisor::{Backoff, RestartPolicy};
+use parking_lot::Mutex;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the DLQ needs to know about a job.
+pub trait Job: Clone + Send + Sync + 'static {
+    fn doc_id(&self) -> &str;
+    fn version(&self) -> Option<&str>;
+    fn payload(&self) -> serde_json::Value;
+}
+
+/// One stage's work. `process` does the work and hands its output on.
+pub trait Stage: Send + Sync + 'static {
+    type In: Job;
+    fn process(&self, job: Self::In) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub min: usize,
+    pub max: usize,
+    pub max_attempts: u32,
+    pub idle_retire: Duration,
+    pub restart: RestartPolicy,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            min: 1,
+            max: 1,
+            max_attempts: 3,
+            idle_retire: Duration::from_secs(5),
+            restart: RestartPolicy::default(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Attempt<J> {
+    job: J,
+    attempt: u32,
+}
+
+/// The queue in front of a stage. Cloneable handle used by upstream stages.
+pub struct PoolQueue<J: Job> {
+    jobs: Mutex<VecDeque<Attempt<J>>>,
+    pool: Mutex<Option<ActorRef<PoolMsg<J>>>>,
+    stats: Arc<ActorStats>,
+}
+
+impl<J: Job> PoolQueue<J> {
+    pub fn new(stats: Arc<ActorStats>) -> Arc<Self> {
+        Arc::new(PoolQueue {
+            jobs: Mutex::new(VecDeque::new()),
+            pool: Mutex::new(None),
+            stats,
+        })
+    }
+
+    pub fn submit(&self, job: J) {
+        self.push(Attempt { job, attempt: 0 }, false);
+    }
+
+    fn push(&self, a: Attempt<J>, front: bool) {
+        let mut jobs = self.jobs.lock();
+        if front {
+            jobs.push_front(a);
+        } else {
+            jobs.push_back(a);
+        }
+        self.stats.queue_depth.store(jobs.len() as u64, Ordering::Relaxed);
+        drop(jobs);
+        if let Some(pool) = self.pool.lock().as_ref() {
+            // A pool that is restarting picks the queue up when it starts.
+            let _ = pool.cast(PoolMsg::Kick);
+        }
+    }
+
+    fn pop(&self) -> Option<Attempt<J>> {
+        let mut jobs = self.jobs.lock();
+        let a = jobs.pop_front();
+        self.stats.queue_depth.store(jobs.len() as u64, Ordering::Relaxed);
+        a
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub enum PoolMsg<J> {
+    Kick,
+    Done(ActorId),
+    Tick,
+    Respawn,
+    #[doc(hidden)]
+    _Phantom(std::marker::PhantomData<J>),
+}
+
+pub struct Pool<S: Stage>(std::marker::PhantomData<S>);
+
+impl<S: Stage> Default for Pool<S> {
+    fn default() -> Self {
+        Pool(std::marker::PhantomData)
+    }
+}
+
+pub struct PoolArgs<S: Stage> {
+    pub name: String,
+    pub stage: Arc<S>,
+    pub queue: Arc<PoolQueue<S::In>>,
+    pub settings: PoolSettings,
+    pub ledger: Arc<Ledger>,
+    pub dlq: Arc<dyn DeadLetters>,
+}
+
+struct WorkerSlot<J> {
+    actor: ActorRef<Attempt<J>>,
+    busy: Option<Attempt<J>>,
+    idle_since: Instant,
+}
+
+pub struct PoolState<S: Stage> {
+    args: PoolArgs<S>,
+    workers: HashMap<ActorId, WorkerSlot<S::In>>,
+    backoff: Backoff,
+    respawn_pending: bool,
+    next_worker: u64,
+}
+
+impl<S: Stage> PoolState<S> {
+    fn stats(&self) -> &ActorStats {
+        &self.args.queue.stats
+    }
+}
+
+struct Worker<S: Stage> {
+    stage: Arc<S>,
+    pool: ActorRef<PoolMsg<S::In>>,
+}
+
+impl<S: Stage> Actor for Worker<S> {
+    type Msg = Attempt<S::In>;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        a: Attempt<S::In>,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        // An error fails this worker as an actor: the pool sees the failure,
+        // decides the job's fate and restarts the worker.
+        self.stage.process(a.job).await.map_err(|e| format!("{e:#}"))?;
+        let _ = self.pool.cast(PoolMsg::Done(myself.get_id()));
+        Ok(())
+    }
+}
+
+impl<S: Stage> Pool<S> {
+    async fn spawn_worker(
+        myself: &ActorRef<PoolMsg<S::In>>,
+        state: &mut PoolState<S>,
+    ) -> Result<(), ActorProcessingErr> {
+        state.next_worker += 1;
+        let worker = Worker::<S> {
+            stage: state.args.stage.clone(),
+            pool: myself.clone(),
+        };
+        let (actor, _) = Actor::spawn_linked(None, worker, (), myself.get_cell()).await?;
+        state.workers.insert(
+            actor.get_id(),
+            WorkerSlot {
+                actor,
+                busy: None,
+                idle_since: Instant::now(),
+            },
+        );
+        state
+            .stats()
+            .workers
+            .store(state.workers.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn dispatch(
+        myself: &ActorRef<PoolMsg<S::In>>,
+        state: &mut PoolState<S>,
+    ) -> Result<(), ActorProcessingErr> {
+        loop {
+            if state.args.queue.is_empty() {
+                return Ok(());
+            }
+            let idle = state.workers.values_mut().find(|w| w.busy.is_none());
+            let slot = match idle {
+                Some(slot) => slot,
+                None => {
+                    if state.workers.len() < state.args.settings.max && !state.respawn_pending {
+                        Self::spawn_worker(myself, state).await?;
+                        continue;
+                    }
+                    return Ok(());
+                }
+            };
+            let Some(a) = state.args.queue.pop() else {
+                return Ok(());
+            };
+            slot.busy = Some(a.clone());
+            if let Err(e) = slot.actor.cast(a) {
+                // The worker is going away; its failure event will follow.
+                tracing::debug!("worker mailbox closed: {e}");
+                if let ractor::MessagingErr::SendErr(a) = e {
+                    slot.busy = None;
+                    state.args.queue.push(a, true);
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    fn job_failed(state: &mut PoolState<S>, mut a: Attempt<S::In>, error: String) {
+        a.attempt += 1;
+        let stats = state.stats();
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        stats.set_error(format!("{}: {error}", a.job.doc_id()));
+        if a.attempt < state.args.settings.max_attempts {
+            tracing::warn!(stage = %state.args.name, doc = %a.job.doc_id(), attempt = a.attempt, "retrying: {error}");
+            state.args.queue.push(a, false);
+            return;
+        }
+        tracing::error!(stage = %state.args.name, doc = %a.job.doc_id(), "dead-lettered after {} attempts: {error}", a.attempt);
+        let entry = DlqEntry {
+            id: 0,
+            at: now_secs(),
+            stage: state.args.name.clone(),
+            error: error.clone(),
+            attempts: a.attempt,
+            doc_id: a.job.doc_id().to_string(),
+            version: a.job.version().map(str::to_string),
+            payload: a.job.payload(),
+            replayed: false,
+        };
+        match state.args.dlq.push(entry) {
+            Ok(_) => state.args.ledger.finish(
+                a.job.doc_id(),
+                a.job.version(),
+                Outcome::DeadLettered(format!("{}: {error}", state.args.name)),
+            ),
+            Err(e) => {
+                // Losing the job is worse than retrying it forever.
+                tracing::error!("DLQ write failed ({e:#}); keeping the job queued");
+                state.args.queue.push(a, false);
+            }
+        }
+    }
+}
+
+impl<S: Stage> Actor for Pool<S> {
+    type Msg = PoolMsg<S::In>;
+    type State = PoolState<S>;
+    type Arguments = PoolArgs<S>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: PoolArgs<S>,
+    ) -> Result<PoolState<S>, ActorProcessingErr> {
+        *args.queue.pool.lock() = Some(myself.clone());
+        let mut state = PoolState {
+            args,
+            workers: HashMap::new(),
+            backoff: Backoff::default(),
+            respawn_pending: false,
+            next_worker: 0,
+        };
+        for _ in 0..state.args.settings.min.max(1) {
+            Self::spawn_worker(&myself, &mut state).await?;
+        }
+        let me = myself.clone();
+        let tick = (state.args.settings.idle_retire / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                if me.cast(PoolMsg::Tick).is_err() {
+                    return;
+                }
+            }
+        });
+        state.stats().set_status("running");
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut PoolState<S>,
+    ) -> Result<(), ActorProcessingErr> {
+        Self::dispatch(&myself, state).await
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: PoolMsg<S::In>,
+        state: &mut PoolState<S>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PoolMsg::Kick | PoolMsg::_Phantom(_) => {}
+            PoolMsg::Done(id) => {
+                if let Some(slot) = state.workers.get_mut(&id) {
+                    slot.busy = None;
+                    slot.idle_since = Instant::now();
+                }
+                state.stats().processed();
+            }
+            PoolMsg::Tick => {
+                let min = state.args.settings.min.max(1);
+                let retire = state.args.settings.idle_retire;
+                if state.workers.len() > min && state.args.queue.is_empty() {
+                    let idle = state
+                        .workers
+                        .iter()
+                        .find(|(_, w)| w.busy.is_none() && w.idle_since.elapsed() >= retire)
+                        .map(|(id, _)| *id);
+                    if let Some(id) = idle {
+                        if let Some(w) = state.workers.remove(&id) {
+                            w.actor.stop(Some("idle".into()));
+                        }
+                        state
+                            .stats()
+                            .workers
+                            .store(state.workers.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            PoolMsg::Respawn => {
+                state.respawn_pending = false;
+                if state.workers.len() < state.args.settings.min.max(1) {
+                    Self::spawn_worker(&myself, state).await?;
+                }
+                state.stats().set_status("running");
+            }
+        }
+        Self::dispatch(&myself, state).await
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut PoolState<S>,
+    ) -> Result<(), ActorProcessingErr> {
+        let (id, error) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell.get_id(), Some(err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell.get_id(), None),
+            _ => return Ok(()),
+        };
+        let Some(slot) = state.workers.remove(&id) else {
+            return Ok(());
+        };
+        state
+            .stats()
+            .workers
+            .store(state.workers.len() as u64, Ordering::Relaxed);
+        let Some(error) = error else {
+            // A retired worker; if it still held a job, give the job back.
+            if let Some(a) = slot.busy {
+                state.args.queue.push(a, true);
+            }
+            return Self::dispatch(&myself, state).await;
+        };
+        if let Some(a) = slot.busy {
+            Self::job_failed(state, a, error.clone());
+        }
+        match state.backoff.next_delay(&state.args.settings.restart) {
+            Some(delay) => {
+                state.stats().restarts.fetch_add(1, Ordering::Relaxed);
+                if state.workers.is_empty() {
+                    state.stats().set_status("restarting");
+                }
+                if !state.respawn_pending {
+                    state.respawn_pending = true;
+                    let me = myself.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = me.cast(PoolMsg::Respawn);
+                    });
+                }
+                Self::dispatch(&myself, state).await
+            }
+            None => {
+                state.stats().set_status("failed");
+                Err(format!(
+                    "{}: workers failed more than {} times in {:?}; escalating (last: {error})",
+                    state.args.name,
+                    state.args.settings.restart.max_restarts,
+                    state.args.settings.restart.window
+                )
+                .into())
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut PoolState<S>,
+    ) -> Result<(), ActorProcessingErr> {
+        // Jobs still held by workers go back to the queue for the next pool.
+        for (_, w) in state.workers.drain() {
+            if let Some(a) = w.busy {
+                state.args.queue.push(a, true);
+            }
+        }
+        *state.args.queue.pool.lock() = None;
+        state.stats().set_status("stopped");
+        Ok(())
+    }
+}

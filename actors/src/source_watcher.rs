@@ -1,0 +1,390 @@
+//! The SourceWatcher: turns a folder into document events.
+//!
+//! An initial scan, then notify events (debounced). Every document gets a
+//! stable id (`source:uri`) and its content hash as version, so a touch
+//! without a change re-indexes nothing. When the kernel's event queue
+//! overflows (inotify drops events in a burst) notify says "rescan", and we
+//! do: the rescan compares the folder with what we know, so no file is ever
+//! missed. A restart does the same scan against the vector store's contents.
+
+use crate::dlq::DeadLetters;
+use crate::indexer::actor::IndexJob;
+use crate::ledger::{Ledger, Outcome};
+use crate::messages::{DocMeta, Partition};
+use crate::pool::PoolQueue;
+use crate::stats::ActorStats;
+use notify::RecursiveMode;
+use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Version of a document: the first 16 bytes of its sha256, in hex.
+pub fn content_version(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone, Debug)]
+pub struct PartitionRule {
+    /// A sub-path of the source root (`/`-separated, relative).
+    pub prefix: String,
+    pub partition: Partition,
+}
+
+#[derive(Clone, Debug)]
+pub struct SourceSpec {
+    pub name: String,
+    pub root: PathBuf,
+    pub partition: Partition,
+    /// First matching rule wins; the source's partition otherwise.
+    pub rules: Vec<PartitionRule>,
+}
+
+impl SourceSpec {
+    pub fn partition_for(&self, uri: &str) -> Partition {
+        self.rules
+            .iter()
+            .find(|r| {
+                let p = r.prefix.trim_matches('/');
+                uri == p || uri.starts_with(&format!("{p}/"))
+            })
+            .map(|r| r.partition.clone())
+            .unwrap_or_else(|| self.partition.clone())
+    }
+}
+
+/// Editor swap files, partial downloads and hidden files are not documents.
+pub fn ignored(rel: &Path) -> bool {
+    rel.components().any(|c| {
+        let s = c.as_os_str().to_string_lossy();
+        s.starts_with('.')
+            || s.starts_with('~')
+            || s.starts_with('#')
+            || s.ends_with('~')
+            || [".tmp", ".swp", ".swx", ".part", ".crdownload", ".partial"]
+                .iter()
+                .any(|ext| s.ends_with(ext))
+    })
+}
+
+pub enum WatchMsg {
+    /// Compare every source folder with what we know.
+    Rescan,
+    Fs(DebounceEventResult),
+    /// Index this document again although its version was dead-lettered
+    /// (after `ragd dlq replay`).
+    Replay(String, PathBuf),
+}
+
+pub struct SourceWatcher;
+
+pub struct WatcherArgs {
+    pub sources: Vec<SourceSpec>,
+    pub ledger: Arc<Ledger>,
+    pub dlq: Arc<dyn DeadLetters>,
+    pub chunk_q: Arc<PoolQueue<DocMeta>>,
+    pub index_q: Arc<PoolQueue<IndexJob>>,
+    /// Versions already in the vector store, by doc id.
+    pub known: Arc<parking_lot::Mutex<HashMap<String, String>>>,
+    pub max_file_bytes: u64,
+    /// Watch for changes after the first scan (false for one-shot ingest).
+    pub watch: bool,
+    pub debounce: Duration,
+    pub stats: Arc<ActorStats>,
+    /// Set once the first scan has admitted everything it found.
+    pub scanned: Arc<AtomicBool>,
+    /// Restrict scans to these paths (inside the sources); empty: everything.
+    pub only: Vec<PathBuf>,
+}
+
+pub struct WatcherState {
+    args: WatcherArgs,
+    _debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+}
+
+impl Actor for SourceWatcher {
+    type Msg = WatchMsg;
+    type State = WatcherState;
+    type Arguments = WatcherArgs;
+
+    async fn pre_start(&self, myself: ActorRef<WatchMsg>, args: WatcherArgs) -> Result<WatcherState, ActorProcessingErr> {
+        let debouncer = if args.watch {
+            let me = myself.clone();
+            let mut d = new_debouncer(args.debounce, None, move |res: DebounceEventResult| {
+                let _ = me.cast(WatchMsg::Fs(res));
+            })?;
+            for s in &args.sources {
+                d.watch(&s.root, RecursiveMode::Recursive)
+                    .map_err(|e| format!("watching {}: {e}", s.root.display()))?;
+            }
+            Some(d)
+        } else {
+            None
+        };
+        myself.cast(WatchMsg::Rescan)?;
+        args.stats.set_status("scanning");
+        Ok(WatcherState { args, _debouncer: debouncer })
+    }
+
+    async fn handle(&self, myself: ActorRef<WatchMsg>, msg: WatchMsg, st: &mut WatcherState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WatchMsg::Rescan => {
+                st.args.stats.set_status("scanning");
+                rescan(&st.args).await;
+                st.args.scanned.store(true, Ordering::SeqCst);
+                st.args.stats.set_status(if st.args.watch { "watching" } else { "scanned" });
+            }
+            WatchMsg::Replay(doc_id, path) => {
+                if let Some((source, uri)) = source_of(&st.args.sources, &path) {
+                    if doc_id == format!("{}:{uri}", source.name) {
+                        consider(&st.args, source, &path, &uri, true).await;
+                    }
+                }
+            }
+            WatchMsg::Fs(Err(errors)) => {
+                for e in &errors {
+                    tracing::warn!("watch error: {e}; rescanning");
+                    st.args.stats.set_error(e.to_string());
+                }
+                myself.cast(WatchMsg::Rescan)?;
+            }
+            WatchMsg::Fs(Ok(events)) => {
+                if events.iter().any(|e| e.need_rescan()) {
+                    tracing::warn!("the kernel dropped file events (queue overflow); rescanning");
+                    myself.cast(WatchMsg::Rescan)?;
+                    return Ok(());
+                }
+                let mut paths: Vec<PathBuf> = events.iter().flat_map(|e| e.paths.iter().cloned()).collect();
+                paths.sort();
+                paths.dedup();
+                for path in paths {
+                    handle_path(&st.args, &path).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn source_of<'a>(sources: &'a [SourceSpec], path: &Path) -> Option<(&'a SourceSpec, String)> {
+    sources.iter().find_map(|s| {
+        let rel = path.strip_prefix(&s.root).ok()?;
+        if rel.as_os_str().is_empty() || ignored(rel) {
+            return None;
+        }
+        let uri = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/");
+        Some((s, uri))
+    })
+}
+
+fn doc_id(source: &SourceSpec, uri: &str) -> String {
+    format!("{}:{uri}", source.name)
+}
+
+async fn handle_path(args: &WatcherArgs, path: &Path) {
+    let Some((source, uri)) = source_of(&args.sources, path) else {
+        return;
+    };
+    match tokio::fs::symlink_metadata(path).await {
+        Ok(m) if m.is_file() => consider(args, source, path, &uri, false).await,
+        Ok(m) if m.is_dir() => {
+            // A folder moved in: everything under it is new to us.
+            for file in walk(path) {
+                if let Some((s, u)) = source_of(&args.sources, &file) {
+                    consider(args, s, &file, &u, false).await;
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(_) => {
+            // Gone: the file itself, or a folder and everything under it.
+            let id = doc_id(source, &uri);
+            let prefix = format!("{id}/");
+            let gone: Vec<String> = args
+                .ledger
+                .known_docs()
+                .into_iter()
+                .filter(|(d, v)| v.is_some() && (*d == id || d.starts_with(&prefix)))
+                .map(|(d, _)| d)
+                .collect();
+            for d in gone {
+                remove(args, &d).await;
+            }
+        }
+    }
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect()
+}
+
+async fn rescan(args: &WatcherArgs) {
+    let mut present = HashSet::new();
+    let roots: Vec<PathBuf> = if args.only.is_empty() {
+        args.sources.iter().map(|s| s.root.clone()).collect()
+    } else {
+        args.only.clone()
+    };
+    for root in roots {
+        let files = tokio::task::spawn_blocking(move || walk(&root)).await.unwrap_or_default();
+        for file in files {
+            let Some((s, uri)) = source_of(&args.sources, &file) else {
+                continue;
+            };
+            present.insert(doc_id(s, &uri));
+            consider(args, s, &file, &uri, false).await;
+        }
+    }
+    if !args.only.is_empty() {
+        // A partial scan cannot tell what was deleted elsewhere.
+        return;
+    }
+    // Known to the index or the ledger but no longer on disk: deleted while
+    // we were not looking.
+    let mut gone: Vec<String> = args
+        .known
+        .lock()
+        .keys()
+        .filter(|d| !present.contains(*d))
+        .cloned()
+        .collect();
+    gone.extend(
+        args.ledger
+            .known_docs()
+            .into_iter()
+            .filter(|(d, v)| v.is_some() && !present.contains(d))
+            .map(|(d, _)| d),
+    );
+    gone.sort();
+    gone.dedup();
+    for d in gone {
+        remove(args, &d).await;
+    }
+}
+
+async fn remove(args: &WatcherArgs, doc_id: &str) {
+    if args.ledger.admit(doc_id, None).await {
+        args.known.lock().remove(doc_id);
+        args.index_q.submit(IndexJob::Delete {
+            doc_id: doc_id.to_string(),
+        });
+    }
+}
+
+async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str, force: bool) {
+    let id = doc_id(source, uri);
+    let skip = |reason: String| {
+        args.ledger.record(&id, Some("-"), Outcome::Skipped(reason));
+    };
+    if crate::chunker::parse::Format::from_path(path).is_none() {
+        return skip(format!(
+            "unsupported file type {:?}",
+            path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+    }
+    let meta = match tokio::fs::metadata(path).await {
+        Ok(m) => m,
+        Err(_) => return, // vanished; its removal event follows
+    };
+    if meta.len() > args.max_file_bytes {
+        // Never read a huge file just to hash it.
+        if args.known.lock().contains_key(&id) {
+            remove(args, &id).await;
+        }
+        return skip(format!(
+            "file of {} bytes is over the {} byte limit",
+            meta.len(),
+            args.max_file_bytes
+        ));
+    }
+    let p = path.to_path_buf();
+    let version = match tokio::task::spawn_blocking(move || std::fs::read(&p).map(|b| content_version(&b))).await {
+        Ok(Ok(v)) => v,
+        _ => return,
+    };
+    if !force && args.known.lock().get(&id) == Some(&version) {
+        if args.ledger.status(&id).is_none() {
+            args.ledger.record(&id, Some(&version), Outcome::Indexed);
+        }
+        return;
+    }
+    if !force && args.ledger.latest_version(&id).as_deref() == Some(version.as_str()) {
+        return; // this version is in flight or already ended (e.g. skipped)
+    }
+    // A version that already went to the DLQ stays there until replayed.
+    if let Ok(entries) = args.dlq.list() {
+        if let Some(e) = entries
+            .iter()
+            .find(|e| !e.replayed && e.doc_id == id && e.version.as_deref() == Some(&version))
+        {
+            args.ledger
+                .record(&id, Some(&version), Outcome::DeadLettered(format!("{}: {}", e.stage, e.error)));
+            return;
+        }
+    }
+    let doc = DocMeta {
+        doc_id: id.clone(),
+        source: source.name.clone(),
+        uri: uri.to_string(),
+        path: path.to_path_buf(),
+        version: version.clone(),
+        partition: source.partition_for(uri),
+        size: meta.len(),
+    };
+    if args.ledger.admit(&id, Some(&version)).await {
+        args.known.lock().insert(id, version);
+        args.stats.processed();
+        args.chunk_q.submit(doc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_and_temporary_files_are_ignored() {
+        for p in [".git/config", "a/.hidden.md", "x.md~", "doc.md.swp", "f.part", "~$doc.txt", "#a.md#"] {
+            assert!(ignored(Path::new(p)), "{p}");
+        }
+        for p in ["a/b.md", "notes.txt", "x.pdf"] {
+            assert!(!ignored(Path::new(p)), "{p}");
+        }
+    }
+
+    #[test]
+    fn rules_map_sub_paths_to_partitions() {
+        let part = |d: &str, a: &str| Partition { division: d.into(), access_level: a.into() };
+        let s = SourceSpec {
+            name: "kb".into(),
+            root: "/kb".into(),
+            partition: part("eng", "internal"),
+            rules: vec![PartitionRule { prefix: "hr/confidential".into(), partition: part("hr", "confidential") }],
+        };
+        assert_eq!(s.partition_for("hr/confidential/pay.md"), part("hr", "confidential"));
+        assert_eq!(s.partition_for("hr/confidentiality.md"), part("eng", "internal"));
+        assert_eq!(s.partition_for("readme.md"), part("eng", "internal"));
+    }
+
+    #[test]
+    fn versions_follow_content() {
+        assert_eq!(content_version(b"a"), content_version(b"a"));
+        assert_ne!(content_version(b"a"), content_version(b"b"));
+        assert_eq!(content_version(b"a").len(), 32);
+    }
+}

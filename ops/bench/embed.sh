@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Embedding throughput, ragd vs sentence-transformers, same machine, same run.
+# Installs sentence-transformers (and PyTorch) in a venv under ~/.cache/ragd
+# the first time. Prints both result sets and the ratio table.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
+./ops/fetch-models.sh
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/ragd/bench-venv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sentence_transformers" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet sentence-transformers
+fi
+out=$(mktemp -d)
+cargo bench --bench embed 2>/dev/null | tee "$out/ragd.jsonl"
+"$venv/bin/python" ops/bench/st_embed.py models/all-MiniLM-L6-v2 | tee "$out/st.jsonl"
+python3 - "$out/ragd.jsonl" "$out/st.jsonl" <<'PY'
+import json, sys
+ragd = {r["case"]: r for r in map(json.loads, open(sys.argv[1]))}
+st = {r["case"]: r for r in map(json.loads, open(sys.argv[2]))}
+print("\n| case | ragd tokens/s | sentence-transformers tokens/s | ratio |")
+print("|---|---|---|---|")
+for case, r in ragd.items():
+    s = st.get(case)
+    if s:
+        print(f"| {case} | {r['tokens_per_s']:.0f} | {s['tokens_per_s']:.0f} | {r['tokens_per_s']/s['tokens_per_s']:.2f}× |")
+PY

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need,
+# then runs every test. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# The build cache lives outside the clone so every CI run reuses it.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+./ops/fetch-models.sh
+
+echo "== cargo test"
+cargo test --workspace --no-fail-fast -- --test-threads=2
+
+# The GPU build must keep compiling on machines without a GPU or CUDA
+# toolkit (cudarc loads the driver at run time).
+echo "== cargo build --features cuda"
+cargo build --features cuda --bin ragd

@@ -1,0 +1,601 @@
+//! Configuration: raw TOML (serde, unknown fields rejected) with `RAGD_…`
+//! environment overrides, validated into [`Config`] with every problem
+//! reported at once.
+//!
+//! Relative paths are relative to the config file's folder, so a config works
+//! from any working directory.
+//!
+//! Environment overrides: `RAGD_<KEY>` for top-level keys and
+//! `RAGD_<SECTION>__<KEY>` inside a section (double underscore), e.g.
+//! `RAGD_DATA_DIR=/var/lib/ragd`, `RAGD_QUERY__BIND=0.0.0.0:8080`,
+//! `RAGD_ADMIN__TOKEN=…`. Values are read as TOML scalars when they parse as
+//! one (numbers, booleans), as strings otherwise.
+
+use ragd_actors::messages::Partition;
+use ragd_actors::model::Device;
+use ragd_actors::source_watcher::{PartitionRule, SourceSpec};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+const SECTIONS: &[&str] = &[
+    "data_dir", "model", "reranker", "chunker", "embedder", "pipeline", "index", "cache", "query",
+    "admin",
+];
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    model: RawModel,
+    #[serde(default)]
+    reranker: RawReranker,
+    #[serde(default)]
+    chunker: RawChunker,
+    #[serde(default)]
+    embedder: RawEmbedder,
+    #[serde(default)]
+    pipeline: RawPipeline,
+    #[serde(default)]
+    index: RawIndex,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    query: RawQuery,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+    #[serde(default)]
+    principals: Vec<RawPrincipal>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    embedder: Option<PathBuf>,
+    device: Option<Device>,
+    batch_max_tokens: Option<usize>,
+    batch_max_size: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReranker {
+    model: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawChunker {
+    max_tokens: Option<usize>,
+    overlap_tokens: Option<usize>,
+    max_file_bytes: Option<u64>,
+    workers: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEmbedder {
+    min_workers: Option<usize>,
+    max_workers: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    max_in_flight: Option<usize>,
+    max_attempts: Option<u32>,
+    debounce_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIndex {
+    backend: Option<String>,
+    optimize_every: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    backend: Option<String>,
+    threshold: Option<f32>,
+    capacity: Option<usize>,
+    ttl_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuery {
+    bind: Option<String>,
+    candidates: Option<usize>,
+    max_top_k: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    bind: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Option<String>,
+    path: PathBuf,
+    division: String,
+    access_level: String,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    prefix: String,
+    division: String,
+    access_level: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrincipal {
+    name: String,
+    token: String,
+    divisions: Vec<String>,
+    access_levels: Vec<String>,
+}
+
+impl fmt::Debug for RawPrincipal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Principal").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// A secret that never shows up in logs or Debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub name: String,
+    pub token: Secret,
+    pub divisions: Vec<String>,
+    pub access_levels: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub data_dir: PathBuf,
+    pub embedder_model: PathBuf,
+    pub device: Device,
+    pub batch_max_tokens: usize,
+    pub batch_max_size: usize,
+    pub reranker_model: Option<PathBuf>,
+    pub chunk_max_tokens: usize,
+    pub chunk_overlap_tokens: usize,
+    pub max_file_bytes: u64,
+    pub chunker_workers: usize,
+    pub embedder_min_workers: usize,
+    pub embedder_max_workers: usize,
+    pub max_in_flight: usize,
+    pub max_attempts: u32,
+    pub debounce_ms: u64,
+    pub optimize_every: u64,
+    pub cache_threshold: f32,
+    pub cache_capacity: usize,
+    pub cache_ttl_secs: u64,
+    pub query_bind: SocketAddr,
+    pub candidates: usize,
+    pub max_top_k: usize,
+    pub admin_bind: SocketAddr,
+    pub admin_token: Option<Secret>,
+    pub sources: Vec<SourceSpec>,
+    pub principals: Vec<Principal>,
+}
+
+/// Every problem found in a config, reported together.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub errors: Vec<String>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid config {}:", self.path.display())?;
+        for e in &self.errors {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn env_overrides(doc: &mut toml::Table, vars: impl Iterator<Item = (String, String)>, errors: &mut Vec<String>) {
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("RAGD_") else { continue };
+        let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if !SECTIONS.contains(&parts[0].as_str()) {
+            continue; // RAGD_LOG and friends are not config
+        }
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let mut table = &mut *doc;
+        for (i, p) in parts.iter().enumerate() {
+            if i + 1 == parts.len() {
+                table.insert(p.clone(), parsed.clone());
+            } else {
+                let entry = table
+                    .entry(p.clone())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                match entry {
+                    toml::Value::Table(t) => table = t,
+                    _ => {
+                        errors.push(format!("{name}: {p} is not a section"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(path: &Path, env: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigErrors> {
+        let fail = |errors: Vec<String>| ConfigErrors { path: path.to_path_buf(), errors };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![format!("cannot read it: {e}")]))?;
+        Self::parse(path, &text, env)
+    }
+
+    pub fn parse(path: &Path, text: &str, env: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigErrors> {
+        let fail = |errors: Vec<String>| ConfigErrors { path: path.to_path_buf(), errors };
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| fail(vec![e.to_string()]))?;
+        let mut errors = Vec::new();
+        env_overrides(&mut doc, env, &mut errors);
+        let raw: RawConfig = RawConfig::deserialize(doc).map_err(|e| fail(vec![e.to_string()]))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let cfg = validate(path, &base, raw, &mut errors);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(fail(errors))
+        }
+    }
+
+    pub fn dlq_path(&self) -> PathBuf {
+        self.data_dir.join("dlq.jsonl")
+    }
+
+    pub fn index_dir(&self) -> PathBuf {
+        self.data_dir.join("index")
+    }
+
+    pub fn principal_for(&self, token: &str) -> Option<&Principal> {
+        // Compare every token in full: no early exit that times the prefix.
+        let mut found = None;
+        for p in &self.principals {
+            if constant_time_eq(p.token.0.as_bytes(), token.as_bytes()) {
+                found = Some(p);
+            }
+        }
+        found
+    }
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) -> Config {
+    let mut err = |e: String| errors.push(e);
+    let data_dir = resolve(base, raw.data_dir.as_deref().unwrap_or(Path::new("data")));
+    let embedder_model = resolve(base, raw.model.embedder.as_deref().unwrap_or(Path::new("models/all-MiniLM-L6-v2")));
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        if !embedder_model.join(f).is_file() {
+            err(format!(
+                "model.embedder: {} has no {f} (ops/fetch-models.sh installs the default model)",
+                embedder_model.display()
+            ));
+            break;
+        }
+    }
+    let reranker_model = raw.reranker.model.filter(|p| !p.as_os_str().is_empty()).map(|p| resolve(base, &p));
+    if let Some(dir) = &reranker_model {
+        if !dir.join("model.safetensors").is_file() {
+            err(format!("reranker.model: {} has no model.safetensors", dir.display()));
+        }
+    }
+    let chunk_max_tokens = raw.chunker.max_tokens.unwrap_or(200);
+    let chunk_overlap_tokens = raw.chunker.overlap_tokens.unwrap_or(32);
+    if chunk_max_tokens < 16 || chunk_max_tokens > 512 {
+        err(format!("chunker.max_tokens: {chunk_max_tokens} is outside 16..=512"));
+    }
+    if chunk_overlap_tokens >= chunk_max_tokens {
+        err(format!("chunker.overlap_tokens ({chunk_overlap_tokens}) must be smaller than chunker.max_tokens ({chunk_max_tokens})"));
+    }
+    let positive = |name: &str, v: usize, errors: &mut dyn FnMut(String)| {
+        if v == 0 {
+            errors(format!("{name} must be at least 1"));
+        }
+    };
+    let chunker_workers = raw.chunker.workers.unwrap_or(1);
+    positive("chunker.workers", chunker_workers, &mut err);
+    let embedder_min_workers = raw.embedder.min_workers.unwrap_or(1);
+    let embedder_max_workers = raw.embedder.max_workers.unwrap_or(8);
+    positive("embedder.min_workers", embedder_min_workers, &mut err);
+    if embedder_max_workers < embedder_min_workers {
+        err(format!("embedder.max_workers ({embedder_max_workers}) is below embedder.min_workers ({embedder_min_workers})"));
+    }
+    let max_in_flight = raw.pipeline.max_in_flight.unwrap_or(256);
+    positive("pipeline.max_in_flight", max_in_flight, &mut err);
+    let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
+    positive("pipeline.max_attempts", max_attempts as usize, &mut err);
+    let batch_max_tokens = raw.model.batch_max_tokens.unwrap_or(8192);
+    let batch_max_size = raw.model.batch_max_size.unwrap_or(64);
+    positive("model.batch_max_tokens", batch_max_tokens, &mut err);
+    positive("model.batch_max_size", batch_max_size, &mut err);
+    match raw.index.backend.as_deref().unwrap_or("embedded") {
+        "embedded" => {}
+        other => err(format!("index.backend: {other:?} is not available (supported: \"embedded\")")),
+    }
+    match raw.cache.backend.as_deref().unwrap_or("embedded") {
+        "embedded" => {}
+        other => err(format!("cache.backend: {other:?} is not available (supported: \"embedded\")")),
+    }
+    let cache_threshold = raw.cache.threshold.unwrap_or(0.98);
+    if !(cache_threshold > 0.0 && cache_threshold <= 1.0) {
+        err(format!("cache.threshold: {cache_threshold} is outside (0, 1]"));
+    }
+    let mut addr = |name: &str, v: Option<String>, default: &str| -> SocketAddr {
+        let v = v.unwrap_or_else(|| default.to_string());
+        v.parse().unwrap_or_else(|_| {
+            err(format!("{name}: {v:?} is not an address like 127.0.0.1:8080"));
+            default.parse().expect("default address")
+        })
+    };
+    let query_bind = addr("query.bind", raw.query.bind, "127.0.0.1:8080");
+    let admin_bind = addr("admin.bind", raw.admin.bind, "127.0.0.1:8081");
+    let candidates = raw.query.candidates.unwrap_or(50);
+    let max_top_k = raw.query.max_top_k.unwrap_or(50);
+    if candidates == 0 {
+        errors.push("query.candidates must be at least 1".into());
+    }
+    if query_bind == admin_bind {
+        errors.push(format!("query.bind and admin.bind are both {query_bind}"));
+    }
+    let admin_token = raw.admin.token.filter(|t| !t.is_empty()).map(Secret);
+
+    if raw.sources.is_empty() {
+        errors.push("no [[sources]]: nothing to index".into());
+    }
+    let mut names = HashSet::new();
+    let mut sources = Vec::new();
+    for (i, s) in raw.sources.into_iter().enumerate() {
+        let root = resolve(base, &s.path);
+        let name = s.name.unwrap_or_else(|| {
+            root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| format!("source{i}"))
+        });
+        let at = format!("sources[{i}] ({name})");
+        if !root.is_dir() {
+            errors.push(format!("{at}: path {} is not a folder", root.display()));
+        }
+        if !names.insert(name.clone()) {
+            errors.push(format!("{at}: the name {name:?} is used twice"));
+        }
+        if name.contains(':') {
+            errors.push(format!("{at}: a source name may not contain ':'"));
+        }
+        for (field, v) in [("division", &s.division), ("access_level", &s.access_level)] {
+            if v.trim().is_empty() {
+                errors.push(format!("{at}: {field} is empty"));
+            }
+        }
+        let mut rules = Vec::new();
+        for (j, r) in s.rules.into_iter().enumerate() {
+            if r.prefix.trim_matches('/').is_empty() || r.division.is_empty() || r.access_level.is_empty() {
+                errors.push(format!("{at}: rules[{j}] needs a prefix, a division and an access_level"));
+            }
+            rules.push(PartitionRule {
+                prefix: r.prefix,
+                partition: Partition { division: r.division, access_level: r.access_level },
+            });
+        }
+        // Canonical root, so event paths (which notify reports canonical)
+        // strip cleanly.
+        let root = root.canonicalize().unwrap_or(root);
+        sources.push(SourceSpec {
+            name,
+            root,
+            partition: Partition { division: s.division, access_level: s.access_level },
+            rules,
+        });
+    }
+    let mut pnames = HashSet::new();
+    let mut tokens = HashSet::new();
+    let mut principals = Vec::new();
+    for (i, p) in raw.principals.into_iter().enumerate() {
+        let at = format!("principals[{i}] ({})", p.name);
+        if !pnames.insert(p.name.clone()) {
+            errors.push(format!("{at}: the name is used twice"));
+        }
+        if p.token.len() < 8 {
+            errors.push(format!("{at}: the token must have at least 8 characters"));
+        }
+        if !tokens.insert(p.token.clone()) {
+            errors.push(format!("{at}: the token is used by another principal"));
+        }
+        if p.divisions.is_empty() || p.access_levels.is_empty() {
+            errors.push(format!("{at}: needs at least one division and one access level"));
+        }
+        principals.push(Principal {
+            name: p.name,
+            token: Secret(p.token),
+            divisions: p.divisions,
+            access_levels: p.access_levels,
+        });
+    }
+    Config {
+        path: path.to_path_buf(),
+        data_dir,
+        embedder_model,
+        device: raw.model.device.unwrap_or(Device::Cpu),
+        batch_max_tokens,
+        batch_max_size,
+        reranker_model,
+        chunk_max_tokens,
+        chunk_overlap_tokens,
+        max_file_bytes: raw.chunker.max_file_bytes.unwrap_or(20 * 1024 * 1024),
+        chunker_workers,
+        embedder_min_workers,
+        embedder_max_workers,
+        max_in_flight,
+        max_attempts,
+        debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
+        optimize_every: raw.index.optimize_every.unwrap_or(20_000),
+        cache_threshold,
+        cache_capacity: raw.cache.capacity.unwrap_or(10_000),
+        cache_ttl_secs: raw.cache.ttl_secs.unwrap_or(3600),
+        query_bind,
+        candidates,
+        max_top_k,
+        admin_bind,
+        admin_token,
+        sources,
+        principals,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("kb")).unwrap();
+        let model = dir.path().join("m");
+        std::fs::create_dir_all(&model).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::write(model.join(f), "{}").unwrap();
+        }
+        let path = dir.path().join("ragd.toml");
+        (dir, path)
+    }
+
+    const GOOD: &str = r#"
+        [model]
+        embedder = "m"
+        [admin]
+        token = "admin-secret"
+        [[sources]]
+        path = "kb"
+        division = "eng"
+        access_level = "internal"
+        [[principals]]
+        name = "alice"
+        token = "alice-token-1"
+        divisions = ["eng"]
+        access_levels = ["internal"]
+    "#;
+
+    #[test]
+    fn a_good_config_loads_with_defaults_and_relative_paths() {
+        let (dir, path) = setup();
+        let cfg = Config::parse(&path, GOOD, std::iter::empty()).unwrap();
+        assert_eq!(cfg.data_dir, dir.path().join("data"));
+        assert_eq!(cfg.sources[0].name, "kb");
+        assert_eq!(cfg.candidates, 50);
+        assert_eq!(cfg.cache_threshold, 0.98);
+        assert_eq!(cfg.principal_for("alice-token-1").unwrap().name, "alice");
+        assert!(cfg.principal_for("alice-token-2").is_none());
+        // Secrets stay out of Debug output.
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("alice-token-1") && !debug.contains("admin-secret"), "{debug}");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let (_dir, path) = setup();
+        let bad = r#"
+            [model]
+            embedder = "nope"
+            [chunker]
+            max_tokens = 100
+            overlap_tokens = 100
+            [query]
+            bind = "not an address"
+            [[sources]]
+            path = "missing"
+            division = ""
+            access_level = "x"
+            [[principals]]
+            name = "a"
+            token = "short"
+            divisions = []
+            access_levels = ["x"]
+        "#;
+        let e = Config::parse(&path, bad, std::iter::empty()).unwrap_err();
+        let text = e.to_string();
+        for needle in ["model.embedder", "overlap_tokens", "query.bind", "not a folder", "division is empty", "8 characters", "at least one division"] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(e.errors.len() >= 7);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let (_dir, path) = setup();
+        let e = Config::parse(&path, &format!("{GOOD}\n[query]\nbnd = \"x\"\n"), std::iter::empty());
+        assert!(e.is_err());
+        let e = Config::parse(&path, "colour = 1", std::iter::empty()).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_win_and_are_validated() {
+        let (_dir, path) = setup();
+        let env = vec![
+            ("RAGD_QUERY__BIND".to_string(), "127.0.0.1:9999".to_string()),
+            ("RAGD_CACHE__THRESHOLD".to_string(), "0.9".to_string()),
+            ("RAGD_LOG".to_string(), "debug".to_string()),
+        ];
+        let cfg = Config::parse(&path, GOOD, env.into_iter()).unwrap();
+        assert_eq!(cfg.query_bind.port(), 9999);
+        assert_eq!(cfg.cache_threshold, 0.9);
+        let env = vec![("RAGD_CACHE__THRESHOLD".to_string(), "2".to_string())];
+        let e = Config::parse(&path, GOOD, env.into_iter()).unwrap_err();
+        assert!(e.to_string().contains("cache.threshold"));
+        let env = vec![("RAGD_QUERY__NOPE".to_string(), "1".to_string())];
+        assert!(Config::parse(&path, GOOD, env.into_iter()).is_err());
+    }
+}

@@ -1,0 +1,250 @@
+//! The query HTTP API and the admin HTTP API.
+
+use crate::config::constant_time_eq;
+use crate::node::Node;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ragd_actors::cache_guard::CachedAnswer;
+use ragd_actors::indexer::{Hit, Scope};
+use ragd_actors::reranker::{RerankMsg, RerankRequest};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const MAX_QUESTION_CHARS: usize = 4096;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryBody {
+    pub question: String,
+    pub top_k: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct QueryResponse {
+    pub answer: Option<String>,
+    pub cached: bool,
+    pub sources: Vec<Hit>,
+    pub timings_ms: serde_json::Map<String, serde_json::Value>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+pub fn query_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/query", post(query))
+        .with_state(node)
+}
+
+async fn query(State(node): State<Arc<Node>>, headers: HeaderMap, body: Result<Json<QueryBody>, JsonRejection>) -> Response {
+    let started = Instant::now();
+    let Some(token) = bearer(&headers) else {
+        return error(StatusCode::UNAUTHORIZED, "missing Authorization: Bearer <token>");
+    };
+    let Some(principal) = node.config.principal_for(token) else {
+        return error(StatusCode::UNAUTHORIZED, "unknown token");
+    };
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text())),
+    };
+    let question = body.question.trim().to_string();
+    if question.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "question is empty");
+    }
+    if question.chars().count() > MAX_QUESTION_CHARS {
+        return error(StatusCode::BAD_REQUEST, format!("question is longer than {MAX_QUESTION_CHARS} characters"));
+    }
+    let top_k = body.top_k.unwrap_or(5);
+    if top_k == 0 || top_k > node.config.max_top_k {
+        return error(StatusCode::BAD_REQUEST, format!("top_k must be between 1 and {}", node.config.max_top_k));
+    }
+    let scope = Scope { divisions: principal.divisions.clone(), access_levels: principal.access_levels.clone() }.canonical();
+    match answer(&node, &question, top_k, &scope, started).await {
+        Ok(resp) => {
+            metrics::counter!("ragd_queries_total", "cached" => resp.cached.to_string()).increment(1);
+            metrics::histogram!("ragd_query_seconds").record(started.elapsed().as_secs_f64());
+            Json(resp).into_response()
+        }
+        Err(e) => {
+            tracing::error!(principal = %principal.name, "query failed: {e:#}");
+            metrics::counter!("ragd_query_errors_total").increment(1);
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("query failed: {e:#}"))
+        }
+    }
+}
+
+fn ms(d: Duration) -> serde_json::Value {
+    json!((d.as_secs_f64() * 1e5).round() / 100.0)
+}
+
+async fn answer(node: &Node, question: &str, top_k: usize, scope: &Scope, started: Instant) -> anyhow::Result<QueryResponse> {
+    let mut timings = serde_json::Map::new();
+    let t = Instant::now();
+    let encoder = node.encoder.clone();
+    let q = question.to_string();
+    let vector = tokio::task::spawn_blocking(move || encoder.embed(&[q.as_str()]))
+        .await??
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("the encoder returned no vector"))?;
+    timings.insert("embed".into(), ms(t.elapsed()));
+
+    let t = Instant::now();
+    if let Some(hit) = node.cache.lookup(&vector, scope, top_k).await {
+        timings.insert("cache".into(), ms(t.elapsed()));
+        timings.insert("total".into(), ms(started.elapsed()));
+        return Ok(QueryResponse { answer: hit.answer, cached: true, sources: hit.sources, timings_ms: timings });
+    }
+    timings.insert("cache".into(), ms(t.elapsed()));
+
+    let t = Instant::now();
+    let mut hits = node.store.search(&vector, scope, node.config.candidates).await?;
+    // The engine filtered already; this is the second lock on the door.
+    hits.retain(|h| scope.allows(&h.division, &h.access_level));
+    timings.insert("search".into(), ms(t.elapsed()));
+    timings.insert("candidates".into(), json!(hits.len()));
+
+    let t = Instant::now();
+    let reranker = node.reranker().ok_or_else(|| anyhow::anyhow!("the reranker is restarting"))?;
+    let req = RerankRequest { question: question.to_string(), hits, top_k };
+    let result = reranker
+        .call(|reply| RerankMsg::Rerank(req, reply), Some(Duration::from_secs(30)))
+        .await
+        .map_err(|e| anyhow::anyhow!("reranker unavailable: {e}"))?;
+    let result = match result {
+        ractor::rpc::CallResult::Success(r) => r.map_err(|e| anyhow::anyhow!("rerank: {e}"))?,
+        ractor::rpc::CallResult::Timeout => anyhow::bail!("reranker timed out"),
+        ractor::rpc::CallResult::SenderError => anyhow::bail!("reranker failed"),
+    };
+    timings.insert("rerank".into(), ms(t.elapsed()));
+    timings.insert("rerank_depth".into(), json!(result.scored));
+
+    let value = CachedAnswer { answer: None, sources: result.hits };
+    node.cache.store(&vector, scope, top_k, value.clone());
+    timings.insert("total".into(), ms(started.elapsed()));
+    Ok(QueryResponse { answer: value.answer, cached: false, sources: value.sources, timings_ms: timings })
+}
+
+pub fn admin_router(node: Arc<Node>, metrics: metrics_exporter_prometheus::PrometheusHandle) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/actors", get(actors))
+        .route("/ingest", get(ingest))
+        .route("/index", get(index_info))
+        .route("/dlq", get(dlq_list))
+        .route("/dlq/{id}/replay", post(dlq_replay))
+        .route("/metrics", get(move |s| prometheus(s, metrics.clone())))
+        .with_state(node)
+}
+
+fn admin_auth(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &node.config.admin_token else {
+        return Ok(());
+    };
+    match bearer(headers) {
+        Some(t) if constant_time_eq(t.as_bytes(), expected.0.as_bytes()) => Ok(()),
+        _ => Err(error(StatusCode::UNAUTHORIZED, "admin endpoints need Authorization: Bearer <admin token>")),
+    }
+}
+
+async fn ready(State(node): State<Arc<Node>>) -> Response {
+    if node.scanned.load(std::sync::atomic::Ordering::SeqCst) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "initial scan in progress").into_response()
+    }
+}
+
+async fn actors(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin_auth(&node, &headers) {
+        return r;
+    }
+    Json(json!({ "reranker": if node.reranker_on { "on" } else { "off" }, "actors": node.registry.tree() })).into_response()
+}
+
+async fn ingest(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin_auth(&node, &headers) {
+        return r;
+    }
+    Json(node.ledger.counts()).into_response()
+}
+
+async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin_auth(&node, &headers) {
+        return r;
+    }
+    match node.store.count(None).await {
+        Ok(points) => Json(json!({ "backend": node.store.backend(), "points": points })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+async fn dlq_list(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin_auth(&node, &headers) {
+        return r;
+    }
+    match node.dlq.list() {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn dlq_replay(State(node): State<Arc<Node>>, headers: HeaderMap, UrlPath(id): UrlPath<u64>) -> Response {
+    if let Err(r) = admin_auth(&node, &headers) {
+        return r;
+    }
+    let entry = match node.dlq.mark_replayed(id) {
+        Ok(e) => e,
+        Err(e) => return error(StatusCode::NOT_FOUND, format!("{e:#}")),
+    };
+    let Some(path) = entry.payload.get("path").and_then(|p| p.as_str()).map(std::path::PathBuf::from) else {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "the entry has no source path to replay");
+    };
+    match node.watcher() {
+        Some(w) => {
+            let _ = w.cast(ragd_actors::source_watcher::WatchMsg::Replay(entry.doc_id.clone(), path));
+            Json(json!({ "replayed": id, "doc_id": entry.doc_id })).into_response()
+        }
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "the source watcher is restarting; try again"),
+    }
+}
+
+async fn prometheus(State(node): State<Arc<Node>>, handle: metrics_exporter_prometheus::PrometheusHandle) -> Response {
+    let c = node.ledger.counts();
+    for (state, v) in [
+        ("seen", c.seen),
+        ("indexed", c.indexed),
+        ("deleted", c.deleted),
+        ("skipped", c.skipped),
+        ("dead_lettered", c.dead_lettered),
+        ("in_flight", c.in_flight),
+    ] {
+        metrics::gauge!("ragd_ingest_documents", "state" => state).set(v as f64);
+    }
+    for (path, v) in node.registry.flat() {
+        metrics::gauge!("ragd_actor_queue_depth", "actor" => path.clone()).set(v.queue_depth as f64);
+        metrics::gauge!("ragd_actor_restarts", "actor" => path.clone()).set(v.restarts as f64);
+        metrics::gauge!("ragd_actor_processed", "actor" => path.clone()).set(v.processed as f64);
+        if let Some(w) = v.workers {
+            metrics::gauge!("ragd_actor_workers", "actor" => path).set(w as f64);
+        }
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}

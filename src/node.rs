@@ -1,0 +1,362 @@
+//! Node assembly: which actors a node starts and how they are wired.
+//!
+//! Supervision tree (every supervisor one-for-one, see
+//! `ragd_actors::supervisor` for the restart policy):
+//!
+//! ```text
+//! root
+//! ├── ingest  ── source_watcher, chunker (pool)
+//! ├── embed   ── embedder (pool, min..max workers by queue length)
+//! ├── index   ── indexer (single writer), version_pruner
+//! └── query   ── cache_guard, reranker
+//! ```
+
+use crate::config::Config;
+use anyhow::Context;
+use ractor::{Actor, ActorCell, ActorRef};
+use ragd_actors::cache_guard::embedded::EmbeddedCache;
+use ragd_actors::cache_guard::{CacheGuard, CacheGuardArgs, CacheHandle, SemanticCache};
+use ragd_actors::chunker::actor::ChunkerStage;
+use ragd_actors::chunker::{Chunker, ChunkerSettings};
+use ragd_actors::dlq::{DeadLetters, FileDlq};
+use ragd_actors::embedder::EmbedderStage;
+use ragd_actors::indexer::actor::{IndexJob, IndexerStage};
+use ragd_actors::indexer::edge::EdgeStore;
+use ragd_actors::indexer::VectorStore;
+use ragd_actors::ledger::Ledger;
+use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
+use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy};
+use ragd_actors::pool::{Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
+use ragd_actors::reranker::{RerankMsg, Reranker, RerankerArgs};
+use ragd_actors::source_watcher::{SourceWatcher, WatchMsg, WatcherArgs};
+use ragd_actors::stats::StatsRegistry;
+use ragd_actors::supervisor::{ChildSpec, RestartPolicy, StartFn, Supervisor, SupervisorArgs, SupervisorMsg};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const WATCHER: &str = "source_watcher";
+pub const RERANKER: &str = "reranker";
+pub const CACHE_GUARD: &str = "cache_guard";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Watch the sources and serve queries.
+    Daemon,
+    /// Scan once; no watching, no query actors.
+    Ingest,
+}
+
+/// What the HTTP layer and the CLI need from a running node.
+pub struct Node {
+    pub config: Config,
+    pub ledger: Arc<Ledger>,
+    pub registry: StatsRegistry,
+    pub store: Arc<dyn VectorStore>,
+    pub encoder: Arc<AnyEncoder>,
+    pub cache: CacheHandle,
+    pub dlq: Arc<dyn DeadLetters>,
+    pub scanned: Arc<AtomicBool>,
+    pub reranker_on: bool,
+    pub root: ActorRef<SupervisorMsg>,
+    pub root_done: tokio::task::JoinHandle<()>,
+}
+
+fn child<A, F>(name: &str, make: F) -> ChildSpec
+where
+    A: Actor,
+    F: Fn() -> (Option<String>, A, A::Arguments) + Send + Sync + 'static,
+{
+    let start: StartFn = Arc::new(move |sup: ActorCell| {
+        let (name, actor, args) = make();
+        Box::pin(async move {
+            let (r, _) = Actor::spawn_linked(name, actor, args, sup).await?;
+            Ok(r.get_cell())
+        })
+    });
+    ChildSpec { name: name.to_string(), start }
+}
+
+fn supervisor(name: &str, registry: &StatsRegistry, children: Vec<ChildSpec>) -> ChildSpec {
+    let path = format!("root/{name}");
+    let registry = registry.clone();
+    let children = Arc::new(parking_lot::Mutex::new(Some(children)));
+    // A restarted stage supervisor gets fresh specs built from the same
+    // closures; the specs themselves are consumed by the first start.
+    let specs: Arc<parking_lot::Mutex<Vec<(String, StartFn)>>> = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    child(name, move || {
+        let list = match children.lock().take() {
+            Some(list) => {
+                *specs.lock() = list.iter().map(|c| (c.name.clone(), c.start.clone())).collect();
+                list
+            }
+            None => specs
+                .lock()
+                .iter()
+                .map(|(n, s)| ChildSpec { name: n.clone(), start: s.clone() })
+                .collect(),
+        };
+        (
+            None,
+            Supervisor,
+            SupervisorArgs {
+                path: path.clone(),
+                children: list,
+                policy: RestartPolicy::default(),
+                registry: registry.clone(),
+            },
+        )
+    })
+}
+
+fn pool<S: Stage>(
+    name: &str,
+    stage: Arc<S>,
+    queue: Arc<PoolQueue<S::In>>,
+    settings: PoolSettings,
+    ledger: &Arc<Ledger>,
+    dlq: &Arc<dyn DeadLetters>,
+) -> ChildSpec {
+    let (name_s, ledger, dlq) = (name.to_string(), ledger.clone(), dlq.clone());
+    child(name, move || {
+        (
+            None,
+            Pool::<S>::default(),
+            PoolArgs {
+                name: name_s.clone(),
+                stage: stage.clone(),
+                queue: queue.clone(),
+                settings: settings.clone(),
+                ledger: ledger.clone(),
+                dlq: dlq.clone(),
+            },
+        )
+    })
+}
+
+impl Node {
+    pub async fn start(config: Config, mode: Mode, only: Vec<std::path::PathBuf>) -> anyhow::Result<Node> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+        let policy = BatchPolicy { max_tokens: config.batch_max_tokens, max_batch: config.batch_max_size };
+        let (dir, device, p2) = (config.embedder_model.clone(), config.device, policy.clone());
+        let encoder = tokio::task::spawn_blocking(move || AnyEncoder::load(&dir, p2, device)).await??;
+        let encoder = Arc::new(encoder);
+        tracing::info!(model = %config.embedder_model.display(), dim = encoder.dim(), "embedding model loaded");
+        let reranker_model = match (&config.reranker_model, mode) {
+            (Some(dir), Mode::Daemon) => {
+                let (dir, device) = (dir.clone(), config.device);
+                let m = tokio::task::spawn_blocking(move || AnyCrossEncoder::load(&dir, policy, device)).await??;
+                tracing::info!("reranker on");
+                Some(Arc::new(m))
+            }
+            _ => {
+                if mode == Mode::Daemon {
+                    tracing::warn!("reranker off: no [reranker] model configured; query results keep the vector order");
+                }
+                None
+            }
+        };
+        let store: Arc<dyn VectorStore> = {
+            let (dir, dim) = (config.index_dir(), encoder.dim());
+            let s = tokio::task::spawn_blocking(move || EdgeStore::open(&dir, dim)).await?.with_context(|| {
+                "opening the vector store (is another ragd using the same data_dir?)".to_string()
+            })?;
+            Arc::new(s)
+        };
+        let dlq: Arc<dyn DeadLetters> = Arc::new(FileDlq::open(config.dlq_path())?);
+        let ledger = Ledger::new(config.max_in_flight);
+        let registry = StatsRegistry::default();
+        registry.entry("root");
+        let cache_backend: Arc<dyn SemanticCache> = Arc::new(EmbeddedCache::new(
+            config.cache_threshold,
+            config.cache_capacity,
+            Duration::from_secs(config.cache_ttl_secs),
+        ));
+        let cache = CacheHandle { actor_name: CACHE_GUARD.into(), cache: cache_backend.clone() };
+
+        let chunk_q: Arc<PoolQueue<DocMeta>> = PoolQueue::new(registry.entry("root/ingest/chunker"));
+        let embed_q: Arc<PoolQueue<ChunkedDoc>> = PoolQueue::new(registry.entry("root/embed/embedder"));
+        let index_q: Arc<PoolQueue<IndexJob>> = PoolQueue::new(registry.entry("root/index/indexer"));
+        let prune_q: Arc<PoolQueue<IndexedEvent>> = PoolQueue::new(registry.entry("root/index/version_pruner"));
+
+        let known: HashMap<String, String> = store.indexed_versions().await?.into_iter().collect();
+        tracing::info!(documents = known.len(), backend = store.backend(), "vector store opened");
+        let known = Arc::new(parking_lot::Mutex::new(known));
+        let scanned = Arc::new(AtomicBool::new(false));
+
+        let settings = |min: usize, max: usize| PoolSettings {
+            min,
+            max,
+            max_attempts: config.max_attempts,
+            ..Default::default()
+        };
+        let tokenizer = encoder.tokenizer().clone();
+        let chunker = Arc::new(Chunker::new(
+            tokenizer,
+            ChunkerSettings { max_tokens: config.chunk_max_tokens, overlap_tokens: config.chunk_overlap_tokens },
+        )?);
+
+        let watcher = {
+            let (sources, ledger, dlq, chunk_q, index_q, known, scanned) = (
+                config.sources.clone(),
+                ledger.clone(),
+                dlq.clone(),
+                chunk_q.clone(),
+                index_q.clone(),
+                known.clone(),
+                scanned.clone(),
+            );
+            let (max_file_bytes, debounce) = (config.max_file_bytes, Duration::from_millis(config.debounce_ms));
+            let stats = registry.entry(&format!("root/ingest/{WATCHER}"));
+            child(WATCHER, move || {
+                (
+                    Some(WATCHER.to_string()),
+                    SourceWatcher,
+                    WatcherArgs {
+                        sources: sources.clone(),
+                        ledger: ledger.clone(),
+                        dlq: dlq.clone(),
+                        chunk_q: chunk_q.clone(),
+                        index_q: index_q.clone(),
+                        known: known.clone(),
+                        max_file_bytes,
+                        watch: mode == Mode::Daemon,
+                        debounce,
+                        stats: stats.clone(),
+                        scanned: scanned.clone(),
+                        only: only.clone(),
+                    },
+                )
+            })
+        };
+        let chunker_pool = pool(
+            "chunker",
+            Arc::new(ChunkerStage {
+                chunker,
+                ledger: ledger.clone(),
+                out: embed_q.clone(),
+                max_file_bytes: config.max_file_bytes,
+            }),
+            chunk_q.clone(),
+            settings(config.chunker_workers, config.chunker_workers),
+            &ledger,
+            &dlq,
+        );
+        let embedder_pool = pool(
+            "embedder",
+            Arc::new(EmbedderStage {
+                batcher: ragd_actors::embedder::Batcher::start(encoder.clone(), config.batch_max_size * 4),
+                out: index_q.clone(),
+            }),
+            embed_q.clone(),
+            settings(config.embedder_min_workers, config.embedder_max_workers),
+            &ledger,
+            &dlq,
+        );
+        let indexer_pool = pool(
+            "indexer",
+            Arc::new(IndexerStage {
+                store: store.clone(),
+                ledger: ledger.clone(),
+                out: prune_q.clone(),
+                optimize_every: config.optimize_every,
+                written_since_optimize: AtomicU64::new(0),
+            }),
+            index_q.clone(),
+            settings(1, 1),
+            &ledger,
+            &dlq,
+        );
+        let pruner_pool = pool(
+            "version_pruner",
+            Arc::new(ragd_actors::version_pruner::VersionPrunerStage {
+                store: store.clone(),
+                ledger: ledger.clone(),
+                cache: cache.clone(),
+            }),
+            prune_q.clone(),
+            settings(1, 1),
+            &ledger,
+            &dlq,
+        );
+        let mut groups = vec![
+            supervisor("ingest", &registry, vec![watcher, chunker_pool]),
+            supervisor("embed", &registry, vec![embedder_pool]),
+            supervisor("index", &registry, vec![indexer_pool, pruner_pool]),
+        ];
+        if mode == Mode::Daemon {
+            let reranker = {
+                let (model, stats) = (reranker_model.clone(), registry.entry(&format!("root/query/{RERANKER}")));
+                child(RERANKER, move || {
+                    (Some(RERANKER.to_string()), Reranker, RerankerArgs { model: model.clone(), stats: stats.clone() })
+                })
+            };
+            let cache_guard = {
+                let (backend, stats) = (cache_backend.clone(), registry.entry(&format!("root/query/{CACHE_GUARD}")));
+                child(CACHE_GUARD, move || {
+                    (
+                        Some(CACHE_GUARD.to_string()),
+                        CacheGuard,
+                        CacheGuardArgs { cache: backend.clone(), stats: stats.clone() },
+                    )
+                })
+            };
+            groups.push(supervisor("query", &registry, vec![cache_guard, reranker]));
+        }
+        let (root, root_done) = Actor::spawn(
+            Some("root".into()),
+            Supervisor,
+            SupervisorArgs { path: "root".into(), children: groups, policy: RestartPolicy::default(), registry: registry.clone() },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the supervision tree: {e}"))?;
+        Ok(Node {
+            config,
+            ledger,
+            registry,
+            store,
+            encoder,
+            cache,
+            dlq,
+            scanned,
+            reranker_on: reranker_model.is_some(),
+            root,
+            root_done,
+        })
+    }
+
+    pub fn reranker(&self) -> Option<ActorRef<RerankMsg>> {
+        ActorRef::where_is(RERANKER)
+    }
+
+    pub fn watcher(&self) -> Option<ActorRef<WatchMsg>> {
+        ActorRef::where_is(WATCHER)
+    }
+
+    /// Every document the first scan found has reached an end.
+    pub fn settled(&self) -> bool {
+        self.scanned.load(std::sync::atomic::Ordering::SeqCst) && self.ledger.counts().in_flight == 0
+    }
+
+    /// Stops taking new work, lets in-flight documents finish (up to
+    /// `grace`), then stops every actor. Anything unfinished is picked up by
+    /// the next start's scan.
+    pub async fn shutdown(self, grace: Duration) {
+        if let Some(w) = self.watcher() {
+            w.stop(Some("shutdown".into()));
+        }
+        if tokio::time::timeout(grace, self.ledger.wait_settled()).await.is_err() {
+            tracing::warn!(
+                in_flight = self.ledger.counts().in_flight,
+                "shutdown grace period over; unfinished documents resume at next start"
+            );
+        }
+        let _ = self.root.cast(SupervisorMsg::Shutdown);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!("final flush of the vector store failed: {e:#}");
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Test harness: runs the real `ragd` binary on a temp folder with the real
+//! model, and talks to it over HTTP like a user would.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model_dir() -> PathBuf {
+    let dir = repo().join("models/all-MiniLM-L6-v2");
+    assert!(dir.join("model.safetensors").exists(), "run ops/fetch-models.sh first");
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const HR_TOKEN: &str = "hr-reader-token";
+pub const ENG_TOKEN: &str = "eng-reader-token";
+
+/// A temp workspace: `kb/` is the watched source, `data/` the data folder.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub query_port: u16,
+    pub admin_port: u16,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Self::with_extra("")
+    }
+
+    /// `extra` is appended to the generated config (e.g. a [pipeline] table).
+    pub fn with_extra(extra: &str) -> Workspace {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("kb/hr")).unwrap();
+        std::fs::create_dir_all(dir.path().join("kb/eng")).unwrap();
+        let ws = Workspace { dir, query_port: free_port(), admin_port: free_port() };
+        let config = format!(
+            r#"
+data_dir = "data"
+[model]
+embedder = "{model}"
+[query]
+bind = "127.0.0.1:{q}"
+[admin]
+bind = "127.0.0.1:{a}"
+token = "{ADMIN_TOKEN}"
+{extra}
+[[sources]]
+name = "kb"
+path = "kb"
+division = "general"
+access_level = "public"
+  [[sources.rules]]
+  prefix = "hr"
+  division = "hr"
+  access_level = "internal"
+  [[sources.rules]]
+  prefix = "eng"
+  division = "eng"
+  access_level = "internal"
+[[principals]]
+name = "hr-reader"
+token = "{HR_TOKEN}"
+divisions = ["hr", "general"]
+access_levels = ["public", "internal"]
+[[principals]]
+name = "eng-reader"
+token = "{ENG_TOKEN}"
+divisions = ["eng", "general"]
+access_levels = ["public", "internal"]
+"#,
+            model = model_dir().display(),
+            q = ws.query_port,
+            a = ws.admin_port,
+        );
+        std::fs::write(ws.config(), config).unwrap();
+        ws
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("ragd.toml")
+    }
+
+    pub fn kb(&self) -> PathBuf {
+        self.dir.path().join("kb")
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) {
+        let p = self.kb().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        // Write then rename, as editors and sync tools do, so the watcher
+        // never reads a half-written file.
+        let tmp = p.with_file_name(format!(".{}.tmp", p.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+
+    pub fn start(&self) -> Daemon {
+        Daemon::start(self)
+    }
+
+    /// Runs a ragd subcommand to completion; returns (success, stdout, stderr).
+    pub fn ragd(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
+            .args(args)
+            .env("RAGD_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub query: String,
+    pub admin: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(ws: &Workspace) -> Daemon {
+        let log = ws.dir.path().join(format!("ragd-{}.log", Instant::now().elapsed().as_nanos() ^ rand_suffix()));
+        let child = Command::new(env!("CARGO_BIN_EXE_ragd"))
+            .args(["up", "--config"])
+            .arg(ws.config())
+            .env("RAGD_LOG", "info,ragd_actors=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            query: format!("http://127.0.0.1:{}", ws.query_port),
+            admin: format!("http://127.0.0.1:{}", ws.admin_port),
+            log,
+        };
+        d.wait_until("admin API up", Duration::from_secs(60), || d.get_status("/health") == Some(200));
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok() {
+            if Instant::now() > deadline {
+                let log = self.log();
+                let tail: String = log.chars().rev().take(4000).collect::<String>().chars().rev().collect();
+                panic!("timed out waiting for {what}; daemon log tail:\n{tail}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn client() -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    }
+
+    pub fn get_status(&self, path: &str) -> Option<u16> {
+        Self::client().get(format!("{}{path}", self.admin)).send().ok().map(|r| r.status().as_u16())
+    }
+
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
+        Self::client()
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    pub fn ledger(&self) -> serde_json::Value {
+        self.admin_json("/ingest")
+    }
+
+    /// Waits until the first scan is done and nothing is in flight, and the
+    /// ledger satisfies `ok`.
+    pub fn wait_ledger(&self, timeout: Duration, mut ok: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        self.wait_until("the ledger", timeout, || {
+            if self.get_status("/ready") != Some(200) {
+                return false;
+            }
+            last = self.ledger();
+            last["in_flight"] == 0 && ok(&last)
+        });
+        last
+    }
+
+    /// POST /v1/query; returns (status, body).
+    pub fn query_raw(&self, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+        let mut req = Self::client()
+            .post(format!("{}/v1/query", self.query))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(serde_json::Value::Null))
+    }
+
+    pub fn ask(&self, token: &str, question: &str) -> serde_json::Value {
+        let (status, body) = self.query_raw(Some(token), &serde_json::json!({ "question": question, "top_k": 5 }).to_string());
+        assert_eq!(status, 200, "query failed: {body}");
+        body
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        self.child.wait().unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory of the daemon so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn source_uris(resp: &serde_json::Value) -> Vec<String> {
+    resp["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["uri"].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub fn texts(resp: &serde_json::Value) -> String {
+    resp["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn valid_pdf(lines: &[&str]) -> Vec<u8> {
+    let content: String = format!(
+        "BT /F1 12 Tf 72 720 Td 16 TL\n{}ET\n",
+        lines.iter().map(|l| format!("({l}) Tj T*\n")).collect::<String>()
+    );
+    let objs = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+        format!("<< /Length {} >>\nstream\n{content}endstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = vec![];
+    for (i, o) in objs.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend(format!("{} 0 obj\n{o}\nendobj\n", i + 1).bytes());
+    }
+    let xref = out.len();
+    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objs.len() + 1).bytes());
+    for off in offsets {
+        out.extend(format!("{off:010} 00000 n \n").bytes());
+    }
+    out.extend(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objs.len() + 1).bytes());
+    out
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn file_count(dir: &Path) -> usize {
+    walk(dir).len()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

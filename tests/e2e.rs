@@ -1,0 +1,227 @@
+//! End-to-end: the real `ragd` binary on a temp folder, the real model, the
+//! embedded vector store, queries over HTTP.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+const LEAVE_V1: &str = "# Parental leave\n\nRequest parental leave through the HR portal at least four weeks ahead. Primary caregivers get twenty weeks of paid leave.\n";
+const LEAVE_V2: &str = "# Parental leave\n\nRequest parental leave by emailing the people team at least six weeks ahead. Primary caregivers get twenty-six weeks of paid leave.\n";
+const BUILD: &str = "The build cache lives on the shared NFS volume and is cleaned every night at two.\n";
+
+fn actor_processed(d: &Daemon, name: &str) -> u64 {
+    fn find(v: &serde_json::Value, name: &str) -> Option<u64> {
+        if v["name"] == name {
+            return v["processed"].as_u64();
+        }
+        v["children"].as_array()?.iter().find_map(|c| find(c, name))
+    }
+    let tree = d.admin_json("/actors");
+    tree["actors"].as_array().unwrap().iter().find_map(|r| find(r, name)).expect("actor in /actors")
+}
+
+#[test]
+fn ingest_ask_update_delete() {
+    let ws = Workspace::new();
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write("eng/build.txt", BUILD);
+    ws.write("notes.bin", [0u8, 1, 2, 3]);
+    let d = ws.start();
+    let ledger = d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    assert_eq!(ledger["skipped"], 1, "{ledger}");
+    assert_eq!(ledger["seen"], 3, "{ledger}");
+
+    let r = d.ask(HR_TOKEN, "how do I request parental leave?");
+    assert_eq!(r["cached"], false);
+    assert!(r["answer"].is_null(), "no LLM configured: {r}");
+    let top = &r["sources"][0];
+    assert_eq!(top["uri"], "hr/leave.md", "{r}");
+    assert_eq!(top["division"], "hr");
+    assert_eq!(top["access_level"], "internal");
+    assert_eq!(top["chunk_index"], 0);
+    assert!(top["doc_id"].as_str().unwrap().starts_with("kb:"));
+    assert!(top["text"].as_str().unwrap().contains("four weeks"));
+    assert!(r["timings_ms"]["total"].as_f64().is_some());
+
+    // Update: the new text appears and the old never again.
+    ws.write("hr/leave.md", LEAVE_V2);
+    let r = wait_for("the new version", Duration::from_secs(60), || {
+        let r = d.ask(HR_TOKEN, "how do I request parental leave? (after the update)");
+        texts(&r).contains("six weeks").then_some(r)
+    });
+    d.wait_ledger(Duration::from_secs(60), |_| true);
+    for q in ["how do I request parental leave?", "parental leave weeks", "HR portal four weeks"] {
+        let r = d.ask(HR_TOKEN, q);
+        assert!(!texts(&r).contains("four weeks"), "old text after the swap: {r}");
+    }
+    assert!(source_uris(&r).contains(&"hr/leave.md".to_string()));
+
+    // A touch without a change re-indexes nothing.
+    let before = actor_processed(&d, "indexer");
+    let p = ws.kb().join("hr/leave.md");
+    let f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+    f.set_modified(std::time::SystemTime::now()).unwrap();
+    drop(f);
+    std::thread::sleep(Duration::from_millis(1500));
+    d.wait_ledger(Duration::from_secs(30), |_| true);
+    assert_eq!(actor_processed(&d, "indexer"), before, "a touch re-indexed the document");
+
+    // Delete: gone from every answer.
+    std::fs::remove_file(ws.kb().join("hr/leave.md")).unwrap();
+    d.wait_ledger(Duration::from_secs(60), |l| l["deleted"] == 1);
+    let r = d.ask(HR_TOKEN, "how do I request parental leave?");
+    assert!(!source_uris(&r).contains(&"hr/leave.md".to_string()), "deleted file still answers: {r}");
+    let ledger = d.ledger();
+    assert_eq!((ledger["indexed"].as_u64(), ledger["deleted"].as_u64()), (Some(1), Some(1)), "{ledger}");
+}
+
+#[test]
+fn partitions_never_leak_also_through_the_cache() {
+    let ws = Workspace::new();
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write("hr/salaries.md", "# Salary bands\n\nEngineer level three earns between sixty and seventy thousand.\n");
+    ws.write("eng/build.txt", BUILD);
+    ws.write("eng/oncall.md", "# On-call\n\nAcknowledge a page within five minutes and open an incident channel.\n");
+    ws.write("welcome.md", "# Welcome\n\nThe office opens at eight.\n");
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 5);
+
+    let questions = ["how do I request parental leave?", "where is the build cache?", "what does an engineer earn?"];
+    for q in questions {
+        for _ in 0..2 {
+            let hr = d.ask(HR_TOKEN, q);
+            for s in hr["sources"].as_array().unwrap() {
+                assert!(["hr", "general"].contains(&s["division"].as_str().unwrap()), "hr-reader got {s}");
+            }
+            let eng = d.ask(ENG_TOKEN, q);
+            for s in eng["sources"].as_array().unwrap() {
+                assert!(["eng", "general"].contains(&s["division"].as_str().unwrap()), "eng-reader got {s}");
+            }
+        }
+    }
+    // The second ask of the same question was a cache hit, scoped to the
+    // caller: the other principal's identical question was not.
+    let hr = d.ask(HR_TOKEN, "how do I request parental leave?");
+    assert_eq!(hr["cached"], true, "{hr}");
+    let eng = d.ask(ENG_TOKEN, "how do I request parental leave?");
+    assert_eq!(eng["cached"], true, "eng-reader's own earlier answer: {eng}");
+    assert!(!source_uris(&eng).iter().any(|u| u.starts_with("hr/")), "{eng}");
+    // A near-identical question hits; an unrelated one does not.
+    let near = d.ask(HR_TOKEN, "How do I request parental leave");
+    assert_eq!(near["cached"], true, "{near}");
+    let other = d.ask(HR_TOKEN, "when does the office open?");
+    assert_eq!(other["cached"], false);
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_never_a_500() {
+    let ws = Workspace::new();
+    ws.write("welcome.md", "# Welcome\n\nThe office opens at eight.\n");
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    let good = r#"{"question": "when does the office open?"}"#;
+    assert_eq!(d.query_raw(None, good).0, 401);
+    assert_eq!(d.query_raw(Some("not-a-token"), good).0, 401);
+    for (body, needle) in [
+        ("{not json", "bad request body"),
+        (r#"{"top_k": 5}"#, "question"),
+        (r#"{"question": "   "}"#, "empty"),
+        (r#"{"question": "x", "top_k": 0}"#, "top_k"),
+        (r#"{"question": "x", "top_k": 100000}"#, "top_k"),
+        (r#"{"question": 42}"#, "bad request body"),
+    ] {
+        let (status, resp) = d.query_raw(Some(HR_TOKEN), body);
+        assert_eq!(status, 400, "{body} -> {resp}");
+        assert!(resp["error"].as_str().unwrap().contains(needle), "{body} -> {resp}");
+    }
+    let long = serde_json::json!({ "question": "a".repeat(5000) }).to_string();
+    assert_eq!(d.query_raw(Some(HR_TOKEN), &long).0, 400);
+    // Admin endpoints want the admin token; probes do not.
+    assert_eq!(d.get_status("/actors"), Some(401));
+    assert_eq!(d.get_status("/ready"), Some(200));
+    assert_eq!(d.get_status("/metrics"), Some(200));
+}
+
+#[test]
+fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
+    let ws = Workspace::new();
+    ws.write("welcome.md", "# Welcome\n\nThe office opens at eight.\n");
+    ws.write("eng/broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage without xref".as_slice());
+    ws.write("eng/expenses.pdf", valid_pdf(&["Submit expense reports within thirty days."]));
+    let d = ws.start();
+    let ledger = d.wait_ledger(Duration::from_secs(120), |l| l["dead_lettered"] == 1 && l["indexed"] == 2);
+    assert_eq!(ledger["seen"], 3, "{ledger}");
+    let r = d.ask(ENG_TOKEN, "how long do I have to submit an expense report?");
+    assert_eq!(r["sources"][0]["uri"], "eng/expenses.pdf", "{r}");
+
+    let dlq = d.admin_json("/dlq");
+    let entry = &dlq[0];
+    assert_eq!(entry["doc_id"], "kb:eng/broken.pdf");
+    assert_eq!(entry["stage"], "chunker");
+    assert_eq!(entry["attempts"], 3);
+    assert!(entry["error"].as_str().unwrap().contains("pdf"), "{entry}");
+    let (ok, out, err) = ws.ragd(&["dlq", "list", "--config", ws.config().to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("kb:eng/broken.pdf") && out.contains("pending"), "{out}");
+    let actors = d.admin_json("/actors").to_string();
+    assert!(actors.contains("malformed pdf"), "the chunker's last error shows: {actors}");
+
+    // Replay: the document goes through the pipeline again (and, still
+    // broken, back to the DLQ as a new entry).
+    let (ok, out, err) = ws.ragd(&["dlq", "replay", "1", "--config", ws.config().to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let dlq = wait_for("the replayed entry", Duration::from_secs(60), || {
+        let v = d.admin_json("/dlq");
+        (v.as_array().unwrap().len() == 2).then_some(v)
+    });
+    assert_eq!(dlq[0]["replayed"], true);
+    assert_eq!(dlq[1]["doc_id"], "kb:eng/broken.pdf");
+    // Fixed at the source: indexed, and the ledger says so.
+    ws.write("eng/broken.pdf", valid_pdf(&["The broken report was repaired by finance."]));
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 3 && l["dead_lettered"] == 0);
+    let r = d.ask(ENG_TOKEN, "which report was repaired?");
+    assert!(source_uris(&r).contains(&"eng/broken.pdf".to_string()), "{r}");
+}
+
+#[test]
+fn no_gap_during_an_update_and_no_old_text_after_it() {
+    let ws = Workspace::new();
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write("eng/build.txt", BUILD);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    let question = "how do I request parental leave?";
+    // Hammer the query path while the document changes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let path = ws.kb().join("hr/leave.md");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let tmp = path.with_file_name(".leave.md.tmp");
+            std::fs::write(&tmp, LEAVE_V2).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            std::thread::sleep(Duration::from_secs(8));
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut swapped_at = None;
+    let mut n = 0;
+    let started = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let r = d.ask(HR_TOKEN, question);
+        n += 1;
+        let t = texts(&r);
+        assert!(source_uris(&r).contains(&"hr/leave.md".to_string()), "query {n}: the document was missing: {r}");
+        let (old, new) = (t.contains("four weeks"), t.contains("six weeks"));
+        assert!(old || new, "query {n}: neither version: {r}");
+        if swapped_at.is_some() {
+            assert!(!old, "query {n}: old text after the swap: {r}");
+        } else if new && !old {
+            swapped_at = Some(started.elapsed());
+        }
+    }
+    writer.join().unwrap();
+    assert!(swapped_at.is_some(), "the update never became visible in {n} queries");
+    assert!(n > 10, "only {n} queries ran");
+}
