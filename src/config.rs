@@ -352,7 +352,7 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
     let chunker_workers = raw.chunker.workers.unwrap_or(1);
     positive("chunker.workers", chunker_workers, &mut err);
     let embedder_min_workers = raw.embedder.min_workers.unwrap_or(1);
-    let embedder_max_workers = raw.embedder.max_workers.unwrap_or(8);
+    let embedder_max_workers = raw.embedder.max_workers.unwrap_or(64);
     positive("embedder.min_workers", embedder_min_workers, &mut err);
     if embedder_max_workers < embedder_min_workers {
         err(format!("embedder.max_workers ({embedder_max_workers}) is below embedder.min_workers ({embedder_min_workers})"));

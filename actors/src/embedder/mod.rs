@@ -31,7 +31,7 @@ impl Batcher {
     pub fn start(encoder: Arc<AnyEncoder>, max_texts: usize) -> Batcher {
         // Bounded: a full batcher makes workers wait, which keeps the pool's
         // queue (and so the watcher) waiting too.
-        let (tx, rx) = mpsc::sync_channel::<Request>(64);
+        let (tx, rx) = mpsc::sync_channel::<Request>(256);
         std::thread::Builder::new()
             .name("ragd-embedder".into())
             .spawn(move || run(encoder, rx, max_texts.max(1)))
