@@ -218,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load(&config)?;
             println!(
                 "{}: ok ({} sources, {} principals, data in {})",
-                config.display(),
+                cfg.path.display(),
                 cfg.sources.len(),
                 cfg.principals.len(),
                 cfg.data_dir.display()

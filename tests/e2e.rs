@@ -9,17 +9,6 @@ const LEAVE_V1: &str = "# Parental leave\n\nRequest parental leave through the H
 const LEAVE_V2: &str = "# Parental leave\n\nRequest parental leave by emailing the people team at least six weeks ahead. Primary caregivers get twenty-six weeks of paid leave.\n";
 const BUILD: &str = "The build cache lives on the shared NFS volume and is cleaned every night at two.\n";
 
-fn actor_processed(d: &Daemon, name: &str) -> u64 {
-    fn find(v: &serde_json::Value, name: &str) -> Option<u64> {
-        if v["name"] == name {
-            return v["processed"].as_u64();
-        }
-        v["children"].as_array()?.iter().find_map(|c| find(c, name))
-    }
-    let tree = d.admin_json("/actors");
-    tree["actors"].as_array().unwrap().iter().find_map(|r| find(r, name)).expect("actor in /actors")
-}
-
 #[test]
 fn ingest_ask_update_delete() {
     let ws = Workspace::new();

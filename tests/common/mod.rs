@@ -346,3 +346,15 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `processed` of the actor named `name` in /actors.
+pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
+    fn find(v: &serde_json::Value, name: &str) -> Option<u64> {
+        if v["name"] == name {
+            return v["processed"].as_u64();
+        }
+        v["children"].as_array()?.iter().find_map(|c| find(c, name))
+    }
+    let tree = d.admin_json("/actors");
+    tree["actors"].as_array().unwrap().iter().find_map(|r| find(r, name)).expect("actor in /actors")
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Query latency with a corpus of 10,000 chunks: builds the index once with
+# `ragd ingest` (also the ingest-throughput figure), then starts the daemon
+# and runs ops/bench/query.py with 1 and 8 clients.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
+profile="${PROFILE:-release}"
+./ops/fetch-models.sh
+if [ "$profile" = release ]; then cargo build --release --bin ragd; bin="$CARGO_TARGET_DIR/release/ragd"; else cargo build --bin ragd; bin="$CARGO_TARGET_DIR/debug/ragd"; fi
+work="${BENCH_DIR:-$HOME/.cache/ragd/bench-query}"
+mkdir -p "$work/kb/notes"
+if [ ! -f "$work/kb/notes/note-09999.txt" ]; then
+  python3 - "$work/kb/notes" <<'PY'
+import sys
+topics = ["meeting room", "parental leave", "travel budget", "expense receipt", "on-call rotation",
+          "build cache", "office hours", "salary review", "incident channel", "team booking"]
+for i in range(10000):
+    t = topics[i % len(topics)]
+    open(f"{sys.argv[1]}/note-{i:05}.txt", "w").write(f"Note {i} about the {t}: team {i % 97} owns it and answers within {i % 48} hours.")
+PY
+fi
+cat > "$work/ragd.toml" <<TOML
+data_dir = "data"
+[model]
+embedder = "$PWD/models/all-MiniLM-L6-v2"
+[query]
+bind = "127.0.0.1:18480"
+[admin]
+bind = "127.0.0.1:18481"
+[[sources]]
+name = "kb"
+path = "kb"
+division = "general"
+access_level = "public"
+[[principals]]
+name = "bench"
+token = "bench-token-123"
+divisions = ["general"]
+access_levels = ["public"]
+TOML
+/usr/bin/time -v "$bin" ingest --config "$work/ragd.toml" 2> "$work/ingest.time" | tail -1
+grep -E "Maximum resident|Elapsed" "$work/ingest.time"
+RAGD_LOG=warn "$bin" up --config "$work/ragd.toml" &
+pid=$!
+trap 'kill $pid 2>/dev/null' EXIT
+until curl -sf http://127.0.0.1:18481/ready >/dev/null; do sleep 0.5; done
+curl -s http://127.0.0.1:18481/index; echo
+python3 ops/bench/query.py http://127.0.0.1:18480 bench-token-123 --n 300 --clients 1
+python3 ops/bench/query.py http://127.0.0.1:18480 bench-token-123 --n 400 --clients 8
