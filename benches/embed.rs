@@ -10,8 +10,9 @@ use ragd_actors::model::{BatchPolicy, Encoder};
 use std::time::Instant;
 
 const WORDS: &[&str] = &[
-    "policy", "leave", "request", "portal", "manager", "approval", "weeks", "budget", "travel", "expense",
-    "receipt", "engineer", "incident", "on-call", "rotation", "cache", "volume", "nightly", "review", "office",
+    "policy", "leave", "request", "portal", "manager", "approval", "weeks", "budget", "travel",
+    "expense", "receipt", "engineer", "incident", "on-call", "rotation", "cache", "volume",
+    "nightly", "review", "office",
 ];
 
 /// Deterministic pseudo-text of `words` words (the same generator as the
@@ -20,7 +21,9 @@ pub fn text(seed: usize, words: usize) -> String {
     let mut x = seed as u64 * 2654435761 + 12345;
     (0..words)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             WORDS[((x >> 33) % WORDS.len() as u64) as usize]
         })
         .collect::<Vec<_>>()
@@ -28,7 +31,8 @@ pub fn text(seed: usize, words: usize) -> String {
 }
 
 fn main() {
-    let dir = std::env::var("RAGD_BENCH_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
+    let dir =
+        std::env::var("RAGD_BENCH_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     for (label, words) in [("short", 12usize), ("chunk", 170usize)] {
         for batch in [1usize, 32, 128] {
@@ -36,8 +40,13 @@ fn main() {
             if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
                 continue;
             }
-            let policy = BatchPolicy { max_tokens: usize::MAX, max_batch: batch };
-            let enc = Encoder::<ragd_actors::model::Cpu>::load(dir.as_ref(), policy, &Default::default()).expect("model");
+            let policy = BatchPolicy {
+                max_tokens: usize::MAX,
+                max_batch: batch,
+            };
+            let enc =
+                Encoder::<ragd_actors::model::Cpu>::load(dir.as_ref(), policy, &Default::default())
+                    .expect("model");
             let total = if batch == 1 { 64 } else { batch * 4 };
             let texts: Vec<String> = (0..total).map(|i| text(i, words)).collect();
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();

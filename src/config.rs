@@ -153,7 +153,9 @@ struct RawPrincipal {
 
 impl fmt::Debug for RawPrincipal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Principal").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Principal")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -225,9 +227,15 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-fn env_overrides(doc: &mut toml::Table, vars: impl Iterator<Item = (String, String)>, errors: &mut Vec<String>) {
+fn env_overrides(
+    doc: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+    errors: &mut Vec<String>,
+) {
     for (name, value) in vars {
-        let Some(rest) = name.strip_prefix("RAGD_") else { continue };
+        let Some(rest) = name.strip_prefix("RAGD_") else {
+            continue;
+        };
         let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
         if !SECTIONS.contains(&parts[0].as_str()) {
             continue; // RAGD_LOG and friends are not config
@@ -261,14 +269,28 @@ impl Config {
         Self::load_with_env(path, std::env::vars())
     }
 
-    pub fn load_with_env(path: &Path, env: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigErrors> {
-        let fail = |errors: Vec<String>| ConfigErrors { path: path.to_path_buf(), errors };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![format!("cannot read it: {e}")]))?;
+    pub fn load_with_env(
+        path: &Path,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let fail = |errors: Vec<String>| ConfigErrors {
+            path: path.to_path_buf(),
+            errors,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(vec![format!("cannot read it: {e}")]))?;
         Self::parse(path, &text, env)
     }
 
-    pub fn parse(path: &Path, text: &str, env: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigErrors> {
-        let fail = |errors: Vec<String>| ConfigErrors { path: path.to_path_buf(), errors };
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let fail = |errors: Vec<String>| ConfigErrors {
+            path: path.to_path_buf(),
+            errors,
+        };
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| fail(vec![e.to_string()]))?;
         let mut errors = Vec::new();
         env_overrides(&mut doc, env, &mut errors);
@@ -320,7 +342,13 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) -> Config {
     let mut err = |e: String| errors.push(e);
     let data_dir = resolve(base, raw.data_dir.as_deref().unwrap_or(Path::new("data")));
-    let embedder_model = resolve(base, raw.model.embedder.as_deref().unwrap_or(Path::new("models/all-MiniLM-L6-v2")));
+    let embedder_model = resolve(
+        base,
+        raw.model
+            .embedder
+            .as_deref()
+            .unwrap_or(Path::new("models/all-MiniLM-L6-v2")),
+    );
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         if !embedder_model.join(f).is_file() {
             err(format!(
@@ -330,16 +358,25 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
             break;
         }
     }
-    let reranker_model = raw.reranker.model.filter(|p| !p.as_os_str().is_empty()).map(|p| resolve(base, &p));
+    let reranker_model = raw
+        .reranker
+        .model
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| resolve(base, &p));
     if let Some(dir) = &reranker_model {
         if !dir.join("model.safetensors").is_file() {
-            err(format!("reranker.model: {} has no model.safetensors", dir.display()));
+            err(format!(
+                "reranker.model: {} has no model.safetensors",
+                dir.display()
+            ));
         }
     }
     let chunk_max_tokens = raw.chunker.max_tokens.unwrap_or(200);
     let chunk_overlap_tokens = raw.chunker.overlap_tokens.unwrap_or(32);
     if chunk_max_tokens < 16 || chunk_max_tokens > 512 {
-        err(format!("chunker.max_tokens: {chunk_max_tokens} is outside 16..=512"));
+        err(format!(
+            "chunker.max_tokens: {chunk_max_tokens} is outside 16..=512"
+        ));
     }
     if chunk_overlap_tokens >= chunk_max_tokens {
         err(format!("chunker.overlap_tokens ({chunk_overlap_tokens}) must be smaller than chunker.max_tokens ({chunk_max_tokens})"));
@@ -367,20 +404,28 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
     positive("model.batch_max_size", batch_max_size, &mut err);
     match raw.index.backend.as_deref().unwrap_or("embedded") {
         "embedded" => {}
-        other => err(format!("index.backend: {other:?} is not available (supported: \"embedded\")")),
+        other => err(format!(
+            "index.backend: {other:?} is not available (supported: \"embedded\")"
+        )),
     }
     match raw.cache.backend.as_deref().unwrap_or("embedded") {
         "embedded" => {}
-        other => err(format!("cache.backend: {other:?} is not available (supported: \"embedded\")")),
+        other => err(format!(
+            "cache.backend: {other:?} is not available (supported: \"embedded\")"
+        )),
     }
     let cache_threshold = raw.cache.threshold.unwrap_or(0.98);
     if !(cache_threshold > 0.0 && cache_threshold <= 1.0) {
-        err(format!("cache.threshold: {cache_threshold} is outside (0, 1]"));
+        err(format!(
+            "cache.threshold: {cache_threshold} is outside (0, 1]"
+        ));
     }
     let mut addr = |name: &str, v: Option<String>, default: &str| -> SocketAddr {
         let v = v.unwrap_or_else(|| default.to_string());
         v.parse().unwrap_or_else(|_| {
-            err(format!("{name}: {v:?} is not an address like 127.0.0.1:8080"));
+            err(format!(
+                "{name}: {v:?} is not an address like 127.0.0.1:8080"
+            ));
             default.parse().expect("default address")
         })
     };
@@ -404,7 +449,9 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
     for (i, s) in raw.sources.into_iter().enumerate() {
         let root = resolve(base, &s.path);
         let name = s.name.unwrap_or_else(|| {
-            root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| format!("source{i}"))
+            root.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("source{i}"))
         });
         let at = format!("sources[{i}] ({name})");
         if !root.is_dir() {
@@ -423,12 +470,20 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
         }
         let mut rules = Vec::new();
         for (j, r) in s.rules.into_iter().enumerate() {
-            if r.prefix.trim_matches('/').is_empty() || r.division.is_empty() || r.access_level.is_empty() {
-                errors.push(format!("{at}: rules[{j}] needs a prefix, a division and an access_level"));
+            if r.prefix.trim_matches('/').is_empty()
+                || r.division.is_empty()
+                || r.access_level.is_empty()
+            {
+                errors.push(format!(
+                    "{at}: rules[{j}] needs a prefix, a division and an access_level"
+                ));
             }
             rules.push(PartitionRule {
                 prefix: r.prefix,
-                partition: Partition { division: r.division, access_level: r.access_level },
+                partition: Partition {
+                    division: r.division,
+                    access_level: r.access_level,
+                },
             });
         }
         // Canonical root, so event paths (which notify reports canonical)
@@ -437,7 +492,10 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
         sources.push(SourceSpec {
             name,
             root,
-            partition: Partition { division: s.division, access_level: s.access_level },
+            partition: Partition {
+                division: s.division,
+                access_level: s.access_level,
+            },
             rules,
         });
     }
@@ -456,7 +514,9 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
             errors.push(format!("{at}: the token is used by another principal"));
         }
         if p.divisions.is_empty() || p.access_levels.is_empty() {
-            errors.push(format!("{at}: needs at least one division and one access level"));
+            errors.push(format!(
+                "{at}: needs at least one division and one access level"
+            ));
         }
         principals.push(Principal {
             name: p.name,
@@ -540,7 +600,10 @@ mod tests {
         assert!(cfg.principal_for("alice-token-2").is_none());
         // Secrets stay out of Debug output.
         let debug = format!("{cfg:?}");
-        assert!(!debug.contains("alice-token-1") && !debug.contains("admin-secret"), "{debug}");
+        assert!(
+            !debug.contains("alice-token-1") && !debug.contains("admin-secret"),
+            "{debug}"
+        );
     }
 
     #[test]
@@ -566,7 +629,15 @@ mod tests {
         "#;
         let e = Config::parse(&path, bad, std::iter::empty()).unwrap_err();
         let text = e.to_string();
-        for needle in ["model.embedder", "overlap_tokens", "query.bind", "not a folder", "division is empty", "8 characters", "at least one division"] {
+        for needle in [
+            "model.embedder",
+            "overlap_tokens",
+            "query.bind",
+            "not a folder",
+            "division is empty",
+            "8 characters",
+            "at least one division",
+        ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert!(e.errors.len() >= 7);
@@ -575,7 +646,11 @@ mod tests {
     #[test]
     fn unknown_fields_are_rejected() {
         let (_dir, path) = setup();
-        let e = Config::parse(&path, &format!("{GOOD}\n[query]\nbnd = \"x\"\n"), std::iter::empty());
+        let e = Config::parse(
+            &path,
+            &format!("{GOOD}\n[query]\nbnd = \"x\"\n"),
+            std::iter::empty(),
+        );
         assert!(e.is_err());
         let e = Config::parse(&path, "colour = 1", std::iter::empty()).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");

@@ -52,40 +52,66 @@ pub fn query_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-async fn query(State(node): State<Arc<Node>>, headers: HeaderMap, body: Result<Json<QueryBody>, JsonRejection>) -> Response {
+async fn query(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Json<QueryBody>, JsonRejection>,
+) -> Response {
     let started = Instant::now();
     let Some(token) = bearer(&headers) else {
-        return error(StatusCode::UNAUTHORIZED, "missing Authorization: Bearer <token>");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token>",
+        );
     };
     let Some(principal) = node.config.principal_for(token) else {
         return error(StatusCode::UNAUTHORIZED, "unknown token");
     };
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text())),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad request body: {}", e.body_text()),
+            )
+        }
     };
     let question = body.question.trim().to_string();
     if question.is_empty() {
         return error(StatusCode::BAD_REQUEST, "question is empty");
     }
     if question.chars().count() > MAX_QUESTION_CHARS {
-        return error(StatusCode::BAD_REQUEST, format!("question is longer than {MAX_QUESTION_CHARS} characters"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("question is longer than {MAX_QUESTION_CHARS} characters"),
+        );
     }
     let top_k = body.top_k.unwrap_or(5);
     if top_k == 0 || top_k > node.config.max_top_k {
-        return error(StatusCode::BAD_REQUEST, format!("top_k must be between 1 and {}", node.config.max_top_k));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("top_k must be between 1 and {}", node.config.max_top_k),
+        );
     }
-    let scope = Scope { divisions: principal.divisions.clone(), access_levels: principal.access_levels.clone() }.canonical();
+    let scope = Scope {
+        divisions: principal.divisions.clone(),
+        access_levels: principal.access_levels.clone(),
+    }
+    .canonical();
     match answer(&node, &question, top_k, &scope, started).await {
         Ok(resp) => {
-            metrics::counter!("ragd_queries_total", "cached" => resp.cached.to_string()).increment(1);
+            metrics::counter!("ragd_queries_total", "cached" => resp.cached.to_string())
+                .increment(1);
             metrics::histogram!("ragd_query_seconds").record(started.elapsed().as_secs_f64());
             Json(resp).into_response()
         }
         Err(e) => {
             tracing::error!(principal = %principal.name, "query failed: {e:#}");
             metrics::counter!("ragd_query_errors_total").increment(1);
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("query failed: {e:#}"))
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("query failed: {e:#}"),
+            )
         }
     }
 }
@@ -94,7 +120,13 @@ fn ms(d: Duration) -> serde_json::Value {
     json!((d.as_secs_f64() * 1e5).round() / 100.0)
 }
 
-async fn answer(node: &Node, question: &str, top_k: usize, scope: &Scope, started: Instant) -> anyhow::Result<QueryResponse> {
+async fn answer(
+    node: &Node,
+    question: &str,
+    top_k: usize,
+    scope: &Scope,
+    started: Instant,
+) -> anyhow::Result<QueryResponse> {
     let mut timings = serde_json::Map::new();
     let t = Instant::now();
     let encoder = node.encoder.clone();
@@ -109,22 +141,39 @@ async fn answer(node: &Node, question: &str, top_k: usize, scope: &Scope, starte
     if let Some(hit) = node.cache.lookup(&vector, scope, top_k).await {
         timings.insert("cache".into(), ms(t.elapsed()));
         timings.insert("total".into(), ms(started.elapsed()));
-        return Ok(QueryResponse { answer: hit.answer, cached: true, sources: hit.sources, timings_ms: timings });
+        return Ok(QueryResponse {
+            answer: hit.answer,
+            cached: true,
+            sources: hit.sources,
+            timings_ms: timings,
+        });
     }
     timings.insert("cache".into(), ms(t.elapsed()));
 
     let t = Instant::now();
-    let mut hits = node.store.search(&vector, scope, node.config.candidates).await?;
+    let mut hits = node
+        .store
+        .search(&vector, scope, node.config.candidates)
+        .await?;
     // The engine filtered already; this is the second lock on the door.
     hits.retain(|h| scope.allows(&h.division, &h.access_level));
     timings.insert("search".into(), ms(t.elapsed()));
     timings.insert("candidates".into(), json!(hits.len()));
 
     let t = Instant::now();
-    let reranker = node.reranker().ok_or_else(|| anyhow::anyhow!("the reranker is restarting"))?;
-    let req = RerankRequest { question: question.to_string(), hits, top_k };
+    let reranker = node
+        .reranker()
+        .ok_or_else(|| anyhow::anyhow!("the reranker is restarting"))?;
+    let req = RerankRequest {
+        question: question.to_string(),
+        hits,
+        top_k,
+    };
     let result = reranker
-        .call(|reply| RerankMsg::Rerank(req, reply), Some(Duration::from_secs(30)))
+        .call(
+            |reply| RerankMsg::Rerank(req, reply),
+            Some(Duration::from_secs(30)),
+        )
         .await
         .map_err(|e| anyhow::anyhow!("reranker unavailable: {e}"))?;
     let result = match result {
@@ -135,13 +184,24 @@ async fn answer(node: &Node, question: &str, top_k: usize, scope: &Scope, starte
     timings.insert("rerank".into(), ms(t.elapsed()));
     timings.insert("rerank_depth".into(), json!(result.scored));
 
-    let value = CachedAnswer { answer: None, sources: result.hits };
+    let value = CachedAnswer {
+        answer: None,
+        sources: result.hits,
+    };
     node.cache.store(&vector, scope, top_k, value.clone());
     timings.insert("total".into(), ms(started.elapsed()));
-    Ok(QueryResponse { answer: value.answer, cached: false, sources: value.sources, timings_ms: timings })
+    Ok(QueryResponse {
+        answer: value.answer,
+        cached: false,
+        sources: value.sources,
+        timings_ms: timings,
+    })
 }
 
-pub fn admin_router(node: Arc<Node>, metrics: metrics_exporter_prometheus::PrometheusHandle) -> Router {
+pub fn admin_router(
+    node: Arc<Node>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
@@ -160,7 +220,10 @@ fn admin_auth(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
     };
     match bearer(headers) {
         Some(t) if constant_time_eq(t.as_bytes(), expected.0.as_bytes()) => Ok(()),
-        _ => Err(error(StatusCode::UNAUTHORIZED, "admin endpoints need Authorization: Bearer <admin token>")),
+        _ => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "admin endpoints need Authorization: Bearer <admin token>",
+        )),
     }
 }
 
@@ -191,7 +254,9 @@ async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
         return r;
     }
     match node.store.count(None).await {
-        Ok(points) => Json(json!({ "backend": node.store.backend(), "points": points })).into_response(),
+        Ok(points) => {
+            Json(json!({ "backend": node.store.backend(), "points": points })).into_response()
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }
@@ -206,7 +271,11 @@ async fn dlq_list(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response
     }
 }
 
-async fn dlq_replay(State(node): State<Arc<Node>>, headers: HeaderMap, UrlPath(id): UrlPath<u64>) -> Response {
+async fn dlq_replay(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<u64>,
+) -> Response {
     if let Err(r) = admin_auth(&node, &headers) {
         return r;
     }
@@ -214,19 +283,36 @@ async fn dlq_replay(State(node): State<Arc<Node>>, headers: HeaderMap, UrlPath(i
         Ok(e) => e,
         Err(e) => return error(StatusCode::NOT_FOUND, format!("{e:#}")),
     };
-    let Some(path) = entry.payload.get("path").and_then(|p| p.as_str()).map(std::path::PathBuf::from) else {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "the entry has no source path to replay");
+    let Some(path) = entry
+        .payload
+        .get("path")
+        .and_then(|p| p.as_str())
+        .map(std::path::PathBuf::from)
+    else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the entry has no source path to replay",
+        );
     };
     match node.watcher() {
         Some(w) => {
-            let _ = w.cast(ragd_actors::source_watcher::WatchMsg::Replay(entry.doc_id.clone(), path));
+            let _ = w.cast(ragd_actors::source_watcher::WatchMsg::Replay(
+                entry.doc_id.clone(),
+                path,
+            ));
             Json(json!({ "replayed": id, "doc_id": entry.doc_id })).into_response()
         }
-        None => error(StatusCode::SERVICE_UNAVAILABLE, "the source watcher is restarting; try again"),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the source watcher is restarting; try again",
+        ),
     }
 }
 
-async fn prometheus(State(node): State<Arc<Node>>, handle: metrics_exporter_prometheus::PrometheusHandle) -> Response {
+async fn prometheus(
+    State(node): State<Arc<Node>>,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) -> Response {
     let c = node.ledger.counts();
     for (state, v) in [
         ("seen", c.seen),
@@ -239,12 +325,20 @@ async fn prometheus(State(node): State<Arc<Node>>, handle: metrics_exporter_prom
         metrics::gauge!("ragd_ingest_documents", "state" => state).set(v as f64);
     }
     for (path, v) in node.registry.flat() {
-        metrics::gauge!("ragd_actor_queue_depth", "actor" => path.clone()).set(v.queue_depth as f64);
+        metrics::gauge!("ragd_actor_queue_depth", "actor" => path.clone())
+            .set(v.queue_depth as f64);
         metrics::gauge!("ragd_actor_restarts", "actor" => path.clone()).set(v.restarts as f64);
         metrics::gauge!("ragd_actor_processed", "actor" => path.clone()).set(v.processed as f64);
         if let Some(w) = v.workers {
             metrics::gauge!("ragd_actor_workers", "actor" => path).set(w as f64);
         }
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    )
+        .into_response()
 }

@@ -154,7 +154,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up { config } => up(load(&config)?).await,
         Command::Ingest { config, paths } => ingest(load(&config)?, paths).await,
-        Command::Ask { token, top_k, url, config, json, question } => {
+        Command::Ask {
+            token,
+            top_k,
+            url,
+            config,
+            json,
+            question,
+        } => {
             let base = match url {
                 Some(u) => u,
                 None => format!("http://{}", load(&config)?.query_bind),
@@ -167,7 +174,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Embed { model, texts } => {
             let enc = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<f32>>> {
-                let enc = ragd_actors::model::AnyEncoder::load(&model, Default::default(), ragd_actors::model::Device::Cpu)?;
+                let enc = ragd_actors::model::AnyEncoder::load(
+                    &model,
+                    Default::default(),
+                    ragd_actors::model::Device::Cpu,
+                )?;
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 enc.embed(&refs)
             })
@@ -177,9 +188,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Rerank { model, query, passages } => {
+        Command::Rerank {
+            model,
+            query,
+            passages,
+        } => {
             let scores = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f32>> {
-                let ce = ragd_actors::model::AnyCrossEncoder::load(&model, Default::default(), ragd_actors::model::Device::Cpu)?;
+                let ce = ragd_actors::model::AnyCrossEncoder::load(
+                    &model,
+                    Default::default(),
+                    ragd_actors::model::Device::Cpu,
+                )?;
                 let refs: Vec<&str> = passages.iter().map(String::as_str).collect();
                 ce.score(&query, &refs)
             })
@@ -189,7 +208,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Dlq { command: DlqCommand::List { config } } => {
+        Command::Dlq {
+            command: DlqCommand::List { config },
+        } => {
             let cfg = load(&config)?;
             let entries = ragd_actors::dlq::FileDlq::read(&cfg.dlq_path())?;
             if entries.is_empty() {
@@ -208,9 +229,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Dlq { command: DlqCommand::Replay { id, url, token, config } } => {
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    id,
+                    url,
+                    token,
+                    config,
+                },
+        } => {
             let (base, token) = admin_target(url, token, &config)?;
-            let resp = admin_request(reqwest::Client::new().post(format!("{base}/dlq/{id}/replay")), token.as_deref()).await?;
+            let resp = admin_request(
+                reqwest::Client::new().post(format!("{base}/dlq/{id}/replay")),
+                token.as_deref(),
+            )
+            .await?;
             println!("{}", resp);
             Ok(())
         }
@@ -228,26 +261,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn admin_target(url: Option<String>, token: Option<String>, config: &std::path::Path) -> anyhow::Result<(String, Option<String>)> {
+fn admin_target(
+    url: Option<String>,
+    token: Option<String>,
+    config: &std::path::Path,
+) -> anyhow::Result<(String, Option<String>)> {
     match (url, token) {
         (Some(u), t) => Ok((u, t)),
         (None, t) => {
             let cfg = load(config)?;
-            Ok((format!("http://{}", cfg.admin_bind), t.or(cfg.admin_token.map(|s| s.0))))
+            Ok((
+                format!("http://{}", cfg.admin_bind),
+                t.or(cfg.admin_token.map(|s| s.0)),
+            ))
         }
     }
 }
 
-async fn admin_request(req: reqwest::RequestBuilder, token: Option<&str>) -> anyhow::Result<serde_json::Value> {
+async fn admin_request(
+    req: reqwest::RequestBuilder,
+    token: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
     let req = match token {
         Some(t) => req.bearer_auth(t),
         None => req,
     };
-    let resp = req.send().await.context("is ragd running? the admin API did not answer")?;
+    let resp = req
+        .send()
+        .await
+        .context("is ragd running? the admin API did not answer")?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
-        anyhow::bail!("{status}: {}", body.get("error").and_then(|e| e.as_str()).unwrap_or("request failed"));
+        anyhow::bail!(
+            "{status}: {}",
+            body.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("request failed")
+        );
     }
     Ok(body)
 }
@@ -305,7 +356,9 @@ async fn up(cfg: Config) -> anyhow::Result<()> {
 async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
     let mut only = Vec::new();
     for p in paths {
-        let c = p.canonicalize().with_context(|| format!("{}", p.display()))?;
+        let c = p
+            .canonicalize()
+            .with_context(|| format!("{}", p.display()))?;
         if !cfg.sources.iter().any(|s| c.starts_with(&s.root)) {
             anyhow::bail!("{} is not inside any configured source", p.display());
         }
@@ -314,8 +367,10 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
     let node = Node::start(cfg, Mode::Ingest, only).await?;
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} documents  {msg}")
-            .expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} documents  {msg}",
+        )
+        .expect("static template"),
     );
     let started = std::time::Instant::now();
     loop {
@@ -348,7 +403,13 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ask(base: &str, token: &str, question: &str, top_k: usize, json: bool) -> anyhow::Result<()> {
+async fn ask(
+    base: &str,
+    token: &str,
+    question: &str,
+    top_k: usize,
+    json: bool,
+) -> anyhow::Result<()> {
     let resp = reqwest::Client::new()
         .post(format!("{base}/v1/query"))
         .bearer_auth(token)
@@ -359,7 +420,12 @@ async fn ask(base: &str, token: &str, question: &str, top_k: usize, json: bool) 
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.context("reading the response")?;
     if !status.is_success() {
-        anyhow::bail!("{status}: {}", body.get("error").and_then(|e| e.as_str()).unwrap_or("query failed"));
+        anyhow::bail!(
+            "{status}: {}",
+            body.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("query failed")
+        );
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
@@ -414,11 +480,21 @@ async fn status(base: &str, token: Option<&str>) -> anyhow::Result<()> {
             line.push_str(&format!(" ({n})"));
         }
         println!("{line}");
-        for c in v.get("children").and_then(|c| c.as_array()).into_iter().flatten() {
+        for c in v
+            .get("children")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+        {
             print(c, depth + 1);
         }
     }
-    for root in actors.get("actors").and_then(|a| a.as_array()).into_iter().flatten() {
+    for root in actors
+        .get("actors")
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+    {
         print(root, 0);
     }
     println!("\ningest: {ingest}");

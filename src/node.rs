@@ -30,7 +30,9 @@ use ragd_actors::pool::{Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
 use ragd_actors::reranker::{RerankMsg, Reranker, RerankerArgs};
 use ragd_actors::source_watcher::{SourceWatcher, WatchMsg, WatcherArgs};
 use ragd_actors::stats::StatsRegistry;
-use ragd_actors::supervisor::{ChildSpec, RestartPolicy, StartFn, Supervisor, SupervisorArgs, SupervisorMsg};
+use ragd_actors::supervisor::{
+    ChildSpec, RestartPolicy, StartFn, Supervisor, SupervisorArgs, SupervisorMsg,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -75,7 +77,10 @@ where
             Ok(r.get_cell())
         })
     });
-    ChildSpec { name: name.to_string(), start }
+    ChildSpec {
+        name: name.to_string(),
+        start,
+    }
 }
 
 fn supervisor(name: &str, registry: &StatsRegistry, children: Vec<ChildSpec>) -> ChildSpec {
@@ -84,17 +89,24 @@ fn supervisor(name: &str, registry: &StatsRegistry, children: Vec<ChildSpec>) ->
     let children = Arc::new(parking_lot::Mutex::new(Some(children)));
     // A restarted stage supervisor gets fresh specs built from the same
     // closures; the specs themselves are consumed by the first start.
-    let specs: Arc<parking_lot::Mutex<Vec<(String, StartFn)>>> = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let specs: Arc<parking_lot::Mutex<Vec<(String, StartFn)>>> =
+        Arc::new(parking_lot::Mutex::new(Vec::new()));
     child(name, move || {
         let list = match children.lock().take() {
             Some(list) => {
-                *specs.lock() = list.iter().map(|c| (c.name.clone(), c.start.clone())).collect();
+                *specs.lock() = list
+                    .iter()
+                    .map(|c| (c.name.clone(), c.start.clone()))
+                    .collect();
                 list
             }
             None => specs
                 .lock()
                 .iter()
-                .map(|(n, s)| ChildSpec { name: n.clone(), start: s.clone() })
+                .map(|(n, s)| ChildSpec {
+                    name: n.clone(),
+                    start: s.clone(),
+                })
                 .collect(),
         };
         (
@@ -136,18 +148,29 @@ fn pool<S: Stage>(
 }
 
 impl Node {
-    pub async fn start(config: Config, mode: Mode, only: Vec<std::path::PathBuf>) -> anyhow::Result<Node> {
+    pub async fn start(
+        config: Config,
+        mode: Mode,
+        only: Vec<std::path::PathBuf>,
+    ) -> anyhow::Result<Node> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
-        let policy = BatchPolicy { max_tokens: config.batch_max_tokens, max_batch: config.batch_max_size };
+        let policy = BatchPolicy {
+            max_tokens: config.batch_max_tokens,
+            max_batch: config.batch_max_size,
+        };
         let (dir, device, p2) = (config.embedder_model.clone(), config.device, policy.clone());
-        let encoder = tokio::task::spawn_blocking(move || AnyEncoder::load(&dir, p2, device)).await??;
+        let encoder =
+            tokio::task::spawn_blocking(move || AnyEncoder::load(&dir, p2, device)).await??;
         let encoder = Arc::new(encoder);
         tracing::info!(model = %config.embedder_model.display(), dim = encoder.dim(), "embedding model loaded");
         let reranker_model = match (&config.reranker_model, mode) {
             (Some(dir), Mode::Daemon) => {
                 let (dir, device) = (dir.clone(), config.device);
-                let m = tokio::task::spawn_blocking(move || AnyCrossEncoder::load(&dir, policy, device)).await??;
+                let m = tokio::task::spawn_blocking(move || {
+                    AnyCrossEncoder::load(&dir, policy, device)
+                })
+                .await??;
                 tracing::info!("reranker on");
                 Some(Arc::new(m))
             }
@@ -160,9 +183,12 @@ impl Node {
         };
         let store: Arc<dyn VectorStore> = {
             let (dir, dim) = (config.index_dir(), encoder.dim());
-            let s = tokio::task::spawn_blocking(move || EdgeStore::open(&dir, dim)).await?.with_context(|| {
-                "opening the vector store (is another ragd using the same data_dir?)".to_string()
-            })?;
+            let s = tokio::task::spawn_blocking(move || EdgeStore::open(&dir, dim))
+                .await?
+                .with_context(|| {
+                    "opening the vector store (is another ragd using the same data_dir?)"
+                        .to_string()
+                })?;
             Arc::new(s)
         };
         let dlq: Arc<dyn DeadLetters> = Arc::new(FileDlq::open(config.dlq_path())?);
@@ -174,15 +200,26 @@ impl Node {
             config.cache_capacity,
             Duration::from_secs(config.cache_ttl_secs),
         ));
-        let cache = CacheHandle { actor_name: CACHE_GUARD.into(), cache: cache_backend.clone() };
+        let cache = CacheHandle {
+            actor_name: CACHE_GUARD.into(),
+            cache: cache_backend.clone(),
+        };
 
-        let chunk_q: Arc<PoolQueue<DocMeta>> = PoolQueue::new(registry.entry("root/ingest/chunker"));
-        let embed_q: Arc<PoolQueue<ChunkedDoc>> = PoolQueue::new(registry.entry("root/embed/embedder"));
-        let index_q: Arc<PoolQueue<IndexJob>> = PoolQueue::new(registry.entry("root/index/indexer"));
-        let prune_q: Arc<PoolQueue<IndexedEvent>> = PoolQueue::new(registry.entry("root/index/version_pruner"));
+        let chunk_q: Arc<PoolQueue<DocMeta>> =
+            PoolQueue::new(registry.entry("root/ingest/chunker"));
+        let embed_q: Arc<PoolQueue<ChunkedDoc>> =
+            PoolQueue::new(registry.entry("root/embed/embedder"));
+        let index_q: Arc<PoolQueue<IndexJob>> =
+            PoolQueue::new(registry.entry("root/index/indexer"));
+        let prune_q: Arc<PoolQueue<IndexedEvent>> =
+            PoolQueue::new(registry.entry("root/index/version_pruner"));
 
         let known: HashMap<String, String> = store.indexed_versions().await?.into_iter().collect();
-        tracing::info!(documents = known.len(), backend = store.backend(), "vector store opened");
+        tracing::info!(
+            documents = known.len(),
+            backend = store.backend(),
+            "vector store opened"
+        );
         let known = Arc::new(parking_lot::Mutex::new(known));
         let scanned = Arc::new(AtomicBool::new(false));
 
@@ -195,7 +232,10 @@ impl Node {
         let tokenizer = encoder.tokenizer().clone();
         let chunker = Arc::new(Chunker::new(
             tokenizer,
-            ChunkerSettings { max_tokens: config.chunk_max_tokens, overlap_tokens: config.chunk_overlap_tokens },
+            ChunkerSettings {
+                max_tokens: config.chunk_max_tokens,
+                overlap_tokens: config.chunk_overlap_tokens,
+            },
         )?);
 
         let watcher = {
@@ -208,7 +248,10 @@ impl Node {
                 known.clone(),
                 scanned.clone(),
             );
-            let (max_file_bytes, debounce) = (config.max_file_bytes, Duration::from_millis(config.debounce_ms));
+            let (max_file_bytes, debounce) = (
+                config.max_file_bytes,
+                Duration::from_millis(config.debounce_ms),
+            );
             let stats = registry.entry(&format!("root/ingest/{WATCHER}"));
             child(WATCHER, move || {
                 (
@@ -247,7 +290,10 @@ impl Node {
         let embedder_pool = pool(
             "embedder",
             Arc::new(EmbedderStage {
-                batcher: ragd_actors::embedder::Batcher::start(encoder.clone(), config.batch_max_size * 4),
+                batcher: ragd_actors::embedder::Batcher::start(
+                    encoder.clone(),
+                    config.batch_max_size * 4,
+                ),
                 out: index_q.clone(),
             }),
             embed_q.clone(),
@@ -288,18 +334,34 @@ impl Node {
         ];
         if mode == Mode::Daemon {
             let reranker = {
-                let (model, stats) = (reranker_model.clone(), registry.entry(&format!("root/query/{RERANKER}")));
+                let (model, stats) = (
+                    reranker_model.clone(),
+                    registry.entry(&format!("root/query/{RERANKER}")),
+                );
                 child(RERANKER, move || {
-                    (Some(RERANKER.to_string()), Reranker, RerankerArgs { model: model.clone(), stats: stats.clone() })
+                    (
+                        Some(RERANKER.to_string()),
+                        Reranker,
+                        RerankerArgs {
+                            model: model.clone(),
+                            stats: stats.clone(),
+                        },
+                    )
                 })
             };
             let cache_guard = {
-                let (backend, stats) = (cache_backend.clone(), registry.entry(&format!("root/query/{CACHE_GUARD}")));
+                let (backend, stats) = (
+                    cache_backend.clone(),
+                    registry.entry(&format!("root/query/{CACHE_GUARD}")),
+                );
                 child(CACHE_GUARD, move || {
                     (
                         Some(CACHE_GUARD.to_string()),
                         CacheGuard,
-                        CacheGuardArgs { cache: backend.clone(), stats: stats.clone() },
+                        CacheGuardArgs {
+                            cache: backend.clone(),
+                            stats: stats.clone(),
+                        },
                     )
                 })
             };
@@ -308,7 +370,12 @@ impl Node {
         let (root, root_done) = Actor::spawn(
             Some("root".into()),
             Supervisor,
-            SupervisorArgs { path: "root".into(), children: groups, policy: RestartPolicy::default(), registry: registry.clone() },
+            SupervisorArgs {
+                path: "root".into(),
+                children: groups,
+                policy: RestartPolicy::default(),
+                registry: registry.clone(),
+            },
         )
         .await
         .map_err(|e| anyhow::anyhow!("starting the supervision tree: {e}"))?;
@@ -337,7 +404,8 @@ impl Node {
 
     /// Every document the first scan found has reached an end.
     pub fn settled(&self) -> bool {
-        self.scanned.load(std::sync::atomic::Ordering::SeqCst) && self.ledger.counts().in_flight == 0
+        self.scanned.load(std::sync::atomic::Ordering::SeqCst)
+            && self.ledger.counts().in_flight == 0
     }
 
     /// Stops taking new work, lets in-flight documents finish (up to
@@ -347,7 +415,10 @@ impl Node {
         if let Some(w) = self.watcher() {
             w.stop(Some("shutdown".into()));
         }
-        if tokio::time::timeout(grace, self.ledger.wait_settled()).await.is_err() {
+        if tokio::time::timeout(grace, self.ledger.wait_settled())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 in_flight = self.ledger.counts().in_flight,
                 "shutdown grace period over; unfinished documents resume at next start"

@@ -9,7 +9,14 @@ fn write_many(ws: &Workspace, dir: &str, n: usize) {
     let root = ws.kb().join(dir);
     std::fs::create_dir_all(&root).unwrap();
     for i in 0..n {
-        std::fs::write(root.join(format!("note-{i:05}.txt")), format!("Note {i}: the meeting room {i} is booked by team {}.", i % 97)).unwrap();
+        std::fs::write(
+            root.join(format!("note-{i:05}.txt")),
+            format!(
+                "Note {i}: the meeting room {i} is booked by team {}.",
+                i % 97
+            ),
+        )
+        .unwrap();
     }
 }
 
@@ -23,7 +30,9 @@ fn a_burst_of_10k_files_is_accounted_for_with_bounded_memory() {
     // Straight into the watched folder, as fast as we can: far more events
     // than the kernel queue holds, so the overflow → rescan path runs too.
     write_many(&ws, "burst", N as usize);
-    let ledger = d.wait_ledger(Duration::from_secs(1500), |l| l["indexed"].as_u64() == Some(N));
+    let ledger = d.wait_ledger(Duration::from_secs(1500), |l| {
+        l["indexed"].as_u64() == Some(N)
+    });
     let took = started.elapsed();
     assert_eq!(ledger["seen"].as_u64(), Some(N), "{ledger}");
     assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
@@ -31,12 +40,19 @@ fn a_burst_of_10k_files_is_accounted_for_with_bounded_memory() {
     let points = d.admin_json("/index")["points"].as_u64().unwrap();
     assert_eq!(points, N, "one chunk per note, no duplicates");
     let rss_mib = d.peak_rss_kib() / 1024;
-    println!("burst: {N} files in {:.1}s ({:.0} docs/s), peak RSS {rss_mib} MiB", took.as_secs_f64(), N as f64 / took.as_secs_f64());
+    println!(
+        "burst: {N} files in {:.1}s ({:.0} docs/s), peak RSS {rss_mib} MiB",
+        took.as_secs_f64(),
+        N as f64 / took.as_secs_f64()
+    );
     // Model (~90 MB of weights, held twice during load) plus a bounded pipeline.
     assert!(rss_mib < 1536, "peak RSS {rss_mib} MiB");
     // Searchable: a question about the notes finds notes.
     let r = d.ask(HR_TOKEN, "which team booked the meeting room?");
-    assert!(source_uris(&r).iter().all(|u| u.starts_with("burst/note-")), "{r}");
+    assert!(
+        source_uris(&r).iter().all(|u| u.starts_with("burst/note-")),
+        "{r}"
+    );
 }
 
 #[test]
@@ -50,11 +66,20 @@ fn kill_9_mid_ingest_then_restart_completes_without_duplicates() {
     });
     let at_kill = d.ledger();
     d.kill9();
-    assert!(at_kill["indexed"].as_u64().unwrap() < N, "killed too late to test anything: {at_kill}");
+    assert!(
+        at_kill["indexed"].as_u64().unwrap() < N,
+        "killed too late to test anything: {at_kill}"
+    );
     let d = ws.start();
-    let ledger = d.wait_ledger(Duration::from_secs(600), |l| l["indexed"].as_u64() == Some(N));
+    let ledger = d.wait_ledger(Duration::from_secs(600), |l| {
+        l["indexed"].as_u64() == Some(N)
+    });
     assert_eq!(ledger["seen"].as_u64(), Some(N), "{ledger}");
-    assert_eq!(d.admin_json("/index")["points"].as_u64(), Some(N), "no duplicate or stale points");
+    assert_eq!(
+        d.admin_json("/index")["points"].as_u64(),
+        Some(N),
+        "no duplicate or stale points"
+    );
 }
 
 #[test]
@@ -70,6 +95,12 @@ fn sigterm_finishes_in_flight_work_and_the_next_start_resumes() {
     assert!(status.success(), "ragd exited with {status}: {}", d.log());
     assert!(d.log().contains("stopped"), "graceful shutdown logged");
     let d = ws.start();
-    let ledger = d.wait_ledger(Duration::from_secs(600), |l| l["indexed"].as_u64() == Some(N));
-    assert_eq!(d.admin_json("/index")["points"].as_u64(), Some(N), "{ledger}");
+    let ledger = d.wait_ledger(Duration::from_secs(600), |l| {
+        l["indexed"].as_u64() == Some(N)
+    });
+    assert_eq!(
+        d.admin_json("/index")["points"].as_u64(),
+        Some(N),
+        "{ledger}"
+    );
 }

@@ -8,9 +8,18 @@ use std::time::Duration;
 fn embed_prints_one_normalised_vector_per_text() {
     let ws = Workspace::new();
     let model = model_dir();
-    let (ok, out, err) = ws.ragd(&["embed", "--model", model.to_str().unwrap(), "first text", "second text"]);
+    let (ok, out, err) = ws.ragd(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "first text",
+        "second text",
+    ]);
     assert!(ok, "{err}");
-    let lines: Vec<Vec<f32>> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Vec<f32>> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     for v in &lines {
         assert_eq!(v.len(), 384);
@@ -33,7 +42,10 @@ fn rerank_prints_the_cross_encoder_scores() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let q = cases[0]["query"].as_str().unwrap();
-    let same: Vec<&serde_json::Value> = cases.iter().filter(|c| c["query"].as_str() == Some(q)).collect();
+    let same: Vec<&serde_json::Value> = cases
+        .iter()
+        .filter(|c| c["query"].as_str() == Some(q))
+        .collect();
     let mut args = vec!["rerank", "--model", dir.to_str().unwrap(), "--query", q];
     args.extend(same.iter().map(|c| c["passage"].as_str().unwrap()));
     let (ok, out, err) = ws.ragd(&args);
@@ -41,22 +53,34 @@ fn rerank_prints_the_cross_encoder_scores() {
     let scores: Vec<f32> = out.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(scores.len(), same.len());
     for (s, c) in scores.iter().zip(&same) {
-        assert!((s - c["score"].as_f64().unwrap() as f32).abs() <= 1e-4, "{s} vs {c}");
+        assert!(
+            (s - c["score"].as_f64().unwrap() as f32).abs() <= 1e-4,
+            "{s} vs {c}"
+        );
     }
 }
 
 #[test]
 fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     let ws = Workspace::new();
-    ws.write("hr/leave.md", "# Leave\n\nAsk the HR portal four weeks ahead.\n");
+    ws.write(
+        "hr/leave.md",
+        "# Leave\n\nAsk the HR portal four weeks ahead.\n",
+    );
     ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
     ws.write("eng/blob.exe", [0u8, 159, 146, 150]);
     let cfg = ws.config();
     let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(out.contains("3 documents") && out.contains("2 indexed") && out.contains("1 skipped"), "{out}");
+    assert!(
+        out.contains("3 documents") && out.contains("2 indexed") && out.contains("1 skipped"),
+        "{out}"
+    );
     let (ok, _, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap(), "/"]);
-    assert!(!ok && err.contains("not inside any configured source"), "{err}");
+    assert!(
+        !ok && err.contains("not inside any configured source"),
+        "{err}"
+    );
 
     // The daemon finds everything already indexed and re-does nothing.
     let d = ws.start();
@@ -64,10 +88,20 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     assert_eq!(ledger["in_flight"], 0);
     let (ok, out, err) = ws.ragd(&["status", "--config", cfg.to_str().unwrap()]);
     assert!(ok, "{err}");
-    for needle in ["root [running]", "embedder", "indexer", "reranker [off]", "ingest:"] {
+    for needle in [
+        "root [running]",
+        "embedder",
+        "indexer",
+        "reranker [off]",
+        "ingest:",
+    ] {
         assert!(out.contains(needle), "status lacks {needle:?}:\n{out}");
     }
-    assert_eq!(actor_processed(&d, "indexer"), 0, "the daemon re-indexed what ingest had done");
+    assert_eq!(
+        actor_processed(&d, "indexer"),
+        0,
+        "the daemon re-indexed what ingest had done"
+    );
 }
 
 #[test]

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 const LEAVE_V1: &str = "# Parental leave\n\nRequest parental leave through the HR portal at least four weeks ahead. Primary caregivers get twenty weeks of paid leave.\n";
 const LEAVE_V2: &str = "# Parental leave\n\nRequest parental leave by emailing the people team at least six weeks ahead. Primary caregivers get twenty-six weeks of paid leave.\n";
-const BUILD: &str = "The build cache lives on the shared NFS volume and is cleaned every night at two.\n";
+const BUILD: &str =
+    "The build cache lives on the shared NFS volume and is cleaned every night at two.\n";
 
 #[test]
 fn ingest_ask_update_delete() {
@@ -35,13 +36,23 @@ fn ingest_ask_update_delete() {
     // Update: the new text appears and the old never again.
     ws.write("hr/leave.md", LEAVE_V2);
     let r = wait_for("the new version", Duration::from_secs(60), || {
-        let r = d.ask(HR_TOKEN, "how do I request parental leave? (after the update)");
+        let r = d.ask(
+            HR_TOKEN,
+            "how do I request parental leave? (after the update)",
+        );
         texts(&r).contains("six weeks").then_some(r)
     });
     d.wait_ledger(Duration::from_secs(60), |_| true);
-    for q in ["how do I request parental leave?", "parental leave weeks", "HR portal four weeks"] {
+    for q in [
+        "how do I request parental leave?",
+        "parental leave weeks",
+        "HR portal four weeks",
+    ] {
         let r = d.ask(HR_TOKEN, q);
-        assert!(!texts(&r).contains("four weeks"), "old text after the swap: {r}");
+        assert!(
+            !texts(&r).contains("four weeks"),
+            "old text after the swap: {r}"
+        );
     }
     assert!(source_uris(&r).contains(&"hr/leave.md".to_string()));
 
@@ -53,38 +64,65 @@ fn ingest_ask_update_delete() {
     drop(f);
     std::thread::sleep(Duration::from_millis(1500));
     d.wait_ledger(Duration::from_secs(30), |_| true);
-    assert_eq!(actor_processed(&d, "indexer"), before, "a touch re-indexed the document");
+    assert_eq!(
+        actor_processed(&d, "indexer"),
+        before,
+        "a touch re-indexed the document"
+    );
 
     // Delete: gone from every answer.
     std::fs::remove_file(ws.kb().join("hr/leave.md")).unwrap();
     d.wait_ledger(Duration::from_secs(60), |l| l["deleted"] == 1);
     let r = d.ask(HR_TOKEN, "how do I request parental leave?");
-    assert!(!source_uris(&r).contains(&"hr/leave.md".to_string()), "deleted file still answers: {r}");
+    assert!(
+        !source_uris(&r).contains(&"hr/leave.md".to_string()),
+        "deleted file still answers: {r}"
+    );
     let ledger = d.ledger();
-    assert_eq!((ledger["indexed"].as_u64(), ledger["deleted"].as_u64()), (Some(1), Some(1)), "{ledger}");
+    assert_eq!(
+        (ledger["indexed"].as_u64(), ledger["deleted"].as_u64()),
+        (Some(1), Some(1)),
+        "{ledger}"
+    );
 }
 
 #[test]
 fn partitions_never_leak_also_through_the_cache() {
     let ws = Workspace::new();
     ws.write("hr/leave.md", LEAVE_V1);
-    ws.write("hr/salaries.md", "# Salary bands\n\nEngineer level three earns between sixty and seventy thousand.\n");
+    ws.write(
+        "hr/salaries.md",
+        "# Salary bands\n\nEngineer level three earns between sixty and seventy thousand.\n",
+    );
     ws.write("eng/build.txt", BUILD);
-    ws.write("eng/oncall.md", "# On-call\n\nAcknowledge a page within five minutes and open an incident channel.\n");
+    ws.write(
+        "eng/oncall.md",
+        "# On-call\n\nAcknowledge a page within five minutes and open an incident channel.\n",
+    );
     ws.write("welcome.md", "# Welcome\n\nThe office opens at eight.\n");
     let d = ws.start();
     d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 5);
 
-    let questions = ["how do I request parental leave?", "where is the build cache?", "what does an engineer earn?"];
+    let questions = [
+        "how do I request parental leave?",
+        "where is the build cache?",
+        "what does an engineer earn?",
+    ];
     for q in questions {
         for _ in 0..2 {
             let hr = d.ask(HR_TOKEN, q);
             for s in hr["sources"].as_array().unwrap() {
-                assert!(["hr", "general"].contains(&s["division"].as_str().unwrap()), "hr-reader got {s}");
+                assert!(
+                    ["hr", "general"].contains(&s["division"].as_str().unwrap()),
+                    "hr-reader got {s}"
+                );
             }
             let eng = d.ask(ENG_TOKEN, q);
             for s in eng["sources"].as_array().unwrap() {
-                assert!(["eng", "general"].contains(&s["division"].as_str().unwrap()), "eng-reader got {s}");
+                assert!(
+                    ["eng", "general"].contains(&s["division"].as_str().unwrap()),
+                    "eng-reader got {s}"
+                );
             }
         }
     }
@@ -93,8 +131,14 @@ fn partitions_never_leak_also_through_the_cache() {
     let hr = d.ask(HR_TOKEN, "how do I request parental leave?");
     assert_eq!(hr["cached"], true, "{hr}");
     let eng = d.ask(ENG_TOKEN, "how do I request parental leave?");
-    assert_eq!(eng["cached"], true, "eng-reader's own earlier answer: {eng}");
-    assert!(!source_uris(&eng).iter().any(|u| u.starts_with("hr/")), "{eng}");
+    assert_eq!(
+        eng["cached"], true,
+        "eng-reader's own earlier answer: {eng}"
+    );
+    assert!(
+        !source_uris(&eng).iter().any(|u| u.starts_with("hr/")),
+        "{eng}"
+    );
     // A near-identical question hits; an unrelated one does not.
     let near = d.ask(HR_TOKEN, "How do I request parental leave");
     assert_eq!(near["cached"], true, "{near}");
@@ -121,7 +165,10 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
     ] {
         let (status, resp) = d.query_raw(Some(HR_TOKEN), body);
         assert_eq!(status, 400, "{body} -> {resp}");
-        assert!(resp["error"].as_str().unwrap().contains(needle), "{body} -> {resp}");
+        assert!(
+            resp["error"].as_str().unwrap().contains(needle),
+            "{body} -> {resp}"
+        );
     }
     let long = serde_json::json!({ "question": "a".repeat(5000) }).to_string();
     assert_eq!(d.query_raw(Some(HR_TOKEN), &long).0, 400);
@@ -135,10 +182,18 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
 fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
     let ws = Workspace::new();
     ws.write("welcome.md", "# Welcome\n\nThe office opens at eight.\n");
-    ws.write("eng/broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage without xref".as_slice());
-    ws.write("eng/expenses.pdf", valid_pdf(&["Submit expense reports within thirty days."]));
+    ws.write(
+        "eng/broken.pdf",
+        b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage without xref".as_slice(),
+    );
+    ws.write(
+        "eng/expenses.pdf",
+        valid_pdf(&["Submit expense reports within thirty days."]),
+    );
     let d = ws.start();
-    let ledger = d.wait_ledger(Duration::from_secs(120), |l| l["dead_lettered"] == 1 && l["indexed"] == 2);
+    let ledger = d.wait_ledger(Duration::from_secs(120), |l| {
+        l["dead_lettered"] == 1 && l["indexed"] == 2
+    });
     assert_eq!(ledger["seen"], 3, "{ledger}");
     let r = d.ask(ENG_TOKEN, "how long do I have to submit an expense report?");
     assert_eq!(r["sources"][0]["uri"], "eng/expenses.pdf", "{r}");
@@ -151,13 +206,25 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
     assert!(entry["error"].as_str().unwrap().contains("pdf"), "{entry}");
     let (ok, out, err) = ws.ragd(&["dlq", "list", "--config", ws.config().to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(out.contains("kb:eng/broken.pdf") && out.contains("pending"), "{out}");
+    assert!(
+        out.contains("kb:eng/broken.pdf") && out.contains("pending"),
+        "{out}"
+    );
     let actors = d.admin_json("/actors").to_string();
-    assert!(actors.contains("malformed pdf"), "the chunker's last error shows: {actors}");
+    assert!(
+        actors.contains("malformed pdf"),
+        "the chunker's last error shows: {actors}"
+    );
 
     // Replay: the document goes through the pipeline again (and, still
     // broken, back to the DLQ as a new entry).
-    let (ok, out, err) = ws.ragd(&["dlq", "replay", "1", "--config", ws.config().to_str().unwrap()]);
+    let (ok, out, err) = ws.ragd(&[
+        "dlq",
+        "replay",
+        "1",
+        "--config",
+        ws.config().to_str().unwrap(),
+    ]);
     assert!(ok, "{out}{err}");
     let dlq = wait_for("the replayed entry", Duration::from_secs(60), || {
         let v = d.admin_json("/dlq");
@@ -166,10 +233,18 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
     assert_eq!(dlq[0]["replayed"], true);
     assert_eq!(dlq[1]["doc_id"], "kb:eng/broken.pdf");
     // Fixed at the source: indexed, and the ledger says so.
-    ws.write("eng/broken.pdf", valid_pdf(&["The broken report was repaired by finance."]));
-    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 3 && l["dead_lettered"] == 0);
+    ws.write(
+        "eng/broken.pdf",
+        valid_pdf(&["The broken report was repaired by finance."]),
+    );
+    d.wait_ledger(Duration::from_secs(60), |l| {
+        l["indexed"] == 3 && l["dead_lettered"] == 0
+    });
     let r = d.ask(ENG_TOKEN, "which report was repaired?");
-    assert!(source_uris(&r).contains(&"eng/broken.pdf".to_string()), "{r}");
+    assert!(
+        source_uris(&r).contains(&"eng/broken.pdf".to_string()),
+        "{r}"
+    );
 }
 
 #[test]
@@ -201,7 +276,10 @@ fn no_gap_during_an_update_and_no_old_text_after_it() {
         let r = d.ask(HR_TOKEN, question);
         n += 1;
         let t = texts(&r);
-        assert!(source_uris(&r).contains(&"hr/leave.md".to_string()), "query {n}: the document was missing: {r}");
+        assert!(
+            source_uris(&r).contains(&"hr/leave.md".to_string()),
+            "query {n}: the document was missing: {r}"
+        );
         let (old, new) = (t.contains("four weeks"), t.contains("six weeks"));
         assert!(old || new, "query {n}: neither version: {r}");
         if swapped_at.is_some() {
@@ -211,6 +289,9 @@ fn no_gap_during_an_update_and_no_old_text_after_it() {
         }
     }
     writer.join().unwrap();
-    assert!(swapped_at.is_some(), "the update never became visible in {n} queries");
+    assert!(
+        swapped_at.is_some(),
+        "the update never became visible in {n} queries"
+    );
     assert!(n > 10, "only {n} queries ran");
 }

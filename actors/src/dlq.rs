@@ -117,7 +117,12 @@ impl FileDlq {
 impl DeadLetters for FileDlq {
     fn push(&self, mut entry: DlqEntry) -> anyhow::Result<u64> {
         let mut file = self.file.lock();
-        let next = Self::read(&self.path)?.iter().map(|e| e.id).max().unwrap_or(0) + 1;
+        let next = Self::read(&self.path)?
+            .iter()
+            .map(|e| e.id)
+            .max()
+            .unwrap_or(0)
+            + 1;
         entry.id = next;
         entry.replayed = false;
         self.append(&mut file, &Record::Entry(entry))?;

@@ -100,7 +100,12 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_and_carries_its_version() {
-        let env = Envelope::new("src:a.md", DocEvent::Delete { doc_id: "src:a.md".into() });
+        let env = Envelope::new(
+            "src:a.md",
+            DocEvent::Delete {
+                doc_id: "src:a.md".into(),
+            },
+        );
         let wire = serde_json::to_string(&env).unwrap();
         let back: Envelope<DocEvent> = serde_json::from_str(&wire).unwrap();
         assert_eq!(back.v, ENVELOPE_VERSION);

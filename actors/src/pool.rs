@@ -91,7 +91,9 @@ impl<J: Job> PoolQueue<J> {
         } else {
             jobs.push_back(a);
         }
-        self.stats.queue_depth.store(jobs.len() as u64, Ordering::Relaxed);
+        self.stats
+            .queue_depth
+            .store(jobs.len() as u64, Ordering::Relaxed);
         drop(jobs);
         if let Some(pool) = self.pool.lock().as_ref() {
             // A pool that is restarting picks the queue up when it starts.
@@ -102,7 +104,9 @@ impl<J: Job> PoolQueue<J> {
     fn pop(&self) -> Option<Attempt<J>> {
         let mut jobs = self.jobs.lock();
         let a = jobs.pop_front();
-        self.stats.queue_depth.store(jobs.len() as u64, Ordering::Relaxed);
+        self.stats
+            .queue_depth
+            .store(jobs.len() as u64, Ordering::Relaxed);
         a
     }
 
@@ -183,7 +187,10 @@ impl<S: Stage> Actor for Worker<S> {
     ) -> Result<(), ActorProcessingErr> {
         // An error fails this worker as an actor: the pool sees the failure,
         // decides the job's fate and restarts the worker.
-        self.stage.process(a.job).await.map_err(|e| format!("{e:#}"))?;
+        self.stage
+            .process(a.job)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
         let _ = self.pool.cast(PoolMsg::Done(myself.get_id()));
         Ok(())
     }

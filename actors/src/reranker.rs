@@ -33,7 +33,11 @@ pub struct RerankerArgs {
 
 /// Scores and orders; pure so the query path can also call it inline.
 pub fn rerank(model: Option<&AnyCrossEncoder>, req: RerankRequest) -> anyhow::Result<RerankResult> {
-    let RerankRequest { question, mut hits, top_k } = req;
+    let RerankRequest {
+        question,
+        mut hits,
+        top_k,
+    } = req;
     let Some(model) = model else {
         hits.truncate(top_k);
         return Ok(RerankResult { hits, scored: 0 });
@@ -54,17 +58,28 @@ impl Actor for Reranker {
     type State = RerankerArgs;
     type Arguments = RerankerArgs;
 
-    async fn pre_start(&self, _: ActorRef<RerankMsg>, args: RerankerArgs) -> Result<RerankerArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _: ActorRef<RerankMsg>,
+        args: RerankerArgs,
+    ) -> Result<RerankerArgs, ActorProcessingErr> {
         if args.model.is_none() {
             args.stats.set_status("off");
-            args.stats.set_note("reranker off: no [reranker] model configured; results keep the vector order");
+            args.stats.set_note(
+                "reranker off: no [reranker] model configured; results keep the vector order",
+            );
         } else {
             args.stats.set_status("running");
         }
         Ok(args)
     }
 
-    async fn handle(&self, _: ActorRef<RerankMsg>, msg: RerankMsg, st: &mut RerankerArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _: ActorRef<RerankMsg>,
+        msg: RerankMsg,
+        st: &mut RerankerArgs,
+    ) -> Result<(), ActorProcessingErr> {
         let RerankMsg::Rerank(req, reply) = msg;
         let model = st.model.clone();
         let result = tokio::task::spawn_blocking(move || rerank(model.as_deref(), req))
@@ -73,7 +88,9 @@ impl Actor for Reranker {
             .and_then(|r| r.map_err(|e| format!("{e:#}")));
         if let Err(e) = &result {
             st.stats.set_error(e.clone());
-            st.stats.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            st.stats
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         st.stats.processed();
         let _ = reply.send(result);

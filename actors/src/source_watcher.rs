@@ -112,7 +112,11 @@ impl Actor for SourceWatcher {
     type State = WatcherState;
     type Arguments = WatcherArgs;
 
-    async fn pre_start(&self, myself: ActorRef<WatchMsg>, args: WatcherArgs) -> Result<WatcherState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WatchMsg>,
+        args: WatcherArgs,
+    ) -> Result<WatcherState, ActorProcessingErr> {
         let debouncer = if args.watch {
             let me = myself.clone();
             let mut d = new_debouncer(args.debounce, None, move |res: DebounceEventResult| {
@@ -128,16 +132,26 @@ impl Actor for SourceWatcher {
         };
         myself.cast(WatchMsg::Rescan)?;
         args.stats.set_status("scanning");
-        Ok(WatcherState { args, _debouncer: debouncer })
+        Ok(WatcherState {
+            args,
+            _debouncer: debouncer,
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<WatchMsg>, msg: WatchMsg, st: &mut WatcherState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<WatchMsg>,
+        msg: WatchMsg,
+        st: &mut WatcherState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             WatchMsg::Rescan => {
                 st.args.stats.set_status("scanning");
                 rescan(&st.args).await;
                 st.args.scanned.store(true, Ordering::SeqCst);
-                st.args.stats.set_status(if st.args.watch { "watching" } else { "scanned" });
+                st.args
+                    .stats
+                    .set_status(if st.args.watch { "watching" } else { "scanned" });
             }
             WatchMsg::Replay(doc_id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
@@ -159,7 +173,10 @@ impl Actor for SourceWatcher {
                     myself.cast(WatchMsg::Rescan)?;
                     return Ok(());
                 }
-                let mut paths: Vec<PathBuf> = events.iter().flat_map(|e| e.paths.iter().cloned()).collect();
+                let mut paths: Vec<PathBuf> = events
+                    .iter()
+                    .flat_map(|e| e.paths.iter().cloned())
+                    .collect();
                 paths.sort();
                 paths.dedup();
                 for path in paths {
@@ -241,7 +258,9 @@ async fn rescan(args: &WatcherArgs) {
         args.only.clone()
     };
     for root in roots {
-        let files = tokio::task::spawn_blocking(move || walk(&root)).await.unwrap_or_default();
+        let files = tokio::task::spawn_blocking(move || walk(&root))
+            .await
+            .unwrap_or_default();
         for file in files {
             let Some((s, uri)) = source_of(&args.sources, &file) else {
                 continue;
@@ -294,7 +313,9 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
     if crate::chunker::parse::Format::from_path(path).is_none() {
         return skip(format!(
             "unsupported file type {:?}",
-            path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default()
+            path.extension()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
     }
     let meta = match tokio::fs::metadata(path).await {
@@ -313,10 +334,13 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
         ));
     }
     let p = path.to_path_buf();
-    let version = match tokio::task::spawn_blocking(move || std::fs::read(&p).map(|b| content_version(&b))).await {
-        Ok(Ok(v)) => v,
-        _ => return,
-    };
+    let version =
+        match tokio::task::spawn_blocking(move || std::fs::read(&p).map(|b| content_version(&b)))
+            .await
+        {
+            Ok(Ok(v)) => v,
+            _ => return,
+        };
     if !force && args.known.lock().get(&id) == Some(&version) {
         if args.ledger.status(&id).is_none() {
             args.ledger.record(&id, Some(&version), Outcome::Indexed);
@@ -332,8 +356,11 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
             .iter()
             .find(|e| !e.replayed && e.doc_id == id && e.version.as_deref() == Some(&version))
         {
-            args.ledger
-                .record(&id, Some(&version), Outcome::DeadLettered(format!("{}: {}", e.stage, e.error)));
+            args.ledger.record(
+                &id,
+                Some(&version),
+                Outcome::DeadLettered(format!("{}: {}", e.stage, e.error)),
+            );
             return;
         }
     }
@@ -359,7 +386,15 @@ mod tests {
 
     #[test]
     fn hidden_and_temporary_files_are_ignored() {
-        for p in [".git/config", "a/.hidden.md", "x.md~", "doc.md.swp", "f.part", "~$doc.txt", "#a.md#"] {
+        for p in [
+            ".git/config",
+            "a/.hidden.md",
+            "x.md~",
+            "doc.md.swp",
+            "f.part",
+            "~$doc.txt",
+            "#a.md#",
+        ] {
             assert!(ignored(Path::new(p)), "{p}");
         }
         for p in ["a/b.md", "notes.txt", "x.pdf"] {
@@ -369,15 +404,27 @@ mod tests {
 
     #[test]
     fn rules_map_sub_paths_to_partitions() {
-        let part = |d: &str, a: &str| Partition { division: d.into(), access_level: a.into() };
+        let part = |d: &str, a: &str| Partition {
+            division: d.into(),
+            access_level: a.into(),
+        };
         let s = SourceSpec {
             name: "kb".into(),
             root: "/kb".into(),
             partition: part("eng", "internal"),
-            rules: vec![PartitionRule { prefix: "hr/confidential".into(), partition: part("hr", "confidential") }],
+            rules: vec![PartitionRule {
+                prefix: "hr/confidential".into(),
+                partition: part("hr", "confidential"),
+            }],
         };
-        assert_eq!(s.partition_for("hr/confidential/pay.md"), part("hr", "confidential"));
-        assert_eq!(s.partition_for("hr/confidentiality.md"), part("eng", "internal"));
+        assert_eq!(
+            s.partition_for("hr/confidential/pay.md"),
+            part("hr", "confidential")
+        );
+        assert_eq!(
+            s.partition_for("hr/confidentiality.md"),
+            part("eng", "internal")
+        );
         assert_eq!(s.partition_for("readme.md"), part("eng", "internal"));
     }
 

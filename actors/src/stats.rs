@@ -156,7 +156,9 @@ mod tests {
     fn paths_become_a_tree() {
         let reg = StatsRegistry::default();
         reg.entry("root").set_status("running");
-        reg.entry("root/embed/embedder").restarts.store(2, Ordering::Relaxed);
+        reg.entry("root/embed/embedder")
+            .restarts
+            .store(2, Ordering::Relaxed);
         reg.entry("root/index/indexer");
         let tree = reg.tree();
         assert_eq!(tree.len(), 1);

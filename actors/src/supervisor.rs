@@ -73,8 +73,9 @@ impl Backoff {
 }
 
 /// Starts (or restarts) one child linked to `supervisor`.
-pub type StartFn =
-    Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync>;
+pub type StartFn = Arc<
+    dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync,
+>;
 
 pub struct ChildSpec {
     pub name: String,
@@ -151,7 +152,9 @@ impl Actor for Supervisor {
                     }
                     Err(e) => {
                         tracing::error!(supervisor = %state.path, child = %name, "restart failed: {e}");
-                        state.stats.set_error(format!("restart of {name} failed: {e}"));
+                        state
+                            .stats
+                            .set_error(format!("restart of {name} failed: {e}"));
                         schedule_restart(&myself, state, name)?;
                     }
                 }
@@ -160,7 +163,9 @@ impl Actor for Supervisor {
             SupervisorMsg::Shutdown => {
                 state.stopping = true;
                 for cell in myself.get_children() {
-                    let _ = cell.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30))).await;
+                    let _ = cell
+                        .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
+                        .await;
                 }
                 myself.stop(Some("shutdown".into()));
             }
@@ -176,9 +181,10 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         let (cell, why) = match evt {
             SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, format!("stopped: {}", reason.unwrap_or_else(|| "no reason".into())))
-            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!("stopped: {}", reason.unwrap_or_else(|| "no reason".into())),
+            ),
             _ => return Ok(()),
         };
         let Some(name) = state.running.remove(&cell.get_id()) else {
@@ -234,7 +240,9 @@ mod tests {
             window: Duration::from_secs(60),
         };
         let mut b = Backoff::default();
-        let delays: Vec<_> = (0..5).map(|_| b.next_delay(&policy).unwrap().as_millis()).collect();
+        let delays: Vec<_> = (0..5)
+            .map(|_| b.next_delay(&policy).unwrap().as_millis())
+            .collect();
         assert_eq!(delays, vec![100, 200, 400, 500, 500]);
         assert_eq!(b.next_delay(&policy), None);
     }
@@ -247,7 +255,12 @@ mod tests {
         async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
             Ok(())
         }
-        async fn handle(&self, _: ActorRef<()>, _: (), _: &mut ()) -> Result<(), ActorProcessingErr> {
+        async fn handle(
+            &self,
+            _: ActorRef<()>,
+            _: (),
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
             panic!("boom")
         }
     }
@@ -257,7 +270,8 @@ mod tests {
         let registry = StatsRegistry::default();
         let start: StartFn = Arc::new(|sup: ActorCell| {
             Box::pin(async move {
-                let (r, _) = Actor::spawn_linked(Some("flaky-test-child".into()), Flaky, (), sup).await?;
+                let (r, _) =
+                    Actor::spawn_linked(Some("flaky-test-child".into()), Flaky, (), sup).await?;
                 Ok(r.get_cell())
             })
         });
@@ -266,7 +280,10 @@ mod tests {
             Supervisor,
             SupervisorArgs {
                 path: "root".into(),
-                children: vec![ChildSpec { name: "flaky".into(), start }],
+                children: vec![ChildSpec {
+                    name: "flaky".into(),
+                    start,
+                }],
                 policy: RestartPolicy::default(),
                 registry: registry.clone(),
             },
@@ -274,7 +291,8 @@ mod tests {
         .await
         .unwrap();
         for round in 1..=2u64 {
-            let child: ActorRef<()> = ActorRef::where_is("flaky-test-child").expect("child registered");
+            let child: ActorRef<()> =
+                ActorRef::where_is("flaky-test-child").expect("child registered");
             child.cast(()).unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
@@ -285,10 +303,18 @@ mod tests {
                 if restarted {
                     break;
                 }
-                assert!(Instant::now() < deadline, "child not restarted (round {round})");
+                assert!(
+                    Instant::now() < deadline,
+                    "child not restarted (round {round})"
+                );
             }
         }
-        assert!(registry.get("root").unwrap().last_error().unwrap().contains("boom"));
+        assert!(registry
+            .get("root")
+            .unwrap()
+            .last_error()
+            .unwrap()
+            .contains("boom"));
         sup.stop(None);
     }
 }

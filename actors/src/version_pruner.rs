@@ -32,7 +32,8 @@ impl Stage for VersionPrunerStage {
                         tracing::debug!(doc = %doc_id, ?removed, "pruned old versions");
                     }
                 }
-                self.ledger.finish(&doc_id, Some(&version), Outcome::Indexed);
+                self.ledger
+                    .finish(&doc_id, Some(&version), Outcome::Indexed);
             }
             IndexedEvent::Deleted { doc_id } => {
                 // Re-created since? Then its new version is on its way and

@@ -36,10 +36,18 @@ fn jsonl(path: PathBuf) -> Vec<serde_json::Value> {
 
 #[test]
 fn embedder_matches_sentence_transformers() {
-    let enc = Encoder::<burn::backend::Flex>::load(&minilm(), BatchPolicy::default(), &Default::default()).unwrap();
+    let enc = Encoder::<burn::backend::Flex>::load(
+        &minilm(),
+        BatchPolicy::default(),
+        &Default::default(),
+    )
+    .unwrap();
     let cases = jsonl(fixtures().join("minilm-l6-v2-reference.jsonl"));
     assert!(cases.len() >= 5);
-    let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     // All at once (mixed lengths share padded batches) and one by one must
     // both match: padding must not leak into the result.
@@ -61,7 +69,11 @@ fn embedder_matches_sentence_transformers() {
                 .zip(&expected)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(cos >= 0.9999, "text {i} {:?}: cosine {cos}", &texts[i][..texts[i].len().min(40)]);
+            assert!(
+                cos >= 0.9999,
+                "text {i} {:?}: cosine {cos}",
+                &texts[i][..texts[i].len().min(40)]
+            );
             assert!(max_diff <= 1e-4, "text {i}: max abs diff {max_diff}");
         }
     }
@@ -70,7 +82,12 @@ fn embedder_matches_sentence_transformers() {
 #[test]
 fn cross_encoder_matches_transformers() {
     let dir = fixtures().join("tiny-cross-encoder");
-    let ce = CrossEncoder::<burn::backend::Flex>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
+    let ce = CrossEncoder::<burn::backend::Flex>::load(
+        &dir,
+        BatchPolicy::default(),
+        &Default::default(),
+    )
+    .unwrap();
     let cases = jsonl(dir.join("expected_scores.jsonl"));
     assert!(!cases.is_empty());
     for case in &cases {
@@ -78,7 +95,10 @@ fn cross_encoder_matches_transformers() {
         let p = case["passage"].as_str().unwrap();
         let expected = case["score"].as_f64().unwrap() as f32;
         let got = ce.score(q, &[p]).unwrap()[0];
-        assert!((got - expected).abs() <= 1e-4, "{q:?} / {p:?}: {got} vs {expected}");
+        assert!(
+            (got - expected).abs() <= 1e-4,
+            "{q:?} / {p:?}: {got} vs {expected}"
+        );
     }
     // Batched with different passage lengths: the same scores.
     let q = cases[0]["query"].as_str().unwrap();
@@ -102,14 +122,22 @@ fn cross_encoder_matches_transformers() {
 #[test]
 fn a_folder_without_a_model_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Encoder::<burn::backend::Flex>::load(dir.path(), BatchPolicy::default(), &Default::default())
-        .err()
-        .expect("must fail");
+    let err = Encoder::<burn::backend::Flex>::load(
+        dir.path(),
+        BatchPolicy::default(),
+        &Default::default(),
+    )
+    .err()
+    .expect("must fail");
     let msg = format!("{err:#}");
     assert!(msg.contains("config.json"), "{msg}");
     // A sentence encoder is not a cross-encoder.
-    let err = CrossEncoder::<burn::backend::Flex>::load(&minilm(), BatchPolicy::default(), &Default::default())
-        .err()
-        .expect("must fail");
+    let err = CrossEncoder::<burn::backend::Flex>::load(
+        &minilm(),
+        BatchPolicy::default(),
+        &Default::default(),
+    )
+    .err()
+    .expect("must fail");
     assert!(format!("{err:#}").contains("classifier"), "{err:#}");
 }

@@ -14,12 +14,19 @@ pub fn repo() -> PathBuf {
 
 pub fn model_dir() -> PathBuf {
     let dir = repo().join("models/all-MiniLM-L6-v2");
-    assert!(dir.join("model.safetensors").exists(), "run ops/fetch-models.sh first");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "run ops/fetch-models.sh first"
+    );
     dir
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -43,7 +50,11 @@ impl Workspace {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("kb/hr")).unwrap();
         std::fs::create_dir_all(dir.path().join("kb/eng")).unwrap();
-        let ws = Workspace { dir, query_port: free_port(), admin_port: free_port() };
+        let ws = Workspace {
+            dir,
+            query_port: free_port(),
+            admin_port: free_port(),
+        };
         let config = format!(
             r#"
 data_dir = "data"
@@ -137,7 +148,10 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(ws: &Workspace) -> Daemon {
-        let log = ws.dir.path().join(format!("ragd-{}.log", Instant::now().elapsed().as_nanos() ^ rand_suffix()));
+        let log = ws.dir.path().join(format!(
+            "ragd-{}.log",
+            Instant::now().elapsed().as_nanos() ^ rand_suffix()
+        ));
         let child = Command::new(env!("CARGO_BIN_EXE_ragd"))
             .args(["up", "--config"])
             .arg(ws.config())
@@ -152,7 +166,9 @@ impl Daemon {
             admin: format!("http://127.0.0.1:{}", ws.admin_port),
             log,
         };
-        d.wait_until("admin API up", Duration::from_secs(60), || d.get_status("/health") == Some(200));
+        d.wait_until("admin API up", Duration::from_secs(60), || {
+            d.get_status("/health") == Some(200)
+        });
         d
     }
 
@@ -173,7 +189,14 @@ impl Daemon {
         while !ok() {
             if Instant::now() > deadline {
                 let log = self.log();
-                let tail: String = log.chars().rev().take(4000).collect::<String>().chars().rev().collect();
+                let tail: String = log
+                    .chars()
+                    .rev()
+                    .take(4000)
+                    .collect::<String>()
+                    .chars()
+                    .rev()
+                    .collect();
                 panic!("timed out waiting for {what}; daemon log tail:\n{tail}");
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -181,11 +204,18 @@ impl Daemon {
     }
 
     fn client() -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
     }
 
     pub fn get_status(&self, path: &str) -> Option<u16> {
-        Self::client().get(format!("{}{path}", self.admin)).send().ok().map(|r| r.status().as_u16())
+        Self::client()
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .ok()
+            .map(|r| r.status().as_u16())
     }
 
     pub fn admin_json(&self, path: &str) -> serde_json::Value {
@@ -204,7 +234,11 @@ impl Daemon {
 
     /// Waits until the first scan is done and nothing is in flight, and the
     /// ledger satisfies `ok`.
-    pub fn wait_ledger(&self, timeout: Duration, mut ok: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_ledger(
+        &self,
+        timeout: Duration,
+        mut ok: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
         self.wait_until("the ledger", timeout, || {
             if self.get_status("/ready") != Some(200) {
@@ -231,7 +265,10 @@ impl Daemon {
     }
 
     pub fn ask(&self, token: &str, question: &str) -> serde_json::Value {
-        let (status, body) = self.query_raw(Some(token), &serde_json::json!({ "question": question, "top_k": 5 }).to_string());
+        let (status, body) = self.query_raw(
+            Some(token),
+            &serde_json::json!({ "question": question, "top_k": 5 }).to_string(),
+        );
         assert_eq!(status, 200, "query failed: {body}");
         body
     }
@@ -248,7 +285,8 @@ impl Daemon {
 
     /// Peak resident memory of the daemon so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -259,11 +297,17 @@ impl Daemon {
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Daemon {
@@ -295,7 +339,10 @@ pub fn texts(resp: &serde_json::Value) -> String {
 pub fn valid_pdf(lines: &[&str]) -> Vec<u8> {
     let content: String = format!(
         "BT /F1 12 Tf 72 720 Td 16 TL\n{}ET\n",
-        lines.iter().map(|l| format!("({l}) Tj T*\n")).collect::<String>()
+        lines
+            .iter()
+            .map(|l| format!("({l}) Tj T*\n"))
+            .collect::<String>()
     );
     let objs = [
         "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
@@ -315,7 +362,13 @@ pub fn valid_pdf(lines: &[&str]) -> Vec<u8> {
     for off in offsets {
         out.extend(format!("{off:010} 00000 n \n").bytes());
     }
-    out.extend(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objs.len() + 1).bytes());
+    out.extend(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objs.len() + 1
+        )
+        .bytes(),
+    );
     out
 }
 
@@ -356,5 +409,10 @@ pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
         v["children"].as_array()?.iter().find_map(|c| find(c, name))
     }
     let tree = d.admin_json("/actors");
-    tree["actors"].as_array().unwrap().iter().find_map(|r| find(r, name)).expect("actor in /actors")
+    tree["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|r| find(r, name))
+        .expect("actor in /actors")
 }

@@ -64,7 +64,12 @@ impl SemanticCache for EmbeddedCache {
         "embedded"
     }
 
-    async fn lookup(&self, vector: &[f32], scope: &Scope, top_k: usize) -> anyhow::Result<Option<CachedAnswer>> {
+    async fn lookup(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+    ) -> anyhow::Result<Option<CachedAnswer>> {
         let scope = scope.clone().canonical();
         let mut entries = self.entries.lock();
         let ttl = self.ttl;
@@ -78,7 +83,13 @@ impl SemanticCache for EmbeddedCache {
         Ok(best.map(|(_, e)| e.value.clone()))
     }
 
-    async fn store(&self, vector: &[f32], scope: &Scope, top_k: usize, value: CachedAnswer) -> anyhow::Result<()> {
+    async fn store(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+        value: CachedAnswer,
+    ) -> anyhow::Result<()> {
         {
             let mut tombstones = self.tombstones.lock();
             let ttl = self.ttl;
@@ -107,9 +118,10 @@ impl SemanticCache for EmbeddedCache {
     }
 
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
-        self.tombstones
-            .lock()
-            .insert(doc_id.to_string(), (keep.map(str::to_string), Instant::now()));
+        self.tombstones.lock().insert(
+            doc_id.to_string(),
+            (keep.map(str::to_string), Instant::now()),
+        );
         let mut entries = self.entries.lock();
         let before = entries.len();
         entries.retain(|e| {
@@ -152,16 +164,28 @@ mod tests {
     async fn hits_near_questions_in_the_same_scope_only() {
         let cache = EmbeddedCache::new(0.98, 100, Duration::from_secs(60));
         let v = vec![1.0, 0.0, 0.0];
-        let value = CachedAnswer { answer: None, sources: vec![hit("a", "v1", "hr")] };
-        cache.store(&v, &scope(&["hr"]), 5, value.clone()).await.unwrap();
+        let value = CachedAnswer {
+            answer: None,
+            sources: vec![hit("a", "v1", "hr")],
+        };
+        cache
+            .store(&v, &scope(&["hr"]), 5, value.clone())
+            .await
+            .unwrap();
         // 0.99 cosine: a hit.
         let near = vec![0.99, 0.141, 0.0];
-        assert_eq!(cache.lookup(&near, &scope(&["hr"]), 5).await.unwrap(), Some(value.clone()));
+        assert_eq!(
+            cache.lookup(&near, &scope(&["hr"]), 5).await.unwrap(),
+            Some(value.clone())
+        );
         // 0.95 cosine: a miss.
         let far = vec![0.95, 0.312, 0.0];
         assert_eq!(cache.lookup(&far, &scope(&["hr"]), 5).await.unwrap(), None);
         // Another scope or top_k: a miss.
-        assert_eq!(cache.lookup(&v, &scope(&["hr", "eng"]), 5).await.unwrap(), None);
+        assert_eq!(
+            cache.lookup(&v, &scope(&["hr", "eng"]), 5).await.unwrap(),
+            None
+        );
         assert_eq!(cache.lookup(&v, &scope(&["hr"]), 3).await.unwrap(), None);
         // A principal who cannot see the cited chunk never gets it.
         assert!(!visible(&value, &scope(&["eng"])));
@@ -171,17 +195,61 @@ mod tests {
     async fn pruned_versions_invalidate_their_entries() {
         let cache = EmbeddedCache::new(0.98, 100, Duration::from_secs(60));
         let s = scope(&["hr"]);
-        cache.store(&[1.0, 0.0], &s, 5, CachedAnswer { answer: None, sources: vec![hit("a", "v1", "hr")] }).await.unwrap();
-        cache.store(&[0.0, 1.0], &s, 5, CachedAnswer { answer: None, sources: vec![hit("b", "v1", "hr")] }).await.unwrap();
+        cache
+            .store(
+                &[1.0, 0.0],
+                &s,
+                5,
+                CachedAnswer {
+                    answer: None,
+                    sources: vec![hit("a", "v1", "hr")],
+                },
+            )
+            .await
+            .unwrap();
+        cache
+            .store(
+                &[0.0, 1.0],
+                &s,
+                5,
+                CachedAnswer {
+                    answer: None,
+                    sources: vec![hit("b", "v1", "hr")],
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(cache.invalidate("a", Some("v1")).await.unwrap(), 0);
         assert_eq!(cache.invalidate("a", Some("v2")).await.unwrap(), 1);
         assert_eq!(cache.invalidate("b", None).await.unwrap(), 1);
         assert!(cache.is_empty());
         // An answer built from the pruned version, stored after the
         // invalidation (a query that raced the prune), is refused.
-        cache.store(&[1.0, 0.0], &s, 5, CachedAnswer { answer: None, sources: vec![hit("a", "v1", "hr")] }).await.unwrap();
+        cache
+            .store(
+                &[1.0, 0.0],
+                &s,
+                5,
+                CachedAnswer {
+                    answer: None,
+                    sources: vec![hit("a", "v1", "hr")],
+                },
+            )
+            .await
+            .unwrap();
         assert!(cache.is_empty());
-        cache.store(&[1.0, 0.0], &s, 5, CachedAnswer { answer: None, sources: vec![hit("a", "v2", "hr")] }).await.unwrap();
+        cache
+            .store(
+                &[1.0, 0.0],
+                &s,
+                5,
+                CachedAnswer {
+                    answer: None,
+                    sources: vec![hit("a", "v2", "hr")],
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(cache.len(), 1);
     }
 
@@ -190,7 +258,18 @@ mod tests {
         let cache = EmbeddedCache::new(0.98, 2, Duration::from_millis(50));
         let s = scope(&["hr"]);
         for i in 0..3 {
-            cache.store(&[1.0, i as f32], &s, 5, CachedAnswer { answer: None, sources: vec![] }).await.unwrap();
+            cache
+                .store(
+                    &[1.0, i as f32],
+                    &s,
+                    5,
+                    CachedAnswer {
+                        answer: None,
+                        sources: vec![],
+                    },
+                )
+                .await
+                .unwrap();
         }
         assert_eq!(cache.len(), 2);
         tokio::time::sleep(Duration::from_millis(80)).await;

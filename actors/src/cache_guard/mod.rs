@@ -25,8 +25,19 @@ pub struct CachedAnswer {
 #[async_trait]
 pub trait SemanticCache: Send + Sync {
     fn backend(&self) -> &'static str;
-    async fn lookup(&self, vector: &[f32], scope: &Scope, top_k: usize) -> anyhow::Result<Option<CachedAnswer>>;
-    async fn store(&self, vector: &[f32], scope: &Scope, top_k: usize, value: CachedAnswer) -> anyhow::Result<()>;
+    async fn lookup(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+    ) -> anyhow::Result<Option<CachedAnswer>>;
+    async fn store(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+        value: CachedAnswer,
+    ) -> anyhow::Result<()>;
     /// Drops entries citing `doc_id` at any version other than `keep`.
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize>;
 }
@@ -67,15 +78,30 @@ impl Actor for CacheGuard {
     type State = CacheGuardArgs;
     type Arguments = CacheGuardArgs;
 
-    async fn pre_start(&self, _: ActorRef<CacheMsg>, args: CacheGuardArgs) -> Result<CacheGuardArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _: ActorRef<CacheMsg>,
+        args: CacheGuardArgs,
+    ) -> Result<CacheGuardArgs, ActorProcessingErr> {
         args.stats.set_status("running");
-        args.stats.set_note(format!("backend: {}", args.cache.backend()));
+        args.stats
+            .set_note(format!("backend: {}", args.cache.backend()));
         Ok(args)
     }
 
-    async fn handle(&self, _: ActorRef<CacheMsg>, msg: CacheMsg, st: &mut CacheGuardArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _: ActorRef<CacheMsg>,
+        msg: CacheMsg,
+        st: &mut CacheGuardArgs,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
-            CacheMsg::Lookup { vector, scope, top_k, reply } => {
+            CacheMsg::Lookup {
+                vector,
+                scope,
+                top_k,
+                reply,
+            } => {
                 let found = match st.cache.lookup(&vector, &scope, top_k).await {
                     Ok(found) => found.filter(|v| visible(v, &scope)),
                     Err(e) => {
@@ -87,7 +113,12 @@ impl Actor for CacheGuard {
                 metrics::counter!("ragd_cache_lookups_total", "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
                 let _ = reply.send(found);
             }
-            CacheMsg::Store { vector, scope, top_k, value } => {
+            CacheMsg::Store {
+                vector,
+                scope,
+                top_k,
+                value,
+            } => {
                 if let Err(e) = st.cache.store(&vector, &scope, top_k, value).await {
                     st.stats.set_error(format!("store: {e:#}"));
                 }
@@ -112,7 +143,12 @@ impl CacheHandle {
         ActorRef::where_is(&self.actor_name)
     }
 
-    pub async fn lookup(&self, vector: &[f32], scope: &Scope, top_k: usize) -> Option<CachedAnswer> {
+    pub async fn lookup(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+    ) -> Option<CachedAnswer> {
         let actor = self.actor()?;
         let call = actor
             .call(

@@ -46,7 +46,10 @@ impl Chunker {
             settings.overlap_tokens,
             settings.max_tokens
         );
-        Ok(Chunker { tokenizer, settings })
+        Ok(Chunker {
+            tokenizer,
+            settings,
+        })
     }
 
     pub fn chunk_file(&self, path: &Path, bytes: &[u8]) -> Result<Vec<Chunk>, ParseError> {

@@ -13,7 +13,10 @@ pub enum ParseError {
     Unsupported(String),
     /// A supported format that failed to parse: retried, then dead-lettered.
     #[error("malformed {format}: {message}")]
-    Malformed { format: &'static str, message: String },
+    Malformed {
+        format: &'static str,
+        message: String,
+    },
 }
 
 /// A run of body text under a heading trail ("Benefits > Parental leave").
@@ -48,7 +51,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
     let format = Format::from_path(path).ok_or_else(|| {
         ParseError::Unsupported(format!(
             "no parser for extension {:?}",
-            path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default()
+            path.extension()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ))
     })?;
     match format {
@@ -58,7 +63,10 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
             Ok(match format {
                 Format::Markdown => markdown_sections(&text),
                 Format::Html => markdown_sections(&html_to_markdown(&text)),
-                _ => vec![Section { headings: vec![], body: text }],
+                _ => vec![Section {
+                    headings: vec![],
+                    body: text,
+                }],
             })
         }
     }
@@ -148,12 +156,15 @@ pub fn markdown_sections(text: &str) -> Vec<Section> {
             in_fence = !in_fence;
         }
         let level = trimmed.chars().take_while(|c| *c == '#').count();
-        let is_heading = !in_fence
-            && (1..=6).contains(&level)
-            && trimmed[level..].starts_with([' ', '\t']);
+        let is_heading =
+            !in_fence && (1..=6).contains(&level) && trimmed[level..].starts_with([' ', '\t']);
         if is_heading {
             flush(&trail, &mut body, &mut sections);
-            let title = trimmed[level..].trim().trim_end_matches('#').trim().to_string();
+            let title = trimmed[level..]
+                .trim()
+                .trim_end_matches('#')
+                .trim()
+                .to_string();
             trail.retain(|(l, _)| *l < level);
             trail.push((level, title));
         } else {
@@ -184,7 +195,18 @@ pub fn html_to_markdown(html: &str) -> String {
         "svg", "iframe", "button",
     ];
     const BLOCK: &[&str] = &[
-        "p", "div", "section", "li", "tr", "br", "pre", "blockquote", "table", "ul", "ol", "dd",
+        "p",
+        "div",
+        "section",
+        "li",
+        "tr",
+        "br",
+        "pre",
+        "blockquote",
+        "table",
+        "ul",
+        "ol",
+        "dd",
         "dt",
     ];
     let mut out = String::new();
@@ -269,9 +291,18 @@ mod tests {
     #[test]
     fn binary_and_unknown_files_are_unsupported_and_bad_pdfs_malformed() {
         let p = Path::new("a.txt");
-        assert!(matches!(parse(p, b"ab\0cd"), Err(ParseError::Unsupported(_))));
-        assert!(matches!(parse(p, &[0xff, 0xfe, 0x41]), Err(ParseError::Unsupported(_))));
-        assert!(matches!(parse(Path::new("a.exe"), b"MZ"), Err(ParseError::Unsupported(_))));
+        assert!(matches!(
+            parse(p, b"ab\0cd"),
+            Err(ParseError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse(p, &[0xff, 0xfe, 0x41]),
+            Err(ParseError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse(Path::new("a.exe"), b"MZ"),
+            Err(ParseError::Unsupported(_))
+        ));
         assert!(matches!(
             parse(Path::new("a.pdf"), b"%PDF-1.4 garbage"),
             Err(ParseError::Malformed { .. })

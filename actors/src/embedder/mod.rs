@@ -64,10 +64,14 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
                 Err(_) => break,
             }
         }
-        let texts: Vec<&str> = batch.iter().flat_map(|r| r.texts.iter().map(String::as_str)).collect();
+        let texts: Vec<&str> = batch
+            .iter()
+            .flat_map(|r| r.texts.iter().map(String::as_str))
+            .collect();
         // A model panic fails this pass's requests (they are retried by
         // their pools), not the thread.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encoder.embed(&texts)));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encoder.embed(&texts)));
         match result {
             Ok(Ok(mut vectors)) => {
                 for r in batch.into_iter().rev() {
@@ -78,12 +82,16 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
             Ok(Err(e)) => {
                 let msg = format!("{e:#}");
                 for r in batch {
-                    let _ = r.reply.send(Err(anyhow::anyhow!("embedding failed: {msg}")));
+                    let _ = r
+                        .reply
+                        .send(Err(anyhow::anyhow!("embedding failed: {msg}")));
                 }
             }
             Err(_) => {
                 for r in batch {
-                    let _ = r.reply.send(Err(anyhow::anyhow!("the embedding model panicked")));
+                    let _ = r
+                        .reply
+                        .send(Err(anyhow::anyhow!("the embedding model panicked")));
                 }
             }
         }

@@ -44,7 +44,9 @@ impl Stage for IndexerStage {
                     );
                     return Ok(());
                 }
-                self.store.upsert(&doc.meta, &doc.chunks, &doc.vectors).await?;
+                self.store
+                    .upsert(&doc.meta, &doc.chunks, &doc.vectors)
+                    .await?;
                 let n = doc.chunks.len() as u64;
                 if self.written_since_optimize.fetch_add(n, Ordering::Relaxed) + n
                     >= self.optimize_every

@@ -16,7 +16,14 @@ pub fn vector(axis: usize, i: u32) -> Vec<f32> {
 }
 
 /// A document version with `n` chunks whose vectors point along `axis`.
-pub fn doc(id: &str, version: &str, division: &str, level: &str, n: u32, axis: usize) -> (DocMeta, Vec<Chunk>, Vec<Vec<f32>>) {
+pub fn doc(
+    id: &str,
+    version: &str,
+    division: &str,
+    level: &str,
+    n: u32,
+    axis: usize,
+) -> (DocMeta, Vec<Chunk>, Vec<Vec<f32>>) {
     let meta = DocMeta {
         doc_id: id.into(),
         source: "test".into(),
@@ -51,7 +58,11 @@ async fn put(store: &dyn VectorStore, d: (DocMeta, Vec<Chunk>, Vec<Vec<f32>>)) {
 }
 
 pub async fn run_all(store: &dyn VectorStore) {
-    assert_eq!(store.count(None).await.unwrap(), 0, "the suite needs an empty store");
+    assert_eq!(
+        store.count(None).await.unwrap(),
+        0,
+        "the suite needs an empty store"
+    );
     upsert_and_search(store).await;
     search_stays_inside_the_scope(store).await;
     redelivery_is_idempotent(store).await;
@@ -59,8 +70,13 @@ pub async fn run_all(store: &dyn VectorStore) {
     bad_vectors_are_errors(store).await;
     store.optimize().await.expect("optimize");
     // Optimising changes nothing a caller sees.
-    let hits = store.search(&vector(0, 0), &scope(&["hr"], &["public"]), 50).await.unwrap();
-    assert!(hits.iter().all(|h| h.division == "hr" && h.access_level == "public"));
+    let hits = store
+        .search(&vector(0, 0), &scope(&["hr"], &["public"]), 50)
+        .await
+        .unwrap();
+    assert!(hits
+        .iter()
+        .all(|h| h.division == "hr" && h.access_level == "public"));
 }
 
 async fn upsert_and_search(store: &dyn VectorStore) {
@@ -75,9 +91,19 @@ async fn upsert_and_search(store: &dyn VectorStore) {
     assert_eq!(hits[0].chunk_index, 0);
     assert_eq!(hits[0].text, "leave v1 chunk 0");
     assert_eq!(hits[0].uri, "leave.md");
-    assert_eq!((hits[0].division.as_str(), hits[0].access_level.as_str()), ("hr", "public"));
-    assert!((hits[0].score - 1.0).abs() < 1e-3, "cosine of identical vectors: {}", hits[0].score);
-    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score), "sorted by score");
+    assert_eq!(
+        (hits[0].division.as_str(), hits[0].access_level.as_str()),
+        ("hr", "public")
+    );
+    assert!(
+        (hits[0].score - 1.0).abs() < 1e-3,
+        "cosine of identical vectors: {}",
+        hits[0].score
+    );
+    assert!(
+        hits.windows(2).all(|w| w[0].score >= w[1].score),
+        "sorted by score"
+    );
     assert_eq!(store.search(&vector(0, 0), &all, 2).await.unwrap().len(), 2);
 }
 
@@ -88,8 +114,16 @@ async fn search_stays_inside_the_scope(store: &dyn VectorStore) {
     let q = vector(5, 0);
     for (divs, levels, allowed) in [
         (vec!["hr"], vec!["public"], vec![("hr", "public")]),
-        (vec!["eng"], vec!["internal", "public"], vec![("eng", "internal")]),
-        (vec!["hr", "eng"], vec!["confidential"], vec![("hr", "confidential"), ("eng", "confidential")]),
+        (
+            vec!["eng"],
+            vec!["internal", "public"],
+            vec![("eng", "internal")],
+        ),
+        (
+            vec!["hr", "eng"],
+            vec!["confidential"],
+            vec![("hr", "confidential"), ("eng", "confidential")],
+        ),
     ] {
         let s = scope(&divs, &levels);
         let hits = store.search(&q, &s, 50).await.unwrap();
@@ -101,9 +135,21 @@ async fn search_stays_inside_the_scope(store: &dyn VectorStore) {
             );
         }
     }
-    assert!(store.search(&q, &scope(&[], &["public"]), 50).await.unwrap().is_empty());
-    assert!(store.search(&q, &scope(&["hr"], &[]), 50).await.unwrap().is_empty());
-    assert!(store.search(&q, &scope(&["finance"], &["public"]), 50).await.unwrap().is_empty());
+    assert!(store
+        .search(&q, &scope(&[], &["public"]), 50)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .search(&q, &scope(&["hr"], &[]), 50)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .search(&q, &scope(&["finance"], &["public"]), 50)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn redelivery_is_idempotent(store: &dyn VectorStore) {
@@ -115,27 +161,58 @@ async fn redelivery_is_idempotent(store: &dyn VectorStore) {
 
 async fn version_swap_and_delete(store: &dyn VectorStore) {
     put(store, doc("leave", "v2", "hr", "public", 2, 0)).await;
-    assert_eq!(store.count(Some("leave")).await.unwrap(), 5, "both versions present before the prune");
+    assert_eq!(
+        store.count(Some("leave")).await.unwrap(),
+        5,
+        "both versions present before the prune"
+    );
     let mut versions = store.indexed_versions().await.unwrap();
     versions.retain(|(d, _)| d == "leave");
-    assert_eq!(versions, vec![("leave".into(), "v1".into()), ("leave".into(), "v2".into())]);
+    assert_eq!(
+        versions,
+        vec![("leave".into(), "v1".into()), ("leave".into(), "v2".into())]
+    );
     let removed = store.delete_other_versions("leave", "v2").await.unwrap();
     assert_eq!(removed, vec!["v1".to_string()]);
     assert_eq!(store.count(Some("leave")).await.unwrap(), 2);
-    let hits = store.search(&vector(0, 0), &scope(&["hr"], &["public"]), 50).await.unwrap();
-    assert!(hits.iter().all(|h| h.version == "v2"), "old version returned: {hits:?}");
-    assert!(store.delete_other_versions("leave", "v2").await.unwrap().is_empty());
+    let hits = store
+        .search(&vector(0, 0), &scope(&["hr"], &["public"]), 50)
+        .await
+        .unwrap();
+    assert!(
+        hits.iter().all(|h| h.version == "v2"),
+        "old version returned: {hits:?}"
+    );
+    assert!(store
+        .delete_other_versions("leave", "v2")
+        .await
+        .unwrap()
+        .is_empty());
     let removed = store.delete_doc("build").await.unwrap();
     assert_eq!(removed, vec!["v1".to_string()]);
     assert_eq!(store.count(Some("build")).await.unwrap(), 0);
     assert!(store.delete_doc("build").await.unwrap().is_empty());
-    assert!(store.indexed_versions().await.unwrap().iter().all(|(d, _)| d != "build"));
+    assert!(store
+        .indexed_versions()
+        .await
+        .unwrap()
+        .iter()
+        .all(|(d, _)| d != "build"));
 }
 
 async fn bad_vectors_are_errors(store: &dyn VectorStore) {
     let (meta, chunks, _) = doc("bad", "v1", "hr", "public", 1, 0);
-    assert!(store.upsert(&meta, &chunks, &[vec![1.0; DIM + 1]]).await.is_err());
-    assert!(store.upsert(&meta, &chunks, &[]).await.is_err(), "one vector per chunk");
-    assert!(store.search(&[1.0; 3], &scope(&["hr"], &["public"]), 5).await.is_err());
+    assert!(store
+        .upsert(&meta, &chunks, &[vec![1.0; DIM + 1]])
+        .await
+        .is_err());
+    assert!(
+        store.upsert(&meta, &chunks, &[]).await.is_err(),
+        "one vector per chunk"
+    );
+    assert!(store
+        .search(&[1.0; 3], &scope(&["hr"], &["public"]), 5)
+        .await
+        .is_err());
     assert_eq!(store.count(Some("bad")).await.unwrap(), 0);
 }

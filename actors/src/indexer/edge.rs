@@ -66,15 +66,23 @@ impl std::ops::Deref for EdgeStore {
 }
 
 fn key(field: &str) -> JsonPath {
-    field.parse().expect("static field names are valid JSON paths")
+    field
+        .parse()
+        .expect("static field names are valid JSON paths")
 }
 
 fn eq(field: &str, value: &str) -> Condition {
-    Condition::Field(FieldCondition::new_match(key(field), Match::from(value.to_string())))
+    Condition::Field(FieldCondition::new_match(
+        key(field),
+        Match::from(value.to_string()),
+    ))
 }
 
 fn any_of(field: &str, values: &[String]) -> Condition {
-    Condition::Field(FieldCondition::new_match(key(field), Match::from(values.to_vec())))
+    Condition::Field(FieldCondition::new_match(
+        key(field),
+        Match::from(values.to_vec()),
+    ))
 }
 
 /// The engine-side filter of a search: only these partitions are looked at.
@@ -94,7 +102,10 @@ impl EdgeStore {
     pub fn open(dir: &Path, dim: usize) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = EdgeConfig::builder()
-            .vector(DEFAULT_VECTOR_NAME, EdgeVectorParams::builder(dim, Distance::Cosine).build())
+            .vector(
+                DEFAULT_VECTOR_NAME,
+                EdgeVectorParams::builder(dim, Distance::Cosine).build(),
+            )
             .on_disk_payload(true)
             .build();
         let shard = EdgeShard::load(dir, Some(config)).map_err(|e| {
@@ -130,12 +141,12 @@ impl EdgeStore {
             ("access_level", PayloadSchemaType::Keyword),
             ("chunk_index", PayloadSchemaType::Integer),
         ] {
-            store.write(UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(
-                CreateIndex {
+            store.write(UpdateOperation::FieldIndexOperation(
+                FieldIndexOperations::CreateIndex(CreateIndex {
                     field_name: key(field),
                     field_schema: Some(PayloadFieldSchema::FieldType(ty)),
-                },
-            )))?;
+                }),
+            ))?;
         }
         Ok(store)
     }
@@ -143,7 +154,9 @@ impl EdgeStore {
     fn write(&self, op: UpdateOperation) -> anyhow::Result<()> {
         let _w = self.writer.lock();
         self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.shard.update(op).map_err(|e| anyhow::anyhow!("vector store write: {e}"))
+        self.shard
+            .update(op)
+            .map_err(|e| anyhow::anyhow!("vector store write: {e}"))
     }
 
     fn versions_matching(&self, filter: Filter) -> anyhow::Result<Vec<(String, String)>> {
@@ -192,9 +205,9 @@ impl EdgeStore {
             .map(|(_, v)| v)
             .collect();
         if !versions.is_empty() {
-            self.write(UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(
-                filter,
-            )))?;
+            self.write(UpdateOperation::PointOperation(
+                PointOperations::DeletePointsByFilter(filter),
+            ))?;
         }
         Ok(versions)
     }
@@ -216,7 +229,12 @@ impl VectorStore for EdgeStore {
         "qdrant-edge"
     }
 
-    async fn upsert(&self, doc: &DocMeta, chunks: &[Chunk], vectors: &[Vec<f32>]) -> anyhow::Result<()> {
+    async fn upsert(
+        &self,
+        doc: &DocMeta,
+        chunks: &[Chunk],
+        vectors: &[Vec<f32>],
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(chunks.len() == vectors.len(), "one vector per chunk");
         for v in vectors {
             anyhow::ensure!(
@@ -250,14 +268,19 @@ impl VectorStore for EdgeStore {
             return Ok(());
         }
         self.blocking(move |s| {
-            s.write(UpdateOperation::PointOperation(PointOperations::UpsertPoints(
-                PointInsertOperations::PointsList(points),
-            )))
+            s.write(UpdateOperation::PointOperation(
+                PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
+            ))
         })
         .await
     }
 
-    async fn search(&self, vector: &[f32], scope: &Scope, limit: usize) -> anyhow::Result<Vec<Hit>> {
+    async fn search(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Hit>> {
         if scope.is_empty() || limit == 0 {
             return Ok(vec![]);
         }
@@ -274,9 +297,9 @@ impl VectorStore for EdgeStore {
                 .shard
                 .query(QueryRequest {
                     prefetches: vec![],
-                    query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery::default_dense(
-                        vector,
-                    )))),
+                    query: Some(ScoringQuery::Vector(QueryEnum::Nearest(
+                        NamedQuery::default_dense(vector),
+                    ))),
                     filter: Some(filter),
                     score_threshold: None,
                     limit,
@@ -312,7 +335,8 @@ impl VectorStore for EdgeStore {
 
     async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>> {
         let (doc_id, keep) = (doc_id.to_string(), keep.to_string());
-        self.blocking(move |s| s.delete_where(&doc_id, Some(&keep))).await
+        self.blocking(move |s| s.delete_where(&doc_id, Some(&keep)))
+            .await
     }
 
     async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
@@ -340,7 +364,10 @@ impl VectorStore for EdgeStore {
         });
         self.blocking(move |s| {
             s.shard
-                .count(CountRequest { filter, exact: true })
+                .count(CountRequest {
+                    filter,
+                    exact: true,
+                })
                 .map(|n| n as u64)
                 .map_err(|e| anyhow::anyhow!("vector store count: {e}"))
         })
@@ -352,7 +379,9 @@ impl VectorStore for EdgeStore {
             {
                 let _w = s.writer.lock();
                 s.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
-                s.shard.optimize().map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
+                s.shard
+                    .optimize()
+                    .map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
             }
             s.inner.flush()
         })
@@ -380,7 +409,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = EdgeStore::open(dir.path(), 8).unwrap();
-            let (doc, chunks, vecs) = super::super::conformance::doc("a", "v1", "hr", "public", 3, 0);
+            let (doc, chunks, vecs) =
+                super::super::conformance::doc("a", "v1", "hr", "public", 3, 0);
             store.upsert(&doc, &chunks, &vecs).await.unwrap();
             store.flush().await.unwrap();
         }
@@ -389,7 +419,9 @@ mod tests {
         let store = EdgeStore::open(dir.path(), 8).unwrap();
         assert_eq!(store.count(Some("a")).await.unwrap(), 3);
         drop(store);
-        let err = EdgeStore::open(dir.path(), 16).err().expect("dimension mismatch must fail");
+        let err = EdgeStore::open(dir.path(), 16)
+            .err()
+            .expect("dimension mismatch must fail");
         assert!(format!("{err:#}").contains("16-dimensional"), "{err:#}");
     }
 }

@@ -57,9 +57,15 @@ pub trait VectorStore: Send + Sync {
     fn backend(&self) -> &'static str;
     /// Writes every chunk of one document version; visible to searches when
     /// it returns, durable after [`VectorStore::flush`].
-    async fn upsert(&self, doc: &DocMeta, chunks: &[Chunk], vectors: &[Vec<f32>]) -> anyhow::Result<()>;
+    async fn upsert(
+        &self,
+        doc: &DocMeta,
+        chunks: &[Chunk],
+        vectors: &[Vec<f32>],
+    ) -> anyhow::Result<()>;
     /// Top `limit` chunks by cosine similarity, looking only inside `scope`.
-    async fn search(&self, vector: &[f32], scope: &Scope, limit: usize) -> anyhow::Result<Vec<Hit>>;
+    async fn search(&self, vector: &[f32], scope: &Scope, limit: usize)
+        -> anyhow::Result<Vec<Hit>>;
     /// Deletes every version of `doc_id` except `keep`; returns the versions
     /// removed.
     async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>>;
@@ -103,7 +109,10 @@ mod tests {
 
     #[test]
     fn empty_scope_allows_nothing() {
-        let s = Scope { divisions: vec!["hr".into()], access_levels: vec![] };
+        let s = Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec![],
+        };
         assert!(s.is_empty());
         assert!(!s.allows("hr", "public"));
     }

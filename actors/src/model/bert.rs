@@ -59,7 +59,10 @@ impl BertConfig {
             );
         }
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            bail!("{}: hidden_size must be a multiple of num_attention_heads", path.display());
+            bail!(
+                "{}: hidden_size must be a multiple of num_attention_heads",
+                path.display()
+            );
         }
         Ok(cfg)
     }
@@ -165,7 +168,11 @@ impl Weights {
     ) -> anyhow::Result<LayerNorm<B>> {
         let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init::<B>(device);
         ln.gamma = Param::from_tensor(self.tensor(&format!("{name}.weight"), [d], device)?);
-        ln.beta = Some(Param::from_tensor(self.tensor(&format!("{name}.bias"), [d], device)?));
+        ln.beta = Some(Param::from_tensor(self.tensor(
+            &format!("{name}.bias"),
+            [d],
+            device,
+        )?));
         Ok(ln)
     }
 
@@ -246,7 +253,12 @@ impl<B: Backend> Bert<B> {
                 key: w.linear(&format!("{p}.attention.self.key"), h, h, device)?,
                 value: w.linear(&format!("{p}.attention.self.value"), h, h, device)?,
                 attn_out: w.linear(&format!("{p}.attention.output.dense"), h, h, device)?,
-                attn_norm: w.layer_norm(&format!("{p}.attention.output.LayerNorm"), h, eps, device)?,
+                attn_norm: w.layer_norm(
+                    &format!("{p}.attention.output.LayerNorm"),
+                    h,
+                    eps,
+                    device,
+                )?,
                 ffn_in: w.linear(&format!("{p}.intermediate.dense"), h, ff, device)?,
                 ffn_out: w.linear(&format!("{p}.output.dense"), ff, h, device)?,
                 ffn_norm: w.layer_norm(&format!("{p}.output.LayerNorm"), h, eps, device)?,
@@ -296,7 +308,8 @@ impl<B: Backend> Bert<B> {
         let ids: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(b.ids.clone(), [n, s]), dev);
         let types: Tensor<B, 2, Int> =
             Tensor::from_data(TensorData::new(b.type_ids.clone(), [n, s]), dev);
-        let positions: Tensor<B, 2, Int> = Tensor::<B, 1, Int>::arange(0..s as i64, dev).reshape([1, s]);
+        let positions: Tensor<B, 2, Int> =
+            Tensor::<B, 1, Int>::arange(0..s as i64, dev).reshape([1, s]);
         let x = self.word.forward(ids)
             + self.token_type.forward(types)
             + self.position.forward(positions);
@@ -304,7 +317,8 @@ impl<B: Backend> Bert<B> {
         // Additive mask, [n, 1, 1, s]: 0 where attended, -10000 at padding
         // (exp(-10000) is 0 in f32, and the value stays finite in f16).
         let add_mask: Vec<f32> = b.mask.iter().map(|m| (1.0 - m) * -10000.0).collect();
-        let add_mask: Tensor<B, 4> = Tensor::from_data(TensorData::new(add_mask, [n, 1, 1, s]), dev);
+        let add_mask: Tensor<B, 4> =
+            Tensor::from_data(TensorData::new(add_mask, [n, 1, 1, s]), dev);
         let scale = 1.0 / (d as f64).sqrt();
         for l in &self.layers {
             let split = |t: Tensor<B, 3>| t.reshape([n, s, heads, d]).swap_dims(1, 2);
@@ -312,7 +326,10 @@ impl<B: Backend> Bert<B> {
             let k = split(l.key.forward(x.clone()));
             let v = split(l.value.forward(x.clone()));
             let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + add_mask.clone();
-            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([n, s, h]);
+            let ctx = softmax(scores, 3)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([n, s, h]);
             let x1 = l.attn_norm.forward(l.attn_out.forward(ctx) + x);
             let ff = l.ffn_out.forward(gelu(l.ffn_in.forward(x1.clone())));
             x = l.ffn_norm.forward(ff + x1);
@@ -329,7 +346,12 @@ impl<B: Backend> Bert<B> {
         let summed = (x * mask.clone()).sum_dim(1).reshape([n, h]);
         let counts = mask.sum_dim(1).reshape([n, 1]).clamp_min(1e-9);
         let mean = summed / counts;
-        let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+        let norm = mean
+            .clone()
+            .powi_scalar(2)
+            .sum_dim(1)
+            .sqrt()
+            .clamp_min(1e-12);
         let out = (mean / norm).into_data().convert::<f32>();
         let flat: Vec<f32> = out.iter::<f32>().collect();
         flat.chunks(h).map(<[f32]>::to_vec).collect()

@@ -124,13 +124,19 @@ fn batched<T: Clone>(
     let lengths: Vec<usize> = order.iter().map(|&i| encodings[i].len()).collect();
     let mut out: Vec<Option<T>> = vec![None; encodings.len()];
     for range in policy.cut(&lengths) {
-        let members: Vec<&Encoding> = order[range.clone()].iter().map(|&i| &encodings[i]).collect();
+        let members: Vec<&Encoding> = order[range.clone()]
+            .iter()
+            .map(|&i| &encodings[i])
+            .collect();
         let results = f(&pad(&members))?;
         for (slot, r) in order[range].iter().zip(results) {
             out[*slot] = Some(r);
         }
     }
-    Ok(out.into_iter().map(|r| r.expect("every row computed")).collect())
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every row computed"))
+        .collect())
 }
 
 /// A sentence encoder (all-MiniLM-L6-v2 and friends).
@@ -241,11 +247,21 @@ pub enum AnyEncoder {
 impl AnyEncoder {
     pub fn load(dir: &Path, policy: BatchPolicy, device: Device) -> anyhow::Result<Self> {
         match device {
-            Device::Cpu => Ok(AnyEncoder::Cpu(Encoder::load(dir, policy, &Default::default())?)),
+            Device::Cpu => Ok(AnyEncoder::Cpu(Encoder::load(
+                dir,
+                policy,
+                &Default::default(),
+            )?)),
             #[cfg(feature = "cuda")]
-            Device::Cuda => Ok(AnyEncoder::Cuda(Encoder::load(dir, policy, &Default::default())?)),
+            Device::Cuda => Ok(AnyEncoder::Cuda(Encoder::load(
+                dir,
+                policy,
+                &Default::default(),
+            )?)),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda => anyhow::bail!("device = \"cuda\" needs a ragd built with --features cuda"),
+            Device::Cuda => {
+                anyhow::bail!("device = \"cuda\" needs a ragd built with --features cuda")
+            }
         }
     }
     pub fn embed(&self, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
@@ -280,11 +296,21 @@ pub enum AnyCrossEncoder {
 impl AnyCrossEncoder {
     pub fn load(dir: &Path, policy: BatchPolicy, device: Device) -> anyhow::Result<Self> {
         match device {
-            Device::Cpu => Ok(AnyCrossEncoder::Cpu(CrossEncoder::load(dir, policy, &Default::default())?)),
+            Device::Cpu => Ok(AnyCrossEncoder::Cpu(CrossEncoder::load(
+                dir,
+                policy,
+                &Default::default(),
+            )?)),
             #[cfg(feature = "cuda")]
-            Device::Cuda => Ok(AnyCrossEncoder::Cuda(CrossEncoder::load(dir, policy, &Default::default())?)),
+            Device::Cuda => Ok(AnyCrossEncoder::Cuda(CrossEncoder::load(
+                dir,
+                policy,
+                &Default::default(),
+            )?)),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda => anyhow::bail!("device = \"cuda\" needs a ragd built with --features cuda"),
+            Device::Cuda => {
+                anyhow::bail!("device = \"cuda\" needs a ragd built with --features cuda")
+            }
         }
     }
     pub fn score(&self, query: &str, passages: &[&str]) -> anyhow::Result<Vec<f32>> {
@@ -302,7 +328,10 @@ mod tests {
 
     #[test]
     fn batches_respect_the_token_budget_and_size() {
-        let p = BatchPolicy { max_tokens: 100, max_batch: 3 };
+        let p = BatchPolicy {
+            max_tokens: 100,
+            max_batch: 3,
+        };
         let cuts = p.cut(&[10, 10, 10, 10, 40, 60, 200]);
         assert_eq!(cuts, vec![0..3, 3..5, 5..6, 6..7]);
         // A single text longer than the budget still gets its own batch.
