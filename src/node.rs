@@ -86,35 +86,14 @@ where
 fn supervisor(name: &str, registry: &StatsRegistry, children: Vec<ChildSpec>) -> ChildSpec {
     let path = format!("root/{name}");
     let registry = registry.clone();
-    let children = Arc::new(parking_lot::Mutex::new(Some(children)));
-    // A restarted stage supervisor gets fresh specs built from the same
-    // closures; the specs themselves are consumed by the first start.
-    let specs: Arc<parking_lot::Mutex<Vec<(String, StartFn)>>> =
-        Arc::new(parking_lot::Mutex::new(Vec::new()));
+    // A restarted stage supervisor starts the same children again.
     child(name, move || {
-        let list = match children.lock().take() {
-            Some(list) => {
-                *specs.lock() = list
-                    .iter()
-                    .map(|c| (c.name.clone(), c.start.clone()))
-                    .collect();
-                list
-            }
-            None => specs
-                .lock()
-                .iter()
-                .map(|(n, s)| ChildSpec {
-                    name: n.clone(),
-                    start: s.clone(),
-                })
-                .collect(),
-        };
         (
             None,
             Supervisor,
             SupervisorArgs {
                 path: path.clone(),
-                children: list,
+                children: children.clone(),
                 policy: RestartPolicy::default(),
                 registry: registry.clone(),
             },

@@ -43,9 +43,12 @@ pub trait DeadLetters: Send + Sync {
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry>;
 }
 
+/// The log plus its entries in memory: the watcher asks "is this version
+/// dead-lettered?" for every document it sees, which must not re-read the
+/// file each time. The file stays the source of truth across restarts.
 pub struct FileDlq {
     path: PathBuf,
-    file: Mutex<File>,
+    log: Mutex<(File, Vec<DlqEntry>)>,
 }
 
 impl FileDlq {
@@ -73,9 +76,10 @@ impl FileDlq {
                 (&file).write_all(b"\n")?;
             }
         }
+        let entries = Self::read(&path)?;
         Ok(FileDlq {
             path,
-            file: Mutex::new(file),
+            log: Mutex::new((file, entries)),
         })
     }
 
@@ -116,34 +120,31 @@ impl FileDlq {
 
 impl DeadLetters for FileDlq {
     fn push(&self, mut entry: DlqEntry) -> anyhow::Result<u64> {
-        let mut file = self.file.lock();
-        let next = Self::read(&self.path)?
-            .iter()
-            .map(|e| e.id)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        entry.id = next;
+        let mut log = self.log.lock();
+        let (file, entries) = &mut *log;
+        entry.id = entries.iter().map(|e| e.id).max().unwrap_or(0) + 1;
         entry.replayed = false;
-        self.append(&mut file, &Record::Entry(entry))?;
-        Ok(next)
+        self.append(file, &Record::Entry(entry.clone()))?;
+        let id = entry.id;
+        entries.push(entry);
+        Ok(id)
     }
 
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
-        let _guard = self.file.lock();
-        Self::read(&self.path)
+        Ok(self.log.lock().1.clone())
     }
 
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
-        let mut file = self.file.lock();
-        let mut entry = Self::read(&self.path)?
-            .into_iter()
+        let mut log = self.log.lock();
+        let (file, entries) = &mut *log;
+        let entry = entries
+            .iter_mut()
             .find(|e| e.id == id)
             .with_context(|| format!("no DLQ entry with id {id}"))?;
         anyhow::ensure!(!entry.replayed, "DLQ entry {id} was already replayed");
-        self.append(&mut file, &Record::Replayed { id })?;
+        self.append(file, &Record::Replayed { id })?;
         entry.replayed = true;
-        Ok(entry)
+        Ok(entry.clone())
     }
 }
 

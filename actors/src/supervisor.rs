@@ -77,6 +77,7 @@ pub type StartFn = Arc<
     dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, ActorProcessingErr>> + Send + Sync,
 >;
 
+#[derive(Clone)]
 pub struct ChildSpec {
     pub name: String,
     pub start: StartFn,
