@@ -60,7 +60,8 @@ def main():
     url, token = sys.argv[1], sys.argv[2]
     n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 300
     clients = int(sys.argv[sys.argv.index("--clients") + 1]) if "--clients" in sys.argv else 1
-    misses = [f"who handles the {TOPICS[i % len(TOPICS)]} for request {i}?" for i in range(n)]
+    # Distinct per run too: a second run must not hit the first run's entries.
+    misses = [f"who handles the {TOPICS[i % len(TOPICS)]} for request {i + 100_000 * clients}?" for i in range(n)]
     ask(url, token, "warm up")
     print(json.dumps({"case": f"miss/{clients}c", **run(url, token, misses, clients)}))
     ask(url, token, "which team booked the meeting room?")
