@@ -8,7 +8,7 @@ pub const DIM: usize = 8;
 
 /// A unit vector pointing mostly along axis `axis`, nudged by `i`.
 pub fn vector(axis: usize, i: u32) -> Vec<f32> {
-    let mut v = vec![0.01f32; DIM];
+    let mut v = [0.01f32; DIM];
     v[axis % DIM] = 1.0;
     v[(axis + 1) % DIM] += i as f32 * 0.01;
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();

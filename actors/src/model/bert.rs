@@ -58,7 +58,8 @@ impl BertConfig {
                 cfg.hidden_act
             );
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             bail!(
                 "{}: hidden_size must be a multiple of num_attention_heads",
                 path.display()
