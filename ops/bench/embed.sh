@@ -14,15 +14,25 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sentence_trans
 fi
 out=$(mktemp -d)
 cargo bench --bench embed 2>/dev/null | tee "$out/ragd.jsonl"
+# BACKENDS=ndarray also measures burn ndarray on the system OpenBLAS
+# (needs Debian's libopenblas-dev), the CPU backend flex was chosen over.
+if [[ " ${BACKENDS:-} " == *" ndarray "* ]]; then
+  RAGD_BENCH_BACKEND=ndarray cargo bench --features ndarray --bench embed 2>/dev/null | tee "$out/ndarray.jsonl"
+fi
 "$venv/bin/python" ops/bench/st_embed.py models/all-MiniLM-L6-v2 | tee "$out/st.jsonl"
 python3 - "$out/ragd.jsonl" "$out/st.jsonl" <<'PY'
 import json, sys
 ragd = {r["case"]: r for r in map(json.loads, open(sys.argv[1]))}
+import os
+nd_path = os.path.join(os.path.dirname(sys.argv[1]), "ndarray.jsonl")
+nd = {r["case"]: r for r in map(json.loads, open(nd_path))} if os.path.exists(nd_path) else {}
 st = {r["case"]: r for r in map(json.loads, open(sys.argv[2]))}
-print("\n| case | ragd tokens/s | sentence-transformers tokens/s | ratio |")
-print("|---|---|---|---|")
+print("\n| case | sentence-transformers tokens/s | ragd flex tokens/s | ratio | ragd ndarray+OpenBLAS tokens/s | ratio |")
+print("|---|---|---|---|---|---|")
 for case, r in ragd.items():
     s = st.get(case)
     if s:
-        print(f"| {case} | {r['tokens_per_s']:.0f} | {s['tokens_per_s']:.0f} | {r['tokens_per_s']/s['tokens_per_s']:.2f}× |")
+        n = nd.get(case)
+        extra = f"{n['tokens_per_s']:.0f} | {n['tokens_per_s']/s['tokens_per_s']:.2f}×" if n else "– | –"
+        print(f"| {case} | {s['tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s']/s['tokens_per_s']:.2f}× | {extra} |")
 PY

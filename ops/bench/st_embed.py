@@ -35,12 +35,13 @@ def main():
     impl = f"sentence-transformers-{device}{'-fp16' if '--fp16' in sys.argv else ''} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
     for label, words in [("short", 12), ("chunk", 170)]:
         for batch in [1, 32, 128]:
-            total = 64 if batch == 1 else batch * 4
+            # Same totals and passes as benches/embed.rs.
+            total, passes = (64, 3) if batch == 1 else (batch * 4, 3) if label == "short" else (batch * 2, 2)
             texts = [text(i, words) for i in range(total)]
             tokens = sum(len(model.tokenizer(t, truncation=True, max_length=model.max_seq_length)["input_ids"]) for t in texts)
             model.encode(texts[:batch], batch_size=batch)
             best = float("inf")
-            for _ in range(3):
+            for _ in range(passes):
                 t = time.perf_counter()
                 model.encode(texts, batch_size=batch, normalize_embeddings=True)
                 if device == "cuda":

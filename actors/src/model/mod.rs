@@ -5,7 +5,6 @@ pub mod bert;
 
 use anyhow::Context;
 use bert::{Batch, Bert};
-use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use tokenizers::{Encoding, Tokenizer, TruncationParams, TruncationStrategy};
 
@@ -233,6 +232,15 @@ impl<B: Backend> CrossEncoder<B> {
 
 /// The CPU backend: burn's flex (see BENCHMARKS.md for the choice).
 pub type Cpu = burn::backend::Flex;
+
+/// The backend trait the model code is generic over (for benches and tools
+/// outside this crate that pick a backend).
+pub use burn::tensor::backend::Backend;
+
+/// burn ndarray on the system OpenBLAS: measured against flex in the
+/// embedding benchmark (see BENCHMARKS.md), not used by the daemon.
+#[cfg(feature = "ndarray")]
+pub type NdArrayBlas = burn::backend::NdArray<f32>;
 
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda<f32, i32>;
