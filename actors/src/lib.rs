@@ -18,4 +18,5 @@ pub mod reranker;
 pub mod source_watcher;
 pub mod stats;
 pub mod supervisor;
+pub mod testkit;
 pub mod version_pruner;

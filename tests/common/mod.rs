@@ -102,6 +102,17 @@ access_levels = ["public", "internal"]
         self.dir.path().join("ragd.toml")
     }
 
+    /// Points this workspace's source at `other`'s knowledge base, so two
+    /// nodes (own data folders, own ports) index the same files.
+    pub fn share_kb_of(&self, other: &Workspace) {
+        let text = std::fs::read_to_string(self.config()).unwrap();
+        let text = text.replace(
+            "path = \"kb\"",
+            &format!("path = {:?}", other.kb().display().to_string()),
+        );
+        std::fs::write(self.config(), text).unwrap();
+    }
+
     pub fn kb(&self) -> PathBuf {
         self.dir.path().join("kb")
     }
@@ -148,6 +159,10 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(ws: &Workspace) -> Daemon {
+        Self::start_with_env(ws, &[])
+    }
+
+    pub fn start_with_env(ws: &Workspace, env: &[(&str, &str)]) -> Daemon {
         let log = ws.dir.path().join(format!(
             "ragd-{}.log",
             Instant::now().elapsed().as_nanos() ^ rand_suffix()
@@ -155,6 +170,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_ragd"))
             .args(["up", "--config"])
             .arg(ws.config())
+            .envs(env.iter().copied())
             .env("RAGD_LOG", "info,ragd_actors=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -265,12 +281,24 @@ impl Daemon {
     }
 
     pub fn ask(&self, token: &str, question: &str) -> serde_json::Value {
+        self.ask_top(token, question, 5)
+    }
+
+    pub fn ask_top(&self, token: &str, question: &str, top_k: usize) -> serde_json::Value {
         let (status, body) = self.query_raw(
             Some(token),
-            &serde_json::json!({ "question": question, "top_k": 5 }).to_string(),
+            &serde_json::json!({ "question": question, "top_k": top_k }).to_string(),
         );
         assert_eq!(status, 200, "query failed: {body}");
         body
+    }
+
+    /// Asks until the answer comes from the cache (stores are asynchronous).
+    pub fn wait_for_cached(&self, question: &str) -> serde_json::Value {
+        wait_for("a cached answer", Duration::from_secs(10), || {
+            let r = self.ask(HR_TOKEN, question);
+            (r["cached"] == true).then_some(r)
+        })
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {

@@ -7,6 +7,7 @@
 //! once.
 
 pub mod embedded;
+pub mod redis;
 
 use crate::indexer::{Hit, Scope};
 use crate::stats::ActorStats;

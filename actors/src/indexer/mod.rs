@@ -8,6 +8,7 @@
 pub mod actor;
 pub mod conformance;
 pub mod edge;
+pub mod qdrant;
 
 use crate::messages::{Chunk, DocMeta};
 use async_trait::async_trait;

