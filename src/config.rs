@@ -483,17 +483,11 @@ fn validate(
                     "index.qdrant_url: {url:?} is not an http(s) URL (Qdrant's gRPC port, usually 6334)"
                 ));
             }
-            let key_var = raw
-                .index
-                .qdrant_api_key_env
-                .clone()
-                .unwrap_or_else(|| "QDRANT_API_KEY".into());
-            let api_key = env
-                .iter()
-                .find(|(k, _)| *k == key_var)
-                .map(|(_, v)| v.clone())
-                .filter(|v| !v.is_empty())
-                .map(Secret);
+            let api_key = secret_from_env(
+                env,
+                raw.index.qdrant_api_key_env.as_deref(),
+                "QDRANT_API_KEY",
+            );
             let shard_number = raw.index.shard_number.unwrap_or(1);
             let replication_factor = raw.index.replication_factor.unwrap_or(1);
             if shard_number == 0 || replication_factor == 0 {
@@ -716,6 +710,17 @@ fn validate(
     }
 }
 
+/// The value of the environment variable named `var` (or `default`), if set
+/// and not empty. Keys live in the environment, never in the config file.
+fn secret_from_env(env: &[(String, String)], var: Option<&str>, default: &str) -> Option<Secret> {
+    let var = var.unwrap_or(default);
+    env.iter()
+        .find(|(k, _)| k == var)
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_empty())
+        .map(Secret)
+}
+
 fn validate_llm(
     raw: &RawLlm,
     env: &[(String, String)],
@@ -731,16 +736,7 @@ fn validate_llm(
     if model.is_empty() {
         err("llm.model is required when llm.base_url is set".into());
     }
-    let key_var = raw
-        .api_key_env
-        .clone()
-        .unwrap_or_else(|| "OPENAI_API_KEY".into());
-    let api_key = env
-        .iter()
-        .find(|(k, _)| *k == key_var)
-        .map(|(_, v)| v.clone())
-        .filter(|v| !v.is_empty())
-        .map(Secret);
+    let api_key = secret_from_env(env, raw.api_key_env.as_deref(), "OPENAI_API_KEY");
     let secs = |name: &str, v: Option<f64>, default: f64, err: &mut dyn FnMut(String)| {
         let v = v.unwrap_or(default);
         if !(v.is_finite() && v > 0.0) {

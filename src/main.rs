@@ -433,9 +433,10 @@ async fn ask(
         return Ok(());
     }
     let r: http::QueryResponse = serde_json::from_value(body)?;
-    match &r.answer {
-        Some(a) => println!("{a}\n"),
-        None => println!("(no answer: no LLM configured; the best passages follow)\n"),
+    match (&r.answer, &r.answer_error) {
+        (Some(a), _) => println!("{a}\n"),
+        (None, Some(why)) => println!("(no answer: {why}; the best passages follow)\n"),
+        (None, None) => println!("(no answer: no LLM configured; the best passages follow)\n"),
     }
     for (i, s) in r.sources.iter().enumerate() {
         let text: String = s.text.chars().take(300).collect();

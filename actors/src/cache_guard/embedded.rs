@@ -137,28 +137,8 @@ impl SemanticCache for EmbeddedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache_guard::test_support::{hit, scope};
     use crate::cache_guard::visible;
-    use crate::indexer::Hit;
-
-    fn hit(doc: &str, version: &str, division: &str) -> Hit {
-        Hit {
-            doc_id: doc.into(),
-            uri: doc.into(),
-            version: version.into(),
-            division: division.into(),
-            access_level: "internal".into(),
-            chunk_index: 0,
-            text: "t".into(),
-            score: 1.0,
-        }
-    }
-
-    fn scope(divs: &[&str]) -> Scope {
-        Scope {
-            divisions: divs.iter().map(|d| d.to_string()).collect(),
-            access_levels: vec!["internal".into()],
-        }
-    }
 
     #[tokio::test]
     async fn hits_near_questions_in_the_same_scope_only() {

@@ -9,6 +9,31 @@
 pub mod embedded;
 pub mod redis;
 
+#[cfg(test)]
+mod test_support {
+    use crate::indexer::{Hit, Scope};
+
+    pub fn hit(doc: &str, version: &str, division: &str) -> Hit {
+        Hit {
+            doc_id: doc.into(),
+            uri: doc.into(),
+            version: version.into(),
+            division: division.into(),
+            access_level: "internal".into(),
+            chunk_index: 0,
+            text: "t".into(),
+            score: 1.0,
+        }
+    }
+
+    pub fn scope(divs: &[&str]) -> Scope {
+        Scope {
+            divisions: divs.iter().map(|d| d.to_string()).collect(),
+            access_levels: vec!["internal".into()],
+        }
+    }
+}
+
 use crate::indexer::{Hit, Scope};
 use crate::stats::ActorStats;
 use async_trait::async_trait;

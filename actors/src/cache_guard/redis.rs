@@ -628,7 +628,7 @@ fn first_result(reply: &Value) -> anyhow::Result<Option<(f64, Vec<u8>)>> {
 mod tests {
     //! Against a real Valkey with the search module (crate::testkit).
     use super::*;
-    use crate::indexer::Hit;
+    use crate::cache_guard::test_support::{hit, scope};
     use crate::testkit::Valkey;
 
     fn settings(v: &Valkey, dim: usize, ttl: Duration) -> RedisSettings {
@@ -640,26 +640,6 @@ mod tests {
             threshold: 0.98,
             ttl,
             timeout: Duration::from_millis(250),
-        }
-    }
-
-    fn hit(doc: &str, version: &str, division: &str) -> Hit {
-        Hit {
-            doc_id: doc.into(),
-            uri: doc.into(),
-            version: version.into(),
-            division: division.into(),
-            access_level: "internal".into(),
-            chunk_index: 0,
-            text: "t".into(),
-            score: 1.0,
-        }
-    }
-
-    fn scope(divs: &[&str]) -> Scope {
-        Scope {
-            divisions: divs.iter().map(|d| d.to_string()).collect(),
-            access_levels: vec!["internal".into()],
         }
     }
 

@@ -13,7 +13,7 @@
 //! [`VectorStore::optimize`] runs the optimizer that builds HNSW once a
 //! segment grows past the indexing threshold.
 
-use super::{point_id, Hit, Scope, VectorStore};
+use super::{check_search, check_upsert, point_id, Hit, Scope, VectorStore};
 use crate::messages::{Chunk, DocMeta};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -235,15 +235,7 @@ impl VectorStore for EdgeStore {
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()> {
-        anyhow::ensure!(chunks.len() == vectors.len(), "one vector per chunk");
-        for v in vectors {
-            anyhow::ensure!(
-                v.len() == self.dim,
-                "vector of size {} for a store of size {}",
-                v.len(),
-                self.dim
-            );
-        }
+        check_upsert(chunks, vectors, self.dim)?;
         let points: Vec<PointStructPersisted> = chunks
             .iter()
             .zip(vectors)
@@ -281,15 +273,9 @@ impl VectorStore for EdgeStore {
         scope: &Scope,
         limit: usize,
     ) -> anyhow::Result<Vec<Hit>> {
-        if scope.is_empty() || limit == 0 {
+        if !check_search(vector, scope, limit, self.dim)? {
             return Ok(vec![]);
         }
-        anyhow::ensure!(
-            vector.len() == self.dim,
-            "query vector of size {} for a store of size {}",
-            vector.len(),
-            self.dim
-        );
         let filter = scope_filter(scope);
         let vector = vector.to_vec();
         self.blocking(move |s| {

@@ -83,6 +83,38 @@ pub trait VectorStore: Send + Sync {
     async fn optimize(&self) -> anyhow::Result<()>;
 }
 
+/// The argument checks every backend's `upsert` makes.
+pub fn check_upsert(chunks: &[Chunk], vectors: &[Vec<f32>], dim: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(chunks.len() == vectors.len(), "one vector per chunk");
+    for v in vectors {
+        anyhow::ensure!(
+            v.len() == dim,
+            "vector of size {} for a store of size {dim}",
+            v.len()
+        );
+    }
+    Ok(())
+}
+
+/// The argument checks every backend's `search` makes; Ok(false) when
+/// nothing can match (an empty scope matches nothing, never everything).
+pub fn check_search(
+    vector: &[f32],
+    scope: &Scope,
+    limit: usize,
+    dim: usize,
+) -> anyhow::Result<bool> {
+    if scope.is_empty() || limit == 0 {
+        return Ok(false);
+    }
+    anyhow::ensure!(
+        vector.len() == dim,
+        "query vector of size {} for a store of size {dim}",
+        vector.len()
+    );
+    Ok(true)
+}
+
 /// Deterministic point id: the first 8 bytes of sha256(doc id, version, index).
 pub fn point_id(doc_id: &str, version: &str, chunk_index: u32) -> u64 {
     let mut h = Sha256::new();

@@ -12,7 +12,7 @@
 //! `retry-after` honoured) when the server is unavailable, overloaded or the
 //! call timed out; other errors fail at once with the server's message.
 
-use super::{point_id, Hit, Scope, VectorStore};
+use super::{check_search, check_upsert, point_id, Hit, Scope, VectorStore};
 use crate::messages::{Chunk, DocMeta};
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
@@ -376,15 +376,7 @@ impl VectorStore for QdrantStore {
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()> {
-        anyhow::ensure!(chunks.len() == vectors.len(), "one vector per chunk");
-        for v in vectors {
-            anyhow::ensure!(
-                v.len() == self.s.dim,
-                "vector of size {} for a store of size {}",
-                v.len(),
-                self.s.dim
-            );
-        }
+        check_upsert(chunks, vectors, self.s.dim)?;
         if chunks.is_empty() {
             return Ok(());
         }
@@ -434,15 +426,9 @@ impl VectorStore for QdrantStore {
         scope: &Scope,
         limit: usize,
     ) -> anyhow::Result<Vec<Hit>> {
-        if scope.is_empty() || limit == 0 {
+        if !check_search(vector, scope, limit, self.s.dim)? {
             return Ok(vec![]);
         }
-        anyhow::ensure!(
-            vector.len() == self.s.dim,
-            "query vector of size {} for a store of size {}",
-            vector.len(),
-            self.s.dim
-        );
         let keys = self.keys_for(scope).await?;
         if keys.is_empty() {
             return Ok(vec![]); // none of the caller's divisions holds anything
