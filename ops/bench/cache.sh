@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
 profile="${PROFILE:-release}"
-if [ "$profile" = release ]; then cargo build --release --bin ragd; bin="$CARGO_TARGET_DIR/release/ragd"; else cargo build --bin ragd; bin="$CARGO_TARGET_DIR/debug/ragd"; fi
+if [ -n "${RAGD_BIN:-}" ]; then bin="$RAGD_BIN"   # an already built ragd
+elif [ "$profile" = release ]; then cargo build --release --bin ragd; bin="$CARGO_TARGET_DIR/release/ragd"
+else cargo build --bin ragd; bin="$CARGO_TARGET_DIR/debug/ragd"; fi
 work="${BENCH_DIR:-$HOME/.cache/ragd/bench-query}"
 [ -f "$work/ragd.toml" ] || { echo "run ops/bench/query.sh first (it builds the index)" >&2; exit 2; }
 source ops/services.sh
