@@ -274,10 +274,12 @@ impl RedisCache {
         }
     }
 
-    fn entry_key(&self, vector: &[f32], scope: &Scope, top_k: usize) -> String {
+    /// One entry per (question vector, scope, top_k): storing the same
+    /// question again overwrites it.
+    fn entry_key(&self, vec_blob: &[u8], tag: &str, top_k: usize) -> String {
         let mut h = Sha256::new();
-        h.update(blob(vector));
-        h.update(scope_tag(scope).as_bytes());
+        h.update(vec_blob);
+        h.update(tag.as_bytes());
         h.update(top_k.to_le_bytes());
         format!("{}e:{}", self.s.prefix, hex(&h.finalize()[..16]))
     }
@@ -344,7 +346,8 @@ impl RedisCache {
         top_k: usize,
         value: &CachedAnswer,
     ) -> anyhow::Result<()> {
-        let key = self.entry_key(vector, scope, top_k);
+        let (vec_blob, tag) = (blob(vector), scope_tag(scope));
+        let key = self.entry_key(&vec_blob, &tag, top_k);
         let ttl = self.s.ttl.as_secs().max(1);
         let mut cited: Vec<(&str, &str)> = value
             .sources
@@ -357,9 +360,9 @@ impl RedisCache {
         p.cmd("HSET")
             .arg(&key)
             .arg("vec")
-            .arg(blob(vector))
+            .arg(&vec_blob)
             .arg("scope")
-            .arg(scope_tag(scope))
+            .arg(&tag)
             .arg("top_k")
             .arg(top_k)
             .arg("value")
