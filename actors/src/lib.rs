@@ -4,6 +4,7 @@
 //! VersionPruner, with failures going to the DLQ. Query: CacheGuard and
 //! Reranker. Payloads between stages live in [`messages`].
 
+pub mod bridge;
 pub mod cache_guard;
 pub mod chunker;
 pub mod dlq;

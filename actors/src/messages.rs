@@ -29,6 +29,30 @@ pub struct DocMeta {
     pub version: String,
     pub partition: Partition,
     pub size: u64,
+    /// When the watcher saw this version (ns since the epoch): orders the
+    /// versions of a document on nodes that have no watcher (see
+    /// `Ledger::observe`).
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// Nanoseconds since the epoch, never equal twice in one process: the
+/// watcher's observation order.
+pub fn next_seq() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
 }
 
 /// A source event: the watcher saw a new version of a document, or saw it go.
@@ -72,8 +96,19 @@ pub struct EmbeddedDoc {
 /// What the Indexer tells the VersionPruner: this version is durable now.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum IndexedEvent {
-    Indexed { doc_id: String, version: String },
-    Deleted { doc_id: String },
+    Indexed {
+        doc_id: String,
+        version: String,
+    },
+    Deleted {
+        doc_id: String,
+    },
+    /// A newer version overtook this one before it was written (cluster:
+    /// the ingest node's ledger closes the version on it).
+    Superseded {
+        doc_id: String,
+        version: String,
+    },
 }
 
 /// The versioned envelope for anything that crosses a node boundary.

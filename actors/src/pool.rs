@@ -58,10 +58,27 @@ impl Default for PoolSettings {
     }
 }
 
+/// Called once when a job has reached its end in this stage: processed, or
+/// durably dead-lettered. A Kafka input commits the job's offset then, so a
+/// job that a crash interrupts is delivered again.
+#[derive(Clone)]
+pub struct Ack(Arc<dyn Fn() + Send + Sync>);
+
+impl Ack {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Ack {
+        Ack(Arc::new(f))
+    }
+
+    pub fn fire(&self) {
+        (self.0)()
+    }
+}
+
 #[derive(Clone)]
 struct Attempt<J> {
     job: J,
     attempt: u32,
+    ack: Option<Ack>,
 }
 
 /// The queue in front of a stage. Cloneable handle used by upstream stages.
@@ -81,7 +98,26 @@ impl<J: Job> PoolQueue<J> {
     }
 
     pub fn submit(&self, job: J) {
-        self.push(Attempt { job, attempt: 0 }, false);
+        self.push(
+            Attempt {
+                job,
+                attempt: 0,
+                ack: None,
+            },
+            false,
+        );
+    }
+
+    /// Like `submit`; `ack` runs when the job has reached its end here.
+    pub fn submit_with_ack(&self, job: J, ack: Ack) {
+        self.push(
+            Attempt {
+                job,
+                attempt: 0,
+                ack: Some(ack),
+            },
+            false,
+        );
     }
 
     fn push(&self, a: Attempt<J>, front: bool) {
@@ -280,11 +316,16 @@ impl<S: Stage> Pool<S> {
             replayed: false,
         };
         match state.args.dlq.push(entry) {
-            Ok(_) => state.args.ledger.finish(
-                a.job.doc_id(),
-                a.job.version(),
-                Outcome::DeadLettered(format!("{}: {error}", state.args.name)),
-            ),
+            Ok(_) => {
+                state.args.ledger.finish(
+                    a.job.doc_id(),
+                    a.job.version(),
+                    Outcome::DeadLettered(format!("{}: {error}", state.args.name)),
+                );
+                if let Some(ack) = &a.ack {
+                    ack.fire();
+                }
+            }
             Err(e) => {
                 // Losing the job is worse than retrying it forever.
                 tracing::error!("DLQ write failed ({e:#}); keeping the job queued");
@@ -347,7 +388,9 @@ impl<S: Stage> Actor for Pool<S> {
             PoolMsg::Kick | PoolMsg::_Phantom(_) => {}
             PoolMsg::Done(id) => {
                 if let Some(slot) = state.workers.get_mut(&id) {
-                    slot.busy = None;
+                    if let Some(ack) = slot.busy.take().and_then(|a| a.ack) {
+                        ack.fire();
+                    }
                     slot.idle_since = Instant::now();
                 }
                 state.stats().processed();

@@ -7,11 +7,12 @@
 //! do: the rescan compares the folder with what we know, so no file is ever
 //! missed. A restart does the same scan against the vector store's contents.
 
+use crate::bridge::Port;
 use crate::dlq::DeadLetters;
 use crate::indexer::actor::IndexJob;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{DocMeta, Partition};
-use crate::pool::PoolQueue;
+use crate::pool::Job;
 use crate::stats::ActorStats;
 use notify::RecursiveMode;
 use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
@@ -87,8 +88,10 @@ pub struct WatcherArgs {
     pub sources: Vec<SourceSpec>,
     pub ledger: Arc<Ledger>,
     pub dlq: Arc<dyn DeadLetters>,
-    pub chunk_q: Arc<PoolQueue<DocMeta>>,
-    pub index_q: Arc<PoolQueue<IndexJob>>,
+    /// To the Chunker (local queue, or the `raw-docs` topic).
+    pub chunk_q: Port<DocMeta>,
+    /// Deletions, to the Indexer (local queue, or the `embedded` topic).
+    pub index_q: Port<IndexJob>,
     /// Versions already in the vector store, by doc id.
     pub known: Arc<parking_lot::Mutex<HashMap<String, String>>>,
     pub max_file_bytes: u64,
@@ -296,12 +299,48 @@ async fn rescan(args: &WatcherArgs) {
     }
 }
 
+/// Sends an admitted job on. A port only fails for good (a bus that waits
+/// out outages refused the message itself); the job then goes to the DLQ so
+/// it is not silently lost.
+async fn hand_on<T: Job + serde::Serialize>(args: &WatcherArgs, port: &Port<T>, job: T) {
+    let (id, version, payload) = (
+        job.doc_id().to_string(),
+        job.version().map(str::to_string),
+        job.payload(),
+    );
+    if let Err(e) = port.send(job).await {
+        let error = format!("{e:#}");
+        tracing::error!(doc = %id, "could not hand the document on: {error}");
+        let entry = crate::dlq::DlqEntry {
+            id: 0,
+            at: crate::dlq::now_secs(),
+            stage: "source_watcher".into(),
+            error: error.clone(),
+            attempts: 1,
+            doc_id: id.clone(),
+            version: version.clone(),
+            payload,
+            replayed: false,
+        };
+        if let Err(e) = args.dlq.push(entry) {
+            tracing::error!(doc = %id, "DLQ write failed too: {e:#}");
+        }
+        args.ledger.finish(
+            &id,
+            version.as_deref(),
+            Outcome::DeadLettered(format!("source_watcher: {error}")),
+        );
+    }
+}
+
 async fn remove(args: &WatcherArgs, doc_id: &str) {
     if args.ledger.admit(doc_id, None).await {
         args.known.lock().remove(doc_id);
-        args.index_q.submit(IndexJob::Delete {
+        let job = IndexJob::Delete {
             doc_id: doc_id.to_string(),
-        });
+            seq: crate::messages::next_seq(),
+        };
+        hand_on(args, &args.index_q, job).await;
     }
 }
 
@@ -372,11 +411,12 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
         version: version.clone(),
         partition: source.partition_for(uri),
         size: meta.len(),
+        seq: crate::messages::next_seq(),
     };
     if args.ledger.admit(&id, Some(&version)).await {
         args.known.lock().insert(id, version);
         args.stats.processed();
-        args.chunk_q.submit(doc);
+        hand_on(args, &args.chunk_q, doc).await;
     }
 }
 

@@ -35,6 +35,11 @@ impl Stage for VersionPrunerStage {
                 self.ledger
                     .finish(&doc_id, Some(&version), Outcome::Indexed);
             }
+            IndexedEvent::Superseded { doc_id, version } => self.ledger.finish(
+                &doc_id,
+                Some(&version),
+                Outcome::Skipped("superseded by a newer version".into()),
+            ),
             IndexedEvent::Deleted { doc_id } => {
                 // Re-created since? Then its new version is on its way and
                 // will prune; deleting now would open a gap.

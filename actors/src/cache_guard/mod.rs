@@ -128,16 +128,25 @@ impl Actor for CacheGuard {
                 top_k,
                 reply,
             } => {
-                let found = match st.cache.lookup(&vector, &scope, top_k).await {
-                    Ok(found) => found.filter(|v| visible(v, &scope)),
-                    Err(e) => {
-                        // A broken cache is a miss, never a failed query.
-                        st.stats.set_error(format!("lookup: {e:#}"));
-                        None
-                    }
-                };
-                metrics::counter!("ragd_cache_lookups_total", "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
-                let _ = reply.send(found);
+                // Lookups run concurrently: a Redis round trip must not queue
+                // every other question behind it. Their number is bounded by
+                // the queries in flight, each of which waits for its reply.
+                let cache = st.cache.clone();
+                let stats = st.stats.clone();
+                tokio::spawn(async move {
+                    let found = match cache.lookup(&vector, &scope, top_k).await {
+                        Ok(found) => found.filter(|v| visible(v, &scope)),
+                        Err(e) => {
+                            // A broken cache is a miss, never a failed query.
+                            stats.set_error(format!("lookup: {e:#}"));
+                            None
+                        }
+                    };
+                    metrics::counter!("ragd_cache_lookups_total", "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
+                    stats.processed();
+                    let _ = reply.send(found);
+                });
+                return Ok(());
             }
             CacheMsg::Store {
                 vector,

@@ -2,16 +2,17 @@
 
 use super::parse::ParseError;
 use super::Chunker;
+use crate::bridge::Port;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{ChunkedDoc, DocMeta};
-use crate::pool::{PoolQueue, Stage};
+use crate::pool::Stage;
 use crate::source_watcher::content_version;
 use std::sync::Arc;
 
 pub struct ChunkerStage {
     pub chunker: Arc<Chunker>,
     pub ledger: Arc<Ledger>,
-    pub out: Arc<PoolQueue<ChunkedDoc>>,
+    pub out: Port<ChunkedDoc>,
     pub max_file_bytes: u64,
 }
 
@@ -54,7 +55,7 @@ impl Stage for ChunkerStage {
             .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
         match parsed {
             Ok(chunks) => {
-                self.out.submit(ChunkedDoc { meta, chunks });
+                self.out.send(ChunkedDoc { meta, chunks }).await?;
                 Ok(())
             }
             Err(ParseError::Unsupported(reason)) => skip(reason),

@@ -7,10 +7,11 @@
 //! of running one tiny batch each. The encoder sorts and pads each pass by
 //! length (see [`crate::model::BatchPolicy`]).
 
+use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
 use crate::messages::{ChunkedDoc, EmbeddedDoc};
 use crate::model::AnyEncoder;
-use crate::pool::{PoolQueue, Stage};
+use crate::pool::Stage;
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -28,12 +29,14 @@ pub struct Batcher {
 
 impl Batcher {
     /// `max_texts` bounds one pass; the encoder cuts it further by tokens.
-    pub fn start(encoder: Arc<AnyEncoder>, max_texts: usize) -> Batcher {
-        // Bounded: a full batcher makes workers wait, which keeps the pool's
+    /// `name` names the model thread (ingestion and queries have one each,
+    /// so a question never waits behind a 128-chunk ingestion pass).
+    pub fn start(name: &str, encoder: Arc<AnyEncoder>, max_texts: usize) -> Batcher {
+        // Bounded: a full batcher makes callers wait, which keeps the pool's
         // queue (and so the watcher) waiting too.
         let (tx, rx) = mpsc::sync_channel::<Request>(256);
         std::thread::Builder::new()
-            .name("ragd-embedder".into())
+            .name(name.into())
             .spawn(move || run(encoder, rx, max_texts.max(1)))
             .expect("spawning the embedder thread");
         Batcher { tx }
@@ -100,7 +103,7 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
 
 pub struct EmbedderStage {
     pub batcher: Batcher,
-    pub out: Arc<PoolQueue<IndexJob>>,
+    pub out: Port<IndexJob>,
 }
 
 impl Stage for EmbedderStage {
@@ -110,11 +113,13 @@ impl Stage for EmbedderStage {
         let texts: Vec<String> = doc.chunks.iter().map(|c| c.text.clone()).collect();
         let vectors = self.batcher.embed(texts).await?;
         anyhow::ensure!(vectors.len() == doc.chunks.len(), "one vector per chunk");
-        self.out.submit(IndexJob::Upsert(EmbeddedDoc {
-            meta: doc.meta,
-            chunks: doc.chunks,
-            vectors,
-        }));
+        self.out
+            .send(IndexJob::Upsert(EmbeddedDoc {
+                meta: doc.meta,
+                chunks: doc.chunks,
+                vectors,
+            }))
+            .await?;
         Ok(())
     }
 }

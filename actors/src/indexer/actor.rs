@@ -7,9 +7,10 @@
 //! the same queue to keep that order.
 
 use super::VectorStore;
+use crate::bridge::Port;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{EmbeddedDoc, IndexedEvent};
-use crate::pool::{PoolQueue, Stage};
+use crate::pool::Stage;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,13 +18,21 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum IndexJob {
     Upsert(EmbeddedDoc),
-    Delete { doc_id: String },
+    Delete {
+        doc_id: String,
+        /// The watcher's sequence of the deletion (see `DocMeta::seq`).
+        #[serde(default)]
+        seq: u64,
+    },
 }
 
 pub struct IndexerStage {
     pub store: Arc<dyn VectorStore>,
     pub ledger: Arc<Ledger>,
-    pub out: Arc<PoolQueue<IndexedEvent>>,
+    pub out: Port<IndexedEvent>,
+    /// On a cluster's index node, which has no watcher: learn each
+    /// document's current version from the jobs (`Ledger::observe`).
+    pub observe: bool,
     /// Run the store's optimizer after this many points were written.
     pub optimize_every: u64,
     pub written_since_optimize: AtomicU64,
@@ -36,12 +45,24 @@ impl Stage for IndexerStage {
         match job {
             IndexJob::Upsert(doc) => {
                 let (id, version) = (&doc.meta.doc_id, &doc.meta.version);
+                if self.observe {
+                    self.ledger.observe(id, Some(version), doc.meta.seq);
+                }
                 if !self.ledger.is_current(id, version) {
                     self.ledger.finish(
                         id,
                         Some(version),
                         Outcome::Skipped("superseded by a newer version".into()),
                     );
+                    if self.observe {
+                        // The ledger that admitted it is on the ingest node.
+                        self.out
+                            .send(IndexedEvent::Superseded {
+                                doc_id: doc.meta.doc_id.clone(),
+                                version: doc.meta.version.clone(),
+                            })
+                            .await?;
+                    }
                     return Ok(());
                 }
                 self.store
@@ -57,12 +78,19 @@ impl Stage for IndexerStage {
                         tracing::warn!("vector store optimisation failed: {e:#}");
                     }
                 }
-                self.out.submit(IndexedEvent::Indexed {
-                    doc_id: doc.meta.doc_id,
-                    version: doc.meta.version,
-                });
+                self.out
+                    .send(IndexedEvent::Indexed {
+                        doc_id: doc.meta.doc_id,
+                        version: doc.meta.version,
+                    })
+                    .await?;
             }
-            IndexJob::Delete { doc_id } => self.out.submit(IndexedEvent::Deleted { doc_id }),
+            IndexJob::Delete { doc_id, seq } => {
+                if self.observe && !self.ledger.observe(&doc_id, None, seq) {
+                    return Ok(()); // the document came back since
+                }
+                self.out.send(IndexedEvent::Deleted { doc_id }).await?;
+            }
         }
         Ok(())
     }

@@ -35,6 +35,7 @@ pub fn doc(
             access_level: level.into(),
         },
         size: 1,
+        seq: 0,
     };
     let chunks = (0..n)
         .map(|i| Chunk {

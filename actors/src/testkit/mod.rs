@@ -9,6 +9,9 @@
 //! loopback port, installed by `ops/services.sh install` (which `ops/test.sh`
 //! runs). Each test gets its own server, so tests can also stop and restart
 //! it to see how ragd behaves while Redis is down.
+//!
+//! `Tansu` runs tansu, a Kafka-protocol broker from crates.io (no Apache
+//! Kafka package is reachable here), installed the same way.
 
 pub mod qdrant;
 
@@ -136,6 +139,113 @@ impl Valkey {
 impl Drop for Valkey {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A tansu broker (Kafka protocol) owned by a test; killed on drop. With
+/// `sqlite` storage it keeps its topics, messages and committed offsets
+/// across `stop`/`start`, like a real broker restart.
+pub struct Tansu {
+    pub port: u16,
+    dir: PathBuf,
+    sqlite: bool,
+    child: Option<Child>,
+}
+
+impl Tansu {
+    /// In-memory storage: gone when the broker stops.
+    pub fn start() -> Tansu {
+        Self::launch(free_port(), false)
+    }
+
+    /// SQLite storage in a temp folder: survives a restart.
+    pub fn start_persistent() -> Tansu {
+        Self::launch(free_port(), true)
+    }
+
+    fn launch(port: u16, sqlite: bool) -> Tansu {
+        let mut t = Tansu {
+            port,
+            dir: {
+                let dir =
+                    std::env::temp_dir().join(format!("ragd-tansu-{}-{port}", std::process::id()));
+                std::fs::create_dir_all(&dir).expect("a temp folder for tansu");
+                dir
+            },
+            sqlite,
+            child: None,
+        };
+        t.resume();
+        t
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn resume(&mut self) {
+        let bin = installed("RAGD_TANSU", "tansu-0.6.0/bin/tansu");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        // tansu resolves sqlite:// paths against its working folder, and
+        // reads a .env there: run it in its own temp folder.
+        let storage = if self.sqlite {
+            "sqlite://tansu.db".to_string()
+        } else {
+            "memory://tansu/".to_string()
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .expect("tansu log");
+        let child = Command::new(bin)
+            .current_dir(&self.dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", &storage])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting tansu");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("tansu exited at start: {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default()
+    }
+
+    /// Kills the broker (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.resume();
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,0 +1,683 @@
+//! The Kafka bus: topics between the stages, producers for output ports,
+//! consumer tasks for stage inputs, and the `dlq` topic as dead-letter queue.
+//!
+//! Delivery is at-least-once. A consumer stores a message's offset only when
+//! the stage it feeds has finished with it (its effect durable: the next
+//! topic acked, or the index written), in order per partition, and
+//! librdkafka commits stored offsets in the background. A node that dies
+//! leaves its uncommitted messages to the consumers that inherit its
+//! partitions; effects are idempotent (deterministic point ids, version
+//! checks), so doing them twice is harmless.
+
+use crate::dlq::{now_secs, DeadLetters, DlqEntry, Record};
+use crate::messages::{Envelope, ENVELOPE_VERSION};
+use crate::pool::{Ack, Job, PoolQueue};
+use anyhow::Context;
+use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The topics between the stages, without the configured prefix.
+pub const RAW_DOCS: &str = "raw-docs";
+pub const CHUNKS: &str = "chunks";
+pub const EMBEDDED: &str = "embedded";
+pub const INDEXED: &str = "indexed";
+pub const DLQ: &str = "dlq";
+pub const TOPICS: [&str; 5] = [RAW_DOCS, CHUNKS, EMBEDDED, INDEXED, DLQ];
+
+#[derive(Clone, Debug)]
+pub struct KafkaSettings {
+    /// `host:port,host:port`
+    pub brokers: String,
+    pub topic_prefix: String,
+    /// Consumer groups are `<group_prefix>-<role>`.
+    pub group_prefix: String,
+    pub partitions: i32,
+    pub replication: i32,
+    /// Create missing topics at start-up; otherwise a missing one is an error.
+    pub create_topics: bool,
+    /// A consumer pauses its partitions while its stage's queue holds this
+    /// many jobs, and resumes at half of it.
+    pub max_queued: usize,
+    /// How long a produce may wait for the broker before it is retried.
+    pub produce_timeout: Duration,
+}
+
+pub struct Kafka {
+    pub settings: KafkaSettings,
+    producer: FutureProducer,
+    consumers: Mutex<Vec<Arc<ConsumerState>>>,
+}
+
+/// What `/actors` and `/metrics` show of one consumer.
+#[derive(Debug, Default, Serialize)]
+pub struct ConsumerView {
+    pub topic: String,
+    pub group: String,
+    pub assigned: Vec<i32>,
+    pub paused: bool,
+    /// Messages behind the high watermark, per partition (librdkafka's
+    /// statistics; absent until the first report).
+    pub lag: BTreeMap<i32, i64>,
+    pub received: u64,
+    pub rejected: u64,
+}
+
+pub struct ConsumerState {
+    view: Mutex<ConsumerView>,
+    /// Offsets handed to the stage and not yet acked, per partition.
+    open: Mutex<HashMap<i32, BTreeMap<i64, bool>>>,
+}
+
+impl ConsumerState {
+    pub fn view(&self) -> ConsumerView {
+        let v = self.view.lock();
+        ConsumerView {
+            topic: v.topic.clone(),
+            group: v.group.clone(),
+            assigned: v.assigned.clone(),
+            paused: v.paused,
+            lag: v.lag.clone(),
+            received: v.received,
+            rejected: v.rejected,
+        }
+    }
+
+    /// Marks `offset` done; returns the highest offset below which every
+    /// message of the partition is done (the one to store), if it moved.
+    fn done(&self, partition: i32, offset: i64) -> Option<i64> {
+        let mut open = self.open.lock();
+        let map = open.get_mut(&partition)?;
+        *map.get_mut(&offset)? = true;
+        let mut last = None;
+        while let Some((&o, &done)) = map.first_key_value() {
+            if !done {
+                break;
+            }
+            map.pop_first();
+            last = Some(o);
+        }
+        last
+    }
+}
+
+struct Ctx {
+    state: Arc<ConsumerState>,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        let mut view = self.state.view.lock();
+        let topic = view.topic.clone();
+        if let Some(t) = stats.topics.get(&topic) {
+            for (p, s) in &t.partitions {
+                if *p >= 0 && s.consumer_lag >= 0 {
+                    view.lag.insert(*p, s.consumer_lag);
+                    metrics::gauge!("ragd_kafka_consumer_lag", "topic" => topic.clone(), "partition" => p.to_string(), "group" => view.group.clone())
+                        .set(s.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let parts = |tpl: &TopicPartitionList| -> Vec<i32> {
+            tpl.elements().iter().map(|e| e.partition()).collect()
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut v = self.state.view.lock();
+                v.assigned.extend(parts(tpl));
+                v.assigned.sort();
+                v.assigned.dedup();
+                tracing::info!(topic = %v.topic, partitions = ?parts(tpl), "partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => {
+                let gone = parts(tpl);
+                // Jobs already queued from these partitions still run; their
+                // acks find nothing to store, and the new owner redoes them.
+                let mut open = self.state.open.lock();
+                for p in &gone {
+                    open.remove(p);
+                }
+                let mut v = self.state.view.lock();
+                v.assigned.retain(|p| !gone.contains(p));
+                for p in &gone {
+                    v.lag.remove(p);
+                }
+                tracing::info!(topic = %v.topic, partitions = ?gone, "partitions revoked");
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Head {
+    v: u32,
+}
+
+/// Decodes an envelope, rejecting any wire version but ours.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let head: Head =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a ragd envelope: {e}"))?;
+    if head.v != ENVELOPE_VERSION {
+        return Err(format!(
+            "unknown envelope version {} (this node reads version {ENVELOPE_VERSION})",
+            head.v
+        ));
+    }
+    serde_json::from_slice::<Envelope<T>>(bytes)
+        .map(|e| e.payload)
+        .map_err(|e| format!("malformed payload: {e}"))
+}
+
+fn transient(e: &KafkaError) -> bool {
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::TopicAuthorizationFailed,
+        ) => false,
+        // Unknown topic included: a restarting broker reports it for a moment.
+        _ => true,
+    }
+}
+
+impl Kafka {
+    fn client_config(&self) -> ClientConfig {
+        base_config(&self.settings.brokers)
+    }
+
+    /// Connects, then makes sure every topic in `topics` exists (creating
+    /// the missing ones when allowed), so a misconfigured cluster fails at
+    /// start-up with the names of what is missing.
+    pub async fn connect(settings: KafkaSettings) -> anyhow::Result<Arc<Kafka>> {
+        let producer: FutureProducer = base_config(&settings.brokers)
+            .set(
+                "message.timeout.ms",
+                settings.produce_timeout.as_millis().to_string(),
+            )
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "5")
+            .create()
+            .context("creating the Kafka producer")?;
+        let kafka = Arc::new(Kafka {
+            settings,
+            producer,
+            consumers: Mutex::new(Vec::new()),
+        });
+        kafka.ensure_topics().await?;
+        Ok(kafka)
+    }
+
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.settings.topic_prefix)
+    }
+
+    pub fn group(&self, role: &str) -> String {
+        format!("{}-{role}", self.settings.group_prefix)
+    }
+
+    async fn existing_topics(&self) -> anyhow::Result<Vec<String>> {
+        let brokers = self.settings.brokers.clone();
+        let probe: BaseConsumer = base_config(&brokers).create()?;
+        tokio::task::spawn_blocking(move || {
+            let md = probe
+                .fetch_metadata(None, Duration::from_secs(10))
+                .with_context(|| format!("no Kafka broker answered at {brokers}"))?;
+            Ok(md.topics().iter().map(|t| t.name().to_string()).collect())
+        })
+        .await?
+    }
+
+    async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let existing = self.existing_topics().await?;
+        let missing: Vec<String> = TOPICS
+            .iter()
+            .map(|t| self.topic(t))
+            .filter(|t| !existing.contains(t))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !self.settings.create_topics {
+            anyhow::bail!(
+                "Kafka topics missing at {}: {} (create them, or set bus.create_topics = true)",
+                self.settings.brokers,
+                missing.join(", ")
+            );
+        }
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let dlq = self.topic(DLQ);
+        let new: Vec<NewTopic> = missing
+            .iter()
+            .map(|t| {
+                // One partition for the DLQ: its offsets are the entry ids.
+                let n = if *t == dlq {
+                    1
+                } else {
+                    self.settings.partitions
+                };
+                NewTopic::new(t, n, TopicReplication::Fixed(self.settings.replication))
+            })
+            .collect();
+        let results = admin
+            .create_topics(
+                &new,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .context("creating Kafka topics")?;
+        let mut failed = Vec::new();
+        for r in results {
+            match r {
+                Ok(name) => tracing::info!(topic = %name, "created Kafka topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => failed.push(format!("{name}: {code}")),
+            }
+        }
+        anyhow::ensure!(
+            failed.is_empty(),
+            "could not create Kafka topics: {}",
+            failed.join(", ")
+        );
+        Ok(())
+    }
+
+    /// Produces `payload` in an envelope keyed by `key`, and waits for the
+    /// broker's ack. Transient failures (broker down, queue full, timeout)
+    /// are retried with capped backoff for as long as they last.
+    pub async fn publish<T: Serialize>(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &T,
+    ) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(&Envelope::new(key, payload))?;
+        self.produce(topic, key, &bytes).await.map(|_| ())
+    }
+
+    async fn produce(&self, topic: &str, key: &str, bytes: &[u8]) -> anyhow::Result<i64> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let record = FutureRecord::to(topic).key(key).payload(bytes);
+            match self.producer.send(record, Duration::from_secs(1)).await {
+                Ok(d) => return Ok(d.offset),
+                Err((e, _)) if transient(&e) => {
+                    tracing::warn!(%topic, "produce failed, retrying in {wait:?}: {e}");
+                    metrics::counter!("ragd_kafka_produce_retries_total", "topic" => topic.to_string()).increment(1);
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err((e, _)) => {
+                    return Err(e).with_context(|| format!("producing to Kafka topic {topic}"))
+                }
+            }
+        }
+    }
+
+    /// Feeds `queue` from `topic` as consumer group `group`. A message that
+    /// is not a readable envelope of this version goes to `dlq` (and its
+    /// offset is committed: it can never succeed here).
+    pub fn consume<J>(
+        self: &Arc<Self>,
+        topic: &str,
+        group: &str,
+        queue: Arc<PoolQueue<J>>,
+        dlq: Arc<dyn DeadLetters>,
+    ) -> anyhow::Result<Arc<ConsumerState>>
+    where
+        J: Job + DeserializeOwned,
+    {
+        let state = Arc::new(ConsumerState {
+            view: Mutex::new(ConsumerView {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                ..Default::default()
+            }),
+            open: Mutex::new(HashMap::new()),
+        });
+        let consumer: StreamConsumer<Ctx> = consumer_config(&self.settings.brokers, group)
+            .set("enable.auto.offset.store", "false")
+            .create_with_context(Ctx {
+                state: state.clone(),
+            })
+            .with_context(|| format!("creating a Kafka consumer for {topic}"))?;
+        consumer.subscribe(&[topic])?;
+        self.consumers.lock().push(state.clone());
+        let consumer = Arc::new(consumer);
+        let (topic, high) = (topic.to_string(), self.settings.max_queued.max(1));
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                // Backpressure: no more from the broker while the stage is
+                // full. Paused again every turn, because a rebalance hands
+                // out partitions unpaused.
+                let queued = queue.len();
+                let paused = st.view.lock().paused;
+                if queued >= high || (paused && queued > high / 2) {
+                    if let Ok(a) = consumer.assignment() {
+                        let _ = consumer.pause(&a);
+                    }
+                    st.view.lock().paused = true;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // recv() must still run for rebalances and heartbeats.
+                } else if paused {
+                    if let Ok(a) = consumer.assignment() {
+                        let _ = consumer.resume(&a);
+                    }
+                    st.view.lock().paused = false;
+                }
+                let msg =
+                    match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
+                        Err(_) => continue,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%topic, "Kafka consumer: {e}");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                        Ok(Ok(m)) => m,
+                    };
+                let (p, o) = (msg.partition(), msg.offset());
+                st.open.lock().entry(p).or_default().insert(o, false);
+                st.view.lock().received += 1;
+                let ack = {
+                    let (c, s, t) = (consumer.clone(), st.clone(), topic.clone());
+                    Ack::new(move || {
+                        if let Some(last) = s.done(p, o) {
+                            // librdkafka commits last + 1, in the background.
+                            if let Err(e) = c.store_offset(&t, p, last) {
+                                tracing::debug!(topic = %t, p, "offset not stored: {e}");
+                            }
+                        }
+                    })
+                };
+                let bytes = msg.payload().unwrap_or_default();
+                match decode::<J>(bytes) {
+                    Ok(job) => queue.submit_with_ack(job, ack),
+                    Err(error) => {
+                        st.view.lock().rejected += 1;
+                        let key = msg
+                            .key()
+                            .map(|k| String::from_utf8_lossy(k).into_owned())
+                            .unwrap_or_default();
+                        tracing::error!(%topic, partition = p, offset = o, "rejected message: {error}");
+                        let entry = DlqEntry {
+                            id: 0,
+                            at: now_secs(),
+                            stage: format!("bridge:{topic}"),
+                            error,
+                            attempts: 1,
+                            doc_id: key,
+                            version: None,
+                            payload: serde_json::Value::String(
+                                String::from_utf8_lossy(&bytes[..bytes.len().min(64 << 10)])
+                                    .into_owned(),
+                            ),
+                            replayed: false,
+                        };
+                        let dlq = dlq.clone();
+                        match tokio::task::spawn_blocking(move || dlq.push(entry)).await {
+                            Ok(Ok(_)) => ack.fire(),
+                            // Not acked: the message comes back after a restart.
+                            _ => {
+                                tracing::error!(%topic, "could not dead-letter a rejected message")
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(state)
+    }
+
+    /// Calls `f` with every event of `topic`, as group `group`, committing
+    /// as it goes (for a node's own bookkeeping, e.g. the ingest ledger).
+    pub fn follow<T, F>(&self, topic: &str, group: &str, f: F) -> anyhow::Result<()>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(T) + Send + 'static,
+    {
+        let consumer: StreamConsumer = consumer_config(&self.settings.brokers, group).create()?;
+        consumer.subscribe(&[topic])?;
+        let topic = topic.to_string();
+        tokio::spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(m) => match decode::<T>(m.payload().unwrap_or_default()) {
+                        Ok(ev) => f(ev),
+                        Err(e) => tracing::warn!(%topic, "skipping an unreadable event: {e}"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(%topic, "Kafka consumer: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    pub fn consumers(&self) -> Vec<ConsumerView> {
+        self.consumers.lock().iter().map(|c| c.view()).collect()
+    }
+}
+
+fn base_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("socket.keepalive.enable", "true")
+        .set("reconnect.backoff.max.ms", "2000");
+    c
+}
+
+fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut c = base_config(brokers);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000")
+        // Embedding a large document can take a while; the stage, not
+        // poll(), is the slow part, and pausing keeps poll() going.
+        .set("max.poll.interval.ms", "300000");
+    c
+}
+
+/// The DLQ on the `dlq` topic (one partition; an entry's id is its offset
+/// plus one). A background reader tails the topic so `list` is a memory
+/// read: the watcher asks it about every document it sees.
+pub struct KafkaDlq {
+    kafka: Arc<Kafka>,
+    topic: String,
+    entries: Arc<Mutex<Vec<DlqEntry>>>,
+}
+
+impl KafkaDlq {
+    /// `on_entry` sees every new entry (the ingest ledger uses it to close
+    /// the documents that other nodes dead-lettered).
+    pub fn open(
+        kafka: Arc<Kafka>,
+        on_entry: impl Fn(&DlqEntry) + Send + 'static,
+    ) -> anyhow::Result<Arc<KafkaDlq>> {
+        let topic = kafka.topic(DLQ);
+        let entries = Arc::new(Mutex::new(Vec::new()));
+        let reader: BaseConsumer = consumer_config(&kafka.settings.brokers, "ragd-dlq-reader")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
+        reader.assign(&tpl)?;
+        let (_, high) = reader
+            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+            .with_context(|| format!("reading the DLQ topic {topic}"))?;
+        let next = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let (all, t, n) = (entries.clone(), topic.clone(), next.clone());
+        std::thread::Builder::new()
+            .name("ragd-dlq-reader".into())
+            .spawn(move || loop {
+                match reader.poll(Duration::from_millis(500)) {
+                    Some(Ok(m)) => {
+                        n.store(m.offset() + 1, std::sync::atomic::Ordering::SeqCst);
+                        let id = m.offset() as u64 + 1;
+                        match decode::<Record>(m.payload().unwrap_or_default()) {
+                            Ok(Record::Entry(mut e)) => {
+                                e.id = id;
+                                on_entry(&e);
+                                all.lock().push(e);
+                            }
+                            Ok(Record::Replayed { id }) => {
+                                if let Some(e) = all.lock().iter_mut().find(|e| e.id == id) {
+                                    e.replayed = true;
+                                }
+                            }
+                            Err(e) => tracing::warn!(topic = %t, "unreadable DLQ record: {e}"),
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(topic = %t, "DLQ reader: {e}");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    None => {}
+                }
+            })?;
+        // Blocks until the entries written before this start are read, so
+        // the watcher does not readmit a document that is dead-lettered.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while next.load(std::sync::atomic::Ordering::SeqCst) < high {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the DLQ topic {topic} could not be read to its end ({high} records) in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Arc::new(KafkaDlq {
+            kafka,
+            topic,
+            entries,
+        }))
+    }
+
+    fn append(&self, record: &Record, key: &str) -> anyhow::Result<i64> {
+        let bytes = serde_json::to_vec(&Envelope::new(key, record))?;
+        // DeadLetters is synchronous (the pool calls it from its actor), so
+        // this blocks the calling thread, with the runtime told about it.
+        let handle = tokio::runtime::Handle::try_current()
+            .context("the Kafka DLQ needs the tokio runtime")?;
+        anyhow::ensure!(
+            handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread,
+            "the Kafka DLQ needs tokio's multi-thread runtime"
+        );
+        tokio::task::block_in_place(|| {
+            handle.block_on(self.kafka.produce(&self.topic, key, &bytes))
+        })
+    }
+
+    /// Waits until the reader has caught up with entry `id`.
+    fn wait_for(&self, id: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if self.entries.lock().iter().any(|e| e.id >= id) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl DeadLetters for KafkaDlq {
+    fn push(&self, entry: DlqEntry) -> anyhow::Result<u64> {
+        let key = entry.doc_id.clone();
+        let offset = self.append(&Record::Entry(entry), &key)?;
+        let id = offset as u64 + 1;
+        self.wait_for(id);
+        Ok(id)
+    }
+
+    fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
+        Ok(self.entries.lock().clone())
+    }
+
+    fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
+        let mut entry = self
+            .entries
+            .lock()
+            .iter()
+            .find(|e| e.id == id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no DLQ entry {id}"))?;
+        anyhow::ensure!(!entry.replayed, "DLQ entry {id} was already replayed");
+        self.append(&Record::Replayed { id }, &entry.doc_id)?;
+        entry.replayed = true;
+        if let Some(e) = self.entries.lock().iter_mut().find(|e| e.id == id) {
+            e.replayed = true;
+        }
+        Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::IndexedEvent;
+
+    fn state() -> ConsumerState {
+        ConsumerState {
+            view: Mutex::new(ConsumerView::default()),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[test]
+    fn offsets_are_stored_only_up_to_the_first_unfinished_message() {
+        let s = state();
+        for o in 10..14 {
+            s.open.lock().entry(0).or_default().insert(o, false);
+        }
+        s.open.lock().entry(1).or_default().insert(5, false);
+        // 11 and 12 finish before 10: nothing may be committed yet.
+        assert_eq!(s.done(0, 11), None);
+        assert_eq!(s.done(0, 12), None);
+        // 10 finishes: everything through 12 is done.
+        assert_eq!(s.done(0, 10), Some(12));
+        assert_eq!(s.done(0, 13), Some(13));
+        // Partitions are independent; unknown offsets (a revoked
+        // partition's late ack) store nothing.
+        assert_eq!(s.done(1, 5), Some(5));
+        assert_eq!(s.done(1, 6), None);
+        assert_eq!(s.done(7, 0), None);
+    }
+
+    #[test]
+    fn envelopes_of_another_version_or_shape_are_rejected_with_the_reason() {
+        let ev = IndexedEvent::Deleted { doc_id: "d".into() };
+        let wire = serde_json::to_vec(&Envelope::new("d", &ev)).unwrap();
+        assert!(matches!(
+            decode::<IndexedEvent>(&wire),
+            Ok(IndexedEvent::Deleted { doc_id }) if doc_id == "d"
+        ));
+        let future = br#"{"v":2,"key":"d","payload":{"Deleted":{"doc_id":"d"}}}"#;
+        let e = decode::<IndexedEvent>(future).unwrap_err();
+        assert!(e.contains("unknown envelope version 2"), "{e}");
+        let e = decode::<IndexedEvent>(b"\x00\x01binary").unwrap_err();
+        assert!(e.contains("not a ragd envelope"), "{e}");
+        let e = decode::<IndexedEvent>(br#"{"v":1,"key":"d","payload":{"Nope":1}}"#).unwrap_err();
+        assert!(e.contains("malformed payload"), "{e}");
+    }
+}

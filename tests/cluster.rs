@@ -1,0 +1,199 @@
+//! ragd as a cluster: real `ragd` processes with different roles, talking
+//! through a real Kafka-protocol broker (tansu), sharing the Qdrant-API test
+//! server over qdrant-edge and a real Valkey with the search module.
+
+mod common;
+use common::*;
+use ragd_actors::testkit::qdrant::QdrantTestServer;
+use ragd_actors::testkit::{Tansu, Valkey};
+use std::time::Duration;
+
+struct Services {
+    broker: Tansu,
+    qdrant: QdrantTestServer,
+    valkey: Valkey,
+}
+
+impl Services {
+    fn start() -> Services {
+        Services {
+            broker: Tansu::start(),
+            qdrant: QdrantTestServer::start(),
+            valkey: Valkey::start(),
+        }
+    }
+
+    /// A node's config: its name and roles, and the shared services.
+    fn node(&self, name: &str, roles: &[&str]) -> Workspace {
+        let roles: Vec<String> = roles.iter().map(|r| format!("{r:?}")).collect();
+        Workspace::with_extra(&format!(
+            r#"[node]
+name = "{name}"
+roles = [{roles}]
+[bus]
+backend = "kafka"
+brokers = "{brokers}"
+partitions = 4
+max_queued = 8
+[index]
+backend = "qdrant"
+qdrant_url = "{qdrant}"
+qdrant_collection = "cluster"
+[cache]
+backend = "redis"
+redis_url = "{redis}"
+redis_index = "cluster-cache"
+"#,
+            roles = roles.join(", "),
+            brokers = self.broker.brokers(),
+            qdrant = self.qdrant.url,
+            redis = self.valkey.url(),
+        ))
+    }
+}
+
+fn note(i: usize) -> String {
+    format!(
+        "# Note {i}\n\nOffice {i} keeps its spare badge number {n} in the reception safe.\n",
+        n = 7000 + i
+    )
+}
+
+fn points(s: &Services) -> usize {
+    s.qdrant.points_in("cluster", "hr") + s.qdrant.points_in("cluster", "eng")
+}
+
+#[test]
+fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
+    let s = Services::start();
+    let ingest = s.node("ingest-1", &["ingest"]);
+    let n = 40;
+    for i in 0..n {
+        let div = if i % 2 == 0 { "hr" } else { "eng" };
+        ingest.write(&format!("{div}/note-{i}.md"), note(i));
+    }
+    let index_ws = s.node("index-1", &["index"]);
+    let embed_ws = [s.node("embed-1", &["embed"]), s.node("embed-2", &["embed"])];
+    let query_ws = s.node("query-1", &["query"]);
+    let index = index_ws.start();
+    let embeds: Vec<Daemon> = embed_ws.iter().map(Workspace::start).collect();
+    let query = query_ws.start();
+    let ingest_d = ingest.start();
+
+    let ledger = ingest_d.wait_ledger(Duration::from_secs(240), |l| l["indexed"] == n);
+    assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
+    assert_eq!(points(&s), n, "one point per one-chunk note, no duplicates");
+
+    // Both embed nodes took a share of the partitions and of the work.
+    for (i, e) in embeds.iter().enumerate() {
+        let actors = e.admin_json("/actors");
+        assert_eq!(actors["roles"], serde_json::json!(["embed"]), "{actors}");
+        let consumer = &actors["kafka"][0];
+        assert_eq!(consumer["topic"], "ragd.chunks", "{actors}");
+        assert!(
+            !consumer["assigned"].as_array().unwrap().is_empty(),
+            "embed-{} got no partition: {actors}",
+            i + 1
+        );
+        assert!(
+            actor_processed(e, "embedder") > 0,
+            "embed-{} did nothing: {actors}",
+            i + 1
+        );
+    }
+    // The index node runs only the index stages.
+    let names = index.admin_json("/actors").to_string();
+    assert!(
+        names.contains("indexer") && !names.contains("embedder"),
+        "{names}"
+    );
+
+    // The query node answers from what the index node wrote, scoped.
+    let r = query.ask(HR_TOKEN, "where is the spare badge of office 4 kept?");
+    assert!(texts(&r).contains("badge number 7004"), "{r}");
+    assert!(
+        source_uris(&r).iter().all(|u| !u.starts_with("eng/")),
+        "{r}"
+    );
+
+    // An update flows through every stage and prunes the old version.
+    ingest.write(
+        "hr/note-4.md",
+        "# Note 4\n\nOffice 4 moved its spare badge to the security desk.\n",
+    );
+    query.wait_until("v2 indexed, v1 pruned", Duration::from_secs(120), || {
+        let t = texts(&query.ask_top(HR_TOKEN, "where is the spare badge of office 4 kept?", 4));
+        t.contains("security desk") && !t.contains("7004")
+    });
+    assert_eq!(points(&s), n);
+}
+
+#[test]
+fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let s = Services::start();
+    let embed_ws = s.node("embed-1", &["embed"]);
+    let embed = embed_ws.start();
+    // The node created the topics at start-up.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", s.broker.brokers())
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let payload = r#"{"v":99,"key":"kb:hr/future.md","payload":{"from":"the future"}}"#;
+    rt.block_on(
+        producer.send(
+            FutureRecord::to("ragd.chunks")
+                .key("kb:hr/future.md")
+                .payload(payload),
+            Duration::from_secs(10),
+        ),
+    )
+    .map_err(|(e, _)| e)
+    .unwrap();
+
+    let entries = wait_for("the DLQ entry", Duration::from_secs(60), || {
+        let list = embed.admin_json("/dlq");
+        (!list.as_array().unwrap().is_empty()).then_some(list)
+    });
+    let e = &entries[0];
+    assert_eq!(e["stage"], "bridge:ragd.chunks", "{entries}");
+    assert_eq!(e["doc_id"], "kb:hr/future.md", "{entries}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown envelope version 99"),
+        "{entries}"
+    );
+    assert!(
+        e["payload"].as_str().unwrap().contains("the future"),
+        "{entries}"
+    );
+    // The node is still healthy and consuming.
+    assert_eq!(embed.get_status("/health"), Some(200));
+}
+
+#[test]
+fn killing_an_embed_node_mid_ingest_loses_nothing_and_duplicates_nothing() {
+    let s = Services::start();
+    let ingest = s.node("ingest-1", &["ingest"]);
+    let n = 120;
+    for i in 0..n {
+        let div = if i % 2 == 0 { "hr" } else { "eng" };
+        ingest.write(&format!("{div}/note-{i}.md"), note(i));
+    }
+    let index = s.node("index-1", &["index"]).start();
+    let embed_ws = [s.node("embed-1", &["embed"]), s.node("embed-2", &["embed"])];
+    let mut embeds: Vec<Daemon> = embed_ws.iter().map(Workspace::start).collect();
+    let ingest_d = ingest.start();
+    ingest_d.wait_until("some documents indexed", Duration::from_secs(240), || {
+        ingest_d.ledger()["indexed"].as_u64().unwrap_or(0) >= 10
+    });
+    embeds[0].kill9();
+    let ledger = ingest_d.wait_ledger(Duration::from_secs(300), |l| l["indexed"] == n);
+    assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
+    assert_eq!(points(&s), n, "every note once: {ledger}");
+    assert!(actor_processed(&embeds[1], "embedder") > 0);
+    drop(index);
+}
