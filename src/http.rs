@@ -315,6 +315,13 @@ async fn dlq_replay(
     if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
+    if !node.roles.ingest {
+        // Replay re-reads the source file: only an ingest node has it.
+        return error(
+            StatusCode::CONFLICT,
+            "this node has no ingest role: replay on an ingest node",
+        );
+    }
     let entry = match node.dlq.mark_replayed(id) {
         Ok(e) => e,
         Err(e) => return error(StatusCode::NOT_FOUND, format!("{e:#}")),

@@ -213,7 +213,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: DlqCommand::List { config },
         } => {
             let cfg = load(&config)?;
-            let entries = ragd_actors::dlq::FileDlq::read(&cfg.dlq_path())?;
+            let entries = match &cfg.bus {
+                config::Bus::Local => ragd_actors::dlq::FileDlq::read(&cfg.dlq_path())?,
+                // The cluster's DLQ is the `dlq` topic: read it to its end.
+                config::Bus::Kafka(settings) => {
+                    use ragd_actors::dlq::DeadLetters;
+                    let kafka =
+                        ragd_actors::bridge::kafka::Kafka::connect(settings.clone()).await?;
+                    tokio::task::spawn_blocking(move || {
+                        ragd_actors::bridge::kafka::KafkaDlq::open(kafka, |_| {})
+                    })
+                    .await??
+                    .list()?
+                }
+            };
             if entries.is_empty() {
                 println!("the dead-letter queue is empty");
             }

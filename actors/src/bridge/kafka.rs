@@ -112,6 +112,16 @@ impl ConsumerState {
     }
 }
 
+/// A client context that drops librdkafka's periodic statistics (the
+/// default logs all of them at info).
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn stats(&self, _: Statistics) {}
+}
+
+impl ConsumerContext for Quiet {}
+
 struct Ctx {
     state: Arc<ConsumerState>,
 }
@@ -452,7 +462,8 @@ impl Kafka {
         T: DeserializeOwned + Send + 'static,
         F: Fn(T) + Send + 'static,
     {
-        let consumer: StreamConsumer = consumer_config(&self.settings.brokers, group).create()?;
+        let consumer: StreamConsumer<Quiet> =
+            consumer_config(&self.settings.brokers, group).create_with_context(Quiet)?;
         consumer.subscribe(&[topic])?;
         let topic = topic.to_string();
         tokio::spawn(async move {
@@ -482,6 +493,10 @@ fn base_config(brokers: &str) -> ClientConfig {
     c.set("bootstrap.servers", brokers)
         .set("socket.keepalive.enable", "true")
         .set("reconnect.backoff.max.ms", "2000");
+    // librdkafka's own debug contexts (e.g. "cgrp,fetch"), into the log.
+    if let Ok(debug) = std::env::var("RAGD_KAFKA_DEBUG") {
+        c.set("debug", debug);
+    }
     c
 }
 
@@ -494,9 +509,11 @@ fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000")
-        // Embedding a large document can take a while; the stage, not
-        // poll(), is the slow part, and pausing keeps poll() going.
-        .set("max.poll.interval.ms", "300000");
+        // recv() runs all the time (a full stage pauses partitions instead
+        // of not polling), so this can stay short. It is also the rebalance
+        // timeout the broker gets, i.e. how long a rebalance may wait for a
+        // member that stopped answering.
+        .set("max.poll.interval.ms", "30000");
     c
 }
 
@@ -518,9 +535,10 @@ impl KafkaDlq {
     ) -> anyhow::Result<Arc<KafkaDlq>> {
         let topic = kafka.topic(DLQ);
         let entries = Arc::new(Mutex::new(Vec::new()));
-        let reader: BaseConsumer = consumer_config(&kafka.settings.brokers, "ragd-dlq-reader")
-            .set("enable.auto.commit", "false")
-            .create()?;
+        let reader: BaseConsumer<Quiet> =
+            consumer_config(&kafka.settings.brokers, "ragd-dlq-reader")
+                .set("enable.auto.commit", "false")
+                .create_with_context(Quiet)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
         reader.assign(&tpl)?;
