@@ -339,7 +339,7 @@ impl Node {
                 config.max_file_bytes,
                 Duration::from_millis(config.debounce_ms),
             );
-            let stats = registry.entry(&format!("root/ingest/{WATCHER}"));
+            let stats = stats(roles.ingest, &format!("root/ingest/{WATCHER}"));
             child(WATCHER, move || {
                 (
                     Some(WATCHER.to_string()),

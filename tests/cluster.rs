@@ -68,6 +68,14 @@ fn note(i: usize) -> String {
     )
 }
 
+/// `n` one-chunk notes, alternating between the hr and eng partitions.
+fn write_notes(ws: &Workspace, n: usize) {
+    for i in 0..n {
+        let div = if i % 2 == 0 { "hr" } else { "eng" };
+        ws.write(&format!("{div}/note-{i}.md"), note(i));
+    }
+}
+
 fn points(s: &Services) -> usize {
     s.qdrant.points_in("cluster", "hr") + s.qdrant.points_in("cluster", "eng")
 }
@@ -77,10 +85,7 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
     let s = Services::start();
     let ingest = s.node("ingest-1", &["ingest"]);
     let n = 40;
-    for i in 0..n {
-        let div = if i % 2 == 0 { "hr" } else { "eng" };
-        ingest.write(&format!("{div}/note-{i}.md"), note(i));
-    }
+    write_notes(&ingest, n);
     let index_ws = s.node("index-1", &["index"]);
     let embed_ws = [s.node("embed-1", &["embed"]), s.node("embed-2", &["embed"])];
     let query_ws = s.node("query-1", &["query"]);
@@ -113,7 +118,9 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
     // The index node runs only the index stages.
     let names = index.admin_json("/actors").to_string();
     assert!(
-        names.contains("indexer") && !names.contains("embedder"),
+        names.contains("indexer")
+            && !names.contains("embedder")
+            && !names.contains("source_watcher"),
         "{names}"
     );
 
@@ -195,10 +202,7 @@ fn killing_an_embed_node_mid_ingest_loses_nothing_and_duplicates_nothing() {
     let s = Services::start();
     let ingest = s.node("ingest-1", &["ingest"]);
     let n = 120;
-    for i in 0..n {
-        let div = if i % 2 == 0 { "hr" } else { "eng" };
-        ingest.write(&format!("{div}/note-{i}.md"), note(i));
-    }
+    write_notes(&ingest, n);
     let index = s.node("index-1", &["index"]).start();
     let embed_ws = [s.node("embed-1", &["embed"]), s.node("embed-2", &["embed"])];
     let mut embeds: Vec<Daemon> = embed_ws.iter().map(Workspace::start).collect();
@@ -288,10 +292,7 @@ fn the_pipeline_waits_out_a_broker_outage_and_completes() {
     let mut s = Services::start_persistent();
     let ingest = s.node("ingest-1", &["ingest"]);
     let n = 60;
-    for i in 0..n {
-        let div = if i % 2 == 0 { "hr" } else { "eng" };
-        ingest.write(&format!("{div}/note-{i}.md"), note(i));
-    }
+    write_notes(&ingest, n);
     let _index = s.node("index-1", &["index"]).start();
     let _embed = s.node("embed-1", &["embed"]).start();
     let d = ingest.start();

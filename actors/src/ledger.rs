@@ -52,6 +52,17 @@ struct DocEntry {
     seq: u64,
 }
 
+impl DocEntry {
+    fn new() -> DocEntry {
+        DocEntry {
+            latest: None,
+            status: DocStatus::InFlight,
+            pending: HashMap::new(),
+            seq: 0,
+        }
+    }
+}
+
 pub struct Ledger {
     docs: Mutex<HashMap<String, DocEntry>>,
     permits: Arc<Semaphore>,
@@ -71,12 +82,7 @@ impl Ledger {
     /// or skipped before it needed any pipeline work).
     pub fn record(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
         let mut docs = self.docs.lock();
-        let entry = docs.entry(doc_id.to_string()).or_insert_with(|| DocEntry {
-            latest: None,
-            status: DocStatus::InFlight,
-            pending: HashMap::new(),
-            seq: 0,
-        });
+        let entry = docs.entry(doc_id.to_string()).or_insert_with(DocEntry::new);
         entry.latest = version.map(str::to_string);
         entry.status = status_of(outcome);
         drop(docs);
@@ -103,12 +109,7 @@ impl Ledger {
             .await
             .expect("the ledger never closes its semaphore");
         let mut docs = self.docs.lock();
-        let entry = docs.entry(doc_id.to_string()).or_insert_with(|| DocEntry {
-            latest: None,
-            status: DocStatus::InFlight,
-            pending: HashMap::new(),
-            seq: 0,
-        });
+        let entry = docs.entry(doc_id.to_string()).or_insert_with(DocEntry::new);
         if entry.pending.contains_key(&key) {
             return false;
         }
@@ -125,12 +126,7 @@ impl Ledger {
     /// already seen, which is then superseded. `None` is a deletion.
     pub fn observe(&self, doc_id: &str, version: Option<&str>, seq: u64) -> bool {
         let mut docs = self.docs.lock();
-        let entry = docs.entry(doc_id.to_string()).or_insert_with(|| DocEntry {
-            latest: None,
-            status: DocStatus::InFlight,
-            pending: HashMap::new(),
-            seq: 0,
-        });
+        let entry = docs.entry(doc_id.to_string()).or_insert_with(DocEntry::new);
         if seq < entry.seq {
             return false;
         }
