@@ -232,6 +232,19 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    #[test]
+    fn observe_orders_versions_by_the_watchers_sequence() {
+        let ledger = Ledger::new(4);
+        assert!(ledger.observe("d", Some("v2"), 20));
+        // v1 was seen before v2 but arrives after it: superseded.
+        assert!(!ledger.observe("d", Some("v1"), 10));
+        assert!(ledger.is_current("d", "v2"));
+        // A deletion seen later wins; the document has no current version.
+        assert!(ledger.observe("d", None, 30));
+        assert!(!ledger.is_current("d", "v2"));
+        assert_eq!(ledger.latest_version("d"), None);
+    }
+
     #[tokio::test]
     async fn admission_is_bounded_and_released_at_the_end() {
         let ledger = Ledger::new(2);

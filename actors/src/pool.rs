@@ -499,3 +499,93 @@ impl<S: Stage> Actor for Pool<S> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dlq::FileDlq;
+    use std::sync::atomic::AtomicUsize;
+
+    #[derive(Clone)]
+    struct Doc(&'static str);
+
+    impl Job for Doc {
+        fn doc_id(&self) -> &str {
+            self.0
+        }
+        fn version(&self) -> Option<&str> {
+            None
+        }
+        fn payload(&self) -> serde_json::Value {
+            serde_json::json!(self.0)
+        }
+    }
+
+    /// Fails every attempt at "bad", succeeds at anything else.
+    struct Picky;
+
+    impl Stage for Picky {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            anyhow::ensure!(job.0 != "bad", "cannot process {}", job.0);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_is_acked_once_when_processed_or_when_dead_lettered_never_on_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq: Arc<dyn DeadLetters> =
+            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+        let queue = PoolQueue::new(Arc::new(ActorStats::default()));
+        let mut settings = PoolSettings {
+            max_attempts: 3,
+            ..Default::default()
+        };
+        settings.restart.base = Duration::from_millis(1);
+        let (_pool, _) = Actor::spawn(
+            None,
+            Pool::<Picky>::default(),
+            PoolArgs {
+                name: "picky".into(),
+                stage: Arc::new(Picky),
+                queue: queue.clone(),
+                settings,
+                ledger: Ledger::new(8),
+                dlq: dlq.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let acks: Arc<HashMap<&str, AtomicUsize>> = Arc::new(
+            ["good", "bad"]
+                .into_iter()
+                .map(|d| (d, AtomicUsize::new(0)))
+                .collect(),
+        );
+        for d in ["good", "bad"] {
+            let a = acks.clone();
+            queue.submit_with_ack(
+                Doc(d),
+                Ack::new(move || {
+                    a[d].fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
+            assert!(Instant::now() < deadline, "not every job was acked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(acks["good"].load(Ordering::SeqCst), 1);
+        // Acked only after its third attempt, once it was in the DLQ.
+        assert_eq!(acks["bad"].load(Ordering::SeqCst), 1);
+        let entries = dlq.list().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            (entries[0].doc_id.as_str(), entries[0].attempts),
+            ("bad", 3)
+        );
+    }
+}
