@@ -326,7 +326,11 @@ impl Kafka {
         loop {
             let record = FutureRecord::to(topic).key(key).payload(bytes);
             match self.producer.send(record, Duration::from_secs(1)).await {
-                Ok(d) => return Ok(d.offset),
+                Ok(d) => {
+                    // Where each message landed, to trace a lost one.
+                    tracing::trace!(%topic, %key, partition = d.partition, offset = d.offset, "produced");
+                    return Ok(d.offset);
+                }
                 Err((e, _)) if transient(&e) => {
                     tracing::warn!(%topic, "produce failed, retrying in {wait:?}: {e}");
                     metrics::counter!("ragd_kafka_produce_retries_total", "topic" => topic.to_string()).increment(1);

@@ -1,0 +1,111 @@
+//! Ingest throughput of real `ragd` processes: the local bus vs the Kafka
+//! bus on one node, and a Kafka cluster with 1 vs 2 embed nodes. Same
+//! corpus, same machine, same run; the vector store is the Qdrant-API test
+//! server (qdrant-edge) in every case, so only the bus and the node layout
+//! differ. Needs `./ops/services.sh install` (tansu, Valkey).
+//!
+//!     cargo bench --profile dev --bench cluster [N]     # N notes, default 600
+//!
+//! Prints one JSON line per case.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::*;
+use ragd_actors::testkit::qdrant::QdrantTestServer;
+use ragd_actors::testkit::{Tansu, Valkey};
+use std::time::{Duration, Instant};
+
+fn services(qdrant: &QdrantTestServer, valkey: &Valkey, collection: &str) -> String {
+    format!(
+        "[index]\nbackend = \"qdrant\"\nqdrant_url = \"{}\"\nqdrant_collection = \"{collection}\"\n\
+         [cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_index = \"{collection}\"\n",
+        qdrant.url,
+        valkey.url()
+    )
+}
+
+fn kafka(broker: &Tansu, name: &str, roles: &[&str]) -> String {
+    let roles: Vec<String> = roles.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        "[node]\nname = \"{name}\"\nroles = [{}]\n[bus]\nbackend = \"kafka\"\nbrokers = \"{}\"\npartitions = 4\n",
+        roles.join(", "),
+        broker.brokers()
+    )
+}
+
+fn corpus(ws: &Workspace, n: usize) {
+    for i in 0..n {
+        let div = if i % 2 == 0 { "hr" } else { "eng" };
+        ws.write(
+            &format!("{div}/note-{i}.md"),
+            format!(
+                "# Note {i}\n\nOffice {i} keeps its spare badge number {} in the reception safe.\n",
+                7000 + i
+            ),
+        );
+    }
+}
+
+/// Starts the ingest node last and times it from its start to every note
+/// indexed.
+fn run(case: &str, n: usize, others: &[Workspace], ingest: &Workspace) {
+    let _others: Vec<Daemon> = others.iter().map(Workspace::start).collect();
+    let t = Instant::now();
+    let d = ingest.start();
+    d.wait_ledger(Duration::from_secs(600), |l| l["indexed"] == n);
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({ "case": case, "docs": n, "seconds": s, "docs_per_s": n as f64 / s })
+    );
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(600);
+    let qdrant = QdrantTestServer::start();
+    let valkey = Valkey::start();
+
+    // One node, local bus.
+    let local = Workspace::with_extra(&services(&qdrant, &valkey, "local"));
+    corpus(&local, n);
+    run("local bus, 1 node", n, &[], &local);
+
+    // One node with every role, Kafka bus: the bus's own cost.
+    let broker = Tansu::start();
+    let one = Workspace::with_extra(&format!(
+        "{}{}",
+        kafka(&broker, "all-1", &["all"]),
+        services(&qdrant, &valkey, "kafka1")
+    ));
+    corpus(&one, n);
+    run("kafka bus, 1 node (all roles)", n, &[], &one);
+    drop(broker);
+
+    // A cluster: ingest, index, and 1 or 2 embed nodes (fresh broker each).
+    for embeds in [1, 2] {
+        let broker = Tansu::start();
+        let c = format!("embed{embeds}");
+        let node = |name: &str, roles: &[&str]| {
+            Workspace::with_extra(&format!(
+                "{}{}",
+                kafka(&broker, name, roles),
+                services(&qdrant, &valkey, &c)
+            ))
+        };
+        let mut others = vec![node("index-1", &["index"])];
+        for i in 0..embeds {
+            others.push(node(&format!("embed-{i}"), &["embed"]));
+        }
+        let ingest = node("ingest-1", &["ingest"]);
+        corpus(&ingest, n);
+        run(
+            &format!("kafka cluster, {embeds} embed node(s)"),
+            n,
+            &others,
+            &ingest,
+        );
+    }
+}
