@@ -49,9 +49,15 @@ fn corpus(ws: &Workspace, n: usize) {
 /// Starts the ingest node last and times it from its start to every note
 /// indexed.
 fn run(case: &str, n: usize, others: &[Workspace], ingest: &Workspace) {
-    let _others: Vec<Daemon> = others.iter().map(Workspace::start).collect();
+    // RAGD_BENCH_LOG: the nodes' RAGD_LOG (e.g. ragd_actors::bridge=trace).
+    let log = std::env::var("RAGD_BENCH_LOG").unwrap_or_else(|_| "info".into());
+    let env = [("RAGD_LOG", log.as_str())];
+    let _others: Vec<Daemon> = others
+        .iter()
+        .map(|w| Daemon::start_with_env(w, &env))
+        .collect();
     let t = Instant::now();
-    let d = ingest.start();
+    let d = Daemon::start_with_env(ingest, &env);
     d.wait_ledger(Duration::from_secs(600), |l| l["indexed"] == n);
     let s = t.elapsed().as_secs_f64();
     println!(
@@ -65,27 +71,36 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(600);
+    // RAGD_BENCH_CASES=cluster: only the cases whose name contains it.
+    let only = std::env::var("RAGD_BENCH_CASES").unwrap_or_default();
     let qdrant = QdrantTestServer::start();
     let valkey = Valkey::start();
 
     // One node, local bus.
-    let local = Workspace::with_extra(&services(&qdrant, &valkey, "local"));
-    corpus(&local, n);
-    run("local bus, 1 node", n, &[], &local);
+    if "local bus, 1 node".contains(only.as_str()) {
+        let local = Workspace::with_extra(&services(&qdrant, &valkey, "local"));
+        corpus(&local, n);
+        run("local bus, 1 node", n, &[], &local);
+    }
 
     // One node with every role, Kafka bus: the bus's own cost.
-    let broker = Tansu::start();
-    let one = Workspace::with_extra(&format!(
-        "{}{}",
-        kafka(&broker, "all-1", &["all"]),
-        services(&qdrant, &valkey, "kafka1")
-    ));
-    corpus(&one, n);
-    run("kafka bus, 1 node (all roles)", n, &[], &one);
-    drop(broker);
+    if "kafka bus, 1 node (all roles)".contains(only.as_str()) {
+        let broker = Tansu::start();
+        let one = Workspace::with_extra(&format!(
+            "{}{}",
+            kafka(&broker, "all-1", &["all"]),
+            services(&qdrant, &valkey, "kafka1")
+        ));
+        corpus(&one, n);
+        run("kafka bus, 1 node (all roles)", n, &[], &one);
+        drop(broker);
+    }
 
     // A cluster: ingest, index, and 1 or 2 embed nodes (fresh broker each).
     for embeds in [1, 2] {
+        if !format!("kafka cluster, {embeds} embed node(s)").contains(only.as_str()) {
+            continue;
+        }
         let broker = Tansu::start();
         let c = format!("embed{embeds}");
         let node = |name: &str, roles: &[&str]| {

@@ -407,6 +407,7 @@ impl Kafka {
                         Ok(Ok(m)) => m,
                     };
                 let (p, o) = (msg.partition(), msg.offset());
+                tracing::trace!(%topic, partition = p, offset = o, "consumed");
                 st.open.lock().entry(p).or_default().insert(o, false);
                 st.view.lock().received += 1;
                 let ack = {
