@@ -1,6 +1,8 @@
 //! Ingest throughput of real `ragd` processes: the local bus vs the Kafka
 //! bus on one node, and a Kafka cluster with 1 vs 2 embed nodes. Same
-//! corpus, same machine, same run; the vector store is the Qdrant-API test
+//! corpus, same machine, same run; the broker is tansu on SQLite storage
+//! (its memory storage lost messages under concurrent producers; see
+//! BENCHMARKS.md); the vector store is the Qdrant-API test
 //! server (qdrant-edge) in every case, so only the bus and the node layout
 //! differ. Needs `./ops/services.sh install` (tansu, Valkey).
 //!
@@ -14,37 +16,6 @@ use common::*;
 use ragd_actors::testkit::qdrant::QdrantTestServer;
 use ragd_actors::testkit::{Tansu, Valkey};
 use std::time::{Duration, Instant};
-
-fn services(qdrant: &QdrantTestServer, valkey: &Valkey, collection: &str) -> String {
-    format!(
-        "[index]\nbackend = \"qdrant\"\nqdrant_url = \"{}\"\nqdrant_collection = \"{collection}\"\n\
-         [cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_index = \"{collection}\"\n",
-        qdrant.url,
-        valkey.url()
-    )
-}
-
-fn kafka(broker: &Tansu, name: &str, roles: &[&str]) -> String {
-    let roles: Vec<String> = roles.iter().map(|r| format!("{r:?}")).collect();
-    format!(
-        "[node]\nname = \"{name}\"\nroles = [{}]\n[bus]\nbackend = \"kafka\"\nbrokers = \"{}\"\npartitions = 4\n",
-        roles.join(", "),
-        broker.brokers()
-    )
-}
-
-fn corpus(ws: &Workspace, n: usize) {
-    for i in 0..n {
-        let div = if i % 2 == 0 { "hr" } else { "eng" };
-        ws.write(
-            &format!("{div}/note-{i}.md"),
-            format!(
-                "# Note {i}\n\nOffice {i} keeps its spare badge number {} in the reception safe.\n",
-                7000 + i
-            ),
-        );
-    }
-}
 
 /// Starts the ingest node last and times it from its start to every note
 /// indexed.
@@ -76,22 +47,28 @@ fn main() {
     let qdrant = QdrantTestServer::start();
     let valkey = Valkey::start();
 
+    // The Qdrant collection and Redis index of one case.
+    let services = |case: &str| shared_services_toml(&qdrant.url, &valkey.url(), case);
+    let kafka = |broker: &Tansu, name: &str, roles: &[&str]| {
+        kafka_node_toml(name, roles, &broker.brokers(), 64)
+    };
+
     // One node, local bus.
     if "local bus, 1 node".contains(only.as_str()) {
-        let local = Workspace::with_extra(&services(&qdrant, &valkey, "local"));
-        corpus(&local, n);
+        let local = Workspace::with_extra(&services("local"));
+        write_notes(&local, n);
         run("local bus, 1 node", n, &[], &local);
     }
 
     // One node with every role, Kafka bus: the bus's own cost.
     if "kafka bus, 1 node (all roles)".contains(only.as_str()) {
-        let broker = Tansu::start();
+        let broker = Tansu::start_persistent();
         let one = Workspace::with_extra(&format!(
             "{}{}",
             kafka(&broker, "all-1", &["all"]),
-            services(&qdrant, &valkey, "kafka1")
+            services("kafka1")
         ));
-        corpus(&one, n);
+        write_notes(&one, n);
         run("kafka bus, 1 node (all roles)", n, &[], &one);
         drop(broker);
     }
@@ -101,21 +78,17 @@ fn main() {
         if !format!("kafka cluster, {embeds} embed node(s)").contains(only.as_str()) {
             continue;
         }
-        let broker = Tansu::start();
+        let broker = Tansu::start_persistent();
         let c = format!("embed{embeds}");
         let node = |name: &str, roles: &[&str]| {
-            Workspace::with_extra(&format!(
-                "{}{}",
-                kafka(&broker, name, roles),
-                services(&qdrant, &valkey, &c)
-            ))
+            Workspace::with_extra(&format!("{}{}", kafka(&broker, name, roles), services(&c)))
         };
         let mut others = vec![node("index-1", &["index"])];
         for i in 0..embeds {
             others.push(node(&format!("embed-{i}"), &["embed"]));
         }
         let ingest = node("ingest-1", &["ingest"]);
-        corpus(&ingest, n);
+        write_notes(&ingest, n);
         run(
             &format!("kafka cluster, {embeds} embed node(s)"),
             n,

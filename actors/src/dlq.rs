@@ -41,6 +41,15 @@ pub trait DeadLetters: Send + Sync {
     fn push(&self, entry: DlqEntry) -> anyhow::Result<u64>;
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>>;
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry>;
+    /// The entry holding `version` of `doc_id`, unless it was replayed. The
+    /// watcher asks this for every document it sees, so backends answer
+    /// from memory without copying the whole queue.
+    fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry>;
+}
+
+/// Whether `e` holds `version` of `doc_id` and still waits for a replay.
+pub fn is_pending(e: &DlqEntry, doc_id: &str, version: &str) -> bool {
+    !e.replayed && e.doc_id == doc_id && e.version.as_deref() == Some(version)
 }
 
 /// The log plus its entries in memory: the watcher asks "is this version
@@ -134,6 +143,14 @@ impl DeadLetters for FileDlq {
         Ok(self.log.lock().1.clone())
     }
 
+    fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
+        let log = self.log.lock();
+        log.1
+            .iter()
+            .find(|e| is_pending(e, doc_id, version))
+            .cloned()
+    }
+
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
         let mut log = self.log.lock();
         let (file, entries) = &mut *log;
@@ -145,6 +162,23 @@ impl DeadLetters for FileDlq {
         self.append(file, &Record::Replayed { id })?;
         entry.replayed = true;
         Ok(entry.clone())
+    }
+}
+
+impl DlqEntry {
+    /// The entry for `job` failing in `stage` (its id is assigned on push).
+    pub fn for_job<J: crate::pool::Job>(stage: &str, error: &str, attempts: u32, job: &J) -> Self {
+        DlqEntry {
+            id: 0,
+            at: now_secs(),
+            stage: stage.to_string(),
+            error: error.to_string(),
+            attempts,
+            doc_id: job.doc_id().to_string(),
+            version: job.version().map(str::to_string),
+            payload: job.payload(),
+            replayed: false,
+        }
     }
 }
 

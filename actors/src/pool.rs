@@ -12,7 +12,7 @@
 //! to `max`, and retires a worker that has been idle for `idle_retire`, down
 //! to `min`.
 
-use crate::dlq::{now_secs, DeadLetters, DlqEntry};
+use crate::dlq::{DeadLetters, DlqEntry};
 use crate::ledger::{Ledger, Outcome};
 use crate::stats::ActorStats;
 use crate::supervisor::{Backoff, RestartPolicy};
@@ -304,17 +304,7 @@ impl<S: Stage> Pool<S> {
             return;
         }
         tracing::error!(stage = %state.args.name, doc = %a.job.doc_id(), "dead-lettered after {} attempts: {error}", a.attempt);
-        let entry = DlqEntry {
-            id: 0,
-            at: now_secs(),
-            stage: state.args.name.clone(),
-            error: error.clone(),
-            attempts: a.attempt,
-            doc_id: a.job.doc_id().to_string(),
-            version: a.job.version().map(str::to_string),
-            payload: a.job.payload(),
-            replayed: false,
-        };
+        let entry = DlqEntry::for_job(&state.args.name, &error, a.attempt, &a.job);
         match state.args.dlq.push(entry) {
             Ok(_) => {
                 state.args.ledger.finish(

@@ -303,31 +303,19 @@ async fn rescan(args: &WatcherArgs) {
 /// out outages refused the message itself); the job then goes to the DLQ so
 /// it is not silently lost.
 async fn hand_on<T: Job + serde::Serialize>(args: &WatcherArgs, port: &Port<T>, job: T) {
-    let (id, version, payload) = (
-        job.doc_id().to_string(),
-        job.version().map(str::to_string),
-        job.payload(),
-    );
-    if let Err(e) = port.send(job).await {
+    // The failure path needs the job back; a clone of a DocMeta or a
+    // deletion is cheaper than building its DLQ payload for every document.
+    if let Err(e) = port.send(job.clone()).await {
         let error = format!("{e:#}");
+        let (id, version) = (job.doc_id(), job.version());
         tracing::error!(doc = %id, "could not hand the document on: {error}");
-        let entry = crate::dlq::DlqEntry {
-            id: 0,
-            at: crate::dlq::now_secs(),
-            stage: "source_watcher".into(),
-            error: error.clone(),
-            attempts: 1,
-            doc_id: id.clone(),
-            version: version.clone(),
-            payload,
-            replayed: false,
-        };
+        let entry = crate::dlq::DlqEntry::for_job("source_watcher", &error, 1, &job);
         if let Err(e) = args.dlq.push(entry) {
             tracing::error!(doc = %id, "DLQ write failed too: {e:#}");
         }
         args.ledger.finish(
-            &id,
-            version.as_deref(),
+            id,
+            version,
             Outcome::DeadLettered(format!("source_watcher: {error}")),
         );
     }
@@ -390,18 +378,13 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
         return; // this version is in flight or already ended (e.g. skipped)
     }
     // A version that already went to the DLQ stays there until replayed.
-    if let Ok(entries) = args.dlq.list() {
-        if let Some(e) = entries
-            .iter()
-            .find(|e| !e.replayed && e.doc_id == id && e.version.as_deref() == Some(&version))
-        {
-            args.ledger.record(
-                &id,
-                Some(&version),
-                Outcome::DeadLettered(format!("{}: {}", e.stage, e.error)),
-            );
-            return;
-        }
+    if let Some(e) = args.dlq.pending(&id, &version) {
+        args.ledger.record(
+            &id,
+            Some(&version),
+            Outcome::DeadLettered(format!("{}: {}", e.stage, e.error)),
+        );
+        return;
     }
     let doc = DocMeta {
         doc_id: id.clone(),

@@ -444,3 +444,54 @@ pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
         .find_map(|r| find(r, name))
         .expect("actor in /actors")
 }
+
+/// One-chunk note `i`: a sentence only it contains (badge number 7000 + i).
+pub fn note(i: usize) -> String {
+    format!(
+        "# Note {i}\n\nOffice {i} keeps its spare badge number {n} in the reception safe.\n",
+        n = 7000 + i
+    )
+}
+
+/// `n` one-chunk notes, alternating between the hr and eng partitions.
+pub fn write_notes(ws: &Workspace, n: usize) {
+    for i in 0..n {
+        let div = if i % 2 == 0 { "hr" } else { "eng" };
+        ws.write(&format!("{div}/note-{i}.md"), note(i));
+    }
+}
+
+/// Config tables for the shared services: the Qdrant collection and the
+/// Redis cache index `collection`. For `Workspace::with_extra`.
+pub fn shared_services_toml(qdrant_url: &str, redis_url: &str, collection: &str) -> String {
+    format!(
+        r#"[index]
+backend = "qdrant"
+qdrant_url = "{qdrant_url}"
+qdrant_collection = "{collection}"
+[cache]
+backend = "redis"
+redis_url = "{redis_url}"
+redis_index = "{collection}"
+"#
+    )
+}
+
+/// Config tables for a cluster node: its name and roles on the Kafka bus at
+/// `brokers` (4 partitions). For `Workspace::with_extra`, with
+/// [`shared_services_toml`].
+pub fn kafka_node_toml(name: &str, roles: &[&str], brokers: &str, max_queued: usize) -> String {
+    let roles: Vec<String> = roles.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        r#"[node]
+name = "{name}"
+roles = [{roles}]
+[bus]
+backend = "kafka"
+brokers = "{brokers}"
+partitions = 4
+max_queued = {max_queued}
+"#,
+        roles = roles.join(", "),
+    )
+}

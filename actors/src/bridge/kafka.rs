@@ -61,7 +61,7 @@ pub struct Kafka {
 }
 
 /// What `/actors` and `/metrics` show of one consumer.
-#[derive(Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ConsumerView {
     pub topic: String,
     pub group: String,
@@ -82,16 +82,7 @@ pub struct ConsumerState {
 
 impl ConsumerState {
     pub fn view(&self) -> ConsumerView {
-        let v = self.view.lock();
-        ConsumerView {
-            topic: v.topic.clone(),
-            group: v.group.clone(),
-            assigned: v.assigned.clone(),
-            paused: v.paused,
-            lag: v.lag.clone(),
-            received: v.received,
-            rejected: v.rejected,
-        }
+        self.view.lock().clone()
     }
 
     /// Marks `offset` done; returns the highest offset below which every
@@ -208,10 +199,6 @@ fn transient(e: &KafkaError) -> bool {
 }
 
 impl Kafka {
-    fn client_config(&self) -> ClientConfig {
-        base_config(&self.settings.brokers)
-    }
-
     /// Connects, then makes sure every topic in `topics` exists (creating
     /// the missing ones when allowed), so a misconfigured cluster fails at
     /// start-up with the names of what is missing.
@@ -271,7 +258,8 @@ impl Kafka {
                 missing.join(", ")
             );
         }
-        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let admin: AdminClient<DefaultClientContext> =
+            base_config(&self.settings.brokers).create()?;
         let dlq = self.topic(DLQ);
         let new: Vec<NewTopic> = missing
             .iter()
@@ -635,6 +623,14 @@ impl DeadLetters for KafkaDlq {
 
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
         Ok(self.entries.lock().clone())
+    }
+
+    fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
+        let entries = self.entries.lock();
+        entries
+            .iter()
+            .find(|e| crate::dlq::is_pending(e, doc_id, version))
+            .cloned()
     }
 
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
