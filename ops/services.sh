@@ -17,6 +17,14 @@ RAGD_CACHE="${RAGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ragd}"
 # Building it takes ~10 minutes on 2 cores, so it is installed once into the
 # cache and reused.
 TANSU_VERSION="0.6.0"
+# tansu 0.6.0's group coordinator never re-forms a group after it evicts a
+# member that stopped heartbeating (a SIGKILLed consumer), so that member's
+# partitions were never reassigned. Real Kafka does reassign them; the patch
+# makes tansu do the same. The tag names the patched build in the cache.
+TANSU_PATCH="tansu-rebalance-on-eviction.patch"
+TANSU_PATCH_TAG="ragd1"
+TANSU_SHA256="4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d"
+TANSU_BROKER_SHA256="93c1e91b40c2a706dfdbe9a795c08c70918c874ad23f6e0e87564cc0a180e720"
 
 valkey_install() {  # idempotent; sets VALKEY_SERVER and REDISEARCH_SO
   local cache="$RAGD_CACHE"
@@ -68,14 +76,29 @@ valkey_start() {  # valkey_start PORT: prints the server's pid once it answers
 }
 
 tansu_install() {  # idempotent; sets TANSU
-  TANSU="$RAGD_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+  TANSU="$RAGD_CACHE/tansu-$TANSU_VERSION-$TANSU_PATCH_TAG/bin/tansu"
   if [[ -x "$TANSU" ]]; then return 0; fi
-  echo "building tansu $TANSU_VERSION (once, ~10 min)" >&2
-  # Its own target dir: it must not share (and lock) the project's.
-  CARGO_TARGET_DIR="$RAGD_CACHE/tansu-build" cargo install --quiet --locked \
-    tansu --version "$TANSU_VERSION" --features dynostore,libsql \
-    --root "$RAGD_CACHE/tansu-$TANSU_VERSION" >&2 || return 1
-  rm -rf "$RAGD_CACHE/tansu-build"
+  echo "building tansu $TANSU_VERSION with $TANSU_PATCH (once, ~15 min)" >&2
+  local here; here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  # Its own folder and target dir: it must not share (and lock) the project's.
+  local work="$RAGD_CACHE/tansu-build"
+  rm -rf "$work" && mkdir -p "$work" || return 1
+  # The published crates, checked against the sha256 the registry index lists.
+  local crate sum
+  for crate in "tansu:$TANSU_SHA256" "tansu-broker:$TANSU_BROKER_SHA256"; do
+    sum="${crate#*:}" crate="${crate%%:*}"
+    curl -fsSL -o "$work/$crate.crate" \
+      "https://static.crates.io/crates/$crate/$crate-$TANSU_VERSION.crate" || return 1
+    echo "$sum  $work/$crate.crate" | sha256sum -c --quiet - >&2 || return 1
+    tar xzf "$work/$crate.crate" -C "$work" && mv "$work/$crate-$TANSU_VERSION" "$work/$crate" || return 1
+  done
+  patch -s -d "$work/tansu-broker" -p1 <"$here/$TANSU_PATCH" || return 1
+  printf '\n[patch.crates-io]\ntansu-broker = { path = "../tansu-broker" }\n' >>"$work/tansu/Cargo.toml"
+  # tansu's own Cargo.lock pins every other dependency (as --locked would).
+  (cd "$work/tansu" && CARGO_TARGET_DIR="$work/target" cargo build --quiet --release \
+    --features dynostore,libsql --bin tansu) >&2 || return 1
+  install -D "$work/target/release/tansu" "$TANSU" || return 1
+  rm -rf "$work"
 }
 
 tansu_start() {  # tansu_start PORT [STORAGE]: prints the broker's pid once it listens

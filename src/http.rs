@@ -282,6 +282,14 @@ async fn ingest(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
     if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
+    if !node.roles.ingest {
+        // An index node keeps only a version map; the per-document ledger
+        // (seen, indexed, failed) is the ingest node's.
+        return error(
+            StatusCode::CONFLICT,
+            "this node has no ingest role: the ingest ledger is on the ingest nodes",
+        );
+    }
     Json(node.ledger.counts()).into_response()
 }
 

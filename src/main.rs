@@ -218,8 +218,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 // The cluster's DLQ is the `dlq` topic: read it to its end.
                 config::Bus::Kafka(settings) => {
                     use ragd_actors::dlq::DeadLetters;
-                    let kafka =
-                        ragd_actors::bridge::kafka::Kafka::connect(settings.clone()).await?;
+                    // A listing only reads: it never creates topics; a
+                    // cluster that never started says which are missing.
+                    let settings = ragd_actors::bridge::kafka::KafkaSettings {
+                        create_topics: false,
+                        ..settings.clone()
+                    };
+                    let kafka = ragd_actors::bridge::kafka::Kafka::connect(settings).await?;
                     tokio::task::spawn_blocking(move || {
                         ragd_actors::bridge::kafka::KafkaDlq::open(kafka, |_| {})
                     })

@@ -135,6 +135,14 @@ impl Ledger {
         true
     }
 
+    /// Starts an index node's view from the versions its store holds (see
+    /// `StoredVersion::seq`).
+    pub fn seed(&self, stored: &[crate::indexer::StoredVersion]) {
+        for v in stored {
+            self.observe(&v.doc_id, Some(&v.version), v.seq);
+        }
+    }
+
     /// Is `version` still the one the source has? A version overtaken by a
     /// newer one (or by a deletion) must not be written to the index.
     pub fn is_current(&self, doc_id: &str, version: &str) -> bool {

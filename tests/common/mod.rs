@@ -234,6 +234,16 @@ impl Daemon {
             .map(|r| r.status().as_u16())
     }
 
+    /// The status of an admin GET made with the admin token.
+    pub fn admin_status(&self, path: &str) -> Option<u16> {
+        Self::client()
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
     pub fn admin_json(&self, path: &str) -> serde_json::Value {
         Self::client()
             .get(format!("{}{path}", self.admin))

@@ -1,7 +1,7 @@
 //! The conformance suite every [`VectorStore`] backend must pass. Backend
 //! tests call [`run_all`] on an empty store.
 
-use super::{Scope, VectorStore};
+use super::{Scope, StoredVersion, VectorStore};
 use crate::messages::{Chunk, DocMeta, Partition};
 
 pub const DIM: usize = 8;
@@ -35,7 +35,8 @@ pub fn doc(
             access_level: level.into(),
         },
         size: 1,
-        seq: 0,
+        // Later versions were seen later ("v2" after "v1").
+        seq: version.trim_start_matches('v').parse::<u64>().unwrap_or(0) * 1_000,
     };
     let chunks = (0..n)
         .map(|i| Chunk {
@@ -168,11 +169,14 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
         "both versions present before the prune"
     );
     let mut versions = store.indexed_versions().await.unwrap();
-    versions.retain(|(d, _)| d == "leave");
-    assert_eq!(
-        versions,
-        vec![("leave".into(), "v1".into()), ("leave".into(), "v2".into())]
-    );
+    versions.retain(|v| v.doc_id == "leave");
+    let stored = |version: &str, seq| StoredVersion {
+        doc_id: "leave".into(),
+        version: version.into(),
+        seq,
+    };
+    // Once per version (not per chunk), with the watcher's seq.
+    assert_eq!(versions, vec![stored("v1", 1_000), stored("v2", 2_000)]);
     let removed = store.delete_other_versions("leave", "v2").await.unwrap();
     assert_eq!(removed, vec!["v1".to_string()]);
     assert_eq!(store.count(Some("leave")).await.unwrap(), 2);
@@ -198,7 +202,7 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
         .await
         .unwrap()
         .iter()
-        .all(|(d, _)| d != "build"));
+        .all(|v| v.doc_id != "build"));
 }
 
 async fn bad_vectors_are_errors(store: &dyn VectorStore) {

@@ -13,7 +13,9 @@
 //! [`VectorStore::optimize`] runs the optimizer that builds HNSW once a
 //! segment grows past the indexing threshold.
 
-use super::{check_search, check_upsert, point_id, Hit, Scope, VectorStore};
+use super::{
+    check_search, check_upsert, point_id, Hit, Scope, StoredVersion, VectorStore, Versions,
+};
 use crate::messages::{Chunk, DocMeta};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -26,7 +28,6 @@ use qdrant_edge::{
     QueryEnum, QueryRequest, ScoringQuery, ScrollRequest, SearchParams, UpdateOperation,
     WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
 };
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -159,8 +160,8 @@ impl EdgeStore {
             .map_err(|e| anyhow::anyhow!("vector store write: {e}"))
     }
 
-    fn versions_matching(&self, filter: Filter) -> anyhow::Result<Vec<(String, String)>> {
-        let mut out = BTreeSet::new();
+    fn versions_matching(&self, filter: Filter) -> anyhow::Result<Vec<StoredVersion>> {
+        let mut out = Versions::default();
         let mut offset = None;
         loop {
             let (records, next) = self
@@ -178,8 +179,9 @@ impl EdgeStore {
                 if let Some(p) = r.payload {
                     let doc = p.0.get("doc_id").and_then(|v| v.as_str());
                     let ver = p.0.get("version").and_then(|v| v.as_str());
+                    let seq = p.0.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
                     if let (Some(d), Some(v)) = (doc, ver) {
-                        out.insert((d.to_string(), v.to_string()));
+                        out.add(d.to_string(), v.to_string(), seq);
                     }
                 }
             }
@@ -188,7 +190,7 @@ impl EdgeStore {
                 None => break,
             }
         }
-        Ok(out.into_iter().collect())
+        Ok(out.into_vec())
     }
 
     fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
@@ -202,7 +204,7 @@ impl EdgeStore {
         let versions: Vec<String> = self
             .versions_matching(filter.clone())?
             .into_iter()
-            .map(|(_, v)| v)
+            .map(|v| v.version)
             .collect();
         if !versions.is_empty() {
             self.write(UpdateOperation::PointOperation(
@@ -250,6 +252,7 @@ impl VectorStore for EdgeStore {
                         "division": doc.partition.division,
                         "access_level": doc.partition.access_level,
                         "chunk_index": c.index as i64,
+                        "seq": doc.seq,
                         "text": c.text,
                     }),
                 )
@@ -330,7 +333,7 @@ impl VectorStore for EdgeStore {
         self.blocking(move |s| s.delete_where(&doc_id, None)).await
     }
 
-    async fn indexed_versions(&self) -> anyhow::Result<Vec<(String, String)>> {
+    async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {
         self.blocking(|s| {
             s.versions_matching(Filter {
                 must: Some(vec![Condition::Field(FieldCondition::new_match(

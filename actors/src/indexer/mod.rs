@@ -53,6 +53,41 @@ pub struct Hit {
     pub score: f32,
 }
 
+/// One document version found in a store.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredVersion {
+    pub doc_id: String,
+    pub version: String,
+    /// The watcher's sequence of this version (`DocMeta::seq`), kept in
+    /// every point so that an index node that restarts still refuses an
+    /// older version that is redelivered late (0 for points written before
+    /// it was stored).
+    pub seq: u64,
+}
+
+/// Collects the versions a scroll finds, once each (every chunk of a version
+/// carries the same fields), keeping the highest seq seen.
+#[derive(Default)]
+pub(crate) struct Versions(std::collections::BTreeMap<(String, String), u64>);
+
+impl Versions {
+    pub(crate) fn add(&mut self, doc_id: String, version: String, seq: u64) {
+        let e = self.0.entry((doc_id, version)).or_default();
+        *e = (*e).max(seq);
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<StoredVersion> {
+        self.0
+            .into_iter()
+            .map(|((doc_id, version), seq)| StoredVersion {
+                doc_id,
+                version,
+                seq,
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 pub trait VectorStore: Send + Sync {
     fn backend(&self) -> &'static str;
@@ -72,8 +107,8 @@ pub trait VectorStore: Send + Sync {
     async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>>;
     /// Deletes every chunk of `doc_id`; returns the versions removed.
     async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>>;
-    /// (doc id, version) of every document version in the store.
-    async fn indexed_versions(&self) -> anyhow::Result<Vec<(String, String)>>;
+    /// Every document version in the store.
+    async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>>;
     /// Number of points, optionally only those of one document.
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64>;
     /// Makes every write so far durable.

@@ -12,7 +12,9 @@
 //! `retry-after` honoured) when the server is unavailable, overloaded or the
 //! call timed out; other errors fail at once with the server's message.
 
-use super::{check_search, check_upsert, point_id, Hit, Scope, VectorStore};
+use super::{
+    check_search, check_upsert, point_id, Hit, Scope, StoredVersion, VectorStore, Versions,
+};
 use crate::messages::{Chunk, DocMeta};
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
@@ -26,7 +28,7 @@ use qdrant_client::qdrant::{
     ShardingMethod, UpsertPointsBuilder, Value, VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -306,9 +308,9 @@ impl QdrantStore {
         Ok(keys)
     }
 
-    /// (doc id, version) of the points matching `filter`, across all keys.
-    async fn versions_matching(&self, filter: Filter) -> anyhow::Result<Vec<(String, String)>> {
-        let mut out = BTreeSet::new();
+    /// The document versions of the points matching `filter`, across all keys.
+    async fn versions_matching(&self, filter: Filter) -> anyhow::Result<Vec<StoredVersion>> {
+        let mut out = Versions::default();
         let mut offset: Option<PointId> = None;
         loop {
             let mut b = ScrollPointsBuilder::new(&self.s.collection)
@@ -324,11 +326,12 @@ impl QdrantStore {
                 .call("scroll", || self.client.scroll(req.clone()))
                 .await?;
             for p in page.result {
-                if let (Some(d), Some(v)) = (
+                if let (Some(doc_id), Some(version)) = (
                     payload_str(&p.payload, "doc_id"),
                     payload_str(&p.payload, "version"),
                 ) {
-                    out.insert((d, v));
+                    let seq = p.payload.get("seq").and_then(|v| v.as_integer());
+                    out.add(doc_id, version, seq.unwrap_or(0).max(0) as u64);
                 }
             }
             match page.next_page_offset {
@@ -336,7 +339,7 @@ impl QdrantStore {
                 _ => break,
             }
         }
-        Ok(out.into_iter().collect())
+        Ok(out.into_vec())
     }
 
     async fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
@@ -348,7 +351,7 @@ impl QdrantStore {
             .versions_matching(filter.clone())
             .await?
             .into_iter()
-            .map(|(_, v)| v)
+            .map(|v| v.version)
             .collect();
         if !versions.is_empty() {
             // No shard key: the delete reaches every key, so a document
@@ -396,6 +399,7 @@ impl VectorStore for QdrantStore {
                         Value::from(doc.partition.access_level.clone()),
                     ),
                     ("chunk_index", Value::from(c.index as i64)),
+                    ("seq", Value::from(doc.seq as i64)),
                     ("text", Value::from(c.text.clone())),
                 ]
                 .into_iter()
@@ -464,7 +468,7 @@ impl VectorStore for QdrantStore {
         self.delete_where(doc_id, None).await
     }
 
-    async fn indexed_versions(&self) -> anyhow::Result<Vec<(String, String)>> {
+    async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {
         self.versions_matching(Filter::must([Condition::matches("chunk_index", 0i64)]))
             .await
     }

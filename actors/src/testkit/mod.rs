@@ -184,7 +184,7 @@ impl Tansu {
     }
 
     fn resume(&mut self) {
-        let bin = installed("RAGD_TANSU", "tansu-0.6.0/bin/tansu");
+        let bin = installed("RAGD_TANSU", "tansu-0.6.0-ragd1/bin/tansu");
         let url = format!("tcp://127.0.0.1:{}", self.port);
         // tansu resolves sqlite:// paths against its working folder, and
         // reads a .env there: run it in its own temp folder.
