@@ -10,8 +10,12 @@ use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
 use serde::Deserialize;
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -195,10 +199,150 @@ impl Weights {
     }
 }
 
+/// One linear layer computing several side by side (outputs concatenated).
+fn concat_linear<B: Backend, const N: usize>(parts: [Linear<B>; N]) -> Linear<B> {
+    let (weights, biases): (Vec<_>, Vec<_>) = parts
+        .into_iter()
+        .map(|l| {
+            let bias = l.bias.expect("BERT linears have a bias").val();
+            (l.weight.val(), bias)
+        })
+        .unzip();
+    Linear {
+        weight: Param::from_tensor(Tensor::cat(weights, 1)),
+        bias: Some(Param::from_tensor(Tensor::cat(biases, 0))),
+    }
+}
+
+/// burn's CPU backend, flex: some of its kernels run on one thread, which
+/// the functions below work around.
+fn is_flex<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<burn::backend::Flex>()
+}
+
+/// The additive attention bias over keys, [n, 1, s, s]: 0 where attended,
+/// -10000 at padding (exp(-10000) is 0 in f32, and the value stays finite
+/// in f16). None when nothing is padded, as at batch 1.
+fn attention_bias<B: Backend>(b: &Batch, dev: &B::Device) -> Option<Tensor<B, 4>> {
+    if b.mask.iter().all(|m| *m != 0.0) {
+        return None;
+    }
+    let (n, s) = (b.batch, b.seq);
+    let mut bias = Vec::with_capacity(n * s * s);
+    for row in b.mask.chunks(s) {
+        for _ in 0..s {
+            bias.extend(row.iter().map(|m| (1.0 - m) * -10000.0));
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(bias, [n, 1, s, s]), dev))
+}
+
+/// softmax(q·kᵀ/√d + bias)·v over [n, heads, s, d].
+///
+/// Long texts use burn's fused attention: on flex it never builds the
+/// [n, heads, s, s] scores tensor (54 MB per layer for 32 chunks), but it
+/// runs on one thread and first copies q, k and v to contiguous memory, so
+/// there the heads are split across rayon's threads. For short texts those
+/// copies outweigh the scores, and plain matmuls on the strided views win.
+fn self_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    let opts = AttentionModuleOptions::default();
+    let [n, heads, s, d] = q.dims();
+    if is_flex::<B>() && s < 64 {
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt());
+        let scores = match bias {
+            Some(b) => scores + b,
+            None => scores,
+        };
+        return softmax(scores, 3).matmul(v);
+    }
+    // Below ~1M multiply-adds (a short text alone) a split costs more than
+    // it saves.
+    let parts = if is_flex::<B>() && n * heads * s * s * d >= 1 << 20 {
+        rayon::current_num_threads().min(heads)
+    } else {
+        1
+    };
+    if parts <= 1 {
+        return attention(q, k, v, None, bias, opts);
+    }
+    let outs: Vec<Tensor<B, 4>> = (0..parts)
+        .into_par_iter()
+        .map(|i| {
+            let (start, end) = (i * heads / parts, (i + 1) * heads / parts);
+            let part = |t: &Tensor<B, 4>| t.clone().narrow(1, start, end - start);
+            attention(part(&q), part(&k), part(&v), None, bias.clone(), opts)
+        })
+        .collect();
+    Tensor::cat(outs, 1)
+}
+
+/// GELU with the exact erf, as BERT defines it. On flex, burn's gelu runs
+/// libm's scalar erff on one thread (a tenth of a chunk batch's time), so
+/// there it is computed on the host over rayon's threads instead.
+fn gelu_exact<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    if !is_flex::<B>() {
+        return gelu(x);
+    }
+    let dev = x.device();
+    let mut data = x.into_data();
+    let done = match data.as_mut_slice::<f32>() {
+        Ok(v) => {
+            v.par_chunks_mut(16 * 1024)
+                .for_each(|c| c.iter_mut().for_each(|e| *e = gelu_f32(*e)));
+            true
+        }
+        Err(_) => false,
+    };
+    let x = Tensor::from_data(data, &dev);
+    if done {
+        x
+    } else {
+        gelu(x) // not f32: leave it to burn
+    }
+}
+
+/// 0.5·x·(1 + erf(x/√2)), erf by Abramowitz & Stegun 7.1.26 (absolute error
+/// under 1.5e-7). Branch-free and without libm calls, so the loop over a
+/// slice vectorises, unlike libm's erff (branches, two exps in the tails).
+fn gelu_f32(x: f32) -> f32 {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let erf_abs = 1.0 - poly * exp_non_positive(-a * a);
+    let erf = erf_abs.copysign(z);
+    0.5 * x * (1.0 + erf)
+}
+
+/// e^x for x ≤ 0 (relative error ~2e-7; x is clamped at -87, where e^x is
+/// ~1e-38, nothing to GELU): x = k·ln2 + r with
+/// |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial, 2^k built in the
+/// exponent bits. Plain arithmetic, so the compiler vectorises it.
+fn exp_non_positive(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    // Round to nearest by truncating x·log2(e) - 0.5 (it is negative).
+    let k = (x * std::f32::consts::LOG2_E - 0.5) as i32;
+    let kf = k as f32;
+    let r = x - kf * 0.693_145_75 - kf * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((k + 127) as u32) << 23)
+}
+
 struct Layer<B: Backend> {
-    query: Linear<B>,
-    key: Linear<B>,
-    value: Linear<B>,
+    /// Query, key and value side by side ([h, 3h]): one GEMM instead of three.
+    qkv: Linear<B>,
     attn_out: Linear<B>,
     attn_norm: LayerNorm<B>,
     ffn_in: Linear<B>,
@@ -250,9 +394,11 @@ impl<B: Backend> Bert<B> {
             let p = format!("encoder.layer.{i}");
             let ff = cfg.intermediate_size;
             layers.push(Layer {
-                query: w.linear(&format!("{p}.attention.self.query"), h, h, device)?,
-                key: w.linear(&format!("{p}.attention.self.key"), h, h, device)?,
-                value: w.linear(&format!("{p}.attention.self.value"), h, h, device)?,
+                qkv: concat_linear([
+                    w.linear(&format!("{p}.attention.self.query"), h, h, device)?,
+                    w.linear(&format!("{p}.attention.self.key"), h, h, device)?,
+                    w.linear(&format!("{p}.attention.self.value"), h, h, device)?,
+                ]),
                 attn_out: w.linear(&format!("{p}.attention.output.dense"), h, h, device)?,
                 attn_norm: w.layer_norm(
                     &format!("{p}.attention.output.LayerNorm"),
@@ -300,8 +446,12 @@ impl<B: Backend> Bert<B> {
         self.cfg.hidden_size
     }
 
-    /// Last hidden state, [batch, seq, hidden].
-    fn encode(&self, b: &Batch) -> Tensor<B, 3> {
+    /// Last hidden state, [batch * seq, hidden]: row `r * seq + t` is token
+    /// `t` of text `r`. The hidden state stays 2-D on purpose: burn's default
+    /// linear turns a [n, s, h] input into n small GEMMs, one per text, while
+    /// [n * s, h] is one large GEMM that the backend can thread and block
+    /// well; layer norm, residual adds and GELU then run on contiguous rows.
+    fn encode(&self, b: &Batch) -> Tensor<B, 2> {
         let (n, s, h) = (b.batch, b.seq, self.cfg.hidden_size);
         let heads = self.cfg.num_attention_heads;
         let d = h / heads;
@@ -309,30 +459,29 @@ impl<B: Backend> Bert<B> {
         let ids: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(b.ids.clone(), [n, s]), dev);
         let types: Tensor<B, 2, Int> =
             Tensor::from_data(TensorData::new(b.type_ids.clone(), [n, s]), dev);
+        // Positions as [n, s], not a broadcast [1, s]: the three embeddings
+        // then add as same-shape contiguous tensors (flex's fast path).
+        let positions: Vec<i64> = (0..n).flat_map(|_| 0..s as i64).collect();
         let positions: Tensor<B, 2, Int> =
-            Tensor::<B, 1, Int>::arange(0..s as i64, dev).reshape([1, s]);
+            Tensor::from_data(TensorData::new(positions, [n, s]), dev);
         let x = self.word.forward(ids)
             + self.token_type.forward(types)
             + self.position.forward(positions);
-        let mut x = self.emb_norm.forward(x);
-        // Additive mask, [n, 1, 1, s]: 0 where attended, -10000 at padding
-        // (exp(-10000) is 0 in f32, and the value stays finite in f16).
-        let add_mask: Vec<f32> = b.mask.iter().map(|m| (1.0 - m) * -10000.0).collect();
-        let add_mask: Tensor<B, 4> =
-            Tensor::from_data(TensorData::new(add_mask, [n, 1, 1, s]), dev);
-        let scale = 1.0 / (d as f64).sqrt();
+        let mut x = self.emb_norm.forward(x.reshape([n * s, h]));
+        let bias = attention_bias::<B>(b, dev);
         for l in &self.layers {
-            let split = |t: Tensor<B, 3>| t.reshape([n, s, heads, d]).swap_dims(1, 2);
-            let q = split(l.query.forward(x.clone()));
-            let k = split(l.key.forward(x.clone()));
-            let v = split(l.value.forward(x.clone()));
-            let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + add_mask.clone();
-            let ctx = softmax(scores, 3)
-                .matmul(v)
+            let qkv = l.qkv.forward(x.clone());
+            let split = |i: usize| {
+                qkv.clone()
+                    .slice([0..n * s, i * h..(i + 1) * h])
+                    .reshape([n, s, heads, d])
+                    .swap_dims(1, 2)
+            };
+            let ctx = self_attention(split(0), split(1), split(2), bias.clone())
                 .swap_dims(1, 2)
-                .reshape([n, s, h]);
+                .reshape([n * s, h]);
             let x1 = l.attn_norm.forward(l.attn_out.forward(ctx) + x);
-            let ff = l.ffn_out.forward(gelu(l.ffn_in.forward(x1.clone())));
+            let ff = l.ffn_out.forward(gelu_exact(l.ffn_in.forward(x1.clone())));
             x = l.ffn_norm.forward(ff + x1);
         }
         x
@@ -341,7 +490,7 @@ impl<B: Backend> Bert<B> {
     /// Sentence embeddings: mean over attended tokens, L2-normalised.
     pub fn embed(&self, b: &Batch) -> Vec<Vec<f32>> {
         let (n, s, h) = (b.batch, b.seq, self.cfg.hidden_size);
-        let x = self.encode(b);
+        let x = self.encode(b).reshape([n, s, h]);
         let mask: Tensor<B, 3> =
             Tensor::from_data(TensorData::new(b.mask.clone(), [n, s, 1]), &self.device);
         let summed = (x * mask.clone()).sum_dim(1).reshape([n, h]);
@@ -364,7 +513,7 @@ impl<B: Backend> Bert<B> {
             bail!("this model was loaded without a classification head");
         };
         let (n, h) = (b.batch, self.cfg.hidden_size);
-        let x = self.encode(b);
+        let x = self.encode(b).reshape([n, b.seq, h]);
         let cls = x.slice([0..n, 0..1]).reshape([n, h]);
         let pooled = pooler.forward(cls).tanh();
         let logits = classifier.forward(pooled);
@@ -372,5 +521,38 @@ impl<B: Backend> Bert<B> {
         let data = logits.into_data().convert::<f32>();
         let flat: Vec<f32> = data.iter::<f32>().collect();
         Ok(flat.chunks(labels).map(|row| row[0]).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn fast_exp_matches_std_on_the_non_positive_half_line() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 4.35e-4; // 0 down to -87
+            let (got, want) = (exp_non_positive(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn host_gelu_matches_burns_exact_gelu() {
+        let dev = Default::default();
+        let xs: Vec<f32> = (0..40_001).map(|i| -10.0 + i as f32 * 5e-4).collect();
+        let n = xs.len();
+        let t = || Tensor::<Flex, 2>::from_data(TensorData::new(xs.clone(), [1, n]), &dev);
+        let ours = gelu_exact(t()).into_data().to_vec::<f32>().unwrap();
+        let burn = gelu(t()).into_data().to_vec::<f32>().unwrap();
+        let worst = ours
+            .iter()
+            .zip(&burn)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-6, "worst absolute difference {worst}");
     }
 }
