@@ -294,17 +294,18 @@ impl Node {
         let prune_q: Arc<PoolQueue<IndexedEvent>> =
             PoolQueue::new(stats(roles.index, "root/index/version_pruner"));
 
-        let mut stored = if roles.ingest || roles.index {
+        // An index node without a watcher learns versions from the jobs
+        // (`observe`); after a restart it must still refuse an older version
+        // that is redelivered late, so it starts from what the store holds.
+        let seed_ledger = kafka.is_some() && roles.index && !roles.ingest;
+        let mut stored = if roles.ingest || seed_ledger {
             store.indexed_versions().await?
         } else {
             Vec::new()
         };
         // Oldest first, so a document caught mid-prune maps to its newest.
         stored.sort_by_key(|v| v.seq);
-        if kafka.is_some() && roles.index && !roles.ingest {
-            // An index node learns versions from the jobs (`observe`); after
-            // a restart it must still refuse an older version that is
-            // redelivered late, so it starts from what the store holds.
+        if seed_ledger {
             ledger.seed(&stored);
         }
         let known: HashMap<String, String> = if roles.ingest {

@@ -227,21 +227,20 @@ impl Daemon {
     }
 
     pub fn get_status(&self, path: &str) -> Option<u16> {
-        Self::client()
-            .get(format!("{}{path}", self.admin))
-            .send()
-            .ok()
-            .map(|r| r.status().as_u16())
+        self.status(path, None)
     }
 
     /// The status of an admin GET made with the admin token.
     pub fn admin_status(&self, path: &str) -> Option<u16> {
-        Self::client()
-            .get(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .ok()
-            .map(|r| r.status().as_u16())
+        self.status(path, Some(ADMIN_TOKEN))
+    }
+
+    fn status(&self, path: &str, token: Option<&str>) -> Option<u16> {
+        let mut req = Self::client().get(format!("{}{path}", self.admin));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().ok().map(|r| r.status().as_u16())
     }
 
     pub fn admin_json(&self, path: &str) -> serde_json::Value {

@@ -251,8 +251,11 @@ fn self_attention<B: Backend>(
     bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
     let opts = AttentionModuleOptions::default();
-    let [n, heads, s, d] = q.dims();
-    if is_flex::<B>() && s < 64 {
+    let [_, heads, s, d] = q.dims();
+    if !is_flex::<B>() {
+        return attention(q, k, v, None, bias, opts);
+    }
+    if s < 64 {
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (d as f64).sqrt());
@@ -262,13 +265,7 @@ fn self_attention<B: Backend>(
         };
         return softmax(scores, 3).matmul(v);
     }
-    // Below ~1M multiply-adds (a short text alone) a split costs more than
-    // it saves.
-    let parts = if is_flex::<B>() && n * heads * s * s * d >= 1 << 20 {
-        rayon::current_num_threads().min(heads)
-    } else {
-        1
-    };
+    let parts = rayon::current_num_threads().min(heads);
     if parts <= 1 {
         return attention(q, k, v, None, bias, opts);
     }
