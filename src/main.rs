@@ -79,6 +79,9 @@ enum Command {
         /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
         #[arg(long)]
         model: PathBuf,
+        /// cpu, cuda or cuda-f16 (the GPU ones need a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: ragd_actors::model::Device,
         #[arg(required = true)]
         texts: Vec<String>,
     },
@@ -87,6 +90,9 @@ enum Command {
         /// Cross-encoder folder (BertForSequenceClassification).
         #[arg(long)]
         model: PathBuf,
+        /// cpu, cuda or cuda-f16 (the GPU ones need a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: ragd_actors::model::Device,
         #[arg(long)]
         query: String,
         #[arg(required = true)]
@@ -173,13 +179,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (base, token) = admin_target(url, token, &config)?;
             status(&base, token.as_deref()).await
         }
-        Command::Embed { model, texts } => {
+        Command::Embed {
+            model,
+            device,
+            texts,
+        } => {
             let enc = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<f32>>> {
-                let enc = ragd_actors::model::AnyEncoder::load(
-                    &model,
-                    Default::default(),
-                    ragd_actors::model::Device::Cpu,
-                )?;
+                let enc = ragd_actors::model::AnyEncoder::load(&model, Default::default(), device)?;
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 enc.embed(&refs)
             })
@@ -191,15 +197,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rerank {
             model,
+            device,
             query,
             passages,
         } => {
             let scores = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f32>> {
-                let ce = ragd_actors::model::AnyCrossEncoder::load(
-                    &model,
-                    Default::default(),
-                    ragd_actors::model::Device::Cpu,
-                )?;
+                let ce =
+                    ragd_actors::model::AnyCrossEncoder::load(&model, Default::default(), device)?;
                 let refs: Vec<&str> = passages.iter().map(String::as_str).collect();
                 ce.score(&query, &refs)
             })

@@ -12,7 +12,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use rayon::prelude::*;
 use serde::Deserialize;
 use std::any::TypeId;
@@ -237,7 +237,41 @@ fn attention_bias<B: Backend>(b: &Batch, dev: &B::Device) -> Option<Tensor<B, 4>
     Some(Tensor::from_data(TensorData::new(bias, [n, 1, s, s]), dev))
 }
 
-/// softmax(q·kᵀ/√d + bias)·v over [n, heads, s, d].
+/// The padding mask over keys as booleans, [n, heads, s, s], true where a
+/// key is padding. burn's CUDA backend runs its flash-attention kernels
+/// only for a boolean mask; an additive bias sends it to the unfused
+/// matmul-softmax-matmul path. None when nothing is padded.
+fn attention_mask<B: Backend>(
+    b: &Batch,
+    heads: usize,
+    dev: &B::Device,
+) -> Option<Tensor<B, 4, Bool>> {
+    if b.mask.iter().all(|m| *m != 0.0) {
+        return None;
+    }
+    let (n, s) = (b.batch, b.seq);
+    let mut mask = Vec::with_capacity(n * heads * s * s);
+    for row in b.mask.chunks(s) {
+        for _ in 0..heads * s {
+            mask.extend(row.iter().map(|m| *m == 0.0));
+        }
+    }
+    Some(Tensor::from_data(
+        TensorData::new(mask, [n, heads, s, s]),
+        dev,
+    ))
+}
+
+/// Whether a GPU backend passes padding as a boolean mask (flash attention)
+/// rather than an additive bias: `RAGD_GPU_ATTENTION=flash`. Off by default
+/// until it is measured faster and at parity on a GPU (BENCHMARKS.md).
+fn gpu_flash_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RAGD_GPU_ATTENTION").is_ok_and(|v| v == "flash"))
+}
+
+/// softmax(q·kᵀ/√d + bias)·v over [n, heads, s, d], keys under `mask`
+/// ignored.
 ///
 /// Long texts use burn's fused attention: on flex it never builds the
 /// [n, heads, s, s] scores tensor (54 MB per layer for 32 chunks), but it
@@ -249,11 +283,12 @@ fn self_attention<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     bias: Option<Tensor<B, 4>>,
+    mask: Option<Tensor<B, 4, Bool>>,
 ) -> Tensor<B, 4> {
     let opts = AttentionModuleOptions::default();
     let [_, heads, s, d] = q.dims();
     if !is_flex::<B>() {
-        return attention(q, k, v, None, bias, opts);
+        return attention(q, k, v, mask, bias, opts);
     }
     if s < 64 {
         let scores = q
@@ -443,6 +478,15 @@ impl<B: Backend> Bert<B> {
         self.cfg.hidden_size
     }
 
+    /// Whether batches should be padded to a few recurring shapes, and the
+    /// longest length allowed. burn's CUDA backend compiles (NVRTC) and
+    /// autotunes kernels per shape: on an H200, one run with a new shape per
+    /// batch spent minutes compiling (BENCHMARKS.md). flex runs any shape
+    /// as is, and padding would only cost it compute.
+    pub fn shape_bucket(&self) -> Option<usize> {
+        (!is_flex::<B>()).then_some(self.cfg.max_position_embeddings)
+    }
+
     /// Last hidden state, [batch * seq, hidden]: row `r * seq + t` is token
     /// `t` of text `r`. The hidden state stays 2-D on purpose: burn's default
     /// linear turns a [n, s, h] input into n small GEMMs, one per text, while
@@ -465,7 +509,11 @@ impl<B: Backend> Bert<B> {
             + self.token_type.forward(types)
             + self.position.forward(positions);
         let mut x = self.emb_norm.forward(x.reshape([n * s, h]));
-        let bias = attention_bias::<B>(b, dev);
+        let (bias, mask) = if !is_flex::<B>() && gpu_flash_attention() {
+            (None, attention_mask::<B>(b, heads, dev))
+        } else {
+            (attention_bias::<B>(b, dev), None)
+        };
         for l in &self.layers {
             let qkv = l.qkv.forward(x.clone());
             let split = |i: usize| {
@@ -474,7 +522,7 @@ impl<B: Backend> Bert<B> {
                     .reshape([n, s, heads, d])
                     .swap_dims(1, 2)
             };
-            let ctx = self_attention(split(0), split(1), split(2), bias.clone())
+            let ctx = self_attention(split(0), split(1), split(2), bias.clone(), mask.clone())
                 .swap_dims(1, 2)
                 .reshape([n * s, h]);
             let x1 = l.attn_norm.forward(l.attn_out.forward(ctx) + x);
@@ -484,28 +532,38 @@ impl<B: Backend> Bert<B> {
         x
     }
 
-    /// Sentence embeddings: mean over attended tokens, L2-normalised.
-    pub fn embed(&self, b: &Batch) -> Vec<Vec<f32>> {
+    /// Sentence embeddings, [batch, hidden]: mean over attended tokens,
+    /// L2-normalised. Queued, not awaited: on a GPU the result is ready once
+    /// [`Bert::rows`] reads it.
+    pub fn embed_launch(&self, b: &Batch) -> Tensor<B, 2> {
         let (n, s, h) = (b.batch, b.seq, self.cfg.hidden_size);
         let x = self.encode(b).reshape([n, s, h]);
         let mask: Tensor<B, 3> =
             Tensor::from_data(TensorData::new(b.mask.clone(), [n, s, 1]), &self.device);
         let summed = (x * mask.clone()).sum_dim(1).reshape([n, h]);
-        let counts = mask.sum_dim(1).reshape([n, 1]).clamp_min(1e-9);
+        // Every row has at least its [CLS] and [SEP], so neither the count
+        // nor the norm is zero (and 1e-12 would be 0 in f16 anyway).
+        let counts = mask.sum_dim(1).reshape([n, 1]);
         let mean = summed / counts;
-        let norm = mean
-            .clone()
-            .powi_scalar(2)
-            .sum_dim(1)
-            .sqrt()
-            .clamp_min(1e-12);
-        let out = (mean / norm).into_data().convert::<f32>();
-        let flat: Vec<f32> = out.iter::<f32>().collect();
-        flat.chunks(h).map(<[f32]>::to_vec).collect()
+        let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt();
+        mean / norm
     }
 
-    /// Cross-encoder logits of label 0, one per row.
-    pub fn classify(&self, b: &Batch) -> anyhow::Result<Vec<f32>> {
+    /// Sentence embeddings, one vector per row of the batch.
+    pub fn embed(&self, b: &Batch) -> Vec<Vec<f32>> {
+        Self::rows(self.embed_launch(b))
+    }
+
+    /// Waits for a [batch, k] result and copies it to the host as f32 rows.
+    pub fn rows(t: Tensor<B, 2>) -> Vec<Vec<f32>> {
+        let [_, k] = t.dims();
+        let flat: Vec<f32> = t.into_data().convert::<f32>().iter::<f32>().collect();
+        flat.chunks(k.max(1)).map(<[f32]>::to_vec).collect()
+    }
+
+    /// Cross-encoder logits, [batch, labels], queued as in
+    /// [`Bert::embed_launch`].
+    pub fn classify_launch(&self, b: &Batch) -> anyhow::Result<Tensor<B, 2>> {
         let Some((pooler, classifier)) = &self.head else {
             bail!("this model was loaded without a classification head");
         };
@@ -513,11 +571,13 @@ impl<B: Backend> Bert<B> {
         let x = self.encode(b).reshape([n, b.seq, h]);
         let cls = x.slice([0..n, 0..1]).reshape([n, h]);
         let pooled = pooler.forward(cls).tanh();
-        let logits = classifier.forward(pooled);
-        let labels = self.cfg.labels();
-        let data = logits.into_data().convert::<f32>();
-        let flat: Vec<f32> = data.iter::<f32>().collect();
-        Ok(flat.chunks(labels).map(|row| row[0]).collect())
+        Ok(classifier.forward(pooled))
+    }
+
+    /// Cross-encoder logits of label 0, one per row.
+    pub fn classify(&self, b: &Batch) -> anyhow::Result<Vec<f32>> {
+        let logits = self.classify_launch(b)?;
+        Ok(Self::rows(logits).into_iter().map(|row| row[0]).collect())
     }
 }
 

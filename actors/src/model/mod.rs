@@ -50,12 +50,30 @@ impl BatchPolicy {
     }
 }
 
-/// Which backend runs the model.
+/// Which backend runs the model, and in which float type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
+    /// burn flex, f32.
     Cpu,
+    /// burn-cuda, f32: the reference precision.
     Cuda,
+    /// burn-cuda, f16 weights and activations (f16 tensor cores); parity
+    /// with f32 is tested (cosine ≥ 0.999, see BENCHMARKS.md).
+    #[serde(rename = "cuda-f16")]
+    CudaF16,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "cuda-f16" => Ok(Device::CudaF16),
+            other => Err(format!("unknown device {other:?} (cpu, cuda or cuda-f16)")),
+        }
+    }
 }
 
 /// Reads the sentence-transformers max_seq_length when the folder has one.
@@ -85,9 +103,20 @@ pub fn load_tokenizer(dir: &Path, max_len: usize) -> anyhow::Result<Tokenizer> {
     Ok(tok)
 }
 
-fn pad(encodings: &[&Encoding]) -> Batch {
-    let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
-    let n = encodings.len();
+/// Pads a batch to its longest member. With `bucket` (a JIT-compiling GPU
+/// backend, see [`Bert::shape_bucket`]) the length is also rounded up to a
+/// multiple of 32 (at most `bucket`) and the rows to a power of two, so a
+/// handful of shapes recur instead of one per length; the extra rows attend
+/// to one padding token and are dropped, the extra columns are masked.
+fn pad(encodings: &[&Encoding], bucket: Option<usize>) -> Batch {
+    let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+    let (n, seq) = match bucket {
+        Some(cap) => (
+            encodings.len().next_power_of_two(),
+            longest.next_multiple_of(32).min(cap.max(longest)),
+        ),
+        None => (encodings.len(), longest),
+    };
     let mut b = Batch {
         ids: vec![0; n * seq],
         type_ids: vec![0; n * seq],
@@ -95,6 +124,9 @@ fn pad(encodings: &[&Encoding]) -> Batch {
         batch: n,
         seq,
     };
+    for r in encodings.len()..n {
+        b.mask[r * seq] = 1.0;
+    }
     for (r, e) in encodings.iter().enumerate() {
         for (c, ((id, ty), m)) in e
             .get_ids()
@@ -111,26 +143,44 @@ fn pad(encodings: &[&Encoding]) -> Batch {
     b
 }
 
-/// Runs `f` over `encodings` in length-sorted batches and returns the
+/// Runs the model over `encodings` in length-sorted batches and returns the
 /// results in input order.
-fn batched<T: Clone>(
+///
+/// `launch` queues a batch's forward pass and `read` waits for its result.
+/// One batch stays queued ahead of the one being read: on a GPU, whose
+/// kernels run asynchronously, the device works on batch k+1 while the host
+/// copies batch k's result back and pads the next one. On the CPU backend
+/// `launch` does the work itself and the order changes nothing.
+fn batched<P, T: Clone>(
     encodings: &[Encoding],
     policy: &BatchPolicy,
-    mut f: impl FnMut(&Batch) -> anyhow::Result<Vec<T>>,
+    bucket: Option<usize>,
+    mut launch: impl FnMut(&Batch) -> anyhow::Result<P>,
+    mut read: impl FnMut(P) -> anyhow::Result<Vec<T>>,
 ) -> anyhow::Result<Vec<T>> {
     let mut order: Vec<usize> = (0..encodings.len()).collect();
     order.sort_by_key(|&i| encodings[i].len());
     let lengths: Vec<usize> = order.iter().map(|&i| encodings[i].len()).collect();
     let mut out: Vec<Option<T>> = vec![None; encodings.len()];
+    let mut store = |range: std::ops::Range<usize>, results: Vec<T>| {
+        for (slot, r) in order[range].iter().zip(results) {
+            out[*slot] = Some(r);
+        }
+    };
+    let mut queued: Option<(std::ops::Range<usize>, P)> = None;
     for range in policy.cut(&lengths) {
         let members: Vec<&Encoding> = order[range.clone()]
             .iter()
             .map(|&i| &encodings[i])
             .collect();
-        let results = f(&pad(&members))?;
-        for (slot, r) in order[range].iter().zip(results) {
-            out[*slot] = Some(r);
+        // Padding rows, if any, come last: `store` zips them away.
+        let pass = launch(&pad(&members, bucket))?;
+        if let Some((done, p)) = queued.replace((range, pass)) {
+            store(done, read(p)?);
         }
+    }
+    if let Some((done, p)) = queued {
+        store(done, read(p)?);
     }
     Ok(out
         .into_iter()
@@ -181,7 +231,13 @@ impl<B: Backend> Encoder<B> {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        batched(&encodings, &self.policy, |b| Ok(self.model.embed(b)))
+        batched(
+            &encodings,
+            &self.policy,
+            self.model.shape_bucket(),
+            |b| Ok(self.model.embed_launch(b)),
+            |t| Ok(Bert::rows(t)),
+        )
     }
 
     /// Tokens each text takes (special tokens included, after truncation).
@@ -226,7 +282,13 @@ impl<B: Backend> CrossEncoder<B> {
             .tokenizer
             .encode_batch(pairs, true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        batched(&encodings, &self.policy, |b| self.model.classify(b))
+        batched(
+            &encodings,
+            &self.policy,
+            self.model.shape_bucket(),
+            |b| self.model.classify_launch(b),
+            |t| Ok(Bert::rows(t).into_iter().map(|row| row[0]).collect()),
+        )
     }
 }
 
@@ -245,53 +307,67 @@ pub type NdArrayBlas = burn::backend::NdArray<f32>;
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda<f32, i32>;
 
+#[cfg(feature = "cuda")]
+pub type GpuF16 = burn::backend::Cuda<half::f16, i32>;
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda<T>() -> anyhow::Result<T> {
+    anyhow::bail!("device \"cuda\" and \"cuda-f16\" need a ragd built with --features cuda")
+}
+
+/// Dispatches a method call on an `Any*` model to the backend it holds.
+macro_rules! on_backend {
+    ($self:ident, $ty:ident, $m:ident => $e:expr) => {
+        match $self {
+            $ty::Cpu($m) => $e,
+            #[cfg(feature = "cuda")]
+            $ty::Cuda($m) => $e,
+            #[cfg(feature = "cuda")]
+            $ty::CudaF16($m) => $e,
+        }
+    };
+}
+
+/// Loads a model generic over the backend onto the one `device` names.
+macro_rules! load_on {
+    ($ty:ident, $model:ident, $device:expr, $dir:expr, $policy:expr) => {
+        match $device {
+            Device::Cpu => Ok($ty::Cpu($model::load($dir, $policy, &Default::default())?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => Ok($ty::Cuda($model::load($dir, $policy, &Default::default())?)),
+            #[cfg(feature = "cuda")]
+            Device::CudaF16 => Ok($ty::CudaF16($model::load(
+                $dir,
+                $policy,
+                &Default::default(),
+            )?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda | Device::CudaF16 => no_cuda(),
+        }
+    };
+}
+
 /// An embedder on whichever backend the node was configured with.
 pub enum AnyEncoder {
     Cpu(Encoder<Cpu>),
     #[cfg(feature = "cuda")]
     Cuda(Encoder<Gpu>),
+    #[cfg(feature = "cuda")]
+    CudaF16(Encoder<GpuF16>),
 }
 
 impl AnyEncoder {
     pub fn load(dir: &Path, policy: BatchPolicy, device: Device) -> anyhow::Result<Self> {
-        match device {
-            Device::Cpu => Ok(AnyEncoder::Cpu(Encoder::load(
-                dir,
-                policy,
-                &Default::default(),
-            )?)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda => Ok(AnyEncoder::Cuda(Encoder::load(
-                dir,
-                policy,
-                &Default::default(),
-            )?)),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => {
-                anyhow::bail!("device = \"cuda\" needs a ragd built with --features cuda")
-            }
-        }
+        load_on!(AnyEncoder, Encoder, device, dir, policy)
     }
     pub fn embed(&self, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
-        match self {
-            AnyEncoder::Cpu(e) => e.embed(texts),
-            #[cfg(feature = "cuda")]
-            AnyEncoder::Cuda(e) => e.embed(texts),
-        }
+        on_backend!(self, AnyEncoder, e => e.embed(texts))
     }
     pub fn dim(&self) -> usize {
-        match self {
-            AnyEncoder::Cpu(e) => e.dim(),
-            #[cfg(feature = "cuda")]
-            AnyEncoder::Cuda(e) => e.dim(),
-        }
+        on_backend!(self, AnyEncoder, e => e.dim())
     }
     pub fn tokenizer(&self) -> &Tokenizer {
-        match self {
-            AnyEncoder::Cpu(e) => e.tokenizer(),
-            #[cfg(feature = "cuda")]
-            AnyEncoder::Cuda(e) => e.tokenizer(),
-        }
+        on_backend!(self, AnyEncoder, e => e.tokenizer())
     }
 }
 
@@ -299,34 +375,16 @@ pub enum AnyCrossEncoder {
     Cpu(CrossEncoder<Cpu>),
     #[cfg(feature = "cuda")]
     Cuda(CrossEncoder<Gpu>),
+    #[cfg(feature = "cuda")]
+    CudaF16(CrossEncoder<GpuF16>),
 }
 
 impl AnyCrossEncoder {
     pub fn load(dir: &Path, policy: BatchPolicy, device: Device) -> anyhow::Result<Self> {
-        match device {
-            Device::Cpu => Ok(AnyCrossEncoder::Cpu(CrossEncoder::load(
-                dir,
-                policy,
-                &Default::default(),
-            )?)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda => Ok(AnyCrossEncoder::Cuda(CrossEncoder::load(
-                dir,
-                policy,
-                &Default::default(),
-            )?)),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => {
-                anyhow::bail!("device = \"cuda\" needs a ragd built with --features cuda")
-            }
-        }
+        load_on!(AnyCrossEncoder, CrossEncoder, device, dir, policy)
     }
     pub fn score(&self, query: &str, passages: &[&str]) -> anyhow::Result<Vec<f32>> {
-        match self {
-            AnyCrossEncoder::Cpu(e) => e.score(query, passages),
-            #[cfg(feature = "cuda")]
-            AnyCrossEncoder::Cuda(e) => e.score(query, passages),
-        }
+        on_backend!(self, AnyCrossEncoder, e => e.score(query, passages))
     }
 }
 
@@ -344,5 +402,43 @@ mod tests {
         assert_eq!(cuts, vec![0..3, 3..5, 5..6, 6..7]);
         // A single text longer than the budget still gets its own batch.
         assert_eq!(p.cut(&[500]), vec![0..1]);
+    }
+
+    /// Shape buckets (the GPU path) pad rows and columns, yet every real
+    /// text's embedding stays what it is unpadded. Checked on the CPU
+    /// backend, where the same padding can be forced.
+    #[test]
+    fn shape_buckets_change_no_embedding() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
+        let enc = Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
+        let texts = [
+            "a",
+            "how do I request parental leave?",
+            "The build cache lives on the shared NFS volume and is cleaned every night.",
+        ];
+        let encodings = enc.tokenizer.encode_batch(texts.to_vec(), true).unwrap();
+        let refs: Vec<&Encoding> = encodings.iter().collect();
+        let b = pad(&refs, Some(512));
+        assert_eq!((b.batch, b.seq), (4, 32), "3 rows → 4, longest → 32");
+        assert_eq!(&b.mask[3 * 32..4 * 32].iter().sum::<f32>(), &1.0);
+        let bucketed = batched(
+            &encodings,
+            &enc.policy,
+            Some(512),
+            |b| Ok(enc.model.embed_launch(b)),
+            |t| Ok(Bert::rows(t)),
+        )
+        .unwrap();
+        let plain = enc.embed(&texts).unwrap();
+        assert_eq!(bucketed.len(), 3);
+        for (a, b) in bucketed.iter().zip(&plain) {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "padding changed an embedding by {worst}");
+        }
     }
 }
