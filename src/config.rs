@@ -169,6 +169,7 @@ struct RawQuery {
     bind: Option<String>,
     candidates: Option<usize>,
     max_top_k: Option<usize>,
+    latency_budget_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -261,6 +262,9 @@ pub struct Config {
     pub query_bind: SocketAddr,
     pub candidates: usize,
     pub max_top_k: usize,
+    /// Target for embed + cache + search + rerank of one query; the
+    /// reranker scores fewer candidates to meet it. None: no budget.
+    pub latency_budget: Option<std::time::Duration>,
     pub admin_bind: SocketAddr,
     pub admin_token: Option<Secret>,
     pub sources: Vec<SourceSpec>,
@@ -621,6 +625,13 @@ fn validate(
     positive("pipeline.max_in_flight", max_in_flight, &mut err);
     let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
     positive("pipeline.max_attempts", max_attempts as usize, &mut err);
+    let device = raw.model.device.unwrap_or(Device::Cpu);
+    if device != Device::Cpu && !cfg!(feature = "cuda") {
+        err(format!(
+            "model.device = {} needs a ragd built with --features cuda (this one has only the CPU backend)",
+            serde_json::to_string(&device).unwrap_or_default()
+        ));
+    }
     let batch_max_tokens = raw.model.batch_max_tokens.unwrap_or(8192);
     let batch_max_size = raw.model.batch_max_size.unwrap_or(64);
     positive("model.batch_max_tokens", batch_max_tokens, &mut err);
@@ -751,6 +762,19 @@ fn validate(
     if candidates == 0 {
         errors.push("query.candidates must be at least 1".into());
     }
+    let latency_budget = match raw.query.latency_budget_ms {
+        Some(0) => {
+            errors.push(
+                "query.latency_budget_ms must be at least 1 (leave it out for no budget)".into(),
+            );
+            None
+        }
+        Some(ms) if ms > 60_000 => {
+            errors.push(format!("query.latency_budget_ms: {ms} is over a minute"));
+            None
+        }
+        ms => ms.map(std::time::Duration::from_millis),
+    };
     if query_bind == admin_bind {
         errors.push(format!("query.bind and admin.bind are both {query_bind}"));
     }
@@ -844,7 +868,7 @@ fn validate(
         path: path.to_path_buf(),
         data_dir,
         embedder_model,
-        device: raw.model.device.unwrap_or(Device::Cpu),
+        device,
         batch_max_tokens,
         batch_max_size,
         reranker_model,
@@ -870,6 +894,7 @@ fn validate(
         query_bind,
         candidates,
         max_top_k,
+        latency_budget,
         admin_bind,
         admin_token,
         sources,
@@ -988,6 +1013,7 @@ mod tests {
         assert_eq!(cfg.data_dir, dir.path().join("data"));
         assert_eq!(cfg.sources[0].name, "kb");
         assert_eq!(cfg.candidates, 50);
+        assert_eq!(cfg.latency_budget, None, "no budget unless configured");
         assert_eq!(cfg.cache_threshold, 0.98);
         assert_eq!(cfg.principal_for("alice-token-1").unwrap().name, "alice");
         assert!(cfg.principal_for("alice-token-2").is_none());
@@ -1005,11 +1031,13 @@ mod tests {
         let bad = r#"
             [model]
             embedder = "nope"
+            device = "cuda-f16"
             [chunker]
             max_tokens = 100
             overlap_tokens = 100
             [query]
             bind = "not an address"
+            latency_budget_ms = 0
             [[sources]]
             path = "missing"
             division = ""

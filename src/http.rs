@@ -169,10 +169,18 @@ async fn answer(
     let reranker = node
         .reranker()
         .ok_or_else(|| anyhow::anyhow!("the reranker is restarting"))?;
+    // The budget covers the whole path up to the answer; the reranker gets
+    // what embedding, cache and search left of it, less a little for what
+    // follows it.
+    let deadline = node
+        .config
+        .latency_budget
+        .map(|budget| started + budget.mul_f64(0.95));
     let req = RerankRequest {
         question: question.to_string(),
         hits,
         top_k,
+        deadline,
     };
     let result = reranker
         .call(
@@ -188,6 +196,7 @@ async fn answer(
     };
     timings.insert("rerank".into(), ms(t.elapsed()));
     timings.insert("rerank_depth".into(), json!(result.scored));
+    let cut_short = result.cut_short();
 
     let (answer, answer_error) = match &node.llm {
         None => (None, None),
@@ -213,8 +222,9 @@ async fn answer(
         sources: result.hits,
     };
     // Only complete responses are cached: a failed LLM call is retried by
-    // the next asker, not served to them.
-    if answer_error.is_none() {
+    // the next asker, not served to them, and a rerank the latency budget
+    // cut short is redone fully once the load allows.
+    if answer_error.is_none() && !cut_short {
         node.cache.store(&vector, scope, top_k, value.clone());
     }
     timings.insert("total".into(), ms(started.elapsed()));

@@ -31,7 +31,7 @@ use ragd_actors::ledger::{Ledger, Outcome};
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy};
 use ragd_actors::pool::{Job, Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
-use ragd_actors::reranker::{RerankMsg, Reranker, RerankerArgs};
+use ragd_actors::reranker::{PairCost, RerankMsg, Reranker, RerankerArgs};
 use ragd_actors::source_watcher::{SourceWatcher, WatchMsg, WatcherArgs};
 use ragd_actors::stats::{ActorStats, StatsRegistry};
 use ragd_actors::supervisor::{
@@ -450,12 +450,16 @@ impl Node {
                     reranker_model.clone(),
                     registry.entry(&format!("root/query/{RERANKER}")),
                 );
+                // Outlives the reranker's restarts: the cost measured so far
+                // keeps steering the depth.
+                let cost = Arc::new(PairCost::default());
                 child(RERANKER, move || {
                     (
                         Some(RERANKER.to_string()),
                         Reranker,
                         RerankerArgs {
                             model: model.clone(),
+                            cost: cost.clone(),
                             stats: stats.clone(),
                         },
                     )

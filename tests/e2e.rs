@@ -295,3 +295,65 @@ fn no_gap_during_an_update_and_no_old_text_after_it() {
     );
     assert!(n > 10, "only {n} queries ran");
 }
+
+/// The reranker under `[query] latency_budget_ms`: with room to spare it
+/// scores every candidate; with a budget spent before it starts it scores
+/// none, keeps the vector order, says so in the timings, and such an answer
+/// is not cached. Uses the tiny cross-encoder fixture (parity-tested).
+#[test]
+fn the_reranker_adapts_its_depth_to_the_latency_budget() {
+    let fixtures = std::env::var_os("RAGD_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/fixtures"));
+    let ce = fixtures.join("tiny-cross-encoder");
+    let run = |budget_ms: u64| {
+        let ws = Workspace::with_extra(&format!("[reranker]\nmodel = {:?}\n", ce.display()));
+        let config = std::fs::read_to_string(ws.config()).unwrap().replacen(
+            "[query]\n",
+            &format!("[query]\nlatency_budget_ms = {budget_ms}\n"),
+            1,
+        );
+        std::fs::write(ws.config(), config).unwrap();
+        for i in 0..8 {
+            ws.write(&format!("hr/note-{i}.txt"), note(i));
+        }
+        let d = ws.start();
+        d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 8);
+        let r = d.ask(HR_TOKEN, "who handles the parental leave?");
+        (ws, d, r)
+    };
+
+    let (_ws, d, r) = run(60_000);
+    let t = &r["timings_ms"];
+    assert_eq!(t["candidates"], 8, "{r}");
+    assert_eq!(
+        t["rerank_depth"], 8,
+        "no pressure: every candidate is scored: {r}"
+    );
+    let status = d.admin_json("/actors").to_string();
+    assert!(
+        status.contains("per (question, passage) pair"),
+        "calibration note: {status}"
+    );
+    drop(d);
+
+    // 1 ms: embedding the question alone takes longer, so nothing is left
+    // for the cross-encoder.
+    let (_ws, d, r) = run(1);
+    let t = &r["timings_ms"];
+    assert_eq!(t["candidates"], 8, "{r}");
+    assert_eq!(t["rerank_depth"], 0, "the budget was spent: {r}");
+    assert_eq!(r["sources"].as_array().unwrap().len(), 5, "{r}");
+    // Vector order kept: scores (cosine similarities) never increase.
+    let scores: Vec<f64> = r["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    // A cut-short answer is not cached: asking again is a miss again.
+    std::thread::sleep(Duration::from_millis(500));
+    let again = d.ask(HR_TOKEN, "who handles the parental leave?");
+    assert_eq!(again["cached"], false, "{again}");
+}

@@ -1,23 +1,88 @@
 //! The Reranker: a cross-encoder scores (question, chunk) pairs and keeps
 //! the best. With no model configured it is off and says so: the vector order
 //! is returned unchanged, nothing pretends to rerank.
+//!
+//! Under a latency budget the reranker adapts its depth: it scores only as
+//! many of the best vector candidates as the time left allows, at the
+//! per-pair cost it has measured, and keeps the rest in vector order behind
+//! them. With time to spare it scores every candidate.
 
 use crate::indexer::Hit;
 use crate::model::AnyCrossEncoder;
 use crate::stats::ActorStats;
+use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub struct RerankRequest {
     pub question: String,
     pub hits: Vec<Hit>,
     pub top_k: usize,
+    /// When the scores must be ready (the query's latency budget); None
+    /// scores every candidate.
+    pub deadline: Option<Instant>,
 }
 
 pub struct RerankResult {
     pub hits: Vec<Hit>,
-    /// How many candidates the cross-encoder scored (0 when off).
+    /// How many candidates the cross-encoder scored (0 when off); fewer than
+    /// the candidates when the latency budget cut the depth.
     pub scored: usize,
+    pub candidates: usize,
+    /// Whether a cross-encoder is configured at all.
+    pub on: bool,
+}
+
+impl RerankResult {
+    /// True when the latency budget left candidates unscored.
+    pub fn cut_short(&self) -> bool {
+        self.on && self.scored < self.candidates
+    }
+}
+
+/// The measured cost of scoring one (question, passage) pair, as an
+/// exponentially weighted average over recent calls, shared by the
+/// reranker's restarts.
+#[derive(Default)]
+pub struct PairCost {
+    /// Seconds per pair; None until the first measurement.
+    per_pair: Mutex<Option<f64>>,
+}
+
+impl PairCost {
+    /// Weight of the newest measurement: recent load counts most, one odd
+    /// call does not swing the depth.
+    const ALPHA: f64 = 0.3;
+
+    pub fn observe(&self, pairs: usize, took: Duration) {
+        if pairs == 0 {
+            return;
+        }
+        let x = took.as_secs_f64() / pairs as f64;
+        let mut p = self.per_pair.lock();
+        *p = Some(match *p {
+            None => x,
+            Some(avg) => avg + Self::ALPHA * (x - avg),
+        });
+    }
+
+    pub fn per_pair(&self) -> Option<Duration> {
+        self.per_pair.lock().map(Duration::from_secs_f64)
+    }
+
+    /// How many of `candidates` pairs fit in `left`. No deadline: all of
+    /// them. No measurement yet: all of them too (the reranker calibrates
+    /// at start, so this only happens if that failed).
+    pub fn depth(&self, candidates: usize, left: Option<Duration>) -> usize {
+        let (Some(left), Some(per_pair)) = (left, *self.per_pair.lock()) else {
+            return candidates;
+        };
+        if per_pair <= 0.0 {
+            return candidates;
+        }
+        ((left.as_secs_f64() / per_pair).floor() as usize).min(candidates)
+    }
 }
 
 pub enum RerankMsg {
@@ -28,29 +93,72 @@ pub struct Reranker;
 
 pub struct RerankerArgs {
     pub model: Option<Arc<AnyCrossEncoder>>,
+    pub cost: Arc<PairCost>,
     pub stats: Arc<ActorStats>,
 }
 
 /// Scores and orders; pure so the query path can also call it inline.
-pub fn rerank(model: Option<&AnyCrossEncoder>, req: RerankRequest) -> anyhow::Result<RerankResult> {
+///
+/// `hits` arrive in vector order, so when the budget allows only `depth`
+/// pairs, the `depth` best vector candidates are scored and reordered, and
+/// the others follow them unscored, in vector order (their `score` stays
+/// the vector similarity).
+pub fn rerank(
+    model: Option<&AnyCrossEncoder>,
+    cost: &PairCost,
+    req: RerankRequest,
+) -> anyhow::Result<RerankResult> {
     let RerankRequest {
         question,
         mut hits,
         top_k,
+        deadline,
     } = req;
+    let candidates = hits.len();
     let Some(model) = model else {
         hits.truncate(top_k);
-        return Ok(RerankResult { hits, scored: 0 });
+        return Ok(RerankResult {
+            hits,
+            scored: 0,
+            candidates,
+            on: false,
+        });
     };
-    let passages: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
-    let scores = model.score(&question, &passages)?;
-    let scored = hits.len();
-    for (h, s) in hits.iter_mut().zip(scores) {
-        h.score = s;
+    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    let depth = cost.depth(candidates, left);
+    if depth > 0 {
+        let passages: Vec<&str> = hits[..depth].iter().map(|h| h.text.as_str()).collect();
+        let t = Instant::now();
+        let scores = model.score(&question, &passages)?;
+        cost.observe(depth, t.elapsed());
+        for (h, s) in hits.iter_mut().zip(scores) {
+            h.score = s;
+        }
+        hits[..depth].sort_by(|a, b| b.score.total_cmp(&a.score));
     }
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score));
     hits.truncate(top_k);
-    Ok(RerankResult { hits, scored })
+    Ok(RerankResult {
+        hits,
+        scored: depth,
+        candidates,
+        on: true,
+    })
+}
+
+/// Measures the per-pair cost before the first query needs it: a few
+/// passages of a typical chunk's length (~200 tokens), scored twice (the
+/// first pass pays one-off costs).
+pub fn calibrate(model: &AnyCrossEncoder, cost: &PairCost) -> anyhow::Result<Duration> {
+    let passage = "The policy describes how employees request leave, travel and \
+                   expenses through the portal, which manager approves them and \
+                   how many weeks each kind of request takes to review. "
+        .repeat(5);
+    let passages = vec![passage.as_str(); 8];
+    model.score("how do I request leave?", &passages[..1])?;
+    let t = Instant::now();
+    model.score("how do I request leave?", &passages)?;
+    cost.observe(passages.len(), t.elapsed());
+    Ok(cost.per_pair().unwrap_or_default())
 }
 
 impl Actor for Reranker {
@@ -63,13 +171,27 @@ impl Actor for Reranker {
         _: ActorRef<RerankMsg>,
         args: RerankerArgs,
     ) -> Result<RerankerArgs, ActorProcessingErr> {
-        if args.model.is_none() {
-            args.stats.set_status("off");
-            args.stats.set_note(
-                "reranker off: no [reranker] model configured; results keep the vector order",
-            );
-        } else {
-            args.stats.set_status("running");
+        match &args.model {
+            None => {
+                args.stats.set_status("off");
+                args.stats.set_note(
+                    "reranker off: no [reranker] model configured; results keep the vector order",
+                );
+            }
+            Some(model) if args.cost.per_pair().is_none() => {
+                let (model, cost) = (model.clone(), args.cost.clone());
+                match tokio::task::spawn_blocking(move || calibrate(&model, &cost)).await? {
+                    Ok(per_pair) => args.stats.set_note(format!(
+                        "measured {:.2} ms per (question, passage) pair",
+                        per_pair.as_secs_f64() * 1e3
+                    )),
+                    // Not fatal: without a measurement every candidate is
+                    // scored, and the first query measures it.
+                    Err(e) => args.stats.set_error(format!("calibration failed: {e:#}")),
+                }
+                args.stats.set_status("running");
+            }
+            Some(_) => args.stats.set_status("running"),
         }
         Ok(args)
     }
@@ -81,8 +203,8 @@ impl Actor for Reranker {
         st: &mut RerankerArgs,
     ) -> Result<(), ActorProcessingErr> {
         let RerankMsg::Rerank(req, reply) = msg;
-        let model = st.model.clone();
-        let result = tokio::task::spawn_blocking(move || rerank(model.as_deref(), req))
+        let (model, cost) = (st.model.clone(), st.cost.clone());
+        let result = tokio::task::spawn_blocking(move || rerank(model.as_deref(), &cost, req))
             .await
             .map_err(|e| format!("reranker task panicked: {e}"))
             .and_then(|r| r.map_err(|e| format!("{e:#}")));
@@ -95,5 +217,123 @@ impl Actor for Reranker {
         st.stats.processed();
         let _ = reply.send(result);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BatchPolicy, Device};
+    use std::path::PathBuf;
+
+    fn tiny_cross_encoder() -> AnyCrossEncoder {
+        let dir = std::env::var_os("RAGD_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+            })
+            .join("tiny-cross-encoder");
+        AnyCrossEncoder::load(&dir, BatchPolicy::default(), Device::Cpu).unwrap()
+    }
+
+    fn hits(n: usize) -> Vec<Hit> {
+        (0..n)
+            .map(|i| Hit {
+                doc_id: format!("doc-{i}"),
+                uri: format!("file:///doc-{i}"),
+                version: "v1".into(),
+                division: "general".into(),
+                access_level: "public".into(),
+                chunk_index: 0,
+                text: format!("passage number {i} about leave, travel and expenses"),
+                // Vector order: best first.
+                score: 1.0 - i as f32 * 0.01,
+            })
+            .collect()
+    }
+
+    fn req(n: usize, top_k: usize, deadline: Option<Instant>) -> RerankRequest {
+        RerankRequest {
+            question: "how do I request leave?".into(),
+            hits: hits(n),
+            top_k,
+            deadline,
+        }
+    }
+
+    #[test]
+    fn depth_follows_the_measured_cost_and_the_time_left() {
+        let cost = PairCost::default();
+        // Nothing measured: no basis to cut, every candidate is scored.
+        assert_eq!(cost.depth(50, Some(Duration::from_millis(1))), 50);
+        cost.observe(10, Duration::from_millis(20)); // 2 ms a pair
+        assert_eq!(cost.depth(50, None), 50);
+        assert_eq!(cost.depth(50, Some(Duration::from_millis(11))), 5);
+        assert_eq!(cost.depth(50, Some(Duration::from_secs(1))), 50);
+        assert_eq!(cost.depth(50, Some(Duration::ZERO)), 0);
+        // A slower call moves the average part of the way, not all of it.
+        cost.observe(10, Duration::from_millis(120)); // 12 ms a pair
+        let p = cost.per_pair().unwrap().as_secs_f64() * 1e3;
+        assert!((p - 5.0).abs() < 1e-9, "{p}");
+        assert_eq!(cost.depth(50, Some(Duration::from_millis(11))), 2);
+    }
+
+    #[test]
+    fn without_budget_pressure_every_candidate_is_scored() {
+        let model = tiny_cross_encoder();
+        let cost = PairCost::default();
+        calibrate(&model, &cost).unwrap();
+        assert!(cost.per_pair().unwrap() > Duration::ZERO);
+        let far = Instant::now() + Duration::from_secs(600);
+        for deadline in [None, Some(far)] {
+            let r = rerank(Some(&model), &cost, req(20, 5, deadline)).unwrap();
+            assert_eq!((r.scored, r.candidates, r.cut_short()), (20, 20, false));
+            assert_eq!(r.hits.len(), 5);
+            // The kept five are the cross-encoder's best five, in order.
+            let passages: Vec<String> = hits(20).into_iter().map(|h| h.text).collect();
+            let refs: Vec<&str> = passages.iter().map(String::as_str).collect();
+            let mut all = model.score("how do I request leave?", &refs).unwrap();
+            all.sort_by(|a, b| b.total_cmp(a));
+            let kept: Vec<f32> = r.hits.iter().map(|h| h.score).collect();
+            for (k, best) in kept.iter().zip(&all) {
+                assert!((k - best).abs() < 1e-5, "{kept:?} vs {all:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_spent_budget_keeps_the_vector_order_and_says_so() {
+        let model = tiny_cross_encoder();
+        let cost = PairCost::default();
+        calibrate(&model, &cost).unwrap();
+        let r = rerank(Some(&model), &cost, req(20, 5, Some(Instant::now()))).unwrap();
+        assert_eq!((r.scored, r.candidates, r.cut_short()), (0, 20, true));
+        let ids: Vec<&str> = r.hits.iter().map(|h| h.doc_id.as_str()).collect();
+        assert_eq!(ids, ["doc-0", "doc-1", "doc-2", "doc-3", "doc-4"]);
+    }
+
+    #[test]
+    fn a_partial_depth_reranks_the_best_vector_candidates_only() {
+        let model = tiny_cross_encoder();
+        let cost = PairCost::default();
+        cost.observe(1, Duration::from_secs(1)); // 1 s a pair: 3 fit in 3.5 s
+        let r = rerank(
+            Some(&model),
+            &cost,
+            req(10, 10, Some(Instant::now() + Duration::from_millis(3500))),
+        )
+        .unwrap();
+        assert_eq!((r.scored, r.cut_short()), (3, true));
+        let mut head: Vec<&str> = r.hits[..3].iter().map(|h| h.doc_id.as_str()).collect();
+        head.sort();
+        assert_eq!(head, ["doc-0", "doc-1", "doc-2"]);
+        let tail: Vec<&str> = r.hits[3..].iter().map(|h| h.doc_id.as_str()).collect();
+        assert_eq!(
+            tail,
+            ["doc-3", "doc-4", "doc-5", "doc-6", "doc-7", "doc-8", "doc-9"]
+        );
+        // No model: off, never "cut short".
+        let r = rerank(None, &cost, req(10, 5, Some(Instant::now()))).unwrap();
+        assert_eq!((r.scored, r.on, r.cut_short()), (0, false, false));
     }
 }

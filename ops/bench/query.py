@@ -27,7 +27,7 @@ def ask(url, token, question):
 
 
 def run(url, token, questions, clients):
-    lat, cached = [], 0
+    lat, cached, depths = [], 0, []
     lock = threading.Lock()
     it = iter(questions)
 
@@ -42,6 +42,8 @@ def run(url, token, questions, clients):
             with lock:
                 lat.append(dt * 1000)
                 cached += body["cached"]
+                if not body["cached"] and "rerank_depth" in body["timings_ms"]:
+                    depths.append(body["timings_ms"]["rerank_depth"])
 
     ts = [threading.Thread(target=worker) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -52,8 +54,14 @@ def run(url, token, questions, clients):
     wall = time.perf_counter() - t0
     lat.sort()
     pct = lambda p: lat[min(len(lat) - 1, int(p / 100 * len(lat)))]
-    return {"n": len(lat), "cached": cached, "p50_ms": round(pct(50), 2), "p95_ms": round(pct(95), 2),
-            "p99_ms": round(pct(99), 2), "mean_ms": round(statistics.mean(lat), 2), "qps": round(len(lat) / wall, 1)}
+    out = {"n": len(lat), "cached": cached, "p50_ms": round(pct(50), 2), "p95_ms": round(pct(95), 2),
+           "p99_ms": round(pct(99), 2), "mean_ms": round(statistics.mean(lat), 2), "qps": round(len(lat) / wall, 1)}
+    if depths:
+        depths.sort()
+        # How many candidates the reranker scored (timings_ms.rerank_depth).
+        out["rerank_depth"] = {"min": depths[0], "p50": depths[len(depths) // 2], "max": depths[-1],
+                               "mean": round(statistics.mean(depths), 1)}
+    return out
 
 
 def main():

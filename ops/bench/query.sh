@@ -2,6 +2,13 @@
 # Query latency with a corpus of 10,000 chunks: builds the index once with
 # `ragd ingest` (also the ingest-throughput figure), then starts the daemon
 # and runs ops/bench/query.py with 1 and 8 clients.
+#
+#   RERANKER=DIR        a cross-encoder folder for [reranker] (RERANKER=minilm
+#                       builds one of ms-marco-MiniLM-L-6-v2's architecture
+#                       from all-MiniLM-L6-v2's encoder and a random head:
+#                       the real cost, not real scores)
+#   BUDGET_MS=200       [query] latency_budget_ms
+#   NOTES=10000         corpus size;  CLIENTS="1 8"  client counts
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
@@ -9,13 +16,20 @@ profile="${PROFILE:-release}"
 ./ops/fetch-models.sh
 if [ "$profile" = release ]; then cargo build --release --bin ragd; bin="$CARGO_TARGET_DIR/release/ragd"; else cargo build --bin ragd; bin="$CARGO_TARGET_DIR/debug/ragd"; fi
 work="${BENCH_DIR:-$HOME/.cache/ragd/bench-query}"
+notes="${NOTES:-10000}"
+work="$work-$notes"
 mkdir -p "$work/kb/notes"
-if [ ! -f "$work/kb/notes/note-09999.txt" ]; then
-  python3 - "$work/kb/notes" <<'PY'
+reranker="${RERANKER:-}"
+if [ "$reranker" = minilm ]; then
+  reranker="$HOME/.cache/ragd/minilm-cross-encoder"
+  [ -f "$reranker/model.safetensors" ] || python3 ops/bench/make_cross_encoder.py models/all-MiniLM-L6-v2 "$reranker"
+fi
+if [ ! -f "$work/kb/notes/note-$(printf %05d $((notes - 1))).txt" ]; then
+  python3 - "$work/kb/notes" "$notes" <<'PY'
 import sys
 topics = ["meeting room", "parental leave", "travel budget", "expense receipt", "on-call rotation",
           "build cache", "office hours", "salary review", "incident channel", "team booking"]
-for i in range(10000):
+for i in range(int(sys.argv[2])):
     t = topics[i % len(topics)]
     open(f"{sys.argv[1]}/note-{i:05}.txt", "w").write(f"Note {i} about the {t}: team {i % 97} owns it and answers within {i % 48} hours.")
 PY
@@ -24,8 +38,11 @@ cat > "$work/ragd.toml" <<TOML
 data_dir = "data"
 [model]
 embedder = "$PWD/models/all-MiniLM-L6-v2"
+[reranker]
+model = "$reranker"
 [query]
 bind = "127.0.0.1:18480"
+${BUDGET_MS:+latency_budget_ms = $BUDGET_MS}
 [admin]
 bind = "127.0.0.1:18481"
 [[sources]]
@@ -46,5 +63,6 @@ pid=$!
 trap 'kill $pid 2>/dev/null' EXIT
 until curl -sf http://127.0.0.1:18481/ready >/dev/null; do sleep 0.5; done
 curl -s http://127.0.0.1:18481/index; echo
-python3 ops/bench/query.py http://127.0.0.1:18480 bench-token-123 --n 300 --clients 1
-python3 ops/bench/query.py http://127.0.0.1:18480 bench-token-123 --n 400 --clients 8
+for c in ${CLIENTS:-1 8}; do
+  python3 ops/bench/query.py http://127.0.0.1:18480 bench-token-123 --n "${N:-300}" --clients "$c" ${ONLY:+--only $ONLY}
+done
