@@ -9,12 +9,14 @@
 #                       the real cost, not real scores)
 #   BUDGET_MS=200       [query] latency_budget_ms
 #   NOTES=10000         corpus size;  CLIENTS="1 8"  client counts
+#   N=300  ONLY=miss|hit  questions per run;  RAGD_BIN=PATH  skip the build
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
 profile="${PROFILE:-release}"
 ./ops/fetch-models.sh
-if [ "$profile" = release ]; then cargo build --release --bin ragd; bin="$CARGO_TARGET_DIR/release/ragd"; else cargo build --bin ragd; bin="$CARGO_TARGET_DIR/debug/ragd"; fi
+if [ -n "${RAGD_BIN:-}" ]; then bin="$RAGD_BIN"   # e.g. the dev-profile binary `cargo test` built
+elif [ "$profile" = release ]; then cargo build --release --bin ragd; bin="$CARGO_TARGET_DIR/release/ragd"; else cargo build --bin ragd; bin="$CARGO_TARGET_DIR/debug/ragd"; fi
 work="${BENCH_DIR:-$HOME/.cache/ragd/bench-query}"
 notes="${NOTES:-10000}"
 work="$work-$notes"
