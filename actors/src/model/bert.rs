@@ -549,11 +549,6 @@ impl<B: Backend> Bert<B> {
         mean / norm
     }
 
-    /// Sentence embeddings, one vector per row of the batch.
-    pub fn embed(&self, b: &Batch) -> Vec<Vec<f32>> {
-        Self::rows(self.embed_launch(b))
-    }
-
     /// Waits for a [batch, k] result and copies it to the host as f32 rows.
     pub fn rows(t: Tensor<B, 2>) -> Vec<Vec<f32>> {
         let [_, k] = t.dims();
@@ -572,12 +567,6 @@ impl<B: Backend> Bert<B> {
         let cls = x.slice([0..n, 0..1]).reshape([n, h]);
         let pooled = pooler.forward(cls).tanh();
         Ok(classifier.forward(pooled))
-    }
-
-    /// Cross-encoder logits of label 0, one per row.
-    pub fn classify(&self, b: &Batch) -> anyhow::Result<Vec<f32>> {
-        let logits = self.classify_launch(b)?;
-        Ok(Self::rows(logits).into_iter().map(|row| row[0]).collect())
     }
 }
 
