@@ -52,8 +52,10 @@ fn normalise(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
-/// A point near topic `t`: centroid plus noise, on the unit sphere.
-fn near(rng: &mut Rng, centroids: &[Vec<f32>], t: usize) -> Vec<f32> {
+/// A point near a random topic: its centroid plus noise, on the unit sphere.
+/// Stored chunks and queries are drawn alike.
+fn draw(rng: &mut Rng, centroids: &[Vec<f32>]) -> Vec<f32> {
+    let t = (rng.next() % centroids.len() as u64) as usize;
     normalise(
         centroids[t]
             .iter()
@@ -116,12 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 text: format!("chunk {i} of document {d}"),
             })
             .collect();
-        let vectors: Vec<Vec<f32>> = (0..n)
-            .map(|_| {
-                let topic = (rng.next() % TOPICS as u64) as usize;
-                near(&mut rng, &centroids, topic)
-            })
-            .collect();
+        let vectors: Vec<Vec<f32>> = (0..n).map(|_| draw(&mut rng, &centroids)).collect();
         for v in &vectors {
             flat.extend_from_slice(v);
             part.push(p as u8);
@@ -143,12 +140,7 @@ async fn main() -> anyhow::Result<()> {
     let allowed: Vec<bool> = (0..DIVISIONS.len() * LEVELS.len())
         .map(|p| scope.allows(DIVISIONS[p / LEVELS.len()], LEVELS[p % LEVELS.len()]))
         .collect();
-    let qs: Vec<Vec<f32>> = (0..queries)
-        .map(|_| {
-            let topic = (rng.next() % TOPICS as u64) as usize;
-            near(&mut rng, &centroids, topic)
-        })
-        .collect();
+    let qs: Vec<Vec<f32>> = (0..queries).map(|_| draw(&mut rng, &centroids)).collect();
     // Warm-up: the first searches fault the index pages in.
     for q in qs.iter().take(10) {
         store.search(q, &scope, 50).await?;
