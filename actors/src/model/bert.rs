@@ -8,14 +8,16 @@
 use anyhow::{bail, Context};
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use rayon::prelude::*;
 use serde::Deserialize;
-use std::any::TypeId;
+
+use super::cpu;
+use burn::backend::flex::FlexTensor;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -214,8 +216,8 @@ fn concat_linear<B: Backend, const N: usize>(parts: [Linear<B>; N]) -> Linear<B>
     }
 }
 
-/// burn's CPU backend, flex: some of its kernels run on one thread, which
-/// the functions below work around.
+/// burn's CPU backend, flex: the model takes the packed forward pass there
+/// (see [`super::cpu`]).
 fn is_flex<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<burn::backend::Flex>()
 }
@@ -270,106 +272,47 @@ fn gpu_flash_attention() -> bool {
     *ON.get_or_init(|| std::env::var("RAGD_GPU_ATTENTION").is_ok_and(|v| v == "flash"))
 }
 
-/// softmax(q·kᵀ/√d + bias)·v over [n, heads, s, d], keys under `mask`
-/// ignored.
-///
-/// Long texts use burn's fused attention: on flex it never builds the
-/// [n, heads, s, s] scores tensor (54 MB per layer for 32 chunks), but it
-/// runs on one thread and first copies q, k and v to contiguous memory, so
-/// there the heads are split across rayon's threads. For short texts those
-/// copies outweigh the scores, and plain matmuls on the strided views win.
-fn self_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    bias: Option<Tensor<B, 4>>,
-    mask: Option<Tensor<B, 4, Bool>>,
-) -> Tensor<B, 4> {
-    let opts = AttentionModuleOptions::default();
-    let [_, heads, s, d] = q.dims();
-    if !is_flex::<B>() {
-        return attention(q, k, v, mask, bias, opts);
-    }
-    if s < 64 {
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (d as f64).sqrt());
-        let scores = match bias {
-            Some(b) => scores + b,
-            None => scores,
-        };
-        return softmax(scores, 3).matmul(v);
-    }
-    let parts = rayon::current_num_threads().min(heads);
-    if parts <= 1 {
-        return attention(q, k, v, None, bias, opts);
-    }
-    let outs: Vec<Tensor<B, 4>> = (0..parts)
-        .into_par_iter()
-        .map(|i| {
-            let (start, end) = (i * heads / parts, (i + 1) * heads / parts);
-            let part = |t: &Tensor<B, 4>| t.clone().narrow(1, start, end - start);
-            attention(part(&q), part(&k), part(&v), None, bias.clone(), opts)
-        })
-        .collect();
-    Tensor::cat(outs, 1)
+/// A tensor's values on the host, as f32: no copy on flex when the tensor
+/// is not shared.
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
+    t.into_data().convert::<f32>()
 }
 
-/// GELU with the exact erf, as BERT defines it. On flex, burn's gelu runs
-/// libm's scalar erff on one thread (a tenth of a chunk batch's time), so
-/// there it is computed on the host over rayon's threads instead.
-fn gelu_exact<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    if !is_flex::<B>() {
-        return gelu(x);
-    }
-    let dev = x.device();
-    let mut data = x.into_data();
-    let done = match data.as_mut_slice::<f32>() {
-        Ok(v) => {
-            v.par_chunks_mut(16 * 1024)
-                .for_each(|c| c.iter_mut().for_each(|e| *e = gelu_f32(*e)));
-            true
-        }
-        Err(_) => false,
+/// The f32 values of host data. bytemuck's plain cast (size and alignment
+/// checks) rather than `TensorData::as_slice`, whose checked cast walks every
+/// element: a sixth of a chunk batch's time in a profile. Only for data made
+/// f32 by [`host`] or `TensorData::new`.
+fn f32s(d: &TensorData) -> &[f32] {
+    bytemuck::cast_slice(&d.bytes)
+}
+
+fn vec_of<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    f32s(&host(t)).to_vec()
+}
+
+/// The layers' parameters for the packed CPU path, sharing the weights'
+/// buffers with burn's parameters. None unless every weight is a
+/// contiguous f32 flex tensor.
+fn host_layers<B: Backend>(layers: &[Layer<B>]) -> Option<Vec<cpu::HostLayer>> {
+    let linear = |l: &Linear<B>| {
+        let prim: Box<dyn Any> = Box::new(l.weight.val().into_primitive().tensor());
+        let weight = *prim.downcast::<FlexTensor>().ok()?;
+        cpu::HostLinear::new(weight, vec_of(l.bias.as_ref()?.val()))
     };
-    let x = Tensor::from_data(data, &dev);
-    if done {
-        x
-    } else {
-        gelu(x) // not f32: leave it to burn
-    }
-}
-
-/// 0.5·x·(1 + erf(x/√2)), erf by Abramowitz & Stegun 7.1.26 (absolute error
-/// under 1.5e-7). Branch-free and without libm calls, so the loop over a
-/// slice vectorises, unlike libm's erff (branches, two exps in the tails).
-fn gelu_f32(x: f32) -> f32 {
-    let z = x * std::f32::consts::FRAC_1_SQRT_2;
-    let a = z.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let erf_abs = 1.0 - poly * exp_non_positive(-a * a);
-    let erf = erf_abs.copysign(z);
-    0.5 * x * (1.0 + erf)
-}
-
-/// e^x for x ≤ 0 (relative error ~2e-7; x is clamped at -87, where e^x is
-/// ~1e-38, nothing to GELU): x = k·ln2 + r with
-/// |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial, 2^k built in the
-/// exponent bits. Plain arithmetic, so the compiler vectorises it.
-fn exp_non_positive(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    // Round to nearest by truncating x·log2(e) - 0.5 (it is negative).
-    let k = (x * std::f32::consts::LOG2_E - 0.5) as i32;
-    let kf = k as f32;
-    let r = x - kf * 0.693_145_75 - kf * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((k + 127) as u32) << 23)
+    let norm = |n: &LayerNorm<B>| Some((vec_of(n.gamma.val()), vec_of(n.beta.as_ref()?.val())));
+    layers
+        .iter()
+        .map(|l| {
+            Some(cpu::HostLayer {
+                qkv: linear(&l.qkv)?,
+                attn_out: linear(&l.attn_out)?,
+                attn_norm: norm(&l.attn_norm)?,
+                ffn_in: linear(&l.ffn_in)?,
+                ffn_out: linear(&l.ffn_out)?,
+                ffn_norm: norm(&l.ffn_norm)?,
+            })
+        })
+        .collect()
 }
 
 struct Layer<B: Backend> {
@@ -393,6 +336,10 @@ pub struct Bert<B: Backend> {
     /// classifier. Absent for sentence encoders.
     head: Option<(Linear<B>, Linear<B>)>,
     device: B::Device,
+    /// flex only: the layers for the packed CPU path ([`super::cpu`]),
+    /// their weights shared with the burn parameters above. None: burn ops
+    /// over padded batches, the path GPU backends take.
+    packed: Option<Vec<cpu::HostLayer>>,
 }
 
 /// A padded batch: token ids, token type ids and the attention mask, all
@@ -464,10 +411,23 @@ impl<B: Backend> Bert<B> {
             position,
             token_type,
             emb_norm,
-            layers,
             head,
             device: device.clone(),
+            packed: if is_flex::<B>() {
+                Some(host_layers(&layers).context("model weights are not contiguous f32")?)
+            } else {
+                None
+            },
+            layers,
         })
+    }
+
+    /// The same model without the packed CPU path: burn ops over padded
+    /// batches, as on a GPU. For tests that compare the two on the CPU.
+    #[cfg(test)]
+    pub(crate) fn unpacked(mut self) -> Self {
+        self.packed = None;
+        self
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -522,14 +482,44 @@ impl<B: Backend> Bert<B> {
                     .reshape([n, s, heads, d])
                     .swap_dims(1, 2)
             };
-            let ctx = self_attention(split(0), split(1), split(2), bias.clone(), mask.clone())
-                .swap_dims(1, 2)
-                .reshape([n * s, h]);
+            let opts = AttentionModuleOptions::default();
+            let ctx = attention(
+                split(0),
+                split(1),
+                split(2),
+                mask.clone(),
+                bias.clone(),
+                opts,
+            )
+            .swap_dims(1, 2)
+            .reshape([n * s, h]);
             let x1 = l.attn_norm.forward(l.attn_out.forward(ctx) + x);
-            let ff = l.ffn_out.forward(gelu_exact(l.ffn_in.forward(x1.clone())));
+            let ff = l.ffn_out.forward(gelu(l.ffn_in.forward(x1.clone())));
             x = l.ffn_norm.forward(ff + x1);
         }
         x
+    }
+
+    /// Last hidden state of the real tokens only, [total, hidden] on the
+    /// host (see [`super::cpu`]): text r's tokens are rows
+    /// `starts[r] .. starts[r] + lens[r]`. The GEMMs are burn's (flex runs
+    /// them on every core); the rest are fused host kernels, in place.
+    fn encode_packed(&self, b: &Batch, layers: &[cpu::HostLayer]) -> (Vec<f32>, cpu::Packing) {
+        let h = self.cfg.hidden_size;
+        let dev = &self.device;
+        let p = cpu::Packing::from_mask(&b.mask, b.batch, b.seq);
+        let t = p.total;
+        let ids = p.pack(&b.ids, b.seq);
+        let types = p.pack(&b.type_ids, b.seq);
+        let positions: Vec<i64> = p.lens.iter().flat_map(|&l| 0..l as i64).collect();
+        let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, t]), dev);
+        let x = self.word.forward(int(ids))
+            + self.token_type.forward(int(types))
+            + self.position.forward(int(positions));
+        let mut x = f32s(&host(self.emb_norm.forward(x).reshape([t, h]))).to_vec();
+        let eps = self.cfg.layer_norm_eps as f32;
+        cpu::encode_layers(&mut x, &p, layers, self.cfg.num_attention_heads, eps);
+        (x, p)
     }
 
     /// Sentence embeddings, [batch, hidden]: mean over attended tokens,
@@ -537,6 +527,20 @@ impl<B: Backend> Bert<B> {
     /// [`Bert::rows`] reads it.
     pub fn embed_launch(&self, b: &Batch) -> Tensor<B, 2> {
         let (n, s, h) = (b.batch, b.seq, self.cfg.hidden_size);
+        if let Some(layers) = &self.packed {
+            let (x, p) = self.encode_packed(b, layers);
+            let mut out = vec![0f32; n * h];
+            for (r, row) in out.chunks_exact_mut(h).enumerate() {
+                let (start, len) = (p.starts[r], p.lens[r].max(1));
+                for tok in x[start * h..].chunks_exact(h).take(p.lens[r]) {
+                    row.iter_mut().zip(tok).for_each(|(a, v)| *a += v);
+                }
+                row.iter_mut().for_each(|a| *a /= len as f32);
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|a| *a /= norm);
+            }
+            return Tensor::from_data(TensorData::new(out, [n, h]), &self.device);
+        }
         let x = self.encode(b).reshape([n, s, h]);
         let mask: Tensor<B, 3> =
             Tensor::from_data(TensorData::new(b.mask.clone(), [n, s, 1]), &self.device);
@@ -563,8 +567,18 @@ impl<B: Backend> Bert<B> {
             bail!("this model was loaded without a classification head");
         };
         let (n, h) = (b.batch, self.cfg.hidden_size);
-        let x = self.encode(b).reshape([n, b.seq, h]);
-        let cls = x.slice([0..n, 0..1]).reshape([n, h]);
+        let cls = if let Some(layers) = &self.packed {
+            let (x, p) = self.encode_packed(b, layers);
+            let rows: Vec<f32> = p
+                .starts
+                .iter()
+                .flat_map(|&start| x[start * h..(start + 1) * h].iter().copied())
+                .collect();
+            Tensor::from_data(TensorData::new(rows, [n, h]), &self.device)
+        } else {
+            let x = self.encode(b).reshape([n, b.seq, h]);
+            x.slice([0..n, 0..1]).reshape([n, h])
+        };
         let pooled = pooler.forward(cls).tanh();
         Ok(classifier.forward(pooled))
     }
@@ -576,24 +590,15 @@ mod tests {
     use burn::backend::Flex;
 
     #[test]
-    fn fast_exp_matches_std_on_the_non_positive_half_line() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -(i as f32) * 4.35e-4; // 0 down to -87
-            let (got, want) = (exp_non_positive(x), x.exp());
-            worst = worst.max(((got - want) / want).abs());
-        }
-        assert!(worst < 1e-6, "worst relative error {worst}");
-    }
-
-    #[test]
     fn host_gelu_matches_burns_exact_gelu() {
         let dev = Default::default();
-        let xs: Vec<f32> = (0..40_001).map(|i| -10.0 + i as f32 * 5e-4).collect();
+        let xs: Vec<f32> = (0..40_000).map(|i| -10.0 + i as f32 * 5e-4).collect();
         let n = xs.len();
-        let t = || Tensor::<Flex, 2>::from_data(TensorData::new(xs.clone(), [1, n]), &dev);
-        let ours = gelu_exact(t()).into_data().to_vec::<f32>().unwrap();
-        let burn = gelu(t()).into_data().to_vec::<f32>().unwrap();
+        let bias = vec![0.0; 100];
+        let mut ours = xs.clone();
+        cpu::bias_gelu(&mut ours, &bias);
+        let t = Tensor::<Flex, 2>::from_data(TensorData::new(xs, [1, n]), &dev);
+        let burn = gelu(t).into_data().to_vec::<f32>().unwrap();
         let worst = ours
             .iter()
             .zip(&burn)

@@ -2,6 +2,7 @@
 //! tokenizer and dynamic batching by token budget.
 
 pub mod bert;
+mod cpu;
 
 use anyhow::Context;
 use bert::{Batch, Bert};
@@ -412,6 +413,12 @@ mod tests {
         let dir =
             std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
         let enc = Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
+        // The padded burn path, as GPUs run it: flex's packed path has no
+        // padding to change anything.
+        let enc = Encoder {
+            model: enc.model.unpacked(),
+            ..enc
+        };
         let texts = [
             "a",
             "how do I request parental leave?",
@@ -439,6 +446,34 @@ mod tests {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
             assert!(worst < 1e-5, "padding changed an embedding by {worst}");
+        }
+    }
+
+    /// The CPU's packed path (host kernels, no padding) against burn's ops
+    /// over a padded batch, on texts of very different lengths in one batch.
+    #[test]
+    fn packed_cpu_path_matches_the_padded_burn_path() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
+        let packed =
+            Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
+        let plain =
+            Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
+        let plain = Encoder {
+            model: plain.model.unpacked(),
+            ..plain
+        };
+        let long = "The build cache lives on the shared NFS volume and is cleaned every night. "
+            .repeat(12);
+        let texts = ["a", "how do I request parental leave?", long.as_str()];
+        let (a, b) = (packed.embed(&texts).unwrap(), plain.embed(&texts).unwrap());
+        for (x, y) in a.iter().zip(&b) {
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "packed and padded differ by {worst}");
         }
     }
 }

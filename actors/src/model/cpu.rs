@@ -1,0 +1,541 @@
+//! Host kernels for the CPU forward pass ([`super::bert::Bert`] on flex).
+//!
+//! burn's flex backend runs a BERT layer as a dozen separate ops, each a
+//! pass over memory into a fresh tensor, several of them on one thread, and
+//! attends over padding. A profile of chunk batches (BENCHMARKS.md, issue #5
+//! step 2) put half the time outside the GEMMs: GELU, layer norm and bias
+//! broadcasts, strided copies to split and merge the heads, a single-threaded
+//! attention kernel, page faults on the fresh buffers. Here the GEMMs stay
+//! burn's (flex calls the `gemm` crate) and everything between them is done
+//! in place, fused and spread over rayon's threads:
+//!
+//! * the batch is *packed*: only real tokens are rows (text r owns rows
+//!   `starts[r] .. starts[r] + lens[r]`), so no compute goes to padding, and
+//!   attention needs no mask: a text simply attends over its own rows;
+//! * attention runs per (text, head) straight out of the fused QKV rows with
+//!   strided `gemm` calls, writing each head's context into its columns:
+//!   no head split or merge copies, no [n, heads, s, s] scores tensor;
+//! * bias + GELU, and bias + residual + layer norm, are one pass each.
+//!
+//! The loops are compiled for AVX-512 and AVX2 as well as the baseline and
+//! picked at run time (`multiversion`), so they vectorise on the CPUs that
+//! have them without building for one CPU.
+
+use burn::backend::flex::FlexTensor;
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// A dense layer's weight ([in, out], burn's layout) and bias. The weight
+/// is the burn parameter's own flex buffer, shared, not a copy.
+pub struct HostLinear {
+    weight: FlexTensor,
+    bias: Vec<f32>,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl HostLinear {
+    /// None when the weight is not a contiguous f32 flex tensor.
+    pub fn new(weight: FlexTensor, bias: Vec<f32>) -> Option<Self> {
+        let dims = weight.layout().shape().to_vec();
+        let [d_in, d_out] = dims[..] else {
+            return None;
+        };
+        weight.as_slice::<f32>()?;
+        (bias.len() == d_out).then_some(HostLinear {
+            weight,
+            bias,
+            d_in,
+            d_out,
+        })
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// out = x·W ([rows, in] · [in, out]), no bias. The rows are split
+    /// evenly over rayon's threads, one single-threaded GEMM each: as fast
+    /// as gemm's own threading on large batches (≈158 GFLOP/s here), twice
+    /// as fast on a few rows, which flex runs on one thread; and the output
+    /// is a buffer reused across layers, where flex allocates (and
+    /// page-faults) a fresh one per call.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        let rows = x.len() / self.d_in;
+        assert_eq!(out.len(), rows * self.d_out, "output is [rows, out]");
+        let w = self.weight.as_slice::<f32>().expect("checked in new");
+        let per_task = rows.div_ceil(rayon::current_num_threads()).max(1);
+        out.par_chunks_mut(per_task * self.d_out)
+            .zip(x.par_chunks(per_task * self.d_in))
+            .for_each(|(out, x)| {
+                let m = x.len() / self.d_in;
+                // SAFETY: x is [m, d_in], w is [d_in, d_out] and out is
+                // [m, d_out], all row-major and in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        self.d_out,
+                        self.d_in,
+                        out.as_mut_ptr(),
+                        1,
+                        self.d_out as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        self.d_in as isize,
+                        w.as_ptr(),
+                        1,
+                        self.d_out as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+    }
+}
+
+/// One encoder layer's parameters for the host path.
+pub struct HostLayer {
+    pub qkv: HostLinear,
+    pub attn_out: HostLinear,
+    pub attn_norm: (Vec<f32>, Vec<f32>),
+    pub ffn_in: HostLinear,
+    pub ffn_out: HostLinear,
+    pub ffn_norm: (Vec<f32>, Vec<f32>),
+}
+
+/// The encoder layers over a packed hidden state `x` ([total, h], updated
+/// in place). Five buffers per batch, reused by every layer.
+pub fn encode_layers(x: &mut [f32], p: &Packing, layers: &[HostLayer], heads: usize, eps: f32) {
+    let t = p.total;
+    let Some(first) = layers.first() else {
+        return;
+    };
+    let h = first.qkv.d_in;
+    let ff = first.ffn_in.d_out;
+    let mut qkv = vec![0f32; t * 3 * h];
+    let mut ctx = vec![0f32; t * h];
+    let mut y = vec![0f32; t * h];
+    let mut inner = vec![0f32; t * ff];
+    for l in layers {
+        // Attention sublayer: fused QKV, attention per text and head, output
+        // dense; then y = LayerNorm(y + bias + x).
+        l.qkv.matmul(x, &mut qkv);
+        add_bias(&mut qkv, l.qkv.bias());
+        attention_into(&qkv, p, heads, h, &mut ctx);
+        l.attn_out.matmul(&ctx, &mut y);
+        bias_residual_norm(&mut y, l.attn_out.bias(), x, &norm(&l.attn_norm, eps));
+        // Feed-forward sublayer: x = LayerNorm(dense(gelu(dense(y))) + y).
+        l.ffn_in.matmul(&y, &mut inner);
+        bias_gelu(&mut inner, l.ffn_in.bias());
+        l.ffn_out.matmul(&inner, x);
+        bias_residual_norm(x, l.ffn_out.bias(), &y, &norm(&l.ffn_norm, eps));
+    }
+}
+
+fn norm((gamma, beta): &(Vec<f32>, Vec<f32>), eps: f32) -> Norm<'_> {
+    Norm { gamma, beta, eps }
+}
+
+/// Where each text's tokens sit in a packed batch.
+pub struct Packing {
+    pub starts: Vec<usize>,
+    pub lens: Vec<usize>,
+    pub total: usize,
+}
+
+impl Packing {
+    /// From a [batch, seq] attention mask whose rows are 1s then 0s.
+    pub fn from_mask(mask: &[f32], batch: usize, seq: usize) -> Self {
+        let lens: Vec<usize> = (0..batch)
+            .map(|r| {
+                mask[r * seq..(r + 1) * seq]
+                    .iter()
+                    .filter(|m| **m != 0.0)
+                    .count()
+            })
+            .collect();
+        let mut starts = Vec::with_capacity(batch);
+        let mut total = 0;
+        for l in &lens {
+            starts.push(total);
+            total += l;
+        }
+        Packing {
+            starts,
+            lens,
+            total,
+        }
+    }
+
+    /// Packed copy of a padded [batch, seq] array.
+    pub fn pack<T: Copy>(&self, padded: &[T], seq: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.total);
+        for (r, l) in self.lens.iter().enumerate() {
+            out.extend_from_slice(&padded[r * seq..r * seq + l]);
+        }
+        out
+    }
+}
+
+/// Rows handed to one rayon task by the row-wise kernels: enough work to
+/// outweigh the task's overhead, few enough to balance two or more cores.
+const ROWS_PER_TASK: usize = 32;
+
+/// A pointer that rayon tasks share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes its own (text, head) block and nothing reads the
+// buffer until all tasks are done.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    // A method, not `.0`: closures then capture the whole (Sync) wrapper
+    // rather than the raw pointer field.
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Self-attention over packed rows of fused projections `qkv` ([total, 3h]:
+/// query, key, value side by side, biases added). Returns the context,
+/// [total, h], heads side by side as BERT concatenates them.
+#[cfg(test)]
+pub fn attention(qkv: &[f32], p: &Packing, heads: usize, h: usize) -> Vec<f32> {
+    let mut ctx = vec![0f32; p.total * h];
+    attention_into(qkv, p, heads, h, &mut ctx);
+    ctx
+}
+
+/// [`attention`] into `ctx` ([total, h]; every element is written).
+pub fn attention_into(qkv: &[f32], p: &Packing, heads: usize, h: usize, ctx: &mut [f32]) {
+    assert_eq!(qkv.len(), p.total * 3 * h, "qkv is [total, 3h]");
+    assert_eq!(ctx.len(), p.total * h, "ctx is [total, h]");
+    let d = h / heads;
+    let row = 3 * h;
+    let scale = 1.0 / (d as f32).sqrt();
+    let out = SharedOut(ctx.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..p.lens.len())
+        .filter(|&r| p.lens[r] > 0)
+        .flat_map(|r| (0..heads).map(move |hd| (r, hd)))
+        .collect();
+    tasks
+        .par_iter()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(r, hd)| {
+            let (start, l) = (p.starts[r], p.lens[r]);
+            scores.clear();
+            scores.resize(l * l, 0.0);
+            // SAFETY: the strides below address rows start..start+l and the
+            // head's d columns of q, k and v, all inside `qkv`; the output
+            // block (same rows, the head's columns of `ctx`) is this task's
+            // alone.
+            unsafe {
+                let q = qkv.as_ptr().add(start * row + hd * d);
+                let k = q.add(h);
+                let v = q.add(2 * h);
+                // scores[i, j] = scale · q_i · k_j: the right operand is kᵀ,
+                // i.e. k's rows read as columns.
+                gemm::gemm(
+                    l,
+                    l,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    l as isize,
+                    false,
+                    q,
+                    1,
+                    row as isize,
+                    k,
+                    row as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                softmax_rows(scores, l);
+                gemm::gemm(
+                    l,
+                    d,
+                    l,
+                    out.at(start * h + hd * d),
+                    1,
+                    h as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    l as isize,
+                    v,
+                    1,
+                    row as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+}
+
+/// x += bias, row by row ([rows, bias.len()]).
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    let w = bias.len();
+    x.par_chunks_mut(w * ROWS_PER_TASK)
+        .for_each(|rows| add_bias_rows(rows, bias));
+}
+
+/// x = gelu(x + bias), row by row.
+pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
+    let w = bias.len();
+    x.par_chunks_mut(w * ROWS_PER_TASK)
+        .for_each(|rows| bias_gelu_rows(rows, bias));
+}
+
+/// Layer norm parameters of one BERT LayerNorm.
+pub struct Norm<'a> {
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub eps: f32,
+}
+
+/// y = LayerNorm(y + bias + residual), row by row: a BERT sublayer's output
+/// (dense, dropout a no-op at inference, residual, norm) in one pass.
+pub fn bias_residual_norm(y: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm) {
+    let w = bias.len();
+    y.par_chunks_mut(w * ROWS_PER_TASK)
+        .zip(residual.par_chunks(w * ROWS_PER_TASK))
+        .for_each(|(rows, res)| bias_residual_norm_rows(rows, bias, res, norm));
+}
+
+#[multiversion(targets = "simd")]
+fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn bias_gelu_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v = gelu(*v + b);
+        }
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn bias_residual_norm_rows(y: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm) {
+    let w = bias.len();
+    for (row, res) in y.chunks_exact_mut(w).zip(residual.chunks_exact(w)) {
+        for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
+            *v += b + r;
+        }
+        // Two passes (mean, then the mean square deviation), as PyTorch
+        // computes it: one-pass E[x²] - E[x]² loses digits when |mean| ≫ std.
+        let mean = sum(row) / w as f32;
+        let mut dev = [0f32; LANES];
+        for c in row.chunks(LANES) {
+            for (a, v) in dev.iter_mut().zip(c) {
+                *a += (v - mean) * (v - mean);
+            }
+        }
+        let var = dev.iter().sum::<f32>() / w as f32;
+        let inv = 1.0 / (var + norm.eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(norm.gamma).zip(norm.beta) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    }
+}
+
+/// Softmax of each `l`-wide row, in place.
+#[multiversion(targets = "simd")]
+fn softmax_rows(s: &mut [f32], l: usize) {
+    for row in s.chunks_exact_mut(l) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for v in row.iter_mut() {
+            *v = exp_non_positive(*v - max);
+        }
+        let inv = 1.0 / sum(row);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// Independent accumulators for a sum: a single one is a chain of dependent
+/// adds that the compiler may not reorder (float addition is not
+/// associative), so it would neither vectorise nor pipeline.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for c in x.chunks(LANES) {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// 0.5·x·(1 + erf(x/√2)), the exact GELU BERT defines, with erf by
+/// Abramowitz & Stegun 7.1.26 (absolute error under 1.5e-7). Branch-free
+/// and without libm calls, so loops over it vectorise (libm's erff does not).
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let erf_abs = 1.0 - poly * exp_non_positive(-a * a);
+    let erf = erf_abs.copysign(z);
+    0.5 * x * (1.0 + erf)
+}
+
+/// e^x for x ≤ 0 (relative error ~2e-7; x is clamped at -87, where e^x is
+/// ~1e-38). x = k·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor
+/// polynomial, 2^k built in the exponent bits. Plain float arithmetic, no
+/// float-to-int cast (Rust's saturating `as` costs extra instructions per
+/// lane), so it vectorises.
+#[inline(always)]
+pub fn exp_non_positive(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let k = (x * std::f32::consts::LOG2_E + 0.5).floor(); // -125 ..= 0
+    let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^23 + (k + 127) holds k + 127 (2 ..= 127) in its low mantissa bits;
+    // shifted left by 23 it becomes the exponent field of 2^k.
+    let biased = (k + (8_388_608.0 + 127.0)).to_bits() << 23;
+    p * f32::from_bits(biased)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_std_on_the_non_positive_half_line() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 4.35e-4; // 0 down to -87
+            let (got, want) = (exp_non_positive(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn packing_keeps_only_attended_tokens_in_order() {
+        let mask = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let p = Packing::from_mask(&mask, 3, 3);
+        assert_eq!(
+            (p.starts, p.lens.clone(), p.total),
+            (vec![0, 3, 4], vec![3, 1, 3], 7)
+        );
+        let ids = [1, 2, 3, 4, 0, 0, 5, 6, 7];
+        assert_eq!(
+            Packing::from_mask(&mask, 3, 3).pack(&ids, 3),
+            [1, 2, 3, 4, 5, 6, 7]
+        );
+    }
+
+    /// Attention against a plain scalar implementation, texts of different
+    /// lengths side by side (packed): a text must attend to its own rows
+    /// only, each head to its own columns.
+    #[test]
+    fn packed_attention_matches_a_scalar_reference() {
+        let (heads, h) = (3, 12);
+        let d = h / heads;
+        let lens = [5usize, 1, 9];
+        let total: usize = lens.iter().sum();
+        let mut x = 0x1234_5678u32;
+        let qkv: Vec<f32> = (0..total * 3 * h)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        let mut mask = vec![0.0; lens.len() * 9];
+        for (r, l) in lens.iter().enumerate() {
+            mask[r * 9..r * 9 + l].fill(1.0);
+        }
+        let p = Packing::from_mask(&mask, lens.len(), 9);
+        let got = attention(&qkv, &p, heads, h);
+        let at =
+            |t: usize, part: usize, hd: usize, i: usize| qkv[t * 3 * h + part * h + hd * d + i];
+        let mut worst = 0f32;
+        for (r, &l) in lens.iter().enumerate() {
+            let s = p.starts[r];
+            for hd in 0..heads {
+                for qi in 0..l {
+                    let scores: Vec<f32> = (0..l)
+                        .map(|kj| {
+                            (0..d)
+                                .map(|i| at(s + qi, 0, hd, i) * at(s + kj, 1, hd, i))
+                                .sum::<f32>()
+                                / (d as f32).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f32::MIN, f32::max);
+                    let e: Vec<f32> = scores.iter().map(|v| (v - max).exp()).collect();
+                    let z: f32 = e.iter().sum();
+                    for i in 0..d {
+                        let want: f32 = (0..l).map(|kj| e[kj] / z * at(s + kj, 2, hd, i)).sum();
+                        let diff = (got[(s + qi) * h + hd * d + i] - want).abs();
+                        worst = worst.max(diff);
+                    }
+                }
+            }
+        }
+        assert!(worst < 1e-5, "worst difference {worst}");
+    }
+
+    #[test]
+    fn fused_norm_matches_a_two_pass_layer_norm() {
+        let w = 8;
+        let y0: Vec<f32> = (0..3 * w)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0 + 5.0)
+            .collect();
+        let res: Vec<f32> = (0..3 * w).map(|i| (i as f32 * 0.11).cos()).collect();
+        let bias: Vec<f32> = (0..w).map(|i| i as f32 * 0.01).collect();
+        let gamma: Vec<f32> = (0..w).map(|i| 1.0 + i as f32 * 0.1).collect();
+        let beta: Vec<f32> = (0..w).map(|i| -(i as f32) * 0.2).collect();
+        let mut y = y0.clone();
+        let norm = Norm {
+            gamma: &gamma,
+            beta: &beta,
+            eps: 1e-12,
+        };
+        bias_residual_norm(&mut y, &bias, &res, &norm);
+        for r in 0..3 {
+            let v: Vec<f64> = (0..w)
+                .map(|i| (y0[r * w + i] + bias[i] + res[r * w + i]) as f64)
+                .collect();
+            let mean = v.iter().sum::<f64>() / w as f64;
+            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / w as f64;
+            for i in 0..w {
+                let want = (v[i] - mean) / (var + 1e-12).sqrt() * gamma[i] as f64 + beta[i] as f64;
+                assert!((y[r * w + i] as f64 - want).abs() < 1e-5, "row {r} col {i}");
+            }
+        }
+    }
+}
