@@ -46,7 +46,12 @@ fn main() {
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     let backend = std::env::var("RAGD_BENCH_BACKEND").unwrap_or_else(|_| "flex".into());
     match backend.as_str() {
-        "flex" => run::<ragd_actors::model::Cpu>("ragd-burn-flex", &dir, filter.as_deref()),
+        "flex" => {
+            // The CPU path's GEMM (OpenBLAS via RAGD_BLAS, or the gemm
+            // crate) goes into the label: the figures depend on it.
+            let label = format!("ragd-burn-flex, {}", ragd_actors::model::gemm_name());
+            run::<ragd_actors::model::Cpu>(&label, &dir, filter.as_deref())
+        }
         #[cfg(feature = "cuda")]
         "cuda" => run::<ragd_actors::model::Gpu>("ragd-burn-cuda", &dir, filter.as_deref()),
         #[cfg(feature = "cuda")]

@@ -5,5 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
 ./ops/fetch-models.sh
+# OpenBLAS for the model's GEMMs; ragd runs without it, only slower.
+RAGD_BLAS="${RAGD_BLAS:-$(./ops/fetch-blas.sh || echo off)}"
+export RAGD_BLAS
 cargo build --release --bin ragd
 exec "$CARGO_TARGET_DIR/release/ragd" up --config "${1:-config/default.toml}"

