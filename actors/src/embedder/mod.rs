@@ -71,6 +71,13 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
             .iter()
             .flat_map(|r| r.texts.iter().map(String::as_str))
             .collect();
+        // Pass sizes tell whether the pipeline keeps the model fed
+        // (benches/ingest.rs reads them).
+        tracing::debug!(
+            texts = texts.len(),
+            requests = batch.len(),
+            "embedding pass"
+        );
         // A model panic fails this pass's requests (they are retried by
         // their pools), not the thread.
         let result =

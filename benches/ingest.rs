@@ -1,0 +1,158 @@
+//! Ingest at scale (issue #5, goal 5): N files dropped at once into the
+//! watched folder of a running `ragd up` (embedded store, default
+//! pipeline). Reports
+//!
+//! * the daemon's throughput, from the drop to the last file indexed. The
+//!   files are written into a staging folder first and dropped as one
+//!   folder rename into the watched tree (as a `mv` of a folder into a
+//!   share does), so the writing costs the measured window nothing;
+//! * the reference: the embedder's own throughput on a sample of the same
+//!   texts, in this process before the daemon starts (same model, same
+//!   batch limits as the daemon's config, same GEMM library), so the ratio
+//!   says how much the pipeline around the model costs;
+//! * the daemon's peak RSS (VmHWM, model included);
+//! * whether every file is accounted for: seen = indexed = N, N points (one
+//!   chunk per file), none skipped or dead-lettered.
+//!
+//!     cargo test --workspace --bench ingest --no-run
+//!     RAGD_BLAS=$(./ops/fetch-blas.sh) RAGD_BENCH_FILES=100000 \
+//!         ~/.cache/ragd-target/debug/deps/ingest-<hash>
+//!
+//! RAGD_BENCH_FILES (default 10,000) and RAGD_BENCH_SAMPLE (texts for the
+//! reference, default 10,000). Prints one JSON line.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::*;
+use ragd_actors::model::{BatchPolicy, Cpu, Encoder};
+use std::time::{Duration, Instant};
+
+const TEAMS: &[&str] = &[
+    "payroll",
+    "facilities",
+    "security",
+    "platform",
+    "legal",
+    "travel",
+    "support",
+    "research",
+];
+
+/// File `i`: one short paragraph (about 30 tokens), one chunk.
+fn doc(i: usize) -> String {
+    format!(
+        "Note {i}: meeting room {r} on floor {f} is booked by the {t} team every {d} for the review of ticket {i}.",
+        r = i % 211,
+        f = i % 17,
+        t = TEAMS[i % TEAMS.len()],
+        d = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"][i % 5],
+    )
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let n = env_usize("RAGD_BENCH_FILES", 10_000);
+    let sample = env_usize("RAGD_BENCH_SAMPLE", 10_000).min(n);
+
+    // The reference: the model alone, batch limits as config/default.toml's
+    // [model] batch_max_tokens and batch_max_size (the daemon's defaults).
+    let policy = BatchPolicy {
+        max_tokens: 8192,
+        max_batch: 64,
+    };
+    let texts: Vec<String> = (0..sample).map(doc).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let reference = {
+        let enc = Encoder::<Cpu>::load(&model_dir(), policy, &Default::default()).expect("model");
+        enc.embed(&refs[..refs.len().min(256)]).unwrap(); // warm-up
+        let t = Instant::now();
+        // In the daemon's unit of work: the embedder hands the model the
+        // chunks of the documents it has (at most max_in_flight, 256).
+        for part in refs.chunks(256) {
+            enc.embed(part).unwrap();
+        }
+        sample as f64 / t.elapsed().as_secs_f64()
+    };
+
+    let ws = Workspace::with_extra(&std::env::var("RAGD_BENCH_EXTRA").unwrap_or_default());
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |_| true);
+    // Staged beside the watched folder (same filesystem, so the rename is
+    // one atomic step), then dropped.
+    let staging = ws.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::write(staging.join(format!("doc-{i:06}.txt")), doc(i)).unwrap();
+    }
+    let written = t.elapsed();
+    let started = Instant::now();
+    std::fs::rename(&staging, ws.kb().join("burst")).unwrap();
+    let ledger = d.wait_ledger(Duration::from_secs(4 * 3600), |l| {
+        let done = ["indexed", "skipped", "dead_lettered"]
+            .iter()
+            .map(|k| l[k].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        done >= n as u64
+    });
+    let took = started.elapsed();
+    let rss_mib = d.peak_rss_kib() / 1024;
+    let points = d.admin_json("/index")["points"].as_u64().unwrap_or(0);
+    let rate = n as f64 / took.as_secs_f64();
+    // The model's pass sizes during the run (the batcher logs each pass at
+    // debug level): small passes cost more per text.
+    let mut passes: Vec<usize> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("embedding pass"))
+        .filter_map(|l| {
+            l.split("texts=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    passes.sort_unstable();
+    let pct = |p: f64| {
+        passes
+            .get(((passes.len() as f64 - 1.0) * p) as usize)
+            .copied()
+    };
+    let accounted = ledger["seen"].as_u64() == Some(n as u64)
+        && ledger["indexed"].as_u64() == Some(n as u64)
+        && ledger["skipped"].as_u64() == Some(0)
+        && ledger["dead_lettered"].as_u64() == Some(0)
+        && points == n as u64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "case": format!("ingest/{n}"),
+            "gemm": ragd_actors::model::gemm_name(),
+            "files": n,
+            "write_s": written.as_secs_f64(),
+            "seconds": took.as_secs_f64(),
+            "docs_per_s": rate,
+            "embedder_docs_per_s": reference,
+            "reference_sample": sample,
+            "ratio": rate / reference,
+            "peak_rss_mib": rss_mib,
+            "points": points,
+            "passes": passes.len(),
+            "pass_texts_p10_p50_p90": [pct(0.1), pct(0.5), pct(0.9)],
+            "ledger": ledger,
+            "every_file_accounted_for": accounted,
+        })
+    );
+    if !accounted {
+        eprintln!("not every file is accounted for: {ledger}, {points} points");
+        std::process::exit(1);
+    }
+}
