@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The build cache lives outside the clone so every CI run reuses it.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
+# No incremental caches: every CI run builds the workspace crates of a fresh
+# clone once, and those caches (GBs per clone path) only fill the disk the
+# shared target dir lives on. Dependencies are cached either way.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 ./ops/fetch-models.sh
