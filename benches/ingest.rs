@@ -14,6 +14,8 @@
 //! * whether every file is accounted for: seen = indexed = N, N points (one
 //!   chunk per file), none skipped or dead-lettered.
 //!
+//! Build with the test build's features and profile, then run:
+//!
 //!     cargo test --workspace --bench ingest --no-run
 //!     RAGD_BLAS=$(./ops/fetch-blas.sh) RAGD_BENCH_FILES=100000 \
 //!         ~/.cache/ragd-target/debug/deps/ingest-<hash>
