@@ -397,6 +397,29 @@ impl AnyCrossEncoder {
 mod tests {
     use super::*;
 
+    fn minilm() -> Encoder<Cpu> {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
+        Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap()
+    }
+
+    /// The padded burn-ops path, as GPUs run it, on the CPU.
+    fn minilm_unpacked() -> Encoder<Cpu> {
+        let enc = minilm();
+        Encoder {
+            model: enc.model.unpacked(),
+            ..enc
+        }
+    }
+
+    fn worst_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn batches_respect_the_token_budget_and_size() {
         let p = BatchPolicy {
@@ -414,15 +437,9 @@ mod tests {
     /// backend, where the same padding can be forced.
     #[test]
     fn shape_buckets_change_no_embedding() {
-        let dir =
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
-        let enc = Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
-        // The padded burn path, as GPUs run it: flex's packed path has no
-        // padding to change anything.
-        let enc = Encoder {
-            model: enc.model.unpacked(),
-            ..enc
-        };
+        // The padded burn path: flex's packed path has no padding to change
+        // anything.
+        let enc = minilm_unpacked();
         let texts = [
             "a",
             "how do I request parental leave?",
@@ -443,41 +460,20 @@ mod tests {
         .unwrap();
         let plain = enc.embed(&texts).unwrap();
         assert_eq!(bucketed.len(), 3);
-        for (a, b) in bucketed.iter().zip(&plain) {
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-5, "padding changed an embedding by {worst}");
-        }
+        let worst = worst_difference(&bucketed, &plain);
+        assert!(worst < 1e-5, "padding changed an embedding by {worst}");
     }
 
     /// The CPU's packed path (host kernels, no padding) against burn's ops
     /// over a padded batch, on texts of very different lengths in one batch.
     #[test]
     fn packed_cpu_path_matches_the_padded_burn_path() {
-        let dir =
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
-        let packed =
-            Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
-        let plain =
-            Encoder::<Cpu>::load(&dir, BatchPolicy::default(), &Default::default()).unwrap();
-        let plain = Encoder {
-            model: plain.model.unpacked(),
-            ..plain
-        };
+        let (packed, plain) = (minilm(), minilm_unpacked());
         let long = "The build cache lives on the shared NFS volume and is cleaned every night. "
             .repeat(12);
         let texts = ["a", "how do I request parental leave?", long.as_str()];
         let (a, b) = (packed.embed(&texts).unwrap(), plain.embed(&texts).unwrap());
-        for (x, y) in a.iter().zip(&b) {
-            let worst = x
-                .iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-5, "packed and padded differ by {worst}");
-        }
+        let worst = worst_difference(&a, &b);
+        assert!(worst < 1e-5, "packed and padded differ by {worst}");
     }
 }
