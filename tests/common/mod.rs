@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,13 +20,9 @@ pub fn model_dir() -> PathBuf {
     dir
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// See [`ragd_actors::testkit::free_port`]: one registry of handed-out
+/// ports for the daemons and the services they talk to.
+pub use ragd_actors::testkit::free_port;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const HR_TOKEN: &str = "hr-reader-token";

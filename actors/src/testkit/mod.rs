@@ -42,11 +42,23 @@ fn installed(var: &str, default: &str) -> PathBuf {
     path
 }
 
+/// A port nothing listens on now, and one this process has not handed out
+/// before: the kernel may give the same ephemeral port to two binds in a
+/// row once the first is closed, and a daemon given it for both its query
+/// and admin APIs refuses to start (seen in CI once).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A Valkey server owned by a test; killed on drop.
