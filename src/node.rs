@@ -412,6 +412,7 @@ impl Node {
                 observe: kafka.is_some(),
                 optimize_every: config.optimize_every,
                 written_since_optimize: AtomicU64::new(0),
+                optimizing: Default::default(),
             }),
             index_q.clone(),
             settings(1, 1),

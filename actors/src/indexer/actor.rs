@@ -12,7 +12,7 @@ use crate::ledger::{Ledger, Outcome};
 use crate::messages::{EmbeddedDoc, IndexedEvent};
 use crate::pool::Stage;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +36,28 @@ pub struct IndexerStage {
     /// Run the store's optimizer after this many points were written.
     pub optimize_every: u64,
     pub written_since_optimize: AtomicU64,
+    /// An optimisation is running (in the background: see [`Self::optimize`]).
+    pub optimizing: Arc<AtomicBool>,
+}
+
+impl IndexerStage {
+    /// Starts the store's optimizer unless it is running already. In the
+    /// background: an HNSW build takes minutes at 100k points, and the
+    /// single indexer waiting for it held back every document behind it
+    /// (the 100,000-file drop's model passes halved, BENCHMARKS.md).
+    fn optimize(&self) {
+        if self.optimizing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (store, running) = (self.store.clone(), self.optimizing.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.optimize().await {
+                // Search still works on unoptimised segments.
+                tracing::warn!("vector store optimisation failed: {e:#}");
+            }
+            running.store(false, Ordering::SeqCst);
+        });
+    }
 }
 
 impl Stage for IndexerStage {
@@ -73,10 +95,7 @@ impl Stage for IndexerStage {
                     >= self.optimize_every
                 {
                     self.written_since_optimize.store(0, Ordering::Relaxed);
-                    if let Err(e) = self.store.optimize().await {
-                        // Search still works on unoptimised segments.
-                        tracing::warn!("vector store optimisation failed: {e:#}");
-                    }
+                    self.optimize();
                 }
                 self.out
                     .send(IndexedEvent::Indexed {
@@ -138,6 +157,7 @@ mod tests {
             observe: true,
             optimize_every: u64::MAX,
             written_since_optimize: AtomicU64::new(0),
+            optimizing: Default::default(),
         };
         (stage, out)
     }

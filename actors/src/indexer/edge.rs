@@ -3,7 +3,11 @@
 //!
 //! qdrant-edge 0.7 has no background optimizer and does not replay its WAL on
 //! load, and `flush` panics rather than waiting when a write is in progress.
-//! So: writes, flushes and optimisation are serialised by one lock; a
+//! So: writes and flushes are serialised by one lock; optimisation runs
+//! beside the writes (Qdrant's optimizers wrap the segments they rebuild in
+//! proxy segments, so updates go on, as in a Qdrant server) and only keeps
+//! flushes out, through a second lock, so an HNSW build (minutes at 100k
+//! points) no longer stops ingestion; a
 //! background thread flushes within [`FLUSH_EVERY`] of a write (an fsync per
 //! document would cap ingestion at the disk's fsync rate), and
 //! [`VectorStore::flush`] makes everything written so far durable for callers
@@ -36,6 +40,8 @@ pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(25
 pub struct Inner {
     shard: EdgeShard,
     writer: Mutex<()>,
+    /// Held by an optimisation; flushes wait for it (taken after `writer`).
+    optimizing: Mutex<()>,
     dirty: std::sync::atomic::AtomicBool,
     dim: usize,
 }
@@ -43,6 +49,7 @@ pub struct Inner {
 impl Inner {
     fn flush(&self) -> anyhow::Result<()> {
         let _w = self.writer.lock();
+        let _o = self.optimizing.lock();
         if !self.dirty.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
@@ -120,6 +127,7 @@ impl EdgeStore {
             inner: Arc::new(Inner {
                 shard,
                 writer: Mutex::new(()),
+                optimizing: Mutex::new(()),
                 dirty: false.into(),
                 dim,
             }),
@@ -366,7 +374,7 @@ impl VectorStore for EdgeStore {
     async fn optimize(&self) -> anyhow::Result<()> {
         self.blocking(|s| {
             {
-                let _w = s.writer.lock();
+                let _o = s.optimizing.lock();
                 s.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
                 s.shard
                     .optimize()
