@@ -44,25 +44,41 @@ impl RerankResult {
 /// The measured cost of a cross-encoder call: a fixed part per call
 /// (tokenising, building the batch, launching) measured at calibration, and
 /// a part per (question, passage) pair kept as an exponentially weighted
-/// average over recent calls. Shared by the reranker's restarts.
+/// average over recent calls, with its mean deviation. Shared by the
+/// reranker's restarts.
 ///
 /// The fixed part matters: a first version planned with the per-pair
 /// average alone (measured on 8-pair batches), underestimated small depths,
-/// and overran a 200 ms budget by 30 ms at p95 (BENCHMARKS.md).
+/// and overran a 200 ms budget by 30 ms at p95 (BENCHMARKS.md). So does the
+/// spread: planning with the average alone, a call slower than usual
+/// overruns, and on a busy 2-core machine one in several is. As TCP plans
+/// its retransmission timeout (RFC 6298), depth is planned with the average
+/// plus twice the mean deviation: steady costs keep the full depth, noisy
+/// ones leave room for the noise.
 #[derive(Default)]
 pub struct PairCost {
+    state: Mutex<CostState>,
+}
+
+#[derive(Default)]
+struct CostState {
     /// Seconds per call; 0 until calibrated.
-    fixed: Mutex<f64>,
+    fixed: f64,
     /// Seconds per pair; None until the first measurement.
-    per_pair: Mutex<Option<f64>>,
+    per_pair: Option<f64>,
+    /// Mean absolute deviation of the per-pair cost, seconds.
+    deviation: f64,
 }
 
 impl PairCost {
     /// Weight of the newest measurement: recent load counts most, one odd
     /// call does not swing the depth.
     const ALPHA: f64 = 0.3;
-    /// Share of the time left that is planned for: the estimate is an
-    /// average, and the call's own variance must fit in the rest.
+    /// Weight of the newest deviation (RFC 6298's beta).
+    const BETA: f64 = 0.25;
+    /// Deviations added to the average when planning.
+    const SPREAD: f64 = 2.0;
+    /// Share of the time left that is planned for.
     const PLAN: f64 = 0.85;
 
     /// Sets both parts from two timed calls of 1 and `n` pairs.
@@ -73,45 +89,52 @@ impl PairCost {
         } else {
             tn
         };
-        *self.fixed.lock() = (t1 - per_pair).max(0.0);
-        *self.per_pair.lock() = Some(per_pair);
+        let mut s = self.state.lock();
+        s.fixed = (t1 - per_pair).max(0.0);
+        s.per_pair = Some(per_pair);
+        s.deviation = 0.0;
     }
 
     pub fn observe(&self, pairs: usize, took: Duration) {
         if pairs == 0 {
             return;
         }
-        let x = (took.as_secs_f64() - *self.fixed.lock()).max(0.0) / pairs as f64;
-        let mut p = self.per_pair.lock();
-        *p = Some(match *p {
-            None => x,
-            Some(avg) => avg + Self::ALPHA * (x - avg),
-        });
+        let mut s = self.state.lock();
+        let x = (took.as_secs_f64() - s.fixed).max(0.0) / pairs as f64;
+        (s.per_pair, s.deviation) = match s.per_pair {
+            None => (Some(x), 0.0),
+            Some(avg) => (
+                Some(avg + Self::ALPHA * (x - avg)),
+                s.deviation + Self::BETA * ((x - avg).abs() - s.deviation),
+            ),
+        };
     }
 
     pub fn per_pair(&self) -> Option<Duration> {
-        self.per_pair.lock().map(Duration::from_secs_f64)
+        self.state.lock().per_pair.map(Duration::from_secs_f64)
     }
 
     pub fn fixed(&self) -> Duration {
-        Duration::from_secs_f64(*self.fixed.lock())
+        Duration::from_secs_f64(self.state.lock().fixed)
     }
 
     /// How many of `candidates` pairs fit in `left`. No deadline: all of
     /// them. No measurement yet: all of them too (the reranker calibrates
     /// at start, so this only happens if that failed).
     pub fn depth(&self, candidates: usize, left: Option<Duration>) -> usize {
-        let (Some(left), Some(per_pair)) = (left, *self.per_pair.lock()) else {
+        let s = self.state.lock();
+        let (Some(left), Some(per_pair)) = (left, s.per_pair) else {
             return candidates;
         };
-        if per_pair <= 0.0 {
+        let planned = per_pair + Self::SPREAD * s.deviation;
+        if planned <= 0.0 {
             return candidates;
         }
-        let usable = left.as_secs_f64() * Self::PLAN - *self.fixed.lock();
+        let usable = left.as_secs_f64() * Self::PLAN - s.fixed;
         if usable <= 0.0 {
             return 0;
         }
-        ((usable / per_pair).floor() as usize).min(candidates)
+        ((usable / planned).floor() as usize).min(candidates)
     }
 }
 
@@ -308,11 +331,28 @@ mod tests {
         assert_eq!(cost.depth(50, Some(Duration::from_millis(12))), 5);
         assert_eq!(cost.depth(50, Some(Duration::from_secs(1))), 50);
         assert_eq!(cost.depth(50, Some(Duration::ZERO)), 0);
-        // A slower call moves the average part of the way, not all of it.
+        // A slower call moves the average part of the way, not all of it,
+        // and the spread it shows is planned for too: 5 ms a pair on
+        // average, 2.5 ms mean deviation, so 10 ms planned a pair.
         cost.observe(10, Duration::from_millis(120)); // 12 ms a pair
         let p = cost.per_pair().unwrap().as_secs_f64() * 1e3;
         assert!((p - 5.0).abs() < 1e-9, "{p}");
-        assert_eq!(cost.depth(50, Some(Duration::from_millis(12))), 2);
+        assert_eq!(cost.depth(50, Some(Duration::from_millis(12))), 1);
+        assert_eq!(cost.depth(50, Some(Duration::from_millis(120))), 10);
+    }
+
+    #[test]
+    fn steady_costs_keep_the_full_depth_noisy_ones_leave_room() {
+        let (steady, noisy) = (PairCost::default(), PairCost::default());
+        for i in 0..40 {
+            steady.observe(10, Duration::from_millis(40)); // 4 ms a pair
+                                                           // 2 or 6 ms a pair: the same 4 ms on average.
+            noisy.observe(10, Duration::from_millis(if i % 2 == 0 { 20 } else { 60 }));
+        }
+        let left = Some(Duration::from_millis(200)); // 170 ms planned
+        assert_eq!(steady.depth(50, left), 42);
+        let d = noisy.depth(50, left);
+        assert!((15..30).contains(&d), "noisy depth {d}");
     }
 
     #[test]
