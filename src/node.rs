@@ -605,8 +605,15 @@ impl Node {
         }
         let _ = self.root.cast(SupervisorMsg::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;
-        if let Err(e) = self.store.flush().await {
-            tracing::error!("final flush of the vector store failed: {e:#}");
+        // The flush waits for a running index optimisation, which cannot be
+        // cancelled and may take minutes: bounded, so a stop stays a stop.
+        match tokio::time::timeout(Duration::from_secs(30), self.store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("final flush of the vector store failed: {e:#}"),
+            Err(_) => tracing::warn!(
+                "final flush still waiting for an index optimisation after 30 s; \
+                 stopping without it (the next start's scan redoes the unflushed writes)"
+            ),
         }
     }
 }

@@ -41,13 +41,13 @@ pub struct IndexerStage {
 }
 
 impl IndexerStage {
-    /// Starts the store's optimizer unless it is running already. In the
-    /// background: an HNSW build takes minutes at 100k points, and the
-    /// single indexer waiting for it held back every document behind it
-    /// (the 100,000-file drop's model passes halved, BENCHMARKS.md).
-    fn optimize(&self) {
+    /// Starts the store's optimizer unless it is running already; says
+    /// whether it started. In the background: an HNSW build takes minutes
+    /// at 100k points, and the single indexer waiting for it held back
+    /// every document behind it (BENCHMARKS.md, 100,000-file drop).
+    fn optimize(&self) -> bool {
         if self.optimizing.swap(true, Ordering::SeqCst) {
-            return;
+            return false;
         }
         let (store, running) = (self.store.clone(), self.optimizing.clone());
         tokio::spawn(async move {
@@ -57,6 +57,7 @@ impl IndexerStage {
             }
             running.store(false, Ordering::SeqCst);
         });
+        true
     }
 }
 
@@ -91,11 +92,13 @@ impl Stage for IndexerStage {
                     .upsert(&doc.meta, &doc.chunks, &doc.vectors)
                     .await?;
                 let n = doc.chunks.len() as u64;
+                // Counted from the last run that started: points written
+                // while one runs start the next once it is done.
                 if self.written_since_optimize.fetch_add(n, Ordering::Relaxed) + n
                     >= self.optimize_every
+                    && self.optimize()
                 {
                     self.written_since_optimize.store(0, Ordering::Relaxed);
-                    self.optimize();
                 }
                 self.out
                     .send(IndexedEvent::Indexed {

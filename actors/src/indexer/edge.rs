@@ -7,7 +7,9 @@
 //! beside the writes (Qdrant's optimizers wrap the segments they rebuild in
 //! proxy segments, so updates go on, as in a Qdrant server) and only keeps
 //! flushes out, through a second lock, so an HNSW build (minutes at 100k
-//! points) no longer stops ingestion; a
+//! points) no longer stops ingestion. While one runs, the background flush
+//! skips its turns: writes made meanwhile become durable when it ends (a
+//! crash before then loses them to the next start's scan, as below); a
 //! background thread flushes within [`FLUSH_EVERY`] of a write (an fsync per
 //! document would cap ingestion at the disk's fsync rate), and
 //! [`VectorStore::flush`] makes everything written so far durable for callers
@@ -40,16 +42,27 @@ pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(25
 pub struct Inner {
     shard: EdgeShard,
     writer: Mutex<()>,
-    /// Held by an optimisation; flushes wait for it (taken after `writer`).
+    /// Held by an optimisation; flushes wait for it or skip. Taken before
+    /// `writer`, never while holding it: a flush waiting out an HNSW build
+    /// must not hold up the writes.
     optimizing: Mutex<()>,
     dirty: std::sync::atomic::AtomicBool,
     dim: usize,
 }
 
 impl Inner {
-    fn flush(&self) -> anyhow::Result<()> {
+    /// Makes the writes so far durable. `wait`: also when an optimisation
+    /// runs (after it); otherwise that is a skipped turn.
+    fn flush(&self, wait: bool) -> anyhow::Result<()> {
+        let _o = if wait {
+            self.optimizing.lock()
+        } else {
+            match self.optimizing.try_lock() {
+                Some(guard) => guard,
+                None => return Ok(()),
+            }
+        };
         let _w = self.writer.lock();
-        let _o = self.optimizing.lock();
         if !self.dirty.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
@@ -138,7 +151,7 @@ impl EdgeStore {
             .spawn(move || loop {
                 std::thread::sleep(FLUSH_EVERY);
                 let Some(inner) = weak.upgrade() else { return };
-                if let Err(e) = inner.flush() {
+                if let Err(e) = inner.flush(false) {
                     tracing::error!("{e:#}");
                 }
             })
@@ -380,13 +393,13 @@ impl VectorStore for EdgeStore {
                     .optimize()
                     .map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
             }
-            s.inner.flush()
+            s.inner.flush(true)
         })
         .await
     }
 
     async fn flush(&self) -> anyhow::Result<()> {
-        self.blocking(|s| s.inner.flush()).await
+        self.blocking(|s| s.inner.flush(true)).await
     }
 }
 

@@ -570,10 +570,17 @@ impl<B: Backend> Bert<B> {
         let (n, h) = (b.batch, self.cfg.hidden_size);
         let cls = if let Some(layers) = &self.packed {
             let (x, p) = self.encode_packed(b, layers);
+            // A row without tokens (none comes from the tokenizer, which
+            // adds [CLS] and [SEP]) scores from zeros, not a neighbour's row.
+            let zeros = vec![0f32; h];
             let rows: Vec<f32> = p
                 .starts
                 .iter()
-                .flat_map(|&start| x[start * h..(start + 1) * h].iter().copied())
+                .zip(&p.lens)
+                .flat_map(|(&start, &len)| match len {
+                    0 => zeros.iter().copied(),
+                    _ => x[start * h..(start + 1) * h].iter().copied(),
+                })
                 .collect();
             Tensor::from_data(TensorData::new(rows, [n, h]), &self.device)
         } else {

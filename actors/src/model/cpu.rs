@@ -122,9 +122,24 @@ fn load_blas() -> Option<Blas> {
                         format!("{prefix}openblas_set_num_threads").as_bytes(),
                     )
                     .map(|s| *s),
+                    lib.get::<unsafe extern "C" fn() -> c_int>(
+                        format!("{prefix}openblas_get_parallel").as_bytes(),
+                    )
+                    .map(|s| *s),
                 )
             };
-            if let (Ok(sgemm), Ok(set_threads)) = found {
+            if let (Ok(sgemm), Ok(set_threads), Ok(parallel)) = found {
+                // ragd calls sgemm from several threads at once. A
+                // sequential build (0) may lack the locking that makes that
+                // safe (OpenBLAS issues 2126, 4030); the pthreads (1) and
+                // OpenMP (2) builds have it.
+                // SAFETY: a plain getter.
+                if unsafe { parallel() } == 0 {
+                    tracing::warn!(
+                        "{path}: a single-threaded OpenBLAS build, not safe to call from several threads; the model uses the gemm crate"
+                    );
+                    break;
+                }
                 // One thread per call: ragd splits each GEMM over rayon's
                 // threads itself, and OpenBLAS's own pool would keep spinning
                 // on the cores rayon needs between calls.
@@ -471,6 +486,7 @@ pub struct Norm<'a> {
 /// y = LayerNorm(y + bias + residual), row by row: a BERT sublayer's output
 /// (dense, dropout a no-op at inference, residual, norm) in one pass.
 pub fn bias_residual_norm(y: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm) {
+    assert_eq!(y.len(), residual.len(), "the residual is [rows, w] like y");
     let w = bias.len();
     y.par_chunks_mut(w * ROWS_PER_TASK)
         .zip(residual.par_chunks(w * ROWS_PER_TASK))
@@ -574,13 +590,13 @@ pub fn gelu(x: f32) -> f32 {
 #[inline(always)]
 pub fn exp_non_positive(x: f32) -> f32 {
     let x = x.max(-87.0);
-    let k = (x * std::f32::consts::LOG2_E + 0.5).floor(); // -125 ..= 0
+    let k = (x * std::f32::consts::LOG2_E + 0.5).floor(); // -126 ..= 0
     let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2^23 + (k + 127) holds k + 127 (2 ..= 127) in its low mantissa bits;
+    // 2^23 + (k + 127) holds k + 127 (1 ..= 127) in its low mantissa bits;
     // shifted left by 23 it becomes the exponent field of 2^k.
     let biased = (k + (8_388_608.0 + 127.0)).to_bits() << 23;
     p * f32::from_bits(biased)
