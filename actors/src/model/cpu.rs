@@ -5,17 +5,18 @@
 //! attends over padding. A profile of chunk batches (BENCHMARKS.md, issue #5
 //! step 2) put half the time outside the GEMMs: GELU, layer norm and bias
 //! broadcasts, strided copies to split and merge the heads, a single-threaded
-//! attention kernel, page faults on the fresh buffers. Here the GEMMs stay
-//! burn's (flex calls the `gemm` crate) and everything between them is done
-//! in place, fused and spread over rayon's threads:
+//! attention kernel, page faults on the fresh buffers. Here every step runs
+//! on the host, on the burn parameters' own buffers, in place and spread
+//! over rayon's threads:
 //!
 //! * the batch is *packed*: only real tokens are rows (text r owns rows
 //!   `starts[r] .. starts[r] + lens[r]`), so no compute goes to padding, and
 //!   attention needs no mask: a text simply attends over its own rows;
 //! * attention runs per (text, head) straight out of the fused QKV rows with
-//!   strided `gemm` calls, writing each head's context into its columns:
+//!   strided GEMMs ([`sgemm`]), writing each head's context into its columns:
 //!   no head split or merge copies, no [n, heads, s, s] scores tensor;
-//! * bias + GELU, and bias + residual + layer norm, are one pass each.
+//! * bias + GELU, and bias + residual + layer norm, are one pass each;
+//! * the dense layers' GEMMs write into buffers reused by every layer.
 //!
 //! The loops are compiled for AVX-512 and AVX2 as well as the baseline and
 //! picked at run time (`multiversion`), so they vectorise on the CPUs that
@@ -270,15 +271,10 @@ impl HostLinear {
     /// (and page-fault) a fresh one per call.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
         let rows = x.len() / self.d_in;
-        let per_task = rows.div_ceil(rayon::current_num_threads()).max(1);
-        self.matmul_with(gemm_for(per_task), x, out)
-    }
-
-    fn matmul_with(&self, g: Gemm, x: &[f32], out: &mut [f32]) {
-        let rows = x.len() / self.d_in;
         assert_eq!(out.len(), rows * self.d_out, "output is [rows, out]");
         let w = self.weight.as_slice::<f32>().expect("checked in new");
         let per_task = rows.div_ceil(rayon::current_num_threads()).max(1);
+        let g = gemm_for(per_task);
         out.par_chunks_mut(per_task * self.d_out)
             .zip(x.par_chunks(per_task * self.d_in))
             .for_each(|(out, x)| {
