@@ -226,7 +226,7 @@ fn is_flex<B: Backend>() -> bool {
 /// -10000 at padding (exp(-10000) is 0 in f32, and the value stays finite
 /// in f16). None when nothing is padded, as at batch 1.
 fn attention_bias<B: Backend>(b: &Batch, dev: &B::Device) -> Option<Tensor<B, 4>> {
-    if b.mask.iter().all(|m| *m != 0.0) {
+    if !b.padded() {
         return None;
     }
     let (n, s) = (b.batch, b.seq);
@@ -248,7 +248,7 @@ fn attention_mask<B: Backend>(
     heads: usize,
     dev: &B::Device,
 ) -> Option<Tensor<B, 4, Bool>> {
-    if b.mask.iter().all(|m| *m != 0.0) {
+    if !b.padded() {
         return None;
     }
     let (n, s) = (b.batch, b.seq);
@@ -350,6 +350,14 @@ pub struct Batch {
     pub mask: Vec<f32>,
     pub batch: usize,
     pub seq: usize,
+}
+
+impl Batch {
+    /// Whether any position is padding (none at batch 1, or when every text
+    /// has the same length).
+    fn padded(&self) -> bool {
+        self.mask.contains(&0.0)
+    }
 }
 
 impl<B: Backend> Bert<B> {
@@ -503,8 +511,9 @@ impl<B: Backend> Bert<B> {
 
     /// Last hidden state of the real tokens only, [total, hidden] on the
     /// host (see [`super::cpu`]): text r's tokens are rows
-    /// `starts[r] .. starts[r] + lens[r]`. The GEMMs are burn's (flex runs
-    /// them on every core); the rest are fused host kernels, in place.
+    /// `starts[r] .. starts[r] + lens[r]`. burn looks up and normalises the
+    /// embeddings; the layers run as host kernels on the burn parameters'
+    /// buffers.
     fn encode_packed(&self, b: &Batch, layers: &[cpu::HostLayer]) -> (Vec<f32>, cpu::Packing) {
         let h = self.cfg.hidden_size;
         let dev = &self.device;
