@@ -10,7 +10,10 @@
 //!   texts, in this process before the daemon starts (same model, same
 //!   batch limits as the daemon's config, same GEMM library), so the ratio
 //!   says how much the pipeline around the model costs;
-//! * the daemon's peak RSS (VmHWM, model included);
+//! * the daemon's peak RSS (VmHWM, model included), at the end of the
+//!   burst and after the HNSW build that follows it (the index is built
+//!   when the writes pause; until then new points are searched
+//!   exhaustively), with that build's time;
 //! * whether every file is accounted for: seen = indexed = N, N points (one
 //!   chunk per file), none skipped or dead-lettered.
 //!
@@ -95,6 +98,7 @@ fn main() {
     }
     let written = t.elapsed();
     let started = Instant::now();
+    let builds_before = d.admin_json("/index")["optimizations"].as_u64().unwrap_or(0);
     std::fs::rename(&staging, ws.kb().join("burst")).unwrap();
     let ledger = d.wait_ledger(Duration::from_secs(4 * 3600), |l| {
         let done = ["indexed", "skipped", "dead_lettered"]
@@ -104,6 +108,22 @@ fn main() {
         done >= n as u64
     });
     let took = started.elapsed();
+    let rss_ingest_mib = d.peak_rss_kib() / 1024;
+    // Then the HNSW build the pause after the burst starts: its time, and
+    // the peak memory with it.
+    let built = Instant::now();
+    let deadline = built + Duration::from_secs(3600);
+    loop {
+        let index = d.admin_json("/index");
+        if index["optimizations"].as_u64().unwrap_or(0) > builds_before
+            && index["optimizing"] == false
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no index build after the burst: {index}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let build_after = built.elapsed();
     let rss_mib = d.peak_rss_kib() / 1024;
     let points = d.admin_json("/index")["points"].as_u64().unwrap_or(0);
     let rate = n as f64 / took.as_secs_f64();
@@ -145,6 +165,8 @@ fn main() {
             "embedder_docs_per_s": reference,
             "reference_sample": sample,
             "ratio": rate / reference,
+            "peak_rss_mib_ingest": rss_ingest_mib,
+            "index_build_after_s": build_after.as_secs_f64(),
             "peak_rss_mib": rss_mib,
             "points": points,
             "passes": passes.len(),

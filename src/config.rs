@@ -103,6 +103,10 @@ struct RawPipeline {
 struct RawIndex {
     backend: Option<String>,
     optimize_every: Option<u64>,
+    optimize_idle_ms: Option<u64>,
+    hnsw_m: Option<usize>,
+    hnsw_ef_construct: Option<usize>,
+    hnsw_ef: Option<usize>,
     qdrant_url: Option<String>,
     qdrant_collection: Option<String>,
     qdrant_api_key_env: Option<String>,
@@ -252,6 +256,8 @@ pub struct Config {
     pub max_attempts: u32,
     pub debounce_ms: u64,
     pub optimize_every: u64,
+    pub optimize_idle: std::time::Duration,
+    pub hnsw: ragd_actors::indexer::HnswSettings,
     pub cache_threshold: f32,
     pub cache_capacity: usize,
     pub cache_ttl_secs: u64,
@@ -636,6 +642,23 @@ fn validate(
     let batch_max_size = raw.model.batch_max_size.unwrap_or(64);
     positive("model.batch_max_tokens", batch_max_tokens, &mut err);
     positive("model.batch_max_size", batch_max_size, &mut err);
+    let hnsw_defaults = ragd_actors::indexer::HnswSettings::default();
+    let hnsw = ragd_actors::indexer::HnswSettings {
+        m: raw.index.hnsw_m.unwrap_or(hnsw_defaults.m),
+        ef_construct: raw
+            .index
+            .hnsw_ef_construct
+            .unwrap_or(hnsw_defaults.ef_construct),
+        ef: raw.index.hnsw_ef.unwrap_or(hnsw_defaults.ef),
+    };
+    // Fewer links than this make a graph that loses points; 0 for hnsw_ef
+    // means "the default".
+    if hnsw.m < 4 || hnsw.ef_construct < 4 {
+        err(format!(
+            "index.hnsw_m ({}) and index.hnsw_ef_construct ({}) must be at least 4",
+            hnsw.m, hnsw.ef_construct
+        ));
+    }
     let index_backend = match raw.index.backend.as_deref().unwrap_or("embedded") {
         "embedded" => IndexBackend::Embedded,
         "qdrant" => {
@@ -881,7 +904,11 @@ fn validate(
         max_in_flight,
         max_attempts,
         debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
-        optimize_every: raw.index.optimize_every.unwrap_or(20_000),
+        optimize_every: raw.index.optimize_every.unwrap_or(100_000),
+        optimize_idle: std::time::Duration::from_millis(
+            raw.index.optimize_idle_ms.unwrap_or(2_000),
+        ),
+        hnsw,
         cache_threshold,
         cache_capacity: raw.cache.capacity.unwrap_or(10_000),
         cache_ttl_secs: raw.cache.ttl_secs.unwrap_or(3600),
@@ -1015,6 +1042,11 @@ mod tests {
         assert_eq!(cfg.candidates, 50);
         assert_eq!(cfg.latency_budget, None, "no budget unless configured");
         assert_eq!(cfg.cache_threshold, 0.98);
+        assert_eq!(cfg.hnsw, ragd_actors::indexer::HnswSettings::default());
+        assert_eq!(
+            (cfg.optimize_idle.as_millis(), cfg.optimize_every),
+            (2_000, 100_000)
+        );
         assert_eq!(cfg.principal_for("alice-token-1").unwrap().name, "alice");
         assert!(cfg.principal_for("alice-token-2").is_none());
         // Secrets stay out of Debug output.
@@ -1038,6 +1070,8 @@ mod tests {
             [query]
             bind = "not an address"
             latency_budget_ms = 0
+            [index]
+            hnsw_m = 2
             [[sources]]
             path = "missing"
             division = ""
@@ -1058,10 +1092,11 @@ mod tests {
             "division is empty",
             "8 characters",
             "at least one division",
+            "index.hnsw_m (2)",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
-        assert!(e.errors.len() >= 7);
+        assert!(e.errors.len() >= 8);
     }
 
     #[test]

@@ -307,10 +307,16 @@ async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
     if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
+    let (optimizing, optimizations) = node.optimizer.state();
     match node.store.count(None).await {
-        Ok(points) => {
-            Json(json!({ "backend": node.store.backend(), "points": points })).into_response()
-        }
+        Ok(points) => Json(json!({
+            "backend": node.store.backend(),
+            "points": points,
+            // The HNSW build (embedded store): running now, runs finished.
+            "optimizing": optimizing,
+            "optimizations": optimizations,
+        }))
+        .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }

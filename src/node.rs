@@ -23,7 +23,7 @@ use ragd_actors::chunker::actor::ChunkerStage;
 use ragd_actors::chunker::{Chunker, ChunkerSettings};
 use ragd_actors::dlq::{DeadLetters, FileDlq};
 use ragd_actors::embedder::EmbedderStage;
-use ragd_actors::indexer::actor::{IndexJob, IndexerStage};
+use ragd_actors::indexer::actor::{IndexJob, IndexerStage, OptimizePolicy, Optimizer};
 use ragd_actors::indexer::edge::EdgeStore;
 use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
 use ragd_actors::indexer::VectorStore;
@@ -38,7 +38,7 @@ use ragd_actors::supervisor::{
     ChildSpec, RestartPolicy, StartFn, Supervisor, SupervisorArgs, SupervisorMsg,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +75,8 @@ pub struct Node {
     pub roles: Roles,
     /// The Kafka bus, when the stages of this cluster talk over it.
     pub kafka: Option<Arc<Kafka>>,
+    /// When the index node builds the store's index.
+    pub optimizer: Arc<Optimizer>,
 }
 
 /// A stage's output: the next stage's local queue, or the topic to it.
@@ -185,8 +187,8 @@ impl Node {
         };
         let store: Arc<dyn VectorStore> = match &config.index_backend {
             IndexBackend::Embedded => {
-                let (dir, dim) = (config.index_dir(), encoder.dim());
-                let s = tokio::task::spawn_blocking(move || EdgeStore::open(&dir, dim))
+                let (dir, dim, hnsw) = (config.index_dir(), encoder.dim(), config.hnsw.clone());
+                let s = tokio::task::spawn_blocking(move || EdgeStore::open_with(&dir, dim, &hnsw))
                     .await?
                     .with_context(|| {
                         "opening the vector store (is another ragd using the same data_dir?)"
@@ -212,6 +214,7 @@ impl Node {
                     replication_factor: *replication_factor,
                     timeout: *timeout,
                     max_retries: *max_retries,
+                    hnsw: config.hnsw.clone(),
                 })
                 .await
                 .context("index.backend = \"qdrant\"")?,
@@ -403,6 +406,14 @@ impl Node {
             &ledger,
             &dlq,
         );
+        let optimizer = Optimizer::new(
+            store.clone(),
+            OptimizePolicy {
+                idle: config.optimize_idle,
+                every: config.optimize_every,
+            },
+        );
+        optimizer.watch_for_pauses();
         let indexer_pool = pool(
             "indexer",
             Arc::new(IndexerStage {
@@ -410,9 +421,7 @@ impl Node {
                 ledger: ledger.clone(),
                 out: port(&kafka, &prune_q, INDEXED),
                 observe: kafka.is_some(),
-                optimize_every: config.optimize_every,
-                written_since_optimize: AtomicU64::new(0),
-                optimizing: Default::default(),
+                optimizer: optimizer.clone(),
             }),
             index_q.clone(),
             settings(1, 1),
@@ -570,6 +579,7 @@ impl Node {
             llm,
             root,
             root_done,
+            optimizer,
         })
     }
 

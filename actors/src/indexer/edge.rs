@@ -20,7 +20,8 @@
 //! segment grows past the indexing threshold.
 
 use super::{
-    check_search, check_upsert, point_id, Hit, Scope, StoredVersion, VectorStore, Versions,
+    check_search, check_upsert, point_id, Hit, HnswSettings, Scope, StoredVersion, VectorStore,
+    Versions,
 };
 use crate::messages::{Chunk, DocMeta};
 use anyhow::Context;
@@ -29,10 +30,11 @@ use parking_lot::Mutex;
 use qdrant_edge::external::serde_json::{self as qjson, json};
 use qdrant_edge::{
     Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
-    FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, NamedQuery, PayloadFieldSchema,
-    PayloadSchemaType, PointInsertOperations, PointOperations, PointStruct, PointStructPersisted,
-    QueryEnum, QueryRequest, ScoringQuery, ScrollRequest, SearchParams, UpdateOperation,
-    WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
+    FacetRequest, FacetValue, FieldCondition, FieldIndexOperations, Filter, HnswIndexConfig,
+    IntegerIndexParams, JsonPath, KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema,
+    PayloadOps, PayloadSchemaParams, PointInsertOperations, PointOperations, PointStruct,
+    PointStructPersisted, QueryEnum, QueryRequest, ScoringQuery, ScrollRequest, SearchParams,
+    SetPayloadOp, UpdateOperation, WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub struct Inner {
     optimizing: Mutex<()>,
     dirty: std::sync::atomic::AtomicBool,
     dim: usize,
+    /// `hnsw_ef` of a search; 0: the default, max(2 × limit, 128).
+    search_ef: std::sync::atomic::AtomicUsize,
 }
 
 impl Inner {
@@ -106,13 +110,24 @@ fn any_of(field: &str, values: &[String]) -> Condition {
     ))
 }
 
+/// The `partition` payload of a point: its division and access level as
+/// one value (a JSON pair, unambiguous whatever the names hold). Searches
+/// filter on it, and the HNSW index links each partition's points among
+/// themselves too, so a search scoped to a few partitions walks a graph that
+/// stays connected inside them.
+pub fn partition_key(division: &str, access_level: &str) -> String {
+    qjson::to_string(&[division, access_level]).expect("strings serialise")
+}
+
 /// The engine-side filter of a search: only these partitions are looked at.
 pub fn scope_filter(scope: &Scope) -> Filter {
+    let partitions: Vec<String> = scope
+        .divisions
+        .iter()
+        .flat_map(|d| scope.access_levels.iter().map(move |a| partition_key(d, a)))
+        .collect();
     Filter {
-        must: Some(vec![
-            any_of("division", &scope.divisions),
-            any_of("access_level", &scope.access_levels),
-        ]),
+        must: Some(vec![any_of("partition", &partitions)]),
         ..Default::default()
     }
 }
@@ -121,6 +136,17 @@ impl EdgeStore {
     /// Opens the store in `dir`, creating it (and its payload indexes) on
     /// first use. Fails clearly when the folder holds vectors of another size.
     pub fn open(dir: &Path, dim: usize) -> anyhow::Result<Self> {
+        Self::open_with(dir, dim, &HnswSettings::default())
+    }
+
+    /// [`EdgeStore::open`] with an index shape. A store built with another
+    /// `m` or `ef_construct` is rebuilt to the new one by its next
+    /// optimisation.
+    pub fn open_with(dir: &Path, dim: usize, hnsw: &HnswSettings) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            hnsw.m >= 4 && hnsw.ef_construct >= 4,
+            "index.hnsw_m and index.hnsw_ef_construct must be at least 4"
+        );
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = EdgeConfig::builder()
             .vector(
@@ -143,8 +169,17 @@ impl EdgeStore {
                 optimizing: Mutex::new(()),
                 dirty: false.into(),
                 dim,
+                search_ef: hnsw.ef.into(),
             }),
         };
+        store
+            .shard
+            .set_hnsw_config(HnswIndexConfig {
+                m: hnsw.m,
+                ef_construct: hnsw.ef_construct,
+                ..Default::default()
+            })
+            .map_err(|e| anyhow::anyhow!("setting the HNSW parameters: {e}"))?;
         let weak = Arc::downgrade(&store.inner);
         std::thread::Builder::new()
             .name("ragd-edge-flush".into())
@@ -156,21 +191,112 @@ impl EdgeStore {
                 }
             })
             .context("starting the flush thread")?;
-        for (field, ty) in [
-            ("doc_id", PayloadSchemaType::Keyword),
-            ("version", PayloadSchemaType::Keyword),
-            ("division", PayloadSchemaType::Keyword),
-            ("access_level", PayloadSchemaType::Keyword),
-            ("chunk_index", PayloadSchemaType::Integer),
+        // Qdrant builds extra HNSW links per value of an indexed field, so a
+        // filter on it still finds a connected graph. Searches filter by
+        // partition only; the other fields serve lookups (a document's
+        // versions), and their links doubled the HNSW build (chunk_index
+        // alone: 50 graphs over the points) for no search.
+        let keyword = |enable_hnsw| {
+            PayloadSchemaParams::Keyword(KeywordIndexParams {
+                enable_hnsw: Some(enable_hnsw),
+                ..Default::default()
+            })
+        };
+        for (field, params) in [
+            ("doc_id", keyword(false)),
+            ("version", keyword(false)),
+            ("division", keyword(false)),
+            ("access_level", keyword(false)),
+            ("partition", keyword(true)),
+            (
+                "chunk_index",
+                PayloadSchemaParams::Integer(IntegerIndexParams {
+                    lookup: Some(true),
+                    range: Some(false),
+                    enable_hnsw: Some(false),
+                    ..Default::default()
+                }),
+            ),
         ] {
             store.write(UpdateOperation::FieldIndexOperation(
                 FieldIndexOperations::CreateIndex(CreateIndex {
                     field_name: key(field),
-                    field_schema: Some(PayloadFieldSchema::FieldType(ty)),
+                    field_schema: Some(PayloadFieldSchema::FieldParams(params)),
                 }),
             ))?;
         }
+        store.add_partition_fields()?;
         Ok(store)
+    }
+
+    /// Stores written before searches filtered on `partition` lack that
+    /// field, and their points would match no search. Sets it from each
+    /// point's division and access level, one partition at a time (facets
+    /// of the indexed fields say which exist). Nothing to do, and quick, on
+    /// a current store.
+    fn add_partition_fields(&self) -> anyhow::Result<()> {
+        let missing = || Condition::IsEmpty(key("partition").into());
+        let values = |field: &str, filter: Filter| -> anyhow::Result<Vec<String>> {
+            let facets = self
+                .shard
+                .facet(FacetRequest {
+                    key: key(field),
+                    limit: usize::MAX,
+                    filter: Some(filter),
+                    exact: true,
+                })
+                .map_err(|e| anyhow::anyhow!("vector store facet: {e}"))?;
+            Ok(facets
+                .hits
+                .into_iter()
+                .filter_map(|h| match h.value {
+                    FacetValue::Keyword(v) => Some(v),
+                    _ => None,
+                })
+                .collect())
+        };
+        let divisions = values("division", Filter::new_must(missing()))?;
+        let mut updated = 0;
+        for d in &divisions {
+            let in_division = || Filter {
+                must: Some(vec![missing(), eq("division", d)]),
+                ..Default::default()
+            };
+            for a in values("access_level", in_division())? {
+                let mut filter = in_division();
+                filter
+                    .must
+                    .get_or_insert_default()
+                    .push(eq("access_level", &a));
+                let mut payload = qjson::Map::new();
+                payload.insert("partition".into(), partition_key(d, &a).into());
+                self.write(UpdateOperation::PayloadOperation(PayloadOps::SetPayload(
+                    SetPayloadOp {
+                        payload: payload.into(),
+                        points: None,
+                        filter: Some(filter),
+                        key: None,
+                    },
+                )))?;
+                updated += 1;
+            }
+        }
+        if updated > 0 {
+            tracing::info!(
+                partitions = updated,
+                "vector store: added the partition field to points written by an older ragd"
+            );
+            self.inner.flush(true)?;
+        }
+        Ok(())
+    }
+
+    /// The breadth of the HNSW search (`hnsw_ef`, at least the limit):
+    /// more finds more of the true nearest, slower. `None`: max(2 × limit,
+    /// 128).
+    pub fn set_search_ef(&self, ef: Option<usize>) {
+        self.search_ef
+            .store(ef.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn write(&self, op: UpdateOperation) -> anyhow::Result<()> {
@@ -272,6 +398,7 @@ impl VectorStore for EdgeStore {
                         "version": doc.version,
                         "division": doc.partition.division,
                         "access_level": doc.partition.access_level,
+                        "partition": partition_key(&doc.partition.division, &doc.partition.access_level),
                         "chunk_index": c.index as i64,
                         "seq": doc.seq,
                         "text": c.text,
@@ -302,6 +429,11 @@ impl VectorStore for EdgeStore {
         }
         let filter = scope_filter(scope);
         let vector = vector.to_vec();
+        let ef = HnswSettings {
+            ef: self.search_ef.load(std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        }
+        .search_ef(limit);
         self.blocking(move |s| {
             let points = s
                 .shard
@@ -315,7 +447,7 @@ impl VectorStore for EdgeStore {
                     limit,
                     offset: 0,
                     params: Some(SearchParams {
-                        hnsw_ef: Some((limit * 2).max(128)),
+                        hnsw_ef: Some(ef),
                         ..Default::default()
                     }),
                     with_vector: WithVector::Bool(false),
@@ -406,6 +538,7 @@ impl VectorStore for EdgeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qdrant_edge::DeletePayloadOp;
 
     #[tokio::test]
     async fn edge_store_passes_the_conformance_suite() {
@@ -433,5 +566,57 @@ mod tests {
             .err()
             .expect("dimension mismatch must fail");
         assert!(format!("{err:#}").contains("16-dimensional"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_store_written_before_the_partition_field_is_searchable_after_reopen() {
+        use super::super::conformance::doc;
+        let dir = tempfile::tempdir().unwrap();
+        let hnsw = HnswSettings {
+            m: 8,
+            ef_construct: 32,
+            ef: 64,
+        };
+        let hr = Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec!["public".into()],
+        };
+        let finance = Scope {
+            divisions: vec!["finance".into()],
+            access_levels: vec!["confidential".into()],
+        };
+        {
+            let store = EdgeStore::open_with(dir.path(), 8, &hnsw).unwrap();
+            for (id, division, level, axis) in [
+                ("a", "hr", "public", 0),
+                ("b", "finance", "confidential", 1),
+            ] {
+                let (d, chunks, vecs) = doc(id, "v1", division, level, 3, axis);
+                store.upsert(&d, &chunks, &vecs).await.unwrap();
+            }
+            assert_eq!(store.search(&[1.0; 8], &hr, 10).await.unwrap().len(), 3);
+            // What an older ragd wrote: no partition field.
+            store
+                .write(UpdateOperation::PayloadOperation(
+                    PayloadOps::DeletePayload(DeletePayloadOp {
+                        keys: vec![key("partition")],
+                        points: None,
+                        filter: Some(Filter::default()),
+                    }),
+                ))
+                .unwrap();
+            assert!(
+                store.search(&[1.0; 8], &hr, 10).await.unwrap().is_empty(),
+                "searches filter on the partition field"
+            );
+            store.flush().await.unwrap();
+        }
+        std::thread::sleep(FLUSH_EVERY * 2);
+        let store = EdgeStore::open_with(dir.path(), 8, &hnsw).unwrap();
+        for (scope, id) in [(&hr, "a"), (&finance, "b")] {
+            let hits = store.search(&[1.0; 8], scope, 10).await.unwrap();
+            assert_eq!(hits.len(), 3, "{id}");
+            assert!(hits.iter().all(|h| h.doc_id == id), "{hits:?}");
+        }
     }
 }

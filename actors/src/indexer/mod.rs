@@ -23,6 +23,39 @@ pub struct Scope {
     pub access_levels: Vec<String>,
 }
 
+/// The HNSW index's shape (`[index]` hnsw_m, hnsw_ef_construct, hnsw_ef),
+/// for both backends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HnswSettings {
+    /// Links per point: more is better recall, more memory, slower builds.
+    pub m: usize,
+    /// Breadth of the search that picks a new point's links.
+    pub ef_construct: usize,
+    /// Breadth of a query's search (at least its limit); 0: max(2 × limit,
+    /// 128).
+    pub ef: usize,
+}
+
+impl Default for HnswSettings {
+    fn default() -> Self {
+        HnswSettings {
+            m: 16,
+            ef_construct: 100,
+            ef: 0,
+        }
+    }
+}
+
+impl HnswSettings {
+    /// The `hnsw_ef` of a search for `limit` results.
+    pub fn search_ef(&self, limit: usize) -> usize {
+        match self.ef {
+            0 => (limit * 2).max(128),
+            ef => ef.max(limit),
+        }
+    }
+}
+
 impl Scope {
     pub fn allows(&self, division: &str, access_level: &str) -> bool {
         self.divisions.iter().any(|d| d == division)

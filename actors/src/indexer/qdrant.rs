@@ -13,7 +13,8 @@
 //! call timed out; other errors fail at once with the server's message.
 
 use super::{
-    check_search, check_upsert, point_id, Hit, Scope, StoredVersion, VectorStore, Versions,
+    check_search, check_upsert, point_id, Hit, HnswSettings, Scope, StoredVersion, VectorStore,
+    Versions,
 };
 use crate::messages::{Chunk, DocMeta};
 use anyhow::{anyhow, bail, Context};
@@ -23,9 +24,9 @@ use parking_lot::Mutex;
 use qdrant_client::qdrant::{
     shard_key, Condition, CountPointsBuilder, CreateCollectionBuilder,
     CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder, CreateShardKeyRequestBuilder,
-    DeletePointsBuilder, Distance, FieldType, Filter, PointId, PointStruct, QueryPoints,
-    QueryPointsBuilder, ScrollPointsBuilder, SearchParamsBuilder, ShardKey, ShardKeySelector,
-    ShardingMethod, UpsertPointsBuilder, Value, VectorParamsBuilder,
+    DeletePointsBuilder, Distance, FieldType, Filter, HnswConfigDiffBuilder, PointId, PointStruct,
+    QueryPoints, QueryPointsBuilder, ScrollPointsBuilder, SearchParamsBuilder, ShardKey,
+    ShardKeySelector, ShardingMethod, UpsertPointsBuilder, Value, VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use std::collections::{HashMap, HashSet};
@@ -45,6 +46,9 @@ pub struct QdrantSettings {
     /// Per call.
     pub timeout: Duration,
     pub max_retries: usize,
+    /// `m` and `ef_construct` apply to a collection ragd creates; `ef` to
+    /// every search.
+    pub hnsw: HnswSettings,
 }
 
 pub struct QdrantStore {
@@ -102,13 +106,14 @@ pub fn search_request(
     scope: &Scope,
     keys: &[String],
     limit: usize,
+    ef: usize,
 ) -> QueryPoints {
     QueryPointsBuilder::new(collection)
         .query(vector.to_vec())
         .filter(scope_filter(scope))
         .limit(limit as u64)
         .with_payload(true)
-        .params(SearchParamsBuilder::default().hnsw_ef((limit * 2).max(128) as u64))
+        .params(SearchParamsBuilder::default().hnsw_ef(ef as u64))
         .shard_key_selector(ShardKeySelector {
             shard_keys: keys.iter().map(|k| ShardKey::from(k.clone())).collect(),
             fallback: None,
@@ -214,6 +219,11 @@ impl QdrantStore {
                             self.s.dim as u64,
                             Distance::Cosine,
                         ))
+                        .hnsw_config(
+                            HnswConfigDiffBuilder::default()
+                                .m(self.s.hnsw.m as u64)
+                                .ef_construct(self.s.hnsw.ef_construct as u64),
+                        )
                         .sharding_method(ShardingMethod::Custom.into())
                         .shard_number(self.s.shard_number)
                         .replication_factor(self.s.replication_factor),
@@ -437,7 +447,14 @@ impl VectorStore for QdrantStore {
         if keys.is_empty() {
             return Ok(vec![]); // none of the caller's divisions holds anything
         }
-        let req = search_request(&self.s.collection, vector, scope, &keys, limit);
+        let req = search_request(
+            &self.s.collection,
+            vector,
+            scope,
+            &keys,
+            limit,
+            self.s.hnsw.search_ef(limit),
+        );
         let res = self
             .call("query", || self.client.query(req.clone()))
             .await?;
@@ -512,6 +529,7 @@ mod tests {
             replication_factor: 1,
             timeout: Duration::from_secs(5),
             max_retries: 3,
+            hnsw: HnswSettings::default(),
         }
     }
 
@@ -550,7 +568,7 @@ mod tests {
             access_levels: vec!["internal".into(), "public".into()],
         };
         let keys = vec!["eng".to_string(), "hr".to_string()];
-        let q = search_request("docs", &[0.5, 0.5], &scope, &keys, 50);
+        let q = search_request("docs", &[0.5, 0.5], &scope, &keys, 50, 128);
         assert_eq!(q.collection_name, "docs");
         assert_eq!(q.limit, Some(50));
         let sel = q.shard_key_selector.expect("a shard key selector");
