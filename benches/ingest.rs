@@ -98,7 +98,9 @@ fn main() {
     }
     let written = t.elapsed();
     let started = Instant::now();
-    let builds_before = d.admin_json("/index")["optimizations"].as_u64().unwrap_or(0);
+    let builds_before = d.admin_json("/index")["optimizations"]
+        .as_u64()
+        .unwrap_or(0);
     std::fs::rename(&staging, ws.kb().join("burst")).unwrap();
     let ledger = d.wait_ledger(Duration::from_secs(4 * 3600), |l| {
         let done = ["indexed", "skipped", "dead_lettered"]
@@ -120,7 +122,10 @@ fn main() {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "no index build after the burst: {index}");
+        assert!(
+            Instant::now() < deadline,
+            "no index build after the burst: {index}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let build_after = built.elapsed();
