@@ -50,7 +50,7 @@ pub struct Inner {
     optimizing: Mutex<()>,
     dirty: std::sync::atomic::AtomicBool,
     dim: usize,
-    /// `hnsw_ef` of a search; 0: the default, max(2 × limit, 128).
+    /// `hnsw_ef` of a search; 0: the default ([`HnswSettings::search_ef`]).
     search_ef: std::sync::atomic::AtomicUsize,
 }
 
@@ -292,8 +292,8 @@ impl EdgeStore {
     }
 
     /// The breadth of the HNSW search (`hnsw_ef`, at least the limit):
-    /// more finds more of the true nearest, slower. `None`: max(2 × limit,
-    /// 128).
+    /// more finds more of the true nearest, slower. `None`: the default
+    /// ([`HnswSettings::search_ef`]).
     pub fn set_search_ef(&self, ef: Option<usize>) {
         self.search_ef
             .store(ef.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
