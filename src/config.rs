@@ -642,6 +642,17 @@ fn validate(
     let batch_max_size = raw.model.batch_max_size.unwrap_or(64);
     positive("model.batch_max_tokens", batch_max_tokens, &mut err);
     positive("model.batch_max_size", batch_max_size, &mut err);
+    // 0 would rebuild the index after every document.
+    positive(
+        "index.optimize_every",
+        raw.index.optimize_every.unwrap_or(1) as usize,
+        &mut err,
+    );
+    positive(
+        "index.optimize_idle_ms",
+        raw.index.optimize_idle_ms.unwrap_or(1) as usize,
+        &mut err,
+    );
     let hnsw_defaults = ragd_actors::indexer::HnswSettings::default();
     let hnsw = ragd_actors::indexer::HnswSettings {
         m: raw.index.hnsw_m.unwrap_or(hnsw_defaults.m),

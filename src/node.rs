@@ -601,6 +601,9 @@ impl Node {
     /// `grace`), then stops every actor. Anything unfinished is picked up by
     /// the next start's scan.
     pub async fn shutdown(self, grace: Duration) {
+        // A build started now could not finish, and the final flush would
+        // wait for it.
+        self.optimizer.stop();
         if let Some(w) = self.watcher() {
             w.stop(Some("shutdown".into()));
         }

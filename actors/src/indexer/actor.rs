@@ -66,6 +66,9 @@ pub struct Optimizer {
     written: AtomicU64,
     last_write: Mutex<Instant>,
     running: Arc<AtomicBool>,
+    /// Set at shutdown: a build started then could not finish, and the
+    /// final flush would wait for it.
+    stopped: AtomicBool,
     /// Runs finished (admin `/index`: a bench waits for the build after a
     /// burst with it).
     finished: Arc<AtomicU64>,
@@ -76,9 +79,15 @@ impl Optimizer {
         Arc::new(Optimizer {
             store,
             policy,
-            written: AtomicU64::new(0),
+            // One run after the first pause even with no writes: a store
+            // opened from disk may hold points outside the graph (written
+            // just before a stop, moved by an upgrade, or left by a new
+            // hnsw_m), and searching them exhaustively would go on until
+            // the next write.
+            written: AtomicU64::new(1),
             last_write: Mutex::new(Instant::now()),
             running: Default::default(),
+            stopped: Default::default(),
             finished: Default::default(),
         })
     }
@@ -117,10 +126,15 @@ impl Optimizer {
         )
     }
 
+    /// No new runs from now on (shutdown).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
     /// Starts a run unless one is running. Points written during a run
     /// count toward the next.
     fn start(&self) {
-        if self.running.swap(true, Ordering::SeqCst) {
+        if self.stopped.load(Ordering::SeqCst) || self.running.swap(true, Ordering::SeqCst) {
             return;
         }
         self.written.store(0, Ordering::Relaxed);
@@ -340,28 +354,48 @@ mod tests {
         let optimizer = Optimizer::new(
             store.clone(),
             OptimizePolicy {
-                idle: Duration::from_millis(300),
+                idle: Duration::from_secs(1),
                 every: 1_000,
             },
         );
         optimizer.watch_for_pauses();
-        let settle = || tokio::time::sleep(Duration::from_millis(100));
+        let settle = || tokio::time::sleep(Duration::from_millis(200));
 
-        // A steady trickle, well under the limit, never pauses long enough.
+        // A steady trickle, well under the limit, never pauses long enough
+        // (writes 100 ms apart against a 1 s pause).
         for _ in 0..20 {
             optimizer.wrote(1);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(runs(), 0, "no build while the writes keep coming");
         // They pause: one build.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1_800)).await;
         assert_eq!(runs(), 1, "a pause builds what was written");
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
         assert_eq!(runs(), 1, "nothing new, no new build");
 
         // A burst past the limit builds at once, without waiting for a pause.
         optimizer.wrote(1_000);
         settle().await;
         assert_eq!(runs(), 2, "the limit starts a build during a burst");
+
+        // After a stop, nothing starts.
+        optimizer.stop();
+        optimizer.wrote(1_000);
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(runs(), 2, "no build after a stop");
+
+        // A store just opened gets one build after the first pause, writes
+        // or not (it may hold points outside the graph).
+        let fresh = Optimizer::new(
+            store.clone(),
+            OptimizePolicy {
+                idle: Duration::from_millis(200),
+                every: 1_000,
+            },
+        );
+        fresh.watch_for_pauses();
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(runs(), 3, "one build after opening");
     }
 }

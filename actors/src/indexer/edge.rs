@@ -194,8 +194,10 @@ impl EdgeStore {
         // Qdrant builds extra HNSW links per value of an indexed field, so a
         // filter on it still finds a connected graph. Searches filter by
         // partition only; the other fields serve lookups (a document's
-        // versions), and their links doubled the HNSW build (chunk_index
-        // alone: 50 graphs over the points) for no search.
+        // versions), and their links nearly doubled the HNSW build
+        // (chunk_index alone: 50 graphs over the points) for no filtered
+        // search (their extra links helped recall a little, which a wider
+        // search breadth buys back cheaper: BENCHMARKS.md).
         let keyword = |enable_hnsw| {
             PayloadSchemaParams::Keyword(KeywordIndexParams {
                 enable_hnsw: Some(enable_hnsw),
