@@ -643,14 +643,12 @@ fn validate(
     positive("model.batch_max_tokens", batch_max_tokens, &mut err);
     positive("model.batch_max_size", batch_max_size, &mut err);
     // 0 would rebuild the index after every document.
-    positive(
-        "index.optimize_every",
-        raw.index.optimize_every.unwrap_or(1) as usize,
-        &mut err,
-    );
+    let optimize_every = raw.index.optimize_every.unwrap_or(100_000);
+    let optimize_idle_ms = raw.index.optimize_idle_ms.unwrap_or(2_000);
+    positive("index.optimize_every", optimize_every as usize, &mut err);
     positive(
         "index.optimize_idle_ms",
-        raw.index.optimize_idle_ms.unwrap_or(1) as usize,
+        optimize_idle_ms as usize,
         &mut err,
     );
     let hnsw_defaults = ragd_actors::indexer::HnswSettings::default();
@@ -662,13 +660,8 @@ fn validate(
             .unwrap_or(hnsw_defaults.ef_construct),
         ef: raw.index.hnsw_ef.unwrap_or(hnsw_defaults.ef),
     };
-    // Fewer links than this make a graph that loses points; 0 for hnsw_ef
-    // means "the default".
-    if hnsw.m < 4 || hnsw.ef_construct < 4 {
-        err(format!(
-            "index.hnsw_m ({}) and index.hnsw_ef_construct ({}) must be at least 4",
-            hnsw.m, hnsw.ef_construct
-        ));
+    if let Err(e) = hnsw.check() {
+        err(e);
     }
     let index_backend = match raw.index.backend.as_deref().unwrap_or("embedded") {
         "embedded" => IndexBackend::Embedded,
@@ -915,10 +908,8 @@ fn validate(
         max_in_flight,
         max_attempts,
         debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
-        optimize_every: raw.index.optimize_every.unwrap_or(100_000),
-        optimize_idle: std::time::Duration::from_millis(
-            raw.index.optimize_idle_ms.unwrap_or(2_000),
-        ),
+        optimize_every,
+        optimize_idle: std::time::Duration::from_millis(optimize_idle_ms),
         hnsw,
         cache_threshold,
         cache_capacity: raw.cache.capacity.unwrap_or(10_000),

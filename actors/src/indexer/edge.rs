@@ -143,10 +143,7 @@ impl EdgeStore {
     /// `m` or `ef_construct` is rebuilt to the new one by its next
     /// optimisation.
     pub fn open_with(dir: &Path, dim: usize, hnsw: &HnswSettings) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            hnsw.m >= 4 && hnsw.ef_construct >= 4,
-            "index.hnsw_m and index.hnsw_ef_construct must be at least 4"
-        );
+        hnsw.check().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = EdgeConfig::builder()
             .vector(

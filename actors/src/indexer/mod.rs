@@ -47,6 +47,19 @@ impl Default for HnswSettings {
 }
 
 impl HnswSettings {
+    /// Fewer links than this make a graph that loses points (`ef` 0 means
+    /// "the default"). The config reports it with its other errors; the
+    /// store refuses to open with it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.m < 4 || self.ef_construct < 4 {
+            return Err(format!(
+                "index.hnsw_m ({}) and index.hnsw_ef_construct ({}) must be at least 4",
+                self.m, self.ef_construct
+            ));
+        }
+        Ok(())
+    }
+
     /// The `hnsw_ef` of a search for `limit` results. The default is what
     /// the search bench needed at a million real chunks for recall@50 ≥ 0.95
     /// (0.956, p95 5 ms; 128 gave 0.90: BENCHMARKS.md, "Search at scale").
