@@ -65,13 +65,13 @@ pub struct Optimizer {
     /// Points written since the last run started.
     written: AtomicU64,
     last_write: Mutex<Instant>,
-    running: Arc<AtomicBool>,
+    running: AtomicBool,
     /// Set at shutdown: a build started then could not finish, and the
     /// final flush would wait for it.
     stopped: AtomicBool,
     /// Runs finished (admin `/index`: a bench waits for the build after a
     /// burst with it).
-    finished: Arc<AtomicU64>,
+    finished: AtomicU64,
 }
 
 impl Optimizer {
@@ -111,7 +111,7 @@ impl Optimizer {
     }
 
     /// `n` points were written.
-    pub fn wrote(&self, n: u64) {
+    pub fn wrote(self: &Arc<Self>, n: u64) {
         *self.last_write.lock() = Instant::now();
         if self.written.fetch_add(n, Ordering::Relaxed) + n >= self.policy.every {
             self.start();
@@ -133,23 +133,19 @@ impl Optimizer {
 
     /// Starts a run unless one is running. Points written during a run
     /// count toward the next.
-    fn start(&self) {
+    fn start(self: &Arc<Self>) {
         if self.stopped.load(Ordering::SeqCst) || self.running.swap(true, Ordering::SeqCst) {
             return;
         }
         self.written.store(0, Ordering::Relaxed);
-        let (store, running, finished) = (
-            self.store.clone(),
-            self.running.clone(),
-            self.finished.clone(),
-        );
+        let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = store.optimize().await {
+            if let Err(e) = me.store.optimize().await {
                 // Search still works on unoptimised segments.
                 tracing::warn!("vector store optimisation failed: {e:#}");
             }
-            finished.fetch_add(1, Ordering::SeqCst);
-            running.store(false, Ordering::SeqCst);
+            me.finished.fetch_add(1, Ordering::SeqCst);
+            me.running.store(false, Ordering::SeqCst);
         });
     }
 }
