@@ -54,13 +54,6 @@ fn doc(i: usize) -> String {
     )
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     let n = env_usize("RAGD_BENCH_FILES", 10_000);
     let sample = env_usize("RAGD_BENCH_SAMPLE", 10_000).min(n);

@@ -28,7 +28,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::model_dir;
+use common::{env_usize, model_dir, proc_status_kib};
 use ragd_actors::indexer::edge::EdgeStore;
 use ragd_actors::indexer::HnswSettings;
 use ragd_actors::indexer::{Scope, VectorStore};
@@ -221,26 +221,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-fn rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let points = env("RAGD_BENCH_POINTS", 1_000_000);
-    let queries = env("RAGD_BENCH_QUERIES", 200);
+    let points = env_usize("RAGD_BENCH_POINTS", 1_000_000);
+    let queries = env_usize("RAGD_BENCH_QUERIES", 200);
     let synthetic = std::env::var("RAGD_BENCH_DATA").is_ok_and(|d| d == "synthetic");
 
     // Every vector is kept (flat) for the exact search, with its partition
@@ -303,8 +287,8 @@ async fn main() -> anyhow::Result<()> {
     // ([index] hnsw_m, hnsw_ef_construct); the store's defaults otherwise.
     let defaults = HnswSettings::default();
     let hnsw = HnswSettings {
-        m: env("RAGD_BENCH_M", defaults.m),
-        ef_construct: env("RAGD_BENCH_EF_CONSTRUCT", defaults.ef_construct),
+        m: env_usize("RAGD_BENCH_M", defaults.m),
+        ef_construct: env_usize("RAGD_BENCH_EF_CONSTRUCT", defaults.ef_construct),
         ef: 0,
     };
     let store = EdgeStore::open_with(dir.path(), DIM, &hnsw)?;
@@ -441,8 +425,8 @@ async fn main() -> anyhow::Result<()> {
             "hnsw_m": hnsw.m, "hnsw_ef_construct": hnsw.ef_construct,
             "upsert_s": (upsert_s * 10.0).round() / 10.0,
             "index_build_s": (index_s * 10.0).round() / 10.0,
-            "peak_rss_mib": rss_kib("VmHWM:") / 1024,
-            "rss_after_mib": rss_kib("VmRSS:") / 1024,
+            "peak_rss_mib": proc_status_kib("self", "VmHWM:") / 1024,
+            "rss_after_mib": proc_status_kib("self", "VmRSS:") / 1024,
             "bench_flat_copy_mib": flat_kib / 1024,
             "searches": results,
         })
