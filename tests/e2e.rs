@@ -86,6 +86,48 @@ fn ingest_ask_update_delete() {
     );
 }
 
+/// notify reports opens, and the watcher's own reads are opens: it must
+/// not take them for changes, or each hash of a file schedules the next and
+/// an idle daemon re-reads its whole tree forever.
+#[test]
+fn reading_the_files_is_not_a_change() {
+    let ws = Workspace::new();
+    for i in 0..20 {
+        ws.write(
+            &format!("eng/note-{i}.txt"),
+            &format!("{BUILD} Note {i}.\n"),
+        );
+    }
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 20);
+    let reads = metric(&d, "ragd_watcher_files_read_total");
+    assert!(reads >= 20.0, "every file is read at least once: {reads}");
+    // Our own readers and anyone else's: no change, nothing to read again.
+    for _ in 0..3 {
+        for i in 0..20 {
+            std::fs::read(ws.kb().join(format!("eng/note-{i}.txt"))).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(700)); // past the 300 ms debounce
+    }
+    assert_eq!(
+        metric(&d, "ragd_watcher_files_read_total"),
+        reads,
+        "the watcher re-read unchanged files"
+    );
+    // A real change still is one, and the reads stop after it.
+    ws.write(
+        "eng/note-0.txt",
+        "The build cache moved to the object store.\n",
+    );
+    wait_for("the change", Duration::from_secs(30), || {
+        (metric(&d, "ragd_watcher_files_read_total") > reads).then_some(())
+    });
+    d.wait_ledger(Duration::from_secs(60), |_| true);
+    let after = metric(&d, "ragd_watcher_files_read_total");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(metric(&d, "ragd_watcher_files_read_total"), after);
+}
+
 #[test]
 fn partitions_never_leak_also_through_the_cache() {
     let ws = Workspace::new();

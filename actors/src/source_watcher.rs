@@ -178,6 +178,7 @@ impl Actor for SourceWatcher {
                 }
                 let mut paths: Vec<PathBuf> = events
                     .iter()
+                    .filter(|e| may_change_content(&e.kind))
                     .flat_map(|e| e.paths.iter().cloned())
                     .collect();
                 paths.sort();
@@ -188,6 +189,20 @@ impl Actor for SourceWatcher {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether an event can mean a file's content or presence changed. notify
+/// watches opens too (inotify's IN_OPEN), and every read, ours included,
+/// is one: reacting to them made each hash of a file schedule the next,
+/// so the watcher re-read every file it had seen, forever (BENCHMARKS.md,
+/// "Ingest at scale"). A close after writing stays: it ends a write.
+fn may_change_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
@@ -217,8 +232,13 @@ async fn handle_path(args: &WatcherArgs, path: &Path) {
     match tokio::fs::symlink_metadata(path).await {
         Ok(m) if m.is_file() => consider(args, source, path, &uri, false).await,
         Ok(m) if m.is_dir() => {
-            // A folder moved in: everything under it is new to us.
-            for file in walk(path) {
+            // A folder moved in: everything under it is new to us. (A walk
+            // of a large tree takes a while: not on a runtime thread.)
+            let root = path.to_path_buf();
+            let files = tokio::task::spawn_blocking(move || walk(&root))
+                .await
+                .unwrap_or_default();
+            for file in files {
                 if let Some((s, u)) = source_of(&args.sources, &file) {
                     consider(args, s, &file, &u, false).await;
                 }
@@ -345,29 +365,23 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
                 .unwrap_or_default()
         ));
     }
-    let meta = match tokio::fs::metadata(path).await {
-        Ok(m) => m,
-        Err(_) => return, // vanished; its removal event follows
-    };
-    if meta.len() > args.max_file_bytes {
-        // Never read a huge file just to hash it.
-        if args.known.lock().contains_key(&id) {
-            remove(args, &id).await;
+    // One trip to the blocking pool per file: each trip wakes a thread,
+    // and during a burst those wake-ups land on the model's cores.
+    let (p, max) = (path.to_path_buf(), args.max_file_bytes);
+    let (size, version) = match tokio::task::spawn_blocking(move || probe(&p, max)).await {
+        Ok(Ok(Probe::Read { size, version })) => (size, version),
+        Ok(Ok(Probe::TooBig(size))) => {
+            // Never read a huge file just to hash it.
+            if args.known.lock().contains_key(&id) {
+                remove(args, &id).await;
+            }
+            return skip(format!(
+                "file of {size} bytes is over the {} byte limit",
+                args.max_file_bytes
+            ));
         }
-        return skip(format!(
-            "file of {} bytes is over the {} byte limit",
-            meta.len(),
-            args.max_file_bytes
-        ));
-    }
-    let p = path.to_path_buf();
-    let version =
-        match tokio::task::spawn_blocking(move || std::fs::read(&p).map(|b| content_version(&b)))
-            .await
-        {
-            Ok(Ok(v)) => v,
-            _ => return,
-        };
+        _ => return, // vanished; its removal event follows
+    };
     if !force && args.known.lock().get(&id) == Some(&version) {
         if args.ledger.status(&id).is_none() {
             args.ledger.record(&id, Some(&version), Outcome::Indexed);
@@ -393,7 +407,7 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
         path: path.to_path_buf(),
         version: version.clone(),
         partition: source.partition_for(uri),
-        size: meta.len(),
+        size,
         seq: crate::messages::next_seq(),
     };
     if args.ledger.admit(&id, Some(&version)).await {
@@ -401,6 +415,33 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
     }
+}
+
+enum Probe {
+    Read { size: u64, version: String },
+    TooBig(u64),
+}
+
+/// A file's size and content version, or only its size when it is over
+/// `max` bytes (checked on the open file, so one that grows meanwhile is
+/// still never read past the limit).
+fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size > max {
+        return Ok(Probe::TooBig(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Ok(Probe::TooBig(bytes.len() as u64));
+    }
+    metrics::counter!("ragd_watcher_files_read_total").increment(1);
+    Ok(Probe::Read {
+        size: bytes.len() as u64,
+        version: content_version(&bytes),
+    })
 }
 
 #[cfg(test)]
@@ -449,6 +490,45 @@ mod tests {
             part("eng", "internal")
         );
         assert_eq!(s.partition_for("readme.md"), part("eng", "internal"));
+    }
+
+    #[test]
+    fn reads_are_not_changes() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+        use notify::EventKind;
+        for (kind, change) in [
+            (EventKind::Access(AccessKind::Open(AccessMode::Any)), false),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Read)),
+                false,
+            ),
+            (EventKind::Access(AccessKind::Read), false),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                true,
+            ),
+            (EventKind::Create(CreateKind::File), true),
+            (EventKind::Modify(ModifyKind::Any), true),
+            (EventKind::Remove(notify::event::RemoveKind::File), true),
+        ] {
+            assert_eq!(may_change_content(&kind), change, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn probe_reads_within_the_limit_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "hello").unwrap();
+        match probe(&p, 5).unwrap() {
+            Probe::Read { size, version } => {
+                assert_eq!(size, 5);
+                assert_eq!(version, content_version(b"hello"));
+            }
+            Probe::TooBig(_) => panic!("5 bytes fit a 5-byte limit"),
+        }
+        assert!(matches!(probe(&p, 4).unwrap(), Probe::TooBig(5)));
+        assert!(probe(&dir.path().join("gone.txt"), 5).is_err());
     }
 
     #[test]

@@ -445,6 +445,24 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// `processed` of the actor named `name` in /actors.
+/// A counter or gauge from the daemon's /metrics (Prometheus text), summed
+/// over its labels; 0 when it has not been recorded yet.
+pub fn metric(d: &Daemon, name: &str) -> f64 {
+    let text = Daemon::client()
+        .get(format!("{}/metrics", d.admin))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
     fn find(v: &serde_json::Value, name: &str) -> Option<u64> {
         if v["name"] == name {
