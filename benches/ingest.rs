@@ -7,9 +7,14 @@
 //!   folder rename into the watched tree (as a `mv` of a folder into a
 //!   share does), so the writing costs the measured window nothing;
 //! * the reference: the embedder's own throughput on a sample of the same
-//!   texts, in this process before the daemon starts (same model, same
-//!   batch limits as the daemon's config, same GEMM library), so the ratio
-//!   says how much the pipeline around the model costs;
+//!   texts, in this process before the daemon starts and again after its
+//!   burst (same model, same batch limits as the daemon's config, same
+//!   GEMM library), so the ratio says how much the pipeline around the
+//!   model costs;
+//! * where the burst's CPU went: the model's threads' share, the rest of
+//!   the daemon's CPU per document, the idle share, and context switches
+//!   per document (each wakes a thread, and a wake-up on a core the model
+//!   is using stalls the model's other thread at its next join);
 //! * the daemon's peak RSS (VmHWM, model included), at the end of the
 //!   burst and after the HNSW build that follows it (the index is built
 //!   when the writes pause; until then new points are searched
@@ -54,6 +59,68 @@ fn doc(i: usize) -> String {
     )
 }
 
+/// CPU time of a process, in clock ticks (the kernel's USER_HZ, 100 a
+/// second), in all and in the model's threads (`ragd-model-N`, and the
+/// batcher threads that drive them, `ragd-embedder`/`ragd-query-embed`);
+/// and its threads' context switches.
+#[derive(Default)]
+struct ThreadCpu {
+    total: u64,
+    model: u64,
+    switches: u64,
+}
+
+impl ThreadCpu {
+    fn of(pid: u32) -> ThreadCpu {
+        // utime and stime: fields 14 and 15 of stat, counted after the
+        // command name (which may hold spaces) and its closing parenthesis.
+        let ticks = |stat: &str| -> u64 {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| {
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
+                })
+                .unwrap_or(0)
+        };
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+        // The process's total includes threads that have exited since.
+        let mut cpu = ThreadCpu {
+            total: ticks(&read(proc.join("stat"))),
+            ..Default::default()
+        };
+        for task in std::fs::read_dir(proc.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = read(task.path().join("comm"));
+            if comm.starts_with("ragd-model")
+                || comm.starts_with("ragd-embedder")
+                || comm.starts_with("ragd-query-emb")
+            {
+                cpu.model += ticks(&read(task.path().join("stat")));
+            }
+            cpu.switches += read(task.path().join("status"))
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        cpu
+    }
+
+    /// The difference from an earlier reading (threads that exited in
+    /// between lose their switches, so that count is a floor).
+    fn since(&self, before: &ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            total: self.total.saturating_sub(before.total),
+            model: self.model.saturating_sub(before.model),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+}
+
 fn main() {
     let n = env_usize("RAGD_BENCH_FILES", 10_000);
     let sample = env_usize("RAGD_BENCH_SAMPLE", 10_000).min(n);
@@ -66,9 +133,9 @@ fn main() {
     };
     let texts: Vec<String> = (0..sample).map(doc).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let reference = {
-        let enc = Encoder::<Cpu>::load(&model_dir(), policy, &Default::default()).expect("model");
-        enc.embed(&refs[..refs.len().min(256)]).unwrap(); // warm-up
+    let enc = Encoder::<Cpu>::load(&model_dir(), policy, &Default::default()).expect("model");
+    enc.embed(&refs[..refs.len().min(256)]).unwrap(); // warm-up
+    let reference = || {
         let t = Instant::now();
         // In the daemon's unit of work: the embedder hands the model the
         // chunks of the documents it has (at most max_in_flight, 256).
@@ -77,6 +144,10 @@ fn main() {
         }
         sample as f64 / t.elapsed().as_secs_f64()
     };
+    // Measured before the daemon starts and again once it is idle after
+    // the burst; the ratio is against their mean, so a machine that drifts
+    // (a shared VM) over the run does not bias it either way.
+    let reference_before = reference();
 
     let ws = Workspace::with_extra(&std::env::var("RAGD_BENCH_EXTRA").unwrap_or_default());
     let d = ws.start();
@@ -90,6 +161,7 @@ fn main() {
         std::fs::write(staging.join(format!("doc-{i:06}.txt")), doc(i)).unwrap();
     }
     let written = t.elapsed();
+    let cpu_before = ThreadCpu::of(d.pid());
     let started = Instant::now();
     std::fs::rename(&staging, ws.kb().join("burst")).unwrap();
     let ledger = d.wait_ledger(Duration::from_secs(4 * 3600), |l| {
@@ -100,6 +172,7 @@ fn main() {
         done >= n as u64
     });
     let took = started.elapsed();
+    let cpu = ThreadCpu::of(d.pid()).since(&cpu_before);
     let rss_ingest_mib = d.peak_rss_kib() / 1024;
     // Counted now, not before the drop: a build that `optimize_every`
     // started during the burst and finished is not the one after it.
@@ -127,6 +200,10 @@ fn main() {
     let rss_mib = d.peak_rss_kib() / 1024;
     let points = d.admin_json("/index")["points"].as_u64().unwrap_or(0);
     let rate = n as f64 / took.as_secs_f64();
+    let reference_after = reference();
+    let reference = (reference_before + reference_after) / 2.0;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let per_doc_ms = |ticks: u64| ticks as f64 * 10.0 / n as f64;
     // The model's pass sizes during the run (the batcher logs each pass at
     // debug level): small passes cost more per text.
     let mut passes: Vec<usize> = d
@@ -163,8 +240,15 @@ fn main() {
             "seconds": took.as_secs_f64(),
             "docs_per_s": rate,
             "embedder_docs_per_s": reference,
+            "embedder_docs_per_s_before_after": [reference_before, reference_after],
             "reference_sample": sample,
             "ratio": rate / reference,
+            // Where the burst's CPU went: the model's threads, the rest of
+            // the daemon (per document), and the cores' time neither used.
+            "cpu_model_share": cpu.model as f64 / 100.0 / (cores * took.as_secs_f64()),
+            "cpu_pipeline_ms_per_doc": per_doc_ms(cpu.total - cpu.model),
+            "cpu_idle_share": 1.0 - cpu.total as f64 / 100.0 / (cores * took.as_secs_f64()),
+            "context_switches_per_doc": cpu.switches as f64 / n as f64,
             "peak_rss_mib_ingest": rss_ingest_mib,
             "index_build_after_s": build_after.as_secs_f64(),
             "peak_rss_mib": rss_mib,

@@ -98,6 +98,16 @@ pub fn gemm_name() -> String {
     }
 }
 
+/// Names the model's threads (rayon's global pool, which runs the forward
+/// passes' kernels) `ragd-model-N`, so `top -H`, perf and the ingest bench
+/// tell them from the pipeline's. Call before the first forward pass; later
+/// (the pool already started) it changes nothing.
+pub fn name_model_threads() {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("ragd-model-{i}"))
+        .build_global();
+}
+
 fn load_blas() -> Option<Blas> {
     let explicit = std::env::var("RAGD_BLAS").ok().filter(|v| !v.is_empty());
     let candidates = match explicit.as_deref() {

@@ -6,7 +6,7 @@ mod cpu;
 
 /// Which library runs the CPU backend's GEMMs (OpenBLAS or the gemm
 /// crate), for logs and benchmark labels.
-pub use cpu::gemm_name;
+pub use cpu::{gemm_name, name_model_threads};
 
 use anyhow::Context;
 use bert::{Batch, Bert};
