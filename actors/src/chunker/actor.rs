@@ -9,6 +9,12 @@ use crate::pool::Stage;
 use crate::source_watcher::content_version;
 use std::sync::Arc;
 
+enum Read {
+    TooBig,
+    Changed,
+    Parsed(Result<Vec<crate::messages::Chunk>, ParseError>),
+}
+
 pub struct ChunkerStage {
     pub chunker: Arc<Chunker>,
     pub ledger: Arc<Ledger>,
@@ -28,31 +34,43 @@ impl Stage for ChunkerStage {
         if !self.ledger.is_current(&meta.doc_id, &meta.version) {
             return skip("superseded by a newer version".into());
         }
-        let bytes = match tokio::fs::read(&meta.path).await {
-            Ok(b) => b,
+        // Read, check and parse in one trip to the blocking pool: each trip
+        // wakes a thread, and during a burst on the model's cores.
+        let chunker = self.chunker.clone();
+        let (path, version, max) = (meta.path.clone(), meta.version.clone(), self.max_file_bytes);
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Read> {
+            use std::io::Read as _;
+            let mut bytes = Vec::new();
+            std::fs::File::open(&path)?
+                .take(max + 1)
+                .read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > max {
+                return Ok(Read::TooBig);
+            }
+            if content_version(&bytes) != version {
+                return Ok(Read::Changed);
+            }
+            Ok(Read::Parsed(chunker.chunk_file(&path, &bytes)))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
+        let parsed = match read {
+            Ok(Read::Parsed(parsed)) => parsed,
+            Ok(Read::TooBig) => {
+                return skip(format!(
+                    "file grew over the {} byte limit",
+                    self.max_file_bytes
+                ))
+            }
+            // Changed after the watcher hashed it; the watcher's next event
+            // carries the new version.
+            Ok(Read::Changed) => return skip("changed while queued; newer version follows".into()),
             // Gone since the watcher saw it: its deletion event follows.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return skip("file removed before it was read".into())
             }
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", meta.path.display())),
         };
-        if bytes.len() as u64 > self.max_file_bytes {
-            return skip(format!(
-                "file of {} bytes is over the {} byte limit",
-                bytes.len(),
-                self.max_file_bytes
-            ));
-        }
-        if content_version(&bytes) != meta.version {
-            // Changed after the watcher hashed it; the watcher's next event
-            // carries the new version.
-            return skip("changed while queued; newer version follows".into());
-        }
-        let chunker = self.chunker.clone();
-        let path = meta.path.clone();
-        let parsed = tokio::task::spawn_blocking(move || chunker.chunk_file(&path, &bytes))
-            .await
-            .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
         match parsed {
             Ok(chunks) => {
                 self.out.send(ChunkedDoc { meta, chunks }).await?;

@@ -44,11 +44,20 @@ impl Batcher {
 
     pub async fn embed(&self, texts: Vec<String>) -> anyhow::Result<Vec<Vec<f32>>> {
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.clone();
-        // The send blocks while the batcher is saturated.
-        tokio::task::spawn_blocking(move || tx.send(Request { texts, reply }))
-            .await?
-            .map_err(|_| anyhow::anyhow!("the embedder thread has stopped"))?;
+        let stopped = || anyhow::anyhow!("the embedder thread has stopped");
+        // Straight in when there is room (nearly always: the pool has fewer
+        // workers than the channel has slots). Only a full channel costs a
+        // trip to the blocking pool, whose send waits for room.
+        match self.tx.try_send(Request { texts, reply }) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(request)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(request))
+                    .await?
+                    .map_err(|_| stopped())?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+        }
         rx.await
             .map_err(|_| anyhow::anyhow!("the embedder thread dropped the request"))?
     }
