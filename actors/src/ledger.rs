@@ -61,10 +61,59 @@ impl DocEntry {
             seq: 0,
         }
     }
+
+    /// The counter this entry is in: in flight while any job of it is.
+    fn count<'c>(&self, c: &'c mut LedgerCounts) -> &'c mut u64 {
+        if !self.pending.is_empty() {
+            return &mut c.in_flight;
+        }
+        match self.status {
+            DocStatus::InFlight => &mut c.in_flight,
+            DocStatus::Indexed => &mut c.indexed,
+            DocStatus::Deleted => &mut c.deleted,
+            DocStatus::Skipped(_) => &mut c.skipped,
+            DocStatus::DeadLettered(_) => &mut c.dead_lettered,
+        }
+    }
+}
+
+/// The entries and their counts, kept in step on every change: the admin
+/// API, /ready and /metrics read the counts often, and a recount would
+/// walk millions of entries under the lock the pipeline needs.
+#[derive(Default)]
+struct Docs {
+    map: HashMap<String, DocEntry>,
+    counts: LedgerCounts,
+}
+
+impl Docs {
+    /// Applies `f` to `doc_id`'s entry, created first if `create`, and
+    /// moves it between the counters if its state changed.
+    fn update<R>(
+        &mut self,
+        doc_id: &str,
+        create: bool,
+        f: impl FnOnce(&mut DocEntry) -> R,
+    ) -> Option<R> {
+        if !self.map.contains_key(doc_id) {
+            if !create {
+                return None;
+            }
+            let entry = DocEntry::new();
+            self.counts.seen += 1;
+            *entry.count(&mut self.counts) += 1;
+            self.map.insert(doc_id.to_string(), entry);
+        }
+        let entry = self.map.get_mut(doc_id)?;
+        *entry.count(&mut self.counts) -= 1;
+        let r = f(entry);
+        *entry.count(&mut self.counts) += 1;
+        Some(r)
+    }
 }
 
 pub struct Ledger {
-    docs: Mutex<HashMap<String, DocEntry>>,
+    docs: Mutex<Docs>,
     permits: Arc<Semaphore>,
     settled: Notify,
 }
@@ -72,7 +121,7 @@ pub struct Ledger {
 impl Ledger {
     pub fn new(max_in_flight: usize) -> Arc<Self> {
         Arc::new(Ledger {
-            docs: Mutex::new(HashMap::new()),
+            docs: Mutex::new(Docs::default()),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             settled: Notify::new(),
         })
@@ -81,11 +130,10 @@ impl Ledger {
     /// Records a document already in its final state (found indexed at start,
     /// or skipped before it needed any pipeline work).
     pub fn record(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
-        let mut docs = self.docs.lock();
-        let entry = docs.entry(doc_id.to_string()).or_insert_with(DocEntry::new);
-        entry.latest = version.map(str::to_string);
-        entry.status = status_of(outcome);
-        drop(docs);
+        self.docs.lock().update(doc_id, true, |entry| {
+            entry.latest = version.map(str::to_string);
+            entry.status = status_of(outcome);
+        });
         self.settled.notify_waiters();
     }
 
@@ -97,6 +145,7 @@ impl Ledger {
         if self
             .docs
             .lock()
+            .map
             .get(doc_id)
             .is_some_and(|e| e.pending.contains_key(&key))
         {
@@ -108,15 +157,18 @@ impl Ledger {
             .acquire_owned()
             .await
             .expect("the ledger never closes its semaphore");
-        let mut docs = self.docs.lock();
-        let entry = docs.entry(doc_id.to_string()).or_insert_with(DocEntry::new);
-        if entry.pending.contains_key(&key) {
-            return false;
-        }
-        entry.latest = version.map(str::to_string);
-        entry.status = DocStatus::InFlight;
-        entry.pending.insert(key, permit);
-        true
+        self.docs
+            .lock()
+            .update(doc_id, true, |entry| {
+                if entry.pending.contains_key(&key) {
+                    return false;
+                }
+                entry.latest = version.map(str::to_string);
+                entry.status = DocStatus::InFlight;
+                entry.pending.insert(key, permit);
+                true
+            })
+            .unwrap_or(false)
     }
 
     /// A cluster's index node has no watcher of its own: it learns each
@@ -125,14 +177,17 @@ impl Ledger {
     /// watcher's observation order; returns false for a job older than one
     /// already seen, which is then superseded. `None` is a deletion.
     pub fn observe(&self, doc_id: &str, version: Option<&str>, seq: u64) -> bool {
-        let mut docs = self.docs.lock();
-        let entry = docs.entry(doc_id.to_string()).or_insert_with(DocEntry::new);
-        if seq < entry.seq {
-            return false;
-        }
-        entry.seq = seq;
-        entry.latest = version.map(str::to_string);
-        true
+        self.docs
+            .lock()
+            .update(doc_id, true, |entry| {
+                if seq < entry.seq {
+                    return false;
+                }
+                entry.seq = seq;
+                entry.latest = version.map(str::to_string);
+                true
+            })
+            .unwrap_or(false)
     }
 
     /// Starts an index node's view from the versions its store holds (see
@@ -148,12 +203,17 @@ impl Ledger {
     pub fn is_current(&self, doc_id: &str, version: &str) -> bool {
         self.docs
             .lock()
+            .map
             .get(doc_id)
             .is_some_and(|e| e.latest.as_deref() == Some(version))
     }
 
     pub fn latest_version(&self, doc_id: &str) -> Option<String> {
-        self.docs.lock().get(doc_id).and_then(|e| e.latest.clone())
+        self.docs
+            .lock()
+            .map
+            .get(doc_id)
+            .and_then(|e| e.latest.clone())
     }
 
     /// A pipeline job for `version` (None: the deletion) reached its end. If
@@ -161,8 +221,7 @@ impl Ledger {
     /// superseded version's outcome is not the document's.
     pub fn finish(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
         let key = version.unwrap_or(DELETE_VERSION);
-        let mut docs = self.docs.lock();
-        if let Some(entry) = docs.get_mut(doc_id) {
+        self.docs.lock().update(doc_id, false, |entry| {
             entry.pending.remove(key);
             let current = entry.latest.as_deref() == version;
             if current {
@@ -175,43 +234,25 @@ impl Ledger {
                     Some(_) => status_of(outcome),
                 };
             }
-        }
-        drop(docs);
+        });
         self.settled.notify_waiters();
     }
 
     pub fn status(&self, doc_id: &str) -> Option<DocStatus> {
-        self.docs.lock().get(doc_id).map(|e| e.status.clone())
+        self.docs.lock().map.get(doc_id).map(|e| e.status.clone())
     }
 
     pub fn known_docs(&self) -> Vec<(String, Option<String>)> {
         self.docs
             .lock()
+            .map
             .iter()
             .map(|(k, e)| (k.clone(), e.latest.clone()))
             .collect()
     }
 
     pub fn counts(&self) -> LedgerCounts {
-        let docs = self.docs.lock();
-        let mut c = LedgerCounts {
-            seen: docs.len() as u64,
-            ..Default::default()
-        };
-        for e in docs.values() {
-            if !e.pending.is_empty() {
-                c.in_flight += 1;
-                continue;
-            }
-            match e.status {
-                DocStatus::InFlight => c.in_flight += 1,
-                DocStatus::Indexed => c.indexed += 1,
-                DocStatus::Deleted => c.deleted += 1,
-                DocStatus::Skipped(_) => c.skipped += 1,
-                DocStatus::DeadLettered(_) => c.dead_lettered += 1,
-            }
-        }
-        c
+        self.docs.lock().counts
     }
 
     /// Resolves once no document is in flight.
@@ -267,6 +308,60 @@ mod tests {
         assert!(third.await.unwrap());
         let c = ledger.counts();
         assert_eq!((c.seen, c.indexed, c.in_flight), (3, 1, 2));
+    }
+
+    /// The counts kept in step agree with a count of the entries after
+    /// every step of a long mixed sequence (admissions, supersessions,
+    /// deletions, every outcome, index-node observations).
+    #[tokio::test]
+    async fn counts_stay_in_step_with_the_entries() {
+        fn recount(ledger: &Ledger) -> LedgerCounts {
+            let docs = ledger.docs.lock();
+            let mut c = LedgerCounts {
+                seen: docs.map.len() as u64,
+                ..Default::default()
+            };
+            for e in docs.map.values() {
+                *e.count(&mut c) += 1;
+            }
+            c
+        }
+        let ledger = Ledger::new(10_000);
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for step in 0..5_000 {
+            let doc = format!("d{}", next(40));
+            let version = format!("v{}", next(3));
+            let outcome = match next(4) {
+                0 => Outcome::Indexed,
+                1 => Outcome::Deleted,
+                2 => Outcome::Skipped("empty".into()),
+                _ => Outcome::DeadLettered("bad".into()),
+            };
+            match next(6) {
+                0 | 1 => {
+                    ledger.admit(&doc, Some(&version)).await;
+                }
+                2 => {
+                    ledger.admit(&doc, None).await;
+                }
+                3 => ledger.finish(&doc, Some(&version), outcome),
+                4 => ledger.finish(&doc, None, Outcome::Deleted),
+                _ => {
+                    if next(2) == 0 {
+                        ledger.record(&doc, Some(&version), outcome);
+                    } else {
+                        ledger.observe(&doc, Some(&version), next(100));
+                    }
+                }
+            }
+            assert_eq!(ledger.counts(), recount(&ledger), "after step {step}");
+        }
     }
 
     #[tokio::test]
