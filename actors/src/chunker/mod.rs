@@ -78,12 +78,7 @@ impl Chunker {
                 .saturating_sub(trail_tokens)
                 .max(self.settings.max_tokens / 2);
             let overlap = self.settings.overlap_tokens.min(budget / 2);
-            let config = ChunkConfig::new(budget)
-                .with_sizer(&self.tokenizer)
-                .with_overlap(overlap)
-                .expect("overlap < budget by construction");
-            let splitter = MarkdownSplitter::new(config);
-            for body in splitter.chunks(&section.body) {
+            for body in self.split_body(&section.body, budget, overlap) {
                 let text = if trail.is_empty() {
                     body.to_string()
                 } else {
@@ -98,10 +93,99 @@ impl Chunker {
         out
     }
 
+    /// `body` in chunks of at most `budget` tokens. A body that fits is one
+    /// chunk, and the splitter is not asked: it would find the same after
+    /// tokenising several prefixes in its search for a cut, and most
+    /// sections of most documents fit (BENCHMARKS.md, "Ingest at scale").
+    fn split_body<'t>(&self, body: &'t str, budget: usize, overlap: usize) -> Vec<&'t str> {
+        let whole = trim_like_the_splitter(body);
+        if whole.is_empty() {
+            return Vec::new();
+        }
+        if self.count_tokens(whole) <= budget {
+            return vec![whole];
+        }
+        let config = ChunkConfig::new(budget)
+            .with_sizer(&self.tokenizer)
+            .with_overlap(overlap)
+            .expect("overlap < budget by construction");
+        MarkdownSplitter::new(config).chunks(body).collect()
+    }
+
     pub fn count_tokens(&self, text: &str) -> usize {
         self.tokenizer
             .encode_fast(text, false)
             .map(|e| e.len())
             .unwrap_or(text.len())
+    }
+}
+
+/// The trim MarkdownSplitter applies to its chunks (text-splitter's
+/// `Trim::PreserveIndentation`, which it does not export): leading newlines
+/// and trailing whitespace go, and leading spaces too unless the text spans
+/// lines (a code block's indentation is kept).
+fn trim_like_the_splitter(text: &str) -> &str {
+    const NEWLINES: [char; 2] = ['\n', '\r'];
+    if text.trim().contains(NEWLINES) {
+        text.trim_start_matches(NEWLINES).trim_end()
+    } else {
+        text.trim()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunker(max_tokens: usize) -> Chunker {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/all-MiniLM-L6-v2/tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&dir).expect("run ops/fetch-models.sh first");
+        Chunker::new(
+            tokenizer,
+            ChunkerSettings {
+                max_tokens,
+                overlap_tokens: 8,
+            },
+        )
+        .unwrap()
+    }
+
+    /// The shortcut for a body that fits gives exactly what the splitter
+    /// gives, trim included, and long bodies still go to the splitter.
+    #[test]
+    fn a_body_that_fits_is_the_splitters_one_chunk() {
+        let c = chunker(40);
+        let bodies = [
+            "Plain text on one line.",
+            "  leading spaces and trailing newlines\n\n",
+            "\n\nA paragraph.\n\nAnother paragraph.\n",
+            "```\n    indented code\n    more code\n```\n",
+            "  - a list item\n  - another item\n",
+            "\t\n  \n",
+            "",
+            "The quarterly security review covers access logs, badge readers, visitor records, the incident queue, and every exception granted since the previous review was signed off.",
+            // Far over: several chunks.
+            &"Every office keeps its own visitor log and sends a copy to security each week. ".repeat(12),
+        ];
+        // Every budget from tiny to roomy, so each body is tried at the
+        // edge where it just fits and just does not.
+        for budget in 4..60 {
+            let overlap = (budget / 2).min(8);
+            for body in bodies {
+                let config = ChunkConfig::new(budget)
+                    .with_sizer(&c.tokenizer)
+                    .with_overlap(overlap)
+                    .unwrap();
+                let expected: Vec<&str> = MarkdownSplitter::new(config).chunks(body).collect();
+                assert_eq!(
+                    c.split_body(body, budget, overlap),
+                    expected,
+                    "{body:?} in {budget} tokens"
+                );
+            }
+        }
+        let long = "Every office keeps its own visitor log. ".repeat(12);
+        assert!(c.split_body(&long, 40, 8).len() > 1);
     }
 }
