@@ -135,19 +135,25 @@ fn main() {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let enc = Encoder::<Cpu>::load(&model_dir(), policy, &Default::default()).expect("model");
     enc.embed(&refs[..refs.len().min(256)]).unwrap(); // warm-up
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // Docs/s, and the share of the cores the model used meanwhile (its
+    // serial steps, tokenising for one, leave a core idle).
     let reference = || {
+        let cpu = ThreadCpu::of(std::process::id());
         let t = Instant::now();
         // In the daemon's unit of work: the embedder hands the model the
         // chunks of the documents it has (at most max_in_flight, 256).
         for part in refs.chunks(256) {
             enc.embed(part).unwrap();
         }
-        sample as f64 / t.elapsed().as_secs_f64()
+        let took = t.elapsed().as_secs_f64();
+        let used = ThreadCpu::of(std::process::id()).since(&cpu).total;
+        (sample as f64 / took, used as f64 / 100.0 / (cores * took))
     };
     // Measured before the daemon starts and again once it is idle after
     // the burst; the ratio is against their mean, so a machine that drifts
     // (a shared VM) over the run does not bias it either way.
-    let reference_before = reference();
+    let (reference_before, reference_cpu_before) = reference();
 
     let ws = Workspace::with_extra(&std::env::var("RAGD_BENCH_EXTRA").unwrap_or_default());
     let d = ws.start();
@@ -200,9 +206,8 @@ fn main() {
     let rss_mib = d.peak_rss_kib() / 1024;
     let points = d.admin_json("/index")["points"].as_u64().unwrap_or(0);
     let rate = n as f64 / took.as_secs_f64();
-    let reference_after = reference();
+    let (reference_after, reference_cpu_after) = reference();
     let reference = (reference_before + reference_after) / 2.0;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let per_doc_ms = |ticks: u64| ticks as f64 * 10.0 / n as f64;
     // The model's pass sizes during the run (the batcher logs each pass at
     // debug level): small passes cost more per text.
@@ -245,6 +250,7 @@ fn main() {
             "ratio": rate / reference,
             // Where the burst's CPU went: the model's threads, the rest of
             // the daemon (per document), and the cores' time neither used.
+            "embedder_cpu_share": (reference_cpu_before + reference_cpu_after) / 2.0,
             "cpu_model_share": cpu.model as f64 / 100.0 / (cores * took.as_secs_f64()),
             "cpu_pipeline_ms_per_doc": per_doc_ms(cpu.total - cpu.model),
             "cpu_idle_share": 1.0 - cpu.total as f64 / 100.0 / (cores * took.as_secs_f64()),
