@@ -252,7 +252,7 @@ fn main() {
             // the daemon (per document), and the cores' time neither used.
             "embedder_cpu_share": (reference_cpu_before + reference_cpu_after) / 2.0,
             "cpu_model_share": cpu.model as f64 / 100.0 / (cores * took.as_secs_f64()),
-            "cpu_pipeline_ms_per_doc": per_doc_ms(cpu.total - cpu.model),
+            "cpu_pipeline_ms_per_doc": per_doc_ms(cpu.total.saturating_sub(cpu.model)),
             "cpu_idle_share": 1.0 - cpu.total as f64 / 100.0 / (cores * took.as_secs_f64()),
             "context_switches_per_doc": cpu.switches as f64 / n as f64,
             "peak_rss_mib_ingest": rss_ingest_mib,

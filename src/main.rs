@@ -141,7 +141,16 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    ragd_actors::model::name_model_threads();
+    if matches!(
+        cli.command,
+        Command::Up { .. }
+            | Command::Ingest { .. }
+            | Command::Embed { .. }
+            | Command::Rerank { .. }
+    ) {
+        // These run the model; naming its threads starts them.
+        ragd_actors::model::name_model_threads();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -427,15 +427,27 @@ enum Probe {
 /// still never read past the limit).
 fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
     use std::io::Read;
-    let file = std::fs::File::open(path)?;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            // Unreadable (permissions): its size still says whether it is
+            // to be skipped, and taken out of the index if it was in.
+            return match std::fs::metadata(path) {
+                Ok(m) if m.len() > max => Ok(Probe::TooBig(m.len())),
+                _ => Err(e),
+            };
+        }
+    };
     let size = file.metadata()?.len();
     if size > max {
         return Ok(Probe::TooBig(size));
     }
     let mut bytes = Vec::with_capacity(size as usize);
-    file.take(max + 1).read_to_end(&mut bytes)?;
+    (&file).take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
-        return Ok(Probe::TooBig(bytes.len() as u64));
+        // It grew while being read: its size now.
+        let now = file.metadata().map_or(bytes.len() as u64, |m| m.len());
+        return Ok(Probe::TooBig(now));
     }
     metrics::counter!("ragd_watcher_files_read_total").increment(1);
     Ok(Probe::Read {

@@ -444,7 +444,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// `processed` of the actor named `name` in /actors.
 /// A counter or gauge from the daemon's /metrics (Prometheus text), summed
 /// over its labels; 0 when it has not been recorded yet.
 pub fn metric(d: &Daemon, name: &str) -> f64 {
@@ -463,6 +462,7 @@ pub fn metric(d: &Daemon, name: &str) -> f64 {
         .sum()
 }
 
+/// `processed` of the actor named `name` in /actors.
 pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
     fn find(v: &serde_json::Value, name: &str) -> Option<u64> {
         if v["name"] == name {

@@ -93,16 +93,25 @@ impl Chunker {
         out
     }
 
-    /// `body` in chunks of at most `budget` tokens. A body that fits is one
-    /// chunk, and the splitter is not asked: it would find the same after
-    /// tokenising several prefixes in its search for a cut, and most
-    /// sections of most documents fit (BENCHMARKS.md, "Ingest at scale").
+    /// `body` in chunks of at most `budget` tokens. A short body that fits
+    /// is one chunk, and the splitter is not asked: it tokenises several
+    /// prefixes in its search for a cut, and most sections of most
+    /// documents fit (BENCHMARKS.md, "Ingest at scale"). The splitter's
+    /// answer is the same one chunk whenever token counts grow with the
+    /// prefix, as they do for text separated by spaces and punctuation
+    /// (WordPiece can count a prefix cut inside a word higher than the
+    /// whole; the shortcut's chunk is then the better one).
     fn split_body<'t>(&self, body: &'t str, budget: usize, overlap: usize) -> Vec<&'t str> {
         let whole = trim_like_the_splitter(body);
         if whole.is_empty() {
             return Vec::new();
         }
-        if self.count_tokens(whole) <= budget {
+        // Only short bodies are counted whole: a long one (a 20 MB text
+        // file is one section) would be tokenised in full for nothing,
+        // where the splitter only probes prefixes near the budget. Text
+        // that fits runs ~4-6 bytes a token; past 8 it goes to the splitter,
+        // which gives the same result.
+        if whole.len() <= budget * 8 && self.count_tokens(whole) <= budget {
             return vec![whole];
         }
         let config = ChunkConfig::new(budget)
