@@ -39,7 +39,11 @@ use qdrant_edge::{
 use std::path::Path;
 use std::sync::Arc;
 
-pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Each flush writes and syncs the segment's files under the writers' lock;
+/// at 250 ms they cost a burst ~4% of its rate (BENCHMARKS.md, "Ingest at
+/// scale"). 1 s is still well inside Qdrant's own default (5 s), and what
+/// a crash loses in between the next start's scan redoes.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);
 
 pub struct Inner {
     shard: EdgeShard,
