@@ -93,10 +93,7 @@ fn ingest_ask_update_delete() {
 fn reading_the_files_is_not_a_change() {
     let ws = Workspace::new();
     for i in 0..20 {
-        ws.write(
-            &format!("eng/note-{i}.txt"),
-            &format!("{BUILD} Note {i}.\n"),
-        );
+        ws.write(&format!("eng/note-{i}.txt"), format!("{BUILD} Note {i}.\n"));
     }
     let d = ws.start();
     d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 20);
