@@ -59,6 +59,16 @@ impl SourceSpec {
     }
 }
 
+/// The content of an open file when it holds at most `max` bytes; `None`
+/// when it holds more, having read no further than one byte past `max`.
+/// The watcher and the chunker both read documents this way.
+pub fn read_at_most(file: &std::fs::File, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
+}
+
 /// Editor swap files, partial downloads and hidden files are not documents.
 pub fn ignored(rel: &Path) -> bool {
     rel.components().any(|c| {
@@ -426,7 +436,6 @@ enum Probe {
 /// `max` bytes (checked on the open file, so one that grows meanwhile is
 /// still never read past the limit).
 fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
-    use std::io::Read;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => {
@@ -442,13 +451,11 @@ fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
     if size > max {
         return Ok(Probe::TooBig(size));
     }
-    let mut bytes = Vec::with_capacity(size as usize);
-    (&file).take(max + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > max {
+    let Some(bytes) = read_at_most(&file, max)? else {
         // It grew while being read: its size now.
-        let now = file.metadata().map_or(bytes.len() as u64, |m| m.len());
+        let now = file.metadata().map_or(max + 1, |m| m.len());
         return Ok(Probe::TooBig(now));
-    }
+    };
     metrics::counter!("ragd_watcher_files_read_total").increment(1);
     Ok(Probe::Read {
         size: bytes.len() as u64,

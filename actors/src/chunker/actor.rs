@@ -6,7 +6,7 @@ use crate::bridge::Port;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{ChunkedDoc, DocMeta};
 use crate::pool::Stage;
-use crate::source_watcher::content_version;
+use crate::source_watcher::{content_version, read_at_most};
 use std::sync::Arc;
 
 enum Read {
@@ -39,14 +39,9 @@ impl Stage for ChunkerStage {
         let chunker = self.chunker.clone();
         let (path, version, max) = (meta.path.clone(), meta.version.clone(), self.max_file_bytes);
         let read = tokio::task::spawn_blocking(move || -> std::io::Result<Read> {
-            use std::io::Read as _;
-            let mut bytes = Vec::new();
-            std::fs::File::open(&path)?
-                .take(max + 1)
-                .read_to_end(&mut bytes)?;
-            if bytes.len() as u64 > max {
+            let Some(bytes) = read_at_most(&std::fs::File::open(&path)?, max)? else {
                 return Ok(Read::TooBig);
-            }
+            };
             if content_version(&bytes) != version {
                 return Ok(Read::Changed);
             }
