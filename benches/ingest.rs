@@ -136,6 +136,8 @@ fn main() {
     let enc = Encoder::<Cpu>::load(&model_dir(), policy, &Default::default()).expect("model");
     enc.embed(&refs[..refs.len().min(256)]).unwrap(); // warm-up
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // The share of the cores that `ticks` of CPU make over `secs`.
+    let share = |ticks: u64, secs: f64| ticks as f64 / 100.0 / (cores * secs);
     // Docs/s, and the share of the cores the model used meanwhile (its
     // serial steps, tokenising for one, leave a core idle).
     let reference = || {
@@ -148,7 +150,7 @@ fn main() {
         }
         let took = t.elapsed().as_secs_f64();
         let used = ThreadCpu::of(std::process::id()).since(&cpu).total;
-        (sample as f64 / took, used as f64 / 100.0 / (cores * took))
+        (sample as f64 / took, share(used, took))
     };
     // Measured before the daemon starts and again once it is idle after
     // the burst; the ratio is against their mean, so a machine that drifts
@@ -251,9 +253,9 @@ fn main() {
             // Where the burst's CPU went: the model's threads, the rest of
             // the daemon (per document), and the cores' time neither used.
             "embedder_cpu_share": (reference_cpu_before + reference_cpu_after) / 2.0,
-            "cpu_model_share": cpu.model as f64 / 100.0 / (cores * took.as_secs_f64()),
+            "cpu_model_share": share(cpu.model, took.as_secs_f64()),
             "cpu_pipeline_ms_per_doc": per_doc_ms(cpu.total.saturating_sub(cpu.model)),
-            "cpu_idle_share": 1.0 - cpu.total as f64 / 100.0 / (cores * took.as_secs_f64()),
+            "cpu_idle_share": 1.0 - share(cpu.total, took.as_secs_f64()),
             "context_switches_per_doc": cpu.switches as f64 / n as f64,
             "peak_rss_mib_ingest": rss_ingest_mib,
             "index_build_after_s": build_after.as_secs_f64(),
