@@ -11,6 +11,14 @@
 //! The pool grows by one worker while jobs wait and all workers are busy, up
 //! to `max`, and retires a worker that has been idle for `idle_retire`, down
 //! to `min`.
+//!
+//! A stage whose work is cheaper in bulk (a store write, a network round
+//! trip) says how many queued jobs one call may take ([`Stage::max_batch`]):
+//! a worker then gets what is waiting, up to that many, so a burst is
+//! written in a few calls while a lone job still goes at once. A batch that
+//! fails costs its jobs no attempt: they go back to the front of the queue
+//! to run one at a time, so one bad job cannot take its batch-mates to the
+//! DLQ, and from there on its failures are its own.
 
 use crate::dlq::{DeadLetters, DlqEntry};
 use crate::ledger::{Ledger, Outcome};
@@ -35,6 +43,26 @@ pub trait Job: Clone + Send + Sync + 'static {
 pub trait Stage: Send + Sync + 'static {
     type In: Job;
     fn process(&self, job: Self::In) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// The most queued jobs one [`Stage::process_batch`] call may take.
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Processes `jobs` (in queue order) as one unit: an error sends all of
+    /// them back to run alone, so whatever this did for some of them before
+    /// failing must be safe to do again.
+    fn process_batch(
+        &self,
+        jobs: Vec<Self::In>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async move {
+            for job in jobs {
+                self.process(job).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +107,8 @@ struct Attempt<J> {
     job: J,
     attempt: u32,
     ack: Option<Ack>,
+    /// Back from a failed batch: runs alone, so its next failure is its own.
+    solo: bool,
 }
 
 /// The queue in front of a stage. Cloneable handle used by upstream stages.
@@ -103,6 +133,7 @@ impl<J: Job> PoolQueue<J> {
                 job,
                 attempt: 0,
                 ack: None,
+                solo: false,
             },
             false,
         );
@@ -115,9 +146,37 @@ impl<J: Job> PoolQueue<J> {
                 job,
                 attempt: 0,
                 ack: Some(ack),
+                solo: false,
             },
             false,
         );
+    }
+
+    /// Submits `jobs` in order, with one wake-up of the pool for all.
+    pub fn submit_all(&self, jobs: impl IntoIterator<Item = J>) {
+        let mut queue = self.jobs.lock();
+        let before = queue.len();
+        queue.extend(jobs.into_iter().map(|job| Attempt {
+            job,
+            attempt: 0,
+            ack: None,
+            solo: false,
+        }));
+        let (added, len) = (queue.len() > before, queue.len());
+        drop(queue);
+        if added {
+            self.queued(len);
+        }
+    }
+
+    /// The queue now holds `len` jobs: the depth gauge, and a wake-up for
+    /// the pool.
+    fn queued(&self, len: usize) {
+        self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
+        if let Some(pool) = self.pool.lock().as_ref() {
+            // A pool that is restarting picks the queue up when it starts.
+            let _ = pool.cast(PoolMsg::Kick);
+        }
     }
 
     fn push(&self, a: Attempt<J>, front: bool) {
@@ -127,23 +186,41 @@ impl<J: Job> PoolQueue<J> {
         } else {
             jobs.push_back(a);
         }
-        self.stats
-            .queue_depth
-            .store(jobs.len() as u64, Ordering::Relaxed);
+        let len = jobs.len();
         drop(jobs);
-        if let Some(pool) = self.pool.lock().as_ref() {
-            // A pool that is restarting picks the queue up when it starts.
-            let _ = pool.cast(PoolMsg::Kick);
-        }
+        self.queued(len);
     }
 
-    fn pop(&self) -> Option<Attempt<J>> {
+    /// The next job, and up to `max - 1` more behind it while none of them
+    /// is a retry (a retried job runs alone).
+    fn pop_batch(&self, max: usize) -> Vec<Attempt<J>> {
         let mut jobs = self.jobs.lock();
-        let a = jobs.pop_front();
+        let mut batch = Vec::new();
+        while batch.len() < max.max(1) {
+            let alone = |a: &Attempt<J>| a.solo || a.attempt > 0;
+            match jobs.front() {
+                Some(a) if batch.is_empty() || !alone(a) => {
+                    let a = jobs.pop_front().expect("a front job");
+                    let stop = alone(&a);
+                    batch.push(a);
+                    if stop {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
         self.stats
             .queue_depth
             .store(jobs.len() as u64, Ordering::Relaxed);
-        a
+        batch
+    }
+
+    /// Puts `batch` back at the front of the queue, in its order.
+    fn push_all_front(&self, batch: Vec<Attempt<J>>) {
+        for a in batch.into_iter().rev() {
+            self.push(a, true);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -182,8 +259,9 @@ pub struct PoolArgs<S: Stage> {
 }
 
 struct WorkerSlot<J> {
-    actor: ActorRef<Attempt<J>>,
-    busy: Option<Attempt<J>>,
+    actor: ActorRef<Vec<Attempt<J>>>,
+    /// The jobs it holds; empty when idle.
+    busy: Vec<Attempt<J>>,
     idle_since: Instant,
 }
 
@@ -207,7 +285,7 @@ struct Worker<S: Stage> {
 }
 
 impl<S: Stage> Actor for Worker<S> {
-    type Msg = Attempt<S::In>;
+    type Msg = Vec<Attempt<S::In>>;
     type State = ();
     type Arguments = ();
 
@@ -218,15 +296,18 @@ impl<S: Stage> Actor for Worker<S> {
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
-        a: Attempt<S::In>,
+        mut batch: Vec<Attempt<S::In>>,
         _: &mut (),
     ) -> Result<(), ActorProcessingErr> {
         // An error fails this worker as an actor: the pool sees the failure,
-        // decides the job's fate and restarts the worker.
-        self.stage
-            .process(a.job)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
+        // decides the jobs' fate and restarts the worker.
+        let done = if batch.len() == 1 {
+            self.stage.process(batch.remove(0).job).await
+        } else {
+            let jobs = batch.into_iter().map(|a| a.job).collect();
+            self.stage.process_batch(jobs).await
+        };
+        done.map_err(|e| format!("{e:#}"))?;
         let _ = self.pool.cast(PoolMsg::Done(myself.get_id()));
         Ok(())
     }
@@ -247,7 +328,7 @@ impl<S: Stage> Pool<S> {
             actor.get_id(),
             WorkerSlot {
                 actor,
-                busy: None,
+                busy: Vec::new(),
                 idle_since: Instant::now(),
             },
         );
@@ -266,7 +347,7 @@ impl<S: Stage> Pool<S> {
             if state.args.queue.is_empty() {
                 return Ok(());
             }
-            let idle = state.workers.values_mut().find(|w| w.busy.is_none());
+            let idle = state.workers.values_mut().find(|w| w.busy.is_empty());
             let slot = match idle {
                 Some(slot) => slot,
                 None => {
@@ -277,20 +358,38 @@ impl<S: Stage> Pool<S> {
                     return Ok(());
                 }
             };
-            let Some(a) = state.args.queue.pop() else {
+            let batch = state.args.queue.pop_batch(state.args.stage.max_batch());
+            if batch.is_empty() {
                 return Ok(());
-            };
-            slot.busy = Some(a.clone());
-            if let Err(e) = slot.actor.cast(a) {
+            }
+            slot.busy = batch.clone();
+            if let Err(e) = slot.actor.cast(batch) {
                 // The worker is going away; its failure event will follow.
                 tracing::debug!("worker mailbox closed: {e}");
-                if let ractor::MessagingErr::SendErr(a) = e {
-                    slot.busy = None;
-                    state.args.queue.push(a, true);
+                if let ractor::MessagingErr::SendErr(batch) = e {
+                    slot.busy.clear();
+                    state.args.queue.push_all_front(batch);
                 }
                 return Ok(());
             }
         }
+    }
+
+    /// A worker failed holding `batch`. One job: that job failed. More: no
+    /// job is to blame yet; each goes back to run alone (in queue order, at
+    /// the front), attempts unchanged.
+    fn batch_failed(state: &mut PoolState<S>, mut batch: Vec<Attempt<S::In>>, error: String) {
+        if batch.len() == 1 {
+            return Self::job_failed(state, batch.remove(0), error);
+        }
+        let stats = state.stats();
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        stats.set_error(format!("a batch of {}: {error}", batch.len()));
+        tracing::warn!(stage = %state.args.name, jobs = batch.len(), "a batch failed; retrying its jobs one at a time: {error}");
+        for a in &mut batch {
+            a.solo = true;
+        }
+        state.args.queue.push_all_front(batch);
     }
 
     fn job_failed(state: &mut PoolState<S>, mut a: Attempt<S::In>, error: String) {
@@ -378,12 +477,15 @@ impl<S: Stage> Actor for Pool<S> {
             PoolMsg::Kick | PoolMsg::_Phantom(_) => {}
             PoolMsg::Done(id) => {
                 if let Some(slot) = state.workers.get_mut(&id) {
-                    if let Some(ack) = slot.busy.take().and_then(|a| a.ack) {
-                        ack.fire();
-                    }
+                    let batch = std::mem::take(&mut slot.busy);
                     slot.idle_since = Instant::now();
+                    for a in &batch {
+                        if let Some(ack) = &a.ack {
+                            ack.fire();
+                        }
+                    }
+                    state.stats().processed_n(batch.len() as u64);
                 }
-                state.stats().processed();
             }
             PoolMsg::Tick => {
                 let min = state.args.settings.min.max(1);
@@ -392,7 +494,7 @@ impl<S: Stage> Actor for Pool<S> {
                     let idle = state
                         .workers
                         .iter()
-                        .find(|(_, w)| w.busy.is_none() && w.idle_since.elapsed() >= retire)
+                        .find(|(_, w)| w.busy.is_empty() && w.idle_since.elapsed() >= retire)
                         .map(|(id, _)| *id);
                     if let Some(id) = idle {
                         if let Some(w) = state.workers.remove(&id) {
@@ -435,14 +537,12 @@ impl<S: Stage> Actor for Pool<S> {
             .workers
             .store(state.workers.len() as u64, Ordering::Relaxed);
         let Some(error) = error else {
-            // A retired worker; if it still held a job, give the job back.
-            if let Some(a) = slot.busy {
-                state.args.queue.push(a, true);
-            }
+            // A retired worker; if it still held jobs, give them back.
+            state.args.queue.push_all_front(slot.busy);
             return Self::dispatch(&myself, state).await;
         };
-        if let Some(a) = slot.busy {
-            Self::job_failed(state, a, error.clone());
+        if !slot.busy.is_empty() {
+            Self::batch_failed(state, slot.busy, error.clone());
         }
         match state.backoff.next_delay(&state.args.settings.restart) {
             Some(delay) => {
@@ -480,9 +580,7 @@ impl<S: Stage> Actor for Pool<S> {
     ) -> Result<(), ActorProcessingErr> {
         // Jobs still held by workers go back to the queue for the next pool.
         for (_, w) in state.workers.drain() {
-            if let Some(a) = w.busy {
-                state.args.queue.push(a, true);
-            }
+            state.args.queue.push_all_front(w.busy);
         }
         *state.args.queue.pool.lock() = None;
         state.stats().set_status("stopped");
@@ -576,6 +674,110 @@ mod tests {
         assert_eq!(
             (entries[0].doc_id.as_str(), entries[0].attempts),
             ("bad", 3)
+        );
+    }
+
+    /// Takes up to four jobs at once and fails any batch holding "bad".
+    #[derive(Default)]
+    struct Batchy {
+        batches: Mutex<Vec<Vec<&'static str>>>,
+    }
+
+    impl Stage for Batchy {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            self.process_batch(vec![job]).await
+        }
+        fn max_batch(&self) -> usize {
+            4
+        }
+        async fn process_batch(&self, jobs: Vec<Doc>) -> anyhow::Result<()> {
+            let ids: Vec<&'static str> = jobs.iter().map(|d| d.0).collect();
+            let bad = ids.contains(&"bad");
+            self.batches.lock().push(ids);
+            anyhow::ensure!(!bad, "cannot process bad");
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_retries_its_jobs_alone_so_only_the_bad_one_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq: Arc<dyn DeadLetters> =
+            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+        let queue = PoolQueue::new(Arc::new(ActorStats::default()));
+        let ids = ["0", "1", "2", "3", "4", "bad", "6", "7", "8", "9"];
+        let acks: Arc<HashMap<&str, AtomicUsize>> =
+            Arc::new(ids.iter().map(|d| (*d, AtomicUsize::new(0))).collect());
+        // Queued before the pool starts, so its first dispatch sees them all.
+        for d in ids {
+            let a = acks.clone();
+            queue.submit_with_ack(
+                Doc(d),
+                Ack::new(move || {
+                    a[d].fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        }
+        let stage = Arc::new(Batchy::default());
+        let mut settings = PoolSettings::default();
+        settings.restart.base = Duration::from_millis(1);
+        let (_pool, _) = Actor::spawn(
+            None,
+            Pool::<Batchy>::default(),
+            PoolArgs {
+                name: "batchy".into(),
+                stage: stage.clone(),
+                queue: queue.clone(),
+                settings,
+                ledger: Ledger::new(8),
+                dlq: dlq.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
+            assert!(Instant::now() < deadline, "not every job was acked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for d in ids {
+            assert_eq!(acks[d].load(Ordering::SeqCst), 1, "{d} acked once");
+        }
+        let entries = dlq.list().unwrap();
+        assert_eq!(entries.len(), 1, "only the bad job is dead-lettered");
+        assert_eq!(
+            (entries[0].doc_id.as_str(), entries[0].attempts),
+            ("bad", 3),
+            "the failed batch cost it no attempt"
+        );
+        let batches = stage.batches.lock().clone();
+        assert_eq!(
+            batches[0],
+            vec!["0", "1", "2", "3"],
+            "a drain, up to the limit"
+        );
+        assert!(batches.iter().all(|b| b.len() <= 4));
+        assert_eq!(
+            batches
+                .iter()
+                .filter(|b| b.len() > 1 && b.contains(&"bad"))
+                .count(),
+            1,
+            "after its batch failed, the bad job only ran alone: {batches:?}"
+        );
+        // Each good job succeeded once, in queue order.
+        let succeeded: Vec<&str> = batches
+            .iter()
+            .filter(|b| !b.contains(&"bad"))
+            .flatten()
+            .copied()
+            .collect();
+        assert_eq!(succeeded, ["0", "1", "2", "3", "4", "6", "7", "8", "9"]);
+        assert!(
+            batches.contains(&vec!["8", "9"]),
+            "new jobs are batched again after the retries: {batches:?}"
         );
     }
 }

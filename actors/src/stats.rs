@@ -37,7 +37,10 @@ impl ActorStats {
         *self.note.lock() = Some(note.into());
     }
     pub fn processed(&self) {
-        self.processed.fetch_add(1, Ordering::Relaxed);
+        self.processed_n(1);
+    }
+    pub fn processed_n(&self, n: u64) {
+        self.processed.fetch_add(n, Ordering::Relaxed);
     }
 }
 

@@ -50,4 +50,21 @@ impl<T: Job + Serialize> Port<T> {
             Port::Kafka { bus, topic } => bus.publish(topic, job.doc_id(), &job).await,
         }
     }
+
+    /// Hands `jobs` on in order, as [`Port::send`] each; a local queue takes
+    /// them in one step.
+    pub async fn send_all(&self, jobs: Vec<T>) -> anyhow::Result<()> {
+        match self {
+            Port::Local(q) => {
+                q.submit_all(jobs);
+                Ok(())
+            }
+            Port::Kafka { .. } => {
+                for job in jobs {
+                    self.send(job).await?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
