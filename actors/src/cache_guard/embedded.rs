@@ -3,7 +3,7 @@
 //! uses the Redis backend.
 
 use super::{CachedAnswer, SemanticCache};
-use crate::indexer::Scope;
+use crate::indexer::{Removal, Scope};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -118,17 +118,42 @@ impl SemanticCache for EmbeddedCache {
     }
 
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
-        self.tombstones.lock().insert(
-            doc_id.to_string(),
-            (keep.map(str::to_string), Instant::now()),
-        );
+        let removal = Removal {
+            doc_id: doc_id.to_string(),
+            keep: keep.map(str::to_string),
+        };
+        self.invalidate_all(&[removal]).await
+    }
+
+    /// One pass over the entries for the whole batch, not one per document.
+    async fn invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<usize> {
+        if removals.is_empty() {
+            return Ok(0);
+        }
+        let now = Instant::now();
+        let mut tombstones = self.tombstones.lock();
+        for r in removals {
+            tombstones.insert(r.doc_id.clone(), (r.keep.clone(), now));
+        }
+        drop(tombstones);
+        // What each document keeps; a document twice in a batch loses what
+        // either removal removes, as one after the other would.
+        let mut keeps: std::collections::HashMap<&str, Vec<Option<&str>>> = Default::default();
+        for r in removals {
+            keeps.entry(&r.doc_id).or_default().push(r.keep.as_deref());
+        }
+        let removed = |doc_id: &str, version: &str| {
+            keeps
+                .get(doc_id)
+                .is_some_and(|ks| ks.iter().any(|k| *k != Some(version)))
+        };
         let mut entries = self.entries.lock();
         let before = entries.len();
         entries.retain(|e| {
             !e.value
                 .sources
                 .iter()
-                .any(|h| h.doc_id == doc_id && Some(h.version.as_str()) != keep)
+                .any(|h| removed(&h.doc_id, &h.version))
         });
         Ok(before - entries.len())
     }
@@ -231,6 +256,60 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_removals_drops_what_each_would_in_turn() {
+        let cache = EmbeddedCache::new(0.98, 100, Duration::from_secs(60));
+        let s = scope(&["hr"]);
+        let answers = [
+            vec![hit("a", "v1", "hr")],
+            vec![hit("b", "v1", "hr")],
+            vec![hit("c", "v1", "hr")],
+            vec![hit("a", "v2", "hr"), hit("d", "v1", "hr")],
+        ];
+        for (i, sources) in answers.into_iter().enumerate() {
+            let mut v = vec![0.0; 4];
+            v[i] = 1.0;
+            let value = CachedAnswer {
+                answer: None,
+                sources,
+            };
+            cache.store(&v, &s, 5, value).await.unwrap();
+        }
+        let removal = |doc_id: &str, keep: Option<&str>| Removal {
+            doc_id: doc_id.into(),
+            keep: keep.map(str::to_string),
+        };
+        let batch = [
+            removal("a", Some("v2")),
+            removal("b", None),
+            removal("never-cached", None),
+        ];
+        assert_eq!(cache.invalidate_all(&batch).await.unwrap(), 2);
+        let cited = |cache: &EmbeddedCache| -> Vec<String> {
+            let entries = cache.entries.lock();
+            let mut docs: Vec<String> = entries
+                .iter()
+                .map(|e| {
+                    let s: Vec<String> = e
+                        .value
+                        .sources
+                        .iter()
+                        .map(|h| format!("{}@{}", h.doc_id, h.version))
+                        .collect();
+                    s.join("+")
+                })
+                .collect();
+            docs.sort();
+            docs
+        };
+        assert_eq!(cited(&cache), vec!["a@v2+d@v1", "c@v1"]);
+        // One document twice: what either removal removes goes.
+        let twice = [removal("d", Some("v1")), removal("d", Some("v2"))];
+        assert_eq!(cache.invalidate_all(&twice).await.unwrap(), 1);
+        assert_eq!(cited(&cache), vec!["c@v1"]);
+        assert_eq!(cache.invalidate_all(&[]).await.unwrap(), 0);
     }
 
     #[tokio::test]

@@ -34,7 +34,7 @@ mod test_support {
     }
 }
 
-use crate::indexer::{Hit, Scope};
+use crate::indexer::{Hit, Removal, Scope};
 use crate::stats::ActorStats;
 use async_trait::async_trait;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -66,6 +66,15 @@ pub trait SemanticCache: Send + Sync {
     ) -> anyhow::Result<()>;
     /// Drops entries citing `doc_id` at any version other than `keep`.
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize>;
+    /// [`SemanticCache::invalidate`] for each removal (the VersionPruner's
+    /// batches), in as few steps as the backend can.
+    async fn invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for r in removals {
+            n += self.invalidate(&r.doc_id, r.keep.as_deref()).await?;
+        }
+        Ok(n)
+    }
 }
 
 /// Is every cited chunk visible inside `scope`? Checked on every hit, so a
@@ -213,11 +222,16 @@ impl CacheHandle {
         }
     }
 
-    pub async fn invalidate(&self, doc_id: &str, keep: Option<&str>) {
-        match self.cache.invalidate(doc_id, keep).await {
-            Ok(n) if n > 0 => tracing::debug!(doc = %doc_id, n, "invalidated cached answers"),
+    /// Drops the cached answers that cite what `removals` removed.
+    pub async fn invalidate_all(&self, removals: &[Removal]) {
+        match self.cache.invalidate_all(removals).await {
+            Ok(n) if n > 0 => {
+                tracing::debug!(docs = removals.len(), n, "invalidated cached answers")
+            }
             Ok(_) => {}
-            Err(e) => tracing::warn!(doc = %doc_id, "cache invalidation failed: {e:#}"),
+            Err(e) => {
+                tracing::warn!(docs = removals.len(), "cache invalidation failed: {e:#}")
+            }
         }
     }
 }

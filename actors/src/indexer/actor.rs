@@ -150,52 +150,70 @@ impl Optimizer {
     }
 }
 
+/// The most jobs the Indexer takes in one write: a burst goes into the
+/// store in few large writes (one lock, one blocking-pool trip, or one
+/// request to a Qdrant server, for up to this many documents), while a lone
+/// change is still written at once.
+pub const WRITE_BATCH: usize = 64;
+
 impl Stage for IndexerStage {
     type In = IndexJob;
 
     async fn process(&self, job: IndexJob) -> anyhow::Result<()> {
-        match job {
-            IndexJob::Upsert(doc) => {
-                let (id, version) = (&doc.meta.doc_id, &doc.meta.version);
-                if self.observe {
-                    self.ledger.observe(id, Some(version), doc.meta.seq);
-                }
-                if !self.ledger.is_current(id, version) {
-                    self.ledger.finish(
-                        id,
-                        Some(version),
-                        Outcome::Skipped("superseded by a newer version".into()),
-                    );
+        self.process_batch(vec![job]).await
+    }
+
+    fn max_batch(&self) -> usize {
+        WRITE_BATCH
+    }
+
+    /// Decides each job in order (the current-version check), writes every
+    /// admitted version in one call, then hands the events on in order.
+    async fn process_batch(&self, jobs: Vec<IndexJob>) -> anyhow::Result<()> {
+        let mut writes = Vec::new();
+        let mut events = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match job {
+                IndexJob::Upsert(doc) => {
+                    let (id, version) = (&doc.meta.doc_id, &doc.meta.version);
                     if self.observe {
-                        // The ledger that admitted it is on the ingest node.
-                        self.out
-                            .send(IndexedEvent::Superseded {
-                                doc_id: doc.meta.doc_id.clone(),
-                                version: doc.meta.version.clone(),
-                            })
-                            .await?;
+                        self.ledger.observe(id, Some(version), doc.meta.seq);
                     }
-                    return Ok(());
+                    if !self.ledger.is_current(id, version) {
+                        self.ledger.finish(
+                            id,
+                            Some(version),
+                            Outcome::Skipped("superseded by a newer version".into()),
+                        );
+                        if self.observe {
+                            // The ledger that admitted it is on the ingest node.
+                            events.push(IndexedEvent::Superseded {
+                                doc_id: doc.meta.doc_id,
+                                version: doc.meta.version,
+                            });
+                        }
+                        continue;
+                    }
+                    events.push(IndexedEvent::Indexed {
+                        doc_id: doc.meta.doc_id.clone(),
+                        version: doc.meta.version.clone(),
+                    });
+                    writes.push(doc);
                 }
-                self.store
-                    .upsert(&doc.meta, &doc.chunks, &doc.vectors)
-                    .await?;
-                self.optimizer.wrote(doc.chunks.len() as u64);
-                self.out
-                    .send(IndexedEvent::Indexed {
-                        doc_id: doc.meta.doc_id,
-                        version: doc.meta.version,
-                    })
-                    .await?;
-            }
-            IndexJob::Delete { doc_id, seq } => {
-                if self.observe && !self.ledger.observe(&doc_id, None, seq) {
-                    return Ok(()); // the document came back since
+                IndexJob::Delete { doc_id, seq } => {
+                    if self.observe && !self.ledger.observe(&doc_id, None, seq) {
+                        continue; // the document came back since
+                    }
+                    events.push(IndexedEvent::Deleted { doc_id });
                 }
-                self.out.send(IndexedEvent::Deleted { doc_id }).await?;
             }
         }
-        Ok(())
+        if !writes.is_empty() {
+            self.store.upsert_docs(&writes).await?;
+            let points = writes.iter().map(|d| d.chunks.len() as u64).sum();
+            self.optimizer.wrote(points);
+        }
+        self.out.send_all(events).await
     }
 }
 

@@ -1,8 +1,8 @@
 //! The conformance suite every [`VectorStore`] backend must pass. Backend
 //! tests call [`run_all`] on an empty store.
 
-use super::{Scope, StoredVersion, VectorStore};
-use crate::messages::{Chunk, DocMeta, Partition};
+use super::{Removal, Scope, StoredVersion, VectorStore};
+use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 
 pub const DIM: usize = 8;
 
@@ -70,6 +70,7 @@ pub async fn run_all(store: &dyn VectorStore) {
     redelivery_is_idempotent(store).await;
     version_swap_and_delete(store).await;
     bad_vectors_are_errors(store).await;
+    batches(store).await;
     store.optimize().await.expect("optimize");
     // Optimising changes nothing a caller sees.
     let hits = store
@@ -220,4 +221,94 @@ async fn bad_vectors_are_errors(store: &dyn VectorStore) {
         .await
         .is_err());
     assert_eq!(store.count(Some("bad")).await.unwrap(), 0);
+}
+
+fn embedded(d: (DocMeta, Vec<Chunk>, Vec<Vec<f32>>)) -> EmbeddedDoc {
+    EmbeddedDoc {
+        meta: d.0,
+        chunks: d.1,
+        vectors: d.2,
+    }
+}
+
+/// The Indexer's and the VersionPruner's batched calls do what their
+/// one-document counterparts would, in order.
+async fn batches(store: &dyn VectorStore) {
+    let count = |id: &'static str| async move { store.count(Some(id)).await.unwrap() };
+    store
+        .upsert_docs(&[
+            embedded(doc("batch-a", "v1", "hr", "public", 3, 1)),
+            embedded(doc("batch-b", "v1", "eng", "internal", 2, 2)),
+            embedded(doc("batch-a", "v2", "hr", "public", 2, 1)),
+            embedded(doc("batch-c", "v1", "eng", "public", 1, 4)),
+        ])
+        .await
+        .expect("batched upsert");
+    assert_eq!(
+        (
+            count("batch-a").await,
+            count("batch-b").await,
+            count("batch-c").await
+        ),
+        (5, 2, 1),
+        "every document of the batch, both versions of batch-a, in both divisions"
+    );
+    // One bad document: the batch writes nothing (the pool then retries
+    // its documents one at a time).
+    let (meta, chunks, _) = doc("batch-d", "v1", "hr", "public", 1, 0);
+    let bad = EmbeddedDoc {
+        meta,
+        chunks,
+        vectors: vec![vec![1.0; DIM + 1]],
+    };
+    let good = embedded(doc("batch-e", "v1", "hr", "public", 1, 0));
+    assert!(store.upsert_docs(&[good, bad]).await.is_err());
+    assert_eq!(count("batch-e").await, 0, "a failed batch writes nothing");
+
+    let removal = |doc_id: &str, keep: Option<&str>| Removal {
+        doc_id: doc_id.into(),
+        keep: keep.map(str::to_string),
+    };
+    let removed = store
+        .remove(&[
+            removal("batch-a", Some("v2")),
+            removal("batch-b", None),
+            removal("batch-c", Some("v1")),
+            removal("batch-never", None),
+        ])
+        .await
+        .expect("batched removal");
+    assert_eq!(
+        removed,
+        vec![
+            vec!["v1".to_string()],
+            vec!["v1".to_string()],
+            vec![],
+            vec![]
+        ]
+    );
+    assert_eq!(
+        (
+            count("batch-a").await,
+            count("batch-b").await,
+            count("batch-c").await
+        ),
+        (2, 0, 1)
+    );
+    let hits = store
+        .search(&vector(1, 0), &scope(&["hr"], &["public"]), 50)
+        .await
+        .unwrap();
+    assert!(
+        hits.iter()
+            .filter(|h| h.doc_id == "batch-a")
+            .all(|h| h.version == "v2"),
+        "old version returned after a batched prune: {hits:?}"
+    );
+    assert!(store.remove(&[]).await.unwrap().is_empty());
+    store
+        .remove(&[removal("batch-a", None), removal("batch-c", None)])
+        .await
+        .unwrap();
+    assert_eq!(count("batch-a").await + count("batch-c").await, 0);
 }

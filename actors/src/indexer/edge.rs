@@ -20,10 +20,10 @@
 //! segment grows past the indexing threshold.
 
 use super::{
-    check_search, check_upsert, point_id, Hit, HnswSettings, Scope, StoredVersion, VectorStore,
-    Versions,
+    check_search, check_upsert, point_id, removed_per_doc, Hit, HnswSettings, Removal, Scope,
+    StoredVersion, VectorStore, Versions,
 };
-use crate::messages::{Chunk, DocMeta};
+use crate::messages::{Chunk, DocMeta, EmbeddedDoc};
 use anyhow::Context;
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -320,7 +320,13 @@ impl EdgeStore {
                     offset,
                     limit: Some(1024),
                     filter: Some(filter.clone()),
-                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    // Not the text: a scroll over millions of points reads
+                    // these three fields only.
+                    with_payload: Some(WithPayloadInterface::Fields(vec![
+                        key("doc_id"),
+                        key("version"),
+                        key("seq"),
+                    ])),
                     with_vector: WithVector::Bool(false),
                     order_by: None,
                 })
@@ -343,25 +349,85 @@ impl EdgeStore {
         Ok(out.into_vec())
     }
 
-    fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
-        let mut filter = Filter {
-            must: Some(vec![eq("doc_id", doc_id)]),
+    /// Every removal in one scroll and at most one delete: the points of
+    /// any of the documents, outside the version each keeps.
+    fn remove_now(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
+        if removals.is_empty() {
+            return Ok(vec![]);
+        }
+        let one = |r: &Removal| Filter {
+            must: Some(vec![eq("doc_id", &r.doc_id)]),
+            must_not: r.keep.as_deref().map(|k| vec![eq("version", k)]),
             ..Default::default()
         };
-        if let Some(keep) = keep {
-            filter.must_not = Some(vec![eq("version", keep)]);
-        }
-        let versions: Vec<String> = self
-            .versions_matching(filter.clone())?
-            .into_iter()
-            .map(|v| v.version)
-            .collect();
-        if !versions.is_empty() {
+        let filter = match removals {
+            [r] => one(r),
+            _ => Filter {
+                should: Some(removals.iter().map(|r| Condition::Filter(one(r))).collect()),
+                ..Default::default()
+            },
+        };
+        let found = self.versions_matching(filter.clone())?;
+        if !found.is_empty() {
             self.write(UpdateOperation::PointOperation(
                 PointOperations::DeletePointsByFilter(filter),
             ))?;
         }
-        Ok(versions)
+        Ok(removed_per_doc(removals, &found))
+    }
+
+    fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
+        let removal = Removal {
+            doc_id: doc_id.to_string(),
+            keep: keep.map(str::to_string),
+        };
+        Ok(self.remove_now(&[removal])?.pop().unwrap_or_default())
+    }
+
+    /// The points of one document version, checked.
+    fn points(
+        &self,
+        doc: &DocMeta,
+        chunks: &[Chunk],
+        vectors: &[Vec<f32>],
+    ) -> anyhow::Result<Vec<PointStructPersisted>> {
+        check_upsert(chunks, vectors, self.dim)?;
+        let partition = partition_key(&doc.partition.division, &doc.partition.access_level);
+        Ok(chunks
+            .iter()
+            .zip(vectors)
+            .map(|(c, v)| {
+                PointStruct::new(
+                    point_id(&doc.doc_id, &doc.version, c.index),
+                    v.clone(),
+                    json!({
+                        "doc_id": doc.doc_id,
+                        "uri": doc.uri,
+                        "version": doc.version,
+                        "division": doc.partition.division,
+                        "access_level": doc.partition.access_level,
+                        "partition": partition,
+                        "chunk_index": c.index as i64,
+                        "seq": doc.seq,
+                        "text": c.text,
+                    }),
+                )
+                .into()
+            })
+            .collect())
+    }
+
+    /// Writes `points` in one operation (nothing for none).
+    async fn upsert_points(&self, points: Vec<PointStructPersisted>) -> anyhow::Result<()> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |s| {
+            s.write(UpdateOperation::PointOperation(
+                PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
+            ))
+        })
+        .await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -387,38 +453,16 @@ impl VectorStore for EdgeStore {
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()> {
-        check_upsert(chunks, vectors, self.dim)?;
-        let points: Vec<PointStructPersisted> = chunks
-            .iter()
-            .zip(vectors)
-            .map(|(c, v)| {
-                PointStruct::new(
-                    point_id(&doc.doc_id, &doc.version, c.index),
-                    v.clone(),
-                    json!({
-                        "doc_id": doc.doc_id,
-                        "uri": doc.uri,
-                        "version": doc.version,
-                        "division": doc.partition.division,
-                        "access_level": doc.partition.access_level,
-                        "partition": partition_key(&doc.partition.division, &doc.partition.access_level),
-                        "chunk_index": c.index as i64,
-                        "seq": doc.seq,
-                        "text": c.text,
-                    }),
-                )
-                .into()
-            })
-            .collect();
-        if points.is_empty() {
-            return Ok(());
+        let points = self.points(doc, chunks, vectors)?;
+        self.upsert_points(points).await
+    }
+
+    async fn upsert_docs(&self, docs: &[EmbeddedDoc]) -> anyhow::Result<()> {
+        let mut points = Vec::new();
+        for d in docs {
+            points.extend(self.points(&d.meta, &d.chunks, &d.vectors)?);
         }
-        self.blocking(move |s| {
-            s.write(UpdateOperation::PointOperation(
-                PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
-            ))
-        })
-        .await
+        self.upsert_points(points).await
     }
 
     async fn search(
@@ -487,6 +531,11 @@ impl VectorStore for EdgeStore {
     async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
         let doc_id = doc_id.to_string();
         self.blocking(move |s| s.delete_where(&doc_id, None)).await
+    }
+
+    async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
+        let removals = removals.to_vec();
+        self.blocking(move |s| s.remove_now(&removals)).await
     }
 
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {

@@ -10,7 +10,7 @@ pub mod conformance;
 pub mod edge;
 pub mod qdrant;
 
-use crate::messages::{Chunk, DocMeta};
+use crate::messages::{Chunk, DocMeta, EmbeddedDoc};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -136,6 +136,14 @@ impl Versions {
     }
 }
 
+/// What to delete of one document: every version but `keep`, or, with no
+/// `keep`, all of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removal {
+    pub doc_id: String,
+    pub keep: Option<String>,
+}
+
 #[async_trait]
 pub trait VectorStore: Send + Sync {
     fn backend(&self) -> &'static str;
@@ -147,6 +155,14 @@ pub trait VectorStore: Send + Sync {
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()>;
+    /// [`VectorStore::upsert`] for several documents, in as few writes as
+    /// the backend can (the Indexer writes a burst this way).
+    async fn upsert_docs(&self, docs: &[EmbeddedDoc]) -> anyhow::Result<()> {
+        for d in docs {
+            self.upsert(&d.meta, &d.chunks, &d.vectors).await?;
+        }
+        Ok(())
+    }
     /// Top `limit` chunks by cosine similarity, looking only inside `scope`.
     async fn search(&self, vector: &[f32], scope: &Scope, limit: usize)
         -> anyhow::Result<Vec<Hit>>;
@@ -155,6 +171,19 @@ pub trait VectorStore: Send + Sync {
     async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>>;
     /// Deletes every chunk of `doc_id`; returns the versions removed.
     async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>>;
+    /// [`VectorStore::delete_other_versions`] or [`VectorStore::delete_doc`]
+    /// for each removal, in as few calls as the backend can (the
+    /// VersionPruner's batches); the versions removed, per removal.
+    async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
+        let mut out = Vec::with_capacity(removals.len());
+        for r in removals {
+            out.push(match &r.keep {
+                Some(keep) => self.delete_other_versions(&r.doc_id, keep).await?,
+                None => self.delete_doc(&r.doc_id).await?,
+            });
+        }
+        Ok(out)
+    }
     /// Every document version in the store.
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>>;
     /// Number of points, optionally only those of one document.
@@ -164,6 +193,26 @@ pub trait VectorStore: Send + Sync {
     /// Builds search indexes for grown segments (a no-op where the engine
     /// does it by itself).
     async fn optimize(&self) -> anyhow::Result<()>;
+}
+
+/// What a batched [`VectorStore::remove`] found, told per removal: the
+/// versions of its document other than the one it keeps.
+pub(crate) fn removed_per_doc(removals: &[Removal], found: &[StoredVersion]) -> Vec<Vec<String>> {
+    let mut by_doc: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for v in found {
+        by_doc.entry(&v.doc_id).or_default().push(&v.version);
+    }
+    removals
+        .iter()
+        .map(|r| {
+            let versions = by_doc.get(r.doc_id.as_str()).map_or(&[][..], Vec::as_slice);
+            versions
+                .iter()
+                .filter(|v| Some(**v) != r.keep.as_deref())
+                .map(|v| v.to_string())
+                .collect()
+        })
+        .collect()
 }
 
 /// The argument checks every backend's `upsert` makes.

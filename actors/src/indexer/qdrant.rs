@@ -13,10 +13,10 @@
 //! call timed out; other errors fail at once with the server's message.
 
 use super::{
-    check_search, check_upsert, point_id, Hit, HnswSettings, Scope, StoredVersion, VectorStore,
-    Versions,
+    check_search, check_upsert, point_id, removed_per_doc, Hit, HnswSettings, Removal, Scope,
+    StoredVersion, VectorStore, Versions,
 };
-use crate::messages::{Chunk, DocMeta};
+use crate::messages::{Chunk, DocMeta, EmbeddedDoc};
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
@@ -352,18 +352,25 @@ impl QdrantStore {
         Ok(out.into_vec())
     }
 
-    async fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
-        let mut filter = Filter::must([keyword("doc_id", doc_id)]);
-        if let Some(keep) = keep {
-            filter.must_not.push(keyword("version", keep));
+    /// Every removal in one scroll and at most one delete: the points of
+    /// any of the documents, outside the version each keeps.
+    async fn remove_now(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
+        if removals.is_empty() {
+            return Ok(vec![]);
         }
-        let versions: Vec<String> = self
-            .versions_matching(filter.clone())
-            .await?
-            .into_iter()
-            .map(|v| v.version)
-            .collect();
-        if !versions.is_empty() {
+        let one = |r: &Removal| {
+            let mut f = Filter::must([keyword("doc_id", &r.doc_id)]);
+            if let Some(keep) = &r.keep {
+                f.must_not.push(keyword("version", keep));
+            }
+            f
+        };
+        let filter = match removals {
+            [r] => one(r),
+            _ => Filter::should(removals.iter().map(|r| Condition::from(one(r)))),
+        };
+        let found = self.versions_matching(filter.clone()).await?;
+        if !found.is_empty() {
             // No shard key: the delete reaches every key, so a document
             // that moved between divisions leaves nothing behind.
             let req = DeletePointsBuilder::new(&self.s.collection)
@@ -373,29 +380,26 @@ impl QdrantStore {
             self.call("delete", || self.client.delete_points(req.clone()))
                 .await?;
         }
-        Ok(versions)
-    }
-}
-
-#[async_trait]
-impl VectorStore for QdrantStore {
-    fn backend(&self) -> &'static str {
-        "qdrant"
+        Ok(removed_per_doc(removals, &found))
     }
 
-    async fn upsert(
+    async fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
+        let removal = Removal {
+            doc_id: doc_id.to_string(),
+            keep: keep.map(str::to_string),
+        };
+        Ok(self.remove_now(&[removal]).await?.pop().unwrap_or_default())
+    }
+
+    /// The points of one document version, checked.
+    fn points(
         &self,
         doc: &DocMeta,
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<PointStruct>> {
         check_upsert(chunks, vectors, self.s.dim)?;
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        let division = &doc.partition.division;
-        self.ensure_key(division).await?;
-        let points: Vec<PointStruct> = chunks
+        Ok(chunks
             .iter()
             .zip(vectors)
             .map(|(c, v)| {
@@ -403,7 +407,7 @@ impl VectorStore for QdrantStore {
                     ("doc_id", Value::from(doc.doc_id.clone())),
                     ("uri", Value::from(doc.uri.clone())),
                     ("version", Value::from(doc.version.clone())),
-                    ("division", Value::from(division.clone())),
+                    ("division", Value::from(doc.partition.division.clone())),
                     (
                         "access_level",
                         Value::from(doc.partition.access_level.clone()),
@@ -421,16 +425,59 @@ impl VectorStore for QdrantStore {
                     payload,
                 )
             })
-            .collect();
+            .collect())
+    }
+
+    /// Writes `points` into the shard key of `division`, in one request.
+    async fn upsert_points(&self, division: &str, points: Vec<PointStruct>) -> anyhow::Result<()> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        self.ensure_key(division).await?;
         let req = UpsertPointsBuilder::new(&self.s.collection, points)
             .wait(true)
             .shard_key_selector(ShardKeySelector {
-                shard_keys: vec![ShardKey::from(division.clone())],
+                shard_keys: vec![ShardKey::from(division.to_string())],
                 fallback: None,
             })
             .build();
         self.call("upsert", || self.client.upsert_points(req.clone()))
             .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl VectorStore for QdrantStore {
+    fn backend(&self) -> &'static str {
+        "qdrant"
+    }
+
+    async fn upsert(
+        &self,
+        doc: &DocMeta,
+        chunks: &[Chunk],
+        vectors: &[Vec<f32>],
+    ) -> anyhow::Result<()> {
+        let points = self.points(doc, chunks, vectors)?;
+        self.upsert_points(&doc.partition.division, points).await
+    }
+
+    /// One request per division (a division is a shard key), in the order
+    /// the divisions first appear.
+    async fn upsert_docs(&self, docs: &[EmbeddedDoc]) -> anyhow::Result<()> {
+        let mut by_division: Vec<(&str, Vec<PointStruct>)> = Vec::new();
+        for d in docs {
+            let points = self.points(&d.meta, &d.chunks, &d.vectors)?;
+            let division = d.meta.partition.division.as_str();
+            match by_division.iter_mut().find(|(k, _)| *k == division) {
+                Some((_, all)) => all.extend(points),
+                None => by_division.push((division, points)),
+            }
+        }
+        for (division, points) in by_division {
+            self.upsert_points(division, points).await?;
+        }
         Ok(())
     }
 
@@ -483,6 +530,10 @@ impl VectorStore for QdrantStore {
 
     async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
         self.delete_where(doc_id, None).await
+    }
+
+    async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
+        self.remove_now(removals).await
     }
 
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {
