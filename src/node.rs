@@ -400,6 +400,7 @@ impl Node {
                     config.batch_max_size * 4,
                 ),
                 out: port(&kafka, &index_q, EMBEDDED),
+                batch_docs: config.batch_max_size,
             }),
             embed_q.clone(),
             settings(config.embedder_min_workers, config.embedder_max_workers),

@@ -120,22 +120,43 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
 pub struct EmbedderStage {
     pub batcher: Batcher,
     pub out: Port<IndexJob>,
+    /// The most queued documents one worker hands the model in one request
+    /// (`[model] batch_max_size`): during a burst a few requests fill a pass
+    /// where one per document would cost a wake-up each.
+    pub batch_docs: usize,
 }
 
 impl Stage for EmbedderStage {
     type In = ChunkedDoc;
 
     async fn process(&self, doc: ChunkedDoc) -> anyhow::Result<()> {
-        let texts: Vec<String> = doc.chunks.iter().map(|c| c.text.clone()).collect();
+        self.process_batch(vec![doc]).await
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_docs
+    }
+
+    async fn process_batch(&self, docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
+        let texts: Vec<String> = docs
+            .iter()
+            .flat_map(|d| d.chunks.iter().map(|c| c.text.clone()))
+            .collect();
+        let n = texts.len();
         let vectors = self.batcher.embed(texts).await?;
-        anyhow::ensure!(vectors.len() == doc.chunks.len(), "one vector per chunk");
-        self.out
-            .send(IndexJob::Upsert(EmbeddedDoc {
-                meta: doc.meta,
-                chunks: doc.chunks,
-                vectors,
-            }))
-            .await?;
-        Ok(())
+        anyhow::ensure!(vectors.len() == n, "one vector per chunk");
+        let mut vectors = vectors.into_iter();
+        let jobs = docs
+            .into_iter()
+            .map(|doc| {
+                let vectors = vectors.by_ref().take(doc.chunks.len()).collect();
+                IndexJob::Upsert(EmbeddedDoc {
+                    meta: doc.meta,
+                    chunks: doc.chunks,
+                    vectors,
+                })
+            })
+            .collect();
+        self.out.send_all(jobs).await
     }
 }
