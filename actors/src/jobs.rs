@@ -14,6 +14,9 @@ impl Job for DocMeta {
     fn payload(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_default()
     }
+    fn bytes(&self) -> u64 {
+        self.size
+    }
 }
 
 impl Job for ChunkedDoc {

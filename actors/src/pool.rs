@@ -37,7 +37,17 @@ pub trait Job: Clone + Send + Sync + 'static {
     fn doc_id(&self) -> &str;
     fn version(&self) -> Option<&str>;
     fn payload(&self) -> serde_json::Value;
+    /// Roughly how many bytes processing it holds at once (a file's size),
+    /// for [`Stage::max_batch_bytes`].
+    fn bytes(&self) -> u64 {
+        0
+    }
 }
+
+/// The jobs of a batch that failed on their own, by position in the batch,
+/// with their errors: each is retried or dead-lettered on its own, and the
+/// rest of the batch counts as done.
+pub type JobErrors = Vec<(usize, anyhow::Error)>;
 
 /// One stage's work. `process` does the work and hands its output on.
 pub trait Stage: Send + Sync + 'static {
@@ -49,18 +59,28 @@ pub trait Stage: Send + Sync + 'static {
         1
     }
 
-    /// Processes `jobs` (in queue order) as one unit: an error sends all of
-    /// them back to run alone, so whatever this did for some of them before
-    /// failing must be safe to do again.
+    /// A batch grows only while its jobs' [`Job::bytes`] stay within this
+    /// (its first job goes whatever its size).
+    fn max_batch_bytes(&self) -> u64 {
+        u64::MAX
+    }
+
+    /// Processes `jobs` (in queue order; more than one). `Ok` names the
+    /// jobs that failed on their own ([`JobErrors`]). `Err` fails the whole
+    /// batch: all of its jobs go back to run alone, so whatever this did for
+    /// some of them before failing must be safe to do again.
     fn process_batch(
         &self,
         jobs: Vec<Self::In>,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+    ) -> impl Future<Output = anyhow::Result<JobErrors>> + Send {
         async move {
-            for job in jobs {
-                self.process(job).await?;
+            let mut errors = JobErrors::new();
+            for (i, job) in jobs.into_iter().enumerate() {
+                if let Err(e) = self.process(job).await {
+                    errors.push((i, e));
+                }
             }
-            Ok(())
+            Ok(errors)
         }
     }
 }
@@ -191,23 +211,26 @@ impl<J: Job> PoolQueue<J> {
         self.queued(len);
     }
 
-    /// The next job, and up to `max - 1` more behind it while none of them
-    /// is a retry (a retried job runs alone).
-    fn pop_batch(&self, max: usize) -> Vec<Attempt<J>> {
+    /// The next job, and up to `max - 1` more behind it, within
+    /// `max_bytes` in all, while none of them is a retry (a retried job runs
+    /// alone).
+    fn pop_batch(&self, max: usize, max_bytes: u64) -> Vec<Attempt<J>> {
         let mut jobs = self.jobs.lock();
         let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        let alone = |a: &Attempt<J>| a.solo || a.attempt > 0;
         while batch.len() < max.max(1) {
-            let alone = |a: &Attempt<J>| a.solo || a.attempt > 0;
-            match jobs.front() {
-                Some(a) if batch.is_empty() || !alone(a) => {
-                    let a = jobs.pop_front().expect("a front job");
-                    let stop = alone(&a);
-                    batch.push(a);
-                    if stop {
-                        break;
-                    }
-                }
-                _ => break,
+            let Some(next) = jobs.front() else { break };
+            let fits = bytes.saturating_add(next.job.bytes()) <= max_bytes;
+            if !batch.is_empty() && (alone(next) || !fits) {
+                break;
+            }
+            let a = jobs.pop_front().expect("a front job");
+            bytes = bytes.saturating_add(a.job.bytes());
+            let stop = alone(&a);
+            batch.push(a);
+            if stop {
+                break;
             }
         }
         self.stats
@@ -234,7 +257,8 @@ impl<J: Job> PoolQueue<J> {
 
 pub enum PoolMsg<J> {
     Kick,
-    Done(ActorId),
+    /// A worker finished its batch; these jobs of it (by position) failed.
+    Done(ActorId, Vec<(usize, String)>),
     Tick,
     Respawn,
     #[doc(hidden)]
@@ -301,14 +325,21 @@ impl<S: Stage> Actor for Worker<S> {
     ) -> Result<(), ActorProcessingErr> {
         // An error fails this worker as an actor: the pool sees the failure,
         // decides the jobs' fate and restarts the worker.
-        let done = if batch.len() == 1 {
-            self.stage.process(batch.remove(0).job).await
+        let errors = if batch.len() == 1 {
+            self.stage
+                .process(batch.remove(0).job)
+                .await
+                .map(|()| vec![])
         } else {
             let jobs = batch.into_iter().map(|a| a.job).collect();
             self.stage.process_batch(jobs).await
         };
-        done.map_err(|e| format!("{e:#}"))?;
-        let _ = self.pool.cast(PoolMsg::Done(myself.get_id()));
+        let errors = errors
+            .map_err(|e| format!("{e:#}"))?
+            .into_iter()
+            .map(|(i, e)| (i, format!("{e:#}")))
+            .collect();
+        let _ = self.pool.cast(PoolMsg::Done(myself.get_id(), errors));
         Ok(())
     }
 }
@@ -358,7 +389,11 @@ impl<S: Stage> Pool<S> {
                     return Ok(());
                 }
             };
-            let batch = state.args.queue.pop_batch(state.args.stage.max_batch());
+            let stage = &state.args.stage;
+            let batch = state
+                .args
+                .queue
+                .pop_batch(stage.max_batch(), stage.max_batch_bytes());
             if batch.is_empty() {
                 return Ok(());
             }
@@ -475,17 +510,28 @@ impl<S: Stage> Actor for Pool<S> {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PoolMsg::Kick | PoolMsg::_Phantom(_) => {}
-            PoolMsg::Done(id) => {
-                if let Some(slot) = state.workers.get_mut(&id) {
-                    let batch = std::mem::take(&mut slot.busy);
-                    slot.idle_since = Instant::now();
-                    for a in &batch {
-                        if let Some(ack) = &a.ack {
-                            ack.fire();
+            PoolMsg::Done(id, errors) => {
+                let batch = match state.workers.get_mut(&id) {
+                    Some(slot) => {
+                        slot.idle_since = Instant::now();
+                        std::mem::take(&mut slot.busy)
+                    }
+                    None => vec![],
+                };
+                let mut failed: HashMap<usize, String> = errors.into_iter().collect();
+                let mut done = 0;
+                for (i, a) in batch.into_iter().enumerate() {
+                    match failed.remove(&i) {
+                        Some(error) => Self::job_failed(state, a, error),
+                        None => {
+                            if let Some(ack) = &a.ack {
+                                ack.fire();
+                            }
+                            done += 1;
                         }
                     }
-                    state.stats().processed_n(batch.len() as u64);
                 }
+                state.stats().processed_n(done);
             }
             PoolMsg::Tick => {
                 let min = state.args.settings.min.max(1);
@@ -686,17 +732,17 @@ mod tests {
     impl Stage for Batchy {
         type In = Doc;
         async fn process(&self, job: Doc) -> anyhow::Result<()> {
-            self.process_batch(vec![job]).await
+            self.process_batch(vec![job]).await.map(|_| ())
         }
         fn max_batch(&self) -> usize {
             4
         }
-        async fn process_batch(&self, jobs: Vec<Doc>) -> anyhow::Result<()> {
+        async fn process_batch(&self, jobs: Vec<Doc>) -> anyhow::Result<JobErrors> {
             let ids: Vec<&'static str> = jobs.iter().map(|d| d.0).collect();
             let bad = ids.contains(&"bad");
             self.batches.lock().push(ids);
             anyhow::ensure!(!bad, "cannot process bad");
-            Ok(())
+            Ok(vec![])
         }
     }
 
@@ -778,6 +824,78 @@ mod tests {
         assert!(
             batches.contains(&vec!["8", "9"]),
             "new jobs are batched again after the retries: {batches:?}"
+        );
+    }
+
+    /// Picky's rule, four jobs at a time, each job's failure its own (the
+    /// default `process_batch`).
+    struct PickyBatches;
+
+    impl Stage for PickyBatches {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            Picky.process(job).await
+        }
+        fn max_batch(&self) -> usize {
+            4
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_that_fails_inside_a_batch_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq: Arc<dyn DeadLetters> =
+            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+        let stats = Arc::new(ActorStats::default());
+        let queue = PoolQueue::new(stats.clone());
+        let ids = ["0", "1", "bad", "3", "4"];
+        let acks: Arc<HashMap<&str, AtomicUsize>> =
+            Arc::new(ids.iter().map(|d| (*d, AtomicUsize::new(0))).collect());
+        for d in ids {
+            let a = acks.clone();
+            queue.submit_with_ack(
+                Doc(d),
+                Ack::new(move || {
+                    a[d].fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        }
+        let mut settings = PoolSettings::default();
+        settings.restart.base = Duration::from_millis(1);
+        let (_pool, _) = Actor::spawn(
+            None,
+            Pool::<PickyBatches>::default(),
+            PoolArgs {
+                name: "picky-batches".into(),
+                stage: Arc::new(PickyBatches),
+                queue: queue.clone(),
+                settings,
+                ledger: Ledger::new(8),
+                dlq: dlq.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
+            assert!(Instant::now() < deadline, "not every job was acked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for d in ids {
+            assert_eq!(acks[d].load(Ordering::SeqCst), 1, "{d} acked once");
+        }
+        let entries = dlq.list().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            (entries[0].doc_id.as_str(), entries[0].attempts),
+            ("bad", 3)
+        );
+        assert_eq!(stats.processed.load(Ordering::SeqCst), 4, "the good four");
+        assert_eq!(
+            stats.failed.load(Ordering::SeqCst),
+            3,
+            "bad's three attempts"
         );
     }
 }

@@ -9,7 +9,7 @@ use crate::cache_guard::CacheHandle;
 use crate::indexer::{Removal, VectorStore};
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::IndexedEvent;
-use crate::pool::Stage;
+use crate::pool::{JobErrors, Stage};
 use std::sync::Arc;
 
 pub struct VersionPrunerStage {
@@ -26,14 +26,20 @@ impl Stage for VersionPrunerStage {
     type In = IndexedEvent;
 
     async fn process(&self, event: IndexedEvent) -> anyhow::Result<()> {
-        self.process_batch(vec![event]).await
+        self.prune(vec![event]).await
     }
 
     fn max_batch(&self) -> usize {
         PRUNE_BATCH
     }
 
-    async fn process_batch(&self, events: Vec<IndexedEvent>) -> anyhow::Result<()> {
+    async fn process_batch(&self, events: Vec<IndexedEvent>) -> anyhow::Result<JobErrors> {
+        self.prune(events).await.map(|()| vec![])
+    }
+}
+
+impl VersionPrunerStage {
+    async fn prune(&self, events: Vec<IndexedEvent>) -> anyhow::Result<()> {
         let mut removals = Vec::new();
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {

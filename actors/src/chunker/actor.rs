@@ -5,7 +5,7 @@ use super::Chunker;
 use crate::bridge::Port;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{ChunkedDoc, DocMeta};
-use crate::pool::Stage;
+use crate::pool::{JobErrors, Stage};
 use crate::source_watcher::{content_version, read_at_most};
 use std::sync::Arc;
 
@@ -22,56 +22,131 @@ pub struct ChunkerStage {
     pub max_file_bytes: u64,
 }
 
+/// The most documents the chunker reads and parses in one trip to the
+/// blocking pool, and their most bytes together: a burst of small files
+/// costs one trip (two wake-ups) per batch, while a large file still goes
+/// alone and a batch never holds more than a few MiB of text at once.
+pub const CHUNK_BATCH: usize = 32;
+pub const CHUNK_BATCH_BYTES: u64 = 4 << 20;
+
 impl Stage for ChunkerStage {
     type In = DocMeta;
 
     async fn process(&self, meta: DocMeta) -> anyhow::Result<()> {
-        let skip = |reason: String| {
-            self.ledger
-                .finish(&meta.doc_id, Some(&meta.version), Outcome::Skipped(reason));
-            Ok(())
-        };
-        if !self.ledger.is_current(&meta.doc_id, &meta.version) {
-            return skip("superseded by a newer version".into());
+        match self.process_batch(vec![meta]).await?.pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
         }
-        // Read, check and parse in one trip to the blocking pool: each trip
-        // wakes a thread, and during a burst on the model's cores.
-        let chunker = self.chunker.clone();
-        let (path, version, max) = (meta.path.clone(), meta.version.clone(), self.max_file_bytes);
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Read> {
-            let Some(bytes) = read_at_most(&std::fs::File::open(&path)?, max)? else {
-                return Ok(Read::TooBig);
-            };
-            if content_version(&bytes) != version {
-                return Ok(Read::Changed);
+    }
+
+    fn max_batch(&self) -> usize {
+        CHUNK_BATCH
+    }
+
+    fn max_batch_bytes(&self) -> u64 {
+        CHUNK_BATCH_BYTES
+    }
+
+    /// Reads, checks and parses the batch's current versions in one trip to
+    /// the blocking pool (each trip wakes a thread, and during a burst on
+    /// the model's cores), then hands the parsed ones on together. A file
+    /// that fails fails alone.
+    async fn process_batch(&self, metas: Vec<DocMeta>) -> anyhow::Result<JobErrors> {
+        let mut todo = Vec::with_capacity(metas.len());
+        for (i, meta) in metas.into_iter().enumerate() {
+            if self.ledger.is_current(&meta.doc_id, &meta.version) {
+                todo.push((i, meta));
+            } else {
+                self.skip(&meta, "superseded by a newer version".into());
             }
-            Ok(Read::Parsed(chunker.chunk_file(&path, &bytes)))
+        }
+        if todo.is_empty() {
+            return Ok(vec![]);
+        }
+        let chunker = self.chunker.clone();
+        let max = self.max_file_bytes;
+        let files: Vec<_> = todo
+            .iter()
+            .map(|(_, m)| (m.path.clone(), m.version.clone()))
+            .collect();
+        let reads = tokio::task::spawn_blocking(move || {
+            files
+                .iter()
+                .map(|(path, version)| read_and_parse(&chunker, path, version, max))
+                .collect::<Vec<_>>()
         })
         .await
         .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
+        let mut out = Vec::with_capacity(todo.len());
+        let mut errors = JobErrors::new();
+        for ((i, meta), read) in todo.into_iter().zip(reads) {
+            match self.settle(&meta, read) {
+                Ok(Some(chunks)) => out.push(ChunkedDoc { meta, chunks }),
+                Ok(None) => {}
+                Err(e) => errors.push((i, e)),
+            }
+        }
+        self.out.send_all(out).await?;
+        Ok(errors)
+    }
+}
+
+/// Reads `path` (at most `max` bytes), checks it is still `version`, and
+/// parses it.
+fn read_and_parse(
+    chunker: &Chunker,
+    path: &std::path::Path,
+    version: &str,
+    max: u64,
+) -> std::io::Result<Read> {
+    let Some(bytes) = read_at_most(&std::fs::File::open(path)?, max)? else {
+        return Ok(Read::TooBig);
+    };
+    if content_version(&bytes) != version {
+        return Ok(Read::Changed);
+    }
+    Ok(Read::Parsed(chunker.chunk_file(path, &bytes)))
+}
+
+impl ChunkerStage {
+    fn skip(&self, meta: &DocMeta, reason: String) {
+        self.ledger
+            .finish(&meta.doc_id, Some(&meta.version), Outcome::Skipped(reason));
+    }
+
+    /// What becomes of one read: its chunks to hand on, nothing (skipped,
+    /// with the reason in the ledger), or an error to retry.
+    fn settle(
+        &self,
+        meta: &DocMeta,
+        read: std::io::Result<Read>,
+    ) -> anyhow::Result<Option<Vec<crate::messages::Chunk>>> {
         let parsed = match read {
             Ok(Read::Parsed(parsed)) => parsed,
             Ok(Read::TooBig) => {
-                return skip(format!(
-                    "file grew over the {} byte limit",
-                    self.max_file_bytes
-                ))
+                let reason = format!("file grew over the {} byte limit", self.max_file_bytes);
+                self.skip(meta, reason);
+                return Ok(None);
             }
             // Changed after the watcher hashed it; the watcher's next event
             // carries the new version.
-            Ok(Read::Changed) => return skip("changed while queued; newer version follows".into()),
+            Ok(Read::Changed) => {
+                self.skip(meta, "changed while queued; newer version follows".into());
+                return Ok(None);
+            }
             // Gone since the watcher saw it: its deletion event follows.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return skip("file removed before it was read".into())
+                self.skip(meta, "file removed before it was read".into());
+                return Ok(None);
             }
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", meta.path.display())),
         };
         match parsed {
-            Ok(chunks) => {
-                self.out.send(ChunkedDoc { meta, chunks }).await?;
-                Ok(())
+            Ok(chunks) => Ok(Some(chunks)),
+            Err(ParseError::Unsupported(reason)) => {
+                self.skip(meta, reason);
+                Ok(None)
             }
-            Err(ParseError::Unsupported(reason)) => skip(reason),
             Err(e @ ParseError::Malformed { .. }) => Err(e.into()),
         }
     }

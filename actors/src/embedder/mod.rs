@@ -11,7 +11,7 @@ use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
 use crate::messages::{ChunkedDoc, EmbeddedDoc};
 use crate::model::AnyEncoder;
-use crate::pool::Stage;
+use crate::pool::{JobErrors, Stage};
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -64,7 +64,12 @@ impl Batcher {
 }
 
 fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) {
-    while let Ok(first) = rx.recv() {
+    loop {
+        // How long the model waited for work: during a burst, time the
+        // pipeline failed to keep it fed (benches/ingest.rs sums it).
+        let waiting = std::time::Instant::now();
+        let Ok(first) = rx.recv() else { return };
+        let waited = waiting.elapsed();
         let mut batch = vec![first];
         let mut n = batch[0].texts.len();
         while n < max_texts {
@@ -85,6 +90,7 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
         tracing::debug!(
             texts = texts.len(),
             requests = batch.len(),
+            waited_us = waited.as_micros() as u64,
             "embedding pass"
         );
         // A model panic fails this pass's requests (they are retried by
@@ -130,14 +136,20 @@ impl Stage for EmbedderStage {
     type In = ChunkedDoc;
 
     async fn process(&self, doc: ChunkedDoc) -> anyhow::Result<()> {
-        self.process_batch(vec![doc]).await
+        self.embed(vec![doc]).await
     }
 
     fn max_batch(&self) -> usize {
         self.batch_docs
     }
 
-    async fn process_batch(&self, docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
+    async fn process_batch(&self, docs: Vec<ChunkedDoc>) -> anyhow::Result<JobErrors> {
+        self.embed(docs).await.map(|()| vec![])
+    }
+}
+
+impl EmbedderStage {
+    async fn embed(&self, docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
         let texts: Vec<String> = docs
             .iter()
             .flat_map(|d| d.chunks.iter().map(|c| c.text.clone()))

@@ -10,7 +10,7 @@ use super::VectorStore;
 use crate::bridge::Port;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{EmbeddedDoc, IndexedEvent};
-use crate::pool::Stage;
+use crate::pool::{JobErrors, Stage};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -160,16 +160,22 @@ impl Stage for IndexerStage {
     type In = IndexJob;
 
     async fn process(&self, job: IndexJob) -> anyhow::Result<()> {
-        self.process_batch(vec![job]).await
+        self.write(vec![job]).await
     }
 
     fn max_batch(&self) -> usize {
         WRITE_BATCH
     }
 
+    async fn process_batch(&self, jobs: Vec<IndexJob>) -> anyhow::Result<JobErrors> {
+        self.write(jobs).await.map(|()| vec![])
+    }
+}
+
+impl IndexerStage {
     /// Decides each job in order (the current-version check), writes every
     /// admitted version in one call, then hands the events on in order.
-    async fn process_batch(&self, jobs: Vec<IndexJob>) -> anyhow::Result<()> {
+    async fn write(&self, jobs: Vec<IndexJob>) -> anyhow::Result<()> {
         let mut writes = Vec::new();
         let mut events = Vec::with_capacity(jobs.len());
         for job in jobs {
