@@ -248,11 +248,11 @@ async fn handle_path(args: &WatcherArgs, path: &Path) {
             let files = tokio::task::spawn_blocking(move || walk(&root))
                 .await
                 .unwrap_or_default();
-            for file in files {
-                if let Some((s, u)) = source_of(&args.sources, &file) {
-                    consider(args, s, &file, &u, false).await;
-                }
-            }
+            let files = files
+                .into_iter()
+                .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
+                .collect();
+            consider_all(args, files).await;
         }
         Ok(_) => {}
         Err(_) => {
@@ -294,13 +294,12 @@ async fn rescan(args: &WatcherArgs) {
         let files = tokio::task::spawn_blocking(move || walk(&root))
             .await
             .unwrap_or_default();
-        for file in files {
-            let Some((s, uri)) = source_of(&args.sources, &file) else {
-                continue;
-            };
-            present.insert(doc_id(s, &uri));
-            consider(args, s, &file, &uri, false).await;
-        }
+        let files: Vec<_> = files
+            .into_iter()
+            .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
+            .collect();
+        present.extend(files.iter().map(|(s, _, uri)| doc_id(s, uri)));
+        consider_all(args, files).await;
     }
     if !args.only.is_empty() {
         // A partial scan cannot tell what was deleted elsewhere.
@@ -362,25 +361,84 @@ async fn remove(args: &WatcherArgs, doc_id: &str) {
     }
 }
 
+/// Files probed per trip to the blocking pool when a walk finds many (a
+/// scan, a folder moved in): each trip wakes a thread, and during a burst
+/// those wake-ups land on the model's cores.
+const PROBE_BATCH: usize = 32;
+
+/// [`consider`] for the files a walk found, probed [`PROBE_BATCH`] at a
+/// time.
+async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, String)>) {
+    let mut files = files.into_iter().peekable();
+    while files.peek().is_some() {
+        let mut batch = Vec::with_capacity(PROBE_BATCH);
+        for (source, path, uri) in files.by_ref() {
+            if supported(args, source, &path, &uri) {
+                batch.push((source, path, uri));
+                if batch.len() == PROBE_BATCH {
+                    break;
+                }
+            }
+        }
+        let paths: Vec<PathBuf> = batch.iter().map(|(_, p, _)| p.clone()).collect();
+        let max = args.max_file_bytes;
+        let probes = tokio::task::spawn_blocking(move || {
+            paths.iter().map(|p| probe(p, max)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for ((source, path, uri), probed) in batch.into_iter().zip(probes) {
+            decide(args, source, &path, &uri, false, probed).await;
+        }
+    }
+}
+
+/// Whether ragd parses this kind of file; an unsupported one is recorded
+/// as skipped.
+fn supported(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str) -> bool {
+    if crate::chunker::parse::Format::from_path(path).is_some() {
+        return true;
+    }
+    let reason = format!(
+        "unsupported file type {:?}",
+        path.extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let id = doc_id(source, uri);
+    args.ledger.record(&id, Some("-"), Outcome::Skipped(reason));
+    false
+}
+
 async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str, force: bool) {
+    if !supported(args, source, path, uri) {
+        return;
+    }
+    // One trip to the blocking pool per file.
+    let (p, max) = (path.to_path_buf(), args.max_file_bytes);
+    let Ok(probed) = tokio::task::spawn_blocking(move || probe(&p, max)).await else {
+        return;
+    };
+    decide(args, source, path, uri, force, probed).await;
+}
+
+/// What to do with a probed file: nothing (unchanged, in flight, or in the
+/// DLQ), skip it (too big), or admit its version and hand it on.
+async fn decide(
+    args: &WatcherArgs,
+    source: &SourceSpec,
+    path: &Path,
+    uri: &str,
+    force: bool,
+    probed: std::io::Result<Probe>,
+) {
     let id = doc_id(source, uri);
     let skip = |reason: String| {
         args.ledger.record(&id, Some("-"), Outcome::Skipped(reason));
     };
-    if crate::chunker::parse::Format::from_path(path).is_none() {
-        return skip(format!(
-            "unsupported file type {:?}",
-            path.extension()
-                .map(|e| e.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-    }
-    // One trip to the blocking pool per file: each trip wakes a thread,
-    // and during a burst those wake-ups land on the model's cores.
-    let (p, max) = (path.to_path_buf(), args.max_file_bytes);
-    let (size, version) = match tokio::task::spawn_blocking(move || probe(&p, max)).await {
-        Ok(Ok(Probe::Read { size, version })) => (size, version),
-        Ok(Ok(Probe::TooBig(size))) => {
+    let (size, version) = match probed {
+        Ok(Probe::Read { size, version }) => (size, version),
+        Ok(Probe::TooBig(size)) => {
             // Never read a huge file just to hash it.
             if args.known.lock().contains_key(&id) {
                 remove(args, &id).await;
