@@ -213,19 +213,26 @@ fn main() {
     let per_doc_ms = |ticks: u64| ticks as f64 * 10.0 / n as f64;
     // The model's pass sizes during the run (the batcher logs each pass at
     // debug level): small passes cost more per text.
-    let mut passes: Vec<usize> = d
-        .log()
-        .lines()
-        .filter(|l| l.contains("embedding pass"))
-        .filter_map(|l| {
-            l.split("texts=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+    let log = d.log();
+    let pass_field = |l: &str, field: &str| -> Option<u64> {
+        l.split(field)
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let pass_lines = || log.lines().filter(|l| l.contains("embedding pass"));
+    let mut passes: Vec<usize> = pass_lines()
+        .filter_map(|l| pass_field(l, "texts=").map(|n| n as usize))
         .collect();
+    // The model thread's waits for work before each pass (the first one
+    // included the idle time before the burst, so it is left out).
+    let waited_s = pass_lines()
+        .filter_map(|l| pass_field(l, "waited_us="))
+        .skip(1)
+        .sum::<u64>() as f64
+        / 1e6;
     passes.sort_unstable();
     let pct = |p: f64| {
         passes
@@ -257,6 +264,8 @@ fn main() {
             "cpu_pipeline_ms_per_doc": per_doc_ms(cpu.total.saturating_sub(cpu.model)),
             "cpu_idle_share": 1.0 - share(cpu.total, took.as_secs_f64()),
             "context_switches_per_doc": cpu.switches as f64 / n as f64,
+            // The share of the burst the model thread sat waiting for texts.
+            "model_starved_share": waited_s / took.as_secs_f64(),
             "peak_rss_mib_ingest": rss_ingest_mib,
             "index_build_after_s": build_after.as_secs_f64(),
             "peak_rss_mib": rss_mib,
