@@ -529,9 +529,9 @@ impl Node {
                 let l = ledger.clone();
                 let group = k.group(&format!("ledger-{}", config.node_name));
                 k.follow::<IndexedEvent, _>(&k.topic(INDEXED), &group, move |ev| match ev {
-                    IndexedEvent::Indexed { doc_id, version } => {
-                        l.finish(&doc_id, Some(&version), Outcome::Indexed)
-                    }
+                    IndexedEvent::Indexed {
+                        doc_id, version, ..
+                    } => l.finish(&doc_id, Some(&version), Outcome::Indexed),
                     IndexedEvent::Superseded { doc_id, version } => l.finish(
                         &doc_id,
                         Some(&version),

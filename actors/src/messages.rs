@@ -99,6 +99,10 @@ pub enum IndexedEvent {
     Indexed {
         doc_id: String,
         version: String,
+        /// The version's `DocMeta::seq`: the pruner removes only versions
+        /// seen before it (0, from an older node: every other version).
+        #[serde(default)]
+        seq: u64,
     },
     Deleted {
         doc_id: String,

@@ -44,12 +44,20 @@ impl VersionPrunerStage {
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
             match event {
-                IndexedEvent::Indexed { doc_id, version } => {
-                    // An overtaken version must not prune its successor.
+                IndexedEvent::Indexed {
+                    doc_id,
+                    version,
+                    seq,
+                } => {
+                    // An overtaken version must not prune its successor:
+                    // not when it is known to be overtaken here, and not
+                    // when its successor is written between this check and
+                    // the removal (only versions seen before it go).
                     if self.ledger.is_current(&doc_id, &version) {
                         removals.push(Removal {
                             doc_id: doc_id.clone(),
                             keep: Some(version.clone()),
+                            seen_before: (seq > 0).then_some(seq),
                         });
                     }
                     outcomes.push((doc_id, Some(version), Outcome::Indexed));
@@ -66,6 +74,7 @@ impl VersionPrunerStage {
                         removals.push(Removal {
                             doc_id: doc_id.clone(),
                             keep: None,
+                            seen_before: None,
                         });
                     }
                     outcomes.push((doc_id, None, Outcome::Deleted));
@@ -85,5 +94,90 @@ impl VersionPrunerStage {
             self.ledger.finish(&doc_id, version.as_deref(), outcome);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache_guard::embedded::EmbeddedCache;
+    use crate::indexer::edge::EdgeStore;
+    use crate::messages::{Chunk, DocMeta, Partition};
+    use std::time::Duration;
+
+    fn meta(version: &str, seq: u64) -> DocMeta {
+        DocMeta {
+            doc_id: "kb:hr/leave.md".into(),
+            source: "kb".into(),
+            uri: "hr/leave.md".into(),
+            path: "/nowhere/hr/leave.md".into(),
+            version: version.into(),
+            partition: Partition {
+                division: "hr".into(),
+                access_level: "public".into(),
+            },
+            size: 1,
+            seq,
+        }
+    }
+
+    /// The race the seq guard closes: v2 is current when the pruner checks,
+    /// and v3, seen since, is written before v2's prune reaches the store.
+    /// Pruning "every version but v2" would delete v3, and v3's own prune
+    /// then v2: the document would vanish from the index.
+    #[tokio::test]
+    async fn a_late_prune_never_removes_a_version_seen_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        for (v, seq) in [("v1", 1_000), ("v2", 2_000), ("v3", 3_000)] {
+            let chunk = Chunk {
+                index: 0,
+                text: format!("leave policy {v}"),
+            };
+            store
+                .upsert(&meta(v, seq), &[chunk], &[vec![1.0, 0.0, 0.0, 0.0]])
+                .await
+                .unwrap();
+        }
+        // This node's ledger has seen v2 only (v3 came through another
+        // ingest path, or just after the check).
+        let ledger = Ledger::new(8);
+        ledger.observe("kb:hr/leave.md", Some("v2"), 2_000);
+        let cache: Arc<dyn crate::cache_guard::SemanticCache> =
+            Arc::new(EmbeddedCache::new(0.98, 10, Duration::from_secs(60)));
+        let pruner = VersionPrunerStage {
+            store: store.clone(),
+            ledger,
+            cache: CacheHandle {
+                actor_name: "no-cache-actor".into(),
+                cache,
+            },
+        };
+        let indexed = |version: &str, seq| IndexedEvent::Indexed {
+            doc_id: "kb:hr/leave.md".into(),
+            version: version.into(),
+            seq,
+        };
+        pruner.process(indexed("v2", 2_000)).await.unwrap();
+        let mut left: Vec<String> = store
+            .indexed_versions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.version)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["v2", "v3"], "v1 pruned, v3 kept");
+        // An event from an older node carries no seq: the old rule, every
+        // other version.
+        pruner.process(indexed("v2", 0)).await.unwrap();
+        let left: Vec<String> = store
+            .indexed_versions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(left, ["v2"]);
     }
 }

@@ -121,6 +121,7 @@ impl SemanticCache for EmbeddedCache {
         let removal = Removal {
             doc_id: doc_id.to_string(),
             keep: keep.map(str::to_string),
+            seen_before: None,
         };
         self.invalidate_all(&[removal]).await
     }
@@ -280,6 +281,7 @@ mod tests {
         let removal = |doc_id: &str, keep: Option<&str>| Removal {
             doc_id: doc_id.into(),
             keep: keep.map(str::to_string),
+            seen_before: None,
         };
         let batch = [
             removal("a", Some("v2")),

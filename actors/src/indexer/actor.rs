@@ -203,6 +203,7 @@ impl IndexerStage {
                     events.push(IndexedEvent::Indexed {
                         doc_id: doc.meta.doc_id.clone(),
                         version: doc.meta.version.clone(),
+                        seq: doc.meta.seq,
                     });
                     writes.push(doc);
                 }

@@ -268,6 +268,7 @@ async fn batches(store: &dyn VectorStore) {
     let removal = |doc_id: &str, keep: Option<&str>| Removal {
         doc_id: doc_id.into(),
         keep: keep.map(str::to_string),
+        seen_before: None,
     };
     let removed = store
         .remove(&[
@@ -306,6 +307,45 @@ async fn batches(store: &dyn VectorStore) {
         "old version returned after a batched prune: {hits:?}"
     );
     assert!(store.remove(&[]).await.unwrap().is_empty());
+
+    // The prune of v2 reaches the store after v3 was written (v3 was seen
+    // later): only the version seen before v2 goes.
+    for v in ["v1", "v2", "v3"] {
+        put(store, doc("batch-race", v, "hr", "public", 1, 6)).await;
+    }
+    let prune_v2 = Removal {
+        doc_id: "batch-race".into(),
+        keep: Some("v2".into()),
+        seen_before: Some(2_000),
+    };
+    let removed = store.remove(&[prune_v2]).await.unwrap();
+    assert_eq!(removed, vec![vec!["v1".to_string()]]);
+    let mut left: Vec<String> = store
+        .indexed_versions()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.doc_id == "batch-race")
+        .map(|v| v.version)
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["v2", "v3"],
+        "the newer version survives the late prune"
+    );
+    // v3's own prune then leaves v3 alone.
+    let prune_v3 = Removal {
+        doc_id: "batch-race".into(),
+        keep: Some("v3".into()),
+        seen_before: Some(3_000),
+    };
+    assert_eq!(
+        store.remove(&[prune_v3]).await.unwrap(),
+        vec![vec!["v2".to_string()]]
+    );
+    assert_eq!(store.count(Some("batch-race")).await.unwrap(), 1);
+    store.remove(&[removal("batch-race", None)]).await.unwrap();
     store
         .remove(&[removal("batch-a", None), removal("batch-c", None)])
         .await

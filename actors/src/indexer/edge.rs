@@ -27,14 +27,16 @@ use crate::messages::{Chunk, DocMeta, EmbeddedDoc};
 use anyhow::Context;
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::external::serde_json::{self as qjson, json};
 use qdrant_edge::{
     Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
     FacetRequest, FacetValue, FieldCondition, FieldIndexOperations, Filter, HnswIndexConfig,
     IntegerIndexParams, JsonPath, KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema,
     PayloadOps, PayloadSchemaParams, PointInsertOperations, PointOperations, PointStruct,
-    PointStructPersisted, QueryEnum, QueryRequest, ScoringQuery, ScrollRequest, SearchParams,
-    SetPayloadOp, UpdateOperation, WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
+    PointStructPersisted, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest,
+    SearchParams, SetPayloadOp, UpdateOperation, WithPayloadInterface, WithVector,
+    DEFAULT_VECTOR_NAME,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -355,10 +357,30 @@ impl EdgeStore {
         if removals.is_empty() {
             return Ok(vec![]);
         }
-        let one = |r: &Removal| Filter {
-            must: Some(vec![eq("doc_id", &r.doc_id)]),
-            must_not: r.keep.as_deref().map(|k| vec![eq("version", k)]),
-            ..Default::default()
+        let one = |r: &Removal| {
+            let mut must = vec![eq("doc_id", &r.doc_id)];
+            if let Some(seq) = r.seen_before {
+                must.push(Condition::Filter(Filter {
+                    should: Some(vec![
+                        Condition::Field(FieldCondition::new_range(
+                            key("seq"),
+                            Range {
+                                lt: Some(OrderedFloat(seq as f64)),
+                                gt: None,
+                                gte: None,
+                                lte: None,
+                            },
+                        )),
+                        Condition::IsEmpty(key("seq").into()),
+                    ]),
+                    ..Default::default()
+                }));
+            }
+            Filter {
+                must: Some(must),
+                must_not: r.keep.as_deref().map(|k| vec![eq("version", k)]),
+                ..Default::default()
+            }
         };
         let filter = match removals {
             [r] => one(r),
@@ -380,6 +402,7 @@ impl EdgeStore {
         let removal = Removal {
             doc_id: doc_id.to_string(),
             keep: keep.map(str::to_string),
+            seen_before: None,
         };
         Ok(self.remove_now(&[removal])?.pop().unwrap_or_default())
     }

@@ -142,6 +142,13 @@ impl Versions {
 pub struct Removal {
     pub doc_id: String,
     pub keep: Option<String>,
+    /// Only versions seen before this `seq` (and points that carry none,
+    /// written before ragd stored it). The pruner sets the kept version's
+    /// seq, so a newer version written while its prune was on its way
+    /// survives it, whatever the timing. (Stores compare it as an f64: to
+    /// ~256 ns at today's nanosecond seqs, far finer than two versions of
+    /// one file are ever seen apart.)
+    pub seen_before: Option<u64>,
 }
 
 #[async_trait]

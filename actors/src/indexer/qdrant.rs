@@ -25,7 +25,7 @@ use qdrant_client::qdrant::{
     shard_key, Condition, CountPointsBuilder, CreateCollectionBuilder,
     CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder, CreateShardKeyRequestBuilder,
     DeletePointsBuilder, Distance, FieldType, Filter, HnswConfigDiffBuilder, PointId, PointStruct,
-    QueryPoints, QueryPointsBuilder, ScrollPointsBuilder, SearchParamsBuilder, ShardKey,
+    QueryPoints, QueryPointsBuilder, Range, ScrollPointsBuilder, SearchParamsBuilder, ShardKey,
     ShardKeySelector, ShardingMethod, UpsertPointsBuilder, Value, VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
@@ -360,6 +360,16 @@ impl QdrantStore {
         }
         let one = |r: &Removal| {
             let mut f = Filter::must([keyword("doc_id", &r.doc_id)]);
+            if let Some(seq) = r.seen_before {
+                let older = Range {
+                    lt: Some(seq as f64),
+                    ..Default::default()
+                };
+                f.must.push(Condition::from(Filter::should([
+                    Condition::range("seq", older),
+                    Condition::is_empty("seq"),
+                ])));
+            }
             if let Some(keep) = &r.keep {
                 f.must_not.push(keyword("version", keep));
             }
@@ -387,6 +397,7 @@ impl QdrantStore {
         let removal = Removal {
             doc_id: doc_id.to_string(),
             keep: keep.map(str::to_string),
+            seen_before: None,
         };
         Ok(self.remove_now(&[removal]).await?.pop().unwrap_or_default())
     }

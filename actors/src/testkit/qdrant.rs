@@ -14,12 +14,13 @@ use parking_lot::Mutex;
 use qdrant_client::qdrant as g;
 use qdrant_client::qdrant::collections_server::{Collections, CollectionsServer};
 use qdrant_client::qdrant::points_server::{Points, PointsServer};
+use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::external::serde_json;
 use qdrant_edge::{
     Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
     FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, MatchExcept, NamedQuery,
     PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations, PointOperations,
-    PointStruct, QueryEnum, QueryRequest, ScoringQuery, ScrollRequest, UpdateOperation,
+    PointStruct, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest, UpdateOperation,
     WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -209,6 +210,16 @@ fn condition(c: g::Condition) -> Result<Condition, Status> {
                 .key
                 .parse()
                 .map_err(|_| Status::invalid_argument(format!("bad key {:?}", fc.key)))?;
+            if let Some(r) = fc.range {
+                let bound = |b: Option<f64>| b.map(OrderedFloat);
+                let range = Range {
+                    lt: bound(r.lt),
+                    gt: bound(r.gt),
+                    gte: bound(r.gte),
+                    lte: bound(r.lte),
+                };
+                return Ok(Condition::Field(FieldCondition::new_range(key, range)));
+            }
             let m = match fc.r#match.and_then(|m| m.match_value) {
                 Some(M::Keyword(s)) => Match::from(s),
                 Some(M::Integer(i)) => Match::from(i),
@@ -222,6 +233,13 @@ fn condition(c: g::Condition) -> Result<Condition, Status> {
             Ok(Condition::Field(FieldCondition::new_match(key, m)))
         }
         Some(C::Filter(f)) => Ok(Condition::Filter(filter(f)?)),
+        Some(C::IsEmpty(e)) => {
+            let key: JsonPath = e
+                .key
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("bad key {:?}", e.key)))?;
+            Ok(Condition::IsEmpty(key.into()))
+        }
         _ => Err(unsupported("this condition")),
     }
 }
