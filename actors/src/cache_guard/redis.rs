@@ -23,13 +23,14 @@
 //! back empty serves again without a ragd restart.
 
 use super::{CachedAnswer, SemanticCache};
-use crate::indexer::Scope;
+use crate::indexer::{Removal, Scope};
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -409,56 +410,79 @@ impl RedisCache {
         Ok(())
     }
 
-    async fn do_invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
+    /// Three round trips for the whole batch, whatever its size: the
+    /// tombstones and each document's cached versions, the entries citing
+    /// the removed ones, then their deletion.
+    async fn do_invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<usize> {
+        if removals.is_empty() {
+            return Ok(0);
+        }
         let ttl = self.s.ttl.as_secs().max(1);
-        self.within(
-            "SET tombstone",
-            redis::cmd("SET")
-                .arg(self.pruned_key(doc_id))
-                .arg(keep.unwrap_or(""))
+        let mut p = redis::pipe();
+        for r in removals {
+            p.cmd("SET")
+                .arg(self.pruned_key(&r.doc_id))
+                .arg(r.keep.as_deref().unwrap_or(""))
                 .arg("EX")
                 .arg(ttl)
-                .query_async::<()>(&mut self.conn()),
-        )
-        .await?;
-        let versions: Vec<String> = self
+                .ignore()
+                .cmd("SMEMBERS")
+                .arg(self.versions_key(&r.doc_id));
+        }
+        let cached: Vec<Vec<String>> = self
             .within(
-                "SMEMBERS versions",
-                redis::cmd("SMEMBERS")
-                    .arg(self.versions_key(doc_id))
-                    .query_async(&mut self.conn()),
+                "SET tombstones, SMEMBERS versions",
+                p.query_async(&mut self.conn()),
             )
             .await?;
-        let mut removed = 0usize;
-        for v in versions.iter().filter(|v| Some(v.as_str()) != keep) {
-            let cites = self.cites_key(doc_id, v);
-            let entries: Vec<String> = self
-                .within(
-                    "SMEMBERS cites",
-                    redis::cmd("SMEMBERS")
-                        .arg(&cites)
-                        .query_async(&mut self.conn()),
-                )
-                .await?;
-            let mut p = redis::pipe();
+        // What each document keeps; a document twice in a batch loses what
+        // either removal removes, as one after the other would.
+        let mut keeps: HashMap<&str, Vec<Option<&str>>> = HashMap::new();
+        for r in removals {
+            keeps.entry(&r.doc_id).or_default().push(r.keep.as_deref());
+        }
+        let mut stale = BTreeSet::new();
+        for (r, versions) in removals.iter().zip(cached) {
+            for v in versions {
+                if keeps[r.doc_id.as_str()]
+                    .iter()
+                    .any(|k| *k != Some(v.as_str()))
+                {
+                    stale.insert((r.doc_id.as_str(), v));
+                }
+            }
+        }
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let mut p = redis::pipe();
+        for (doc_id, v) in &stale {
+            p.cmd("SMEMBERS").arg(self.cites_key(doc_id, v));
+        }
+        let citing: Vec<Vec<String>> = self
+            .within("SMEMBERS cites", p.query_async(&mut self.conn()))
+            .await?;
+        let mut p = redis::pipe();
+        for ((doc_id, v), entries) in stale.iter().zip(&citing) {
             if !entries.is_empty() {
-                p.cmd("DEL").arg(&entries);
-            } else {
-                p.cmd("ECHO").arg(0);
+                p.cmd("DEL").arg(entries);
             }
             p.cmd("DEL")
-                .arg(&cites)
+                .arg(self.cites_key(doc_id, v))
                 .ignore()
                 .cmd("SREM")
                 .arg(self.versions_key(doc_id))
                 .arg(v)
                 .ignore();
-            let (n,): (usize,) = self
-                .within("DEL entries", p.query_async(&mut self.conn()))
-                .await?;
-            removed += n;
         }
-        Ok(removed)
+        // Never an empty reply, whatever was ignored.
+        p.cmd("ECHO").arg(0);
+        let removed: Vec<usize> = self
+            .within("DEL entries", p.query_async(&mut self.conn()))
+            .await?;
+        // An entry citing two removed versions is deleted once and counted
+        // once (the second DEL finds nothing).
+        Ok(removed.iter().sum())
     }
 }
 
@@ -493,6 +517,15 @@ impl SemanticCache for RedisCache {
     }
 
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
+        let removal = Removal {
+            doc_id: doc_id.to_string(),
+            keep: keep.map(str::to_string),
+            seen_before: None,
+        };
+        self.invalidate_all(&[removal]).await
+    }
+
+    async fn invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<usize> {
         // Not guarded by the circuit: an invalidation is always attempted,
         // because a missed one would serve outdated text. (When Redis is
         // down there is nothing to serve either; entries also expire.)
@@ -500,7 +533,7 @@ impl SemanticCache for RedisCache {
             if !self.ready.load(Ordering::SeqCst) {
                 self.setup().await?;
             }
-            self.do_invalidate(doc_id, keep).await
+            self.do_invalidate_all(removals).await
         }
         .await;
         if r.is_err() {
@@ -739,6 +772,61 @@ mod tests {
         // A deleted document takes every version with it.
         assert_eq!(node_a.invalidate("pay", None).await.unwrap(), 1);
         assert_eq!(node_b.lookup(&[0.0, 1.0], &s, 5).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_removals_drops_what_each_would_in_turn() {
+        let v = Valkey::start();
+        let cache = RedisCache::connect(settings(&v, 2, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let s = scope(&["hr"]);
+        let (a, b, c, ad) = ([1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]);
+        cache
+            .store(&a, &s, 5, answer(&[("a", "v1")]))
+            .await
+            .unwrap();
+        cache
+            .store(&b, &s, 5, answer(&[("b", "v1")]))
+            .await
+            .unwrap();
+        cache
+            .store(&c, &s, 5, answer(&[("c", "v1")]))
+            .await
+            .unwrap();
+        let both = answer(&[("a", "v2"), ("d", "v1")]);
+        cache.store(&ad, &s, 5, both).await.unwrap();
+        let removal = |doc_id: &str, keep: Option<&str>| Removal {
+            doc_id: doc_id.into(),
+            keep: keep.map(str::to_string),
+            seen_before: None,
+        };
+        let batch = [
+            removal("a", Some("v2")),
+            removal("b", None),
+            removal("never-cached", None),
+        ];
+        assert_eq!(cache.invalidate_all(&batch).await.unwrap(), 2);
+        let cached = |q: [f32; 2]| {
+            let cache = &cache;
+            let s = s.clone();
+            async move { cache.lookup(&q, &s, 5).await.unwrap().is_some() }
+        };
+        assert_eq!(
+            (
+                cached(a).await,
+                cached(b).await,
+                cached(c).await,
+                cached(ad).await
+            ),
+            (false, false, true, true)
+        );
+        // One document twice: what either removal removes goes.
+        let twice = [removal("d", Some("v1")), removal("d", Some("v2"))];
+        assert_eq!(cache.invalidate_all(&twice).await.unwrap(), 1);
+        assert!(!cached(ad).await);
+        assert!(cached(c).await);
+        assert_eq!(cache.invalidate_all(&[]).await.unwrap(), 0);
     }
 
     #[tokio::test]
