@@ -31,6 +31,9 @@ impl Job for ChunkedDoc {
     fn payload(&self) -> serde_json::Value {
         serde_json::to_value(&self.meta).unwrap_or_default()
     }
+    fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.text.len() as u64).sum()
+    }
 }
 
 impl Job for IndexJob {
@@ -50,6 +53,16 @@ impl Job for IndexJob {
         match self {
             IndexJob::Upsert(d) => serde_json::to_value(&d.meta).unwrap_or_default(),
             IndexJob::Delete { doc_id, .. } => serde_json::json!({ "delete": doc_id }),
+        }
+    }
+    fn bytes(&self) -> u64 {
+        match self {
+            IndexJob::Upsert(d) => {
+                let text: usize = d.chunks.iter().map(|c| c.text.len()).sum();
+                let vectors: usize = d.vectors.iter().map(|v| v.len() * 4).sum();
+                (text + vectors) as u64
+            }
+            IndexJob::Delete { .. } => 0,
         }
     }
 }

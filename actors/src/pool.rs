@@ -6,19 +6,24 @@
 //! actors linked to the pool: a worker whose job fails (an error or a panic)
 //! fails as an actor; the pool re-queues the job with its attempt count (or
 //! dead-letters it after `max_attempts`) and restarts the worker with capped
-//! exponential backoff ([`crate::supervisor`] has the delay table).
+//! exponential backoff ([`crate::supervisor`] has the delay table). A job
+//! that fails on its own inside a batch ([`JobErrors`]) is re-queued or
+//! dead-lettered the same way, without a restart: the worker is fine.
 //!
 //! The pool grows by one worker while jobs wait and all workers are busy, up
 //! to `max`, and retires a worker that has been idle for `idle_retire`, down
 //! to `min`.
 //!
 //! A stage whose work is cheaper in bulk (a store write, a network round
-//! trip) says how many queued jobs one call may take ([`Stage::max_batch`]):
-//! a worker then gets what is waiting, up to that many, so a burst is
-//! written in a few calls while a lone job still goes at once. A batch that
-//! fails costs its jobs no attempt: they go back to the front of the queue
-//! to run one at a time, so one bad job cannot take its batch-mates to the
-//! DLQ, and from there on its failures are its own.
+//! trip) says how many queued jobs one call may take ([`Stage::max_batch`],
+//! [`Stage::max_batch_bytes`]): a worker then gets what is waiting, up to
+//! that, so a burst is written in a few calls while a lone job still goes at
+//! once. A batch that fails as a whole costs its jobs no attempt: they go
+//! back to the front of the queue to run one at a time, so one bad job
+//! cannot take its batch-mates to the DLQ, and from there on its failures
+//! are its own. (The embedder's model thread still merges requests from
+//! different workers into one pass, as before batches: a pass that fails
+//! fails each of them.)
 
 use crate::dlq::{DeadLetters, DlqEntry};
 use crate::ledger::{Ledger, Outcome};
@@ -655,6 +660,80 @@ mod tests {
         }
     }
 
+    /// What became of a run: how often each job was acked, the DLQ, and
+    /// the pool's stats.
+    struct Run {
+        acks: HashMap<&'static str, usize>,
+        dlq: Vec<DlqEntry>,
+        stats: Arc<ActorStats>,
+    }
+
+    /// Queues `ids` (before the pool starts, so its first dispatch sees
+    /// them all), runs `stage` over them with 3 attempts per job until every
+    /// job is acked, then waits a little for stray second acks.
+    async fn run<S: Stage<In = Doc>>(stage: Arc<S>, ids: &[&'static str]) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq: Arc<dyn DeadLetters> =
+            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+        let stats = Arc::new(ActorStats::default());
+        let queue = PoolQueue::new(stats.clone());
+        let acks: Arc<HashMap<&'static str, AtomicUsize>> =
+            Arc::new(ids.iter().map(|d| (*d, AtomicUsize::new(0))).collect());
+        for d in ids.iter().copied() {
+            let a = acks.clone();
+            queue.submit_with_ack(
+                Doc(d),
+                Ack::new(move || {
+                    a[d].fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        }
+        let mut settings = PoolSettings {
+            max_attempts: 3,
+            ..Default::default()
+        };
+        settings.restart.base = Duration::from_millis(1);
+        let (pool, _) = Actor::spawn(
+            None,
+            Pool::<S>::default(),
+            PoolArgs {
+                name: "test".into(),
+                stage,
+                queue,
+                settings,
+                ledger: Ledger::new(8),
+                dlq: dlq.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
+            assert!(Instant::now() < deadline, "not every job was acked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pool.stop(None);
+        Run {
+            acks: acks
+                .iter()
+                .map(|(d, n)| (*d, n.load(Ordering::SeqCst)))
+                .collect(),
+            dlq: dlq.list().unwrap(),
+            stats,
+        }
+    }
+
+    /// The DLQ holds exactly "bad", after its three attempts.
+    fn only_bad_dead_lettered(run: &Run) {
+        let entries: Vec<(&str, u32)> = run
+            .dlq
+            .iter()
+            .map(|e| (e.doc_id.as_str(), e.attempts))
+            .collect();
+        assert_eq!(entries, [("bad", 3)]);
+    }
+
     /// Fails every attempt at "bad", succeeds at anything else.
     struct Picky;
 
@@ -668,59 +747,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_is_acked_once_when_processed_or_when_dead_lettered_never_on_a_retry() {
-        let dir = tempfile::tempdir().unwrap();
-        let dlq: Arc<dyn DeadLetters> =
-            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
-        let queue = PoolQueue::new(Arc::new(ActorStats::default()));
-        let mut settings = PoolSettings {
-            max_attempts: 3,
-            ..Default::default()
-        };
-        settings.restart.base = Duration::from_millis(1);
-        let (_pool, _) = Actor::spawn(
-            None,
-            Pool::<Picky>::default(),
-            PoolArgs {
-                name: "picky".into(),
-                stage: Arc::new(Picky),
-                queue: queue.clone(),
-                settings,
-                ledger: Ledger::new(8),
-                dlq: dlq.clone(),
-            },
-        )
-        .await
-        .unwrap();
-        let acks: Arc<HashMap<&str, AtomicUsize>> = Arc::new(
-            ["good", "bad"]
-                .into_iter()
-                .map(|d| (d, AtomicUsize::new(0)))
-                .collect(),
-        );
-        for d in ["good", "bad"] {
-            let a = acks.clone();
-            queue.submit_with_ack(
-                Doc(d),
-                Ack::new(move || {
-                    a[d].fetch_add(1, Ordering::SeqCst);
-                }),
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
-            assert!(Instant::now() < deadline, "not every job was acked");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(acks["good"].load(Ordering::SeqCst), 1);
-        // Acked only after its third attempt, once it was in the DLQ.
-        assert_eq!(acks["bad"].load(Ordering::SeqCst), 1);
-        let entries = dlq.list().unwrap();
-        assert_eq!(entries.len(), 1);
-        assert_eq!(
-            (entries[0].doc_id.as_str(), entries[0].attempts),
-            ("bad", 3)
-        );
+        let run = run(Arc::new(Picky), &["good", "bad"]).await;
+        // "bad" is acked only after its third attempt, once in the DLQ.
+        assert_eq!(run.acks, HashMap::from([("good", 1), ("bad", 1)]));
+        only_bad_dead_lettered(&run);
     }
 
     /// Takes up to four jobs at once and fails any batch holding "bad".
@@ -748,56 +778,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_batch_retries_its_jobs_alone_so_only_the_bad_one_is_dead_lettered() {
-        let dir = tempfile::tempdir().unwrap();
-        let dlq: Arc<dyn DeadLetters> =
-            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
-        let queue = PoolQueue::new(Arc::new(ActorStats::default()));
-        let ids = ["0", "1", "2", "3", "4", "bad", "6", "7", "8", "9"];
-        let acks: Arc<HashMap<&str, AtomicUsize>> =
-            Arc::new(ids.iter().map(|d| (*d, AtomicUsize::new(0))).collect());
-        // Queued before the pool starts, so its first dispatch sees them all.
-        for d in ids {
-            let a = acks.clone();
-            queue.submit_with_ack(
-                Doc(d),
-                Ack::new(move || {
-                    a[d].fetch_add(1, Ordering::SeqCst);
-                }),
-            );
-        }
         let stage = Arc::new(Batchy::default());
-        let mut settings = PoolSettings::default();
-        settings.restart.base = Duration::from_millis(1);
-        let (_pool, _) = Actor::spawn(
-            None,
-            Pool::<Batchy>::default(),
-            PoolArgs {
-                name: "batchy".into(),
-                stage: stage.clone(),
-                queue: queue.clone(),
-                settings,
-                ledger: Ledger::new(8),
-                dlq: dlq.clone(),
-            },
-        )
-        .await
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
-            assert!(Instant::now() < deadline, "not every job was acked");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for d in ids {
-            assert_eq!(acks[d].load(Ordering::SeqCst), 1, "{d} acked once");
-        }
-        let entries = dlq.list().unwrap();
-        assert_eq!(entries.len(), 1, "only the bad job is dead-lettered");
-        assert_eq!(
-            (entries[0].doc_id.as_str(), entries[0].attempts),
-            ("bad", 3),
-            "the failed batch cost it no attempt"
-        );
+        let ids = ["0", "1", "2", "3", "4", "bad", "6", "7", "8", "9"];
+        let run = run(stage.clone(), &ids).await;
+        assert!(run.acks.values().all(|n| *n == 1), "{:?}", run.acks);
+        // The failed batch cost "bad" no attempt: three of its own.
+        only_bad_dead_lettered(&run);
         let batches = stage.batches.lock().clone();
         assert_eq!(
             batches[0],
@@ -843,57 +829,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_that_fails_inside_a_batch_fails_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let dlq: Arc<dyn DeadLetters> =
-            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
-        let stats = Arc::new(ActorStats::default());
-        let queue = PoolQueue::new(stats.clone());
-        let ids = ["0", "1", "bad", "3", "4"];
-        let acks: Arc<HashMap<&str, AtomicUsize>> =
-            Arc::new(ids.iter().map(|d| (*d, AtomicUsize::new(0))).collect());
-        for d in ids {
-            let a = acks.clone();
-            queue.submit_with_ack(
-                Doc(d),
-                Ack::new(move || {
-                    a[d].fetch_add(1, Ordering::SeqCst);
-                }),
-            );
-        }
-        let mut settings = PoolSettings::default();
-        settings.restart.base = Duration::from_millis(1);
-        let (_pool, _) = Actor::spawn(
-            None,
-            Pool::<PickyBatches>::default(),
-            PoolArgs {
-                name: "picky-batches".into(),
-                stage: Arc::new(PickyBatches),
-                queue: queue.clone(),
-                settings,
-                ledger: Ledger::new(8),
-                dlq: dlq.clone(),
-            },
-        )
-        .await
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
-            assert!(Instant::now() < deadline, "not every job was acked");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for d in ids {
-            assert_eq!(acks[d].load(Ordering::SeqCst), 1, "{d} acked once");
-        }
-        let entries = dlq.list().unwrap();
-        assert_eq!(entries.len(), 1);
+        // [0, 1, bad, 3] first; then 4, and bad's retries, one at a time.
+        let run = run(Arc::new(PickyBatches), &["0", "1", "bad", "3", "4"]).await;
         assert_eq!(
-            (entries[0].doc_id.as_str(), entries[0].attempts),
-            ("bad", 3)
+            run.stats.restarts.load(Ordering::SeqCst),
+            2,
+            "its failure inside the batch restarted no worker; its two alone did"
         );
-        assert_eq!(stats.processed.load(Ordering::SeqCst), 4, "the good four");
+        assert!(run.acks.values().all(|n| *n == 1), "{:?}", run.acks);
+        only_bad_dead_lettered(&run);
         assert_eq!(
-            stats.failed.load(Ordering::SeqCst),
+            run.stats.processed.load(Ordering::SeqCst),
+            4,
+            "the good four"
+        );
+        assert_eq!(
+            run.stats.failed.load(Ordering::SeqCst),
             3,
             "bad's three attempts"
         );

@@ -18,8 +18,8 @@ pub struct VersionPrunerStage {
     pub cache: CacheHandle,
 }
 
-/// The most events the pruner takes at once: one store call (a scroll and
-/// at most one delete) prunes them all.
+/// The most events the pruner takes at once: one store call (a scroll,
+/// paged, and at most one delete) prunes them all.
 pub const PRUNE_BATCH: usize = 64;
 
 impl Stage for VersionPrunerStage {
@@ -71,11 +71,7 @@ impl VersionPrunerStage {
                     // Re-created since? Then its new version is on its way
                     // and will prune; deleting now would open a gap.
                     if self.ledger.latest_version(&doc_id).is_none() {
-                        removals.push(Removal {
-                            doc_id: doc_id.clone(),
-                            keep: None,
-                            seen_before: None,
-                        });
+                        removals.push(Removal::new(&doc_id, None));
                     }
                     outcomes.push((doc_id, None, Outcome::Deleted));
                 }
@@ -101,25 +97,9 @@ impl VersionPrunerStage {
 mod tests {
     use super::*;
     use crate::cache_guard::embedded::EmbeddedCache;
+    use crate::indexer::actor::tests::{embedded, versions};
     use crate::indexer::edge::EdgeStore;
-    use crate::messages::{Chunk, DocMeta, Partition};
     use std::time::Duration;
-
-    fn meta(version: &str, seq: u64) -> DocMeta {
-        DocMeta {
-            doc_id: "kb:hr/leave.md".into(),
-            source: "kb".into(),
-            uri: "hr/leave.md".into(),
-            path: "/nowhere/hr/leave.md".into(),
-            version: version.into(),
-            partition: Partition {
-                division: "hr".into(),
-                access_level: "public".into(),
-            },
-            size: 1,
-            seq,
-        }
-    }
 
     /// The race the seq guard closes: v2 is current when the pruner checks,
     /// and v3, seen since, is written before v2's prune reaches the store.
@@ -130,14 +110,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
         for (v, seq) in [("v1", 1_000), ("v2", 2_000), ("v3", 3_000)] {
-            let chunk = Chunk {
-                index: 0,
-                text: format!("leave policy {v}"),
-            };
-            store
-                .upsert(&meta(v, seq), &[chunk], &[vec![1.0, 0.0, 0.0, 0.0]])
-                .await
-                .unwrap();
+            let d = embedded(v, seq);
+            store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
         }
         // This node's ledger has seen v2 only (v3 came through another
         // ingest path, or just after the check).
@@ -159,25 +133,10 @@ mod tests {
             seq,
         };
         pruner.process(indexed("v2", 2_000)).await.unwrap();
-        let mut left: Vec<String> = store
-            .indexed_versions()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|v| v.version)
-            .collect();
-        left.sort();
-        assert_eq!(left, ["v2", "v3"], "v1 pruned, v3 kept");
+        assert_eq!(versions(&store).await, ["v2", "v3"], "v1 pruned, v3 kept");
         // An event from an older node carries no seq: the old rule, every
         // other version.
         pruner.process(indexed("v2", 0)).await.unwrap();
-        let left: Vec<String> = store
-            .indexed_versions()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|v| v.version)
-            .collect();
-        assert_eq!(left, ["v2"]);
+        assert_eq!(versions(&store).await, ["v2"]);
     }
 }

@@ -118,11 +118,7 @@ impl SemanticCache for EmbeddedCache {
     }
 
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
-        let removal = Removal {
-            doc_id: doc_id.to_string(),
-            keep: keep.map(str::to_string),
-            seen_before: None,
-        };
+        let removal = Removal::new(doc_id, keep);
         self.invalidate_all(&[removal]).await
     }
 
@@ -163,7 +159,7 @@ impl SemanticCache for EmbeddedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache_guard::test_support::{hit, scope};
+    use crate::cache_guard::test_support::{a_batch, hit, one_document_twice, scope};
     use crate::cache_guard::visible;
 
     #[tokio::test]
@@ -278,17 +274,7 @@ mod tests {
             };
             cache.store(&v, &s, 5, value).await.unwrap();
         }
-        let removal = |doc_id: &str, keep: Option<&str>| Removal {
-            doc_id: doc_id.into(),
-            keep: keep.map(str::to_string),
-            seen_before: None,
-        };
-        let batch = [
-            removal("a", Some("v2")),
-            removal("b", None),
-            removal("never-cached", None),
-        ];
-        assert_eq!(cache.invalidate_all(&batch).await.unwrap(), 2);
+        assert_eq!(cache.invalidate_all(&a_batch()).await.unwrap(), 2);
         let cited = |cache: &EmbeddedCache| -> Vec<String> {
             let entries = cache.entries.lock();
             let mut docs: Vec<String> = entries
@@ -308,8 +294,10 @@ mod tests {
         };
         assert_eq!(cited(&cache), vec!["a@v2+d@v1", "c@v1"]);
         // One document twice: what either removal removes goes.
-        let twice = [removal("d", Some("v1")), removal("d", Some("v2"))];
-        assert_eq!(cache.invalidate_all(&twice).await.unwrap(), 1);
+        assert_eq!(
+            cache.invalidate_all(&one_document_twice()).await.unwrap(),
+            1
+        );
         assert_eq!(cited(&cache), vec!["c@v1"]);
         assert_eq!(cache.invalidate_all(&[]).await.unwrap(), 0);
     }

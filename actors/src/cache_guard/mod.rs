@@ -11,7 +11,7 @@ pub mod redis;
 
 #[cfg(test)]
 mod test_support {
-    use crate::indexer::{Hit, Scope};
+    use crate::indexer::{Hit, Removal, Scope};
 
     pub fn hit(doc: &str, version: &str, division: &str) -> Hit {
         Hit {
@@ -24,6 +24,22 @@ mod test_support {
             text: "t".into(),
             score: 1.0,
         }
+    }
+
+    /// The cases both caches' batch tests run: answers citing a@v1, b@v1,
+    /// c@v1 and a@v2 + d@v1, then this batch, which drops the first two.
+    pub fn a_batch() -> [Removal; 3] {
+        [
+            Removal::new("a", Some("v2")),
+            Removal::new("b", None),
+            Removal::new("never-cached", None),
+        ]
+    }
+
+    /// One document twice in a batch: what either removal removes goes
+    /// (the answer citing d@v1).
+    pub fn one_document_twice() -> [Removal; 2] {
+        [Removal::new("d", Some("v1")), Removal::new("d", Some("v2"))]
     }
 
     pub fn scope(divs: &[&str]) -> Scope {

@@ -517,11 +517,7 @@ impl SemanticCache for RedisCache {
     }
 
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
-        let removal = Removal {
-            doc_id: doc_id.to_string(),
-            keep: keep.map(str::to_string),
-            seen_before: None,
-        };
+        let removal = Removal::new(doc_id, keep);
         self.invalidate_all(&[removal]).await
     }
 
@@ -664,7 +660,7 @@ fn first_result(reply: &Value) -> anyhow::Result<Option<(f64, Vec<u8>)>> {
 mod tests {
     //! Against a real Valkey with the search module (crate::testkit).
     use super::*;
-    use crate::cache_guard::test_support::{hit, scope};
+    use crate::cache_guard::test_support::{a_batch, hit, one_document_twice, scope};
     use crate::testkit::Valkey;
 
     fn settings(v: &Valkey, dim: usize, ttl: Duration) -> RedisSettings {
@@ -796,17 +792,7 @@ mod tests {
             .unwrap();
         let both = answer(&[("a", "v2"), ("d", "v1")]);
         cache.store(&ad, &s, 5, both).await.unwrap();
-        let removal = |doc_id: &str, keep: Option<&str>| Removal {
-            doc_id: doc_id.into(),
-            keep: keep.map(str::to_string),
-            seen_before: None,
-        };
-        let batch = [
-            removal("a", Some("v2")),
-            removal("b", None),
-            removal("never-cached", None),
-        ];
-        assert_eq!(cache.invalidate_all(&batch).await.unwrap(), 2);
+        assert_eq!(cache.invalidate_all(&a_batch()).await.unwrap(), 2);
         let cached = |q: [f32; 2]| {
             let cache = &cache;
             let s = s.clone();
@@ -822,8 +808,10 @@ mod tests {
             (false, false, true, true)
         );
         // One document twice: what either removal removes goes.
-        let twice = [removal("d", Some("v1")), removal("d", Some("v2"))];
-        assert_eq!(cache.invalidate_all(&twice).await.unwrap(), 1);
+        assert_eq!(
+            cache.invalidate_all(&one_document_twice()).await.unwrap(),
+            1
+        );
         assert!(!cached(ad).await);
         assert!(cached(c).await);
         assert_eq!(cache.invalidate_all(&[]).await.unwrap(), 0);

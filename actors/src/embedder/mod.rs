@@ -1,7 +1,8 @@
 //! The Embedder stage and its batcher.
 //!
-//! Pool workers are concurrency slots: each hands its document's chunks to
-//! the [`Batcher`] and waits. The batcher runs the model on its own thread
+//! Pool workers are concurrency slots: each hands the chunks of the
+//! documents it took from the queue (up to `batch_docs`) to the [`Batcher`]
+//! as one request and waits. The batcher runs the model on its own thread
 //! and, like TEI's queue, takes every request waiting when it starts a pass,
 //! up to the token budget, so small documents share forward passes instead
 //! of running one tiny batch each. The encoder sorts and pads each pass by
@@ -141,6 +142,12 @@ impl Stage for EmbedderStage {
 
     fn max_batch(&self) -> usize {
         self.batch_docs
+    }
+
+    /// A worker holds at most this much chunk text (a few large documents
+    /// go alone), so 64 workers stay within a few hundred MiB.
+    fn max_batch_bytes(&self) -> u64 {
+        4 << 20
     }
 
     async fn process_batch(&self, docs: Vec<ChunkedDoc>) -> anyhow::Result<JobErrors> {

@@ -150,11 +150,13 @@ impl Optimizer {
     }
 }
 
-/// The most jobs the Indexer takes in one write: a burst goes into the
-/// store in few large writes (one lock, one blocking-pool trip, or one
-/// request to a Qdrant server, for up to this many documents), while a lone
-/// change is still written at once.
+/// The most jobs the Indexer takes in one write, and their most bytes
+/// (chunk text and vectors) together: a burst goes into the store in few
+/// large writes (one lock and one blocking-pool trip, or one request per
+/// division to a Qdrant server, well under its 32 MiB request limit), while
+/// a lone change is still written at once.
 pub const WRITE_BATCH: usize = 64;
+pub const WRITE_BATCH_BYTES: u64 = 8 << 20;
 
 impl Stage for IndexerStage {
     type In = IndexJob;
@@ -165,6 +167,10 @@ impl Stage for IndexerStage {
 
     fn max_batch(&self) -> usize {
         WRITE_BATCH
+    }
+
+    fn max_batch_bytes(&self) -> u64 {
+        WRITE_BATCH_BYTES
     }
 
     async fn process_batch(&self, jobs: Vec<IndexJob>) -> anyhow::Result<JobErrors> {
@@ -225,14 +231,15 @@ impl IndexerStage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::indexer::edge::EdgeStore;
     use crate::messages::{Chunk, DocMeta, Partition};
     use crate::pool::PoolQueue;
     use crate::stats::ActorStats;
 
-    fn embedded(version: &str, seq: u64) -> EmbeddedDoc {
+    /// One chunk of kb:hr/leave.md at `version`, seen at `seq`.
+    pub(crate) fn embedded(version: &str, seq: u64) -> EmbeddedDoc {
         EmbeddedDoc {
             meta: DocMeta {
                 doc_id: "kb:hr/leave.md".into(),
@@ -275,7 +282,8 @@ mod tests {
         (stage, out)
     }
 
-    async fn versions(store: &Arc<dyn VectorStore>) -> Vec<String> {
+    /// The versions in the store, in order.
+    pub(crate) async fn versions(store: &Arc<dyn VectorStore>) -> Vec<String> {
         let stored = store.indexed_versions().await.unwrap();
         stored.into_iter().map(|v| v.version).collect()
     }
@@ -348,6 +356,9 @@ mod tests {
         }
         async fn delete_doc(&self, d: &str) -> anyhow::Result<Vec<String>> {
             self.inner.delete_doc(d).await
+        }
+        async fn remove(&self, r: &[crate::indexer::Removal]) -> anyhow::Result<Vec<Vec<String>>> {
+            self.inner.remove(r).await
         }
         async fn indexed_versions(&self) -> anyhow::Result<Vec<crate::indexer::StoredVersion>> {
             self.inner.indexed_versions().await

@@ -265,11 +265,7 @@ async fn batches(store: &dyn VectorStore) {
     assert!(store.upsert_docs(&[good, bad]).await.is_err());
     assert_eq!(count("batch-e").await, 0, "a failed batch writes nothing");
 
-    let removal = |doc_id: &str, keep: Option<&str>| Removal {
-        doc_id: doc_id.into(),
-        keep: keep.map(str::to_string),
-        seen_before: None,
-    };
+    let removal = Removal::new;
     let removed = store
         .remove(&[
             removal("batch-a", Some("v2")),

@@ -145,10 +145,24 @@ pub struct Removal {
     /// Only versions seen before this `seq` (and points that carry none,
     /// written before ragd stored it). The pruner sets the kept version's
     /// seq, so a newer version written while its prune was on its way
-    /// survives it, whatever the timing. (Stores compare it as an f64: to
-    /// ~256 ns at today's nanosecond seqs, far finer than two versions of
-    /// one file are ever seen apart.)
+    /// survives it. Like the ledger's ordering on index nodes, this trusts
+    /// the watchers' clocks: a version seen after the clock stepped back
+    /// leaves an older one in place until the next change. (Stores compare
+    /// it as an f64: to ~256 ns at today's nanosecond seqs, far finer than
+    /// two versions of one file are ever seen apart.)
     pub seen_before: Option<u64>,
+}
+
+impl Removal {
+    /// Every version of `doc_id` but `keep` (all of them for `None`),
+    /// whenever seen.
+    pub fn new(doc_id: &str, keep: Option<&str>) -> Removal {
+        Removal {
+            doc_id: doc_id.to_string(),
+            keep: keep.map(str::to_string),
+            seen_before: None,
+        }
+    }
 }
 
 #[async_trait]
@@ -179,18 +193,11 @@ pub trait VectorStore: Send + Sync {
     /// Deletes every chunk of `doc_id`; returns the versions removed.
     async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>>;
     /// [`VectorStore::delete_other_versions`] or [`VectorStore::delete_doc`]
-    /// for each removal, in as few calls as the backend can (the
-    /// VersionPruner's batches); the versions removed, per removal.
-    async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
-        let mut out = Vec::with_capacity(removals.len());
-        for r in removals {
-            out.push(match &r.keep {
-                Some(keep) => self.delete_other_versions(&r.doc_id, keep).await?,
-                None => self.delete_doc(&r.doc_id).await?,
-            });
-        }
-        Ok(out)
-    }
+    /// for each removal, honouring [`Removal::seen_before`], in as few calls
+    /// as the backend can (the VersionPruner's batches); the versions
+    /// removed, per removal. (No default: one built on the two calls above
+    /// would drop the seq guard.)
+    async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>>;
     /// Every document version in the store.
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>>;
     /// Number of points, optionally only those of one document.

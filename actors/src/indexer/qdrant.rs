@@ -394,11 +394,7 @@ impl QdrantStore {
     }
 
     async fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
-        let removal = Removal {
-            doc_id: doc_id.to_string(),
-            keep: keep.map(str::to_string),
-            seen_before: None,
-        };
+        let removal = Removal::new(doc_id, keep);
         Ok(self.remove_now(&[removal]).await?.pop().unwrap_or_default())
     }
 
