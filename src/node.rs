@@ -537,7 +537,9 @@ impl Node {
                         Some(&version),
                         Outcome::Skipped("superseded by a newer version".into()),
                     ),
-                    IndexedEvent::Deleted { doc_id } => l.finish(&doc_id, None, Outcome::Deleted),
+                    IndexedEvent::Deleted { doc_id, .. } => {
+                        l.finish(&doc_id, None, Outcome::Deleted)
+                    }
                 })?;
             }
             if roles.embed {

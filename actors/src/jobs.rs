@@ -72,7 +72,7 @@ impl Job for IndexedEvent {
         match self {
             IndexedEvent::Indexed { doc_id, .. }
             | IndexedEvent::Superseded { doc_id, .. }
-            | IndexedEvent::Deleted { doc_id } => doc_id,
+            | IndexedEvent::Deleted { doc_id, .. } => doc_id,
         }
     }
     fn version(&self) -> Option<&str> {

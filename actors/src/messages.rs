@@ -106,13 +106,14 @@ pub enum IndexedEvent {
     },
     Deleted {
         doc_id: String,
+        /// The deletion's seq: the pruner removes only versions seen before
+        /// it (0, from an older node: every version).
+        #[serde(default)]
+        seq: u64,
     },
     /// A newer version overtook this one before it was written (cluster:
     /// the ingest node's ledger closes the version on it).
-    Superseded {
-        doc_id: String,
-        version: String,
-    },
+    Superseded { doc_id: String, version: String },
 }
 
 /// The versioned envelope for anything that crosses a node boundary.

@@ -67,11 +67,16 @@ impl VersionPrunerStage {
                     Some(version),
                     Outcome::Skipped("superseded by a newer version".into()),
                 )),
-                IndexedEvent::Deleted { doc_id } => {
+                IndexedEvent::Deleted { doc_id, seq } => {
                     // Re-created since? Then its new version is on its way
-                    // and will prune; deleting now would open a gap.
+                    // and will prune; deleting now would open a gap. (And
+                    // one re-created and written after this check was seen
+                    // after the deletion, so the seq guard spares it.)
                     if self.ledger.latest_version(&doc_id).is_none() {
-                        removals.push(Removal::new(&doc_id, None));
+                        removals.push(Removal {
+                            seen_before: (seq > 0).then_some(seq),
+                            ..Removal::new(&doc_id, None)
+                        });
                     }
                     outcomes.push((doc_id, None, Outcome::Deleted));
                 }
@@ -101,6 +106,43 @@ mod tests {
     use crate::indexer::edge::EdgeStore;
     use std::time::Duration;
 
+    fn pruner(store: &Arc<dyn VectorStore>, ledger: Arc<Ledger>) -> VersionPrunerStage {
+        let cache: Arc<dyn crate::cache_guard::SemanticCache> =
+            Arc::new(EmbeddedCache::new(0.98, 10, Duration::from_secs(60)));
+        VersionPrunerStage {
+            store: store.clone(),
+            ledger,
+            cache: CacheHandle {
+                actor_name: "no-cache-actor".into(),
+                cache,
+            },
+        }
+    }
+
+    /// A file deleted and re-created at once: the ledger still says
+    /// "deleted" when the pruner checks, and the new version is written
+    /// before the deletion's removal reaches the store. It was seen after
+    /// the deletion, so it stays.
+    #[tokio::test]
+    async fn a_late_deletion_spares_a_version_seen_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        for (v, seq) in [("v1", 1_000), ("v2", 3_000)] {
+            let d = embedded(v, seq);
+            store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
+        }
+        let pruner = pruner(&store, Ledger::new(8));
+        let deleted = |seq| IndexedEvent::Deleted {
+            doc_id: "kb:hr/leave.md".into(),
+            seq,
+        };
+        pruner.process(deleted(2_000)).await.unwrap();
+        assert_eq!(versions(&store).await, ["v2"], "v1 deleted, v2 kept");
+        // From an older node, with no seq: every version goes.
+        pruner.process(deleted(0)).await.unwrap();
+        assert!(versions(&store).await.is_empty());
+    }
+
     /// The race the seq guard closes: v2 is current when the pruner checks,
     /// and v3, seen since, is written before v2's prune reaches the store.
     /// Pruning "every version but v2" would delete v3, and v3's own prune
@@ -117,16 +159,7 @@ mod tests {
         // ingest path, or just after the check).
         let ledger = Ledger::new(8);
         ledger.observe("kb:hr/leave.md", Some("v2"), 2_000);
-        let cache: Arc<dyn crate::cache_guard::SemanticCache> =
-            Arc::new(EmbeddedCache::new(0.98, 10, Duration::from_secs(60)));
-        let pruner = VersionPrunerStage {
-            store: store.clone(),
-            ledger,
-            cache: CacheHandle {
-                actor_name: "no-cache-actor".into(),
-                cache,
-            },
-        };
+        let pruner = pruner(&store, ledger);
         let indexed = |version: &str, seq| IndexedEvent::Indexed {
             doc_id: "kb:hr/leave.md".into(),
             version: version.into(),

@@ -685,11 +685,14 @@ mod tests {
 
     #[test]
     fn envelopes_of_another_version_or_shape_are_rejected_with_the_reason() {
-        let ev = IndexedEvent::Deleted { doc_id: "d".into() };
+        let ev = IndexedEvent::Deleted {
+            doc_id: "d".into(),
+            seq: 7,
+        };
         let wire = serde_json::to_vec(&Envelope::new("d", &ev)).unwrap();
         assert!(matches!(
             decode::<IndexedEvent>(&wire),
-            Ok(IndexedEvent::Deleted { doc_id }) if doc_id == "d"
+            Ok(IndexedEvent::Deleted { doc_id, seq: 7 }) if doc_id == "d"
         ));
         let future = br#"{"v":2,"key":"d","payload":{"Deleted":{"doc_id":"d"}}}"#;
         let e = decode::<IndexedEvent>(future).unwrap_err();

@@ -217,7 +217,7 @@ impl IndexerStage {
                     if self.observe && !self.ledger.observe(&doc_id, None, seq) {
                         continue; // the document came back since
                     }
-                    events.push(IndexedEvent::Deleted { doc_id });
+                    events.push(IndexedEvent::Deleted { doc_id, seq });
                 }
             }
         }
