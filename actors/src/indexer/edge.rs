@@ -619,6 +619,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn points_without_a_seq_count_as_seen_before_any_version() {
+        use super::super::conformance::doc;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EdgeStore::open(dir.path(), 8).unwrap();
+        let (d, chunks, vecs) = doc("legacy", "v1", "hr", "public", 2, 0);
+        store.upsert(&d, &chunks, &vecs).await.unwrap();
+        // What an older ragd wrote: no seq field.
+        store
+            .write(UpdateOperation::PayloadOperation(
+                PayloadOps::DeletePayload(DeletePayloadOp {
+                    keys: vec![key("seq")],
+                    points: None,
+                    filter: Some(Filter::default()),
+                }),
+            ))
+            .unwrap();
+        let (d, chunks, vecs) = doc("legacy", "v2", "hr", "public", 1, 0);
+        store.upsert(&d, &chunks, &vecs).await.unwrap();
+        let prune = Removal {
+            seen_before: Some(d.seq),
+            ..Removal::new("legacy", Some("v2"))
+        };
+        assert_eq!(store.remove(&[prune]).await.unwrap(), [["v1"]]);
+        assert_eq!(store.count(Some("legacy")).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn data_survives_reopen_and_a_wrong_dimension_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         {
