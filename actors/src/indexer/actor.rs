@@ -351,12 +351,6 @@ pub(crate) mod tests {
         ) -> anyhow::Result<Vec<crate::indexer::Hit>> {
             self.inner.search(v, s, l).await
         }
-        async fn delete_other_versions(&self, d: &str, k: &str) -> anyhow::Result<Vec<String>> {
-            self.inner.delete_other_versions(d, k).await
-        }
-        async fn delete_doc(&self, d: &str) -> anyhow::Result<Vec<String>> {
-            self.inner.delete_doc(d).await
-        }
         async fn remove(&self, r: &[crate::indexer::Removal]) -> anyhow::Result<Vec<Vec<String>>> {
             self.inner.remove(r).await
         }

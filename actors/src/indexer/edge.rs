@@ -398,11 +398,6 @@ impl EdgeStore {
         Ok(removed_per_doc(removals, &found))
     }
 
-    fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
-        let removal = Removal::new(doc_id, keep);
-        Ok(self.remove_now(&[removal])?.pop().unwrap_or_default())
-    }
-
     /// The points of one document version, checked.
     fn points(
         &self,
@@ -539,17 +534,6 @@ impl VectorStore for EdgeStore {
                 .collect())
         })
         .await
-    }
-
-    async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>> {
-        let (doc_id, keep) = (doc_id.to_string(), keep.to_string());
-        self.blocking(move |s| s.delete_where(&doc_id, Some(&keep)))
-            .await
-    }
-
-    async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
-        let doc_id = doc_id.to_string();
-        self.blocking(move |s| s.delete_where(&doc_id, None)).await
     }
 
     async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {

@@ -189,14 +189,19 @@ pub trait VectorStore: Send + Sync {
         -> anyhow::Result<Vec<Hit>>;
     /// Deletes every version of `doc_id` except `keep`; returns the versions
     /// removed.
-    async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>>;
+    async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>> {
+        let removal = Removal::new(doc_id, Some(keep));
+        Ok(self.remove(&[removal]).await?.pop().unwrap_or_default())
+    }
     /// Deletes every chunk of `doc_id`; returns the versions removed.
-    async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>>;
+    async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
+        let removal = Removal::new(doc_id, None);
+        Ok(self.remove(&[removal]).await?.pop().unwrap_or_default())
+    }
     /// [`VectorStore::delete_other_versions`] or [`VectorStore::delete_doc`]
     /// for each removal, honouring [`Removal::seen_before`], in as few calls
     /// as the backend can (the VersionPruner's batches); the versions
-    /// removed, per removal. (No default: one built on the two calls above
-    /// would drop the seq guard.)
+    /// removed, per removal. Every backend's deletions go through this.
     async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>>;
     /// Every document version in the store.
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>>;

@@ -352,52 +352,6 @@ impl QdrantStore {
         Ok(out.into_vec())
     }
 
-    /// Every removal in one scroll and at most one delete: the points of
-    /// any of the documents, outside the version each keeps.
-    async fn remove_now(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
-        if removals.is_empty() {
-            return Ok(vec![]);
-        }
-        let one = |r: &Removal| {
-            let mut f = Filter::must([keyword("doc_id", &r.doc_id)]);
-            if let Some(seq) = r.seen_before {
-                let older = Range {
-                    lt: Some(seq as f64),
-                    ..Default::default()
-                };
-                f.must.push(Condition::from(Filter::should([
-                    Condition::range("seq", older),
-                    Condition::is_empty("seq"),
-                ])));
-            }
-            if let Some(keep) = &r.keep {
-                f.must_not.push(keyword("version", keep));
-            }
-            f
-        };
-        let filter = match removals {
-            [r] => one(r),
-            _ => Filter::should(removals.iter().map(|r| Condition::from(one(r)))),
-        };
-        let found = self.versions_matching(filter.clone()).await?;
-        if !found.is_empty() {
-            // No shard key: the delete reaches every key, so a document
-            // that moved between divisions leaves nothing behind.
-            let req = DeletePointsBuilder::new(&self.s.collection)
-                .points(filter)
-                .wait(true)
-                .build();
-            self.call("delete", || self.client.delete_points(req.clone()))
-                .await?;
-        }
-        Ok(removed_per_doc(removals, &found))
-    }
-
-    async fn delete_where(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<Vec<String>> {
-        let removal = Removal::new(doc_id, keep);
-        Ok(self.remove_now(&[removal]).await?.pop().unwrap_or_default())
-    }
-
     /// The points of one document version, checked.
     fn points(
         &self,
@@ -531,16 +485,45 @@ impl VectorStore for QdrantStore {
             .collect())
     }
 
-    async fn delete_other_versions(&self, doc_id: &str, keep: &str) -> anyhow::Result<Vec<String>> {
-        self.delete_where(doc_id, Some(keep)).await
-    }
-
-    async fn delete_doc(&self, doc_id: &str) -> anyhow::Result<Vec<String>> {
-        self.delete_where(doc_id, None).await
-    }
-
+    /// Every removal in one scroll and at most one delete: the points of
+    /// any of the documents, outside the version each keeps.
     async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
-        self.remove_now(removals).await
+        if removals.is_empty() {
+            return Ok(vec![]);
+        }
+        let one = |r: &Removal| {
+            let mut f = Filter::must([keyword("doc_id", &r.doc_id)]);
+            if let Some(seq) = r.seen_before {
+                let older = Range {
+                    lt: Some(seq as f64),
+                    ..Default::default()
+                };
+                f.must.push(Condition::from(Filter::should([
+                    Condition::range("seq", older),
+                    Condition::is_empty("seq"),
+                ])));
+            }
+            if let Some(keep) = &r.keep {
+                f.must_not.push(keyword("version", keep));
+            }
+            f
+        };
+        let filter = match removals {
+            [r] => one(r),
+            _ => Filter::should(removals.iter().map(|r| Condition::from(one(r)))),
+        };
+        let found = self.versions_matching(filter.clone()).await?;
+        if !found.is_empty() {
+            // No shard key: the delete reaches every key, so a document
+            // that moved between divisions leaves nothing behind.
+            let req = DeletePointsBuilder::new(&self.s.collection)
+                .points(filter)
+                .wait(true)
+                .build();
+            self.call("delete", || self.client.delete_points(req.clone()))
+                .await?;
+        }
+        Ok(removed_per_doc(removals, &found))
     }
 
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {
