@@ -54,11 +54,7 @@ impl VersionPrunerStage {
                     // when its successor is written between this check and
                     // the removal (only versions seen before it go).
                     if self.ledger.is_current(&doc_id, &version) {
-                        removals.push(Removal {
-                            doc_id: doc_id.clone(),
-                            keep: Some(version.clone()),
-                            seen_before: (seq > 0).then_some(seq),
-                        });
+                        removals.push(Removal::new(&doc_id, Some(&version)).seen_before(seq));
                     }
                     outcomes.push((doc_id, Some(version), Outcome::Indexed));
                 }
@@ -73,10 +69,7 @@ impl VersionPrunerStage {
                     // one re-created and written after this check was seen
                     // after the deletion, so the seq guard spares it.)
                     if self.ledger.latest_version(&doc_id).is_none() {
-                        removals.push(Removal {
-                            seen_before: (seq > 0).then_some(seq),
-                            ..Removal::new(&doc_id, None)
-                        });
+                        removals.push(Removal::new(&doc_id, None).seen_before(seq));
                     }
                     outcomes.push((doc_id, None, Outcome::Deleted));
                 }

@@ -309,11 +309,7 @@ async fn batches(store: &dyn VectorStore) {
     for v in ["v1", "v2", "v3"] {
         put(store, doc("batch-race", v, "hr", "public", 1, 6)).await;
     }
-    let prune_v2 = Removal {
-        doc_id: "batch-race".into(),
-        keep: Some("v2".into()),
-        seen_before: Some(2_000),
-    };
+    let prune_v2 = removal("batch-race", Some("v2")).seen_before(2_000);
     let removed = store.remove(&[prune_v2]).await.unwrap();
     assert_eq!(removed, vec![vec!["v1".to_string()]]);
     let mut left: Vec<String> = store
@@ -331,11 +327,7 @@ async fn batches(store: &dyn VectorStore) {
         "the newer version survives the late prune"
     );
     // v3's own prune then leaves v3 alone.
-    let prune_v3 = Removal {
-        doc_id: "batch-race".into(),
-        keep: Some("v3".into()),
-        seen_before: Some(3_000),
-    };
+    let prune_v3 = removal("batch-race", Some("v3")).seen_before(3_000);
     assert_eq!(
         store.remove(&[prune_v3]).await.unwrap(),
         vec![vec!["v2".to_string()]]

@@ -621,10 +621,7 @@ mod tests {
             .unwrap();
         let (d, chunks, vecs) = doc("legacy", "v2", "hr", "public", 1, 0);
         store.upsert(&d, &chunks, &vecs).await.unwrap();
-        let prune = Removal {
-            seen_before: Some(d.seq),
-            ..Removal::new("legacy", Some("v2"))
-        };
+        let prune = Removal::new("legacy", Some("v2")).seen_before(d.seq);
         assert_eq!(store.remove(&[prune]).await.unwrap(), [["v1"]]);
         assert_eq!(store.count(Some("legacy")).await.unwrap(), 1);
     }

@@ -163,6 +163,15 @@ impl Removal {
             seen_before: None,
         }
     }
+
+    /// The same, for versions seen before `seq` only; 0 (an event from a
+    /// node that sends no seq) leaves it unguarded.
+    pub fn seen_before(self, seq: u64) -> Removal {
+        Removal {
+            seen_before: (seq > 0).then_some(seq),
+            ..self
+        }
+    }
 }
 
 #[async_trait]
