@@ -3,7 +3,7 @@
 //! uses the Redis backend.
 
 use super::{CachedAnswer, SemanticCache};
-use crate::indexer::{Removal, Scope};
+use crate::indexer::{Removal, Removed, Scope};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -133,24 +133,14 @@ impl SemanticCache for EmbeddedCache {
             tombstones.insert(r.doc_id.clone(), (r.keep.clone(), now));
         }
         drop(tombstones);
-        // What each document keeps; a document twice in a batch loses what
-        // either removal removes, as one after the other would.
-        let mut keeps: std::collections::HashMap<&str, Vec<Option<&str>>> = Default::default();
-        for r in removals {
-            keeps.entry(&r.doc_id).or_default().push(r.keep.as_deref());
-        }
-        let removed = |doc_id: &str, version: &str| {
-            keeps
-                .get(doc_id)
-                .is_some_and(|ks| ks.iter().any(|k| *k != Some(version)))
-        };
+        let removed = Removed::by(removals);
         let mut entries = self.entries.lock();
         let before = entries.len();
         entries.retain(|e| {
             !e.value
                 .sources
                 .iter()
-                .any(|h| removed(&h.doc_id, &h.version))
+                .any(|h| removed.contains(&h.doc_id, &h.version))
         });
         Ok(before - entries.len())
     }

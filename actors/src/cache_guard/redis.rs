@@ -23,14 +23,14 @@
 //! back empty serves again without a ragd restart.
 
 use super::{CachedAnswer, SemanticCache};
-use crate::indexer::{Removal, Scope};
+use crate::indexer::{Removal, Removed, Scope};
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -435,19 +435,11 @@ impl RedisCache {
                 p.query_async(&mut self.conn()),
             )
             .await?;
-        // What each document keeps; a document twice in a batch loses what
-        // either removal removes, as one after the other would.
-        let mut keeps: HashMap<&str, Vec<Option<&str>>> = HashMap::new();
-        for r in removals {
-            keeps.entry(&r.doc_id).or_default().push(r.keep.as_deref());
-        }
+        let removed = Removed::by(removals);
         let mut stale = BTreeSet::new();
         for (r, versions) in removals.iter().zip(cached) {
             for v in versions {
-                if keeps[r.doc_id.as_str()]
-                    .iter()
-                    .any(|k| *k != Some(v.as_str()))
-                {
+                if removed.contains(&r.doc_id, &v) {
                     stale.insert((r.doc_id.as_str(), v));
                 }
             }

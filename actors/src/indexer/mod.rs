@@ -223,6 +223,28 @@ pub trait VectorStore: Send + Sync {
     async fn optimize(&self) -> anyhow::Result<()>;
 }
 
+/// The versions a batch of removals takes out, as one after the other
+/// would: a version of a document goes when any removal of that document
+/// does not keep it. (The caches' invalidation reads it; the seq guard plays
+/// no part there, since a cached answer dropped too many is only a miss.)
+pub struct Removed<'a>(std::collections::HashMap<&'a str, Vec<Option<&'a str>>>);
+
+impl<'a> Removed<'a> {
+    pub fn by(removals: &'a [Removal]) -> Removed<'a> {
+        let mut keeps: std::collections::HashMap<&str, Vec<Option<&str>>> = Default::default();
+        for r in removals {
+            keeps.entry(&r.doc_id).or_default().push(r.keep.as_deref());
+        }
+        Removed(keeps)
+    }
+
+    pub fn contains(&self, doc_id: &str, version: &str) -> bool {
+        self.0
+            .get(doc_id)
+            .is_some_and(|keeps| keeps.iter().any(|k| *k != Some(version)))
+    }
+}
+
 /// What a batched [`VectorStore::remove`] found, told per removal: the
 /// versions of its document other than the one it keeps.
 pub(crate) fn removed_per_doc(removals: &[Removal], found: &[StoredVersion]) -> Vec<Vec<String>> {
