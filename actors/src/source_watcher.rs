@@ -242,16 +242,8 @@ async fn handle_path(args: &WatcherArgs, path: &Path) {
     match tokio::fs::symlink_metadata(path).await {
         Ok(m) if m.is_file() => consider(args, source, path, &uri, false).await,
         Ok(m) if m.is_dir() => {
-            // A folder moved in: everything under it is new to us. (A walk
-            // of a large tree takes a while: not on a runtime thread.)
-            let root = path.to_path_buf();
-            let files = tokio::task::spawn_blocking(move || walk(&root))
-                .await
-                .unwrap_or_default();
-            let files = files
-                .into_iter()
-                .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
-                .collect();
+            // A folder moved in: everything under it is new to us.
+            let files = walk_sources(args, path.to_path_buf()).await;
             consider_all(args, files).await;
         }
         Ok(_) => {}
@@ -283,6 +275,18 @@ fn walk(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The documents under `root`: each file with its source and uri. (A walk
+/// of a large tree takes a while: not on a runtime thread.)
+async fn walk_sources(args: &WatcherArgs, root: PathBuf) -> Vec<(&SourceSpec, PathBuf, String)> {
+    let files = tokio::task::spawn_blocking(move || walk(&root))
+        .await
+        .unwrap_or_default();
+    files
+        .into_iter()
+        .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
+        .collect()
+}
+
 async fn rescan(args: &WatcherArgs) {
     let mut present = HashSet::new();
     let roots: Vec<PathBuf> = if args.only.is_empty() {
@@ -291,13 +295,7 @@ async fn rescan(args: &WatcherArgs) {
         args.only.clone()
     };
     for root in roots {
-        let files = tokio::task::spawn_blocking(move || walk(&root))
-            .await
-            .unwrap_or_default();
-        let files: Vec<_> = files
-            .into_iter()
-            .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
-            .collect();
+        let files = walk_sources(args, root).await;
         present.extend(files.iter().map(|(s, _, uri)| doc_id(s, uri)));
         consider_all(args, files).await;
     }
@@ -379,6 +377,9 @@ async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, Stri
                     break;
                 }
             }
+        }
+        if batch.is_empty() {
+            break; // the rest were of unsupported types
         }
         let paths: Vec<PathBuf> = batch.iter().map(|(_, p, _)| p.clone()).collect();
         let max = args.max_file_bytes;
