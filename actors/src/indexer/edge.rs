@@ -366,9 +366,7 @@ impl EdgeStore {
                             key("seq"),
                             Range {
                                 lt: Some(OrderedFloat(seq as f64)),
-                                gt: None,
-                                gte: None,
-                                lte: None,
+                                ..Default::default()
                             },
                         )),
                         Condition::IsEmpty(key("seq").into()),
