@@ -451,6 +451,12 @@ impl Config {
         self.data_dir.join("index")
     }
 
+    /// Where a GPU node keeps its compiled kernels and autotune picks
+    /// (`model::use_kernel_cache`).
+    pub fn kernel_cache_dir(&self) -> PathBuf {
+        self.data_dir.join("kernels")
+    }
+
     pub fn principal_for(&self, token: &str) -> Option<&Principal> {
         // Compare every token in full: no early exit that times the prefix.
         let mut found = None;

@@ -29,7 +29,7 @@ use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
 use ragd_actors::indexer::VectorStore;
 use ragd_actors::ledger::{Ledger, Outcome};
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
-use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy};
+use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy, Device};
 use ragd_actors::pool::{Job, Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
 use ragd_actors::reranker::{PairCost, RerankMsg, Reranker, RerankerArgs};
 use ragd_actors::source_watcher::{SourceWatcher, WatchMsg, WatcherArgs};
@@ -163,6 +163,9 @@ impl Node {
             max_tokens: config.batch_max_tokens,
             max_batch: config.batch_max_size,
         };
+        if config.device != Device::Cpu {
+            ragd_actors::model::use_kernel_cache(&config.kernel_cache_dir())?;
+        }
         let (dir, device, p2) = (config.embedder_model.clone(), config.device, policy.clone());
         let encoder =
             tokio::task::spawn_blocking(move || AnyEncoder::load(&dir, p2, device)).await??;

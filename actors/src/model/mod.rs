@@ -315,9 +315,55 @@ pub type Gpu = burn::backend::Cuda<f32, i32>;
 #[cfg(feature = "cuda")]
 pub type GpuF16 = burn::backend::Cuda<half::f16, i32>;
 
+/// burn-wgpu on Vulkan, f32 and f16: the cubecl JIT path of burn-cuda on any
+/// Vulkan device, Mesa's CPU rasteriser included (parity tests only).
+#[cfg(feature = "vulkan")]
+pub type Vulkan = burn::backend::Vulkan<f32, i32>;
+
+#[cfg(feature = "vulkan")]
+pub type VulkanF16 = burn::backend::Vulkan<half::f16, i32>;
+
 #[cfg(not(feature = "cuda"))]
 fn no_cuda<T>() -> anyhow::Result<T> {
     anyhow::bail!("device \"cuda\" and \"cuda-f16\" need a ragd built with --features cuda")
+}
+
+/// Keeps what a GPU backend compiles and tunes in `dir`: its kernels
+/// (PTX from NVRTC on CUDA) and its autotune picks. A restarted GPU node
+/// then loads them instead of compiling and benchmarking candidate kernels
+/// again, which on a cold H200 took minutes (BENCHMARKS.md). Without it
+/// cubecl tunes into a `target/` folder it finds from the working directory
+/// (or the user's cache folder) and compiles on every start.
+///
+/// cubecl reads its configuration once per process, so this must run before
+/// the first GPU model loads; a later call changes nothing and says so in
+/// the log. The `cubecl.toml` of the working directory and the `CUBECL_*`
+/// variables still apply; only the cache locations are set here. The
+/// kernels are keyed by their code, not by the GPU: empty the folder when a
+/// node moves to another GPU model. Does nothing in a build without a GPU
+/// backend.
+pub fn use_kernel_cache(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(any(feature = "cuda", feature = "vulkan"))]
+    {
+        use cubecl_runtime::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+        let mut state = CubeClRuntimeConfig::storage().lock();
+        if state.is_some() {
+            tracing::warn!(
+                dir = %dir.display(),
+                "GPU kernel cache not moved: the GPU backend has already read its configuration"
+            );
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the GPU kernel cache {}", dir.display()))?;
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        config.compilation.cache = Some(CacheConfig::File(dir.to_path_buf()));
+        config.autotune.cache = CacheConfig::File(dir.to_path_buf());
+        *state = Some(std::sync::Arc::new(config));
+    }
+    #[cfg(not(any(feature = "cuda", feature = "vulkan")))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Dispatches a method call on an `Any*` model to the backend it holds.

@@ -6,7 +6,7 @@
 # ./gpu-out); the last lines printed are the table for BENCHMARKS.md.
 #
 #   ATTENTION="bias flash"     parity runs (RAGD_GPU_ATTENTION)
-#   PARITY_FILTER=cuda::embedder
+#   PARITY_FILTER=cuda::embedder   (each test runs in a process of its own)
 #   VARIANTS="cuda-f16:flash cuda-f16:bias cuda:flash"   bench runs
 #   STEP_TIMEOUT=120  SCALE=4  DEBUG=1
 set -uo pipefail
@@ -37,6 +37,16 @@ export RAGD_MODEL="$work/model" RAGD_FIXTURES="$work/fixtures" RAGD_BENCH_MODEL=
 # default level a first run spent minutes there (every fixture text is a new
 # shape). Minimal keeps the first pick: timings below are at that level.
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
+# One kernel cache for every step (what a GPU node gets from data_dir/kernels,
+# see model::use_kernel_cache): the parity runs compile (NVRTC) and tune, the
+# benches load their picks. cubecl reads cubecl.toml from the working
+# directory, so the ragd steps run in $work.
+cat >"$work/cubecl.toml" <<TOML
+[compilation]
+cache = { file = "$work/kernels" }
+[autotune]
+cache = { file = "$work/kernels" }
+TOML
 # DEBUG=1: cubecl logs every kernel compilation and autotune to $out/cubecl.log
 # (where the time goes when a step makes no progress).
 [ -n "${DEBUG:-}" ] && export CUBECL_DEBUG_LOG="$out/cubecl.log"
@@ -52,17 +62,18 @@ timeout 90 python3 ops/bench/st_embed.py "$work/model" --device cuda --scale "$s
 
 for attn in ${ATTENTION:-bias flash}; do
   stamp "parity ($attn attention): ${PARITY_FILTER:-cuda::embedder}"
-  RAGD_GPU_ATTENTION=$attn timeout "$step_timeout" "$work/parity" "${PARITY_FILTER:-cuda::embedder}" --test-threads=1 --nocapture 2>&1 \
+  (cd "$work" && RAGD_GPU_ATTENTION=$attn timeout "$step_timeout" "$work/parity" "${PARITY_FILTER:-cuda::embedder}" --test-threads=1 --nocapture 2>&1) \
     | tee "$out/parity-$attn.log" | grep -E "parity on|test |result|panicked|max abs|cosine"
 done
 
 for v in ${VARIANTS:-cuda-f16:flash cuda-f16:bias cuda:flash}; do
   backend=${v%%:*} attn=${v#*:}
   stamp "bench $backend, $attn attention, scale $scale"
-  RAGD_GPU_ATTENTION=$attn RAGD_BENCH_BACKEND=$backend RAGD_BENCH_SCALE=$scale timeout "$step_timeout" "$work/embed" \
+  (cd "$work" && RAGD_GPU_ATTENTION=$attn RAGD_BENCH_BACKEND=$backend RAGD_BENCH_SCALE=$scale timeout "$step_timeout" "$work/embed") \
     2>"$out/bench-$backend-$attn.err" | sed "s/\"impl\":\"\([^\"]*\)\"/\"impl\":\"\1-$attn\"/" | tee "$out/ragd-$backend-$attn.jsonl"
 done
 stamp done
+du -sh "$work/kernels" | tee -a "$out/gpu.txt"
 
 python3 - "$out" <<'PY'
 import glob, json, os, sys
