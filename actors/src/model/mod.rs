@@ -323,6 +323,32 @@ pub type Vulkan = burn::backend::Vulkan<f32, i32>;
 #[cfg(feature = "vulkan")]
 pub type VulkanF16 = burn::backend::Vulkan<half::f16, i32>;
 
+/// Whether this machine can run burn-cuda, as a clear error: without the
+/// NVIDIA driver, NVRTC or a GPU, cubecl panics on its device thread and the
+/// load dies with a RecvError.
+#[cfg(feature = "cuda")]
+fn cuda_ready() -> anyhow::Result<()> {
+    use cudarc::driver::result as driver;
+    // SAFETY: each only tries to dlopen the library by its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        anyhow::bail!(
+            "device \"cuda\": no NVIDIA driver (libcuda.so) found; run on a GPU node, or set [model] device = \"cpu\""
+        );
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        anyhow::bail!(
+            "device \"cuda\": NVRTC (libnvrtc.so) not found; ragd compiles its GPU kernels at run time: install CUDA's NVRTC or add its folder to LD_LIBRARY_PATH"
+        );
+    }
+    driver::init()
+        .map_err(|e| anyhow::anyhow!("device \"cuda\": the NVIDIA driver did not start: {e}"))?;
+    match driver::device::get_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => anyhow::bail!("device \"cuda\": the NVIDIA driver sees no GPU"),
+        Err(e) => anyhow::bail!("device \"cuda\": counting GPUs: {e}"),
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 fn no_cuda<T>() -> anyhow::Result<T> {
     anyhow::bail!("device \"cuda\" and \"cuda-f16\" need a ragd built with --features cuda")
@@ -385,13 +411,19 @@ macro_rules! load_on {
         match $device {
             Device::Cpu => Ok($ty::Cpu($model::load($dir, $policy, &Default::default())?)),
             #[cfg(feature = "cuda")]
-            Device::Cuda => Ok($ty::Cuda($model::load($dir, $policy, &Default::default())?)),
+            Device::Cuda => {
+                cuda_ready()?;
+                Ok($ty::Cuda($model::load($dir, $policy, &Default::default())?))
+            }
             #[cfg(feature = "cuda")]
-            Device::CudaF16 => Ok($ty::CudaF16($model::load(
-                $dir,
-                $policy,
-                &Default::default(),
-            )?)),
+            Device::CudaF16 => {
+                cuda_ready()?;
+                Ok($ty::CudaF16($model::load(
+                    $dir,
+                    $policy,
+                    &Default::default(),
+                )?))
+            }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda | Device::CudaF16 => no_cuda(),
         }
