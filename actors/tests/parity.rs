@@ -181,55 +181,44 @@ fn alone(test: &str, check: impl FnOnce()) {
     );
 }
 
+/// The four checks on a GPU backend, f32 and f16, each in a process of its
+/// own; f32 held to `embed_abs` per embedding component and `score_abs` per
+/// cross-encoder score.
 #[cfg(any(feature = "cuda", feature = "vulkan"))]
-macro_rules! alone {
-    ($test:ident, $check:expr) => {
-        alone(concat!(module_path!(), "::", stringify!($test)), || {
-            $check;
-        })
+macro_rules! gpu_parity {
+    ($f32:ty, $f16:ty, embed_abs: $embed_abs:expr, score_abs: $score_abs:expr) => {
+        gpu_parity!(@alone embedder_f32_matches_sentence_transformers,
+            check_embedder::<$f32>(0.9999, $embed_abs));
+        gpu_parity!(@alone embedder_f16_stays_within_cosine_0_999,
+            check_embedder::<$f16>(0.999, 0.02));
+        gpu_parity!(@alone cross_encoder_f32_matches_transformers,
+            check_cross_encoder::<$f32>($score_abs));
+        gpu_parity!(@alone cross_encoder_f16_stays_close_to_transformers,
+            check_cross_encoder::<$f16>(0.02));
+    };
+    (@alone $test:ident, $check:expr) => {
+        #[test]
+        fn $test() {
+            alone(concat!(module_path!(), "::", stringify!($test)), || {
+                $check;
+            })
+        }
     };
 }
 
-/// The same checks on burn-cuda (run on a GPU machine by
-/// ops/bench/gpu/run.sh; CI has no GPU and builds without the feature).
-/// burn-cuda's "f32" may multiply on TF32 tensor cores (cubek-matmul turns
-/// f32 operands into tf32 wherever the GPU has them), which keeps ~10
-/// mantissa bits, so f32 is held to TF32 tolerances until a GPU run shows
-/// more (the H200's 1.2e-3 on the tiny cross-encoder was measured after an
-/// f16 model in the same process, see [`alone`]); f16 to cosine ≥ 0.999
-/// against the f32 reference.
+/// The checks on burn-cuda (run on a GPU machine by ops/bench/gpu/run.sh;
+/// CI has no GPU and builds without the feature). burn-cuda's "f32" may
+/// multiply on TF32 tensor cores (cubek-matmul turns f32 operands into tf32
+/// wherever the GPU has them), which keeps ~10 mantissa bits, so f32 is held
+/// to TF32 tolerances until a GPU run shows more (the H200's 1.2e-3 on the
+/// tiny cross-encoder was measured after an f16 model in the same process,
+/// see [`alone`]); f16 to cosine ≥ 0.999 against the f32 reference.
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
     use ragd_actors::model::{Gpu, GpuF16};
 
-    #[test]
-    fn embedder_f32_on_cuda_matches_sentence_transformers() {
-        alone!(embedder_f32_on_cuda_matches_sentence_transformers, {
-            check_embedder::<Gpu>(0.9999, 2e-3)
-        });
-    }
-
-    #[test]
-    fn embedder_f16_on_cuda_stays_within_cosine_0_999() {
-        alone!(embedder_f16_on_cuda_stays_within_cosine_0_999, {
-            check_embedder::<GpuF16>(0.999, 0.02)
-        });
-    }
-
-    #[test]
-    fn cross_encoder_f32_on_cuda_matches_transformers() {
-        alone!(cross_encoder_f32_on_cuda_matches_transformers, {
-            check_cross_encoder::<Gpu>(5e-3)
-        });
-    }
-
-    #[test]
-    fn cross_encoder_f16_on_cuda_stays_close_to_transformers() {
-        alone!(cross_encoder_f16_on_cuda_stays_close_to_transformers, {
-            check_cross_encoder::<GpuF16>(0.02)
-        });
-    }
+    gpu_parity!(Gpu, GpuF16, embed_abs: 2e-3, score_abs: 5e-3);
 }
 
 /// The same checks through burn-wgpu on Vulkan: the cubecl JIT, fusion and
@@ -241,33 +230,7 @@ mod vulkan {
     use super::*;
     use ragd_actors::model::{Vulkan, VulkanF16};
 
-    #[test]
-    fn embedder_f32_on_vulkan_matches_sentence_transformers() {
-        alone!(embedder_f32_on_vulkan_matches_sentence_transformers, {
-            check_embedder::<Vulkan>(0.9999, 1e-4)
-        });
-    }
-
-    #[test]
-    fn embedder_f16_on_vulkan_stays_within_cosine_0_999() {
-        alone!(embedder_f16_on_vulkan_stays_within_cosine_0_999, {
-            check_embedder::<VulkanF16>(0.999, 0.02)
-        });
-    }
-
-    #[test]
-    fn cross_encoder_f32_on_vulkan_matches_transformers() {
-        alone!(cross_encoder_f32_on_vulkan_matches_transformers, {
-            check_cross_encoder::<Vulkan>(1e-4)
-        });
-    }
-
-    #[test]
-    fn cross_encoder_f16_on_vulkan_stays_close_to_transformers() {
-        alone!(cross_encoder_f16_on_vulkan_stays_close_to_transformers, {
-            check_cross_encoder::<VulkanF16>(0.02)
-        });
-    }
+    gpu_parity!(Vulkan, VulkanF16, embed_abs: 1e-4, score_abs: 1e-4);
 }
 
 #[test]
