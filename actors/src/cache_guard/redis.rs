@@ -770,20 +770,15 @@ mod tests {
             .unwrap();
         let s = scope(&["hr"]);
         let (a, b, c, ad) = ([1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]);
-        cache
-            .store(&a, &s, 5, answer(&[("a", "v1")]))
-            .await
-            .unwrap();
-        cache
-            .store(&b, &s, 5, answer(&[("b", "v1")]))
-            .await
-            .unwrap();
-        cache
-            .store(&c, &s, 5, answer(&[("c", "v1")]))
-            .await
-            .unwrap();
-        let both = answer(&[("a", "v2"), ("d", "v1")]);
-        cache.store(&ad, &s, 5, both).await.unwrap();
+        let cites: [(_, &[(&str, &str)]); 4] = [
+            (a, &[("a", "v1")]),
+            (b, &[("b", "v1")]),
+            (c, &[("c", "v1")]),
+            (ad, &[("a", "v2"), ("d", "v1")]),
+        ];
+        for (q, sources) in cites {
+            cache.store(&q, &s, 5, answer(sources)).await.unwrap();
+        }
         assert_eq!(cache.invalidate_all(&a_batch()).await.unwrap(), 2);
         let cached = |q: [f32; 2]| {
             let cache = &cache;

@@ -600,6 +600,20 @@ mod tests {
         super::super::conformance::run_all(&store).await;
     }
 
+    /// Removes payload field `name` from every point: what an older ragd,
+    /// which did not write it, left behind.
+    fn drop_field(store: &EdgeStore, name: &str) {
+        store
+            .write(UpdateOperation::PayloadOperation(
+                PayloadOps::DeletePayload(DeletePayloadOp {
+                    keys: vec![key(name)],
+                    points: None,
+                    filter: Some(Filter::default()),
+                }),
+            ))
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn points_without_a_seq_count_as_seen_before_any_version() {
         use super::super::conformance::doc;
@@ -608,15 +622,7 @@ mod tests {
         let (d, chunks, vecs) = doc("legacy", "v1", "hr", "public", 2, 0);
         store.upsert(&d, &chunks, &vecs).await.unwrap();
         // What an older ragd wrote: no seq field.
-        store
-            .write(UpdateOperation::PayloadOperation(
-                PayloadOps::DeletePayload(DeletePayloadOp {
-                    keys: vec![key("seq")],
-                    points: None,
-                    filter: Some(Filter::default()),
-                }),
-            ))
-            .unwrap();
+        drop_field(&store, "seq");
         let (d, chunks, vecs) = doc("legacy", "v2", "hr", "public", 1, 0);
         store.upsert(&d, &chunks, &vecs).await.unwrap();
         let prune = Removal::new("legacy", Some("v2")).seen_before(d.seq);
@@ -673,15 +679,7 @@ mod tests {
             }
             assert_eq!(store.search(&[1.0; 8], &hr, 10).await.unwrap().len(), 3);
             // What an older ragd wrote: no partition field.
-            store
-                .write(UpdateOperation::PayloadOperation(
-                    PayloadOps::DeletePayload(DeletePayloadOp {
-                        keys: vec![key("partition")],
-                        points: None,
-                        filter: Some(Filter::default()),
-                    }),
-                ))
-                .unwrap();
+            drop_field(&store, "partition");
             assert!(
                 store.search(&[1.0; 8], &hr, 10).await.unwrap().is_empty(),
                 "searches filter on the partition field"
