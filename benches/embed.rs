@@ -132,6 +132,28 @@ where
             rerank::<B>(label, ce_dir.as_ref());
         }
     }
+    // Last, so that a slow cold warm-up cannot cost the figures above: what
+    // a GPU node's start spends on its warm-up (with the kernels the cases
+    // above compiled, as after a node's first start).
+    if filter.is_none_or(|f| "warm-up".contains(f)) {
+        // The daemon's default batch limits (config/default.toml).
+        let policy = BatchPolicy {
+            max_tokens: 8192,
+            max_batch: 64,
+        };
+        let enc = Encoder::<B>::load(dir.as_ref(), policy, &Default::default()).expect("model");
+        let t = Instant::now();
+        let shapes = enc.warm_up().unwrap();
+        if shapes > 0 {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "impl": label, "case": "warm-up", "shapes": shapes,
+                    "seconds": t.elapsed().as_secs_f64(),
+                })
+            );
+        }
+    }
 }
 
 /// Cross-encoder throughput: 16 questions, each against the same 50

@@ -188,6 +188,22 @@ impl Node {
                 None
             }
         };
+        if config.device != Device::Cpu {
+            // Compile and tune every batch shape's kernels before the node
+            // takes work: otherwise each new shape stalls its first query
+            // or batch for as long as compiling and tuning takes (minutes on
+            // a cold H200). With the kernel cache this is quick after the
+            // first start.
+            let (e, r) = (encoder.clone(), reranker_model.clone());
+            tokio::task::spawn_blocking(move || {
+                e.warm_up().context("warming up the embedding model")?;
+                if let Some(r) = r {
+                    r.warm_up().context("warming up the reranker")?;
+                }
+                anyhow::Ok(())
+            })
+            .await??;
+        }
         let store: Arc<dyn VectorStore> = match &config.index_backend {
             IndexBackend::Embedded => {
                 let (dir, dim, hnsw) = (config.index_dir(), encoder.dim(), config.hnsw.clone());

@@ -181,9 +181,89 @@ fn alone(test: &str, check: impl FnOnce()) {
     );
 }
 
+/// After the warm-up, no batch compiles or tunes anything: the kernel cache,
+/// where the backend writes every kernel it compiles and every autotune
+/// pick, is the same before and after batches of every kind of length mix.
+/// On the tiny cross-encoder (as an encoder too): the shapes, not the
+/// weights, decide which kernels run.
+#[cfg(any(feature = "cuda", feature = "vulkan"))]
+fn check_warm_up<B: Backend>()
+where
+    B::Device: Default,
+{
+    use ragd_actors::model::use_kernel_cache;
+    use std::collections::BTreeMap;
+    let tmp = tempfile::tempdir().unwrap();
+    let kernels = tmp.path().join("kernels");
+    use_kernel_cache(&kernels).unwrap();
+    let cache = || -> BTreeMap<PathBuf, u64> {
+        walkdir::WalkDir::new(&kernels)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+            .map(|e| (e.path().to_path_buf(), e.metadata().unwrap().len()))
+            .collect()
+    };
+    let policy = BatchPolicy {
+        max_tokens: 2048,
+        max_batch: 16,
+    };
+    let dir = fixtures().join("tiny-cross-encoder");
+    let enc = Encoder::<B>::load(&dir, policy.clone(), &Default::default()).unwrap();
+    let ce = CrossEncoder::<B>::load(&dir, policy.clone(), &Default::default()).unwrap();
+    let started = std::time::Instant::now();
+    let shapes = enc.warm_up().unwrap();
+    assert_eq!(ce.warm_up().unwrap(), shapes);
+    assert_eq!(shapes, policy.bucket_shapes(512, 512).len());
+    eprintln!(
+        "warm-up: {shapes} shapes, encoder and cross-encoder, {:.1} s",
+        started.elapsed().as_secs_f32()
+    );
+    let warm = cache();
+    assert!(!warm.is_empty(), "the warm-up compiled nothing");
+
+    // Texts of `words` words: one token each, two more for [CLS] and [SEP].
+    let text = |words: usize, seed: usize| -> String {
+        const VOCAB: [&str; 8] = [
+            "leave", "policy", "travel", "budget", "office", "manager", "report", "team",
+        ];
+        (0..words)
+            .map(|i| VOCAB[(i * 7 + seed) % VOCAB.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mixes: Vec<Vec<usize>> = vec![
+        vec![1],
+        vec![600], // truncated at 512
+        (0..3).map(|i| 5 + 9 * i).collect(),
+        (0..7).map(|i| 20 + 40 * i).collect(),
+        (0..16).map(|i| 1 + 2 * i).collect(),
+        (0..40).map(|i| (i * 37) % 300).collect(),
+        (0..5).map(|i| 400 + 20 * i).collect(),
+        vec![30; 4], // 32 tokens each: nothing padded
+        vec![94; 8], // 96 tokens each: nothing padded
+    ];
+    for (m, words) in mixes.iter().enumerate() {
+        let texts: Vec<String> = words.iter().map(|&w| text(w, m)).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        assert_eq!(enc.embed(&refs).unwrap().len(), refs.len());
+        assert_eq!(ce.score(&text(6, m), &refs).unwrap().len(), refs.len());
+    }
+    let after = cache();
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|(p, len)| warm.get(*p) != Some(len))
+        .map(|(p, _)| p.strip_prefix(&kernels).unwrap().display().to_string())
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "compiled or tuned after the warm-up: {changed:?}"
+    );
+}
+
 /// The four checks on a GPU backend, f32 and f16, each in a process of its
 /// own; f32 held to `embed_abs` per embedding component and `score_abs` per
-/// cross-encoder score.
+/// cross-encoder score. Then the warm-up check.
 #[cfg(any(feature = "cuda", feature = "vulkan"))]
 macro_rules! gpu_parity {
     ($f32:ty, $f16:ty, embed_abs: $embed_abs:expr, score_abs: $score_abs:expr) => {
@@ -195,6 +275,8 @@ macro_rules! gpu_parity {
             check_cross_encoder::<$f32>($score_abs));
         gpu_parity!(@alone cross_encoder_f16_stays_close_to_transformers,
             check_cross_encoder::<$f16>(0.02));
+        gpu_parity!(@alone after_warm_up_no_batch_compiles_anything,
+            check_warm_up::<$f16>());
     };
     (@alone $test:ident, $check:expr) => {
         #[test]

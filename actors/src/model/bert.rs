@@ -226,7 +226,7 @@ fn is_flex<B: Backend>() -> bool {
 /// -10000 at padding (exp(-10000) is 0 in f32, and the value stays finite
 /// in f16). None when nothing is padded, as at batch 1.
 fn attention_bias<B: Backend>(b: &Batch, dev: &B::Device) -> Option<Tensor<B, 4>> {
-    if !b.padded() {
+    if !b.needs_mask::<B>() {
         return None;
     }
     let (n, s) = (b.batch, b.seq);
@@ -248,7 +248,7 @@ fn attention_mask<B: Backend>(
     heads: usize,
     dev: &B::Device,
 ) -> Option<Tensor<B, 4, Bool>> {
-    if !b.padded() {
+    if !b.needs_mask::<B>() {
         return None;
     }
     let (n, s) = (b.batch, b.seq);
@@ -357,6 +357,15 @@ impl Batch {
     /// has the same length).
     fn padded(&self) -> bool {
         self.mask.contains(&0.0)
+    }
+
+    /// Whether attention gets the padding mask. On a JIT backend always,
+    /// padded or not: attention without a mask runs kernels of its own,
+    /// which a rare unpadded batch (every text exactly a bucket's length)
+    /// would compile and tune mid-service instead of at warm-up
+    /// ([`super::Encoder::warm_up`]). flex skips it when nothing is padded.
+    fn needs_mask<B: Backend>(&self) -> bool {
+        !is_flex::<B>() || self.padded()
     }
 }
 

@@ -115,13 +115,7 @@ pub fn load_tokenizer(dir: &Path, max_len: usize) -> anyhow::Result<Tokenizer> {
 /// to one padding token and are dropped, the extra columns are masked.
 fn pad(encodings: &[&Encoding], bucket: Option<usize>) -> Batch {
     let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
-    let (n, seq) = match bucket {
-        Some(cap) => (
-            encodings.len().next_power_of_two(),
-            longest.next_multiple_of(32).min(cap.max(longest)),
-        ),
-        None => (encodings.len(), longest),
-    };
+    let (n, seq) = padded_shape(encodings.len(), longest, bucket);
     let mut b = Batch {
         ids: vec![0; n * seq],
         type_ids: vec![0; n * seq],
@@ -146,6 +140,91 @@ fn pad(encodings: &[&Encoding], bucket: Option<usize>) -> Batch {
         }
     }
     b
+}
+
+/// The (rows, length) a batch of `rows` texts, the longest `longest`
+/// tokens, is padded to (see [`pad`]).
+fn padded_shape(rows: usize, longest: usize, bucket: Option<usize>) -> (usize, usize) {
+    match bucket {
+        Some(cap) => (
+            rows.next_power_of_two(),
+            longest.next_multiple_of(32).min(cap.max(longest)),
+        ),
+        None => (rows, longest),
+    }
+}
+
+impl BatchPolicy {
+    /// Every padded shape, (rows, length), that [`batched`] can give a
+    /// bucketing backend (cap `bucket`) for texts of at most `max_len`
+    /// tokens. A length bucket holds the lengths that round up to it, and a
+    /// row count `r` (a power of two) takes at least `r / 2 + 1` texts, so
+    /// the shape occurs when that many texts of the bucket's shortest length
+    /// fit the policy.
+    pub fn bucket_shapes(&self, max_len: usize, bucket: usize) -> Vec<(usize, usize)> {
+        let mut shortest: Vec<(usize, usize)> = Vec::new(); // (length, shortest text)
+        for len in 1..=max_len.max(1) {
+            let (_, seq) = padded_shape(1, len, Some(bucket));
+            if shortest.last().is_none_or(|&(s, _)| s != seq) {
+                shortest.push((seq, len));
+            }
+        }
+        let mut shapes = Vec::new();
+        for (seq, len) in shortest {
+            let mut rows = 1;
+            while rows <= self.max_batch.max(1).next_power_of_two() {
+                let texts = if rows == 1 { 1 } else { rows / 2 + 1 };
+                if texts <= self.max_batch && (texts == 1 || texts * len <= self.max_tokens) {
+                    shapes.push((rows, seq));
+                }
+                rows *= 2;
+            }
+        }
+        shapes
+    }
+}
+
+/// Runs one forward pass of every shape in [`BatchPolicy::bucket_shapes`],
+/// so that a JIT backend compiles and tunes every kernel the model will
+/// need now (kept in the kernel cache, see [`use_kernel_cache`]) rather than
+/// on the first query or batch of each shape. Returns the number of shapes,
+/// 0 on a backend that does not bucket (flex runs any shape as is).
+fn warm_up<P, T>(
+    policy: &BatchPolicy,
+    tokenizer: &Tokenizer,
+    bucket: Option<usize>,
+    mut launch: impl FnMut(&Batch) -> anyhow::Result<P>,
+    mut read: impl FnMut(P) -> anyhow::Result<Vec<T>>,
+) -> anyhow::Result<usize> {
+    let Some(cap) = bucket else {
+        return Ok(0);
+    };
+    let max_len = tokenizer.get_truncation().map_or(cap, |t| t.max_length);
+    let shapes = policy.bucket_shapes(max_len.min(cap), cap);
+    let started = std::time::Instant::now();
+    for &(n, seq) in &shapes {
+        // One real token a row: every row padded, as nearly all batches
+        // are. Kernels depend on shapes, not on values.
+        let mut mask = vec![0.0; n * seq];
+        for r in 0..n {
+            mask[r * seq] = 1.0;
+        }
+        let b = Batch {
+            ids: vec![0; n * seq],
+            type_ids: vec![0; n * seq],
+            mask,
+            batch: n,
+            seq,
+        };
+        read(launch(&b)?)?;
+        tracing::debug!(rows = n, length = seq, "warmed up");
+    }
+    tracing::info!(
+        shapes = shapes.len(),
+        secs = started.elapsed().as_secs_f32(),
+        "GPU kernels warmed up for every batch shape"
+    );
+    Ok(shapes.len())
 }
 
 /// Runs the model over `encodings` in length-sorted batches and returns the
@@ -245,6 +324,18 @@ impl<B: Backend> Encoder<B> {
         )
     }
 
+    /// Compiles and tunes the kernels of every batch shape now, on a JIT
+    /// backend (see [`warm_up`]); the number of shapes run.
+    pub fn warm_up(&self) -> anyhow::Result<usize> {
+        warm_up(
+            &self.policy,
+            &self.tokenizer,
+            self.model.shape_bucket(),
+            |b| Ok(self.model.embed_launch(b)),
+            |t| Ok(Bert::rows(t)),
+        )
+    }
+
     /// Tokens each text takes (special tokens included, after truncation).
     pub fn token_counts(&self, texts: &[&str]) -> anyhow::Result<Vec<usize>> {
         let enc = self
@@ -273,6 +364,17 @@ impl<B: Backend> CrossEncoder<B> {
             tokenizer,
             policy,
         })
+    }
+
+    /// As [`Encoder::warm_up`].
+    pub fn warm_up(&self) -> anyhow::Result<usize> {
+        warm_up(
+            &self.policy,
+            &self.tokenizer,
+            self.model.shape_bucket(),
+            |b| self.model.classify_launch(b),
+            |t| Ok(Bert::rows(t)),
+        )
     }
 
     pub fn score(&self, query: &str, passages: &[&str]) -> anyhow::Result<Vec<f32>> {
@@ -446,6 +548,9 @@ impl AnyEncoder {
     pub fn embed(&self, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
         on_backend!(self, AnyEncoder, e => e.embed(texts))
     }
+    pub fn warm_up(&self) -> anyhow::Result<usize> {
+        on_backend!(self, AnyEncoder, e => e.warm_up())
+    }
     pub fn dim(&self) -> usize {
         on_backend!(self, AnyEncoder, e => e.dim())
     }
@@ -465,6 +570,9 @@ pub enum AnyCrossEncoder {
 impl AnyCrossEncoder {
     pub fn load(dir: &Path, policy: BatchPolicy, device: Device) -> anyhow::Result<Self> {
         load_on!(AnyCrossEncoder, CrossEncoder, device, dir, policy)
+    }
+    pub fn warm_up(&self) -> anyhow::Result<usize> {
+        on_backend!(self, AnyCrossEncoder, e => e.warm_up())
     }
     pub fn score(&self, query: &str, passages: &[&str]) -> anyhow::Result<Vec<f32>> {
         on_backend!(self, AnyCrossEncoder, e => e.score(query, passages))
@@ -508,6 +616,108 @@ mod tests {
         assert_eq!(cuts, vec![0..3, 3..5, 5..6, 6..7]);
         // A single text longer than the budget still gets its own batch.
         assert_eq!(p.cut(&[500]), vec![0..1]);
+    }
+
+    /// The warm-up's shapes are exactly those that batching produces: every
+    /// batch of many random length mixes pads to a listed shape, and every
+    /// listed shape is the padding of some batch the policy allows.
+    #[test]
+    fn warm_up_shapes_are_exactly_the_shapes_batches_take() {
+        for (policy, max_len, cap) in [
+            (
+                BatchPolicy {
+                    max_tokens: 8192,
+                    max_batch: 64,
+                },
+                256,
+                512,
+            ),
+            (
+                BatchPolicy {
+                    max_tokens: 8192,
+                    max_batch: 64,
+                },
+                512,
+                512,
+            ),
+            (
+                BatchPolicy {
+                    max_tokens: 1000,
+                    max_batch: 100,
+                },
+                500,
+                500,
+            ),
+            (
+                BatchPolicy {
+                    max_tokens: 50,
+                    max_batch: 3,
+                },
+                128,
+                512,
+            ),
+        ] {
+            let shapes = policy.bucket_shapes(max_len, cap);
+            let listed: std::collections::HashSet<_> = shapes.iter().copied().collect();
+            assert_eq!(listed.len(), shapes.len(), "a shape listed twice");
+            let mut seen = std::collections::HashSet::new();
+            // A fixed-seed LCG: reproducible, and no dependency for it.
+            let mut state = 0x2545_f491_4f6c_dd1du64;
+            let mut next = |n: usize| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 33) as usize % n
+            };
+            for _ in 0..3000 {
+                let count = 1 + next(300);
+                // Lengths spread over all of 1..=max_len, or clustered.
+                let (lo, span) = match next(3) {
+                    0 => (1, max_len),
+                    _ => {
+                        let lo = 1 + next(max_len);
+                        (lo, (1 + next(40)).min(max_len + 1 - lo))
+                    }
+                };
+                let mut lengths: Vec<usize> = (0..count).map(|_| lo + next(span)).collect();
+                lengths.sort_unstable();
+                for range in policy.cut(&lengths) {
+                    let longest = lengths[range.end - 1];
+                    let shape = padded_shape(range.len(), longest, Some(cap));
+                    assert!(
+                        listed.contains(&shape),
+                        "{shape:?} not warmed up ({policy:?})"
+                    );
+                    seen.insert(shape);
+                }
+            }
+            for &(rows, seq) in &shapes {
+                // The fewest texts that pad to `rows`, at the shortest length
+                // that pads to `seq`.
+                let texts = if rows == 1 { 1 } else { rows / 2 + 1 };
+                let len = (1..=max_len)
+                    .find(|&l| padded_shape(1, l, Some(cap)).1 == seq)
+                    .unwrap();
+                let lengths = vec![len; texts];
+                assert_eq!(
+                    policy.cut(&lengths),
+                    vec![0..texts],
+                    "({rows}, {seq}) unreachable"
+                );
+                assert_eq!(padded_shape(texts, len, Some(cap)), (rows, seq));
+            }
+            assert!(
+                seen.len() * 2 > shapes.len(),
+                "the random batches hardly cover the shapes"
+            );
+        }
+        // all-MiniLM-L6-v2 (256 tokens) under the default policy: 8 length
+        // buckets of 32, rows 1 to 64 in powers of two.
+        let default = BatchPolicy {
+            max_tokens: 8192,
+            max_batch: 64,
+        };
+        assert_eq!(default.bucket_shapes(256, 512).len(), 8 * 7);
     }
 
     /// Shape buckets (the GPU path) pad rows and columns, yet every real
