@@ -209,54 +209,70 @@ pub fn html_to_markdown(html: &str) -> String {
         "dd",
         "dt",
     ];
+    // An explicit stack, not recursion: html5ever nests elements as deep as
+    // the file does, and 100,000 nested <div>s (500 KB) would overflow a
+    // thread's stack, which aborts the whole daemon.
+    enum Step<'a> {
+        Visit(ego_tree::NodeRef<'a, Node>),
+        Push(&'static str),
+        /// A heading's text starts at this byte of the output: trim it.
+        EndHeading(usize),
+    }
     let mut out = String::new();
-    fn walk(node: ego_tree::NodeRef<'_, Node>, out: &mut String) {
-        for child in node.children() {
-            match child.value() {
-                Node::Text(t) => {
-                    let t = t.text.split_whitespace().collect::<Vec<_>>().join(" ");
-                    if !t.is_empty() {
-                        if !out.is_empty() && !out.ends_with(['\n', ' ']) {
-                            out.push(' ');
-                        }
-                        out.push_str(&t);
-                    }
-                }
-                Node::Element(el) => {
-                    let name = el.name();
-                    if SKIP.contains(&name) || el.attr("hidden").is_some() {
-                        continue;
-                    }
-                    let heading = match name {
-                        "h1" => 1,
-                        "h2" => 2,
-                        "h3" => 3,
-                        "h4" => 4,
-                        "h5" => 5,
-                        "h6" => 6,
-                        _ => 0,
-                    };
-                    if heading > 0 {
-                        out.push_str("\n\n");
-                        out.push_str(&"#".repeat(heading));
-                        out.push(' ');
-                        let mut h = String::new();
-                        walk(child, &mut h);
-                        out.push_str(h.trim());
-                        out.push_str("\n\n");
-                    } else if BLOCK.contains(&name) {
-                        out.push('\n');
-                        walk(child, out);
-                        out.push('\n');
-                    } else {
-                        walk(child, out);
-                    }
-                }
-                _ => {}
+    let mut stack: Vec<Step> = root.children().rev().map(Step::Visit).collect();
+    while let Some(step) = stack.pop() {
+        let child = match step {
+            Step::Visit(node) => node,
+            Step::Push(s) => {
+                out.push_str(s);
+                continue;
             }
+            Step::EndHeading(start) => {
+                let text = out[start..].trim().to_string();
+                out.truncate(start);
+                out.push_str(&text);
+                out.push_str("\n\n");
+                continue;
+            }
+        };
+        match child.value() {
+            Node::Text(t) => {
+                let t = t.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                if !t.is_empty() {
+                    if !out.is_empty() && !out.ends_with(['\n', ' ']) {
+                        out.push(' ');
+                    }
+                    out.push_str(&t);
+                }
+            }
+            Node::Element(el) => {
+                let name = el.name();
+                if SKIP.contains(&name) || el.attr("hidden").is_some() {
+                    continue;
+                }
+                let heading = match name {
+                    "h1" => 1,
+                    "h2" => 2,
+                    "h3" => 3,
+                    "h4" => 4,
+                    "h5" => 5,
+                    "h6" => 6,
+                    _ => 0,
+                };
+                if heading > 0 {
+                    out.push_str("\n\n");
+                    out.push_str(&"#".repeat(heading));
+                    out.push(' ');
+                    stack.push(Step::EndHeading(out.len()));
+                } else if BLOCK.contains(&name) {
+                    out.push('\n');
+                    stack.push(Step::Push("\n"));
+                }
+                stack.extend(child.children().rev().map(Step::Visit));
+            }
+            _ => {}
         }
     }
-    walk(*root, &mut out);
     normalise_whitespace(&out)
 }
 
@@ -286,6 +302,37 @@ mod tests {
         for chrome in ["Home | About", "Copyright", "var x", "track()", "Site"] {
             assert!(!md.contains(chrome), "kept {chrome:?} in {md}");
         }
+    }
+
+    /// Deep nesting is data, not a reason to crash: a stack overflow
+    /// aborts the process, which no panic handler catches. Run on a thread
+    /// with a 256 KiB stack, an eighth of what a blocking-pool thread has.
+    #[test]
+    fn deeply_nested_documents_parse_without_recursion() {
+        let depth = 20_000;
+        let html = format!(
+            "<html><body>{}<h2>Pay <b>bands</b></h2>deep text{}</body></html>",
+            "<div><span>".repeat(depth),
+            "</span></div>".repeat(depth)
+        );
+        let md = "> ".repeat(depth) + "deep quote\n";
+        let (html_md, sections) = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let sections = parse(Path::new("deep.md"), md.as_bytes()).unwrap();
+                (html_to_markdown(&html), sections)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(
+            html_md.contains("## Pay bands\n\ndeep text"),
+            "{html_md:.200}"
+        );
+        assert!(
+            sections.iter().any(|s| s.body.contains("deep quote")),
+            "{sections:?}"
+        );
     }
 
     #[test]
