@@ -188,6 +188,94 @@ fn partitions_never_leak_also_through_the_cache() {
     assert_eq!(other["cached"], false);
 }
 
+/// A changed partition rule moves the files it covers at the next start:
+/// re-indexed in the new partition, gone from the old one, although not a
+/// byte of them changed; the files it does not cover are left alone.
+#[test]
+fn a_changed_partition_rule_moves_unchanged_files() {
+    let ws = Workspace::new();
+    let bands =
+        "# Salary bands\n\nEngineer level three earns between sixty and seventy thousand.\n";
+    ws.write("hr/pay/bands.md", bands);
+    ws.write("eng/build.txt", BUILD);
+    let question = "what does an engineer at level three earn?";
+    let mut d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    assert!(source_uris(&d.ask(HR_TOKEN, question)).contains(&"hr/pay/bands.md".to_string()));
+    assert!(d.sigterm().success());
+
+    // hr/pay is now filed under eng: the first matching rule wins.
+    let config = std::fs::read_to_string(ws.config()).unwrap().replacen(
+        "  [[sources.rules]]\n  prefix = \"hr\"",
+        "  [[sources.rules]]\n  prefix = \"hr/pay\"\n  division = \"eng\"\n  access_level = \"internal\"\n  [[sources.rules]]\n  prefix = \"hr\"",
+        1,
+    );
+    assert!(config.contains("hr/pay"));
+    std::fs::write(ws.config(), config).unwrap();
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    let eng = wait_for(
+        "the file in its new partition",
+        Duration::from_secs(60),
+        || {
+            let r = d.ask_top(ENG_TOKEN, question, 5);
+            source_uris(&r)
+                .contains(&"hr/pay/bands.md".to_string())
+                .then_some(r)
+        },
+    );
+    let moved = eng["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["uri"] == "hr/pay/bands.md")
+        .unwrap();
+    assert_eq!(moved["division"], "eng", "{eng}");
+    d.wait_ledger(Duration::from_secs(60), |_| true);
+    for q in [question, "salary bands", "sixty and seventy thousand"] {
+        let hr = d.ask_top(HR_TOKEN, q, 5);
+        assert!(
+            !source_uris(&hr).contains(&"hr/pay/bands.md".to_string()),
+            "hr-reader still sees the moved file: {hr}"
+        );
+    }
+    assert_eq!(
+        actor_processed(&d, "indexer"),
+        1,
+        "only the moved file is indexed again"
+    );
+}
+
+/// A file that grows past `max_file_bytes` is skipped, never read, and
+/// what the index held of it goes: its text is no longer the file's.
+#[test]
+fn a_file_grown_past_the_size_limit_leaves_the_index() {
+    let ws = Workspace::with_extra("[chunker]\nmax_file_bytes = 2000\n");
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write("eng/build.txt", BUILD);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    assert_eq!(d.admin_json("/index")["points"], 2);
+    let question = "how do I request parental leave?";
+    assert!(source_uris(&d.ask(HR_TOKEN, question)).contains(&"hr/leave.md".to_string()));
+
+    ws.write(
+        "hr/leave.md",
+        format!("{LEAVE_V1}\n{}", "Appendix. ".repeat(300)),
+    );
+    let ledger = d.wait_ledger(Duration::from_secs(60), |l| l["skipped"] == 1);
+    assert_eq!(ledger["indexed"], 1, "{ledger}");
+    for q in [question, "HR portal four weeks", "parental leave"] {
+        let r = d.ask_top(HR_TOKEN, q, 5);
+        assert!(
+            !source_uris(&r).contains(&"hr/leave.md".to_string()),
+            "the skipped file still answers: {r}"
+        );
+    }
+    // One chunk each: only the build note's is left.
+    assert_eq!(d.admin_json("/index")["points"], 1);
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_never_a_500() {
     let ws = Workspace::new();

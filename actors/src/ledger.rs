@@ -43,6 +43,10 @@ pub struct LedgerCounts {
 /// Marker version for a deletion travelling through the pipeline.
 pub const DELETE_VERSION: &str = "-";
 
+/// The latest "version" of a document the watcher skipped (too big): the
+/// source has it, but nothing of it is to be in the index.
+pub const SKIPPED_VERSION: &str = "-";
+
 struct DocEntry {
     /// The newest version the source has; `None` once the file is gone.
     latest: Option<String>,

@@ -1,7 +1,7 @@
 //! The SourceWatcher: turns a folder into document events.
 //!
 //! An initial scan, then notify events (debounced). Every document gets a
-//! stable id (`source:uri`) and its content hash as version, so a touch
+//! stable id (`source:uri`) and a hash of its content and partition as version, so a touch
 //! without a change re-indexes nothing. When the kernel's event queue
 //! overflows (inotify drops events in a burst) notify says "rescan", and we
 //! do: the rescan compares the folder with what we know, so no file is ever
@@ -10,7 +10,7 @@
 use crate::bridge::Port;
 use crate::dlq::DeadLetters;
 use crate::indexer::actor::IndexJob;
-use crate::ledger::{Ledger, Outcome};
+use crate::ledger::{Ledger, Outcome, SKIPPED_VERSION};
 use crate::messages::{DocMeta, Partition};
 use crate::pool::Job;
 use crate::stats::ActorStats;
@@ -24,10 +24,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Version of a document: the first 16 bytes of its sha256, in hex.
-pub fn content_version(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
-    d[..16].iter().map(|b| format!("{b:02x}")).collect()
+/// Version of a document: 32 hex digits of a sha256 over its content and
+/// the partition it is filed in. A changed partition rule thus makes every
+/// file it moves a new version: indexed in its new partition, while the
+/// pruner removes the old one. With the content alone, an unchanged file
+/// would keep its old partition, and whoever could see that partition its
+/// text, until its next edit.
+pub fn doc_version(bytes: &[u8], partition: &Partition) -> String {
+    version_of(&Sha256::digest(bytes).into(), partition)
+}
+
+fn version_of(content: &[u8; 32], partition: &Partition) -> String {
+    let mut h = Sha256::new();
+    h.update(content);
+    for field in [&partition.division, &partition.access_level] {
+        // Length-prefixed, so no two partitions hash alike.
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
+    }
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -407,7 +425,8 @@ fn supported(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str) ->
             .unwrap_or_default()
     );
     let id = doc_id(source, uri);
-    args.ledger.record(&id, Some("-"), Outcome::Skipped(reason));
+    args.ledger
+        .record(&id, Some(SKIPPED_VERSION), Outcome::Skipped(reason));
     false
 }
 
@@ -435,10 +454,12 @@ async fn decide(
 ) {
     let id = doc_id(source, uri);
     let skip = |reason: String| {
-        args.ledger.record(&id, Some("-"), Outcome::Skipped(reason));
+        args.ledger
+            .record(&id, Some(SKIPPED_VERSION), Outcome::Skipped(reason));
     };
+    let partition = source.partition_for(uri);
     let (size, version) = match probed {
-        Ok(Probe::Read { size, version }) => (size, version),
+        Ok(Probe::Read { size, content }) => (size, version_of(&content, &partition)),
         Ok(Probe::TooBig(size)) => {
             // Never read a huge file just to hash it.
             if args.known.lock().contains_key(&id) {
@@ -475,7 +496,7 @@ async fn decide(
         uri: uri.to_string(),
         path: path.to_path_buf(),
         version: version.clone(),
-        partition: source.partition_for(uri),
+        partition,
         size,
         seq: crate::messages::next_seq(),
     };
@@ -487,7 +508,11 @@ async fn decide(
 }
 
 enum Probe {
-    Read { size: u64, version: String },
+    /// `content`: the sha256 of the file's bytes.
+    Read {
+        size: u64,
+        content: [u8; 32],
+    },
     TooBig(u64),
 }
 
@@ -518,7 +543,7 @@ fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
     metrics::counter!("ragd_watcher_files_read_total").increment(1);
     Ok(Probe::Read {
         size: bytes.len() as u64,
-        version: content_version(&bytes),
+        content: Sha256::digest(&bytes).into(),
     })
 }
 
@@ -599,9 +624,9 @@ mod tests {
         let p = dir.path().join("a.txt");
         std::fs::write(&p, "hello").unwrap();
         match probe(&p, 5).unwrap() {
-            Probe::Read { size, version } => {
+            Probe::Read { size, content } => {
                 assert_eq!(size, 5);
-                assert_eq!(version, content_version(b"hello"));
+                assert_eq!(content, <[u8; 32]>::from(Sha256::digest(b"hello")));
             }
             Probe::TooBig(_) => panic!("5 bytes fit a 5-byte limit"),
         }
@@ -610,9 +635,27 @@ mod tests {
     }
 
     #[test]
-    fn versions_follow_content() {
-        assert_eq!(content_version(b"a"), content_version(b"a"));
-        assert_ne!(content_version(b"a"), content_version(b"b"));
-        assert_eq!(content_version(b"a").len(), 32);
+    fn versions_follow_content_and_partition() {
+        let part = |d: &str, l: &str| Partition {
+            division: d.into(),
+            access_level: l.into(),
+        };
+        let hr = part("hr", "internal");
+        assert_eq!(doc_version(b"a", &hr), doc_version(b"a", &hr));
+        assert_ne!(doc_version(b"a", &hr), doc_version(b"b", &hr));
+        assert_ne!(
+            doc_version(b"a", &hr),
+            doc_version(b"a", &part("hr", "confidential"))
+        );
+        assert_ne!(
+            doc_version(b"a", &hr),
+            doc_version(b"a", &part("eng", "internal"))
+        );
+        // The fields are delimited: moving a letter across them is a change.
+        assert_ne!(
+            doc_version(b"a", &part("ab", "c")),
+            doc_version(b"a", &part("a", "bc"))
+        );
+        assert_eq!(doc_version(b"a", &hr).len(), 32);
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::cache_guard::CacheHandle;
 use crate::indexer::{Removal, VectorStore};
-use crate::ledger::{Ledger, Outcome};
+use crate::ledger::{Ledger, Outcome, SKIPPED_VERSION};
 use crate::messages::IndexedEvent;
 use crate::pool::{JobErrors, Stage};
 use std::sync::Arc;
@@ -67,8 +67,11 @@ impl VersionPrunerStage {
                     // Re-created since? Then its new version is on its way
                     // and will prune; deleting now would open a gap. (And
                     // one re-created and written after this check was seen
-                    // after the deletion, so the seq guard spares it.)
-                    if self.ledger.latest_version(&doc_id).is_none() {
+                    // after the deletion, so the seq guard spares it.) A
+                    // file grown past the size limit is deleted, then
+                    // recorded as skipped: nothing of it stays either.
+                    let latest = self.ledger.latest_version(&doc_id);
+                    if latest.is_none_or(|v| v == SKIPPED_VERSION) {
                         removals.push(Removal::new(&doc_id, None).seen_before(seq));
                     }
                     outcomes.push((doc_id, None, Outcome::Deleted));

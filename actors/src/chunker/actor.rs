@@ -6,7 +6,7 @@ use crate::bridge::Port;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{ChunkedDoc, DocMeta};
 use crate::pool::{JobErrors, Stage};
-use crate::source_watcher::{content_version, read_at_most};
+use crate::source_watcher::{doc_version, read_at_most};
 use std::sync::Arc;
 
 enum Read {
@@ -65,14 +65,11 @@ impl Stage for ChunkerStage {
         }
         let chunker = self.chunker.clone();
         let max = self.max_file_bytes;
-        let files: Vec<_> = todo
-            .iter()
-            .map(|(_, m)| (m.path.clone(), m.version.clone()))
-            .collect();
+        let files: Vec<_> = todo.iter().map(|(_, m)| m.clone()).collect();
         let reads = tokio::task::spawn_blocking(move || {
             files
                 .iter()
-                .map(|(path, version)| read_and_parse(&chunker, path, version, max))
+                .map(|m| read_and_parse(&chunker, m, max))
                 .collect::<Vec<_>>()
         })
         .await
@@ -91,21 +88,16 @@ impl Stage for ChunkerStage {
     }
 }
 
-/// Reads `path` (at most `max` bytes), checks it is still `version`, and
-/// parses it.
-fn read_and_parse(
-    chunker: &Chunker,
-    path: &std::path::Path,
-    version: &str,
-    max: u64,
-) -> std::io::Result<Read> {
-    let Some(bytes) = read_at_most(&std::fs::File::open(path)?, max)? else {
+/// Reads the document (at most `max` bytes), checks it is still the
+/// version probed, and parses it.
+fn read_and_parse(chunker: &Chunker, meta: &DocMeta, max: u64) -> std::io::Result<Read> {
+    let Some(bytes) = read_at_most(&std::fs::File::open(&meta.path)?, max)? else {
         return Ok(Read::TooBig);
     };
-    if content_version(&bytes) != version {
+    if doc_version(&bytes, &meta.partition) != meta.version {
         return Ok(Read::Changed);
     }
-    Ok(Read::Parsed(chunker.chunk_file(path, &bytes)))
+    Ok(Read::Parsed(chunker.chunk_file(&meta.path, &bytes)))
 }
 
 impl ChunkerStage {
