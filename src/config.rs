@@ -795,6 +795,12 @@ fn validate(
     if candidates == 0 {
         errors.push("query.candidates must be at least 1".into());
     }
+    // A query gets at most the candidates the search hands on.
+    if max_top_k == 0 || max_top_k > candidates.max(1) {
+        errors.push(format!(
+            "query.max_top_k ({max_top_k}) must be between 1 and query.candidates ({candidates})"
+        ));
+    }
     let latency_budget = match raw.query.latency_budget_ms {
         Some(0) => {
             errors.push(
@@ -966,13 +972,15 @@ fn validate_llm(
     let api_key = secret_from_env(env, raw.api_key_env.as_deref(), "OPENAI_API_KEY");
     let secs = |name: &str, v: Option<f64>, default: f64, err: &mut dyn FnMut(String)| {
         let v = v.unwrap_or(default);
-        if !(v.is_finite() && v > 0.0) {
-            err(format!(
-                "llm.{name}: {v} must be a positive number of seconds"
-            ));
-            return Duration::from_secs_f64(default);
+        match Duration::try_from_secs_f64(v) {
+            Ok(d) if v > 0.0 && d < Duration::from_secs(365 * 24 * 3600) => d,
+            _ => {
+                err(format!(
+                    "llm.{name}: {v} must be a positive number of seconds, under a year"
+                ));
+                Duration::from_secs_f64(default)
+            }
         }
-        Duration::from_secs_f64(v)
     };
     let timeout = secs("timeout_secs", raw.timeout_secs, 60.0, err);
     let retry_budget = secs("retry_budget_secs", raw.retry_budget_secs, 30.0, err);
@@ -1078,8 +1086,14 @@ mod tests {
             [query]
             bind = "not an address"
             latency_budget_ms = 0
+            max_top_k = 60
             [index]
             hnsw_m = 2
+            [llm]
+            base_url = "http://127.0.0.1:1/v1"
+            model = "m"
+            timeout_secs = 1e20
+            retry_budget_secs = -1
             [[sources]]
             path = "missing"
             division = ""
@@ -1101,6 +1115,9 @@ mod tests {
             "8 characters",
             "at least one division",
             "index.hnsw_m (2)",
+            "query.max_top_k (60)",
+            "llm.timeout_secs: 100000000000000000000",
+            "llm.retry_budget_secs: -1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

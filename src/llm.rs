@@ -145,7 +145,7 @@ impl Llm {
                 _ => planned,
             };
             let mut spent = spent.lock();
-            if *spent + wait > budget {
+            if spent.checked_add(wait).is_none_or(|total| total > budget) {
                 return None; // waiting that long would break the budget
             }
             *spent += wait;
@@ -229,7 +229,9 @@ fn snippet(s: &str) -> String {
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        // A wait too long for a Duration is as good as forever: the retry
+        // budget then refuses it.
+        return (secs >= 0.0).then(|| Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(
@@ -442,6 +444,10 @@ mod tests {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+        // Beyond what a Duration holds: forever, not a panic.
+        assert_eq!(parse_retry_after("1e20"), Some(Duration::MAX));
+        assert_eq!(parse_retry_after("inf"), Some(Duration::MAX));
         let later = SystemTime::now() + Duration::from_secs(10);
         let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
         assert!(
