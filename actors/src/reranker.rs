@@ -262,6 +262,13 @@ impl Actor for Reranker {
         st: &mut RerankerArgs,
     ) -> Result<(), ActorProcessingErr> {
         let RerankMsg::Rerank(req, reply) = msg;
+        if reply.is_closed() {
+            // The caller gave up (its timeout passed, or the client went):
+            // scoring for nobody would only delay the queries queued
+            // behind it, and under a backlog make them time out too.
+            metrics::counter!("ragd_reranker_abandoned_total").increment(1);
+            return Ok(());
+        }
         let (model, cost) = (st.model.clone(), st.cost.clone());
         let result = tokio::task::spawn_blocking(move || rerank(model.as_deref(), &cost, req))
             .await
@@ -318,6 +325,30 @@ mod tests {
             top_k,
             deadline,
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_caller_gave_up_is_not_scored() {
+        let stats = Arc::new(ActorStats::default());
+        let args = RerankerArgs {
+            model: Some(Arc::new(tiny_cross_encoder())),
+            cost: Arc::new(PairCost::default()),
+            stats: stats.clone(),
+        };
+        let (actor, handle) = Actor::spawn(None, Reranker, args).await.unwrap();
+        let (tx, rx) = ractor::concurrency::oneshot();
+        drop(rx); // the caller timed out
+        actor
+            .cast(RerankMsg::Rerank(req(20, 5, None), tx.into()))
+            .unwrap();
+        let r = ractor::call!(actor, RerankMsg::Rerank, req(20, 5, None))
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.scored, r.hits.len()), (20, 5));
+        let processed = stats.processed.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(processed, 1, "the abandoned request was scored");
+        actor.stop(None);
+        handle.await.unwrap();
     }
 
     #[test]
