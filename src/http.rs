@@ -223,8 +223,12 @@ async fn answer(
     };
     // Only complete responses are cached: a failed LLM call is retried by
     // the next asker, not served to them, and a rerank the latency budget
-    // cut short is redone fully once the load allows.
-    if answer_error.is_none() && !cut_short {
+    // cut short is redone fully once the load allows. Nor are answers
+    // without sources, or any before the first scan is done: the documents
+    // may just not be indexed yet, and a cached "nothing found" would
+    // outlive their arrival for the cache's whole TTL.
+    let scanned = node.scanned.load(std::sync::atomic::Ordering::SeqCst);
+    if answer_error.is_none() && !cut_short && !value.sources.is_empty() && scanned {
         node.cache.store(&vector, scope, top_k, value.clone());
     }
     timings.insert("total".into(), ms(started.elapsed()));

@@ -276,6 +276,28 @@ fn a_file_grown_past_the_size_limit_leaves_the_index() {
     assert_eq!(d.admin_json("/index")["points"], 1);
 }
 
+/// "Nothing found" is not cached: the document may just not be indexed
+/// yet, and the next asker must find it once it is.
+#[test]
+fn an_answer_without_sources_is_not_cached() {
+    let ws = Workspace::new();
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    let question = "where is the build cache?";
+    for _ in 0..2 {
+        let r = d.ask(ENG_TOKEN, question);
+        assert_eq!(r["sources"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(r["cached"], false, "{r}");
+    }
+    ws.write("eng/build.txt", BUILD);
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+    let r = d.ask(ENG_TOKEN, question);
+    assert_eq!(source_uris(&r), vec!["eng/build.txt".to_string()], "{r}");
+    // An answer with sources is cached as before.
+    assert_eq!(d.ask(ENG_TOKEN, question)["cached"], true);
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_never_a_500() {
     let ws = Workspace::new();
