@@ -403,6 +403,7 @@ impl Node {
                 chunker,
                 ledger: ledger.clone(),
                 out: port(&kafka, &embed_q, CHUNKS),
+                deletes: port(&kafka, &index_q, EMBEDDED),
                 max_file_bytes: config.max_file_bytes,
             }),
             chunk_q.clone(),

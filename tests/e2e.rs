@@ -276,6 +276,44 @@ fn a_file_grown_past_the_size_limit_leaves_the_index() {
     assert_eq!(d.admin_json("/index")["points"], 1);
 }
 
+/// A file overwritten with something that holds no text (binary, or
+/// emptied) takes its old text out of the index with it; written again, it
+/// comes back.
+#[test]
+fn a_file_overwritten_without_text_leaves_the_index() {
+    let ws = Workspace::new();
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write("eng/build.txt", BUILD);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    assert_eq!(d.admin_json("/index")["points"], 2);
+    let question = "how do I request parental leave?";
+
+    for (n, unindexable) in [&b"\x00\x01\x02binary"[..], b""].into_iter().enumerate() {
+        if n > 0 {
+            ws.write("hr/leave.md", LEAVE_V1);
+            d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+            assert_eq!(d.admin_json("/index")["points"], 2);
+        }
+        ws.write("hr/leave.md", unindexable);
+        d.wait_ledger(Duration::from_secs(60), |l| l["skipped"] == 1);
+        d.wait_until("the old text pruned", Duration::from_secs(30), || {
+            d.admin_json("/index")["points"] == 1
+        });
+        let r = d.ask_top(HR_TOKEN, &format!("{question} ({n})"), 5);
+        assert!(
+            !source_uris(&r).contains(&"hr/leave.md".to_string()),
+            "the old text still answers: {r}"
+        );
+    }
+
+    ws.write("hr/leave.md", LEAVE_V2);
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+    let r = d.ask_top(HR_TOKEN, question, 5);
+    assert!(texts(&r).contains("six weeks"), "{r}");
+    assert_eq!(d.admin_json("/index")["points"], 2);
+}
+
 /// "Nothing found" is not cached: the document may just not be indexed
 /// yet, and the next asker must find it once it is.
 #[test]

@@ -43,8 +43,8 @@ pub struct LedgerCounts {
 /// Marker version for a deletion travelling through the pipeline.
 pub const DELETE_VERSION: &str = "-";
 
-/// The latest "version" of a document the watcher skipped (too big): the
-/// source has it, but nothing of it is to be in the index.
+/// The latest "version" of a document skipped as a whole (too big, or no
+/// text in it): the source has it, but nothing of it is to be in the index.
 pub const SKIPPED_VERSION: &str = "-";
 
 struct DocEntry {
@@ -218,6 +218,25 @@ impl Ledger {
             .map
             .get(doc_id)
             .and_then(|e| e.latest.clone())
+    }
+
+    /// `version` turned out to hold nothing to index (the chunker found no
+    /// text in it): it ends skipped, and if it is still the document's
+    /// latest, the document is marked as having nothing in the index
+    /// ([`SKIPPED_VERSION`]), so the pruner removes what earlier versions
+    /// left. Returns whether it was the latest.
+    pub fn finish_unindexable(&self, doc_id: &str, version: &str, reason: String) -> bool {
+        self.finish(doc_id, Some(version), Outcome::Skipped(reason));
+        self.docs
+            .lock()
+            .update(doc_id, false, |entry| {
+                let latest = entry.latest.as_deref() == Some(version);
+                if latest {
+                    entry.latest = Some(SKIPPED_VERSION.to_string());
+                }
+                latest
+            })
+            .unwrap_or(false)
     }
 
     /// A pipeline job for `version` (None: the deletion) reached its end. If

@@ -3,6 +3,7 @@
 use super::parse::ParseError;
 use super::Chunker;
 use crate::bridge::Port;
+use crate::indexer::actor::IndexJob;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{ChunkedDoc, DocMeta};
 use crate::pool::{JobErrors, Stage};
@@ -19,6 +20,9 @@ pub struct ChunkerStage {
     pub chunker: Arc<Chunker>,
     pub ledger: Arc<Ledger>,
     pub out: Port<ChunkedDoc>,
+    /// The indexer's input, for what an unindexable version leaves behind
+    /// (see [`ChunkerStage::settle`]).
+    pub deletes: Port<IndexJob>,
     pub max_file_bytes: u64,
 }
 
@@ -75,15 +79,17 @@ impl Stage for ChunkerStage {
         .await
         .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
         let mut out = Vec::with_capacity(todo.len());
+        let mut deletes = Vec::new();
         let mut errors = JobErrors::new();
         for ((i, meta), read) in todo.into_iter().zip(reads) {
-            match self.settle(&meta, read) {
+            match self.settle(&meta, read, &mut deletes) {
                 Ok(Some(chunks)) => out.push(ChunkedDoc { meta, chunks }),
                 Ok(None) => {}
                 Err(e) => errors.push((i, e)),
             }
         }
         self.out.send_all(out).await?;
+        self.deletes.send_all(deletes).await?;
         Ok(errors)
     }
 }
@@ -108,10 +114,17 @@ impl ChunkerStage {
 
     /// What becomes of one read: its chunks to hand on, nothing (skipped,
     /// with the reason in the ledger), or an error to retry.
+    ///
+    /// A version with nothing to index (binary, not UTF-8, no text: the
+    /// file was emptied or overwritten) still replaces the one before it:
+    /// it ends skipped and, when it is the document's latest, a deletion
+    /// goes to `deletes`, so the old version's text is no longer found.
+    /// Its `seq` is the version's, so a newer version is spared.
     fn settle(
         &self,
         meta: &DocMeta,
         read: std::io::Result<Read>,
+        deletes: &mut Vec<IndexJob>,
     ) -> anyhow::Result<Option<Vec<crate::messages::Chunk>>> {
         let parsed = match read {
             Ok(Read::Parsed(parsed)) => parsed,
@@ -136,7 +149,15 @@ impl ChunkerStage {
         match parsed {
             Ok(chunks) => Ok(Some(chunks)),
             Err(ParseError::Unsupported(reason)) => {
-                self.skip(meta, reason);
+                if self
+                    .ledger
+                    .finish_unindexable(&meta.doc_id, &meta.version, reason)
+                {
+                    deletes.push(IndexJob::Delete {
+                        doc_id: meta.doc_id.clone(),
+                        seq: meta.seq,
+                    });
+                }
                 Ok(None)
             }
             Err(e @ ParseError::Malformed { .. }) => Err(e.into()),
