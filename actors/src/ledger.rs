@@ -143,16 +143,19 @@ impl Ledger {
 
     /// Waits for a permit, then admits `version` of `doc_id` (or its deletion,
     /// with `None`) into the pipeline. Returns false when that exact version is
-    /// already in flight, so a re-scan does not queue it twice.
+    /// already in flight and still the latest, so a re-scan does not queue it
+    /// twice.
+    ///
+    /// A version in flight but overtaken since comes back as a new job: an
+    /// edit reverted (v1, v2, v1 again: `git checkout` and back), or a
+    /// document deleted, re-created and deleted again before the first
+    /// deletion finished. The overtaken job may already have been dropped
+    /// as superseded, so counting on it would lose the revert.
     pub async fn admit(&self, doc_id: &str, version: Option<&str>) -> bool {
         let key = version.unwrap_or(DELETE_VERSION).to_string();
-        if self
-            .docs
-            .lock()
-            .map
-            .get(doc_id)
-            .is_some_and(|e| e.pending.contains_key(&key))
-        {
+        let duplicate =
+            |e: &DocEntry| e.pending.contains_key(&key) && e.latest.as_deref() == version;
+        if self.docs.lock().map.get(doc_id).is_some_and(duplicate) {
             return false;
         }
         let permit = self
@@ -164,12 +167,19 @@ impl Ledger {
         self.docs
             .lock()
             .update(doc_id, true, |entry| {
-                if entry.pending.contains_key(&key) {
+                if duplicate(entry) {
                     return false;
                 }
                 entry.latest = version.map(str::to_string);
                 entry.status = DocStatus::InFlight;
-                entry.pending.insert(key, permit);
+                // One permit per job: a version admitted again while its
+                // first job is still in flight holds two.
+                match entry.pending.get_mut(&key) {
+                    Some(held) => held.merge(permit),
+                    None => {
+                        entry.pending.insert(key.clone(), permit);
+                    }
+                }
                 true
             })
             .unwrap_or(false)
@@ -245,7 +255,14 @@ impl Ledger {
     pub fn finish(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
         let key = version.unwrap_or(DELETE_VERSION);
         self.docs.lock().update(doc_id, false, |entry| {
-            entry.pending.remove(key);
+            // One job of this version ended: its permit goes.
+            if let Some(held) = entry.pending.get_mut(key) {
+                if held.num_permits() > 1 {
+                    drop(held.split(1));
+                } else {
+                    entry.pending.remove(key);
+                }
+            }
             let current = entry.latest.as_deref() == version;
             if current {
                 entry.status = status_of(outcome);
@@ -385,6 +402,59 @@ mod tests {
             }
             assert_eq!(ledger.counts(), recount(&ledger), "after step {step}");
         }
+    }
+
+    /// An overtaken version that comes back while its first job is still
+    /// in flight is admitted again (the first job may already be dropped as
+    /// superseded), and its permits are all given back in the end.
+    #[tokio::test]
+    async fn a_reverted_edit_and_a_second_deletion_are_admitted_again() {
+        let ledger = Ledger::new(8);
+        assert!(ledger.admit("a", Some("v1")).await);
+        assert!(
+            !ledger.admit("a", Some("v1")).await,
+            "a re-scan, not a new version"
+        );
+        assert!(ledger.admit("a", Some("v2")).await);
+        assert!(
+            ledger.admit("a", Some("v1")).await,
+            "the revert to v1 was lost"
+        );
+        assert!(ledger.is_current("a", "v1"));
+        assert_eq!(ledger.permits.available_permits(), 5);
+        // The first v1 job was dropped as superseded, v2's found the file
+        // changed; the second v1 job indexes.
+        ledger.finish("a", Some("v1"), Outcome::Skipped("superseded".into()));
+        ledger.finish("a", Some("v2"), Outcome::Skipped("changed".into()));
+        assert_eq!(
+            ledger.counts().in_flight,
+            1,
+            "the second v1 job is still out"
+        );
+        ledger.finish("a", Some("v1"), Outcome::Indexed);
+        assert_eq!(ledger.status("a"), Some(DocStatus::Indexed));
+        assert_eq!(ledger.permits.available_permits(), 8);
+
+        // Deleted, re-created, deleted again before the first deletion ends.
+        assert!(ledger.admit("b", Some("v1")).await);
+        ledger.finish("b", Some("v1"), Outcome::Indexed);
+        assert!(ledger.admit("b", None).await);
+        assert!(ledger.admit("b", Some("v2")).await);
+        assert!(
+            ledger.admit("b", None).await,
+            "the second deletion was lost"
+        );
+        assert_eq!(ledger.latest_version("b"), None);
+        for (v, o) in [
+            (None, Outcome::Deleted),
+            (Some("v2"), Outcome::Skipped("superseded".into())),
+            (None, Outcome::Deleted),
+        ] {
+            ledger.finish("b", v, o);
+        }
+        assert_eq!(ledger.status("b"), Some(DocStatus::Deleted));
+        assert_eq!(ledger.permits.available_permits(), 8);
+        ledger.wait_settled().await;
     }
 
     #[tokio::test]
