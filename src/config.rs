@@ -192,6 +192,8 @@ struct RawSource {
     access_level: String,
     #[serde(default)]
     rules: Vec<RawRule>,
+    /// Poll the tree every this many seconds instead of taking file events.
+    poll_secs: Option<f64>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -864,6 +866,18 @@ fn validate(
                 },
             });
         }
+        let poll = s.poll_secs.and_then(|secs| {
+            use std::time::Duration;
+            let d = Duration::try_from_secs_f64(secs).ok();
+            let ok =
+                d.filter(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(86_400));
+            if ok.is_none() {
+                errors.push(format!(
+                    "{at}: poll_secs ({secs}) must be between 0.1 and 86400 seconds"
+                ));
+            }
+            ok
+        });
         // Canonical root, so event paths (which notify reports canonical)
         // strip cleanly.
         let root = root.canonicalize().unwrap_or(root);
@@ -875,6 +889,7 @@ fn validate(
                 access_level: s.access_level,
             },
             rules,
+            poll,
         });
     }
     let mut pnames = HashSet::new();
@@ -1098,6 +1113,7 @@ mod tests {
             path = "missing"
             division = ""
             access_level = "x"
+            poll_secs = 0
             [[principals]]
             name = "a"
             token = "short"
@@ -1116,6 +1132,7 @@ mod tests {
             "at least one division",
             "index.hnsw_m (2)",
             "query.max_top_k (60)",
+            "poll_secs (0) must be between 0.1 and 86400",
             "llm.timeout_secs: 100000000000000000000",
             "llm.retry_budget_secs: -1",
         ] {

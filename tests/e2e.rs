@@ -314,6 +314,33 @@ fn a_file_overwritten_without_text_leaves_the_index() {
     assert_eq!(d.admin_json("/index")["points"], 2);
 }
 
+/// A source configured to be polled (a network file system raises no file
+/// events for other machines' changes) sees new, changed and deleted files
+/// without the kernel's events.
+#[test]
+fn a_polled_source_sees_new_changed_and_deleted_files() {
+    let ws = Workspace::new();
+    let config = std::fs::read_to_string(ws.config()).unwrap().replacen(
+        "access_level = \"public\"\n",
+        "access_level = \"public\"\npoll_secs = 0.5\n",
+        1,
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    ws.write("eng/build.txt", BUILD);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    ws.write("hr/leave.md", LEAVE_V1);
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+    ws.write("hr/leave.md", LEAVE_V2);
+    wait_for("the changed text", Duration::from_secs(60), || {
+        let r = d.ask_top(HR_TOKEN, "parental leave (poll)", 5);
+        texts(&r).contains("six weeks").then_some(())
+    });
+    std::fs::remove_file(ws.kb().join("hr/leave.md")).unwrap();
+    d.wait_ledger(Duration::from_secs(60), |l| l["deleted"] == 1);
+    assert_eq!(d.admin_json("/index")["points"], 1);
+}
+
 /// "Nothing found" is not cached: the document may just not be indexed
 /// yet, and the next asker must find it once it is.
 #[test]

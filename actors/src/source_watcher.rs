@@ -15,7 +15,9 @@ use crate::messages::{DocMeta, Partition};
 use crate::pool::Job;
 use crate::stats::ActorStats;
 use notify::RecursiveMode;
-use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+use notify_debouncer_full::{
+    new_debouncer, new_debouncer_opt, DebounceEventResult, Debouncer, NoCache, RecommendedCache,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -62,6 +64,47 @@ pub struct SourceSpec {
     pub partition: Partition,
     /// First matching rule wins; the source's partition otherwise.
     pub rules: Vec<PartitionRule>,
+    /// Poll the tree at this interval instead of taking the kernel's file
+    /// events: for network file systems (NFS, SMB), whose changes made on
+    /// other machines raise no events here.
+    pub poll: Option<Duration>,
+}
+
+/// How often a tree is polled when the kernel's events cannot cover it.
+pub const FALLBACK_POLL: Duration = Duration::from_secs(30);
+
+/// How each source is watched: by the kernel's events (`None`), or by
+/// polling at an interval, with the reason when it is not the configured
+/// way. `watch_native` tries to set up the kernel's watch of one tree; when
+/// it fails (inotify's watch limit, a folder the daemon may not read), that
+/// tree is polled instead, and the node runs rather than failing to start.
+fn plan_watches(
+    sources: &[SourceSpec],
+    mut watch_native: impl FnMut(&SourceSpec) -> notify::Result<()>,
+) -> Vec<(Option<Duration>, Option<String>)> {
+    sources
+        .iter()
+        .map(|s| match s.poll {
+            Some(every) => (Some(every), None),
+            None => match watch_native(s) {
+                Ok(()) => (None, None),
+                Err(e) => {
+                    let hint = match e.kind {
+                        notify::ErrorKind::MaxFilesWatch => {
+                            " (the kernel's limit on watched folders: raise fs.inotify.max_user_watches)"
+                        }
+                        _ => "",
+                    };
+                    let why = format!(
+                        "{}: no file events ({e}{hint}); polling every {} s instead",
+                        s.root.display(),
+                        FALLBACK_POLL.as_secs()
+                    );
+                    (Some(FALLBACK_POLL), Some(why))
+                }
+            },
+        })
+        .collect()
 }
 
 impl SourceSpec {
@@ -136,6 +179,7 @@ pub struct WatcherArgs {
 pub struct WatcherState {
     args: WatcherArgs,
     _debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    _pollers: Vec<Debouncer<notify::PollWatcher, NoCache>>,
 }
 
 impl Actor for SourceWatcher {
@@ -148,24 +192,48 @@ impl Actor for SourceWatcher {
         myself: ActorRef<WatchMsg>,
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
-        let debouncer = if args.watch {
-            let me = myself.clone();
-            let mut d = new_debouncer(args.debounce, None, move |res: DebounceEventResult| {
-                let _ = me.cast(WatchMsg::Fs(res));
-            })?;
-            for s in &args.sources {
-                d.watch(&s.root, RecursiveMode::Recursive)
-                    .map_err(|e| format!("watching {}: {e}", s.root.display()))?;
+        let (mut debouncer, mut pollers) = (None, Vec::new());
+        if args.watch {
+            let handler = |me: ActorRef<WatchMsg>| {
+                move |res: DebounceEventResult| {
+                    let _ = me.cast(WatchMsg::Fs(res));
+                }
+            };
+            // Without inotify at all (its instance limit), every tree is
+            // polled.
+            let mut native = new_debouncer(args.debounce, None, handler(myself.clone()));
+            let plan = plan_watches(&args.sources, |s| match &mut native {
+                Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
+                    // Whatever part of the tree it did watch goes too.
+                    let _ = d.unwatch(&s.root);
+                }),
+                Err(e) => Err(notify::Error::generic(&e.to_string())),
+            });
+            for (s, (poll, why)) in args.sources.iter().zip(plan) {
+                let Some(every) = poll else { continue };
+                if let Some(why) = why {
+                    tracing::warn!("{why}");
+                    args.stats.set_error(why);
+                }
+                let mut p = new_debouncer_opt::<_, notify::PollWatcher, _>(
+                    args.debounce,
+                    None,
+                    handler(myself.clone()),
+                    NoCache::new(),
+                    notify::Config::default().with_poll_interval(every),
+                )?;
+                p.watch(&s.root, RecursiveMode::Recursive)
+                    .map_err(|e| format!("polling {}: {e}", s.root.display()))?;
+                pollers.push(p);
             }
-            Some(d)
-        } else {
-            None
-        };
+            debouncer = native.ok();
+        }
         myself.cast(WatchMsg::Rescan)?;
         args.stats.set_status("scanning");
         Ok(WatcherState {
             args,
             _debouncer: debouncer,
+            _pollers: pollers,
         })
     }
 
@@ -569,6 +637,51 @@ mod tests {
         }
     }
 
+    /// A tree the kernel cannot watch is polled, with the reason and what
+    /// to do about it; the others keep their events or configured polling.
+    #[test]
+    fn a_tree_without_file_events_is_polled() {
+        let source = |name: &str, poll: Option<Duration>| SourceSpec {
+            name: name.into(),
+            root: PathBuf::from("/srv").join(name),
+            partition: Partition {
+                division: "eng".into(),
+                access_level: "internal".into(),
+            },
+            rules: vec![],
+            poll,
+        };
+        let minute = Duration::from_secs(60);
+        let sources = [
+            source("kb", None),
+            source("big", None),
+            source("nfs", Some(minute)),
+        ];
+        let mut tried = vec![];
+        let plan = plan_watches(&sources, |s| {
+            tried.push(s.name.clone());
+            if s.name == "big" {
+                Err(notify::Error::new(notify::ErrorKind::MaxFilesWatch))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(
+            tried,
+            ["kb", "big"],
+            "a polled source needs no kernel watch"
+        );
+        assert_eq!(plan[0], (None, None));
+        assert_eq!(plan[2], (Some(minute), None));
+        let (poll, why) = &plan[1];
+        assert_eq!(*poll, Some(FALLBACK_POLL));
+        let why = why.as_deref().unwrap();
+        assert!(
+            why.contains("/srv/big") && why.contains("fs.inotify.max_user_watches"),
+            "{why}"
+        );
+    }
+
     #[test]
     fn rules_map_sub_paths_to_partitions() {
         let part = |d: &str, a: &str| Partition {
@@ -583,6 +696,7 @@ mod tests {
                 prefix: "hr/confidential".into(),
                 partition: part("hr", "confidential"),
             }],
+            poll: None,
         };
         assert_eq!(
             s.partition_for("hr/confidential/pay.md"),
