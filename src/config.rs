@@ -165,6 +165,7 @@ struct RawBus {
     create_topics: Option<bool>,
     max_queued: Option<usize>,
     produce_timeout_ms: Option<u64>,
+    max_message_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -553,6 +554,13 @@ fn validate_cluster(
             if produce_timeout_ms == 0 {
                 err("bus.produce_timeout_ms must be at least 1".into());
             }
+            let max_message_bytes = bus.max_message_bytes.unwrap_or(64 << 20);
+            let ceiling = ragd_actors::bridge::kafka::MAX_MESSAGE_BYTES;
+            if !(1 << 20..=ceiling).contains(&max_message_bytes) {
+                err(format!(
+                    "bus.max_message_bytes ({max_message_bytes}) must be between 1 MiB and {ceiling}"
+                ));
+            }
             Bus::Kafka(ragd_actors::bridge::kafka::KafkaSettings {
                 brokers,
                 topic_prefix: bus.topic_prefix.clone().unwrap_or_else(|| "ragd.".into()),
@@ -562,6 +570,7 @@ fn validate_cluster(
                 create_topics: bus.create_topics.unwrap_or(true),
                 max_queued,
                 produce_timeout: std::time::Duration::from_millis(produce_timeout_ms),
+                max_message_bytes,
             })
         }
         other => {

@@ -110,6 +110,36 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
     assert_eq!(points(&s), n);
 }
 
+/// A long document's embedded chunks (one message, ~5 KB a chunk) pass
+/// librdkafka's default 1 MB message limit: ragd raises it on its
+/// producer and on the topics it creates (bus.max_message_bytes).
+#[test]
+fn a_document_of_hundreds_of_chunks_crosses_the_bus() {
+    let s = Services::start();
+    let ws = s.node("all-1", &["ingest", "embed", "index", "query"]);
+    let sections = 300;
+    let handbook: String = (0..sections)
+        .map(|i| {
+            format!(
+                "## Section {i}\n\nThe spare key of cabinet {i} is kept by the facilities desk on floor {}. {}\n\n",
+                i % 7,
+                "Requests for it go through the ticket queue and are answered within one working day. ".repeat(12)
+            )
+        })
+        .collect();
+    ws.write("hr/handbook.md", &handbook);
+    let d = ws.start();
+    let ledger = d.wait_ledger(Duration::from_secs(300), |l| l["indexed"] == 1);
+    assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
+    let chunks = points(&s);
+    assert!(
+        chunks >= sections,
+        "{chunks} points for {sections} sections"
+    );
+    let r = d.ask(HR_TOKEN, "who keeps the spare key of cabinet 299?");
+    assert!(texts(&r).contains("cabinet 299"), "{r}");
+}
+
 #[test]
 fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
     use rdkafka::producer::{FutureProducer, FutureRecord};

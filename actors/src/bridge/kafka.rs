@@ -52,7 +52,14 @@ pub struct KafkaSettings {
     pub max_queued: usize,
     /// How long a produce may wait for the broker before it is retried.
     pub produce_timeout: Duration,
+    /// The largest message ragd produces (and sets on the topics it
+    /// creates): one document's embedded chunks travel as one message, at
+    /// about 5 KB a chunk.
+    pub max_message_bytes: usize,
 }
+
+/// librdkafka's ceiling for `message.max.bytes`.
+pub const MAX_MESSAGE_BYTES: usize = 1_000_000_000;
 
 pub struct Kafka {
     pub settings: KafkaSettings,
@@ -210,6 +217,8 @@ impl Kafka {
             )
             .set("enable.idempotence", "false")
             .set("linger.ms", "5")
+            // librdkafka's default, 1 MB, is a document of ~180 chunks.
+            .set("message.max.bytes", settings.max_message_bytes.to_string())
             .create()
             .context("creating the Kafka producer")?;
         let kafka = Arc::new(Kafka {
@@ -261,6 +270,7 @@ impl Kafka {
         let admin: AdminClient<DefaultClientContext> =
             base_config(&self.settings.brokers).create()?;
         let dlq = self.topic(DLQ);
+        let max_message = self.settings.max_message_bytes.to_string();
         let new: Vec<NewTopic> = missing
             .iter()
             .map(|t| {
@@ -271,6 +281,7 @@ impl Kafka {
                     self.settings.partitions
                 };
                 NewTopic::new(t, n, TopicReplication::Fixed(self.settings.replication))
+                    .set("max.message.bytes", &max_message)
             })
             .collect();
         let results = admin
@@ -306,6 +317,14 @@ impl Kafka {
         payload: &T,
     ) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(&Envelope::new(key, payload))?;
+        let max = self.settings.max_message_bytes;
+        if bytes.len() > max {
+            // Not worth a trip to the broker, and the reason is plain.
+            anyhow::bail!(
+                "{key}: {} bytes on Kafka topic {topic}, over bus.max_message_bytes ({max}); raise it (and max.message.bytes of topics created before)",
+                bytes.len()
+            );
+        }
         self.produce(topic, key, &bytes).await.map(|_| ())
     }
 
@@ -353,7 +372,7 @@ impl Kafka {
             }),
             open: Mutex::new(HashMap::new()),
         });
-        let consumer: StreamConsumer<Ctx> = consumer_config(&self.settings.brokers, group)
+        let consumer: StreamConsumer<Ctx> = consumer_config(&self.settings, group)
             .set("enable.auto.offset.store", "false")
             .create_with_context(Ctx {
                 state: state.clone(),
@@ -456,7 +475,7 @@ impl Kafka {
         F: Fn(T) + Send + 'static,
     {
         let consumer: StreamConsumer<Quiet> =
-            consumer_config(&self.settings.brokers, group).create_with_context(Quiet)?;
+            consumer_config(&self.settings, group).create_with_context(Quiet)?;
         consumer.subscribe(&[topic])?;
         let topic = topic.to_string();
         tokio::spawn(async move {
@@ -493,9 +512,13 @@ fn base_config(brokers: &str) -> ClientConfig {
     c
 }
 
-fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
-    let mut c = base_config(brokers);
+fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut c = base_config(&settings.brokers);
+    // A fetch response carries at least one whole message; librdkafka
+    // refuses responses over this (default 100 MB).
+    let receive = (settings.max_message_bytes + (1 << 20)).max(100_000_000);
     c.set("group.id", group)
+        .set("receive.message.max.bytes", receive.to_string())
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
         .set("auto.offset.reset", "earliest")
@@ -528,10 +551,9 @@ impl KafkaDlq {
     ) -> anyhow::Result<Arc<KafkaDlq>> {
         let topic = kafka.topic(DLQ);
         let entries = Arc::new(Mutex::new(Vec::new()));
-        let reader: BaseConsumer<Quiet> =
-            consumer_config(&kafka.settings.brokers, "ragd-dlq-reader")
-                .set("enable.auto.commit", "false")
-                .create_with_context(Quiet)?;
+        let reader: BaseConsumer<Quiet> = consumer_config(&kafka.settings, "ragd-dlq-reader")
+            .set("enable.auto.commit", "false")
+            .create_with_context(Quiet)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
         reader.assign(&tpl)?;
