@@ -613,6 +613,14 @@ impl<S: Stage> Actor for Pool<S> {
             }
             None => {
                 state.stats().set_status("failed");
+                // ractor skips post_stop when an actor fails: the jobs the
+                // other workers hold go back to the queue here, for the
+                // pool the supervisor starts next (or the next start).
+                for (_, w) in state.workers.drain() {
+                    state.args.queue.push_all_front(w.busy);
+                }
+                *state.args.queue.pool.lock() = None;
+                state.stats().workers.store(0, Ordering::Relaxed);
                 Err(format!(
                     "{}: workers failed more than {} times in {:?}; escalating (last: {error})",
                     state.args.name,
@@ -722,6 +730,62 @@ mod tests {
             dlq: dlq.list().unwrap(),
             stats,
         }
+    }
+
+    /// Blocks on "slow" until stopped; fails "bad" at once.
+    struct SlowAndBad;
+
+    impl Stage for SlowAndBad {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            anyhow::ensure!(job.0 != "bad", "cannot process bad");
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        }
+    }
+
+    /// A pool that gives up (more worker failures than its restart policy
+    /// allows) leaves every job it held in the queue: the one that failed
+    /// and the ones its other workers were busy with.
+    #[tokio::test]
+    async fn a_pool_that_gives_up_leaves_every_job_it_held_in_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(ActorStats::default());
+        let queue = PoolQueue::new(stats.clone());
+        queue.submit_all([Doc("slow"), Doc("bad")]);
+        let mut settings = PoolSettings {
+            min: 2,
+            max: 2,
+            max_attempts: 100,
+            ..Default::default()
+        };
+        settings.restart.max_restarts = 0; // the first failure escalates
+        let (_pool, handle) = Actor::spawn(
+            None,
+            Pool::<SlowAndBad>::default(),
+            PoolArgs {
+                name: "test".into(),
+                stage: Arc::new(SlowAndBad),
+                queue: queue.clone(),
+                settings,
+                ledger: Ledger::new(8),
+                dlq: Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap()),
+            },
+        )
+        .await
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), handle)
+            .await
+            .expect("the pool gave up")
+            .unwrap();
+        assert_eq!(stats.workers.load(Ordering::SeqCst), 0);
+        // A retried job comes off the queue alone.
+        let mut left = vec![];
+        while !queue.is_empty() {
+            left.extend(queue.pop_batch(10, u64::MAX).iter().map(|a| a.job.0));
+        }
+        left.sort();
+        assert_eq!(left, ["bad", "slow"], "a job held by a worker was lost");
     }
 
     /// The DLQ holds exactly "bad", after its three attempts.
