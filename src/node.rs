@@ -404,6 +404,7 @@ impl Node {
                 ledger: ledger.clone(),
                 out: port(&kafka, &embed_q, CHUNKS),
                 deletes: port(&kafka, &index_q, EMBEDDED),
+                skips: kafka.as_ref().map(|_| port(&kafka, &prune_q, INDEXED)),
                 max_file_bytes: config.max_file_bytes,
             }),
             chunk_q.clone(),
@@ -557,6 +558,11 @@ impl Node {
                         Some(&version),
                         Outcome::Skipped("superseded by a newer version".into()),
                     ),
+                    IndexedEvent::Skipped {
+                        doc_id,
+                        version,
+                        reason,
+                    } => l.finish(&doc_id, Some(&version), Outcome::Skipped(reason)),
                     IndexedEvent::Deleted { doc_id, .. } => {
                         l.finish(&doc_id, None, Outcome::Deleted)
                     }

@@ -140,6 +140,33 @@ fn a_document_of_hundreds_of_chunks_crosses_the_bus() {
     assert!(texts(&r).contains("cabinet 299"), "{r}");
 }
 
+/// Two ingest nodes on one shared mount both admit every file, and the
+/// chunker that reads one may run on either: a version it skips (no text
+/// in it) is closed in both ledgers, which both settle.
+#[test]
+fn two_ingest_nodes_both_settle_what_either_chunker_skipped() {
+    let s = Services::start();
+    let a_ws = s.node("ingest-a", &["ingest"]);
+    let b_ws = s.node("ingest-b", &["ingest"]);
+    b_ws.share_kb_of(&a_ws);
+    let c_ws = s.node("embed-index", &["embed", "index"]);
+    let _c = c_ws.start();
+    let n = 4;
+    write_notes(&a_ws, n);
+    for i in 0..4 {
+        a_ws.write(&format!("hr/blob-{i}.md"), [0u8, 159, 146, 150, i]);
+    }
+    let a = a_ws.start();
+    let b = b_ws.start();
+    for (name, d) in [("ingest-a", &a), ("ingest-b", &b)] {
+        let ledger = d.wait_ledger(Duration::from_secs(180), |l| {
+            l["indexed"] == n && l["skipped"] == 4
+        });
+        assert_eq!(ledger["seen"], n + 4, "{name}: {ledger}");
+    }
+    assert_eq!(points(&s), n);
+}
+
 #[test]
 fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
     use rdkafka::producer::{FutureProducer, FutureRecord};

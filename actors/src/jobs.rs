@@ -72,14 +72,15 @@ impl Job for IndexedEvent {
         match self {
             IndexedEvent::Indexed { doc_id, .. }
             | IndexedEvent::Superseded { doc_id, .. }
+            | IndexedEvent::Skipped { doc_id, .. }
             | IndexedEvent::Deleted { doc_id, .. } => doc_id,
         }
     }
     fn version(&self) -> Option<&str> {
         match self {
-            IndexedEvent::Indexed { version, .. } | IndexedEvent::Superseded { version, .. } => {
-                Some(version)
-            }
+            IndexedEvent::Indexed { version, .. }
+            | IndexedEvent::Superseded { version, .. }
+            | IndexedEvent::Skipped { version, .. } => Some(version),
             IndexedEvent::Deleted { .. } => None,
         }
     }

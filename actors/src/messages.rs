@@ -114,6 +114,15 @@ pub enum IndexedEvent {
     /// A newer version overtook this one before it was written (cluster:
     /// the ingest node's ledger closes the version on it).
     Superseded { doc_id: String, version: String },
+    /// The chunker ended this version without indexing it (superseded, no
+    /// text in it, changed or gone before it was read). Cluster: every
+    /// ingest node's ledger closes it, since the chunker that read it may
+    /// run on another node than the one that admitted it.
+    Skipped {
+        doc_id: String,
+        version: String,
+        reason: String,
+    },
 }
 
 /// The versioned envelope for anything that crosses a node boundary.

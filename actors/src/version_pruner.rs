@@ -63,6 +63,12 @@ impl VersionPrunerStage {
                     Some(version),
                     Outcome::Skipped("superseded by a newer version".into()),
                 )),
+                // Nothing was written: nothing to prune.
+                IndexedEvent::Skipped {
+                    doc_id,
+                    version,
+                    reason,
+                } => outcomes.push((doc_id, Some(version), Outcome::Skipped(reason))),
                 IndexedEvent::Deleted { doc_id, seq } => {
                     // Re-created since? Then its new version is on its way
                     // and will prune; deleting now would open a gap. (And

@@ -5,7 +5,7 @@ use super::Chunker;
 use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
 use crate::ledger::{Ledger, Outcome};
-use crate::messages::{ChunkedDoc, DocMeta};
+use crate::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use crate::pool::{JobErrors, Stage};
 use crate::source_watcher::{doc_version, read_at_most};
 use std::sync::Arc;
@@ -23,6 +23,10 @@ pub struct ChunkerStage {
     /// The indexer's input, for what an unindexable version leaves behind
     /// (see [`ChunkerStage::settle`]).
     pub deletes: Port<IndexJob>,
+    /// On a cluster, where the versions it skips are told to every ingest
+    /// node's ledger (the `indexed` topic): the node that admitted one may
+    /// be another than this one. None on one node, whose ledger this is.
+    pub skips: Option<Port<IndexedEvent>>,
     pub max_file_bytes: u64,
 }
 
@@ -57,14 +61,16 @@ impl Stage for ChunkerStage {
     /// that fails fails alone.
     async fn process_batch(&self, metas: Vec<DocMeta>) -> anyhow::Result<JobErrors> {
         let mut todo = Vec::with_capacity(metas.len());
+        let mut skipped = Vec::new();
         for (i, meta) in metas.into_iter().enumerate() {
             if self.ledger.is_current(&meta.doc_id, &meta.version) {
                 todo.push((i, meta));
             } else {
-                self.skip(&meta, "superseded by a newer version".into());
+                self.skip(&meta, "superseded by a newer version".into(), &mut skipped);
             }
         }
         if todo.is_empty() {
+            self.tell_skips(skipped).await?;
             return Ok(vec![]);
         }
         let chunker = self.chunker.clone();
@@ -82,7 +88,7 @@ impl Stage for ChunkerStage {
         let mut deletes = Vec::new();
         let mut errors = JobErrors::new();
         for ((i, meta), read) in todo.into_iter().zip(reads) {
-            match self.settle(&meta, read, &mut deletes) {
+            match self.settle(&meta, read, &mut deletes, &mut skipped) {
                 Ok(Some(chunks)) => out.push(ChunkedDoc { meta, chunks }),
                 Ok(None) => {}
                 Err(e) => errors.push((i, e)),
@@ -90,6 +96,7 @@ impl Stage for ChunkerStage {
         }
         self.out.send_all(out).await?;
         self.deletes.send_all(deletes).await?;
+        self.tell_skips(skipped).await?;
         Ok(errors)
     }
 }
@@ -107,9 +114,31 @@ fn read_and_parse(chunker: &Chunker, meta: &DocMeta, max: u64) -> std::io::Resul
 }
 
 impl ChunkerStage {
-    fn skip(&self, meta: &DocMeta, reason: String) {
-        self.ledger
-            .finish(&meta.doc_id, Some(&meta.version), Outcome::Skipped(reason));
+    fn skip(&self, meta: &DocMeta, reason: String, skipped: &mut Vec<IndexedEvent>) {
+        self.ledger.finish(
+            &meta.doc_id,
+            Some(&meta.version),
+            Outcome::Skipped(reason.clone()),
+        );
+        self.told(meta, reason, skipped);
+    }
+
+    /// Notes a skipped version for the other ingest nodes (cluster only).
+    fn told(&self, meta: &DocMeta, reason: String, skipped: &mut Vec<IndexedEvent>) {
+        if self.skips.is_some() {
+            skipped.push(IndexedEvent::Skipped {
+                doc_id: meta.doc_id.clone(),
+                version: meta.version.clone(),
+                reason,
+            });
+        }
+    }
+
+    async fn tell_skips(&self, skipped: Vec<IndexedEvent>) -> anyhow::Result<()> {
+        match &self.skips {
+            Some(port) if !skipped.is_empty() => port.send_all(skipped).await,
+            _ => Ok(()),
+        }
     }
 
     /// What becomes of one read: its chunks to hand on, nothing (skipped,
@@ -125,23 +154,28 @@ impl ChunkerStage {
         meta: &DocMeta,
         read: std::io::Result<Read>,
         deletes: &mut Vec<IndexJob>,
+        skipped: &mut Vec<IndexedEvent>,
     ) -> anyhow::Result<Option<Vec<crate::messages::Chunk>>> {
         let parsed = match read {
             Ok(Read::Parsed(parsed)) => parsed,
             Ok(Read::TooBig) => {
                 let reason = format!("file grew over the {} byte limit", self.max_file_bytes);
-                self.skip(meta, reason);
+                self.skip(meta, reason, skipped);
                 return Ok(None);
             }
             // Changed after the watcher hashed it; the watcher's next event
             // carries the new version.
             Ok(Read::Changed) => {
-                self.skip(meta, "changed while queued; newer version follows".into());
+                self.skip(
+                    meta,
+                    "changed while queued; newer version follows".into(),
+                    skipped,
+                );
                 return Ok(None);
             }
             // Gone since the watcher saw it: its deletion event follows.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.skip(meta, "file removed before it was read".into());
+                self.skip(meta, "file removed before it was read".into(), skipped);
                 return Ok(None);
             }
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", meta.path.display())),
@@ -149,6 +183,7 @@ impl ChunkerStage {
         match parsed {
             Ok(chunks) => Ok(Some(chunks)),
             Err(ParseError::Unsupported(reason)) => {
+                self.told(meta, reason.clone(), skipped);
                 if self
                     .ledger
                     .finish_unindexable(&meta.doc_id, &meta.version, reason)
