@@ -52,6 +52,8 @@ pub enum LlmError {
     Refused { status: u16, body: String },
     #[error("the LLM endpoint sent a response without an answer: {0}")]
     Malformed(String),
+    #[error("no answer within {0:?} (the node's LLM rate limits and retries included)")]
+    Deadline(Duration),
 }
 
 impl LlmError {
@@ -129,7 +131,7 @@ impl Llm {
             .with_max_delay(self.cfg.max_backoff)
             .with_max_times(self.cfg.max_retries)
             .with_jitter();
-        let result = (|| async {
+        let retried = (|| async {
             attempts.fetch_add(1, Ordering::SeqCst);
             self.once(&body, estimate).await
         })
@@ -152,8 +154,15 @@ impl Llm {
             metrics::counter!("ragd_llm_retries_total").increment(1);
             tracing::debug!(error = %e, ?wait, "retrying the LLM call");
             Some(wait)
-        })
-        .await;
+        });
+        // A query waits for the LLM at most one request's timeout plus the
+        // retry budget, its turn under the node's rate limits included: at
+        // 60 requests a minute, the thousandth concurrent question would
+        // otherwise wait a quarter of an hour, and a stopping node with it.
+        let deadline = self.cfg.timeout + budget;
+        let result = tokio::time::timeout(deadline, retried)
+            .await
+            .unwrap_or(Err(LlmError::Deadline(deadline)));
         let attempts = attempts.load(Ordering::SeqCst);
         match result {
             Ok(text) => {
@@ -409,6 +418,30 @@ mod tests {
         assert_eq!(e.attempts, 1);
         assert_eq!(script.arrivals().len(), 1);
         assert!(matches!(e.last, LlmError::Refused { status: 400, .. }));
+    }
+
+    /// A question whose turn under the node's rate limit is further off
+    /// than the LLM timeout plus the retry budget gets an answer error in
+    /// that time, not after the wait.
+    #[tokio::test]
+    async fn a_query_waits_for_the_llm_no_longer_than_timeout_plus_budget() {
+        let script = serve(vec![]);
+        let mut c = config(script.url.clone());
+        // One a minute: the second question's turn is a minute away.
+        c.requests_per_minute = NonZeroU32::new(1).unwrap();
+        c.timeout = Duration::from_millis(300);
+        c.retry_budget = Duration::from_millis(300);
+        let llm = Llm::new(c).unwrap();
+        llm.answer("leave?", &[hit()]).await.unwrap();
+        let t = Instant::now();
+        let e = llm.answer("travel?", &[hit()]).await.unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(e.last, LlmError::Deadline(Duration::from_millis(600)));
+        assert_eq!(script.arrivals().len(), 1, "the second question was sent");
     }
 
     #[tokio::test]
