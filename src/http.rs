@@ -2,6 +2,7 @@
 
 use crate::config::constant_time_eq;
 use crate::node::Node;
+use anyhow::Context;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -46,8 +47,10 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .split_once(' ')
+        // The scheme is case-insensitive (RFC 9110).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
 }
 
 pub fn query_router(node: Arc<Node>) -> Router {
@@ -112,9 +115,12 @@ async fn query(
         Err(e) => {
             tracing::error!(principal = %principal.name, "query failed: {e:#}");
             metrics::counter!("ragd_query_errors_total").increment(1);
+            // Only the outermost reason: the causes below it name backend
+            // addresses and internals, which are for the node's log, not
+            // for every principal.
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("query failed: {e:#}"),
+                format!("query failed: {e}; the details are in the node's log"),
             )
         }
     }
@@ -136,7 +142,8 @@ async fn answer(
     let vector = node
         .query_embedder
         .embed(vec![question.to_string()])
-        .await?
+        .await
+        .context("embedding the question")?
         .pop()
         .ok_or_else(|| anyhow::anyhow!("the encoder returned no vector"))?;
     timings.insert("embed".into(), ms(t.elapsed()));
@@ -159,7 +166,8 @@ async fn answer(
     let mut hits = node
         .store
         .search(&vector, scope, node.config.candidates)
-        .await?;
+        .await
+        .context("the vector store did not answer")?;
     // The engine filtered already; this is the second lock on the door.
     hits.retain(|h| scope.allows(&h.division, &h.access_level));
     timings.insert("search".into(), ms(t.elapsed()));

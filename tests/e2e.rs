@@ -372,6 +372,15 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
     let good = r#"{"question": "when does the office open?"}"#;
     assert_eq!(d.query_raw(None, good).0, 401);
     assert_eq!(d.query_raw(Some("not-a-token"), good).0, 401);
+    // The auth scheme's name is case-insensitive (RFC 9110).
+    let lower = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/query", d.query))
+        .header("content-type", "application/json")
+        .header("authorization", format!("bearer {HR_TOKEN}"))
+        .body(good)
+        .send()
+        .unwrap();
+    assert_eq!(lower.status().as_u16(), 200);
     for (body, needle) in [
         ("{not json", "bad request body"),
         (r#"{"top_k": 5}"#, "question"),

@@ -242,4 +242,17 @@ fn the_daemon_runs_on_the_qdrant_backend_through_qdrant_client() {
     d.wait_until("the document gone", Duration::from_secs(120), || {
         server.points_in("e2e", "hr") == 0
     });
+
+    // With the server gone a query fails with a 503 that says what failed
+    // but not where the backend lives: that is for the node's log.
+    let url = server.url.clone();
+    drop(server);
+    let body = serde_json::json!({ "question": "who carries the pager?" }).to_string();
+    let (status, resp) = d.query_raw(Some(ENG_TOKEN), &body);
+    assert_eq!(status, 503, "{resp}");
+    let why = resp["error"].as_str().unwrap();
+    assert!(why.contains("the vector store did not answer"), "{why}");
+    let host = url.trim_start_matches("http://");
+    assert!(!why.contains(host), "{why}");
+    assert!(d.log().contains(host), "the log lacks the details");
 }
