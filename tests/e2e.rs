@@ -10,6 +10,16 @@ const LEAVE_V2: &str = "# Parental leave\n\nRequest parental leave by emailing t
 const BUILD: &str =
     "The build cache lives on the shared NFS volume and is cleaned every night at two.\n";
 
+/// Starts a daemon on `ws` holding the leave policy (hr) and the build
+/// note (eng), both indexed: one chunk each.
+fn start_with_leave_and_build(ws: &Workspace) -> Daemon {
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write("eng/build.txt", BUILD);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    d
+}
+
 #[test]
 fn ingest_ask_update_delete() {
     let ws = Workspace::new();
@@ -251,10 +261,7 @@ fn a_changed_partition_rule_moves_unchanged_files() {
 #[test]
 fn a_file_grown_past_the_size_limit_leaves_the_index() {
     let ws = Workspace::with_extra("[chunker]\nmax_file_bytes = 2000\n");
-    ws.write("hr/leave.md", LEAVE_V1);
-    ws.write("eng/build.txt", BUILD);
-    let d = ws.start();
-    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    let d = start_with_leave_and_build(&ws);
     assert_eq!(d.admin_json("/index")["points"], 2);
     let question = "how do I request parental leave?";
     assert!(source_uris(&d.ask(HR_TOKEN, question)).contains(&"hr/leave.md".to_string()));
@@ -282,10 +289,7 @@ fn a_file_grown_past_the_size_limit_leaves_the_index() {
 #[test]
 fn a_file_overwritten_without_text_leaves_the_index() {
     let ws = Workspace::new();
-    ws.write("hr/leave.md", LEAVE_V1);
-    ws.write("eng/build.txt", BUILD);
-    let d = ws.start();
-    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    let d = start_with_leave_and_build(&ws);
     assert_eq!(d.admin_json("/index")["points"], 2);
     let question = "how do I request parental leave?";
 
@@ -476,10 +480,7 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
 #[test]
 fn no_gap_during_an_update_and_no_old_text_after_it() {
     let ws = Workspace::new();
-    ws.write("hr/leave.md", LEAVE_V1);
-    ws.write("eng/build.txt", BUILD);
-    let d = ws.start();
-    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    let d = start_with_leave_and_build(&ws);
     let question = "how do I request parental leave?";
     // Hammer the query path while the document changes.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
