@@ -379,6 +379,21 @@ fn env_overrides(
         };
         let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
         if !SECTIONS.contains(&parts[0].as_str()) {
+            // RAGD_INDEX_BACKEND for RAGD_INDEX__BACKEND would otherwise be
+            // ignored, and the node run quietly on the defaults.
+            // (RAGD_ADMIN_TOKEN is the CLI's: `ragd status --token`.)
+            if let Some(section) = SECTIONS[1..].iter().find(|s| {
+                parts.len() == 1
+                    && parts[0].starts_with(&format!("{s}_"))
+                    && name != "RAGD_ADMIN_TOKEN"
+            }) {
+                let key = &parts[0][section.len() + 1..];
+                errors.push(format!(
+                    "{name}: not a setting; for [{section}] {key}, write RAGD_{}__{} (a double underscore joins section and key)",
+                    section.to_ascii_uppercase(),
+                    key.to_ascii_uppercase()
+                ));
+            }
             continue; // RAGD_LOG and friends are not config
         }
         let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
@@ -1179,5 +1194,19 @@ mod tests {
         assert!(e.to_string().contains("cache.threshold"));
         let env = vec![("RAGD_QUERY__NOPE".to_string(), "1".to_string())];
         assert!(Config::parse(&path, GOOD, env.into_iter()).is_err());
+        // A single underscore after a section's name is a slip, not silence.
+        let env = vec![("RAGD_INDEX_BACKEND".to_string(), "qdrant".to_string())];
+        let e = Config::parse(&path, GOOD, env.into_iter()).unwrap_err();
+        assert!(e.to_string().contains("write RAGD_INDEX__BACKEND"), "{e}");
+        // Variables of other tools and of ragd's scripts stay ignored.
+        let env = [
+            "RAGD_BLAS",
+            "RAGD_TEST_BLAS",
+            "RAGD_KAFKA_DEBUG",
+            "RAGD_GPU_ATTENTION",
+            "RAGD_ADMIN_TOKEN",
+        ]
+        .map(|k| (k.to_string(), "x".to_string()));
+        assert!(Config::parse(&path, GOOD, env.into_iter()).is_ok());
     }
 }
