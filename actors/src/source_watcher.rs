@@ -335,15 +335,22 @@ async fn handle_path(args: &WatcherArgs, path: &Path) {
         Ok(_) => {}
         Err(_) => {
             // Gone: the file itself, or a folder and everything under it.
+            // The store's documents count too: during the first scan one
+            // deleted before it was probed is not in the ledger yet, and
+            // the scan, finding it vanished, leaves it to this event.
             let id = doc_id(source, &uri);
             let prefix = format!("{id}/");
-            let gone: Vec<String> = args
+            let under = |d: &str| d == id || d.starts_with(&prefix);
+            let mut gone: Vec<String> = args
                 .ledger
                 .known_docs()
                 .into_iter()
-                .filter(|(d, v)| v.is_some() && (*d == id || d.starts_with(&prefix)))
+                .filter(|(d, v)| v.is_some() && under(d))
                 .map(|(d, _)| d)
                 .collect();
+            gone.extend(args.known.lock().keys().filter(|d| under(d)).cloned());
+            gone.sort();
+            gone.dedup();
             for d in gone {
                 remove(args, &d).await;
             }
