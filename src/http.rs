@@ -235,8 +235,22 @@ async fn answer(
     // without sources, or any before the first scan is done: the documents
     // may just not be indexed yet, and a cached "nothing found" would
     // outlive their arrival for the cache's whole TTL.
-    let scanned = node.scanned.load(std::sync::atomic::Ordering::SeqCst);
-    if answer_error.is_none() && !cut_short && !value.sources.is_empty() && scanned {
+    // Counted by reason: a latency budget that cuts every rerank short
+    // keeps the cache empty, which shows here and nowhere else.
+    let uncached = if answer_error.is_some() {
+        Some("answer_error")
+    } else if cut_short {
+        Some("rerank_cut_short")
+    } else if value.sources.is_empty() {
+        Some("no_sources")
+    } else if !node.scanned.load(std::sync::atomic::Ordering::SeqCst) {
+        Some("first_scan")
+    } else {
+        None
+    };
+    if let Some(reason) = uncached {
+        metrics::counter!("ragd_answers_not_cached_total", "reason" => reason).increment(1);
+    } else {
         node.cache.store(&vector, scope, top_k, value.clone());
     }
     timings.insert("total".into(), ms(started.elapsed()));

@@ -359,6 +359,7 @@ fn an_answer_without_sources_is_not_cached() {
         assert_eq!(r["sources"].as_array().unwrap().len(), 0, "{r}");
         assert_eq!(r["cached"], false, "{r}");
     }
+    assert_eq!(metric(&d, "ragd_answers_not_cached_total"), 2.0);
     ws.write("eng/build.txt", BUILD);
     d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
     let r = d.ask(ENG_TOKEN, question);
