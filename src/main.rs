@@ -504,7 +504,12 @@ async fn ask(
 async fn status(base: &str, token: Option<&str>) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let actors = admin_request(client.get(format!("{base}/actors")), token).await?;
-    let ingest = admin_request(client.get(format!("{base}/ingest")), token).await?;
+    // Only ingest nodes keep a ledger (the others answer 409): their status
+    // is the actor tree alone.
+    let ingest = match actors["roles"].as_array() {
+        Some(roles) if !roles.iter().any(|r| r == "ingest") => None,
+        _ => Some(admin_request(client.get(format!("{base}/ingest")), token).await?),
+    };
     fn print(v: &serde_json::Value, depth: usize) {
         let s = |k: &str| v.get(k).cloned().unwrap_or_default();
         let mut line = format!(
@@ -543,6 +548,12 @@ async fn status(base: &str, token: Option<&str>) -> anyhow::Result<()> {
     {
         print(root, 0);
     }
-    println!("\ningest: {ingest}");
+    match ingest {
+        Some(ledger) => println!("\ningest: {ledger}"),
+        None => println!(
+            "\nno ingest role (roles: {}): the ingest ledger is on the ingest nodes",
+            actors["roles"]
+        ),
+    }
     Ok(())
 }

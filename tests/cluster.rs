@@ -89,6 +89,14 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
     );
     // The ingest ledger lives on the ingest node only.
     assert_eq!(index.admin_status("/ingest"), Some(409));
+    // `ragd status` on it shows its actors, and says where the ledger is.
+    let cfg = index_ws.config();
+    let (ok, out, err) = index_ws.ragd(&["status", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("indexer") && out.contains("no ingest role"),
+        "{out}"
+    );
 
     // The query node answers from what the index node wrote, scoped.
     let r = query.ask(HR_TOKEN, "where is the spare badge of office 4 kept?");
