@@ -331,10 +331,18 @@ fn a_polled_source_sees_new_changed_and_deleted_files() {
     );
     std::fs::write(ws.config(), config).unwrap();
     ws.write("eng/build.txt", BUILD);
+    ws.write(
+        "hr/welcome.md",
+        "# Welcome\n\nThe HR office opens at nine.\n",
+    );
     let d = ws.start();
-    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    let reads = metric(&d, "ragd_watcher_files_read_total");
     ws.write("hr/leave.md", LEAVE_V1);
-    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 3);
+    // The new file is read; its folder's new modification time makes no
+    // one re-read the folder's other files.
+    assert_eq!(metric(&d, "ragd_watcher_files_read_total") - reads, 1.0);
     ws.write("hr/leave.md", LEAVE_V2);
     wait_for("the changed text", Duration::from_secs(60), || {
         let r = d.ask_top(HR_TOKEN, "parental leave (poll)", 5);
@@ -342,7 +350,7 @@ fn a_polled_source_sees_new_changed_and_deleted_files() {
     });
     std::fs::remove_file(ws.kb().join("hr/leave.md")).unwrap();
     d.wait_ledger(Duration::from_secs(60), |l| l["deleted"] == 1);
-    assert_eq!(d.admin_json("/index")["points"], 1);
+    assert_eq!(d.admin_json("/index")["points"], 2);
 }
 
 /// "Nothing found" is not cached: the document may just not be indexed

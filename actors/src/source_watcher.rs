@@ -148,6 +148,8 @@ pub enum WatchMsg {
     /// Compare every source folder with what we know.
     Rescan,
     Fs(DebounceEventResult),
+    /// Errors of a polled tree's walk (a folder it may not read).
+    PollErrors(Vec<notify::Error>),
     /// Index this document again although its version was dead-lettered
     /// (after `ragd dlq replay`).
     Replay(String, PathBuf),
@@ -194,14 +196,21 @@ impl Actor for SourceWatcher {
     ) -> Result<WatcherState, ActorProcessingErr> {
         let (mut debouncer, mut pollers) = (None, Vec::new());
         if args.watch {
-            let handler = |me: ActorRef<WatchMsg>| {
+            let handler = |me: ActorRef<WatchMsg>, polled: bool| {
                 move |res: DebounceEventResult| {
-                    let _ = me.cast(WatchMsg::Fs(res));
+                    let msg = match res {
+                        // A poll walks the whole tree each time: a folder
+                        // it could not read is no lost event, and a rescan
+                        // per poll would re-read every file each interval.
+                        Err(errors) if polled => WatchMsg::PollErrors(errors),
+                        res => WatchMsg::Fs(res),
+                    };
+                    let _ = me.cast(msg);
                 }
             };
             // Without inotify at all (its instance limit), every tree is
             // polled.
-            let mut native = new_debouncer(args.debounce, None, handler(myself.clone()));
+            let mut native = new_debouncer(args.debounce, None, handler(myself.clone(), false));
             let plan = plan_watches(&args.sources, |s| match &mut native {
                 Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
                     // Whatever part of the tree it did watch goes too.
@@ -218,9 +227,14 @@ impl Actor for SourceWatcher {
                 let mut p = new_debouncer_opt::<_, notify::PollWatcher, _>(
                     args.debounce,
                     None,
-                    handler(myself.clone()),
+                    handler(myself.clone(), true),
                     NoCache::new(),
-                    notify::Config::default().with_poll_interval(every),
+                    // notify's poller compares modification times in whole
+                    // seconds: a second save within the second of a poll
+                    // would go unseen for good without a content hash.
+                    notify::Config::default()
+                        .with_poll_interval(every)
+                        .with_compare_contents(true),
                 )?;
                 p.watch(&s.root, RecursiveMode::Recursive)
                     .map_err(|e| format!("polling {}: {e}", s.root.display()))?;
@@ -266,6 +280,14 @@ impl Actor for SourceWatcher {
                 }
                 myself.cast(WatchMsg::Rescan)?;
             }
+            WatchMsg::PollErrors(errors) => {
+                for e in &errors {
+                    tracing::debug!("poll error: {e}");
+                }
+                if let Some(e) = errors.first() {
+                    st.args.stats.set_error(format!("polling: {e}"));
+                }
+            }
             WatchMsg::Fs(Ok(events)) => {
                 if events.iter().any(|e| e.need_rescan()) {
                     tracing::warn!("the kernel dropped file events (queue overflow); rescanning");
@@ -275,7 +297,20 @@ impl Actor for SourceWatcher {
                 let mut paths: Vec<PathBuf> = events
                     .iter()
                     .filter(|e| may_change_content(&e.kind))
-                    .flat_map(|e| e.paths.iter().cloned())
+                    .flat_map(|e| e.paths.iter().cloned().map(move |p| (e.kind, p)))
+                    // A folder's new modification time (a poll sees it move
+                    // when a file comes or goes) changes no document: the
+                    // file's own event follows, and walking the folder for
+                    // it would re-read every file in it. (A folder renamed
+                    // in is Modify(Name) and is walked.)
+                    .filter(|(kind, p)| {
+                        let metadata = matches!(
+                            kind,
+                            notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+                        );
+                        !(metadata && p.is_dir())
+                    })
+                    .map(|(_, p)| p)
                     .collect();
                 paths.sort();
                 paths.dedup();
