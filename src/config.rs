@@ -373,10 +373,22 @@ fn env_overrides(
     vars: impl Iterator<Item = (String, String)>,
     errors: &mut Vec<String>,
 ) {
+    // Variables the config names for its secrets (api_key_env and the
+    // like) are not overrides, whatever they look like.
+    let named: Vec<String> = doc
+        .values()
+        .filter_map(toml::Value::as_table)
+        .flat_map(|t| t.iter())
+        .filter(|(k, _)| k.ends_with("_env"))
+        .filter_map(|(_, v)| v.as_str().map(str::to_string))
+        .collect();
     for (name, value) in vars {
         let Some(rest) = name.strip_prefix("RAGD_") else {
             continue;
         };
+        if named.contains(&name) {
+            continue;
+        }
         let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
         if !SECTIONS.contains(&parts[0].as_str()) {
             // RAGD_INDEX_BACKEND for RAGD_INDEX__BACKEND would otherwise be
@@ -817,11 +829,12 @@ fn validate(
     let query_bind = addr("query.bind", raw.query.bind, "127.0.0.1:8080");
     let admin_bind = addr("admin.bind", raw.admin.bind, "127.0.0.1:8081");
     let candidates = raw.query.candidates.unwrap_or(50);
-    let max_top_k = raw.query.max_top_k.unwrap_or(50);
+    // A query gets at most the candidates the search hands on: by default
+    // 50, or all of them when fewer are configured.
+    let max_top_k = raw.query.max_top_k.unwrap_or(candidates.clamp(1, 50));
     if candidates == 0 {
         errors.push("query.candidates must be at least 1".into());
     }
-    // A query gets at most the candidates the search hands on.
     if max_top_k == 0 || max_top_k > candidates.max(1) {
         errors.push(format!(
             "query.max_top_k ({max_top_k}) must be between 1 and query.candidates ({candidates})"
@@ -1094,7 +1107,11 @@ mod tests {
         let cfg = Config::parse(&path, GOOD, std::iter::empty()).unwrap();
         assert_eq!(cfg.data_dir, dir.path().join("data"));
         assert_eq!(cfg.sources[0].name, "kb");
-        assert_eq!(cfg.candidates, 50);
+        assert_eq!((cfg.candidates, cfg.max_top_k), (50, 50));
+        // Fewer candidates than the default top k: top k follows them.
+        let fewer = format!("{GOOD}\n[query]\ncandidates = 20\n");
+        let cfg20 = Config::parse(&path, &fewer, std::iter::empty()).unwrap();
+        assert_eq!(cfg20.max_top_k, 20);
         assert_eq!(cfg.latency_budget, None, "no budget unless configured");
         assert_eq!(cfg.cache_threshold, 0.98);
         assert_eq!(cfg.hnsw, ragd_actors::indexer::HnswSettings::default());
@@ -1198,6 +1215,12 @@ mod tests {
         let env = vec![("RAGD_INDEX_BACKEND".to_string(), "qdrant".to_string())];
         let e = Config::parse(&path, GOOD, env.into_iter()).unwrap_err();
         assert!(e.to_string().contains("write RAGD_INDEX__BACKEND"), "{e}");
+        // A secret's variable that the config names is not an override.
+        let with_llm = format!(
+            "{GOOD}\n[llm]\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"RAGD_LLM_KEY\"\n"
+        );
+        let env = vec![("RAGD_LLM_KEY".to_string(), "sk-test".to_string())];
+        assert!(Config::parse(&path, &with_llm, env.into_iter()).is_ok());
         // Variables of other tools and of ragd's scripts stay ignored.
         let env = [
             "RAGD_BLAS",
