@@ -167,7 +167,7 @@ impl Ledger {
             }
             pending.then_some(latest)
         };
-        if let Some(duplicate) = self.docs.lock().update(doc_id, false, &back).flatten() {
+        if let Some(duplicate) = self.docs.lock().update(doc_id, false, back).flatten() {
             return !duplicate;
         }
         let permit = self
