@@ -232,9 +232,10 @@ async fn answer(
     // Only complete responses are cached: a failed LLM call is retried by
     // the next asker, not served to them, and a rerank the latency budget
     // cut short is redone fully once the load allows. Nor are answers
-    // without sources, or any before the first scan is done: the documents
-    // may just not be indexed yet, and a cached "nothing found" would
-    // outlive their arrival for the cache's whole TTL.
+    // without sources, or any before this node's first scan is done (an
+    // ingest node's; a query-only node has none): the documents may just
+    // not be indexed yet, and a cached "nothing found" would outlive their
+    // arrival for the cache's whole TTL.
     // Counted by reason: a latency budget that cuts every rerank short
     // keeps the cache empty, which shows here and nowhere else.
     let uncached = if answer_error.is_some() {

@@ -188,7 +188,7 @@ impl Node {
                 None
             }
         };
-        if config.device != Device::Cpu {
+        if config.device != Device::Cpu && (config.roles.embed || config.roles.query) {
             // Compile and tune every batch shape's kernels before the node
             // takes work: otherwise each new shape stalls its first query
             // or batch for as long as compiling and tuning takes (minutes on

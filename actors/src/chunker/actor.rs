@@ -85,17 +85,32 @@ impl Stage for ChunkerStage {
         .await
         .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
         let mut out = Vec::with_capacity(todo.len());
-        let mut deletes = Vec::new();
+        let mut unindexable = Vec::new();
         let mut errors = JobErrors::new();
         for ((i, meta), read) in todo.into_iter().zip(reads) {
-            match self.settle(&meta, read, &mut deletes, &mut skipped) {
+            match self.settle(&meta, read, &mut unindexable, &mut skipped) {
                 Ok(Some(chunks)) => out.push(ChunkedDoc { meta, chunks }),
                 Ok(None) => {}
                 Err(e) => errors.push((i, e)),
             }
         }
+        // Deletion's seq is the version's, so a newer version is spared.
+        let deletes = unindexable
+            .iter()
+            .filter(|(m, _)| self.ledger.is_current(&m.doc_id, &m.version))
+            .map(|(m, _): &(DocMeta, String)| IndexJob::Delete {
+                doc_id: m.doc_id.clone(),
+                seq: m.seq,
+            })
+            .collect();
         self.out.send_all(out).await?;
         self.deletes.send_all(deletes).await?;
+        // Only once the deletions are on their way: a batch whose sends
+        // failed runs again, and finds these versions still current.
+        for (m, reason) in unindexable {
+            self.ledger
+                .finish_unindexable(&m.doc_id, &m.version, reason);
+        }
         self.tell_skips(skipped).await?;
         Ok(errors)
     }
@@ -146,14 +161,14 @@ impl ChunkerStage {
     ///
     /// A version with nothing to index (binary, not UTF-8, no text: the
     /// file was emptied or overwritten) still replaces the one before it:
-    /// it ends skipped and, when it is the document's latest, a deletion
-    /// goes to `deletes`, so the old version's text is no longer found.
-    /// Its `seq` is the version's, so a newer version is spared.
+    /// it goes to `unindexable`, to end skipped and, when it is the
+    /// document's latest, send a deletion, so the old version's text is no
+    /// longer found.
     fn settle(
         &self,
         meta: &DocMeta,
         read: std::io::Result<Read>,
-        deletes: &mut Vec<IndexJob>,
+        unindexable: &mut Vec<(DocMeta, String)>,
         skipped: &mut Vec<IndexedEvent>,
     ) -> anyhow::Result<Option<Vec<crate::messages::Chunk>>> {
         let parsed = match read {
@@ -184,15 +199,7 @@ impl ChunkerStage {
             Ok(chunks) => Ok(Some(chunks)),
             Err(ParseError::Unsupported(reason)) => {
                 self.told(meta, reason.clone(), skipped);
-                if self
-                    .ledger
-                    .finish_unindexable(&meta.doc_id, &meta.version, reason)
-                {
-                    deletes.push(IndexJob::Delete {
-                        doc_id: meta.doc_id.clone(),
-                        seq: meta.seq,
-                    });
-                }
+                unindexable.push((meta.clone(), reason));
                 Ok(None)
             }
             Err(e @ ParseError::Malformed { .. }) => Err(e.into()),
