@@ -432,6 +432,16 @@ impl<S: Stage> Pool<S> {
         state.args.queue.push_all_front(batch);
     }
 
+    /// The pool is going: jobs still held by workers go back to the front
+    /// of the queue, for the pool the supervisor starts next (or the next
+    /// start), and the queue stops kicking this one.
+    fn let_go(state: &mut PoolState<S>) {
+        for (_, w) in state.workers.drain() {
+            state.args.queue.push_all_front(w.busy);
+        }
+        *state.args.queue.pool.lock() = None;
+    }
+
     fn job_failed(state: &mut PoolState<S>, mut a: Attempt<S::In>, error: String) {
         a.attempt += 1;
         let stats = state.stats();
@@ -614,12 +624,8 @@ impl<S: Stage> Actor for Pool<S> {
             None => {
                 state.stats().set_status("failed");
                 // ractor skips post_stop when an actor fails: the jobs the
-                // other workers hold go back to the queue here, for the
-                // pool the supervisor starts next (or the next start).
-                for (_, w) in state.workers.drain() {
-                    state.args.queue.push_all_front(w.busy);
-                }
-                *state.args.queue.pool.lock() = None;
+                // other workers hold go back to the queue here.
+                Self::let_go(state);
                 state.stats().workers.store(0, Ordering::Relaxed);
                 Err(format!(
                     "{}: workers failed more than {} times in {:?}; escalating (last: {error})",
@@ -637,11 +643,7 @@ impl<S: Stage> Actor for Pool<S> {
         _: ActorRef<Self::Msg>,
         state: &mut PoolState<S>,
     ) -> Result<(), ActorProcessingErr> {
-        // Jobs still held by workers go back to the queue for the next pool.
-        for (_, w) in state.workers.drain() {
-            state.args.queue.push_all_front(w.busy);
-        }
-        *state.args.queue.pool.lock() = None;
+        Self::let_go(state);
         state.stats().set_status("stopped");
         Ok(())
     }

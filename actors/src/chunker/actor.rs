@@ -98,7 +98,7 @@ impl Stage for ChunkerStage {
         let deletes = unindexable
             .iter()
             .filter(|(m, _)| self.ledger.is_current(&m.doc_id, &m.version))
-            .map(|(m, _): &(DocMeta, String)| IndexJob::Delete {
+            .map(|(m, _)| IndexJob::Delete {
                 doc_id: m.doc_id.clone(),
                 seq: m.seq,
             })
