@@ -45,7 +45,7 @@ pub const DELETE_VERSION: &str = "-";
 
 /// The latest "version" of a document skipped as a whole (too big, or no
 /// text in it): the source has it, but nothing of it is to be in the index.
-pub const SKIPPED_VERSION: &str = "-";
+const SKIPPED_VERSION: &str = "-";
 
 struct DocEntry {
     /// The newest version the source has; `None` once the file is gone.
@@ -233,6 +233,19 @@ impl Ledger {
             .map
             .get(doc_id)
             .and_then(|e| e.latest.clone())
+    }
+
+    /// Records a document skipped before any pipeline work (an unsupported
+    /// type, too big): nothing of it is to be in the index.
+    pub fn record_skipped(&self, doc_id: &str, reason: String) {
+        self.record(doc_id, Some(SKIPPED_VERSION), Outcome::Skipped(reason));
+    }
+
+    /// Whether nothing of the document is to be in the index: it is gone,
+    /// or its latest version was skipped as a whole.
+    pub fn wants_nothing_indexed(&self, doc_id: &str) -> bool {
+        self.latest_version(doc_id)
+            .is_none_or(|v| v == SKIPPED_VERSION)
     }
 
     /// `version` turned out to hold nothing to index (the chunker found no

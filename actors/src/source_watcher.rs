@@ -10,7 +10,7 @@
 use crate::bridge::Port;
 use crate::dlq::DeadLetters;
 use crate::indexer::actor::IndexJob;
-use crate::ledger::{Ledger, Outcome, SKIPPED_VERSION};
+use crate::ledger::{Ledger, Outcome};
 use crate::messages::{DocMeta, Partition};
 use crate::pool::Job;
 use crate::stats::ActorStats;
@@ -534,9 +534,7 @@ fn supported(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str) ->
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_default()
     );
-    let id = doc_id(source, uri);
-    args.ledger
-        .record(&id, Some(SKIPPED_VERSION), Outcome::Skipped(reason));
+    args.ledger.record_skipped(&doc_id(source, uri), reason);
     false
 }
 
@@ -563,10 +561,7 @@ async fn decide(
     probed: std::io::Result<Probe>,
 ) {
     let id = doc_id(source, uri);
-    let skip = |reason: String| {
-        args.ledger
-            .record(&id, Some(SKIPPED_VERSION), Outcome::Skipped(reason));
-    };
+    let skip = |reason: String| args.ledger.record_skipped(&id, reason);
     let partition = source.partition_for(uri);
     let (size, version) = match probed {
         Ok(Probe::Read { size, content }) => (size, version_of(&content, &partition)),

@@ -7,7 +7,7 @@
 
 use crate::cache_guard::CacheHandle;
 use crate::indexer::{Removal, VectorStore};
-use crate::ledger::{Ledger, Outcome, SKIPPED_VERSION};
+use crate::ledger::{Ledger, Outcome};
 use crate::messages::IndexedEvent;
 use crate::pool::{JobErrors, Stage};
 use std::sync::Arc;
@@ -76,8 +76,7 @@ impl VersionPrunerStage {
                     // after the deletion, so the seq guard spares it.) A
                     // file grown past the size limit is deleted, then
                     // recorded as skipped: nothing of it stays either.
-                    let latest = self.ledger.latest_version(&doc_id);
-                    if latest.is_none_or(|v| v == SKIPPED_VERSION) {
+                    if self.ledger.wants_nothing_indexed(&doc_id) {
                         removals.push(Removal::new(&doc_id, None).seen_before(seq));
                     }
                     outcomes.push((doc_id, None, Outcome::Deleted));
