@@ -180,6 +180,11 @@ pub struct WatcherArgs {
 
 pub struct WatcherState {
     args: WatcherArgs,
+    /// A rescan waits in the mailbox: one more request is already served
+    /// by it (a burst overflows the kernel queue many times over, and each
+    /// full scan reads every file).
+    rescan_queued: bool,
+    rescans: u64,
     _debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
     _pollers: Vec<Debouncer<notify::PollWatcher, NoCache>>,
 }
@@ -246,6 +251,9 @@ impl Actor for SourceWatcher {
         args.stats.set_status("scanning");
         Ok(WatcherState {
             args,
+            // The first scan: whatever is lost before it starts, it sees.
+            rescan_queued: true,
+            rescans: 0,
             _debouncer: debouncer,
             _pollers: pollers,
         })
@@ -259,6 +267,9 @@ impl Actor for SourceWatcher {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WatchMsg::Rescan => {
+                // From here on a lost event may be behind the walk: the
+                // next request queues another scan.
+                st.rescan_queued = false;
                 st.args.stats.set_status("scanning");
                 rescan(&st.args).await;
                 st.args.scanned.store(true, Ordering::SeqCst);
@@ -278,7 +289,7 @@ impl Actor for SourceWatcher {
                     tracing::warn!("watch error: {e}; rescanning");
                     st.args.stats.set_error(e.to_string());
                 }
-                myself.cast(WatchMsg::Rescan)?;
+                st.request_rescan(&myself, "a watch error")?;
             }
             WatchMsg::PollErrors(errors) => {
                 for e in &errors {
@@ -291,7 +302,7 @@ impl Actor for SourceWatcher {
             WatchMsg::Fs(Ok(events)) => {
                 if events.iter().any(|e| e.need_rescan()) {
                     tracing::warn!("the kernel dropped file events (queue overflow); rescanning");
-                    myself.cast(WatchMsg::Rescan)?;
+                    st.request_rescan(&myself, "the kernel's event queue overflowed")?;
                     return Ok(());
                 }
                 let mut paths: Vec<PathBuf> = events
@@ -319,6 +330,28 @@ impl Actor for SourceWatcher {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl WatcherState {
+    /// Queues a full rescan unless one is already waiting.
+    fn request_rescan(
+        &mut self,
+        myself: &ActorRef<WatchMsg>,
+        why: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.rescan_queued {
+            return Ok(());
+        }
+        self.rescan_queued = true;
+        self.rescans += 1;
+        metrics::counter!("ragd_watcher_rescans_total").increment(1);
+        self.args.stats.set_note(format!(
+            "rescans since start: {} (last: {why})",
+            self.rescans
+        ));
+        myself.cast(WatchMsg::Rescan)?;
         Ok(())
     }
 }
@@ -808,5 +841,70 @@ mod tests {
             doc_version(b"a", &part("a", "bc"))
         );
         assert_eq!(doc_version(b"a", &hr).len(), 32);
+    }
+
+    /// A burst overflows the kernel's queue many times over; each overflow
+    /// that finds a rescan already waiting is served by it, so the files
+    /// are walked and read once more, not once per overflow.
+    #[tokio::test]
+    async fn overflows_waiting_for_one_rescan_share_it() {
+        use std::time::Instant;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("kb");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a.md"), "# A\n\nSome text.").unwrap();
+        let stats = Arc::new(ActorStats::default());
+        let chunk_q = crate::pool::PoolQueue::new(Arc::new(ActorStats::default()));
+        let args = WatcherArgs {
+            sources: vec![SourceSpec {
+                name: "kb".into(),
+                root,
+                partition: Partition {
+                    division: "eng".into(),
+                    access_level: "internal".into(),
+                },
+                rules: vec![],
+                poll: None,
+            }],
+            ledger: Ledger::new(16),
+            dlq: Arc::new(crate::dlq::FileDlq::open(dir.path().join("dlq.jsonl")).unwrap()),
+            chunk_q: Port::Local(chunk_q.clone()),
+            index_q: Port::Local(crate::pool::PoolQueue::new(Arc::new(ActorStats::default()))),
+            known: Default::default(),
+            max_file_bytes: 1 << 20,
+            watch: false,
+            debounce: Duration::from_millis(50),
+            stats: stats.clone(),
+            scanned: Default::default(),
+            only: vec![],
+        };
+        let (watcher, handle) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        // On this single-threaded runtime all five are in the mailbox,
+        // behind the first scan, before the watcher handles any of them.
+        for _ in 0..5 {
+            let overflow =
+                notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
+            let event = notify_debouncer_full::DebouncedEvent::new(overflow, Instant::now());
+            watcher.cast(WatchMsg::Fs(Ok(vec![event]))).unwrap();
+        }
+        let rescans = || {
+            stats
+                .note()
+                .and_then(|n| n.split(' ').nth(3).map(str::to_string))
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rescans().is_none() || stats.status() != "scanned" {
+            assert!(Instant::now() < deadline, "{:?}", stats.note());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Time for any further rescan to show.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rescans(), Some(1), "{:?}", stats.note());
+        assert!(stats.note().unwrap().contains("queue overflowed"));
+        // The file was admitted once, by the first scan.
+        assert_eq!(chunk_q.len(), 1);
+        watcher.stop(None);
+        handle.await.unwrap();
     }
 }

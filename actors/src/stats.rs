@@ -36,6 +36,9 @@ impl ActorStats {
     pub fn set_note(&self, note: impl Into<String>) {
         *self.note.lock() = Some(note.into());
     }
+    pub fn note(&self) -> Option<String> {
+        self.note.lock().clone()
+    }
     pub fn processed(&self) {
         self.processed_n(1);
     }
