@@ -28,7 +28,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{env_usize, model_dir, proc_status_kib};
+use common::{env_usize, model_dir, normalise, proc_status_kib, Rng};
 use ragd_actors::indexer::edge::EdgeStore;
 use ragd_actors::indexer::HnswSettings;
 use ragd_actors::indexer::{Scope, VectorStore};
@@ -43,38 +43,10 @@ const CHUNKS_PER_DOC: usize = 50;
 const DIVISIONS: [&str; 4] = ["hr", "engineering", "finance", "general"];
 const LEVELS: [&str; 3] = ["public", "internal", "confidential"];
 
-/// splitmix64: a deterministic, dependency-free generator is all a
-/// benchmark's data needs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-}
-
-fn normalise(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.iter_mut().for_each(|x| *x /= n);
-    v
-}
-
 /// A point near a random topic: its centroid plus noise, on the unit sphere.
 /// Stored chunks and queries are drawn alike.
 fn draw(rng: &mut Rng, centroids: &[Vec<f32>]) -> Vec<f32> {
-    let t = (rng.next() % centroids.len() as u64) as usize;
+    let t = (rng.next_u64() % centroids.len() as u64) as usize;
     normalise(
         centroids[t]
             .iter()
