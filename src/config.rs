@@ -276,6 +276,8 @@ pub struct Config {
     pub latency_budget: Option<std::time::Duration>,
     pub admin_bind: SocketAddr,
     pub admin_token: Option<Secret>,
+    /// Unsafe but allowed settings, logged at start and printed by `check`.
+    pub warnings: Vec<String>,
     pub sources: Vec<SourceSpec>,
     pub principals: Vec<Principal>,
     /// This node's name: its ledger follows the cluster under it.
@@ -955,6 +957,14 @@ fn validate(
             access_levels: p.access_levels,
         });
     }
+    let warnings = exposure(
+        &roles,
+        query_bind,
+        admin_bind,
+        admin_token.as_ref(),
+        &principals,
+        errors,
+    );
     Config {
         path: path.to_path_buf(),
         data_dir,
@@ -990,9 +1000,70 @@ fn validate(
         latency_budget,
         admin_bind,
         admin_token,
+        warnings,
         sources,
         principals,
     }
+}
+
+/// Tokens printed in ragd's own config files and README: whoever has read
+/// them can use them.
+const EXAMPLE_TOKENS: [&str; 6] = [
+    "change-me-admin-token",
+    "alice-hr-token",
+    "bob-eng-token",
+    "guest-public-token",
+    "hr-reader-token",
+    "engineer-token",
+];
+
+/// Example tokens and a tokenless admin API: refused on an address other
+/// machines can reach, a warning on loopback (where they serve trying ragd
+/// out). Returns the warnings; the refusals go to `errors`.
+fn exposure(
+    roles: &Roles,
+    query_bind: SocketAddr,
+    admin_bind: SocketAddr,
+    admin_token: Option<&Secret>,
+    principals: &[Principal],
+    errors: &mut Vec<String>,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let example = |t: &Secret| EXAMPLE_TOKENS.contains(&t.0.as_str());
+    let mut judge = |bind: SocketAddr, what: String| {
+        if bind.ip().is_loopback() {
+            warnings.push(format!(
+                "{what}: fine on loopback ({bind}), but set a secret one before serving other machines"
+            ));
+        } else {
+            errors.push(format!(
+                "{what}, and {bind} is reachable from other machines: set a secret token"
+            ));
+        }
+    };
+    if roles.query {
+        for p in principals.iter().filter(|p| example(&p.token)) {
+            judge(
+                query_bind,
+                format!(
+                    "principal {:?} has an example token from ragd's documentation",
+                    p.name
+                ),
+            );
+        }
+    }
+    match admin_token {
+        Some(t) if example(t) => judge(
+            admin_bind,
+            "admin.token is the example token from ragd's documentation (RAGD_ADMIN__TOKEN sets it)"
+                .into(),
+        ),
+        None if !admin_bind.ip().is_loopback() => warnings.push(format!(
+            "admin.token is empty: anyone who reaches {admin_bind} may start ingests and replay the DLQ"
+        )),
+        _ => {}
+    }
+    warnings
 }
 
 /// The value of the environment variable named `var` (or `default`), if set
@@ -1126,6 +1197,57 @@ mod tests {
         assert!(
             !debug.contains("alice-token-1") && !debug.contains("admin-secret"),
             "{debug}"
+        );
+    }
+
+    /// The tokens ragd's own docs print serve trying it out on loopback,
+    /// with a warning; on an address other machines reach they are refused.
+    #[test]
+    fn example_tokens_are_refused_where_other_machines_reach_them() {
+        let (_dir, path) = setup();
+        let parse = |toml: String, env: &[(&str, &str)]| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            Config::parse(&path, &toml, env)
+        };
+        let good = parse(GOOD.into(), &[]).unwrap();
+        assert!(good.warnings.is_empty(), "{:?}", good.warnings);
+        let example = GOOD
+            .replace("alice-token-1", "alice-hr-token")
+            .replace("admin-secret", "change-me-admin-token");
+        let local = parse(example.clone(), &[]).unwrap();
+        assert_eq!(local.warnings.len(), 2, "{:?}", local.warnings);
+        assert!(local.warnings[0].contains("principal \"alice\""));
+        assert!(local.warnings[1].contains("admin.token"));
+        let open = [
+            ("RAGD_QUERY__BIND", "0.0.0.0:8080"),
+            ("RAGD_ADMIN__BIND", "0.0.0.0:8081"),
+        ];
+        let errors = parse(example.clone(), &open).unwrap_err().errors;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].contains("principal \"alice\"") && errors[0].contains("0.0.0.0:8080"),
+            "{errors:?}"
+        );
+        assert!(errors[1].contains("admin.token"), "{errors:?}");
+        // A secret set by the environment, as the cluster configs say.
+        let mut with_secret = open.to_vec();
+        with_secret.push(("RAGD_ADMIN__TOKEN", "a-real-secret-token"));
+        let errors = parse(example.clone(), &with_secret).unwrap_err().errors;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        // Only a query node serves principals.
+        let kafka = "[node]\nroles = [\"ingest\"]\n[bus]\nbackend = \"kafka\"\nbrokers = \"k:9092\"\n[index]\nbackend = \"qdrant\"\n";
+        let ingest_only = parse(format!("{kafka}{example}"), &with_secret).unwrap();
+        assert!(
+            ingest_only.warnings.is_empty(),
+            "{:?}",
+            ingest_only.warnings
+        );
+        // No admin token on an open address: allowed, with a warning.
+        let open_admin = parse(GOOD.replace("admin-secret", ""), &open[1..]).unwrap();
+        assert!(
+            open_admin.warnings[0].contains("admin.token is empty"),
+            "{:?}",
+            open_admin.warnings
         );
     }
 

@@ -285,6 +285,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let cfg = load(&config)?;
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} sources, {} principals, data in {})",
                 cfg.path.display(),

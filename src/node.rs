@@ -157,6 +157,9 @@ impl Node {
         mode: Mode,
         only: Vec<std::path::PathBuf>,
     ) -> anyhow::Result<Node> {
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
         let policy = BatchPolicy {
