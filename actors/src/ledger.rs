@@ -203,7 +203,15 @@ impl Ledger {
                     return false;
                 }
                 entry.seq = seq;
-                entry.latest = version.map(str::to_string);
+                // A node with both the ingest and the index role shares
+                // this ledger with its watcher and chunker: the deletion
+                // of a version they skipped as a whole (no text, too big)
+                // leaves the document skipped, as on an ingest-only node,
+                // rather than counted as deleted.
+                let skipped = entry.latest.as_deref() == Some(SKIPPED_VERSION);
+                if version.is_some() || !skipped {
+                    entry.latest = version.map(str::to_string);
+                }
                 true
             })
             .unwrap_or(false)
@@ -343,6 +351,29 @@ mod tests {
         assert!(ledger.observe("d", None, 30));
         assert!(!ledger.is_current("d", "v2"));
         assert_eq!(ledger.latest_version("d"), None);
+    }
+
+    /// A cluster node with the ingest and the index role: its chunker
+    /// finds a version without text and sends the deletion of what earlier
+    /// versions left; the indexer observes that deletion on the same
+    /// ledger. The document stays skipped, nothing of it indexed.
+    #[tokio::test]
+    async fn a_shared_ledger_keeps_an_unindexable_version_skipped() {
+        let ledger = Ledger::new(4);
+        assert!(ledger.admit("d", Some("v1")).await);
+        assert!(ledger.finish_unindexable("d", "v1", "no text".into()));
+        assert!(ledger.observe("d", None, 5));
+        ledger.finish("d", None, Outcome::Deleted);
+        assert_eq!(
+            ledger.status("d"),
+            Some(DocStatus::Skipped("no text".into()))
+        );
+        let c = ledger.counts();
+        assert_eq!((c.skipped, c.deleted, c.in_flight), (1, 0, 0));
+        assert!(ledger.wants_nothing_indexed("d"));
+        // A later version is observed and indexed as usual.
+        assert!(ledger.observe("d", Some("v2"), 6));
+        assert!(ledger.is_current("d", "v2"));
     }
 
     #[tokio::test]
