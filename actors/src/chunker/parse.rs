@@ -179,7 +179,199 @@ pub fn markdown_sections(text: &str) -> Vec<Section> {
 /// Keeps an HTML page's main text as Markdown-ish lines: headings become `#`
 /// lines, navigation chrome and scripts are dropped. When the page marks its
 /// main content (`<main>`, `<article>`, `role="main"`), only that is kept.
+///
+/// A page that nests elements deeper than [`MAX_HTML_DEPTH`] is read from
+/// its tokens alone, without a tree: html5ever checks the whole stack of
+/// open elements at each block start tag, so 100,000 nested `<div>`s took
+/// 48 s and a 20 MB file of them would hold a chunker for days.
 pub fn html_to_markdown(html: &str) -> String {
+    let flat = flat_html(html);
+    if flat.max_depth > MAX_HTML_DEPTH {
+        tracing::debug!(
+            depth = flat.max_depth,
+            "HTML nested too deep for a tree; reading its tokens"
+        );
+        return normalise_whitespace(&flat.text);
+    }
+    html_tree_to_markdown(html)
+}
+
+/// Deeper than any real page (browsers stop nesting at 512 and add
+/// elements as siblings beyond it); the tree is built up to it.
+pub const MAX_HTML_DEPTH: usize = 512;
+
+const SKIP: &[&str] = &[
+    "script", "style", "noscript", "nav", "header", "footer", "aside", "form", "template", "svg",
+    "iframe", "button",
+];
+const BLOCK: &[&str] = &[
+    "p",
+    "div",
+    "section",
+    "li",
+    "tr",
+    "br",
+    "pre",
+    "blockquote",
+    "table",
+    "ul",
+    "ol",
+    "dd",
+    "dt",
+];
+
+fn heading_level(name: &str) -> usize {
+    match name {
+        "h1" => 1,
+        "h2" => 2,
+        "h3" => 3,
+        "h4" => 4,
+        "h5" => 5,
+        "h6" => 6,
+        _ => 0,
+    }
+}
+
+/// A page read from its tokens: its text (chrome skipped, headings and
+/// blocks marked as in the tree's reading) and how deep its elements nest.
+struct FlatHtml {
+    text: String,
+    max_depth: usize,
+}
+
+/// One linear pass of html5ever's tokenizer (no tree builder).
+fn flat_html(html: &str) -> FlatHtml {
+    use html5ever::tendril::StrTendril;
+    use html5ever::tokenizer::states::RawKind;
+    use html5ever::tokenizer::{
+        BufferQueue, TagKind, Token, TokenSink, TokenSinkResult, Tokenizer,
+    };
+    use std::cell::RefCell;
+
+    /// Elements whose end tag may be left out (and the void ones, which
+    /// have none): not counted, or every unclosed `<p>` would look like a
+    /// level of nesting.
+    const UNCOUNTED: &[&str] = &[
+        "html", "head", "body", "p", "li", "dt", "dd", "option", "optgroup", "tr", "td", "th",
+        "thead", "tbody", "tfoot", "colgroup", "caption", "rb", "rt", "rtc", "rp", "area", "base",
+        "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr",
+    ];
+
+    #[derive(Default)]
+    struct State {
+        text: String,
+        depth: usize,
+        max_depth: usize,
+        /// Open `<svg>` and `<math>` elements.
+        foreign: usize,
+        /// Inside a skipped element: its name and how many of that name
+        /// are open in it.
+        skipping: Option<(String, usize)>,
+    }
+    struct Sink(RefCell<State>);
+
+    impl TokenSink for Sink {
+        type Handle = ();
+
+        fn process_token(&self, token: Token, _line: u64) -> TokenSinkResult<()> {
+            let mut st = self.0.borrow_mut();
+            let st = &mut *st;
+            match token {
+                Token::TagToken(tag) => {
+                    let name: &str = &tag.name;
+                    let start = tag.kind == TagKind::StartTag;
+                    // `<div/>` opens a div like `<div>` does: only in SVG
+                    // and MathML does a tag close itself.
+                    let foreign = name == "svg" || name == "math";
+                    let closes_itself = tag.self_closing && (foreign || st.foreign > 0);
+                    if !UNCOUNTED.contains(&name) && !closes_itself {
+                        if start {
+                            st.depth += 1;
+                            st.max_depth = st.max_depth.max(st.depth);
+                            st.foreign += usize::from(foreign);
+                        } else {
+                            st.depth = st.depth.saturating_sub(1);
+                            st.foreign = st.foreign.saturating_sub(usize::from(foreign));
+                        }
+                    }
+                    // Their content is text to the tokenizer, never tags.
+                    let raw = match name {
+                        "script" => Some(RawKind::ScriptData),
+                        "style" | "noscript" | "iframe" => Some(RawKind::Rawtext),
+                        "title" | "textarea" => Some(RawKind::Rcdata),
+                        _ => None,
+                    };
+                    let raw = if start && !tag.self_closing {
+                        raw
+                    } else {
+                        None
+                    };
+                    if let Some((skipped, open)) = &mut st.skipping {
+                        if skipped == name && !tag.self_closing {
+                            if start {
+                                *open += 1;
+                            } else {
+                                *open -= 1;
+                                if *open == 0 {
+                                    st.skipping = None;
+                                }
+                            }
+                        }
+                    } else if start {
+                        let hidden = tag.attrs.iter().any(|a| &*a.name.local == "hidden");
+                        if (SKIP.contains(&name) || hidden || name == "title") && !tag.self_closing
+                        {
+                            st.skipping = Some((name.to_string(), 1));
+                        } else if heading_level(name) > 0 {
+                            st.text.push_str("\n\n");
+                            st.text.push_str(&"#".repeat(heading_level(name)));
+                            st.text.push(' ');
+                        } else if BLOCK.contains(&name) {
+                            st.text.push('\n');
+                        }
+                    } else if heading_level(name) > 0 {
+                        st.text.push_str("\n\n");
+                    } else if BLOCK.contains(&name) {
+                        st.text.push('\n');
+                    }
+                    if let Some(kind) = raw {
+                        return TokenSinkResult::RawData(kind);
+                    }
+                }
+                Token::CharacterTokens(t) if st.skipping.is_none() => {
+                    let words = t.split_whitespace().collect::<Vec<_>>().join(" ");
+                    if !words.is_empty() {
+                        if t.starts_with(char::is_whitespace)
+                            && !st.text.is_empty()
+                            && !st.text.ends_with(['\n', ' '])
+                        {
+                            st.text.push(' ');
+                        }
+                        st.text.push_str(&words);
+                        if t.ends_with(char::is_whitespace) {
+                            st.text.push(' ');
+                        }
+                    }
+                }
+                _ => {}
+            }
+            TokenSinkResult::Continue
+        }
+    }
+
+    let input = BufferQueue::default();
+    input.push_back(StrTendril::from(html));
+    let tokenizer = Tokenizer::new(Sink(RefCell::new(State::default())), Default::default());
+    let _ = tokenizer.feed(&input);
+    tokenizer.end();
+    let st = tokenizer.sink.0.into_inner();
+    FlatHtml {
+        text: st.text,
+        max_depth: st.max_depth,
+    }
+}
+
+fn html_tree_to_markdown(html: &str) -> String {
     use scraper::{Html, Node, Selector};
     let doc = Html::parse_document(html);
     let main_sel = Selector::parse("main, article, [role=main]").expect("static selector");
@@ -190,25 +382,6 @@ pub fn html_to_markdown(html: &str) -> String {
         .or_else(|| doc.select(&body_sel).next())
         .unwrap_or_else(|| doc.root_element());
 
-    const SKIP: &[&str] = &[
-        "script", "style", "noscript", "nav", "header", "footer", "aside", "form", "template",
-        "svg", "iframe", "button",
-    ];
-    const BLOCK: &[&str] = &[
-        "p",
-        "div",
-        "section",
-        "li",
-        "tr",
-        "br",
-        "pre",
-        "blockquote",
-        "table",
-        "ul",
-        "ol",
-        "dd",
-        "dt",
-    ];
     // An explicit stack, not recursion: html5ever nests elements as deep as
     // the file does, and 100,000 nested <div>s (500 KB) would overflow a
     // thread's stack, which aborts the whole daemon.
@@ -250,15 +423,7 @@ pub fn html_to_markdown(html: &str) -> String {
                 if SKIP.contains(&name) || el.attr("hidden").is_some() {
                     continue;
                 }
-                let heading = match name {
-                    "h1" => 1,
-                    "h2" => 2,
-                    "h3" => 3,
-                    "h4" => 4,
-                    "h5" => 5,
-                    "h6" => 6,
-                    _ => 0,
-                };
+                let heading = heading_level(name);
                 if heading > 0 {
                     out.push_str("\n\n");
                     out.push_str(&"#".repeat(heading));
@@ -333,6 +498,55 @@ mod tests {
             sections.iter().any(|s| s.body.contains("deep quote")),
             "{sections:?}"
         );
+    }
+
+    /// How deep a page nests, as the tree builder will see it: omitted end
+    /// tags and void elements are no nesting, `<div/>` is, and SVG's
+    /// self-closed shapes are not.
+    #[test]
+    fn nesting_depth_counts_what_stays_open() {
+        let depth = |html: String| flat_html(&html).max_depth;
+        assert_eq!(depth("<div><div><b>x</b></div></div>".into()), 3);
+        let paragraphs = "<p>para<br><img src=x>".repeat(2_000);
+        assert_eq!(
+            depth(format!("<html><body><ul>{}<li>x</ul>", paragraphs)),
+            1
+        );
+        assert_eq!(depth("<div/>".repeat(600)), 600);
+        let svg = format!("<svg>{}</svg>", "<path d='M0'/>".repeat(2_000));
+        assert_eq!(depth(svg), 1);
+        // Tags in scripts are text.
+        assert_eq!(
+            depth(format!("<script>{}</script>", "<div>".repeat(900))),
+            1
+        );
+    }
+
+    /// A page nested a million levels deep (5 MB) is read from its tokens:
+    /// built as a tree it would take html5ever days (its time grows with
+    /// depth squared: 100,000 levels took 48 s). The reading still drops
+    /// scripts and chrome and marks headings.
+    #[test]
+    fn a_page_nested_too_deep_for_a_tree_is_read_flat() {
+        let depth = 1_000_000;
+        let html = format!(
+            "<html><head><title>T</title></head><body>{}<script>var secret = '<div>';</script>\
+             <nav>Menu</nav><h1>Pay  bands</h1><p>Deep <b>text</b> here.</p><p hidden>gone</p>{}",
+            "<div>".repeat(depth),
+            "</div>".repeat(depth)
+        );
+        assert!(flat_html(&html).max_depth > MAX_HTML_DEPTH);
+        let md = html_to_markdown(&html);
+        assert!(md.contains("# Pay bands\n"), "{md:.300}");
+        assert!(md.contains("Deep text here."), "{md:.300}");
+        for chrome in ["secret", "Menu", "gone", "T\n"] {
+            assert!(!md.contains(chrome), "kept {chrome:?} in {md:.300}");
+        }
+        // Up to the limit the page is read as a tree, main content first.
+        let shallow = html.replace(&"<div>".repeat(depth), &"<div>".repeat(MAX_HTML_DEPTH - 10));
+        let shallow = shallow.replace(&"</div>".repeat(depth), "");
+        assert!(flat_html(&shallow).max_depth <= MAX_HTML_DEPTH);
+        assert_eq!(html_to_markdown(&shallow), html_tree_to_markdown(&shallow));
     }
 
     #[test]
