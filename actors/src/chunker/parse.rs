@@ -185,13 +185,10 @@ pub fn markdown_sections(text: &str) -> Vec<Section> {
 /// open elements at each block start tag, so 100,000 nested `<div>`s took
 /// 48 s and a 20 MB file of them would hold a chunker for days.
 pub fn html_to_markdown(html: &str) -> String {
-    let flat = flat_html(html);
-    if flat.max_depth > MAX_HTML_DEPTH {
-        tracing::debug!(
-            depth = flat.max_depth,
-            "HTML nested too deep for a tree; reading its tokens"
-        );
-        return normalise_whitespace(&flat.text);
+    let depth = flat_html(html, false).max_depth;
+    if depth > MAX_HTML_DEPTH {
+        tracing::debug!(depth, "HTML nested too deep for a tree; reading its tokens");
+        return normalise_whitespace(&flat_html(html, true).text);
     }
     html_tree_to_markdown(html)
 }
@@ -239,8 +236,9 @@ struct FlatHtml {
     max_depth: usize,
 }
 
-/// One linear pass of html5ever's tokenizer (no tree builder).
-fn flat_html(html: &str) -> FlatHtml {
+/// One linear pass of html5ever's tokenizer (no tree builder); the text is
+/// read only if `want_text`.
+fn flat_html(html: &str, want_text: bool) -> FlatHtml {
     use html5ever::tendril::StrTendril;
     use html5ever::tokenizer::states::RawKind;
     use html5ever::tokenizer::{
@@ -250,23 +248,288 @@ fn flat_html(html: &str) -> FlatHtml {
 
     /// Elements whose end tag may be left out (and the void ones, which
     /// have none): not counted, or every unclosed `<p>` would look like a
-    /// level of nesting.
+    /// level of nesting. None of them nests in itself without a counted
+    /// element between (as `<rb>` and `<optgroup>` do, which are counted).
     const UNCOUNTED: &[&str] = &[
-        "html", "head", "body", "p", "li", "dt", "dd", "option", "optgroup", "tr", "td", "th",
-        "thead", "tbody", "tfoot", "colgroup", "caption", "rb", "rt", "rtc", "rp", "area", "base",
-        "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr",
+        "html", "head", "body", "p", "li", "dt", "dd", "option", "tr", "td", "th", "thead",
+        "tbody", "tfoot", "colgroup", "caption", "area", "base", "br", "col", "embed", "hr", "img",
+        "input", "link", "meta", "source", "track", "wbr",
     ];
+    /// An end tag does not close elements below these (the spec's "has an
+    /// element in scope").
+    const SCOPE: &[&str] = &[
+        "applet", "caption", "html", "table", "td", "th", "marquee", "object", "template", "svg",
+        "math",
+    ];
+    /// Closed by the adoption agency, which may keep or re-open them.
+    const FORMATTING: &[&str] = &[
+        "a", "b", "big", "code", "em", "font", "i", "nobr", "s", "small", "strike", "strong", "tt",
+        "u",
+    ];
+    /// The spec's "special" elements: an end tag of any other element is
+    /// ignored when one of these is open above it.
+    const SPECIAL: &[&str] = &[
+        "address",
+        "applet",
+        "area",
+        "article",
+        "aside",
+        "base",
+        "basefont",
+        "bgsound",
+        "blockquote",
+        "body",
+        "br",
+        "button",
+        "caption",
+        "center",
+        "col",
+        "colgroup",
+        "dd",
+        "details",
+        "dir",
+        "div",
+        "dl",
+        "dt",
+        "embed",
+        "fieldset",
+        "figcaption",
+        "figure",
+        "footer",
+        "form",
+        "frame",
+        "frameset",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "head",
+        "header",
+        "hgroup",
+        "hr",
+        "html",
+        "iframe",
+        "img",
+        "input",
+        "keygen",
+        "li",
+        "link",
+        "listing",
+        "main",
+        "marquee",
+        "menu",
+        "meta",
+        "nav",
+        "noembed",
+        "noframes",
+        "noscript",
+        "object",
+        "ol",
+        "p",
+        "param",
+        "plaintext",
+        "pre",
+        "script",
+        "search",
+        "section",
+        "select",
+        "source",
+        "style",
+        "summary",
+        "table",
+        "tbody",
+        "td",
+        "template",
+        "textarea",
+        "tfoot",
+        "th",
+        "thead",
+        "title",
+        "tr",
+        "track",
+        "ul",
+        "wbr",
+        "xmp",
+    ];
+    /// SVG and MathML elements (lower case, as tokenized) that stay
+    /// foreign content: in them a tag may close itself (`<path/>`). The
+    /// integration points (`<title>`, `<desc>`, `<foreignObject>`, `<mi>`…)
+    /// hold HTML again and are not here; neither is anything the tree
+    /// builder would break out of foreign content for.
+    const FOREIGN: &[&str] = &[
+        "g",
+        "defs",
+        "symbol",
+        "use",
+        "path",
+        "circle",
+        "rect",
+        "line",
+        "polyline",
+        "polygon",
+        "ellipse",
+        "text",
+        "tspan",
+        "textpath",
+        "lineargradient",
+        "radialgradient",
+        "stop",
+        "clippath",
+        "mask",
+        "pattern",
+        "filter",
+        "marker",
+        "image",
+        "switch",
+        "view",
+        "animate",
+        "animatetransform",
+        "animatemotion",
+        "set",
+        "mpath",
+        "feblend",
+        "fecolormatrix",
+        "fecomponenttransfer",
+        "fecomposite",
+        "feconvolvematrix",
+        "fediffuselighting",
+        "fedisplacementmap",
+        "fedistantlight",
+        "fedropshadow",
+        "feflood",
+        "fefunca",
+        "fefuncb",
+        "fefuncg",
+        "fefuncr",
+        "fegaussianblur",
+        "feimage",
+        "femerge",
+        "femergenode",
+        "femorphology",
+        "feoffset",
+        "fepointlight",
+        "fespecularlighting",
+        "fespotlight",
+        "fetile",
+        "feturbulence",
+        "mrow",
+        "mfrac",
+        "msqrt",
+        "mroot",
+        "msub",
+        "msup",
+        "msubsup",
+        "munder",
+        "mover",
+        "munderover",
+        "mtable",
+        "mtr",
+        "mtd",
+        "mstyle",
+        "mspace",
+        "mpadded",
+        "mphantom",
+        "menclose",
+        "semantics",
+        "mprescripts",
+        "none",
+        "mmultiscripts",
+    ];
+    /// How far below the top an end tag looks for its element, and the
+    /// foreign-content check for its context.
+    const REACH: usize = 16;
 
     #[derive(Default)]
     struct State {
         text: String,
-        depth: usize,
+        /// The counted elements open, as the tree builder would have them
+        /// at least: an end tag closes one only where the tree builder
+        /// certainly does too, so the depth never reads lower than the
+        /// tree's (bar the few elements it adds by itself, like a table's
+        /// `<tbody>`).
+        open: Vec<html5ever::LocalName>,
         max_depth: usize,
         /// Open `<svg>` and `<math>` elements.
         foreign: usize,
-        /// Inside a skipped element: its name and how many of that name
-        /// are open in it.
-        skipping: Option<(String, usize)>,
+        /// Whether to read the text (the second pass), or only measure.
+        want_text: bool,
+        /// Inside a skipped element, open at this depth: skipping ends
+        /// when the element is closed, by its end tag or its parent's.
+        skipping: Option<usize>,
+    }
+
+    impl State {
+        /// Whether the tree builder is certainly in SVG or MathML content:
+        /// only foreign elements between the top and an `<svg>` or
+        /// `<math>`. When unsure, a self-closed tag counts as open.
+        fn surely_foreign(&self) -> bool {
+            for open in self.open.iter().rev().take(REACH) {
+                match &**open {
+                    "svg" | "math" => return true,
+                    name if FOREIGN.contains(&name) => {}
+                    _ => return false,
+                }
+            }
+            false
+        }
+
+        /// The text's side of a tag: skipped elements, headings, blocks.
+        fn read_tag(&mut self, tag: &html5ever::tokenizer::Tag, start: bool, counted: bool) {
+            let name: &str = &tag.name;
+            if let Some(level) = self.skipping {
+                if self.open.len() < level {
+                    self.skipping = None;
+                }
+                return;
+            }
+            let level = heading_level(name);
+            if start {
+                let hidden = tag.attrs.iter().any(|a| &*a.name.local == "hidden");
+                // Only an element whose end is seen can be skipped: not a
+                // void one, nor one whose end tag may be left out.
+                if counted && (SKIP.contains(&name) || hidden || name == "title") {
+                    self.skipping = Some(self.open.len());
+                } else if level > 0 {
+                    self.text.push_str("\n\n");
+                    self.text.push_str(&"#".repeat(level));
+                    self.text.push(' ');
+                } else if BLOCK.contains(&name) {
+                    self.text.push('\n');
+                }
+            } else if level > 0 {
+                self.text.push_str("\n\n");
+            } else if BLOCK.contains(&name) {
+                self.text.push('\n');
+            }
+        }
+
+        fn close(&mut self, name: &str) {
+            let special = SPECIAL.contains(&name);
+            let mut at = None;
+            for (i, open) in self.open.iter().enumerate().rev().take(REACH) {
+                let open: &str = open;
+                if open == name {
+                    at = Some(i);
+                    break;
+                }
+                // Only the current node closes a formatting element here;
+                // another end tag stops at a scope boundary, and one of a
+                // non-special element at any special one.
+                if FORMATTING.contains(&name)
+                    || SCOPE.contains(&open)
+                    || (!special && SPECIAL.contains(&open))
+                {
+                    break;
+                }
+            }
+            if let Some(i) = at {
+                for closed in self.open.drain(i..) {
+                    self.foreign -= usize::from(&*closed == "svg" || &*closed == "math");
+                }
+            }
+        }
     }
     struct Sink(RefCell<State>);
 
@@ -283,62 +546,37 @@ fn flat_html(html: &str) -> FlatHtml {
                     // `<div/>` opens a div like `<div>` does: only in SVG
                     // and MathML does a tag close itself.
                     let foreign = name == "svg" || name == "math";
-                    let closes_itself = tag.self_closing && (foreign || st.foreign > 0);
-                    if !UNCOUNTED.contains(&name) && !closes_itself {
+                    let closes_itself = tag.self_closing
+                        && (foreign || (FOREIGN.contains(&name) && st.surely_foreign()));
+                    let counted = !UNCOUNTED.contains(&name) && !closes_itself;
+                    if counted {
                         if start {
-                            st.depth += 1;
-                            st.max_depth = st.max_depth.max(st.depth);
+                            st.open.push(tag.name.clone());
+                            st.max_depth = st.max_depth.max(st.open.len());
                             st.foreign += usize::from(foreign);
                         } else {
-                            st.depth = st.depth.saturating_sub(1);
-                            st.foreign = st.foreign.saturating_sub(usize::from(foreign));
+                            st.close(name);
                         }
                     }
-                    // Their content is text to the tokenizer, never tags.
+                    // Their content is text to the tree builder's
+                    // tokenizer, never tags. (Not where SVG or MathML may
+                    // be open, whose <title> or <style> holds markup:
+                    // reading that as text would hide its nesting.)
                     let raw = match name {
+                        _ if st.foreign > 0 || !start || tag.self_closing => None,
                         "script" => Some(RawKind::ScriptData),
                         "style" | "noscript" | "iframe" => Some(RawKind::Rawtext),
                         "title" | "textarea" => Some(RawKind::Rcdata),
                         _ => None,
                     };
-                    let raw = if start && !tag.self_closing {
-                        raw
-                    } else {
-                        None
-                    };
-                    if let Some((skipped, open)) = &mut st.skipping {
-                        if skipped == name && !tag.self_closing {
-                            if start {
-                                *open += 1;
-                            } else {
-                                *open -= 1;
-                                if *open == 0 {
-                                    st.skipping = None;
-                                }
-                            }
-                        }
-                    } else if start {
-                        let hidden = tag.attrs.iter().any(|a| &*a.name.local == "hidden");
-                        if (SKIP.contains(&name) || hidden || name == "title") && !tag.self_closing
-                        {
-                            st.skipping = Some((name.to_string(), 1));
-                        } else if heading_level(name) > 0 {
-                            st.text.push_str("\n\n");
-                            st.text.push_str(&"#".repeat(heading_level(name)));
-                            st.text.push(' ');
-                        } else if BLOCK.contains(&name) {
-                            st.text.push('\n');
-                        }
-                    } else if heading_level(name) > 0 {
-                        st.text.push_str("\n\n");
-                    } else if BLOCK.contains(&name) {
-                        st.text.push('\n');
+                    if st.want_text {
+                        st.read_tag(&tag, start, counted);
                     }
                     if let Some(kind) = raw {
                         return TokenSinkResult::RawData(kind);
                     }
                 }
-                Token::CharacterTokens(t) if st.skipping.is_none() => {
+                Token::CharacterTokens(t) if st.want_text && st.skipping.is_none() => {
                     let words = t.split_whitespace().collect::<Vec<_>>().join(" ");
                     if !words.is_empty() {
                         if t.starts_with(char::is_whitespace)
@@ -361,7 +599,11 @@ fn flat_html(html: &str) -> FlatHtml {
 
     let input = BufferQueue::default();
     input.push_back(StrTendril::from(html));
-    let tokenizer = Tokenizer::new(Sink(RefCell::new(State::default())), Default::default());
+    let state = State {
+        want_text,
+        ..State::default()
+    };
+    let tokenizer = Tokenizer::new(Sink(RefCell::new(state)), Default::default());
     let _ = tokenizer.feed(&input);
     tokenizer.end();
     let st = tokenizer.sink.0.into_inner();
@@ -505,7 +747,7 @@ mod tests {
     /// self-closed shapes are not.
     #[test]
     fn nesting_depth_counts_what_stays_open() {
-        let depth = |html: String| flat_html(&html).max_depth;
+        let depth = |html: String| flat_html(&html, false).max_depth;
         assert_eq!(depth("<div><div><b>x</b></div></div>".into()), 3);
         let paragraphs = "<p>para<br><img src=x>".repeat(2_000);
         assert_eq!(
@@ -515,11 +757,60 @@ mod tests {
         assert_eq!(depth("<div/>".repeat(600)), 600);
         let svg = format!("<svg>{}</svg>", "<path d='M0'/>".repeat(2_000));
         assert_eq!(depth(svg), 1);
+        let icons = "<svg><g><path d='M0'/><circle r='1'/></g></svg>".repeat(2_000);
+        assert_eq!(depth(icons), 2);
         // Tags in scripts are text.
         assert_eq!(
             depth(format!("<script>{}</script>", "<div>".repeat(900))),
             1
         );
+    }
+
+    /// Markup built to nest deep in the tree while its tags look balanced:
+    /// end tags the tree builder ignores (a `</div>` outside the table it
+    /// is in, a `</span>` above an open `<div>`), elements that nest in
+    /// themselves without end tags, and SVG whose `<title>` holds markup.
+    /// The measure never reads far below the tree's real depth.
+    #[test]
+    fn nesting_depth_is_not_fooled_by_ignored_end_tags() {
+        fn tree_depth(html: &str) -> usize {
+            let doc = scraper::Html::parse_document(html);
+            doc.tree
+                .root()
+                .descendants()
+                .map(|n| n.ancestors().count())
+                .max()
+                .unwrap_or(0)
+        }
+        let n = 1_500;
+        for (prefix, pattern, close) in [
+            ("", "<div><table><td></div>", ""),
+            ("", "<span><div></span>", ""),
+            ("", "<b><div></b>x", ""),
+            ("", "<rb>", ""),
+            ("", "<optgroup>", ""),
+            ("", "<section><li>", ""),
+            ("", "<div>", "</x></y>"),
+            ("", "<div></x>", ""),
+            // SVG's <style> holds markup (a <div> breaks out of the SVG);
+            // in SVG's <title>, and after a <div> broke out, <path/> is an
+            // HTML element, and stays open.
+            ("<svg><style>", "<div>", ""),
+            ("<svg><title>", "<path/>", ""),
+            ("<svg><div>", "<path/>", ""),
+            ("<svg><g>", "<div/>", ""),
+        ] {
+            let html = format!("{prefix}{}{}", pattern.repeat(n), close.repeat(n));
+            let (measured, real) = (flat_html(&html, false).max_depth, tree_depth(&html));
+            assert!(
+                real > 1_000 && measured * 4 >= real,
+                "{pattern}: measured {measured}, the tree nests {real}"
+            );
+        }
+        // Ordinary sloppy pages stay well under the limit.
+        let sloppy = "<div><p>Text <b>bold <i>both</b> italic</i> <span>open\n</div>".repeat(2_000);
+        let measured = flat_html(&sloppy, false).max_depth;
+        assert!(measured < 16, "{measured}");
     }
 
     /// A page nested a million levels deep (5 MB) is read from its tokens:
@@ -531,21 +822,29 @@ mod tests {
         let depth = 1_000_000;
         let html = format!(
             "<html><head><title>T</title></head><body>{}<script>var secret = '<div>';</script>\
-             <nav>Menu</nav><h1>Pay  bands</h1><p>Deep <b>text</b> here.</p><p hidden>gone</p>{}",
+             <nav>Menu</nav><h1>Pay  bands</h1><p>Deep <b>text</b> here.</p><div hidden>gone</div>\
+             <img hidden src=x><p hidden>A hidden paragraph's end is not seen: kept.\
+             <div><nav>Menu 2</div>After the nav.{}",
             "<div>".repeat(depth),
             "</div>".repeat(depth)
         );
-        assert!(flat_html(&html).max_depth > MAX_HTML_DEPTH);
+        assert!(flat_html(&html, false).max_depth > MAX_HTML_DEPTH);
         let md = html_to_markdown(&html);
         assert!(md.contains("# Pay bands\n"), "{md:.300}");
         assert!(md.contains("Deep text here."), "{md:.300}");
+        // Skipping ends with the skipped element, also when its parent
+        // closes it, and never starts on one whose end is not seen.
+        assert!(
+            md.contains("kept.") && md.contains("After the nav."),
+            "{md:.300}"
+        );
         for chrome in ["secret", "Menu", "gone", "T\n"] {
             assert!(!md.contains(chrome), "kept {chrome:?} in {md:.300}");
         }
         // Up to the limit the page is read as a tree, main content first.
         let shallow = html.replace(&"<div>".repeat(depth), &"<div>".repeat(MAX_HTML_DEPTH - 10));
         let shallow = shallow.replace(&"</div>".repeat(depth), "");
-        assert!(flat_html(&shallow).max_depth <= MAX_HTML_DEPTH);
+        assert!(flat_html(&shallow, false).max_depth <= MAX_HTML_DEPTH);
         assert_eq!(html_to_markdown(&shallow), html_tree_to_markdown(&shallow));
     }
 
