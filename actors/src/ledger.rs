@@ -261,7 +261,23 @@ impl Ledger {
     /// latest, the document is marked as having nothing in the index
     /// ([`SKIPPED_VERSION`]), so the pruner removes what earlier versions
     /// left. Returns whether it was the latest.
-    pub fn finish_unindexable(&self, doc_id: &str, version: &str, reason: String) -> bool {
+    ///
+    /// `seq` is the version's: the deletion the chunker sends for it
+    /// carries the same, and on a node that also runs the index role that
+    /// deletion may be observed here first. It then still leaves `version`
+    /// the latest, not a deletion of the document.
+    pub fn finish_unindexable(
+        &self,
+        doc_id: &str,
+        version: &str,
+        seq: u64,
+        reason: String,
+    ) -> bool {
+        self.docs.lock().update(doc_id, false, |entry| {
+            if entry.latest.is_none() && entry.seq == seq {
+                entry.latest = Some(version.to_string());
+            }
+        });
         self.finish(doc_id, Some(version), Outcome::Skipped(reason));
         self.docs
             .lock()
@@ -359,21 +375,37 @@ mod tests {
     /// ledger. The document stays skipped, nothing of it indexed.
     #[tokio::test]
     async fn a_shared_ledger_keeps_an_unindexable_version_skipped() {
+        // The chunker's step first, or the indexer's: the same end.
+        for chunker_first in [true, false] {
+            let ledger = Ledger::new(4);
+            assert!(ledger.admit("d", Some("v1")).await);
+            if chunker_first {
+                assert!(ledger.finish_unindexable("d", "v1", 5, "no text".into()));
+                assert!(ledger.observe("d", None, 5));
+            } else {
+                assert!(ledger.observe("d", None, 5));
+                assert!(ledger.finish_unindexable("d", "v1", 5, "no text".into()));
+            }
+            ledger.finish("d", None, Outcome::Deleted);
+            assert_eq!(
+                ledger.status("d"),
+                Some(DocStatus::Skipped("no text".into())),
+                "chunker first: {chunker_first}"
+            );
+            let c = ledger.counts();
+            assert_eq!((c.skipped, c.deleted, c.in_flight), (1, 0, 0));
+            assert!(ledger.wants_nothing_indexed("d"));
+            // A later version is observed and indexed as usual.
+            assert!(ledger.observe("d", Some("v2"), 6));
+            assert!(ledger.is_current("d", "v2"));
+        }
+        // The file deleted for real after the version was read (a later
+        // seq): the deletion stands.
         let ledger = Ledger::new(4);
         assert!(ledger.admit("d", Some("v1")).await);
-        assert!(ledger.finish_unindexable("d", "v1", "no text".into()));
-        assert!(ledger.observe("d", None, 5));
-        ledger.finish("d", None, Outcome::Deleted);
-        assert_eq!(
-            ledger.status("d"),
-            Some(DocStatus::Skipped("no text".into()))
-        );
-        let c = ledger.counts();
-        assert_eq!((c.skipped, c.deleted, c.in_flight), (1, 0, 0));
-        assert!(ledger.wants_nothing_indexed("d"));
-        // A later version is observed and indexed as usual.
-        assert!(ledger.observe("d", Some("v2"), 6));
-        assert!(ledger.is_current("d", "v2"));
+        assert!(ledger.observe("d", None, 9));
+        assert!(!ledger.finish_unindexable("d", "v1", 5, "no text".into()));
+        assert_eq!(ledger.latest_version("d"), None);
     }
 
     #[tokio::test]

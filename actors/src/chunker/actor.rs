@@ -109,7 +109,7 @@ impl Stage for ChunkerStage {
         // failed runs again, and finds these versions still current.
         for (m, reason) in unindexable {
             self.ledger
-                .finish_unindexable(&m.doc_id, &m.version, reason);
+                .finish_unindexable(&m.doc_id, &m.version, m.seq, reason);
         }
         self.tell_skips(skipped).await?;
         Ok(errors)
