@@ -52,42 +52,66 @@ impl Bucket {
 #[derive(Default)]
 struct Entries {
     buckets: HashMap<Arc<Key>, Bucket>,
-    /// Every stored entry's key and id, oldest first: eviction order, and
-    /// expiry order (one TTL for all). Entries invalidated since stay here
-    /// until they reach the front or the queue is compacted.
-    order: VecDeque<(Arc<Key>, u64)>,
+    /// Every stored entry's key, id and creation, oldest first: eviction
+    /// order, and expiry order (one TTL for all). Entries invalidated since
+    /// stay here until they reach the front or the queue is compacted.
+    order: VecDeque<(Arc<Key>, u64, Instant)>,
     len: usize,
     next_id: u64,
 }
 
 impl Entries {
-    /// Drops the oldest entry still stored, if `drop_it` says so; false when
-    /// the cache is empty or the oldest is to stay.
-    fn pop_oldest_if(&mut self, drop_it: impl Fn(&Entry) -> bool) -> bool {
-        while let Some((key, id)) = self.order.front() {
-            let found = self
-                .buckets
-                .get(key)
-                .and_then(|b| b.position(*id).map(|i| (i, drop_it(&b.entries[i]))));
-            match found {
-                // Invalidated since: nothing left to drop.
-                None => {
-                    self.order.pop_front();
-                }
-                Some((_, false)) => return false,
-                Some((i, true)) => {
-                    let (key, _) = self.order.pop_front().expect("the front was just read");
-                    let bucket = self.buckets.get_mut(&key).expect("found above");
-                    bucket.swap_remove(i);
-                    if bucket.ids.is_empty() {
-                        self.buckets.remove(&key);
-                    }
-                    self.len -= 1;
-                    return true;
-                }
+    /// Drops the oldest entry still stored; false when there is none.
+    fn pop_oldest(&mut self) -> bool {
+        while let Some((key, id, _)) = self.order.pop_front() {
+            let Some(bucket) = self.buckets.get_mut(&key) else {
+                continue; // invalidated since
+            };
+            let Some(i) = bucket.position(id) else {
+                continue;
+            };
+            bucket.swap_remove(i);
+            if bucket.ids.is_empty() {
+                self.buckets.remove(&key);
             }
+            self.len -= 1;
+            return true;
         }
         false
+    }
+
+    /// Drops every entry `drop_it` picks, in one pass over the entries;
+    /// returns how many.
+    fn remove_where(&mut self, drop_it: impl Fn(&Entry) -> bool) -> usize {
+        let mut dropped = 0;
+        self.buckets.retain(|_, bucket| {
+            let mut i = 0;
+            while i < bucket.ids.len() {
+                if drop_it(&bucket.entries[i]) {
+                    bucket.swap_remove(i);
+                    dropped += 1;
+                } else {
+                    i += 1;
+                }
+            }
+            !bucket.ids.is_empty()
+        });
+        self.len -= dropped;
+        self.compact_order();
+        dropped
+    }
+
+    /// Drops the expired entries. When the oldest has expired, many
+    /// usually have (a burst of questions an hour ago): one pass, not one
+    /// search per entry.
+    fn expire(&mut self, ttl: Duration) {
+        let expired = |at: &Instant| at.elapsed() >= ttl;
+        if self.order.front().is_some_and(|(_, _, at)| expired(at)) {
+            self.remove_where(|e| expired(&e.created));
+            while self.order.front().is_some_and(|(_, _, at)| expired(at)) {
+                self.order.pop_front();
+            }
+        }
     }
 
     /// Forgets the order of entries invalidated since they were stored, once
@@ -102,7 +126,7 @@ impl Entries {
             .values()
             .flat_map(|b| b.ids.iter().copied())
             .collect();
-        self.order.retain(|(_, id)| live.contains(id));
+        self.order.retain(|(_, id, _)| live.contains(id));
     }
 }
 
@@ -232,13 +256,14 @@ impl SemanticCache for EmbeddedCache {
         let key = Arc::new((scope.clone().canonical(), top_k, v.len()));
         let mut entries = self.entries.write();
         let ttl = self.ttl;
-        while entries.pop_oldest_if(|e| e.created.elapsed() >= ttl) {}
-        while entries.len >= self.capacity && entries.pop_oldest_if(|_| true) {}
+        entries.expire(ttl);
+        while entries.len >= self.capacity && entries.pop_oldest() {}
         entries.compact_order();
         let id = entries.next_id;
         entries.next_id += 1;
         entries.len += 1;
-        entries.order.push_back((key.clone(), id));
+        let now = Instant::now();
+        entries.order.push_back((key.clone(), id, now));
         let bucket = entries.buckets.entry(key).or_insert_with(|| Bucket {
             dim: v.len(),
             vectors: Vec::new(),
@@ -249,7 +274,7 @@ impl SemanticCache for EmbeddedCache {
         bucket.ids.push(id);
         bucket.entries.push(Entry {
             value,
-            created: Instant::now(),
+            created: now,
         });
         Ok(())
     }
@@ -277,22 +302,7 @@ impl SemanticCache for EmbeddedCache {
                 .iter()
                 .any(|h| removed.contains(&h.doc_id, &h.version))
         };
-        let mut entries = self.entries.write();
-        let mut dropped = 0;
-        entries.buckets.retain(|_, bucket| {
-            let mut i = 0;
-            while i < bucket.ids.len() {
-                if cites_removed(&bucket.entries[i]) {
-                    bucket.swap_remove(i);
-                    dropped += 1;
-                } else {
-                    i += 1;
-                }
-            }
-            !bucket.ids.is_empty()
-        });
-        entries.len -= dropped;
-        entries.compact_order();
+        let dropped = self.entries.write().remove_where(cites_removed);
         Ok(dropped)
     }
 }
@@ -467,6 +477,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
         assert!(cache.is_empty());
+        // The next store drops every expired entry, and their order.
+        let fresh = CachedAnswer {
+            answer: None,
+            sources: vec![],
+        };
+        cache
+            .store(&[0.0, 1.0], &s, 5, fresh.clone())
+            .await
+            .unwrap();
+        assert_eq!(cache.lookup(&[0.0, 1.0], &s, 5).await.unwrap(), Some(fresh));
+        let entries = cache.entries.read();
+        assert_eq!((entries.len, entries.order.len()), (1, 1));
+        assert_eq!(
+            entries.buckets.values().map(|b| b.ids.len()).sum::<usize>(),
+            1
+        );
     }
 
     /// Eviction takes the oldest entry of any scope; a lookup gets the
@@ -505,13 +531,13 @@ mod tests {
         assert_eq!(got(e(1), &eng).await.as_deref(), Some("eng-1"));
         assert_eq!(got(e(2), &hr).await.as_deref(), Some("hr-2"));
         assert_eq!(got(e(3), &eng).await.as_deref(), Some("eng-3"));
-        // Unnormalised questions: cosine, not dot product, decides.
-        assert_eq!(
-            got(e(2).iter().map(|x| x * 7.0).collect(), &hr)
-                .await
-                .as_deref(),
-            Some("hr-2")
-        );
+        // Unnormalised questions and entries: cosine, not dot product,
+        // decides (a tenth of the length is a dot product of 0.1).
+        let short: Vec<f32> = e(2).iter().map(|x| x * 0.1).collect();
+        assert_eq!(got(short, &hr).await.as_deref(), Some("hr-2"));
+        let long: Vec<f32> = e(7).iter().map(|x| x * 40.0).collect();
+        cache.store(&long, &eng, 5, answer("eng-7")).await.unwrap();
+        assert_eq!(got(e(7), &eng).await.as_deref(), Some("eng-7"));
         // Two entries above the threshold: the nearer one answers.
         let mut a = e(5);
         a[6] = 0.1; // cosine 0.995 to e(5)
