@@ -278,6 +278,9 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Unsafe but allowed settings, logged at start and printed by `check`.
     pub warnings: Vec<String>,
+    /// Settings a serving node refuses (see [`Config::servable`]); client
+    /// commands that only read the config (`ask`, `status`) still work.
+    pub refusals: Vec<String>,
     pub sources: Vec<SourceSpec>,
     pub principals: Vec<Principal>,
     /// This node's name: its ledger follows the cluster under it.
@@ -435,6 +438,19 @@ fn env_overrides(
 }
 
 impl Config {
+    /// The config as a node that serves (`ragd up`, `ragd check`) may
+    /// use it: without settings that expose it to other machines.
+    pub fn servable(self) -> Result<Config, ConfigErrors> {
+        if self.refusals.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigErrors {
+                path: self.path.clone(),
+                errors: self.refusals,
+            })
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         Self::load_with_env(path, std::env::vars())
     }
@@ -957,13 +973,12 @@ fn validate(
             access_levels: p.access_levels,
         });
     }
-    let warnings = exposure(
+    let (warnings, refusals) = exposure(
         &roles,
         query_bind,
         admin_bind,
         admin_token.as_ref(),
         &principals,
-        errors,
     );
     Config {
         path: path.to_path_buf(),
@@ -1001,6 +1016,7 @@ fn validate(
         admin_bind,
         admin_token,
         warnings,
+        refusals,
         sources,
         principals,
     }
@@ -1019,16 +1035,15 @@ const EXAMPLE_TOKENS: [&str; 6] = [
 
 /// Example tokens and a tokenless admin API: refused on an address other
 /// machines can reach, a warning on loopback (where they serve trying ragd
-/// out). Returns the warnings; the refusals go to `errors`.
+/// out). Returns the warnings and the refusals.
 fn exposure(
     roles: &Roles,
     query_bind: SocketAddr,
     admin_bind: SocketAddr,
     admin_token: Option<&Secret>,
     principals: &[Principal],
-    errors: &mut Vec<String>,
-) -> Vec<String> {
-    let mut warnings = Vec::new();
+) -> (Vec<String>, Vec<String>) {
+    let (mut warnings, mut errors) = (Vec::new(), Vec::new());
     let example = |t: &Secret| EXAMPLE_TOKENS.contains(&t.0.as_str());
     let mut judge = |bind: SocketAddr, what: String| {
         if bind.ip().is_loopback() {
@@ -1063,7 +1078,7 @@ fn exposure(
         )),
         _ => {}
     }
-    warnings
+    (warnings, errors)
 }
 
 /// The value of the environment variable named `var` (or `default`), if set
@@ -1222,7 +1237,7 @@ mod tests {
             ("RAGD_QUERY__BIND", "0.0.0.0:8080"),
             ("RAGD_ADMIN__BIND", "0.0.0.0:8081"),
         ];
-        let errors = parse(example.clone(), &open).unwrap_err().errors;
+        let errors = parse(example.clone(), &open).unwrap().refusals;
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(
             errors[0].contains("principal \"alice\"") && errors[0].contains("0.0.0.0:8080"),
@@ -1232,7 +1247,7 @@ mod tests {
         // A secret set by the environment, as the cluster configs say.
         let mut with_secret = open.to_vec();
         with_secret.push(("RAGD_ADMIN__TOKEN", "a-real-secret-token"));
-        let errors = parse(example.clone(), &with_secret).unwrap_err().errors;
+        let errors = parse(example.clone(), &with_secret).unwrap().refusals;
         assert_eq!(errors.len(), 1, "{errors:?}");
         // Only a query node serves principals.
         let kafka = "[node]\nroles = [\"ingest\"]\n[bus]\nbackend = \"kafka\"\nbrokers = \"k:9092\"\n[index]\nbackend = \"qdrant\"\n";

@@ -170,9 +170,14 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// [`load`] for a node that serves: settings that expose it are refused.
+fn load_servable(path: &std::path::Path) -> anyhow::Result<Config> {
+    load(path)?.servable().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up { config } => up(load(&config)?).await,
+        Command::Up { config } => up(load_servable(&config)?).await,
         Command::Ingest { config, paths } => ingest(load(&config)?, paths).await,
         Command::Ask {
             token,
@@ -284,7 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config } => {
-            let cfg = load(&config)?;
+            let cfg = load_servable(&config)?;
             for w in &cfg.warnings {
                 eprintln!("warning: {w}");
             }

@@ -126,4 +126,19 @@ fn check_reports_every_config_error_at_once() {
     }
     let (ok, _, err) = ws.ragd(&["up", "--config", "/nonexistent.toml"]);
     assert!(!ok && err.contains("cannot read"), "{err}");
+    // An example token on an address other machines reach: refused by
+    // check (and up); on loopback a warning.
+    let (ok, _, err) = ws.ragd(&["check", "--config", ws.config().to_str().unwrap()]);
+    assert!(ok && err.contains("example token"), "{err}");
+    let open = std::fs::read_to_string(ws.config()).unwrap().replacen(
+        "bind = \"127.0.0.1:",
+        "bind = \"0.0.0.0:",
+        1,
+    );
+    std::fs::write(&bad, open).unwrap();
+    let (ok, _, err) = ws.ragd(&["check", "--config", bad.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("reachable from other machines"),
+        "{err}"
+    );
 }
