@@ -180,17 +180,37 @@ pub fn markdown_sections(text: &str) -> Vec<Section> {
 /// lines, navigation chrome and scripts are dropped. When the page marks its
 /// main content (`<main>`, `<article>`, `role="main"`), only that is kept.
 ///
-/// A page that nests elements deeper than [`MAX_HTML_DEPTH`] is read from
-/// its tokens alone, without a tree: html5ever checks the whole stack of
-/// open elements at each block start tag, so 100,000 nested `<div>`s took
-/// 48 s and a 20 MB file of them would hold a chunker for days.
+/// Building the tree can take time that grows with the square of the
+/// page: html5ever checks the whole stack of open elements at each block
+/// start tag (100,000 nested `<div>`s took 48 s; a 20 MB file of them
+/// would hold a chunker for days), and rebuilds misnested formatting
+/// elements. Two guards, after which the page is read from its tokens
+/// alone, without a tree:
+///
+/// * a page that nests deeper than [`MAX_HTML_DEPTH`], as one pass of the
+///   tokenizer measures it (the usual case, decided from the input alone);
+/// * a tree that is not built within [`tree_budget`]: the guarantee, for
+///   markup the measure does not see through.
 pub fn html_to_markdown(html: &str) -> String {
     let depth = flat_html(html, false).max_depth;
     if depth > MAX_HTML_DEPTH {
         tracing::debug!(depth, "HTML nested too deep for a tree; reading its tokens");
         return normalise_whitespace(&flat_html(html, true).text);
     }
-    html_tree_to_markdown(html)
+    let budget = tree_budget(html.len());
+    html_tree_to_markdown(html, budget).unwrap_or_else(|| {
+        tracing::warn!(
+            bytes = html.len(),
+            "HTML not built as a tree within {budget:?}; reading its tokens"
+        );
+        normalise_whitespace(&flat_html(html, true).text)
+    })
+}
+
+/// Time to build a page's tree: 2 s plus 1 s per MB, some fifty times what
+/// html5ever needs for ordinary markup on one core.
+pub fn tree_budget(bytes: usize) -> std::time::Duration {
+    std::time::Duration::from_secs(2) + std::time::Duration::from_secs_f64(bytes as f64 / 1e6)
 }
 
 /// Deeper than any real page (browsers stop nesting at 512 and add
@@ -352,6 +372,7 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
         "ul",
         "wbr",
         "xmp",
+        "isindex",
     ];
     /// SVG and MathML elements (lower case, as tokenized) that stay
     /// foreign content: in them a tag may close itself (`<path/>`). The
@@ -453,11 +474,15 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
         max_depth: usize,
         /// Open `<svg>` and `<math>` elements.
         foreign: usize,
+        /// Open `<select>` elements (in which html5ever ignores `<style>`,
+        /// so its content is markup).
+        selects: usize,
         /// Whether to read the text (the second pass), or only measure.
         want_text: bool,
-        /// Inside a skipped element, open at this depth: skipping ends
-        /// when the element is closed, by its end tag or its parent's.
-        skipping: Option<usize>,
+        /// Inside a skipped element, open at this depth, of this name:
+        /// skipping ends when the element is closed, by its end tag or its
+        /// parent's.
+        skipping: Option<(usize, String)>,
     }
 
     impl State {
@@ -478,8 +503,10 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
         /// The text's side of a tag: skipped elements, headings, blocks.
         fn read_tag(&mut self, tag: &html5ever::tokenizer::Tag, start: bool, counted: bool) {
             let name: &str = &tag.name;
-            if let Some(level) = self.skipping {
-                if self.open.len() < level {
+            if let Some((level, skipped)) = &self.skipping {
+                // Closed by its parent, or (when the measure could not
+                // close it: far below the top) by its own end tag.
+                if self.open.len() < *level || (!start && name == skipped.as_str()) {
                     self.skipping = None;
                 }
                 return;
@@ -490,7 +517,7 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
                 // Only an element whose end is seen can be skipped: not a
                 // void one, nor one whose end tag may be left out.
                 if counted && (SKIP.contains(&name) || hidden || name == "title") {
-                    self.skipping = Some(self.open.len());
+                    self.skipping = Some((self.open.len(), name.to_string()));
                 } else if level > 0 {
                     self.text.push_str("\n\n");
                     self.text.push_str(&"#".repeat(level));
@@ -524,10 +551,19 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
                     break;
                 }
             }
-            if let Some(i) = at {
-                for closed in self.open.drain(i..) {
-                    self.foreign -= usize::from(&*closed == "svg" || &*closed == "math");
-                }
+            let Some(i) = at else {
+                return;
+            };
+            // `</form>` takes the form off the stack, not what is open in
+            // it.
+            let closed: Vec<_> = if name == "form" {
+                vec![self.open.remove(i)]
+            } else {
+                self.open.drain(i..).collect()
+            };
+            for closed in closed {
+                self.foreign -= usize::from(&*closed == "svg" || &*closed == "math");
+                self.selects -= usize::from(&*closed == "select");
             }
         }
     }
@@ -548,12 +584,15 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
                     let foreign = name == "svg" || name == "math";
                     let closes_itself = tag.self_closing
                         && (foreign || (FOREIGN.contains(&name) && st.surely_foreign()));
-                    let counted = !UNCOUNTED.contains(&name) && !closes_itself;
+                    // In SVG and MathML an <input> or <td> is a foreign
+                    // element like any other, and stays open.
+                    let counted = (!UNCOUNTED.contains(&name) || st.foreign > 0) && !closes_itself;
                     if counted {
                         if start {
                             st.open.push(tag.name.clone());
                             st.max_depth = st.max_depth.max(st.open.len());
                             st.foreign += usize::from(foreign);
+                            st.selects += usize::from(name == "select");
                         } else {
                             st.close(name);
                         }
@@ -563,7 +602,8 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
                     // be open, whose <title> or <style> holds markup:
                     // reading that as text would hide its nesting.)
                     let raw = match name {
-                        _ if st.foreign > 0 || !start || tag.self_closing => None,
+                        // (`<style/>` is a <style> all the same.)
+                        _ if st.foreign > 0 || st.selects > 0 || !start => None,
                         "script" => Some(RawKind::ScriptData),
                         "style" | "noscript" | "iframe" => Some(RawKind::Rawtext),
                         "title" | "textarea" => Some(RawKind::Rcdata),
@@ -613,9 +653,31 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
     }
 }
 
-fn html_tree_to_markdown(html: &str) -> String {
-    use scraper::{Html, Node, Selector};
-    let doc = Html::parse_document(html);
+/// The page's main text read from its tree, or None when the tree took
+/// longer than `budget` to build (checked between slices of the input).
+fn html_tree_to_markdown(html: &str, budget: std::time::Duration) -> Option<String> {
+    use html5ever::tendril::TendrilSink;
+    use scraper::{Html, HtmlTreeSink, Node, Selector};
+    const SLICE: usize = 16 * 1024;
+    let started = std::time::Instant::now();
+    // As Html::parse_document, fed a slice at a time.
+    let mut parser = html5ever::driver::parse_document(
+        HtmlTreeSink::new(Html::new_document()),
+        Default::default(),
+    );
+    let mut rest = html;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(SLICE);
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        parser.process(rest[..end].into());
+        rest = &rest[end..];
+        if started.elapsed() > budget {
+            return None;
+        }
+    }
+    let doc = parser.finish();
     let main_sel = Selector::parse("main, article, [role=main]").expect("static selector");
     let body_sel = Selector::parse("body").expect("static selector");
     let root = doc
@@ -680,7 +742,7 @@ fn html_tree_to_markdown(html: &str) -> String {
             _ => {}
         }
     }
-    normalise_whitespace(&out)
+    Some(normalise_whitespace(&out))
 }
 
 #[cfg(test)]
@@ -799,6 +861,13 @@ mod tests {
             ("<svg><title>", "<path/>", ""),
             ("<svg><div>", "<path/>", ""),
             ("<svg><g>", "<div/>", ""),
+            // Found by review: a self-closed <style/> is a <style>; in a
+            // <select> a <style> is ignored and its content is markup; in
+            // SVG an <input> stays open; </form> closes only the form.
+            ("", "<div><style/></div></style>", ""),
+            ("<select><style></select>", "<div>", ""),
+            ("<svg>", "<input>", ""),
+            ("", "<form><div></form>", ""),
         ] {
             let html = format!("{prefix}{}{}", pattern.repeat(n), close.repeat(n));
             let (measured, real) = (flat_html(&html, false).max_depth, tree_depth(&html));
@@ -845,7 +914,28 @@ mod tests {
         let shallow = html.replace(&"<div>".repeat(depth), &"<div>".repeat(MAX_HTML_DEPTH - 10));
         let shallow = shallow.replace(&"</div>".repeat(depth), "");
         assert!(flat_html(&shallow, false).max_depth <= MAX_HTML_DEPTH);
-        assert_eq!(html_to_markdown(&shallow), html_tree_to_markdown(&shallow));
+        assert_eq!(
+            Some(html_to_markdown(&shallow)),
+            html_tree_to_markdown(&shallow, tree_budget(shallow.len()))
+        );
+    }
+
+    /// The guarantee behind the measure: a tree not built within its time
+    /// budget is given up for the token reading (here a budget of zero).
+    #[test]
+    fn a_tree_over_its_time_budget_gives_way_to_the_token_reading() {
+        let html = "<main><h1>Leave</h1><p>Ask HR.</p></main><footer>f</footer>".repeat(2_000);
+        assert_eq!(
+            html_tree_to_markdown(&html, std::time::Duration::ZERO),
+            None
+        );
+        let tree = html_tree_to_markdown(&html, tree_budget(html.len())).unwrap();
+        assert!(tree.starts_with("# Leave\n\nAsk HR."), "{tree:.100}");
+        let flat = normalise_whitespace(&flat_html(&html, true).text);
+        assert!(
+            flat.contains("# Leave\n\nAsk HR.") && !flat.contains('f'),
+            "{flat:.100}"
+        );
     }
 
     #[test]
