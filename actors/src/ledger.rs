@@ -274,7 +274,10 @@ impl Ledger {
         reason: String,
     ) -> bool {
         self.docs.lock().update(doc_id, false, |entry| {
-            if entry.latest.is_none() && entry.seq == seq {
+            // (Not when the watcher has since admitted a real deletion:
+            // that one stands.)
+            let deleting = entry.pending.contains_key(DELETE_VERSION);
+            if entry.latest.is_none() && entry.seq == seq && !deleting {
                 entry.latest = Some(version.to_string());
             }
         });
@@ -406,6 +409,16 @@ mod tests {
         assert!(ledger.observe("d", None, 9));
         assert!(!ledger.finish_unindexable("d", "v1", 5, "no text".into()));
         assert_eq!(ledger.latest_version("d"), None);
+        // Deleted for real after the chunker's deletion was observed, and
+        // before the chunker ended the version: the deletion stands too.
+        let ledger = Ledger::new(4);
+        assert!(ledger.admit("d", Some("v1")).await);
+        assert!(ledger.observe("d", None, 5));
+        assert!(ledger.admit("d", None).await);
+        assert!(!ledger.finish_unindexable("d", "v1", 5, "no text".into()));
+        assert_eq!(ledger.latest_version("d"), None);
+        ledger.finish("d", None, Outcome::Deleted);
+        assert_eq!(ledger.status("d"), Some(DocStatus::Deleted));
     }
 
     #[tokio::test]
