@@ -105,7 +105,10 @@ impl Entries {
     /// usually have (a burst of questions an hour ago): one pass, not one
     /// search per entry.
     fn expire(&mut self, ttl: Duration) {
-        let expired = |at: &Instant| at.elapsed() >= ttl;
+        // One clock reading for both steps: an entry that expired between
+        // them would leave the queue but stay stored, holding a slot.
+        let now = Instant::now();
+        let expired = |at: &Instant| now.saturating_duration_since(*at) >= ttl;
         if self.order.front().is_some_and(|(_, _, at)| expired(at)) {
             self.remove_where(|e| expired(&e.created));
             while self.order.front().is_some_and(|(_, _, at)| expired(at)) {
