@@ -487,6 +487,8 @@ impl Config {
         if errors.is_empty() {
             Ok(cfg)
         } else {
+            // Every problem at once: what `up` would refuse next, too.
+            errors.extend(cfg.refusals);
             Err(fail(errors))
         }
     }
@@ -1244,6 +1246,10 @@ mod tests {
             "{errors:?}"
         );
         assert!(errors[1].contains("admin.token"), "{errors:?}");
+        // Reported with the other errors when there are some.
+        let also_bad = format!("{example}\n[query]\ncandidates = 0\n");
+        let errors = parse(also_bad, &open).unwrap_err().errors;
+        assert_eq!(errors.len(), 3, "{errors:?}");
         // A secret set by the environment, as the cluster configs say.
         let mut with_secret = open.to_vec();
         with_secret.push(("RAGD_ADMIN__TOKEN", "a-real-secret-token"));
