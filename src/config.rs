@@ -1045,7 +1045,7 @@ fn exposure(
     admin_token: Option<&Secret>,
     principals: &[Principal],
 ) -> (Vec<String>, Vec<String>) {
-    let (mut warnings, mut errors) = (Vec::new(), Vec::new());
+    let (mut warnings, mut refusals) = (Vec::new(), Vec::new());
     let example = |t: &Secret| EXAMPLE_TOKENS.contains(&t.0.as_str());
     let mut judge = |bind: SocketAddr, what: String| {
         if bind.ip().is_loopback() {
@@ -1053,7 +1053,7 @@ fn exposure(
                 "{what}: fine on loopback ({bind}), but set a secret one before serving other machines"
             ));
         } else {
-            errors.push(format!(
+            refusals.push(format!(
                 "{what}, and {bind} is reachable from other machines: set a secret token"
             ));
         }
@@ -1080,7 +1080,7 @@ fn exposure(
         )),
         _ => {}
     }
-    (warnings, errors)
+    (warnings, refusals)
 }
 
 /// The value of the environment variable named `var` (or `default`), if set
