@@ -328,9 +328,10 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
         text: String,
         /// The counted elements open, as the tree builder would have them
         /// at least: an end tag closes one only where the tree builder
-        /// certainly does too, so the depth never reads lower than the
-        /// tree's (bar the few elements it adds by itself, like a table's
-        /// `<tbody>`).
+        /// does too, as far as this model of it goes. It leaves out what
+        /// needs the builder's full state (formatting elements it reopens,
+        /// a <select> it closes for a <textarea>, ...): for those the time
+        /// budget of [`html_to_markdown`] holds.
         open: Vec<html5ever::LocalName>,
         max_depth: usize,
         /// Open `<svg>` and `<math>` elements.
@@ -415,6 +416,13 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
             let Some(i) = at else {
                 return;
             };
+            // </svg> closes the SVG only from inside its content: an HTML
+            // element above it (one that broke out) means the tree builder
+            // left the SVG already and ignores the end tag.
+            let foreign_root = name == "svg" || name == "math";
+            if foreign_root && !self.open[i + 1..].iter().all(|o| FOREIGN.contains(&&**o)) {
+                return;
+            }
             // `</form>` takes the form off the stack, not what is open in
             // it.
             let closed: Vec<_> = if name == "form" {
@@ -466,7 +474,9 @@ fn flat_html(html: &str, want_text: bool) -> FlatHtml {
                         // (`<style/>` is a <style> all the same.)
                         _ if st.foreign > 0 || st.selects > 0 || !start => None,
                         "script" => Some(RawKind::ScriptData),
-                        "style" | "noscript" | "iframe" => Some(RawKind::Rawtext),
+                        "style" | "noscript" | "iframe" | "xmp" | "noembed" | "noframes" => {
+                            Some(RawKind::Rawtext)
+                        }
                         "title" | "textarea" => Some(RawKind::Rcdata),
                         _ => None,
                     };
@@ -729,6 +739,10 @@ mod tests {
             ("<select><style></select>", "<div>", ""),
             ("<svg>", "<input>", ""),
             ("", "<form><div></form>", ""),
+            // <xmp> holds raw text; a <span> breaks out of SVG, after
+            // which </svg> is ignored.
+            ("", "<div><xmp></div></xmp>", ""),
+            ("", "<svg><span></svg>", ""),
         ] {
             let html = format!("{prefix}{}{}", pattern.repeat(n), close.repeat(n));
             let (measured, real) = (flat_html(&html, false).max_depth, tree_depth(&html));
