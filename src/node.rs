@@ -552,23 +552,8 @@ impl Node {
                 )?;
                 let l = ledger.clone();
                 let group = k.group(&format!("ledger-{}", config.node_name));
-                k.follow::<IndexedEvent, _>(&k.topic(INDEXED), &group, move |ev| match ev {
-                    IndexedEvent::Indexed {
-                        doc_id, version, ..
-                    } => l.finish(&doc_id, Some(&version), Outcome::Indexed),
-                    IndexedEvent::Superseded { doc_id, version } => l.finish(
-                        &doc_id,
-                        Some(&version),
-                        Outcome::Skipped("superseded by a newer version".into()),
-                    ),
-                    IndexedEvent::Skipped {
-                        doc_id,
-                        version,
-                        reason,
-                    } => l.finish(&doc_id, Some(&version), Outcome::Skipped(reason)),
-                    IndexedEvent::Deleted { doc_id, .. } => {
-                        l.finish(&doc_id, None, Outcome::Deleted)
-                    }
+                k.follow::<IndexedEvent, _>(&k.topic(INDEXED), &group, move |ev| {
+                    l.finish(ev.doc_id(), ev.version(), ev.outcome())
                 })?;
             }
             if roles.embed {

@@ -22,6 +22,22 @@ pub enum DocStatus {
     DeadLettered(String),
 }
 
+/// Why a version ends skipped when a newer one overtook it.
+pub const SUPERSEDED: &str = "superseded by a newer version";
+
+impl crate::messages::IndexedEvent {
+    /// How the version this event reports ended, for a ledger.
+    pub fn outcome(&self) -> Outcome {
+        use crate::messages::IndexedEvent::*;
+        match self {
+            Indexed { .. } => Outcome::Indexed,
+            Superseded { .. } => Outcome::Skipped(SUPERSEDED.into()),
+            Skipped { reason, .. } => Outcome::Skipped(reason.clone()),
+            Deleted { .. } => Outcome::Deleted,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Indexed,

@@ -7,9 +7,9 @@
 
 use crate::cache_guard::CacheHandle;
 use crate::indexer::{Removal, VectorStore};
-use crate::ledger::{Ledger, Outcome};
+use crate::ledger::Ledger;
 use crate::messages::IndexedEvent;
-use crate::pool::{JobErrors, Stage};
+use crate::pool::{Job, JobErrors, Stage};
 use std::sync::Arc;
 
 pub struct VersionPrunerStage {
@@ -43,7 +43,7 @@ impl VersionPrunerStage {
         let mut removals = Vec::new();
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
-            match event {
+            match &event {
                 IndexedEvent::Indexed {
                     doc_id,
                     version,
@@ -53,22 +53,12 @@ impl VersionPrunerStage {
                     // not when it is known to be overtaken here, and not
                     // when its successor is written between this check and
                     // the removal (only versions seen before it go).
-                    if self.ledger.is_current(&doc_id, &version) {
-                        removals.push(Removal::new(&doc_id, Some(&version)).seen_before(seq));
+                    if self.ledger.is_current(doc_id, version) {
+                        removals.push(Removal::new(doc_id, Some(version)).seen_before(*seq));
                     }
-                    outcomes.push((doc_id, Some(version), Outcome::Indexed));
                 }
-                IndexedEvent::Superseded { doc_id, version } => outcomes.push((
-                    doc_id,
-                    Some(version),
-                    Outcome::Skipped("superseded by a newer version".into()),
-                )),
                 // Nothing was written: nothing to prune.
-                IndexedEvent::Skipped {
-                    doc_id,
-                    version,
-                    reason,
-                } => outcomes.push((doc_id, Some(version), Outcome::Skipped(reason))),
+                IndexedEvent::Superseded { .. } | IndexedEvent::Skipped { .. } => {}
                 IndexedEvent::Deleted { doc_id, seq } => {
                     // Re-created since? Then its new version is on its way
                     // and will prune; deleting now would open a gap. (And
@@ -76,12 +66,12 @@ impl VersionPrunerStage {
                     // after the deletion, so the seq guard spares it.) A
                     // file grown past the size limit is deleted, then
                     // recorded as skipped: nothing of it stays either.
-                    if self.ledger.wants_nothing_indexed(&doc_id) {
-                        removals.push(Removal::new(&doc_id, None).seen_before(seq));
+                    if self.ledger.wants_nothing_indexed(doc_id) {
+                        removals.push(Removal::new(doc_id, None).seen_before(*seq));
                     }
-                    outcomes.push((doc_id, None, Outcome::Deleted));
                 }
             }
+            outcomes.push(event);
         }
         if !removals.is_empty() {
             let removed = self.store.remove(&removals).await?;
@@ -92,8 +82,10 @@ impl VersionPrunerStage {
             }
             self.cache.invalidate_all(&removals).await;
         }
-        for (doc_id, version, outcome) in outcomes {
-            self.ledger.finish(&doc_id, version.as_deref(), outcome);
+        // After the removals: a version ends once what it replaced is gone.
+        for event in outcomes {
+            self.ledger
+                .finish(event.doc_id(), event.version(), event.outcome());
         }
         Ok(())
     }

@@ -66,7 +66,7 @@ impl Stage for ChunkerStage {
             if self.ledger.is_current(&meta.doc_id, &meta.version) {
                 todo.push((i, meta));
             } else {
-                self.skip(&meta, "superseded by a newer version".into(), &mut skipped);
+                self.skip(&meta, crate::ledger::SUPERSEDED.into(), &mut skipped);
             }
         }
         if todo.is_empty() {

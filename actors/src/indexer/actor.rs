@@ -195,7 +195,7 @@ impl IndexerStage {
                         self.ledger.finish(
                             id,
                             Some(version),
-                            Outcome::Skipped("superseded by a newer version".into()),
+                            Outcome::Skipped(crate::ledger::SUPERSEDED.into()),
                         );
                         if self.observe {
                             // The ledger that admitted it is on the ingest node.
