@@ -622,7 +622,7 @@ impl Node {
         // wait for it.
         self.optimizer.stop();
         if let Some(w) = self.watcher() {
-            w.stop(Some("shutdown".into()));
+            w.stop(Some(ragd_actors::supervisor::RETIRE.into()));
         }
         if tokio::time::timeout(grace, self.ledger.wait_settled())
             .await

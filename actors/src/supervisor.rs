@@ -83,6 +83,12 @@ pub struct ChildSpec {
     pub start: StartFn,
 }
 
+/// The stop reason that retires a child for good: its supervisor does not
+/// restart it. A node shutting down stops its watcher first, so that no new
+/// work comes in while the documents in flight finish; restarted, the
+/// watcher would rescan and admit work again.
+pub const RETIRE: &str = "shutdown";
+
 pub struct Supervisor;
 
 pub struct SupervisorArgs {
@@ -165,10 +171,10 @@ impl Actor for Supervisor {
                 state.stopping = true;
                 for cell in myself.get_children() {
                     let _ = cell
-                        .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
+                        .stop_and_wait(Some(RETIRE.into()), Some(Duration::from_secs(30)))
                         .await;
                 }
-                myself.stop(Some("shutdown".into()));
+                myself.stop(Some(RETIRE.into()));
             }
         }
         Ok(())
@@ -181,6 +187,12 @@ impl Actor for Supervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         let (cell, why) = match evt {
+            SupervisionEvent::ActorTerminated(cell, _, Some(reason)) if reason == RETIRE => {
+                if let Some(name) = state.running.remove(&cell.get_id()) {
+                    tracing::info!(supervisor = %state.path, child = %name, "child retired");
+                }
+                return Ok(());
+            }
             SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
             SupervisionEvent::ActorTerminated(cell, _, reason) => (
                 cell,
@@ -264,6 +276,75 @@ mod tests {
         ) -> Result<(), ActorProcessingErr> {
             panic!("boom")
         }
+    }
+
+    struct Idle;
+    impl Actor for Idle {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+        async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    /// A child stopped with [`RETIRE`] stays stopped; one stopped for any
+    /// other reason comes back.
+    #[tokio::test]
+    async fn a_retired_child_is_not_restarted() {
+        const NAME: &str = "idle-test-child";
+        let registry = StatsRegistry::default();
+        let start: StartFn = Arc::new(|sup: ActorCell| {
+            Box::pin(async move {
+                let (r, _) = Actor::spawn_linked(Some(NAME.into()), Idle, (), sup).await?;
+                Ok(r.get_cell())
+            })
+        });
+        let policy = RestartPolicy {
+            base: Duration::from_millis(10),
+            ..RestartPolicy::default()
+        };
+        let (sup, _h) = Actor::spawn(
+            None,
+            Supervisor,
+            SupervisorArgs {
+                path: "root".into(),
+                children: vec![ChildSpec {
+                    name: "idle".into(),
+                    start,
+                }],
+                policy,
+                registry: registry.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let restarts = || {
+            registry
+                .get("root")
+                .unwrap()
+                .restarts
+                .load(Ordering::Relaxed)
+        };
+        let stop = |reason: &str| {
+            let child: ActorRef<()> =
+                ActorRef::where_is(NAME.to_string()).expect("child registered");
+            child.stop(Some(reason.into()));
+        };
+
+        stop("some other reason");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(restarts() == 1 && ractor::registry::where_is(NAME.to_string()).is_some()) {
+            assert!(Instant::now() < deadline, "child not restarted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        stop(RETIRE);
+        // Twenty times the first restart's delay.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(restarts(), 1);
+        assert!(ractor::registry::where_is(NAME.to_string()).is_none());
+        sup.stop(None);
     }
 
     #[tokio::test]
