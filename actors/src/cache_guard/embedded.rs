@@ -142,6 +142,10 @@ pub struct EmbeddedCache {
     threshold: f32,
     capacity: usize,
     ttl: Duration,
+    /// Tests widen the window between a store's tombstone check and its
+    /// insert with this pause.
+    #[cfg(test)]
+    pause_in_store: Duration,
 }
 
 impl EmbeddedCache {
@@ -152,6 +156,8 @@ impl EmbeddedCache {
             threshold,
             capacity: capacity.max(1),
             ttl,
+            #[cfg(test)]
+            pause_in_store: Duration::ZERO,
         }
     }
 
@@ -240,9 +246,20 @@ impl SemanticCache for EmbeddedCache {
         top_k: usize,
         value: CachedAnswer,
     ) -> anyhow::Result<()> {
+        let Some(v) = unit(vector) else {
+            return Ok(()); // no question is near it
+        };
+        let key = Arc::new((scope.clone().canonical(), top_k, v.len()));
+        // The tombstone check and the insert happen under the entries' lock,
+        // as one step: an invalidation writes its tombstones first, then
+        // takes this lock to drop what cites them, so it either sees this
+        // entry or this store sees its tombstones. (Checked, unlocked, then
+        // inserted, an invalidation in between would miss the entry, which
+        // would then be served until its TTL.)
+        let mut entries = self.entries.write();
+        let ttl = self.ttl;
         {
             let mut tombstones = self.tombstones.lock();
-            let ttl = self.ttl;
             tombstones.retain(|_, (_, at)| at.elapsed() < ttl);
             let stale = value.sources.iter().any(|h| {
                 tombstones
@@ -253,12 +270,8 @@ impl SemanticCache for EmbeddedCache {
                 return Ok(());
             }
         }
-        let Some(v) = unit(vector) else {
-            return Ok(()); // no question is near it
-        };
-        let key = Arc::new((scope.clone().canonical(), top_k, v.len()));
-        let mut entries = self.entries.write();
-        let ttl = self.ttl;
+        #[cfg(test)]
+        std::thread::sleep(self.pause_in_store);
         entries.expire(ttl);
         while entries.len >= self.capacity && entries.pop_oldest() {}
         entries.compact_order();
@@ -315,6 +328,32 @@ mod tests {
     use super::*;
     use crate::cache_guard::test_support::{a_batch, hit, one_document_twice, scope};
     use crate::cache_guard::visible;
+
+    /// An invalidation that comes while a store is between its tombstone
+    /// check and its insert (held there for 200 ms): once both are done, no
+    /// entry cites the removed version.
+    #[test]
+    fn an_invalidation_during_a_store_leaves_nothing_stale() {
+        use futures::executor::block_on;
+        let mut cache = EmbeddedCache::new(0.98, 100, Duration::from_secs(60));
+        cache.pause_in_store = Duration::from_millis(200);
+        let v = [1.0, 0.0, 0.0];
+        let value = CachedAnswer {
+            answer: None,
+            sources: vec![hit("a", "v1", "hr")],
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| block_on(cache.store(&v, &scope(&["hr"]), 5, value)).unwrap());
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                block_on(cache.invalidate_all(&[Removal::new("a", Some("v2"))])).unwrap();
+            });
+        });
+        assert_eq!(
+            block_on(cache.lookup(&v, &scope(&["hr"]), 5)).unwrap(),
+            None
+        );
+    }
 
     #[tokio::test]
     async fn hits_near_questions_in_the_same_scope_only() {
