@@ -80,7 +80,10 @@ impl VersionPrunerStage {
                     tracing::debug!(doc = %r.doc_id, ?versions, "pruned old versions");
                 }
             }
-            self.cache.invalidate_all(&removals).await;
+            // A failed invalidation fails the batch, which is retried
+            // whole: the removal again finds nothing to remove, and the
+            // ledger is told only once both are done.
+            self.cache.invalidate_all(&removals).await?;
         }
         // After the removals: a version ends once what it replaced is gone.
         for event in outcomes {
@@ -95,6 +98,7 @@ impl VersionPrunerStage {
 mod tests {
     use super::*;
     use crate::cache_guard::embedded::EmbeddedCache;
+    use crate::cache_guard::CachedAnswer;
     use crate::indexer::actor::tests::{embedded, versions};
     use crate::indexer::edge::EdgeStore;
     use std::time::Duration;
@@ -102,6 +106,14 @@ mod tests {
     fn pruner(store: &Arc<dyn VectorStore>, ledger: Arc<Ledger>) -> VersionPrunerStage {
         let cache: Arc<dyn crate::cache_guard::SemanticCache> =
             Arc::new(EmbeddedCache::new(0.98, 10, Duration::from_secs(60)));
+        pruner_with(store, ledger, cache)
+    }
+
+    fn pruner_with(
+        store: &Arc<dyn VectorStore>,
+        ledger: Arc<Ledger>,
+        cache: Arc<dyn crate::cache_guard::SemanticCache>,
+    ) -> VersionPrunerStage {
         VersionPrunerStage {
             store: store.clone(),
             ledger,
@@ -110,6 +122,91 @@ mod tests {
                 cache,
             },
         }
+    }
+
+    /// A cache that cannot invalidate (Redis unreachable) for its first
+    /// `failures` calls; otherwise the embedded cache. Injects the fault.
+    struct Unreachable {
+        inner: EmbeddedCache,
+        failures: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::cache_guard::SemanticCache for Unreachable {
+        fn backend(&self) -> &'static str {
+            "unreachable"
+        }
+        async fn lookup(
+            &self,
+            v: &[f32],
+            scope: &crate::indexer::Scope,
+            top_k: usize,
+        ) -> anyhow::Result<Option<CachedAnswer>> {
+            self.inner.lookup(v, scope, top_k).await
+        }
+        async fn store(
+            &self,
+            v: &[f32],
+            scope: &crate::indexer::Scope,
+            top_k: usize,
+            value: CachedAnswer,
+        ) -> anyhow::Result<()> {
+            self.inner.store(v, scope, top_k, value).await
+        }
+        async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let left = self.failures.load(SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, SeqCst);
+                anyhow::bail!("connection refused");
+            }
+            self.inner.invalidate(doc_id, keep).await
+        }
+    }
+
+    /// The versions are removed but the cache cannot be told: the prune
+    /// fails (and is retried), the version is not reported done, and the
+    /// retry drops the cached answer citing the removed version.
+    #[tokio::test]
+    async fn a_failed_invalidation_fails_the_prune_until_it_succeeds() {
+        use crate::cache_guard::SemanticCache;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        for (v, seq) in [("v1", 1_000), ("v2", 2_000)] {
+            let d = embedded(v, seq);
+            store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
+        }
+        let cache = Arc::new(Unreachable {
+            inner: EmbeddedCache::new(0.98, 10, Duration::from_secs(60)),
+            failures: 1.into(),
+        });
+        let doc = "kb:hr/leave.md";
+        let cited = crate::cache_guard::test_support::hit(doc, "v1", "hr");
+        let answer = CachedAnswer {
+            answer: Some("from v1".into()),
+            sources: vec![cited],
+        };
+        let scope = crate::cache_guard::test_support::scope(&["hr"]);
+        let q = [1.0, 0.0, 0.0, 0.0];
+        cache.store(&q, &scope, 5, answer).await.unwrap();
+
+        let ledger = Ledger::new(8);
+        assert!(ledger.admit(doc, Some("v2")).await);
+        let pruner = pruner_with(&store, ledger.clone(), cache.clone());
+        let event = IndexedEvent::Indexed {
+            doc_id: doc.into(),
+            version: "v2".into(),
+            seq: 2_000,
+        };
+        let err = pruner.process(event.clone()).await.unwrap_err();
+        assert!(format!("{err:#}").contains("connection refused"), "{err:#}");
+        assert_eq!(versions(&store).await, ["v2"], "the store's part is done");
+        assert_eq!(ledger.status(doc), Some(crate::ledger::DocStatus::InFlight));
+        assert!(cache.lookup(&q, &scope, 5).await.unwrap().is_some());
+
+        pruner.process(event).await.unwrap();
+        assert_eq!(cache.lookup(&q, &scope, 5).await.unwrap(), None);
+        assert_eq!(ledger.status(doc), Some(crate::ledger::DocStatus::Indexed));
     }
 
     /// A file deleted and re-created at once: the ledger still says

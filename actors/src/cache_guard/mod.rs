@@ -10,7 +10,7 @@ pub mod embedded;
 pub mod redis;
 
 #[cfg(test)]
-mod test_support {
+pub(crate) mod test_support {
     use crate::indexer::{Hit, Removal, Scope};
 
     pub fn hit(doc: &str, version: &str, division: &str) -> Hit {
@@ -52,6 +52,7 @@ mod test_support {
 
 use crate::indexer::{Hit, Removal, Scope};
 use crate::stats::ActorStats;
+use anyhow::Context;
 use async_trait::async_trait;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -238,16 +239,18 @@ impl CacheHandle {
         }
     }
 
-    /// Drops the cached answers that cite what `removals` removed.
-    pub async fn invalidate_all(&self, removals: &[Removal]) {
-        match self.cache.invalidate_all(removals).await {
-            Ok(n) if n > 0 => {
-                tracing::debug!(docs = removals.len(), n, "invalidated cached answers")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(docs = removals.len(), "cache invalidation failed: {e:#}")
-            }
+    /// Drops the cached answers that cite what `removals` removed. An error
+    /// is the caller's to retry: a missed invalidation would serve removed
+    /// text until the entries expire.
+    pub async fn invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<()> {
+        let n = self
+            .cache
+            .invalidate_all(removals)
+            .await
+            .context("invalidating the cached answers that cite removed versions")?;
+        if n > 0 {
+            tracing::debug!(docs = removals.len(), n, "invalidated cached answers");
         }
+        Ok(())
     }
 }
