@@ -10,10 +10,11 @@
 //!   VersionPruner's invalidation walks these to delete every entry citing a
 //!   version other than the one kept.
 //! * `pruned:<doc id>`: tombstone (the version kept, "" when deleted), so a
-//!   response computed from a version pruned while its query ran is deleted
-//!   right after it is stored (the store writes first, then checks; the
-//!   invalidation writes the tombstone first, then deletes: one of the two
-//!   always sees the other).
+//!   response computed from a version pruned while its query ran is never
+//!   stored: the store is one script that checks the tombstones and writes
+//!   only if none applies, and the invalidation writes the tombstones
+//!   before it reads what to delete. Whichever runs first, the other sees
+//!   it, and no step of either can leave a stale entry behind.
 //!
 //! Lookup is one `FT.SEARCH` with the scope and top_k filters inside the KNN
 //! query. Every command has a deadline; a failure opens a short circuit during
@@ -55,6 +56,29 @@ pub struct RedisCache {
     /// While set and in the future, the cache is bypassed without trying.
     down_until: Mutex<Option<Instant>>,
 }
+
+/// Stores one response unless a tombstone says a version it cites was
+/// pruned (see the module docs): check and write as one step, so that an
+/// invalidation can never fall between them. Returns 1 if stored.
+const STORE_SCRIPT: &str = r"
+local n = (#KEYS - 1) / 3
+local ttl = ARGV[1]
+for i = 1, n do
+  local kept = redis.call('GET', KEYS[1 + i])
+  if kept and kept ~= ARGV[5 + i] then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'scope', ARGV[3], 'top_k', ARGV[4], 'value', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ttl)
+for i = 1, n do
+  redis.call('SADD', KEYS[1 + n + i], KEYS[1])
+  redis.call('EXPIRE', KEYS[1 + n + i], ttl)
+  redis.call('SADD', KEYS[1 + 2 * n + i], ARGV[5 + i])
+  redis.call('EXPIRE', KEYS[1 + 2 * n + i], ttl)
+end
+return 1
+";
 
 /// After a failed command, how long queries skip Redis before trying again.
 const COOL_OFF: Duration = Duration::from_secs(1);
@@ -357,56 +381,31 @@ impl RedisCache {
             .collect();
         cited.sort();
         cited.dedup();
-        let mut p = redis::pipe();
-        p.cmd("HSET")
-            .arg(&key)
-            .arg("vec")
-            .arg(&vec_blob)
-            .arg("scope")
-            .arg(&tag)
-            .arg("top_k")
-            .arg(top_k)
-            .arg("value")
-            .arg(serde_json::to_vec(value)?)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl)
-            .ignore();
-        for (doc, version) in &cited {
-            let cites = self.cites_key(doc, version);
-            let versions = self.versions_key(doc);
-            p.cmd("SADD").arg(&cites).arg(&key).ignore();
-            p.cmd("EXPIRE").arg(&cites).arg(ttl).ignore();
-            p.cmd("SADD").arg(&versions).arg(*version).ignore();
-            p.cmd("EXPIRE").arg(&versions).arg(ttl).ignore();
-        }
-        self.within("store", p.query_async::<()>(&mut self.conn()))
-            .await?;
-        if cited.is_empty() {
-            return Ok(());
-        }
-        // Written; now the tombstones (see the module docs for the order).
-        let mut get = redis::cmd("MGET");
+        // KEYS: the entry, then per cited (doc, version) its tombstone,
+        // its cites set and its doc's versions set. ARGV: ttl, the hash's
+        // fields, then the cited versions.
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(STORE_SCRIPT).arg(1 + 3 * cited.len()).arg(&key);
         for (doc, _) in &cited {
-            get.arg(self.pruned_key(doc));
+            eval.arg(self.pruned_key(doc));
         }
-        let kept: Vec<Option<String>> = self
-            .within("MGET tombstones", get.query_async(&mut self.conn()))
-            .await?;
-        let stale = cited
-            .iter()
-            .zip(&kept)
-            .any(|((_, version), kept)| kept.as_deref().is_some_and(|k| k != *version));
-        if stale {
-            self.within(
-                "DEL stale entry",
-                redis::cmd("DEL")
-                    .arg(&key)
-                    .query_async::<()>(&mut self.conn()),
-            )
-            .await?;
+        for (doc, version) in &cited {
+            eval.arg(self.cites_key(doc, version));
         }
+        for (doc, _) in &cited {
+            eval.arg(self.versions_key(doc));
+        }
+        eval.arg(ttl)
+            .arg(&vec_blob)
+            .arg(&tag)
+            .arg(top_k)
+            .arg(serde_json::to_vec(value)?);
+        for (_, version) in &cited {
+            eval.arg(*version);
+        }
+        let _stored: i64 = self
+            .within("store", eval.query_async(&mut self.conn()))
+            .await?;
         Ok(())
     }
 
@@ -818,6 +817,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
+        // Nothing of it was written, not even for a moment: no entry and no
+        // citation (a store used to write, then check, then delete, and a
+        // failed check left the entry).
+        let mut conn = cache.conn();
+        let entries: Vec<String> = redis::cmd("KEYS")
+            .arg("t:e:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(entries.is_empty(), "{entries:?}");
+        let versions: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(cache.versions_key("leave"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(versions.is_empty(), "{versions:?}");
         // An answer from the kept version is cached as usual.
         cache
             .store(&[1.0, 0.0], &s, 5, answer(&[("leave", "v2")]))
