@@ -949,6 +949,23 @@ fn validate(
             poll,
         });
     }
+    // A file under two roots would be filed under whichever source comes
+    // first, in its partition: an `hr` source inside a `kb` one would put
+    // HR's confidential files in kb's partition for all of kb's readers.
+    for (i, a) in sources.iter().enumerate() {
+        for b in &sources[i + 1..] {
+            if a.root.starts_with(&b.root) || b.root.starts_with(&a.root) {
+                errors.push(format!(
+                    "sources {:?} ({}) and {:?} ({}) overlap: a folder may belong to one \
+                     source only (map a sub-folder to its partition with [[sources.rules]])",
+                    a.name,
+                    a.root.display(),
+                    b.name,
+                    b.root.display()
+                ));
+            }
+        }
+    }
     let mut pnames = HashSet::new();
     let mut tokens = HashSet::new();
     let mut principals = Vec::new();
@@ -962,6 +979,10 @@ fn validate(
         }
         if !tokens.insert(p.token.clone()) {
             errors.push(format!("{at}: the token is used by another principal"));
+        }
+        if admin_token.as_ref().is_some_and(|a| a.0 == p.token) {
+            // Whoever asks with it would hold the admin API too.
+            errors.push(format!("{at}: the token is also admin.token"));
         }
         if p.divisions.is_empty() || p.access_levels.is_empty() {
             errors.push(format!(
@@ -1323,6 +1344,40 @@ mod tests {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert!(e.errors.len() >= 8);
+    }
+
+    #[test]
+    fn overlapping_sources_and_a_shared_admin_token_are_refused() {
+        let (dir, path) = setup();
+        std::fs::create_dir_all(dir.path().join("kb/hr")).unwrap();
+        std::fs::create_dir_all(dir.path().join("kb2")).unwrap();
+        let cfg = GOOD.replace("admin-secret", "alice-token-1")
+            + r#"
+            [[sources]]
+            name = "hr"
+            path = "kb/hr"
+            division = "hr"
+            access_level = "confidential"
+            [[sources]]
+            name = "kb2"
+            path = "kb2"
+            division = "eng"
+            access_level = "internal"
+        "#;
+        let text = Config::parse(&path, &cfg, std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains(r#"sources "kb" ("#) && text.contains(r#"and "hr" ("#),
+            "{text}"
+        );
+        assert!(text.contains("overlap"), "{text}");
+        // A sibling whose name merely starts the same is no overlap.
+        assert!(!text.contains(r#""kb2""#), "{text}");
+        assert!(
+            text.contains("principals[0] (alice): the token is also admin.token"),
+            "{text}"
+        );
     }
 
     #[test]
