@@ -327,14 +327,13 @@ mod tests {
                 .load(Ordering::Relaxed)
         };
         let stop = |reason: &str| {
-            let child: ActorRef<()> =
-                ActorRef::where_is(NAME.to_string()).expect("child registered");
+            let child: ActorRef<()> = ActorRef::where_is(NAME).expect("child registered");
             child.stop(Some(reason.into()));
         };
 
         stop("some other reason");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !(restarts() == 1 && ractor::registry::where_is(NAME.to_string()).is_some()) {
+        while !(restarts() == 1 && ractor::registry::where_is(NAME).is_some()) {
             assert!(Instant::now() < deadline, "child not restarted");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -343,7 +342,7 @@ mod tests {
         // Twenty times the first restart's delay.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(restarts(), 1);
-        assert!(ractor::registry::where_is(NAME.to_string()).is_none());
+        assert!(ractor::registry::where_is(NAME).is_none());
         sup.stop(None);
     }
 
