@@ -255,6 +255,12 @@ impl<J: Job> PoolQueue<J> {
         self.jobs.lock().len()
     }
 
+    /// Takes every job waiting (tests read what a stage was handed).
+    #[cfg(test)]
+    pub(crate) fn drain(&self) -> Vec<J> {
+        self.jobs.lock().drain(..).map(|a| a.job).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

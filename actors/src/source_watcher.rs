@@ -16,7 +16,7 @@ use crate::pool::Job;
 use crate::stats::ActorStats;
 use notify::RecursiveMode;
 use notify_debouncer_full::{
-    new_debouncer, new_debouncer_opt, DebounceEventResult, Debouncer, NoCache, RecommendedCache,
+    new_debouncer_opt, DebounceEventResult, Debouncer, NoCache, RecommendedCache,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sha2::{Digest, Sha256};
@@ -213,9 +213,21 @@ impl Actor for SourceWatcher {
                     let _ = me.cast(msg);
                 }
             };
+            // Links are not followed, as in our own walks: notify keeps one
+            // path per watched folder, so a folder reached through a link
+            // too would have its events reported under whichever path came
+            // last, and a link out of the tree would watch, and file under
+            // this source's partition, what lies outside it.
+            let config = notify::Config::default().with_follow_symlinks(false);
             // Without inotify at all (its instance limit), every tree is
             // polled.
-            let mut native = new_debouncer(args.debounce, None, handler(myself.clone(), false));
+            let mut native = new_debouncer_opt::<_, notify::RecommendedWatcher, _>(
+                args.debounce,
+                None,
+                handler(myself.clone(), false),
+                RecommendedCache::new(),
+                config,
+            );
             let plan = plan_watches(&args.sources, |s| match &mut native {
                 Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
                     // Whatever part of the tree it did watch goes too.
@@ -237,9 +249,7 @@ impl Actor for SourceWatcher {
                     // notify's poller compares modification times in whole
                     // seconds: a second save within the second of a poll
                     // would go unseen for good without a content hash.
-                    notify::Config::default()
-                        .with_poll_interval(every)
-                        .with_compare_contents(true),
+                    config.with_poll_interval(every).with_compare_contents(true),
                 )?;
                 p.watch(&s.root, RecursiveMode::Recursive)
                     .map_err(|e| format!("polling {}: {e}", s.root.display()))?;
@@ -325,6 +335,18 @@ impl Actor for SourceWatcher {
                     .collect();
                 paths.sort();
                 paths.dedup();
+                if let Some(root) = moved_root(&st.args.sources, &events) {
+                    // The kernel's watches follow the folder, not its path:
+                    // they would go on reporting the moved tree's events
+                    // under the root's path, and a new folder there would
+                    // go unwatched. A restart watches the path afresh, and
+                    // its full scan deletes what is gone.
+                    return Err(format!(
+                        "source root {} was moved, removed or replaced; watching it anew",
+                        root.display()
+                    )
+                    .into());
+                }
                 for path in paths {
                     handle_path(&st.args, &path).await;
                 }
@@ -354,6 +376,26 @@ impl WatcherState {
         myself.cast(WatchMsg::Rescan)?;
         Ok(())
     }
+}
+
+/// A source root that an event removed or renamed (or a folder above it).
+fn moved_root<'s>(
+    sources: &'s [SourceSpec],
+    events: &[notify_debouncer_full::DebouncedEvent],
+) -> Option<&'s Path> {
+    use notify::event::ModifyKind;
+    use notify::EventKind;
+    events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            )
+        })
+        .flat_map(|e| e.paths.iter())
+        .find_map(|p| sources.iter().find(|s| s.root.starts_with(p)))
+        .map(|s| s.root.as_path())
 }
 
 /// Whether an event can mean a file's content or presence changed. notify
@@ -393,59 +435,130 @@ async fn handle_path(args: &WatcherArgs, path: &Path) {
     let Some((source, uri)) = source_of(&args.sources, path) else {
         return;
     };
+    let id = doc_id(source, &uri);
     match tokio::fs::symlink_metadata(path).await {
-        Ok(m) if m.is_file() => consider(args, source, path, &uri, false).await,
         Ok(m) if m.is_dir() => {
-            // A folder moved in: everything under it is new to us.
-            let files = walk_sources(args, path.to_path_buf()).await;
+            // A folder moved in, or one removed and made anew (`rm -rf
+            // site && build site`: the debouncer folds the removals under
+            // it into the folder's own event). What it holds now is
+            // considered; what it held before and holds no longer is gone.
+            let (files, unreadable) = walk_sources(args, path.to_path_buf()).await;
+            let present: HashSet<String> = files.iter().map(|(s, _, u)| doc_id(s, u)).collect();
             consider_all(args, files).await;
+            for d in indexed_under(args, &id) {
+                if !present.contains(&d) && !unreadable.covers(&d) {
+                    remove(args, &d).await;
+                }
+            }
         }
-        Ok(_) => {}
+        // A file, or something else where a file was (a link, a FIFO):
+        // the probe tells which.
+        Ok(_) => consider(args, source, path, &uri, false).await,
         Err(_) => {
             // Gone: the file itself, or a folder and everything under it.
             // The store's documents count too: during the first scan one
             // deleted before it was probed is not in the ledger yet, and
             // the scan, finding it vanished, leaves it to this event.
-            let id = doc_id(source, &uri);
-            let prefix = format!("{id}/");
-            let under = |d: &str| d == id || d.starts_with(&prefix);
-            let mut gone: Vec<String> = args
-                .ledger
-                .known_docs()
-                .into_iter()
-                .filter(|(d, v)| v.is_some() && under(d))
-                .map(|(d, _)| d)
-                .collect();
-            gone.extend(args.known.lock().keys().filter(|d| under(d)).cloned());
-            gone.sort();
-            gone.dedup();
-            for d in gone {
+            for d in indexed_under(args, &id) {
                 remove(args, &d).await;
             }
         }
     }
 }
 
-fn walk(root: &Path) -> Vec<PathBuf> {
-    walkdir::WalkDir::new(root)
-        .follow_links(false)
+/// The documents at `id` or under it (`id/…`) that the ledger or the store
+/// has a version of. A file has nothing under it, and a burst of removals
+/// is mostly files: those are looked up, not searched for among every
+/// document (a search per removal made a mass deletion quadratic).
+fn indexed_under(args: &WatcherArgs, id: &str) -> Vec<String> {
+    if args.ledger.latest_version(id).is_some() || args.known.lock().contains_key(id) {
+        return vec![id.to_string()];
+    }
+    let prefix = format!("{id}/");
+    let mut found: Vec<String> = args
+        .ledger
+        .known_docs()
         .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .map(|e| e.into_path())
-        .collect()
+        .filter(|(d, v)| v.is_some() && d.starts_with(&prefix))
+        .map(|(d, _)| d)
+        .collect();
+    found.extend(
+        args.known
+            .lock()
+            .keys()
+            .filter(|d| d.starts_with(&prefix))
+            .cloned(),
+    );
+    found.sort();
+    found.dedup();
+    found
 }
 
-/// The documents under `root`: each file with its source and uri. (A walk
-/// of a large tree takes a while: not on a runtime thread.)
-async fn walk_sources(args: &WatcherArgs, root: PathBuf) -> Vec<(&SourceSpec, PathBuf, String)> {
-    let files = tokio::task::spawn_blocking(move || walk(&root))
+/// Everything under `root` but folders (links and other non-files are
+/// recorded as skipped when probed), and the folders that could not be
+/// read. A folder that vanished during the walk is simply gone.
+fn walk(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut files, mut unreadable) = (Vec::new(), Vec::new());
+    for entry in walkdir::WalkDir::new(root).follow_links(false) {
+        match entry {
+            Ok(e) if e.file_type().is_dir() => {}
+            Ok(e) => files.push(e.into_path()),
+            Err(e) => {
+                let gone = e
+                    .io_error()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
+                if let (false, Some(p)) = (gone, e.path()) {
+                    tracing::warn!(
+                        "cannot read {}: {e}; keeping what it held indexed",
+                        p.display()
+                    );
+                    unreadable.push(p.to_path_buf());
+                }
+            }
+        }
+    }
+    (files, unreadable)
+}
+
+/// Folders a walk could not read (permissions, an I/O error, a stale
+/// network mount), as document-id prefixes. What the index has under them
+/// is not deleted for being unseen: unseen is not gone.
+#[derive(Default)]
+struct Unreadable(Vec<String>);
+
+impl Unreadable {
+    fn covers(&self, doc_id: &str) -> bool {
+        self.0.iter().any(|p| doc_id.starts_with(p.as_str()))
+    }
+}
+
+/// The documents under `root`: each file with its source and uri, and the
+/// folders that could not be read. (A walk of a large tree takes a while:
+/// not on a runtime thread.)
+async fn walk_sources(
+    args: &WatcherArgs,
+    root: PathBuf,
+) -> (Vec<(&SourceSpec, PathBuf, String)>, Unreadable) {
+    let (files, unreadable) = tokio::task::spawn_blocking(move || walk(&root))
         .await
         .unwrap_or_default();
-    files
+    let files = files
         .into_iter()
         .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
-        .collect()
+        .collect();
+    let prefixes = unreadable
+        .iter()
+        .flat_map(|p| {
+            let roots = args
+                .sources
+                .iter()
+                .filter(move |s| &s.root == p)
+                .map(|s| format!("{}:", s.name));
+            let below = source_of(&args.sources, p).map(|(s, uri)| format!("{}/", doc_id(s, &uri)));
+            roots.chain(below)
+        })
+        .collect();
+    (files, Unreadable(prefixes))
 }
 
 async fn rescan(args: &WatcherArgs) {
@@ -455,9 +568,11 @@ async fn rescan(args: &WatcherArgs) {
     } else {
         args.only.clone()
     };
+    let mut unreadable = Unreadable::default();
     for root in roots {
-        let files = walk_sources(args, root).await;
+        let (files, u) = walk_sources(args, root).await;
         present.extend(files.iter().map(|(s, _, uri)| doc_id(s, uri)));
+        unreadable.0.extend(u.0);
         consider_all(args, files).await;
     }
     if !args.only.is_empty() {
@@ -480,6 +595,7 @@ async fn rescan(args: &WatcherArgs) {
             .filter(|(d, v)| v.is_some() && !present.contains(d))
             .map(|(d, _)| d),
     );
+    gone.retain(|d| !unreadable.covers(d));
     gone.sort();
     gone.dedup();
     for d in gone {
@@ -558,6 +674,15 @@ async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, Stri
 /// Whether ragd parses this kind of file; an unsupported one is recorded
 /// as skipped.
 fn supported(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str) -> bool {
+    if path.to_str().is_none() {
+        // Its id would be a lossy rendering of the name, which another
+        // file's name can share: the two would replace each other.
+        args.ledger.record_skipped(
+            &doc_id(source, uri),
+            "the file's name is not valid UTF-8".into(),
+        );
+        return false;
+    }
     if crate::chunker::parse::Format::from_path(path).is_some() {
         return true;
     }
@@ -608,7 +733,24 @@ async fn decide(
                 args.max_file_bytes
             ));
         }
-        _ => return, // vanished; its removal event follows
+        // What the source can no longer read, or holds as something other
+        // than a file, cannot stay in the index as it was: its old text
+        // would be served with no way to update or delete it.
+        Ok(Probe::NotAFile) => {
+            if args.known.lock().contains_key(&id) {
+                remove(args, &id).await;
+            }
+            return skip(
+                "not a regular file (a symbolic link, FIFO, socket or device): not followed".into(),
+            );
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            if args.known.lock().contains_key(&id) {
+                remove(args, &id).await;
+            }
+            return skip(format!("cannot read the file: {e}"));
+        }
+        Err(_) => return, // vanished; its removal event follows
     };
     if !force && args.known.lock().get(&id) == Some(&version) {
         if args.ledger.status(&id).is_none() {
@@ -652,12 +794,19 @@ enum Probe {
         content: [u8; 32],
     },
     TooBig(u64),
+    /// A link, a FIFO, a socket or a device: never opened.
+    NotAFile,
 }
 
 /// A file's size and content version, or only its size when it is over
 /// `max` bytes (checked on the open file, so one that grows meanwhile is
 /// still never read past the limit).
 fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
+    // Opening a link would read its target, which may lie outside the
+    // source (and its partition); opening a FIFO would block.
+    if !std::fs::symlink_metadata(path)?.is_file() {
+        return Ok(Probe::NotAFile);
+    }
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => {
@@ -688,6 +837,7 @@ fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::DocStatus;
 
     #[test]
     fn hidden_and_temporary_files_are_ignored() {
@@ -812,7 +962,7 @@ mod tests {
                 assert_eq!(size, 5);
                 assert_eq!(content, <[u8; 32]>::from(Sha256::digest(b"hello")));
             }
-            Probe::TooBig(_) => panic!("5 bytes fit a 5-byte limit"),
+            _ => panic!("5 bytes fit a 5-byte limit"),
         }
         assert!(matches!(probe(&p, 4).unwrap(), Probe::TooBig(5)));
         assert!(probe(&dir.path().join("gone.txt"), 5).is_err());
@@ -843,42 +993,262 @@ mod tests {
         assert_eq!(doc_version(b"a", &hr).len(), 32);
     }
 
-    /// A burst overflows the kernel's queue many times over; each overflow
-    /// that finds a rescan already waiting is served by it, so the files
-    /// are walked and read once more, not once per overflow.
-    #[tokio::test]
-    async fn overflows_waiting_for_one_rescan_share_it() {
-        use std::time::Instant;
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("kb");
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::write(root.join("a.md"), "# A\n\nSome text.").unwrap();
-        let stats = Arc::new(ActorStats::default());
-        let chunk_q = crate::pool::PoolQueue::new(Arc::new(ActorStats::default()));
-        let args = WatcherArgs {
-            sources: vec![SourceSpec {
-                name: "kb".into(),
+    /// A watcher's surroundings: a source `kb` in a temporary folder, and
+    /// the queues it hands documents and deletions to.
+    struct Rig {
+        dir: tempfile::TempDir,
+        root: PathBuf,
+        ledger: Arc<Ledger>,
+        known: Arc<parking_lot::Mutex<HashMap<String, String>>>,
+        chunk_q: Arc<crate::pool::PoolQueue<DocMeta>>,
+        index_q: Arc<crate::pool::PoolQueue<IndexJob>>,
+        stats: Arc<ActorStats>,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("kb");
+            std::fs::create_dir_all(&root).unwrap();
+            let root = root.canonicalize().unwrap();
+            Rig {
+                dir,
                 root,
+                ledger: Ledger::new(1024),
+                known: Default::default(),
+                chunk_q: crate::pool::PoolQueue::new(Arc::new(ActorStats::default())),
+                index_q: crate::pool::PoolQueue::new(Arc::new(ActorStats::default())),
+                stats: Arc::new(ActorStats::default()),
+            }
+        }
+
+        fn source(&self) -> SourceSpec {
+            SourceSpec {
+                name: "kb".into(),
+                root: self.root.clone(),
                 partition: Partition {
                     division: "eng".into(),
                     access_level: "internal".into(),
                 },
                 rules: vec![],
                 poll: None,
-            }],
-            ledger: Ledger::new(16),
-            dlq: Arc::new(crate::dlq::FileDlq::open(dir.path().join("dlq.jsonl")).unwrap()),
-            chunk_q: Port::Local(chunk_q.clone()),
-            index_q: Port::Local(crate::pool::PoolQueue::new(Arc::new(ActorStats::default()))),
-            known: Default::default(),
-            max_file_bytes: 1 << 20,
-            watch: false,
-            debounce: Duration::from_millis(50),
-            stats: stats.clone(),
-            scanned: Default::default(),
-            only: vec![],
+            }
+        }
+
+        fn args(&self, watch: bool) -> WatcherArgs {
+            WatcherArgs {
+                sources: vec![self.source()],
+                ledger: self.ledger.clone(),
+                dlq: Arc::new(
+                    crate::dlq::FileDlq::open(self.dir.path().join("dlq.jsonl")).unwrap(),
+                ),
+                chunk_q: Port::Local(self.chunk_q.clone()),
+                index_q: Port::Local(self.index_q.clone()),
+                known: self.known.clone(),
+                max_file_bytes: 1 << 20,
+                watch,
+                debounce: Duration::from_millis(50),
+                stats: self.stats.clone(),
+                scanned: Default::default(),
+                only: vec![],
+            }
+        }
+
+        fn write(&self, rel: &str, text: &str) {
+            let p = self.root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+
+        /// Starts a watcher and waits for its first scan; returns it with
+        /// the documents that scan handed on.
+        async fn start(&self, watch: bool) -> (ActorRef<WatchMsg>, Vec<String>) {
+            let (watcher, _) = Actor::spawn(None, SourceWatcher, self.args(watch))
+                .await
+                .unwrap();
+            let want = if watch { "watching" } else { "scanned" };
+            wait_for(|| self.stats.status() == want).await;
+            let mut docs: Vec<String> =
+                self.chunk_q.drain().into_iter().map(|d| d.doc_id).collect();
+            docs.sort();
+            (watcher, docs)
+        }
+
+        /// The documents whose deletion was handed on since the last call.
+        fn deleted(&self) -> Vec<String> {
+            let mut ids: Vec<String> = self
+                .index_q
+                .drain()
+                .into_iter()
+                .filter_map(|j| match j {
+                    IndexJob::Delete { doc_id, .. } => Some(doc_id),
+                    IndexJob::Upsert(_) => None,
+                })
+                .collect();
+            ids.sort();
+            ids
+        }
+    }
+
+    async fn wait_for(mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// An event as the debouncer hands it on.
+    fn event(kind: notify::EventKind, path: &Path) -> WatchMsg {
+        let e = notify::Event::new(kind).add_path(path.to_path_buf());
+        WatchMsg::Fs(Ok(vec![notify_debouncer_full::DebouncedEvent::new(
+            e,
+            std::time::Instant::now(),
+        )]))
+    }
+
+    /// `rm -rf site && build site`: the debouncer folds the removals under
+    /// the folder into one event for the folder, which by then exists
+    /// again. What it no longer holds is deleted; what it holds is
+    /// considered.
+    #[tokio::test]
+    async fn a_folder_made_anew_loses_what_it_no_longer_holds() {
+        let rig = Rig::new();
+        rig.write("site/a.md", "# A\n\nold");
+        rig.write("site/b.md", "# B\n\nold");
+        rig.write("other.md", "# Other");
+        let (watcher, scanned) = rig.start(false).await;
+        assert_eq!(scanned.len(), 3);
+        std::fs::remove_dir_all(rig.root.join("site")).unwrap();
+        rig.write("site/a.md", "# A\n\nnew");
+        let kind = notify::EventKind::Remove(notify::event::RemoveKind::Folder);
+        watcher.cast(event(kind, &rig.root.join("site"))).unwrap();
+        wait_for(|| !rig.chunk_q.is_empty() && !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["kb:site/b.md"]);
+        let handed: Vec<String> = rig.chunk_q.drain().into_iter().map(|d| d.doc_id).collect();
+        assert_eq!(handed, ["kb:site/a.md"], "its new version");
+        watcher.stop(None);
+    }
+
+    /// A document replaced by a link (or a FIFO) leaves the index, and the
+    /// ledger says why; the link's target is never read as the document.
+    #[tokio::test]
+    async fn a_file_replaced_by_a_link_leaves_the_index_and_is_skipped() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A");
+        let outside = rig.dir.path().join("outside.md");
+        std::fs::write(&outside, "# Outside the source").unwrap();
+        let (watcher, scanned) = rig.start(false).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        let a = rig.root.join("a.md");
+        std::fs::remove_file(&a).unwrap();
+        std::os::unix::fs::symlink(&outside, &a).unwrap();
+        let kind = notify::EventKind::Create(notify::event::CreateKind::File);
+        watcher.cast(event(kind, &a)).unwrap();
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["kb:a.md"]);
+        assert!(rig.chunk_q.is_empty(), "the target was read");
+        wait_for(|| matches!(rig.ledger.status("kb:a.md"), Some(DocStatus::Skipped(_)))).await;
+        let Some(DocStatus::Skipped(why)) = rig.ledger.status("kb:a.md") else {
+            unreachable!()
         };
-        let (watcher, handle) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        assert!(why.contains("not a regular file"), "{why}");
+        watcher.stop(None);
+    }
+
+    /// A file the daemon may no longer read (its permissions changed)
+    /// leaves the index, skipped with the reason; one that vanished waits
+    /// for its removal event.
+    #[tokio::test]
+    async fn an_unreadable_file_leaves_the_index_and_says_why() {
+        let rig = Rig::new();
+        let args = rig.args(false);
+        let source = rig.source();
+        let path = rig.root.join("a.md");
+        rig.known.lock().insert("kb:a.md".into(), "v1".into());
+        let vanished = Err(std::io::Error::from(std::io::ErrorKind::NotFound));
+        decide(&args, &source, &path, "a.md", false, vanished).await;
+        assert!(rig.index_q.is_empty());
+        let denied = Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        decide(&args, &source, &path, "a.md", false, denied).await;
+        assert_eq!(rig.deleted(), ["kb:a.md"]);
+        let Some(DocStatus::Skipped(why)) = rig.ledger.status("kb:a.md") else {
+            panic!("{:?}", rig.ledger.status("kb:a.md"))
+        };
+        assert!(why.contains("cannot read the file"), "{why}");
+    }
+
+    /// Two names that differ only in bytes that are not UTF-8 would share
+    /// one lossy id: such files are skipped, saying so.
+    #[tokio::test]
+    async fn a_name_that_is_not_utf8_is_skipped() {
+        use std::os::unix::ffi::OsStrExt;
+        let rig = Rig::new();
+        let name = std::ffi::OsStr::from_bytes(b"caf\xe9.md");
+        std::fs::write(rig.root.join(name), "# Menu").unwrap();
+        rig.write("ok.md", "# Fine");
+        let (watcher, scanned) = rig.start(false).await;
+        assert_eq!(scanned, ["kb:ok.md"]);
+        let Some(DocStatus::Skipped(why)) = rig.ledger.status("kb:caf\u{fffd}.md") else {
+            panic!("{:?}", rig.ledger.known_docs())
+        };
+        assert!(why.contains("not valid UTF-8"), "{why}");
+        watcher.stop(None);
+    }
+
+    /// The source's folder itself moved away (or removed, or replaced):
+    /// the kernel's watches would follow the old folder, so the watcher
+    /// stops with the reason, for its supervisor to start it afresh.
+    #[tokio::test]
+    async fn a_moved_source_root_restarts_the_watcher() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A");
+        let (watcher, _) = rig.start(false).await;
+        let kind = notify::EventKind::Modify(notify::event::ModifyKind::Name(
+            notify::event::RenameMode::From,
+        ));
+        watcher.cast(event(kind, &rig.root)).unwrap();
+        wait_for(|| {
+            matches!(
+                watcher.get_status(),
+                ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping
+            )
+        })
+        .await;
+    }
+
+    /// Links to a folder of the tree: events of that folder keep their
+    /// own paths (with links followed, notify reported them under the path
+    /// it walked last, and a deleted file's document stayed in the index).
+    #[tokio::test]
+    async fn events_under_a_linked_folder_keep_their_own_paths() {
+        let rig = Rig::new();
+        rig.write("guides/a.md", "# A");
+        // Several, so that the folder's own path is unlikely to be walked
+        // last (the walk follows the directory's order).
+        for link in ["latest", "current", "v2", "stable", "0"] {
+            std::os::unix::fs::symlink(rig.root.join("guides"), rig.root.join(link)).unwrap();
+        }
+        let (watcher, scanned) = rig.start(true).await;
+        assert_eq!(scanned, ["kb:guides/a.md"]);
+        std::fs::remove_file(rig.root.join("guides/a.md")).unwrap();
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["kb:guides/a.md"]);
+        watcher.stop(None);
+    }
+
+    /// A burst overflows the kernel's queue many times over; each overflow
+    /// that finds a rescan already waiting is served by it, so the files
+    /// are walked and read once more, not once per overflow.
+    #[tokio::test]
+    async fn overflows_waiting_for_one_rescan_share_it() {
+        use std::time::Instant;
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\nSome text.");
+        let (stats, chunk_q) = (rig.stats.clone(), rig.chunk_q.clone());
+        let (watcher, handle) = Actor::spawn(None, SourceWatcher, rig.args(false))
+            .await
+            .unwrap();
         // On this single-threaded runtime all five are in the mailbox,
         // behind the first scan, before the watcher handles any of them.
         for _ in 0..5 {
