@@ -373,34 +373,60 @@ async fn dlq_replay(
             "this node has no ingest role: replay on an ingest node",
         );
     }
-    let entry = match node.dlq.mark_replayed(id) {
-        Ok(e) => e,
-        Err(e) => return error(StatusCode::NOT_FOUND, format!("{e:#}")),
+    // Checked before the entry is marked: a replay that cannot start must
+    // leave it waiting, not marked done with nothing done.
+    let entry = match node.dlq.list() {
+        Ok(entries) => entries.into_iter().find(|e| e.id == id),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
-    let Some(path) = entry
-        .payload
-        .get("path")
-        .and_then(|p| p.as_str())
-        .map(std::path::PathBuf::from)
-    else {
+    let Some(entry) = entry else {
+        return error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}"));
+    };
+    if entry.replayed {
+        return error(
+            StatusCode::CONFLICT,
+            format!("DLQ entry {id} was replayed already"),
+        );
+    }
+    let Some(path) = replay_path(&node.config.sources, &entry) else {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "the entry has no source path to replay",
+            format!(
+                "{}: no configured source holds this document any more",
+                entry.doc_id
+            ),
         );
     };
-    match node.watcher() {
-        Some(w) => {
-            let _ = w.cast(ragd_actors::source_watcher::WatchMsg::Replay(
-                entry.doc_id.clone(),
-                path,
-            ));
-            Json(json!({ "replayed": id, "doc_id": entry.doc_id })).into_response()
-        }
-        None => error(
+    let Some(watcher) = node.watcher() else {
+        return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the source watcher is restarting; try again",
-        ),
+        );
+    };
+    if let Err(e) = node.dlq.mark_replayed(id) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
     }
+    let _ = watcher.cast(ragd_actors::source_watcher::WatchMsg::Replay(
+        entry.doc_id.clone(),
+        path,
+    ));
+    Json(json!({ "replayed": id, "doc_id": entry.doc_id })).into_response()
+}
+
+/// Where a dead-lettered document is in its source now. A replay looks at
+/// it afresh: indexes it if it is there, deletes it if not. The entries of
+/// the stages that only remove (a deletion, a prune) carry no path: their
+/// document's id (`source:uri`) says where it was.
+fn replay_path(
+    sources: &[ragd_actors::source_watcher::SourceSpec],
+    entry: &ragd_actors::dlq::DlqEntry,
+) -> Option<std::path::PathBuf> {
+    if let Some(p) = entry.payload.get("path").and_then(|p| p.as_str()) {
+        return Some(p.into());
+    }
+    let (name, uri) = entry.doc_id.split_once(':')?;
+    let source = sources.iter().find(|s| s.name == name)?;
+    Some(source.root.join(uri))
 }
 
 async fn prometheus(
@@ -435,4 +461,60 @@ async fn prometheus(
         handle.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ragd_actors::dlq::DlqEntry;
+    use ragd_actors::messages::Partition;
+    use ragd_actors::source_watcher::SourceSpec;
+
+    /// Every stage's entry can be replayed: those of the stages that only
+    /// remove (a deletion, a prune) carry no path, and their document's id
+    /// says where it was.
+    #[test]
+    fn a_replay_finds_the_document_from_its_path_or_its_id() {
+        let sources = [SourceSpec {
+            name: "kb".into(),
+            root: "/srv/kb".into(),
+            partition: Partition {
+                division: "eng".into(),
+                access_level: "internal".into(),
+            },
+            rules: vec![],
+            poll: None,
+        }];
+        let entry = |doc_id: &str, payload: serde_json::Value| DlqEntry {
+            id: 1,
+            at: 0,
+            stage: "version_pruner".into(),
+            error: "unavailable".into(),
+            attempts: 3,
+            doc_id: doc_id.into(),
+            version: None,
+            payload,
+            replayed: false,
+        };
+        let chunker = entry("kb:a/b.md", json!({ "path": "/srv/kb/a/b.md" }));
+        assert_eq!(
+            replay_path(&sources, &chunker),
+            Some("/srv/kb/a/b.md".into())
+        );
+        let pruner = entry(
+            "kb:a/c:d.md",
+            json!({ "deleted": { "doc_id": "kb:a/c:d.md" } }),
+        );
+        assert_eq!(
+            replay_path(&sources, &pruner),
+            Some("/srv/kb/a/c:d.md".into())
+        );
+        let deletion = entry("kb:x.md", json!({ "delete": "kb:x.md" }));
+        assert_eq!(
+            replay_path(&sources, &deletion),
+            Some("/srv/kb/x.md".into())
+        );
+        // A source no longer configured: nowhere to look.
+        assert_eq!(replay_path(&sources, &entry("wiki:x.md", json!({}))), None);
+    }
 }

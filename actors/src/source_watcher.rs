@@ -287,10 +287,16 @@ impl Actor for SourceWatcher {
                     .stats
                     .set_status(if st.args.watch { "watching" } else { "scanned" });
             }
-            WatchMsg::Replay(doc_id, path) => {
+            WatchMsg::Replay(id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
-                    if doc_id == format!("{}:{uri}", source.name) {
-                        consider(&st.args, source, &path, &uri, true).await;
+                    if id == doc_id(source, &uri) {
+                        if tokio::fs::symlink_metadata(&path).await.is_ok() {
+                            consider(&st.args, source, &path, &uri, true).await;
+                        } else {
+                            // Gone: what failed was its deletion (or the
+                            // prune after it), which runs again.
+                            remove(&st.args, &id).await;
+                        }
                     }
                 }
             }
@@ -1234,6 +1240,32 @@ mod tests {
         std::fs::remove_file(rig.root.join("guides/a.md")).unwrap();
         wait_for(|| !rig.index_q.is_empty()).await;
         assert_eq!(rig.deleted(), ["kb:guides/a.md"]);
+        watcher.stop(None);
+    }
+
+    /// A dead-lettered deletion (or prune) replayed: its file is gone, so
+    /// the deletion runs again; a document that is there is read again.
+    #[tokio::test]
+    async fn a_replay_deletes_what_is_gone_and_reads_what_is_there() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A");
+        let (watcher, scanned) = rig.start(false).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        let gone = rig.root.join("gone.md");
+        watcher
+            .cast(WatchMsg::Replay("kb:gone.md".into(), gone))
+            .unwrap();
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["kb:gone.md"]);
+        // As the pipeline does when a.md goes to the DLQ.
+        let version = rig.known.lock()["kb:a.md"].clone();
+        let failed = Outcome::DeadLettered("chunker: boom".into());
+        rig.ledger.finish("kb:a.md", Some(&version), failed);
+        let a = rig.root.join("a.md");
+        watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        let handed: Vec<String> = rig.chunk_q.drain().into_iter().map(|d| d.doc_id).collect();
+        assert_eq!(handed, ["kb:a.md"], "read again, though unchanged");
         watcher.stop(None);
     }
 
