@@ -26,8 +26,9 @@ use ragd_actors::embedder::EmbedderStage;
 use ragd_actors::indexer::actor::{IndexJob, IndexerStage, OptimizePolicy, Optimizer};
 use ragd_actors::indexer::edge::EdgeStore;
 use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
-use ragd_actors::indexer::VectorStore;
+use ragd_actors::indexer::{removals_at_start, StoredVersion, VectorStore};
 use ragd_actors::ledger::{Ledger, Outcome};
+use ragd_actors::messages::Partition;
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy, Device};
 use ragd_actors::pool::{Job, Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
@@ -37,7 +38,8 @@ use ragd_actors::stats::{ActorStats, StatsRegistry};
 use ragd_actors::supervisor::{
     ChildSpec, RestartPolicy, StartFn, Supervisor, SupervisorArgs, SupervisorMsg,
 };
-use std::collections::HashMap;
+use ragd_actors::version_pruner::PRUNE_BATCH;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +79,65 @@ pub struct Node {
     pub kafka: Option<Arc<Kafka>>,
     /// When the index node builds the store's index.
     pub optimizer: Arc<Optimizer>,
+}
+
+/// Removes what [`removals_at_start`] finds (old versions a prune left,
+/// documents whose source or partition changed) before the node serves or
+/// takes work, and drops them from `stored`.
+async fn remove_at_start(
+    config: &Config,
+    roles: &Roles,
+    store: &dyn VectorStore,
+    cache: &dyn SemanticCache,
+    stored: &mut Vec<StoredVersion>,
+) -> anyhow::Result<()> {
+    let sources = &config.sources;
+    let partition_of = |doc_id: &str| {
+        let (name, uri) = doc_id.split_once(':')?;
+        let source = sources.iter().find(|s| s.name == name)?;
+        Some(source.partition_for(uri))
+    };
+    let rules: Option<&dyn Fn(&str) -> Option<Partition>> = if roles.ingest {
+        Some(&partition_of)
+    } else {
+        None
+    };
+    let removals = removals_at_start(stored, roles.index, rules);
+    if removals.is_empty() {
+        return Ok(());
+    }
+    for batch in removals.chunks(PRUNE_BATCH) {
+        store
+            .remove(batch)
+            .await
+            .context("removing at start what the sources no longer have")?;
+        if let Err(e) = cache.invalidate_all(batch).await {
+            // Redis may be down at start (the cache is then bypassed); its
+            // entries citing these versions expire with their TTL.
+            tracing::warn!("cache invalidation at start failed: {e:#}");
+        }
+    }
+    let whole: HashSet<&str> = removals
+        .iter()
+        .filter(|r| r.keep.is_none())
+        .map(|r| r.doc_id.as_str())
+        .collect();
+    tracing::warn!(
+        outdated = removals.len() - whole.len(),
+        moved = whole.len(),
+        "removed at start: old versions a prune did not remove (outdated), and documents \
+         whose source is gone or whose partition rule changed (moved; the scan indexes \
+         them anew)"
+    );
+    let keep: HashMap<&str, &str> = removals
+        .iter()
+        .filter_map(|r| Some((r.doc_id.as_str(), r.keep.as_deref()?)))
+        .collect();
+    stored.retain(|v| {
+        !whole.contains(v.doc_id.as_str())
+            && keep.get(v.doc_id.as_str()).is_none_or(|k| *k == v.version)
+    });
+    Ok(())
 }
 
 /// A stage's output: the next stage's local queue, or the topic to it.
@@ -323,11 +384,19 @@ impl Node {
         // (`observe`); after a restart it must still refuse an older version
         // that is redelivered late, so it starts from what the store holds.
         let seed_ledger = kafka.is_some() && roles.index && !roles.ingest;
-        let mut stored = if roles.ingest || seed_ledger {
+        let mut stored = if roles.ingest || roles.index {
             store.indexed_versions().await?
         } else {
             Vec::new()
         };
+        remove_at_start(
+            &config,
+            &roles,
+            store.as_ref(),
+            cache_backend.as_ref(),
+            &mut stored,
+        )
+        .await?;
         // Oldest first, so a document caught mid-prune maps to its newest.
         stored.sort_by_key(|v| v.seq);
         if seed_ledger {

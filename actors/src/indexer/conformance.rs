@@ -175,6 +175,10 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
         doc_id: "leave".into(),
         version: version.into(),
         seq,
+        partition: Some(Partition {
+            division: "hr".into(),
+            access_level: "public".into(),
+        }),
     };
     // Once per version (not per chunk), with the watcher's seq.
     assert_eq!(versions, vec![stored("v1", 1_000), stored("v2", 2_000)]);

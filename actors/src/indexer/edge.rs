@@ -23,7 +23,7 @@ use super::{
     check_search, check_upsert, point_id, removed_per_doc, Hit, HnswSettings, Removal, Scope,
     StoredVersion, VectorStore, Versions,
 };
-use crate::messages::{Chunk, DocMeta, EmbeddedDoc};
+use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::Context;
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -328,6 +328,8 @@ impl EdgeStore {
                         key("doc_id"),
                         key("version"),
                         key("seq"),
+                        key("division"),
+                        key("access_level"),
                     ])),
                     with_vector: WithVector::Bool(false),
                     order_by: None,
@@ -338,8 +340,15 @@ impl EdgeStore {
                     let doc = p.0.get("doc_id").and_then(|v| v.as_str());
                     let ver = p.0.get("version").and_then(|v| v.as_str());
                     let seq = p.0.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
+                    let field = |k: &str| p.0.get(k).and_then(|v| v.as_str()).map(str::to_string);
+                    let partition = field("division").zip(field("access_level")).map(
+                        |(division, access_level)| Partition {
+                            division,
+                            access_level,
+                        },
+                    );
                     if let (Some(d), Some(v)) = (doc, ver) {
-                        out.add(d.to_string(), v.to_string(), seq);
+                        out.add(d.to_string(), v.to_string(), seq, partition);
                     }
                 }
             }

@@ -10,7 +10,7 @@ pub mod conformance;
 pub mod edge;
 pub mod qdrant;
 
-use crate::messages::{Chunk, DocMeta, EmbeddedDoc};
+use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -111,29 +111,98 @@ pub struct StoredVersion {
     /// older version that is redelivered late (0 for points written before
     /// it was stored).
     pub seq: u64,
+    /// The partition it was filed in (None for points without one).
+    pub partition: Option<Partition>,
 }
 
 /// Collects the versions a scroll finds, once each (every chunk of a version
 /// carries the same fields), keeping the highest seq seen.
 #[derive(Default)]
-pub(crate) struct Versions(std::collections::BTreeMap<(String, String), u64>);
+pub(crate) struct Versions(std::collections::BTreeMap<(String, String), (u64, Option<Partition>)>);
 
 impl Versions {
-    pub(crate) fn add(&mut self, doc_id: String, version: String, seq: u64) {
+    pub(crate) fn add(
+        &mut self,
+        doc_id: String,
+        version: String,
+        seq: u64,
+        partition: Option<Partition>,
+    ) {
         let e = self.0.entry((doc_id, version)).or_default();
-        *e = (*e).max(seq);
+        e.0 = e.0.max(seq);
+        if e.1.is_none() {
+            e.1 = partition;
+        }
     }
 
     pub(crate) fn into_vec(self) -> Vec<StoredVersion> {
         self.0
             .into_iter()
-            .map(|((doc_id, version), seq)| StoredVersion {
+            .map(|((doc_id, version), (seq, partition))| StoredVersion {
                 doc_id,
                 version,
                 seq,
+                partition,
             })
             .collect()
     }
+}
+
+/// See [`removals_at_start`]: a millisecond, in seqs.
+const PAST_NEWEST: u64 = 1_000_000;
+
+/// What a node starting up removes from the store, before it serves or
+/// takes work: what a failed or lost prune left, and what its sources no
+/// longer file where the store has it.
+///
+/// * With `prune` (a node that runs the VersionPruner), every version of
+///   a document but its newest (by the watcher's seq): a prune that failed
+///   for good, or whose event was lost, left them searchable, and nothing
+///   else would ever remove them (the next scan finds the file unchanged).
+/// * With `partition_of` (a node that runs the watcher and has the
+///   sources' rules), every version of a document whose source is no
+///   longer configured, or whose newest version is filed in another
+///   partition than the rules now give it (`None` from `partition_of`: no
+///   such source). The scan re-indexes the file in its new partition, but
+///   it reaches it only after re-embedding; until then the old copy would
+///   answer those who may see the old partition only.
+///
+/// Each removal spares versions seen after the newest found here, which
+/// another node may be writing meanwhile. (Removing a document whole, it
+/// names a bound a millisecond past its newest seq: seqs are nanoseconds,
+/// and the stores compare them as f64, to ~256 ns, so one past it would
+/// round back onto it and spare the very version to remove.)
+pub fn removals_at_start(
+    stored: &[StoredVersion],
+    prune: bool,
+    partition_of: Option<&dyn Fn(&str) -> Option<Partition>>,
+) -> Vec<Removal> {
+    let mut docs: std::collections::BTreeMap<&str, Vec<&StoredVersion>> = Default::default();
+    for v in stored {
+        docs.entry(&v.doc_id).or_default().push(v);
+    }
+    let mut removals = Vec::new();
+    for (doc_id, versions) in docs {
+        let newest = *versions
+            .iter()
+            .max_by_key(|v| v.seq)
+            .expect("a document has a version");
+        if let Some(partition_of) = partition_of {
+            let moved = match (partition_of(doc_id), &newest.partition) {
+                (None, _) => true,
+                (Some(now), Some(was)) => now != *was,
+                (Some(_), None) => false,
+            };
+            if moved {
+                removals.push(Removal::new(doc_id, None).seen_before(newest.seq + PAST_NEWEST));
+                continue;
+            }
+        }
+        if prune && versions.len() > 1 {
+            removals.push(Removal::new(doc_id, Some(&newest.version)).seen_before(newest.seq));
+        }
+    }
+    removals
 }
 
 /// What to delete of one document: every version but `keep`, or, with no
@@ -312,6 +381,62 @@ pub fn point_id(doc_id: &str, version: &str, chunk_index: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(doc: &str, version: &str, seq: u64, division: &str) -> StoredVersion {
+        StoredVersion {
+            doc_id: doc.into(),
+            version: version.into(),
+            seq,
+            partition: Some(Partition {
+                division: division.into(),
+                access_level: "internal".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn at_start_old_versions_and_moved_documents_go() {
+        let found = [
+            stored("kb:a.md", "v1", 10, "eng"),
+            stored("kb:a.md", "v2", 20, "eng"),
+            stored("kb:b.md", "v1", 10, "eng"),
+            stored("kb:hr/c.md", "v1", 10, "eng"),
+            stored("kb:hr/c.md", "v2", 30, "eng"),
+            stored("wiki:d.md", "v1", 10, "eng"),
+        ];
+        // An index node: a.md and c.md keep their newest.
+        let pruned = removals_at_start(&found, true, None);
+        assert_eq!(
+            pruned,
+            [
+                Removal::new("kb:a.md", Some("v2")).seen_before(20),
+                Removal::new("kb:hr/c.md", Some("v2")).seen_before(30),
+            ]
+        );
+        // An ingest node whose rules now file hr/ under hr, with no wiki
+        // source any more: c.md and d.md go whole (and nothing seen after
+        // their newest version).
+        let rules = |doc: &str| -> Option<Partition> {
+            let uri = doc.strip_prefix("kb:")?;
+            let division = if uri.starts_with("hr/") { "hr" } else { "eng" };
+            Some(Partition {
+                division: division.into(),
+                access_level: "internal".into(),
+            })
+        };
+        let moved = removals_at_start(&found, false, Some(&rules));
+        assert_eq!(
+            moved,
+            [
+                Removal::new("kb:hr/c.md", None).seen_before(30 + PAST_NEWEST),
+                Removal::new("wiki:d.md", None).seen_before(10 + PAST_NEWEST),
+            ]
+        );
+        // Both roles: each document once, moved ones whole.
+        assert_eq!(removals_at_start(&found, true, Some(&rules)).len(), 3);
+        // Nothing to do on a store in order.
+        assert!(removals_at_start(&found[2..3], true, Some(&rules)).is_empty());
+    }
 
     #[test]
     fn point_ids_are_deterministic_and_distinct() {

@@ -16,7 +16,7 @@ use super::{
     check_search, check_upsert, point_id, removed_per_doc, Hit, HnswSettings, Removal, Scope,
     StoredVersion, VectorStore, Versions,
 };
-use crate::messages::{Chunk, DocMeta, EmbeddedDoc};
+use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
@@ -341,7 +341,13 @@ impl QdrantStore {
                     payload_str(&p.payload, "version"),
                 ) {
                     let seq = p.payload.get("seq").and_then(|v| v.as_integer());
-                    out.add(doc_id, version, seq.unwrap_or(0).max(0) as u64);
+                    let partition = payload_str(&p.payload, "division")
+                        .zip(payload_str(&p.payload, "access_level"))
+                        .map(|(division, access_level)| Partition {
+                            division,
+                            access_level,
+                        });
+                    out.add(doc_id, version, seq.unwrap_or(0).max(0) as u64, partition);
                 }
             }
             match page.next_page_offset {
