@@ -519,11 +519,14 @@ impl Config {
     }
 }
 
+/// Compares two secrets in time that depends on neither: their digests,
+/// of one length whatever the secrets', compared without an early exit
+/// (`subtle`, which keeps the compiler from adding one). A plain length
+/// check first would tell an attacker the token's length.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(a).ct_eq(&Sha256::digest(b)).into()
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -1378,6 +1381,14 @@ mod tests {
             text.contains("principals[0] (alice): the token is also admin.token"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn tokens_compare_equal_only_when_equal() {
+        assert!(constant_time_eq(b"alice-token-1", b"alice-token-1"));
+        assert!(!constant_time_eq(b"alice-token-1", b"alice-token-2"));
+        assert!(!constant_time_eq(b"alice-token-1", b"alice-token-10"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 
     #[test]
