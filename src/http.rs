@@ -273,6 +273,7 @@ pub fn admin_router(
         .route("/ready", get(ready))
         .route("/actors", get(actors))
         .route("/ingest", get(ingest))
+        .route("/ingest/documents", get(documents))
         .route("/index", get(index_info))
         .route("/dlq", get(dlq_list))
         .route("/dlq/{id}/replay", post(dlq_replay))
@@ -328,6 +329,63 @@ async fn ingest(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
         );
     }
     Json(node.ledger.counts()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct DocumentsParams {
+    status: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Pages through the ledger's documents: `?status=skipped` says which
+/// documents were skipped and why, `?prefix=kb:hr/` narrows to a folder,
+/// `?after=<next>` turns the page.
+async fn documents(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    params: Result<axum::extract::Query<DocumentsParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    use ragd_actors::ledger::{DocQuery, DocStatus};
+    const MAX: usize = 1000;
+    if let Some(r) = admin_auth(&node, &headers) {
+        return r;
+    }
+    if !node.roles.ingest {
+        return error(
+            StatusCode::CONFLICT,
+            "this node has no ingest role: the ingest ledger is on the ingest nodes",
+        );
+    }
+    let params = match params {
+        Ok(p) => p.0,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if let Some(s) = params.status.as_deref() {
+        if !DocStatus::NAMES.contains(&s) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("status must be one of {}", DocStatus::NAMES.join(", ")),
+            );
+        }
+    }
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX}"),
+        );
+    }
+    let query = DocQuery {
+        status: params.status,
+        prefix: params.prefix,
+        after: params.after,
+    };
+    let docs = node.ledger.documents(&query, limit);
+    let next = (docs.len() == limit).then(|| docs[limit - 1].doc_id.clone());
+    Json(json!({ "documents": docs, "next": next })).into_response()
 }
 
 async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {

@@ -74,6 +74,32 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
         config: PathBuf,
     },
+    /// List a running daemon's documents from its ingest ledger: which were
+    /// skipped or dead-lettered, and why. One line per document.
+    Docs {
+        /// Only documents in this state: indexed, deleted, skipped,
+        /// dead_lettered or in_flight.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only documents whose id starts with this (`SOURCE:` or
+        /// `SOURCE:folder/`).
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many (up to 1000); the last line says how to go on.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this document id (the previous page's last).
+        #[arg(long)]
+        after: Option<String>,
+        /// Admin API base URL; defaults to the config's [admin] bind.
+        #[arg(long)]
+        url: Option<String>,
+        /// Admin token; defaults to the config's [admin] token.
+        #[arg(long, env = "RAGD_ADMIN_TOKEN")]
+        token: Option<String>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
+        config: PathBuf,
+    },
     /// Embed texts with a sentence encoder: one JSON array per line per text.
     Embed {
         /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
@@ -129,11 +155,19 @@ enum DlqCommand {
     },
 }
 
+/// The log filter unless RAGD_LOG sets one. qdrant-edge warns at every
+/// start and index build that globals of the Qdrant server's own start-up
+/// (feature flags, a multi-mmap probe) were not set; it then uses their
+/// defaults, which is what the embedded store wants, and the operator can
+/// do nothing about the warnings.
+const DEFAULT_LOG: &str =
+    "info,qdrant_edge::common::flags=error,qdrant_edge::common::mmap::ops=error";
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RAGD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal: a log file or journald gets plain text
@@ -196,6 +230,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { url, token, config } => {
             let (base, token) = admin_target(url, token, &config)?;
             status(&base, token.as_deref()).await
+        }
+        Command::Docs {
+            status,
+            prefix,
+            limit,
+            after,
+            url,
+            token,
+            config,
+        } => {
+            let (base, token) = admin_target(url, token, &config)?;
+            let mut query = vec![("prefix", prefix), ("limit", limit.to_string())];
+            query.extend(status.map(|s| ("status", s)));
+            query.extend(after.map(|a| ("after", a)));
+            let req = reqwest::Client::new()
+                .get(format!("{base}/ingest/documents"))
+                .query(&query);
+            let page = admin_request(req, token.as_deref()).await?;
+            for d in page["documents"].as_array().into_iter().flatten() {
+                let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+                match d["reason"].as_str() {
+                    Some(reason) => println!("{}\t{}\t{reason}", s("doc_id"), s("status")),
+                    None => println!("{}\t{}", s("doc_id"), s("status")),
+                }
+            }
+            if let Some(next) = page["next"].as_str() {
+                eprintln!("(more: --after {next:?})");
+            }
+            Ok(())
         }
         Command::Embed {
             model,
@@ -440,7 +503,7 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish();
-    let store = node.store.clone();
+    let (store, ledger) = (node.store.clone(), node.ledger.clone());
     let c = node.ledger.counts();
     node.shutdown(Duration::from_secs(5)).await;
     store.optimize().await?;
@@ -453,6 +516,25 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
         c.skipped,
         c.dead_lettered
     );
+    // Which ones, and why: the counts alone leave an operator guessing.
+    const SHOWN: usize = 20;
+    for (status, count) in [("dead_lettered", c.dead_lettered), ("skipped", c.skipped)] {
+        let query = ragd_actors::ledger::DocQuery {
+            status: Some(status.into()),
+            ..Default::default()
+        };
+        for d in ledger.documents(&query, SHOWN) {
+            let reason = match &d.status {
+                ragd_actors::ledger::DocStatus::Skipped(r)
+                | ragd_actors::ledger::DocStatus::DeadLettered(r) => r.as_str(),
+                _ => "",
+            };
+            println!("  {status}: {}: {reason}", d.doc_id);
+        }
+        if count > SHOWN as u64 {
+            println!("  … and {} more {status}", count - SHOWN as u64);
+        }
+    }
     Ok(())
 }
 

@@ -461,6 +461,47 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
         actors.contains("malformed pdf"),
         "the chunker's last error shows: {actors}"
     );
+    // Which document, and why, from the ledger: over HTTP and the CLI.
+    let page = d.admin_json("/ingest/documents?status=dead_lettered");
+    assert_eq!(
+        page["documents"][0]["doc_id"], "kb:eng/broken.pdf",
+        "{page}"
+    );
+    assert!(
+        page["documents"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("malformed pdf"),
+        "{page}"
+    );
+    assert_eq!(page["documents"].as_array().unwrap().len(), 1, "{page}");
+    let page = d.admin_json("/ingest/documents?prefix=kb:eng/&limit=1");
+    assert_eq!(
+        page["documents"][0]["doc_id"], "kb:eng/broken.pdf",
+        "{page}"
+    );
+    assert_eq!(page["next"], "kb:eng/broken.pdf", "{page}");
+    let page = d.admin_json("/ingest/documents?prefix=kb:eng/&after=kb:eng/broken.pdf");
+    assert_eq!(
+        page["documents"][0]["doc_id"], "kb:eng/expenses.pdf",
+        "{page}"
+    );
+    assert_eq!(page["documents"][0]["status"], "indexed", "{page}");
+    assert_eq!(page["next"], serde_json::Value::Null, "{page}");
+    assert_eq!(d.admin_status("/ingest/documents?status=lost"), Some(400));
+    assert_eq!(d.get_status("/ingest/documents"), Some(401));
+    let (ok, out, err) = ws.ragd(&[
+        "docs",
+        "--status",
+        "dead_lettered",
+        "--config",
+        ws.config().to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("kb:eng/broken.pdf\tdead_lettered\tchunker: malformed pdf"),
+        "{out}"
+    );
 
     // Replay: the document goes through the pipeline again (and, still
     // broken, back to the DLQ as a new entry).

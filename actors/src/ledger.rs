@@ -22,6 +22,47 @@ pub enum DocStatus {
     DeadLettered(String),
 }
 
+impl DocStatus {
+    /// The name the admin API shows and filters by.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DocStatus::InFlight => "in_flight",
+            DocStatus::Indexed => "indexed",
+            DocStatus::Deleted => "deleted",
+            DocStatus::Skipped(_) => "skipped",
+            DocStatus::DeadLettered(_) => "dead_lettered",
+        }
+    }
+
+    pub const NAMES: [&'static str; 5] = [
+        "in_flight",
+        "indexed",
+        "deleted",
+        "skipped",
+        "dead_lettered",
+    ];
+}
+
+/// Which documents [`Ledger::documents`] lists.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct DocQuery {
+    /// A [`DocStatus::name`].
+    pub status: Option<String>,
+    /// Ids starting with this (`source:` or `source:folder/`).
+    #[serde(default)]
+    pub prefix: String,
+    /// Ids after this one (the last of the previous page).
+    pub after: Option<String>,
+}
+
+/// One document as the admin API lists it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DocReport {
+    pub doc_id: String,
+    #[serde(flatten)]
+    pub status: DocStatus,
+}
+
 /// Why a version ends skipped when a newer one overtook it.
 pub const SUPERSEDED: &str = "superseded by a newer version";
 
@@ -73,6 +114,15 @@ struct DocEntry {
 }
 
 impl DocEntry {
+    /// The state to report: in flight while any job of it is (as counted).
+    fn shown(&self) -> DocStatus {
+        if self.pending.is_empty() {
+            self.status.clone()
+        } else {
+            DocStatus::InFlight
+        }
+    }
+
     fn new() -> DocEntry {
         DocEntry {
             latest: None,
@@ -332,6 +382,41 @@ impl Ledger {
         self.settled.notify_waiters();
     }
 
+    /// Up to `limit` documents in id order, after `query.after`, whose
+    /// id starts with `query.prefix` and whose state is `query.status`
+    /// (a [`DocStatus`] name: "indexed", "skipped", …), for the admin API:
+    /// which documents were skipped, and why. One pass over the entries,
+    /// keeping the `limit` first ids, so a page costs the same at any
+    /// depth of a million documents.
+    pub fn documents(&self, query: &DocQuery, limit: usize) -> Vec<DocReport> {
+        use std::collections::BinaryHeap;
+        let docs = self.docs.lock();
+        let mut first: BinaryHeap<&str> = BinaryHeap::new();
+        for (id, entry) in &docs.map {
+            let wanted = query.after.as_deref().is_none_or(|a| id.as_str() > a)
+                && id.starts_with(query.prefix.as_str())
+                && query
+                    .status
+                    .as_deref()
+                    .is_none_or(|s| entry.shown().name() == s);
+            if !wanted {
+                continue;
+            }
+            first.push(id.as_str());
+            if first.len() > limit {
+                first.pop();
+            }
+        }
+        first
+            .into_sorted_vec()
+            .into_iter()
+            .map(|id| DocReport {
+                doc_id: id.to_string(),
+                status: docs.map[id].shown(),
+            })
+            .collect()
+    }
+
     pub fn status(&self, doc_id: &str) -> Option<DocStatus> {
         self.docs.lock().map.get(doc_id).map(|e| e.status.clone())
     }
@@ -374,6 +459,55 @@ fn status_of(outcome: Outcome) -> DocStatus {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn documents_list_by_state_prefix_and_page() {
+        let ledger = Ledger::new(8);
+        for i in 0..5 {
+            let reason = format!("empty {i}");
+            ledger.record(&format!("kb:s/{i}.md"), Some("v"), Outcome::Skipped(reason));
+        }
+        ledger.record("kb:a.md", Some("v"), Outcome::Indexed);
+        ledger.record("wiki:b.md", Some("v"), Outcome::Skipped("too big".into()));
+        assert!(ledger.admit("kb:c.md", Some("v")).await);
+        let ids = |query: DocQuery, limit| -> Vec<String> {
+            ledger
+                .documents(&query, limit)
+                .into_iter()
+                .map(|d| d.doc_id)
+                .collect()
+        };
+        let skipped = |after: Option<&str>| DocQuery {
+            status: Some("skipped".into()),
+            prefix: "kb:".into(),
+            after: after.map(str::to_string),
+        };
+        assert_eq!(ids(skipped(None), 2), ["kb:s/0.md", "kb:s/1.md"]);
+        assert_eq!(
+            ids(skipped(Some("kb:s/1.md")), 10),
+            ["kb:s/2.md", "kb:s/3.md", "kb:s/4.md"]
+        );
+        let all = ledger.documents(&DocQuery::default(), 100);
+        assert_eq!(all.len(), 8);
+        let c = all.iter().find(|d| d.doc_id == "kb:c.md").unwrap();
+        assert_eq!(c.status, DocStatus::InFlight);
+        let json = serde_json::to_value(&all[all.len() - 1]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"doc_id": "wiki:b.md", "status": "skipped", "reason": "too big"})
+        );
+        // Every name filters, and only what bears it.
+        for name in DocStatus::NAMES {
+            let query = DocQuery {
+                status: Some(name.into()),
+                ..DocQuery::default()
+            };
+            assert!(ledger
+                .documents(&query, 100)
+                .iter()
+                .all(|d| d.status.name() == name));
+        }
+    }
 
     #[test]
     fn observe_orders_versions_by_the_watchers_sequence() {
