@@ -26,9 +26,8 @@ use ragd_actors::embedder::EmbedderStage;
 use ragd_actors::indexer::actor::{IndexJob, IndexerStage, OptimizePolicy, Optimizer};
 use ragd_actors::indexer::edge::EdgeStore;
 use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
-use ragd_actors::indexer::{removals_at_start, StoredVersion, VectorStore};
+use ragd_actors::indexer::{removals_at_start, PartitionOf, StoredVersion, VectorStore};
 use ragd_actors::ledger::{Ledger, Outcome};
-use ragd_actors::messages::Partition;
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy, Device};
 use ragd_actors::pool::{Job, Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
@@ -97,7 +96,7 @@ async fn remove_at_start(
         let source = sources.iter().find(|s| s.name == name)?;
         Some(source.partition_for(uri))
     };
-    let rules: Option<&dyn Fn(&str) -> Option<Partition>> = if roles.ingest {
+    let rules: Option<PartitionOf> = if roles.ingest {
         Some(&partition_of)
     } else {
         None

@@ -148,6 +148,10 @@ impl Versions {
     }
 }
 
+/// A document's partition under the sources' rules now; `None` when no
+/// configured source holds it.
+pub type PartitionOf<'a> = &'a dyn Fn(&str) -> Option<Partition>;
+
 /// See [`removals_at_start`]: a millisecond, in seqs.
 const PAST_NEWEST: u64 = 1_000_000;
 
@@ -175,7 +179,7 @@ const PAST_NEWEST: u64 = 1_000_000;
 pub fn removals_at_start(
     stored: &[StoredVersion],
     prune: bool,
-    partition_of: Option<&dyn Fn(&str) -> Option<Partition>>,
+    partition_of: Option<PartitionOf>,
 ) -> Vec<Removal> {
     let mut docs: std::collections::BTreeMap<&str, Vec<&StoredVersion>> = Default::default();
     for v in stored {
