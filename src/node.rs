@@ -464,6 +464,7 @@ impl Node {
                         stats: stats.clone(),
                         scanned: scanned.clone(),
                         only: only.clone(),
+                        retry: Default::default(),
                     },
                 )
             })

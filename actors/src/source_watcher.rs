@@ -153,6 +153,8 @@ pub enum WatchMsg {
     /// Index this document again although its version was dead-lettered
     /// (after `ragd dlq replay`).
     Replay(String, PathBuf),
+    /// Is a source root that was missing at start back?
+    RootCheck,
 }
 
 pub struct SourceWatcher;
@@ -176,7 +178,15 @@ pub struct WatcherArgs {
     pub scanned: Arc<AtomicBool>,
     /// Restrict scans to these paths (inside the sources); empty: everything.
     pub only: Vec<PathBuf>,
+    /// Files that could not be read for a reason that passes (too many open
+    /// files in a burst, an I/O error): looked at again after
+    /// [`RETRY_AFTER`], since no event may ever come for them.
+    pub retry: Arc<parking_lot::Mutex<Vec<PathBuf>>>,
 }
+
+/// See [`WatcherArgs::retry`]; also how often a missing source root is
+/// looked for.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 pub struct WatcherState {
     args: WatcherArgs,
@@ -185,6 +195,11 @@ pub struct WatcherState {
     /// full scan reads every file).
     rescan_queued: bool,
     rescans: u64,
+    /// Sources whose root was missing at start: unwatched until it is back,
+    /// which restarts the watcher (their documents stay indexed meanwhile:
+    /// a root that is gone for a moment, a deploy swapping folders or an
+    /// unmounted share, is not a deletion of everything in it).
+    missing_roots: Vec<SourceSpec>,
     _debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
     _pollers: Vec<Debouncer<notify::PollWatcher, NoCache>>,
 }
@@ -200,6 +215,23 @@ impl Actor for SourceWatcher {
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
         let (mut debouncer, mut pollers) = (None, Vec::new());
+        let missing_roots: Vec<SourceSpec> = args
+            .sources
+            .iter()
+            .filter(|s| !s.root.is_dir())
+            .cloned()
+            .collect();
+        for s in &missing_roots {
+            let why = format!(
+                "source root {} is missing; its documents stay indexed, and it is watched again once it is back",
+                s.root.display()
+            );
+            tracing::warn!("{why}");
+            args.stats.set_error(why);
+        }
+        if args.watch && !missing_roots.is_empty() {
+            myself.cast(WatchMsg::RootCheck)?;
+        }
         if args.watch {
             let handler = |me: ActorRef<WatchMsg>, polled: bool| {
                 move |res: DebounceEventResult| {
@@ -228,14 +260,20 @@ impl Actor for SourceWatcher {
                 RecommendedCache::new(),
                 config,
             );
-            let plan = plan_watches(&args.sources, |s| match &mut native {
+            let watched: Vec<SourceSpec> = args
+                .sources
+                .iter()
+                .filter(|s| s.root.is_dir())
+                .cloned()
+                .collect();
+            let plan = plan_watches(&watched, |s| match &mut native {
                 Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
                     // Whatever part of the tree it did watch goes too.
                     let _ = d.unwatch(&s.root);
                 }),
                 Err(e) => Err(notify::Error::generic(&e.to_string())),
             });
-            for (s, (poll, why)) in args.sources.iter().zip(plan) {
+            for (s, (poll, why)) in watched.iter().zip(plan) {
                 let Some(every) = poll else { continue };
                 if let Some(why) = why {
                     tracing::warn!("{why}");
@@ -264,6 +302,7 @@ impl Actor for SourceWatcher {
             // The first scan: whatever is lost before it starts, it sees.
             rescan_queued: true,
             rescans: 0,
+            missing_roots,
             _debouncer: debouncer,
             _pollers: pollers,
         })
@@ -275,7 +314,49 @@ impl Actor for SourceWatcher {
         msg: WatchMsg,
         st: &mut WatcherState,
     ) -> Result<(), ActorProcessingErr> {
+        self.handle_msg(&myself, msg, st).await?;
+        let due = std::mem::take(&mut *st.args.retry.lock());
+        if !due.is_empty() {
+            let me = myself.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RETRY_AFTER).await;
+                let kind = notify::EventKind::Modify(notify::event::ModifyKind::Any);
+                let events = due
+                    .into_iter()
+                    .map(|p| {
+                        let e = notify::Event::new(kind).add_path(p);
+                        notify_debouncer_full::DebouncedEvent::new(e, std::time::Instant::now())
+                    })
+                    .collect();
+                let _ = me.cast(WatchMsg::Fs(Ok(events)));
+            });
+        }
+        Ok(())
+    }
+}
+
+impl SourceWatcher {
+    async fn handle_msg(
+        &self,
+        myself: &ActorRef<WatchMsg>,
+        msg: WatchMsg,
+        st: &mut WatcherState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
+            WatchMsg::RootCheck => {
+                if let Some(s) = st.missing_roots.iter().find(|s| s.root.is_dir()) {
+                    return Err(format!(
+                        "source root {} is back; watching it anew",
+                        s.root.display()
+                    )
+                    .into());
+                }
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RETRY_AFTER).await;
+                    let _ = me.cast(WatchMsg::RootCheck);
+                });
+            }
             WatchMsg::Rescan => {
                 // From here on a lost event may be behind the walk: the
                 // next request queues another scan.
@@ -305,7 +386,7 @@ impl Actor for SourceWatcher {
                     tracing::warn!("watch error: {e}; rescanning");
                     st.args.stats.set_error(e.to_string());
                 }
-                st.request_rescan(&myself, "a watch error")?;
+                st.request_rescan(myself, "a watch error")?;
             }
             WatchMsg::PollErrors(errors) => {
                 for e in &errors {
@@ -318,9 +399,24 @@ impl Actor for SourceWatcher {
             WatchMsg::Fs(Ok(events)) => {
                 if events.iter().any(|e| e.need_rescan()) {
                     tracing::warn!("the kernel dropped file events (queue overflow); rescanning");
-                    st.request_rescan(&myself, "the kernel's event queue overflowed")?;
+                    st.request_rescan(myself, "the kernel's event queue overflowed")?;
                     return Ok(());
                 }
+                // Folders an event removed or renamed: one made anew since
+                // (its removal folded with those under it) loses what it
+                // no longer holds. Other folder events (created, moved in)
+                // only add.
+                let removed: HashSet<&Path> = events
+                    .iter()
+                    .filter(|e| {
+                        matches!(
+                            e.kind,
+                            notify::EventKind::Remove(_)
+                                | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                        )
+                    })
+                    .flat_map(|e| e.paths.iter().map(PathBuf::as_path))
+                    .collect();
                 let mut paths: Vec<PathBuf> = events
                     .iter()
                     .filter(|e| may_change_content(&e.kind))
@@ -354,7 +450,8 @@ impl Actor for SourceWatcher {
                     .into());
                 }
                 for path in paths {
-                    handle_path(&st.args, &path).await;
+                    let was_removed = removed.contains(path.as_path());
+                    handle_path(&st.args, &path, was_removed).await;
                 }
             }
         }
@@ -437,7 +534,7 @@ fn doc_id(source: &SourceSpec, uri: &str) -> String {
     format!("{}:{uri}", source.name)
 }
 
-async fn handle_path(args: &WatcherArgs, path: &Path) {
+async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) {
     let Some((source, uri)) = source_of(&args.sources, path) else {
         return;
     };
@@ -451,15 +548,26 @@ async fn handle_path(args: &WatcherArgs, path: &Path) {
             let (files, unreadable) = walk_sources(args, path.to_path_buf()).await;
             let present: HashSet<String> = files.iter().map(|(s, _, u)| doc_id(s, u)).collect();
             consider_all(args, files).await;
-            for d in indexed_under(args, &id) {
-                if !present.contains(&d) && !unreadable.covers(&d) {
-                    remove(args, &d).await;
+            // (Only then: the search below goes through every document.)
+            if was_removed {
+                for d in indexed_under(args, &id) {
+                    if !present.contains(&d) && !unreadable.covers(&d) {
+                        remove(args, &d).await;
+                    }
                 }
             }
         }
         // A file, or something else where a file was (a link, a FIFO):
         // the probe tells which.
         Ok(_) => consider(args, source, path, &uri, false).await,
+        Err(e) if !gone(&e) => {
+            // Unreadable is not gone (a folder made unreadable, a stale
+            // network handle): what the index has of it stays.
+            tracing::warn!(
+                "cannot look at {}: {e}; keeping what is indexed of it",
+                path.display()
+            );
+        }
         Err(_) => {
             // Gone: the file itself, or a folder and everything under it.
             // The store's documents count too: during the first scan one
@@ -500,6 +608,14 @@ fn indexed_under(args: &WatcherArgs, id: &str) -> Vec<String> {
     found
 }
 
+/// Whether an error reading a path means it is not there (any more).
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// Everything under `root` but folders (links and other non-files are
 /// recorded as skipped when probed), and the folders that could not be
 /// read. A folder that vanished during the walk is simply gone.
@@ -510,10 +626,11 @@ fn walk(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
             Ok(e) if e.file_type().is_dir() => {}
             Ok(e) => files.push(e.into_path()),
             Err(e) => {
-                let gone = e
-                    .io_error()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
-                if let (false, Some(p)) = (gone, e.path()) {
+                // A folder that vanished under the walk is gone; the root
+                // itself missing is not a deletion of the whole source (see
+                // `WatcherState::missing_roots`).
+                let vanished = e.io_error().is_some_and(gone) && e.path() != Some(root);
+                if let (false, Some(p)) = (vanished, e.path()) {
                     tracing::warn!(
                         "cannot read {}: {e}; keeping what it held indexed",
                         p.display()
@@ -750,11 +867,18 @@ async fn decide(
                 "not a regular file (a symbolic link, FIFO, socket or device): not followed".into(),
             );
         }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             if args.known.lock().contains_key(&id) {
                 remove(args, &id).await;
             }
             return skip(format!("cannot read the file: {e}"));
+        }
+        Err(e) if !gone(&e) => {
+            // Too many open files in a burst, an I/O error: it may read
+            // next time, and no event may ever come for it.
+            tracing::warn!("cannot read {}: {e}; trying again", path.display());
+            args.retry.lock().push(path.to_path_buf());
+            return;
         }
         Err(_) => return, // vanished; its removal event follows
     };
@@ -1057,6 +1181,7 @@ mod tests {
                 stats: self.stats.clone(),
                 scanned: Default::default(),
                 only: vec![],
+                retry: Default::default(),
             }
         }
 
@@ -1221,6 +1346,26 @@ mod tests {
             )
         })
         .await;
+    }
+
+    /// A source root missing at start (a deploy swapping folders, a share
+    /// not mounted yet): its documents stay indexed, the watcher says so,
+    /// and it starts afresh once the root is back.
+    #[tokio::test]
+    async fn a_missing_root_keeps_its_documents_until_it_is_back() {
+        let rig = Rig::new();
+        rig.known.lock().insert("kb:a.md".into(), "v1".into());
+        std::fs::remove_dir(&rig.root).unwrap();
+        let (watcher, scanned) = rig.start(true).await;
+        assert!(scanned.is_empty());
+        assert!(
+            rig.deleted().is_empty(),
+            "a missing root deleted its documents"
+        );
+        let error = rig.stats.last_error().unwrap_or_default();
+        assert!(error.contains("is missing"), "{error}");
+        std::fs::create_dir(&rig.root).unwrap();
+        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
     }
 
     /// Links to a folder of the tree: events of that folder keep their
