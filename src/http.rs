@@ -473,18 +473,23 @@ async fn dlq_replay(
 
 /// Where a dead-lettered document is in its source now. A replay looks at
 /// it afresh: indexes it if it is there, deletes it if not. The entries of
-/// the stages that only remove (a deletion, a prune) carry no path: their
-/// document's id (`source:uri`) says where it was.
+/// the stages that only remove (a deletion, a prune) carry no path, and a
+/// path recorded before the source's folder moved in the config is stale:
+/// the document's id (`source:uri`) says where it is. None when no
+/// configured source holds that id (the watcher would drop the replay).
 fn replay_path(
     sources: &[ragd_actors::source_watcher::SourceSpec],
     entry: &ragd_actors::dlq::DlqEntry,
 ) -> Option<std::path::PathBuf> {
-    if let Some(p) = entry.payload.get("path").and_then(|p| p.as_str()) {
-        return Some(p.into());
+    use ragd_actors::source_watcher::doc_id_at;
+    let holds = |p: &std::path::Path| doc_id_at(sources, p).as_deref() == Some(&entry.doc_id);
+    let recorded = entry.payload.get("path").and_then(|p| p.as_str());
+    if let Some(p) = recorded.map(std::path::PathBuf::from).filter(|p| holds(p)) {
+        return Some(p);
     }
     let (name, uri) = entry.doc_id.split_once(':')?;
     let source = sources.iter().find(|s| s.name == name)?;
-    Some(source.root.join(uri))
+    Some(source.root.join(uri)).filter(|p| holds(p))
 }
 
 async fn prometheus(
@@ -559,6 +564,11 @@ mod tests {
             replay_path(&sources, &chunker),
             Some("/srv/kb/a/b.md".into())
         );
+        // Recorded before the source's folder moved: found where it is now.
+        let moved = entry("kb:a/b.md", json!({ "path": "/old/kb/a/b.md" }));
+        assert_eq!(replay_path(&sources, &moved), Some("/srv/kb/a/b.md".into()));
+        // A name the watcher ignores would never be replayed.
+        assert_eq!(replay_path(&sources, &entry("kb:a/.b.md", json!({}))), None);
         let pruner = entry(
             "kb:a/c:d.md",
             json!({ "deleted": { "doc_id": "kb:a/c:d.md" } }),

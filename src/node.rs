@@ -110,11 +110,15 @@ async fn remove_at_start(
             .remove(batch)
             .await
             .context("removing at start what the sources no longer have")?;
-        if let Err(e) = cache.invalidate_all(batch).await {
-            // Redis may be down at start (the cache is then bypassed); its
-            // entries citing these versions expire with their TTL.
-            tracing::warn!("cache invalidation at start failed: {e:#}");
-        }
+        // Not without it: a shared cache would go on serving answers that
+        // quote these documents, from their old partition.
+        ragd_actors::cache_guard::invalidate_retrying(
+            cache,
+            batch,
+            ragd_actors::version_pruner::INVALIDATION_BUDGET,
+        )
+        .await
+        .context("the semantic cache must drop what was removed at start")?;
     }
     let whole: HashSet<&str> = removals
         .iter()
@@ -528,6 +532,7 @@ impl Node {
                 store: store.clone(),
                 ledger: ledger.clone(),
                 cache: cache.clone(),
+                invalidation_budget: ragd_actors::version_pruner::INVALIDATION_BUDGET,
             }),
             prune_q.clone(),
             settings(1, 1),

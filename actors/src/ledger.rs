@@ -114,6 +114,15 @@ struct DocEntry {
 }
 
 impl DocEntry {
+    /// [`DocEntry::shown`]'s name, without a copy of its reason.
+    fn shown_name(&self) -> &'static str {
+        if self.pending.is_empty() {
+            self.status.name()
+        } else {
+            DocStatus::InFlight.name()
+        }
+    }
+
     /// The state to report: in flight while any job of it is (as counted).
     fn shown(&self) -> DocStatus {
         if self.pending.is_empty() {
@@ -398,7 +407,7 @@ impl Ledger {
                 && query
                     .status
                     .as_deref()
-                    .is_none_or(|s| entry.shown().name() == s);
+                    .is_none_or(|s| entry.shown_name() == s);
             if !wanted {
                 continue;
             }

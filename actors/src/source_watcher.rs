@@ -530,6 +530,12 @@ fn source_of<'a>(sources: &'a [SourceSpec], path: &Path) -> Option<(&'a SourceSp
     })
 }
 
+/// The id of the document at `path`, if a source holds it there (and the
+/// name is not one the watcher ignores).
+pub fn doc_id_at(sources: &[SourceSpec], path: &Path) -> Option<String> {
+    source_of(sources, path).map(|(s, uri)| doc_id(s, &uri))
+}
+
 fn doc_id(source: &SourceSpec, uri: &str) -> String {
     format!("{}:{uri}", source.name)
 }

@@ -16,7 +16,15 @@ pub struct VersionPrunerStage {
     pub store: Arc<dyn VectorStore>,
     pub ledger: Arc<Ledger>,
     pub cache: CacheHandle,
+    /// How long one prune tries to invalidate the cache before it fails
+    /// ([`INVALIDATION_BUDGET`]).
+    pub invalidation_budget: std::time::Duration,
 }
+
+/// See [`VersionPrunerStage::invalidation_budget`]: a Redis failover or a
+/// network blip passes within it; a longer outage fails the job, which the
+/// pool retries and, after its attempts, dead-letters (replayable).
+pub const INVALIDATION_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The most events the pruner takes at once: one store call (a scroll,
 /// paged, and at most one delete) prunes them all.
@@ -83,7 +91,9 @@ impl VersionPrunerStage {
             // A failed invalidation fails the batch, which is retried
             // whole: the removal again finds nothing to remove, and the
             // ledger is told only once both are done.
-            self.cache.invalidate_all(&removals).await?;
+            self.cache
+                .invalidate_all(&removals, self.invalidation_budget)
+                .await?;
         }
         // After the removals: a version ends once what it replaced is gone.
         for event in outcomes {
@@ -121,6 +131,7 @@ mod tests {
                 actor_name: "no-cache-actor".into(),
                 cache,
             },
+            invalidation_budget: Duration::from_millis(500),
         }
     }
 
@@ -165,8 +176,9 @@ mod tests {
     }
 
     /// The versions are removed but the cache cannot be told: the prune
-    /// fails (and is retried), the version is not reported done, and the
-    /// retry drops the cached answer citing the removed version.
+    /// tries again within its budget, and past it fails (to be retried by
+    /// the pool) without reporting the version done; the retry drops the
+    /// cached answer citing the removed version.
     #[tokio::test]
     async fn a_failed_invalidation_fails_the_prune_until_it_succeeds() {
         use crate::cache_guard::SemanticCache;
@@ -178,7 +190,10 @@ mod tests {
         }
         let cache = Arc::new(Unreachable {
             inner: EmbeddedCache::new(0.98, 10, Duration::from_secs(60)),
-            failures: 1.into(),
+            // The budget (500 ms) holds three tries, at 0, 100 and 300 ms:
+            // the first prune fails, and its retry gets through at its
+            // second try.
+            failures: 4.into(),
         });
         let doc = "kb:hr/leave.md";
         let cited = crate::cache_guard::test_support::hit(doc, "v1", "hr");

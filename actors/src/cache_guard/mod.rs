@@ -94,6 +94,40 @@ pub trait SemanticCache: Send + Sync {
     }
 }
 
+/// Invalidates, trying again while the cache fails, for up to `budget`,
+/// then returns the error. A missed invalidation would serve removed text
+/// until the entries expire, so the caller does not go on without it (the
+/// pruner's job fails and is retried, a node's start fails); the retries
+/// here ride out a blip without restarting a worker for each failure.
+///
+/// | retry | delay |
+/// |-------|-------|
+/// | 1 | 100 ms |
+/// | 2 | 200 ms |
+/// | … | doubling |
+/// | 6+ | 5 s (cap) |
+pub async fn invalidate_retrying(
+    cache: &dyn SemanticCache,
+    removals: &[Removal],
+    budget: Duration,
+) -> anyhow::Result<usize> {
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match cache.invalidate_all(removals).await {
+            Ok(n) => return Ok(n),
+            Err(e) if started.elapsed() + delay > budget => {
+                return Err(e).context("invalidating the cached answers that cite removed versions")
+            }
+            Err(e) => {
+                tracing::warn!("cache invalidation failed: {e:#}; trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Is every cited chunk visible inside `scope`? Checked on every hit, so a
 /// bug in scoping can never leak a chunk across partitions.
 pub fn visible(value: &CachedAnswer, scope: &Scope) -> bool {
@@ -239,15 +273,14 @@ impl CacheHandle {
         }
     }
 
-    /// Drops the cached answers that cite what `removals` removed. An error
-    /// is the caller's to retry: a missed invalidation would serve removed
-    /// text until the entries expire.
-    pub async fn invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<()> {
-        let n = self
-            .cache
-            .invalidate_all(removals)
-            .await
-            .context("invalidating the cached answers that cite removed versions")?;
+    /// Drops the cached answers that cite what `removals` removed, trying
+    /// again for up to `budget` (see [`invalidate_retrying`]).
+    pub async fn invalidate_all(
+        &self,
+        removals: &[Removal],
+        budget: Duration,
+    ) -> anyhow::Result<()> {
+        let n = invalidate_retrying(self.cache.as_ref(), removals, budget).await?;
         if n > 0 {
             tracing::debug!(docs = removals.len(), n, "invalidated cached answers");
         }
