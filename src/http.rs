@@ -320,15 +320,22 @@ async fn ingest(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
     if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
-    if !node.roles.ingest {
-        // An index node keeps only a version map; the per-document ledger
-        // (seen, indexed, failed) is the ingest node's.
-        return error(
-            StatusCode::CONFLICT,
-            "this node has no ingest role: the ingest ledger is on the ingest nodes",
-        );
+    if let Some(r) = ingest_only(&node) {
+        return r;
     }
     Json(node.ledger.counts()).into_response()
+}
+
+/// The 409 for a ledger request to a node without the ingest role: an
+/// index node keeps only a version map; the per-document ledger (seen,
+/// indexed, failed, and why) is the ingest node's.
+fn ingest_only(node: &Node) -> Option<Response> {
+    (!node.roles.ingest).then(|| {
+        error(
+            StatusCode::CONFLICT,
+            "this node has no ingest role: the ingest ledger is on the ingest nodes",
+        )
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -353,11 +360,8 @@ async fn documents(
     if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
-    if !node.roles.ingest {
-        return error(
-            StatusCode::CONFLICT,
-            "this node has no ingest role: the ingest ledger is on the ingest nodes",
-        );
+    if let Some(r) = ingest_only(&node) {
+        return r;
     }
     let params = match params {
         Ok(p) => p.0,

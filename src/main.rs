@@ -65,14 +65,8 @@ enum Command {
     },
     /// Show a running daemon's actor tree and ingest ledger.
     Status {
-        /// Admin API base URL; defaults to the config's [admin] bind.
-        #[arg(long)]
-        url: Option<String>,
-        /// Admin token; defaults to the config's [admin] token.
-        #[arg(long, env = "RAGD_ADMIN_TOKEN")]
-        token: Option<String>,
-        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminTarget,
     },
     /// List a running daemon's documents from its ingest ledger: which were
     /// skipped or dead-lettered, and why. One line per document.
@@ -91,14 +85,8 @@ enum Command {
         /// Start after this document id (the previous page's last).
         #[arg(long)]
         after: Option<String>,
-        /// Admin API base URL; defaults to the config's [admin] bind.
-        #[arg(long)]
-        url: Option<String>,
-        /// Admin token; defaults to the config's [admin] token.
-        #[arg(long, env = "RAGD_ADMIN_TOKEN")]
-        token: Option<String>,
-        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminTarget,
     },
     /// Embed texts with a sentence encoder: one JSON array per line per text.
     Embed {
@@ -134,6 +122,19 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
         config: PathBuf,
     },
+}
+
+/// Where a client command finds a running daemon's admin API.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// Admin API base URL; defaults to the config's [admin] bind.
+    #[arg(long)]
+    url: Option<String>,
+    /// Admin token; defaults to the config's [admin] token.
+    #[arg(long, env = "RAGD_ADMIN_TOKEN")]
+    token: Option<String>,
+    #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
+    config: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -227,8 +228,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             ask(&base, &token, &question, top_k, json).await
         }
-        Command::Status { url, token, config } => {
-            let (base, token) = admin_target(url, token, &config)?;
+        Command::Status { admin } => {
+            let (base, token) = admin_target(admin.url, admin.token, &admin.config)?;
             status(&base, token.as_deref()).await
         }
         Command::Docs {
@@ -236,11 +237,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             prefix,
             limit,
             after,
-            url,
-            token,
-            config,
+            admin,
         } => {
-            let (base, token) = admin_target(url, token, &config)?;
+            let (base, token) = admin_target(admin.url, admin.token, &admin.config)?;
             let mut query = vec![("prefix", prefix), ("limit", limit.to_string())];
             query.extend(status.map(|s| ("status", s)));
             query.extend(after.map(|a| ("after", a)));
