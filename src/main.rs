@@ -147,12 +147,8 @@ enum DlqCommand {
     /// Ingest a dead-lettered document again (after fixing it), through the running daemon.
     Replay {
         id: u64,
-        #[arg(long)]
-        url: Option<String>,
-        #[arg(long, env = "RAGD_ADMIN_TOKEN")]
-        token: Option<String>,
-        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminTarget,
     },
 }
 
@@ -333,15 +329,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq {
-            command:
-                DlqCommand::Replay {
-                    id,
-                    url,
-                    token,
-                    config,
-                },
+            command: DlqCommand::Replay { id, admin },
         } => {
-            let (base, token) = admin_target(url, token, &config)?;
+            let (base, token) = admin_target(admin.url, admin.token, &admin.config)?;
             let resp = admin_request(
                 reqwest::Client::new().post(format!("{base}/dlq/{id}/replay")),
                 token.as_deref(),

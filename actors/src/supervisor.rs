@@ -278,6 +278,25 @@ mod tests {
         }
     }
 
+    /// A root supervisor of one child.
+    async fn supervise(
+        name: &str,
+        start: StartFn,
+        policy: RestartPolicy,
+        registry: &StatsRegistry,
+    ) -> ActorRef<SupervisorMsg> {
+        let args = SupervisorArgs {
+            path: "root".into(),
+            children: vec![ChildSpec {
+                name: name.into(),
+                start,
+            }],
+            policy,
+            registry: registry.clone(),
+        };
+        Actor::spawn(None, Supervisor, args).await.unwrap().0
+    }
+
     /// A child stopped with [`RETIRE`] stays stopped; one stopped for any
     /// other reason comes back.
     #[tokio::test]
@@ -295,21 +314,7 @@ mod tests {
             base: Duration::from_millis(10),
             ..RestartPolicy::default()
         };
-        let (sup, _h) = Actor::spawn(
-            None,
-            Supervisor,
-            SupervisorArgs {
-                path: "root".into(),
-                children: vec![ChildSpec {
-                    name: "idle".into(),
-                    start,
-                }],
-                policy,
-                registry: registry.clone(),
-            },
-        )
-        .await
-        .unwrap();
+        let sup = supervise("idle", start, policy, &registry).await;
         let restarts = || {
             registry
                 .get("root")
@@ -347,21 +352,7 @@ mod tests {
                 Ok(r.get_cell())
             })
         });
-        let (sup, _h) = Actor::spawn(
-            None,
-            Supervisor,
-            SupervisorArgs {
-                path: "root".into(),
-                children: vec![ChildSpec {
-                    name: "flaky".into(),
-                    start,
-                }],
-                policy: RestartPolicy::default(),
-                registry: registry.clone(),
-            },
-        )
-        .await
-        .unwrap();
+        let sup = supervise("flaky", start, RestartPolicy::default(), &registry).await;
         for round in 1..=2u64 {
             let child: ActorRef<()> =
                 ActorRef::where_is("flaky-test-child").expect("child registered");
