@@ -106,19 +106,23 @@ async fn remove_at_start(
         return Ok(());
     }
     for batch in removals.chunks(PRUNE_BATCH) {
-        store
-            .remove(batch)
-            .await
-            .context("removing at start what the sources no longer have")?;
         // Not without it: a shared cache would go on serving answers that
-        // quote these documents, from their old partition.
+        // quote these documents, from their old partition. And first: a
+        // start that fails here finds the same removals at the next start,
+        // whereas removed first, they would be gone and the cache never
+        // told. (The invalidation's tombstones keep answers citing them
+        // from being cached meanwhile.)
         ragd_actors::cache_guard::invalidate_retrying(
             cache,
             batch,
             ragd_actors::version_pruner::INVALIDATION_BUDGET,
         )
         .await
-        .context("the semantic cache must drop what was removed at start")?;
+        .context("the semantic cache must drop what is removed at start")?;
+        store
+            .remove(batch)
+            .await
+            .context("removing at start what the sources no longer have")?;
     }
     let whole: HashSet<&str> = removals
         .iter()

@@ -155,6 +155,8 @@ pub enum WatchMsg {
     Replay(String, PathBuf),
     /// Is a source root that was missing at start back?
     RootCheck,
+    /// Try the files of [`WatcherArgs::retry`] again.
+    Retry,
 }
 
 pub struct SourceWatcher;
@@ -178,11 +180,17 @@ pub struct WatcherArgs {
     pub scanned: Arc<AtomicBool>,
     /// Restrict scans to these paths (inside the sources); empty: everything.
     pub only: Vec<PathBuf>,
-    /// Files that could not be read for a reason that passes (too many open
-    /// files in a burst, an I/O error): looked at again after
-    /// [`RETRY_AFTER`], since no event may ever come for them.
-    pub retry: Arc<parking_lot::Mutex<Vec<PathBuf>>>,
+    /// Files that could not be read for a reason that may pass (too many
+    /// open files in a burst, an I/O error), with the tries so far and
+    /// whether a replay forced them: looked at again every
+    /// [`RETRY_AFTER`], since no event may ever come for them, up to
+    /// [`READ_TRIES`] times. One entry per path, however often it is found.
+    pub retry: Arc<parking_lot::Mutex<HashMap<PathBuf, (u32, bool)>>>,
 }
+
+/// See [`WatcherArgs::retry`]: past this many tries the file is skipped
+/// with the error, and what the index had of it goes.
+pub const READ_TRIES: u32 = 5;
 
 /// See [`WatcherArgs::retry`]; also how often a missing source root is
 /// looked for.
@@ -195,6 +203,8 @@ pub struct WatcherState {
     /// full scan reads every file).
     rescan_queued: bool,
     rescans: u64,
+    /// A [`WatchMsg::Retry`] is on its way.
+    retry_scheduled: bool,
     /// Sources whose root was missing at start: unwatched until it is back,
     /// which restarts the watcher (their documents stay indexed meanwhile:
     /// a root that is gone for a moment, a deploy swapping folders or an
@@ -302,6 +312,7 @@ impl Actor for SourceWatcher {
             // The first scan: whatever is lost before it starts, it sees.
             rescan_queued: true,
             rescans: 0,
+            retry_scheduled: false,
             missing_roots,
             _debouncer: debouncer,
             _pollers: pollers,
@@ -315,20 +326,13 @@ impl Actor for SourceWatcher {
         st: &mut WatcherState,
     ) -> Result<(), ActorProcessingErr> {
         self.handle_msg(&myself, msg, st).await?;
-        let due = std::mem::take(&mut *st.args.retry.lock());
-        if !due.is_empty() {
+        // One timer for all the files waiting to be tried again.
+        if !st.retry_scheduled && !st.args.retry.lock().is_empty() {
+            st.retry_scheduled = true;
             let me = myself.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(RETRY_AFTER).await;
-                let kind = notify::EventKind::Modify(notify::event::ModifyKind::Any);
-                let events = due
-                    .into_iter()
-                    .map(|p| {
-                        let e = notify::Event::new(kind).add_path(p);
-                        notify_debouncer_full::DebouncedEvent::new(e, std::time::Instant::now())
-                    })
-                    .collect();
-                let _ = me.cast(WatchMsg::Fs(Ok(events)));
+                let _ = me.cast(WatchMsg::Retry);
             });
         }
         Ok(())
@@ -343,6 +347,24 @@ impl SourceWatcher {
         st: &mut WatcherState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            WatchMsg::Retry => {
+                st.retry_scheduled = false;
+                let due: Vec<(PathBuf, bool)> = st
+                    .args
+                    .retry
+                    .lock()
+                    .iter()
+                    .map(|(p, (_, force))| (p.clone(), *force))
+                    .collect();
+                for (path, force) in due {
+                    match source_of(&st.args.sources, &path) {
+                        Some((source, uri)) => consider(&st.args, source, &path, &uri, force).await,
+                        None => {
+                            st.args.retry.lock().remove(&path);
+                        }
+                    }
+                }
+            }
             WatchMsg::RootCheck => {
                 if let Some(s) = st.missing_roots.iter().find(|s| s.root.is_dir()) {
                     return Err(format!(
@@ -371,12 +393,16 @@ impl SourceWatcher {
             WatchMsg::Replay(id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
                     if id == doc_id(source, &uri) {
-                        if tokio::fs::symlink_metadata(&path).await.is_ok() {
-                            consider(&st.args, source, &path, &uri, true).await;
-                        } else {
-                            // Gone: what failed was its deletion (or the
-                            // prune after it), which runs again.
-                            remove(&st.args, &id).await;
+                        match tokio::fs::symlink_metadata(&path).await {
+                            // Gone (from a source that is there): what
+                            // failed was its deletion (or the prune after
+                            // it), which runs again.
+                            Err(e) if gone(&e) && source.root.is_dir() => {
+                                remove(&st.args, &id).await
+                            }
+                            // There, or unreadable for now (which the
+                            // probe tells, and tries again).
+                            _ => consider(&st.args, source, &path, &uri, true).await,
                         }
                     }
                 }
@@ -849,6 +875,11 @@ async fn decide(
 ) {
     let id = doc_id(source, uri);
     let skip = |reason: String| args.ledger.record_skipped(&id, reason);
+    let passing =
+        matches!(&probed, Err(e) if !gone(e) && e.kind() != std::io::ErrorKind::PermissionDenied);
+    if !passing && args.retry.lock().remove(path).is_some() {
+        tracing::info!("{} reads again", path.display());
+    }
     let partition = source.partition_for(uri);
     let (size, version) = match probed {
         Ok(Probe::Read { size, content }) => (size, version_of(&content, &partition)),
@@ -881,10 +912,24 @@ async fn decide(
         }
         Err(e) if !gone(&e) => {
             // Too many open files in a burst, an I/O error: it may read
-            // next time, and no event may ever come for it.
-            tracing::warn!("cannot read {}: {e}; trying again", path.display());
-            args.retry.lock().push(path.to_path_buf());
-            return;
+            // next time, and no event may ever come for it. (A one-shot
+            // ingest does not wait for that.)
+            let tries = {
+                let mut retry = args.retry.lock();
+                let entry = retry.entry(path.to_path_buf()).or_insert((0, force));
+                entry.0 += 1;
+                entry.1 |= force;
+                entry.0
+            };
+            if args.watch && tries < READ_TRIES {
+                tracing::warn!("cannot read {}: {e}; trying again", path.display());
+                return;
+            }
+            args.retry.lock().remove(path);
+            if args.known.lock().contains_key(&id) {
+                remove(args, &id).await;
+            }
+            return skip(format!("cannot read the file: {e}"));
         }
         Err(_) => return, // vanished; its removal event follows
     };
@@ -1299,13 +1344,33 @@ mod tests {
     #[tokio::test]
     async fn an_unreadable_file_leaves_the_index_and_says_why() {
         let rig = Rig::new();
-        let args = rig.args(false);
+        let args = rig.args(true);
         let source = rig.source();
         let path = rig.root.join("a.md");
         rig.known.lock().insert("kb:a.md".into(), "v1".into());
         let vanished = Err(std::io::Error::from(std::io::ErrorKind::NotFound));
         decide(&args, &source, &path, "a.md", false, vanished).await;
         assert!(rig.index_q.is_empty());
+        // Too many open files (a burst): kept, and tried again, once per
+        // path however often it is found, up to READ_TRIES times.
+        let emfile = || Err(std::io::Error::from_raw_os_error(24));
+        for tries in 1..READ_TRIES {
+            decide(&args, &source, &path, "a.md", false, emfile()).await;
+            assert!(rig.index_q.is_empty());
+            assert_eq!(args.retry.lock().get(&path), Some(&(tries, false)));
+        }
+        decide(&args, &source, &path, "a.md", false, emfile()).await;
+        assert!(args.retry.lock().is_empty());
+        assert_eq!(rig.deleted(), ["kb:a.md"], "given up: skipped");
+        // A one-shot ingest does not wait for a retry.
+        let once = rig.args(false);
+        decide(&once, &source, &path, "a.md", false, emfile()).await;
+        assert!(once.retry.lock().is_empty());
+        assert!(matches!(
+            rig.ledger.status("kb:a.md"),
+            Some(DocStatus::Skipped(_))
+        ));
+        rig.known.lock().insert("kb:a.md".into(), "v1".into());
         let denied = Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
         decide(&args, &source, &path, "a.md", false, denied).await;
         assert_eq!(rig.deleted(), ["kb:a.md"]);

@@ -82,18 +82,20 @@ impl VersionPrunerStage {
             outcomes.push(event);
         }
         if !removals.is_empty() {
+            // The cache first: a prune that fails (or dies) here is done
+            // again whole, whereas one that removed first and then failed
+            // would find nothing to remove next time and never tell the
+            // cache. The invalidation's tombstones keep an answer computed
+            // from the old version meanwhile from being cached.
+            self.cache
+                .invalidate_all(&removals, self.invalidation_budget)
+                .await?;
             let removed = self.store.remove(&removals).await?;
             for (r, versions) in removals.iter().zip(&removed) {
                 if !versions.is_empty() {
                     tracing::debug!(doc = %r.doc_id, ?versions, "pruned old versions");
                 }
             }
-            // A failed invalidation fails the batch, which is retried
-            // whole: the removal again finds nothing to remove, and the
-            // ledger is told only once both are done.
-            self.cache
-                .invalidate_all(&removals, self.invalidation_budget)
-                .await?;
         }
         // After the removals: a version ends once what it replaced is gone.
         for event in outcomes {
@@ -175,10 +177,10 @@ mod tests {
         }
     }
 
-    /// The versions are removed but the cache cannot be told: the prune
-    /// tries again within its budget, and past it fails (to be retried by
-    /// the pool) without reporting the version done; the retry drops the
-    /// cached answer citing the removed version.
+    /// The cache cannot be told: the prune tries again within its budget,
+    /// and past it fails (to be retried by the pool) having removed
+    /// nothing and without reporting the version done; the retry drops
+    /// the cached answer citing the old version, then the version.
     #[tokio::test]
     async fn a_failed_invalidation_fails_the_prune_until_it_succeeds() {
         use crate::cache_guard::SemanticCache;
@@ -215,11 +217,16 @@ mod tests {
         };
         let err = pruner.process(event.clone()).await.unwrap_err();
         assert!(format!("{err:#}").contains("connection refused"), "{err:#}");
-        assert_eq!(versions(&store).await, ["v2"], "the store's part is done");
+        assert_eq!(
+            versions(&store).await,
+            ["v1", "v2"],
+            "nothing removed before the cache is told"
+        );
         assert_eq!(ledger.status(doc), Some(crate::ledger::DocStatus::InFlight));
         assert!(cache.lookup(&q, &scope, 5).await.unwrap().is_some());
 
         pruner.process(event).await.unwrap();
+        assert_eq!(versions(&store).await, ["v2"]);
         assert_eq!(cache.lookup(&q, &scope, 5).await.unwrap(), None);
         assert_eq!(ledger.status(doc), Some(crate::ledger::DocStatus::Indexed));
     }
