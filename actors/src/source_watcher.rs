@@ -225,23 +225,10 @@ impl Actor for SourceWatcher {
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
         let (mut debouncer, mut pollers) = (None, Vec::new());
-        let missing_roots: Vec<SourceSpec> = args
-            .sources
-            .iter()
-            .filter(|s| !s.root.is_dir())
-            .cloned()
-            .collect();
-        for s in &missing_roots {
-            let why = format!(
-                "source root {} is missing; its documents stay indexed, and it is watched again once it is back",
-                s.root.display()
-            );
-            tracing::warn!("{why}");
-            args.stats.set_error(why);
-        }
-        if args.watch && !missing_roots.is_empty() {
-            myself.cast(WatchMsg::RootCheck)?;
-        }
+        // One look at each root decides how it is watched: a root that
+        // vanished between two looks would be neither watched nor checked.
+        let (watched, mut missing_roots): (Vec<SourceSpec>, Vec<SourceSpec>) =
+            args.sources.iter().cloned().partition(|s| s.root.is_dir());
         if args.watch {
             let handler = |me: ActorRef<WatchMsg>, polled: bool| {
                 move |res: DebounceEventResult| {
@@ -270,12 +257,6 @@ impl Actor for SourceWatcher {
                 RecommendedCache::new(),
                 config,
             );
-            let watched: Vec<SourceSpec> = args
-                .sources
-                .iter()
-                .filter(|s| s.root.is_dir())
-                .cloned()
-                .collect();
             let plan = plan_watches(&watched, |s| match &mut native {
                 Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
                     // Whatever part of the tree it did watch goes too.
@@ -285,6 +266,12 @@ impl Actor for SourceWatcher {
             });
             for (s, (poll, why)) in watched.iter().zip(plan) {
                 let Some(every) = poll else { continue };
+                if why.is_some() && !s.root.is_dir() {
+                    // Its kernel watch failed because it vanished meanwhile;
+                    // notify's poller would watch nothing for it.
+                    missing_roots.push(s.clone());
+                    continue;
+                }
                 if let Some(why) = why {
                     tracing::warn!("{why}");
                     args.stats.set_error(why);
@@ -304,6 +291,17 @@ impl Actor for SourceWatcher {
                 pollers.push(p);
             }
             debouncer = native.ok();
+        }
+        for s in &missing_roots {
+            let why = format!(
+                "source root {} is missing; its documents stay indexed, and it is watched again once it is back",
+                s.root.display()
+            );
+            tracing::warn!("{why}");
+            args.stats.set_error(why);
+        }
+        if args.watch && !missing_roots.is_empty() {
+            myself.cast(WatchMsg::RootCheck)?;
         }
         myself.cast(WatchMsg::Rescan)?;
         args.stats.set_status("scanning");
