@@ -327,11 +327,7 @@ impl Actor for SourceWatcher {
         // One timer for all the files waiting to be tried again.
         if !st.retry_scheduled && !st.args.retry.lock().is_empty() {
             st.retry_scheduled = true;
-            let me = myself.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(RETRY_AFTER).await;
-                let _ = me.cast(WatchMsg::Retry);
-            });
+            cast_later(&myself, WatchMsg::Retry);
         }
         Ok(())
     }
@@ -371,11 +367,7 @@ impl SourceWatcher {
                     )
                     .into());
                 }
-                let me = myself.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(RETRY_AFTER).await;
-                    let _ = me.cast(WatchMsg::RootCheck);
-                });
+                cast_later(myself, WatchMsg::RootCheck);
             }
             WatchMsg::Rescan => {
                 // From here on a lost event may be behind the walk: the
@@ -430,17 +422,7 @@ impl SourceWatcher {
                 // (its removal folded with those under it) loses what it
                 // no longer holds. Other folder events (created, moved in)
                 // only add.
-                let removed: HashSet<&Path> = events
-                    .iter()
-                    .filter(|e| {
-                        matches!(
-                            e.kind,
-                            notify::EventKind::Remove(_)
-                                | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
-                        )
-                    })
-                    .flat_map(|e| e.paths.iter().map(PathBuf::as_path))
-                    .collect();
+                let removed: HashSet<&Path> = removed_paths(&events).collect();
                 let mut paths: Vec<PathBuf> = events
                     .iter()
                     .filter(|e| may_change_content(&e.kind))
@@ -505,11 +487,8 @@ impl WatcherState {
     }
 }
 
-/// A source root that an event removed or renamed (or a folder above it).
-fn moved_root<'s>(
-    sources: &'s [SourceSpec],
-    events: &[notify_debouncer_full::DebouncedEvent],
-) -> Option<&'s Path> {
+/// The paths that events removed or renamed (both ends of a rename).
+fn removed_paths(events: &[notify_debouncer_full::DebouncedEvent]) -> impl Iterator<Item = &Path> {
     use notify::event::ModifyKind;
     use notify::EventKind;
     events
@@ -520,9 +499,26 @@ fn moved_root<'s>(
                 EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
             )
         })
-        .flat_map(|e| e.paths.iter())
+        .flat_map(|e| e.paths.iter().map(PathBuf::as_path))
+}
+
+/// A source root that an event removed or renamed (or a folder above it).
+fn moved_root<'s>(
+    sources: &'s [SourceSpec],
+    events: &[notify_debouncer_full::DebouncedEvent],
+) -> Option<&'s Path> {
+    removed_paths(events)
         .find_map(|p| sources.iter().find(|s| s.root.starts_with(p)))
         .map(|s| s.root.as_path())
+}
+
+/// Sends `msg` to the watcher after [`RETRY_AFTER`].
+fn cast_later(me: &ActorRef<WatchMsg>, msg: WatchMsg) {
+    let me = me.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(RETRY_AFTER).await;
+        let _ = me.cast(msg);
+    });
 }
 
 /// Whether an event can mean a file's content or presence changed. notify
@@ -872,7 +868,7 @@ async fn decide(
     probed: std::io::Result<Probe>,
 ) {
     let id = doc_id(source, uri);
-    let skip = |reason: String| args.ledger.record_skipped(&id, reason);
+    let skip = |reason: String| skip_whole(args, &id, reason);
     let passing =
         matches!(&probed, Err(e) if !gone(e) && e.kind() != std::io::ErrorKind::PermissionDenied);
     if !passing && args.retry.lock().remove(path).is_some() {
@@ -883,30 +879,21 @@ async fn decide(
         Ok(Probe::Read { size, content }) => (size, version_of(&content, &partition)),
         Ok(Probe::TooBig(size)) => {
             // Never read a huge file just to hash it.
-            if args.known.lock().contains_key(&id) {
-                remove(args, &id).await;
-            }
+            let limit = args.max_file_bytes;
             return skip(format!(
-                "file of {size} bytes is over the {} byte limit",
-                args.max_file_bytes
-            ));
+                "file of {size} bytes is over the {limit} byte limit"
+            ))
+            .await;
         }
         // What the source can no longer read, or holds as something other
         // than a file, cannot stay in the index as it was: its old text
         // would be served with no way to update or delete it.
         Ok(Probe::NotAFile) => {
-            if args.known.lock().contains_key(&id) {
-                remove(args, &id).await;
-            }
-            return skip(
-                "not a regular file (a symbolic link, FIFO, socket or device): not followed".into(),
-            );
+            let why = "not a regular file (a symbolic link, FIFO, socket or device): not followed";
+            return skip(why.into()).await;
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            if args.known.lock().contains_key(&id) {
-                remove(args, &id).await;
-            }
-            return skip(format!("cannot read the file: {e}"));
+            return skip(format!("cannot read the file: {e}")).await;
         }
         Err(e) if !gone(&e) => {
             // Too many open files in a burst, an I/O error: it may read
@@ -924,10 +911,7 @@ async fn decide(
                 return;
             }
             args.retry.lock().remove(path);
-            if args.known.lock().contains_key(&id) {
-                remove(args, &id).await;
-            }
-            return skip(format!("cannot read the file: {e}"));
+            return skip(format!("cannot read the file: {e}")).await;
         }
         Err(_) => return, // vanished; its removal event follows
     };
@@ -964,6 +948,16 @@ async fn decide(
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
     }
+}
+
+/// Records `id` skipped as a whole: nothing of it may stay in the index
+/// either (its old text would be served with no way to update or delete
+/// it).
+async fn skip_whole(args: &WatcherArgs, id: &str, reason: String) {
+    if args.known.lock().contains_key(id) {
+        remove(args, id).await;
+    }
+    args.ledger.record_skipped(id, reason);
 }
 
 enum Probe {
@@ -1248,10 +1242,15 @@ mod tests {
                 .unwrap();
             let want = if watch { "watching" } else { "scanned" };
             wait_for(|| self.stats.status() == want).await;
+            (watcher, self.handed())
+        }
+
+        /// The documents handed on to be chunked since the last call.
+        fn handed(&self) -> Vec<String> {
             let mut docs: Vec<String> =
                 self.chunk_q.drain().into_iter().map(|d| d.doc_id).collect();
             docs.sort();
-            (watcher, docs)
+            docs
         }
 
         /// The documents whose deletion was handed on since the last call.
@@ -1301,12 +1300,21 @@ mod tests {
         assert_eq!(scanned.len(), 3);
         std::fs::remove_dir_all(rig.root.join("site")).unwrap();
         rig.write("site/a.md", "# A\n\nnew");
+        // Seen only as created (a folder moved in): what it holds is
+        // considered, nothing is taken away.
+        let created = notify::EventKind::Create(notify::event::CreateKind::Folder);
+        watcher
+            .cast(event(created, &rig.root.join("site")))
+            .unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:site/a.md"], "its new version");
+        assert!(rig.deleted().is_empty());
+        // Seen as removed (its removal folded into its event): b.md goes.
         let kind = notify::EventKind::Remove(notify::event::RemoveKind::Folder);
         watcher.cast(event(kind, &rig.root.join("site"))).unwrap();
-        wait_for(|| !rig.chunk_q.is_empty() && !rig.index_q.is_empty()).await;
+        wait_for(|| !rig.index_q.is_empty()).await;
         assert_eq!(rig.deleted(), ["kb:site/b.md"]);
-        let handed: Vec<String> = rig.chunk_q.drain().into_iter().map(|d| d.doc_id).collect();
-        assert_eq!(handed, ["kb:site/a.md"], "its new version");
+        assert!(rig.handed().is_empty(), "a.md is unchanged since");
         watcher.stop(None);
     }
 
@@ -1478,8 +1486,7 @@ mod tests {
         let a = rig.root.join("a.md");
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
-        let handed: Vec<String> = rig.chunk_q.drain().into_iter().map(|d| d.doc_id).collect();
-        assert_eq!(handed, ["kb:a.md"], "read again, though unchanged");
+        assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
         watcher.stop(None);
     }
 
