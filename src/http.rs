@@ -491,8 +491,7 @@ fn replay_path(
     if let Some(p) = recorded.map(std::path::PathBuf::from).filter(|p| holds(p)) {
         return Some(p);
     }
-    let (name, uri) = entry.doc_id.split_once(':')?;
-    let source = sources.iter().find(|s| s.name == name)?;
+    let (source, uri) = ragd_actors::source_watcher::source_of_doc(sources, &entry.doc_id)?;
     Some(source.root.join(uri)).filter(|p| holds(p))
 }
 

@@ -225,7 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ask(&base, &token, &question, top_k, json).await
         }
         Command::Status { admin } => {
-            let (base, token) = admin_target(admin.url, admin.token, &admin.config)?;
+            let (base, token) = admin.resolve()?;
             status(&base, token.as_deref()).await
         }
         Command::Docs {
@@ -235,7 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             after,
             admin,
         } => {
-            let (base, token) = admin_target(admin.url, admin.token, &admin.config)?;
+            let (base, token) = admin.resolve()?;
             let mut query = vec![("prefix", prefix), ("limit", limit.to_string())];
             query.extend(status.map(|s| ("status", s)));
             query.extend(after.map(|a| ("after", a)));
@@ -331,7 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq {
             command: DlqCommand::Replay { id, admin },
         } => {
-            let (base, token) = admin_target(admin.url, admin.token, &admin.config)?;
+            let (base, token) = admin.resolve()?;
             let resp = admin_request(
                 reqwest::Client::new().post(format!("{base}/dlq/{id}/replay")),
                 token.as_deref(),
@@ -357,19 +357,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn admin_target(
-    url: Option<String>,
-    token: Option<String>,
-    config: &std::path::Path,
-) -> anyhow::Result<(String, Option<String>)> {
-    match (url, token) {
-        (Some(u), t) => Ok((u, t)),
-        (None, t) => {
-            let cfg = load(config)?;
-            Ok((
-                format!("http://{}", cfg.admin_bind),
-                t.or(cfg.admin_token.map(|s| s.0)),
-            ))
+impl AdminTarget {
+    /// The admin API's base URL and token: as given, else from the config.
+    fn resolve(self) -> anyhow::Result<(String, Option<String>)> {
+        match (self.url, self.token) {
+            (Some(u), t) => Ok((u, t)),
+            (None, t) => {
+                let cfg = load(&self.config)?;
+                Ok((
+                    format!("http://{}", cfg.admin_bind),
+                    t.or(cfg.admin_token.map(|s| s.0)),
+                ))
+            }
         }
     }
 }

@@ -92,8 +92,7 @@ async fn remove_at_start(
 ) -> anyhow::Result<()> {
     let sources = &config.sources;
     let partition_of = |doc_id: &str| {
-        let (name, uri) = doc_id.split_once(':')?;
-        let source = sources.iter().find(|s| s.name == name)?;
+        let (source, uri) = ragd_actors::source_watcher::source_of_doc(sources, doc_id)?;
         Some(source.partition_for(uri))
     };
     let rules: Option<PartitionOf> = if roles.ingest {

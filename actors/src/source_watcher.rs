@@ -550,6 +550,16 @@ fn source_of<'a>(sources: &'a [SourceSpec], path: &Path) -> Option<(&'a SourceSp
     })
 }
 
+/// The source a document id (`source:uri`) names, and its uri, if that
+/// source is configured.
+pub fn source_of_doc<'a, 'd>(
+    sources: &'a [SourceSpec],
+    doc_id: &'d str,
+) -> Option<(&'a SourceSpec, &'d str)> {
+    let (name, uri) = doc_id.split_once(':')?;
+    Some((sources.iter().find(|s| s.name == name)?, uri))
+}
+
 /// The id of the document at `path`, if a source holds it there (and the
 /// name is not one the watcher ignores).
 pub fn doc_id_at(sources: &[SourceSpec], path: &Path) -> Option<String> {
