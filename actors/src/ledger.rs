@@ -8,7 +8,8 @@
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -159,10 +160,19 @@ impl DocEntry {
 /// The entries and their counts, kept in step on every change: the admin
 /// API, /ready and /metrics read the counts often, and a recount would
 /// walk millions of entries under the lock the pipeline needs.
+///
+/// Entries are sorted by id, so the documents under a folder (`kb:site/`)
+/// are a range, not a search through every document; and the ids in each
+/// state but indexed have a sorted set of their own, so listing the few
+/// skipped among millions indexed reads only those. (Indexed is most of a
+/// ledger: a set of it would cost memory to save a filter over a range
+/// that is mostly indexed anyway.)
 #[derive(Default)]
 struct Docs {
-    map: HashMap<String, DocEntry>,
+    map: BTreeMap<Arc<str>, DocEntry>,
     counts: LedgerCounts,
+    /// By [`DocEntry::shown_name`], except "indexed".
+    by_state: HashMap<&'static str, BTreeSet<Arc<str>>>,
 }
 
 impl Docs {
@@ -181,13 +191,66 @@ impl Docs {
             let entry = DocEntry::new();
             self.counts.seen += 1;
             *entry.count(&mut self.counts) += 1;
-            self.map.insert(doc_id.to_string(), entry);
+            let id: Arc<str> = Arc::from(doc_id);
+            self.file(entry.shown_name(), &id, true);
+            self.map.insert(id, entry);
         }
         let entry = self.map.get_mut(doc_id)?;
+        let before = entry.shown_name();
         *entry.count(&mut self.counts) -= 1;
         let r = f(entry);
         *entry.count(&mut self.counts) += 1;
+        let after = entry.shown_name();
+        if before != after {
+            let id = self.map.get_key_value(doc_id)?.0.clone();
+            self.file(before, &id, false);
+            self.file(after, &id, true);
+        }
         Some(r)
+    }
+
+    /// Adds `id` to (or takes it from) the set of its state's ids.
+    fn file(&mut self, state: &'static str, id: &Arc<str>, add: bool) {
+        if state == DocStatus::Indexed.name() {
+            return;
+        }
+        let set = self.by_state.entry(state).or_default();
+        if add {
+            set.insert(id.clone());
+        } else {
+            set.remove(id);
+        }
+    }
+
+    /// The ids from `start` on (excluded or not), in order, that start
+    /// with `prefix`: of every entry, or of those in `state`.
+    fn ids_from<'a>(
+        &'a self,
+        state: Option<&'a str>,
+        prefix: &'a str,
+        start: Bound<&'a str>,
+    ) -> Box<dyn Iterator<Item = &'a Arc<str>> + 'a> {
+        let range = (start, Bound::Unbounded);
+        let within = move |id: &&Arc<str>| id.starts_with(prefix);
+        match state {
+            Some(s) if s != DocStatus::Indexed.name() => match self.by_state.get(s) {
+                Some(set) => Box::new(set.range::<str, _>(range).take_while(within)),
+                None => Box::new(std::iter::empty()),
+            },
+            Some(s) => Box::new(
+                self.map
+                    .range::<str, _>(range)
+                    .take_while(move |(id, _)| id.starts_with(prefix))
+                    .filter(move |(_, e)| e.shown_name() == s)
+                    .map(|(id, _)| id),
+            ),
+            None => Box::new(
+                self.map
+                    .range::<str, _>(range)
+                    .map(|(id, _)| id)
+                    .take_while(within),
+            ),
+        }
     }
 }
 
@@ -394,35 +457,32 @@ impl Ledger {
     /// Up to `limit` documents in id order, after `query.after`, whose
     /// id starts with `query.prefix` and whose state is `query.status`
     /// (a [`DocStatus`] name: "indexed", "skipped", …), for the admin API:
-    /// which documents were skipped, and why. One pass over the entries,
-    /// keeping the `limit` first ids, so a page costs the same at any
-    /// depth of a million documents.
+    /// which documents were skipped, and why. A range of the sorted ids
+    /// (of that state's, but for "indexed"), so a page reads about
+    /// `limit` entries wherever it starts.
     pub fn documents(&self, query: &DocQuery, limit: usize) -> Vec<DocReport> {
-        use std::collections::BinaryHeap;
         let docs = self.docs.lock();
-        let mut first: BinaryHeap<&str> = BinaryHeap::new();
-        for (id, entry) in &docs.map {
-            let wanted = query.after.as_deref().is_none_or(|a| id.as_str() > a)
-                && id.starts_with(query.prefix.as_str())
-                && query
-                    .status
-                    .as_deref()
-                    .is_none_or(|s| entry.shown_name() == s);
-            if !wanted {
-                continue;
-            }
-            first.push(id.as_str());
-            if first.len() > limit {
-                first.pop();
-            }
-        }
-        first
-            .into_sorted_vec()
-            .into_iter()
+        let prefix = query.prefix.as_str();
+        let start = match query.after.as_deref() {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        docs.ids_from(query.status.as_deref(), prefix, start)
+            .take(limit)
             .map(|id| DocReport {
                 doc_id: id.to_string(),
                 status: docs.map[id].shown(),
             })
+            .collect()
+    }
+
+    /// The documents under `prefix` (`kb:site/`) that the source still
+    /// has, as far as the ledger knows, in id order.
+    pub fn current_under(&self, prefix: &str) -> Vec<String> {
+        let docs = self.docs.lock();
+        docs.ids_from(None, prefix, Bound::Included(prefix))
+            .filter(|id| docs.map[*id].latest.is_some())
+            .map(|id| id.to_string())
             .collect()
     }
 
@@ -435,7 +495,7 @@ impl Ledger {
             .lock()
             .map
             .iter()
-            .map(|(k, e)| (k.clone(), e.latest.clone()))
+            .map(|(k, e)| (k.to_string(), e.latest.clone()))
             .collect()
     }
 
@@ -496,8 +556,25 @@ mod tests {
             ids(skipped(Some("kb:s/1.md")), 10),
             ["kb:s/2.md", "kb:s/3.md", "kb:s/4.md"]
         );
+        // A page that starts before the prefix starts at the prefix.
+        let early = DocQuery {
+            after: Some("kb:a.md".into()),
+            ..skipped(None)
+        };
+        assert_eq!(ids(early, 1), ["kb:s/0.md"]);
         let all = ledger.documents(&DocQuery::default(), 100);
         assert_eq!(all.len(), 8);
+        // What a folder holds: not its deleted files, nor a sibling whose
+        // name only starts like it.
+        ledger.record("kb:s/gone.md", None, Outcome::Deleted);
+        ledger.record("kb:s2.md", Some("v"), Outcome::Indexed);
+        let under = ledger.current_under("kb:s/");
+        assert_eq!(
+            under,
+            (0..5).map(|i| format!("kb:s/{i}.md")).collect::<Vec<_>>()
+        );
+        ledger.record("kb:s/gone.md", Some("v"), Outcome::Indexed);
+        ledger.record("kb:s2.md", None, Outcome::Deleted);
         let c = all.iter().find(|d| d.doc_id == "kb:c.md").unwrap();
         assert_eq!(c.status, DocStatus::InFlight);
         let json = serde_json::to_value(&all[all.len() - 1]).unwrap();
@@ -647,6 +724,22 @@ mod tests {
                 }
             }
             assert_eq!(ledger.counts(), recount(&ledger), "after step {step}");
+            // The per-state sets hold exactly the ids in their state, so a
+            // listing by state through them matches a filter of all ids.
+            let all = ledger.documents(&DocQuery::default(), usize::MAX);
+            for name in DocStatus::NAMES {
+                let query = DocQuery {
+                    status: Some(name.into()),
+                    ..DocQuery::default()
+                };
+                let listed = ledger.documents(&query, usize::MAX);
+                let expected: Vec<_> = all
+                    .iter()
+                    .filter(|d| d.status.name() == name)
+                    .cloned()
+                    .collect();
+                assert_eq!(listed, expected, "{name} after step {step}");
+            }
         }
     }
 
