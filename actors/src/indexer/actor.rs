@@ -354,6 +354,9 @@ pub(crate) mod tests {
         async fn remove(&self, r: &[crate::indexer::Removal]) -> anyhow::Result<Vec<Vec<String>>> {
             self.inner.remove(r).await
         }
+        async fn holds_all(&self, h: &[crate::indexer::Hit]) -> anyhow::Result<bool> {
+            self.inner.holds_all(h).await
+        }
         async fn indexed_versions(&self) -> anyhow::Result<Vec<crate::indexer::StoredVersion>> {
             self.inner.indexed_versions().await
         }

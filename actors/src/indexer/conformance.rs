@@ -182,6 +182,14 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
     };
     // Once per version (not per chunk), with the watcher's seq.
     assert_eq!(versions, vec![stored("v1", 1_000), stored("v2", 2_000)]);
+    // What an answer cached now would cite: chunks of both versions.
+    let cited = store
+        .search(&vector(0, 0), &scope(&["hr"], &["public"]), 50)
+        .await
+        .unwrap();
+    assert!(cited.iter().any(|h| h.version == "v1"));
+    assert!(store.holds_all(&cited).await.unwrap());
+    assert!(store.holds_all(&[]).await.unwrap());
     let removed = store.delete_other_versions("leave", "v2").await.unwrap();
     assert_eq!(removed, vec!["v1".to_string()]);
     assert_eq!(store.count(Some("leave")).await.unwrap(), 2);
@@ -193,6 +201,18 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
         hits.iter().all(|h| h.version == "v2"),
         "old version returned: {hits:?}"
     );
+    // The answer citing v1 is no longer backed; one citing v2 is. (A chunk
+    // index v2 lacks, of a version it has, is not there either.)
+    assert!(!store.holds_all(&cited).await.unwrap());
+    assert!(store.holds_all(&hits).await.unwrap());
+    let mut beyond = hits[0].clone();
+    beyond.chunk_index = 2;
+    assert!(!store.holds_all(&[beyond]).await.unwrap());
+    // Nor is one citing the chunk in a partition it is not in (its
+    // document moved since the answer was cached).
+    let mut moved = hits[0].clone();
+    moved.access_level = "internal".into();
+    assert!(!store.holds_all(&[moved]).await.unwrap());
     assert!(store
         .delete_other_versions("leave", "v2")
         .await

@@ -20,8 +20,8 @@
 //! segment grows past the indexing threshold.
 
 use super::{
-    check_search, check_upsert, point_id, removed_per_doc, Hit, HnswSettings, Removal, Scope,
-    StoredVersion, VectorStore, Versions,
+    all_found, check_search, check_upsert, hit_ids, point_id, removed_per_doc, Hit, HnswSettings,
+    Removal, Scope, StoredVersion, VectorStore, Versions,
 };
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::Context;
@@ -33,7 +33,7 @@ use qdrant_edge::{
     Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
     FacetRequest, FacetValue, FieldCondition, FieldIndexOperations, Filter, HnswIndexConfig,
     IntegerIndexParams, JsonPath, KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema,
-    PayloadOps, PayloadSchemaParams, PointInsertOperations, PointOperations, PointStruct,
+    PayloadOps, PayloadSchemaParams, PointId, PointInsertOperations, PointOperations, PointStruct,
     PointStructPersisted, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest,
     SearchParams, SetPayloadOp, UpdateOperation, WithPayloadInterface, WithVector,
     DEFAULT_VECTOR_NAME,
@@ -546,6 +546,36 @@ impl VectorStore for EdgeStore {
     async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
         let removals = removals.to_vec();
         self.blocking(move |s| s.remove_now(&removals)).await
+    }
+
+    async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool> {
+        let ids: Vec<PointId> = hit_ids(hits).into_iter().map(PointId::NumId).collect();
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        let found = self
+            .blocking(move |s| {
+                s.shard
+                    .retrieve(
+                        &ids,
+                        Some(WithPayloadInterface::Bool(true)),
+                        Some(WithVector::Bool(false)),
+                    )
+                    .map_err(|e| anyhow::anyhow!("vector store retrieve: {e}"))
+            })
+            .await?;
+        let found = found
+            .into_iter()
+            .filter_map(|r| {
+                let PointId::NumId(id) = r.id else {
+                    return None;
+                };
+                let pl = r.payload?.0;
+                let s = |k: &str| pl.get(k).and_then(qjson::Value::as_str).map(str::to_string);
+                Some((id, s("division")?, s("access_level")?))
+            })
+            .collect();
+        Ok(all_found(hits, &found))
     }
 
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {

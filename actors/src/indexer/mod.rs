@@ -14,6 +14,7 @@ use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 
 /// The partitions a search may look at: `division ∈ divisions` and
 /// `access_level ∈ access_levels`. Empty lists match nothing, never all.
@@ -285,6 +286,13 @@ pub trait VectorStore: Send + Sync {
     /// as the backend can (the VersionPruner's batches); the versions
     /// removed, per removal. Every backend's deletions go through this.
     async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>>;
+    /// Whether the store still holds every chunk `hits` cite (by document,
+    /// version and chunk), in the partition each hit names. A cached answer
+    /// is served only then: not one that cites a version pruned since
+    /// (its invalidation failed or was lost with the cache down), nor one
+    /// whose document moved to another partition (same text, same points,
+    /// but the cached copy would show it to the old partition's readers).
+    async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool>;
     /// Every document version in the store.
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>>;
     /// Number of points, optionally only those of one document.
@@ -371,6 +379,26 @@ pub fn check_search(
 }
 
 /// Deterministic point id: the first 8 bytes of sha256(doc id, version, index).
+/// Whether `found` (the cited points the store has: id, division, access
+/// level) backs every hit, in its partition.
+pub(crate) fn all_found(hits: &[Hit], found: &HashSet<(u64, String, String)>) -> bool {
+    hits.iter().all(|h| {
+        let id = point_id(&h.doc_id, &h.version, h.chunk_index);
+        found.contains(&(id, h.division.clone(), h.access_level.clone()))
+    })
+}
+
+/// The points `hits` are, each once.
+pub(crate) fn hit_ids(hits: &[Hit]) -> Vec<u64> {
+    let mut ids: Vec<u64> = hits
+        .iter()
+        .map(|h| point_id(&h.doc_id, &h.version, h.chunk_index))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 pub fn point_id(doc_id: &str, version: &str, chunk_index: u32) -> u64 {
     let mut h = Sha256::new();
     h.update(doc_id.as_bytes());

@@ -13,8 +13,8 @@
 //! call timed out; other errors fail at once with the server's message.
 
 use super::{
-    check_search, check_upsert, point_id, removed_per_doc, Hit, HnswSettings, Removal, Scope,
-    StoredVersion, VectorStore, Versions,
+    all_found, check_search, check_upsert, hit_ids, point_id, removed_per_doc, Hit, HnswSettings,
+    Removal, Scope, StoredVersion, VectorStore, Versions,
 };
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::{anyhow, bail, Context};
@@ -24,9 +24,10 @@ use parking_lot::Mutex;
 use qdrant_client::qdrant::{
     shard_key, Condition, CountPointsBuilder, CreateCollectionBuilder,
     CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder, CreateShardKeyRequestBuilder,
-    DeletePointsBuilder, Distance, FieldType, Filter, HnswConfigDiffBuilder, PointId, PointStruct,
-    QueryPoints, QueryPointsBuilder, Range, ScrollPointsBuilder, SearchParamsBuilder, ShardKey,
-    ShardKeySelector, ShardingMethod, UpsertPointsBuilder, Value, VectorParamsBuilder,
+    DeletePointsBuilder, Distance, FieldType, Filter, GetPointsBuilder, HnswConfigDiffBuilder,
+    PointId, PointStruct, QueryPoints, QueryPointsBuilder, Range, ScrollPointsBuilder,
+    SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod, UpsertPointsBuilder, Value,
+    VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use std::collections::{HashMap, HashSet};
@@ -535,6 +536,34 @@ impl VectorStore for QdrantStore {
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {
         self.versions_matching(Filter::must([Condition::matches("chunk_index", 0i64)]))
             .await
+    }
+
+    async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool> {
+        let ids: Vec<PointId> = hit_ids(hits).into_iter().map(PointId::from).collect();
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        // No shard key selector: every shard is looked in, and a division
+        // emptied since (its key gone) is no error, just points not found.
+        let req = GetPointsBuilder::new(&self.s.collection, ids)
+            .with_payload(true)
+            .with_vectors(false)
+            .build();
+        let found = self
+            .call("get", || self.client.get_points(req.clone()))
+            .await?
+            .result
+            .into_iter()
+            .filter_map(|p| {
+                use qdrant_client::qdrant::point_id::PointIdOptions;
+                let Some(PointIdOptions::Num(id)) = p.id?.point_id_options else {
+                    return None;
+                };
+                let division = payload_str(&p.payload, "division")?;
+                Some((id, division, payload_str(&p.payload, "access_level")?))
+            })
+            .collect();
+        Ok(all_found(hits, &found))
     }
 
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {

@@ -6,7 +6,7 @@
 //! `points_server`) implemented on Qdrant's engine (qdrant-edge), one edge
 //! shard per (collection, shard key). It implements the calls ragd makes
 //! (collections, shard keys, field indexes, upsert, query with filters,
-//! delete by filter, count, scroll) with Qdrant's semantics for custom
+//! delete by filter, count, scroll, get by id) with Qdrant's semantics for custom
 //! sharding; every other call answers `Unimplemented`. It is test support,
 //! never a production store. Faults can be injected per call.
 
@@ -740,6 +740,38 @@ impl Points for Service {
         }))
     }
 
+    async fn get(
+        &self,
+        request: Request<g::GetPoints>,
+    ) -> Result<Response<g::GetResponse>, Status> {
+        let r = request.into_inner();
+        let keys = selector_keys(&r.shard_key_selector)?;
+        self.enter("get", keys.clone())?;
+        let ids: Vec<PointId> = r.ids.into_iter().map(edge_id).collect::<Result<_, _>>()?;
+        let mut result = Vec::new();
+        for (key, shard) in self.shards(&r.collection_name, &keys)? {
+            let records = shard
+                .retrieve(
+                    &ids,
+                    Some(WithPayloadInterface::Bool(true)),
+                    Some(WithVector::Bool(false)),
+                )
+                .map_err(internal)?;
+            result.extend(records.into_iter().map(|rec| g::RetrievedPoint {
+                id: Some(grpc_id(rec.id)),
+                payload: grpc_payload(rec.payload),
+                vectors: None,
+                shard_key: Some(g::ShardKey::from(key.clone())),
+                order_value: None,
+            }));
+        }
+        Ok(Response::new(g::GetResponse {
+            result,
+            time: 0.0,
+            usage: None,
+        }))
+    }
+
     async fn scroll(
         &self,
         request: Request<g::ScrollPoints>,
@@ -788,7 +820,6 @@ impl Points for Service {
     }
 
     unimplemented_calls! {
-        get(GetPoints) -> GetResponse;
         update_vectors(UpdatePointVectors) -> PointsOperationResponse;
         delete_vectors(DeletePointVectors) -> PointsOperationResponse;
         set_payload(SetPayloadPoints) -> PointsOperationResponse;
