@@ -445,10 +445,8 @@ async fn dlq_replay(
         return error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}"));
     };
     if entry.replayed {
-        return error(
-            StatusCode::CONFLICT,
-            format!("DLQ entry {id} was replayed already"),
-        );
+        let already = ragd_actors::dlq::AlreadyReplayed(id);
+        return error(StatusCode::CONFLICT, already.to_string());
     }
     let Some(path) = replay_path(&node.config.sources, &entry) else {
         return error(
@@ -466,7 +464,14 @@ async fn dlq_replay(
         );
     };
     if let Err(e) = node.dlq.mark_replayed(id) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
+        // Another replay of it got there first (a second click, two
+        // operators): that one goes on.
+        let status = if e.is::<ragd_actors::dlq::AlreadyReplayed>() {
+            StatusCode::CONFLICT
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        return error(status, format!("{e:#}"));
     }
     let _ = watcher.cast(ragd_actors::source_watcher::WatchMsg::Replay(
         entry.doc_id.clone(),

@@ -315,9 +315,20 @@ fn a_poison_document_goes_to_the_dlq_topic_and_is_replayed() {
     );
     let id = line.split('\t').next().unwrap();
 
-    // Replay (still broken): a second entry, the first marked replayed.
-    let (ok, out, err) = ingest.ragd(&["dlq", "replay", id, "--config", config]);
-    assert!(ok, "{out}{err}");
+    // Replayed (still broken) by two operators at once: one replay goes
+    // through, the other is told it was replayed already. A second entry,
+    // the first marked replayed.
+    let replays: Vec<(bool, String, String)> = std::thread::scope(|scope| {
+        let replay = || ingest.ragd(&["dlq", "replay", id, "--config", config]);
+        let both = [scope.spawn(replay), scope.spawn(replay)];
+        both.map(|h| h.join().unwrap()).into()
+    });
+    assert_eq!(replays.iter().filter(|r| r.0).count(), 1, "{replays:?}");
+    let refused = replays.iter().find(|r| !r.0).unwrap();
+    assert!(
+        format!("{}{}", refused.1, refused.2).contains("replayed already"),
+        "{refused:?}"
+    );
     let entries = wait_for("the replayed entry", Duration::from_secs(120), || {
         let v = d.admin_json("/dlq");
         (v.as_array().unwrap().len() == 2).then_some(v)

@@ -40,12 +40,26 @@ pub trait DeadLetters: Send + Sync {
     /// Stores the entry (its `id` is assigned here) and returns the id.
     fn push(&self, entry: DlqEntry) -> anyhow::Result<u64>;
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>>;
+    /// Marks entry `id` replayed and returns it; of two calls for one
+    /// entry, one fails with [`AlreadyReplayed`].
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry>;
     /// The entry holding `version` of `doc_id`, unless it was replayed. The
     /// watcher asks this for every document it sees, so backends answer
     /// from memory without copying the whole queue.
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry>;
 }
+
+/// [`DeadLetters::mark_replayed`] of an entry that was replayed already.
+#[derive(Debug)]
+pub struct AlreadyReplayed(pub u64);
+
+impl std::fmt::Display for AlreadyReplayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DLQ entry {} was replayed already", self.0)
+    }
+}
+
+impl std::error::Error for AlreadyReplayed {}
 
 /// Whether `e` holds `version` of `doc_id` and still waits for a replay.
 pub fn is_pending(e: &DlqEntry, doc_id: &str, version: &str) -> bool {
@@ -158,7 +172,9 @@ impl DeadLetters for FileDlq {
             .iter_mut()
             .find(|e| e.id == id)
             .with_context(|| format!("no DLQ entry with id {id}"))?;
-        anyhow::ensure!(!entry.replayed, "DLQ entry {id} was already replayed");
+        if entry.replayed {
+            return Err(AlreadyReplayed(id).into());
+        }
         self.append(file, &Record::Replayed { id })?;
         entry.replayed = true;
         Ok(entry.clone())
@@ -225,7 +241,7 @@ mod tests {
         let dlq = FileDlq::open(&path).unwrap();
         assert_eq!(dlq.list().unwrap().len(), 2);
         assert_eq!(dlq.mark_replayed(2).unwrap().doc_id, "b");
-        assert!(dlq.mark_replayed(2).is_err());
+        assert!(dlq.mark_replayed(2).unwrap_err().is::<AlreadyReplayed>());
         assert!(dlq.mark_replayed(9).is_err());
         let listed = FileDlq::read(&path).unwrap();
         assert_eq!(

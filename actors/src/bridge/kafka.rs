@@ -656,18 +656,27 @@ impl DeadLetters for KafkaDlq {
     }
 
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
-        let mut entry = self
-            .entries
-            .lock()
-            .iter()
-            .find(|e| e.id == id)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("no DLQ entry {id}"))?;
-        anyhow::ensure!(!entry.replayed, "DLQ entry {id} was already replayed");
-        self.append(&Record::Replayed { id }, &entry.doc_id)?;
-        entry.replayed = true;
-        if let Some(e) = self.entries.lock().iter_mut().find(|e| e.id == id) {
+        // Claimed under the lock, then written: of two replays of one
+        // entry at once, the second finds it claimed. (The lock is not
+        // held over the write, which waits on the broker.)
+        let entry = {
+            let mut entries = self.entries.lock();
+            let e = entries
+                .iter_mut()
+                .find(|e| e.id == id)
+                .ok_or_else(|| anyhow::anyhow!("no DLQ entry {id}"))?;
+            if e.replayed {
+                return Err(crate::dlq::AlreadyReplayed(id).into());
+            }
             e.replayed = true;
+            e.clone()
+        };
+        if let Err(err) = self.append(&Record::Replayed { id }, &entry.doc_id) {
+            // Not written: it waits for a replay again.
+            if let Some(e) = self.entries.lock().iter_mut().find(|e| e.id == id) {
+                e.replayed = false;
+            }
+            return Err(err);
         }
         Ok(entry)
     }
