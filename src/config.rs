@@ -195,6 +195,9 @@ struct RawSource {
     rules: Vec<RawRule>,
     /// Poll the tree every this many seconds instead of taking file events.
     poll_secs: Option<f64>,
+    /// The root is a mount point: unmounted, it counts as missing.
+    #[serde(default)]
+    mount_point: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -950,6 +953,7 @@ fn validate(
             },
             rules,
             poll,
+            mount_point: s.mount_point,
         });
     }
     // A file under two roots would be filed under whichever source comes
@@ -1219,6 +1223,10 @@ mod tests {
         let cfg = Config::parse(&path, GOOD, std::iter::empty()).unwrap();
         assert_eq!(cfg.data_dir, dir.path().join("data"));
         assert_eq!(cfg.sources[0].name, "kb");
+        assert!(!cfg.sources[0].mount_point, "a folder unless said otherwise");
+        let share = GOOD.replace("access_level = \"internal\"\n", "access_level = \"internal\"\nmount_point = true\n");
+        let on_share = Config::parse(&path, &share, std::iter::empty()).unwrap();
+        assert!(on_share.sources[0].mount_point);
         assert_eq!((cfg.candidates, cfg.max_top_k), (50, 50));
         // Fewer candidates than the default top k: top k follows them.
         let fewer = format!("{GOOD}\n[query]\ncandidates = 20\n");

@@ -555,6 +555,7 @@ mod tests {
             },
             rules: vec![],
             poll: None,
+            mount_point: false,
         }];
         let entry = |doc_id: &str, payload: serde_json::Value| DlqEntry {
             id: 1,

@@ -38,7 +38,7 @@ use ragd_actors::supervisor::{
     ChildSpec, RestartPolicy, StartFn, Supervisor, SupervisorArgs, SupervisorMsg,
 };
 use ragd_actors::version_pruner::PRUNE_BATCH;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -408,10 +408,10 @@ impl Node {
         if seed_ledger {
             ledger.seed(&stored);
         }
-        let known: HashMap<String, String> = if roles.ingest {
+        let known: BTreeMap<String, String> = if roles.ingest {
             stored.into_iter().map(|v| (v.doc_id, v.version)).collect()
         } else {
-            HashMap::new()
+            BTreeMap::new()
         };
         tracing::info!(
             documents = known.len(),

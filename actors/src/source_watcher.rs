@@ -20,7 +20,7 @@ use notify_debouncer_full::{
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -68,6 +68,11 @@ pub struct SourceSpec {
     /// events: for network file systems (NFS, SMB), whose changes made on
     /// other machines raise no events here.
     pub poll: Option<Duration>,
+    /// The root is where a file system is mounted (a network share).
+    /// Unmounted, it is an empty folder, and would read as every document
+    /// deleted; with this set it counts as missing instead (see
+    /// [`SourceSpec::root_present`]).
+    pub mount_point: bool,
 }
 
 /// How often a tree is polled when the kernel's events cannot cover it.
@@ -108,6 +113,14 @@ fn plan_watches(
 }
 
 impl SourceSpec {
+    /// Whether the root is there to be read: a folder, and for a
+    /// [`SourceSpec::mount_point`], one with a file system mounted on it.
+    /// A source whose root is not is left alone: its documents stay
+    /// indexed until it is back.
+    pub fn root_present(&self) -> bool {
+        self.root.is_dir() && (!self.mount_point || is_mount_point(&self.root))
+    }
+
     pub fn partition_for(&self, uri: &str) -> Partition {
         self.rules
             .iter()
@@ -117,6 +130,17 @@ impl SourceSpec {
             })
             .map(|r| r.partition.clone())
             .unwrap_or_else(|| self.partition.clone())
+    }
+}
+
+/// Whether a file system is mounted at `path`: it lies on another device
+/// than its parent folder, or is its own parent (`/`). (A bind mount of a
+/// folder of the same file system is not told apart from a folder.)
+pub fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), std::fs::metadata(path.join(".."))) {
+        (Ok(here), Ok(above)) => here.dev() != above.dev() || here.ino() == above.ino(),
+        _ => false,
     }
 }
 
@@ -170,7 +194,7 @@ pub struct WatcherArgs {
     /// Deletions, to the Indexer (local queue, or the `embedded` topic).
     pub index_q: Port<IndexJob>,
     /// Versions already in the vector store, by doc id.
-    pub known: Arc<parking_lot::Mutex<HashMap<String, String>>>,
+    pub known: Arc<parking_lot::Mutex<BTreeMap<String, String>>>,
     pub max_file_bytes: u64,
     /// Watch for changes after the first scan (false for one-shot ingest).
     pub watch: bool,
@@ -228,7 +252,7 @@ impl Actor for SourceWatcher {
         // One look at each root decides how it is watched: a root that
         // vanished between two looks would be neither watched nor checked.
         let (watched, mut missing_roots): (Vec<SourceSpec>, Vec<SourceSpec>) =
-            args.sources.iter().cloned().partition(|s| s.root.is_dir());
+            args.sources.iter().cloned().partition(SourceSpec::root_present);
         if args.watch {
             let handler = |me: ActorRef<WatchMsg>, polled: bool| {
                 move |res: DebounceEventResult| {
@@ -266,7 +290,7 @@ impl Actor for SourceWatcher {
             });
             for (s, (poll, why)) in watched.iter().zip(plan) {
                 let Some(every) = poll else { continue };
-                if why.is_some() && !s.root.is_dir() {
+                if why.is_some() && !s.root_present() {
                     // Its kernel watch failed because it vanished meanwhile;
                     // notify's poller would watch nothing for it.
                     missing_roots.push(s.clone());
@@ -293,8 +317,13 @@ impl Actor for SourceWatcher {
             debouncer = native.ok();
         }
         for s in &missing_roots {
+            let what = if s.mount_point && s.root.is_dir() {
+                "has nothing mounted on it"
+            } else {
+                "is missing"
+            };
             let why = format!(
-                "source root {} is missing; its documents stay indexed, and it is watched again once it is back",
+                "source root {} {what}; its documents stay indexed, and it is watched again once it is back",
                 s.root.display()
             );
             tracing::warn!("{why}");
@@ -323,6 +352,15 @@ impl Actor for SourceWatcher {
         msg: WatchMsg,
         st: &mut WatcherState,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some(s) = st.unmounted() {
+            // Before anything reads the empty folder as every file deleted.
+            // Started afresh, the watcher finds it missing and waits for it.
+            return Err(format!(
+                "source root {} is no longer mounted; its documents stay, and it is watched again once it is back",
+                s.root.display()
+            )
+            .into());
+        }
         self.handle_msg(&myself, msg, st).await?;
         // One timer for all the files waiting to be tried again.
         if !st.retry_scheduled && !st.args.retry.lock().is_empty() {
@@ -360,7 +398,7 @@ impl SourceWatcher {
                 }
             }
             WatchMsg::RootCheck => {
-                if let Some(s) = st.missing_roots.iter().find(|s| s.root.is_dir()) {
+                if let Some(s) = st.missing_roots.iter().find(|s| s.root_present()) {
                     return Err(format!(
                         "source root {} is back; watching it anew",
                         s.root.display()
@@ -387,7 +425,7 @@ impl SourceWatcher {
                             // Gone (from a source that is there): what
                             // failed was its deletion (or the prune after
                             // it), which runs again.
-                            Err(e) if gone(&e) && source.root.is_dir() => {
+                            Err(e) if gone(&e) && source.root_present() => {
                                 remove(&st.args, &id).await
                             }
                             // There, or unreadable for now (which the
@@ -398,6 +436,18 @@ impl SourceWatcher {
                 }
             }
             WatchMsg::Fs(Err(errors)) => {
+                if errors
+                    .iter()
+                    .any(|e| matches!(e.kind, notify::ErrorKind::MaxFilesWatch))
+                {
+                    // Folders made since the start took the kernel's last
+                    // watches: the ones after them are not watched, and
+                    // notify adds no more. Started afresh, the watcher
+                    // finds the tree too big to watch and polls it.
+                    return Err("inotify's watch limit (fs.inotify.max_user_watches) was reached; \
+                                watching anew, polling what does not fit"
+                        .into());
+                }
                 for e in &errors {
                     tracing::warn!("watch error: {e}; rescanning");
                     st.args.stats.set_error(e.to_string());
@@ -466,6 +516,15 @@ impl SourceWatcher {
 }
 
 impl WatcherState {
+    /// A watched mount-point source whose file system is gone.
+    fn unmounted(&self) -> Option<&SourceSpec> {
+        self.args.sources.iter().find(|s| {
+            s.mount_point
+                && !self.missing_roots.iter().any(|m| m.name == s.name)
+                && !s.root_present()
+        })
+    }
+
     /// Queues a full rescan unless one is already waiting.
     fn request_rescan(
         &mut self,
@@ -624,19 +683,15 @@ fn indexed_under(args: &WatcherArgs, id: &str) -> Vec<String> {
     if args.ledger.latest_version(id).is_some() || args.known.lock().contains_key(id) {
         return vec![id.to_string()];
     }
+    // Both are sorted by id: what is under the folder is a range of each.
     let prefix = format!("{id}/");
-    let mut found: Vec<String> = args
-        .ledger
-        .known_docs()
-        .into_iter()
-        .filter(|(d, v)| v.is_some() && d.starts_with(&prefix))
-        .map(|(d, _)| d)
-        .collect();
+    let mut found = args.ledger.current_under(&prefix);
     found.extend(
         args.known
             .lock()
-            .keys()
-            .filter(|d| d.starts_with(&prefix))
+            .range(prefix.clone()..)
+            .map(|(d, _)| d)
+            .take_while(|d| d.starts_with(&prefix))
             .cloned(),
     );
     found.sort();
@@ -729,6 +784,11 @@ async fn rescan(args: &WatcherArgs) {
     };
     let mut unreadable = Unreadable::default();
     for root in roots {
+        if let Some(s) = args.sources.iter().find(|s| s.root == root && !s.root_present()) {
+            // Missing, or a share not mounted: unseen, not gone.
+            unreadable.0.push(format!("{}:", s.name));
+            continue;
+        }
         let (files, u) = walk_sources(args, root).await;
         present.extend(files.iter().map(|(s, _, uri)| doc_id(s, uri)));
         unreadable.0.extend(u.0);
@@ -785,6 +845,12 @@ async fn hand_on<T: Job + serde::Serialize>(args: &WatcherArgs, port: &Port<T>, 
 }
 
 async fn remove(args: &WatcherArgs, doc_id: &str) {
+    // Whatever saw it gone, a share unmounted meanwhile is no deletion.
+    // (The watcher then stops to wait for it: see `WatcherState::unmounted`.)
+    if source_of_doc(&args.sources, doc_id).is_some_and(|(s, _)| s.mount_point && !s.root_present()) {
+        tracing::debug!(doc = %doc_id, "not deleted: its source is not mounted");
+        return;
+    }
     if args.ledger.admit(doc_id, None).await {
         args.known.lock().remove(doc_id);
         let job = IndexJob::Delete {
@@ -1053,6 +1119,7 @@ mod tests {
             },
             rules: vec![],
             poll,
+            mount_point: false,
         };
         let minute = Duration::from_secs(60);
         let sources = [
@@ -1100,6 +1167,7 @@ mod tests {
                 partition: part("hr", "confidential"),
             }],
             poll: None,
+            mount_point: false,
         };
         assert_eq!(
             s.partition_for("hr/confidential/pay.md"),
@@ -1182,10 +1250,12 @@ mod tests {
         dir: tempfile::TempDir,
         root: PathBuf,
         ledger: Arc<Ledger>,
-        known: Arc<parking_lot::Mutex<HashMap<String, String>>>,
+        known: Arc<parking_lot::Mutex<BTreeMap<String, String>>>,
         chunk_q: Arc<crate::pool::PoolQueue<DocMeta>>,
         index_q: Arc<crate::pool::PoolQueue<IndexJob>>,
         stats: Arc<ActorStats>,
+        /// [`SourceSpec::mount_point`].
+        mount_point: bool,
     }
 
     impl Rig {
@@ -1202,6 +1272,7 @@ mod tests {
                 chunk_q: crate::pool::PoolQueue::new(Arc::new(ActorStats::default())),
                 index_q: crate::pool::PoolQueue::new(Arc::new(ActorStats::default())),
                 stats: Arc::new(ActorStats::default()),
+                mount_point: false,
             }
         }
 
@@ -1215,6 +1286,7 @@ mod tests {
                 },
                 rules: vec![],
                 poll: None,
+                mount_point: self.mount_point,
             }
         }
 
@@ -1435,6 +1507,26 @@ mod tests {
         .await;
     }
 
+    /// The kernel's watch limit reached by folders made after the start:
+    /// the watcher stops, for its supervisor to start it afresh (which
+    /// polls what the kernel cannot watch), rather than leave the new
+    /// folders unwatched.
+    #[tokio::test]
+    async fn the_watch_limit_reached_later_restarts_the_watcher() {
+        let rig = Rig::new();
+        let (watcher, _) = rig.start(true).await;
+        let limit = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
+        watcher.cast(WatchMsg::Fs(Err(vec![limit]))).unwrap();
+        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+        // Another watch error only asks for a rescan.
+        let (watcher, _) = rig.start(true).await;
+        let other = notify::Error::generic("a passing error");
+        watcher.cast(WatchMsg::Fs(Err(vec![other]))).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(matches!(watcher.get_status(), ractor::ActorStatus::Running));
+        watcher.stop(None);
+    }
+
     /// A source root missing at start (a deploy swapping folders, a share
     /// not mounted yet): its documents stay indexed, the watcher says so,
     /// and it starts afresh once the root is back.
@@ -1452,6 +1544,78 @@ mod tests {
         let error = rig.stats.last_error().unwrap_or_default();
         assert!(error.contains("is missing"), "{error}");
         std::fs::create_dir(&rig.root).unwrap();
+        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+    }
+
+    #[test]
+    fn mount_points_are_told_from_folders() {
+        assert!(is_mount_point(Path::new("/")));
+        assert!(is_mount_point(Path::new("/proc")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(dir.path()));
+        assert!(!is_mount_point(&dir.path().join("missing")));
+    }
+
+    /// A tmpfs mounted for a test, unmounted on drop; `None` where this
+    /// process may not mount.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path) -> Option<Tmpfs> {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "ragd-test"])
+                .arg(at)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| Tmpfs(at.to_path_buf()))
+        }
+
+        fn unmount(&self) {
+            let status = std::process::Command::new("umount").arg(&self.0).status();
+            assert!(status.is_ok_and(|s| s.success()), "umount {}", self.0.display());
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            if is_mount_point(&self.0) {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+
+    /// A share as the source root (`mount_point = true`): unmounted, the
+    /// root is an empty folder, not a missing one. Its documents stay; the
+    /// watcher stops to watch it anew, finds it missing, and starts afresh
+    /// once the share is mounted again.
+    #[tokio::test]
+    async fn an_unmounted_share_keeps_its_documents_until_it_is_back() {
+        let rig = Rig {
+            mount_point: true,
+            ..Rig::new()
+        };
+        let Some(share) = Tmpfs::mount(&rig.root) else {
+            eprintln!("skipped: this process may not mount a tmpfs");
+            return;
+        };
+        rig.write("a.md", "# A");
+        rig.write("sub/b.md", "# B");
+        let (watcher, scanned) = rig.start(true).await;
+        assert_eq!(scanned, ["kb:a.md", "kb:sub/b.md"]);
+
+        share.unmount();
+        watcher.cast(WatchMsg::Rescan).unwrap();
+        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+        assert!(rig.deleted().is_empty(), "an unmounted share deleted its documents");
+
+        rig.stats.set_status("restarting");
+        let (watcher, scanned) = rig.start(true).await;
+        assert!(scanned.is_empty());
+        assert!(rig.deleted().is_empty(), "an unmounted share deleted its documents");
+        let error = rig.stats.last_error().unwrap_or_default();
+        assert!(error.contains("has nothing mounted on it"), "{error}");
+        let _share = Tmpfs::mount(&rig.root).expect("mounting it again");
         wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
     }
 
