@@ -87,7 +87,7 @@ async fn remove_at_start(
     config: &Config,
     roles: &Roles,
     store: &dyn VectorStore,
-    cache: &dyn SemanticCache,
+    cache: &CacheHandle,
     stored: &mut Vec<StoredVersion>,
 ) -> anyhow::Result<()> {
     let sources = &config.sources;
@@ -105,19 +105,10 @@ async fn remove_at_start(
         return Ok(());
     }
     for batch in removals.chunks(PRUNE_BATCH) {
-        // Not without it: a shared cache would go on serving answers that
-        // quote these documents, from their old partition. And first: a
-        // start that fails here finds the same removals at the next start,
-        // whereas removed first, they would be gone and the cache never
-        // told. (The invalidation's tombstones keep answers citing them
-        // from being cached meanwhile.)
-        ragd_actors::cache_guard::invalidate_retrying(
-            cache,
-            batch,
-            ragd_actors::version_pruner::INVALIDATION_BUDGET,
-        )
-        .await
-        .context("the semantic cache must drop what is removed at start")?;
+        // As the pruner does: the cache first (owed if it is down; no
+        // answer citing what goes here is served either way, since a hit's
+        // sources are checked against the store, partition included).
+        cache.invalidate_all(batch).await;
         store
             .remove(batch)
             .await
@@ -364,10 +355,7 @@ impl Node {
                 .context("cache.backend = \"redis\"")?,
             ),
         };
-        let cache = CacheHandle {
-            actor_name: CACHE_GUARD.into(),
-            cache: cache_backend.clone(),
-        };
+        let cache = CacheHandle::new(CACHE_GUARD, cache_backend.clone());
 
         // Only the stages of this node's roles show in /actors.
         let stats = |on: bool, path: &str| {
@@ -395,14 +383,7 @@ impl Node {
         } else {
             Vec::new()
         };
-        remove_at_start(
-            &config,
-            &roles,
-            store.as_ref(),
-            cache_backend.as_ref(),
-            &mut stored,
-        )
-        .await?;
+        remove_at_start(&config, &roles, store.as_ref(), &cache, &mut stored).await?;
         // Oldest first, so a document caught mid-prune maps to its newest.
         stored.sort_by_key(|v| v.seq);
         if seed_ledger {
@@ -535,7 +516,6 @@ impl Node {
                 store: store.clone(),
                 ledger: ledger.clone(),
                 cache: cache.clone(),
-                invalidation_budget: ragd_actors::version_pruner::INVALIDATION_BUDGET,
             }),
             prune_q.clone(),
             settings(1, 1),
@@ -578,8 +558,9 @@ impl Node {
                 })
             };
             let cache_guard = {
-                let (backend, stats) = (
+                let (backend, store, stats) = (
                     cache_backend.clone(),
+                    store.clone(),
                     registry.entry(&format!("root/query/{CACHE_GUARD}")),
                 );
                 child(CACHE_GUARD, move || {
@@ -588,6 +569,7 @@ impl Node {
                         CacheGuard,
                         CacheGuardArgs {
                             cache: backend.clone(),
+                            store: store.clone(),
                             stats: stats.clone(),
                         },
                     )

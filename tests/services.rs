@@ -106,6 +106,48 @@ fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
     });
 }
 
+/// Redis stops answering (paused: a partition, so what it holds survives)
+/// while a document changes. The update is indexed and the old version
+/// pruned all the same: the invalidation is owed, not waited for (the
+/// pruner used to wait a minute per attempt, and the old text stayed
+/// searchable). Once Redis answers again, with the answer cached from the
+/// old text still in it, no answer quotes the old text, and the cache
+/// serves the new one.
+#[test]
+fn an_update_with_redis_unreachable_is_pruned_and_the_old_answer_never_served() {
+    let valkey = Valkey::start();
+    let ws = Workspace::with_extra(&redis_cache(&valkey));
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    assert_eq!(d.ask(HR_TOKEN, QUESTION)["cached"], false);
+    d.wait_until("a cache hit", Duration::from_secs(10), || {
+        d.ask(HR_TOKEN, QUESTION)["cached"] == true
+    });
+
+    valkey.pause();
+    ws.write("hr/leave.md", LEAVE_V2);
+    d.wait_until("the update indexed and pruned", Duration::from_secs(40), || {
+        let t = texts(&d.ask(HR_TOKEN, QUESTION));
+        t.contains("twenty weeks") && !t.contains("sixteen")
+    });
+    let metrics = reqwest::blocking::get(format!("{}/metrics", d.admin))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains("ragd_cache_invalidations_owed 1"), "{metrics}");
+
+    valkey.resume();
+    for _ in 0..5 {
+        let r = d.ask(HR_TOKEN, QUESTION);
+        assert!(!texts(&r).contains("sixteen"), "the old text served: {r}");
+    }
+    d.wait_until("the new answer cached", Duration::from_secs(30), || {
+        let r = d.ask(HR_TOKEN, QUESTION);
+        r["cached"] == true && texts(&r).contains("twenty weeks")
+    });
+}
+
 #[test]
 fn a_redis_without_search_stops_the_daemon_with_a_clear_message() {
     let valkey = Valkey::start_without_search();

@@ -1,6 +1,7 @@
 //! The VersionPruner: once a version is durable, its document's other
 //! versions go (and every chunk of a deleted document), and cached answers
-//! citing them are invalidated.
+//! citing them are invalidated (or, with the cache down, owed: see
+//! [`CacheHandle::invalidate_all`]).
 //!
 //! The new version is written before the old ones are deleted, so a query
 //! always finds the document; after the prune, no old text is returned.
@@ -16,15 +17,7 @@ pub struct VersionPrunerStage {
     pub store: Arc<dyn VectorStore>,
     pub ledger: Arc<Ledger>,
     pub cache: CacheHandle,
-    /// How long one prune tries to invalidate the cache before it fails
-    /// ([`INVALIDATION_BUDGET`]).
-    pub invalidation_budget: std::time::Duration,
 }
-
-/// See [`VersionPrunerStage::invalidation_budget`]: a Redis failover or a
-/// network blip passes within it; a longer outage fails the job, which the
-/// pool retries and, after its attempts, dead-letters (replayable).
-pub const INVALIDATION_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The most events the pruner takes at once: one store call (a scroll,
 /// paged, and at most one delete) prunes them all.
@@ -82,14 +75,12 @@ impl VersionPrunerStage {
             outcomes.push(event);
         }
         if !removals.is_empty() {
-            // The cache first: a prune that fails (or dies) here is done
-            // again whole, whereas one that removed first and then failed
-            // would find nothing to remove next time and never tell the
-            // cache. The invalidation's tombstones keep an answer computed
-            // from the old version meanwhile from being cached.
-            self.cache
-                .invalidate_all(&removals, self.invalidation_budget)
-                .await?;
+            // The cache first, so that its tombstones keep an answer
+            // computed from the old version meanwhile from being cached.
+            // It never fails the prune: what it cannot take now is owed,
+            // and a cached answer citing removed text is not served (its
+            // sources are checked against the store on every hit).
+            self.cache.invalidate_all(&removals).await;
             let removed = self.store.remove(&removals).await?;
             for (r, versions) in removals.iter().zip(&removed) {
                 if !versions.is_empty() {
@@ -129,19 +120,17 @@ mod tests {
         VersionPrunerStage {
             store: store.clone(),
             ledger,
-            cache: CacheHandle {
-                actor_name: "no-cache-actor".into(),
-                cache,
-            },
-            invalidation_budget: Duration::from_millis(500),
+            cache: CacheHandle::new("no-cache-actor", cache),
         }
     }
 
-    /// A cache that cannot invalidate (Redis unreachable) for its first
-    /// `failures` calls; otherwise the embedded cache. Injects the fault.
+    /// The embedded cache, unable to invalidate (Redis unreachable) while
+    /// `down`; it records the first document of every invalidation asked
+    /// of it. Injects the fault.
     struct Unreachable {
         inner: EmbeddedCache,
-        failures: std::sync::atomic::AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+        asked: parking_lot::Mutex<Vec<String>>,
     }
 
     #[async_trait::async_trait]
@@ -167,68 +156,140 @@ mod tests {
             self.inner.store(v, scope, top_k, value).await
         }
         async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
-            use std::sync::atomic::Ordering::SeqCst;
-            let left = self.failures.load(SeqCst);
-            if left > 0 {
-                self.failures.store(left - 1, SeqCst);
+            self.invalidate_all(&[crate::indexer::Removal::new(doc_id, keep)])
+                .await
+        }
+        async fn invalidate_all(
+            &self,
+            removals: &[crate::indexer::Removal],
+        ) -> anyhow::Result<usize> {
+            self.asked.lock().push(removals[0].doc_id.clone());
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                 anyhow::bail!("connection refused");
             }
-            self.inner.invalidate(doc_id, keep).await
+            self.inner.invalidate_all(removals).await
         }
     }
 
-    /// The cache cannot be told: the prune tries again within its budget,
-    /// and past it fails (to be retried by the pool) having removed
-    /// nothing and without reporting the version done; the retry drops
-    /// the cached answer citing the old version, then the version.
+    /// With the cache down, prunes go on: the old version leaves the
+    /// store and the new one is reported done at once. The answer cached
+    /// from the old version stays in the cache, but the CacheGuard does
+    /// not serve it (its source is no longer stored). The invalidation is
+    /// owed; a later prune queues behind it without a call of its own;
+    /// once the cache is back, the owed ones are sent and the entry goes.
     #[tokio::test]
-    async fn a_failed_invalidation_fails_the_prune_until_it_succeeds() {
-        use crate::cache_guard::SemanticCache;
+    async fn with_the_cache_down_pruning_goes_on_and_no_removed_text_is_served() {
+        use crate::cache_guard::{CacheGuard, CacheGuardArgs, SemanticCache};
+        use crate::indexer::Scope;
+        use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
         for (v, seq) in [("v1", 1_000), ("v2", 2_000)] {
             let d = embedded(v, seq);
             store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
         }
-        let cache = Arc::new(Unreachable {
-            inner: EmbeddedCache::new(0.98, 10, Duration::from_secs(60)),
-            // The budget (500 ms) holds three tries, at 0, 100 and 300 ms:
-            // the first prune fails, and its retry gets through at its
-            // second try.
-            failures: 4.into(),
-        });
-        let doc = "kb:hr/leave.md";
-        let cited = crate::cache_guard::test_support::hit(doc, "v1", "hr");
+        let scope = Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec!["public".into()],
+        };
+        let q = [1.0, 0.0, 0.0, 0.0];
+        // An answer computed from v1, as the query path would cache it.
+        let mut sources = store.search(&q, &scope, 10).await.unwrap();
+        sources.retain(|h| h.version == "v1");
+        assert_eq!(sources.len(), 1);
         let answer = CachedAnswer {
             answer: Some("from v1".into()),
-            sources: vec![cited],
+            sources,
         };
-        let scope = crate::cache_guard::test_support::scope(&["hr"]);
-        let q = [1.0, 0.0, 0.0, 0.0];
-        cache.store(&q, &scope, 5, answer).await.unwrap();
+        let cache = Arc::new(Unreachable {
+            inner: EmbeddedCache::new(0.98, 10, Duration::from_secs(60)),
+            down: true.into(),
+            asked: Default::default(),
+        });
+        cache.store(&q, &scope, 5, answer.clone()).await.unwrap();
+        let name = format!("cache-guard-{}", std::process::id());
+        let (guard, _h) = ractor::Actor::spawn(
+            Some(name.clone()),
+            CacheGuard,
+            CacheGuardArgs {
+                cache: cache.clone(),
+                store: store.clone(),
+                stats: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+        let handle = CacheHandle::new(name, cache.clone());
+        assert_eq!(
+            handle.lookup(&q, &scope, 5).await,
+            Some(answer.clone()),
+            "served while v1 is stored"
+        );
 
+        let doc = "kb:hr/leave.md";
         let ledger = Ledger::new(8);
         assert!(ledger.admit(doc, Some("v2")).await);
-        let pruner = pruner_with(&store, ledger.clone(), cache.clone());
-        let event = IndexedEvent::Indexed {
-            doc_id: doc.into(),
-            version: "v2".into(),
-            seq: 2_000,
+        let pruner = VersionPrunerStage {
+            store: store.clone(),
+            ledger: ledger.clone(),
+            cache: handle.clone(),
         };
-        let err = pruner.process(event.clone()).await.unwrap_err();
-        assert!(format!("{err:#}").contains("connection refused"), "{err:#}");
-        assert_eq!(
-            versions(&store).await,
-            ["v1", "v2"],
-            "nothing removed before the cache is told"
-        );
-        assert_eq!(ledger.status(doc), Some(crate::ledger::DocStatus::InFlight));
-        assert!(cache.lookup(&q, &scope, 5).await.unwrap().is_some());
-
-        pruner.process(event).await.unwrap();
+        pruner
+            .process(IndexedEvent::Indexed {
+                doc_id: doc.into(),
+                version: "v2".into(),
+                seq: 2_000,
+            })
+            .await
+            .unwrap();
         assert_eq!(versions(&store).await, ["v2"]);
-        assert_eq!(cache.lookup(&q, &scope, 5).await.unwrap(), None);
         assert_eq!(ledger.status(doc), Some(crate::ledger::DocStatus::Indexed));
+        assert_eq!(handle.owed(), 1);
+        assert_eq!(
+            cache.lookup(&q, &scope, 5).await.unwrap(),
+            Some(answer),
+            "still in the cache"
+        );
+        assert_eq!(handle.lookup(&q, &scope, 5).await, None, "but not served");
+
+        // Another document's deletion, while one is owed: queued, no call.
+        let other = "kb:hr/other.md";
+        assert!(ledger.admit(other, None).await);
+        pruner
+            .process(IndexedEvent::Deleted {
+                doc_id: other.into(),
+                seq: 3_000,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            ledger.status(other),
+            Some(crate::ledger::DocStatus::Deleted)
+        );
+        assert!(
+            !cache.asked.lock().iter().any(|d| d == other),
+            "{:?}",
+            cache.asked.lock()
+        );
+
+        cache.down.store(false, SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while handle.owed() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the owed invalidations were never sent"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            cache.lookup(&q, &scope, 5).await.unwrap(),
+            None,
+            "invalidated once back"
+        );
+        // Both were sent, the oldest first.
+        let asked = cache.asked.lock().clone();
+        assert_eq!(asked[asked.len() - 2..], [doc, other], "{asked:?}");
+        guard.stop(None);
     }
 
     /// A file deleted and re-created at once: the ledger still says

@@ -2,9 +2,15 @@
 //!
 //! A question whose vector is within `threshold` cosine of an earlier one,
 //! asked with the same scope and top_k, gets the earlier response. An entry
-//! is served only when the principal may see every chunk it cites, and an
-//! entry citing a document version the VersionPruner removed is dropped at
-//! once.
+//! is served only when the principal may see every chunk it cites and the
+//! store still holds each of them, in the partition the entry names.
+//!
+//! So the cache is never what keeps old text out of answers: the check
+//! against the store is. Invalidation (the VersionPruner drops the entries
+//! citing what it removed) keeps the cache useful, and when the cache
+//! cannot take it (Redis down) it is owed and sent again in the
+//! background, while pruning goes on: a cache outage never holds up the
+//! pipeline.
 
 pub mod embedded;
 pub mod redis;
@@ -50,12 +56,14 @@ pub(crate) mod test_support {
     }
 }
 
-use crate::indexer::{Hit, Removal, Scope};
+use crate::indexer::{Hit, Removal, Scope, VectorStore};
 use crate::stats::ActorStats;
-use anyhow::Context;
 use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,40 +102,6 @@ pub trait SemanticCache: Send + Sync {
     }
 }
 
-/// Invalidates, trying again while the cache fails, for up to `budget`,
-/// then returns the error. A missed invalidation would serve removed text
-/// until the entries expire, so the caller does not go on without it (the
-/// pruner's job fails and is retried, a node's start fails); the retries
-/// here ride out a blip without restarting a worker for each failure.
-///
-/// | retry | delay |
-/// |-------|-------|
-/// | 1 | 100 ms |
-/// | 2 | 200 ms |
-/// | … | doubling |
-/// | 6+ | 5 s (cap) |
-pub async fn invalidate_retrying(
-    cache: &dyn SemanticCache,
-    removals: &[Removal],
-    budget: Duration,
-) -> anyhow::Result<usize> {
-    let started = std::time::Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match cache.invalidate_all(removals).await {
-            Ok(n) => return Ok(n),
-            Err(e) if started.elapsed() + delay > budget => {
-                return Err(e).context("invalidating the cached answers that cite removed versions")
-            }
-            Err(e) => {
-                tracing::warn!("cache invalidation failed: {e:#}; trying again in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
 /// Is every cited chunk visible inside `scope`? Checked on every hit, so a
 /// bug in scoping can never leak a chunk across partitions.
 pub fn visible(value: &CachedAnswer, scope: &Scope) -> bool {
@@ -156,6 +130,8 @@ pub struct CacheGuard;
 
 pub struct CacheGuardArgs {
     pub cache: Arc<dyn SemanticCache>,
+    /// What a hit's sources are checked against.
+    pub store: Arc<dyn VectorStore>,
     pub stats: Arc<ActorStats>,
 }
 
@@ -191,7 +167,7 @@ impl Actor for CacheGuard {
                 // Lookups run concurrently: a Redis round trip must not queue
                 // every other question behind it. Their number is bounded by
                 // the queries in flight, each of which waits for its reply.
-                let cache = st.cache.clone();
+                let (cache, store) = (st.cache.clone(), st.store.clone());
                 let stats = st.stats.clone();
                 tokio::spawn(async move {
                     let found = match cache.lookup(&vector, &scope, top_k).await {
@@ -202,7 +178,20 @@ impl Actor for CacheGuard {
                             None
                         }
                     };
-                    metrics::counter!("ragd_cache_lookups_total", "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
+                    let (found, result) = match found {
+                        None => (None, "miss"),
+                        Some(v) => match store.holds_all(&v.sources).await {
+                            Ok(true) => (Some(v), "hit"),
+                            // It cites text pruned or moved since, and its
+                            // invalidation is owed or was lost.
+                            Ok(false) => (None, "stale"),
+                            Err(e) => {
+                                stats.set_error(format!("checking a hit's sources: {e:#}"));
+                                (None, "miss")
+                            }
+                        },
+                    };
+                    metrics::counter!("ragd_cache_lookups_total", "result" => result).increment(1);
                     stats.processed();
                     let _ = reply.send(found);
                 });
@@ -231,9 +220,38 @@ pub struct CacheHandle {
     /// Invalidation goes straight to the backend: it must not be lost while
     /// the CacheGuard actor restarts.
     pub cache: Arc<dyn SemanticCache>,
+    owed: Arc<Mutex<Owed>>,
 }
 
+/// Invalidations the cache could not take yet, oldest first.
+#[derive(Default)]
+struct Owed {
+    removals: VecDeque<Removal>,
+    /// Whether a task is sending them.
+    flushing: bool,
+}
+
+/// The most invalidations owed at once (a few MB). Past it, more are
+/// dropped: those entries then stay until their TTL, never served (their
+/// sources fail the store check), only taking room.
+pub const MAX_OWED: usize = 100_000;
+
+/// How many owed invalidations go in one call when the cache is back.
+const OWED_BATCH: usize = 256;
+
 impl CacheHandle {
+    pub fn new(actor_name: impl Into<String>, cache: Arc<dyn SemanticCache>) -> CacheHandle {
+        CacheHandle {
+            actor_name: actor_name.into(),
+            cache,
+            owed: Default::default(),
+        }
+    }
+
+    /// How many invalidations wait for the cache to come back.
+    pub fn owed(&self) -> usize {
+        self.owed.lock().removals.len()
+    }
     fn actor(&self) -> Option<ActorRef<CacheMsg>> {
         ActorRef::where_is(&self.actor_name)
     }
@@ -273,17 +291,82 @@ impl CacheHandle {
         }
     }
 
-    /// Drops the cached answers that cite what `removals` removed, trying
-    /// again for up to `budget` (see [`invalidate_retrying`]).
-    pub async fn invalidate_all(
-        &self,
-        removals: &[Removal],
-        budget: Duration,
-    ) -> anyhow::Result<()> {
-        let n = invalidate_retrying(self.cache.as_ref(), removals, budget).await?;
-        if n > 0 {
-            tracing::debug!(docs = removals.len(), n, "invalidated cached answers");
+    /// Drops the cached answers that cite what `removals` removed. If the
+    /// cache cannot take it now, it is owed: sent again in the background,
+    /// in order, until the cache takes it. While any is owed, later ones
+    /// queue behind without a call of their own, so an outage costs one
+    /// failed call (bounded by the backend's timeout), not one per prune.
+    /// Never fails: what is owed cannot be served meanwhile (see the
+    /// module's notes).
+    pub async fn invalidate_all(&self, removals: &[Removal]) {
+        if removals.is_empty() {
+            return;
         }
-        Ok(())
+        if self.owed() == 0 {
+            match self.cache.invalidate_all(removals).await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::debug!(docs = removals.len(), n, "invalidated cached answers");
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    "cache invalidation failed: {e:#}; owed until the cache takes it \
+                     (no answer citing what was removed is served meanwhile)"
+                ),
+            }
+        }
+        self.owe(removals);
+    }
+
+    fn owe(&self, removals: &[Removal]) {
+        let mut owed = self.owed.lock();
+        let room = MAX_OWED.saturating_sub(owed.removals.len());
+        if removals.len() > room {
+            let dropped = removals.len() - room;
+            metrics::counter!("ragd_cache_invalidations_dropped_total").increment(dropped as u64);
+            tracing::warn!(
+                dropped,
+                "{MAX_OWED} cache invalidations owed already; dropping more (those entries \
+                 expire with their TTL and are never served)"
+            );
+        }
+        owed.removals.extend(removals.iter().take(room).cloned());
+        metrics::gauge!("ragd_cache_invalidations_owed").set(owed.removals.len() as f64);
+        if !owed.flushing && !owed.removals.is_empty() {
+            owed.flushing = true;
+            tokio::spawn(pay_owed(self.owed.clone(), self.cache.clone()));
+        }
+    }
+}
+
+/// Sends the owed invalidations, oldest first, each batch until the cache
+/// takes it (100 ms doubling to 5 s between tries), until none is left.
+async fn pay_owed(owed: Arc<Mutex<Owed>>, cache: Arc<dyn SemanticCache>) {
+    loop {
+        let batch: Vec<Removal> = {
+            let mut o = owed.lock();
+            if o.removals.is_empty() {
+                o.flushing = false;
+                tracing::info!("the cache took every owed invalidation");
+                return;
+            }
+            o.removals.iter().take(OWED_BATCH).cloned().collect()
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times();
+        let sent = (|| cache.invalidate_all(&batch))
+            .retry(backoff)
+            .notify(|e, after| {
+                tracing::debug!("owed cache invalidation: {e:#}; again in {after:?}")
+            })
+            .await;
+        debug_assert!(sent.is_ok(), "retried without a limit");
+        // Only this task takes from the front; others append behind.
+        let mut o = owed.lock();
+        o.removals.drain(..batch.len());
+        metrics::gauge!("ragd_cache_invalidations_owed").set(o.removals.len() as f64);
     }
 }

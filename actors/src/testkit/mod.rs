@@ -140,6 +140,26 @@ impl Valkey {
         }
     }
 
+    /// Stops the server answering, keeping what it holds and its
+    /// connections open (SIGSTOP): a network partition, not a restart.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server answer again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("a running valkey").id();
+        let status = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {sig} {pid}");
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
