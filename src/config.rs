@@ -1223,8 +1223,14 @@ mod tests {
         let cfg = Config::parse(&path, GOOD, std::iter::empty()).unwrap();
         assert_eq!(cfg.data_dir, dir.path().join("data"));
         assert_eq!(cfg.sources[0].name, "kb");
-        assert!(!cfg.sources[0].mount_point, "a folder unless said otherwise");
-        let share = GOOD.replace("access_level = \"internal\"\n", "access_level = \"internal\"\nmount_point = true\n");
+        assert!(
+            !cfg.sources[0].mount_point,
+            "a folder unless said otherwise"
+        );
+        let share = GOOD.replace(
+            "access_level = \"internal\"\n",
+            "access_level = \"internal\"\nmount_point = true\n",
+        );
         let on_share = Config::parse(&path, &share, std::iter::empty()).unwrap();
         assert!(on_share.sources[0].mount_point);
         assert_eq!((cfg.candidates, cfg.max_top_k), (50, 50));

@@ -251,8 +251,11 @@ impl Actor for SourceWatcher {
         let (mut debouncer, mut pollers) = (None, Vec::new());
         // One look at each root decides how it is watched: a root that
         // vanished between two looks would be neither watched nor checked.
-        let (watched, mut missing_roots): (Vec<SourceSpec>, Vec<SourceSpec>) =
-            args.sources.iter().cloned().partition(SourceSpec::root_present);
+        let (watched, mut missing_roots): (Vec<SourceSpec>, Vec<SourceSpec>) = args
+            .sources
+            .iter()
+            .cloned()
+            .partition(SourceSpec::root_present);
         if args.watch {
             let handler = |me: ActorRef<WatchMsg>, polled: bool| {
                 move |res: DebounceEventResult| {
@@ -444,9 +447,11 @@ impl SourceWatcher {
                     // watches: the ones after them are not watched, and
                     // notify adds no more. Started afresh, the watcher
                     // finds the tree too big to watch and polls it.
-                    return Err("inotify's watch limit (fs.inotify.max_user_watches) was reached; \
+                    return Err(
+                        "inotify's watch limit (fs.inotify.max_user_watches) was reached; \
                                 watching anew, polling what does not fit"
-                        .into());
+                            .into(),
+                    );
                 }
                 for e in &errors {
                     tracing::warn!("watch error: {e}; rescanning");
@@ -784,7 +789,11 @@ async fn rescan(args: &WatcherArgs) {
     };
     let mut unreadable = Unreadable::default();
     for root in roots {
-        if let Some(s) = args.sources.iter().find(|s| s.root == root && !s.root_present()) {
+        if let Some(s) = args
+            .sources
+            .iter()
+            .find(|s| s.root == root && !s.root_present())
+        {
             // Missing, or a share not mounted: unseen, not gone.
             unreadable.0.push(format!("{}:", s.name));
             continue;
@@ -847,7 +856,8 @@ async fn hand_on<T: Job + serde::Serialize>(args: &WatcherArgs, port: &Port<T>, 
 async fn remove(args: &WatcherArgs, doc_id: &str) {
     // Whatever saw it gone, a share unmounted meanwhile is no deletion.
     // (The watcher then stops to wait for it: see `WatcherState::unmounted`.)
-    if source_of_doc(&args.sources, doc_id).is_some_and(|(s, _)| s.mount_point && !s.root_present()) {
+    if source_of_doc(&args.sources, doc_id).is_some_and(|(s, _)| s.mount_point && !s.root_present())
+    {
         tracing::debug!(doc = %doc_id, "not deleted: its source is not mounted");
         return;
     }
@@ -1573,14 +1583,21 @@ mod tests {
 
         fn unmount(&self) {
             let status = std::process::Command::new("umount").arg(&self.0).status();
-            assert!(status.is_ok_and(|s| s.success()), "umount {}", self.0.display());
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "umount {}",
+                self.0.display()
+            );
         }
     }
 
     impl Drop for Tmpfs {
         fn drop(&mut self) {
             if is_mount_point(&self.0) {
-                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status();
             }
         }
     }
@@ -1607,12 +1624,18 @@ mod tests {
         share.unmount();
         watcher.cast(WatchMsg::Rescan).unwrap();
         wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
-        assert!(rig.deleted().is_empty(), "an unmounted share deleted its documents");
+        assert!(
+            rig.deleted().is_empty(),
+            "an unmounted share deleted its documents"
+        );
 
         rig.stats.set_status("restarting");
         let (watcher, scanned) = rig.start(true).await;
         assert!(scanned.is_empty());
-        assert!(rig.deleted().is_empty(), "an unmounted share deleted its documents");
+        assert!(
+            rig.deleted().is_empty(),
+            "an unmounted share deleted its documents"
+        );
         let error = rig.stats.last_error().unwrap_or_default();
         assert!(error.contains("has nothing mounted on it"), "{error}");
         let _share = Tmpfs::mount(&rig.root).expect("mounting it again");
