@@ -66,17 +66,14 @@ fn two_query_nodes_share_the_redis_cache_and_an_update_invalidates_it_on_both() 
             "old text after the update: {r}"
         );
     }
-    let metrics = reqwest::blocking::get(format!("{}/metrics", node_a.admin))
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics(&node_a);
     assert!(metrics.contains("ragd_cache_lookups_total"), "{metrics}");
 }
 
-#[test]
-fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
-    let mut valkey = Valkey::start();
-    let ws = Workspace::with_extra(&redis_cache(&valkey));
+/// A daemon caching in `valkey` whose answer on parental leave (v1) is
+/// cached.
+fn leave_answered_from_the_cache(valkey: &Valkey) -> (Workspace, Daemon) {
+    let ws = Workspace::with_extra(&redis_cache(valkey));
     ws.write("hr/leave.md", LEAVE_V1);
     let d = ws.start();
     d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
@@ -84,6 +81,20 @@ fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
     d.wait_until("a cache hit", Duration::from_secs(10), || {
         d.ask(HR_TOKEN, QUESTION)["cached"] == true
     });
+    (ws, d)
+}
+
+fn metrics(d: &Daemon) -> String {
+    reqwest::blocking::get(format!("{}/metrics", d.admin))
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+#[test]
+fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
+    let mut valkey = Valkey::start();
+    let (_ws, d) = leave_answered_from_the_cache(&valkey);
 
     valkey.stop();
     for _ in 0..3 {
@@ -93,10 +104,7 @@ fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
         let took = r["timings_ms"]["total"].as_f64().unwrap();
         assert!(took < 2000.0, "a query waited {took} ms on a dead cache");
     }
-    let metrics = reqwest::blocking::get(format!("{}/metrics", d.admin))
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics(&d);
     assert!(metrics.contains("ragd_cache_bypassed_total"), "{metrics}");
 
     // Back (empty): the daemon rebuilds the index and caches again.
@@ -116,26 +124,23 @@ fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
 #[test]
 fn an_update_with_redis_unreachable_is_pruned_and_the_old_answer_never_served() {
     let valkey = Valkey::start();
-    let ws = Workspace::with_extra(&redis_cache(&valkey));
-    ws.write("hr/leave.md", LEAVE_V1);
-    let d = ws.start();
-    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
-    assert_eq!(d.ask(HR_TOKEN, QUESTION)["cached"], false);
-    d.wait_until("a cache hit", Duration::from_secs(10), || {
-        d.ask(HR_TOKEN, QUESTION)["cached"] == true
-    });
+    let (ws, d) = leave_answered_from_the_cache(&valkey);
 
     valkey.pause();
     ws.write("hr/leave.md", LEAVE_V2);
-    d.wait_until("the update indexed and pruned", Duration::from_secs(40), || {
-        let t = texts(&d.ask(HR_TOKEN, QUESTION));
-        t.contains("twenty weeks") && !t.contains("sixteen")
-    });
-    let metrics = reqwest::blocking::get(format!("{}/metrics", d.admin))
-        .unwrap()
-        .text()
-        .unwrap();
-    assert!(metrics.contains("ragd_cache_invalidations_owed 1"), "{metrics}");
+    d.wait_until(
+        "the update indexed and pruned",
+        Duration::from_secs(40),
+        || {
+            let t = texts(&d.ask(HR_TOKEN, QUESTION));
+            t.contains("twenty weeks") && !t.contains("sixteen")
+        },
+    );
+    let metrics = metrics(&d);
+    assert!(
+        metrics.contains("ragd_cache_invalidations_owed 1"),
+        "{metrics}"
+    );
 
     valkey.resume();
     for _ in 0..5 {
