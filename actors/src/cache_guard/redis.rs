@@ -514,8 +514,10 @@ impl SemanticCache for RedisCache {
 
     async fn invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<usize> {
         // Not guarded by the circuit: an invalidation is always attempted,
-        // because a missed one would serve outdated text. (When Redis is
-        // down there is nothing to serve either; entries also expire.)
+        // so owed ones (see `CacheHandle::invalidate_all`) reach Redis as
+        // soon as it answers, not once a circuit that failed lookups
+        // opened closes. (A missed one serves nothing outdated, since hits
+        // are checked against the store, but leaves a useless entry.)
         let r = async {
             if !self.ready.load(Ordering::SeqCst) {
                 self.setup().await?;
