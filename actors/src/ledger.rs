@@ -232,25 +232,21 @@ impl Docs {
     ) -> Box<dyn Iterator<Item = &'a Arc<str>> + 'a> {
         let range = (start, Bound::Unbounded);
         let within = move |id: &&Arc<str>| id.starts_with(prefix);
-        match state {
-            Some(s) if s != DocStatus::Indexed.name() => match self.by_state.get(s) {
+        if let Some(s) = state.filter(|s| *s != DocStatus::Indexed.name()) {
+            return match self.by_state.get(s) {
                 Some(set) => Box::new(set.range::<str, _>(range).take_while(within)),
                 None => Box::new(std::iter::empty()),
-            },
-            Some(s) => Box::new(
-                self.map
-                    .range::<str, _>(range)
-                    .take_while(move |(id, _)| id.starts_with(prefix))
-                    .filter(move |(_, e)| e.shown_name() == s)
-                    .map(|(id, _)| id),
-            ),
-            None => Box::new(
-                self.map
-                    .range::<str, _>(range)
-                    .map(|(id, _)| id)
-                    .take_while(within),
-            ),
+            };
         }
+        // Every entry under the prefix, or the indexed ones among them
+        // (the range ends first: past it the filter could scan the rest).
+        Box::new(
+            self.map
+                .range::<str, _>(range)
+                .take_while(move |(id, _)| id.starts_with(prefix))
+                .filter(move |(_, e)| state.is_none_or(|s| e.shown_name() == s))
+                .map(|(id, _)| id),
+        )
     }
 }
 
