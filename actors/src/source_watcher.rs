@@ -1337,6 +1337,20 @@ mod tests {
             (watcher, self.handed())
         }
 
+        /// Starts a watcher whose root is not there to read: it scans
+        /// nothing, deletes nothing, and says why (`why`).
+        async fn start_without_root(&self, why: &str) -> ActorRef<WatchMsg> {
+            let (watcher, scanned) = self.start(true).await;
+            assert!(scanned.is_empty());
+            assert!(
+                self.deleted().is_empty(),
+                "a root not there deleted its documents"
+            );
+            let error = self.stats.last_error().unwrap_or_default();
+            assert!(error.contains(why), "{error}");
+            watcher
+        }
+
         /// The documents handed on to be chunked since the last call.
         fn handed(&self) -> Vec<String> {
             let mut docs: Vec<String> =
@@ -1367,6 +1381,11 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "timed out");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits for `watcher` to stop (for its supervisor to start it anew).
+    async fn stopped(watcher: &ActorRef<WatchMsg>) {
+        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
     }
 
     /// An event as the debouncer hands it on.
@@ -1527,7 +1546,7 @@ mod tests {
         let (watcher, _) = rig.start(true).await;
         let limit = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
         watcher.cast(WatchMsg::Fs(Err(vec![limit]))).unwrap();
-        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+        stopped(&watcher).await;
         // Another watch error only asks for a rescan.
         let (watcher, _) = rig.start(true).await;
         let other = notify::Error::generic("a passing error");
@@ -1545,16 +1564,9 @@ mod tests {
         let rig = Rig::new();
         rig.known.lock().insert("kb:a.md".into(), "v1".into());
         std::fs::remove_dir(&rig.root).unwrap();
-        let (watcher, scanned) = rig.start(true).await;
-        assert!(scanned.is_empty());
-        assert!(
-            rig.deleted().is_empty(),
-            "a missing root deleted its documents"
-        );
-        let error = rig.stats.last_error().unwrap_or_default();
-        assert!(error.contains("is missing"), "{error}");
+        let watcher = rig.start_without_root("is missing").await;
         std::fs::create_dir(&rig.root).unwrap();
-        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+        stopped(&watcher).await;
     }
 
     #[test]
@@ -1623,23 +1635,16 @@ mod tests {
 
         share.unmount();
         watcher.cast(WatchMsg::Rescan).unwrap();
-        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+        stopped(&watcher).await;
         assert!(
             rig.deleted().is_empty(),
             "an unmounted share deleted its documents"
         );
 
         rig.stats.set_status("restarting");
-        let (watcher, scanned) = rig.start(true).await;
-        assert!(scanned.is_empty());
-        assert!(
-            rig.deleted().is_empty(),
-            "an unmounted share deleted its documents"
-        );
-        let error = rig.stats.last_error().unwrap_or_default();
-        assert!(error.contains("has nothing mounted on it"), "{error}");
+        let watcher = rig.start_without_root("has nothing mounted on it").await;
         let _share = Tmpfs::mount(&rig.root).expect("mounting it again");
-        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+        stopped(&watcher).await;
     }
 
     /// Links to a folder of the tree: events of that folder keep their
