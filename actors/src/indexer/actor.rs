@@ -214,8 +214,12 @@ impl IndexerStage {
                     writes.push(doc);
                 }
                 IndexJob::Delete { doc_id, seq } => {
-                    if self.observe && !self.ledger.observe(&doc_id, None, seq) {
-                        continue; // the document came back since
+                    if self.observe {
+                        // One that the document outran (it came back
+                        // since) still goes on: the pruner finds the
+                        // document wanted and removes nothing, and the
+                        // ledger that admitted the deletion closes it.
+                        self.ledger.observe(&doc_id, None, seq);
                     }
                     events.push(IndexedEvent::Deleted { doc_id, seq });
                 }
@@ -314,7 +318,23 @@ pub(crate) mod tests {
             seq: 1_500,
         };
         after.process(delete).await.unwrap();
-        assert_eq!(out.len(), 1, "the stale deletion reached the pruner");
+        // The stale deletion goes on to the pruner, which removes nothing
+        // (the ledger that admitted it must see it end).
+        let events = out.drain();
+        assert!(
+            matches!(
+                &events[..],
+                [
+                    IndexedEvent::Superseded { .. },
+                    IndexedEvent::Deleted { .. }
+                ]
+            ),
+            "{events:?}"
+        );
+        pruner(&store, after.ledger.clone())
+            .process_batch(events)
+            .await
+            .unwrap();
         assert_eq!(versions(&store).await, vec!["v2".to_string()]);
         // The ordering survives only through the stored seq: a ledger that
         // starts empty writes the stale version.
@@ -327,6 +347,19 @@ pub(crate) mod tests {
             versions(&store).await,
             vec!["v1".to_string(), "v2".to_string()]
         );
+    }
+
+    fn pruner(
+        store: &Arc<dyn VectorStore>,
+        ledger: Arc<Ledger>,
+    ) -> crate::version_pruner::VersionPrunerStage {
+        let cache =
+            crate::cache_guard::embedded::EmbeddedCache::new(0.98, 8, Duration::from_secs(60));
+        crate::version_pruner::VersionPrunerStage {
+            store: store.clone(),
+            ledger,
+            cache: crate::cache_guard::CacheHandle::new("no-cache-actor", Arc::new(cache)),
+        }
     }
 
     /// The real store, with its optimisations counted.
