@@ -96,6 +96,7 @@ struct RawPipeline {
     max_in_flight: Option<usize>,
     max_attempts: Option<u32>,
     debounce_ms: Option<u64>,
+    forget_deleted_after_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -261,6 +262,9 @@ pub struct Config {
     pub max_in_flight: usize,
     pub max_attempts: u32,
     pub debounce_ms: u64,
+    /// How long the ledger remembers a deleted document once its deletion
+    /// settled (see `Ledger::with_memory`).
+    pub forget_deleted_after: std::time::Duration,
     pub optimize_every: u64,
     pub optimize_idle: std::time::Duration,
     pub hnsw: ragd_actors::indexer::HnswSettings,
@@ -1027,6 +1031,10 @@ fn validate(
         max_in_flight,
         max_attempts,
         debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
+        forget_deleted_after: raw.pipeline.forget_deleted_after_secs.map_or(
+            ragd_actors::ledger::FORGET_DELETED_AFTER,
+            std::time::Duration::from_secs,
+        ),
         optimize_every,
         optimize_idle: std::time::Duration::from_millis(optimize_idle_ms),
         hnsw,

@@ -512,6 +512,7 @@ async fn prometheus(
         ("skipped", c.skipped),
         ("dead_lettered", c.dead_lettered),
         ("in_flight", c.in_flight),
+        ("forgotten", c.forgotten),
     ] {
         metrics::gauge!("ragd_ingest_documents", "state" => state).set(v as f64);
     }

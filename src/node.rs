@@ -137,6 +137,28 @@ async fn remove_at_start(
     Ok(())
 }
 
+/// Tells the index nodes each deletion that settled in this ingest node's
+/// ledger (`IndexJob::Forget`), so that they may forget it too. What cannot
+/// be told (the broker away past the produce timeout) is only logged: that
+/// index node keeps its tombstone, a little memory and no harm.
+fn forward_settled_deletions(ledger: &Ledger, out: Port<IndexJob>) {
+    // A burst of deletions queues here at most this many names.
+    const WAITING: usize = 10_000;
+    let mut settled = ledger.settled_deletions(WAITING);
+    tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while settled.recv_many(&mut ids, 256).await > 0 {
+            let jobs = ids
+                .drain(..)
+                .map(|doc_id| IndexJob::Forget { doc_id })
+                .collect();
+            if let Err(e) = out.send_all(jobs).await {
+                tracing::warn!("could not tell the index nodes of settled deletions: {e:#}");
+            }
+        }
+    });
+}
+
 /// A stage's output: the next stage's local queue, or the topic to it.
 fn port<T: Job>(kafka: &Option<Arc<Kafka>>, local: &Arc<PoolQueue<T>>, topic: &str) -> Port<T> {
     match kafka {
@@ -309,7 +331,11 @@ impl Node {
                     .context("bus.backend = \"kafka\"")?,
             ),
         };
-        let ledger = Ledger::new(config.max_in_flight);
+        // An index node without a watcher learns versions from the jobs
+        // (`observe`), and forgets a deletion only once the ingest node
+        // that admitted it says nothing older is on its way.
+        let held = kafka.is_some() && roles.index && !roles.ingest;
+        let ledger = Ledger::with_memory(config.max_in_flight, config.forget_deleted_after, held);
         let dlq: Arc<dyn DeadLetters> = match &kafka {
             None => Arc::new(FileDlq::open(config.dlq_path())?),
             Some(k) => {
@@ -377,7 +403,6 @@ impl Node {
         // An index node without a watcher learns versions from the jobs
         // (`observe`); after a restart it must still refuse an older version
         // that is redelivered late, so it starts from what the store holds.
-        let seed_ledger = kafka.is_some() && roles.index && !roles.ingest;
         let mut stored = if roles.ingest || roles.index {
             store.indexed_versions().await?
         } else {
@@ -386,7 +411,7 @@ impl Node {
         remove_at_start(&config, &roles, store.as_ref(), &cache, &mut stored).await?;
         // Oldest first, so a document caught mid-prune maps to its newest.
         stored.sort_by_key(|v| v.seq);
-        if seed_ledger {
+        if held {
             ledger.seed(&stored);
         }
         let known: BTreeMap<String, String> = if roles.ingest {
@@ -614,6 +639,7 @@ impl Node {
                 k.follow::<IndexedEvent, _>(&k.topic(INDEXED), &group, move |ev| {
                     l.finish(ev.doc_id(), ev.version(), ev.outcome())
                 })?;
+                forward_settled_deletions(&ledger, port(&kafka, &index_q, EMBEDDED));
             }
             if roles.embed {
                 k.consume(

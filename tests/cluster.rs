@@ -32,8 +32,13 @@ impl Services {
 
     /// A node's config: its name and roles, and the shared services.
     fn node(&self, name: &str, roles: &[&str]) -> Workspace {
+        self.node_with(name, roles, "")
+    }
+
+    /// [`Services::node`] with more config tables.
+    fn node_with(&self, name: &str, roles: &[&str], extra: &str) -> Workspace {
         Workspace::with_extra(&format!(
-            "{}{}",
+            "{}{}{extra}",
             kafka_node_toml(name, roles, &self.broker.brokers(), 8),
             shared_services_toml(&self.qdrant.url, &self.valkey.url(), "cluster")
         ))
@@ -172,6 +177,40 @@ fn two_ingest_nodes_both_settle_what_either_chunker_skipped() {
         });
         assert_eq!(ledger["seen"], n + 4, "{name}: {ledger}");
     }
+    assert_eq!(points(&s), n);
+}
+
+/// Deleted documents leave every node's memory: the ingest node's ledger a
+/// while after the deletion settled, and the index node's once the ingest
+/// node tells it (over the bus) that no older version of them is on its
+/// way. What stays is indexed as before.
+#[test]
+fn a_deleted_document_is_forgotten_by_the_ingest_and_the_index_node() {
+    let s = Services::start();
+    let forget = "[pipeline]\nforget_deleted_after_secs = 1\n";
+    let ingest_ws = s.node_with("ingest-1", &["ingest"], forget);
+    let worker_ws = s.node_with("worker-1", &["embed", "index", "query"], forget);
+    let n = 4;
+    write_notes(&ingest_ws, n);
+    let worker = worker_ws.start();
+    let ingest = ingest_ws.start();
+    ingest.wait_ledger(Duration::from_secs(240), |l| l["indexed"] == n);
+
+    std::fs::remove_file(ingest_ws.kb().join("hr/note-0.md")).unwrap();
+    let ledger = ingest.wait_ledger(Duration::from_secs(120), |l| l["forgotten"] == 1);
+    assert_eq!(ledger["deleted"], 1, "{ledger}");
+    assert_eq!(ledger["seen"], n, "{ledger}");
+    let forgotten = "ragd_ingest_documents{state=\"forgotten\"}";
+    worker.wait_until("the index node forgot it", Duration::from_secs(60), || {
+        metric(&worker, forgotten) == 1.0
+    });
+    assert_eq!(points(&s), n - 1);
+    let r = worker.ask(HR_TOKEN, "where does office 0 keep its spare badge?");
+    assert!(!texts(&r).contains("7000"), "{r}");
+
+    // Back in the source: indexed like a new document.
+    ingest_ws.write("hr/note-0.md", note(0));
+    ingest.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == n);
     assert_eq!(points(&s), n);
 }
 

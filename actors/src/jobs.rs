@@ -40,19 +40,20 @@ impl Job for IndexJob {
     fn doc_id(&self) -> &str {
         match self {
             IndexJob::Upsert(d) => &d.meta.doc_id,
-            IndexJob::Delete { doc_id, .. } => doc_id,
+            IndexJob::Delete { doc_id, .. } | IndexJob::Forget { doc_id } => doc_id,
         }
     }
     fn version(&self) -> Option<&str> {
         match self {
             IndexJob::Upsert(d) => Some(&d.meta.version),
-            IndexJob::Delete { .. } => None,
+            IndexJob::Delete { .. } | IndexJob::Forget { .. } => None,
         }
     }
     fn payload(&self) -> serde_json::Value {
         match self {
             IndexJob::Upsert(d) => serde_json::to_value(&d.meta).unwrap_or_default(),
             IndexJob::Delete { doc_id, .. } => serde_json::json!({ "delete": doc_id }),
+            IndexJob::Forget { doc_id } => serde_json::json!({ "forget": doc_id }),
         }
     }
     fn bytes(&self) -> u64 {
@@ -62,7 +63,7 @@ impl Job for IndexJob {
                 let vectors: usize = d.vectors.iter().map(|v| v.len() * 4).sum();
                 (text + vectors) as u64
             }
-            IndexJob::Delete { .. } => 0,
+            IndexJob::Delete { .. } | IndexJob::Forget { .. } => 0,
         }
     }
 }

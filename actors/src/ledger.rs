@@ -5,13 +5,19 @@
 //! reaches an end (indexed, deleted, skipped, dead-lettered or superseded). So
 //! however large the burst, at most `max_in_flight` documents are queued
 //! between the stages, and the watcher waits instead of buffering.
+//!
+//! Its memory follows the documents the source has, not every name it ever
+//! had: a deleted document is forgotten a while after its deletion ends
+//! (`[pipeline] forget_deleted_after_secs`; see [`Ledger::with_memory`]).
 
 use parking_lot::Mutex;
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "status", content = "reason", rename_all = "snake_case")]
@@ -96,6 +102,11 @@ pub struct LedgerCounts {
     pub skipped: u64,
     pub dead_lettered: u64,
     pub in_flight: u64,
+    /// Of `deleted` (and `seen`), the documents no longer held in memory,
+    /// forgotten a while after their deletion ended: a folder of files
+    /// that come and go (build outputs, rotated names) does not grow the
+    /// ledger for ever. The admin API no longer lists them.
+    pub forgotten: u64,
 }
 
 /// Marker version for a deletion travelling through the pipeline.
@@ -112,6 +123,19 @@ struct DocEntry {
     pending: HashMap<String, OwnedSemaphorePermit>,
     /// The watcher's sequence of `latest` (see [`Ledger::observe`]).
     seq: u64,
+    forget: Forget,
+}
+
+/// Where a deleted document is on its way out of the ledger.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Forget {
+    /// Held: not deleted, or a deletion that a late job could still undo.
+    No,
+    /// A cluster's index node learnt that no job of it older than its
+    /// deletion is still on its way (see [`Ledger::release`]).
+    Released,
+    /// Deleted and settled since then: forgotten once the horizon passed.
+    Since(Instant),
 }
 
 impl DocEntry {
@@ -139,7 +163,13 @@ impl DocEntry {
             status: DocStatus::InFlight,
             pending: HashMap::new(),
             seq: 0,
+            forget: Forget::No,
         }
+    }
+
+    /// Gone from the source, and no job of it pending here.
+    fn tombstone(&self) -> bool {
+        self.latest.is_none() && self.pending.is_empty()
     }
 
     /// The counter this entry is in: in flight while any job of it is.
@@ -167,12 +197,23 @@ impl DocEntry {
 /// skipped among millions indexed reads only those. (Indexed is most of a
 /// ledger: a set of it would cost memory to save a filter over a range
 /// that is mostly indexed anyway.)
-#[derive(Default)]
 struct Docs {
     map: BTreeMap<Arc<str>, DocEntry>,
     counts: LedgerCounts,
     /// By [`DocEntry::shown_name`], except "indexed".
     by_state: HashMap<&'static str, BTreeSet<Arc<str>>>,
+    /// Deleted documents in the order they became forgettable, each with
+    /// that moment ([`Forget::Since`]): the oldest are forgotten first.
+    forgettable: VecDeque<(Instant, Arc<str>)>,
+    /// How long a settled deletion is remembered (listed by the admin API,
+    /// and a guard against a job redelivered late).
+    forget_after: Duration,
+    /// A cluster's index node, which only sees jobs: its deletions wait
+    /// for [`Ledger::release`] before the horizon starts.
+    held: bool,
+    /// Told each deletion that settled here (an ingest node: the index
+    /// nodes are then told that they may forget it too).
+    settled_out: Option<mpsc::Sender<String>>,
 }
 
 impl Docs {
@@ -195,18 +236,75 @@ impl Docs {
             self.file(entry.shown_name(), &id, true);
             self.map.insert(id, entry);
         }
+        let (held, now) = (self.held, Instant::now());
         let entry = self.map.get_mut(doc_id)?;
         let before = entry.shown_name();
         *entry.count(&mut self.counts) -= 1;
         let r = f(entry);
         *entry.count(&mut self.counts) += 1;
         let after = entry.shown_name();
-        if before != after {
+        // A deletion settles when nothing of the document is pending here
+        // any more (and, on an index node, once released): its horizon
+        // starts. Anything else that happens to it takes it back.
+        let settles = if !entry.tombstone() {
+            entry.forget = Forget::No;
+            false
+        } else if after == DocStatus::Deleted.name()
+            && (entry.forget == Forget::Released || (entry.forget == Forget::No && !held))
+        {
+            entry.forget = Forget::Since(now);
+            true
+        } else {
+            false
+        };
+        if before != after || settles {
             let id = self.map.get_key_value(doc_id)?.0.clone();
-            self.file(before, &id, false);
-            self.file(after, &id, true);
+            if before != after {
+                self.file(before, &id, false);
+                self.file(after, &id, true);
+            }
+            if settles {
+                if let Some(out) = self.settled_out.as_ref().filter(|_| !held) {
+                    // Full (a broker away for long): that index node keeps
+                    // its tombstone, as it would without being told.
+                    let _ = out.try_send(id.to_string());
+                }
+                self.forgettable.push_back((now, id));
+            }
         }
+        self.forget_old(now);
         Some(r)
+    }
+
+    /// Forgets the deletions settled longer than the horizon ago. Each is
+    /// checked again: one revived since, deleted anew, or ended otherwise
+    /// (a deletion dead-lettered) stays.
+    fn forget_old(&mut self, now: Instant) {
+        while let Some((at, _)) = self.forgettable.front() {
+            if now.saturating_duration_since(*at) < self.forget_after {
+                return;
+            }
+            let (at, id) = self.forgettable.pop_front().expect("a front");
+            let Some(entry) = self.map.get_mut(&id) else {
+                continue;
+            };
+            if entry.forget != Forget::Since(at) {
+                continue; // revived (then deleted again: a later turn)
+            }
+            if !entry.tombstone() || entry.shown_name() != DocStatus::Deleted.name() {
+                // Settled again later, when it is deleted again.
+                entry.forget = if self.held {
+                    Forget::Released
+                } else {
+                    Forget::No
+                };
+                continue;
+            }
+            self.map.remove(&id);
+            self.file(DocStatus::Deleted.name(), &id, false);
+            // Still counted as seen and deleted.
+            self.counts.forgotten += 1;
+        }
     }
 
     /// Adds `id` to (or takes it from) the set of its state's ids.
@@ -256,13 +354,61 @@ pub struct Ledger {
     settled: Notify,
 }
 
+/// How long a deleted document is remembered by default.
+pub const FORGET_DELETED_AFTER: Duration = Duration::from_secs(3600);
+
 impl Ledger {
     pub fn new(max_in_flight: usize) -> Arc<Self> {
+        Self::with_memory(max_in_flight, FORGET_DELETED_AFTER, false)
+    }
+
+    /// A ledger that forgets a deleted document `forget_after` once its
+    /// deletion settled: nothing of it pending, and (`held`, a cluster's
+    /// index node, whose jobs come from another node's ledger) once
+    /// released by that node. Until then a version seen before the deletion
+    /// and delivered late is refused; past it, such a version could come
+    /// back only by a redelivery (another node taking over the topic's
+    /// partition), which the horizon leaves room for.
+    pub fn with_memory(max_in_flight: usize, forget_after: Duration, held: bool) -> Arc<Self> {
         Arc::new(Ledger {
-            docs: Mutex::new(Docs::default()),
+            docs: Mutex::new(Docs {
+                map: BTreeMap::new(),
+                counts: LedgerCounts::default(),
+                by_state: HashMap::new(),
+                forgettable: VecDeque::new(),
+                forget_after,
+                held,
+                settled_out: None,
+            }),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             settled: Notify::new(),
         })
+    }
+
+    /// The documents whose deletion settled here from now on, each once:
+    /// an ingest node tells the index nodes (see [`Ledger::release`]). At
+    /// most `capacity` wait to be taken; past that the rest are not told.
+    pub fn settled_deletions(&self, capacity: usize) -> mpsc::Receiver<String> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.docs.lock().settled_out = Some(tx);
+        rx
+    }
+
+    /// The ingest node that admitted `doc_id`'s versions has closed every
+    /// one of them seen before its deletion: no job older than the deletion
+    /// is on its way any more, so a held ledger may forget it (after the
+    /// horizon). Not for a document seen again since: a new deletion waits
+    /// for a new release.
+    pub fn release(&self, doc_id: &str) {
+        let mut docs = self.docs.lock();
+        if !docs.held {
+            return; // (its own pending jobs tell it)
+        }
+        docs.update(doc_id, false, |entry| {
+            if entry.tombstone() && entry.forget == Forget::No {
+                entry.forget = Forget::Released;
+            }
+        });
     }
 
     /// Records a document already in its final state (found indexed at start,
@@ -330,25 +476,29 @@ impl Ledger {
     /// watcher's observation order; returns false for a job older than one
     /// already seen, which is then superseded. `None` is a deletion.
     pub fn observe(&self, doc_id: &str, version: Option<&str>, seq: u64) -> bool {
-        self.docs
-            .lock()
-            .update(doc_id, true, |entry| {
-                if seq < entry.seq {
-                    return false;
-                }
-                entry.seq = seq;
-                // A node with both the ingest and the index role shares
-                // this ledger with its watcher and chunker: the deletion
-                // of a version they skipped as a whole (no text, too big)
-                // leaves the document skipped, as on an ingest-only node,
-                // rather than counted as deleted.
-                let skipped = entry.latest.as_deref() == Some(SKIPPED_VERSION);
-                if version.is_some() || !skipped {
-                    entry.latest = version.map(str::to_string);
-                }
-                true
-            })
-            .unwrap_or(false)
+        let mut docs = self.docs.lock();
+        let held = docs.held;
+        docs.update(doc_id, true, |entry| {
+            if held {
+                // Whatever was released, this job was not.
+                entry.forget = Forget::No;
+            }
+            if seq < entry.seq {
+                return false;
+            }
+            entry.seq = seq;
+            // A node with both the ingest and the index role shares
+            // this ledger with its watcher and chunker: the deletion
+            // of a version they skipped as a whole (no text, too big)
+            // leaves the document skipped, as on an ingest-only node,
+            // rather than counted as deleted.
+            let skipped = entry.latest.as_deref() == Some(SKIPPED_VERSION);
+            if version.is_some() || !skipped {
+                entry.latest = version.map(str::to_string);
+            }
+            true
+        })
+        .unwrap_or(false)
     }
 
     /// Starts an index node's view from the versions its store holds (see
@@ -496,7 +646,10 @@ impl Ledger {
     }
 
     pub fn counts(&self) -> LedgerCounts {
-        self.docs.lock().counts
+        let mut docs = self.docs.lock();
+        // (Read often, by /metrics: an idle ledger forgets too.)
+        docs.forget_old(Instant::now());
+        docs.counts
     }
 
     /// Resolves once no document is in flight.
@@ -671,13 +824,36 @@ mod tests {
 
     /// The counts kept in step agree with a count of the entries after
     /// every step of a long mixed sequence (admissions, supersessions,
-    /// deletions, every outcome, index-node observations).
+    /// deletions, every outcome, index-node observations and releases),
+    /// with deletions remembered, forgotten at once, and forgotten once
+    /// released (an index node).
     #[tokio::test]
     async fn counts_stay_in_step_with_the_entries() {
+        for (forget_after, held) in [
+            (FORGET_DELETED_AFTER, false),
+            (Duration::ZERO, false),
+            (Duration::ZERO, true),
+        ] {
+            let ledger = Ledger::with_memory(10_000, forget_after, held);
+            random_steps(&ledger).await;
+            let c = ledger.counts();
+            assert_eq!(
+                c.forgotten > 0,
+                forget_after.is_zero(),
+                "{forget_after:?} held {held}: {c:?}"
+            );
+        }
+    }
+
+    async fn random_steps(ledger: &Ledger) {
         fn recount(ledger: &Ledger) -> LedgerCounts {
             let docs = ledger.docs.lock();
+            // The forgotten are still counted as seen and deleted.
+            let forgotten = docs.counts.forgotten;
             let mut c = LedgerCounts {
-                seen: docs.map.len() as u64,
+                seen: docs.map.len() as u64 + forgotten,
+                deleted: forgotten,
+                forgotten,
                 ..Default::default()
             };
             for e in docs.map.values() {
@@ -685,7 +861,6 @@ mod tests {
             }
             c
         }
-        let ledger = Ledger::new(10_000);
         let mut rng = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = |n: u64| {
             rng ^= rng << 13;
@@ -711,15 +886,18 @@ mod tests {
                 }
                 3 => ledger.finish(&doc, Some(&version), outcome),
                 4 => ledger.finish(&doc, None, Outcome::Deleted),
-                _ => {
-                    if next(2) == 0 {
-                        ledger.record(&doc, Some(&version), outcome);
-                    } else {
+                _ => match next(4) {
+                    0 => ledger.record(&doc, Some(&version), outcome),
+                    1 => ledger.release(&doc),
+                    2 => {
+                        ledger.observe(&doc, None, next(100));
+                    }
+                    _ => {
                         ledger.observe(&doc, Some(&version), next(100));
                     }
-                }
+                },
             }
-            assert_eq!(ledger.counts(), recount(&ledger), "after step {step}");
+            assert_eq!(ledger.counts(), recount(ledger), "after step {step}");
             // The per-state sets hold exactly the ids in their state, so a
             // listing by state through them matches a filter of all ids.
             let all = ledger.documents(&DocQuery::default(), usize::MAX);
@@ -806,5 +984,116 @@ mod tests {
         ledger.finish("a", None, Outcome::Deleted);
         assert_eq!(ledger.counts().deleted, 1);
         ledger.wait_settled().await;
+    }
+
+    /// A deleted document is forgotten once its deletion settled and the
+    /// horizon passed: the memory follows what the source has. Until then
+    /// it is listed; a deletion that ended otherwise (dead-lettered) stays.
+    #[tokio::test]
+    async fn a_settled_deletion_is_forgotten_after_the_horizon() {
+        let horizon = Duration::from_millis(200);
+        let ledger = Ledger::with_memory(8, horizon, false);
+        let mut settled = ledger.settled_deletions(8);
+        for doc in ["a", "b"] {
+            assert!(ledger.admit(doc, Some("v1")).await);
+            ledger.finish(doc, Some("v1"), Outcome::Indexed);
+            assert!(ledger.admit(doc, None).await);
+        }
+        // Re-created and deleted again before the first deletion ended: it
+        // settles only when nothing of it is pending.
+        assert!(ledger.admit("a", Some("v2")).await);
+        assert!(ledger.admit("a", None).await);
+        ledger.finish("a", None, Outcome::Deleted);
+        assert!(settled.try_recv().is_err(), "v2 is still pending");
+        ledger.finish("a", Some("v2"), Outcome::Skipped(SUPERSEDED.into()));
+        assert_eq!(settled.try_recv().unwrap(), "a");
+        ledger.finish("b", None, Outcome::DeadLettered("prune failed".into()));
+        assert!(settled.try_recv().is_err(), "b did not settle deleted");
+
+        // Within the horizon: listed, counted, not forgotten.
+        let deleted = DocQuery {
+            status: Some("deleted".into()),
+            ..DocQuery::default()
+        };
+        assert_eq!(ledger.documents(&deleted, 10).len(), 1);
+        let c = ledger.counts();
+        assert_eq!((c.seen, c.deleted, c.forgotten), (2, 1, 0), "{c:?}");
+
+        tokio::time::sleep(horizon + Duration::from_millis(50)).await;
+        let c = ledger.counts();
+        assert_eq!((c.seen, c.deleted, c.forgotten), (2, 1, 1), "{c:?}");
+        assert_eq!(ledger.status("a"), None);
+        assert!(ledger.documents(&deleted, 10).is_empty());
+        assert!(ledger.wants_nothing_indexed("a"));
+        assert!(!ledger.is_current("a", "v2"));
+        // The dead-lettered deletion stays, to be replayed.
+        assert!(matches!(
+            ledger.status("b"),
+            Some(DocStatus::DeadLettered(_))
+        ));
+        assert_eq!(ledger.docs.lock().map.len(), 1);
+
+        // Back in the source: a document like any new one.
+        assert!(ledger.admit("a", Some("v3")).await);
+        ledger.finish("a", Some("v3"), Outcome::Indexed);
+        let c = ledger.counts();
+        assert_eq!((c.seen, c.indexed, c.deleted, c.forgotten), (3, 1, 1, 1));
+        assert_eq!(ledger.permits.available_permits(), 8);
+    }
+
+    /// A cluster's index node learns of a deletion from the jobs alone: a
+    /// version seen before it may still be on its way (through the chunker
+    /// and the embedder, while the deletion went straight to the indexer),
+    /// so it forgets the deletion only once the ingest node released it.
+    #[tokio::test]
+    async fn an_index_node_forgets_a_deletion_only_once_released() {
+        let ledger = Ledger::with_memory(8, Duration::ZERO, true);
+        assert!(ledger.observe("d", Some("v1"), 10));
+        ledger.finish("d", Some("v1"), Outcome::Indexed);
+        assert!(ledger.observe("d", None, 30));
+        ledger.finish("d", None, Outcome::Deleted);
+        assert_eq!(ledger.status("d"), Some(DocStatus::Deleted));
+        assert_eq!(ledger.counts().forgotten, 0, "forgotten unreleased");
+        // v2, seen before the deletion, arrives late: refused.
+        assert!(!ledger.observe("d", Some("v2"), 20));
+        ledger.finish("d", Some("v2"), Outcome::Skipped(SUPERSEDED.into()));
+
+        ledger.release("d");
+        assert_eq!(ledger.counts().forgotten, 1);
+        assert_eq!(ledger.status("d"), None);
+
+        // Released, but deleted anew (re-created and deleted again) within
+        // the horizon: the new deletion waits for its own release.
+        let horizon = Duration::from_millis(100);
+        let slow = Ledger::with_memory(8, horizon, true);
+        assert!(slow.observe("g", None, 50));
+        slow.finish("g", None, Outcome::Deleted);
+        slow.release("g");
+        assert!(slow.observe("g", None, 70));
+        slow.finish("g", None, Outcome::Deleted);
+        tokio::time::sleep(horizon * 2).await;
+        assert_eq!(
+            slow.counts().forgotten,
+            0,
+            "the second deletion was not released"
+        );
+        assert!(!slow.observe("g", Some("v4"), 60));
+        slow.release("g");
+        tokio::time::sleep(horizon * 2).await;
+        assert_eq!(slow.counts().forgotten, 1);
+
+        // Released before its pruner ended the deletion here: forgotten
+        // once it has.
+        assert!(ledger.observe("e", None, 60));
+        ledger.release("e");
+        assert_eq!(ledger.counts().forgotten, 1);
+        ledger.finish("e", None, Outcome::Deleted);
+        assert_eq!(ledger.counts().forgotten, 2);
+        // An ingest node's release of a document that is not deleted here
+        // does nothing.
+        assert!(ledger.observe("f", Some("v1"), 70));
+        ledger.release("f");
+        ledger.finish("f", Some("v1"), Outcome::Indexed);
+        assert_eq!(ledger.status("f"), Some(DocStatus::Indexed));
     }
 }

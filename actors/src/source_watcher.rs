@@ -1367,7 +1367,7 @@ mod tests {
                 .into_iter()
                 .filter_map(|j| match j {
                     IndexJob::Delete { doc_id, .. } => Some(doc_id),
-                    IndexJob::Upsert(_) => None,
+                    _ => None,
                 })
                 .collect();
             ids.sort();

@@ -26,6 +26,14 @@ pub enum IndexJob {
         #[serde(default)]
         seq: u64,
     },
+    /// From the ingest node whose ledger admitted the document: its
+    /// deletion settled there, every version seen before it closed, so no
+    /// older job of it is still on its way. An index node may then forget
+    /// it (see `Ledger::release`). (Upgrade index nodes before ingest
+    /// nodes: an older one dead-letters this job, which is harmless.)
+    Forget {
+        doc_id: String,
+    },
 }
 
 pub struct IndexerStage {
@@ -223,6 +231,11 @@ impl IndexerStage {
                     }
                     events.push(IndexedEvent::Deleted { doc_id, seq });
                 }
+                IndexJob::Forget { doc_id } => {
+                    if self.observe {
+                        self.ledger.release(&doc_id);
+                    }
+                }
             }
         }
         if !writes.is_empty() {
@@ -238,6 +251,7 @@ impl IndexerStage {
 pub(crate) mod tests {
     use super::*;
     use crate::indexer::edge::EdgeStore;
+    use crate::ledger::DocStatus;
     use crate::messages::{Chunk, DocMeta, Partition};
     use crate::pool::PoolQueue;
     use crate::stats::ActorStats;
@@ -360,6 +374,55 @@ pub(crate) mod tests {
             ledger,
             cache: crate::cache_guard::CacheHandle::new("no-cache-actor", Arc::new(cache)),
         }
+    }
+
+    /// An index node keeps a deletion while a version seen before it may
+    /// still arrive, and forgets it once the ingest node's `Forget` says
+    /// none can.
+    #[tokio::test]
+    async fn an_index_node_forgets_a_deletion_when_the_ingest_node_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let ledger = Ledger::with_memory(8, Duration::ZERO, true);
+        let (stage, out) = index_node(&store, ledger.clone());
+        let pruner = pruner(&store, ledger.clone());
+        let doc_id = "kb:hr/leave.md".to_string();
+        stage
+            .process(IndexJob::Upsert(embedded("v1", 1_000)))
+            .await
+            .unwrap();
+        let delete = IndexJob::Delete {
+            doc_id: doc_id.clone(),
+            seq: 3_000,
+        };
+        stage.process(delete).await.unwrap();
+        pruner.process_batch(out.drain()).await.unwrap();
+        assert!(versions(&store).await.is_empty());
+        // Deleted, and held: v2, seen before the deletion, comes late.
+        assert_eq!(ledger.status(&doc_id), Some(DocStatus::Deleted));
+        stage
+            .process(IndexJob::Upsert(embedded("v2", 2_000)))
+            .await
+            .unwrap();
+        pruner.process_batch(out.drain()).await.unwrap();
+        assert!(versions(&store).await.is_empty(), "the late v2 was written");
+
+        stage
+            .process(IndexJob::Forget {
+                doc_id: doc_id.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(out.is_empty(), "a release reports nothing");
+        assert_eq!(ledger.status(&doc_id), None);
+        assert_eq!(ledger.counts().forgotten, 1);
+        // A later version is a document like any new one.
+        stage
+            .process(IndexJob::Upsert(embedded("v3", 4_000)))
+            .await
+            .unwrap();
+        pruner.process_batch(out.drain()).await.unwrap();
+        assert_eq!(versions(&store).await, vec!["v3".to_string()]);
     }
 
     /// The real store, with its optimisations counted.
