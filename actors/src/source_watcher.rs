@@ -229,10 +229,18 @@ pub struct WatcherState {
     rescans: u64,
     /// A [`WatchMsg::Retry`] is on its way.
     retry_scheduled: bool,
-    /// Sources whose root was missing at start: unwatched until it is back,
-    /// which restarts the watcher (their documents stay indexed meanwhile:
-    /// a root that is gone for a moment, a deploy swapping folders or an
-    /// unmounted share, is not a deletion of everything in it).
+    /// A [`WatchMsg::RootCheck`] is on its way.
+    root_check_scheduled: bool,
+    watches: Watches,
+}
+
+/// What watches the sources: the kernel's watcher, pollers for the trees it
+/// cannot watch, and the roots that were not there to watch.
+struct Watches {
+    /// Unwatched until they are back, which watches the sources anew
+    /// (their documents stay indexed meanwhile: a root that is gone for a
+    /// moment, a deploy swapping folders or an unmounted share, is not a
+    /// deletion of everything in it).
     missing_roots: Vec<SourceSpec>,
     _debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
     _pollers: Vec<Debouncer<notify::PollWatcher, NoCache>>,
@@ -248,91 +256,9 @@ impl Actor for SourceWatcher {
         myself: ActorRef<WatchMsg>,
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
-        let (mut debouncer, mut pollers) = (None, Vec::new());
-        // One look at each root decides how it is watched: a root that
-        // vanished between two looks would be neither watched nor checked.
-        let (watched, mut missing_roots): (Vec<SourceSpec>, Vec<SourceSpec>) = args
-            .sources
-            .iter()
-            .cloned()
-            .partition(SourceSpec::root_present);
-        if args.watch {
-            let handler = |me: ActorRef<WatchMsg>, polled: bool| {
-                move |res: DebounceEventResult| {
-                    let msg = match res {
-                        // A poll walks the whole tree each time: a folder
-                        // it could not read is no lost event, and a rescan
-                        // per poll would re-read every file each interval.
-                        Err(errors) if polled => WatchMsg::PollErrors(errors),
-                        res => WatchMsg::Fs(res),
-                    };
-                    let _ = me.cast(msg);
-                }
-            };
-            // Links are not followed, as in our own walks: notify keeps one
-            // path per watched folder, so a folder reached through a link
-            // too would have its events reported under whichever path came
-            // last, and a link out of the tree would watch, and file under
-            // this source's partition, what lies outside it.
-            let config = notify::Config::default().with_follow_symlinks(false);
-            // Without inotify at all (its instance limit), every tree is
-            // polled.
-            let mut native = new_debouncer_opt::<_, notify::RecommendedWatcher, _>(
-                args.debounce,
-                None,
-                handler(myself.clone(), false),
-                RecommendedCache::new(),
-                config,
-            );
-            let plan = plan_watches(&watched, |s| match &mut native {
-                Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
-                    // Whatever part of the tree it did watch goes too.
-                    let _ = d.unwatch(&s.root);
-                }),
-                Err(e) => Err(notify::Error::generic(&e.to_string())),
-            });
-            for (s, (poll, why)) in watched.iter().zip(plan) {
-                let Some(every) = poll else { continue };
-                if why.is_some() && !s.root_present() {
-                    // Its kernel watch failed because it vanished meanwhile;
-                    // notify's poller would watch nothing for it.
-                    missing_roots.push(s.clone());
-                    continue;
-                }
-                if let Some(why) = why {
-                    tracing::warn!("{why}");
-                    args.stats.set_error(why);
-                }
-                let mut p = new_debouncer_opt::<_, notify::PollWatcher, _>(
-                    args.debounce,
-                    None,
-                    handler(myself.clone(), true),
-                    NoCache::new(),
-                    // notify's poller compares modification times in whole
-                    // seconds: a second save within the second of a poll
-                    // would go unseen for good without a content hash.
-                    config.with_poll_interval(every).with_compare_contents(true),
-                )?;
-                p.watch(&s.root, RecursiveMode::Recursive)
-                    .map_err(|e| format!("polling {}: {e}", s.root.display()))?;
-                pollers.push(p);
-            }
-            debouncer = native.ok();
-        }
-        for s in &missing_roots {
-            let what = if s.mount_point && s.root.is_dir() {
-                "has nothing mounted on it"
-            } else {
-                "is missing"
-            };
-            let why = format!(
-                "source root {} {what}; its documents stay indexed, and it is watched again once it is back",
-                s.root.display()
-            );
-            tracing::warn!("{why}");
-            args.stats.set_error(why);
-        }
-        if args.watch && !missing_roots.is_empty() {
+        let watches = watch_sources(&args, &myself)?;
+        let check_roots = args.watch && !watches.missing_roots.is_empty();
+        if check_roots {
             myself.cast(WatchMsg::RootCheck)?;
         }
         myself.cast(WatchMsg::Rescan)?;
@@ -343,9 +269,8 @@ impl Actor for SourceWatcher {
             rescan_queued: true,
             rescans: 0,
             retry_scheduled: false,
-            missing_roots,
-            _debouncer: debouncer,
-            _pollers: pollers,
+            root_check_scheduled: check_roots,
+            watches,
         })
     }
 
@@ -357,12 +282,9 @@ impl Actor for SourceWatcher {
     ) -> Result<(), ActorProcessingErr> {
         if let Some(s) = st.unmounted() {
             // Before anything reads the empty folder as every file deleted.
-            // Started afresh, the watcher finds it missing and waits for it.
-            return Err(format!(
-                "source root {} is no longer mounted; its documents stay, and it is watched again once it is back",
-                s.root.display()
-            )
-            .into());
+            // Watched anew, it is missing, and waited for.
+            let why = format!("source root {} is no longer mounted", s.root.display());
+            st.rewatch(&myself, &why)?;
         }
         self.handle_msg(&myself, msg, st).await?;
         // One timer for all the files waiting to be tried again.
@@ -372,6 +294,104 @@ impl Actor for SourceWatcher {
         }
         Ok(())
     }
+}
+
+/// Watches every source whose root is there: with the kernel's watcher,
+/// or by polling where it cannot (see [`plan_watches`]). Says which roots
+/// are missing, and why they are not watched.
+fn watch_sources(
+    args: &WatcherArgs,
+    myself: &ActorRef<WatchMsg>,
+) -> Result<Watches, ActorProcessingErr> {
+    let (mut debouncer, mut pollers) = (None, Vec::new());
+    // One look at each root decides how it is watched: a root that
+    // vanished between two looks would be neither watched nor checked.
+    let (watched, mut missing_roots): (Vec<SourceSpec>, Vec<SourceSpec>) = args
+        .sources
+        .iter()
+        .cloned()
+        .partition(SourceSpec::root_present);
+    if args.watch {
+        let handler = |me: ActorRef<WatchMsg>, polled: bool| {
+            move |res: DebounceEventResult| {
+                let msg = match res {
+                    // A poll walks the whole tree each time: a folder
+                    // it could not read is no lost event, and a rescan
+                    // per poll would re-read every file each interval.
+                    Err(errors) if polled => WatchMsg::PollErrors(errors),
+                    res => WatchMsg::Fs(res),
+                };
+                let _ = me.cast(msg);
+            }
+        };
+        // Links are not followed, as in our own walks: notify keeps one
+        // path per watched folder, so a folder reached through a link
+        // too would have its events reported under whichever path came
+        // last, and a link out of the tree would watch, and file under
+        // this source's partition, what lies outside it.
+        let config = notify::Config::default().with_follow_symlinks(false);
+        // Without inotify at all (its instance limit), every tree is
+        // polled.
+        let mut native = new_debouncer_opt::<_, notify::RecommendedWatcher, _>(
+            args.debounce,
+            None,
+            handler(myself.clone(), false),
+            RecommendedCache::new(),
+            config,
+        );
+        let plan = plan_watches(&watched, |s| match &mut native {
+            Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
+                // Whatever part of the tree it did watch goes too.
+                let _ = d.unwatch(&s.root);
+            }),
+            Err(e) => Err(notify::Error::generic(&e.to_string())),
+        });
+        for (s, (poll, why)) in watched.iter().zip(plan) {
+            let Some(every) = poll else { continue };
+            if why.is_some() && !s.root_present() {
+                // Its kernel watch failed because it vanished meanwhile;
+                // notify's poller would watch nothing for it.
+                missing_roots.push(s.clone());
+                continue;
+            }
+            if let Some(why) = why {
+                tracing::warn!("{why}");
+                args.stats.set_error(why);
+            }
+            let mut p = new_debouncer_opt::<_, notify::PollWatcher, _>(
+                args.debounce,
+                None,
+                handler(myself.clone(), true),
+                NoCache::new(),
+                // notify's poller compares modification times in whole
+                // seconds: a second save within the second of a poll
+                // would go unseen for good without a content hash.
+                config.with_poll_interval(every).with_compare_contents(true),
+            )?;
+            p.watch(&s.root, RecursiveMode::Recursive)
+                .map_err(|e| format!("polling {}: {e}", s.root.display()))?;
+            pollers.push(p);
+        }
+        debouncer = native.ok();
+    }
+    for s in &missing_roots {
+        let what = if s.mount_point && s.root.is_dir() {
+            "has nothing mounted on it"
+        } else {
+            "is missing"
+        };
+        let why = format!(
+            "source root {} {what}; its documents stay indexed, and it is watched again once it is back",
+            s.root.display()
+        );
+        tracing::warn!("{why}");
+        args.stats.set_error(why);
+    }
+    Ok(Watches {
+        missing_roots,
+        _debouncer: debouncer,
+        _pollers: pollers,
+    })
 }
 
 impl SourceWatcher {
@@ -401,14 +421,13 @@ impl SourceWatcher {
                 }
             }
             WatchMsg::RootCheck => {
-                if let Some(s) = st.missing_roots.iter().find(|s| s.root_present()) {
-                    return Err(format!(
-                        "source root {} is back; watching it anew",
-                        s.root.display()
-                    )
-                    .into());
+                st.root_check_scheduled = false;
+                let back = st.watches.missing_roots.iter().find(|s| s.root_present());
+                if let Some(s) = back {
+                    let why = format!("source root {} is back", s.root.display());
+                    st.rewatch(myself, &why)?;
                 }
-                cast_later(myself, WatchMsg::RootCheck);
+                st.check_roots_later(myself);
             }
             WatchMsg::Rescan => {
                 // From here on a lost event may be behind the walk: the
@@ -445,13 +464,10 @@ impl SourceWatcher {
                 {
                     // Folders made since the start took the kernel's last
                     // watches: the ones after them are not watched, and
-                    // notify adds no more. Started afresh, the watcher
-                    // finds the tree too big to watch and polls it.
-                    return Err(
-                        "inotify's watch limit (fs.inotify.max_user_watches) was reached; \
-                                watching anew, polling what does not fit"
-                            .into(),
-                    );
+                    // notify adds no more. Watched anew, the tree is too
+                    // big to watch and is polled.
+                    let why = "inotify's watch limit (fs.inotify.max_user_watches) was reached";
+                    return st.rewatch(myself, why);
                 }
                 for e in &errors {
                     tracing::warn!("watch error: {e}; rescanning");
@@ -502,13 +518,13 @@ impl SourceWatcher {
                     // The kernel's watches follow the folder, not its path:
                     // they would go on reporting the moved tree's events
                     // under the root's path, and a new folder there would
-                    // go unwatched. A restart watches the path afresh, and
-                    // its full scan deletes what is gone.
-                    return Err(format!(
-                        "source root {} was moved, removed or replaced; watching it anew",
+                    // go unwatched. The path is watched anew, and a full
+                    // scan deletes what is gone.
+                    let why = format!(
+                        "source root {} was moved, removed or replaced",
                         root.display()
-                    )
-                    .into());
+                    );
+                    return st.rewatch(myself, &why);
                 }
                 for path in paths {
                     let was_removed = removed.contains(path.as_path());
@@ -521,11 +537,44 @@ impl SourceWatcher {
 }
 
 impl WatcherState {
+    /// Watches the sources anew, in place: a root that came back, went
+    /// away (a share unmounted), was moved, or a tree that outgrew the
+    /// kernel's watches. Then a full scan finds what changed meanwhile.
+    /// (A restart by the supervisor would do the same, but a share that
+    /// comes and goes would soon use up its restarts and stop ingestion.)
+    fn rewatch(
+        &mut self,
+        myself: &ActorRef<WatchMsg>,
+        why: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        tracing::warn!("{why}; watching the sources anew");
+        self.args.stats.set_error(format!("{why}; watched anew"));
+        // The old watches go first: what they held of the kernel's watch
+        // limit is free for the new ones.
+        self.watches = Watches {
+            missing_roots: Vec::new(),
+            _debouncer: None,
+            _pollers: Vec::new(),
+        };
+        self.watches = watch_sources(&self.args, myself)?;
+        metrics::counter!("ragd_watcher_rewatches_total").increment(1);
+        self.check_roots_later(myself);
+        self.request_rescan(myself, why)
+    }
+
+    /// Looks for the missing roots again in a while, if any is missing.
+    fn check_roots_later(&mut self, myself: &ActorRef<WatchMsg>) {
+        if self.args.watch && !self.root_check_scheduled && !self.watches.missing_roots.is_empty() {
+            self.root_check_scheduled = true;
+            cast_later(myself, WatchMsg::RootCheck);
+        }
+    }
+
     /// A watched mount-point source whose file system is gone.
     fn unmounted(&self) -> Option<&SourceSpec> {
         self.args.sources.iter().find(|s| {
             s.mount_point
-                && !self.missing_roots.iter().any(|m| m.name == s.name)
+                && !self.watches.missing_roots.iter().any(|m| m.name == s.name)
                 && !s.root_present()
         })
     }
@@ -1383,9 +1432,22 @@ mod tests {
         }
     }
 
-    /// Waits for `watcher` to stop (for its supervisor to start it anew).
-    async fn stopped(watcher: &ActorRef<WatchMsg>) {
-        wait_for(|| matches!(watcher.get_status(), ractor::ActorStatus::Stopped)).await;
+    /// The watcher kept running, and watches the tree anew: once it says
+    /// why (`why`) and its scan is done, a file written at `rel` is handed
+    /// on (by the new watch: nothing else looks).
+    async fn still_watching(rig: &Rig, watcher: &ActorRef<WatchMsg>, why: &str, rel: &str) {
+        wait_for(|| {
+            let error = rig.stats.last_error().unwrap_or_default();
+            error.contains(why)
+                && error.contains("watched anew")
+                && rig.stats.status() == "watching"
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rig.write(rel, "# New\n\nwritten after the tree was watched anew");
+        let id = format!("kb:{rel}");
+        wait_for(|| rig.chunk_q.drain().iter().any(|d| d.doc_id == id)).await;
+        assert!(matches!(watcher.get_status(), ractor::ActorStatus::Running));
     }
 
     /// An event as the debouncer hands it on.
@@ -1517,48 +1579,53 @@ mod tests {
 
     /// The source's folder itself moved away (or removed, or replaced):
     /// the kernel's watches would follow the old folder, so the watcher
-    /// stops with the reason, for its supervisor to start it afresh.
+    /// watches the path anew, in place (no restart: a root that comes and
+    /// goes would use up the supervisor's), and a scan deletes what went.
     #[tokio::test]
-    async fn a_moved_source_root_restarts_the_watcher() {
+    async fn a_moved_source_root_is_watched_anew() {
         let rig = Rig::new();
         rig.write("a.md", "# A");
-        let (watcher, _) = rig.start(false).await;
+        let (watcher, scanned) = rig.start(true).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        std::fs::rename(&rig.root, rig.dir.path().join("kb-old")).unwrap();
+        std::fs::create_dir(&rig.root).unwrap();
+        // (What the kernel reports of it varies: the watcher's own reading.)
         let kind = notify::EventKind::Modify(notify::event::ModifyKind::Name(
             notify::event::RenameMode::From,
         ));
         watcher.cast(event(kind, &rig.root)).unwrap();
-        wait_for(|| {
-            matches!(
-                watcher.get_status(),
-                ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping
-            )
-        })
-        .await;
+        wait_for(|| rig.deleted() == ["kb:a.md"]).await;
+        still_watching(&rig, &watcher, "was moved", "b.md").await;
+        watcher.stop(None);
     }
 
     /// The kernel's watch limit reached by folders made after the start:
-    /// the watcher stops, for its supervisor to start it afresh (which
-    /// polls what the kernel cannot watch), rather than leave the new
-    /// folders unwatched.
+    /// the watcher watches anew (polling what the kernel cannot watch)
+    /// rather than leave the new folders unwatched.
     #[tokio::test]
-    async fn the_watch_limit_reached_later_restarts_the_watcher() {
+    async fn the_watch_limit_reached_later_watches_anew() {
         let rig = Rig::new();
         let (watcher, _) = rig.start(true).await;
         let limit = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
         watcher.cast(WatchMsg::Fs(Err(vec![limit]))).unwrap();
-        stopped(&watcher).await;
+        still_watching(&rig, &watcher, "watch limit", "new/a.md").await;
         // Another watch error only asks for a rescan.
-        let (watcher, _) = rig.start(true).await;
         let other = notify::Error::generic("a passing error");
         watcher.cast(WatchMsg::Fs(Err(vec![other]))).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_for(|| {
+            rig.stats
+                .last_error()
+                .unwrap_or_default()
+                .contains("a passing error")
+        })
+        .await;
         assert!(matches!(watcher.get_status(), ractor::ActorStatus::Running));
         watcher.stop(None);
     }
 
     /// A source root missing at start (a deploy swapping folders, a share
     /// not mounted yet): its documents stay indexed, the watcher says so,
-    /// and it starts afresh once the root is back.
+    /// and it watches the root once it is back.
     #[tokio::test]
     async fn a_missing_root_keeps_its_documents_until_it_is_back() {
         let rig = Rig::new();
@@ -1566,7 +1633,10 @@ mod tests {
         std::fs::remove_dir(&rig.root).unwrap();
         let watcher = rig.start_without_root("is missing").await;
         std::fs::create_dir(&rig.root).unwrap();
-        stopped(&watcher).await;
+        still_watching(&rig, &watcher, "is back", "b.md").await;
+        // Back empty: now a.md is gone for real.
+        assert_eq!(rig.deleted(), ["kb:a.md"]);
+        watcher.stop(None);
     }
 
     #[test]
@@ -1593,13 +1663,15 @@ mod tests {
             ok.then(|| Tmpfs(at.to_path_buf()))
         }
 
-        fn unmount(&self) {
+        fn unmount(self) {
             let status = std::process::Command::new("umount").arg(&self.0).status();
             assert!(
                 status.is_ok_and(|s| s.success()),
                 "umount {}",
                 self.0.display()
             );
+            // (Its drop would unmount whatever is mounted there next.)
+            std::mem::forget(self);
         }
     }
 
@@ -1616,35 +1688,53 @@ mod tests {
 
     /// A share as the source root (`mount_point = true`): unmounted, the
     /// root is an empty folder, not a missing one. Its documents stay; the
-    /// watcher stops to watch it anew, finds it missing, and starts afresh
-    /// once the share is mounted again.
+    /// watcher watches anew, finds it missing, and watches it again once
+    /// the share is mounted again, all without a restart (a share that
+    /// comes and goes would soon use up the supervisor's).
     #[tokio::test]
     async fn an_unmounted_share_keeps_its_documents_until_it_is_back() {
         let rig = Rig {
             mount_point: true,
             ..Rig::new()
         };
-        let Some(share) = Tmpfs::mount(&rig.root) else {
+        let Some(mut share) = Tmpfs::mount(&rig.root) else {
             eprintln!("skipped: this process may not mount a tmpfs");
             return;
         };
-        rig.write("a.md", "# A");
-        rig.write("sub/b.md", "# B");
+        let mut files = vec!["a.md".to_string(), "sub/b.md".to_string()];
+        let write_all = |files: &[String]| {
+            for f in files {
+                rig.write(f, &format!("# {f}"));
+            }
+        };
+        write_all(&files);
         let (watcher, scanned) = rig.start(true).await;
         assert_eq!(scanned, ["kb:a.md", "kb:sub/b.md"]);
 
-        share.unmount();
-        watcher.cast(WatchMsg::Rescan).unwrap();
-        stopped(&watcher).await;
-        assert!(
-            rig.deleted().is_empty(),
-            "an unmounted share deleted its documents"
-        );
-
-        rig.stats.set_status("restarting");
-        let watcher = rig.start_without_root("has nothing mounted on it").await;
-        let _share = Tmpfs::mount(&rig.root).expect("mounting it again");
-        stopped(&watcher).await;
+        for round in 0..2 {
+            share.unmount();
+            watcher.cast(WatchMsg::Rescan).unwrap();
+            wait_for(|| {
+                let error = rig.stats.last_error().unwrap_or_default();
+                error.contains("has nothing mounted on it")
+            })
+            .await;
+            // (The scan asked for, and the one after watching anew.)
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                rig.deleted().is_empty(),
+                "an unmounted share deleted its documents (round {round})"
+            );
+            assert!(matches!(watcher.get_status(), ractor::ActorStatus::Running));
+            // Mounted again with the same files (a new tmpfs is empty).
+            share = Tmpfs::mount(&rig.root).expect("mounting it again");
+            write_all(&files);
+            let new = format!("c{round}.md");
+            still_watching(&rig, &watcher, "is back", &new).await;
+            files.push(new);
+        }
+        assert!(rig.deleted().is_empty());
+        watcher.stop(None);
     }
 
     /// Links to a folder of the tree: events of that folder keep their
