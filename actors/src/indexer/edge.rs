@@ -553,14 +553,12 @@ impl VectorStore for EdgeStore {
         if ids.is_empty() {
             return Ok(true);
         }
+        // The two fields the check reads, not the chunk's text.
+        let fields = WithPayloadInterface::Fields(vec![key("division"), key("access_level")]);
         let found = self
             .blocking(move |s| {
                 s.shard
-                    .retrieve(
-                        &ids,
-                        Some(WithPayloadInterface::Bool(true)),
-                        Some(WithVector::Bool(false)),
-                    )
+                    .retrieve(&ids, Some(fields), Some(WithVector::Bool(false)))
                     .map_err(|e| anyhow::anyhow!("vector store retrieve: {e}"))
             })
             .await?;

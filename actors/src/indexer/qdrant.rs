@@ -539,14 +539,20 @@ impl VectorStore for QdrantStore {
     }
 
     async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool> {
+        use qdrant_client::qdrant::{
+            with_payload_selector::SelectorOptions, PayloadIncludeSelector,
+        };
         let ids: Vec<PointId> = hit_ids(hits).into_iter().map(PointId::from).collect();
         if ids.is_empty() {
             return Ok(true);
         }
         // No shard key selector: every shard is looked in, and a division
         // emptied since (its key gone) is no error, just points not found.
+        // The two fields the check reads, not the chunk's text.
         let req = GetPointsBuilder::new(&self.s.collection, ids)
-            .with_payload(true)
+            .with_payload(SelectorOptions::Include(PayloadIncludeSelector {
+                fields: vec!["division".into(), "access_level".into()],
+            }))
             .with_vectors(false)
             .build();
         let found = self

@@ -158,6 +158,28 @@ impl Drop for QdrantTestServer {
     }
 }
 
+/// The payload a request asks for, as Qdrant reads it: all of it by
+/// default, none, or the fields it includes.
+fn payload_selector(s: Option<g::WithPayloadSelector>) -> Result<WithPayloadInterface, Status> {
+    use g::with_payload_selector::SelectorOptions;
+    Ok(match s.and_then(|s| s.selector_options) {
+        None => WithPayloadInterface::Bool(true),
+        Some(SelectorOptions::Enable(on)) => WithPayloadInterface::Bool(on),
+        Some(SelectorOptions::Include(i)) => WithPayloadInterface::Fields(
+            i.fields
+                .iter()
+                .map(|f| {
+                    f.parse()
+                        .map_err(|_| Status::invalid_argument(format!("field {f}")))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(SelectorOptions::Exclude(_)) => {
+            return Err(Status::unimplemented("excluding payload fields"))
+        }
+    })
+}
+
 fn key_name(k: &g::ShardKey) -> Result<String, Status> {
     match &k.key {
         Some(g::shard_key::Key::Keyword(s)) => Ok(s.clone()),
@@ -748,12 +770,13 @@ impl Points for Service {
         let keys = selector_keys(&r.shard_key_selector)?;
         self.enter("get", keys.clone())?;
         let ids: Vec<PointId> = r.ids.into_iter().map(edge_id).collect::<Result<_, _>>()?;
+        let with_payload = payload_selector(r.with_payload)?;
         let mut result = Vec::new();
         for (key, shard) in self.shards(&r.collection_name, &keys)? {
             let records = shard
                 .retrieve(
                     &ids,
-                    Some(WithPayloadInterface::Bool(true)),
+                    Some(with_payload.clone()),
                     Some(WithVector::Bool(false)),
                 )
                 .map_err(internal)?;
