@@ -133,11 +133,19 @@ impl SourceSpec {
     }
 }
 
-/// Whether a file system is mounted at `path`: it lies on another device
-/// than its parent folder, or is its own parent (`/`). (A bind mount of a
-/// folder of the same file system is not told apart from a folder.)
+/// Whether a file system is mounted at `path`, as the kernel says (statx's
+/// mount-root attribute, Linux 5.8 on: a bind mount of a folder of the
+/// same file system too). On an older kernel: whether it lies on another
+/// device than its parent folder, or is its own parent (`/`), which misses
+/// bind mounts.
 pub fn is_mount_point(path: &Path) -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
     use std::os::unix::fs::MetadataExt;
+    if let Ok(r) = statx(CWD, path, AtFlags::empty(), StatxFlags::empty()) {
+        if r.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
+            return r.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
+        }
+    }
     match (std::fs::metadata(path), std::fs::metadata(path.join(".."))) {
         (Ok(here), Ok(above)) => here.dev() != above.dev() || here.ino() == above.ino(),
         _ => false,
@@ -1646,21 +1654,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_mount_point(dir.path()));
         assert!(!is_mount_point(&dir.path().join("missing")));
+        // A bind mount of a folder of the same file system: same device
+        // as its parent, a mount all the same.
+        let (from, at) = (dir.path().join("from"), dir.path().join("at"));
+        std::fs::create_dir(&from).unwrap();
+        std::fs::create_dir(&at).unwrap();
+        let Some(bound) = Mount::bind(&from, &at) else {
+            eprintln!("skipped the bind mount: this process may not mount");
+            return;
+        };
+        assert!(is_mount_point(&at));
+        assert!(!is_mount_point(&from));
+        bound.unmount();
+        assert!(!is_mount_point(&at));
     }
 
-    /// A tmpfs mounted for a test, unmounted on drop; `None` where this
-    /// process may not mount.
-    struct Tmpfs(PathBuf);
+    /// A file system mounted for a test, unmounted on drop; `None` where
+    /// this process may not mount.
+    struct Mount(PathBuf);
 
-    impl Tmpfs {
-        fn mount(at: &Path) -> Option<Tmpfs> {
+    impl Mount {
+        fn run(args: &[&std::ffi::OsStr], at: &Path) -> Option<Mount> {
             let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "ragd-test"])
+                .args(args)
                 .arg(at)
                 .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-            ok.then(|| Tmpfs(at.to_path_buf()))
+            ok.then(|| Mount(at.to_path_buf()))
+        }
+
+        /// A new, empty tmpfs at `at`.
+        fn tmpfs(at: &Path) -> Option<Mount> {
+            Self::run(&["-t".as_ref(), "tmpfs".as_ref(), "ragd-test".as_ref()], at)
+        }
+
+        /// The folder `from` mounted again at `at`.
+        fn bind(from: &Path, at: &Path) -> Option<Mount> {
+            Self::run(&["--bind".as_ref(), from.as_os_str()], at)
         }
 
         fn unmount(self) {
@@ -1675,7 +1706,7 @@ mod tests {
         }
     }
 
-    impl Drop for Tmpfs {
+    impl Drop for Mount {
         fn drop(&mut self) {
             if is_mount_point(&self.0) {
                 let _ = std::process::Command::new("umount")
@@ -1697,7 +1728,7 @@ mod tests {
             mount_point: true,
             ..Rig::new()
         };
-        let Some(mut share) = Tmpfs::mount(&rig.root) else {
+        let Some(mut share) = Mount::tmpfs(&rig.root) else {
             eprintln!("skipped: this process may not mount a tmpfs");
             return;
         };
@@ -1727,7 +1758,7 @@ mod tests {
             );
             assert!(matches!(watcher.get_status(), ractor::ActorStatus::Running));
             // Mounted again with the same files (a new tmpfs is empty).
-            share = Tmpfs::mount(&rig.root).expect("mounting it again");
+            share = Mount::tmpfs(&rig.root).expect("mounting it again");
             write_all(&files);
             let new = format!("c{round}.md");
             still_watching(&rig, &watcher, "is back", &new).await;
