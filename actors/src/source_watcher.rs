@@ -121,6 +121,53 @@ impl SourceSpec {
         self.root.is_dir() && (!self.mount_point || is_mount_point(&self.root))
     }
 
+    /// [`SourceSpec::root_present`], looked at off the runtime's threads
+    /// and given up on after [`ROOT_LOOK_TIMEOUT`] (see [`look_at_root`]).
+    pub async fn present(&self) -> bool {
+        let source = self.clone();
+        look_at_root(&self.root, ROOT_LOOK_TIMEOUT, move || source.root_present()).await
+    }
+}
+
+/// How long a look at a source root may take before the root counts as
+/// missing (see [`look_at_root`]).
+pub const ROOT_LOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `look` (a stat of `root`) on the blocking pool, and takes a root
+/// that does not answer within `timeout` as missing: a hard-mounted share
+/// whose server is gone blocks every stat of it, for as long as it is gone,
+/// and a runtime thread blocked there would stall whatever else runs on it.
+/// While one look at a root hangs, no other starts (each would take a
+/// blocking thread for good): the root counts as missing until it returns.
+async fn look_at_root(
+    root: &Path,
+    timeout: Duration,
+    look: impl FnOnce() -> bool + Send + 'static,
+) -> bool {
+    static HANGING: std::sync::LazyLock<parking_lot::Mutex<HashSet<PathBuf>>> =
+        std::sync::LazyLock::new(Default::default);
+    if !HANGING.lock().insert(root.to_path_buf()) {
+        return false;
+    }
+    let path = root.to_path_buf();
+    let task = tokio::task::spawn_blocking(move || {
+        let present = look();
+        HANGING.lock().remove(&path);
+        present
+    });
+    match tokio::time::timeout(timeout, task).await {
+        Ok(present) => present.unwrap_or(false),
+        Err(_) => {
+            tracing::warn!(
+                "source root {} did not answer within {timeout:?}: missing until it does",
+                root.display()
+            );
+            false
+        }
+    }
+}
+
+impl SourceSpec {
     pub fn partition_for(&self, uri: &str) -> Partition {
         self.rules
             .iter()
@@ -264,7 +311,8 @@ impl Actor for SourceWatcher {
         myself: ActorRef<WatchMsg>,
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
-        let watches = watch_sources(&args, &myself)?;
+        let present = presence(&args.sources).await;
+        let watches = watch_sources(&args, &myself, &present)?;
         let check_roots = args.watch && !watches.missing_roots.is_empty();
         if check_roots {
             myself.cast(WatchMsg::RootCheck)?;
@@ -288,11 +336,11 @@ impl Actor for SourceWatcher {
         msg: WatchMsg,
         st: &mut WatcherState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(s) = st.unmounted() {
+        if let Some(s) = st.unmounted().await {
             // Before anything reads the empty folder as every file deleted.
             // Watched anew, it is missing, and waited for.
             let why = format!("source root {} is no longer mounted", s.root.display());
-            st.rewatch(&myself, &why)?;
+            st.rewatch(&myself, &why).await?;
         }
         self.handle_msg(&myself, msg, st).await?;
         // One timer for all the files waiting to be tried again.
@@ -304,21 +352,44 @@ impl Actor for SourceWatcher {
     }
 }
 
+/// Whether each source's root is there (see [`SourceSpec::present`]).
+/// `None` where it is; where not, what the root is like.
+async fn presence(sources: &[SourceSpec]) -> Vec<Option<&'static str>> {
+    futures::future::join_all(sources.iter().map(|s| async move {
+        if s.present().await {
+            return None;
+        }
+        // (A root that hangs is not looked at again: missing.)
+        let root = s.root.clone();
+        let folder =
+            s.mount_point && look_at_root(&s.root, ROOT_LOOK_TIMEOUT, move || root.is_dir()).await;
+        Some(if folder {
+            "has nothing mounted on it"
+        } else {
+            "is missing"
+        })
+    }))
+    .await
+}
+
 /// Watches every source whose root is there: with the kernel's watcher,
 /// or by polling where it cannot (see [`plan_watches`]). Says which roots
 /// are missing, and why they are not watched.
 fn watch_sources(
     args: &WatcherArgs,
     myself: &ActorRef<WatchMsg>,
+    present: &[Option<&'static str>],
 ) -> Result<Watches, ActorProcessingErr> {
     let (mut debouncer, mut pollers) = (None, Vec::new());
     // One look at each root decides how it is watched: a root that
     // vanished between two looks would be neither watched nor checked.
-    let (watched, mut missing_roots): (Vec<SourceSpec>, Vec<SourceSpec>) = args
-        .sources
-        .iter()
-        .cloned()
-        .partition(SourceSpec::root_present);
+    let (mut watched, mut missing_roots) = (Vec::new(), Vec::new());
+    for (s, absent) in args.sources.iter().zip(present) {
+        match absent {
+            None => watched.push(s.clone()),
+            Some(what) => missing_roots.push((s.clone(), *what)),
+        }
+    }
     if args.watch {
         let handler = |me: ActorRef<WatchMsg>, polled: bool| {
             move |res: DebounceEventResult| {
@@ -359,7 +430,7 @@ fn watch_sources(
             if why.is_some() && !s.root_present() {
                 // Its kernel watch failed because it vanished meanwhile;
                 // notify's poller would watch nothing for it.
-                missing_roots.push(s.clone());
+                missing_roots.push((s.clone(), "is missing"));
                 continue;
             }
             if let Some(why) = why {
@@ -382,12 +453,7 @@ fn watch_sources(
         }
         debouncer = native.ok();
     }
-    for s in &missing_roots {
-        let what = if s.mount_point && s.root.is_dir() {
-            "has nothing mounted on it"
-        } else {
-            "is missing"
-        };
+    for (s, what) in &missing_roots {
         let why = format!(
             "source root {} {what}; its documents stay indexed, and it is watched again once it is back",
             s.root.display()
@@ -396,7 +462,7 @@ fn watch_sources(
         args.stats.set_error(why);
     }
     Ok(Watches {
-        missing_roots,
+        missing_roots: missing_roots.into_iter().map(|(s, _)| s).collect(),
         _debouncer: debouncer,
         _pollers: pollers,
     })
@@ -430,10 +496,16 @@ impl SourceWatcher {
             }
             WatchMsg::RootCheck => {
                 st.root_check_scheduled = false;
-                let back = st.watches.missing_roots.iter().find(|s| s.root_present());
+                let mut back = None;
+                for s in &st.watches.missing_roots {
+                    if s.present().await {
+                        back = Some(s.clone());
+                        break;
+                    }
+                }
                 if let Some(s) = back {
                     let why = format!("source root {} is back", s.root.display());
-                    st.rewatch(myself, &why)?;
+                    st.rewatch(myself, &why).await?;
                 }
                 st.check_roots_later(myself);
             }
@@ -451,11 +523,12 @@ impl SourceWatcher {
             WatchMsg::Replay(id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
                     if id == doc_id(source, &uri) {
-                        match tokio::fs::symlink_metadata(&path).await {
+                        let there = tokio::fs::symlink_metadata(&path).await;
+                        match there {
                             // Gone (from a source that is there): what
                             // failed was its deletion (or the prune after
                             // it), which runs again.
-                            Err(e) if gone(&e) && source.root_present() => {
+                            Err(e) if gone(&e) && source.present().await => {
                                 remove(&st.args, &id).await
                             }
                             // There, or unreadable for now (which the
@@ -475,7 +548,7 @@ impl SourceWatcher {
                     // notify adds no more. Watched anew, the tree is too
                     // big to watch and is polled.
                     let why = "inotify's watch limit (fs.inotify.max_user_watches) was reached";
-                    return st.rewatch(myself, why);
+                    return st.rewatch(myself, why).await;
                 }
                 for e in &errors {
                     tracing::warn!("watch error: {e}; rescanning");
@@ -532,7 +605,7 @@ impl SourceWatcher {
                         "source root {} was moved, removed or replaced",
                         root.display()
                     );
-                    return st.rewatch(myself, &why);
+                    return st.rewatch(myself, &why).await;
                 }
                 for path in paths {
                     let was_removed = removed.contains(path.as_path());
@@ -550,7 +623,7 @@ impl WatcherState {
     /// kernel's watches. Then a full scan finds what changed meanwhile.
     /// (A restart by the supervisor would do the same, but a share that
     /// comes and goes would soon use up its restarts and stop ingestion.)
-    fn rewatch(
+    async fn rewatch(
         &mut self,
         myself: &ActorRef<WatchMsg>,
         why: &str,
@@ -564,7 +637,8 @@ impl WatcherState {
             _debouncer: None,
             _pollers: Vec::new(),
         };
-        self.watches = watch_sources(&self.args, myself)?;
+        let present = presence(&self.args.sources).await;
+        self.watches = watch_sources(&self.args, myself, &present)?;
         metrics::counter!("ragd_watcher_rewatches_total").increment(1);
         self.check_roots_later(myself);
         self.request_rescan(myself, why)
@@ -579,12 +653,14 @@ impl WatcherState {
     }
 
     /// A watched mount-point source whose file system is gone.
-    fn unmounted(&self) -> Option<&SourceSpec> {
-        self.args.sources.iter().find(|s| {
-            s.mount_point
-                && !self.watches.missing_roots.iter().any(|m| m.name == s.name)
-                && !s.root_present()
-        })
+    async fn unmounted(&self) -> Option<SourceSpec> {
+        for s in &self.args.sources {
+            let watched = !self.watches.missing_roots.iter().any(|m| m.name == s.name);
+            if s.mount_point && watched && !s.present().await {
+                return Some(s.clone());
+            }
+        }
+        None
     }
 
     /// Queues a full rescan unless one is already waiting.
@@ -846,14 +922,13 @@ async fn rescan(args: &WatcherArgs) {
     };
     let mut unreadable = Unreadable::default();
     for root in roots {
-        if let Some(s) = args
-            .sources
-            .iter()
-            .find(|s| s.root == root && !s.root_present())
-        {
-            // Missing, or a share not mounted: unseen, not gone.
-            unreadable.0.push(format!("{}:", s.name));
-            continue;
+        if let Some(s) = args.sources.iter().find(|s| s.root == root) {
+            if !s.present().await {
+                // Missing, a share not mounted, or one that does not
+                // answer: unseen, not gone.
+                unreadable.0.push(format!("{}:", s.name));
+                continue;
+            }
         }
         let (files, u) = walk_sources(args, root).await;
         present.extend(files.iter().map(|(s, _, uri)| doc_id(s, uri)));
@@ -912,9 +987,12 @@ async fn hand_on<T: Job + serde::Serialize>(args: &WatcherArgs, port: &Port<T>, 
 
 async fn remove(args: &WatcherArgs, doc_id: &str) {
     // Whatever saw it gone, a share unmounted meanwhile is no deletion.
-    // (The watcher then stops to wait for it: see `WatcherState::unmounted`.)
-    if source_of_doc(&args.sources, doc_id).is_some_and(|(s, _)| s.mount_point && !s.root_present())
-    {
+    // (The watcher then waits for it: see `WatcherState::unmounted`.)
+    let unmounted = match source_of_doc(&args.sources, doc_id) {
+        Some((s, _)) => s.mount_point && !s.present().await,
+        None => false,
+    };
+    if unmounted {
         tracing::debug!(doc = %doc_id, "not deleted: its source is not mounted");
         return;
     }
@@ -1645,6 +1723,62 @@ mod tests {
         // Back empty: now a.md is gone for real.
         assert_eq!(rig.deleted(), ["kb:a.md"]);
         watcher.stop(None);
+    }
+
+    /// A root whose every stat blocks (a hard-mounted share whose server
+    /// is gone; here a look that waits to be let go) counts as missing
+    /// after the timeout, without a runtime thread stuck on it; while that
+    /// look hangs no other starts; once it returns, the root is looked at
+    /// again. Other roots are not held up.
+    #[tokio::test]
+    async fn a_root_that_does_not_answer_counts_as_missing() {
+        use std::sync::atomic::AtomicUsize;
+        let root = Path::new("/ragd-test/hung-share");
+        let looks = Arc::new(AtomicUsize::new(0));
+        let look = |answer: bool| {
+            let looks = looks.clone();
+            move || {
+                looks.fetch_add(1, Ordering::SeqCst);
+                answer
+            }
+        };
+        let (let_go, hung) = std::sync::mpsc::channel::<()>();
+        let first = look(true);
+        let t = std::time::Instant::now();
+        let present = look_at_root(root, Duration::from_millis(200), move || {
+            let answer = first();
+            hung.recv().ok();
+            answer
+        })
+        .await;
+        assert!(!present);
+        assert!(t.elapsed() >= Duration::from_millis(200));
+
+        let t = std::time::Instant::now();
+        assert!(!look_at_root(root, Duration::from_secs(5), look(true)).await);
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "waited on a hung root"
+        );
+        assert_eq!(looks.load(Ordering::SeqCst), 1, "a second look started");
+        assert!(
+            look_at_root(
+                Path::new("/ragd-test/other"),
+                Duration::from_secs(5),
+                look(true)
+            )
+            .await
+        );
+
+        let_go.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !look_at_root(root, Duration::from_secs(5), look(true)).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never looked at again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[test]
