@@ -259,9 +259,9 @@ pub struct WatcherArgs {
     pub scanned: Arc<AtomicBool>,
     /// Restrict scans to these paths (inside the sources); empty: everything.
     pub only: Vec<PathBuf>,
-    /// Files that could not be read for a reason that may pass (too many
-    /// open files in a burst, an I/O error), with the tries so far and
-    /// whether a replay forced them: looked at again every
+    /// Files (and folders, see [`walk_again_later`]) that could not be
+    /// read for a reason that may pass (too many open files in a burst, an
+    /// I/O error), with the tries so far and whether a replay forced them: looked at again every
     /// [`RETRY_AFTER`], since no event may ever come for them, up to
     /// [`READ_TRIES`] times. One entry per path, however often it is found.
     pub retry: Arc<parking_lot::Mutex<HashMap<PathBuf, (u32, bool)>>>,
@@ -486,6 +486,13 @@ impl SourceWatcher {
                     .map(|(p, (_, force))| (p.clone(), *force))
                     .collect();
                 for (path, force) in due {
+                    if tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir()) {
+                        // A folder a walk could not open: what it holds now
+                        // is considered (nothing is deleted: a rescan does).
+                        let (files, _) = walk_sources(&st.args, path).await;
+                        consider_all(&st.args, files).await;
+                        continue;
+                    }
                     match source_of(&st.args.sources, &path) {
                         Some((source, uri)) => consider(&st.args, source, &path, &uri, force).await,
                         None => {
@@ -847,24 +854,40 @@ fn gone(e: &std::io::Error) -> bool {
 
 /// Everything under `root` but folders (links and other non-files are
 /// recorded as skipped when probed), and the folders that could not be
-/// read. A folder that vanished during the walk is simply gone.
-fn walk(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+/// read, each with whether the reason may pass (too many open files in a
+/// burst, an I/O error; not a permission). A folder that vanished during
+/// the walk is simply gone.
+fn walk(root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, bool)>) {
     let (mut files, mut unreadable) = (Vec::new(), Vec::new());
-    for entry in walkdir::WalkDir::new(root).follow_links(false) {
+    let mut entries = walkdir::WalkDir::new(root).follow_links(false).into_iter();
+    // (Not a `for`: the tests' injected fault skips a folder through it.)
+    #[allow(clippy::while_let_on_iterator)]
+    while let Some(entry) = entries.next() {
+        #[cfg(test)]
+        if let Ok(e) = &entry {
+            if e.file_type().is_dir() && tests::fails_to_open(e.path()) {
+                unreadable.push((e.path().to_path_buf(), true));
+                entries.skip_current_dir();
+                continue;
+            }
+        }
         match entry {
             Ok(e) if e.file_type().is_dir() => {}
             Ok(e) => files.push(e.into_path()),
             Err(e) => {
                 // A folder that vanished under the walk is gone; the root
                 // itself missing is not a deletion of the whole source (see
-                // `WatcherState::missing_roots`).
+                // `Watches::missing_roots`).
                 let vanished = e.io_error().is_some_and(gone) && e.path() != Some(root);
                 if let (false, Some(p)) = (vanished, e.path()) {
                     tracing::warn!(
                         "cannot read {}: {e}; keeping what it held indexed",
                         p.display()
                     );
-                    unreadable.push(p.to_path_buf());
+                    let passing = e
+                        .io_error()
+                        .is_some_and(|io| io.kind() != std::io::ErrorKind::PermissionDenied);
+                    unreadable.push((p.to_path_buf(), passing));
                 }
             }
         }
@@ -891,9 +914,14 @@ async fn walk_sources(
     args: &WatcherArgs,
     root: PathBuf,
 ) -> (Vec<(&SourceSpec, PathBuf, String)>, Unreadable) {
-    let (files, unreadable) = tokio::task::spawn_blocking(move || walk(&root))
+    let walked = root.clone();
+    let (files, unreadable) = tokio::task::spawn_blocking(move || walk(&walked))
         .await
         .unwrap_or_default();
+    if args.watch {
+        walk_again_later(args, &root, &unreadable);
+    }
+    let unreadable: Vec<PathBuf> = unreadable.into_iter().map(|(p, _)| p).collect();
     let files = files
         .into_iter()
         .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
@@ -911,6 +939,28 @@ async fn walk_sources(
         })
         .collect();
     (files, Unreadable(prefixes))
+}
+
+/// Folders a walk could not open for a reason that may pass are walked
+/// again (see [`WatcherArgs::retry`]), up to [`READ_TRIES`] times: no event
+/// may ever come for what they hold (a folder moved in during a burst that
+/// used up the open files). `root`, read this time, needs no other walk.
+fn walk_again_later(args: &WatcherArgs, root: &Path, unreadable: &[(PathBuf, bool)]) {
+    let mut retry = args.retry.lock();
+    if !unreadable.iter().any(|(p, _)| p == root) {
+        retry.remove(root);
+    }
+    for (folder, _) in unreadable.iter().filter(|(_, passing)| *passing) {
+        let tries = &mut retry.entry(folder.clone()).or_insert((0, false)).0;
+        *tries += 1;
+        if *tries >= READ_TRIES {
+            tracing::warn!(
+                "{} still cannot be read; it is walked again at the next rescan",
+                folder.display()
+            );
+            retry.remove(folder);
+        }
+    }
 }
 
 async fn rescan(args: &WatcherArgs) {
@@ -1722,6 +1772,46 @@ mod tests {
         still_watching(&rig, &watcher, "is back", "b.md").await;
         // Back empty: now a.md is gone for real.
         assert_eq!(rig.deleted(), ["kb:a.md"]);
+        watcher.stop(None);
+    }
+
+    /// Folders whose next walks fail to open them, as if the process had
+    /// run out of file handles: path, and how many walks fail. The injected
+    /// fault of the folder-retry test.
+    static FAIL_TO_OPEN: std::sync::LazyLock<parking_lot::Mutex<HashMap<PathBuf, u32>>> =
+        std::sync::LazyLock::new(Default::default);
+
+    pub(super) fn fails_to_open(folder: &Path) -> bool {
+        let mut failing = FAIL_TO_OPEN.lock();
+        match failing.get_mut(folder) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A folder moved in while the walk cannot open it (too many open
+    /// files in a burst): no event will come for the files it holds, so it
+    /// is walked again until it opens, and they are indexed.
+    #[tokio::test]
+    async fn a_folder_that_could_not_be_opened_is_walked_again() {
+        let rig = Rig::new();
+        let (watcher, _) = rig.start(true).await;
+        let staging = rig.dir.path().join("staging");
+        for f in ["a.md", "sub/b.md"] {
+            let p = staging.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, format!("# {f}")).unwrap();
+        }
+        let site = rig.root.join("site");
+        FAIL_TO_OPEN.lock().insert(site.clone(), 1);
+        std::fs::rename(&staging, &site).unwrap();
+        wait_for(|| FAIL_TO_OPEN.lock()[&site] == 0).await;
+        assert!(rig.handed().is_empty(), "the folder was read");
+        wait_for(|| rig.chunk_q.len() == 2).await;
+        assert_eq!(rig.handed(), ["kb:site/a.md", "kb:site/sub/b.md"]);
         watcher.stop(None);
     }
 
