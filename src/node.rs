@@ -150,7 +150,7 @@ fn forward_settled_deletions(ledger: &Ledger, out: Port<IndexJob>) {
         while settled.recv_many(&mut ids, 256).await > 0 {
             let jobs = ids
                 .drain(..)
-                .map(|doc_id| IndexJob::Forget { doc_id })
+                .map(|(doc_id, seq)| IndexJob::Forget { doc_id, seq })
                 .collect();
             if let Err(e) = out.send_all(jobs).await {
                 tracing::warn!("could not tell the index nodes of settled deletions: {e:#}");

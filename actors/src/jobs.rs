@@ -40,7 +40,7 @@ impl Job for IndexJob {
     fn doc_id(&self) -> &str {
         match self {
             IndexJob::Upsert(d) => &d.meta.doc_id,
-            IndexJob::Delete { doc_id, .. } | IndexJob::Forget { doc_id } => doc_id,
+            IndexJob::Delete { doc_id, .. } | IndexJob::Forget { doc_id, .. } => doc_id,
         }
     }
     fn version(&self) -> Option<&str> {
@@ -53,7 +53,7 @@ impl Job for IndexJob {
         match self {
             IndexJob::Upsert(d) => serde_json::to_value(&d.meta).unwrap_or_default(),
             IndexJob::Delete { doc_id, .. } => serde_json::json!({ "delete": doc_id }),
-            IndexJob::Forget { doc_id } => serde_json::json!({ "forget": doc_id }),
+            IndexJob::Forget { doc_id, .. } => serde_json::json!({ "forget": doc_id }),
         }
     }
     fn bytes(&self) -> u64 {

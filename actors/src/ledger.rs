@@ -213,7 +213,7 @@ struct Docs {
     held: bool,
     /// Told each deletion that settled here (an ingest node: the index
     /// nodes are then told that they may forget it too).
-    settled_out: Option<mpsc::Sender<String>>,
+    settled_out: Option<mpsc::Sender<(String, u64)>>,
 }
 
 impl Docs {
@@ -242,7 +242,7 @@ impl Docs {
         *entry.count(&mut self.counts) -= 1;
         let r = f(entry);
         *entry.count(&mut self.counts) += 1;
-        let after = entry.shown_name();
+        let (after, seq) = (entry.shown_name(), entry.seq);
         // A deletion settles when nothing of the document is pending here
         // any more (and, on an index node, once released): its horizon
         // starts. Anything else that happens to it takes it back.
@@ -267,7 +267,7 @@ impl Docs {
                 if let Some(out) = self.settled_out.as_ref().filter(|_| !held) {
                     // Full (a broker away for long): that index node keeps
                     // its tombstone, as it would without being told.
-                    let _ = out.try_send(id.to_string());
+                    let _ = out.try_send((id.to_string(), seq));
                 }
                 self.forgettable.push_back((now, id));
             }
@@ -385,10 +385,11 @@ impl Ledger {
         })
     }
 
-    /// The documents whose deletion settled here from now on, each once:
-    /// an ingest node tells the index nodes (see [`Ledger::release`]). At
-    /// most `capacity` wait to be taken; past that the rest are not told.
-    pub fn settled_deletions(&self, capacity: usize) -> mpsc::Receiver<String> {
+    /// The documents whose deletion settled here from now on, each once,
+    /// with the deletion's seq (see [`Ledger::admit_deletion`]): an ingest
+    /// node tells the index nodes (see [`Ledger::release`]). At most
+    /// `capacity` wait to be taken; past that the rest are not told.
+    pub fn settled_deletions(&self, capacity: usize) -> mpsc::Receiver<(String, u64)> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         self.docs.lock().settled_out = Some(tx);
         rx
@@ -397,15 +398,16 @@ impl Ledger {
     /// The ingest node that admitted `doc_id`'s versions has closed every
     /// one of them seen before its deletion: no job older than the deletion
     /// is on its way any more, so a held ledger may forget it (after the
-    /// horizon). Not for a document seen again since: a new deletion waits
-    /// for a new release.
-    pub fn release(&self, doc_id: &str) {
+    /// horizon). `seq` is that deletion's: a release may arrive after a
+    /// later deletion (the document re-created and deleted again meanwhile,
+    /// a version of it maybe still on its way), and releases only its own.
+    pub fn release(&self, doc_id: &str, seq: u64) {
         let mut docs = self.docs.lock();
         if !docs.held {
             return; // (its own pending jobs tell it)
         }
         docs.update(doc_id, false, |entry| {
-            if entry.tombstone() && entry.forget == Forget::No {
+            if entry.tombstone() && entry.forget == Forget::No && entry.seq <= seq {
                 entry.forget = Forget::Released;
             }
         });
@@ -502,11 +504,29 @@ impl Ledger {
     }
 
     /// Starts an index node's view from the versions its store holds (see
-    /// `StoredVersion::seq`).
+    /// `StoredVersion::seq`): indexed, as far as it knows.
     pub fn seed(&self, stored: &[crate::indexer::StoredVersion]) {
         for v in stored {
             self.observe(&v.doc_id, Some(&v.version), v.seq);
+            self.docs.lock().update(&v.doc_id, false, |entry| {
+                if entry.latest.as_deref() == Some(v.version.as_str()) {
+                    entry.status = DocStatus::Indexed;
+                }
+            });
         }
+    }
+
+    /// [`Ledger::admit`] for the deletion the watcher saw at `seq`: the seq
+    /// goes with its release to the index nodes (see
+    /// [`Ledger::settled_deletions`]).
+    pub async fn admit_deletion(&self, doc_id: &str, seq: u64) -> bool {
+        if !self.admit(doc_id, None).await {
+            return false;
+        }
+        self.docs.lock().update(doc_id, false, |entry| {
+            entry.seq = entry.seq.max(seq);
+        });
+        true
     }
 
     /// Is `version` still the one the source has? A version overtaken by a
@@ -590,10 +610,15 @@ impl Ledger {
                 entry.status = status_of(outcome);
             } else if entry.pending.is_empty() && entry.status == DocStatus::InFlight {
                 // The version that superseded this one already finished
-                // before it (or never needed the pipeline).
-                entry.status = match &entry.latest {
-                    None => DocStatus::Deleted,
-                    Some(_) => status_of(outcome),
+                // before it (or never needed the pipeline). A deletion the
+                // document outran says nothing of the document.
+                entry.status = match (&entry.latest, outcome) {
+                    (None, o) => {
+                        let _ = o;
+                        DocStatus::Deleted
+                    }
+                    (Some(_), Outcome::Deleted) => entry.status.clone(),
+                    (Some(_), o) => status_of(o),
                 };
             }
         });
@@ -888,7 +913,7 @@ mod tests {
                 4 => ledger.finish(&doc, None, Outcome::Deleted),
                 _ => match next(4) {
                     0 => ledger.record(&doc, Some(&version), outcome),
-                    1 => ledger.release(&doc),
+                    1 => ledger.release(&doc, next(100)),
                     2 => {
                         ledger.observe(&doc, None, next(100));
                     }
@@ -997,16 +1022,17 @@ mod tests {
         for doc in ["a", "b"] {
             assert!(ledger.admit(doc, Some("v1")).await);
             ledger.finish(doc, Some("v1"), Outcome::Indexed);
-            assert!(ledger.admit(doc, None).await);
+            assert!(ledger.admit_deletion(doc, 10).await);
         }
         // Re-created and deleted again before the first deletion ended: it
-        // settles only when nothing of it is pending.
+        // settles only when nothing of it is pending, with the seq of the
+        // last deletion (an index node's release names it).
         assert!(ledger.admit("a", Some("v2")).await);
-        assert!(ledger.admit("a", None).await);
+        assert!(ledger.admit_deletion("a", 20).await);
         ledger.finish("a", None, Outcome::Deleted);
         assert!(settled.try_recv().is_err(), "v2 is still pending");
         ledger.finish("a", Some("v2"), Outcome::Skipped(SUPERSEDED.into()));
-        assert_eq!(settled.try_recv().unwrap(), "a");
+        assert_eq!(settled.try_recv().unwrap(), ("a".to_string(), 20));
         ledger.finish("b", None, Outcome::DeadLettered("prune failed".into()));
         assert!(settled.try_recv().is_err(), "b did not settle deleted");
 
@@ -1058,7 +1084,7 @@ mod tests {
         assert!(!ledger.observe("d", Some("v2"), 20));
         ledger.finish("d", Some("v2"), Outcome::Skipped(SUPERSEDED.into()));
 
-        ledger.release("d");
+        ledger.release("d", 30);
         assert_eq!(ledger.counts().forgotten, 1);
         assert_eq!(ledger.status("d"), None);
 
@@ -1068,7 +1094,7 @@ mod tests {
         let slow = Ledger::with_memory(8, horizon, true);
         assert!(slow.observe("g", None, 50));
         slow.finish("g", None, Outcome::Deleted);
-        slow.release("g");
+        slow.release("g", 50);
         assert!(slow.observe("g", None, 70));
         slow.finish("g", None, Outcome::Deleted);
         tokio::time::sleep(horizon * 2).await;
@@ -1078,21 +1104,30 @@ mod tests {
             "the second deletion was not released"
         );
         assert!(!slow.observe("g", Some("v4"), 60));
-        slow.release("g");
+        // The first deletion's release, arriving after the second deletion
+        // (two producers, no order between them), releases nothing.
+        slow.release("g", 50);
+        tokio::time::sleep(horizon * 2).await;
+        assert_eq!(
+            slow.counts().forgotten,
+            0,
+            "released by the first deletion's release"
+        );
+        slow.release("g", 70);
         tokio::time::sleep(horizon * 2).await;
         assert_eq!(slow.counts().forgotten, 1);
 
         // Released before its pruner ended the deletion here: forgotten
         // once it has.
         assert!(ledger.observe("e", None, 60));
-        ledger.release("e");
+        ledger.release("e", 60);
         assert_eq!(ledger.counts().forgotten, 1);
         ledger.finish("e", None, Outcome::Deleted);
         assert_eq!(ledger.counts().forgotten, 2);
         // An ingest node's release of a document that is not deleted here
         // does nothing.
         assert!(ledger.observe("f", Some("v1"), 70));
-        ledger.release("f");
+        ledger.release("f", 70);
         ledger.finish("f", Some("v1"), Outcome::Indexed);
         assert_eq!(ledger.status("f"), Some(DocStatus::Indexed));
     }

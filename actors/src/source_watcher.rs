@@ -1046,11 +1046,12 @@ async fn remove(args: &WatcherArgs, doc_id: &str) {
         tracing::debug!(doc = %doc_id, "not deleted: its source is not mounted");
         return;
     }
-    if args.ledger.admit(doc_id, None).await {
+    let seq = crate::messages::next_seq();
+    if args.ledger.admit_deletion(doc_id, seq).await {
         args.known.lock().remove(doc_id);
         let job = IndexJob::Delete {
             doc_id: doc_id.to_string(),
-            seq: crate::messages::next_seq(),
+            seq,
         };
         hand_on(args, &args.index_q, job).await;
     }

@@ -33,6 +33,9 @@ pub enum IndexJob {
     /// nodes: an older one dead-letters this job, which is harmless.)
     Forget {
         doc_id: String,
+        /// The deletion's seq: a later deletion is not released by it.
+        #[serde(default)]
+        seq: u64,
     },
 }
 
@@ -231,9 +234,9 @@ impl IndexerStage {
                     }
                     events.push(IndexedEvent::Deleted { doc_id, seq });
                 }
-                IndexJob::Forget { doc_id } => {
+                IndexJob::Forget { doc_id, seq } => {
                     if self.observe {
-                        self.ledger.release(&doc_id);
+                        self.ledger.release(&doc_id, seq);
                     }
                 }
             }
@@ -350,6 +353,11 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(versions(&store).await, vec!["v2".to_string()]);
+        // Still indexed, as far as this node knows.
+        assert_eq!(
+            after.ledger.status("kb:hr/leave.md"),
+            Some(DocStatus::Indexed)
+        );
         // The ordering survives only through the stored seq: a ledger that
         // starts empty writes the stale version.
         let (unseeded, _) = index_node(&store, Ledger::new(8));
@@ -410,6 +418,7 @@ pub(crate) mod tests {
         stage
             .process(IndexJob::Forget {
                 doc_id: doc_id.clone(),
+                seq: 3_000,
             })
             .await
             .unwrap();
