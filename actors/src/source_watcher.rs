@@ -297,7 +297,9 @@ struct Watches {
     /// moment, a deploy swapping folders or an unmounted share, is not a
     /// deletion of everything in it).
     missing_roots: Vec<SourceSpec>,
-    _debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    /// (Held for their drop, which stops them; they hold nothing of the
+    /// kernel's.)
     _pollers: Vec<Debouncer<notify::PollWatcher, NoCache>>,
 }
 
@@ -311,8 +313,7 @@ impl Actor for SourceWatcher {
         myself: ActorRef<WatchMsg>,
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
-        let present = presence(&args.sources).await;
-        let watches = watch_sources(&args, &myself, &present)?;
+        let watches = watch(&args, &myself).await?;
         let check_roots = args.watch && !watches.missing_roots.is_empty();
         if check_roots {
             myself.cast(WatchMsg::RootCheck)?;
@@ -352,6 +353,35 @@ impl Actor for SourceWatcher {
     }
 }
 
+/// What [`watch_sources`] needs of [`WatcherArgs`], to take to a blocking
+/// thread: setting up watches walks the trees (inotify adds a watch per
+/// folder; a poller hashes every file), which takes a while on a large
+/// tree, and hangs on a share that hangs.
+struct WatchSetup {
+    sources: Vec<SourceSpec>,
+    watch: bool,
+    debounce: Duration,
+    stats: Arc<ActorStats>,
+}
+
+/// [`watch_sources`] for `args`, on the blocking pool.
+async fn watch(
+    args: &WatcherArgs,
+    myself: &ActorRef<WatchMsg>,
+) -> Result<Watches, ActorProcessingErr> {
+    let present = presence(&args.sources).await;
+    let setup = WatchSetup {
+        sources: args.sources.clone(),
+        watch: args.watch,
+        debounce: args.debounce,
+        stats: args.stats.clone(),
+    };
+    let me = myself.clone();
+    tokio::task::spawn_blocking(move || watch_sources(&setup, &me, &present))
+        .await
+        .map_err(|e| format!("setting up the watches: {e}"))?
+}
+
 /// Whether each source's root is there (see [`SourceSpec::present`]).
 /// `None` where it is; where not, what the root is like.
 async fn presence(sources: &[SourceSpec]) -> Vec<Option<&'static str>> {
@@ -376,7 +406,7 @@ async fn presence(sources: &[SourceSpec]) -> Vec<Option<&'static str>> {
 /// or by polling where it cannot (see [`plan_watches`]). Says which roots
 /// are missing, and why they are not watched.
 fn watch_sources(
-    args: &WatcherArgs,
+    args: &WatchSetup,
     myself: &ActorRef<WatchMsg>,
     present: &[Option<&'static str>],
 ) -> Result<Watches, ActorProcessingErr> {
@@ -463,7 +493,7 @@ fn watch_sources(
     }
     Ok(Watches {
         missing_roots: missing_roots.into_iter().map(|(s, _)| s).collect(),
-        _debouncer: debouncer,
+        debouncer,
         _pollers: pollers,
     })
 }
@@ -637,15 +667,29 @@ impl WatcherState {
     ) -> Result<(), ActorProcessingErr> {
         tracing::warn!("{why}; watching the sources anew");
         self.args.stats.set_error(format!("{why}; watched anew"));
-        // The old watches go first: what they held of the kernel's watch
-        // limit is free for the new ones.
-        self.watches = Watches {
-            missing_roots: Vec::new(),
-            _debouncer: None,
-            _pollers: Vec::new(),
-        };
-        let present = presence(&self.args.sources).await;
-        self.watches = watch_sources(&self.args, myself, &present)?;
+        // The old watches go first, so that what they held of the kernel's
+        // watch limit is free for the new ones: unwatched now (dropping
+        // the watcher only asks its thread to close them, later).
+        let old = std::mem::replace(
+            &mut self.watches,
+            Watches {
+                missing_roots: Vec::new(),
+                debouncer: None,
+                _pollers: Vec::new(),
+            },
+        );
+        let roots: Vec<PathBuf> = self.args.sources.iter().map(|s| s.root.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut old = old;
+            if let Some(d) = old.debouncer.as_mut() {
+                for root in &roots {
+                    let _ = d.unwatch(root);
+                }
+            }
+        })
+        .await
+        .map_err(|e| format!("dropping the old watches: {e}"))?;
+        self.watches = watch(&self.args, myself).await?;
         metrics::counter!("ragd_watcher_rewatches_total").increment(1);
         self.check_roots_later(myself);
         self.request_rescan(myself, why)
@@ -947,7 +991,8 @@ async fn walk_sources(
 /// used up the open files). `root`, read this time, needs no other walk.
 fn walk_again_later(args: &WatcherArgs, root: &Path, unreadable: &[(PathBuf, bool)]) {
     let mut retry = args.retry.lock();
-    if !unreadable.iter().any(|(p, _)| p == root) {
+    // Read this time, or unreadable for good (a permission): no retry.
+    if !unreadable.iter().any(|(p, passing)| p == root && *passing) {
         retry.remove(root);
     }
     for (folder, _) in unreadable.iter().filter(|(_, passing)| *passing) {
@@ -955,7 +1000,7 @@ fn walk_again_later(args: &WatcherArgs, root: &Path, unreadable: &[(PathBuf, boo
         *tries += 1;
         if *tries >= READ_TRIES {
             tracing::warn!(
-                "{} still cannot be read; it is walked again at the next rescan",
+                "{} still cannot be read; what it holds waits for an event or a rescan",
                 folder.display()
             );
             retry.remove(folder);
@@ -1580,7 +1625,9 @@ mod tests {
                 && rig.stats.status() == "watching"
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // (Its status may still say watching before that scan starts: a
+        // scan of this small tree is done well within this.)
+        tokio::time::sleep(Duration::from_millis(500)).await;
         rig.write(rel, "# New\n\nwritten after the tree was watched anew");
         let id = format!("kb:{rel}");
         wait_for(|| rig.chunk_q.drain().iter().any(|d| d.doc_id == id)).await;
