@@ -98,7 +98,7 @@ impl VersionPrunerStage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cache_guard::embedded::EmbeddedCache;
     use crate::cache_guard::CachedAnswer;
@@ -106,7 +106,7 @@ mod tests {
     use crate::indexer::edge::EdgeStore;
     use std::time::Duration;
 
-    fn pruner(store: &Arc<dyn VectorStore>, ledger: Arc<Ledger>) -> VersionPrunerStage {
+    pub(crate) fn pruner(store: &Arc<dyn VectorStore>, ledger: Arc<Ledger>) -> VersionPrunerStage {
         let cache: Arc<dyn crate::cache_guard::SemanticCache> =
             Arc::new(EmbeddedCache::new(0.98, 10, Duration::from_secs(60)));
         pruner_with(store, ledger, cache)

@@ -258,6 +258,7 @@ pub(crate) mod tests {
     use crate::messages::{Chunk, DocMeta, Partition};
     use crate::pool::PoolQueue;
     use crate::stats::ActorStats;
+    use crate::version_pruner::tests::pruner;
 
     /// One chunk of kb:hr/leave.md at `version`, seen at `seq`.
     pub(crate) fn embedded(version: &str, seq: u64) -> EmbeddedDoc {
@@ -369,19 +370,6 @@ pub(crate) mod tests {
             versions(&store).await,
             vec!["v1".to_string(), "v2".to_string()]
         );
-    }
-
-    fn pruner(
-        store: &Arc<dyn VectorStore>,
-        ledger: Arc<Ledger>,
-    ) -> crate::version_pruner::VersionPrunerStage {
-        let cache =
-            crate::cache_guard::embedded::EmbeddedCache::new(0.98, 8, Duration::from_secs(60));
-        crate::version_pruner::VersionPrunerStage {
-            store: store.clone(),
-            ledger,
-            cache: crate::cache_guard::CacheHandle::new("no-cache-actor", Arc::new(cache)),
-        }
     }
 
     /// An index node keeps a deletion while a version seen before it may
