@@ -482,7 +482,11 @@ impl Ledger {
         let held = docs.held;
         docs.update(doc_id, true, |entry| {
             if held {
-                // Whatever was released, this job was not.
+                // Whatever was released, this job was not. (A refused one
+                // too: a job older than the deletion, after its release,
+                // comes from another ingest node, whose own release is
+                // still to come; with one ingest node only a redelivery
+                // does that, and it costs one remembered name.)
                 entry.forget = Forget::No;
             }
             if seq < entry.seq {
@@ -613,10 +617,7 @@ impl Ledger {
                 // before it (or never needed the pipeline). A deletion the
                 // document outran says nothing of the document.
                 entry.status = match (&entry.latest, outcome) {
-                    (None, o) => {
-                        let _ = o;
-                        DocStatus::Deleted
-                    }
+                    (None, _) => DocStatus::Deleted,
                     (Some(_), Outcome::Deleted) => entry.status.clone(),
                     (Some(_), o) => status_of(o),
                 };
