@@ -127,6 +127,17 @@ impl SourceSpec {
         let source = self.clone();
         look_at_root(&self.root, ROOT_LOOK_TIMEOUT, move || source.root_present()).await
     }
+
+    pub fn partition_for(&self, uri: &str) -> Partition {
+        self.rules
+            .iter()
+            .find(|r| {
+                let p = r.prefix.trim_matches('/');
+                uri == p || uri.starts_with(&format!("{p}/"))
+            })
+            .map(|r| r.partition.clone())
+            .unwrap_or_else(|| self.partition.clone())
+    }
 }
 
 /// How long a look at a source root may take before the root counts as
@@ -164,19 +175,6 @@ async fn look_at_root(
             );
             false
         }
-    }
-}
-
-impl SourceSpec {
-    pub fn partition_for(&self, uri: &str) -> Partition {
-        self.rules
-            .iter()
-            .find(|r| {
-                let p = r.prefix.trim_matches('/');
-                uri == p || uri.starts_with(&format!("{p}/"))
-            })
-            .map(|r| r.partition.clone())
-            .unwrap_or_else(|| self.partition.clone())
     }
 }
 
@@ -261,9 +259,9 @@ pub struct WatcherArgs {
     pub only: Vec<PathBuf>,
     /// Files (and folders, see [`walk_again_later`]) that could not be
     /// read for a reason that may pass (too many open files in a burst, an
-    /// I/O error), with the tries so far and whether a replay forced them: looked at again every
-    /// [`RETRY_AFTER`], since no event may ever come for them, up to
-    /// [`READ_TRIES`] times. One entry per path, however often it is found.
+    /// I/O error), with the tries so far and whether a replay forced them:
+    /// looked at again every [`RETRY_AFTER`], since no event may ever come
+    /// for them, up to [`READ_TRIES`] times. One entry per path, however often it is found.
     pub retry: Arc<parking_lot::Mutex<HashMap<PathBuf, (u32, bool)>>>,
 }
 
@@ -560,8 +558,7 @@ impl SourceWatcher {
             WatchMsg::Replay(id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
                     if id == doc_id(source, &uri) {
-                        let there = tokio::fs::symlink_metadata(&path).await;
-                        match there {
+                        match tokio::fs::symlink_metadata(&path).await {
                             // Gone (from a source that is there): what
                             // failed was its deletion (or the prune after
                             // it), which runs again.
