@@ -634,10 +634,24 @@ impl Node {
                     chunk_q.clone(),
                     dlq.clone(),
                 )?;
-                let l = ledger.clone();
+                let (l, first_scan) = (ledger.clone(), scanned.clone());
                 let group = k.group(&format!("ledger-{}", config.node_name));
                 k.follow::<IndexedEvent, _>(&k.topic(INDEXED), &group, move |ev| {
-                    l.finish(ev.doc_id(), ev.version(), ev.outcome())
+                    l.finish(ev.doc_id(), ev.version(), ev.outcome());
+                    // Written after its deletion ended here: the index node
+                    // lost the tombstone that refuses such a late job (it
+                    // restarted, or its partition moved, before the job was
+                    // delivered again), and the watcher deletes it anew.
+                    // (Before the first scan ends, the ledger knows too
+                    // little to tell.)
+                    if let IndexedEvent::Indexed { doc_id, .. } = &ev {
+                        let scanned = first_scan.load(std::sync::atomic::Ordering::SeqCst);
+                        if scanned && l.gone_here(doc_id) {
+                            if let Some(w) = ActorRef::<WatchMsg>::where_is(WATCHER) {
+                                let _ = w.cast(WatchMsg::CheckGone(doc_id.clone()));
+                            }
+                        }
+                    }
                 })?;
                 forward_settled_deletions(&ledger, port(&kafka, &index_q, EMBEDDED));
             }

@@ -214,29 +214,123 @@ fn a_deleted_document_is_forgotten_by_the_ingest_and_the_index_node() {
     assert_eq!(points(&s), n);
 }
 
+/// A job of a deleted document delivered again after the index node lost
+/// the deletion's tombstone (here: it was restarted, and the job comes
+/// late; a redelivery after a partition moves is the same). The
+/// index node writes it; the ingest node sees that in the `Indexed` event,
+/// finds the file still gone, and deletes the document again.
 #[test]
-fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+fn a_job_delivered_again_after_a_deletion_does_not_bring_the_document_back() {
+    late_job_after_a_deletion(false);
+}
+
+/// [`a_job_delivered_again_after_a_deletion_does_not_bring_the_document_back`]
+/// once the ingest node has forgotten the deletion: the source still has
+/// the last word.
+#[test]
+fn a_job_delivered_again_after_a_forgotten_deletion_does_not_bring_it_back() {
+    late_job_after_a_deletion(true);
+}
+
+fn late_job_after_a_deletion(forgotten: bool) {
+    use ragd_actors::indexer::actor::IndexJob;
+    use ragd_actors::messages::{Chunk, DocMeta, EmbeddedDoc, Envelope, Partition};
     let s = Services::start();
-    let embed_ws = s.node("embed-1", &["embed"]);
-    let embed = embed_ws.start();
-    // The node created the topics at start-up.
+    let forget = if forgotten {
+        "[pipeline]\nforget_deleted_after_secs = 1\n"
+    } else {
+        ""
+    };
+    let ingest_ws = s.node_with("ingest-1", &["ingest"], forget);
+    let worker_ws = s.node("worker-1", &["embed", "index", "query"]);
+    let n = 3;
+    write_notes(&ingest_ws, n);
+    let mut worker = worker_ws.start();
+    let ingest = ingest_ws.start();
+    ingest.wait_ledger(Duration::from_secs(240), |l| l["indexed"] == n);
+    let path = ingest_ws.kb().join("hr/note-0.md");
+    std::fs::remove_file(&path).unwrap();
+    worker.wait_until("the deletion pruned", Duration::from_secs(120), || {
+        points(&s) == n - 1
+    });
+    if forgotten {
+        ingest.wait_ledger(Duration::from_secs(60), |l| l["forgotten"] == 1);
+    }
+
+    // (Stopped, not killed: it leaves the consumer groups, and its
+    // successor need not wait out the broker's eviction of a dead member.)
+    assert!(worker.sigterm().success());
+    worker = worker_ws.start();
+    // A version seen long before the deletion, as the embed stage sent it.
+    let doc_id = "kb:hr/note-0.md";
+    let late = IndexJob::Upsert(EmbeddedDoc {
+        meta: DocMeta {
+            doc_id: doc_id.into(),
+            source: "kb".into(),
+            uri: "hr/note-0.md".into(),
+            path,
+            version: "0ld".into(),
+            partition: Partition {
+                division: "hr".into(),
+                access_level: "internal".into(),
+            },
+            size: 40,
+            seq: 1,
+        },
+        chunks: vec![Chunk {
+            index: 0,
+            text: "The spare badge of office 0 is in the old late drawer.".into(),
+        }],
+        vectors: vec![normalise(vec![1.0; 384])],
+    });
+    let envelope = serde_json::to_string(&Envelope::new(doc_id, late)).unwrap();
+    produce(&s, "ragd.embedded", doc_id, &envelope);
+
+    let again = "ragd_watcher_deleted_again_total";
+    ingest.wait_until(
+        "the ingest node deleted it again",
+        Duration::from_secs(120),
+        || metric(&ingest, again) == 1.0,
+    );
+    worker.wait_until("the late version removed", Duration::from_secs(60), || {
+        points(&s) == n - 1
+    });
+    let r = worker.ask(HR_TOKEN, "where is the spare badge of office 0?");
+    assert!(!texts(&r).contains("late drawer"), "{r}");
+    let ledger = ingest.wait_ledger(Duration::from_secs(60), |l| l["in_flight"] == 0);
+    // Forgotten, the document is new to the ledger when deleted again.
+    let again = forgotten as u64;
+    assert_eq!(
+        (ledger["deleted"].as_u64(), ledger["seen"].as_u64()),
+        (Some(1 + again), Some(n as u64 + again)),
+        "{ledger}"
+    );
+}
+
+/// Writes one message to `topic`, as a node (or a stray client) would.
+fn produce(s: &Services, topic: &str, key: &str, payload: &str) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", s.broker.brokers())
         .create()
         .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let payload = r#"{"v":99,"key":"kb:hr/future.md","payload":{"from":"the future"}}"#;
-    rt.block_on(
-        producer.send(
-            FutureRecord::to("ragd.chunks")
-                .key("kb:hr/future.md")
-                .payload(payload),
-            Duration::from_secs(10),
-        ),
-    )
+    rt.block_on(producer.send(
+        FutureRecord::to(topic).key(key).payload(payload),
+        Duration::from_secs(10),
+    ))
     .map_err(|(e, _)| e)
     .unwrap();
+}
+
+#[test]
+fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
+    let s = Services::start();
+    let embed_ws = s.node("embed-1", &["embed"]);
+    let embed = embed_ws.start();
+    // The node created the topics at start-up.
+    let payload = r#"{"v":99,"key":"kb:hr/future.md","payload":{"from":"the future"}}"#;
+    produce(&s, "ragd.chunks", "kb:hr/future.md", payload);
 
     let entries = wait_for("the DLQ entry", Duration::from_secs(60), || {
         let list = embed.admin_json("/dlq");

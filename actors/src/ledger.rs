@@ -366,9 +366,10 @@ impl Ledger {
     /// deletion settled: nothing of it pending, and (`held`, a cluster's
     /// index node, whose jobs come from another node's ledger) once
     /// released by that node. Until then a version seen before the deletion
-    /// and delivered late is refused; past it, such a version could come
-    /// back only by a redelivery (another node taking over the topic's
-    /// partition), which the horizon leaves room for.
+    /// and delivered late is refused. A tombstone lives in memory: one
+    /// that an index node lost (a restart, a partition moved) before such
+    /// a version arrived lets it be written, and the ingest node deletes
+    /// it again when it hears of it (see [`Ledger::gone_here`]).
     pub fn with_memory(max_in_flight: usize, forget_after: Duration, held: bool) -> Arc<Self> {
         Arc::new(Ledger {
             docs: Mutex::new(Docs {
@@ -531,6 +532,20 @@ impl Ledger {
             entry.seq = entry.seq.max(seq);
         });
         true
+    }
+
+    /// Whether `doc_id` is gone from the source as far as this ledger
+    /// knows, with its deletion ended (or forgotten, or never seen): on an
+    /// ingest node, an `Indexed` event for it then reports a version
+    /// written after its deletion removed it (see
+    /// `WatchMsg::CheckGone`). While the deletion is still on its way, it
+    /// removes that version itself.
+    pub fn gone_here(&self, doc_id: &str) -> bool {
+        self.docs
+            .lock()
+            .map
+            .get(doc_id)
+            .is_none_or(|e| e.latest.is_none() && !e.pending.contains_key(DELETE_VERSION))
     }
 
     /// Is `version` still the one the source has? A version overtaken by a
@@ -1066,6 +1081,36 @@ mod tests {
         let c = ledger.counts();
         assert_eq!((c.seen, c.indexed, c.deleted, c.forgotten), (3, 1, 1, 1));
         assert_eq!(ledger.permits.available_permits(), 8);
+    }
+
+    /// On an ingest node, an `Indexed` event is a version written after
+    /// its document's deletion only once that deletion has ended here
+    /// (while it is on its way it removes the version itself), or when
+    /// the document is forgotten.
+    #[tokio::test]
+    async fn gone_here_once_the_deletion_has_ended() {
+        let horizon = Duration::from_millis(100);
+        let ledger = Ledger::with_memory(8, horizon, false);
+        let doc = "kb:a.md";
+        assert!(ledger.gone_here(doc), "never seen");
+        assert!(ledger.admit(doc, Some("v1")).await);
+        assert!(!ledger.gone_here(doc), "in the source");
+        assert!(ledger.admit_deletion(doc, 5).await);
+        ledger.finish(doc, Some("v1"), Outcome::Indexed);
+        assert!(!ledger.gone_here(doc), "its deletion is on its way");
+        ledger.finish(doc, None, Outcome::Deleted);
+        assert_eq!(ledger.status(doc), Some(DocStatus::Deleted));
+        assert!(ledger.gone_here(doc));
+        tokio::time::sleep(horizon + Duration::from_millis(50)).await;
+        assert_eq!(ledger.counts().forgotten, 1);
+        assert!(ledger.gone_here(doc), "forgotten");
+        assert!(ledger.admit(doc, Some("v2")).await);
+        assert!(!ledger.gone_here(doc), "back in the source");
+        // A deletion dead-lettered: the document is still gone.
+        assert!(ledger.admit_deletion(doc, 9).await);
+        ledger.finish(doc, None, Outcome::DeadLettered("prune failed".into()));
+        ledger.finish(doc, Some("v2"), Outcome::Indexed);
+        assert!(ledger.gone_here(doc));
     }
 
     /// A cluster's index node learns of a deletion from the jobs alone: a

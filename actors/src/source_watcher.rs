@@ -230,6 +230,12 @@ pub enum WatchMsg {
     /// Index this document again although its version was dead-lettered
     /// (after `ragd dlq replay`).
     Replay(String, PathBuf),
+    /// An index node wrote a version of this document after this node's
+    /// ledger saw it go (or after it forgot it): a job of it delivered
+    /// again after the index node lost the deletion's tombstone (it
+    /// restarted, or another node took its partition over). If the source
+    /// no longer has the file, it is deleted again.
+    CheckGone(String),
     /// Is a source root that was missing at start back?
     RootCheck,
     /// Try the files of [`WatcherArgs::retry`] again.
@@ -570,6 +576,29 @@ impl SourceWatcher {
                             _ => consider(&st.args, source, &path, &uri, true).await,
                         }
                     }
+                }
+            }
+            WatchMsg::CheckGone(id) => {
+                let Some((source, uri)) = source_of_doc(&st.args.sources, &id) else {
+                    return Ok(()); // another ingest node's
+                };
+                let path = source.root.join(uri);
+                if doc_id_at(&st.args.sources, &path).as_deref() != Some(id.as_str()) {
+                    return Ok(()); // not a name this node watches
+                }
+                match tokio::fs::symlink_metadata(&path).await {
+                    Err(e) if gone(&e) && source.present().await => {
+                        tracing::warn!(
+                            doc = %id,
+                            "an index node wrote a version of a document the source no \
+                             longer has (delivered again after its deletion); deleting it again"
+                        );
+                        metrics::counter!("ragd_watcher_deleted_again_total").increment(1);
+                        remove(&st.args, &id).await;
+                    }
+                    // There (the watcher sees to it), or not to be judged
+                    // now: a source that is away deletes nothing.
+                    _ => {}
                 }
             }
             WatchMsg::Fs(Err(errors)) => {
@@ -2079,6 +2108,27 @@ mod tests {
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
+        watcher.stop(None);
+    }
+
+    /// An index node wrote a version of a document after this node saw
+    /// it deleted: it is deleted again if its file is gone, and left alone
+    /// if it is there, ignored, or another ingest node's.
+    #[tokio::test]
+    async fn a_document_indexed_after_its_deletion_is_deleted_again() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A");
+        let (watcher, scanned) = rig.start(false).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        // Handled in order: once the last one's deletion is out, the
+        // others were looked at.
+        for id in ["kb:a.md", "wiki:gone.md", "kb:.git/gone.md", "kb:gone.md"] {
+            watcher.cast(WatchMsg::CheckGone(id.into())).unwrap();
+        }
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["kb:gone.md"]);
+        assert_eq!(rig.ledger.status("kb:gone.md"), Some(DocStatus::InFlight));
+        assert!(rig.handed().is_empty(), "a.md is not read again");
         watcher.stop(None);
     }
 
