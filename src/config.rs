@@ -96,6 +96,7 @@ struct RawPipeline {
     max_in_flight: Option<usize>,
     max_attempts: Option<u32>,
     debounce_ms: Option<u64>,
+    delete_grace_ms: Option<u64>,
     forget_deleted_after_secs: Option<u64>,
 }
 
@@ -262,6 +263,9 @@ pub struct Config {
     pub max_in_flight: usize,
     pub max_attempts: u32,
     pub debounce_ms: u64,
+    /// How long a file must stay gone before it is deleted (see
+    /// `WatcherArgs::delete_grace`).
+    pub delete_grace: std::time::Duration,
     /// How long the ledger remembers a deleted document once its deletion
     /// settled (see `Ledger::with_memory`).
     pub forget_deleted_after: std::time::Duration,
@@ -705,6 +709,12 @@ fn validate(
     positive("pipeline.max_in_flight", max_in_flight, &mut err);
     let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
     positive("pipeline.max_attempts", max_attempts as usize, &mut err);
+    let delete_grace_ms = raw.pipeline.delete_grace_ms.unwrap_or(2000);
+    if delete_grace_ms > 3_600_000 {
+        err(format!(
+            "pipeline.delete_grace_ms ({delete_grace_ms}) must be at most 3600000 (an hour)"
+        ));
+    }
     let device = raw.model.device.unwrap_or(Device::Cpu);
     if device != Device::Cpu && !cfg!(feature = "cuda") {
         err(format!(
@@ -1031,6 +1041,7 @@ fn validate(
         max_in_flight,
         max_attempts,
         debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
+        delete_grace: std::time::Duration::from_millis(delete_grace_ms),
         forget_deleted_after: raw.pipeline.forget_deleted_after_secs.map_or(
             ragd_actors::ledger::FORGET_DELETED_AFTER,
             std::time::Duration::from_secs,
@@ -1334,6 +1345,8 @@ mod tests {
             max_top_k = 60
             [index]
             hnsw_m = 2
+            [pipeline]
+            delete_grace_ms = 86400000
             [llm]
             base_url = "http://127.0.0.1:1/v1"
             model = "m"
@@ -1363,6 +1376,7 @@ mod tests {
             "index.hnsw_m (2)",
             "query.max_top_k (60)",
             "poll_secs (0) must be between 0.1 and 86400",
+            "pipeline.delete_grace_ms (86400000) must be at most 3600000",
             "llm.timeout_secs: 100000000000000000000",
             "llm.retry_budget_secs: -1",
         ] {

@@ -455,9 +455,10 @@ impl Node {
                 known.clone(),
                 scanned.clone(),
             );
-            let (max_file_bytes, debounce) = (
+            let (max_file_bytes, debounce, delete_grace) = (
                 config.max_file_bytes,
                 Duration::from_millis(config.debounce_ms),
+                config.delete_grace,
             );
             let stats = stats(roles.ingest, &format!("root/ingest/{WATCHER}"));
             child(WATCHER, move || {
@@ -478,6 +479,7 @@ impl Node {
                         scanned: scanned.clone(),
                         only: only.clone(),
                         retry: Default::default(),
+                        delete_grace,
                     },
                 )
             })

@@ -10,7 +10,7 @@
 use crate::bridge::Port;
 use crate::dlq::DeadLetters;
 use crate::indexer::actor::IndexJob;
-use crate::ledger::{Ledger, Outcome};
+use crate::ledger::{DocStatus, Ledger, Outcome};
 use crate::messages::{DocMeta, Partition};
 use crate::pool::Job;
 use crate::stats::ActorStats;
@@ -236,6 +236,9 @@ pub enum WatchMsg {
     /// restarted, or another node took its partition over). If the source
     /// no longer has the file, it is deleted again.
     CheckGone(String),
+    /// Delete the documents whose grace ran out, if their files are still
+    /// gone (see [`WatcherArgs::delete_grace`]).
+    Doomed,
     /// Is a source root that was missing at start back?
     RootCheck,
     /// Try the files of [`WatcherArgs::retry`] again.
@@ -269,6 +272,14 @@ pub struct WatcherArgs {
     /// looked at again every [`RETRY_AFTER`], since no event may ever come
     /// for them, up to [`READ_TRIES`] times. One entry per path, however often it is found.
     pub retry: Arc<parking_lot::Mutex<HashMap<PathBuf, (u32, bool)>>>,
+    /// A file seen gone is deleted only once it has stayed gone this long
+    /// (`[pipeline] delete_grace_ms`): a folder rebuilt more slowly than
+    /// the debounce (`rm -rf site && build site`, a branch checked out, an
+    /// rsync that replaces) would otherwise have every file deleted and
+    /// then embedded again, and missing from search in between. A file
+    /// back unchanged within it costs nothing; one back changed is an
+    /// update. Zero: deleted at once.
+    pub delete_grace: Duration,
 }
 
 /// See [`WatcherArgs::retry`]: past this many tries the file is skipped
@@ -278,6 +289,10 @@ pub const READ_TRIES: u32 = 5;
 /// See [`WatcherArgs::retry`]; also how often a missing source root is
 /// looked for.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// See [`WatcherArgs::delete_grace`]: the documents due within this much
+/// of each other are deleted together.
+const DOOM_GATHER: Duration = Duration::from_millis(250);
 
 pub struct WatcherState {
     args: WatcherArgs,
@@ -290,6 +305,11 @@ pub struct WatcherState {
     retry_scheduled: bool,
     /// A [`WatchMsg::RootCheck`] is on its way.
     root_check_scheduled: bool,
+    /// Documents seen gone, by when they are deleted if still gone (see
+    /// [`WatcherArgs::delete_grace`]).
+    doomed: HashMap<String, tokio::time::Instant>,
+    /// A [`WatchMsg::Doomed`] is on its way.
+    doom_scheduled: bool,
     watches: Watches,
 }
 
@@ -331,6 +351,8 @@ impl Actor for SourceWatcher {
             rescans: 0,
             retry_scheduled: false,
             root_check_scheduled: check_roots,
+            doomed: HashMap::new(),
+            doom_scheduled: false,
             watches,
         })
     }
@@ -352,6 +374,15 @@ impl Actor for SourceWatcher {
         if !st.retry_scheduled && !st.args.retry.lock().is_empty() {
             st.retry_scheduled = true;
             cast_later(&myself, WatchMsg::Retry);
+        }
+        // And one for the documents waiting out their grace, a little
+        // after the first is due: those of a burst's next event batches
+        // are due by then too, and are looked at in the same trip.
+        if !st.doom_scheduled {
+            if let Some(first) = st.doomed.values().min() {
+                st.doom_scheduled = true;
+                cast_at(&myself, WatchMsg::Doomed, *first + DOOM_GATHER);
+            }
         }
         Ok(())
     }
@@ -555,7 +586,8 @@ impl SourceWatcher {
                 // next request queues another scan.
                 st.rescan_queued = false;
                 st.args.stats.set_status("scanning");
-                rescan(&st.args).await;
+                let gone = rescan(&st.args).await;
+                st.doom(gone).await;
                 st.args.scanned.store(true, Ordering::SeqCst);
                 st.args
                     .stats
@@ -579,26 +611,54 @@ impl SourceWatcher {
                 }
             }
             WatchMsg::CheckGone(id) => {
-                let Some((source, uri)) = source_of_doc(&st.args.sources, &id) else {
-                    return Ok(()); // another ingest node's
-                };
-                let path = source.root.join(uri);
-                if doc_id_at(&st.args.sources, &path).as_deref() != Some(id.as_str()) {
-                    return Ok(()); // not a name this node watches
+                // Not another ingest node's document, nor a name this node
+                // does not watch; and one waiting out its grace goes then.
+                // (When the file is there, the watcher sees to it.)
+                let ours = place_of(&st.args.sources, &id).is_some();
+                if !ours || st.doomed.contains_key(&id) {
+                    return Ok(());
                 }
-                match tokio::fs::symlink_metadata(&path).await {
-                    Err(e) if gone(&e) && source.present().await => {
-                        tracing::warn!(
-                            doc = %id,
-                            "an index node wrote a version of a document the source no \
-                             longer has (delivered again after its deletion); deleting it again"
-                        );
-                        metrics::counter!("ragd_watcher_deleted_again_total").increment(1);
-                        remove(&st.args, &id).await;
+                for id in look_again(&st.args.sources, vec![id]).await.gone {
+                    tracing::warn!(
+                        doc = %id,
+                        "an index node wrote a version of a document the source no \
+                         longer has (delivered again after its deletion); deleting it again"
+                    );
+                    metrics::counter!("ragd_watcher_deleted_again_total").increment(1);
+                    remove(&st.args, &id).await;
+                }
+            }
+            WatchMsg::Doomed => {
+                st.doom_scheduled = false;
+                let now = tokio::time::Instant::now();
+                let mut due = Vec::new();
+                st.doomed.retain(|id, at| {
+                    let wait = *at > now;
+                    if !wait {
+                        due.push(id.clone());
                     }
-                    // There (the watcher sees to it), or not to be judged
-                    // now: a source that is away deletes nothing.
-                    _ => {}
+                    wait
+                });
+                // Not one deleted meanwhile (a replay, a check).
+                due.retain(|id| has_version(&st.args, id));
+                let looked = look_again(&st.args.sources, due).await;
+                for id in &looked.gone {
+                    remove(&st.args, id).await;
+                }
+                for id in &looked.back {
+                    // Back unchanged, a version counts as handled. One that
+                    // ended skipped because the chunker found it gone (or
+                    // changed) when it came to read it was never indexed:
+                    // it is read again.
+                    if matches!(st.args.ledger.status(id), Some(DocStatus::Skipped(_))) {
+                        if let Some((source, uri, path)) = place_of(&st.args.sources, id) {
+                            consider(&st.args, source, &path, uri, true).await;
+                        }
+                    }
+                }
+                let again = tokio::time::Instant::now() + st.args.delete_grace;
+                for id in looked.unknown {
+                    st.doomed.insert(id, again);
                 }
             }
             WatchMsg::Fs(Err(errors)) => {
@@ -670,10 +730,12 @@ impl SourceWatcher {
                     );
                     return st.rewatch(myself, &why).await;
                 }
+                let mut gone = Vec::new();
                 for path in paths {
                     let was_removed = removed.contains(path.as_path());
-                    handle_path(&st.args, &path, was_removed).await;
+                    gone.extend(handle_path(&st.args, &path, was_removed).await);
                 }
+                st.doom(gone).await;
             }
         }
         Ok(())
@@ -681,6 +743,30 @@ impl SourceWatcher {
 }
 
 impl WatcherState {
+    /// Deletes `gone` once each has stayed gone for the grace (at once
+    /// without one). Seen gone again meanwhile (a folder rebuilt twice),
+    /// a document's grace starts over.
+    async fn doom(&mut self, mut gone: Vec<String>) {
+        // (One event batch may name a document twice: its folder's removal
+        // and its own.)
+        gone.sort();
+        gone.dedup();
+        // (A one-time scan ends when what it admitted has: its deletions
+        // go at once.)
+        if self.args.delete_grace.is_zero() || !self.args.watch {
+            for id in gone {
+                if has_version(&self.args, &id) {
+                    remove(&self.args, &id).await;
+                }
+            }
+            return;
+        }
+        let at = tokio::time::Instant::now() + self.args.delete_grace;
+        for id in gone {
+            self.doomed.insert(id, at);
+        }
+    }
+
     /// Watches the sources anew, in place: a root that came back, went
     /// away (a share unmounted), was moved, or a tree that outgrew the
     /// kernel's watches. Then a full scan finds what changed meanwhile.
@@ -788,9 +874,14 @@ fn moved_root<'s>(
 
 /// Sends `msg` to the watcher after [`RETRY_AFTER`].
 fn cast_later(me: &ActorRef<WatchMsg>, msg: WatchMsg) {
+    cast_at(me, msg, tokio::time::Instant::now() + RETRY_AFTER);
+}
+
+/// Sends `msg` to the watcher at `at`.
+fn cast_at(me: &ActorRef<WatchMsg>, msg: WatchMsg, at: tokio::time::Instant) {
     let me = me.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(RETRY_AFTER).await;
+        tokio::time::sleep_until(at).await;
         let _ = me.cast(msg);
     });
 }
@@ -844,9 +935,11 @@ fn doc_id(source: &SourceSpec, uri: &str) -> String {
     format!("{}:{uri}", source.name)
 }
 
-async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) {
+/// Acts on what an event says of `path`; returns the documents it found
+/// gone, for [`WatcherState::doom`].
+async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) -> Vec<String> {
     let Some((source, uri)) = source_of(&args.sources, path) else {
-        return;
+        return vec![];
     };
     let id = doc_id(source, &uri);
     match tokio::fs::symlink_metadata(path).await {
@@ -860,11 +953,9 @@ async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) {
             consider_all(args, files).await;
             // (Only then: the search below goes through every document.)
             if was_removed {
-                for d in indexed_under(args, &id) {
-                    if !present.contains(&d) && !unreadable.covers(&d) {
-                        remove(args, &d).await;
-                    }
-                }
+                let mut gone = indexed_under(args, &id);
+                gone.retain(|d| !present.contains(d) && !unreadable.covers(d));
+                return gone;
             }
         }
         // A file, or something else where a file was (a link, a FIFO):
@@ -883,11 +974,120 @@ async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) {
             // The store's documents count too: during the first scan one
             // deleted before it was probed is not in the ledger yet, and
             // the scan, finding it vanished, leaves it to this event.
-            for d in indexed_under(args, &id) {
-                remove(args, &d).await;
-            }
+            return indexed_under(args, &id);
         }
     }
+    vec![]
+}
+
+/// Whether the ledger or the store has a version of `id`: it is not
+/// deleted yet.
+fn has_version(args: &WatcherArgs, id: &str) -> bool {
+    args.ledger.latest_version(id).is_some() || args.known.lock().contains_key(id)
+}
+
+/// Where the document `id` would be: its source, uri and path, unless no
+/// source of this node holds it there (another node's source, or a name
+/// the watcher ignores).
+fn place_of<'s, 'i>(
+    sources: &'s [SourceSpec],
+    id: &'i str,
+) -> Option<(&'s SourceSpec, &'i str, PathBuf)> {
+    let (source, uri) = source_of_doc(sources, id)?;
+    let path = source.root.join(uri);
+    (doc_id_at(sources, &path).as_deref() == Some(id)).then_some((source, uri, path))
+}
+
+/// What [`look_again`] found of the documents it was given.
+#[derive(Default)]
+struct Looked {
+    /// Gone, from a source that is there: to be deleted.
+    gone: Vec<String>,
+    /// There again (what the watcher saw of it stands).
+    back: Vec<String>,
+    /// Not to be told now: the source away, or not answering.
+    unknown: Vec<String>,
+}
+
+/// Looks again at where each of `ids` was, as a scan would: a document is
+/// there only if its folder lists exactly its name, and not as a folder
+/// (a case-insensitive share still opens `A.md` renamed to `a.md`).
+/// Sources are looked at first, each once ([`SourceSpec::present`]), and
+/// the folders on the blocking pool in one trip, given up on after
+/// [`ROOT_LOOK_TIMEOUT`]: a share that hangs does not hang the watcher.
+async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
+    let mut looked = Looked::default();
+    let mut present: HashMap<&str, bool> = HashMap::new();
+    // By folder: one listing serves every document in it.
+    let mut folders: BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>> = BTreeMap::new();
+    for id in ids {
+        let Some((source, uri)) = source_of_doc(sources, &id) else {
+            looked.gone.push(id); // its source is no longer configured
+            continue;
+        };
+        let there = match present.get(source.name.as_str()) {
+            Some(&there) => there,
+            None => {
+                let there = source.present().await;
+                present.insert(&source.name, there);
+                there
+            }
+        };
+        if !there {
+            looked.unknown.push(id);
+            continue;
+        }
+        let path = source.root.join(uri);
+        match (place_of(sources, &id), path.parent(), path.file_name()) {
+            (Some(_), Some(folder), Some(name)) => folders
+                .entry(folder.to_path_buf())
+                .or_default()
+                .push((id, name.to_os_string())),
+            // A name the watcher ignores now: no scan finds it either.
+            _ => looked.gone.push(id),
+        }
+    }
+    if folders.is_empty() {
+        return looked;
+    }
+    let ids = |f: &BTreeMap<_, Vec<(String, _)>>| -> Vec<String> {
+        f.values().flatten().map(|(id, _)| id.clone()).collect()
+    };
+    let all = ids(&folders);
+    let listed = tokio::task::spawn_blocking(move || {
+        let mut found = Looked::default();
+        for (folder, docs) in folders {
+            let files: HashSet<std::ffi::OsString> = match std::fs::read_dir(&folder) {
+                Ok(entries) => entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                    .map(|e| e.file_name())
+                    .collect(),
+                Err(e) if gone(&e) => HashSet::new(),
+                Err(_) => {
+                    found.unknown.extend(docs.into_iter().map(|(id, _)| id));
+                    continue;
+                }
+            };
+            for (id, name) in docs {
+                if files.contains(&name) {
+                    found.back.push(id);
+                } else {
+                    found.gone.push(id);
+                }
+            }
+        }
+        found
+    });
+    match tokio::time::timeout(ROOT_LOOK_TIMEOUT, listed).await {
+        Ok(Ok(found)) => {
+            looked.gone.extend(found.gone);
+            looked.back.extend(found.back);
+            looked.unknown.extend(found.unknown);
+        }
+        _ => looked.unknown.extend(all),
+    }
+    looked
 }
 
 /// The documents at `id` or under it (`id/…`) that the ledger or the store
@@ -1034,7 +1234,9 @@ fn walk_again_later(args: &WatcherArgs, root: &Path, unreadable: &[(PathBuf, boo
     }
 }
 
-async fn rescan(args: &WatcherArgs) {
+/// Walks the sources, admits what changed, and returns the documents
+/// gone, for [`WatcherState::doom`].
+async fn rescan(args: &WatcherArgs) -> Vec<String> {
     let mut present = HashSet::new();
     let roots: Vec<PathBuf> = if args.only.is_empty() {
         args.sources.iter().map(|s| s.root.clone()).collect()
@@ -1058,7 +1260,7 @@ async fn rescan(args: &WatcherArgs) {
     }
     if !args.only.is_empty() {
         // A partial scan cannot tell what was deleted elsewhere.
-        return;
+        return vec![];
     }
     // Known to the index or the ledger but no longer on disk: deleted while
     // we were not looking.
@@ -1079,9 +1281,7 @@ async fn rescan(args: &WatcherArgs) {
     gone.retain(|d| !unreadable.covers(d));
     gone.sort();
     gone.dedup();
-    for d in gone {
-        remove(args, &d).await;
-    }
+    gone
 }
 
 /// Sends an admitted job on. A port only fails for good (a bus that waits
@@ -1574,6 +1774,7 @@ mod tests {
                 scanned: Default::default(),
                 only: vec![],
                 retry: Default::default(),
+                delete_grace: Duration::ZERO,
             }
         }
 
@@ -2108,6 +2309,80 @@ mod tests {
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
+        watcher.stop(None);
+    }
+
+    /// A folder rebuilt more slowly than the debounce (removed, then
+    /// written again file by file): what comes back within the grace
+    /// unchanged stays as it is, what comes back changed is an update, and
+    /// only what stays gone is deleted, once the grace is over (as is what
+    /// a scan finds gone).
+    #[tokio::test]
+    async fn a_folder_rebuilt_within_the_grace_deletes_only_what_stays_gone() {
+        let rig = Rig::new();
+        for f in ["site/a.md", "site/b.md", "site/c.md", "d.md"] {
+            rig.write(f, &format!("# {f}\n\nWhat {f} says."));
+        }
+        // And one the store has that went while the watcher was away: the
+        // first scan finds it gone, and it waits out the grace too.
+        rig.known.lock().insert("kb:old.md".into(), "v0".into());
+        let grace = Duration::from_secs(3);
+        let mut args = rig.args(true);
+        args.delete_grace = grace;
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        wait_for(|| rig.stats.status() == "watching").await;
+        assert_eq!(rig.handed().len(), 4);
+
+        let removed = std::time::Instant::now();
+        std::fs::remove_dir_all(rig.root.join("site")).unwrap();
+        std::fs::remove_file(rig.root.join("d.md")).unwrap();
+        // Longer than the debounce: the removals are acted on first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rig.write("site/a.md", "# site/a.md\n\nWhat site/a.md says.");
+        rig.write("site/b.md", "# site/b.md\n\nWhat it says now.");
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:site/b.md"], "a.md came back unchanged");
+        assert!(rig.deleted().is_empty(), "nothing deleted within the grace");
+
+        wait_for(|| rig.index_q.len() == 3).await;
+        assert!(removed.elapsed() >= grace);
+        assert_eq!(rig.deleted(), ["kb:d.md", "kb:old.md", "kb:site/c.md"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rig.index_q.is_empty(), "each deleted once");
+        watcher.stop(None);
+    }
+
+    /// When the grace is over, a document counts as there only as a file
+    /// of exactly its name: one whose name is now a folder's goes. One back
+    /// unchanged but never indexed (the chunker found it gone when it came
+    /// to read it) is read again.
+    #[tokio::test]
+    async fn what_the_grace_finds_back_is_judged_as_a_scan_would() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\nAlpha.");
+        rig.write("b.md", "# B\n\nBeta.");
+        let mut args = rig.args(true);
+        args.delete_grace = Duration::from_secs(1);
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        wait_for(|| rig.stats.status() == "watching").await;
+        assert_eq!(rig.handed(), ["kb:a.md", "kb:b.md"]);
+
+        std::fs::remove_file(rig.root.join("a.md")).unwrap();
+        std::fs::remove_file(rig.root.join("b.md")).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // As the chunker ends a version whose file it found gone.
+        let version = rig.known.lock()["kb:a.md"].clone();
+        let skipped = Outcome::Skipped("file removed before it was read".into());
+        rig.ledger.finish("kb:a.md", Some(&version), skipped);
+        rig.write("a.md", "# A\n\nAlpha.");
+        rig.write("b.md/c.md", "# C\n\nGamma.");
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:b.md/c.md"], "a.md unchanged");
+
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["kb:b.md"], "a folder now");
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:a.md"], "read again");
         watcher.stop(None);
     }
 
