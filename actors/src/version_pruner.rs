@@ -177,6 +177,8 @@ pub(crate) mod tests {
     /// not serve it (its source is no longer stored). The invalidation is
     /// owed; a later prune queues behind it without a call of its own;
     /// once the cache is back, the owed ones are sent and the entry goes.
+    /// One whose invalidation was lost altogether is dropped when a lookup
+    /// finds it stale.
     #[tokio::test]
     async fn with_the_cache_down_pruning_goes_on_and_no_removed_text_is_served() {
         use crate::cache_guard::{CacheGuard, CacheGuardArgs, SemanticCache};
@@ -289,6 +291,26 @@ pub(crate) mod tests {
         // Both were sent, the oldest first.
         let asked = cache.asked.lock().clone();
         assert_eq!(asked[asked.len() - 2..], [doc, other], "{asked:?}");
+
+        // An entry whose invalidation was lost (v2 removed behind the
+        // cache's back): not served, and dropped from the cache.
+        let fresh = CachedAnswer {
+            answer: Some("from v2".into()),
+            sources: store.search(&q, &scope, 10).await.unwrap(),
+        };
+        cache.store(&q, &scope, 5, fresh.clone()).await.unwrap();
+        assert_eq!(handle.lookup(&q, &scope, 5).await, Some(fresh));
+        let lost = crate::indexer::Removal::new(doc, None);
+        store.remove(std::slice::from_ref(&lost)).await.unwrap();
+        assert_eq!(handle.lookup(&q, &scope, 5).await, None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cache.lookup(&q, &scope, 5).await.unwrap().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stale entry stayed in the cache"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         guard.stop(None);
     }
 

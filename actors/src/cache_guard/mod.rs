@@ -178,22 +178,25 @@ impl Actor for CacheGuard {
                             None
                         }
                     };
-                    let (found, result) = match found {
-                        None => (None, "miss"),
+                    let (found, result, stale) = match found {
+                        None => (None, "miss", None),
                         Some(v) => match store.holds_all(&v.sources).await {
-                            Ok(true) => (Some(v), "hit"),
+                            Ok(true) => (Some(v), "hit", None),
                             // It cites text pruned or moved since, and its
                             // invalidation is owed or was lost.
-                            Ok(false) => (None, "stale"),
+                            Ok(false) => (None, "stale", Some(v)),
                             Err(e) => {
                                 stats.set_error(format!("checking a hit's sources: {e:#}"));
-                                (None, "miss")
+                                (None, "miss", None)
                             }
                         },
                     };
                     metrics::counter!("ragd_cache_lookups_total", "result" => result).increment(1);
                     stats.processed();
                     let _ = reply.send(found);
+                    if let Some(v) = stale {
+                        drop_stale(&v, cache.as_ref(), store.as_ref(), &stats).await;
+                    }
                 });
                 return Ok(());
             }
@@ -210,6 +213,33 @@ impl Actor for CacheGuard {
         }
         st.stats.processed();
         Ok(())
+    }
+}
+
+/// Drops a stale entry's kind from the cache (its invalidation was lost:
+/// dropped while owed past [`MAX_OWED`], or owed by a node that stopped),
+/// so that the questions near it miss at once rather than each checking
+/// it against the store until its TTL. The entries citing the documents
+/// whose cited chunks are gone go, at every version (the backends drop by
+/// document): at worst a few answers are computed again.
+async fn drop_stale(
+    value: &CachedAnswer,
+    cache: &dyn SemanticCache,
+    store: &dyn VectorStore,
+    stats: &ActorStats,
+) {
+    let mut gone: Vec<Removal> = Vec::new();
+    for hit in &value.sources {
+        if gone.iter().any(|r| r.doc_id == hit.doc_id) {
+            continue;
+        }
+        if !matches!(store.holds_all(std::slice::from_ref(hit)).await, Ok(true)) {
+            gone.push(Removal::new(&hit.doc_id, None));
+        }
+    }
+    if let Err(e) = cache.invalidate_all(&gone).await {
+        // (It stays until its TTL, never served.)
+        stats.set_error(format!("dropping a stale entry: {e:#}"));
     }
 }
 
