@@ -1050,10 +1050,12 @@ async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
     if folders.is_empty() {
         return looked;
     }
-    let ids = |f: &BTreeMap<_, Vec<(String, _)>>| -> Vec<String> {
-        f.values().flatten().map(|(id, _)| id.clone()).collect()
-    };
-    let all = ids(&folders);
+    // (For a look given up on: all of them are looked at again later.)
+    let all: Vec<String> = folders
+        .values()
+        .flatten()
+        .map(|(id, _)| id.clone())
+        .collect();
     let listed = tokio::task::spawn_blocking(move || {
         let mut found = Looked::default();
         for (folder, docs) in folders {
