@@ -216,11 +216,11 @@ impl Actor for CacheGuard {
     }
 }
 
-/// Drops a stale entry's kind from the cache (its invalidation was lost:
-/// dropped while owed past [`MAX_OWED`], or owed by a node that stopped),
-/// so that the questions near it miss at once rather than each checking
-/// it against the store until its TTL. The entries citing the documents
-/// whose cited chunks are gone go, at every version (the backends drop by
+/// Drops a stale entry from the cache (its invalidation was lost: dropped
+/// while owed past [`MAX_OWED`], or owed by a node that stopped), so that
+/// the questions near it miss at once rather than each checking it
+/// against the store until its TTL. Every entry citing a document whose
+/// cited chunks are gone goes, at any version (the backends drop by
 /// document): at worst a few answers are computed again.
 async fn drop_stale(
     value: &CachedAnswer,
