@@ -1021,7 +1021,7 @@ async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
     // By folder: one listing serves every document in it.
     let mut folders: BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>> = BTreeMap::new();
     for id in ids {
-        let Some((source, uri)) = source_of_doc(sources, &id) else {
+        let Some((source, _)) = source_of_doc(sources, &id) else {
             looked.gone.push(id); // its source is no longer configured
             continue;
         };
@@ -1037,14 +1037,17 @@ async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
             looked.unknown.push(id);
             continue;
         }
-        let path = source.root.join(uri);
-        match (place_of(sources, &id), path.parent(), path.file_name()) {
-            (Some(_), Some(folder), Some(name)) => folders
+        let path = place_of(sources, &id).map(|(_, _, path)| path);
+        match path
+            .as_deref()
+            .and_then(|p| Some((p.parent()?, p.file_name()?)))
+        {
+            Some((folder, name)) => folders
                 .entry(folder.to_path_buf())
                 .or_default()
                 .push((id, name.to_os_string())),
             // A name the watcher ignores now: no scan finds it either.
-            _ => looked.gone.push(id),
+            None => looked.gone.push(id),
         }
     }
     if folders.is_empty() {
@@ -1789,9 +1792,13 @@ mod tests {
         /// Starts a watcher and waits for its first scan; returns it with
         /// the documents that scan handed on.
         async fn start(&self, watch: bool) -> (ActorRef<WatchMsg>, Vec<String>) {
-            let (watcher, _) = Actor::spawn(None, SourceWatcher, self.args(watch))
-                .await
-                .unwrap();
+            self.start_with(self.args(watch)).await
+        }
+
+        /// [`Rig::start`] with `args` (from [`Rig::args`], changed).
+        async fn start_with(&self, args: WatcherArgs) -> (ActorRef<WatchMsg>, Vec<String>) {
+            let watch = args.watch;
+            let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
             let want = if watch { "watching" } else { "scanned" };
             wait_for(|| self.stats.status() == want).await;
             (watcher, self.handed())
@@ -2331,9 +2338,8 @@ mod tests {
         let grace = Duration::from_secs(3);
         let mut args = rig.args(true);
         args.delete_grace = grace;
-        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
-        wait_for(|| rig.stats.status() == "watching").await;
-        assert_eq!(rig.handed().len(), 4);
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned.len(), 4);
 
         let removed = std::time::Instant::now();
         std::fs::remove_dir_all(rig.root.join("site")).unwrap();
@@ -2365,9 +2371,8 @@ mod tests {
         rig.write("b.md", "# B\n\nBeta.");
         let mut args = rig.args(true);
         args.delete_grace = Duration::from_secs(1);
-        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
-        wait_for(|| rig.stats.status() == "watching").await;
-        assert_eq!(rig.handed(), ["kb:a.md", "kb:b.md"]);
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:a.md", "kb:b.md"]);
 
         std::fs::remove_file(rig.root.join("a.md")).unwrap();
         std::fs::remove_file(rig.root.join("b.md")).unwrap();
