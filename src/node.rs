@@ -159,6 +159,83 @@ fn forward_settled_deletions(ledger: &Ledger, out: Port<IndexJob>) {
     });
 }
 
+/// An ingest node's check of the versions the index nodes report written
+/// for documents its ledger has as gone, with their deletion ended: the
+/// index node lost the tombstone that refuses such a late job (it
+/// restarted, or its partition moved, before the job was delivered
+/// again), and the watcher deletes the document anew (`WatchMsg::CheckGone`).
+struct GoneChecks {
+    ledger: Arc<Ledger>,
+    /// Before the first scan ends the ledger knows too little to tell:
+    /// the documents reported meanwhile wait here (the first `early_max`
+    /// of them), and are checked once it has. `None` from then on.
+    early: parking_lot::Mutex<Option<std::collections::BTreeSet<String>>>,
+    early_max: usize,
+    /// Hands a document found gone to the watcher.
+    tell: Box<dyn Fn(String) + Send + Sync>,
+}
+
+impl GoneChecks {
+    /// At most this many names wait for the first scan (a few MB): the
+    /// index nodes' backlog after a long stop can be every document.
+    const EARLY: usize = 50_000;
+
+    /// Checks for the watcher registered as [`WATCHER`].
+    fn for_watcher(ledger: Arc<Ledger>, scanned: Arc<AtomicBool>) -> Arc<GoneChecks> {
+        Self::start(ledger, scanned, Self::EARLY, |id| {
+            if let Some(w) = ActorRef::<WatchMsg>::where_is(WATCHER) {
+                let _ = w.cast(WatchMsg::CheckGone(id));
+            }
+        })
+    }
+
+    fn start(
+        ledger: Arc<Ledger>,
+        scanned: Arc<AtomicBool>,
+        early_max: usize,
+        tell: impl Fn(String) + Send + Sync + 'static,
+    ) -> Arc<GoneChecks> {
+        let checks = Arc::new(GoneChecks {
+            ledger,
+            early: parking_lot::Mutex::new(Some(Default::default())),
+            early_max,
+            tell: Box::new(tell),
+        });
+        let c = checks.clone();
+        tokio::spawn(async move {
+            while !scanned.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let early = c.early.lock().take().unwrap_or_default();
+            for id in early {
+                c.check(&id);
+            }
+        });
+        checks
+    }
+
+    /// An index node reports `doc_id` indexed.
+    fn indexed(&self, doc_id: &str) {
+        // (Under the lock: a name taken in after the first scan's
+        // names were checked would never be.)
+        if let Some(early) = self.early.lock().as_mut() {
+            if early.len() < self.early_max {
+                early.insert(doc_id.to_string());
+            } else {
+                metrics::counter!("ragd_ingest_gone_checks_dropped_total").increment(1);
+            }
+            return;
+        }
+        self.check(doc_id);
+    }
+
+    fn check(&self, doc_id: &str) {
+        if self.ledger.gone_here(doc_id) {
+            (self.tell)(doc_id.to_string());
+        }
+    }
+}
+
 /// A stage's output: the next stage's local queue, or the topic to it.
 fn port<T: Job>(kafka: &Option<Arc<Kafka>>, local: &Arc<PoolQueue<T>>, topic: &str) -> Port<T> {
     match kafka {
@@ -636,23 +713,13 @@ impl Node {
                     chunk_q.clone(),
                     dlq.clone(),
                 )?;
-                let (l, first_scan) = (ledger.clone(), scanned.clone());
+                let l = ledger.clone();
+                let gone = GoneChecks::for_watcher(ledger.clone(), scanned.clone());
                 let group = k.group(&format!("ledger-{}", config.node_name));
                 k.follow::<IndexedEvent, _>(&k.topic(INDEXED), &group, move |ev| {
                     l.finish(ev.doc_id(), ev.version(), ev.outcome());
-                    // Written after its deletion ended here: the index node
-                    // lost the tombstone that refuses such a late job (it
-                    // restarted, or its partition moved, before the job was
-                    // delivered again), and the watcher deletes it anew.
-                    // (Before the first scan ends, the ledger knows too
-                    // little to tell.)
                     if let IndexedEvent::Indexed { doc_id, .. } = &ev {
-                        let scanned = first_scan.load(std::sync::atomic::Ordering::SeqCst);
-                        if scanned && l.gone_here(doc_id) {
-                            if let Some(w) = ActorRef::<WatchMsg>::where_is(WATCHER) {
-                                let _ = w.cast(WatchMsg::CheckGone(doc_id.clone()));
-                            }
-                        }
+                        gone.indexed(doc_id);
                     }
                 })?;
                 forward_settled_deletions(&ledger, port(&kafka, &index_q, EMBEDDED));
@@ -746,5 +813,43 @@ impl Node {
                  stopping without it (the next start's scan redoes the unflushed writes)"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// The `Indexed` events heard before the first scan ends wait for it
+    /// (up to a bound): a late version written while the node was down is
+    /// delivered at its start, often before its watcher knows the source.
+    #[tokio::test]
+    async fn gone_checks_wait_for_the_first_scan() {
+        let ledger = Ledger::new(8);
+        let scanned = Arc::new(AtomicBool::new(false));
+        let told = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let t = told.clone();
+        let checks = GoneChecks::start(ledger.clone(), scanned.clone(), 2, move |id| {
+            t.lock().push(id)
+        });
+        // Heard before the scan: "kb:gone.md" the scan does not find; the
+        // scan admits "kb:here.md"; "kb:third.md" is past the bound.
+        for id in ["kb:gone.md", "kb:here.md", "kb:gone.md", "kb:third.md"] {
+            checks.indexed(id);
+        }
+        assert!(ledger.admit("kb:here.md", Some("v1")).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(told.lock().is_empty(), "checked before the scan ended");
+        scanned.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while told.lock().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*told.lock(), ["kb:gone.md"]);
+        // From then on each is checked as it comes.
+        checks.indexed("kb:here.md");
+        checks.indexed("kb:later.md");
+        assert_eq!(*told.lock(), ["kb:gone.md", "kb:later.md"]);
     }
 }

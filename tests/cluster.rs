@@ -221,7 +221,7 @@ fn a_deleted_document_is_forgotten_by_the_ingest_and_the_index_node() {
 /// finds the file still gone, and deletes the document again.
 #[test]
 fn a_job_delivered_again_after_a_deletion_does_not_bring_the_document_back() {
-    late_job_after_a_deletion(false);
+    late_job_after_a_deletion(false, false);
 }
 
 /// [`a_job_delivered_again_after_a_deletion_does_not_bring_the_document_back`]
@@ -229,10 +229,19 @@ fn a_job_delivered_again_after_a_deletion_does_not_bring_the_document_back() {
 /// the last word.
 #[test]
 fn a_job_delivered_again_after_a_forgotten_deletion_does_not_bring_it_back() {
-    late_job_after_a_deletion(true);
+    late_job_after_a_deletion(true, false);
 }
 
-fn late_job_after_a_deletion(forgotten: bool) {
+/// [`a_job_delivered_again_after_a_deletion_does_not_bring_the_document_back`]
+/// on one node with every role: its index stage's own record of the late
+/// version does not make the document the source's again.
+#[test]
+fn a_job_delivered_again_to_a_node_with_every_role_does_not_bring_it_back() {
+    late_job_after_a_deletion(false, true);
+}
+
+/// `combined`: one node with every role, else an ingest node and a worker.
+fn late_job_after_a_deletion(forgotten: bool, combined: bool) {
     use ragd_actors::indexer::actor::IndexJob;
     use ragd_actors::messages::{Chunk, DocMeta, EmbeddedDoc, Envelope, Partition};
     let s = Services::start();
@@ -241,27 +250,36 @@ fn late_job_after_a_deletion(forgotten: bool) {
     } else {
         ""
     };
-    let ingest_ws = s.node_with("ingest-1", &["ingest"], forget);
-    let worker_ws = s.node("worker-1", &["embed", "index", "query"]);
+    let (ingest_ws, worker_ws) = if combined {
+        let all = ["ingest", "embed", "index", "query"];
+        (s.node_with("node-1", &all, forget), None)
+    } else {
+        let worker = s.node("worker-1", &["embed", "index", "query"]);
+        (s.node_with("ingest-1", &["ingest"], forget), Some(worker))
+    };
     let n = 3;
     write_notes(&ingest_ws, n);
-    let mut worker = worker_ws.start();
-    let ingest = ingest_ws.start();
+    let mut worker = worker_ws.as_ref().map(Workspace::start);
+    let mut ingest = ingest_ws.start();
     ingest.wait_ledger(Duration::from_secs(240), |l| l["indexed"] == n);
     let path = ingest_ws.kb().join("hr/note-0.md");
     std::fs::remove_file(&path).unwrap();
-    worker.wait_until("the deletion pruned", Duration::from_secs(120), || {
+    ingest.wait_until("the deletion pruned", Duration::from_secs(120), || {
         points(&s) == n - 1
     });
     if forgotten {
         ingest.wait_ledger(Duration::from_secs(60), |l| l["forgotten"] == 1);
     }
 
-    // (Stopped, not killed: it leaves the consumer groups, and its
-    // successor need not wait out the broker's eviction of a dead member.)
-    assert!(worker.sigterm().success());
-    worker = worker_ws.start();
-    // A version seen long before the deletion, as the embed stage sent it.
+    // A version seen long before the deletion, as the embed stage sent it,
+    // delivered while the node with the index role is down. (Stopped, not
+    // killed: it leaves the consumer groups, and its successor need not
+    // wait out the broker's eviction of a dead member.)
+    let (index_ws, index) = match (&worker_ws, &mut worker) {
+        (Some(ws), Some(d)) => (ws, d),
+        _ => (&ingest_ws, &mut ingest),
+    };
+    assert!(index.sigterm().success());
     let doc_id = "kb:hr/note-0.md";
     let late = IndexJob::Upsert(EmbeddedDoc {
         meta: DocMeta {
@@ -285,6 +303,7 @@ fn late_job_after_a_deletion(forgotten: bool) {
     });
     let envelope = serde_json::to_string(&Envelope::new(doc_id, late)).unwrap();
     produce(&s, "ragd.embedded", doc_id, &envelope);
+    *index = index_ws.start();
 
     let again = "ragd_watcher_deleted_again_total";
     ingest.wait_until(
@@ -292,14 +311,18 @@ fn late_job_after_a_deletion(forgotten: bool) {
         Duration::from_secs(120),
         || metric(&ingest, again) == 1.0,
     );
-    worker.wait_until("the late version removed", Duration::from_secs(60), || {
+    ingest.wait_until("the late version removed", Duration::from_secs(60), || {
         points(&s) == n - 1
     });
-    let r = worker.ask(HR_TOKEN, "where is the spare badge of office 0?");
+    let r = worker
+        .as_ref()
+        .unwrap_or(&ingest)
+        .ask(HR_TOKEN, "where is the spare badge of office 0?");
     assert!(!texts(&r).contains("late drawer"), "{r}");
     let ledger = ingest.wait_ledger(Duration::from_secs(60), |l| l["in_flight"] == 0);
-    // Forgotten, the document is new to the ledger when deleted again.
-    let again = forgotten as u64;
+    // Forgotten (or lost in the restart of a node with every role), the
+    // document is new to the ledger when deleted again.
+    let again = (forgotten && !combined) as u64;
     assert_eq!(
         (ledger["deleted"].as_u64(), ledger["seen"].as_u64()),
         (Some(1 + again), Some(n as u64 + again)),

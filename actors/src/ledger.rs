@@ -124,6 +124,13 @@ struct DocEntry {
     /// The watcher's sequence of `latest` (see [`Ledger::observe`]).
     seq: u64,
     forget: Forget,
+    /// This node's watcher has the document in a source: what it last
+    /// said of it (admitted or recorded a version, or its deletion).
+    /// Unlike `latest`, the jobs an index stage observes do not change
+    /// it: on a node with both roles, a version written after the
+    /// deletion (delivered late, or from another ingest node) leaves the
+    /// document gone here (see [`Ledger::gone_here`]).
+    watched: bool,
 }
 
 /// Where a deleted document is on its way out of the ledger.
@@ -164,6 +171,7 @@ impl DocEntry {
             pending: HashMap::new(),
             seq: 0,
             forget: Forget::No,
+            watched: false,
         }
     }
 
@@ -419,6 +427,7 @@ impl Ledger {
     pub fn record(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
         self.docs.lock().update(doc_id, true, |entry| {
             entry.latest = version.map(str::to_string);
+            entry.watched = version.is_some();
             entry.status = status_of(outcome);
         });
         self.settled.notify_waiters();
@@ -448,6 +457,9 @@ impl Ledger {
                 entry.latest = version.map(str::to_string);
                 entry.status = DocStatus::InFlight;
             }
+            if pending {
+                entry.watched = version.is_some();
+            }
             pending.then_some(latest)
         };
         if let Some(duplicate) = self.docs.lock().update(doc_id, false, back).flatten() {
@@ -466,6 +478,7 @@ impl Ledger {
                     return !duplicate;
                 }
                 entry.latest = version.map(str::to_string);
+                entry.watched = version.is_some();
                 entry.status = DocStatus::InFlight;
                 entry.pending.insert(key.clone(), permit);
                 true
@@ -534,18 +547,20 @@ impl Ledger {
         true
     }
 
-    /// Whether `doc_id` is gone from the source as far as this ledger
-    /// knows, with its deletion ended (or forgotten, or never seen): on an
-    /// ingest node, an `Indexed` event for it then reports a version
-    /// written after its deletion removed it (see
+    /// Whether `doc_id` is gone from the source as far as this ledger's
+    /// watcher knows, with its deletion ended (or forgotten, or never
+    /// seen): on an ingest node, an `Indexed` event for it then reports a
+    /// version written after its deletion removed it (see
     /// `WatchMsg::CheckGone`). While the deletion is still on its way, it
-    /// removes that version itself.
+    /// removes that version itself. On a node with the index role too,
+    /// the version its own index stage observed does not count: that is
+    /// the version in question.
     pub fn gone_here(&self, doc_id: &str) -> bool {
         self.docs
             .lock()
             .map
             .get(doc_id)
-            .is_none_or(|e| e.latest.is_none() && !e.pending.contains_key(DELETE_VERSION))
+            .is_none_or(|e| !e.watched && !e.pending.contains_key(DELETE_VERSION))
     }
 
     /// Is `version` still the one the source has? A version overtaken by a
@@ -1111,6 +1126,24 @@ mod tests {
         ledger.finish(doc, None, Outcome::DeadLettered("prune failed".into()));
         ledger.finish(doc, Some("v2"), Outcome::Indexed);
         assert!(ledger.gone_here(doc));
+
+        // A node with the index role too: the late version its index
+        // stage observes and writes does not bring the document back.
+        let other = "kb:b.md";
+        assert!(ledger.observe(other, Some("0ld"), 1));
+        ledger.finish(other, Some("0ld"), Outcome::Indexed);
+        assert!(ledger.gone_here(other), "only observed");
+        assert!(ledger.admit(other, Some("v1")).await);
+        assert!(ledger.observe(other, Some("v1"), 2));
+        ledger.finish(other, Some("v1"), Outcome::Indexed);
+        assert!(!ledger.gone_here(other), "the watcher admitted it");
+        assert!(ledger.admit_deletion(other, 3).await);
+        assert!(ledger.observe(other, None, 3));
+        ledger.finish(other, None, Outcome::Deleted);
+        assert!(ledger.observe(other, Some("late"), 4));
+        assert!(ledger.gone_here(other), "written after its deletion");
+        ledger.record(other, Some("v2"), Outcome::Indexed);
+        assert!(!ledger.gone_here(other), "found at a scan");
     }
 
     /// A cluster's index node learns of a deletion from the jobs alone: a
