@@ -408,10 +408,12 @@ impl Node {
                     .context("bus.backend = \"kafka\"")?,
             ),
         };
-        // An index node without a watcher learns versions from the jobs
-        // (`observe`), and forgets a deletion only once the ingest node
-        // that admitted it says nothing older is on its way.
-        let held = kafka.is_some() && roles.index && !roles.ingest;
+        // A node with the index role on a bus learns versions from the
+        // jobs (`observe`), and forgets a deletion only once the ingest
+        // node that admitted it says nothing older is on its way. (With
+        // the ingest role too, its own watcher's deletions end in its own
+        // ledger: only the others' wait.)
+        let held = kafka.is_some() && roles.index;
         let ledger = Ledger::with_memory(config.max_in_flight, config.forget_deleted_after, held);
         let dlq: Arc<dyn DeadLetters> = match &kafka {
             None => Arc::new(FileDlq::open(config.dlq_path())?),
@@ -477,9 +479,12 @@ impl Node {
         let prune_q: Arc<PoolQueue<IndexedEvent>> =
             PoolQueue::new(stats(roles.index, "root/index/version_pruner"));
 
-        // An index node without a watcher learns versions from the jobs
-        // (`observe`); after a restart it must still refuse an older version
-        // that is redelivered late, so it starts from what the store holds.
+        // A node with the index role on a bus learns versions from the
+        // jobs (`observe`); after a restart it must still refuse an older
+        // version that is redelivered late, so it starts from what the
+        // store holds. (With the ingest role too: its watcher's scan finds
+        // a file unchanged without knowing the version's seq, which is
+        // what tells a late job from a current one.)
         let mut stored = if roles.ingest || roles.index {
             store.indexed_versions().await?
         } else {

@@ -124,13 +124,32 @@ struct DocEntry {
     /// The watcher's sequence of `latest` (see [`Ledger::observe`]).
     seq: u64,
     forget: Forget,
-    /// This node's watcher has the document in a source: what it last
-    /// said of it (admitted or recorded a version, or its deletion).
-    /// Unlike `latest`, the jobs an index stage observes do not change
-    /// it: on a node with both roles, a version written after the
-    /// deletion (delivered late, or from another ingest node) leaves the
-    /// document gone here (see [`Ledger::gone_here`]).
-    watched: bool,
+    /// What this node's watcher last said of the document. Unlike
+    /// `latest`, the jobs an index stage observes do not change it: on a
+    /// node with both roles, a version written after the deletion
+    /// (delivered late, or from another ingest node) leaves the document
+    /// gone here (see [`Ledger::gone_here`]).
+    watched: Watched,
+}
+
+/// What a node's watcher last said of a document.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Watched {
+    /// Nothing: another ingest node's document, known from its jobs.
+    Never,
+    /// A version of it (admitted, found indexed, or skipped).
+    Present,
+    /// Its deletion.
+    Gone,
+}
+
+impl Watched {
+    fn of(version: Option<&str>) -> Watched {
+        match version {
+            Some(_) => Watched::Present,
+            None => Watched::Gone,
+        }
+    }
 }
 
 /// Where a deleted document is on its way out of the ledger.
@@ -171,7 +190,7 @@ impl DocEntry {
             pending: HashMap::new(),
             seq: 0,
             forget: Forget::No,
-            watched: false,
+            watched: Watched::Never,
         }
     }
 
@@ -216,8 +235,10 @@ struct Docs {
     /// How long a settled deletion is remembered (listed by the admin API,
     /// and a guard against a job redelivered late).
     forget_after: Duration,
-    /// A cluster's index node, which only sees jobs: its deletions wait
-    /// for [`Ledger::release`] before the horizon starts.
+    /// A cluster's node with the index role: the deletions it only sees
+    /// as jobs (of documents its own watcher never spoke of, which is
+    /// every one on a node without the ingest role) wait for
+    /// [`Ledger::release`] before the horizon starts.
     held: bool,
     /// Told each deletion that settled here (an ingest node: the index
     /// nodes are then told that they may forget it too).
@@ -244,12 +265,13 @@ impl Docs {
             self.file(entry.shown_name(), &id, true);
             self.map.insert(id, entry);
         }
-        let (held, now) = (self.held, Instant::now());
+        let now = Instant::now();
         let entry = self.map.get_mut(doc_id)?;
         let before = entry.shown_name();
         *entry.count(&mut self.counts) -= 1;
         let r = f(entry);
         *entry.count(&mut self.counts) += 1;
+        let held = self.held && entry.watched == Watched::Never;
         let (after, seq) = (entry.shown_name(), entry.seq);
         // A deletion settles when nothing of the document is pending here
         // any more (and, on an index node, once released): its horizon
@@ -301,7 +323,7 @@ impl Docs {
             }
             if !entry.tombstone() || entry.shown_name() != DocStatus::Deleted.name() {
                 // Settled again later, when it is deleted again.
-                entry.forget = if self.held {
+                entry.forget = if self.held && entry.watched == Watched::Never {
                     Forget::Released
                 } else {
                     Forget::No
@@ -416,7 +438,8 @@ impl Ledger {
             return; // (its own pending jobs tell it)
         }
         docs.update(doc_id, false, |entry| {
-            if entry.tombstone() && entry.forget == Forget::No && entry.seq <= seq {
+            let theirs = entry.watched == Watched::Never;
+            if theirs && entry.tombstone() && entry.forget == Forget::No && entry.seq <= seq {
                 entry.forget = Forget::Released;
             }
         });
@@ -427,7 +450,7 @@ impl Ledger {
     pub fn record(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
         self.docs.lock().update(doc_id, true, |entry| {
             entry.latest = version.map(str::to_string);
-            entry.watched = version.is_some();
+            entry.watched = Watched::of(version);
             entry.status = status_of(outcome);
         });
         self.settled.notify_waiters();
@@ -458,7 +481,7 @@ impl Ledger {
                 entry.status = DocStatus::InFlight;
             }
             if pending {
-                entry.watched = version.is_some();
+                entry.watched = Watched::of(version);
             }
             pending.then_some(latest)
         };
@@ -478,7 +501,7 @@ impl Ledger {
                     return !duplicate;
                 }
                 entry.latest = version.map(str::to_string);
-                entry.watched = version.is_some();
+                entry.watched = Watched::of(version);
                 entry.status = DocStatus::InFlight;
                 entry.pending.insert(key.clone(), permit);
                 true
@@ -495,7 +518,7 @@ impl Ledger {
         let mut docs = self.docs.lock();
         let held = docs.held;
         docs.update(doc_id, true, |entry| {
-            if held {
+            if held && entry.watched == Watched::Never {
                 // Whatever was released, this job was not. (A refused one
                 // too: a job older than the deletion, after its release,
                 // comes from another ingest node, whose own release is
@@ -556,11 +579,9 @@ impl Ledger {
     /// the version its own index stage observed does not count: that is
     /// the version in question.
     pub fn gone_here(&self, doc_id: &str) -> bool {
-        self.docs
-            .lock()
-            .map
-            .get(doc_id)
-            .is_none_or(|e| !e.watched && !e.pending.contains_key(DELETE_VERSION))
+        self.docs.lock().map.get(doc_id).is_none_or(|e| {
+            e.watched != Watched::Present && !e.pending.contains_key(DELETE_VERSION)
+        })
     }
 
     /// Is `version` still the one the source has? A version overtaken by a
@@ -1209,5 +1230,42 @@ mod tests {
         ledger.release("f", 70);
         ledger.finish("f", Some("v1"), Outcome::Indexed);
         assert_eq!(ledger.status("f"), Some(DocStatus::Indexed));
+    }
+
+    /// A node with the ingest and index roles on a bus: the deletions its
+    /// own watcher admitted end here, and it tells the other index nodes;
+    /// those it only sees as jobs (another ingest node's documents, or
+    /// one its watcher has not reached yet) wait for that node's release.
+    /// And the versions seeded from its store keep their seq, which a
+    /// scan that finds the file unchanged does not know.
+    #[tokio::test]
+    async fn a_node_with_both_roles_holds_only_the_deletions_it_did_not_admit() {
+        let ledger = Ledger::with_memory(8, Duration::ZERO, true);
+        let mut told = ledger.settled_deletions(8);
+        assert!(ledger.admit("kb:own.md", Some("v1")).await);
+        assert!(ledger.observe("kb:own.md", Some("v1"), 10));
+        ledger.finish("kb:own.md", Some("v1"), Outcome::Indexed);
+        assert!(ledger.admit_deletion("kb:own.md", 20).await);
+        assert!(ledger.observe("kb:own.md", None, 20));
+        ledger.finish("kb:own.md", None, Outcome::Deleted);
+        assert_eq!(ledger.counts().forgotten, 1, "its own deletion held");
+        assert_eq!(told.try_recv().ok(), Some(("kb:own.md".into(), 20)));
+
+        assert!(ledger.observe("kb:theirs.md", None, 30));
+        ledger.finish("kb:theirs.md", None, Outcome::Deleted);
+        assert_eq!(ledger.counts().forgotten, 1, "forgotten unreleased");
+        assert!(told.try_recv().is_err(), "told of another node's deletion");
+        ledger.release("kb:theirs.md", 30);
+        assert_eq!(ledger.counts().forgotten, 2);
+
+        ledger.seed(&[crate::indexer::StoredVersion {
+            doc_id: "kb:kept.md".into(),
+            version: "v2".into(),
+            seq: 50,
+            partition: None,
+        }]);
+        ledger.record("kb:kept.md", Some("v2"), Outcome::Indexed);
+        assert!(!ledger.observe("kb:kept.md", Some("v1"), 40), "a late v1");
+        assert!(ledger.is_current("kb:kept.md", "v2"));
     }
 }
