@@ -393,9 +393,9 @@ impl Ledger {
     }
 
     /// A ledger that forgets a deleted document `forget_after` once its
-    /// deletion settled: nothing of it pending, and (`held`, a cluster's
-    /// index node, whose jobs come from another node's ledger) once
-    /// released by that node. Until then a version seen before the deletion
+    /// deletion settled: nothing of it pending, and (`held`, a node with
+    /// the index role on a bus, for the documents whose jobs come from
+    /// another node's ledger) once released by that node. Until then a version seen before the deletion
     /// and delivered late is refused. A tombstone lives in memory: one
     /// that an index node lost (a restart, a partition moved) before such
     /// a version arrived lets it be written, and the ingest node deletes
@@ -509,8 +509,9 @@ impl Ledger {
             .unwrap_or(false)
     }
 
-    /// A cluster's index node has no watcher of its own: it learns each
-    /// document's current version from the jobs that reach it, which may
+    /// A cluster's node with the index role learns each document's
+    /// current version from the jobs that reach it (a node without the
+    /// ingest role has no watcher of its own), which may
     /// arrive out of order (two embed workers, a redelivery). `seq` is the
     /// watcher's observation order; returns false for a job older than one
     /// already seen, which is then superseded. `None` is a deletion.
@@ -561,13 +562,30 @@ impl Ledger {
     /// goes with its release to the index nodes (see
     /// [`Ledger::settled_deletions`]).
     pub async fn admit_deletion(&self, doc_id: &str, seq: u64) -> bool {
-        if !self.admit(doc_id, None).await {
+        self.admit_at(doc_id, None, seq).await
+    }
+
+    /// [`Ledger::admit`] for the version (or deletion) the watcher saw at
+    /// `seq`. On a node with the index role too, a job older than it,
+    /// delivered late, is then refused as [`Ledger::observe`] refuses one
+    /// older than a job it saw (the watcher's own job may come after it).
+    pub async fn admit_at(&self, doc_id: &str, version: Option<&str>, seq: u64) -> bool {
+        if !self.admit(doc_id, version).await {
             return false;
         }
         self.docs.lock().update(doc_id, false, |entry| {
             entry.seq = entry.seq.max(seq);
         });
         true
+    }
+
+    /// The watcher found `doc_id` in the source at the version the ledger
+    /// or the store has (unchanged): the watcher has it, whatever else
+    /// told the ledger of it first (the store, at a node's start, or a
+    /// job from another ingest node). False when the ledger has no entry.
+    pub fn watch(&self, doc_id: &str) -> bool {
+        let present = |entry: &mut DocEntry| entry.watched = Watched::Present;
+        self.docs.lock().update(doc_id, false, present).is_some()
     }
 
     /// Whether `doc_id` is gone from the source as far as this ledger's
@@ -1264,8 +1282,18 @@ mod tests {
             seq: 50,
             partition: None,
         }]);
-        ledger.record("kb:kept.md", Some("v2"), Outcome::Indexed);
+        assert!(ledger.gone_here("kb:kept.md"), "only the store has it");
+        // The scan finds it unchanged.
+        assert!(ledger.watch("kb:kept.md"));
+        assert!(!ledger.gone_here("kb:kept.md"));
         assert!(!ledger.observe("kb:kept.md", Some("v1"), 40), "a late v1");
         assert!(ledger.is_current("kb:kept.md", "v2"));
+        assert_eq!(ledger.status("kb:kept.md"), Some(DocStatus::Indexed));
+        // Changed since: a version seen between the stored one and the
+        // watcher's new one, delivered late, is refused as well.
+        assert!(ledger.admit_at("kb:kept.md", Some("v4"), 80).await);
+        assert!(!ledger.observe("kb:kept.md", Some("v3"), 60), "a late v3");
+        assert!(ledger.is_current("kb:kept.md", "v4"));
+        assert!(!ledger.watch("kb:never.md"), "no entry");
     }
 }

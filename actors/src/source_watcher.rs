@@ -1463,14 +1463,18 @@ async fn decide(
         }
         Err(_) => return, // vanished; its removal event follows
     };
+    // (Either way the watcher has it now: on a node with the index role
+    // too, the ledger may have it from the store or from a job alone.)
     if !force && args.known.lock().get(&id) == Some(&version) {
-        if args.ledger.status(&id).is_none() {
+        if !args.ledger.watch(&id) {
             args.ledger.record(&id, Some(&version), Outcome::Indexed);
         }
         return;
     }
     if !force && args.ledger.latest_version(&id).as_deref() == Some(version.as_str()) {
-        return; // this version is in flight or already ended (e.g. skipped)
+        // This version is in flight or already ended (e.g. skipped).
+        args.ledger.watch(&id);
+        return;
     }
     // A version that already went to the DLQ stays there until replayed.
     if let Some(e) = args.dlq.pending(&id, &version) {
@@ -1491,7 +1495,7 @@ async fn decide(
         size,
         seq: crate::messages::next_seq(),
     };
-    if args.ledger.admit(&id, Some(&version)).await {
+    if args.ledger.admit_at(&id, Some(&version), doc.seq).await {
         args.known.lock().insert(id, version);
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
@@ -1938,6 +1942,36 @@ mod tests {
     }
 
     /// A file the daemon may no longer read (its permissions changed)
+    /// On a node with the index role too, the ledger starts from the
+    /// store (or hears of a version from a job) before the scan: a file
+    /// the scan finds unchanged is the watcher's all the same, so an
+    /// `Indexed` event for it asks for no check of the source.
+    #[tokio::test]
+    async fn a_file_found_as_the_ledger_has_it_is_the_watchers() {
+        let rig = Rig::new();
+        let partition = rig.source().partition;
+        let (a, b) = (b"# A\n\nalpha\n", b"# B\n\nbeta\n");
+        std::fs::write(rig.root.join("a.md"), a).unwrap();
+        std::fs::write(rig.root.join("b.md"), b).unwrap();
+        let (va, vb) = (doc_version(a, &partition), doc_version(b, &partition));
+        rig.ledger.seed(&[crate::indexer::StoredVersion {
+            doc_id: "kb:a.md".into(),
+            version: va.clone(),
+            seq: 5,
+            partition: None,
+        }]);
+        rig.known.lock().insert("kb:a.md".into(), va);
+        assert!(rig.ledger.observe("kb:b.md", Some(&vb), 7));
+        assert!(rig.ledger.gone_here("kb:a.md") && rig.ledger.gone_here("kb:b.md"));
+        let (_watcher, handed) = rig.start(false).await;
+        assert!(handed.is_empty(), "{handed:?}");
+        assert!(
+            !rig.ledger.gone_here("kb:a.md"),
+            "found as the store has it"
+        );
+        assert!(!rig.ledger.gone_here("kb:b.md"), "found as a job had it");
+    }
+
     /// leaves the index, skipped with the reason; one that vanished waits
     /// for its removal event.
     #[tokio::test]
