@@ -568,6 +568,7 @@ impl Node {
                         only: only.clone(),
                         retry: Default::default(),
                         delete_grace,
+                        hang_after: ragd_actors::source_watcher::HANG_AFTER,
                     },
                 )
             })

@@ -22,7 +22,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,6 +178,106 @@ async fn look_at_root(
     }
 }
 
+/// A file system call [`on_source`] gave up on: its source hangs.
+#[derive(Debug)]
+struct Hung;
+
+impl std::fmt::Display for Hung {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("its source does not answer (a share that hangs)")
+    }
+}
+
+impl std::error::Error for Hung {}
+
+fn hung() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, Hung)
+}
+
+fn is_hung(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Hung>())
+}
+
+/// Source roots with a call that [`on_source`] gave up on and that has
+/// not returned yet.
+static STUCK: std::sync::LazyLock<parking_lot::Mutex<HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Runs `work` (file system calls under the source root `root`) on the
+/// blocking pool, and gives up on it once it has gone `hang_after`
+/// without progress (`work` counts its steps on the counter it is given:
+/// a batch of reads that keeps going is not hung). A hard-mounted share
+/// whose server is gone blocks every call under it for as long as it is
+/// gone; the watcher, which waits for the call, would stop with it, and
+/// every other source with it.
+///
+/// `None` when given up on, and at once while a call under `root` that
+/// was given up on has not returned: each would hold a blocking thread
+/// for good. (A `work` that panics fails the watcher, as it would on
+/// the watcher's own thread.)
+async fn on_source<T: Send + 'static>(
+    root: &Path,
+    hang_after: Duration,
+    work: impl FnOnce(&AtomicU64) -> T + Send + 'static,
+) -> Option<T> {
+    if STUCK.lock().contains(root) {
+        return None;
+    }
+    // (Both flags change under STUCK's lock: a call that returns just as
+    // it is given up on either finds itself given up on, and unsticks
+    // its root, or has returned first, and is not given up on.)
+    let progress = Arc::new(AtomicU64::new(0));
+    let (done, abandoned) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (p, d, a, r) = (
+        progress.clone(),
+        done.clone(),
+        abandoned.clone(),
+        root.to_path_buf(),
+    );
+    let mut task = tokio::task::spawn_blocking(move || {
+        let out = work(&p);
+        let mut stuck = STUCK.lock();
+        d.store(true, Ordering::SeqCst);
+        if a.load(Ordering::SeqCst) {
+            stuck.remove(&r);
+            tracing::info!("source root {} answers again", r.display());
+        }
+        out
+    });
+    let mut seen = 0;
+    loop {
+        let out = match tokio::time::timeout(hang_after, &mut task).await {
+            Ok(out) => out,
+            Err(_) if progress.load(Ordering::SeqCst) != seen => {
+                seen = progress.load(Ordering::SeqCst);
+                continue;
+            }
+            Err(_) => {
+                let mut stuck = STUCK.lock();
+                if !done.load(Ordering::SeqCst) {
+                    abandoned.store(true, Ordering::SeqCst);
+                    stuck.insert(root.to_path_buf());
+                    drop(stuck);
+                    tracing::warn!(
+                        "a file system call under source root {} made no progress in \
+                         {hang_after:?}: the source hangs, and what changed under it waits \
+                         until it answers",
+                        root.display()
+                    );
+                    metrics::counter!("ragd_watcher_source_hangs_total").increment(1);
+                    return None;
+                }
+                drop(stuck);
+                task.await
+            }
+        };
+        return Some(out.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())));
+    }
+}
+
 /// Whether a file system is mounted at `path`, as the kernel says (statx's
 /// mount-root attribute, Linux 5.8 on: a bind mount of a folder of the
 /// same file system too). On an older kernel: whether it lies on another
@@ -280,7 +380,15 @@ pub struct WatcherArgs {
     /// back unchanged within it costs nothing; one back changed is an
     /// update. Zero: deleted at once.
     pub delete_grace: Duration,
+    /// How long a file system call under a source may go without
+    /// progress before the source counts as hanging ([`HANG_AFTER`]; see
+    /// [`on_source`]).
+    pub hang_after: Duration,
 }
+
+/// See [`WatcherArgs::hang_after`]: far longer than a read of the largest
+/// file on a slow share takes, since a call given up on is redone later.
+pub const HANG_AFTER: Duration = Duration::from_secs(30);
 
 /// See [`WatcherArgs::retry`]: past this many tries the file is skipped
 /// with the error, and what the index had of it goes.
@@ -551,14 +659,27 @@ impl SourceWatcher {
                     .map(|(p, (_, force))| (p.clone(), *force))
                     .collect();
                 for (path, force) in due {
-                    if tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir()) {
+                    // (A source's root may be here too: a walk of it failed.)
+                    let sources = &st.args.sources;
+                    let Some(root) = sources.iter().find(|s| path.starts_with(&s.root)) else {
+                        st.args.retry.lock().remove(&path);
+                        continue;
+                    };
+                    let p = path.clone();
+                    let looked = on_source(&root.root, st.args.hang_after, move |_| {
+                        std::fs::metadata(p)
+                    });
+                    let Some(looked) = looked.await else {
+                        continue; // its source still hangs
+                    };
+                    if looked.is_ok_and(|m| m.is_dir()) {
                         // A folder a walk could not open: what it holds now
                         // is considered (nothing is deleted: a rescan does).
                         let (files, _) = walk_sources(&st.args, path).await;
                         consider_all(&st.args, files).await;
                         continue;
                     }
-                    match source_of(&st.args.sources, &path) {
+                    match source_of(sources, &path) {
                         Some((source, uri)) => consider(&st.args, source, &path, &uri, force).await,
                         None => {
                             st.args.retry.lock().remove(&path);
@@ -596,7 +717,13 @@ impl SourceWatcher {
             WatchMsg::Replay(id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
                     if id == doc_id(source, &uri) {
-                        match tokio::fs::symlink_metadata(&path).await {
+                        let p = path.clone();
+                        let looked = on_source(&source.root, st.args.hang_after, move |_| {
+                            std::fs::symlink_metadata(p)
+                        });
+                        // (A source that hangs: the probe below keeps it
+                        // for later.)
+                        match looked.await.unwrap_or_else(|| Err(hung())) {
                             // Gone (from a source that is there): what
                             // failed was its deletion (or the prune after
                             // it), which runs again.
@@ -942,7 +1069,11 @@ async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) -> Vec<
         return vec![];
     };
     let id = doc_id(source, &uri);
-    match tokio::fs::symlink_metadata(path).await {
+    let p = path.to_path_buf();
+    let looked = on_source(&source.root, args.hang_after, move |_| {
+        std::fs::symlink_metadata(p)
+    });
+    match looked.await.unwrap_or_else(|| Err(hung())) {
         Ok(m) if m.is_dir() => {
             // A folder moved in, or one removed and made anew (`rm -rf
             // site && build site`: the debouncer folds the removals under
@@ -961,6 +1092,8 @@ async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) -> Vec<
         // A file, or something else where a file was (a link, a FIFO):
         // the probe tells which.
         Ok(_) => consider(args, source, path, &uri, false).await,
+        // Looked at again once the source answers.
+        Err(e) if is_hung(&e) && args.watch => keep_for_later(args, path, false),
         Err(e) if !gone(&e) => {
             // Unreadable is not gone (a folder made unreadable, a stale
             // network handle): what the index has of it stays.
@@ -1343,8 +1476,13 @@ const PROBE_BATCH: usize = 32;
 async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, String)>) {
     let mut files = files.into_iter().peekable();
     while files.peek().is_some() {
-        let mut batch = Vec::with_capacity(PROBE_BATCH);
-        for (source, path, uri) in files.by_ref() {
+        let mut batch: Vec<(&SourceSpec, PathBuf, String)> = Vec::with_capacity(PROBE_BATCH);
+        // (One source per batch: a hang is told per source.)
+        while let Some((source, path, uri)) = files.next_if(|(s, _, _)| {
+            batch
+                .first()
+                .is_none_or(|(first, _, _)| first.root == s.root)
+        }) {
             if supported(args, source, &path, &uri) {
                 batch.push((source, path, uri));
                 if batch.len() == PROBE_BATCH {
@@ -1357,13 +1495,27 @@ async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, Stri
         }
         let paths: Vec<PathBuf> = batch.iter().map(|(_, p, _)| p.clone()).collect();
         let max = args.max_file_bytes;
-        let probes = tokio::task::spawn_blocking(move || {
-            paths.iter().map(|p| probe(p, max)).collect::<Vec<_>>()
+        let probes = on_source(&batch[0].0.root, args.hang_after, move |done| {
+            let probe = |p: &PathBuf| {
+                let probed = probe(p, max);
+                done.fetch_add(1, Ordering::SeqCst);
+                probed
+            };
+            paths.iter().map(probe).collect::<Vec<_>>()
         })
-        .await
-        .unwrap_or_default();
-        for ((source, path, uri), probed) in batch.into_iter().zip(probes) {
-            decide(args, source, &path, &uri, false, probed).await;
+        .await;
+        let mut probes = probes.map(Vec::into_iter);
+        for (source, path, uri) in batch {
+            let probed = probes.as_mut().and_then(Iterator::next);
+            decide(
+                args,
+                source,
+                &path,
+                &uri,
+                false,
+                probed.unwrap_or_else(|| Err(hung())),
+            )
+            .await;
         }
     }
 }
@@ -1399,10 +1551,16 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
     }
     // One trip to the blocking pool per file.
     let (p, max) = (path.to_path_buf(), args.max_file_bytes);
-    let Ok(probed) = tokio::task::spawn_blocking(move || probe(&p, max)).await else {
-        return;
-    };
-    decide(args, source, path, uri, force, probed).await;
+    let probed = on_source(&source.root, args.hang_after, move |_| probe(&p, max)).await;
+    decide(
+        args,
+        source,
+        path,
+        uri,
+        force,
+        probed.unwrap_or_else(|| Err(hung())),
+    )
+    .await;
 }
 
 /// What to do with a probed file: nothing (unchanged, in flight, or in the
@@ -1442,6 +1600,17 @@ async fn decide(
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             return skip(format!("cannot read the file: {e}")).await;
+        }
+        Err(e) if is_hung(&e) => {
+            // Unread is not unreadable: what the index has of it stays,
+            // and it is read once its source answers, however long that
+            // takes (no try counts). A one-shot ingest leaves it out.
+            if args.watch {
+                keep_for_later(args, path, force);
+            } else {
+                tracing::warn!("{} not read: {e}", path.display());
+            }
+            return;
         }
         Err(e) if !gone(&e) => {
             // Too many open files in a burst, an I/O error: it may read
@@ -1500,6 +1669,13 @@ async fn decide(
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
     }
+}
+
+/// Puts `path` on [`WatcherArgs::retry`] without counting a try: its
+/// source hangs (see [`on_source`]).
+fn keep_for_later(args: &WatcherArgs, path: &Path, force: bool) {
+    let mut retry = args.retry.lock();
+    retry.entry(path.to_path_buf()).or_insert((0, force)).1 |= force;
 }
 
 /// Records `id` skipped as a whole: nothing of it may stay in the index
@@ -1784,6 +1960,7 @@ mod tests {
                 only: vec![],
                 retry: Default::default(),
                 delete_grace: Duration::ZERO,
+                hang_after: HANG_AFTER,
             }
         }
 
@@ -1942,6 +2119,71 @@ mod tests {
     }
 
     /// A file the daemon may no longer read (its permissions changed)
+    /// A write lease on a file (`F_SETLEASE`): until it is given up (on
+    /// drop), the kernel holds every other open of the file, as a share
+    /// whose server is gone holds every call. (A real block in the kernel,
+    /// not a fake: and a stat still answers, as it may from a client's
+    /// attribute cache.)
+    struct Lease(std::fs::File);
+
+    impl Lease {
+        fn hold(path: &Path) -> Lease {
+            use std::os::fd::AsRawFd;
+            // The holder is told of a conflicting open by SIGIO, which
+            // would end the test process.
+            unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+            let file = std::fs::File::open(path).unwrap();
+            let held = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+            let e = std::io::Error::last_os_error();
+            assert_eq!(held, 0, "a lease on {}: {e}", path.display());
+            Lease(file)
+        }
+    }
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            use std::os::fd::AsRawFd;
+            unsafe { libc::fcntl(self.0.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        }
+    }
+
+    /// A source whose files do not answer (a hard-mounted share whose
+    /// server is gone) stops neither the scan nor the watcher: what is
+    /// under it waits, is not deleted, and is read once it answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_that_hangs_does_not_hang_the_watcher() {
+        let rig = Rig::new();
+        for name in ["a.md", "b.md"] {
+            std::fs::write(rig.root.join(name), format!("# {name}\n\ntext\n")).unwrap();
+        }
+        let lease = Lease::hold(&rig.root.join("a.md"));
+        let mut args = rig.args(true);
+        args.hang_after = Duration::from_millis(300);
+        let retry = args.retry.clone();
+        let (_watcher, handed) = rig.start_with(args).await;
+        // Read in one batch, given up on together.
+        assert!(handed.is_empty(), "{handed:?}");
+        assert_eq!(retry.lock().len(), 2);
+        // An event under it waits too (its source is not asked again
+        // while the first call hangs), and the watcher goes on.
+        std::fs::write(rig.root.join("c.md"), "# c\n\ntext\n").unwrap();
+        wait_for(|| retry.lock().contains_key(&rig.root.join("c.md"))).await;
+        tokio::time::sleep(RETRY_AFTER + Duration::from_secs(1)).await;
+        assert!(rig.handed().is_empty());
+        assert_eq!(retry.lock().len(), 3, "given up on: {:?}", retry.lock());
+        drop(lease);
+        let mut all = Vec::new();
+        wait_for(|| {
+            all.extend(rig.handed());
+            all.len() == 3
+        })
+        .await;
+        all.sort();
+        assert_eq!(all, ["kb:a.md", "kb:b.md", "kb:c.md"]);
+        assert!(rig.deleted().is_empty());
+        assert!(retry.lock().is_empty());
+    }
+
     /// On a node with the index role too, the ledger starts from the
     /// store (or hears of a version from a job) before the scan: a file
     /// the scan finds unchanged is the watcher's all the same, so an
