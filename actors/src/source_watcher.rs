@@ -220,7 +220,7 @@ async fn on_source<T: Send + 'static>(
     hang_after: Duration,
     work: impl FnOnce(&AtomicU64) -> T + Send + 'static,
 ) -> Option<T> {
-    if STUCK.lock().contains(root) {
+    if stuck(root) {
         return None;
     }
     // (Both flags change under STUCK's lock: a call that returns just as
@@ -238,14 +238,13 @@ async fn on_source<T: Send + 'static>(
         root.to_path_buf(),
     );
     let mut task = tokio::task::spawn_blocking(move || {
-        let out = work(&p);
-        let mut stuck = STUCK.lock();
-        d.store(true, Ordering::SeqCst);
-        if a.load(Ordering::SeqCst) {
-            stuck.remove(&r);
-            tracing::info!("source root {} answers again", r.display());
-        }
-        out
+        // (On drop: a `work` that panics returns too.)
+        let _returned = Returned {
+            done: d,
+            abandoned: a,
+            root: r,
+        };
+        work(&p)
     });
     let mut seen = 0;
     loop {
@@ -274,8 +273,36 @@ async fn on_source<T: Send + 'static>(
                 task.await
             }
         };
-        return Some(out.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())));
+        return match out {
+            Ok(out) => Some(out),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None, // cancelled: the runtime is shutting down
+        };
     }
+}
+
+/// See [`on_source`]: marks its call returned, and unsticks its root if
+/// the call was given up on.
+struct Returned {
+    done: Arc<AtomicBool>,
+    abandoned: Arc<AtomicBool>,
+    root: PathBuf,
+}
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        let mut stuck = STUCK.lock();
+        self.done.store(true, Ordering::SeqCst);
+        if self.abandoned.load(Ordering::SeqCst) {
+            stuck.remove(&self.root);
+            tracing::info!("source root {} answers again", self.root.display());
+        }
+    }
+}
+
+/// Whether a call under `root` was given up on and has not returned.
+fn stuck(root: &Path) -> bool {
+    STUCK.lock().contains(root)
 }
 
 /// Whether a file system is mounted at `path`, as the kernel says (statx's
@@ -301,9 +328,21 @@ pub fn is_mount_point(path: &Path) -> bool {
 /// when it holds more, having read no further than one byte past `max`.
 /// The watcher and the chunker both read documents this way.
 pub fn read_at_most(file: &std::fs::File, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    read_counting(file, max, &AtomicU64::new(0))
+}
+
+/// [`read_at_most`], counting each MiB read on `progress`: a large file
+/// read slowly is not a share that hangs (see [`on_source`]).
+fn read_counting(
+    file: &std::fs::File,
+    max: u64,
+    progress: &AtomicU64,
+) -> std::io::Result<Option<Vec<u8>>> {
     use std::io::Read;
-    let mut bytes = Vec::new();
-    file.take(max + 1).read_to_end(&mut bytes)?;
+    let (mut bytes, mut rest) = (Vec::new(), file.take(max + 1));
+    while (&mut rest).take(1 << 20).read_to_end(&mut bytes)? > 0 {
+        progress.fetch_add(1, Ordering::SeqCst);
+    }
     Ok((bytes.len() as u64 <= max).then_some(bytes))
 }
 
@@ -413,6 +452,10 @@ pub struct WatcherState {
     retry_scheduled: bool,
     /// A [`WatchMsg::RootCheck`] is on its way.
     root_check_scheduled: bool,
+    /// Source roots that did not answer an event (see [`on_source`]):
+    /// what it said (a file written, or deleted) is unknown, so each is
+    /// scanned once it answers again (looked for with the missing roots).
+    missed: HashSet<PathBuf>,
     /// Documents seen gone, by when they are deleted if still gone (see
     /// [`WatcherArgs::delete_grace`]).
     doomed: HashMap<String, tokio::time::Instant>,
@@ -459,6 +502,7 @@ impl Actor for SourceWatcher {
             rescans: 0,
             retry_scheduled: false,
             root_check_scheduled: check_roots,
+            missed: HashSet::new(),
             doomed: HashMap::new(),
             doom_scheduled: false,
             watches,
@@ -667,12 +711,14 @@ impl SourceWatcher {
                     };
                     let p = path.clone();
                     let looked = on_source(&root.root, st.args.hang_after, move |_| {
-                        std::fs::metadata(p)
+                        std::fs::symlink_metadata(p)
                     });
                     let Some(looked) = looked.await else {
                         continue; // its source still hangs
                     };
-                    if looked.is_ok_and(|m| m.is_dir()) {
+                    // (Not a link to a folder: walked, it would file what
+                    // lies outside the source under it.)
+                    if looked.is_ok_and(|m| m.is_dir()) || path == root.root {
                         // A folder a walk could not open: what it holds now
                         // is considered (nothing is deleted: a rescan does).
                         let (files, _) = walk_sources(&st.args, path).await;
@@ -699,6 +745,13 @@ impl SourceWatcher {
                 if let Some(s) = back {
                     let why = format!("source root {} is back", s.root.display());
                     st.rewatch(myself, &why).await?;
+                }
+                let answered: Vec<PathBuf> =
+                    st.missed.iter().filter(|r| !stuck(r)).cloned().collect();
+                if let Some(root) = answered.first() {
+                    st.missed.retain(|r| stuck(r));
+                    let why = format!("source root {} answers again", root.display());
+                    st.request_rescan(myself, &why)?;
                 }
                 st.check_roots_later(myself);
             }
@@ -860,7 +913,10 @@ impl SourceWatcher {
                 let mut gone = Vec::new();
                 for path in paths {
                     let was_removed = removed.contains(path.as_path());
-                    gone.extend(handle_path(&st.args, &path, was_removed).await);
+                    match handle_path(&st.args, &path, was_removed).await {
+                        Ok(g) => gone.extend(g),
+                        Err(root) => st.missed(myself, root),
+                    }
                 }
                 st.doom(gone).await;
             }
@@ -934,12 +990,20 @@ impl WatcherState {
         self.request_rescan(myself, why)
     }
 
-    /// Looks for the missing roots again in a while, if any is missing.
+    /// Looks for the missing roots (and those that did not answer) again
+    /// in a while, if any is.
     fn check_roots_later(&mut self, myself: &ActorRef<WatchMsg>) {
-        if self.args.watch && !self.root_check_scheduled && !self.watches.missing_roots.is_empty() {
+        let any = !self.watches.missing_roots.is_empty() || !self.missed.is_empty();
+        if self.args.watch && !self.root_check_scheduled && any {
             self.root_check_scheduled = true;
             cast_later(myself, WatchMsg::RootCheck);
         }
+    }
+
+    /// An event under `root` went unread: the source did not answer.
+    fn missed(&mut self, myself: &ActorRef<WatchMsg>, root: PathBuf) {
+        self.missed.insert(root);
+        self.check_roots_later(myself);
     }
 
     /// A watched mount-point source whose file system is gone.
@@ -1063,10 +1127,15 @@ fn doc_id(source: &SourceSpec, uri: &str) -> String {
 }
 
 /// Acts on what an event says of `path`; returns the documents it found
-/// gone, for [`WatcherState::doom`].
-async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) -> Vec<String> {
+/// gone, for [`WatcherState::doom`], or the root of its source if that
+/// does not answer (see [`WatcherState::missed`]).
+async fn handle_path(
+    args: &WatcherArgs,
+    path: &Path,
+    was_removed: bool,
+) -> Result<Vec<String>, PathBuf> {
     let Some((source, uri)) = source_of(&args.sources, path) else {
-        return vec![];
+        return Ok(vec![]);
     };
     let id = doc_id(source, &uri);
     let p = path.to_path_buf();
@@ -1086,14 +1155,13 @@ async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) -> Vec<
             if was_removed {
                 let mut gone = indexed_under(args, &id);
                 gone.retain(|d| !present.contains(d) && !unreadable.covers(d));
-                return gone;
+                return Ok(gone);
             }
         }
         // A file, or something else where a file was (a link, a FIFO):
         // the probe tells which.
         Ok(_) => consider(args, source, path, &uri, false).await,
-        // Looked at again once the source answers.
-        Err(e) if is_hung(&e) && args.watch => keep_for_later(args, path, false),
+        Err(e) if is_hung(&e) => return Err(source.root.clone()),
         Err(e) if !gone(&e) => {
             // Unreadable is not gone (a folder made unreadable, a stale
             // network handle): what the index has of it stays.
@@ -1107,10 +1175,10 @@ async fn handle_path(args: &WatcherArgs, path: &Path, was_removed: bool) -> Vec<
             // The store's documents count too: during the first scan one
             // deleted before it was probed is not in the ledger yet, and
             // the scan, finding it vanished, leaves it to this event.
-            return indexed_under(args, &id);
+            return Ok(indexed_under(args, &id));
         }
     }
-    vec![]
+    Ok(vec![])
 }
 
 /// Whether the ledger or the store has a version of `id`: it is not
@@ -1497,7 +1565,7 @@ async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, Stri
         let max = args.max_file_bytes;
         let probes = on_source(&batch[0].0.root, args.hang_after, move |done| {
             let probe = |p: &PathBuf| {
-                let probed = probe(p, max);
+                let probed = probe(p, max, done);
                 done.fetch_add(1, Ordering::SeqCst);
                 probed
             };
@@ -1551,7 +1619,10 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
     }
     // One trip to the blocking pool per file.
     let (p, max) = (path.to_path_buf(), args.max_file_bytes);
-    let probed = on_source(&source.root, args.hang_after, move |_| probe(&p, max)).await;
+    let probed = on_source(&source.root, args.hang_after, move |done| {
+        probe(&p, max, done)
+    })
+    .await;
     decide(
         args,
         source,
@@ -1608,7 +1679,11 @@ async fn decide(
             if args.watch {
                 keep_for_later(args, path, force);
             } else {
-                tracing::warn!("{} not read: {e}", path.display());
+                // (Recorded, so that the ingest's summary counts it; the
+                // index keeps what it had of it.)
+                let why = format!("not read: {e}; run the ingest again once it answers");
+                tracing::warn!("{}: {why}", path.display());
+                args.ledger.record_skipped(&id, why);
             }
             return;
         }
@@ -1702,7 +1777,7 @@ enum Probe {
 /// A file's size and content version, or only its size when it is over
 /// `max` bytes (checked on the open file, so one that grows meanwhile is
 /// still never read past the limit).
-fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
+fn probe(path: &Path, max: u64, progress: &AtomicU64) -> std::io::Result<Probe> {
     // Opening a link would read its target, which may lie outside the
     // source (and its partition); opening a FIFO would block.
     if !std::fs::symlink_metadata(path)?.is_file() {
@@ -1723,7 +1798,7 @@ fn probe(path: &Path, max: u64) -> std::io::Result<Probe> {
     if size > max {
         return Ok(Probe::TooBig(size));
     }
-    let Some(bytes) = read_at_most(&file, max)? else {
+    let Some(bytes) = read_counting(&file, max, progress)? else {
         // It grew while being read: its size now.
         let now = file.metadata().map_or(max + 1, |m| m.len());
         return Ok(Probe::TooBig(now));
@@ -1860,15 +1935,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.txt");
         std::fs::write(&p, "hello").unwrap();
-        match probe(&p, 5).unwrap() {
+        let progress = AtomicU64::new(0);
+        match probe(&p, 5, &progress).unwrap() {
             Probe::Read { size, content } => {
                 assert_eq!(size, 5);
                 assert_eq!(content, <[u8; 32]>::from(Sha256::digest(b"hello")));
             }
             _ => panic!("5 bytes fit a 5-byte limit"),
         }
-        assert!(matches!(probe(&p, 4).unwrap(), Probe::TooBig(5)));
-        assert!(probe(&dir.path().join("gone.txt"), 5).is_err());
+        assert!(matches!(probe(&p, 4, &progress).unwrap(), Probe::TooBig(5)));
+        assert!(probe(&dir.path().join("gone.txt"), 5, &progress).is_err());
+        // A large file's read counts its progress as it goes (each MiB):
+        // read slowly from a share, it is not taken for a hang.
+        let big = dir.path().join("big.txt");
+        std::fs::write(&big, vec![b'x'; 3 << 20]).unwrap();
+        let progress = AtomicU64::new(0);
+        assert!(
+            matches!(probe(&big, 4 << 20, &progress).unwrap(), Probe::Read { size, .. } if size == 3 << 20)
+        );
+        assert_eq!(progress.load(Ordering::SeqCst), 3);
     }
 
     #[test]
@@ -2118,7 +2203,6 @@ mod tests {
         watcher.stop(None);
     }
 
-    /// A file the daemon may no longer read (its permissions changed)
     /// A write lease on a file (`F_SETLEASE`): until it is given up (on
     /// drop), the kernel holds every other open of the file, as a share
     /// whose server is gone holds every call. (A real block in the kernel,
@@ -2149,13 +2233,16 @@ mod tests {
 
     /// A source whose files do not answer (a hard-mounted share whose
     /// server is gone) stops neither the scan nor the watcher: what is
-    /// under it waits, is not deleted, and is read once it answers.
+    /// under it waits, nothing is deleted for it, and once it answers what
+    /// was not read is, and what went meanwhile is deleted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_source_that_hangs_does_not_hang_the_watcher() {
         let rig = Rig::new();
-        for name in ["a.md", "b.md"] {
+        for name in ["a.md", "b.md", "old.md"] {
             std::fs::write(rig.root.join(name), format!("# {name}\n\ntext\n")).unwrap();
         }
+        // Indexed before, at another version: the scan reads it again.
+        rig.known.lock().insert("kb:old.md".into(), "v0".into());
         let lease = Lease::hold(&rig.root.join("a.md"));
         let mut args = rig.args(true);
         args.hang_after = Duration::from_millis(300);
@@ -2163,25 +2250,26 @@ mod tests {
         let (_watcher, handed) = rig.start_with(args).await;
         // Read in one batch, given up on together.
         assert!(handed.is_empty(), "{handed:?}");
-        assert_eq!(retry.lock().len(), 2);
-        // An event under it waits too (its source is not asked again
-        // while the first call hangs), and the watcher goes on.
+        assert_eq!(retry.lock().len(), 3);
+        // Events under it go unread (its source is not asked again while
+        // the first call hangs), and the watcher goes on.
         std::fs::write(rig.root.join("c.md"), "# c\n\ntext\n").unwrap();
-        wait_for(|| retry.lock().contains_key(&rig.root.join("c.md"))).await;
+        std::fs::remove_file(rig.root.join("old.md")).unwrap();
         tokio::time::sleep(RETRY_AFTER + Duration::from_secs(1)).await;
         assert!(rig.handed().is_empty());
-        assert_eq!(retry.lock().len(), 3, "given up on: {:?}", retry.lock());
+        assert!(rig.deleted().is_empty());
         drop(lease);
-        let mut all = Vec::new();
+        let (mut read, mut deleted) = (Vec::new(), Vec::new());
         wait_for(|| {
-            all.extend(rig.handed());
-            all.len() == 3
+            read.extend(rig.handed());
+            deleted.extend(rig.deleted());
+            read.len() == 3 && !deleted.is_empty()
         })
         .await;
-        all.sort();
-        assert_eq!(all, ["kb:a.md", "kb:b.md", "kb:c.md"]);
-        assert!(rig.deleted().is_empty());
-        assert!(retry.lock().is_empty());
+        read.sort();
+        assert_eq!(read, ["kb:a.md", "kb:b.md", "kb:c.md"]);
+        assert_eq!(deleted, ["kb:old.md"]);
+        assert!(retry.lock().is_empty(), "{:?}", retry.lock());
     }
 
     /// On a node with the index role too, the ledger starts from the
@@ -2214,6 +2302,7 @@ mod tests {
         assert!(!rig.ledger.gone_here("kb:b.md"), "found as a job had it");
     }
 
+    /// A file the daemon may no longer read (its permissions changed)
     /// leaves the index, skipped with the reason; one that vanished waits
     /// for its removal event.
     #[tokio::test]
