@@ -167,8 +167,9 @@ fn forward_settled_deletions(ledger: &Ledger, out: Port<IndexJob>) {
 struct GoneChecks {
     ledger: Arc<Ledger>,
     /// Before the first scan ends the ledger knows too little to tell:
-    /// the documents reported meanwhile wait here (the first `early_max`
-    /// of them), and are checked once it has. `None` from then on.
+    /// the documents reported meanwhile that it has as gone then wait
+    /// here (up to `early_max` of them), and are checked once it has.
+    /// `None` from then on.
     early: parking_lot::Mutex<Option<std::collections::BTreeSet<String>>>,
     early_max: usize,
     /// Hands a document found gone to the watcher.

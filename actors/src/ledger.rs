@@ -135,7 +135,8 @@ struct DocEntry {
 /// What a node's watcher last said of a document.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Watched {
-    /// Nothing: another ingest node's document, known from its jobs.
+    /// Nothing (yet): another ingest node's document, known from its
+    /// jobs, or one the store held at start that the scan has not found.
     Never,
     /// A version of it (admitted, found indexed, or skipped).
     Present,
