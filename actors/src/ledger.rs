@@ -195,6 +195,12 @@ impl DocEntry {
         }
     }
 
+    /// On a `held` ledger, whether its deletion waits for a release:
+    /// one its own watcher never spoke of (see [`Docs::held`]).
+    fn held(&self, held: bool) -> bool {
+        held && self.watched == Watched::Never
+    }
+
     /// Gone from the source, and no job of it pending here.
     fn tombstone(&self) -> bool {
         self.latest.is_none() && self.pending.is_empty()
@@ -272,7 +278,7 @@ impl Docs {
         *entry.count(&mut self.counts) -= 1;
         let r = f(entry);
         *entry.count(&mut self.counts) += 1;
-        let held = self.held && entry.watched == Watched::Never;
+        let held = entry.held(self.held);
         let (after, seq) = (entry.shown_name(), entry.seq);
         // A deletion settles when nothing of the document is pending here
         // any more (and, on an index node, once released): its horizon
@@ -324,7 +330,7 @@ impl Docs {
             }
             if !entry.tombstone() || entry.shown_name() != DocStatus::Deleted.name() {
                 // Settled again later, when it is deleted again.
-                entry.forget = if self.held && entry.watched == Watched::Never {
+                entry.forget = if entry.held(self.held) {
                     Forget::Released
                 } else {
                     Forget::No
@@ -520,7 +526,7 @@ impl Ledger {
         let mut docs = self.docs.lock();
         let held = docs.held;
         docs.update(doc_id, true, |entry| {
-            if held && entry.watched == Watched::Never {
+            if entry.held(held) {
                 // Whatever was released, this job was not. (A refused one
                 // too: a job older than the deletion, after its release,
                 // comes from another ingest node, whose own release is

@@ -247,38 +247,49 @@ async fn on_source<T: Send + 'static>(
         work(&p)
     });
     let mut seen = 0;
-    loop {
-        let out = match tokio::time::timeout(hang_after, &mut task).await {
-            Ok(out) => out,
+    let out = loop {
+        match tokio::time::timeout(hang_after, &mut task).await {
+            Ok(out) => break out,
             Err(_) if progress.load(Ordering::SeqCst) != seen => {
                 seen = progress.load(Ordering::SeqCst);
-                continue;
             }
             Err(_) => {
                 let mut stuck = STUCK.lock();
-                if !done.load(Ordering::SeqCst) {
-                    abandoned.store(true, Ordering::SeqCst);
-                    stuck.insert(root.to_path_buf());
+                if done.load(Ordering::SeqCst) {
                     drop(stuck);
-                    tracing::warn!(
-                        "a file system call under source root {} made no progress in \
-                         {hang_after:?}: the source hangs, and what changed under it waits \
-                         until it answers",
-                        root.display()
-                    );
-                    metrics::counter!("ragd_watcher_source_hangs_total").increment(1);
-                    return None;
+                    break task.await;
                 }
+                abandoned.store(true, Ordering::SeqCst);
+                stuck.insert(root.to_path_buf());
                 drop(stuck);
-                task.await
+                tracing::warn!(
+                    "a file system call under source root {} made no progress in \
+                     {hang_after:?}: the source hangs, and what changed under it waits \
+                     until it answers",
+                    root.display()
+                );
+                metrics::counter!("ragd_watcher_source_hangs_total").increment(1);
+                return None;
             }
-        };
-        return match out {
-            Ok(out) => Some(out),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => None, // cancelled: the runtime is shutting down
-        };
+        }
+    };
+    match out {
+        Ok(out) => Some(out),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None, // cancelled: the runtime is shutting down
     }
+}
+
+/// `symlink_metadata(path)` under the source root `root`, through
+/// [`on_source`]: a source that hangs is an error [`is_hung`] tells.
+async fn look_at(
+    root: &Path,
+    hang_after: Duration,
+    path: &Path,
+) -> std::io::Result<std::fs::Metadata> {
+    let p = path.to_path_buf();
+    let looked = on_source(root, hang_after, move |_| std::fs::symlink_metadata(p));
+    looked.await.unwrap_or_else(|| Err(hung()))
 }
 
 /// See [`on_source`]: marks its call returned, and unsticks its root if
@@ -709,13 +720,10 @@ impl SourceWatcher {
                         st.args.retry.lock().remove(&path);
                         continue;
                     };
-                    let p = path.clone();
-                    let looked = on_source(&root.root, st.args.hang_after, move |_| {
-                        std::fs::symlink_metadata(p)
-                    });
-                    let Some(looked) = looked.await else {
+                    let looked = look_at(&root.root, st.args.hang_after, &path).await;
+                    if looked.as_ref().is_err_and(is_hung) {
                         continue; // its source still hangs
-                    };
+                    }
                     // (Not a link to a folder: walked, it would file what
                     // lies outside the source under it.)
                     if looked.is_ok_and(|m| m.is_dir()) || path == root.root {
@@ -746,10 +754,10 @@ impl SourceWatcher {
                     let why = format!("source root {} is back", s.root.display());
                     st.rewatch(myself, &why).await?;
                 }
-                let answered: Vec<PathBuf> =
-                    st.missed.iter().filter(|r| !stuck(r)).cloned().collect();
-                if let Some(root) = answered.first() {
-                    st.missed.retain(|r| stuck(r));
+                let (answered, still): (HashSet<PathBuf>, _) =
+                    st.missed.drain().partition(|r| !stuck(r));
+                st.missed = still;
+                if let Some(root) = answered.iter().next() {
                     let why = format!("source root {} answers again", root.display());
                     st.request_rescan(myself, &why)?;
                 }
@@ -770,13 +778,9 @@ impl SourceWatcher {
             WatchMsg::Replay(id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
                     if id == doc_id(source, &uri) {
-                        let p = path.clone();
-                        let looked = on_source(&source.root, st.args.hang_after, move |_| {
-                            std::fs::symlink_metadata(p)
-                        });
                         // (A source that hangs: the probe below keeps it
                         // for later.)
-                        match looked.await.unwrap_or_else(|| Err(hung())) {
+                        match look_at(&source.root, st.args.hang_after, &path).await {
                             // Gone (from a source that is there): what
                             // failed was its deletion (or the prune after
                             // it), which runs again.
@@ -1138,11 +1142,7 @@ async fn handle_path(
         return Ok(vec![]);
     };
     let id = doc_id(source, &uri);
-    let p = path.to_path_buf();
-    let looked = on_source(&source.root, args.hang_after, move |_| {
-        std::fs::symlink_metadata(p)
-    });
-    match looked.await.unwrap_or_else(|| Err(hung())) {
+    match look_at(&source.root, args.hang_after, path).await {
         Ok(m) if m.is_dir() => {
             // A folder moved in, or one removed and made anew (`rm -rf
             // site && build site`: the debouncer folds the removals under
@@ -1301,7 +1301,7 @@ async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
 /// is mostly files: those are looked up, not searched for among every
 /// document (a search per removal made a mass deletion quadratic).
 fn indexed_under(args: &WatcherArgs, id: &str) -> Vec<String> {
-    if args.ledger.latest_version(id).is_some() || args.known.lock().contains_key(id) {
+    if has_version(args, id) {
         return vec![id.to_string()];
     }
     // Both are sorted by id: what is under the folder is a range of each.
@@ -1564,12 +1564,13 @@ async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, Stri
         let paths: Vec<PathBuf> = batch.iter().map(|(_, p, _)| p.clone()).collect();
         let max = args.max_file_bytes;
         let probes = on_source(&batch[0].0.root, args.hang_after, move |done| {
-            let probe = |p: &PathBuf| {
+            // (Each file counts: one too big or not a file reads nothing.)
+            let each = |p: &PathBuf| {
                 let probed = probe(p, max, done);
                 done.fetch_add(1, Ordering::SeqCst);
                 probed
             };
-            paths.iter().map(probe).collect::<Vec<_>>()
+            paths.iter().map(each).collect::<Vec<_>>()
         })
         .await;
         let mut probes = probes.map(Vec::into_iter);
