@@ -706,39 +706,9 @@ impl SourceWatcher {
         match msg {
             WatchMsg::Retry => {
                 st.retry_scheduled = false;
-                let due: Vec<(PathBuf, bool)> = st
-                    .args
-                    .retry
-                    .lock()
-                    .iter()
-                    .map(|(p, (_, force))| (p.clone(), *force))
-                    .collect();
-                for (path, force) in due {
-                    // (A source's root may be here too: a walk of it failed.)
-                    let sources = &st.args.sources;
-                    let Some(root) = sources.iter().find(|s| path.starts_with(&s.root)) else {
-                        st.args.retry.lock().remove(&path);
-                        continue;
-                    };
-                    let looked = look_at(&root.root, st.args.hang_after, &path).await;
-                    if looked.as_ref().is_err_and(is_hung) {
-                        continue; // its source still hangs
-                    }
-                    // (Not a link to a folder: walked, it would file what
-                    // lies outside the source under it.)
-                    if looked.is_ok_and(|m| m.is_dir()) || path == root.root {
-                        // A folder a walk could not open: what it holds now
-                        // is considered (nothing is deleted: a rescan does).
-                        let (files, _) = walk_sources(&st.args, path).await;
-                        consider_all(&st.args, files).await;
-                        continue;
-                    }
-                    match source_of(sources, &path) {
-                        Some((source, uri)) => consider(&st.args, source, &path, &uri, force).await,
-                        None => {
-                            st.args.retry.lock().remove(&path);
-                        }
-                    }
+                let hung = retry(&st.args).await;
+                for root in hung {
+                    st.missed(myself, root);
                 }
             }
             WatchMsg::RootCheck => {
@@ -768,8 +738,21 @@ impl SourceWatcher {
                 // next request queues another scan.
                 st.rescan_queued = false;
                 st.args.stats.set_status("scanning");
-                let gone = rescan(&st.args).await;
-                st.doom(gone).await;
+                let scanned = rescan(&st.args).await;
+                st.doom(scanned.gone).await;
+                for root in scanned.hung {
+                    if st.args.watch {
+                        st.missed(myself, root);
+                    } else {
+                        let why = format!(
+                            "source root {} does not answer (a share that hangs): not all \
+                             of it was read; run the ingest again once it answers",
+                            root.display()
+                        );
+                        tracing::warn!("{why}");
+                        st.args.stats.set_error(why);
+                    }
+                }
                 st.args.scanned.store(true, Ordering::SeqCst);
                 st.args
                     .stats
@@ -1148,9 +1131,13 @@ async fn handle_path(
             // site && build site`: the debouncer folds the removals under
             // it into the folder's own event). What it holds now is
             // considered; what it held before and holds no longer is gone.
-            let (files, unreadable) = walk_sources(args, path.to_path_buf()).await;
-            let present: HashSet<String> = files.iter().map(|(s, _, u)| doc_id(s, u)).collect();
-            consider_all(args, files).await;
+            // (A source that hangs: the scan once it answers sees to
+            // what the folder holds, and what it no longer does.)
+            let (files, unreadable) = walk_sources(args, path.to_path_buf()).await?;
+            let present: HashSet<String> = files.iter().map(Candidate::doc_id).collect();
+            if let Some(root) = consider_all(args, files).await.pop() {
+                return Err(root);
+            }
             // (Only then: the search below goes through every document.)
             if was_removed {
                 let mut gone = indexed_under(args, &id);
@@ -1332,15 +1319,18 @@ fn gone(e: &std::io::Error) -> bool {
 /// recorded as skipped when probed), and the folders that could not be
 /// read, each with whether the reason may pass (too many open files in a
 /// burst, an I/O error; not a permission). A folder that vanished during
-/// the walk is simply gone.
-fn walk(root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, bool)>) {
+/// the walk is simply gone. Each entry counts on `progress` (see
+/// [`on_source`]: a large tree that keeps listing is not hung).
+fn walk(root: &Path, progress: &AtomicU64) -> (Vec<PathBuf>, Vec<(PathBuf, bool)>) {
     let (mut files, mut unreadable) = (Vec::new(), Vec::new());
     let mut entries = walkdir::WalkDir::new(root).follow_links(false).into_iter();
     // (Not a `for`: the tests' injected fault skips a folder through it.)
     #[allow(clippy::while_let_on_iterator)]
     while let Some(entry) = entries.next() {
+        progress.fetch_add(1, Ordering::Relaxed);
         #[cfg(test)]
         if let Ok(e) = &entry {
+            tests::wait_while_held(e.path());
             if e.file_type().is_dir() && tests::fails_to_open(e.path()) {
                 unreadable.push((e.path().to_path_buf(), true));
                 entries.skip_current_dir();
@@ -1383,24 +1373,53 @@ impl Unreadable {
     }
 }
 
-/// The documents under `root`: each file with its source and uri, and the
-/// folders that could not be read. (A walk of a large tree takes a while:
-/// not on a runtime thread.)
+/// A file to look at: its source, path and uri, and whether to read it
+/// even if unchanged (a replay, see [`decide`]).
+struct Candidate<'s> {
+    source: &'s SourceSpec,
+    path: PathBuf,
+    uri: String,
+    force: bool,
+}
+
+impl Candidate<'_> {
+    fn doc_id(&self) -> String {
+        doc_id(self.source, &self.uri)
+    }
+}
+
+/// The documents under `root` (a source's root or a folder in it): each
+/// file, and the folders that could not be read; or, if the walk hangs
+/// (see [`on_source`]), the root of its source. (A walk of a large tree
+/// takes a while: not on a runtime thread.)
 async fn walk_sources(
     args: &WatcherArgs,
     root: PathBuf,
-) -> (Vec<(&SourceSpec, PathBuf, String)>, Unreadable) {
+) -> Result<(Vec<Candidate<'_>>, Unreadable), PathBuf> {
+    let Some(source) = args.sources.iter().find(|s| root.starts_with(&s.root)) else {
+        return Ok((Vec::new(), Unreadable::default()));
+    };
     let walked = root.clone();
-    let (files, unreadable) = tokio::task::spawn_blocking(move || walk(&walked))
-        .await
-        .unwrap_or_default();
+    let (files, unreadable) = on_source(&source.root, args.hang_after, move |progress| {
+        walk(&walked, progress)
+    })
+    .await
+    .ok_or_else(|| source.root.clone())?;
     if args.watch {
         walk_again_later(args, &root, &unreadable);
     }
     let unreadable: Vec<PathBuf> = unreadable.into_iter().map(|(p, _)| p).collect();
     let files = files
         .into_iter()
-        .filter_map(|f| source_of(&args.sources, &f).map(|(s, u)| (s, f, u)))
+        .filter_map(|path| {
+            let (source, uri) = source_of(&args.sources, &path)?;
+            Some(Candidate {
+                source,
+                path,
+                uri,
+                force: false,
+            })
+        })
         .collect();
     let prefixes = unreadable
         .iter()
@@ -1414,7 +1433,7 @@ async fn walk_sources(
             roots.chain(below)
         })
         .collect();
-    (files, Unreadable(prefixes))
+    Ok((files, Unreadable(prefixes)))
 }
 
 /// Folders a walk could not open for a reason that may pass are walked
@@ -1440,10 +1459,92 @@ fn walk_again_later(args: &WatcherArgs, root: &Path, unreadable: &[(PathBuf, boo
     }
 }
 
-/// Walks the sources, admits what changed, and returns the documents
-/// gone, for [`WatcherState::doom`].
-async fn rescan(args: &WatcherArgs) -> Vec<String> {
+/// Looks again at what waits on [`WatcherArgs::retry`]: files, and
+/// folders (or source roots) a walk could not open. Each source's paths
+/// are looked at in one trip, and its files probed in batches (after a
+/// hang, a large share may have many waiting). Returns the roots of the
+/// sources whose files found in a folder's walk were not all looked at
+/// (see [`consider_all`]): for their scan once they answer.
+async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
+    let due: Vec<(PathBuf, bool)> = args
+        .retry
+        .lock()
+        .iter()
+        .map(|(p, (_, force))| (p.clone(), *force))
+        .collect();
+    let mut by_source: BTreeMap<usize, Vec<(PathBuf, bool)>> = BTreeMap::new();
+    for (path, force) in due {
+        // (A source's root may be here too: a walk of it failed.)
+        match args.sources.iter().position(|s| path.starts_with(&s.root)) {
+            Some(i) => by_source.entry(i).or_default().push((path, force)),
+            None => {
+                args.retry.lock().remove(&path);
+            }
+        }
+    }
+    let mut hung = Vec::new();
+    for (i, mut due) in by_source {
+        let source = &args.sources[i];
+        due.sort();
+        let paths: Vec<PathBuf> = due.iter().map(|(p, _)| p.clone()).collect();
+        let looks = on_source(&source.root, args.hang_after, move |done| {
+            let each = |p: &PathBuf| {
+                let folder = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+                done.fetch_add(1, Ordering::SeqCst);
+                folder
+            };
+            paths.iter().map(each).collect::<Vec<bool>>()
+        });
+        let Some(folders) = looks.await else {
+            continue; // its source still hangs
+        };
+        let mut files = Vec::new();
+        for ((path, force), folder) in due.into_iter().zip(folders) {
+            // (Not a link to a folder: walked, it would file what lies
+            // outside the source under it.)
+            if folder || path == source.root {
+                // A folder a walk could not open: what it holds now is
+                // considered (nothing is deleted: a rescan does). One
+                // whose walk hangs stays on the list.
+                if let Ok((found, _)) = walk_sources(args, path).await {
+                    hung.extend(consider_all(args, found).await);
+                }
+                continue;
+            }
+            match source_of(&args.sources, &path) {
+                Some((source, uri)) => files.push(Candidate {
+                    source,
+                    path,
+                    uri,
+                    force,
+                }),
+                None => {
+                    args.retry.lock().remove(&path);
+                }
+            }
+        }
+        // (Those not looked at for a hang stay on the list.)
+        consider_all(args, files).await;
+    }
+    hung.sort();
+    hung.dedup();
+    hung
+}
+
+/// What [`rescan`] found.
+#[derive(Default)]
+struct Scanned {
+    /// The documents gone, for [`WatcherState::doom`].
+    gone: Vec<String>,
+    /// The roots of the sources that hung (see [`on_source`]): what is
+    /// under them was not all seen, and waits for them to answer.
+    hung: Vec<PathBuf>,
+}
+
+/// Walks the sources and admits what changed.
+async fn rescan(args: &WatcherArgs) -> Scanned {
     let mut present = HashSet::new();
+    let mut hung = Vec::new();
     let roots: Vec<PathBuf> = if args.only.is_empty() {
         args.sources.iter().map(|s| s.root.clone()).collect()
     } else {
@@ -1459,14 +1560,27 @@ async fn rescan(args: &WatcherArgs) -> Vec<String> {
                 continue;
             }
         }
-        let (files, u) = walk_sources(args, root).await;
-        present.extend(files.iter().map(|(s, _, uri)| doc_id(s, uri)));
-        unreadable.0.extend(u.0);
-        consider_all(args, files).await;
+        match walk_sources(args, root).await {
+            Ok((files, u)) => {
+                present.extend(files.iter().map(Candidate::doc_id));
+                unreadable.0.extend(u.0);
+                // (Files not read for a hang are present all the same.)
+                hung.extend(consider_all(args, files).await);
+            }
+            Err(source_root) => {
+                // Unseen, not gone.
+                if let Some(s) = args.sources.iter().find(|s| s.root == source_root) {
+                    unreadable.0.push(format!("{}:", s.name));
+                }
+                hung.push(source_root);
+            }
+        }
     }
+    hung.sort();
+    hung.dedup();
     if !args.only.is_empty() {
         // A partial scan cannot tell what was deleted elsewhere.
-        return vec![];
+        return Scanned { gone: vec![], hung };
     }
     // Known to the index or the ledger but no longer on disk: deleted while
     // we were not looking.
@@ -1487,7 +1601,7 @@ async fn rescan(args: &WatcherArgs) -> Vec<String> {
     gone.retain(|d| !unreadable.covers(d));
     gone.sort();
     gone.dedup();
-    gone
+    Scanned { gone, hung }
 }
 
 /// Sends an admitted job on. A port only fails for good (a bus that waits
@@ -1539,31 +1653,40 @@ async fn remove(args: &WatcherArgs, doc_id: &str) {
 /// those wake-ups land on the model's cores.
 const PROBE_BATCH: usize = 32;
 
-/// [`consider`] for the files a walk found, probed [`PROBE_BATCH`] at a
-/// time.
-async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, String)>) {
+/// [`consider`] for many files (a walk's, or those waiting on the retry
+/// list), probed [`PROBE_BATCH`] at a time. Returns the roots of the
+/// sources that hung: in a watching node, their files after the batch
+/// given up on are not looked at (that batch waits on the retry list):
+/// the caller has the source scanned once it answers, rather than every
+/// file of a large share waiting on the retry list meanwhile. (A one-shot
+/// ingest records each as not read.)
+async fn consider_all(args: &WatcherArgs, files: Vec<Candidate<'_>>) -> Vec<PathBuf> {
+    let mut hanging: Vec<PathBuf> = Vec::new();
     let mut files = files.into_iter().peekable();
     while files.peek().is_some() {
-        let mut batch: Vec<(&SourceSpec, PathBuf, String)> = Vec::with_capacity(PROBE_BATCH);
+        let mut batch: Vec<Candidate> = Vec::with_capacity(PROBE_BATCH);
         // (One source per batch: a hang is told per source.)
-        while let Some((source, path, uri)) = files.next_if(|(s, _, _)| {
+        while let Some(c) = files.next_if(|c| {
             batch
                 .first()
-                .is_none_or(|(first, _, _)| first.root == s.root)
+                .is_none_or(|first| first.source.root == c.source.root)
         }) {
-            if supported(args, source, &path, &uri) {
-                batch.push((source, path, uri));
+            if args.watch && hanging.contains(&c.source.root) {
+                continue;
+            }
+            if supported(args, c.source, &c.path, &c.uri) {
+                batch.push(c);
                 if batch.len() == PROBE_BATCH {
                     break;
                 }
             }
         }
         if batch.is_empty() {
-            break; // the rest were of unsupported types
+            continue; // unsupported types, or a source that hung
         }
-        let paths: Vec<PathBuf> = batch.iter().map(|(_, p, _)| p.clone()).collect();
+        let paths: Vec<PathBuf> = batch.iter().map(|c| c.path.clone()).collect();
         let max = args.max_file_bytes;
-        let probes = on_source(&batch[0].0.root, args.hang_after, move |done| {
+        let probes = on_source(&batch[0].source.root, args.hang_after, move |done| {
             // (Each file counts: one too big or not a file reads nothing.)
             let each = |p: &PathBuf| {
                 let probed = probe(p, max, done);
@@ -1573,20 +1696,17 @@ async fn consider_all(args: &WatcherArgs, files: Vec<(&SourceSpec, PathBuf, Stri
             paths.iter().map(each).collect::<Vec<_>>()
         })
         .await;
+        if probes.is_none() && !hanging.contains(&batch[0].source.root) {
+            hanging.push(batch[0].source.root.clone());
+        }
         let mut probes = probes.map(Vec::into_iter);
-        for (source, path, uri) in batch {
+        for c in batch {
             let probed = probes.as_mut().and_then(Iterator::next);
-            decide(
-                args,
-                source,
-                &path,
-                &uri,
-                false,
-                probed.unwrap_or_else(|| Err(hung())),
-            )
-            .await;
+            let probed = probed.unwrap_or_else(|| Err(hung()));
+            decide(args, c.source, &c.path, &c.uri, c.force, probed).await;
         }
     }
+    hanging
 }
 
 /// Whether ragd parses this kind of file; an unsupported one is recorded
@@ -2271,6 +2391,120 @@ mod tests {
         assert_eq!(read, ["kb:a.md", "kb:b.md", "kb:c.md"]);
         assert_eq!(deleted, ["kb:old.md"]);
         assert!(retry.lock().is_empty(), "{:?}", retry.lock());
+    }
+
+    /// A source that hangs while a scan reads it leaves one batch of its
+    /// files waiting on the retry list, not every file it holds (a large
+    /// share would hold one entry per file for as long as it hangs): the
+    /// scan once it answers reads the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hang_during_a_scan_keeps_one_batch_waiting() {
+        let rig = Rig::new();
+        let names: Vec<String> = (0..PROBE_BATCH + 8).map(|i| format!("{i:02}.md")).collect();
+        for name in &names {
+            rig.write(name, &format!("# {name}\n\ntext\n"));
+        }
+        // (Whichever file the scan reads first hangs.)
+        let leases: Vec<Lease> = names
+            .iter()
+            .map(|n| Lease::hold(&rig.root.join(n)))
+            .collect();
+        let mut args = rig.args(true);
+        args.hang_after = Duration::from_millis(300);
+        let retry = args.retry.clone();
+        let (watcher, handed) = rig.start_with(args).await;
+        assert!(handed.is_empty(), "{handed:?}");
+        assert_eq!(retry.lock().len(), PROBE_BATCH);
+        drop(leases);
+        let mut read = HashSet::new();
+        wait_for(|| {
+            read.extend(rig.handed());
+            read.len() == names.len()
+        })
+        .await;
+        wait_for(|| retry.lock().is_empty()).await;
+        assert!(rig.deleted().is_empty());
+        watcher.stop(None);
+    }
+
+    /// Folders whose walks wait while they are here (a share whose server
+    /// is gone holds every listing of it): the injected fault of the
+    /// walk-hang tests. (No kernel call blocks on a local folder's listing
+    /// as a lease blocks an open.)
+    static HELD: std::sync::LazyLock<parking_lot::Mutex<HashSet<PathBuf>>> =
+        std::sync::LazyLock::new(Default::default);
+
+    pub(super) fn wait_while_held(path: &Path) {
+        while HELD.lock().contains(path) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A walk that hangs mid-tree stops neither the scan nor the watcher,
+    /// and deletes nothing for what it did not see; once the source
+    /// answers, it is scanned: what was not read is, and what went
+    /// meanwhile is deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_walk_that_hangs_does_not_hang_the_watcher() {
+        let rig = Rig::new();
+        rig.write("a.md", "# a\n\ntext\n");
+        rig.write("sub/b.md", "# b\n\ntext\n");
+        // Indexed before; its file went while ragd was down.
+        rig.known.lock().insert("kb:gone.md".into(), "v0".into());
+        let sub = rig.root.join("sub");
+        HELD.lock().insert(sub.clone());
+        let mut args = rig.args(true);
+        args.hang_after = Duration::from_millis(300);
+        let (watcher, handed) = rig.start_with(args).await;
+        assert!(handed.is_empty(), "{handed:?}");
+        tokio::time::sleep(RETRY_AFTER + Duration::from_secs(1)).await;
+        assert!(rig.handed().is_empty());
+        assert!(rig.deleted().is_empty(), "deleted for being unseen");
+        HELD.lock().remove(&sub);
+        let (mut read, mut deleted) = (Vec::new(), Vec::new());
+        wait_for(|| {
+            read.extend(rig.handed());
+            deleted.extend(rig.deleted());
+            read.len() == 2 && !deleted.is_empty()
+        })
+        .await;
+        read.sort();
+        assert_eq!(read, ["kb:a.md", "kb:sub/b.md"]);
+        assert_eq!(deleted, ["kb:gone.md"]);
+        // A folder moved in whose walk hangs: the event goes unread, and
+        // the watcher goes on; once the source answers, it is scanned.
+        let staging = rig.dir.path().join("staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join("d.md"), "# d\n\ntext\n").unwrap();
+        let site = rig.root.join("site");
+        HELD.lock().insert(site.clone());
+        std::fs::rename(&staging, &site).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(rig.handed().is_empty());
+        HELD.lock().remove(&site);
+        wait_for(|| rig.chunk_q.len() == 1).await;
+        assert_eq!(rig.handed(), ["kb:site/d.md"]);
+        watcher.stop(None);
+    }
+
+    /// A one-shot ingest whose walk hangs ends, deletes nothing for what
+    /// it did not see, and says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_one_shot_scan_whose_walk_hangs_ends_and_says_why() {
+        let rig = Rig::new();
+        rig.write("sub/b.md", "# b\n\ntext\n");
+        rig.known.lock().insert("kb:gone.md".into(), "v0".into());
+        let sub = rig.root.join("sub");
+        HELD.lock().insert(sub.clone());
+        let mut args = rig.args(false);
+        args.hang_after = Duration::from_millis(300);
+        let (watcher, handed) = rig.start_with(args).await;
+        HELD.lock().remove(&sub);
+        assert!(handed.is_empty(), "{handed:?}");
+        assert!(rig.deleted().is_empty(), "deleted for being unseen");
+        let error = rig.stats.last_error().unwrap_or_default();
+        assert!(error.contains("does not answer"), "{error}");
+        watcher.stop(None);
     }
 
     /// On a node with the index role too, the ledger starts from the
