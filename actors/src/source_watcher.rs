@@ -785,7 +785,7 @@ impl SourceWatcher {
                 if !ours || st.doomed.contains_key(&id) {
                     return Ok(());
                 }
-                for id in look_again(&st.args.sources, vec![id]).await.gone {
+                for id in look_again(&st.args, vec![id]).await.gone {
                     tracing::warn!(
                         doc = %id,
                         "an index node wrote a version of a document the source no \
@@ -808,7 +808,7 @@ impl SourceWatcher {
                 });
                 // Not one deleted meanwhile (a replay, a check).
                 due.retain(|id| has_version(&st.args, id));
-                let looked = look_again(&st.args.sources, due).await;
+                let looked = look_again(&st.args, due).await;
                 for id in &looked.gone {
                     remove(&st.args, id).await;
                 }
@@ -1200,14 +1200,18 @@ struct Looked {
 /// Looks again at where each of `ids` was, as a scan would: a document is
 /// there only if its folder lists exactly its name, and not as a folder
 /// (a case-insensitive share still opens `A.md` renamed to `a.md`).
-/// Sources are looked at first, each once ([`SourceSpec::present`]), and
-/// the folders on the blocking pool in one trip, given up on after
-/// [`ROOT_LOOK_TIMEOUT`]: a share that hangs does not hang the watcher.
-async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
+/// Sources are looked at first, each once ([`SourceSpec::present`]), then
+/// each source's folders in one trip through [`on_source`]: a share that
+/// hangs does not hang the watcher, and while a listing of it hangs no
+/// other starts (each would hold a blocking thread for good, one per
+/// grace while a deletion waits on it).
+async fn look_again(args: &WatcherArgs, ids: Vec<String>) -> Looked {
+    let sources = &args.sources;
     let mut looked = Looked::default();
     let mut present: HashMap<&str, bool> = HashMap::new();
-    // By folder: one listing serves every document in it.
-    let mut folders: BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>> = BTreeMap::new();
+    // By source, then by folder: one listing serves every document in it.
+    type Folders = BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>>;
+    let mut by_source: BTreeMap<&Path, Folders> = BTreeMap::new();
     for id in ids {
         let Some((source, _)) = source_of_doc(sources, &id) else {
             looked.gone.push(id); // its source is no longer configured
@@ -1230,7 +1234,9 @@ async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
             .as_deref()
             .and_then(|p| Some((p.parent()?, p.file_name()?)))
         {
-            Some((folder, name)) => folders
+            Some((folder, name)) => by_source
+                .entry(&source.root)
+                .or_default()
                 .entry(folder.to_path_buf())
                 .or_default()
                 .push((id, name.to_os_string())),
@@ -1238,49 +1244,63 @@ async fn look_again(sources: &[SourceSpec], ids: Vec<String>) -> Looked {
             None => looked.gone.push(id),
         }
     }
-    if folders.is_empty() {
-        return looked;
-    }
-    // (For a look given up on: all of them are looked at again later.)
-    let all: Vec<String> = folders
-        .values()
-        .flatten()
-        .map(|(id, _)| id.clone())
-        .collect();
-    let listed = tokio::task::spawn_blocking(move || {
-        let mut found = Looked::default();
-        for (folder, docs) in folders {
-            let files: HashSet<std::ffi::OsString> = match std::fs::read_dir(&folder) {
-                Ok(entries) => entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
-                    .map(|e| e.file_name())
-                    .collect(),
-                Err(e) if gone(&e) => HashSet::new(),
-                Err(_) => {
-                    found.unknown.extend(docs.into_iter().map(|(id, _)| id));
-                    continue;
-                }
-            };
-            for (id, name) in docs {
-                if files.contains(&name) {
-                    found.back.push(id);
-                } else {
-                    found.gone.push(id);
-                }
+    for (root, folders) in by_source {
+        // (For a look given up on: all of them are looked at again later.)
+        let all: Vec<String> = folders
+            .values()
+            .flatten()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let listed = on_source(root, args.hang_after, move |progress| {
+            list(folders, progress)
+        });
+        match listed.await {
+            Some(found) => {
+                looked.gone.extend(found.gone);
+                looked.back.extend(found.back);
+                looked.unknown.extend(found.unknown);
             }
+            None => looked.unknown.extend(all),
         }
-        found
-    });
-    match tokio::time::timeout(ROOT_LOOK_TIMEOUT, listed).await {
-        Ok(Ok(found)) => {
-            looked.gone.extend(found.gone);
-            looked.back.extend(found.back);
-            looked.unknown.extend(found.unknown);
-        }
-        _ => looked.unknown.extend(all),
     }
     looked
+}
+
+/// [`look_again`]'s listings, on the blocking pool: each folder and each
+/// name in it counts on `progress`.
+fn list(
+    folders: BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>>,
+    progress: &AtomicU64,
+) -> Looked {
+    let mut found = Looked::default();
+    for (folder, docs) in folders {
+        #[cfg(test)]
+        tests::wait_while_held(&folder);
+        progress.fetch_add(1, Ordering::Relaxed);
+        let files: HashSet<std::ffi::OsString> = match std::fs::read_dir(&folder) {
+            Ok(entries) => entries
+                .flatten()
+                .inspect(|_| {
+                    progress.fetch_add(1, Ordering::Relaxed);
+                })
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                .map(|e| e.file_name())
+                .collect(),
+            Err(e) if gone(&e) => HashSet::new(),
+            Err(_) => {
+                found.unknown.extend(docs.into_iter().map(|(id, _)| id));
+                continue;
+            }
+        };
+        for (id, name) in docs {
+            if files.contains(&name) {
+                found.back.push(id);
+            } else {
+                found.gone.push(id);
+            }
+        }
+    }
+    found
 }
 
 /// The documents at `id` or under it (`id/…`) that the ledger or the store
@@ -2427,17 +2447,31 @@ mod tests {
         watcher.stop(None);
     }
 
-    /// Folders whose walks wait while they are here (a share whose server
-    /// is gone holds every listing of it): the injected fault of the
-    /// walk-hang tests. (No kernel call blocks on a local folder's listing
-    /// as a lease blocks an open.)
-    static HELD: std::sync::LazyLock<parking_lot::Mutex<HashSet<PathBuf>>> =
+    /// Folders whose walks and listings wait while they are here (a share
+    /// whose server is gone holds every listing of it), with how many
+    /// calls came to wait: the injected fault of the listing-hang tests.
+    /// (No kernel call blocks on a local folder's listing as a lease
+    /// blocks an open.)
+    static HELD: std::sync::LazyLock<parking_lot::Mutex<HashMap<PathBuf, usize>>> =
         std::sync::LazyLock::new(Default::default);
 
     pub(super) fn wait_while_held(path: &Path) {
-        while HELD.lock().contains(path) {
+        if let Some(calls) = HELD.lock().get_mut(path) {
+            *calls += 1;
+        }
+        while HELD.lock().contains_key(path) {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Holds every walk and listing of `folder` (see [`HELD`]).
+    fn hold(folder: &Path) {
+        HELD.lock().insert(folder.to_path_buf(), 0);
+    }
+
+    /// Lets `folder` go; how many calls waited on it.
+    fn let_go(folder: &Path) -> usize {
+        HELD.lock().remove(folder).unwrap_or_default()
     }
 
     /// A walk that hangs mid-tree stops neither the scan nor the watcher,
@@ -2452,7 +2486,7 @@ mod tests {
         // Indexed before; its file went while ragd was down.
         rig.known.lock().insert("kb:gone.md".into(), "v0".into());
         let sub = rig.root.join("sub");
-        HELD.lock().insert(sub.clone());
+        hold(&sub);
         let mut args = rig.args(true);
         args.hang_after = Duration::from_millis(300);
         let (watcher, handed) = rig.start_with(args).await;
@@ -2460,7 +2494,7 @@ mod tests {
         tokio::time::sleep(RETRY_AFTER + Duration::from_secs(1)).await;
         assert!(rig.handed().is_empty());
         assert!(rig.deleted().is_empty(), "deleted for being unseen");
-        HELD.lock().remove(&sub);
+        let_go(&sub);
         let (mut read, mut deleted) = (Vec::new(), Vec::new());
         wait_for(|| {
             read.extend(rig.handed());
@@ -2477,13 +2511,38 @@ mod tests {
         std::fs::create_dir_all(&staging).unwrap();
         std::fs::write(staging.join("d.md"), "# d\n\ntext\n").unwrap();
         let site = rig.root.join("site");
-        HELD.lock().insert(site.clone());
+        hold(&site);
         std::fs::rename(&staging, &site).unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(rig.handed().is_empty());
-        HELD.lock().remove(&site);
+        let_go(&site);
         wait_for(|| rig.chunk_q.len() == 1).await;
         assert_eq!(rig.handed(), ["kb:site/d.md"]);
+        watcher.stop(None);
+    }
+
+    /// A deletion waiting out its grace on a source whose listing hangs
+    /// waits on: nothing is deleted unseen, and while the look hangs no
+    /// other starts (each would hold a blocking thread for good, one per
+    /// grace). Once it answers, the deletion goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deletion_waits_while_its_folder_does_not_answer() {
+        let rig = Rig::new();
+        rig.write("docs/a.md", "# a\n\ntext\n");
+        let mut args = rig.args(true);
+        args.hang_after = Duration::from_millis(300);
+        args.delete_grace = Duration::from_millis(200);
+        let (watcher, handed) = rig.start_with(args).await;
+        assert_eq!(handed, ["kb:docs/a.md"]);
+        let docs = rig.root.join("docs");
+        hold(&docs);
+        std::fs::remove_file(docs.join("a.md")).unwrap();
+        // Past the grace, the hang and the old code's 5 s listing timeout.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert!(rig.deleted().is_empty(), "deleted unseen");
+        assert_eq!(let_go(&docs), 1, "a look started while one hung");
+        wait_for(|| rig.index_q.len() == 1).await;
+        assert_eq!(rig.deleted(), ["kb:docs/a.md"]);
         watcher.stop(None);
     }
 
@@ -2495,11 +2554,11 @@ mod tests {
         rig.write("sub/b.md", "# b\n\ntext\n");
         rig.known.lock().insert("kb:gone.md".into(), "v0".into());
         let sub = rig.root.join("sub");
-        HELD.lock().insert(sub.clone());
+        hold(&sub);
         let mut args = rig.args(false);
         args.hang_after = Duration::from_millis(300);
         let (watcher, handed) = rig.start_with(args).await;
-        HELD.lock().remove(&sub);
+        let_go(&sub);
         assert!(handed.is_empty(), "{handed:?}");
         assert!(rig.deleted().is_empty(), "deleted for being unseen");
         let error = rig.stats.last_error().unwrap_or_default();
