@@ -125,7 +125,12 @@ impl SourceSpec {
     /// and given up on after [`ROOT_LOOK_TIMEOUT`] (see [`look_at_root`]).
     pub async fn present(&self) -> bool {
         let source = self.clone();
-        look_at_root(&self.root, ROOT_LOOK_TIMEOUT, move || source.root_present()).await
+        look_at_root(&self.root, ROOT_LOOK_TIMEOUT, move || {
+            #[cfg(test)]
+            tests::wait_while_held(&source.root);
+            source.root_present()
+        })
+        .await
     }
 
     pub fn partition_for(&self, uri: &str) -> Partition {
@@ -724,10 +729,21 @@ impl SourceWatcher {
                     let why = format!("source root {} is back", s.root.display());
                     st.rewatch(myself, &why).await?;
                 }
-                let (answered, still): (HashSet<PathBuf>, _) =
-                    st.missed.drain().partition(|r| !stuck(r));
+                // (Not there, or a look at it that does not answer:
+                // still missed. A missing root costs a stat a round.)
+                let (mut answered, mut still) = (Vec::new(), HashSet::new());
+                for root in std::mem::take(&mut st.missed) {
+                    let Some(s) = st.args.sources.iter().find(|s| s.root == root) else {
+                        continue;
+                    };
+                    if !stuck(&root) && s.present().await {
+                        answered.push(root);
+                    } else {
+                        still.insert(root);
+                    }
+                }
                 st.missed = still;
-                if let Some(root) = answered.iter().next() {
+                if let Some(root) = answered.first() {
                     let why = format!("source root {} answers again", root.display());
                     st.request_rescan(myself, &why)?;
                 }
@@ -865,26 +881,18 @@ impl SourceWatcher {
                 // no longer holds. Other folder events (created, moved in)
                 // only add.
                 let removed: HashSet<&Path> = removed_paths(&events).collect();
-                let mut paths: Vec<PathBuf> = events
-                    .iter()
-                    .filter(|e| may_change_content(&e.kind))
-                    .flat_map(|e| e.paths.iter().cloned().map(move |p| (e.kind, p)))
-                    // A folder's new modification time (a poll sees it move
-                    // when a file comes or goes) changes no document: the
-                    // file's own event follows, and walking the folder for
-                    // it would re-read every file in it. (A folder renamed
-                    // in is Modify(Name) and is walked.)
-                    .filter(|(kind, p)| {
-                        let metadata = matches!(
-                            kind,
-                            notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
-                        );
-                        !(metadata && p.is_dir())
-                    })
-                    .map(|(_, p)| p)
-                    .collect();
-                paths.sort();
-                paths.dedup();
+                // Each path once, with whether its events only changed
+                // its metadata (see `handle_path`).
+                let mut paths: BTreeMap<PathBuf, bool> = BTreeMap::new();
+                for e in events.iter().filter(|e| may_change_content(&e.kind)) {
+                    let metadata = matches!(
+                        e.kind,
+                        notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+                    );
+                    for p in &e.paths {
+                        *paths.entry(p.clone()).or_insert(true) &= metadata;
+                    }
+                }
                 if let Some(root) = moved_root(&st.args.sources, &events) {
                     // The kernel's watches follow the folder, not its path:
                     // they would go on reporting the moved tree's events
@@ -898,9 +906,9 @@ impl SourceWatcher {
                     return st.rewatch(myself, &why).await;
                 }
                 let mut gone = Vec::new();
-                for path in paths {
+                for (path, metadata) in paths {
                     let was_removed = removed.contains(path.as_path());
-                    match handle_path(&st.args, &path, was_removed).await {
+                    match handle_path(&st.args, &path, was_removed, metadata).await {
                         Ok(g) => gone.extend(g),
                         Err(root) => st.missed(myself, root),
                     }
@@ -1120,12 +1128,18 @@ async fn handle_path(
     args: &WatcherArgs,
     path: &Path,
     was_removed: bool,
+    metadata_only: bool,
 ) -> Result<Vec<String>, PathBuf> {
     let Some((source, uri)) = source_of(&args.sources, path) else {
         return Ok(vec![]);
     };
     let id = doc_id(source, &uri);
     match look_at(&source.root, args.hang_after, path).await {
+        // A folder's new modification time (a poll sees it move when a
+        // file comes or goes) changes no document: the file's own event
+        // follows, and walking the folder for it would re-read every file
+        // in it. (A folder renamed in is Modify(Name) and is walked.)
+        Ok(m) if m.is_dir() && metadata_only => {}
         Ok(m) if m.is_dir() => {
             // A folder moved in, or one removed and made anew (`rm -rf
             // site && build site`: the debouncer folds the removals under
@@ -1509,20 +1523,28 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
         let paths: Vec<PathBuf> = due.iter().map(|(p, _)| p.clone()).collect();
         let looks = on_source(&source.root, args.hang_after, move |done| {
             let each = |p: &PathBuf| {
-                let folder = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+                let looked = std::fs::symlink_metadata(p).map(|m| m.is_dir());
                 done.fetch_add(1, Ordering::SeqCst);
-                folder
+                looked
             };
-            paths.iter().map(each).collect::<Vec<bool>>()
+            paths.iter().map(each).collect::<Vec<_>>()
         });
-        let Some(folders) = looks.await else {
+        let Some(looks) = looks.await else {
             continue; // its source still hangs
         };
         let mut files = Vec::new();
-        for ((path, force), folder) in due.into_iter().zip(folders) {
+        for ((path, force), looked) in due.into_iter().zip(looks) {
+            let is_root = path == source.root;
+            if looked.as_ref().is_err_and(gone) && !is_root {
+                // Gone meanwhile (a folder too, which the probe would not
+                // tell from a file): nothing to read; its removal is an
+                // event's, or a scan's. (A root: see `walk_again_later`.)
+                args.retry.lock().remove(&path);
+                continue;
+            }
             // (Not a link to a folder: walked, it would file what lies
             // outside the source under it.)
-            if folder || path == source.root {
+            if looked.is_ok_and(|folder| folder) || is_root {
                 // A folder a walk could not open: what it holds now is
                 // considered (nothing is deleted: a rescan does). One
                 // whose walk hangs stays on the list.
@@ -1531,14 +1553,18 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
                 }
                 continue;
             }
+            // (A file of a type not read, or a name not watched, never
+            // will be: off the list, recorded as skipped once.)
             match source_of(&args.sources, &path) {
-                Some((source, uri)) => files.push(Candidate {
-                    source,
-                    path,
-                    uri,
-                    force,
-                }),
-                None => {
+                Some((source, uri)) if supported(args, source, &path, &uri) => {
+                    files.push(Candidate {
+                        source,
+                        path,
+                        uri,
+                        force,
+                    })
+                }
+                _ => {
                     args.retry.lock().remove(&path);
                 }
             }
@@ -1556,8 +1582,9 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
 struct Scanned {
     /// The documents gone, for [`WatcherState::doom`].
     gone: Vec<String>,
-    /// The roots of the sources that hung (see [`on_source`]): what is
-    /// under them was not all seen, and waits for them to answer.
+    /// The roots of the sources not seen whole: they hung (see
+    /// [`on_source`]), or, in a watching node, were not there or did not
+    /// answer. Each is scanned again once it answers.
     hung: Vec<PathBuf>,
 }
 
@@ -1575,8 +1602,13 @@ async fn rescan(args: &WatcherArgs) -> Scanned {
         if let Some(s) = args.sources.iter().find(|s| s.root == root) {
             if !s.present().await {
                 // Missing, a share not mounted, or one that does not
-                // answer: unseen, not gone.
+                // answer: unseen, not gone. (A root that does not answer
+                // within the look's timeout need not hang: what changed
+                // under it meanwhile would be seen by no scan.)
                 unreadable.0.push(format!("{}:", s.name));
+                if args.watch {
+                    hung.push(root);
+                }
                 continue;
             }
         }
@@ -1789,9 +1821,15 @@ async fn decide(
     let skip = |reason: String| skip_whole(args, &id, reason);
     let passing =
         matches!(&probed, Err(e) if !gone(e) && e.kind() != std::io::ErrorKind::PermissionDenied);
-    if !passing && args.retry.lock().remove(path).is_some() {
-        tracing::info!("{} reads again", path.display());
-    }
+    // (One waiting forced, a replay, is read as such whoever reads it:
+    // a scan would find it unchanged, and the replay would be lost.)
+    let force = match (!passing).then(|| args.retry.lock().remove(path)).flatten() {
+        Some((_, forced)) => {
+            tracing::info!("{} reads again", path.display());
+            force || forced
+        }
+        None => force,
+    };
     let partition = source.partition_for(uri);
     let (size, version) = match probed {
         Ok(Probe::Read { size, content }) => (size, version_of(&content, &partition)),
@@ -2430,7 +2468,7 @@ mod tests {
             .map(|n| Lease::hold(&rig.root.join(n)))
             .collect();
         let mut args = rig.args(true);
-        args.hang_after = Duration::from_millis(300);
+        args.hang_after = Duration::from_secs(1);
         let retry = args.retry.clone();
         let (watcher, handed) = rig.start_with(args).await;
         assert!(handed.is_empty(), "{handed:?}");
@@ -2455,11 +2493,15 @@ mod tests {
     static HELD: std::sync::LazyLock<parking_lot::Mutex<HashMap<PathBuf, usize>>> =
         std::sync::LazyLock::new(Default::default);
 
+    /// (Let go after 30 s all the same: a test that fails while it
+    /// holds a folder would otherwise hang, its runtime waiting for the
+    /// held thread.)
     pub(super) fn wait_while_held(path: &Path) {
         if let Some(calls) = HELD.lock().get_mut(path) {
             *calls += 1;
         }
-        while HELD.lock().contains_key(path) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while HELD.lock().contains_key(path) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -2488,7 +2530,7 @@ mod tests {
         let sub = rig.root.join("sub");
         hold(&sub);
         let mut args = rig.args(true);
-        args.hang_after = Duration::from_millis(300);
+        args.hang_after = Duration::from_secs(1);
         let (watcher, handed) = rig.start_with(args).await;
         assert!(handed.is_empty(), "{handed:?}");
         tokio::time::sleep(RETRY_AFTER + Duration::from_secs(1)).await;
@@ -2530,7 +2572,7 @@ mod tests {
         let rig = Rig::new();
         rig.write("docs/a.md", "# a\n\ntext\n");
         let mut args = rig.args(true);
-        args.hang_after = Duration::from_millis(300);
+        args.hang_after = Duration::from_secs(1);
         args.delete_grace = Duration::from_millis(200);
         let (watcher, handed) = rig.start_with(args).await;
         assert_eq!(handed, ["kb:docs/a.md"]);
@@ -2546,6 +2588,68 @@ mod tests {
         watcher.stop(None);
     }
 
+    /// A replay asked for while its file does not answer waits, forced,
+    /// and is read as a replay whoever reads it first once the source
+    /// answers: a scan would find it unchanged, and the replay would be
+    /// lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_asked_for_while_its_source_hangs_is_not_lost() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\ntext\n");
+        let mut args = rig.args(true);
+        args.hang_after = Duration::from_secs(1);
+        let retry = args.retry.clone();
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        // As the pipeline does when a.md goes to the DLQ.
+        let version = rig.known.lock()["kb:a.md"].clone();
+        let failed = Outcome::DeadLettered("chunker: boom".into());
+        rig.ledger.finish("kb:a.md", Some(&version), failed);
+        let a = rig.root.join("a.md");
+        let lease = Lease::hold(&a);
+        watcher
+            .cast(WatchMsg::Replay("kb:a.md".into(), a.clone()))
+            .unwrap();
+        wait_for(|| retry.lock().get(&a).is_some_and(|(_, forced)| *forced)).await;
+        drop(lease);
+        // A scan reads it first (the retry list's round comes later).
+        wait_for(|| !stuck(&rig.root)).await;
+        watcher.cast(WatchMsg::Rescan).unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
+        assert!(retry.lock().is_empty());
+        watcher.stop(None);
+    }
+
+    /// A source that hung while an event came is scanned once it answers
+    /// and its root is there: a root whose look does not answer in time
+    /// then is waited for, not taken as scanned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missed_source_is_scanned_once_its_root_answers() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\ntext\n");
+        let mut args = rig.args(true);
+        args.hang_after = Duration::from_secs(1);
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        let a = rig.root.join("a.md");
+        let lease = Lease::hold(&a);
+        // A replay makes the source hang; an event meanwhile goes unread.
+        watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
+        wait_for(|| stuck(&rig.root)).await;
+        rig.write("b.md", "# B\n\ntext\n");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Its files answer again, but a look at its root does not, for
+        // longer than a look may take.
+        hold(&rig.root);
+        drop(lease);
+        tokio::time::sleep(RETRY_AFTER + ROOT_LOOK_TIMEOUT + Duration::from_secs(1)).await;
+        assert!(!rig.handed().contains(&"kb:b.md".to_string()));
+        let_go(&rig.root);
+        wait_for(|| rig.handed().contains(&"kb:b.md".to_string())).await;
+        watcher.stop(None);
+    }
+
     /// A one-shot ingest whose walk hangs ends, deletes nothing for what
     /// it did not see, and says why.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2556,7 +2660,7 @@ mod tests {
         let sub = rig.root.join("sub");
         hold(&sub);
         let mut args = rig.args(false);
-        args.hang_after = Duration::from_millis(300);
+        args.hang_after = Duration::from_secs(1);
         let (watcher, handed) = rig.start_with(args).await;
         let_go(&sub);
         assert!(handed.is_empty(), "{handed:?}");
@@ -2755,6 +2859,24 @@ mod tests {
         assert!(rig.handed().is_empty(), "the folder was read");
         wait_for(|| rig.chunk_q.len() == 2).await;
         assert_eq!(rig.handed(), ["kb:site/a.md", "kb:site/sub/b.md"]);
+        watcher.stop(None);
+    }
+
+    /// A folder waiting to be walked again that is removed meanwhile
+    /// leaves the retry list, and is not taken for a file of its name.
+    #[tokio::test]
+    async fn a_folder_waiting_to_be_walked_again_that_goes_leaves_the_list() {
+        let rig = Rig::new();
+        let args = rig.args(true);
+        let retry = args.retry.clone();
+        let (watcher, _) = rig.start_with(args).await;
+        let site = rig.root.join("site");
+        FAIL_TO_OPEN.lock().insert(site.clone(), 1);
+        rig.write("site/a.md", "# a");
+        wait_for(|| retry.lock().contains_key(&site)).await;
+        std::fs::remove_dir_all(&site).unwrap();
+        wait_for(|| retry.lock().is_empty()).await;
+        assert!(rig.ledger.status("kb:site").is_none());
         watcher.stop(None);
     }
 
