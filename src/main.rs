@@ -493,6 +493,12 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
     bar.finish();
     let (store, ledger) = (node.store.clone(), node.ledger.clone());
     let c = node.ledger.counts();
+    // What the scan could not see (a source root missing, a share with
+    // nothing mounted, one that hangs) is in none of the counts.
+    let unseen = node
+        .registry
+        .get(&format!("root/ingest/{}", node::WATCHER))
+        .and_then(|w| w.last_error());
     node.shutdown(Duration::from_secs(5)).await;
     store.optimize().await?;
     println!(
@@ -504,6 +510,9 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
         c.skipped,
         c.dead_lettered
     );
+    if let Some(why) = unseen {
+        println!("  note: {why}");
+    }
     // Which ones, and why: the counts alone leave an operator guessing.
     const SHOWN: usize = 20;
     for (status, count) in [("dead_lettered", c.dead_lettered), ("skipped", c.skipped)] {

@@ -104,6 +104,25 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     );
 }
 
+/// A source the scan could not see is in none of the counts: the
+/// summary says why (here a share with nothing mounted on its folder).
+#[test]
+fn one_shot_ingest_says_what_it_could_not_see() {
+    let ws = Workspace::new();
+    ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    let cfg = ws.config();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace("path = \"kb\"", "path = \"kb\"\nmount_point = true");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("0 documents"), "{out}");
+    assert!(
+        out.contains("note: source root") && out.contains("has nothing mounted on it"),
+        "{out}"
+    );
+}
+
 #[test]
 fn check_reports_every_config_error_at_once() {
     let ws = Workspace::new();
