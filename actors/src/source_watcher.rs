@@ -687,8 +687,13 @@ fn watch_sources(
         debouncer = native.ok();
     }
     for (s, what) in &missing_roots {
+        let then = if args.watch {
+            "it is watched again once it is back"
+        } else {
+            "run the ingest again once it is back"
+        };
         let why = format!(
-            "source root {} {what}; its documents stay indexed, and it is watched again once it is back",
+            "source root {} {what}; its documents stay indexed; {then}",
             s.root.display()
         );
         tracing::warn!("{why}");
@@ -731,18 +736,24 @@ impl SourceWatcher {
                 }
                 // (Not there, or a look at it that does not answer:
                 // still missed. A missing root costs a stat a round.)
-                let (mut answered, mut still) = (Vec::new(), HashSet::new());
-                for root in std::mem::take(&mut st.missed) {
-                    let Some(s) = st.args.sources.iter().find(|s| s.root == root) else {
-                        continue;
-                    };
-                    if !stuck(&root) && s.present().await {
-                        answered.push(root);
-                    } else {
-                        still.insert(root);
+                // (All at once: each look may take its timeout.)
+                let sources = &st.args.sources;
+                let missed: Vec<PathBuf> = st.missed.drain().collect();
+                let looks = missed.iter().map(|root| async move {
+                    let s = sources.iter().find(|s| &s.root == root)?;
+                    Some(!stuck(root) && s.present().await)
+                });
+                let looks = futures::future::join_all(looks).await;
+                let mut answered = Vec::new();
+                for (root, there) in missed.into_iter().zip(looks) {
+                    match there {
+                        Some(true) => answered.push(root),
+                        Some(false) => {
+                            st.missed.insert(root);
+                        }
+                        None => {} // no longer a source's root
                     }
                 }
-                st.missed = still;
                 if let Some(root) = answered.first() {
                     let why = format!("source root {} answers again", root.display());
                     st.request_rescan(myself, &why)?;
@@ -756,6 +767,10 @@ impl SourceWatcher {
                 st.args.stats.set_status("scanning");
                 let scanned = rescan(&st.args).await;
                 st.doom(scanned.gone).await;
+                if st.args.only.is_empty() {
+                    // Seen whole, but for those it hands back below.
+                    st.missed.clear();
+                }
                 for root in scanned.hung {
                     if st.args.watch {
                         st.missed(myself, root);
@@ -1540,6 +1555,25 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
                 // tell from a file): nothing to read; its removal is an
                 // event's, or a scan's. (A root: see `walk_again_later`.)
                 args.retry.lock().remove(&path);
+                continue;
+            }
+            let unknown = looked.as_ref().is_err() && !is_root;
+            if unknown && crate::chunker::parse::Format::from_path(&path).is_none() {
+                // Not looked at (a stale handle, an I/O error), and not a
+                // file ragd reads: a folder a walk could not open, most
+                // likely, which a probe would take for a file of its name.
+                // It waits, a try counted, as `walk_again_later` counts.
+                let mut retry = args.retry.lock();
+                if let Some((tries, _)) = retry.get_mut(&path) {
+                    *tries += 1;
+                    if *tries >= READ_TRIES {
+                        tracing::warn!(
+                            "{} still cannot be looked at; what it holds waits for an event or a rescan",
+                            path.display()
+                        );
+                        retry.remove(&path);
+                    }
+                }
                 continue;
             }
             // (Not a link to a folder: walked, it would file what lies
@@ -2638,7 +2672,9 @@ mod tests {
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| stuck(&rig.root)).await;
         rig.write("b.md", "# B\n\ntext\n");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // (Its event is handled well within this: the lease would hold
+        // for 45 s.)
+        tokio::time::sleep(Duration::from_secs(2)).await;
         // Its files answer again, but a look at its root does not, for
         // longer than a look may take.
         hold(&rig.root);
