@@ -402,11 +402,12 @@ impl Ledger {
     /// A ledger that forgets a deleted document `forget_after` once its
     /// deletion settled: nothing of it pending, and (`held`, a node with
     /// the index role on a bus, for the documents whose jobs come from
-    /// another node's ledger) once released by that node. Until then a version seen before the deletion
-    /// and delivered late is refused. A tombstone lives in memory: one
-    /// that an index node lost (a restart, a partition moved) before such
-    /// a version arrived lets it be written, and the ingest node deletes
-    /// it again when it hears of it (see [`Ledger::gone_here`]).
+    /// another node's ledger) once released by that node. Until then a
+    /// version seen before the deletion and delivered late is refused. A
+    /// tombstone lives in memory: one that an index node lost (a restart,
+    /// a partition moved) before such a version arrived lets it be
+    /// written, and the ingest node deletes it again when it hears of it
+    /// (see [`Ledger::gone_here`]).
     pub fn with_memory(max_in_flight: usize, forget_after: Duration, held: bool) -> Arc<Self> {
         Arc::new(Ledger {
             docs: Mutex::new(Docs {

@@ -734,9 +734,9 @@ impl SourceWatcher {
                     let why = format!("source root {} is back", s.root.display());
                     st.rewatch(myself, &why).await?;
                 }
-                // (Not there, or a look at it that does not answer:
-                // still missed. A missing root costs a stat a round.)
-                // (All at once: each look may take its timeout.)
+                // Not there, or a look at it that does not answer: still
+                // missed (a missing root costs a stat a round). All are
+                // looked at at once: each look may take its timeout.
                 let sources = &st.args.sources;
                 let missed: Vec<PathBuf> = st.missed.drain().collect();
                 let looks = missed.iter().map(|root| async move {
@@ -771,7 +771,7 @@ impl SourceWatcher {
                     // Seen whole, but for those it hands back below.
                     st.missed.clear();
                 }
-                for root in scanned.hung {
+                for root in scanned.unseen {
                     if st.args.watch {
                         st.missed(myself, root);
                     } else {
@@ -1239,7 +1239,6 @@ async fn look_again(args: &WatcherArgs, ids: Vec<String>) -> Looked {
     let mut looked = Looked::default();
     let mut present: HashMap<&str, bool> = HashMap::new();
     // By source, then by folder: one listing serves every document in it.
-    type Folders = BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>>;
     let mut by_source: BTreeMap<&Path, Folders> = BTreeMap::new();
     for id in ids {
         let Some((source, _)) = source_of_doc(sources, &id) else {
@@ -1295,12 +1294,12 @@ async fn look_again(args: &WatcherArgs, ids: Vec<String>) -> Looked {
     looked
 }
 
+/// Documents by folder, each with its name there (see [`look_again`]).
+type Folders = BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>>;
+
 /// [`look_again`]'s listings, on the blocking pool: each folder and each
 /// name in it counts on `progress`.
-fn list(
-    folders: BTreeMap<PathBuf, Vec<(String, std::ffi::OsString)>>,
-    progress: &AtomicU64,
-) -> Looked {
+fn list(folders: Folders, progress: &AtomicU64) -> Looked {
     let mut found = Looked::default();
     for (folder, docs) in folders {
         #[cfg(test)]
@@ -1431,7 +1430,19 @@ struct Candidate<'s> {
     force: bool,
 }
 
-impl Candidate<'_> {
+impl<'s> Candidate<'s> {
+    /// The file at `path`, unless no source holds it there (or its name
+    /// is one the watcher ignores).
+    fn at(sources: &'s [SourceSpec], path: PathBuf, force: bool) -> Option<Candidate<'s>> {
+        let (source, uri) = source_of(sources, &path)?;
+        Some(Candidate {
+            source,
+            path,
+            uri,
+            force,
+        })
+    }
+
     fn doc_id(&self) -> String {
         doc_id(self.source, &self.uri)
     }
@@ -1460,15 +1471,7 @@ async fn walk_sources(
     let unreadable: Vec<PathBuf> = unreadable.into_iter().map(|(p, _)| p).collect();
     let files = files
         .into_iter()
-        .filter_map(|path| {
-            let (source, uri) = source_of(&args.sources, &path)?;
-            Some(Candidate {
-                source,
-                path,
-                uri,
-                force: false,
-            })
-        })
+        .filter_map(|path| Candidate::at(&args.sources, path, false))
         .collect();
     let prefixes = unreadable
         .iter()
@@ -1496,15 +1499,21 @@ fn walk_again_later(args: &WatcherArgs, root: &Path, unreadable: &[(PathBuf, boo
         retry.remove(root);
     }
     for (folder, _) in unreadable.iter().filter(|(_, passing)| *passing) {
-        let tries = &mut retry.entry(folder.clone()).or_insert((0, false)).0;
-        *tries += 1;
-        if *tries >= READ_TRIES {
-            tracing::warn!(
-                "{} still cannot be read; what it holds waits for an event or a rescan",
-                folder.display()
-            );
-            retry.remove(folder);
-        }
+        folder_try(&mut retry, folder);
+    }
+}
+
+/// Counts a try of `folder` on the retry list (see [`walk_again_later`]);
+/// past [`READ_TRIES`] it leaves the list.
+fn folder_try(retry: &mut HashMap<PathBuf, (u32, bool)>, folder: &Path) {
+    let tries = &mut retry.entry(folder.to_path_buf()).or_insert((0, false)).0;
+    *tries += 1;
+    if *tries >= READ_TRIES {
+        tracing::warn!(
+            "{} still cannot be read; what it holds waits for an event or a rescan",
+            folder.display()
+        );
+        retry.remove(folder);
     }
 }
 
@@ -1563,17 +1572,7 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
                 // file ragd reads: a folder a walk could not open, most
                 // likely, which a probe would take for a file of its name.
                 // It waits, a try counted, as `walk_again_later` counts.
-                let mut retry = args.retry.lock();
-                if let Some((tries, _)) = retry.get_mut(&path) {
-                    *tries += 1;
-                    if *tries >= READ_TRIES {
-                        tracing::warn!(
-                            "{} still cannot be looked at; what it holds waits for an event or a rescan",
-                            path.display()
-                        );
-                        retry.remove(&path);
-                    }
-                }
+                folder_try(&mut args.retry.lock(), &path);
                 continue;
             }
             // (Not a link to a folder: walked, it would file what lies
@@ -1589,15 +1588,8 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
             }
             // (A file of a type not read, or a name not watched, never
             // will be: off the list, recorded as skipped once.)
-            match source_of(&args.sources, &path) {
-                Some((source, uri)) if supported(args, source, &path, &uri) => {
-                    files.push(Candidate {
-                        source,
-                        path,
-                        uri,
-                        force,
-                    })
-                }
+            match Candidate::at(&args.sources, path.clone(), force) {
+                Some(c) if supported(args, c.source, &c.path, &c.uri) => files.push(c),
                 _ => {
                     args.retry.lock().remove(&path);
                 }
@@ -1619,7 +1611,7 @@ struct Scanned {
     /// The roots of the sources not seen whole: they hung (see
     /// [`on_source`]), or, in a watching node, were not there or did not
     /// answer. Each is scanned again once it answers.
-    hung: Vec<PathBuf>,
+    unseen: Vec<PathBuf>,
 }
 
 /// Walks the sources and admits what changed.
@@ -1666,7 +1658,10 @@ async fn rescan(args: &WatcherArgs) -> Scanned {
     hung.dedup();
     if !args.only.is_empty() {
         // A partial scan cannot tell what was deleted elsewhere.
-        return Scanned { gone: vec![], hung };
+        return Scanned {
+            gone: vec![],
+            unseen: hung,
+        };
     }
     // Known to the index or the ledger but no longer on disk: deleted while
     // we were not looking.
@@ -1687,7 +1682,7 @@ async fn rescan(args: &WatcherArgs) -> Scanned {
     gone.retain(|d| !unreadable.covers(d));
     gone.sort();
     gone.dedup();
-    Scanned { gone, hung }
+    Scanned { gone, unseen: hung }
 }
 
 /// Sends an admitted job on. A port only fails for good (a bus that waits
@@ -1821,24 +1816,14 @@ fn supported(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str) ->
 }
 
 async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str, force: bool) {
-    if !supported(args, source, path, uri) {
-        return;
-    }
-    // One trip to the blocking pool per file.
-    let (p, max) = (path.to_path_buf(), args.max_file_bytes);
-    let probed = on_source(&source.root, args.hang_after, move |done| {
-        probe(&p, max, done)
-    })
-    .await;
-    decide(
-        args,
+    let file = Candidate {
         source,
-        path,
-        uri,
+        path: path.to_path_buf(),
+        uri: uri.to_string(),
         force,
-        probed.unwrap_or_else(|| Err(hung())),
-    )
-    .await;
+    };
+    // (A hang leaves it on the retry list: see `decide`.)
+    consider_all(args, vec![file]).await;
 }
 
 /// What to do with a probed file: nothing (unchanged, in flight, or in the
@@ -1855,15 +1840,17 @@ async fn decide(
     let skip = |reason: String| skip_whole(args, &id, reason);
     let passing =
         matches!(&probed, Err(e) if !gone(e) && e.kind() != std::io::ErrorKind::PermissionDenied);
+    let waiting = if passing {
+        None
+    } else {
+        args.retry.lock().remove(path)
+    };
+    if waiting.is_some() {
+        tracing::info!("{} reads again", path.display());
+    }
     // (One waiting forced, a replay, is read as such whoever reads it:
     // a scan would find it unchanged, and the replay would be lost.)
-    let force = match (!passing).then(|| args.retry.lock().remove(path)).flatten() {
-        Some((_, forced)) => {
-            tracing::info!("{} reads again", path.display());
-            force || forced
-        }
-        None => force,
-    };
+    let force = force || waiting.is_some_and(|(_, forced)| forced);
     let partition = source.partition_for(uri);
     let (size, version) = match probed {
         Ok(Probe::Read { size, content }) => (size, version_of(&content, &partition)),
