@@ -20,7 +20,7 @@ use notify_debouncer_full::{
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -78,38 +78,36 @@ pub struct SourceSpec {
 /// How often a tree is polled when the kernel's events cannot cover it.
 pub const FALLBACK_POLL: Duration = Duration::from_secs(30);
 
-/// How each source is watched: by the kernel's events (`None`), or by
+/// How a source is watched: by the kernel's events (`None`), or by
 /// polling at an interval, with the reason when it is not the configured
-/// way. `watch_native` tries to set up the kernel's watch of one tree; when
-/// it fails (inotify's watch limit, a folder the daemon may not read), that
+/// way. `watch_native` tries to set up the kernel's watch of its tree; when
+/// it fails (inotify's watch limit, a folder the daemon may not read), the
 /// tree is polled instead, and the node runs rather than failing to start.
-fn plan_watches(
-    sources: &[SourceSpec],
-    mut watch_native: impl FnMut(&SourceSpec) -> notify::Result<()>,
-) -> Vec<(Option<Duration>, Option<String>)> {
-    sources
-        .iter()
-        .map(|s| match s.poll {
-            Some(every) => (Some(every), None),
-            None => match watch_native(s) {
-                Ok(()) => (None, None),
-                Err(e) => {
-                    let hint = match e.kind {
-                        notify::ErrorKind::MaxFilesWatch => {
-                            " (the kernel's limit on watched folders: raise fs.inotify.max_user_watches)"
-                        }
-                        _ => "",
-                    };
-                    let why = format!(
-                        "{}: no file events ({e}{hint}); polling every {} s instead",
-                        s.root.display(),
-                        FALLBACK_POLL.as_secs()
-                    );
-                    (Some(FALLBACK_POLL), Some(why))
-                }
-            },
-        })
-        .collect()
+fn plan_watch(
+    s: &SourceSpec,
+    watch_native: impl FnOnce(&SourceSpec) -> notify::Result<()>,
+) -> (Option<Duration>, Option<String>) {
+    let Err(e) = s.poll.map_or_else(|| watch_native(s), |_| Ok(())) else {
+        return (s.poll, None);
+    };
+    let hint = match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => {
+            " (the kernel's limit on watched folders: raise fs.inotify.max_user_watches)"
+        }
+        // (Each source takes an inotify instance of its own.)
+        notify::ErrorKind::Io(io)
+            if io.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) =>
+        {
+            " (the kernel's limit on inotify instances: raise fs.inotify.max_user_instances)"
+        }
+        _ => "",
+    };
+    let why = format!(
+        "{}: no file events ({e}{hint}); polling every {} s instead",
+        s.root.display(),
+        FALLBACK_POLL.as_secs()
+    );
+    (Some(FALLBACK_POLL), Some(why))
 }
 
 impl SourceSpec {
@@ -379,9 +377,19 @@ pub fn ignored(rel: &Path) -> bool {
 pub enum WatchMsg {
     /// Compare every source folder with what we know.
     Rescan,
-    Fs(DebounceEventResult),
+    /// Scan the sources waiting for a scan (see
+    /// [`WatcherState::request_rescan`]).
+    Scan,
+    /// Events from the watch of the source at this index (of
+    /// [`WatcherArgs::sources`]).
+    Fs(usize, DebounceEventResult),
     /// Errors of a polled tree's walk (a folder it may not read).
-    PollErrors(Vec<notify::Error>),
+    PollErrors(usize, Vec<notify::Error>),
+    /// The watch of the source at this index is set up, or could not be.
+    Watched(usize, WatchSetUp),
+    /// Has a watch been setting up for longer than
+    /// [`WatcherArgs::hang_after`]?
+    SetupCheck,
     /// Index this document again although its version was dead-lettered
     /// (after `ragd dlq replay`).
     Replay(String, PathBuf),
@@ -459,11 +467,17 @@ const DOOM_GATHER: Duration = Duration::from_millis(250);
 
 pub struct WatcherState {
     args: WatcherArgs,
-    /// A rescan waits in the mailbox: one more request is already served
-    /// by it (a burst overflows the kernel queue many times over, and each
-    /// full scan reads every file).
-    rescan_queued: bool,
+    /// The sources (by index) waiting for a scan: a request for one that
+    /// already waits is served by that scan (a burst overflows the kernel
+    /// queue many times over, and each scan reads every file).
+    queued: BTreeSet<usize>,
+    /// A [`WatchMsg::Scan`] is on its way.
+    scan_scheduled: bool,
     rescans: u64,
+    /// The sources not scanned since the start: until none is, the first
+    /// scan is not done (see [`WatcherArgs::scanned`]). One whose watch
+    /// is not set up within [`WatcherArgs::hang_after`] no longer counts.
+    unscanned: HashSet<usize>,
     /// A [`WatchMsg::Retry`] is on its way.
     retry_scheduled: bool,
     /// A [`WatchMsg::RootCheck`] is on its way.
@@ -477,22 +491,47 @@ pub struct WatcherState {
     doomed: HashMap<String, tokio::time::Instant>,
     /// A [`WatchMsg::Doomed`] is on its way.
     doom_scheduled: bool,
-    watches: Watches,
+    /// How each source is watched, by index.
+    watches: Vec<SourceWatch>,
 }
 
-/// What watches the sources: the kernel's watcher, pollers for the trees it
-/// cannot watch, and the roots that were not there to watch.
-struct Watches {
-    /// Unwatched until they are back, which watches the sources anew
-    /// (their documents stay indexed meanwhile: a root that is gone for a
-    /// moment, a deploy swapping folders or an unmounted share, is not a
-    /// deletion of everything in it).
-    missing_roots: Vec<SourceSpec>,
-    debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
-    /// (Held for their drop, which stops them; they hold nothing of the
-    /// kernel's.)
-    _pollers: Vec<Debouncer<notify::PollWatcher, NoCache>>,
+/// How a source is watched.
+enum SourceWatch {
+    /// Not at all: a one-shot ingest.
+    Off,
+    /// Its root was not there to watch (or did not answer): unwatched
+    /// until it is back, which watches it anew. Its documents stay indexed
+    /// meanwhile: a root that is gone for a moment, a deploy swapping
+    /// folders or an unmounted share, is not a deletion of everything in
+    /// it.
+    Missing,
+    /// Being set up on the blocking pool since `since`: setting up walks
+    /// the tree (inotify adds a watch per folder; a poller hashes every
+    /// file), which takes a while on a large tree, and hangs on a share
+    /// that hangs. No other setup of the source starts meanwhile (each
+    /// would hold a thread for good); `again`: it is set up anew once
+    /// this one ends (asked for meanwhile). `late`: it took longer than
+    /// [`WatcherArgs::hang_after`], and was said to.
+    SettingUp {
+        since: tokio::time::Instant,
+        again: bool,
+        late: bool,
+    },
+    Watching(#[expect(dead_code, reason = "held for its drop, which stops it")] Watch),
 }
+
+/// A source's watch: each its own, so that one whose tree hangs (inotify
+/// walks a folder made in it to watch it, on the watcher's one thread)
+/// holds up no other source's events.
+#[expect(dead_code, reason = "held for their drop, which stops them")]
+enum Watch {
+    Native(Debouncer<notify::RecommendedWatcher, RecommendedCache>),
+    Polled(Debouncer<notify::PollWatcher, NoCache>),
+}
+
+/// What setting up a source's watch came to (see [`WatchMsg::Watched`]):
+/// the watch, or why its root could not be watched ("is missing").
+pub struct WatchSetUp(Result<Watch, String>);
 
 impl Actor for SourceWatcher {
     type Msg = WatchMsg;
@@ -504,25 +543,40 @@ impl Actor for SourceWatcher {
         myself: ActorRef<WatchMsg>,
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
-        let watches = watch(&args, &myself).await?;
-        let check_roots = args.watch && !watches.missing_roots.is_empty();
-        if check_roots {
-            myself.cast(WatchMsg::RootCheck)?;
-        }
-        myself.cast(WatchMsg::Rescan)?;
         args.stats.set_status("scanning");
-        Ok(WatcherState {
+        let present = presence(&args.sources).await;
+        let mut st = WatcherState {
+            watches: args.sources.iter().map(|_| SourceWatch::Off).collect(),
             args,
-            // The first scan: whatever is lost before it starts, it sees.
-            rescan_queued: true,
+            queued: BTreeSet::new(),
+            scan_scheduled: false,
             rescans: 0,
+            unscanned: HashSet::new(),
             retry_scheduled: false,
-            root_check_scheduled: check_roots,
+            root_check_scheduled: false,
             missed: HashSet::new(),
             doomed: HashMap::new(),
             doom_scheduled: false,
-            watches,
-        })
+        };
+        // Each source is scanned once watched (set up on its own, and in
+        // the background: one that hangs holds up no other), so that
+        // whatever changes after its scan started, an event tells. A
+        // one-shot ingest watches nothing and scans them all at once.
+        for (i, absent) in present.into_iter().enumerate() {
+            match absent {
+                Some(what) => st.missing(&myself, i, what),
+                None if st.args.watch => {
+                    st.unscanned.insert(i);
+                    st.set_up(&myself, i);
+                }
+                None => {
+                    st.queued.insert(i);
+                }
+            }
+        }
+        // (With nothing to scan, the first scan is done at once.)
+        st.schedule_scan(&myself);
+        Ok(st)
     }
 
     async fn handle(
@@ -531,11 +585,12 @@ impl Actor for SourceWatcher {
         msg: WatchMsg,
         st: &mut WatcherState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(s) = st.unmounted().await {
+        if let Some(i) = st.unmounted().await {
             // Before anything reads the empty folder as every file deleted.
             // Watched anew, it is missing, and waited for.
-            let why = format!("source root {} is no longer mounted", s.root.display());
-            st.rewatch(&myself, &why).await?;
+            let root = st.args.sources[i].root.display();
+            let why = format!("source root {root} is no longer mounted");
+            st.rewatch(&myself, i, &why).await?;
         }
         self.handle_msg(&myself, msg, st).await?;
         // One timer for all the files waiting to be tried again.
@@ -556,33 +611,13 @@ impl Actor for SourceWatcher {
     }
 }
 
-/// What [`watch_sources`] needs of [`WatcherArgs`], to take to a blocking
-/// thread: setting up watches walks the trees (inotify adds a watch per
-/// folder; a poller hashes every file), which takes a while on a large
-/// tree, and hangs on a share that hangs.
+/// What [`watch_source`] needs of [`WatcherArgs`], to take to the
+/// blocking pool.
 struct WatchSetup {
-    sources: Vec<SourceSpec>,
-    watch: bool,
+    source: SourceSpec,
+    index: usize,
     debounce: Duration,
     stats: Arc<ActorStats>,
-}
-
-/// [`watch_sources`] for `args`, on the blocking pool.
-async fn watch(
-    args: &WatcherArgs,
-    myself: &ActorRef<WatchMsg>,
-) -> Result<Watches, ActorProcessingErr> {
-    let present = presence(&args.sources).await;
-    let setup = WatchSetup {
-        sources: args.sources.clone(),
-        watch: args.watch,
-        debounce: args.debounce,
-        stats: args.stats.clone(),
-    };
-    let me = myself.clone();
-    tokio::task::spawn_blocking(move || watch_sources(&setup, &me, &present))
-        .await
-        .map_err(|e| format!("setting up the watches: {e}"))?
 }
 
 /// Whether each source's root is there (see [`SourceSpec::present`]).
@@ -605,105 +640,81 @@ async fn presence(sources: &[SourceSpec]) -> Vec<Option<&'static str>> {
     .await
 }
 
-/// Watches every source whose root is there: with the kernel's watcher,
-/// or by polling where it cannot (see [`plan_watches`]). Says which roots
-/// are missing, and why they are not watched.
-fn watch_sources(
-    args: &WatchSetup,
-    myself: &ActorRef<WatchMsg>,
-    present: &[Option<&'static str>],
-) -> Result<Watches, ActorProcessingErr> {
-    let (mut debouncer, mut pollers) = (None, Vec::new());
-    // One look at each root decides how it is watched: a root that
-    // vanished between two looks would be neither watched nor checked.
-    let (mut watched, mut missing_roots) = (Vec::new(), Vec::new());
-    for (s, absent) in args.sources.iter().zip(present) {
-        match absent {
-            None => watched.push(s.clone()),
-            Some(what) => missing_roots.push((s.clone(), *what)),
+/// Watches one source: with the kernel's watcher, or by polling where it
+/// cannot (see [`plan_watch`]). Its events come to `myself` under its
+/// index. (On the blocking pool: it walks the tree, see
+/// [`SourceWatch::SettingUp`].)
+fn watch_source(setup: &WatchSetup, myself: &ActorRef<WatchMsg>) -> WatchSetUp {
+    let (s, index) = (&setup.source, setup.index);
+    #[cfg(test)]
+    tests::wait_while_held(&tests::setup_of(&s.root));
+    let handler = |polled: bool| {
+        let me = myself.clone();
+        move |res: DebounceEventResult| {
+            let msg = match res {
+                // A poll walks the whole tree each time: a folder it could
+                // not read is no lost event, and a rescan per poll would
+                // re-read every file each interval.
+                Err(errors) if polled => WatchMsg::PollErrors(index, errors),
+                res => WatchMsg::Fs(index, res),
+            };
+            let _ = me.cast(msg);
         }
-    }
-    if args.watch {
-        let handler = |me: ActorRef<WatchMsg>, polled: bool| {
-            move |res: DebounceEventResult| {
-                let msg = match res {
-                    // A poll walks the whole tree each time: a folder
-                    // it could not read is no lost event, and a rescan
-                    // per poll would re-read every file each interval.
-                    Err(errors) if polled => WatchMsg::PollErrors(errors),
-                    res => WatchMsg::Fs(res),
-                };
-                let _ = me.cast(msg);
-            }
-        };
-        // Links are not followed, as in our own walks: notify keeps one
-        // path per watched folder, so a folder reached through a link
-        // too would have its events reported under whichever path came
-        // last, and a link out of the tree would watch, and file under
-        // this source's partition, what lies outside it.
-        let config = notify::Config::default().with_follow_symlinks(false);
-        // Without inotify at all (its instance limit), every tree is
-        // polled.
-        let mut native = new_debouncer_opt::<_, notify::RecommendedWatcher, _>(
-            args.debounce,
+    };
+    // Links are not followed, as in our own walks: notify keeps one path
+    // per watched folder, so a folder reached through a link too would
+    // have its events reported under whichever path came last, and a link
+    // out of the tree would watch, and file under this source's
+    // partition, what lies outside it.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let mut native = None;
+    let (poll, why) = plan_watch(s, |s| {
+        // (Without an inotify instance to spare, its instance limit, the
+        // tree is polled. One that fails part-way closes, with it, what
+        // it did watch.)
+        let mut d = new_debouncer_opt::<_, notify::RecommendedWatcher, _>(
+            setup.debounce,
             None,
-            handler(myself.clone(), false),
+            handler(false),
             RecommendedCache::new(),
             config,
+        )?;
+        d.watch(&s.root, RecursiveMode::Recursive)?;
+        native = Some(d);
+        Ok(())
+    });
+    let Some(every) = poll else {
+        return WatchSetUp(
+            native
+                .map(Watch::Native)
+                .ok_or_else(|| "is not watched".into()),
         );
-        let plan = plan_watches(&watched, |s| match &mut native {
-            Ok(d) => d.watch(&s.root, RecursiveMode::Recursive).inspect_err(|_| {
-                // Whatever part of the tree it did watch goes too.
-                let _ = d.unwatch(&s.root);
-            }),
-            Err(e) => Err(notify::Error::generic(&e.to_string())),
-        });
-        for (s, (poll, why)) in watched.iter().zip(plan) {
-            let Some(every) = poll else { continue };
-            if why.is_some() && !s.root_present() {
-                // Its kernel watch failed because it vanished meanwhile;
-                // notify's poller would watch nothing for it.
-                missing_roots.push((s.clone(), "is missing"));
-                continue;
-            }
-            if let Some(why) = why {
-                tracing::warn!("{why}");
-                args.stats.set_error(why);
-            }
-            let mut p = new_debouncer_opt::<_, notify::PollWatcher, _>(
-                args.debounce,
-                None,
-                handler(myself.clone(), true),
-                NoCache::new(),
-                // notify's poller compares modification times in whole
-                // seconds: a second save within the second of a poll
-                // would go unseen for good without a content hash.
-                config.with_poll_interval(every).with_compare_contents(true),
-            )?;
-            p.watch(&s.root, RecursiveMode::Recursive)
-                .map_err(|e| format!("polling {}: {e}", s.root.display()))?;
-            pollers.push(p);
-        }
-        debouncer = native.ok();
+    };
+    if why.is_some() && !s.root_present() {
+        // Its kernel watch failed because it vanished meanwhile; notify's
+        // poller would watch nothing for it.
+        return WatchSetUp(Err("is missing".into()));
     }
-    for (s, what) in &missing_roots {
-        let then = if args.watch {
-            "it is watched again once it is back"
-        } else {
-            "run the ingest again once it is back"
-        };
-        let why = format!(
-            "source root {} {what}; its documents stay indexed; {then}",
-            s.root.display()
-        );
+    if let Some(why) = why {
         tracing::warn!("{why}");
-        args.stats.set_error(why);
+        setup.stats.set_error(why);
     }
-    Ok(Watches {
-        missing_roots: missing_roots.into_iter().map(|(s, _)| s).collect(),
-        debouncer,
-        _pollers: pollers,
-    })
+    let polled = new_debouncer_opt::<_, notify::PollWatcher, _>(
+        setup.debounce,
+        None,
+        handler(true),
+        NoCache::new(),
+        // notify's poller compares modification times in whole seconds:
+        // a second save within the second of a poll would go unseen for
+        // good without a content hash.
+        config.with_poll_interval(every).with_compare_contents(true),
+    )
+    .and_then(|mut p| p.watch(&s.root, RecursiveMode::Recursive).map(|()| p));
+    WatchSetUp(
+        polled
+            .map(Watch::Polled)
+            .map_err(|e| format!("cannot be polled ({e})")),
+    )
 }
 
 impl SourceWatcher {
@@ -723,71 +734,112 @@ impl SourceWatcher {
             }
             WatchMsg::RootCheck => {
                 st.root_check_scheduled = false;
-                let mut back = None;
-                for s in &st.watches.missing_roots {
-                    if s.present().await {
-                        back = Some(s.clone());
-                        break;
+                // The missing roots that are back are watched anew; all
+                // are looked at at once (each look may take its timeout;
+                // a missing root costs a stat a round).
+                let missing: Vec<usize> = (0..st.watches.len())
+                    .filter(|i| matches!(st.watches[*i], SourceWatch::Missing))
+                    .collect();
+                let looks = missing.iter().map(|i| st.args.sources[*i].present());
+                let looks = futures::future::join_all(looks).await;
+                for (i, back) in missing.into_iter().zip(looks) {
+                    if back {
+                        let root = st.args.sources[i].root.display();
+                        let why = format!("source root {root} is back");
+                        st.rewatch(myself, i, &why).await?;
                     }
                 }
-                if let Some(s) = back {
-                    let why = format!("source root {} is back", s.root.display());
-                    st.rewatch(myself, &why).await?;
-                }
-                // Not there, or a look at it that does not answer: still
-                // missed (a missing root costs a stat a round). All are
-                // looked at at once: each look may take its timeout.
                 let sources = &st.args.sources;
+                // Not there, or a look at it that does not answer: still
+                // missed.
                 let missed: Vec<PathBuf> = st.missed.drain().collect();
                 let looks = missed.iter().map(|root| async move {
-                    let s = sources.iter().find(|s| &s.root == root)?;
-                    Some(!stuck(root) && s.present().await)
+                    let i = sources.iter().position(|s| &s.root == root)?;
+                    Some((i, !stuck(root) && sources[i].present().await))
                 });
                 let looks = futures::future::join_all(looks).await;
                 let mut answered = Vec::new();
                 for (root, there) in missed.into_iter().zip(looks) {
                     match there {
-                        Some(true) => answered.push(root),
-                        Some(false) => {
+                        Some((i, true)) => answered.push(i),
+                        Some((_, false)) => {
                             st.missed.insert(root);
                         }
                         None => {} // no longer a source's root
                     }
                 }
-                if let Some(root) = answered.first() {
-                    let why = format!("source root {} answers again", root.display());
-                    st.request_rescan(myself, &why)?;
+                if let Some(i) = answered.first() {
+                    let root = st.args.sources[*i].root.display();
+                    let why = format!("source root {root} answers again");
+                    st.request_rescan(myself, answered, &why)?;
                 }
                 st.check_roots_later(myself);
             }
             WatchMsg::Rescan => {
-                // From here on a lost event may be behind the walk: the
-                // next request queues another scan.
-                st.rescan_queued = false;
-                st.args.stats.set_status("scanning");
-                let scanned = rescan(&st.args).await;
-                st.doom(scanned.gone).await;
-                if st.args.only.is_empty() {
-                    // Seen whole, but for those it hands back below.
-                    st.missed.clear();
-                }
-                for root in scanned.unseen {
-                    if st.args.watch {
-                        st.missed(myself, root);
-                    } else {
-                        let why = format!(
-                            "source root {} does not answer (a share that hangs): not all \
-                             of it was read; run the ingest again once it answers",
-                            root.display()
-                        );
-                        tracing::warn!("{why}");
-                        st.args.stats.set_error(why);
+                st.queued.extend(0..st.args.sources.len());
+                st.scan(myself).await;
+            }
+            WatchMsg::Scan => {
+                st.scan_scheduled = false;
+                st.scan(myself).await;
+            }
+            WatchMsg::Watched(i, WatchSetUp(set_up)) => {
+                let SourceWatch::SettingUp { again, late, .. } = st.watches[i] else {
+                    return Ok(()); // (not asked for: dropped)
+                };
+                let root = st.args.sources[i].root.clone();
+                match set_up {
+                    // Asked for anew meanwhile (the root moved, say): what
+                    // this one watches may no longer be the root.
+                    _ if again => {
+                        st.watches[i] = SourceWatch::Off;
+                        st.start_watch(myself, i).await;
+                    }
+                    Ok(watch) => {
+                        st.watches[i] = SourceWatch::Watching(watch);
+                        if late {
+                            tracing::info!("source root {} is watched after all", root.display());
+                        }
+                        if st.unscanned.contains(&i) {
+                            st.queued.insert(i);
+                            st.schedule_scan(myself);
+                        } else {
+                            let why = format!("source root {} is watched", root.display());
+                            st.request_rescan(myself, [i], &why)?;
+                        }
+                    }
+                    Err(what) => {
+                        st.unscanned.remove(&i);
+                        st.missing(myself, i, &what);
+                        st.settle();
                     }
                 }
-                st.args.scanned.store(true, Ordering::SeqCst);
-                st.args
-                    .stats
-                    .set_status(if st.args.watch { "watching" } else { "scanned" });
+            }
+            WatchMsg::SetupCheck => {
+                let now = tokio::time::Instant::now();
+                let hang_after = st.args.hang_after;
+                for (i, watch) in st.watches.iter_mut().enumerate() {
+                    let SourceWatch::SettingUp { since, late, .. } = watch else {
+                        continue;
+                    };
+                    if *late || now.duration_since(*since) < hang_after {
+                        continue;
+                    }
+                    *late = true;
+                    // (The first scan is done without it: a node whose one
+                    // share hangs serves the others.)
+                    st.unscanned.remove(&i);
+                    let why = format!(
+                        "source root {} is not watched yet: setting up its watch has taken \
+                         {hang_after:?} so far (a share that hangs, or a very large tree); \
+                         it is scanned once watched",
+                        st.args.sources[i].root.display()
+                    );
+                    tracing::warn!("{why}");
+                    st.args.stats.set_error(why);
+                    metrics::counter!("ragd_watcher_source_hangs_total").increment(1);
+                }
+                st.settle();
             }
             WatchMsg::Replay(id, path) => {
                 if let Some((source, uri)) = source_of(&st.args.sources, &path) {
@@ -859,7 +911,7 @@ impl SourceWatcher {
                     st.doomed.insert(id, again);
                 }
             }
-            WatchMsg::Fs(Err(errors)) => {
+            WatchMsg::Fs(i, Err(errors)) => {
                 if errors
                     .iter()
                     .any(|e| matches!(e.kind, notify::ErrorKind::MaxFilesWatch))
@@ -869,15 +921,15 @@ impl SourceWatcher {
                     // notify adds no more. Watched anew, the tree is too
                     // big to watch and is polled.
                     let why = "inotify's watch limit (fs.inotify.max_user_watches) was reached";
-                    return st.rewatch(myself, why).await;
+                    return st.rewatch(myself, i, why).await;
                 }
                 for e in &errors {
                     tracing::warn!("watch error: {e}; rescanning");
                     st.args.stats.set_error(e.to_string());
                 }
-                st.request_rescan(myself, "a watch error")?;
+                st.request_rescan(myself, [i], "a watch error")?;
             }
-            WatchMsg::PollErrors(errors) => {
+            WatchMsg::PollErrors(_, errors) => {
                 for e in &errors {
                     tracing::debug!("poll error: {e}");
                 }
@@ -885,10 +937,10 @@ impl SourceWatcher {
                     st.args.stats.set_error(format!("polling: {e}"));
                 }
             }
-            WatchMsg::Fs(Ok(events)) => {
+            WatchMsg::Fs(i, Ok(events)) => {
                 if events.iter().any(|e| e.need_rescan()) {
                     tracing::warn!("the kernel dropped file events (queue overflow); rescanning");
-                    st.request_rescan(myself, "the kernel's event queue overflowed")?;
+                    st.request_rescan(myself, [i], "the kernel's event queue overflowed")?;
                     return Ok(());
                 }
                 // Folders an event removed or renamed: one made anew since
@@ -908,7 +960,7 @@ impl SourceWatcher {
                         *paths.entry(p.clone()).or_insert(true) &= metadata;
                     }
                 }
-                if let Some(root) = moved_root(&st.args.sources, &events) {
+                if let Some(i) = moved_root(&st.args.sources, &events) {
                     // The kernel's watches follow the folder, not its path:
                     // they would go on reporting the moved tree's events
                     // under the root's path, and a new folder there would
@@ -916,9 +968,9 @@ impl SourceWatcher {
                     // scan deletes what is gone.
                     let why = format!(
                         "source root {} was moved, removed or replaced",
-                        root.display()
+                        st.args.sources[i].root.display()
                     );
-                    return st.rewatch(myself, &why).await;
+                    return st.rewatch(myself, i, &why).await;
                 }
                 let mut gone = Vec::new();
                 for (path, metadata) in paths {
@@ -960,50 +1012,159 @@ impl WatcherState {
         }
     }
 
-    /// Watches the sources anew, in place: a root that came back, went
+    /// Scans the sources waiting for a scan, but those whose watch is
+    /// being set up: that scans them once set up (what changed between
+    /// a scan and the watch would go unseen).
+    async fn scan(&mut self, myself: &ActorRef<WatchMsg>) {
+        let watches = &self.watches;
+        let which: Vec<usize> = std::mem::take(&mut self.queued)
+            .into_iter()
+            .filter(|i| !matches!(watches[*i], SourceWatch::SettingUp { .. }))
+            .collect();
+        if !which.is_empty() {
+            // From here on a lost event may be behind the walk: the next
+            // request queues another scan.
+            self.args.stats.set_status("scanning");
+            let scanned = rescan(&self.args, &which).await;
+            self.doom(scanned.gone).await;
+            if self.args.only.is_empty() {
+                // Seen whole, but for those it hands back below.
+                for i in &which {
+                    self.missed.remove(&self.args.sources[*i].root);
+                }
+            }
+            for root in scanned.unseen {
+                if self.args.watch {
+                    self.missed(myself, root);
+                } else {
+                    let why = format!(
+                        "source root {} does not answer (a share that hangs): not all of \
+                         it was read; run the ingest again once it answers",
+                        root.display()
+                    );
+                    tracing::warn!("{why}");
+                    self.args.stats.set_error(why);
+                }
+            }
+            for i in &which {
+                self.unscanned.remove(i);
+            }
+        }
+        self.settle();
+    }
+
+    /// Once every source has had its first scan, and no scan waits: the
+    /// first scan is done, and the watcher watches (or, one-shot, is
+    /// done). Meanwhile it is scanning.
+    fn settle(&mut self) {
+        if !self.unscanned.is_empty() || self.scan_scheduled {
+            self.args.stats.set_status("scanning");
+            return;
+        }
+        self.args.scanned.store(true, Ordering::SeqCst);
+        let status = if self.args.watch {
+            "watching"
+        } else {
+            "scanned"
+        };
+        self.args.stats.set_status(status);
+    }
+
+    /// Sends a [`WatchMsg::Scan`] unless one is on its way.
+    fn schedule_scan(&mut self, myself: &ActorRef<WatchMsg>) {
+        if !self.scan_scheduled {
+            self.scan_scheduled = true;
+            let _ = myself.cast(WatchMsg::Scan);
+        }
+    }
+
+    /// Sets up the watch of source `i` on the blocking pool; it comes back
+    /// as a [`WatchMsg::Watched`] (see [`SourceWatch::SettingUp`]).
+    fn set_up(&mut self, myself: &ActorRef<WatchMsg>, i: usize) {
+        let since = tokio::time::Instant::now();
+        self.watches[i] = SourceWatch::SettingUp {
+            since,
+            again: false,
+            late: false,
+        };
+        let setup = WatchSetup {
+            source: self.args.sources[i].clone(),
+            index: i,
+            debounce: self.args.debounce,
+            stats: self.args.stats.clone(),
+        };
+        let me = myself.clone();
+        tokio::task::spawn_blocking(move || {
+            let set_up = watch_source(&setup, &me);
+            // (A watcher stopped meanwhile: dropped, it stops.)
+            let _ = me.cast(WatchMsg::Watched(i, set_up));
+        });
+        cast_at(myself, WatchMsg::SetupCheck, since + self.args.hang_after);
+    }
+
+    /// Watches source `i` if its root is there; otherwise it is missing.
+    async fn start_watch(&mut self, myself: &ActorRef<WatchMsg>, i: usize) {
+        let source = std::slice::from_ref(&self.args.sources[i]);
+        match presence(source).await[0] {
+            None => self.set_up(myself, i),
+            Some(what) => self.missing(myself, i, what),
+        }
+    }
+
+    /// Source `i`'s root is not there to watch (`what`: what it is like):
+    /// says so, and looks for it again in a while.
+    fn missing(&mut self, myself: &ActorRef<WatchMsg>, i: usize, what: &str) {
+        let then = if self.args.watch {
+            self.watches[i] = SourceWatch::Missing;
+            self.check_roots_later(myself);
+            "it is watched again once it is back"
+        } else {
+            "run the ingest again once it is back"
+        };
+        let why = format!(
+            "source root {} {what}; its documents stay indexed; {then}",
+            self.args.sources[i].root.display()
+        );
+        tracing::warn!("{why}");
+        self.args.stats.set_error(why);
+    }
+
+    /// Watches source `i` anew, in place: a root that came back, went
     /// away (a share unmounted), was moved, or a tree that outgrew the
-    /// kernel's watches. Then a full scan finds what changed meanwhile.
-    /// (A restart by the supervisor would do the same, but a share that
-    /// comes and goes would soon use up its restarts and stop ingestion.)
+    /// kernel's watches. Once watched, a scan of it finds what changed
+    /// meanwhile. (A restart by the supervisor would do the same, but a
+    /// share that comes and goes would soon use up its restarts and stop
+    /// ingestion.)
     async fn rewatch(
         &mut self,
         myself: &ActorRef<WatchMsg>,
+        i: usize,
         why: &str,
     ) -> Result<(), ActorProcessingErr> {
-        tracing::warn!("{why}; watching the sources anew");
+        tracing::warn!("{why}; watching it anew");
         self.args.stats.set_error(format!("{why}; watched anew"));
-        // The old watches go first, so that what they held of the kernel's
-        // watch limit is free for the new ones: unwatched now (dropping
-        // the watcher only asks its thread to close them, later).
-        let old = std::mem::replace(
-            &mut self.watches,
-            Watches {
-                missing_roots: Vec::new(),
-                debouncer: None,
-                _pollers: Vec::new(),
-            },
-        );
-        let roots: Vec<PathBuf> = self.args.sources.iter().map(|s| s.root.clone()).collect();
-        tokio::task::spawn_blocking(move || {
-            let mut old = old;
-            if let Some(d) = old.debouncer.as_mut() {
-                for root in &roots {
-                    let _ = d.unwatch(root);
-                }
-            }
-        })
-        .await
-        .map_err(|e| format!("dropping the old watches: {e}"))?;
-        self.watches = watch(&self.args, myself).await?;
         metrics::counter!("ragd_watcher_rewatches_total").increment(1);
-        self.check_roots_later(myself);
-        self.request_rescan(myself, why)
+        if let SourceWatch::SettingUp { again, .. } = &mut self.watches[i] {
+            *again = true;
+            return Ok(());
+        }
+        // The old watch goes first, so that what it held of the kernel's
+        // watch limit is free for the new one. (Dropped, it closes once
+        // its thread sees it: not waited for, which a thread stuck on a
+        // share that hangs would never let end.)
+        self.watches[i] = SourceWatch::Off;
+        self.start_watch(myself, i).await;
+        Ok(())
     }
 
     /// Looks for the missing roots (and those that did not answer) again
     /// in a while, if any is.
     fn check_roots_later(&mut self, myself: &ActorRef<WatchMsg>) {
-        let any = !self.watches.missing_roots.is_empty() || !self.missed.is_empty();
+        let missing = self
+            .watches
+            .iter()
+            .any(|w| matches!(w, SourceWatch::Missing));
+        let any = missing || !self.missed.is_empty();
         if self.args.watch && !self.root_check_scheduled && any {
             self.root_check_scheduled = true;
             cast_later(myself, WatchMsg::RootCheck);
@@ -1016,34 +1177,42 @@ impl WatcherState {
         self.check_roots_later(myself);
     }
 
-    /// A watched mount-point source whose file system is gone.
-    async fn unmounted(&self) -> Option<SourceSpec> {
-        for s in &self.args.sources {
-            let watched = !self.watches.missing_roots.iter().any(|m| m.name == s.name);
+    /// A watched mount-point source whose file system is gone, by index.
+    async fn unmounted(&self) -> Option<usize> {
+        for (i, s) in self.args.sources.iter().enumerate() {
+            let watched = match self.watches[i] {
+                SourceWatch::Watching(_) => true,
+                // (Once it is set up, it is watched anew.)
+                SourceWatch::SettingUp { again, .. } => !again,
+                SourceWatch::Off | SourceWatch::Missing => false,
+            };
             if s.mount_point && watched && !s.present().await {
-                return Some(s.clone());
+                return Some(i);
             }
         }
         None
     }
 
-    /// Queues a full rescan unless one is already waiting.
+    /// Queues a scan of the sources `which`, unless each already waits
+    /// for one.
     fn request_rescan(
         &mut self,
         myself: &ActorRef<WatchMsg>,
+        which: impl IntoIterator<Item = usize>,
         why: &str,
     ) -> Result<(), ActorProcessingErr> {
-        if self.rescan_queued {
+        let before = self.queued.len();
+        self.queued.extend(which);
+        if self.queued.len() == before {
             return Ok(());
         }
-        self.rescan_queued = true;
         self.rescans += 1;
         metrics::counter!("ragd_watcher_rescans_total").increment(1);
         self.args.stats.set_note(format!(
             "rescans since start: {} (last: {why})",
             self.rescans
         ));
-        myself.cast(WatchMsg::Rescan)?;
+        self.schedule_scan(myself);
         Ok(())
     }
 }
@@ -1063,14 +1232,13 @@ fn removed_paths(events: &[notify_debouncer_full::DebouncedEvent]) -> impl Itera
         .flat_map(|e| e.paths.iter().map(PathBuf::as_path))
 }
 
-/// A source root that an event removed or renamed (or a folder above it).
-fn moved_root<'s>(
-    sources: &'s [SourceSpec],
+/// The source whose root an event removed or renamed (or a folder above
+/// it), by index.
+fn moved_root(
+    sources: &[SourceSpec],
     events: &[notify_debouncer_full::DebouncedEvent],
-) -> Option<&'s Path> {
-    removed_paths(events)
-        .find_map(|p| sources.iter().find(|s| s.root.starts_with(p)))
-        .map(|s| s.root.as_path())
+) -> Option<usize> {
+    removed_paths(events).find_map(|p| sources.iter().position(|s| s.root.starts_with(p)))
 }
 
 /// Sends `msg` to the watcher after [`RETRY_AFTER`].
@@ -1391,7 +1559,7 @@ fn walk(root: &Path, progress: &AtomicU64) -> (Vec<PathBuf>, Vec<(PathBuf, bool)
             Err(e) => {
                 // A folder that vanished under the walk is gone; the root
                 // itself missing is not a deletion of the whole source (see
-                // `Watches::missing_roots`).
+                // `SourceWatch::Missing`).
                 let vanished = e.io_error().is_some_and(gone) && e.path() != Some(root);
                 if let (false, Some(p)) = (vanished, e.path()) {
                     tracing::warn!(
@@ -1614,12 +1782,16 @@ struct Scanned {
     unseen: Vec<PathBuf>,
 }
 
-/// Walks the sources and admits what changed.
-async fn rescan(args: &WatcherArgs) -> Scanned {
+/// Walks the sources `which` (by index; or the paths of
+/// [`WatcherArgs::only`]) and admits what changed.
+async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
     let mut present = HashSet::new();
     let mut hung = Vec::new();
     let roots: Vec<PathBuf> = if args.only.is_empty() {
-        args.sources.iter().map(|s| s.root.clone()).collect()
+        which
+            .iter()
+            .map(|i| args.sources[*i].root.clone())
+            .collect()
     } else {
         args.only.clone()
     };
@@ -1664,19 +1836,29 @@ async fn rescan(args: &WatcherArgs) -> Scanned {
         };
     }
     // Known to the index or the ledger but no longer on disk: deleted while
-    // we were not looking.
+    // we were not looking. (Of the sources scanned; a scan of them all
+    // deletes too what the index has of a source no longer configured.)
+    let names: HashSet<&str> = which
+        .iter()
+        .map(|i| args.sources[*i].name.as_str())
+        .collect();
+    let whole = names.len() == args.sources.len();
+    let scanned = |d: &str| {
+        let source = d.split_once(':').map_or(d, |(name, _)| name);
+        !present.contains(d) && (whole || names.contains(source))
+    };
     let mut gone: Vec<String> = args
         .known
         .lock()
         .keys()
-        .filter(|d| !present.contains(*d))
+        .filter(|d| scanned(d))
         .cloned()
         .collect();
     gone.extend(
         args.ledger
             .known_docs()
             .into_iter()
-            .filter(|(d, v)| v.is_some() && !present.contains(d))
+            .filter(|(d, v)| v.is_some() && scanned(d))
             .map(|(d, _)| d),
     );
     gone.retain(|d| !unreadable.covers(d));
@@ -2053,19 +2235,28 @@ mod tests {
             source("kb", None),
             source("big", None),
             source("nfs", Some(minute)),
+            source("many", None),
         ];
         let mut tried = vec![];
-        let plan = plan_watches(&sources, |s| {
-            tried.push(s.name.clone());
-            if s.name == "big" {
-                Err(notify::Error::new(notify::ErrorKind::MaxFilesWatch))
-            } else {
-                Ok(())
-            }
-        });
+        let plan: Vec<_> = sources
+            .iter()
+            .map(|s| {
+                plan_watch(s, |s| {
+                    tried.push(s.name.clone());
+                    match s.name.as_str() {
+                        "big" => Err(notify::Error::new(notify::ErrorKind::MaxFilesWatch)),
+                        // No inotify instance to spare.
+                        "many" => Err(notify::Error::io(std::io::Error::from_raw_os_error(
+                            rustix::io::Errno::MFILE.raw_os_error(),
+                        ))),
+                        _ => Ok(()),
+                    }
+                })
+            })
+            .collect();
         assert_eq!(
             tried,
-            ["kb", "big"],
+            ["kb", "big", "many"],
             "a polled source needs no kernel watch"
         );
         assert_eq!(plan[0], (None, None));
@@ -2077,6 +2268,10 @@ mod tests {
             why.contains("/srv/big") && why.contains("fs.inotify.max_user_watches"),
             "{why}"
         );
+        let (poll, why) = &plan[3];
+        assert_eq!(*poll, Some(FALLBACK_POLL));
+        let why = why.as_deref().unwrap();
+        assert!(why.contains("fs.inotify.max_user_instances"), "{why}");
     }
 
     #[test]
@@ -2227,6 +2422,17 @@ mod tests {
             }
         }
 
+        /// Another source beside the rig's, its root made.
+        fn other_source(&self, name: &str) -> SourceSpec {
+            let root = self.dir.path().join(name);
+            std::fs::create_dir_all(&root).unwrap();
+            SourceSpec {
+                name: name.into(),
+                root: root.canonicalize().unwrap(),
+                ..self.source()
+            }
+        }
+
         fn args(&self, watch: bool) -> WatcherArgs {
             WatcherArgs {
                 sources: vec![self.source()],
@@ -2339,10 +2545,13 @@ mod tests {
     /// An event as the debouncer hands it on.
     fn event(kind: notify::EventKind, path: &Path) -> WatchMsg {
         let e = notify::Event::new(kind).add_path(path.to_path_buf());
-        WatchMsg::Fs(Ok(vec![notify_debouncer_full::DebouncedEvent::new(
-            e,
-            std::time::Instant::now(),
-        )]))
+        WatchMsg::Fs(
+            0,
+            Ok(vec![notify_debouncer_full::DebouncedEvent::new(
+                e,
+                std::time::Instant::now(),
+            )]),
+        )
     }
 
     /// `rm -rf site && build site`: the debouncer folds the removals under
@@ -2527,6 +2736,13 @@ mod tests {
         }
     }
 
+    /// The key under which [`HELD`] holds the setting up of the watch of
+    /// the source root `root`. (A name no walk or listing waits on: the
+    /// watcher ignores names starting with a dot.)
+    pub(super) fn setup_of(root: &Path) -> PathBuf {
+        root.join(".watch-setup")
+    }
+
     /// Holds every walk and listing of `folder` (see [`HELD`]).
     fn hold(folder: &Path) {
         HELD.lock().insert(folder.to_path_buf(), 0);
@@ -2581,6 +2797,69 @@ mod tests {
         let_go(&site);
         wait_for(|| rig.chunk_q.len() == 1).await;
         assert_eq!(rig.handed(), ["kb:site/d.md"]);
+        watcher.stop(None);
+    }
+
+    /// A source whose watch does not get set up (a share that hangs while
+    /// its tree is walked to watch it) holds up no other: the first scan
+    /// is done without it, and says why; the others' events come. Once
+    /// set up, it is scanned, and its events come too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_whose_watch_does_not_set_up_holds_up_no_other() {
+        let rig = Rig::new();
+        rig.write("a.md", "# a\n\ntext\n");
+        let wiki = rig.other_source("wiki");
+        std::fs::write(wiki.root.join("w.md"), "# w\n\ntext\n").unwrap();
+        let setup = setup_of(&wiki.root);
+        hold(&setup);
+        let mut args = rig.args(true);
+        args.sources.push(wiki.clone());
+        args.hang_after = Duration::from_secs(1);
+        let (watcher, handed) = rig.start_with(args).await;
+        assert_eq!(handed, ["kb:a.md"]);
+        let error = rig.stats.last_error().unwrap_or_default();
+        assert!(
+            error.contains("is not watched yet") && error.contains("wiki"),
+            "{error}"
+        );
+        rig.write("b.md", "# b\n\ntext\n");
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:b.md"]);
+        assert_eq!(let_go(&setup), 1);
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["wiki:w.md"]);
+        // (Written after its scan: an event tells.)
+        std::fs::write(wiki.root.join("x.md"), "# x\n\ntext\n").unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["wiki:x.md"]);
+        watcher.stop(None);
+    }
+
+    /// Events lost from one source's watch (its queue overflowed) have it
+    /// scanned, not every source: a scan reads every file. A full rescan
+    /// scans them all.
+    #[tokio::test]
+    async fn a_source_that_lost_events_is_scanned_alone() {
+        let rig = Rig::new();
+        let wiki = rig.other_source("wiki");
+        let mut args = rig.args(true);
+        args.sources.push(wiki);
+        let (watcher, _) = rig.start_with(args).await;
+        // Indexed before; both files went while nothing was watching.
+        for id in ["kb:gone.md", "wiki:gone.md"] {
+            rig.known.lock().insert(id.into(), "v0".into());
+        }
+        let overflow =
+            notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        let event = notify_debouncer_full::DebouncedEvent::new(overflow, std::time::Instant::now());
+        watcher.cast(WatchMsg::Fs(0, Ok(vec![event]))).unwrap();
+        wait_for(|| !rig.index_q.is_empty()).await;
+        // (Time for the other's deletion to show, were it scanned too.)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rig.deleted(), ["kb:gone.md"]);
+        watcher.cast(WatchMsg::Rescan).unwrap();
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["wiki:gone.md"]);
         watcher.stop(None);
     }
 
@@ -2813,11 +3092,11 @@ mod tests {
         let rig = Rig::new();
         let (watcher, _) = rig.start(true).await;
         let limit = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
-        watcher.cast(WatchMsg::Fs(Err(vec![limit]))).unwrap();
+        watcher.cast(WatchMsg::Fs(0, Err(vec![limit]))).unwrap();
         still_watching(&rig, &watcher, "watch limit", "new/a.md").await;
         // Another watch error only asks for a rescan.
         let other = notify::Error::generic("a passing error");
-        watcher.cast(WatchMsg::Fs(Err(vec![other]))).unwrap();
+        watcher.cast(WatchMsg::Fs(0, Err(vec![other]))).unwrap();
         wait_for(|| {
             rig.stats
                 .last_error()
@@ -3236,7 +3515,7 @@ mod tests {
             let overflow =
                 notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
             let event = notify_debouncer_full::DebouncedEvent::new(overflow, Instant::now());
-            watcher.cast(WatchMsg::Fs(Ok(vec![event]))).unwrap();
+            watcher.cast(WatchMsg::Fs(0, Ok(vec![event]))).unwrap();
         }
         let rescans = || {
             stats
