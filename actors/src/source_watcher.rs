@@ -375,7 +375,8 @@ pub fn ignored(rel: &Path) -> bool {
 }
 
 pub enum WatchMsg {
-    /// Compare every source folder with what we know.
+    /// Compare every source folder with what we know (but those whose
+    /// watch is being set up: each is scanned once set up).
     Rescan,
     /// Scan the sources waiting for a scan (see
     /// [`WatcherState::request_rescan`]).
@@ -425,7 +426,10 @@ pub struct WatcherArgs {
     pub watch: bool,
     pub debounce: Duration,
     pub stats: Arc<ActorStats>,
-    /// Set once the first scan has admitted everything it found.
+    /// Set once the first scan has admitted everything it found: of
+    /// every source, but those missing and those whose watch took longer
+    /// than [`WatcherArgs::hang_after`] to set up (each is scanned once
+    /// watched).
     pub scanned: Arc<AtomicBool>,
     /// Restrict scans to these paths (inside the sources); empty: everything.
     pub only: Vec<PathBuf>,
@@ -497,7 +501,8 @@ pub struct WatcherState {
 
 /// How a source is watched.
 enum SourceWatch {
-    /// Not at all: a one-shot ingest.
+    /// Not at all: a one-shot ingest (or, for a moment, one watched
+    /// anew).
     Off,
     /// Its root was not there to watch (or did not answer): unwatched
     /// until it is back, which watches it anew. Its documents stay indexed
@@ -790,8 +795,10 @@ impl SourceWatcher {
                 let root = st.args.sources[i].root.clone();
                 match set_up {
                     // Asked for anew meanwhile (the root moved, say): what
-                    // this one watches may no longer be the root.
+                    // this one watches may no longer be the root. (Dropped
+                    // first: see `rewatch`.)
                     _ if again => {
+                        drop(set_up);
                         st.watches[i] = SourceWatch::Off;
                         st.start_watch(myself, i).await;
                     }
@@ -808,12 +815,11 @@ impl SourceWatcher {
                             st.request_rescan(myself, [i], &why)?;
                         }
                     }
-                    Err(what) => {
-                        st.unscanned.remove(&i);
-                        st.missing(myself, i, &what);
-                        st.settle();
-                    }
+                    Err(what) => st.missing(myself, i, &what),
                 }
+                // (A source found missing no longer holds up the first
+                // scan.)
+                st.settle();
             }
             WatchMsg::SetupCheck => {
                 let now = tokio::time::Instant::now();
@@ -964,8 +970,8 @@ impl SourceWatcher {
                     // The kernel's watches follow the folder, not its path:
                     // they would go on reporting the moved tree's events
                     // under the root's path, and a new folder there would
-                    // go unwatched. The path is watched anew, and a full
-                    // scan deletes what is gone.
+                    // go unwatched. The path is watched anew, and the scan
+                    // of it once watched deletes what is gone.
                     let why = format!(
                         "source root {} was moved, removed or replaced",
                         st.args.sources[i].root.display()
@@ -1095,7 +1101,12 @@ impl WatcherState {
         };
         let me = myself.clone();
         tokio::task::spawn_blocking(move || {
-            let set_up = watch_source(&setup, &me);
+            // (One that panics would leave the source setting up for good:
+            // it counts as missing, and is tried again.)
+            let set_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                watch_source(&setup, &me)
+            }))
+            .unwrap_or_else(|_| WatchSetUp(Err("could not be watched (a panic)".into())));
             // (A watcher stopped meanwhile: dropped, it stops.)
             let _ = me.cast(WatchMsg::Watched(i, set_up));
         });
@@ -1114,6 +1125,8 @@ impl WatcherState {
     /// Source `i`'s root is not there to watch (`what`: what it is like):
     /// says so, and looks for it again in a while.
     fn missing(&mut self, myself: &ActorRef<WatchMsg>, i: usize, what: &str) {
+        // (Nor does it hold up the first scan.)
+        self.unscanned.remove(&i);
         let then = if self.args.watch {
             self.watches[i] = SourceWatch::Missing;
             self.check_roots_later(myself);
@@ -1149,9 +1162,9 @@ impl WatcherState {
             return Ok(());
         }
         // The old watch goes first, so that what it held of the kernel's
-        // watch limit is free for the new one. (Dropped, it closes once
-        // its thread sees it: not waited for, which a thread stuck on a
-        // share that hangs would never let end.)
+        // watch limit is freed for the new one: dropped, it closes its
+        // inotify instance once its thread sees the drop. (Not waited for:
+        // a thread stuck on a share that hangs would never let it end.)
         self.watches[i] = SourceWatch::Off;
         self.start_watch(myself, i).await;
         Ok(())
@@ -1836,16 +1849,16 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
         };
     }
     // Known to the index or the ledger but no longer on disk: deleted while
-    // we were not looking. (Of the sources scanned; a scan of them all
-    // deletes too what the index has of a source no longer configured.)
+    // we were not looking. Of the sources scanned, and of those no longer
+    // configured (which no scan sees).
     let names: HashSet<&str> = which
         .iter()
         .map(|i| args.sources[*i].name.as_str())
         .collect();
-    let whole = names.len() == args.sources.len();
     let scanned = |d: &str| {
         let source = d.split_once(':').map_or(d, |(name, _)| name);
-        !present.contains(d) && (whole || names.contains(source))
+        let configured = args.sources.iter().any(|s| s.name == source);
+        !present.contains(d) && (names.contains(source) || !configured)
     };
     let mut gone: Vec<String> = args
         .known
@@ -2814,7 +2827,7 @@ mod tests {
         hold(&setup);
         let mut args = rig.args(true);
         args.sources.push(wiki.clone());
-        args.hang_after = Duration::from_secs(1);
+        args.hang_after = Duration::from_secs(3);
         let (watcher, handed) = rig.start_with(args).await;
         assert_eq!(handed, ["kb:a.md"]);
         let error = rig.stats.last_error().unwrap_or_default();
@@ -2832,6 +2845,40 @@ mod tests {
         std::fs::write(wiki.root.join("x.md"), "# x\n\ntext\n").unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["wiki:x.md"]);
+        watcher.stop(None);
+    }
+
+    /// A source whose root goes while its watch is set up is watched
+    /// anew once that setup ends, found missing, and holds up the first
+    /// scan no longer.
+    #[tokio::test]
+    async fn a_root_that_goes_while_its_watch_is_set_up_is_missing() {
+        let rig = Rig::new();
+        let wiki = rig.other_source("wiki");
+        let setup = setup_of(&wiki.root);
+        hold(&setup);
+        let mut args = rig.args(true);
+        args.sources.push(wiki.clone());
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        std::fs::remove_dir(&wiki.root).unwrap();
+        let moved =
+            notify::Event::new(notify::EventKind::Remove(notify::event::RemoveKind::Folder))
+                .add_path(wiki.root.clone());
+        let moved = notify_debouncer_full::DebouncedEvent::new(moved, std::time::Instant::now());
+        watcher.cast(WatchMsg::Fs(1, Ok(vec![moved]))).unwrap();
+        wait_for(|| {
+            let error = rig.stats.last_error().unwrap_or_default();
+            error.contains("was moved")
+        })
+        .await;
+        assert_eq!(rig.stats.status(), "scanning");
+        assert_eq!(let_go(&setup), 1);
+        wait_for(|| rig.stats.status() == "watching").await;
+        let error = rig.stats.last_error().unwrap_or_default();
+        assert!(
+            error.contains("wiki") && error.contains("is missing"),
+            "{error}"
+        );
         watcher.stop(None);
     }
 
