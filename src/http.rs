@@ -274,6 +274,7 @@ pub fn admin_router(
         .route("/actors", get(actors))
         .route("/ingest", get(ingest))
         .route("/ingest/documents", get(documents))
+        .route("/ingest/sources", get(sources))
         .route("/index", get(index_info))
         .route("/dlq", get(dlq_list))
         .route("/dlq/{id}/replay", post(dlq_replay))
@@ -324,6 +325,31 @@ async fn ingest(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
         return r;
     }
     Json(node.ledger.counts()).into_response()
+}
+
+/// How each source stands: how it is watched, and why what is under it
+/// is not all seen right now (a root missing, a share that hangs), if so.
+async fn sources(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if let Some(r) = admin_auth(&node, &headers) {
+        return r;
+    }
+    if let Some(r) = ingest_only(&node) {
+        return r;
+    }
+    let sources: Vec<serde_json::Value> = node
+        .sources
+        .lock()
+        .iter()
+        .map(|(name, v)| {
+            serde_json::json!({
+                "name": name,
+                "root": v.root,
+                "watch": v.watch,
+                "unseen": v.unseen,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "sources": sources })).into_response()
 }
 
 /// The 409 for a ledger request to a node without the ingest role: an

@@ -495,10 +495,12 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
     let c = node.ledger.counts();
     // What the scan could not see (a source root missing, a share with
     // nothing mounted, one that hangs) is in none of the counts.
-    let unseen = node
-        .registry
-        .get(&format!("root/ingest/{}", node::WATCHER))
-        .and_then(|w| w.last_error());
+    let unseen: Vec<String> = node
+        .sources
+        .lock()
+        .values()
+        .filter_map(|v| v.unseen.clone())
+        .collect();
     node.shutdown(Duration::from_secs(5)).await;
     store.optimize().await?;
     println!(
@@ -510,7 +512,7 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
         c.skipped,
         c.dead_lettered
     );
-    if let Some(why) = unseen {
+    for why in unseen {
         println!("  note: {why}");
     }
     // Which ones, and why: the counts alone leave an operator guessing.

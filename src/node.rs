@@ -68,6 +68,8 @@ pub struct Node {
     pub cache: CacheHandle,
     pub dlq: Arc<dyn DeadLetters>,
     pub scanned: Arc<AtomicBool>,
+    /// How each source stands (the ingest role's watcher keeps it).
+    pub sources: ragd_actors::source_watcher::SourceHealth,
     pub reranker_on: bool,
     /// None: no `[llm]` configured, answers stay null.
     pub llm: Option<Arc<crate::llm::Llm>>,
@@ -517,6 +519,7 @@ impl Node {
         let known = Arc::new(parking_lot::Mutex::new(known));
         // A node without a watcher has no first scan to wait for.
         let scanned = Arc::new(AtomicBool::new(!roles.ingest));
+        let sources = ragd_actors::source_watcher::SourceHealth::default();
 
         let settings = |min: usize, max: usize| PoolSettings {
             min,
@@ -534,8 +537,9 @@ impl Node {
         )?);
 
         let watcher = {
-            let (sources, ledger, dlq, chunk_port, delete_port, known, scanned) = (
+            let (specs, health, ledger, dlq, chunk_port, delete_port, known, scanned) = (
                 config.sources.clone(),
+                sources.clone(),
                 ledger.clone(),
                 dlq.clone(),
                 port(&kafka, &chunk_q, RAW_DOCS),
@@ -555,7 +559,7 @@ impl Node {
                     Some(WATCHER.to_string()),
                     SourceWatcher,
                     WatcherArgs {
-                        sources: sources.clone(),
+                        sources: specs.clone(),
                         ledger: ledger.clone(),
                         dlq: dlq.clone(),
                         chunk_q: chunk_port.clone(),
@@ -570,6 +574,7 @@ impl Node {
                         retry: Default::default(),
                         delete_grace,
                         hang_after: ragd_actors::source_watcher::HANG_AFTER,
+                        health: health.clone(),
                     },
                 )
             })
@@ -773,6 +778,7 @@ impl Node {
             cache,
             dlq,
             scanned,
+            sources,
             reranker_on: reranker_model.is_some(),
             llm,
             root,

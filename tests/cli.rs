@@ -113,14 +113,24 @@ fn one_shot_ingest_says_what_it_could_not_see() {
     let cfg = ws.config();
     let text = std::fs::read_to_string(&cfg).unwrap();
     let text = text.replace("path = \"kb\"", "path = \"kb\"\nmount_point = true");
+    // A second share, with nothing mounted on it either: each is named.
+    std::fs::create_dir_all(ws.dir.path().join("wiki")).unwrap();
+    let text = format!(
+        "{text}\n[[sources]]\nname = \"wiki\"\npath = \"wiki\"\nmount_point = true\n\
+         division = \"general\"\naccess_level = \"public\"\n"
+    );
     std::fs::write(&cfg, text).unwrap();
     let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("0 documents"), "{out}");
-    assert!(
-        out.contains("note: source root") && out.contains("has nothing mounted on it"),
-        "{out}"
-    );
+    for root in [ws.kb(), ws.dir.path().join("wiki")] {
+        let root = root.canonicalize().unwrap();
+        let note = format!(
+            "note: source root {} has nothing mounted on it",
+            root.display()
+        );
+        assert!(out.contains(&note), "{note:?} missing from:\n{out}");
+    }
 }
 
 #[test]

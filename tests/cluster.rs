@@ -94,6 +94,7 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
     );
     // The ingest ledger lives on the ingest node only.
     assert_eq!(index.admin_status("/ingest"), Some(409));
+    assert_eq!(index.admin_status("/ingest/sources"), Some(409));
     // `ragd status` on it shows its actors, and says where the ledger is.
     let cfg = index_ws.config();
     let (ok, out, err) = index_ws.ragd(&["status", "--config", cfg.to_str().unwrap()]);

@@ -490,6 +490,13 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
     assert_eq!(page["next"], serde_json::Value::Null, "{page}");
     assert_eq!(d.admin_status("/ingest/documents?status=lost"), Some(400));
     assert_eq!(d.get_status("/ingest/documents"), Some(401));
+    // Each source, how it is watched, and what of it is unseen: nothing.
+    let sources = d.admin_json("/ingest/sources");
+    let kb = &sources["sources"][0];
+    assert_eq!(kb["name"], "kb", "{sources}");
+    assert_eq!(kb["watch"], "watching", "{sources}");
+    assert_eq!(kb["unseen"], serde_json::Value::Null, "{sources}");
+    assert_eq!(d.get_status("/ingest/sources"), Some(401));
     let (ok, out, err) = ws.ragd(&[
         "docs",
         "--status",

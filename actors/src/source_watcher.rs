@@ -451,6 +451,25 @@ pub struct WatcherArgs {
     /// progress before the source counts as hanging ([`HANG_AFTER`]; see
     /// [`on_source`]).
     pub hang_after: Duration,
+    /// How each source stands, kept here for the admin API and the
+    /// one-shot summary.
+    pub health: SourceHealth,
+}
+
+/// How each source stands, by name (see [`SourceView`]).
+pub type SourceHealth = Arc<parking_lot::Mutex<BTreeMap<String, SourceView>>>;
+
+/// How a source stands: how it is watched, and what of it is not seen.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SourceView {
+    pub root: PathBuf,
+    /// "setting up", "watching", "polling", "missing", or "off" (a one-shot
+    /// ingest watches nothing).
+    pub watch: &'static str,
+    /// Why what is under it is not all seen right now (not scanned yet,
+    /// its root missing, a share that hangs); `None` once a scan has
+    /// seen it whole.
+    pub unseen: Option<String>,
 }
 
 /// See [`WatcherArgs::hang_after`]: far longer than a read of the largest
@@ -549,6 +568,18 @@ impl Actor for SourceWatcher {
         args: WatcherArgs,
     ) -> Result<WatcherState, ActorProcessingErr> {
         args.stats.set_status("scanning");
+        *args.health.lock() = args
+            .sources
+            .iter()
+            .map(|s| {
+                let view = SourceView {
+                    root: s.root.clone(),
+                    watch: "off",
+                    unseen: Some("not scanned yet".into()),
+                };
+                (s.name.clone(), view)
+            })
+            .collect();
         let present = presence(&args.sources).await;
         let mut st = WatcherState {
             watches: args.sources.iter().map(|_| SourceWatch::Off).collect(),
@@ -803,6 +834,11 @@ impl SourceWatcher {
                         st.start_watch(myself, i).await;
                     }
                     Ok(watch) => {
+                        let how = match watch {
+                            Watch::Native(_) => "watching",
+                            Watch::Polled(_) => "polling",
+                        };
+                        st.show(i, |v| v.watch = how);
                         st.watches[i] = SourceWatch::Watching(watch);
                         if late {
                             tracing::info!("source root {} is watched after all", root.display());
@@ -842,7 +878,10 @@ impl SourceWatcher {
                         st.args.sources[i].root.display()
                     );
                     tracing::warn!("{why}");
-                    st.args.stats.set_error(why);
+                    st.args.stats.set_error(why.clone());
+                    if let Some(v) = st.args.health.lock().get_mut(&st.args.sources[i].name) {
+                        v.unseen = Some(why);
+                    }
                     metrics::counter!("ragd_watcher_source_hangs_total").increment(1);
                 }
                 st.settle();
@@ -1039,21 +1078,25 @@ impl WatcherState {
                     self.missed.remove(&self.args.sources[*i].root);
                 }
             }
+            for i in &which {
+                self.unscanned.remove(i);
+                self.show(*i, |v| v.unseen = None);
+            }
             for root in scanned.unseen {
                 if self.args.watch {
                     self.missed(myself, root);
                 } else {
                     let why = format!(
-                        "source root {} does not answer (a share that hangs): not all of \
-                         it was read; run the ingest again once it answers",
+                        "source root {} was not read whole: it does not answer (a share \
+                         that hangs), or went; run the ingest again once it answers",
                         root.display()
                     );
                     tracing::warn!("{why}");
-                    self.args.stats.set_error(why);
+                    self.args.stats.set_error(why.clone());
+                    if let Some(i) = self.args.sources.iter().position(|s| s.root == root) {
+                        self.show(i, |v| v.unseen = Some(why));
+                    }
                 }
-            }
-            for i in &which {
-                self.unscanned.remove(i);
             }
         }
         self.settle();
@@ -1088,6 +1131,7 @@ impl WatcherState {
     /// as a [`WatchMsg::Watched`] (see [`SourceWatch::SettingUp`]).
     fn set_up(&mut self, myself: &ActorRef<WatchMsg>, i: usize) {
         let since = tokio::time::Instant::now();
+        self.show(i, |v| v.watch = "setting up");
         self.watches[i] = SourceWatch::SettingUp {
             since,
             again: false,
@@ -1139,7 +1183,19 @@ impl WatcherState {
             self.args.sources[i].root.display()
         );
         tracing::warn!("{why}");
-        self.args.stats.set_error(why);
+        self.args.stats.set_error(why.clone());
+        let watch = if self.args.watch { "missing" } else { "off" };
+        self.show(i, |v| {
+            v.watch = watch;
+            v.unseen = Some(why);
+        });
+    }
+
+    /// Changes what [`WatcherArgs::health`] shows of source `i`.
+    fn show(&self, i: usize, change: impl FnOnce(&mut SourceView)) {
+        if let Some(v) = self.args.health.lock().get_mut(&self.args.sources[i].name) {
+            change(v);
+        }
     }
 
     /// Watches source `i` anew, in place: a root that came back, went
@@ -1186,6 +1242,14 @@ impl WatcherState {
 
     /// An event under `root` went unread: the source did not answer.
     fn missed(&mut self, myself: &ActorRef<WatchMsg>, root: PathBuf) {
+        if let Some(i) = self.args.sources.iter().position(|s| s.root == root) {
+            let why = format!(
+                "source root {} does not answer (a share that hangs, or it went): what \
+                 changed under it is read once it answers",
+                root.display()
+            );
+            self.show(i, |v| v.unseen = Some(why));
+        }
         self.missed.insert(root);
         self.check_roots_later(myself);
     }
@@ -1790,8 +1854,8 @@ struct Scanned {
     /// The documents gone, for [`WatcherState::doom`].
     gone: Vec<String>,
     /// The roots of the sources not seen whole: they hung (see
-    /// [`on_source`]), or, in a watching node, were not there or did not
-    /// answer. Each is scanned again once it answers.
+    /// [`on_source`]), or were not there or did not answer. A watching
+    /// node scans each again once it answers; a one-shot ingest says so.
     unseen: Vec<PathBuf>,
 }
 
@@ -1817,9 +1881,7 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
                 // within the look's timeout need not hang: what changed
                 // under it meanwhile would be seen by no scan.)
                 unreadable.0.push(format!("{}:", s.name));
-                if args.watch {
-                    hung.push(root);
-                }
+                hung.push(root);
                 continue;
             }
         }
@@ -2465,6 +2527,7 @@ mod tests {
                 retry: Default::default(),
                 delete_grace: Duration::ZERO,
                 hang_after: HANG_AFTER,
+                health: Default::default(),
             }
         }
 
@@ -2487,20 +2550,6 @@ mod tests {
             let want = if watch { "watching" } else { "scanned" };
             wait_for(|| self.stats.status() == want).await;
             (watcher, self.handed())
-        }
-
-        /// Starts a watcher whose root is not there to read: it scans
-        /// nothing, deletes nothing, and says why (`why`).
-        async fn start_without_root(&self, why: &str) -> ActorRef<WatchMsg> {
-            let (watcher, scanned) = self.start(true).await;
-            assert!(scanned.is_empty());
-            assert!(
-                self.deleted().is_empty(),
-                "a root not there deleted its documents"
-            );
-            let error = self.stats.last_error().unwrap_or_default();
-            assert!(error.contains(why), "{error}");
-            watcher
         }
 
         /// The documents handed on to be chunked since the last call.
@@ -2828,6 +2877,7 @@ mod tests {
         let mut args = rig.args(true);
         args.sources.push(wiki.clone());
         args.hang_after = Duration::from_secs(3);
+        let health = args.health.clone();
         let (watcher, handed) = rig.start_with(args).await;
         assert_eq!(handed, ["kb:a.md"]);
         let error = rig.stats.last_error().unwrap_or_default();
@@ -2835,12 +2885,21 @@ mod tests {
             error.contains("is not watched yet") && error.contains("wiki"),
             "{error}"
         );
+        let view = |name: &str| {
+            let v = health.lock()[name].clone();
+            (v.watch, v.unseen.unwrap_or_default())
+        };
+        assert_eq!(view("kb"), ("watching", String::new()));
+        let (watch, unseen) = view("wiki");
+        assert_eq!(watch, "setting up");
+        assert!(unseen.contains("is not watched yet"), "{unseen}");
         rig.write("b.md", "# b\n\ntext\n");
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["kb:b.md"]);
         assert_eq!(let_go(&setup), 1);
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["wiki:w.md"]);
+        wait_for(|| view("wiki") == ("watching", String::new())).await;
         // (Written after its scan: an event tells.)
         std::fs::write(wiki.root.join("x.md"), "# x\n\ntext\n").unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
@@ -3163,11 +3222,20 @@ mod tests {
         let rig = Rig::new();
         rig.known.lock().insert("kb:a.md".into(), "v1".into());
         std::fs::remove_dir(&rig.root).unwrap();
-        let watcher = rig.start_without_root("is missing").await;
+        let args = rig.args(true);
+        let health = args.health.clone();
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        wait_for(|| rig.stats.status() == "watching").await;
+        assert!(rig.handed().is_empty() && rig.deleted().is_empty());
+        let view = health.lock()["kb"].clone();
+        assert_eq!(view.watch, "missing");
+        assert!(view.unseen.unwrap().contains("is missing"));
         std::fs::create_dir(&rig.root).unwrap();
         still_watching(&rig, &watcher, "is back", "b.md").await;
         // Back empty: now a.md is gone for real.
         assert_eq!(rig.deleted(), ["kb:a.md"]);
+        let view = health.lock()["kb"].clone();
+        assert_eq!((view.watch, view.unseen), ("watching", None));
         watcher.stop(None);
     }
 
