@@ -47,9 +47,6 @@ pub trait DeadLetters: Send + Sync {
     /// watcher asks this for every document it sees, so backends answer
     /// from memory without copying the whole queue.
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry>;
-    /// Whether the newest entry holding `version` of `doc_id` was
-    /// replayed (see [`newest_replayed`]).
-    fn replayed(&self, doc_id: &str, version: &str) -> bool;
 }
 
 /// [`DeadLetters::mark_replayed`] of an entry that was replayed already.
@@ -63,17 +60,6 @@ impl std::fmt::Display for AlreadyReplayed {
 }
 
 impl std::error::Error for AlreadyReplayed {}
-
-/// Whether the newest of `entries` holding `version` of `doc_id` was
-/// replayed: the replay asked for that version to be read again, and it
-/// has not failed again since (which adds a newer entry, not replayed).
-pub fn newest_replayed(entries: &[DlqEntry], doc_id: &str, version: &str) -> bool {
-    entries
-        .iter()
-        .rev()
-        .find(|e| e.doc_id == doc_id && e.version.as_deref() == Some(version))
-        .is_some_and(|e| e.replayed)
-}
 
 /// Whether `e` holds `version` of `doc_id` and still waits for a replay.
 pub fn is_pending(e: &DlqEntry, doc_id: &str, version: &str) -> bool {
@@ -179,10 +165,6 @@ impl DeadLetters for FileDlq {
             .cloned()
     }
 
-    fn replayed(&self, doc_id: &str, version: &str) -> bool {
-        newest_replayed(&self.log.lock().1, doc_id, version)
-    }
-
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
         let mut log = self.log.lock();
         let (file, entries) = &mut *log;
@@ -266,22 +248,5 @@ mod tests {
             listed.iter().map(|e| e.replayed).collect::<Vec<_>>(),
             vec![false, true]
         );
-    }
-
-    /// A version whose newest entry was replayed is due to be read again;
-    /// once it fails again (a newer entry), it is not.
-    #[test]
-    fn the_newest_entry_of_a_version_says_whether_it_was_replayed() {
-        let dir = tempfile::tempdir().unwrap();
-        let dlq = FileDlq::open(dir.path().join("dlq.jsonl")).unwrap();
-        assert!(!dlq.replayed("a", "abc"), "no entry");
-        let first = dlq.push(entry("a")).unwrap();
-        assert!(!dlq.replayed("a", "abc"), "pending");
-        dlq.mark_replayed(first).unwrap();
-        assert!(dlq.replayed("a", "abc"));
-        assert!(!dlq.replayed("a", "other"), "another version");
-        assert!(!dlq.replayed("b", "abc"), "another document");
-        dlq.push(entry("a")).unwrap();
-        assert!(!dlq.replayed("a", "abc"), "failed again since");
     }
 }

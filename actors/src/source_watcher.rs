@@ -2164,7 +2164,6 @@ async fn decide(
         }
         Err(_) => return, // vanished; its removal event follows
     };
-    let force = force || replay_due(args, &id, &version);
     // (Either way the watcher has it now: on a node with the index role
     // too, the ledger may have it from the store or from a job alone.)
     if !force && args.known.lock().get(&id) == Some(&version) {
@@ -2202,17 +2201,6 @@ async fn decide(
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
     }
-}
-
-/// Whether `version` of `id` ended dead-lettered and its DLQ entry was
-/// replayed since: it is read again, however it comes to be read. The
-/// replay's own read may not be the one that does: it may have waited on
-/// the retry list (a source that hangs, a file that would not open) and
-/// left it when the file was gone for a moment (a save that deletes and
-/// writes), and the read after that would find the version unchanged.
-fn replay_due(args: &WatcherArgs, id: &str, version: &str) -> bool {
-    matches!(args.ledger.status(id), Some(DocStatus::DeadLettered(_)))
-        && args.dlq.replayed(id, version)
 }
 
 /// Puts `path` on [`WatcherArgs::retry`] without counting a try: its
@@ -3526,45 +3514,6 @@ mod tests {
         rig.ledger.finish("kb:a.md", Some(&version), failed);
         let a = rig.root.join("a.md");
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
-        wait_for(|| !rig.chunk_q.is_empty()).await;
-        assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
-        watcher.stop(None);
-    }
-
-    /// A dead-lettered version whose DLQ entry was replayed is read again
-    /// by whichever read comes first, a scan or an event: the replay's own
-    /// read may never come (it waited on the retry list, which the file
-    /// left when it was gone for a moment). One still pending is not.
-    #[tokio::test]
-    async fn a_replayed_version_is_read_again_by_any_read() {
-        let rig = Rig::new();
-        rig.write("a.md", "# A");
-        let args = rig.args(true);
-        let dlq = args.dlq.clone();
-        let (watcher, scanned) = rig.start_with(args).await;
-        assert_eq!(scanned, ["kb:a.md"]);
-        // As the pipeline does when a.md goes to the DLQ.
-        let version = rig.known.lock()["kb:a.md"].clone();
-        let entry = crate::dlq::DlqEntry {
-            id: 0,
-            at: crate::dlq::now_secs(),
-            stage: "chunker".into(),
-            error: "boom".into(),
-            attempts: 3,
-            doc_id: "kb:a.md".into(),
-            version: Some(version.clone()),
-            payload: serde_json::Value::Null,
-            replayed: false,
-        };
-        let id = dlq.push(entry).unwrap();
-        let failed = Outcome::DeadLettered("chunker: boom".into());
-        rig.ledger.finish("kb:a.md", Some(&version), failed);
-        watcher.cast(WatchMsg::Rescan).unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(rig.handed().is_empty(), "a pending version was read");
-        // Replayed (its `WatchMsg::Replay` lost on the way).
-        dlq.mark_replayed(id).unwrap();
-        watcher.cast(WatchMsg::Rescan).unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
         watcher.stop(None);

@@ -655,10 +655,6 @@ impl DeadLetters for KafkaDlq {
             .cloned()
     }
 
-    fn replayed(&self, doc_id: &str, version: &str) -> bool {
-        crate::dlq::newest_replayed(&self.entries.lock(), doc_id, version)
-    }
-
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
         // Claimed under the lock, then written: of two replays of one
         // entry at once, the second finds it claimed. (The lock is not
