@@ -1808,7 +1808,14 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
                 // Gone meanwhile (a folder too, which the probe would not
                 // tell from a file): nothing to read; its removal is an
                 // event's, or a scan's. (A root: see `walk_again_later`.)
-                args.retry.lock().remove(&path);
+                // A replay waits a while (see `replay_waits`).
+                let mut retry = args.retry.lock();
+                let tries = retry.get(&path).map_or(0, |(t, _)| *t);
+                if force {
+                    replay_waits(&mut retry, &path, tries);
+                } else {
+                    retry.remove(&path);
+                }
                 continue;
             }
             let unknown = looked.as_ref().is_err() && !is_root;
@@ -2162,7 +2169,14 @@ async fn decide(
             args.retry.lock().remove(path);
             return skip(format!("cannot read the file: {e}")).await;
         }
-        Err(_) => return, // vanished; its removal event follows
+        Err(_) => {
+            // Vanished; its removal event follows. (A replay waits a while.)
+            if force {
+                let tries = waiting.map_or(0, |(t, _)| t);
+                replay_waits(&mut args.retry.lock(), path, tries);
+            }
+            return;
+        }
     };
     // (Either way the watcher has it now: on a node with the index role
     // too, the ledger may have it from the store or from a job alone.)
@@ -2200,6 +2214,23 @@ async fn decide(
         args.known.lock().insert(id, version);
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
+    }
+}
+
+/// A replay of the file at `path` found it gone, after `tries` tries: it
+/// waits on [`WatcherArgs::retry`], forced, a try counted, up to
+/// [`READ_TRIES`]. A save that deletes and writes has it back in a moment,
+/// and the read then, from its event, would find the dead-lettered
+/// version unchanged, and the replay would be lost.
+fn replay_waits(retry: &mut HashMap<PathBuf, (u32, bool)>, path: &Path, tries: u32) {
+    if tries + 1 < READ_TRIES {
+        retry.insert(path.to_path_buf(), (tries + 1, true));
+    } else {
+        tracing::warn!(
+            "{} stayed gone: its replay is dropped (its deletion goes as any other)",
+            path.display()
+        );
+        retry.remove(path);
     }
 }
 
@@ -3516,6 +3547,37 @@ mod tests {
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
+        watcher.stop(None);
+    }
+
+    /// A replay waiting on the retry list whose file is gone for a moment
+    /// (a save that deletes and writes) stays owed: the read once it is
+    /// back is forced, though the version is the dead-lettered one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_whose_file_is_gone_for_a_moment_is_not_lost() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\ntext\n");
+        let mut args = rig.args(true);
+        // (Back within the grace: no deletion meanwhile.)
+        args.delete_grace = Duration::from_secs(20);
+        let retry = args.retry.clone();
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        // As the pipeline does when a.md goes to the DLQ.
+        let version = rig.known.lock()["kb:a.md"].clone();
+        let failed = Outcome::DeadLettered("chunker: boom".into());
+        rig.ledger.finish("kb:a.md", Some(&version), failed);
+        // A replay waiting on the retry list (its read would not open).
+        let a = rig.root.join("a.md");
+        retry.lock().insert(a.clone(), (1, true));
+        std::fs::remove_file(&a).unwrap();
+        // A retry round finds it gone.
+        tokio::time::sleep(RETRY_AFTER + Duration::from_secs(1)).await;
+        assert_eq!(retry.lock().get(&a), Some(&(2, true)));
+        rig.write("a.md", "# A\n\ntext\n");
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
+        assert!(retry.lock().is_empty());
         watcher.stop(None);
     }
 
