@@ -574,7 +574,7 @@ impl Actor for SourceWatcher {
             .map(|s| {
                 let view = SourceView {
                     root: s.root.clone(),
-                    watch: "off",
+                    watch: if args.watch { "setting up" } else { "off" },
                     unseen: Some("not scanned yet".into()),
                 };
                 (s.name.clone(), view)
@@ -891,16 +891,20 @@ impl SourceWatcher {
                     if id == doc_id(source, &uri) {
                         // (A source that hangs: the probe below keeps it
                         // for later.)
-                        match look_at(&source.root, st.args.hang_after, &path).await {
+                        let hung = match look_at(&source.root, st.args.hang_after, &path).await {
                             // Gone (from a source that is there): what
                             // failed was its deletion (or the prune after
                             // it), which runs again.
                             Err(e) if gone(&e) && source.present().await => {
-                                remove(&st.args, &id).await
+                                remove(&st.args, &id).await;
+                                vec![]
                             }
                             // There, or unreadable for now (which the
                             // probe tells, and tries again).
                             _ => consider(&st.args, source, &path, &uri, true).await,
+                        };
+                        for root in hung {
+                            st.missed(myself, root);
                         }
                     }
                 }
@@ -940,6 +944,7 @@ impl SourceWatcher {
                 for id in &looked.gone {
                     remove(&st.args, id).await;
                 }
+                let mut hung = Vec::new();
                 for id in &looked.back {
                     // Back unchanged, a version counts as handled. One that
                     // ended skipped because the chunker found it gone (or
@@ -947,9 +952,12 @@ impl SourceWatcher {
                     // it is read again.
                     if matches!(st.args.ledger.status(id), Some(DocStatus::Skipped(_))) {
                         if let Some((source, uri, path)) = place_of(&st.args.sources, id) {
-                            consider(&st.args, source, &path, uri, true).await;
+                            hung.extend(consider(&st.args, source, &path, uri, true).await);
                         }
                     }
+                }
+                for root in hung {
+                    st.missed(myself, root);
                 }
                 let again = tokio::time::Instant::now() + st.args.delete_grace;
                 for id in looked.unknown {
@@ -1081,6 +1089,16 @@ impl WatcherState {
             for i in &which {
                 self.unscanned.remove(i);
                 self.show(*i, |v| v.unseen = None);
+            }
+            for root in scanned.unreadable {
+                let why = format!(
+                    "source root {} could not be read at its last scan (a permission, an \
+                     I/O error): nothing under it was seen, and what is indexed of it stays",
+                    root.display()
+                );
+                if let Some(i) = self.args.sources.iter().position(|s| s.root == root) {
+                    self.show(i, |v| v.unseen = Some(why));
+                }
             }
             for root in scanned.unseen {
                 if self.args.watch {
@@ -1421,7 +1439,11 @@ async fn handle_path(
         }
         // A file, or something else where a file was (a link, a FIFO):
         // the probe tells which.
-        Ok(_) => consider(args, source, path, &uri, false).await,
+        Ok(_) => {
+            if let Some(root) = consider(args, source, path, &uri, false).await.pop() {
+                return Err(root);
+            }
+        }
         Err(e) if is_hung(&e) => return Err(source.root.clone()),
         Err(e) if !gone(&e) => {
             // Unreadable is not gone (a folder made unreadable, a stale
@@ -1766,8 +1788,8 @@ fn folder_try(retry: &mut HashMap<PathBuf, (u32, bool)>, folder: &Path) {
 /// folders (or source roots) a walk could not open. Each source's paths
 /// are looked at in one trip, and its files probed in batches (after a
 /// hang, a large share may have many waiting). Returns the roots of the
-/// sources whose files found in a folder's walk were not all looked at
-/// (see [`consider_all`]): for their scan once they answer.
+/// sources that hung while their files were read (see [`consider_all`]):
+/// for their scan once they answer.
 async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
     let due: Vec<(PathBuf, bool)> = args
         .retry
@@ -1848,7 +1870,7 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
             }
         }
         // (Those not looked at for a hang stay on the list.)
-        consider_all(args, files).await;
+        hung.extend(consider_all(args, files).await);
     }
     hung.sort();
     hung.dedup();
@@ -1864,6 +1886,9 @@ struct Scanned {
     /// [`on_source`]), or were not there or did not answer. A watching
     /// node scans each again once it answers; a one-shot ingest says so.
     unseen: Vec<PathBuf>,
+    /// The roots of the sources whose own folder could not be read (a
+    /// permission, an I/O error): nothing under them was seen.
+    unreadable: Vec<PathBuf>,
 }
 
 /// Walks the sources `which` (by index; or the paths of
@@ -1880,6 +1905,7 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
         args.only.clone()
     };
     let mut unreadable = Unreadable::default();
+    let mut unreadable_roots = Vec::new();
     for root in roots {
         if let Some(s) = args.sources.iter().find(|s| s.root == root) {
             if !s.present().await {
@@ -1892,8 +1918,12 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
                 continue;
             }
         }
-        match walk_sources(args, root).await {
+        match walk_sources(args, root.clone()).await {
             Ok((files, u)) => {
+                let source = args.sources.iter().find(|s| s.root == root);
+                if source.is_some_and(|s| u.0.contains(&format!("{}:", s.name))) {
+                    unreadable_roots.push(root);
+                }
                 present.extend(files.iter().map(Candidate::doc_id));
                 unreadable.0.extend(u.0);
                 // (Files not read for a hang are present all the same.)
@@ -1915,6 +1945,7 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
         return Scanned {
             gone: vec![],
             unseen: hung,
+            unreadable: unreadable_roots,
         };
     }
     // Known to the index or the ledger but no longer on disk: deleted while
@@ -1946,7 +1977,11 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
     gone.retain(|d| !unreadable.covers(d));
     gone.sort();
     gone.dedup();
-    Scanned { gone, unseen: hung }
+    Scanned {
+        gone,
+        unseen: hung,
+        unreadable: unreadable_roots,
+    }
 }
 
 /// Sends an admitted job on. A port only fails for good (a bus that waits
@@ -2079,7 +2114,14 @@ fn supported(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str) ->
     false
 }
 
-async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &str, force: bool) {
+/// [`consider_all`] of one file: the root of its source if that hangs.
+async fn consider(
+    args: &WatcherArgs,
+    source: &SourceSpec,
+    path: &Path,
+    uri: &str,
+    force: bool,
+) -> Vec<PathBuf> {
     let file = Candidate {
         source,
         path: path.to_path_buf(),
@@ -2087,7 +2129,7 @@ async fn consider(args: &WatcherArgs, source: &SourceSpec, path: &Path, uri: &st
         force,
     };
     // (A hang leaves it on the retry list: see `decide`.)
-    consider_all(args, vec![file]).await;
+    consider_all(args, vec![file]).await
 }
 
 /// What to do with a probed file: nothing (unchanged, in flight, or in the
@@ -3036,6 +3078,7 @@ mod tests {
         let mut args = rig.args(true);
         args.hang_after = Duration::from_secs(1);
         let retry = args.retry.clone();
+        let health = args.health.clone();
         let (watcher, scanned) = rig.start_with(args).await;
         assert_eq!(scanned, ["kb:a.md"]);
         // As the pipeline does when a.md goes to the DLQ.
@@ -3048,6 +3091,9 @@ mod tests {
             .cast(WatchMsg::Replay("kb:a.md".into(), a.clone()))
             .unwrap();
         wait_for(|| retry.lock().get(&a).is_some_and(|(_, forced)| *forced)).await;
+        // Shown as not answering (the read that hung was its only call).
+        let unseen = || health.lock()["kb"].unseen.clone().unwrap_or_default();
+        wait_for(|| unseen().contains("does not answer")).await;
         drop(lease);
         // A scan reads it first (the retry list's round comes later).
         wait_for(|| !stuck(&rig.root)).await;
@@ -3086,6 +3132,24 @@ mod tests {
         assert!(!rig.handed().contains(&"kb:b.md".to_string()));
         let_go(&rig.root);
         wait_for(|| rig.handed().contains(&"kb:b.md".to_string())).await;
+        watcher.stop(None);
+    }
+
+    /// A source root the scan cannot open (a permission, an I/O error) is
+    /// shown as unseen, not as seen whole: nothing under it was read, and
+    /// nothing is deleted.
+    #[tokio::test]
+    async fn a_root_that_cannot_be_read_is_shown_unseen() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A");
+        rig.known.lock().insert("kb:a.md".into(), "v0".into());
+        FAIL_TO_OPEN.lock().insert(rig.root.clone(), 1);
+        let args = rig.args(false);
+        let health = args.health.clone();
+        let (watcher, handed) = rig.start_with(args).await;
+        assert!(handed.is_empty() && rig.deleted().is_empty());
+        let unseen = health.lock()["kb"].unseen.clone().unwrap_or_default();
+        assert!(unseen.contains("could not be read"), "{unseen}");
         watcher.stop(None);
     }
 
