@@ -2625,6 +2625,14 @@ mod tests {
             (watcher, self.handed())
         }
 
+        /// As the pipeline does when `id` goes to the DLQ: the version the
+        /// watcher handed on ends dead-lettered.
+        fn dead_letter(&self, id: &str) {
+            let version = self.known.lock()[id].clone();
+            let failed = Outcome::DeadLettered("chunker: boom".into());
+            self.ledger.finish(id, Some(&version), failed);
+        }
+
         /// The documents handed on to be chunked since the last call.
         fn handed(&self) -> Vec<String> {
             let mut docs: Vec<String> =
@@ -3081,10 +3089,7 @@ mod tests {
         let health = args.health.clone();
         let (watcher, scanned) = rig.start_with(args).await;
         assert_eq!(scanned, ["kb:a.md"]);
-        // As the pipeline does when a.md goes to the DLQ.
-        let version = rig.known.lock()["kb:a.md"].clone();
-        let failed = Outcome::DeadLettered("chunker: boom".into());
-        rig.ledger.finish("kb:a.md", Some(&version), failed);
+        rig.dead_letter("kb:a.md");
         let a = rig.root.join("a.md");
         let lease = Lease::hold(&a);
         watcher
@@ -3603,10 +3608,7 @@ mod tests {
             .unwrap();
         wait_for(|| !rig.index_q.is_empty()).await;
         assert_eq!(rig.deleted(), ["kb:gone.md"]);
-        // As the pipeline does when a.md goes to the DLQ.
-        let version = rig.known.lock()["kb:a.md"].clone();
-        let failed = Outcome::DeadLettered("chunker: boom".into());
-        rig.ledger.finish("kb:a.md", Some(&version), failed);
+        rig.dead_letter("kb:a.md");
         let a = rig.root.join("a.md");
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
@@ -3627,10 +3629,7 @@ mod tests {
         let retry = args.retry.clone();
         let (watcher, scanned) = rig.start_with(args).await;
         assert_eq!(scanned, ["kb:a.md"]);
-        // As the pipeline does when a.md goes to the DLQ.
-        let version = rig.known.lock()["kb:a.md"].clone();
-        let failed = Outcome::DeadLettered("chunker: boom".into());
-        rig.ledger.finish("kb:a.md", Some(&version), failed);
+        rig.dead_letter("kb:a.md");
         // A replay waiting on the retry list (its read would not open).
         let a = rig.root.join("a.md");
         retry.lock().insert(a.clone(), (1, true));
