@@ -467,8 +467,8 @@ pub struct SourceView {
     /// ingest watches nothing).
     pub watch: &'static str,
     /// Why what is under it is not all seen right now (not scanned yet,
-    /// its root missing, a share that hangs); `None` once a scan has
-    /// seen it whole.
+    /// its root missing or unreadable, a share that hangs); `None` once a
+    /// scan has seen it whole.
     pub unseen: Option<String>,
 }
 
