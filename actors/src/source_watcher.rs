@@ -860,14 +860,17 @@ impl SourceWatcher {
             WatchMsg::SetupCheck => {
                 let now = tokio::time::Instant::now();
                 let hang_after = st.args.hang_after;
+                let mut late_now = Vec::new();
                 for (i, watch) in st.watches.iter_mut().enumerate() {
                     let SourceWatch::SettingUp { since, late, .. } = watch else {
                         continue;
                     };
-                    if *late || now.duration_since(*since) < hang_after {
-                        continue;
+                    if !*late && now.duration_since(*since) >= hang_after {
+                        *late = true;
+                        late_now.push(i);
                     }
-                    *late = true;
+                }
+                for i in late_now {
                     // (The first scan is done without it: a node whose one
                     // share hangs serves the others.)
                     st.unscanned.remove(&i);
@@ -877,11 +880,7 @@ impl SourceWatcher {
                          it is scanned once watched",
                         st.args.sources[i].root.display()
                     );
-                    tracing::warn!("{why}");
-                    st.args.stats.set_error(why.clone());
-                    if let Some(v) = st.args.health.lock().get_mut(&st.args.sources[i].name) {
-                        v.unseen = Some(why);
-                    }
+                    st.report_unseen(i, why);
                     metrics::counter!("ragd_watcher_source_hangs_total").increment(1);
                 }
                 st.settle();
@@ -1096,7 +1095,7 @@ impl WatcherState {
                      I/O error): nothing under it was seen, and what is indexed of it stays",
                     root.display()
                 );
-                if let Some(i) = self.args.sources.iter().position(|s| s.root == root) {
+                if let Some(i) = self.source_at(&root) {
                     self.show(i, |v| v.unseen = Some(why));
                 }
             }
@@ -1109,10 +1108,8 @@ impl WatcherState {
                          that hangs), or went; run the ingest again once it answers",
                         root.display()
                     );
-                    tracing::warn!("{why}");
-                    self.args.stats.set_error(why.clone());
-                    if let Some(i) = self.args.sources.iter().position(|s| s.root == root) {
-                        self.show(i, |v| v.unseen = Some(why));
+                    if let Some(i) = self.source_at(&root) {
+                        self.report_unseen(i, why);
                     }
                 }
             }
@@ -1200,13 +1197,22 @@ impl WatcherState {
             "source root {} {what}; its documents stay indexed; {then}",
             self.args.sources[i].root.display()
         );
+        let watch = if self.args.watch { "missing" } else { "off" };
+        self.show(i, |v| v.watch = watch);
+        self.report_unseen(i, why);
+    }
+
+    /// Says `why` source `i` is not all seen: in the log, as the watcher's
+    /// last error, and in what [`WatcherArgs::health`] shows of it.
+    fn report_unseen(&self, i: usize, why: String) {
         tracing::warn!("{why}");
         self.args.stats.set_error(why.clone());
-        let watch = if self.args.watch { "missing" } else { "off" };
-        self.show(i, |v| {
-            v.watch = watch;
-            v.unseen = Some(why);
-        });
+        self.show(i, |v| v.unseen = Some(why));
+    }
+
+    /// The index of the source whose root is `root`.
+    fn source_at(&self, root: &Path) -> Option<usize> {
+        self.args.sources.iter().position(|s| s.root == root)
     }
 
     /// Changes what [`WatcherArgs::health`] shows of source `i`.
@@ -1260,7 +1266,7 @@ impl WatcherState {
 
     /// An event under `root` went unread: the source did not answer.
     fn missed(&mut self, myself: &ActorRef<WatchMsg>, root: PathBuf) {
-        if let Some(i) = self.args.sources.iter().position(|s| s.root == root) {
+        if let Some(i) = self.source_at(&root) {
             let why = format!(
                 "source root {} does not answer (a share that hangs, or it went): what \
                  changed under it is read once it answers",
@@ -1955,10 +1961,10 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
         .iter()
         .map(|i| args.sources[*i].name.as_str())
         .collect();
+    let configured: HashSet<&str> = args.sources.iter().map(|s| s.name.as_str()).collect();
     let scanned = |d: &str| {
         let source = d.split_once(':').map_or(d, |(name, _)| name);
-        let configured = args.sources.iter().any(|s| s.name == source);
-        !present.contains(d) && (names.contains(source) || !configured)
+        !present.contains(d) && (names.contains(source) || !configured.contains(source))
     };
     let mut gone: Vec<String> = args
         .known
@@ -2687,14 +2693,19 @@ mod tests {
 
     /// An event as the debouncer hands it on.
     fn event(kind: notify::EventKind, path: &Path) -> WatchMsg {
-        let e = notify::Event::new(kind).add_path(path.to_path_buf());
-        WatchMsg::Fs(
-            0,
-            Ok(vec![notify_debouncer_full::DebouncedEvent::new(
-                e,
-                std::time::Instant::now(),
-            )]),
-        )
+        event_of(0, notify::Event::new(kind).add_path(path.to_path_buf()))
+    }
+
+    /// `e` as the watch of source `i` hands it on.
+    fn event_of(i: usize, e: notify::Event) -> WatchMsg {
+        let e = notify_debouncer_full::DebouncedEvent::new(e, std::time::Instant::now());
+        WatchMsg::Fs(i, Ok(vec![e]))
+    }
+
+    /// The kernel's queue overflowed: events of the kb source were lost.
+    fn overflow() -> WatchMsg {
+        let e = notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        event_of(0, e)
     }
 
     /// `rm -rf site && build site`: the debouncer folds the removals under
@@ -3004,8 +3015,7 @@ mod tests {
         let moved =
             notify::Event::new(notify::EventKind::Remove(notify::event::RemoveKind::Folder))
                 .add_path(wiki.root.clone());
-        let moved = notify_debouncer_full::DebouncedEvent::new(moved, std::time::Instant::now());
-        watcher.cast(WatchMsg::Fs(1, Ok(vec![moved]))).unwrap();
+        watcher.cast(event_of(1, moved)).unwrap();
         wait_for(|| {
             let error = rig.stats.last_error().unwrap_or_default();
             error.contains("was moved")
@@ -3036,10 +3046,7 @@ mod tests {
         for id in ["kb:gone.md", "wiki:gone.md"] {
             rig.known.lock().insert(id.into(), "v0".into());
         }
-        let overflow =
-            notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        let event = notify_debouncer_full::DebouncedEvent::new(overflow, std::time::Instant::now());
-        watcher.cast(WatchMsg::Fs(0, Ok(vec![event]))).unwrap();
+        watcher.cast(overflow()).unwrap();
         wait_for(|| !rig.index_q.is_empty()).await;
         // (Time for the other's deletion to show, were it scanned too.)
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -3752,10 +3759,7 @@ mod tests {
         // On this single-threaded runtime all five are in the mailbox,
         // behind the first scan, before the watcher handles any of them.
         for _ in 0..5 {
-            let overflow =
-                notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
-            let event = notify_debouncer_full::DebouncedEvent::new(overflow, Instant::now());
-            watcher.cast(WatchMsg::Fs(0, Ok(vec![event]))).unwrap();
+            watcher.cast(overflow()).unwrap();
         }
         let rescans = || {
             stats
