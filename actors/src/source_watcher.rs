@@ -460,7 +460,7 @@ pub struct WatcherArgs {
 pub type SourceHealth = Arc<parking_lot::Mutex<BTreeMap<String, SourceView>>>;
 
 /// How a source stands: how it is watched, and what of it is not seen.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct SourceView {
     pub root: PathBuf,
     /// "setting up", "watching", "polling", "missing", or "off" (a one-shot
