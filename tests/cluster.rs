@@ -556,3 +556,66 @@ fn the_pipeline_waits_out_a_broker_outage_and_completes() {
     assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
     assert_eq!(points(&s), n, "every note once: {ledger}");
 }
+
+/// A DLQ opens with every entry the topic held: `ragd dlq list` lists what
+/// `open` read, and the watcher asks it about every document it sees. The
+/// reader once marked a record read before it was in the list, so a
+/// listing right after `open` could miss the last entry (a slow `on_entry`
+/// here widens that window to certain).
+#[test]
+fn a_dlq_opens_with_every_entry_the_topic_holds() {
+    use ragd_actors::bridge::kafka::{Kafka, KafkaDlq, KafkaSettings};
+    use ragd_actors::dlq::{DeadLetters, DlqEntry};
+    let broker = Tansu::start_persistent();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let settings = KafkaSettings {
+        brokers: broker.brokers(),
+        topic_prefix: "ragd.".into(),
+        group_prefix: "ragd".into(),
+        partitions: 1,
+        replication: 1,
+        create_topics: true,
+        max_queued: 8,
+        produce_timeout: Duration::from_secs(10),
+        max_message_bytes: 1 << 20,
+    };
+    let kafka = rt.block_on(Kafka::connect(settings)).unwrap();
+    let entry = |doc: &str| DlqEntry {
+        id: 0,
+        at: 0,
+        stage: "chunker".into(),
+        error: "broken".into(),
+        attempts: 3,
+        doc_id: doc.into(),
+        version: Some("v1".into()),
+        payload: serde_json::json!({"doc": doc}),
+        replayed: false,
+    };
+    // Written as the pool writes them, from a runtime worker: an entry, its
+    // replay, and a second entry last.
+    let writer = KafkaDlq::open(kafka.clone(), |_| {}).unwrap();
+    let (first, second) = rt
+        .block_on(rt.spawn(async move {
+            let first = writer.push(entry("kb:hr/a.pdf")).unwrap();
+            writer.mark_replayed(first).unwrap();
+            (first, writer.push(entry("kb:hr/b.pdf")).unwrap())
+        }))
+        .unwrap();
+
+    let slow = |_: &DlqEntry| std::thread::sleep(Duration::from_millis(500));
+    let reader = KafkaDlq::open(kafka, slow).unwrap();
+    let listed: Vec<(u64, String, bool)> = reader
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.doc_id, e.replayed))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (first, "kb:hr/a.pdf".to_string(), true),
+            (second, "kb:hr/b.pdf".to_string(), false)
+        ]
+    );
+    assert!(reader.pending("kb:hr/b.pdf", "v1").is_some());
+}

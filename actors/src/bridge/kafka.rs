@@ -567,7 +567,6 @@ impl KafkaDlq {
             .spawn(move || loop {
                 match reader.poll(Duration::from_millis(500)) {
                     Some(Ok(m)) => {
-                        n.store(m.offset() + 1, std::sync::atomic::Ordering::SeqCst);
                         let id = m.offset() as u64 + 1;
                         match decode::<Record>(m.payload().unwrap_or_default()) {
                             Ok(Record::Entry(mut e)) => {
@@ -582,6 +581,10 @@ impl KafkaDlq {
                             }
                             Err(e) => tracing::warn!(topic = %t, "unreadable DLQ record: {e}"),
                         }
+                        // Only once the record is in the list: `open` returns
+                        // when this reaches the end, and a listing right after
+                        // must hold it.
+                        n.store(m.offset() + 1, std::sync::atomic::Ordering::SeqCst);
                     }
                     Some(Err(e)) => {
                         tracing::debug!(topic = %t, "DLQ reader: {e}");
