@@ -55,6 +55,14 @@ impl RerankResult {
 /// its retransmission timeout (RFC 6298), depth is planned with the average
 /// plus twice the mean deviation: steady costs keep the full depth, noisy
 /// ones leave room for the noise.
+///
+/// Two guards keep one bad spell from switching the reranker off for good:
+/// a call is counted at no more than [`PairCost::MAX_JUMP`] times the
+/// average (one call stalled for seconds by a burst of ingest on the same
+/// cores would otherwise plan every later query at depth 0), and when the
+/// plan leaves no pair but there is time left, one pair is scored anyway
+/// every [`PairCost::PROBE_AFTER`] (a depth of 0 measures nothing, so an
+/// estimate from a slow spell would never come down).
 #[derive(Default)]
 pub struct PairCost {
     state: Mutex<CostState>,
@@ -68,6 +76,8 @@ struct CostState {
     per_pair: Option<f64>,
     /// Mean absolute deviation of the per-pair cost, seconds.
     deviation: f64,
+    /// When the cost was last measured, or a probe handed out.
+    looked: Option<Instant>,
 }
 
 impl PairCost {
@@ -80,6 +90,10 @@ impl PairCost {
     const SPREAD: f64 = 2.0;
     /// Share of the time left that is planned for.
     const PLAN: f64 = 0.85;
+    /// A call counts at most this many times the average per pair.
+    const MAX_JUMP: f64 = 8.0;
+    /// How often a plan of no pairs scores one pair anyway, to measure.
+    pub const PROBE_AFTER: Duration = Duration::from_secs(1);
 
     /// Sets both parts from two timed calls of 1 and `n` pairs.
     pub fn calibrate(&self, one: Duration, n: usize, many: Duration) {
@@ -93,6 +107,7 @@ impl PairCost {
         s.fixed = (t1 - per_pair).max(0.0);
         s.per_pair = Some(per_pair);
         s.deviation = 0.0;
+        s.looked = Some(Instant::now());
     }
 
     pub fn observe(&self, pairs: usize, took: Duration) {
@@ -101,12 +116,16 @@ impl PairCost {
         }
         let mut s = self.state.lock();
         let x = (took.as_secs_f64() - s.fixed).max(0.0) / pairs as f64;
+        s.looked = Some(Instant::now());
         (s.per_pair, s.deviation) = match s.per_pair {
             None => (Some(x), 0.0),
-            Some(avg) => (
-                Some(avg + Self::ALPHA * (x - avg)),
-                s.deviation + Self::BETA * ((x - avg).abs() - s.deviation),
-            ),
+            Some(avg) => {
+                let x = x.min(avg * Self::MAX_JUMP);
+                (
+                    Some(avg + Self::ALPHA * (x - avg)),
+                    s.deviation + Self::BETA * ((x - avg).abs() - s.deviation),
+                )
+            }
         };
     }
 
@@ -120,9 +139,15 @@ impl PairCost {
 
     /// How many of `candidates` pairs fit in `left`. No deadline: all of
     /// them. No measurement yet: all of them too (the reranker calibrates
-    /// at start, so this only happens if that failed).
+    /// at start, so this only happens if that failed). None fit but time
+    /// is left: one, as a probe, if nothing was measured for
+    /// [`PairCost::PROBE_AFTER`].
     pub fn depth(&self, candidates: usize, left: Option<Duration>) -> usize {
-        let s = self.state.lock();
+        self.depth_at(candidates, left, Instant::now())
+    }
+
+    fn depth_at(&self, candidates: usize, left: Option<Duration>, now: Instant) -> usize {
+        let mut s = self.state.lock();
         let (Some(left), Some(per_pair)) = (left, s.per_pair) else {
             return candidates;
         };
@@ -134,7 +159,16 @@ impl PairCost {
         if usable <= 0.0 {
             return 0;
         }
-        ((usable / planned).floor() as usize).min(candidates)
+        let fit = ((usable / planned).floor() as usize).min(candidates);
+        let stale = s
+            .looked
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::PROBE_AFTER);
+        if fit == 0 && candidates > 0 && stale {
+            // (Claimed: queries at the same moment do not all probe.)
+            s.looked = Some(now);
+            return 1;
+        }
+        fit
     }
 }
 
@@ -370,6 +404,53 @@ mod tests {
         assert!((p - 5.0).abs() < 1e-9, "{p}");
         assert_eq!(cost.depth(50, Some(Duration::from_millis(12))), 1);
         assert_eq!(cost.depth(50, Some(Duration::from_millis(120))), 10);
+    }
+
+    #[test]
+    fn one_stalled_call_does_not_switch_the_reranker_off() {
+        let cost = PairCost::default();
+        for _ in 0..10 {
+            cost.observe(50, Duration::from_millis(100)); // 2 ms a pair
+        }
+        let left = Some(Duration::from_millis(180)); // 153 ms planned
+        assert_eq!(cost.depth(50, left), 50);
+        // One call stalled for 10 s (200 ms a pair): counted as 16 ms a
+        // pair. Counted in full, 160 ms a pair would be planned: none fit.
+        cost.observe(50, Duration::from_secs(10));
+        let d = cost.depth(50, left);
+        assert!((10..50).contains(&d), "depth {d} after one stall");
+        // Calls at the usual cost bring the full depth back.
+        for _ in 0..20 {
+            let d = cost.depth(50, left);
+            cost.observe(d, Duration::from_millis(2) * d as u32);
+        }
+        assert_eq!(cost.depth(50, left), 50);
+    }
+
+    #[test]
+    fn a_plan_of_no_pairs_probes_now_and_then_so_the_estimate_comes_down() {
+        let cost = PairCost::default();
+        cost.observe(1, Duration::from_millis(500)); // a slow spell
+        let left = Some(Duration::from_millis(180));
+        let now = Instant::now();
+        assert_eq!(cost.depth_at(50, left, now), 0, "just measured");
+        let later = now + PairCost::PROBE_AFTER;
+        assert_eq!(cost.depth_at(50, left, later), 1, "a probe");
+        assert_eq!(cost.depth_at(50, left, later), 0, "one probe at a time");
+        // No time left: no probe (it could only overrun).
+        let much_later = later + PairCost::PROBE_AFTER * 2;
+        assert_eq!(cost.depth_at(50, Some(Duration::ZERO), much_later), 0);
+        // The spell is over: the probes measure 2 ms a pair, and the depth
+        // comes back.
+        let mut t = much_later;
+        for _ in 0..60 {
+            t += PairCost::PROBE_AFTER;
+            let d = cost.depth_at(50, left, t);
+            if d > 0 {
+                cost.observe(d, Duration::from_millis(2) * d as u32);
+            }
+        }
+        assert_eq!(cost.depth_at(50, left, t), 50);
     }
 
     #[test]
