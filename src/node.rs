@@ -10,6 +10,9 @@
 //! ├── index   ── indexer (single writer), version_pruner
 //! └── query   ── cache_guard, reranker
 //! ```
+//!
+//! On a bus the indexer prunes itself, right after its write (see
+//! `IndexerStage::write`): no version_pruner there.
 
 use crate::config::{Bus, CacheBackend, Config, IndexBackend, Roles};
 use anyhow::Context;
@@ -485,8 +488,10 @@ impl Node {
             PoolQueue::new(stats(roles.embed, "root/embed/embedder"));
         let index_q: Arc<PoolQueue<IndexJob>> =
             PoolQueue::new(stats(roles.index, "root/index/indexer"));
-        let prune_q: Arc<PoolQueue<IndexedEvent>> =
-            PoolQueue::new(stats(roles.index, "root/index/version_pruner"));
+        let prune_q: Arc<PoolQueue<IndexedEvent>> = PoolQueue::new(stats(
+            roles.index && kafka.is_none(),
+            "root/index/version_pruner",
+        ));
 
         // A node with the index role on a bus learns versions from the
         // jobs (`observe`); after a restart it must still refuse an older
@@ -618,6 +623,11 @@ impl Node {
             },
         );
         optimizer.watch_for_pauses();
+        let pruner = Arc::new(ragd_actors::version_pruner::VersionPrunerStage {
+            store: store.clone(),
+            ledger: ledger.clone(),
+            cache: cache.clone(),
+        });
         let indexer_pool = pool(
             "indexer",
             Arc::new(IndexerStage {
@@ -626,24 +636,23 @@ impl Node {
                 out: port(&kafka, &prune_q, INDEXED),
                 observe: kafka.is_some(),
                 optimizer: optimizer.clone(),
+                prune: kafka.is_some().then(|| pruner.clone()),
             }),
             index_q.clone(),
             settings(1, 1),
             &ledger,
             &dlq,
         );
-        let pruner_pool = pool(
-            "version_pruner",
-            Arc::new(ragd_actors::version_pruner::VersionPrunerStage {
-                store: store.clone(),
-                ledger: ledger.clone(),
-                cache: cache.clone(),
-            }),
-            prune_q.clone(),
-            settings(1, 1),
-            &ledger,
-            &dlq,
-        );
+        let pruner_pool = kafka.is_none().then(|| {
+            pool(
+                "version_pruner",
+                pruner,
+                prune_q.clone(),
+                settings(1, 1),
+                &ledger,
+                &dlq,
+            )
+        });
         let mut groups = Vec::new();
         if roles.ingest {
             groups.push(supervisor("ingest", &registry, vec![watcher, chunker_pool]));
@@ -652,11 +661,8 @@ impl Node {
             groups.push(supervisor("embed", &registry, vec![embedder_pool]));
         }
         if roles.index {
-            groups.push(supervisor(
-                "index",
-                &registry,
-                vec![indexer_pool, pruner_pool],
-            ));
+            let children = std::iter::once(indexer_pool).chain(pruner_pool).collect();
+            groups.push(supervisor("index", &registry, children));
         }
         if mode == Mode::Daemon && roles.query {
             let reranker = {
@@ -755,12 +761,6 @@ impl Node {
                     &k.topic(EMBEDDED),
                     &k.group("index"),
                     index_q.clone(),
-                    dlq.clone(),
-                )?;
-                k.consume(
-                    &k.topic(INDEXED),
-                    &k.group("prune"),
-                    prune_q.clone(),
                     dlq.clone(),
                 )?;
             }

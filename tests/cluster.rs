@@ -124,6 +124,67 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
     assert_eq!(points(&s), n);
 }
 
+/// Two index nodes share the `embedded` partitions, and each prunes what
+/// its own writes made old: after an update only the new version is left,
+/// after a deletion nothing, whichever node the document's partition went
+/// to, and both nodes settle. (A pruner in a consumer group of its own got
+/// other partitions than its node's indexer, and decided with a ledger that
+/// had not seen those versions: old versions stayed searchable.)
+#[test]
+fn two_index_nodes_each_prune_what_they_wrote() {
+    let s = Services::start();
+    let ingest_ws = s.node("ingest-1", &["ingest"]);
+    let n = 8;
+    write_notes(&ingest_ws, n);
+    let index = [
+        s.node("index-1", &["index"]).start(),
+        s.node("index-2", &["index"]).start(),
+    ];
+    let query = s.node("embed-1", &["embed", "query"]).start();
+    let ingest = ingest_ws.start();
+    ingest.wait_ledger(Duration::from_secs(240), |l| l["indexed"] == n);
+    assert_eq!(points(&s), n);
+    for d in &index {
+        assert!(!assigned(d).is_empty(), "{}", d.admin_json("/actors"));
+    }
+
+    for i in 0..n {
+        let div = if i % 2 == 0 { "hr" } else { "eng" };
+        let moved =
+            format!("# Note {i}\n\nOffice {i} moved its spare badge to the security desk.\n");
+        ingest_ws.write(&format!("{div}/note-{i}.md"), moved);
+    }
+    // Every note's new text is served, and nothing of the old.
+    for token in [HR_TOKEN, ENG_TOKEN] {
+        query.wait_until("every update indexed", Duration::from_secs(240), || {
+            let t = texts(&query.ask_top(token, "where is the spare badge kept?", n / 2));
+            t.matches("security desk").count() == n / 2 && !t.contains("badge number")
+        });
+    }
+    // (An `indexed` event goes out once its prune is done.)
+    ingest.wait_ledger(Duration::from_secs(60), |l| l["in_flight"] == 0);
+    assert_eq!(points(&s), n, "old versions left");
+    for gone in ["hr/note-0.md", "eng/note-1.md"] {
+        std::fs::remove_file(ingest_ws.kb().join(gone)).unwrap();
+    }
+    let ledger = ingest.wait_ledger(Duration::from_secs(120), |l| {
+        l["indexed"] == n - 2 && l["deleted"] == 2
+    });
+    assert_eq!(points(&s), n - 2, "{ledger}");
+    let in_flight = "ragd_ingest_documents{state=\"in_flight\"}";
+    for d in &index {
+        d.wait_until("the index node settled", Duration::from_secs(60), || {
+            metric(d, in_flight) == 0.0
+        });
+        assert!(
+            !d.admin_json("/actors")
+                .to_string()
+                .contains("version_pruner"),
+            "the indexer prunes on a bus"
+        );
+    }
+}
+
 /// A long document's embedded chunks (one message, ~5 KB a chunk) pass
 /// librdkafka's default 1 MB message limit: ragd raises it on its
 /// producer and on the topics it creates (bus.max_message_bytes).

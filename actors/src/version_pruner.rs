@@ -40,7 +40,9 @@ impl Stage for VersionPrunerStage {
 }
 
 impl VersionPrunerStage {
-    async fn prune(&self, events: Vec<IndexedEvent>) -> anyhow::Result<()> {
+    /// Prunes after `events` (at most [`PRUNE_BATCH`] make one store call)
+    /// and ends their versions in the ledger.
+    pub async fn prune(&self, events: Vec<IndexedEvent>) -> anyhow::Result<()> {
         let mut removals = Vec::new();
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {

@@ -11,6 +11,7 @@ use crate::bridge::Port;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{EmbeddedDoc, IndexedEvent};
 use crate::pool::{JobErrors, Stage};
+use crate::version_pruner::VersionPrunerStage;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,6 +49,9 @@ pub struct IndexerStage {
     pub observe: bool,
     /// When the store's index is rebuilt (see [`Optimizer`]).
     pub optimizer: Arc<Optimizer>,
+    /// On a cluster's index node: prunes what this write made old, here,
+    /// before the events go on (see [`IndexerStage::write`]).
+    pub prune: Option<Arc<VersionPrunerStage>>,
 }
 
 /// When to run the store's optimizer (the HNSW build), `[index]`
@@ -192,6 +196,14 @@ impl Stage for IndexerStage {
 impl IndexerStage {
     /// Decides each job in order (the current-version check), writes every
     /// admitted version in one call, then hands the events on in order.
+    ///
+    /// On a bus it prunes first, itself: the pruner decides with the
+    /// versions its ledger has seen, and only the node that indexed a
+    /// document's job has (a pruner consuming the `indexed` topic in a
+    /// group of its own got its partitions apart from the indexer's, and
+    /// with two index nodes it kept old versions and deleted documents
+    /// searchable). The job is committed after both, so a node that dies
+    /// between them writes and prunes again on redelivery.
     async fn write(&self, jobs: Vec<IndexJob>) -> anyhow::Result<()> {
         let mut writes = Vec::new();
         let mut events = Vec::with_capacity(jobs.len());
@@ -246,6 +258,9 @@ impl IndexerStage {
             let points = writes.iter().map(|d| d.chunks.len() as u64).sum();
             self.optimizer.wrote(points);
         }
+        if let Some(pruner) = &self.prune {
+            pruner.prune(events.clone()).await?;
+        }
         self.out.send_all(events).await
     }
 }
@@ -293,6 +308,7 @@ pub(crate) mod tests {
             ledger,
             out: Port::Local(out.clone()),
             observe: true,
+            prune: None,
             optimizer: Optimizer::new(
                 store.clone(),
                 OptimizePolicy {
@@ -420,6 +436,51 @@ pub(crate) mod tests {
             .unwrap();
         pruner.process_batch(out.drain()).await.unwrap();
         assert_eq!(versions(&store).await, vec!["v3".to_string()]);
+    }
+
+    /// On a bus the index node prunes what its write made old before the
+    /// events go on: an `indexed` event means the old version is gone, and
+    /// the versions are settled in this node's ledger.
+    #[tokio::test]
+    async fn on_a_bus_the_indexer_prunes_before_the_events_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let ledger = Ledger::with_memory(8, Duration::from_secs(60), true);
+        let (mut stage, out) = index_node(&store, ledger.clone());
+        stage.prune = Some(Arc::new(pruner(&store, ledger.clone())));
+        let doc_id = "kb:hr/leave.md";
+        stage
+            .process(IndexJob::Upsert(embedded("v1", 1_000)))
+            .await
+            .unwrap();
+        stage
+            .process(IndexJob::Upsert(embedded("v2", 2_000)))
+            .await
+            .unwrap();
+        assert_eq!(versions(&store).await, vec!["v2".to_string()]);
+        assert_eq!(ledger.status(doc_id), Some(DocStatus::Indexed));
+        assert_eq!(ledger.counts().in_flight, 0);
+        stage
+            .process(IndexJob::Delete {
+                doc_id: doc_id.into(),
+                seq: 3_000,
+            })
+            .await
+            .unwrap();
+        assert!(versions(&store).await.is_empty());
+        assert_eq!(ledger.status(doc_id), Some(DocStatus::Deleted));
+        let events = out.drain();
+        assert!(
+            matches!(
+                &events[..],
+                [
+                    IndexedEvent::Indexed { .. },
+                    IndexedEvent::Indexed { .. },
+                    IndexedEvent::Deleted { .. }
+                ]
+            ),
+            "{events:?}"
+        );
     }
 
     /// The real store, with its optimisations counted.
