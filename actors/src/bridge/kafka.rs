@@ -13,6 +13,7 @@ use crate::dlq::{now_secs, DeadLetters, DlqEntry, Record};
 use crate::messages::{Envelope, ENVELOPE_VERSION};
 use crate::pool::{Ack, Job, PoolQueue};
 use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -275,13 +276,18 @@ impl Kafka {
             .iter()
             .map(|t| {
                 // One partition for the DLQ: its offsets are the entry ids.
-                let n = if *t == dlq {
-                    1
-                } else {
-                    self.settings.partitions
+                // Kept for good: an entry that expired would let the
+                // watcher readmit a poison document, and could not be
+                // replayed.
+                let topic = |n| {
+                    NewTopic::new(t, n, TopicReplication::Fixed(self.settings.replication))
+                        .set("max.message.bytes", &max_message)
                 };
-                NewTopic::new(t, n, TopicReplication::Fixed(self.settings.replication))
-                    .set("max.message.bytes", &max_message)
+                if *t == dlq {
+                    topic(1).set("retention.ms", "-1")
+                } else {
+                    topic(self.settings.partitions)
+                }
             })
             .collect();
         let results = admin
@@ -452,14 +458,37 @@ impl Kafka {
                             ),
                             replayed: false,
                         };
-                        let dlq = dlq.clone();
-                        match tokio::task::spawn_blocking(move || dlq.push(entry)).await {
-                            Ok(Ok(_)) => ack.fire(),
-                            // Not acked: the message comes back after a restart.
-                            _ => {
-                                tracing::error!(%topic, "could not dead-letter a rejected message")
+                        // Tried until it is written, off this loop (which
+                        // must keep polling): while it is not, this
+                        // partition commits nothing past it. (Given up on,
+                        // it stalled the partition's commits until a
+                        // restart.)
+                        let (dlq, t) = (dlq.clone(), topic.clone());
+                        tokio::spawn(async move {
+                            let backoff = ExponentialBuilder::default()
+                                .with_min_delay(Duration::from_millis(200))
+                                .with_max_delay(Duration::from_secs(30))
+                                .without_max_times();
+                            let push = || {
+                                let (dlq, entry) = (dlq.clone(), entry.clone());
+                                async move {
+                                    tokio::task::spawn_blocking(move || dlq.push(entry)).await?
+                                }
+                            };
+                            let pushed = push
+                                .retry(backoff)
+                                .notify(|e, after| {
+                                    tracing::error!(
+                                        topic = %t, partition = p, offset = o,
+                                        "could not dead-letter a rejected message: {e:#}; \
+                                         again in {after:?}"
+                                    )
+                                })
+                                .await;
+                            if pushed.is_ok() {
+                                ack.fire();
                             }
-                        }
+                        });
                     }
                 }
             }
@@ -551,6 +580,20 @@ impl KafkaDlq {
     ) -> anyhow::Result<Arc<KafkaDlq>> {
         let topic = kafka.topic(DLQ);
         let entries = Arc::new(Mutex::new(Vec::new()));
+        // (A topic made by hand with more partitions: the reader reads one,
+        // and the entries in the others would be lost to it.)
+        let partitions = {
+            let probe: BaseConsumer = base_config(&kafka.settings.brokers).create()?;
+            let md = probe
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .with_context(|| format!("reading the DLQ topic {topic}"))?;
+            md.topics().first().map_or(0, |t| t.partitions().len())
+        };
+        anyhow::ensure!(
+            partitions == 1,
+            "the DLQ topic {topic} has {partitions} partitions; ragd needs exactly 1 (an \
+             entry's id is its offset): recreate it with one"
+        );
         let reader: BaseConsumer<Quiet> = consumer_config(&kafka.settings, "ragd-dlq-reader")
             .set("enable.auto.commit", "false")
             .create_with_context(Quiet)?;
@@ -715,6 +758,125 @@ mod tests {
         assert_eq!(s.done(1, 5), Some(5));
         assert_eq!(s.done(1, 6), None);
         assert_eq!(s.done(7, 0), None);
+    }
+
+    fn settings(broker: &crate::testkit::Tansu, prefix: &str) -> KafkaSettings {
+        KafkaSettings {
+            brokers: broker.brokers(),
+            topic_prefix: prefix.into(),
+            group_prefix: prefix.into(),
+            partitions: 2,
+            replication: 1,
+            create_topics: true,
+            max_queued: 8,
+            produce_timeout: Duration::from_secs(10),
+            max_message_bytes: 1 << 20,
+        }
+    }
+
+    /// A DLQ that cannot write its first `fail` entries (the fault), then
+    /// keeps them in memory.
+    struct Flaky {
+        fail: std::sync::atomic::AtomicU32,
+        entries: Mutex<Vec<DlqEntry>>,
+    }
+
+    impl DeadLetters for Flaky {
+        fn push(&self, entry: DlqEntry) -> anyhow::Result<u64> {
+            let left = self.fail.load(std::sync::atomic::Ordering::SeqCst);
+            if left > 0 {
+                self.fail
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                anyhow::bail!("the DLQ is not writable now");
+            }
+            let mut entries = self.entries.lock();
+            entries.push(entry);
+            Ok(entries.len() as u64)
+        }
+        fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
+            Ok(self.entries.lock().clone())
+        }
+        fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
+            anyhow::bail!("no replays here ({id})")
+        }
+        fn pending(&self, _: &str, _: &str) -> Option<DlqEntry> {
+            None
+        }
+    }
+
+    /// A message no stage can read is dead-lettered; while the DLQ cannot
+    /// take it, it is tried again (it used to be given up on, and its
+    /// partition committed nothing past it until a restart), and once
+    /// written, its offset is done.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rejected_message_is_dead_lettered_once_the_dlq_takes_it() {
+        let broker = crate::testkit::Tansu::start_persistent();
+        let kafka = Kafka::connect(settings(&broker, "rejects.")).await.unwrap();
+        let topic = kafka.topic(CHUNKS);
+        kafka
+            .produce(&topic, "kb:hr/x.md", b"\x00\x01binary")
+            .await
+            .unwrap();
+        let dlq = Arc::new(Flaky {
+            fail: 2.into(),
+            entries: Mutex::new(Vec::new()),
+        });
+        let queue: Arc<PoolQueue<crate::messages::ChunkedDoc>> =
+            PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
+        let state = kafka
+            .consume(&topic, "rejects-embed", queue.clone(), dlq.clone())
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let done =
+                dlq.entries.lock().len() == 1 && state.open.lock().values().all(|o| o.is_empty());
+            if done {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not dead-lettered: {} entries, {} failures left, open {:?}",
+                dlq.entries.lock().len(),
+                dlq.fail.load(std::sync::atomic::Ordering::SeqCst),
+                state.open.lock()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let e = &dlq.entries.lock()[0];
+        assert_eq!(
+            (e.doc_id.as_str(), e.stage.as_str()),
+            ("kb:hr/x.md", "bridge:rejects.chunks")
+        );
+        assert!(e.error.contains("not a ragd envelope"), "{}", e.error);
+        assert_eq!(queue.len(), 0);
+        assert_eq!(state.view().rejected, 1);
+    }
+
+    /// A DLQ topic made by hand with more than one partition is refused
+    /// with the reason: the reader reads one, and entries in the others
+    /// would never be seen.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_dlq_topic_of_several_partitions_is_refused() {
+        let broker = crate::testkit::Tansu::start_persistent();
+        let admin: AdminClient<DefaultClientContext> =
+            base_config(&broker.brokers()).create().unwrap();
+        let made = admin
+            .create_topics(
+                &[NewTopic::new("two.dlq", 2, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
+        let kafka = Kafka::connect(settings(&broker, "two.")).await.unwrap();
+        let err = tokio::task::spawn_blocking(move || KafkaDlq::open(kafka, |_| {}).map(|_| ()))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("two.dlq has 2 partitions"),
+            "{err:#}"
+        );
     }
 
     #[test]
