@@ -128,6 +128,15 @@ pub enum CacheMsg {
 
 pub struct CacheGuard;
 
+/// Stores under way at once; past it a store is dropped (an answer not
+/// cached is only computed again).
+pub const MAX_STORES: usize = 32;
+
+pub struct CacheGuardState {
+    args: CacheGuardArgs,
+    stores: Arc<tokio::sync::Semaphore>,
+}
+
 pub struct CacheGuardArgs {
     pub cache: Arc<dyn SemanticCache>,
     /// What a hit's sources are checked against.
@@ -137,26 +146,30 @@ pub struct CacheGuardArgs {
 
 impl Actor for CacheGuard {
     type Msg = CacheMsg;
-    type State = CacheGuardArgs;
+    type State = CacheGuardState;
     type Arguments = CacheGuardArgs;
 
     async fn pre_start(
         &self,
         _: ActorRef<CacheMsg>,
         args: CacheGuardArgs,
-    ) -> Result<CacheGuardArgs, ActorProcessingErr> {
+    ) -> Result<CacheGuardState, ActorProcessingErr> {
         args.stats.set_status("running");
         args.stats
             .set_note(format!("backend: {}", args.cache.backend()));
-        Ok(args)
+        Ok(CacheGuardState {
+            args,
+            stores: Arc::new(tokio::sync::Semaphore::new(MAX_STORES)),
+        })
     }
 
     async fn handle(
         &self,
         _: ActorRef<CacheMsg>,
         msg: CacheMsg,
-        st: &mut CacheGuardArgs,
+        state: &mut CacheGuardState,
     ) -> Result<(), ActorProcessingErr> {
+        let st = &state.args;
         match msg {
             CacheMsg::Lookup {
                 vector,
@@ -198,7 +211,6 @@ impl Actor for CacheGuard {
                         drop_stale(&v, cache.as_ref(), store.as_ref(), &stats).await;
                     }
                 });
-                return Ok(());
             }
             CacheMsg::Store {
                 vector,
@@ -206,12 +218,25 @@ impl Actor for CacheGuard {
                 top_k,
                 value,
             } => {
-                if let Err(e) = st.cache.store(&vector, &scope, top_k, value).await {
-                    st.stats.set_error(format!("store: {e:#}"));
-                }
+                // Off the actor too: a slow cache (answering, so no
+                // breaker opens) would otherwise hold every lookup behind
+                // the stores in the mailbox, past the lookups' timeout.
+                // The backends order a store against an invalidation
+                // themselves (see their `store`).
+                let Ok(slot) = state.stores.clone().try_acquire_owned() else {
+                    metrics::counter!("ragd_cache_stores_dropped_total").increment(1);
+                    return Ok(());
+                };
+                let (cache, stats) = (st.cache.clone(), st.stats.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = cache.store(&vector, &scope, top_k, value).await {
+                        stats.set_error(format!("store: {e:#}"));
+                    }
+                    stats.processed();
+                    drop(slot);
+                });
             }
         }
-        st.stats.processed();
         Ok(())
     }
 }
@@ -398,5 +423,88 @@ async fn pay_owed(owed: Arc<Mutex<Owed>>, cache: Arc<dyn SemanticCache>) {
         let mut o = owed.lock();
         o.removals.drain(..batch.len());
         metrics::gauge!("ragd_cache_invalidations_owed").set(o.removals.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache_guard::embedded::EmbeddedCache;
+    use crate::indexer::actor::tests::embedded;
+    use crate::indexer::edge::EdgeStore;
+
+    /// The embedded cache, whose stores never finish (the fault: a Redis
+    /// that answers, but slowly).
+    struct SlowStores(EmbeddedCache);
+
+    #[async_trait]
+    impl SemanticCache for SlowStores {
+        fn backend(&self) -> &'static str {
+            "slow-stores"
+        }
+        async fn lookup(
+            &self,
+            vector: &[f32],
+            scope: &Scope,
+            top_k: usize,
+        ) -> anyhow::Result<Option<CachedAnswer>> {
+            self.0.lookup(vector, scope, top_k).await
+        }
+        async fn store(
+            &self,
+            _: &[f32],
+            _: &Scope,
+            _: usize,
+            _: CachedAnswer,
+        ) -> anyhow::Result<()> {
+            std::future::pending().await
+        }
+        async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
+            self.0.invalidate(doc_id, keep).await
+        }
+    }
+
+    /// Lookups are answered while stores hang: a store neither holds up
+    /// the actor nor queues without bound (past [`MAX_STORES`] under way,
+    /// one is dropped).
+    #[tokio::test]
+    async fn a_lookup_is_not_held_up_behind_slow_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let d = embedded("v1", 1_000);
+        store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
+        let scope = Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec!["public".into()],
+        };
+        let q = [1.0, 0.0, 0.0, 0.0];
+        let answer = CachedAnswer {
+            answer: Some("sixteen weeks".into()),
+            sources: store.search(&q, &scope, 10).await.unwrap(),
+        };
+        let cache = Arc::new(SlowStores(EmbeddedCache::new(
+            0.98,
+            10,
+            Duration::from_secs(60),
+        )));
+        cache.0.store(&q, &scope, 5, answer.clone()).await.unwrap();
+        let name = format!("cache-guard-slow-{}", std::process::id());
+        let (guard, _h) = Actor::spawn(
+            Some(name.clone()),
+            CacheGuard,
+            CacheGuardArgs {
+                cache: cache.clone(),
+                store,
+                stats: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+        let handle = CacheHandle::new(name, cache.clone());
+        for _ in 0..MAX_STORES + 5 {
+            handle.store(&[0.0, 1.0, 0.0, 0.0], &scope, 5, answer.clone());
+        }
+        assert_eq!(handle.lookup(&q, &scope, 5).await, Some(answer));
+        guard.stop(None);
     }
 }
