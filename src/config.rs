@@ -177,6 +177,7 @@ struct RawQuery {
     candidates: Option<usize>,
     max_top_k: Option<usize>,
     latency_budget_ms: Option<u64>,
+    max_concurrent: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -285,6 +286,8 @@ pub struct Config {
     /// Target for embed + cache + search + rerank of one query; the
     /// reranker scores fewer candidates to meet it. None: no budget.
     pub latency_budget: Option<std::time::Duration>,
+    /// Queries a node answers at once; past it, 503 with Retry-After.
+    pub max_concurrent_queries: usize,
     pub admin_bind: SocketAddr,
     pub admin_token: Option<Secret>,
     /// Unsafe but allowed settings, logged at start and printed by `check`.
@@ -893,6 +896,10 @@ fn validate(
         }
         ms => ms.map(std::time::Duration::from_millis),
     };
+    let max_concurrent_queries = raw.query.max_concurrent.unwrap_or(256);
+    if max_concurrent_queries == 0 {
+        errors.push("query.max_concurrent must be at least 1".into());
+    }
     if query_bind == admin_bind {
         errors.push(format!("query.bind and admin.bind are both {query_bind}"));
     }
@@ -1062,6 +1069,7 @@ fn validate(
         candidates,
         max_top_k,
         latency_budget,
+        max_concurrent_queries,
         admin_bind,
         admin_token,
         warnings,

@@ -100,6 +100,20 @@ async fn query(
             format!("top_k must be between 1 and {}", node.config.max_top_k),
         );
     }
+    // Shed, not queued: under a burst past what the node answers in time,
+    // a queue only makes every query late and holds its memory.
+    let Ok(_slot) = node.query_slots.try_acquire() else {
+        metrics::counter!("ragd_queries_shed_total").increment(1);
+        let limit = node.config.max_concurrent_queries;
+        let body = json!({
+            "error": format!(
+                "the node is answering {limit} queries, its limit ([query] max_concurrent); \
+                 try again shortly"
+            )
+        });
+        let retry = [(axum::http::header::RETRY_AFTER, "1")];
+        return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
+    };
     let scope = Scope {
         divisions: principal.divisions.clone(),
         access_levels: principal.access_levels.clone(),

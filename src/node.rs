@@ -83,6 +83,8 @@ pub struct Node {
     pub kafka: Option<Arc<Kafka>>,
     /// When the index node builds the store's index.
     pub optimizer: Arc<Optimizer>,
+    /// One permit per query being answered (`[query] max_concurrent`).
+    pub query_slots: tokio::sync::Semaphore,
 }
 
 /// Removes what [`removals_at_start`] finds (old versions a prune left,
@@ -768,6 +770,7 @@ impl Node {
         let query_embedder =
             ragd_actors::embedder::Batcher::start("ragd-query-embed", encoder.clone(), 64);
         Ok(Node {
+            query_slots: tokio::sync::Semaphore::new(config.max_concurrent_queries),
             config,
             ledger,
             registry,

@@ -303,3 +303,49 @@ fn the_daemon_runs_on_the_qdrant_backend_through_qdrant_client() {
     assert!(!why.contains(host), "{why}");
     assert!(d.log().contains(host), "the log lacks the details");
 }
+
+/// Past `[query] max_concurrent` queries in flight, a query is shed at once
+/// with 503 and Retry-After, not queued; once one finishes, the next is
+/// answered. (The slow LLM holds the one slot.)
+#[test]
+fn queries_past_the_concurrency_limit_are_shed_with_retry_after() {
+    let llm = FakeLlm::start(vec![Step::Slow(Duration::from_secs(4))]);
+    let ws = Workspace::with_extra(&llm_config(&llm, ""));
+    let config = std::fs::read_to_string(ws.config()).unwrap().replacen(
+        "[query]\n",
+        "[query]\nmax_concurrent = 1\n",
+        1,
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| d.ask(HR_TOKEN, QUESTION));
+        wait_for(
+            "the first query at the LLM",
+            Duration::from_secs(30),
+            || (!llm.arrivals().is_empty()).then_some(()),
+        );
+        let shed = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/query", d.query))
+            .bearer_auth(HR_TOKEN)
+            .json(&serde_json::json!({ "question": "who approves travel?" }))
+            .send()
+            .unwrap();
+        assert_eq!(shed.status().as_u16(), 503);
+        assert_eq!(shed.headers()["retry-after"], "1");
+        let body: serde_json::Value = shed.json().unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("max_concurrent"),
+            "{body}"
+        );
+        let first = slow.join().unwrap();
+        assert!(first["answer"].is_string(), "{first}");
+    });
+    // The slot is free again.
+    let next = d.ask(HR_TOKEN, "who approves travel?");
+    assert!(next["sources"].is_array(), "{next}");
+    assert!(metric(&d, "ragd_queries_shed_total") >= 1.0);
+}
