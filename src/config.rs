@@ -1130,8 +1130,11 @@ fn exposure(
             "admin.token is the example token from ragd's documentation (RAGD_ADMIN__TOKEN sets it)"
                 .into(),
         ),
-        None if !admin_bind.ip().is_loopback() => warnings.push(format!(
-            "admin.token is empty: anyone who reaches {admin_bind} may start ingests and replay the DLQ"
+        // (/dlq shows the payloads: document text of every partition.)
+        None if !admin_bind.ip().is_loopback() => refusals.push(format!(
+            "admin.token is empty, and {admin_bind} is reachable from other machines: anyone \
+             there could read the DLQ (document text of every partition), start ingests and \
+             replay entries; set a secret token (RAGD_ADMIN__TOKEN)"
         )),
         _ => {}
     }
@@ -1328,12 +1331,13 @@ mod tests {
             "{:?}",
             ingest_only.warnings
         );
-        // No admin token on an open address: allowed, with a warning.
+        // No admin token on an open address: refused (its /dlq shows
+        // document text of every partition).
         let open_admin = parse(GOOD.replace("admin-secret", ""), &open[1..]).unwrap();
         assert!(
-            open_admin.warnings[0].contains("admin.token is empty"),
+            open_admin.refusals[0].contains("admin.token is empty"),
             "{:?}",
-            open_admin.warnings
+            open_admin.refusals
         );
     }
 
