@@ -62,7 +62,11 @@ impl RerankResult {
 /// cores would otherwise plan every later query at depth 0), and when the
 /// plan leaves no pair but there is time left, one pair is scored anyway
 /// every [`PairCost::PROBE_AFTER`] (a depth of 0 measures nothing, so an
-/// estimate from a slow spell would never come down).
+/// estimate from a slow spell would never come down). A probe is a pair
+/// scored past the plan, so they are rare: one per [`PairCost::PROBE_AFTER`]
+/// at most. And no call is cheaper than the fixed part: one that is lowers
+/// it (a calibration stalled by a burst of ingest set it too high, and a
+/// fixed part above the budget would leave no pair ever).
 #[derive(Default)]
 pub struct PairCost {
     state: Mutex<CostState>,
@@ -93,7 +97,7 @@ impl PairCost {
     /// A call counts at most this many times the average per pair.
     const MAX_JUMP: f64 = 8.0;
     /// How often a plan of no pairs scores one pair anyway, to measure.
-    pub const PROBE_AFTER: Duration = Duration::from_secs(1);
+    pub const PROBE_AFTER: Duration = Duration::from_secs(5);
 
     /// Sets both parts from two timed calls of 1 and `n` pairs.
     pub fn calibrate(&self, one: Duration, n: usize, many: Duration) {
@@ -115,7 +119,8 @@ impl PairCost {
             return;
         }
         let mut s = self.state.lock();
-        let x = (took.as_secs_f64() - s.fixed).max(0.0) / pairs as f64;
+        s.fixed = s.fixed.min(took.as_secs_f64());
+        let x = (took.as_secs_f64() - s.fixed) / pairs as f64;
         s.looked = Some(Instant::now());
         (s.per_pair, s.deviation) = match s.per_pair {
             None => (Some(x), 0.0),
@@ -156,14 +161,15 @@ impl PairCost {
             return candidates;
         }
         let usable = left.as_secs_f64() * Self::PLAN - s.fixed;
-        if usable <= 0.0 {
-            return 0;
-        }
-        let fit = ((usable / planned).floor() as usize).min(candidates);
+        let fit = if usable > 0.0 {
+            ((usable / planned).floor() as usize).min(candidates)
+        } else {
+            0
+        };
         let stale = s
             .looked
             .is_none_or(|t| now.saturating_duration_since(t) >= Self::PROBE_AFTER);
-        if fit == 0 && candidates > 0 && stale {
+        if fit == 0 && candidates > 0 && !left.is_zero() && stale {
             // (Claimed: queries at the same moment do not all probe.)
             s.looked = Some(now);
             return 1;
@@ -440,6 +446,14 @@ mod tests {
         // No time left: no probe (it could only overrun).
         let much_later = later + PairCost::PROBE_AFTER * 2;
         assert_eq!(cost.depth_at(50, Some(Duration::ZERO), much_later), 0);
+        // A fixed part over the time left (a stalled calibration) leaves
+        // no pair, and is probed too; the probe's call lowers it.
+        let stalled = PairCost::default();
+        stalled.calibrate(Duration::from_millis(300), 8, Duration::from_millis(800));
+        assert!(stalled.fixed() > Duration::from_millis(200));
+        assert_eq!(stalled.depth_at(50, left, much_later), 1, "a probe");
+        stalled.observe(1, Duration::from_millis(5));
+        assert!(stalled.fixed() <= Duration::from_millis(5));
         // The spell is over: the probes measure 2 ms a pair, and the depth
         // comes back.
         let mut t = much_later;
