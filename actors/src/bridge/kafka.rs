@@ -458,17 +458,21 @@ impl Kafka {
                             ),
                             replayed: false,
                         };
-                        // Tried until it is written, off this loop (which
-                        // must keep polling): while it is not, this
-                        // partition commits nothing past it. (Given up on,
-                        // it stalled the partition's commits until a
-                        // restart.)
+                        // Tried again, off this loop (which must keep
+                        // polling): while it is not written, this partition
+                        // commits nothing past it. (Given up on at once, it
+                        // stalled the partition's commits until a restart.)
+                        // The DLQ's own writes wait out a broker outage, so
+                        // what fails here fails for good (say, not allowed
+                        // to write the topic): after about 10 minutes the
+                        // message is logged whole and let go. (A revoke
+                        // meanwhile may dead-letter it twice: at least once.)
                         let (dlq, t) = (dlq.clone(), topic.clone());
                         tokio::spawn(async move {
                             let backoff = ExponentialBuilder::default()
                                 .with_min_delay(Duration::from_millis(200))
                                 .with_max_delay(Duration::from_secs(30))
-                                .without_max_times();
+                                .with_max_times(25);
                             let push = || {
                                 let (dlq, entry) = (dlq.clone(), entry.clone());
                                 async move {
@@ -485,9 +489,16 @@ impl Kafka {
                                     )
                                 })
                                 .await;
-                            if pushed.is_ok() {
-                                ack.fire();
+                            if let Err(e) = pushed {
+                                metrics::counter!("ragd_dlq_write_failures_total").increment(1);
+                                tracing::error!(
+                                    topic = %t, partition = p, offset = o,
+                                    payload = %entry.payload,
+                                    "a rejected message could not be dead-lettered, and is let \
+                                     go: {e:#}"
+                                );
                             }
+                            ack.fire();
                         });
                     }
                 }
@@ -582,12 +593,20 @@ impl KafkaDlq {
         let entries = Arc::new(Mutex::new(Vec::new()));
         // (A topic made by hand with more partitions: the reader reads one,
         // and the entries in the others would be lost to it.)
-        let partitions = {
-            let probe: BaseConsumer = base_config(&kafka.settings.brokers).create()?;
+        // (Just created, a broker may not have its leader yet: asked again
+        // for a while.)
+        let probe: BaseConsumer = base_config(&kafka.settings.brokers).create()?;
+        let settled = std::time::Instant::now() + Duration::from_secs(15);
+        let partitions = loop {
             let md = probe
                 .fetch_metadata(Some(&topic), Duration::from_secs(10))
                 .with_context(|| format!("reading the DLQ topic {topic}"))?;
-            md.topics().first().map_or(0, |t| t.partitions().len())
+            let t = md.topics().first();
+            let known = t.is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+            if known || std::time::Instant::now() > settled {
+                break t.map_or(0, |t| t.partitions().len());
+            }
+            std::thread::sleep(Duration::from_millis(200));
         };
         anyhow::ensure!(
             partitions == 1,
