@@ -897,8 +897,12 @@ fn validate(
         ms => ms.map(std::time::Duration::from_millis),
     };
     let max_concurrent_queries = raw.query.max_concurrent.unwrap_or(256);
-    if max_concurrent_queries == 0 {
-        errors.push("query.max_concurrent must be at least 1".into());
+    // (An upper bound too: a semaphore of more permits than tokio allows
+    // would panic at start.)
+    if !(1..=1_000_000).contains(&max_concurrent_queries) {
+        errors.push(format!(
+            "query.max_concurrent ({max_concurrent_queries}) must be between 1 and 1000000"
+        ));
     }
     if query_bind == admin_bind {
         errors.push(format!("query.bind and admin.bind are both {query_bind}"));
@@ -1355,6 +1359,7 @@ mod tests {
             bind = "not an address"
             latency_budget_ms = 0
             max_top_k = 60
+            max_concurrent = 9223372036854775807
             [index]
             hnsw_m = 2
             [pipeline]
@@ -1391,6 +1396,7 @@ mod tests {
             "pipeline.delete_grace_ms (86400000) must be at most 3600000",
             "llm.timeout_secs: 100000000000000000000",
             "llm.retry_budget_secs: -1",
+            "query.max_concurrent (9223372036854775807) must be between 1 and 1000000",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
