@@ -234,7 +234,7 @@ async fn answer(
                 Err(e) => {
                     tracing::warn!("no LLM answer: {e}");
                     timings.insert("llm_attempts".into(), json!(e.attempts));
-                    (None, Some(e.to_string()))
+                    (None, Some(e.public()))
                 }
             }
         }

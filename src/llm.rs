@@ -57,6 +57,23 @@ pub enum LlmError {
 }
 
 impl LlmError {
+    /// What a principal is told: the kind of failure and its status, not
+    /// the provider's response or the endpoint's address (those go to the
+    /// node's log).
+    pub fn public(&self) -> String {
+        match self {
+            LlmError::Server { status, .. } => {
+                format!("the LLM endpoint failed with HTTP {status}")
+            }
+            LlmError::Transport(_) => "cannot reach the LLM endpoint".into(),
+            LlmError::Refused { status, .. } => {
+                format!("the LLM endpoint refused the request with HTTP {status}")
+            }
+            LlmError::Malformed(_) => "the LLM endpoint sent a response without an answer".into(),
+            other => other.to_string(),
+        }
+    }
+
     fn retryable(&self) -> bool {
         matches!(
             self,
@@ -74,6 +91,17 @@ impl LlmError {
 pub struct GaveUp {
     pub attempts: u32,
     pub last: LlmError,
+}
+
+impl GaveUp {
+    /// [`LlmError::public`], with the attempts.
+    pub fn public(&self) -> String {
+        format!(
+            "no answer after {} attempt(s): {}",
+            self.attempts,
+            self.last.public()
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -378,6 +406,12 @@ mod tests {
             "{e:?}"
         );
         assert!(e.to_string().contains("HTTP 502"), "{e}");
+        // Principals are told the status, not the provider's response.
+        assert!(e.to_string().contains("scripted failure"), "{e}");
+        assert_eq!(
+            e.public(),
+            "no answer after 3 attempt(s): the LLM endpoint failed with HTTP 502"
+        );
     }
 
     #[tokio::test]

@@ -196,6 +196,8 @@ fn llm_answers_cite_sources_and_only_successful_answers_are_cached() {
     assert!(failed["answer"].is_null(), "{failed}");
     let why = failed["answer_error"].as_str().unwrap_or_default();
     assert!(why.contains("3 attempt") && why.contains("503"), "{failed}");
+    // The provider's response is for the node's log, not for principals.
+    assert!(!why.contains("scripted failure"), "{failed}");
     assert!(
         texts(&failed).contains("sixteen weeks"),
         "sources still returned: {failed}"
