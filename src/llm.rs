@@ -117,6 +117,11 @@ pub struct Llm {
     requests: DefaultDirectRateLimiter,
     tokens: DefaultDirectRateLimiter,
     tokens_burst: NonZeroU32,
+    /// After a 429, no request leaves the node before this (its
+    /// Retry-After, or the shortest backoff): the provider said so to the
+    /// node, not only to the query that was told, and every other query
+    /// sending meanwhile would be refused too, spending its retries.
+    held_until: parking_lot::Mutex<Option<tokio::time::Instant>>,
     /// Attempts sent, over the node's lifetime (admin view and tests).
     pub sent: AtomicU64,
 }
@@ -142,6 +147,7 @@ impl Llm {
             url,
             requests,
             tokens,
+            held_until: parking_lot::Mutex::new(None),
             sent: AtomicU64::new(0),
         }))
     }
@@ -205,6 +211,14 @@ impl Llm {
     }
 
     async fn once(&self, body: &serde_json::Value, estimate: u32) -> Result<String, LlmError> {
+        // (Looked at again after each wait: another 429 may have moved it.)
+        loop {
+            let until = *self.held_until.lock();
+            match until {
+                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                _ => break,
+            }
+        }
         self.requests.until_ready().await;
         let n = NonZeroU32::new(estimate.min(self.tokens_burst.get())).unwrap_or(NonZeroU32::MIN);
         // Cannot fail: n is clamped to the burst.
@@ -222,6 +236,9 @@ impl Llm {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
+            let until = tokio::time::Instant::now() + retry_after.unwrap_or(self.cfg.min_backoff);
+            let mut held = self.held_until.lock();
+            *held = Some(held.map_or(until, |t| t.max(until)));
             return Err(LlmError::RateLimited { retry_after });
         }
         let text = resp.text().await.map_err(|e| self.transport(e))?;
@@ -388,6 +405,35 @@ mod tests {
             assert!(
                 *gap >= Duration::from_millis(d - 5) && *gap < Duration::from_millis(2 * d + 150),
                 "gap {gap:?} for a {d} ms backoff; all gaps {g:?}"
+            );
+        }
+    }
+
+    /// A 429's Retry-After holds every query of the node, not only the one
+    /// told: a query asked meanwhile sends nothing until it has passed.
+    #[tokio::test]
+    async fn a_429_holds_back_the_other_queries_too() {
+        let script = serve(vec![Step::Status(429, Some("1"))]);
+        let llm = Llm::new(config(script.url.clone())).unwrap();
+        let first = {
+            let llm = llm.clone();
+            tokio::spawn(async move { llm.answer("leave?", &[hit()]).await })
+        };
+        while script.arrivals().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Only once the 429 is read is the node held.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = llm.answer("travel?", &[hit()]).await.unwrap();
+        assert_eq!(second.attempts, 1);
+        assert_eq!(first.await.unwrap().unwrap().attempts, 2);
+        let at = script.arrivals();
+        assert_eq!(at.len(), 3);
+        for later in &at[1..] {
+            assert!(
+                *later - at[0] >= Duration::from_millis(950),
+                "sent {:?} after the 429",
+                *later - at[0]
             );
         }
     }
