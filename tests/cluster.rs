@@ -446,7 +446,7 @@ fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
     let embed_ws = s.node("embed-1", &["embed"]);
     let embed = embed_ws.start();
     // The node created the topics at start-up.
-    let payload = r#"{"v":99,"key":"kb:hr/future.md","payload":{"from":"the future"}}"#;
+    let payload = r#"{"v":99,"key":"kb:hr/future.md","payload":{"from":"the future","meta":{"version":"f1"}}}"#;
     produce(&s, "ragd.chunks", "kb:hr/future.md", payload);
 
     let entries = wait_for("the DLQ entry", Duration::from_secs(60), || {
@@ -456,6 +456,8 @@ fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
     let e = &entries[0];
     assert_eq!(e["stage"], "bridge:ragd.chunks", "{entries}");
     assert_eq!(e["doc_id"], "kb:hr/future.md", "{entries}");
+    // The version it names, so the ingest ledgers close that version.
+    assert_eq!(e["version"], "f1", "{entries}");
     assert!(
         e["error"]
             .as_str()

@@ -194,6 +194,26 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         .map_err(|e| format!("malformed payload: {e}"))
 }
 
+/// The document version a message this node cannot read still names (the
+/// first `"version"` string in it), if it is JSON at all: its DLQ entry
+/// then closes that version in the ingest ledgers. (Recorded as no version,
+/// it closed the document's deletion instead, and the version's permit
+/// stayed taken: a rolling upgrade that changes the envelope would stall
+/// ingestion after `max_in_flight` of them.)
+fn version_in(bytes: &[u8]) -> Option<String> {
+    fn find(v: &serde_json::Value) -> Option<String> {
+        match v {
+            serde_json::Value::Object(m) => match m.get("version") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                _ => m.values().find_map(find),
+            },
+            serde_json::Value::Array(a) => a.iter().find_map(find),
+            _ => None,
+        }
+    }
+    find(&serde_json::from_slice(bytes).ok()?)
+}
+
 fn transient(e: &KafkaError) -> bool {
     match e.rdkafka_error_code() {
         Some(
@@ -451,7 +471,7 @@ impl Kafka {
                             error,
                             attempts: 1,
                             doc_id: key,
-                            version: None,
+                            version: version_in(bytes),
                             payload: serde_json::Value::String(
                                 String::from_utf8_lossy(&bytes[..bytes.len().min(64 << 10)])
                                     .into_owned(),
@@ -896,6 +916,15 @@ mod tests {
             format!("{err:#}").contains("two.dlq has 2 partitions"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn a_rejected_message_keeps_the_version_it_names() {
+        let future = br#"{"v":9,"key":"kb:a","payload":{"Upsert":{"meta":{"doc_id":"kb:a","version":"abc"},"chunks":[]}}}"#;
+        assert_eq!(version_in(future).as_deref(), Some("abc"));
+        let delete = br#"{"v":9,"key":"kb:a","payload":{"Delete":{"doc_id":"kb:a","seq":3}}}"#;
+        assert_eq!(version_in(delete), None);
+        assert_eq!(version_in(b"\x00\x01binary"), None);
     }
 
     #[test]
