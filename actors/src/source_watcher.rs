@@ -1916,7 +1916,8 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
     let mut unreadable = Unreadable::default();
     let mut unreadable_roots = Vec::new();
     for root in roots {
-        if let Some(s) = args.sources.iter().find(|s| s.root == root) {
+        let source = args.sources.iter().find(|s| s.root == root);
+        if let Some(s) = source {
             if !s.present().await {
                 // Missing, a share not mounted, or one that does not
                 // answer: unseen, not gone. (A root that does not answer
@@ -1929,7 +1930,6 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
         }
         match walk_sources(args, root.clone()).await {
             Ok((files, u)) => {
-                let source = args.sources.iter().find(|s| s.root == root);
                 if source.is_some_and(|s| u.0.contains(&format!("{}:", s.name))) {
                     unreadable_roots.push(root);
                 }
