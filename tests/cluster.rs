@@ -627,22 +627,13 @@ fn the_pipeline_waits_out_a_broker_outage_and_completes() {
 /// here widens that window to certain).
 #[test]
 fn a_dlq_opens_with_every_entry_the_topic_holds() {
-    use ragd_actors::bridge::kafka::{Kafka, KafkaDlq, KafkaSettings};
+    use ragd_actors::bridge::kafka::{Kafka, KafkaDlq};
     use ragd_actors::dlq::{DeadLetters, DlqEntry};
     let broker = Tansu::start_persistent();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let settings = KafkaSettings {
-        brokers: broker.brokers(),
-        topic_prefix: "ragd.".into(),
-        group_prefix: "ragd".into(),
-        partitions: 1,
-        replication: 1,
-        create_topics: true,
-        max_queued: 8,
-        produce_timeout: Duration::from_secs(10),
-        max_message_bytes: 1 << 20,
-    };
-    let kafka = rt.block_on(Kafka::connect(settings)).unwrap();
+    let kafka = rt
+        .block_on(Kafka::connect(broker.settings("ragd.")))
+        .unwrap();
     let entry = |doc: &str| DlqEntry {
         id: 0,
         at: 0,

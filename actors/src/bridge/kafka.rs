@@ -799,20 +799,6 @@ mod tests {
         assert_eq!(s.done(7, 0), None);
     }
 
-    fn settings(broker: &crate::testkit::Tansu, prefix: &str) -> KafkaSettings {
-        KafkaSettings {
-            brokers: broker.brokers(),
-            topic_prefix: prefix.into(),
-            group_prefix: prefix.into(),
-            partitions: 2,
-            replication: 1,
-            create_topics: true,
-            max_queued: 8,
-            produce_timeout: Duration::from_secs(10),
-            max_message_bytes: 1 << 20,
-        }
-    }
-
     /// A DLQ that cannot write its first `fail` entries (the fault), then
     /// keeps them in memory.
     struct Flaky {
@@ -850,7 +836,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_rejected_message_is_dead_lettered_once_the_dlq_takes_it() {
         let broker = crate::testkit::Tansu::start_persistent();
-        let kafka = Kafka::connect(settings(&broker, "rejects.")).await.unwrap();
+        let kafka = Kafka::connect(broker.settings("rejects.")).await.unwrap();
         let topic = kafka.topic(CHUNKS);
         kafka
             .produce(&topic, "kb:hr/x.md", b"\x00\x01binary")
@@ -907,7 +893,7 @@ mod tests {
             .await
             .unwrap();
         assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
-        let kafka = Kafka::connect(settings(&broker, "two.")).await.unwrap();
+        let kafka = Kafka::connect(broker.settings("two.")).await.unwrap();
         let err = tokio::task::spawn_blocking(move || KafkaDlq::open(kafka, |_| {}).map(|_| ()))
             .await
             .unwrap()

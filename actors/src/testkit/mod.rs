@@ -215,6 +215,22 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Settings for a client of this broker whose topics and groups are
+    /// named under `prefix` (topics created, two partitions).
+    pub fn settings(&self, prefix: &str) -> crate::bridge::kafka::KafkaSettings {
+        crate::bridge::kafka::KafkaSettings {
+            brokers: self.brokers(),
+            topic_prefix: prefix.into(),
+            group_prefix: prefix.into(),
+            partitions: 2,
+            replication: 1,
+            create_topics: true,
+            max_queued: 8,
+            produce_timeout: Duration::from_secs(10),
+            max_message_bytes: 1 << 20,
+        }
+    }
+
     fn resume(&mut self) {
         let bin = installed("RAGD_TANSU", "tansu-0.6.0-ragd1/bin/tansu");
         let url = format!("tcp://127.0.0.1:{}", self.port);
