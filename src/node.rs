@@ -823,6 +823,9 @@ impl Node {
                 "shutdown grace period over; unfinished documents resume at next start"
             );
         }
+        if let Some(k) = &self.kafka {
+            k.close();
+        }
         let _ = self.root.cast(SupervisorMsg::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;
         // The flush waits for a running index optimisation, which cannot be

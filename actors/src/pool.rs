@@ -114,16 +114,60 @@ impl Default for PoolSettings {
 /// Called once when a job has reached its end in this stage: processed, or
 /// durably dead-lettered. A Kafka input commits the job's offset then, so a
 /// job that a crash interrupts is delivered again.
+///
+/// A job from a Kafka partition is also this node's to do only while the
+/// node holds the partition ([`AckHook::held`]). One whose partition was
+/// revoked is let go unprocessed when its turn comes: the new owner has it
+/// again from the last commit, and doing it here too, late, could write an
+/// old version after the new owner wrote and pruned against a newer one.
 #[derive(Clone)]
-pub struct Ack(Arc<dyn Fn() + Send + Sync>);
+pub struct Ack(Arc<dyn AckHook>);
+
+/// What an [`Ack`] does; see there.
+pub trait AckHook: Send + Sync {
+    /// The job reached its end here.
+    fn done(&self);
+    /// Whether the job is still this node's to do.
+    fn held(&self) -> bool {
+        true
+    }
+    /// The job is let go unprocessed: it is no longer held.
+    fn let_go(&self) {}
+}
+
+struct FnHook<F>(F);
+
+impl<F: Fn() + Send + Sync> AckHook for FnHook<F> {
+    fn done(&self) {
+        (self.0)()
+    }
+}
 
 impl Ack {
     pub fn new(f: impl Fn() + Send + Sync + 'static) -> Ack {
-        Ack(Arc::new(f))
+        Ack(Arc::new(FnHook(f)))
+    }
+
+    pub fn with_hook(hook: impl AckHook + 'static) -> Ack {
+        Ack(Arc::new(hook))
     }
 
     pub fn fire(&self) {
-        (self.0)()
+        self.0.done()
+    }
+}
+
+impl<J> Attempt<J> {
+    /// Lets the job go if it is no longer this node's (see [`Ack`]); true
+    /// then.
+    fn let_go_unheld(&self) -> bool {
+        match &self.ack {
+            Some(ack) if !ack.0.held() => {
+                ack.0.let_go();
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -226,6 +270,10 @@ impl<J: Job> PoolQueue<J> {
         let alone = |a: &Attempt<J>| a.solo || a.attempt > 0;
         while batch.len() < max.max(1) {
             let Some(next) = jobs.front() else { break };
+            if next.let_go_unheld() {
+                jobs.pop_front();
+                continue;
+            }
             let fits = bytes.saturating_add(next.job.bytes()) <= max_bytes;
             if !batch.is_empty() && (alone(next) || !fits) {
                 break;
@@ -249,6 +297,18 @@ impl<J: Job> PoolQueue<J> {
         for a in batch.into_iter().rev() {
             self.push(a, true);
         }
+    }
+
+    /// Lets go every queued job that is no longer this node's (its Kafka
+    /// partition was revoked); returns how many.
+    pub fn let_go_unheld(&self) -> usize {
+        let mut jobs = self.jobs.lock();
+        let before = jobs.len();
+        jobs.retain(|a| !a.let_go_unheld());
+        let (gone, len) = (before - jobs.len(), jobs.len());
+        drop(jobs);
+        self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
+        gone
     }
 
     pub fn len(&self) -> usize {
@@ -453,6 +513,12 @@ impl<S: Stage> Pool<S> {
         let stats = state.stats();
         stats.failed.fetch_add(1, Ordering::Relaxed);
         stats.set_error(format!("{}: {error}", a.job.doc_id()));
+        if a.let_go_unheld() {
+            // Its partition's new owner tries it again, and dead-letters it
+            // if it must.
+            tracing::debug!(stage = %state.args.name, doc = %a.job.doc_id(), "a failed job whose partition was revoked is let go: {error}");
+            return;
+        }
         if a.attempt < state.args.settings.max_attempts {
             tracing::warn!(stage = %state.args.name, doc = %a.job.doc_id(), attempt = a.attempt, "retrying: {error}");
             state.args.queue.push(a, false);
@@ -794,6 +860,123 @@ mod tests {
         }
         left.sort();
         assert_eq!(left, ["bad", "slow"], "a job held by a worker was lost");
+    }
+
+    /// An ack that counts how its job ended; held while `gone` is unset.
+    struct Leased {
+        gone: Arc<std::sync::atomic::AtomicBool>,
+        done: Arc<AtomicUsize>,
+        let_go: Arc<AtomicUsize>,
+    }
+
+    impl AckHook for Leased {
+        fn done(&self) {
+            self.done.fetch_add(1, Ordering::SeqCst);
+        }
+        fn held(&self) -> bool {
+            !self.gone.load(Ordering::SeqCst)
+        }
+        fn let_go(&self) {
+            self.let_go.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Revokes the lease and fails on "bad"; processes the rest.
+    struct RevokedMidway {
+        gone: Arc<std::sync::atomic::AtomicBool>,
+        processed: Mutex<Vec<&'static str>>,
+    }
+
+    impl Stage for RevokedMidway {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            if job.0 == "bad" {
+                self.gone.store(true, Ordering::SeqCst);
+                anyhow::bail!("failed as its partition was revoked");
+            }
+            self.processed.lock().push(job.0);
+            Ok(())
+        }
+    }
+
+    /// A job no longer this node's (its Kafka partition was revoked) is let
+    /// go when its turn comes, and a failed one is let go instead of being
+    /// retried or dead-lettered: never processed, never acked.
+    #[tokio::test]
+    async fn jobs_no_longer_held_are_let_go_unprocessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq: Arc<dyn DeadLetters> =
+            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+        let queue = PoolQueue::new(Arc::new(ActorStats::default()));
+        let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kept = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut ends = HashMap::new();
+        for (id, lease) in [("a", &kept), ("bad", &revoked), ("c", &revoked)] {
+            let (done, let_go) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let hook = Leased {
+                gone: lease.clone(),
+                done: done.clone(),
+                let_go: let_go.clone(),
+            };
+            queue.submit_with_ack(Doc(id), Ack::with_hook(hook));
+            ends.insert(id, (done, let_go));
+        }
+        let stage = Arc::new(RevokedMidway {
+            gone: revoked.clone(),
+            processed: Mutex::new(vec![]),
+        });
+        let (pool, _) = Actor::spawn(
+            None,
+            Pool::<RevokedMidway>::default(),
+            PoolArgs {
+                name: "test".into(),
+                stage: stage.clone(),
+                queue: queue.clone(),
+                // A failure is the last attempt: it would be dead-lettered.
+                settings: PoolSettings {
+                    max_attempts: 1,
+                    ..Default::default()
+                },
+                ledger: Ledger::new(8),
+                dlq: dlq.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let ended = |id: &str| {
+            let (d, l) = &ends[id];
+            (d.load(Ordering::SeqCst), l.load(Ordering::SeqCst))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ended("c") == (0, 0) {
+            assert!(Instant::now() < deadline, "c never came up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pool.stop(None);
+        assert_eq!(*stage.processed.lock(), ["a"]);
+        assert_eq!(ended("a"), (1, 0));
+        assert_eq!(ended("bad"), (0, 1), "the failed job was not let go");
+        assert_eq!(ended("c"), (0, 1));
+        assert!(queue.is_empty());
+        assert!(
+            dlq.list().unwrap().is_empty(),
+            "a revoked job was dead-lettered"
+        );
+
+        // The queue lets go of what is no longer held, at once (a revoke).
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let let_go = Arc::new(AtomicUsize::new(0));
+        for lease in [&gone, &kept] {
+            let hook = Leased {
+                gone: lease.clone(),
+                done: Arc::new(AtomicUsize::new(0)),
+                let_go: let_go.clone(),
+            };
+            queue.submit_with_ack(Doc("x"), Ack::with_hook(hook));
+        }
+        assert_eq!(queue.let_go_unheld(), 1);
+        assert_eq!((queue.len(), let_go.load(Ordering::SeqCst)), (1, 1));
     }
 
     /// The DLQ holds exactly "bad", after its three attempts.

@@ -8,13 +8,20 @@
 //! leaves its uncommitted messages to the consumers that inherit its
 //! partitions; effects are idempotent (deterministic point ids, version
 //! checks), so doing them twice is harmless.
+//!
+//! A node that gives partitions up in a rebalance lets go of their queued
+//! jobs and waits for their running ones before the group hands them on
+//! (see [`ConsumerState::revoke`]): done late, an old owner's job could
+//! write an old version after the new owner wrote and pruned a newer one.
+//! (A node the group dropped for not answering can still do so; only a
+//! store-side check could fence it.)
 
 use crate::dlq::{now_secs, DeadLetters, DlqEntry, Record};
 use crate::messages::{Envelope, ENVELOPE_VERSION};
-use crate::pool::{Ack, Job, PoolQueue};
+use crate::pool::{Ack, AckHook, Job, PoolQueue};
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -26,6 +33,7 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,34 +88,178 @@ pub struct ConsumerView {
     pub lag: BTreeMap<i32, i64>,
     pub received: u64,
     pub rejected: u64,
+    /// Queued jobs let go unprocessed because their partition was revoked
+    /// (their next owner runs them).
+    pub let_go: u64,
 }
 
 pub struct ConsumerState {
     view: Mutex<ConsumerView>,
-    /// Offsets handed to the stage and not yet acked, per partition.
-    open: Mutex<HashMap<i32, BTreeMap<i64, bool>>>,
+    /// The partitions this consumer holds, each with the offsets handed to
+    /// the stage and not yet acked.
+    held: Mutex<HashMap<i32, Held>>,
+    /// Signalled when an offset ends (a revoke waits for the running ones).
+    ended: Condvar,
+    /// The last lease handed out: each holding of a partition gets its own,
+    /// so an ack from an earlier holding is told apart.
+    leases: AtomicU64,
+    /// The node is stopping ([`Kafka::close`]): a revoke then (the
+    /// consumer's close) waits for nothing, since the stages are stopping
+    /// too and their running jobs may never end.
+    closing: AtomicBool,
 }
 
+/// One partition this consumer holds.
+struct Held {
+    lease: u64,
+    /// Being revoked: its jobs are no longer this node's to start.
+    revoking: bool,
+    open: BTreeMap<i64, Slot>,
+}
+
+/// Where a message handed to the stage stands.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Slot {
+    /// Queued or running.
+    Open,
+    Done,
+    /// Let go unprocessed (its partition was revoked): it is never
+    /// committed past.
+    LetGo,
+}
+
+/// How long a revoke waits for the revoked partitions' running jobs (under
+/// `max.poll.interval.ms`, past which the group would drop this member).
+const REVOKE_WAIT: Duration = Duration::from_secs(20);
+
 impl ConsumerState {
+    fn new(topic: &str, group: &str) -> ConsumerState {
+        ConsumerState {
+            view: Mutex::new(ConsumerView {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                ..Default::default()
+            }),
+            held: Mutex::new(HashMap::new()),
+            ended: Condvar::new(),
+            leases: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+        }
+    }
+
     pub fn view(&self) -> ConsumerView {
         self.view.lock().clone()
     }
 
-    /// Marks `offset` done; returns the highest offset below which every
-    /// message of the partition is done (the one to store), if it moved.
-    fn done(&self, partition: i32, offset: i64) -> Option<i64> {
-        let mut open = self.open.lock();
-        let map = open.get_mut(&partition)?;
-        *map.get_mut(&offset)? = true;
+    /// `offset` of `partition` goes to the stage: returns its lease.
+    fn open(&self, partition: i32, offset: i64) -> u64 {
+        let mut held = self.held.lock();
+        let h = held.entry(partition).or_insert_with(|| Held {
+            lease: self.leases.fetch_add(1, Ordering::Relaxed) + 1,
+            revoking: false,
+            open: BTreeMap::new(),
+        });
+        h.open.insert(offset, Slot::Open);
+        h.lease
+    }
+
+    /// Whether a job of `partition` under `lease` is still this node's.
+    fn holds(&self, partition: i32, lease: u64) -> bool {
+        let held = self.held.lock();
+        held.get(&partition)
+            .is_some_and(|h| h.lease == lease && !h.revoking)
+    }
+
+    /// Marks `offset` as `slot`; returns the highest offset below which
+    /// every message of the partition is done (the one to store), if it
+    /// moved. An offset of an earlier holding of the partition (a late ack
+    /// after a revoke) stores nothing.
+    fn end(&self, partition: i32, offset: i64, lease: u64, slot: Slot) -> Option<i64> {
+        let mut held = self.held.lock();
+        let h = held.get_mut(&partition).filter(|h| h.lease == lease)?;
+        *h.open.get_mut(&offset)? = slot;
+        self.ended.notify_all();
         let mut last = None;
-        while let Some((&o, &done)) = map.first_key_value() {
-            if !done {
-                break;
-            }
-            map.pop_first();
+        while let Some((&o, &Slot::Done)) = h.open.first_key_value() {
+            h.open.pop_first();
             last = Some(o);
         }
         last
+    }
+
+    /// `gone` is being revoked: no job of it starts from now on (`let_go`
+    /// drops the queued ones), and the running ones are waited for, so that
+    /// the partitions' next owner, which gets them only once this returns
+    /// (the group's eager rebalance), never runs a job beside or after one
+    /// still running here. Returns how many were let go, and how many were
+    /// still running when the wait ended.
+    fn revoke(&self, gone: &[i32], let_go: &dyn Fn() -> usize) -> (usize, usize) {
+        for p in gone {
+            if let Some(h) = self.held.lock().get_mut(p) {
+                h.revoking = true;
+            }
+        }
+        // Not under `held`: letting go takes it, for each job.
+        let dropped = let_go();
+        let running = |held: &HashMap<i32, Held>| -> usize {
+            gone.iter()
+                .filter_map(|p| held.get(p))
+                .map(|h| h.open.values().filter(|s| **s == Slot::Open).count())
+                .sum()
+        };
+        let wait = || {
+            let deadline = std::time::Instant::now() + REVOKE_WAIT;
+            let mut held = self.held.lock();
+            while running(&held) > 0 && !self.ended.wait_until(&mut held, deadline).timed_out() {}
+            running(&held)
+        };
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        let left = match flavor {
+            _ if self.closing.load(Ordering::SeqCst) => running(&self.held.lock()),
+            // The running jobs may need this very thread: they cannot end
+            // while it waits (only tests run a consumer so).
+            Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => running(&self.held.lock()),
+            // The rebalance callback runs inside the consumer task's poll.
+            Ok(_) => tokio::task::block_in_place(wait),
+            Err(_) => wait(),
+        };
+        let mut held = self.held.lock();
+        for p in gone {
+            held.remove(p);
+        }
+        (dropped, left)
+    }
+}
+
+/// The ack of one message: stores its offset once the stage is done with
+/// it, and says whether its partition is still this consumer's.
+struct OffsetAck {
+    consumer: Arc<StreamConsumer<Ctx>>,
+    state: Arc<ConsumerState>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    lease: u64,
+}
+
+impl AckHook for OffsetAck {
+    fn done(&self) {
+        let (p, o) = (self.partition, self.offset);
+        if let Some(last) = self.state.end(p, o, self.lease, Slot::Done) {
+            // librdkafka commits last + 1, in the background.
+            if let Err(e) = self.consumer.store_offset(&self.topic, p, last) {
+                tracing::debug!(topic = %self.topic, p, "offset not stored: {e}");
+            }
+        }
+    }
+
+    fn held(&self) -> bool {
+        self.state.holds(self.partition, self.lease)
+    }
+
+    fn let_go(&self) {
+        self.state
+            .end(self.partition, self.offset, self.lease, Slot::LetGo);
     }
 }
 
@@ -123,6 +275,9 @@ impl ConsumerContext for Quiet {}
 
 struct Ctx {
     state: Arc<ConsumerState>,
+    /// Lets go the stage's queued jobs that are no longer held; returns how
+    /// many.
+    let_go: Box<dyn Fn() -> usize + Send + Sync>,
 }
 
 impl ClientContext for Ctx {
@@ -142,13 +297,43 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let gone: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            let started = std::time::Instant::now();
+            let (dropped, left) = self.state.revoke(&gone, &*self.let_go);
+            let topic = {
+                let mut v = self.state.view.lock();
+                v.let_go += dropped as u64;
+                v.topic.clone()
+            };
+            metrics::counter!("ragd_kafka_jobs_let_go_total", "topic" => topic.clone())
+                .increment(dropped as u64);
+            if left > 0 {
+                tracing::warn!(%topic, partitions = ?gone, running = left, "revoked with jobs still running: their partitions' next owner may run them alongside");
+            } else {
+                tracing::info!(%topic, partitions = ?gone, queued_let_go = dropped, waited = ?started.elapsed(), "revoking: running jobs finished");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let parts = |tpl: &TopicPartitionList| -> Vec<i32> {
             tpl.elements().iter().map(|e| e.partition()).collect()
         };
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // librdkafka keeps a partition the application paused paused
+                // through a revoke and a new assignment, and the consumer
+                // loop resumes only what it knows it paused: a partition
+                // paused before a revoke (a full stage) and assigned again
+                // after the stage drained was never fetched again. Resumed
+                // here; the loop pauses it again if the stage is still full.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!("could not resume assigned partitions: {e}");
+                }
                 let mut v = self.state.view.lock();
+                v.paused = false;
                 v.assigned.extend(parts(tpl));
                 v.assigned.sort();
                 v.assigned.dedup();
@@ -156,12 +341,6 @@ impl ConsumerContext for Ctx {
             }
             Rebalance::Revoke(tpl) => {
                 let gone = parts(tpl);
-                // Jobs already queued from these partitions still run; their
-                // acks find nothing to store, and the new owner redoes them.
-                let mut open = self.state.open.lock();
-                for p in &gone {
-                    open.remove(p);
-                }
                 let mut v = self.state.view.lock();
                 v.assigned.retain(|p| !gone.contains(p));
                 for p in &gone {
@@ -390,18 +569,14 @@ impl Kafka {
     where
         J: Job + DeserializeOwned,
     {
-        let state = Arc::new(ConsumerState {
-            view: Mutex::new(ConsumerView {
-                topic: topic.to_string(),
-                group: group.to_string(),
-                ..Default::default()
-            }),
-            open: Mutex::new(HashMap::new()),
-        });
+        let state = Arc::new(ConsumerState::new(topic, group));
+        let weak = Arc::downgrade(&queue);
         let consumer: StreamConsumer<Ctx> = consumer_config(&self.settings, group)
             .set("enable.auto.offset.store", "false")
             .create_with_context(Ctx {
                 state: state.clone(),
+                // Weak: the queue holds acks, which hold the consumer.
+                let_go: Box::new(move || weak.upgrade().map_or(0, |q| q.let_go_unheld())),
             })
             .with_context(|| format!("creating a Kafka consumer for {topic}"))?;
         consumer.subscribe(&[topic])?;
@@ -413,7 +588,7 @@ impl Kafka {
             loop {
                 // Backpressure: no more from the broker while the stage is
                 // full. Paused again every turn, because a rebalance hands
-                // out partitions unpaused.
+                // out partitions resumed (see `post_rebalance`).
                 let queued = queue.len();
                 let paused = st.view.lock().paused;
                 if queued >= high || (paused && queued > high / 2) {
@@ -441,19 +616,16 @@ impl Kafka {
                     };
                 let (p, o) = (msg.partition(), msg.offset());
                 tracing::trace!(%topic, partition = p, offset = o, "consumed");
-                st.open.lock().entry(p).or_default().insert(o, false);
+                let lease = st.open(p, o);
                 st.view.lock().received += 1;
-                let ack = {
-                    let (c, s, t) = (consumer.clone(), st.clone(), topic.clone());
-                    Ack::new(move || {
-                        if let Some(last) = s.done(p, o) {
-                            // librdkafka commits last + 1, in the background.
-                            if let Err(e) = c.store_offset(&t, p, last) {
-                                tracing::debug!(topic = %t, p, "offset not stored: {e}");
-                            }
-                        }
-                    })
-                };
+                let ack = Ack::with_hook(OffsetAck {
+                    consumer: consumer.clone(),
+                    state: st.clone(),
+                    topic: topic.clone(),
+                    partition: p,
+                    offset: o,
+                    lease,
+                });
                 let bytes = msg.payload().unwrap_or_default();
                 match decode::<J>(bytes) {
                     Ok(job) => queue.submit_with_ack(job, ack),
@@ -557,6 +729,14 @@ impl Kafka {
 
     pub fn consumers(&self) -> Vec<ConsumerView> {
         self.consumers.lock().iter().map(|c| c.view()).collect()
+    }
+
+    /// The node is stopping: its consumers' last revoke (when they close)
+    /// waits for no running job.
+    pub fn close(&self) {
+        for c in self.consumers.lock().iter() {
+            c.closing.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -772,31 +952,71 @@ mod tests {
     use super::*;
     use crate::messages::IndexedEvent;
 
-    fn state() -> ConsumerState {
-        ConsumerState {
-            view: Mutex::new(ConsumerView::default()),
-            open: Mutex::new(HashMap::new()),
-        }
-    }
-
     #[test]
     fn offsets_are_stored_only_up_to_the_first_unfinished_message() {
-        let s = state();
-        for o in 10..14 {
-            s.open.lock().entry(0).or_default().insert(o, false);
-        }
-        s.open.lock().entry(1).or_default().insert(5, false);
+        let s = ConsumerState::new("t", "g");
+        let lease = (10..14).map(|o| s.open(0, o)).last().unwrap();
+        let one = s.open(1, 5);
+        let done = |p, o, lease| s.end(p, o, lease, Slot::Done);
         // 11 and 12 finish before 10: nothing may be committed yet.
-        assert_eq!(s.done(0, 11), None);
-        assert_eq!(s.done(0, 12), None);
+        assert_eq!(done(0, 11, lease), None);
+        assert_eq!(done(0, 12, lease), None);
         // 10 finishes: everything through 12 is done.
-        assert_eq!(s.done(0, 10), Some(12));
-        assert_eq!(s.done(0, 13), Some(13));
-        // Partitions are independent; unknown offsets (a revoked
-        // partition's late ack) store nothing.
-        assert_eq!(s.done(1, 5), Some(5));
-        assert_eq!(s.done(1, 6), None);
-        assert_eq!(s.done(7, 0), None);
+        assert_eq!(done(0, 10, lease), Some(12));
+        assert_eq!(done(0, 13, lease), Some(13));
+        // Partitions are independent; unknown offsets and partitions store
+        // nothing.
+        assert_eq!(done(1, 5, one), Some(5));
+        assert_eq!(done(1, 6, one), None);
+        assert_eq!(done(7, 0, lease), None);
+        // A job let go is never committed past.
+        s.open(1, 6);
+        s.open(1, 7);
+        assert_eq!(s.end(1, 6, one, Slot::LetGo), None);
+        assert_eq!(done(1, 7, one), None);
+    }
+
+    /// A revoke stops the partition's queued jobs from starting, waits for
+    /// the running one, and from then on an ack of that holding stores
+    /// nothing, even once the partition is held again.
+    #[test]
+    fn a_revoke_lets_queued_jobs_go_and_waits_for_the_running_ones() {
+        let s = Arc::new(ConsumerState::new("t", "g"));
+        let lease = s.open(0, 1);
+        s.open(0, 2);
+        s.open(0, 3);
+        let other = s.open(1, 9);
+        // Offset 1 is running and ends in 300 ms; 2 and 3 are queued.
+        let running = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                let ended = std::time::Instant::now();
+                s.end(0, 1, lease, Slot::Done);
+                ended
+            })
+        };
+        let queue = Mutex::new(vec![2, 3]);
+        let let_go = || {
+            let queued = std::mem::take(&mut *queue.lock());
+            for &o in &queued {
+                assert!(!s.holds(0, lease), "a revoked job still held");
+                s.end(0, o, lease, Slot::LetGo);
+            }
+            queued.len()
+        };
+        assert_eq!(s.revoke(&[0], &let_go), (2, 0));
+        let returned = std::time::Instant::now();
+        assert!(
+            returned >= running.join().unwrap(),
+            "returned before the running job ended"
+        );
+        assert!(s.holds(1, other), "a partition not revoked is still held");
+        // Held again: the old holding's late ack stores nothing.
+        let again = s.open(0, 2);
+        assert!(again != lease && !s.holds(0, lease) && s.holds(0, again));
+        assert_eq!(s.end(0, 2, lease, Slot::Done), None);
+        assert_eq!(s.end(0, 2, again, Slot::Done), Some(2));
     }
 
     /// A DLQ that cannot write its first `fail` entries (the fault), then
@@ -853,8 +1073,8 @@ mod tests {
             .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let done =
-                dlq.entries.lock().len() == 1 && state.open.lock().values().all(|o| o.is_empty());
+            let done = dlq.entries.lock().len() == 1
+                && state.held.lock().values().all(|h| h.open.is_empty());
             if done {
                 break;
             }
@@ -863,7 +1083,12 @@ mod tests {
                 "not dead-lettered: {} entries, {} failures left, open {:?}",
                 dlq.entries.lock().len(),
                 dlq.fail.load(std::sync::atomic::Ordering::SeqCst),
-                state.open.lock()
+                state
+                    .held
+                    .lock()
+                    .values()
+                    .map(|h| h.open.clone())
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -875,6 +1100,202 @@ mod tests {
         assert!(e.error.contains("not a ragd envelope"), "{}", e.error);
         assert_eq!(queue.len(), 0);
         assert_eq!(state.view().rejected, 1);
+    }
+
+    /// One run of a job: which node, which message (the deletion's seq),
+    /// when.
+    #[derive(Clone, Debug)]
+    struct Ran {
+        node: &'static str,
+        seq: u64,
+        start: std::time::Instant,
+        end: std::time::Instant,
+    }
+
+    /// A stage that takes `delay` over each job and writes down its run.
+    struct Recorder {
+        node: &'static str,
+        delay: Duration,
+        runs: Arc<Mutex<Vec<Ran>>>,
+        running: Arc<std::sync::atomic::AtomicUsize>,
+        /// While set, a job does not end.
+        hold: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl crate::pool::Stage for Recorder {
+        type In = crate::indexer::actor::IndexJob;
+        async fn process(&self, job: Self::In) -> anyhow::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let crate::indexer::actor::IndexJob::Delete { seq, .. } = job else {
+                anyhow::bail!("not a test job");
+            };
+            self.running.fetch_add(1, SeqCst);
+            let start = std::time::Instant::now();
+            while self.hold.load(SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(self.delay).await;
+            self.runs.lock().push(Ran {
+                node: self.node,
+                seq,
+                start,
+                end: std::time::Instant::now(),
+            });
+            self.running.fetch_sub(1, SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A node of the `index` group on `topic`, whose stage takes `delay`
+    /// per job, and holds each while `hold` is set.
+    async fn index_node(
+        settings: KafkaSettings,
+        node: &'static str,
+        (delay, hold): (Duration, bool),
+        runs: Arc<Mutex<Vec<Ran>>>,
+        dlq: Arc<dyn DeadLetters>,
+    ) -> (
+        Arc<PoolQueue<crate::indexer::actor::IndexJob>>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<Kafka>,
+    ) {
+        let kafka = Kafka::connect(settings).await.unwrap();
+        let queue = PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(hold));
+        let stage = Recorder {
+            node,
+            delay,
+            runs,
+            running: running.clone(),
+            hold: hold.clone(),
+        };
+        ractor::Actor::spawn(
+            None,
+            crate::pool::Pool::<Recorder>::default(),
+            crate::pool::PoolArgs {
+                name: format!("index-{node}"),
+                stage: Arc::new(stage),
+                queue: queue.clone(),
+                settings: Default::default(),
+                ledger: crate::ledger::Ledger::new(8),
+                dlq: dlq.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let topic = kafka.topic(EMBEDDED);
+        kafka
+            .consume(&topic, &kafka.group("index"), queue.clone(), dlq)
+            .unwrap();
+        (queue, running, hold, kafka)
+    }
+
+    /// When a second index node joins, the first lets go of the jobs it
+    /// had queued, and the rebalance waits for the job it is running: a
+    /// message is never run by two nodes at once, nor by its old owner
+    /// after its new one (which could write an old version over a newer
+    /// one, or back after a deletion). Nothing is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_node_that_loses_a_partition_runs_none_of_its_jobs_after_the_new_owner() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let broker = crate::testkit::Tansu::start();
+        let settings = broker.settings("revoke.");
+        let kafka = Kafka::connect(settings.clone()).await.unwrap();
+        let topic = kafka.topic(EMBEDDED);
+        const N: u64 = 16;
+        for seq in 0..N {
+            let job = crate::indexer::actor::IndexJob::Delete {
+                doc_id: format!("kb:{seq}.md"),
+                seq,
+            };
+            kafka
+                .publish(&topic, &format!("kb:{seq}.md"), &job)
+                .await
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dlq: Arc<dyn DeadLetters> =
+            Arc::new(crate::dlq::FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        // Node a's first job is held until the test lets it end.
+        let slow = (Duration::from_millis(300), true);
+        let (a, a_running, a_hold, a_kafka) =
+            index_node(settings.clone(), "a", slow, runs.clone(), dlq.clone()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while a_running.load(SeqCst) == 0 || a.len() < 4 {
+            assert!(std::time::Instant::now() < deadline, "node a took no jobs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let fast = (Duration::from_millis(20), false);
+        let (b, b_running, _, b_kafka) =
+            index_node(settings, "b", fast, runs.clone(), dlq.clone()).await;
+        // b's joining revokes a's partitions; while a's job runs, b gets
+        // none of them. (Unwaited for, b had them within about 2 s.)
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let b_view = &b_kafka.consumers()[0];
+        assert!(
+            b_view.assigned.is_empty() && b_view.received == 0,
+            "b was handed partitions while a still ran one of their jobs: {b_view:?}"
+        );
+        a_hold.store(false, SeqCst);
+
+        // Until every message ran and both nodes are idle.
+        let idle = || {
+            a.is_empty()
+                && b.is_empty()
+                && a_running.load(SeqCst) == 0
+                && b_running.load(SeqCst) == 0
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let ran: std::collections::BTreeSet<u64> = runs.lock().iter().map(|r| r.seq).collect();
+            if ran.len() as u64 == N && idle() {
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                if idle() {
+                    break;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not every message ran: {ran:?}; a: {:?} ({} queued); b: {:?} ({} queued)",
+                a_kafka.consumers(),
+                a.len(),
+                b_kafka.consumers(),
+                b.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let runs = runs.lock().clone();
+        assert!(
+            runs.iter().any(|r| r.node == "b"),
+            "the new node took no partition: {runs:?}"
+        );
+        for seq in 0..N {
+            let mut of: Vec<&Ran> = runs.iter().filter(|r| r.seq == seq).collect();
+            of.sort_by_key(|r| r.start);
+            for w in of.windows(2) {
+                assert!(
+                    w[1].start >= w[0].end,
+                    "message {seq} ran on {} and {} at once: {of:?}",
+                    w[0].node,
+                    w[1].node
+                );
+            }
+            if let Some(first_b) = of.iter().position(|r| r.node == "b") {
+                assert!(
+                    of[first_b..].iter().all(|r| r.node == "b"),
+                    "message {seq} ran on its old node after its new one: {of:?}"
+                );
+            }
+        }
+        assert!(
+            a_kafka.consumers()[0].let_go > 0,
+            "a let no queued job go: {:?}",
+            a_kafka.consumers()
+        );
+        assert!(dlq.list().unwrap().is_empty());
     }
 
     /// A DLQ topic made by hand with more than one partition is refused
