@@ -266,12 +266,15 @@ impl<J: Job> PoolQueue<J> {
     fn pop_batch(&self, max: usize, max_bytes: u64) -> Vec<Attempt<J>> {
         let mut jobs = self.jobs.lock();
         let mut batch = Vec::new();
+        // Dropped after the lock: the last ack of a Kafka consumer closes
+        // it, and its revoke comes back to this queue.
+        let mut gone = Vec::new();
         let mut bytes = 0u64;
         let alone = |a: &Attempt<J>| a.solo || a.attempt > 0;
         while batch.len() < max.max(1) {
             let Some(next) = jobs.front() else { break };
             if next.let_go_unheld() {
-                jobs.pop_front();
+                gone.extend(jobs.pop_front());
                 continue;
             }
             let fits = bytes.saturating_add(next.job.bytes()) <= max_bytes;
@@ -289,6 +292,8 @@ impl<J: Job> PoolQueue<J> {
         self.stats
             .queue_depth
             .store(jobs.len() as u64, Ordering::Relaxed);
+        drop(jobs);
+        drop(gone);
         batch
     }
 
@@ -303,12 +308,13 @@ impl<J: Job> PoolQueue<J> {
     /// partition was revoked); returns how many.
     pub fn let_go_unheld(&self) -> usize {
         let mut jobs = self.jobs.lock();
-        let before = jobs.len();
-        jobs.retain(|a| !a.let_go_unheld());
-        let (gone, len) = (before - jobs.len(), jobs.len());
+        let (gone, kept): (Vec<_>, Vec<_>) = jobs.drain(..).partition(|a| a.let_go_unheld());
+        jobs.extend(kept);
+        let len = jobs.len();
+        // Dropped after the lock (see `pop_batch`).
         drop(jobs);
         self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
-        gone
+        gone.len()
     }
 
     pub fn len(&self) -> usize {

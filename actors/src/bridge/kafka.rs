@@ -122,6 +122,9 @@ struct Held {
 enum Slot {
     /// Queued or running.
     Open,
+    /// Being dead-lettered (no stage reads it): committed once written,
+    /// but not waited for at a revoke, since it touches no store.
+    Rejected,
     Done,
     /// Let go unprocessed (its partition was revoked): it is never
     /// committed past.
@@ -163,6 +166,16 @@ impl ConsumerState {
         h.lease
     }
 
+    /// `offset` is not for the stage: it is being dead-lettered.
+    fn reject(&self, partition: i32, offset: i64, lease: u64) {
+        let mut held = self.held.lock();
+        if let Some(h) = held.get_mut(&partition).filter(|h| h.lease == lease) {
+            if let Some(slot) = h.open.get_mut(&offset) {
+                *slot = Slot::Rejected;
+            }
+        }
+    }
+
     /// Whether a job of `partition` under `lease` is still this node's.
     fn holds(&self, partition: i32, lease: u64) -> bool {
         let held = self.held.lock();
@@ -170,20 +183,32 @@ impl ConsumerState {
             .is_some_and(|h| h.lease == lease && !h.revoking)
     }
 
-    /// Marks `offset` as `slot`; returns the highest offset below which
-    /// every message of the partition is done (the one to store), if it
-    /// moved. An offset of an earlier holding of the partition (a late ack
+    /// Marks `offset` as `slot`; when that moves the highest offset below
+    /// which every message of the partition is done, hands it to `store`
+    /// (still under the lock: a revoke that sees no job running finds
+    /// their offsets stored, for the commit at the unassign) and returns
+    /// it. An offset of an earlier holding of the partition (a late ack
     /// after a revoke) stores nothing.
-    fn end(&self, partition: i32, offset: i64, lease: u64, slot: Slot) -> Option<i64> {
+    fn end(
+        &self,
+        partition: i32,
+        offset: i64,
+        lease: u64,
+        slot: Slot,
+        store: impl FnOnce(i64),
+    ) -> Option<i64> {
         let mut held = self.held.lock();
         let h = held.get_mut(&partition).filter(|h| h.lease == lease)?;
         *h.open.get_mut(&offset)? = slot;
-        self.ended.notify_all();
         let mut last = None;
         while let Some((&o, &Slot::Done)) = h.open.first_key_value() {
             h.open.pop_first();
             last = Some(o);
         }
+        if let Some(last) = last {
+            store(last);
+        }
+        self.ended.notify_all();
         last
     }
 
@@ -192,8 +217,10 @@ impl ConsumerState {
     /// the partitions' next owner, which gets them only once this returns
     /// (the group's eager rebalance), never runs a job beside or after one
     /// still running here. Returns how many were let go, and how many were
-    /// still running when the wait ended.
-    fn revoke(&self, gone: &[i32], let_go: &dyn Fn() -> usize) -> (usize, usize) {
+    /// still running when the wait ended. `lost`: the group gave the
+    /// partitions away already (this node stopped answering), and nothing
+    /// is waited for.
+    fn revoke(&self, gone: &[i32], lost: bool, let_go: &dyn Fn() -> usize) -> (usize, usize) {
         for p in gone {
             if let Some(h) = self.held.lock().get_mut(p) {
                 h.revoking = true;
@@ -215,7 +242,7 @@ impl ConsumerState {
         };
         let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
         let left = match flavor {
-            _ if self.closing.load(Ordering::SeqCst) => running(&self.held.lock()),
+            _ if lost || self.closing.load(Ordering::SeqCst) => running(&self.held.lock()),
             // The running jobs may need this very thread: they cannot end
             // while it waits (only tests run a consumer so).
             Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => running(&self.held.lock()),
@@ -245,12 +272,13 @@ struct OffsetAck {
 impl AckHook for OffsetAck {
     fn done(&self) {
         let (p, o) = (self.partition, self.offset);
-        if let Some(last) = self.state.end(p, o, self.lease, Slot::Done) {
-            // librdkafka commits last + 1, in the background.
+        self.state.end(p, o, self.lease, Slot::Done, |last| {
+            // librdkafka commits last + 1, in the background. (Only marks
+            // it: nothing here waits or calls back.)
             if let Err(e) = self.consumer.store_offset(&self.topic, p, last) {
                 tracing::debug!(topic = %self.topic, p, "offset not stored: {e}");
             }
-        }
+        });
     }
 
     fn held(&self) -> bool {
@@ -258,8 +286,8 @@ impl AckHook for OffsetAck {
     }
 
     fn let_go(&self) {
-        self.state
-            .end(self.partition, self.offset, self.lease, Slot::LetGo);
+        let (p, o) = (self.partition, self.offset);
+        self.state.end(p, o, self.lease, Slot::LetGo, |_| {});
     }
 }
 
@@ -297,11 +325,12 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let gone: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let started = std::time::Instant::now();
-            let (dropped, left) = self.state.revoke(&gone, &*self.let_go);
+            let lost = consumer.assignment_lost();
+            let (dropped, left) = self.state.revoke(&gone, lost, &*self.let_go);
             let topic = {
                 let mut v = self.state.view.lock();
                 v.let_go += dropped as u64;
@@ -630,6 +659,7 @@ impl Kafka {
                 match decode::<J>(bytes) {
                     Ok(job) => queue.submit_with_ack(job, ack),
                     Err(error) => {
+                        st.reject(p, o, lease);
                         st.view.lock().rejected += 1;
                         let key = msg
                             .key()
@@ -957,7 +987,8 @@ mod tests {
         let s = ConsumerState::new("t", "g");
         let lease = (10..14).map(|o| s.open(0, o)).last().unwrap();
         let one = s.open(1, 5);
-        let done = |p, o, lease| s.end(p, o, lease, Slot::Done);
+        let stored = Mutex::new(Vec::new());
+        let done = |p, o, lease| s.end(p, o, lease, Slot::Done, |last| stored.lock().push(last));
         // 11 and 12 finish before 10: nothing may be committed yet.
         assert_eq!(done(0, 11, lease), None);
         assert_eq!(done(0, 12, lease), None);
@@ -969,30 +1000,44 @@ mod tests {
         assert_eq!(done(1, 5, one), Some(5));
         assert_eq!(done(1, 6, one), None);
         assert_eq!(done(7, 0, lease), None);
-        // A job let go is never committed past.
-        s.open(1, 6);
-        s.open(1, 7);
-        assert_eq!(s.end(1, 6, one, Slot::LetGo), None);
-        assert_eq!(done(1, 7, one), None);
+        assert_eq!(*stored.lock(), [12, 13, 5]);
+        // A job let go is never committed past; one being dead-lettered is
+        // once it is written.
+        for o in 6..=10 {
+            s.open(1, o);
+        }
+        s.reject(1, 7, one);
+        assert_eq!(done(1, 6, one), Some(6));
+        assert_eq!(done(1, 8, one), None, "7 is still being dead-lettered");
+        assert_eq!(done(1, 7, one), Some(8));
+        assert_eq!(s.end(1, 9, one, Slot::LetGo, |_| {}), None);
+        assert_eq!(done(1, 10, one), None);
+        assert_eq!(*stored.lock(), [12, 13, 5, 6, 8]);
     }
 
     /// A revoke stops the partition's queued jobs from starting, waits for
-    /// the running one, and from then on an ack of that holding stores
-    /// nothing, even once the partition is held again.
+    /// the running one (not for one being dead-lettered), and from then on
+    /// an ack of that holding stores nothing, even once the partition is
+    /// held again.
     #[test]
     fn a_revoke_lets_queued_jobs_go_and_waits_for_the_running_ones() {
         let s = Arc::new(ConsumerState::new("t", "g"));
         let lease = s.open(0, 1);
         s.open(0, 2);
         s.open(0, 3);
+        s.open(0, 4);
+        s.reject(0, 4, lease);
         let other = s.open(1, 9);
-        // Offset 1 is running and ends in 300 ms; 2 and 3 are queued.
+        // Offset 1 is running, and ends 300 ms after the revoke began; 2
+        // and 3 are queued.
+        let (began, begin) = std::sync::mpsc::channel();
         let running = {
             let s = s.clone();
             std::thread::spawn(move || {
+                begin.recv().unwrap();
                 std::thread::sleep(Duration::from_millis(300));
                 let ended = std::time::Instant::now();
-                s.end(0, 1, lease, Slot::Done);
+                s.end(0, 1, lease, Slot::Done, |_| {});
                 ended
             })
         };
@@ -1001,11 +1046,12 @@ mod tests {
             let queued = std::mem::take(&mut *queue.lock());
             for &o in &queued {
                 assert!(!s.holds(0, lease), "a revoked job still held");
-                s.end(0, o, lease, Slot::LetGo);
+                s.end(0, o, lease, Slot::LetGo, |_| {});
             }
+            began.send(()).unwrap();
             queued.len()
         };
-        assert_eq!(s.revoke(&[0], &let_go), (2, 0));
+        assert_eq!(s.revoke(&[0], false, &let_go), (2, 0));
         let returned = std::time::Instant::now();
         assert!(
             returned >= running.join().unwrap(),
@@ -1015,8 +1061,15 @@ mod tests {
         // Held again: the old holding's late ack stores nothing.
         let again = s.open(0, 2);
         assert!(again != lease && !s.holds(0, lease) && s.holds(0, again));
-        assert_eq!(s.end(0, 2, lease, Slot::Done), None);
-        assert_eq!(s.end(0, 2, again, Slot::Done), Some(2));
+        assert_eq!(s.end(0, 2, lease, Slot::Done, |_| {}), None);
+        assert_eq!(s.end(0, 2, again, Slot::Done, |_| {}), Some(2));
+
+        // Partitions the group gave away already: nothing is waited for.
+        let lease = s.open(3, 1);
+        let started = std::time::Instant::now();
+        assert_eq!(s.revoke(&[3], true, &|| 0), (0, 1));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!s.holds(3, lease));
     }
 
     /// A DLQ that cannot write its first `fail` entries (the fault), then
