@@ -145,6 +145,18 @@ access_levels = ["public", "internal"]
     }
 }
 
+std::thread_local! {
+    /// The logs of every daemon this test (its thread) started, so that a
+    /// timeout shows what the other nodes of a cluster were doing too.
+    static LOGS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The last `n` characters of `s`.
+fn tail(s: &str, n: usize) -> &str {
+    let start = s.char_indices().rev().nth(n).map_or(0, |(i, _)| i);
+    &s[start..]
+}
+
 pub struct Daemon {
     pub child: Child,
     pub query: String,
@@ -171,6 +183,7 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        LOGS.with(|l| l.borrow_mut().push(log.clone()));
         let d = Daemon {
             child,
             query: format!("http://127.0.0.1:{}", ws.query_port),
@@ -199,16 +212,22 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         while !ok() {
             if Instant::now() > deadline {
+                let others: String = LOGS.with(|l| {
+                    l.borrow()
+                        .iter()
+                        .filter(|p| **p != self.log)
+                        .map(|p| {
+                            let log = std::fs::read_to_string(p).unwrap_or_default();
+                            format!("\n--- {} tail:\n{}", p.display(), tail(&log, 6000))
+                        })
+                        .collect()
+                });
                 let log = self.log();
-                let tail: String = log
-                    .chars()
-                    .rev()
-                    .take(4000)
-                    .collect::<String>()
-                    .chars()
-                    .rev()
-                    .collect();
-                panic!("timed out waiting for {what}; daemon log tail:\n{tail}");
+                panic!(
+                    "timed out waiting for {what}; daemon log tail:\n{}\n\
+                     other daemons of this test:{others}",
+                    tail(&log, 6000)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
