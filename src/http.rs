@@ -477,8 +477,8 @@ async fn dlq_replay(
     }
     // Checked before the entry is marked: a replay that cannot start must
     // leave it waiting, not marked done with nothing done.
-    let entry = match node.dlq.list() {
-        Ok(entries) => entries.into_iter().find(|e| e.id == id),
+    let entry = match node.dlq.get(id) {
+        Ok(entry) => entry,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
     let Some(entry) = entry else {

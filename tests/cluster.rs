@@ -478,6 +478,31 @@ fn a_message_with_an_unknown_envelope_version_lands_in_the_dlq() {
         e["payload"].as_str().unwrap().contains("the future"),
         "{entries}"
     );
+
+    // A long one is held in memory as a preview that says where the whole
+    // is: every node holds every entry.
+    let pad = "x".repeat(30 << 10);
+    let long = format!(r#"{{"v":99,"key":"kb:hr/long.md","payload":{{"pad":"{pad}"}}}}"#);
+    produce(&s, "ragd.chunks", "kb:hr/long.md", &long);
+    let entries = wait_for("the second DLQ entry", Duration::from_secs(60), || {
+        let list = embed.admin_json("/dlq");
+        (list.as_array().unwrap().len() == 2).then_some(list)
+    });
+    let preview = entries[1]["payload"].as_str().unwrap();
+    assert!(
+        preview.starts_with(r#"{"v":99,"key":"kb:hr/long.md""#),
+        "{preview}"
+    );
+    assert!(preview.len() < 5 << 10, "{}", preview.len());
+    assert!(
+        preview.ends_with(&format!(
+            "[cut here: {} bytes in all; the whole payload is in the DLQ topic ragd.dlq at \
+             offset 1]",
+            long.len()
+        )),
+        "{}",
+        &preview[4000..]
+    );
     // The node is still healthy and consuming.
     assert_eq!(embed.get_status("/health"), Some(200));
 }

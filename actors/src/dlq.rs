@@ -9,6 +9,7 @@
 use anyhow::Context;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,10 @@ pub trait DeadLetters: Send + Sync {
     /// Stores the entry (its `id` is assigned here) and returns the id.
     fn push(&self, entry: DlqEntry) -> anyhow::Result<u64>;
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>>;
+    /// Entry `id`, if there is one.
+    fn get(&self, id: u64) -> anyhow::Result<Option<DlqEntry>> {
+        Ok(self.list()?.into_iter().find(|e| e.id == id))
+    }
     /// Marks entry `id` replayed and returns it; of two calls for one
     /// entry, one fails with [`AlreadyReplayed`].
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry>;
@@ -61,9 +66,111 @@ impl std::fmt::Display for AlreadyReplayed {
 
 impl std::error::Error for AlreadyReplayed {}
 
-/// Whether `e` holds `version` of `doc_id` and still waits for a replay.
-pub fn is_pending(e: &DlqEntry, doc_id: &str, version: &str) -> bool {
-    !e.replayed && e.doc_id == doc_id && e.version.as_deref() == Some(version)
+/// The most of an entry's payload held in memory. Every node holds every
+/// entry, and a rejected bus message's payload is up to 64 KiB of raw
+/// text: a longer one is held as a preview, and the whole stays in the log
+/// or on the topic. (Stage payloads are document metadata, far below.)
+pub const PAYLOAD_IN_MEMORY: usize = 4 << 10;
+
+/// The entries a backend holds in memory, in id order, with the pending
+/// ones indexed by document and version: the watcher asks about every
+/// document it sees, which must not scan a long queue each time.
+pub struct Held {
+    entries: Vec<DlqEntry>,
+    /// doc id -> version -> ids of its entries waiting for a replay.
+    pending: HashMap<String, HashMap<String, BTreeSet<u64>>>,
+    /// Where the whole payload of entry `id` is, for a preview to say.
+    whole_at: Box<dyn Fn(u64) -> String + Send>,
+}
+
+impl Held {
+    pub fn new(whole_at: impl Fn(u64) -> String + Send + 'static) -> Held {
+        Held {
+            entries: Vec::new(),
+            pending: HashMap::new(),
+            whole_at: Box::new(whole_at),
+        }
+    }
+
+    /// Adds an entry; false (and nothing added) when its id is held
+    /// already, which only a log edited by hand has.
+    pub fn insert(&mut self, mut e: DlqEntry) -> bool {
+        let at = self.entries.partition_point(|x| x.id < e.id);
+        if self.entries.get(at).is_some_and(|x| x.id == e.id) {
+            return false;
+        }
+        if let serde_json::Value::String(s) = &e.payload {
+            if s.len() > PAYLOAD_IN_MEMORY {
+                let cut = s.floor_char_boundary(PAYLOAD_IN_MEMORY);
+                e.payload = serde_json::Value::String(format!(
+                    "{}… [cut here: {} bytes in all; the whole payload is in {}]",
+                    &s[..cut],
+                    s.len(),
+                    (self.whole_at)(e.id)
+                ));
+            }
+        }
+        self.index(&e, true);
+        // (Ids come in order: the log's are assigned so, the topic's are
+        // offsets. This is a push then.)
+        self.entries.insert(at, e);
+        true
+    }
+
+    fn index(&mut self, e: &DlqEntry, add: bool) {
+        let Some(version) = e.version.as_ref().filter(|_| !e.replayed) else {
+            return;
+        };
+        if add {
+            self.pending
+                .entry(e.doc_id.clone())
+                .or_default()
+                .entry(version.clone())
+                .or_default()
+                .insert(e.id);
+        } else if let Some(versions) = self.pending.get_mut(&e.doc_id) {
+            if let Some(ids) = versions.get_mut(version) {
+                ids.remove(&e.id);
+                if ids.is_empty() {
+                    versions.remove(version);
+                }
+            }
+            if versions.is_empty() {
+                self.pending.remove(&e.doc_id);
+            }
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<&DlqEntry> {
+        let at = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        Some(&self.entries[at])
+    }
+
+    /// Sets entry `id`'s replayed mark and returns the entry; None when
+    /// there is no such entry.
+    pub fn set_replayed(&mut self, id: u64, replayed: bool) -> Option<DlqEntry> {
+        let at = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        let e = self.entries[at].clone();
+        self.index(&e, false);
+        self.entries[at].replayed = replayed;
+        let e = self.entries[at].clone();
+        self.index(&e, true);
+        Some(e)
+    }
+
+    /// The first entry holding `version` of `doc_id` that was not replayed.
+    pub fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
+        let id = *self.pending.get(doc_id)?.get(version)?.first()?;
+        self.get(id).cloned()
+    }
+
+    pub fn last_id(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.id)
+    }
+
+    pub fn list(&self) -> Vec<DlqEntry> {
+        self.entries.clone()
+    }
 }
 
 /// The log plus its entries in memory: the watcher asks "is this version
@@ -71,7 +178,7 @@ pub fn is_pending(e: &DlqEntry, doc_id: &str, version: &str) -> bool {
 /// file each time. The file stays the source of truth across restarts.
 pub struct FileDlq {
     path: PathBuf,
-    log: Mutex<(File, Vec<DlqEntry>)>,
+    log: Mutex<(File, Held)>,
 }
 
 impl FileDlq {
@@ -99,10 +206,16 @@ impl FileDlq {
                 (&file).write_all(b"\n")?;
             }
         }
-        let entries = Self::read(&path)?;
+        let log = path.display().to_string();
+        let mut held = Held::new(move |_| format!("the DLQ log {log}"));
+        for e in Self::read(&path)? {
+            if !held.insert(e) {
+                tracing::warn!(path = %path.display(), "DLQ log: a second entry with one id is ignored");
+            }
+        }
         Ok(FileDlq {
             path,
-            log: Mutex::new((file, entries)),
+            log: Mutex::new((file, held)),
         })
     }
 
@@ -115,14 +228,19 @@ impl FileDlq {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let mut entries: Vec<DlqEntry> = Vec::new();
+        // id -> its place in `entries` (the first entry of an id).
+        let mut at = HashMap::new();
         for line in BufReader::new(file).lines() {
             let line = line?;
             // A torn last line from a crash is ignored, not fatal.
             match serde_json::from_str::<Record>(&line) {
-                Ok(Record::Entry(e)) => entries.push(e),
+                Ok(Record::Entry(e)) => {
+                    at.entry(e.id).or_insert(entries.len());
+                    entries.push(e);
+                }
                 Ok(Record::Replayed { id }) => {
-                    if let Some(e) = entries.iter_mut().find(|e| e.id == id) {
-                        e.replayed = true;
+                    if let Some(&i) = at.get(&id) {
+                        entries[i].replayed = true;
                     }
                 }
                 Err(_) => continue,
@@ -144,40 +262,39 @@ impl FileDlq {
 impl DeadLetters for FileDlq {
     fn push(&self, mut entry: DlqEntry) -> anyhow::Result<u64> {
         let mut log = self.log.lock();
-        let (file, entries) = &mut *log;
-        entry.id = entries.iter().map(|e| e.id).max().unwrap_or(0) + 1;
+        let (file, held) = &mut *log;
+        entry.id = held.last_id() + 1;
         entry.replayed = false;
         self.append(file, &Record::Entry(entry.clone()))?;
         let id = entry.id;
-        entries.push(entry);
+        held.insert(entry);
         Ok(id)
     }
 
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
-        Ok(self.log.lock().1.clone())
+        Ok(self.log.lock().1.list())
+    }
+
+    fn get(&self, id: u64) -> anyhow::Result<Option<DlqEntry>> {
+        Ok(self.log.lock().1.get(id).cloned())
     }
 
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
-        let log = self.log.lock();
-        log.1
-            .iter()
-            .find(|e| is_pending(e, doc_id, version))
-            .cloned()
+        self.log.lock().1.pending(doc_id, version)
     }
 
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
         let mut log = self.log.lock();
-        let (file, entries) = &mut *log;
-        let entry = entries
-            .iter_mut()
-            .find(|e| e.id == id)
+        let (file, held) = &mut *log;
+        let entry = held
+            .get(id)
             .with_context(|| format!("no DLQ entry with id {id}"))?;
         if entry.replayed {
             return Err(AlreadyReplayed(id).into());
         }
         self.append(file, &Record::Replayed { id })?;
-        entry.replayed = true;
-        Ok(entry.clone())
+        held.set_replayed(id, true)
+            .with_context(|| format!("no DLQ entry with id {id}"))
     }
 }
 
@@ -221,6 +338,78 @@ mod tests {
             payload: serde_json::json!({"path": doc}),
             replayed: false,
         }
+    }
+
+    #[test]
+    fn pending_entries_are_found_by_document_and_version_until_replayed() {
+        let mut held = Held::new(|_| "nowhere".into());
+        let with = |id, doc: &str, version: Option<&str>| DlqEntry {
+            id,
+            version: version.map(str::to_string),
+            ..entry(doc)
+        };
+        // Two entries of one version (it failed again after a replay), one
+        // of another version, one without a version (a deletion).
+        for e in [
+            with(1, "a", Some("v1")),
+            with(2, "a", Some("v2")),
+            with(3, "a", Some("v1")),
+            with(4, "b", None),
+        ] {
+            assert!(held.insert(e));
+        }
+        assert!(!held.insert(with(2, "c", Some("v1"))), "a second id 2");
+        let pending = |h: &Held, doc, v| h.pending(doc, v).map(|e| e.id);
+        assert_eq!(pending(&held, "a", "v1"), Some(1));
+        assert_eq!(pending(&held, "a", "v2"), Some(2));
+        assert_eq!(pending(&held, "a", "v3"), None);
+        assert_eq!(pending(&held, "b", "v1"), None);
+        assert_eq!(pending(&held, "c", "v1"), None);
+        assert!(held.set_replayed(1, true).unwrap().replayed);
+        assert_eq!(pending(&held, "a", "v1"), Some(3));
+        held.set_replayed(3, true);
+        assert_eq!(pending(&held, "a", "v1"), None);
+        // A replay that could not be written waits again.
+        held.set_replayed(3, false);
+        assert_eq!(pending(&held, "a", "v1"), Some(3));
+        assert!(held.set_replayed(9, true).is_none());
+        // Out of order (a log edited by hand): still found, listed in order.
+        assert!(held.insert(with(0, "d", Some("v1"))));
+        assert_eq!(held.get(0).unwrap().doc_id, "d");
+        assert_eq!(held.get(4).unwrap().doc_id, "b");
+        let ids: Vec<u64> = held.list().iter().map(|e| e.id).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4]);
+        assert_eq!(held.last_id(), 4);
+    }
+
+    #[test]
+    fn a_long_payload_is_held_as_a_preview_and_logged_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let dlq = FileDlq::open(&path).unwrap();
+        // Multi-byte characters, so a cut at a byte count lands inside one.
+        let long = "é".repeat(40 << 10);
+        let raw = DlqEntry {
+            payload: serde_json::Value::String(long.clone()),
+            ..entry("a")
+        };
+        let id = dlq.push(raw).unwrap();
+        let short = dlq.push(entry("b")).unwrap();
+        let held = dlq.get(id).unwrap().unwrap();
+        let preview = held.payload.as_str().unwrap();
+        assert!(preview.len() < PAYLOAD_IN_MEMORY + 200, "{}", preview.len());
+        assert!(long.starts_with(preview.split('…').next().unwrap()));
+        assert!(preview.contains(&format!("{} bytes in all", long.len())));
+        assert!(preview.contains(&path.display().to_string()), "{preview}");
+        // Small payloads are held as they are, and the log keeps the whole.
+        assert_eq!(dlq.get(short).unwrap().unwrap().payload, entry("b").payload);
+        let logged = FileDlq::read(&path).unwrap();
+        assert_eq!(logged[0].payload.as_str(), Some(long.as_str()));
+        // Reopened, the preview again, and ids go on after the last.
+        drop(dlq);
+        let dlq = FileDlq::open(&path).unwrap();
+        assert_eq!(dlq.get(id).unwrap().unwrap().payload, held.payload);
+        assert_eq!(dlq.push(entry("c")).unwrap(), 3);
     }
 
     #[test]

@@ -809,7 +809,7 @@ fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
 pub struct KafkaDlq {
     kafka: Arc<Kafka>,
     topic: String,
-    entries: Arc<Mutex<Vec<DlqEntry>>>,
+    entries: Arc<Mutex<crate::dlq::Held>>,
 }
 
 impl KafkaDlq {
@@ -820,7 +820,10 @@ impl KafkaDlq {
         on_entry: impl Fn(&DlqEntry) + Send + 'static,
     ) -> anyhow::Result<Arc<KafkaDlq>> {
         let topic = kafka.topic(DLQ);
-        let entries = Arc::new(Mutex::new(Vec::new()));
+        let t = topic.clone();
+        let entries = Arc::new(Mutex::new(crate::dlq::Held::new(move |id| {
+            format!("the DLQ topic {t} at offset {}", id - 1)
+        })));
         // (A topic made by hand with more partitions: the reader reads one,
         // and the entries in the others would be lost to it.)
         // (Just created, a broker may not have its leader yet: asked again
@@ -864,12 +867,10 @@ impl KafkaDlq {
                             Ok(Record::Entry(mut e)) => {
                                 e.id = id;
                                 on_entry(&e);
-                                all.lock().push(e);
+                                all.lock().insert(e);
                             }
                             Ok(Record::Replayed { id }) => {
-                                if let Some(e) = all.lock().iter_mut().find(|e| e.id == id) {
-                                    e.replayed = true;
-                                }
+                                all.lock().set_replayed(id, true);
                             }
                             Err(e) => tracing::warn!(topic = %t, "unreadable DLQ record: {e}"),
                         }
@@ -921,7 +922,7 @@ impl KafkaDlq {
     fn wait_for(&self, id: u64) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
-            if self.entries.lock().iter().any(|e| e.id >= id) {
+            if self.entries.lock().last_id() >= id {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -939,15 +940,15 @@ impl DeadLetters for KafkaDlq {
     }
 
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
-        Ok(self.entries.lock().clone())
+        Ok(self.entries.lock().list())
+    }
+
+    fn get(&self, id: u64) -> anyhow::Result<Option<DlqEntry>> {
+        Ok(self.entries.lock().get(id).cloned())
     }
 
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
-        let entries = self.entries.lock();
-        entries
-            .iter()
-            .find(|e| crate::dlq::is_pending(e, doc_id, version))
-            .cloned()
+        self.entries.lock().pending(doc_id, version)
     }
 
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
@@ -956,21 +957,15 @@ impl DeadLetters for KafkaDlq {
         // held over the write, which waits on the broker.)
         let entry = {
             let mut entries = self.entries.lock();
-            let e = entries
-                .iter_mut()
-                .find(|e| e.id == id)
-                .ok_or_else(|| anyhow::anyhow!("no DLQ entry {id}"))?;
-            if e.replayed {
+            let no_entry = || anyhow::anyhow!("no DLQ entry {id}");
+            if entries.get(id).ok_or_else(no_entry)?.replayed {
                 return Err(crate::dlq::AlreadyReplayed(id).into());
             }
-            e.replayed = true;
-            e.clone()
+            entries.set_replayed(id, true).ok_or_else(no_entry)?
         };
         if let Err(err) = self.append(&Record::Replayed { id }, &entry.doc_id) {
             // Not written: it waits for a replay again.
-            if let Some(e) = self.entries.lock().iter_mut().find(|e| e.id == id) {
-                e.replayed = false;
-            }
+            self.entries.lock().set_replayed(id, false);
             return Err(err);
         }
         Ok(entry)
