@@ -814,6 +814,7 @@ impl Node {
         if let Some(w) = self.watcher() {
             w.stop(Some(ragd_actors::supervisor::RETIRE.into()));
         }
+        let deadline = tokio::time::Instant::now() + grace;
         if tokio::time::timeout(grace, self.ledger.wait_settled())
             .await
             .is_err()
@@ -824,7 +825,10 @@ impl Node {
             );
         }
         if let Some(k) = &self.kafka {
-            k.close();
+            // What is left of the grace, but a moment at least: a worker
+            // node has nothing to settle and gets it all.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            k.drain(left.max(Duration::from_secs(1))).await;
         }
         let _ = self.root.cast(SupervisorMsg::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;

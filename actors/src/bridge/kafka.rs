@@ -107,6 +107,11 @@ pub struct ConsumerState {
     /// consumer's close) waits for nothing, since the stages are stopping
     /// too and their running jobs may never end.
     closing: AtomicBool,
+    /// Set by [`Kafka::drain`]: the consumer loop stops taking messages and
+    /// drains, waiting this long for the running jobs.
+    stopping: Mutex<Option<Duration>>,
+    /// Told when the loop has drained.
+    drained: tokio::sync::Notify,
 }
 
 /// One partition this consumer holds.
@@ -147,6 +152,8 @@ impl ConsumerState {
             ended: Condvar::new(),
             leases: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            stopping: Mutex::new(None),
+            drained: tokio::sync::Notify::new(),
         }
     }
 
@@ -217,10 +224,16 @@ impl ConsumerState {
     /// the partitions' next owner, which gets them only once this returns
     /// (the group's eager rebalance), never runs a job beside or after one
     /// still running here. Returns how many were let go, and how many were
-    /// still running when the wait ended. `lost`: the group gave the
-    /// partitions away already (this node stopped answering), and nothing
-    /// is waited for.
-    fn revoke(&self, gone: &[i32], lost: bool, let_go: &dyn Fn() -> usize) -> (usize, usize) {
+    /// still running when the wait (at most `wait`) ended. `lost`: the
+    /// group gave the partitions away already (this node stopped
+    /// answering), and nothing is waited for.
+    fn revoke(
+        &self,
+        gone: &[i32],
+        lost: bool,
+        let_go: &dyn Fn() -> usize,
+        wait: Duration,
+    ) -> (usize, usize) {
         for p in gone {
             if let Some(h) = self.held.lock().get_mut(p) {
                 h.revoking = true;
@@ -235,7 +248,7 @@ impl ConsumerState {
                 .sum()
         };
         let wait = || {
-            let deadline = std::time::Instant::now() + REVOKE_WAIT;
+            let deadline = std::time::Instant::now() + wait;
             let mut held = self.held.lock();
             while running(&held) > 0 && !self.ended.wait_until(&mut held, deadline).timed_out() {}
             running(&held)
@@ -255,6 +268,45 @@ impl ConsumerState {
             held.remove(p);
         }
         (dropped, left)
+    }
+}
+
+impl ConsumerState {
+    /// [`Kafka::drain`], in the consumer's loop (which takes no message
+    /// after it).
+    fn drain(&self, consumer: &StreamConsumer<Ctx>, let_go: &dyn Fn() -> usize, wait: Duration) {
+        let started = std::time::Instant::now();
+        if let Ok(a) = consumer.assignment() {
+            let _ = consumer.pause(&a);
+        }
+        let parts: Vec<i32> = self.held.lock().keys().copied().collect();
+        let (dropped, left) = self.revoke(&parts, false, let_go, wait);
+        // The stored offsets (librdkafka's commit of none commits those,
+        // not the positions): what finished is not redone by the next
+        // owner, even if this process ends before the consumer closes.
+        let commit = || consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+        let committed = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(commit),
+            _ => commit(),
+        };
+        let topic = {
+            let mut v = self.view.lock();
+            v.let_go += dropped as u64;
+            v.topic.clone()
+        };
+        metrics::counter!("ragd_kafka_jobs_let_go_total", "topic" => topic.clone())
+            .increment(dropped as u64);
+        match committed {
+            // (Nothing stored since the last commit.)
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(%topic, "committing at the drain: {e}"),
+        }
+        if left > 0 {
+            tracing::warn!(%topic, running = left, "stopping with jobs still running: they are done again by their partitions' next owner");
+        } else {
+            tracing::info!(%topic, queued_let_go = dropped, waited = ?started.elapsed(), "drained: running jobs finished");
+        }
+        self.drained.notify_one();
     }
 }
 
@@ -305,7 +357,7 @@ struct Ctx {
     state: Arc<ConsumerState>,
     /// Lets go the stage's queued jobs that are no longer held; returns how
     /// many.
-    let_go: Box<dyn Fn() -> usize + Send + Sync>,
+    let_go: Arc<dyn Fn() -> usize + Send + Sync>,
 }
 
 impl ClientContext for Ctx {
@@ -330,7 +382,7 @@ impl ConsumerContext for Ctx {
             let gone: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let started = std::time::Instant::now();
             let lost = consumer.assignment_lost();
-            let (dropped, left) = self.state.revoke(&gone, lost, &*self.let_go);
+            let (dropped, left) = self.state.revoke(&gone, lost, &*self.let_go, REVOKE_WAIT);
             let topic = {
                 let mut v = self.state.view.lock();
                 v.let_go += dropped as u64;
@@ -600,12 +652,14 @@ impl Kafka {
     {
         let state = Arc::new(ConsumerState::new(topic, group));
         let weak = Arc::downgrade(&queue);
+        // Weak: the queue holds acks, which hold the consumer.
+        let let_go: Arc<dyn Fn() -> usize + Send + Sync> =
+            Arc::new(move || weak.upgrade().map_or(0, |q| q.let_go_unheld()));
         let consumer: StreamConsumer<Ctx> = consumer_config(&self.settings, group)
             .set("enable.auto.offset.store", "false")
             .create_with_context(Ctx {
                 state: state.clone(),
-                // Weak: the queue holds acks, which hold the consumer.
-                let_go: Box::new(move || weak.upgrade().map_or(0, |q| q.let_go_unheld())),
+                let_go: let_go.clone(),
             })
             .with_context(|| format!("creating a Kafka consumer for {topic}"))?;
         consumer.subscribe(&[topic])?;
@@ -615,6 +669,11 @@ impl Kafka {
         let st = state.clone();
         tokio::spawn(async move {
             loop {
+                let stopping = *st.stopping.lock();
+                if let Some(wait) = stopping {
+                    st.drain(&consumer, &*let_go, wait);
+                    return;
+                }
                 // Backpressure: no more from the broker while the stage is
                 // full. Paused again every turn, because a rebalance hands
                 // out partitions resumed (see `post_rebalance`).
@@ -761,10 +820,30 @@ impl Kafka {
         self.consumers.lock().iter().map(|c| c.view()).collect()
     }
 
-    /// The node is stopping: its consumers' last revoke (when they close)
-    /// waits for no running job.
-    pub fn close(&self) {
-        for c in self.consumers.lock().iter() {
+    /// The node is stopping, its stages still running: each consumer
+    /// stops taking messages, lets its queued jobs go (the partitions' next
+    /// owner gets them from the last commit) and waits up to `wait` (at
+    /// most [`REVOKE_WAIT`]) for its running ones, then commits. So a
+    /// rolling restart redoes no job that was running when it began, and
+    /// none runs on two nodes at once. Their last revoke, when the
+    /// consumers close, then waits for nothing: the stages stop next.
+    pub async fn drain(&self, wait: Duration) {
+        let wait = wait.min(REVOKE_WAIT);
+        let consumers: Vec<Arc<ConsumerState>> = self.consumers.lock().clone();
+        for c in &consumers {
+            *c.stopping.lock() = Some(wait);
+        }
+        // (Each loop sees it within a turn, 200 ms at most.)
+        let deadline = tokio::time::Instant::now() + wait + Duration::from_secs(2);
+        for c in &consumers {
+            if tokio::time::timeout_at(deadline, c.drained.notified())
+                .await
+                .is_err()
+            {
+                tracing::warn!(topic = %c.view.lock().topic, "the consumer did not drain in time");
+            }
+        }
+        for c in &consumers {
             c.closing.store(true, Ordering::SeqCst);
         }
     }
@@ -1046,7 +1125,7 @@ mod tests {
             began.send(()).unwrap();
             queued.len()
         };
-        assert_eq!(s.revoke(&[0], false, &let_go), (2, 0));
+        assert_eq!(s.revoke(&[0], false, &let_go, REVOKE_WAIT), (2, 0));
         let returned = std::time::Instant::now();
         assert!(
             returned >= running.join().unwrap(),
@@ -1062,7 +1141,7 @@ mod tests {
         // Partitions the group gave away already: nothing is waited for.
         let lease = s.open(3, 1);
         let started = std::time::Instant::now();
-        assert_eq!(s.revoke(&[3], true, &|| 0), (0, 1));
+        assert_eq!(s.revoke(&[3], true, &|| 0, REVOKE_WAIT), (0, 1));
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(!s.holds(3, lease));
     }
@@ -1344,6 +1423,92 @@ mod tests {
             a_kafka.consumers()
         );
         assert!(dlq.list().unwrap().is_empty());
+    }
+
+    /// A node that stops (rolling restart) takes no more messages, lets its
+    /// queued jobs go and finishes its running one before it leaves: the
+    /// next owner of its partitions runs every other message, and none of
+    /// those the stopping node finished again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_stopping_node_finishes_its_running_jobs_and_leaves_the_rest_to_the_next() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let broker = crate::testkit::Tansu::start();
+        let settings = broker.settings("drain.");
+        let kafka = Kafka::connect(settings.clone()).await.unwrap();
+        let topic = kafka.topic(EMBEDDED);
+        const N: u64 = 16;
+        for seq in 0..N {
+            let job = crate::indexer::actor::IndexJob::Delete {
+                doc_id: format!("kb:{seq}.md"),
+                seq,
+            };
+            let key = format!("kb:{seq}.md");
+            kafka.publish(&topic, &key, &job).await.unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dlq: Arc<dyn DeadLetters> =
+            Arc::new(crate::dlq::FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let slow = (Duration::from_millis(300), true);
+        let (a, a_running, a_hold, a_kafka) =
+            index_node(settings.clone(), "a", slow, runs.clone(), dlq.clone()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while a_running.load(SeqCst) == 0 || a.len() < 4 {
+            assert!(std::time::Instant::now() < deadline, "node a took no jobs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let running = a_running.load(SeqCst);
+        let k = a_kafka.clone();
+        let drain = tokio::spawn(async move { k.drain(Duration::from_secs(20)).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !drain.is_finished(),
+            "the drain did not wait for the running job"
+        );
+        a_hold.store(false, SeqCst);
+        drain.await.unwrap();
+        assert_eq!(a_running.load(SeqCst), 0, "the drain ended before its jobs");
+        let on_a = runs.lock().len();
+        assert_eq!(
+            on_a,
+            running,
+            "a ran only what was running: {:?}",
+            runs.lock()
+        );
+        assert!(a.is_empty(), "a kept {} jobs queued", a.len());
+        assert!(
+            a_kafka.consumers()[0].let_go > 0,
+            "{:?}",
+            a_kafka.consumers()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(runs.lock().len(), on_a, "a ran jobs after its drain");
+
+        let fast = (Duration::from_millis(20), false);
+        let (b, b_running, _, b_kafka) = index_node(settings, "b", fast, runs.clone(), dlq).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let ran: std::collections::BTreeSet<u64> = runs.lock().iter().map(|r| r.seq).collect();
+            if ran.len() as u64 == N && b.is_empty() && b_running.load(SeqCst) == 0 {
+                // (Anything run twice would show by now.)
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not every message ran: {ran:?}; b: {:?}",
+                b_kafka.consumers()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let runs = runs.lock().clone();
+        let mut seqs: Vec<u64> = runs.iter().map(|r| r.seq).collect();
+        seqs.sort();
+        assert_eq!(
+            seqs,
+            (0..N).collect::<Vec<_>>(),
+            "each message once: {runs:?}"
+        );
     }
 
     /// A DLQ topic made by hand with more than one partition is refused
