@@ -1319,34 +1319,42 @@ mod tests {
         (queue, running, hold, kafka)
     }
 
-    /// When a second index node joins, the first lets go of the jobs it
-    /// had queued, and the rebalance waits for the job it is running: a
-    /// message is never run by two nodes at once, nor by its old owner
-    /// after its new one (which could write an old version over a newer
-    /// one, or back after a deletion). Nothing is lost.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn a_node_that_loses_a_partition_runs_none_of_its_jobs_after_the_new_owner() {
+    /// How many test jobs [`node_a_busy`] publishes.
+    const N: u64 = 16;
+
+    /// A broker (topics prefixed `prefix`) with `N` test jobs on the index
+    /// nodes' topic, and node a of the index group running the first of
+    /// them (held until the test lets it end) with at least four queued.
+    struct NodeABusy {
+        _broker: crate::testkit::Tansu,
+        _dir: tempfile::TempDir,
+        settings: KafkaSettings,
+        dlq: Arc<dyn DeadLetters>,
+        runs: Arc<Mutex<Vec<Ran>>>,
+        a: Arc<PoolQueue<crate::indexer::actor::IndexJob>>,
+        a_running: Arc<std::sync::atomic::AtomicUsize>,
+        a_hold: Arc<std::sync::atomic::AtomicBool>,
+        a_kafka: Arc<Kafka>,
+    }
+
+    async fn node_a_busy(prefix: &str) -> NodeABusy {
         use std::sync::atomic::Ordering::SeqCst;
         let broker = crate::testkit::Tansu::start();
-        let settings = broker.settings("revoke.");
+        let settings = broker.settings(prefix);
         let kafka = Kafka::connect(settings.clone()).await.unwrap();
         let topic = kafka.topic(EMBEDDED);
-        const N: u64 = 16;
         for seq in 0..N {
             let job = crate::indexer::actor::IndexJob::Delete {
                 doc_id: format!("kb:{seq}.md"),
                 seq,
             };
-            kafka
-                .publish(&topic, &format!("kb:{seq}.md"), &job)
-                .await
-                .unwrap();
+            let key = format!("kb:{seq}.md");
+            kafka.publish(&topic, &key, &job).await.unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
         let dlq: Arc<dyn DeadLetters> =
             Arc::new(crate::dlq::FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
         let runs = Arc::new(Mutex::new(Vec::new()));
-        // Node a's first job is held until the test lets it end.
         let slow = (Duration::from_millis(300), true);
         let (a, a_running, a_hold, a_kafka) =
             index_node(settings.clone(), "a", slow, runs.clone(), dlq.clone()).await;
@@ -1355,6 +1363,39 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "node a took no jobs");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        NodeABusy {
+            _broker: broker,
+            _dir: dir,
+            settings,
+            dlq,
+            runs,
+            a,
+            a_running,
+            a_hold,
+            a_kafka,
+        }
+    }
+
+    /// When a second index node joins, the first lets go of the jobs it
+    /// had queued, and the rebalance waits for the job it is running: a
+    /// message is never run by two nodes at once, nor by its old owner
+    /// after its new one (which could write an old version over a newer
+    /// one, or back after a deletion). Nothing is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_node_that_loses_a_partition_runs_none_of_its_jobs_after_the_new_owner() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let NodeABusy {
+            settings,
+            dlq,
+            runs,
+            a,
+            a_running,
+            a_hold,
+            a_kafka,
+            // (Bound, so they live to the test's end.)
+            _broker,
+            _dir,
+        } = node_a_busy("revoke.").await;
         let fast = (Duration::from_millis(20), false);
         let (b, b_running, _, b_kafka) =
             index_node(settings, "b", fast, runs.clone(), dlq.clone()).await;
@@ -1432,31 +1473,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_stopping_node_finishes_its_running_jobs_and_leaves_the_rest_to_the_next() {
         use std::sync::atomic::Ordering::SeqCst;
-        let broker = crate::testkit::Tansu::start();
-        let settings = broker.settings("drain.");
-        let kafka = Kafka::connect(settings.clone()).await.unwrap();
-        let topic = kafka.topic(EMBEDDED);
-        const N: u64 = 16;
-        for seq in 0..N {
-            let job = crate::indexer::actor::IndexJob::Delete {
-                doc_id: format!("kb:{seq}.md"),
-                seq,
-            };
-            let key = format!("kb:{seq}.md");
-            kafka.publish(&topic, &key, &job).await.unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let dlq: Arc<dyn DeadLetters> =
-            Arc::new(crate::dlq::FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
-        let runs = Arc::new(Mutex::new(Vec::new()));
-        let slow = (Duration::from_millis(300), true);
-        let (a, a_running, a_hold, a_kafka) =
-            index_node(settings.clone(), "a", slow, runs.clone(), dlq.clone()).await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while a_running.load(SeqCst) == 0 || a.len() < 4 {
-            assert!(std::time::Instant::now() < deadline, "node a took no jobs");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let NodeABusy {
+            settings,
+            dlq,
+            runs,
+            a,
+            a_running,
+            a_hold,
+            a_kafka,
+            // (Bound, so they live to the test's end.)
+            _broker,
+            _dir,
+        } = node_a_busy("drain.").await;
         let running = a_running.load(SeqCst);
         let k = a_kafka.clone();
         let drain = tokio::spawn(async move { k.drain(Duration::from_secs(20)).await });
