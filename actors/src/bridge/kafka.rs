@@ -272,6 +272,19 @@ impl ConsumerState {
 }
 
 impl ConsumerState {
+    /// Counts `dropped` jobs let go (in `/actors` and the metric); returns
+    /// the topic.
+    fn count_let_go(&self, dropped: usize) -> String {
+        let topic = {
+            let mut v = self.view.lock();
+            v.let_go += dropped as u64;
+            v.topic.clone()
+        };
+        metrics::counter!("ragd_kafka_jobs_let_go_total", "topic" => topic.clone())
+            .increment(dropped as u64);
+        topic
+    }
+
     /// [`Kafka::drain`], in the consumer's loop (which takes no message
     /// after it).
     fn drain(&self, consumer: &StreamConsumer<Ctx>, let_go: &dyn Fn() -> usize, wait: Duration) {
@@ -289,13 +302,7 @@ impl ConsumerState {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(commit),
             _ => commit(),
         };
-        let topic = {
-            let mut v = self.view.lock();
-            v.let_go += dropped as u64;
-            v.topic.clone()
-        };
-        metrics::counter!("ragd_kafka_jobs_let_go_total", "topic" => topic.clone())
-            .increment(dropped as u64);
+        let topic = self.count_let_go(dropped);
         match committed {
             // (Nothing stored since the last commit.)
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -383,13 +390,7 @@ impl ConsumerContext for Ctx {
             let started = std::time::Instant::now();
             let lost = consumer.assignment_lost();
             let (dropped, left) = self.state.revoke(&gone, lost, &*self.let_go, REVOKE_WAIT);
-            let topic = {
-                let mut v = self.state.view.lock();
-                v.let_go += dropped as u64;
-                v.topic.clone()
-            };
-            metrics::counter!("ragd_kafka_jobs_let_go_total", "topic" => topic.clone())
-                .increment(dropped as u64);
+            let topic = self.state.count_let_go(dropped);
             if left > 0 {
                 tracing::warn!(%topic, partitions = ?gone, running = left, "revoked with jobs still running: their partitions' next owner may run them alongside");
             } else {
