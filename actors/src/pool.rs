@@ -3,12 +3,15 @@
 //!
 //! The pool's queue lives in [`PoolQueue`], outside the actor, so upstream can
 //! submit while the pool restarts and a restart loses nothing. Workers are
-//! actors linked to the pool: a worker whose job fails (an error or a panic)
-//! fails as an actor; the pool re-queues the job with its attempt count (or
-//! dead-letters it after `max_attempts`) and restarts the worker with capped
-//! exponential backoff ([`crate::supervisor`] has the delay table). A job
-//! that fails on its own inside a batch ([`JobErrors`]) is re-queued or
-//! dead-lettered the same way, without a restart: the worker is fine.
+//! actors linked to the pool. A job that fails (its stage returns an error,
+//! alone or inside a batch: [`JobErrors`]) waits out a retry delay that
+//! doubles with each attempt ([`PoolSettings::retry_delay`]) while the other
+//! jobs go on, and is dead-lettered after `max_attempts`; its worker is fine
+//! and takes the next job. A worker that panics fails as an actor: the pool
+//! counts the attempt the same way and restarts the worker with capped
+//! exponential backoff ([`crate::supervisor`] has the delay table), and
+//! gives up (escalates) when that happens too often. So a trickle of bad
+//! documents costs each its own retries, not the stage's pace.
 //!
 //! The pool grows by one worker while jobs wait and all workers are busy, up
 //! to `max`, and retires a worker that has been idle for `idle_retire`, down
@@ -31,7 +34,7 @@ use crate::stats::ActorStats;
 use crate::supervisor::{Backoff, RestartPolicy};
 use parking_lot::Mutex;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -96,6 +99,13 @@ pub struct PoolSettings {
     pub max: usize,
     pub max_attempts: u32,
     pub idle_retire: Duration,
+    /// A failed job waits `retry_base` before its second attempt, twice
+    /// that before its third, and so on up to `retry_cap`; the other jobs
+    /// go on meanwhile.
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    /// Worker restarts: for panics only (an error fails its job, not its
+    /// worker).
     pub restart: RestartPolicy,
 }
 
@@ -106,8 +116,19 @@ impl Default for PoolSettings {
             max: 1,
             max_attempts: 3,
             idle_retire: Duration::from_secs(5),
+            retry_base: Duration::from_millis(200),
+            retry_cap: Duration::from_secs(10),
             restart: RestartPolicy::default(),
         }
+    }
+}
+
+impl PoolSettings {
+    /// How long a job that has failed `attempts` times waits before the
+    /// next attempt.
+    pub fn retry_delay(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(16);
+        self.retry_base.saturating_mul(factor).min(self.retry_cap)
     }
 }
 
@@ -182,15 +203,48 @@ struct Attempt<J> {
 
 /// The queue in front of a stage. Cloneable handle used by upstream stages.
 pub struct PoolQueue<J: Job> {
-    jobs: Mutex<VecDeque<Attempt<J>>>,
+    jobs: Mutex<Jobs<J>>,
     pool: Mutex<Option<ActorRef<PoolMsg<J>>>>,
     stats: Arc<ActorStats>,
+}
+
+/// The jobs ready to run, in order, and the failed ones waiting out their
+/// retry delay (by when they are due, then by when they failed).
+struct Jobs<J> {
+    ready: VecDeque<Attempt<J>>,
+    waiting: BTreeMap<(Instant, u64), Attempt<J>>,
+    failures: u64,
+}
+
+impl<J> Jobs<J> {
+    fn len(&self) -> usize {
+        self.ready.len() + self.waiting.len()
+    }
+
+    /// Moves the waiting jobs that are due to the back of the ready ones;
+    /// true if there were any.
+    fn promote_due(&mut self) -> bool {
+        let now = Instant::now();
+        let mut moved = false;
+        while let Some(entry) = self.waiting.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+            moved = true;
+        }
+        moved
+    }
 }
 
 impl<J: Job> PoolQueue<J> {
     pub fn new(stats: Arc<ActorStats>) -> Arc<Self> {
         Arc::new(PoolQueue {
-            jobs: Mutex::new(VecDeque::new()),
+            jobs: Mutex::new(Jobs {
+                ready: VecDeque::new(),
+                waiting: BTreeMap::new(),
+                failures: 0,
+            }),
             pool: Mutex::new(None),
             stats,
         })
@@ -225,7 +279,7 @@ impl<J: Job> PoolQueue<J> {
     pub fn submit_all(&self, jobs: impl IntoIterator<Item = J>) {
         let mut queue = self.jobs.lock();
         let before = queue.len();
-        queue.extend(jobs.into_iter().map(|job| Attempt {
+        queue.ready.extend(jobs.into_iter().map(|job| Attempt {
             job,
             attempt: 0,
             ack: None,
@@ -238,8 +292,9 @@ impl<J: Job> PoolQueue<J> {
         }
     }
 
-    /// The queue now holds `len` jobs: the depth gauge, and a wake-up for
-    /// the pool.
+    /// The queue now holds `len` jobs (waiting ones included: they are
+    /// work to do, and a Kafka input's backpressure counts them): the depth
+    /// gauge, and a wake-up for the pool.
     fn queued(&self, len: usize) {
         self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
         if let Some(pool) = self.pool.lock().as_ref() {
@@ -251,13 +306,39 @@ impl<J: Job> PoolQueue<J> {
     fn push(&self, a: Attempt<J>, front: bool) {
         let mut jobs = self.jobs.lock();
         if front {
-            jobs.push_front(a);
+            jobs.ready.push_front(a);
         } else {
-            jobs.push_back(a);
+            jobs.ready.push_back(a);
         }
         let len = jobs.len();
         drop(jobs);
         self.queued(len);
+    }
+
+    /// Puts a failed job aside until `delay` has passed, then at the back
+    /// of the queue. A timer wakes whichever pool runs the queue then.
+    fn retry_after(self: &Arc<Self>, a: Attempt<J>, delay: Duration) {
+        let due = Instant::now() + delay;
+        let mut jobs = self.jobs.lock();
+        jobs.failures += 1;
+        let key = (due, jobs.failures);
+        jobs.waiting.insert(key, a);
+        let len = jobs.len();
+        drop(jobs);
+        self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
+        // Weak: a queue dropped meanwhile has no pool left to wake.
+        let queue = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
+            if let Some(queue) = queue.upgrade() {
+                let mut jobs = queue.jobs.lock();
+                let (moved, len) = (jobs.promote_due(), jobs.len());
+                drop(jobs);
+                if moved {
+                    queue.queued(len);
+                }
+            }
+        });
     }
 
     /// The next job, and up to `max - 1` more behind it, within
@@ -265,6 +346,9 @@ impl<J: Job> PoolQueue<J> {
     /// alone).
     fn pop_batch(&self, max: usize, max_bytes: u64) -> Vec<Attempt<J>> {
         let mut jobs = self.jobs.lock();
+        // The timer does this too; here it costs one comparison, and a job
+        // is never left waiting past its time by a lost wake-up.
+        jobs.promote_due();
         let mut batch = Vec::new();
         // Dropped after the lock: the last ack of a Kafka consumer closes
         // it, and its revoke comes back to this queue.
@@ -272,16 +356,18 @@ impl<J: Job> PoolQueue<J> {
         let mut bytes = 0u64;
         let alone = |a: &Attempt<J>| a.solo || a.attempt > 0;
         while batch.len() < max.max(1) {
-            let Some(next) = jobs.front() else { break };
+            let Some(next) = jobs.ready.front() else {
+                break;
+            };
             if next.let_go_unheld() {
-                gone.extend(jobs.pop_front());
+                gone.extend(jobs.ready.pop_front());
                 continue;
             }
             let fits = bytes.saturating_add(next.job.bytes()) <= max_bytes;
             if !batch.is_empty() && (alone(next) || !fits) {
                 break;
             }
-            let a = jobs.pop_front().expect("a front job");
+            let a = jobs.ready.pop_front().expect("a front job");
             bytes = bytes.saturating_add(a.job.bytes());
             let stop = alone(&a);
             batch.push(a);
@@ -308,8 +394,17 @@ impl<J: Job> PoolQueue<J> {
     /// partition was revoked); returns how many.
     pub fn let_go_unheld(&self) -> usize {
         let mut jobs = self.jobs.lock();
-        let (gone, kept): (Vec<_>, Vec<_>) = jobs.drain(..).partition(|a| a.let_go_unheld());
-        jobs.extend(kept);
+        let (mut gone, kept): (Vec<_>, Vec<_>) =
+            jobs.ready.drain(..).partition(|a| a.let_go_unheld());
+        jobs.ready.extend(kept);
+        let waiting = std::mem::take(&mut jobs.waiting);
+        for (key, a) in waiting {
+            if a.let_go_unheld() {
+                gone.push(a);
+            } else {
+                jobs.waiting.insert(key, a);
+            }
+        }
         let len = jobs.len();
         // Dropped after the lock (see `pop_batch`).
         drop(jobs);
@@ -317,14 +412,25 @@ impl<J: Job> PoolQueue<J> {
         gone.len()
     }
 
+    /// Jobs queued, those waiting out a retry delay included.
     pub fn len(&self) -> usize {
         self.jobs.lock().len()
     }
 
-    /// Takes every job waiting (tests read what a stage was handed).
+    /// Whether a job is ready to run now.
+    fn has_ready(&self) -> bool {
+        let mut jobs = self.jobs.lock();
+        jobs.promote_due();
+        !jobs.ready.is_empty()
+    }
+
+    /// Takes every job queued (tests read what a stage was handed).
     #[cfg(test)]
     pub(crate) fn drain(&self) -> Vec<J> {
-        self.jobs.lock().drain(..).map(|a| a.job).collect()
+        let mut jobs = self.jobs.lock();
+        let waiting = std::mem::take(&mut jobs.waiting);
+        let ready = jobs.ready.drain(..);
+        ready.chain(waiting.into_values()).map(|a| a.job).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -334,8 +440,9 @@ impl<J: Job> PoolQueue<J> {
 
 pub enum PoolMsg<J> {
     Kick,
-    /// A worker finished its batch; these jobs of it (by position) failed.
-    Done(ActorId, Vec<(usize, String)>),
+    /// A worker finished its batch: `Ok` with the jobs of it (by position)
+    /// that failed on their own, or `Err` when the batch failed as a whole.
+    Done(ActorId, Result<Vec<(usize, String)>, String>),
     Tick,
     Respawn,
     #[doc(hidden)]
@@ -400,8 +507,10 @@ impl<S: Stage> Actor for Worker<S> {
         mut batch: Vec<Attempt<S::In>>,
         _: &mut (),
     ) -> Result<(), ActorProcessingErr> {
-        // An error fails this worker as an actor: the pool sees the failure,
-        // decides the jobs' fate and restarts the worker.
+        // An error is the job's (or the batch's), not the worker's: the
+        // pool decides the jobs' fate and the worker goes on. Only a panic
+        // fails the worker as an actor, for the pool to restart it: what
+        // panicked may have left it broken.
         let errors = if batch.len() == 1 {
             self.stage
                 .process(batch.remove(0).job)
@@ -412,10 +521,11 @@ impl<S: Stage> Actor for Worker<S> {
             self.stage.process_batch(jobs).await
         };
         let errors = errors
-            .map_err(|e| format!("{e:#}"))?
-            .into_iter()
-            .map(|(i, e)| (i, format!("{e:#}")))
-            .collect();
+            .map(|errors| {
+                let errors = errors.into_iter();
+                errors.map(|(i, e)| (i, format!("{e:#}"))).collect()
+            })
+            .map_err(|e| format!("{e:#}"));
         let _ = self.pool.cast(PoolMsg::Done(myself.get_id(), errors));
         Ok(())
     }
@@ -452,7 +562,7 @@ impl<S: Stage> Pool<S> {
         state: &mut PoolState<S>,
     ) -> Result<(), ActorProcessingErr> {
         loop {
-            if state.args.queue.is_empty() {
+            if !state.args.queue.has_ready() {
                 return Ok(());
             }
             let idle = state.workers.values_mut().find(|w| w.busy.is_empty());
@@ -525,9 +635,10 @@ impl<S: Stage> Pool<S> {
             tracing::debug!(stage = %state.args.name, doc = %a.job.doc_id(), "a failed job whose partition was revoked is let go: {error}");
             return;
         }
+        let delay = state.args.settings.retry_delay(a.attempt);
         if a.attempt < state.args.settings.max_attempts {
-            tracing::warn!(stage = %state.args.name, doc = %a.job.doc_id(), attempt = a.attempt, "retrying: {error}");
-            state.args.queue.push(a, false);
+            tracing::warn!(stage = %state.args.name, doc = %a.job.doc_id(), attempt = a.attempt, "retrying in {delay:?}: {error}");
+            state.args.queue.retry_after(a, delay);
             return;
         }
         tracing::error!(stage = %state.args.name, doc = %a.job.doc_id(), "dead-lettered after {} attempts: {error}", a.attempt);
@@ -544,9 +655,10 @@ impl<S: Stage> Pool<S> {
                 }
             }
             Err(e) => {
-                // Losing the job is worse than retrying it forever.
+                // Losing the job is worse than retrying it forever; the
+                // delay keeps that from spinning.
                 tracing::error!("DLQ write failed ({e:#}); keeping the job queued");
-                state.args.queue.push(a, false);
+                state.args.queue.retry_after(a, delay);
             }
         }
     }
@@ -603,13 +715,22 @@ impl<S: Stage> Actor for Pool<S> {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PoolMsg::Kick | PoolMsg::_Phantom(_) => {}
-            PoolMsg::Done(id, errors) => {
+            PoolMsg::Done(id, result) => {
                 let batch = match state.workers.get_mut(&id) {
                     Some(slot) => {
                         slot.idle_since = Instant::now();
                         std::mem::take(&mut slot.busy)
                     }
                     None => vec![],
+                };
+                let errors = match result {
+                    Ok(errors) => errors,
+                    Err(error) => {
+                        if !batch.is_empty() {
+                            Self::batch_failed(state, batch, error);
+                        }
+                        return Self::dispatch(&myself, state).await;
+                    }
                 };
                 let mut failed: HashMap<usize, String> = errors.into_iter().collect();
                 let mut done = 0;
@@ -629,7 +750,7 @@ impl<S: Stage> Actor for Pool<S> {
             PoolMsg::Tick => {
                 let min = state.args.settings.min.max(1);
                 let retire = state.args.settings.idle_retire;
-                if state.workers.len() > min && state.args.queue.is_empty() {
+                if state.workers.len() > min && !state.args.queue.has_ready() {
                     let idle = state
                         .workers
                         .iter()
@@ -760,6 +881,20 @@ mod tests {
     /// them all), runs `stage` over them with 3 attempts per job until every
     /// job is acked, then waits a little for stray second acks.
     async fn run<S: Stage<In = Doc>>(stage: Arc<S>, ids: &[&'static str]) -> Run {
+        let mut settings = PoolSettings {
+            max_attempts: 3,
+            retry_base: Duration::from_millis(1),
+            ..Default::default()
+        };
+        settings.restart.base = Duration::from_millis(1);
+        run_with(stage, ids, settings).await
+    }
+
+    async fn run_with<S: Stage<In = Doc>>(
+        stage: Arc<S>,
+        ids: &[&'static str],
+        settings: PoolSettings,
+    ) -> Run {
         let dir = tempfile::tempdir().unwrap();
         let dlq: Arc<dyn DeadLetters> =
             Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
@@ -776,11 +911,6 @@ mod tests {
                 }),
             );
         }
-        let mut settings = PoolSettings {
-            max_attempts: 3,
-            ..Default::default()
-        };
-        settings.restart.base = Duration::from_millis(1);
         let (pool, _) = Actor::spawn(
             None,
             Pool::<S>::default(),
@@ -812,13 +942,13 @@ mod tests {
         }
     }
 
-    /// Blocks on "slow" until stopped; fails "bad" at once.
+    /// Blocks on "slow" until stopped; panics on "bad" at once.
     struct SlowAndBad;
 
     impl Stage for SlowAndBad {
         type In = Doc;
         async fn process(&self, job: Doc) -> anyhow::Result<()> {
-            anyhow::ensure!(job.0 != "bad", "cannot process bad");
+            assert!(job.0 != "bad", "cannot process bad");
             tokio::time::sleep(Duration::from_secs(60)).await;
             Ok(())
         }
@@ -837,9 +967,10 @@ mod tests {
             min: 2,
             max: 2,
             max_attempts: 100,
+            retry_base: Duration::ZERO,
             ..Default::default()
         };
-        settings.restart.max_restarts = 0; // the first failure escalates
+        settings.restart.max_restarts = 0; // the first panic escalates
         let (_pool, handle) = Actor::spawn(
             None,
             Pool::<SlowAndBad>::default(),
@@ -1094,8 +1225,8 @@ mod tests {
         let run = run(Arc::new(PickyBatches), &["0", "1", "bad", "3", "4"]).await;
         assert_eq!(
             run.stats.restarts.load(Ordering::SeqCst),
-            2,
-            "its failure inside the batch restarted no worker; its two alone did"
+            0,
+            "a job's error restarts no worker, inside a batch or alone"
         );
         assert!(run.acks.values().all(|n| *n == 1), "{:?}", run.acks);
         only_bad_dead_lettered(&run);
@@ -1108,6 +1239,127 @@ mod tests {
             run.stats.failed.load(Ordering::SeqCst),
             3,
             "bad's three attempts"
+        );
+    }
+
+    /// A stream of bad jobs among good ones: no worker restarts, so even a
+    /// pool that escalates at its first restart keeps going; each bad job
+    /// takes its own attempts to the DLQ and each good one is done once.
+    #[tokio::test]
+    async fn job_errors_restart_no_worker_however_many() {
+        let ids: Vec<&'static str> = (0..60)
+            .map(|i| if i % 2 == 0 { "bad" } else { "good" })
+            .enumerate()
+            .map(|(i, kind)| &*Box::leak(format!("{kind}-{i}").into_boxed_str()))
+            .collect();
+        let mut settings = PoolSettings {
+            min: 2,
+            max: 2,
+            max_attempts: 3,
+            retry_base: Duration::from_millis(1),
+            ..Default::default()
+        };
+        settings.restart.max_restarts = 0;
+        let run = run_with(Arc::new(BadPrefix), &ids, settings).await;
+        assert_eq!(run.stats.restarts.load(Ordering::SeqCst), 0);
+        assert_ne!(run.stats.status(), "failed", "the pool gave up");
+        assert!(run.acks.values().all(|n| *n == 1), "{:?}", run.acks);
+        assert_eq!(run.stats.processed.load(Ordering::SeqCst), 30);
+        assert_eq!(run.stats.failed.load(Ordering::SeqCst), 90);
+        assert_eq!(run.dlq.len(), 30);
+        assert!(run
+            .dlq
+            .iter()
+            .all(|e| e.doc_id.starts_with("bad") && e.attempts == 3));
+    }
+
+    /// Fails any job whose id starts with "bad".
+    struct BadPrefix;
+
+    impl Stage for BadPrefix {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            anyhow::ensure!(!job.0.starts_with("bad"), "cannot process {}", job.0);
+            Ok(())
+        }
+    }
+
+    /// Records when each job was tried; fails "bad".
+    #[derive(Default)]
+    struct Timed {
+        tries: Mutex<Vec<(&'static str, Instant)>>,
+    }
+
+    impl Stage for Timed {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            self.tries.lock().push((job.0, Instant::now()));
+            anyhow::ensure!(job.0 != "bad", "cannot process bad");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
+        }
+    }
+
+    /// A failed job waits out its retry delay, doubled at each attempt,
+    /// while the jobs behind it run; then it is dead-lettered.
+    #[tokio::test]
+    async fn a_failed_job_waits_its_retry_delay_while_the_others_go_on() {
+        let stage = Arc::new(Timed::default());
+        let settings = PoolSettings {
+            max_attempts: 3,
+            retry_base: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let run = run_with(stage.clone(), &["bad", "a", "b", "c"], settings).await;
+        only_bad_dead_lettered(&run);
+        assert_eq!(run.stats.restarts.load(Ordering::SeqCst), 0);
+        let tries = stage.tries.lock().clone();
+        let order: Vec<&str> = tries.iter().map(|(id, _)| *id).collect();
+        assert_eq!(order, ["bad", "a", "b", "c", "bad", "bad"]);
+        let bad: Vec<Instant> = tries
+            .iter()
+            .filter(|(id, _)| *id == "bad")
+            .map(|(_, t)| *t)
+            .collect();
+        let (first, second) = (bad[1] - bad[0], bad[2] - bad[1]);
+        assert!(first >= Duration::from_millis(300), "{first:?}");
+        assert!(first < Duration::from_millis(550), "{first:?}");
+        assert!(second >= Duration::from_millis(600), "{second:?}");
+        assert_eq!(
+            PoolSettings::default().retry_delay(30),
+            Duration::from_secs(10),
+            "capped"
+        );
+    }
+
+    /// Panics on "boom"; anything else is fine.
+    struct Panicky;
+
+    impl Stage for Panicky {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            assert!(job.0 != "boom", "the stage broke on boom");
+            Ok(())
+        }
+    }
+
+    /// A panic may leave its worker broken: the worker is restarted, and
+    /// the job's attempt counted as for an error.
+    #[tokio::test]
+    async fn a_panicking_job_restarts_its_worker_and_is_dead_lettered() {
+        let run = run(Arc::new(Panicky), &["boom", "fine"]).await;
+        assert_eq!(run.stats.restarts.load(Ordering::SeqCst), 3);
+        assert_eq!(run.acks, HashMap::from([("boom", 1), ("fine", 1)]));
+        let entries: Vec<(&str, u32)> = run
+            .dlq
+            .iter()
+            .map(|e| (e.doc_id.as_str(), e.attempts))
+            .collect();
+        assert_eq!(entries, [("boom", 3)]);
+        assert!(
+            run.dlq[0].error.contains("the stage broke on boom"),
+            "{:?}",
+            run.dlq[0].error
         );
     }
 }
