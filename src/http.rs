@@ -3,13 +3,14 @@
 use crate::config::constant_time_eq;
 use crate::node::Node;
 use anyhow::Context;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ragd_actors::cache_guard::CachedAnswer;
+use ragd_actors::dlq::PageQuery;
 use ragd_actors::indexer::{Hit, Scope};
 use ragd_actors::reranker::{RerankMsg, RerankRequest};
 use serde::{Deserialize, Serialize};
@@ -450,12 +451,55 @@ async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
     }
 }
 
-async fn dlq_list(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+/// A page of `GET /dlq`: `?after=ID` (the last id of the page before),
+/// `limit`, `pending=true` for the entries not replayed yet.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DlqParams {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+    #[serde(default)]
+    pending: bool,
+}
+
+/// Entries per `GET /dlq` page unless `limit` says otherwise, and the most
+/// `limit` may ask for: a queue of many thousands is read in pages.
+const DLQ_PAGE: usize = 1000;
+const DLQ_PAGE_MAX: usize = 10_000;
+
+/// `{"entries": [...], "next": ID}`: the entries in id order, one page at a
+/// time; `next` (null on the last page) is the `after` of the next page, as
+/// `GET /ingest/documents` pages.
+async fn dlq_list(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    params: Result<Query<DlqParams>, QueryRejection>,
+) -> Response {
     if let Some(r) = admin_auth(&node, &headers) {
         return r;
     }
-    match node.dlq.list() {
-        Ok(entries) => Json(entries).into_response(),
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let limit = params.limit.unwrap_or(DLQ_PAGE);
+    if limit == 0 || limit > DLQ_PAGE_MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {DLQ_PAGE_MAX}"),
+        );
+    }
+    let q = PageQuery {
+        after: params.after,
+        limit,
+        pending_only: params.pending,
+    };
+    match node.dlq.page(&q) {
+        Ok(page) => {
+            let next = page.entries.last().filter(|_| page.more).map(|e| e.id);
+            Json(json!({ "entries": page.entries, "next": next })).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }

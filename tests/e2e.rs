@@ -445,7 +445,8 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
     assert_eq!(r["sources"][0]["uri"], "eng/expenses.pdf", "{r}");
 
     let dlq = d.admin_json("/dlq");
-    let entry = &dlq[0];
+    assert_eq!(dlq["next"], serde_json::Value::Null, "{dlq}");
+    let entry = &dlq["entries"][0];
     assert_eq!(entry["doc_id"], "kb:eng/broken.pdf");
     assert_eq!(entry["stage"], "chunker");
     assert_eq!(entry["attempts"], 3);
@@ -521,11 +522,23 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
     ]);
     assert!(ok, "{out}{err}");
     let dlq = wait_for("the replayed entry", Duration::from_secs(60), || {
-        let v = d.admin_json("/dlq");
+        let v = d.admin_json("/dlq")["entries"].clone();
         (v.as_array().unwrap().len() == 2).then_some(v)
     });
     assert_eq!(dlq[0]["replayed"], true);
     assert_eq!(dlq[1]["doc_id"], "kb:eng/broken.pdf");
+    // Paged: one at a time, and only those waiting for a replay.
+    let first = d.admin_json("/dlq?limit=1");
+    assert_eq!(first["entries"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(first["next"], dlq[0]["id"], "{first}");
+    let second = d.admin_json(&format!("/dlq?limit=1&after={}", first["next"]));
+    assert_eq!(second["entries"][0]["id"], dlq[1]["id"], "{second}");
+    assert_eq!(second["next"], serde_json::Value::Null, "{second}");
+    let pending = d.admin_json("/dlq?pending=true")["entries"].clone();
+    assert_eq!(pending.as_array().unwrap().len(), 1, "{pending}");
+    assert_eq!(pending[0]["id"], dlq[1]["id"], "{pending}");
+    assert_eq!(d.admin_status("/dlq?limit=0"), Some(400));
+    assert_eq!(d.admin_status("/dlq?after=x"), Some(400));
     // Fixed at the source: indexed, and the ledger says so.
     ws.write(
         "eng/broken.pdf",

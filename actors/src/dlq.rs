@@ -41,6 +41,12 @@ pub trait DeadLetters: Send + Sync {
     /// Stores the entry (its `id` is assigned here) and returns the id.
     fn push(&self, entry: DlqEntry) -> anyhow::Result<u64>;
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>>;
+    /// One page of the entries, in id order (an operator's listing: the
+    /// queue may hold many thousands).
+    fn page(&self, q: &PageQuery) -> anyhow::Result<Page> {
+        let entries = self.list()?.into_iter().filter(|e| e.id > q.after);
+        Ok(Page::of(entries, q))
+    }
     /// Entry `id`, if there is one.
     fn get(&self, id: u64) -> anyhow::Result<Option<DlqEntry>> {
         Ok(self.list()?.into_iter().find(|e| e.id == id))
@@ -52,6 +58,35 @@ pub trait DeadLetters: Send + Sync {
     /// watcher asks this for every document it sees, so backends answer
     /// from memory without copying the whole queue.
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry>;
+}
+
+/// Which entries a [`DeadLetters::page`] holds: up to `limit` with ids
+/// above `after`, only those not replayed yet with `pending_only`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PageQuery {
+    pub after: u64,
+    pub limit: usize,
+    pub pending_only: bool,
+}
+
+#[derive(Debug)]
+pub struct Page {
+    pub entries: Vec<DlqEntry>,
+    /// Whether entries follow the page's last.
+    pub more: bool,
+}
+
+impl Page {
+    /// The page of `entries` (in id order, above `q.after` already).
+    fn of(entries: impl Iterator<Item = DlqEntry>, q: &PageQuery) -> Page {
+        let mut entries = entries.filter(|e| !(q.pending_only && e.replayed));
+        let page: Vec<DlqEntry> = entries.by_ref().take(q.limit).collect();
+        let more = entries.next().is_some();
+        Page {
+            entries: page,
+            more,
+        }
+    }
 }
 
 /// [`DeadLetters::mark_replayed`] of an entry that was replayed already.
@@ -171,6 +206,14 @@ impl Held {
     pub fn list(&self) -> Vec<DlqEntry> {
         self.entries.clone()
     }
+
+    /// See [`DeadLetters::page`]: found by binary search, copied no
+    /// further than the page.
+    pub fn page(&self, q: &PageQuery) -> Page {
+        let start = self.entries.partition_point(|e| e.id <= q.after);
+        let rest = self.entries[start..].iter();
+        Page::of(rest.filter(|e| !(q.pending_only && e.replayed)).cloned(), q)
+    }
 }
 
 /// The log plus its entries in memory: the watcher asks "is this version
@@ -273,6 +316,10 @@ impl DeadLetters for FileDlq {
 
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
         Ok(self.log.lock().1.list())
+    }
+
+    fn page(&self, q: &PageQuery) -> anyhow::Result<Page> {
+        Ok(self.log.lock().1.page(q))
     }
 
     fn get(&self, id: u64) -> anyhow::Result<Option<DlqEntry>> {
@@ -380,6 +427,61 @@ mod tests {
         let ids: Vec<u64> = held.list().iter().map(|e| e.id).collect();
         assert_eq!(ids, [0, 1, 2, 3, 4]);
         assert_eq!(held.last_id(), 4);
+    }
+
+    #[test]
+    fn pages_go_in_id_order_from_after_and_say_whether_more_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq = FileDlq::open(dir.path().join("dlq.jsonl")).unwrap();
+        for doc in ["a", "b", "c", "d", "e"] {
+            dlq.push(entry(doc)).unwrap();
+        }
+        dlq.mark_replayed(2).unwrap();
+        dlq.mark_replayed(4).unwrap();
+        let page = |after, limit, pending_only| {
+            let q = PageQuery {
+                after,
+                limit,
+                pending_only,
+            };
+            let p = dlq.page(&q).unwrap();
+            let ids: Vec<u64> = p.entries.iter().map(|e| e.id).collect();
+            (ids, p.more)
+        };
+        assert_eq!(page(0, 2, false), (vec![1, 2], true));
+        assert_eq!(page(2, 2, false), (vec![3, 4], true));
+        assert_eq!(page(4, 2, false), (vec![5], false));
+        assert_eq!(page(0, 10, false), (vec![1, 2, 3, 4, 5], false));
+        assert_eq!(page(5, 10, false), (vec![], false));
+        // Only those waiting for a replay: the replayed ones are skipped,
+        // not counted against the limit.
+        assert_eq!(page(0, 2, true), (vec![1, 3], true));
+        assert_eq!(page(3, 2, true), (vec![5], false));
+        // The trait's default (a backend without an index) pages alike.
+        struct Listed(Vec<DlqEntry>);
+        impl DeadLetters for Listed {
+            fn push(&self, _: DlqEntry) -> anyhow::Result<u64> {
+                unreachable!()
+            }
+            fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
+                Ok(self.0.clone())
+            }
+            fn mark_replayed(&self, _: u64) -> anyhow::Result<DlqEntry> {
+                unreachable!()
+            }
+            fn pending(&self, _: &str, _: &str) -> Option<DlqEntry> {
+                None
+            }
+        }
+        let listed = Listed(dlq.list().unwrap());
+        let q = PageQuery {
+            after: 1,
+            limit: 2,
+            pending_only: true,
+        };
+        let p = listed.page(&q).unwrap();
+        let ids: Vec<u64> = p.entries.iter().map(|e| e.id).collect();
+        assert_eq!((ids, p.more), (vec![3, 5], false));
     }
 
     #[test]

@@ -1023,6 +1023,10 @@ impl DeadLetters for KafkaDlq {
         Ok(self.entries.lock().list())
     }
 
+    fn page(&self, q: &crate::dlq::PageQuery) -> anyhow::Result<crate::dlq::Page> {
+        Ok(self.entries.lock().page(q))
+    }
+
     fn get(&self, id: u64) -> anyhow::Result<Option<DlqEntry>> {
         Ok(self.entries.lock().get(id).cloned())
     }
