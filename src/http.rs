@@ -127,18 +127,45 @@ async fn query(
             metrics::histogram!("ragd_query_seconds").record(started.elapsed().as_secs_f64());
             Json(resp).into_response()
         }
-        Err(e) => {
-            tracing::error!(principal = %principal.name, "query failed: {e:#}");
-            metrics::counter!("ragd_query_errors_total").increment(1);
-            // Only the outermost reason: the causes below it name backend
-            // addresses and internals, which are for the node's log, not
-            // for every principal.
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("query failed: {e}; the details are in the node's log"),
-            )
+        Err(QueryFailed { status, error: e }) => {
+            tracing::error!(principal = %principal.name, %status, "query failed: {e:#}");
+            metrics::counter!("ragd_query_errors_total", "status" => status.as_str().to_string())
+                .increment(1);
+            failure_response(status, &e)
         }
     }
+}
+
+/// Why a query failed, with the status that tells the client what to make
+/// of it:
+/// * 503, with Retry-After, when a part of the node is restarting or the
+///   vector store does not answer: the same question may work shortly;
+/// * 504 when the reranker did not answer in time;
+/// * 500 when a part failed on this question (the model): asking again
+///   will not help, and the node's log says why.
+struct QueryFailed {
+    status: StatusCode,
+    error: anyhow::Error,
+}
+
+/// The `map_err` that gives an error its status.
+fn failed(status: StatusCode) -> impl FnOnce(anyhow::Error) -> QueryFailed {
+    move |error| QueryFailed { status, error }
+}
+
+fn failure_response(status: StatusCode, e: &anyhow::Error) -> Response {
+    // Only the outermost reason: the causes below it name backend
+    // addresses and internals, which are for the node's log, not for
+    // every principal.
+    let body = error(
+        status,
+        format!("query failed: {e}; the details are in the node's log"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry = [(axum::http::header::RETRY_AFTER, "1")];
+        return (retry, body).into_response();
+    }
+    body
 }
 
 fn ms(d: Duration) -> serde_json::Value {
@@ -151,16 +178,19 @@ async fn answer(
     top_k: usize,
     scope: &Scope,
     started: Instant,
-) -> anyhow::Result<QueryResponse> {
+) -> Result<QueryResponse, QueryFailed> {
+    use StatusCode as S;
     let mut timings = serde_json::Map::new();
     let t = Instant::now();
     let vector = node
         .query_embedder
         .embed(vec![question.to_string()])
         .await
-        .context("embedding the question")?
+        .context("embedding the question")
+        .map_err(failed(S::INTERNAL_SERVER_ERROR))?
         .pop()
-        .ok_or_else(|| anyhow::anyhow!("the encoder returned no vector"))?;
+        .ok_or_else(|| anyhow::anyhow!("the encoder returned no vector"))
+        .map_err(failed(S::INTERNAL_SERVER_ERROR))?;
     timings.insert("embed".into(), ms(t.elapsed()));
 
     let t = Instant::now();
@@ -182,7 +212,8 @@ async fn answer(
         .store
         .search(&vector, scope, node.config.candidates)
         .await
-        .context("the vector store did not answer")?;
+        .context("the vector store did not answer")
+        .map_err(failed(S::SERVICE_UNAVAILABLE))?;
     // The engine filtered already; this is the second lock on the door.
     hits.retain(|h| scope.allows(&h.division, &h.access_level));
     timings.insert("search".into(), ms(t.elapsed()));
@@ -191,7 +222,8 @@ async fn answer(
     let t = Instant::now();
     let reranker = node
         .reranker()
-        .ok_or_else(|| anyhow::anyhow!("the reranker is restarting"))?;
+        .ok_or_else(|| anyhow::anyhow!("the reranker is restarting"))
+        .map_err(failed(S::SERVICE_UNAVAILABLE))?;
     // The budget covers the whole path up to the answer; the reranker gets
     // what embedding, cache and search left of it, less a little for what
     // follows it.
@@ -211,11 +243,23 @@ async fn answer(
             Some(Duration::from_secs(30)),
         )
         .await
-        .map_err(|e| anyhow::anyhow!("reranker unavailable: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("reranker unavailable: {e}"))
+        .map_err(failed(S::SERVICE_UNAVAILABLE))?;
     let result = match result {
-        ractor::rpc::CallResult::Success(r) => r.map_err(|e| anyhow::anyhow!("rerank: {e}"))?,
-        ractor::rpc::CallResult::Timeout => anyhow::bail!("reranker timed out"),
-        ractor::rpc::CallResult::SenderError => anyhow::bail!("reranker failed"),
+        ractor::rpc::CallResult::Success(r) => r
+            .map_err(|e| anyhow::anyhow!("rerank: {e}"))
+            .map_err(failed(S::INTERNAL_SERVER_ERROR))?,
+        ractor::rpc::CallResult::Timeout => {
+            return Err(failed(S::GATEWAY_TIMEOUT)(anyhow::anyhow!(
+                "reranker timed out"
+            )))
+        }
+        // It failed while on this question.
+        ractor::rpc::CallResult::SenderError => {
+            return Err(failed(S::INTERNAL_SERVER_ERROR)(anyhow::anyhow!(
+                "reranker failed"
+            )))
+        }
     };
     timings.insert("rerank".into(), ms(t.elapsed()));
     timings.insert("rerank_depth".into(), json!(result.scored));
@@ -625,6 +669,32 @@ mod tests {
     use ragd_actors::dlq::DlqEntry;
     use ragd_actors::messages::Partition;
     use ragd_actors::source_watcher::SourceSpec;
+
+    /// A failed query's status says whether asking again may help (503,
+    /// with Retry-After) or not (500, 504), and its body gives the reason
+    /// without the causes under it (backend addresses are for the log).
+    #[tokio::test]
+    async fn a_failed_query_says_whether_to_ask_again_and_not_where_backends_are() {
+        use axum::http::header::RETRY_AFTER;
+        let e = anyhow::anyhow!("connecting to http://qdrant.internal:6334")
+            .context("the vector store did not answer");
+        let r = failure_response(StatusCode::SERVICE_UNAVAILABLE, &e);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let why = body["error"].as_str().unwrap();
+        assert!(why.contains("the vector store did not answer"), "{why}");
+        assert!(!why.contains("qdrant.internal"), "{why}");
+        for status in [
+            StatusCode::GATEWAY_TIMEOUT,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ] {
+            let r = failure_response(status, &anyhow::anyhow!("reranker timed out"));
+            assert_eq!(r.status(), status);
+            assert!(r.headers().get(RETRY_AFTER).is_none());
+        }
+    }
 
     /// Every stage's entry can be replayed: those of the stages that only
     /// remove (a deletion, a prune) carry no path, and their document's id
