@@ -168,6 +168,7 @@ fn main() {
                 url: valkey.url(),
                 index: "ragd-bench-cache".into(),
                 prefix: "b:".into(),
+                model: "bench".into(),
                 dim: DIM,
                 threshold: THRESHOLD,
                 ttl: Duration::from_secs(3600),

@@ -465,6 +465,13 @@ impl Node {
                     url: url.0.clone(),
                     index: index.clone(),
                     prefix: prefix.clone(),
+                    model: {
+                        let dir = config.embedder_model.clone();
+                        let model = tokio::task::spawn_blocking(move || {
+                            ragd_actors::model::fingerprint(&dir)
+                        });
+                        model.await??
+                    },
                     dim: encoder.dim(),
                     threshold: config.cache_threshold,
                     ttl: Duration::from_secs(config.cache_ttl_secs),

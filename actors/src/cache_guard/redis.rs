@@ -3,8 +3,12 @@
 //! Layout (all keys under `prefix`):
 //!
 //! * `e:<id>`: one hash per cached response: `vec` (f32 LE blob), `scope`
-//!   (TAG: hash of the canonical scope), `top_k` (TAG), `value` (JSON). It
-//!   expires after the TTL; a hit reads it and never extends it.
+//!   (TAG: hash of the canonical scope and of the embedding model's
+//!   [`crate::model::fingerprint`]), `top_k` (TAG), `value` (JSON). It
+//!   expires after the TTL; a hit reads it and never extends it. Nodes
+//!   that share the cache but not the model (a rolling model upgrade, or
+//!   another model of the same dimension) never see each other's entries:
+//!   a question's vector from one model is meaningless next to another's.
 //! * `cites:<version>:<doc id>`: set of entry keys citing that doc version;
 //!   `versions:<doc id>`: set of that doc's versions that entries cite. The
 //!   VersionPruner's invalidation walks these to delete every entry citing a
@@ -40,6 +44,8 @@ pub struct RedisSettings {
     pub url: String,
     pub index: String,
     pub prefix: String,
+    /// The embedding model's [`crate::model::fingerprint`].
+    pub model: String,
     pub dim: usize,
     pub threshold: f32,
     pub ttl: Duration,
@@ -87,11 +93,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The TAG value for a scope: a hash of its canonical form (TAG values must
-/// not contain separators, and hex needs no escaping in queries).
-pub fn scope_tag(scope: &Scope) -> String {
+/// The TAG value for a scope under a model: a hash of the scope's
+/// canonical form and of the model's fingerprint (TAG values must not
+/// contain separators, and hex needs no escaping in queries).
+pub fn scope_tag(scope: &Scope, model: &str) -> String {
     let s = scope.clone().canonical();
     let mut h = Sha256::new();
+    h.update(model.as_bytes());
+    h.update([0x1d]);
     for d in &s.divisions {
         h.update(d.as_bytes());
         h.update([0x1f]);
@@ -108,11 +117,12 @@ fn blob(vector: &[f32]) -> Vec<u8> {
     vector.iter().flat_map(|f| f.to_le_bytes()).collect()
 }
 
-/// The FT.SEARCH query for a lookup: scope and top_k filtered inside KNN.
-pub fn lookup_query(scope: &Scope, top_k: usize) -> String {
+/// The FT.SEARCH query for a lookup: scope (and model) and top_k filtered
+/// inside KNN.
+pub fn lookup_query(scope: &Scope, model: &str, top_k: usize) -> String {
     format!(
         "(@scope:{{{}}} @top_k:{{{top_k}}})=>[KNN 1 @vec $vec AS dist]",
-        scope_tag(scope)
+        scope_tag(scope, model)
     )
 }
 
@@ -332,7 +342,7 @@ impl RedisCache {
                 "FT.SEARCH",
                 redis::cmd("FT.SEARCH")
                     .arg(&self.s.index)
-                    .arg(lookup_query(scope, top_k))
+                    .arg(lookup_query(scope, &self.s.model, top_k))
                     .arg("PARAMS")
                     .arg(2)
                     .arg("vec")
@@ -371,7 +381,7 @@ impl RedisCache {
         top_k: usize,
         value: &CachedAnswer,
     ) -> anyhow::Result<()> {
-        let (vec_blob, tag) = (blob(vector), scope_tag(scope));
+        let (vec_blob, tag) = (blob(vector), scope_tag(scope, &self.s.model));
         let key = self.entry_key(&vec_blob, &tag, top_k);
         let ttl = self.s.ttl.as_secs().max(1);
         let mut cited: Vec<(&str, &str)> = value
@@ -661,6 +671,7 @@ mod tests {
             url: v.url(),
             index: "ragd-cache-test".into(),
             prefix: "t:".into(),
+            model: "test-model".into(),
             dim,
             threshold: 0.98,
             ttl,
@@ -707,6 +718,38 @@ mod tests {
         let mut reordered = scope(&["hr"]);
         reordered.access_levels = vec!["internal".into(), "internal".into()];
         assert!(cache.lookup(&q, &reordered, 5).await.unwrap().is_some());
+    }
+
+    /// Two nodes sharing the cache with different models (a rolling
+    /// upgrade): neither is served the other's answers, however near the
+    /// vectors, and an invalidation still reaches every entry.
+    #[tokio::test]
+    async fn nodes_with_another_model_never_hit_each_others_entries() {
+        let v = Valkey::start();
+        let old = RedisCache::connect(settings(&v, 3, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let new = RedisCache::connect(RedisSettings {
+            model: "another-model".into(),
+            ..settings(&v, 3, Duration::from_secs(60))
+        })
+        .await
+        .unwrap();
+        let (q, s) = ([1.0f32, 0.0, 0.0], scope(&["hr"]));
+        old.store(&q, &s, 5, answer(&[("a", "v1")])).await.unwrap();
+        assert_eq!(new.lookup(&q, &s, 5).await.unwrap(), None);
+        new.store(&q, &s, 5, answer(&[("a", "v1"), ("b", "v1")]))
+            .await
+            .unwrap();
+        let got = |c: Option<CachedAnswer>| c.map(|a| a.sources.len());
+        assert_eq!(got(old.lookup(&q, &s, 5).await.unwrap()), Some(1));
+        assert_eq!(got(new.lookup(&q, &s, 5).await.unwrap()), Some(2));
+        // A's pruning (from whichever node) drops both models' entries.
+        old.invalidate_all(&[Removal::new("a", Some("v2"))])
+            .await
+            .unwrap();
+        assert_eq!(old.lookup(&q, &s, 5).await.unwrap(), None);
+        assert_eq!(new.lookup(&q, &s, 5).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -933,13 +976,14 @@ mod tests {
 
     #[test]
     fn the_lookup_filters_scope_and_top_k_inside_the_knn_query() {
-        let q = lookup_query(&scope(&["hr", "eng"]), 5);
-        let tag = scope_tag(&scope(&["eng", "hr"]));
+        let q = lookup_query(&scope(&["hr", "eng"]), "m", 5);
+        let tag = scope_tag(&scope(&["eng", "hr"]), "m");
         assert_eq!(
             q,
             format!("(@scope:{{{tag}}} @top_k:{{5}})=>[KNN 1 @vec $vec AS dist]")
         );
         assert!(tag.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(tag, scope_tag(&scope(&["hr"])));
+        assert_ne!(tag, scope_tag(&scope(&["hr"]), "m"));
+        assert_ne!(tag, scope_tag(&scope(&["eng", "hr"]), "another model"));
     }
 }

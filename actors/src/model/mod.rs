@@ -92,6 +92,48 @@ fn max_seq_length(dir: &Path, fallback: usize) -> usize {
         .unwrap_or(fallback)
 }
 
+/// Names the model in `dir` by its files' contents (config, tokenizer,
+/// weights and the sentence-transformers settings, where present): two
+/// folders holding the same model get the same name, whatever their paths.
+/// A cache shared by several nodes keys on it, so that vectors from
+/// another model are never compared with this one's.
+pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut h = Sha256::new();
+    let files = [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "sentence_bert_config.json",
+    ];
+    let mut buf = vec![0u8; 1 << 20];
+    for name in files {
+        let path = dir.join(name);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            // The optional settings file; the others are read at load.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                h.update(format!("{name}: none\n"));
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        h.update(format!("{name}: {}\n", file.metadata()?.len()));
+        loop {
+            let n = file
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    let digest = h.finalize();
+    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
 pub fn load_tokenizer(dir: &Path, max_len: usize) -> anyhow::Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
     let mut tok = Tokenizer::from_file(&path)
@@ -582,6 +624,32 @@ impl AnyCrossEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same files in two folders: one name. Any byte of the weights
+    /// changed: another.
+    #[test]
+    fn a_model_is_named_by_its_files_not_its_folder() {
+        let real =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for dir in [a.path(), b.path()] {
+            for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+                std::fs::copy(real.join(name), dir.join(name)).unwrap();
+            }
+        }
+        let name = fingerprint(a.path()).unwrap();
+        assert_eq!(name.len(), 16);
+        assert_eq!(fingerprint(b.path()).unwrap(), name);
+        let weights = b.path().join("model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&weights, bytes).unwrap();
+        assert_ne!(fingerprint(b.path()).unwrap(), name);
+        // Its max_seq_length changes what the vectors are of.
+        std::fs::write(a.path().join("sentence_bert_config.json"), "{}").unwrap();
+        assert_ne!(fingerprint(a.path()).unwrap(), name);
+    }
 
     fn minilm() -> Encoder<Cpu> {
         let dir =
