@@ -133,12 +133,49 @@ impl Entries {
     }
 }
 
+/// Recent invalidations (doc id → version kept, and when), so an answer
+/// computed from a version that was pruned while the query ran is not
+/// stored after its invalidation went by. Kept for the entries' TTL, and
+/// expired from the front of `order`: a store looks at its own documents
+/// only, not at every invalidation of the last TTL (a re-ingest of a
+/// whole tree writes one per document).
+#[derive(Default)]
+struct Tombstones {
+    by_doc: HashMap<String, (Option<String>, Instant)>,
+    /// (when, doc id), oldest first; a doc invalidated again is in it
+    /// again, and only its latest time counts.
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Tombstones {
+    fn insert(&mut self, doc_id: &str, keep: Option<String>, now: Instant) {
+        self.by_doc.insert(doc_id.to_string(), (keep, now));
+        self.order.push_back((now, doc_id.to_string()));
+    }
+
+    fn expire(&mut self, ttl: Duration) {
+        while let Some((at, _)) = self.order.front() {
+            if at.elapsed() < ttl {
+                break;
+            }
+            let (at, doc) = self.order.pop_front().expect("a front tombstone");
+            if self.by_doc.get(&doc).is_some_and(|(_, t)| *t == at) {
+                self.by_doc.remove(&doc);
+            }
+        }
+    }
+
+    /// Whether a version of `doc_id` other than `version` was kept.
+    fn refuses(&self, doc_id: &str, version: &str) -> bool {
+        self.by_doc
+            .get(doc_id)
+            .is_some_and(|(keep, _)| keep.as_deref() != Some(version))
+    }
+}
+
 pub struct EmbeddedCache {
     entries: RwLock<Entries>,
-    /// Recent invalidations (doc id → version kept), so an answer computed
-    /// from a version that was pruned while the query ran is not stored
-    /// after its invalidation went by.
-    tombstones: Mutex<HashMap<String, (Option<String>, Instant)>>,
+    tombstones: Mutex<Tombstones>,
     threshold: f32,
     capacity: usize,
     ttl: Duration,
@@ -260,12 +297,8 @@ impl SemanticCache for EmbeddedCache {
         let ttl = self.ttl;
         {
             let mut tombstones = self.tombstones.lock();
-            tombstones.retain(|_, (_, at)| at.elapsed() < ttl);
-            let stale = value.sources.iter().any(|h| {
-                tombstones
-                    .get(&h.doc_id)
-                    .is_some_and(|(keep, _)| keep.as_deref() != Some(h.version.as_str()))
-            });
+            tombstones.expire(ttl);
+            let stale = (value.sources.iter()).any(|h| tombstones.refuses(&h.doc_id, &h.version));
             if stale {
                 return Ok(());
             }
@@ -308,7 +341,7 @@ impl SemanticCache for EmbeddedCache {
         let now = Instant::now();
         let mut tombstones = self.tombstones.lock();
         for r in removals {
-            tombstones.insert(r.doc_id.clone(), (r.keep.clone(), now));
+            tombstones.insert(&r.doc_id, r.keep.clone(), now);
         }
         drop(tombstones);
         let removed = Removed::by(removals);
@@ -384,6 +417,32 @@ mod tests {
         assert_eq!(cache.lookup(&v, &scope(&["hr"]), 3).await.unwrap(), None);
         // A principal who cannot see the cited chunk never gets it.
         assert!(!visible(&value, &scope(&["eng"])));
+    }
+
+    /// A tombstone lives for the TTL: a re-invalidated document's counts
+    /// from its latest invalidation, and the expired ones are gone from
+    /// memory.
+    #[test]
+    fn tombstones_expire_after_the_ttl_of_their_latest_invalidation() {
+        let ttl = Duration::from_millis(1000);
+        let mut t = Tombstones::default();
+        t.insert("a", Some("v2".into()), Instant::now());
+        t.insert("b", None, Instant::now());
+        std::thread::sleep(Duration::from_millis(600));
+        t.insert("a", Some("v3".into()), Instant::now());
+        t.expire(ttl);
+        assert!(t.refuses("a", "v2") && !t.refuses("a", "v3"));
+        assert!(t.refuses("b", "v1"));
+        std::thread::sleep(Duration::from_millis(500));
+        t.expire(ttl);
+        // b's went; a's first went too, but its second stands.
+        assert!(!t.refuses("b", "v1"));
+        assert!(t.refuses("a", "v2"));
+        assert_eq!((t.by_doc.len(), t.order.len()), (1, 1));
+        std::thread::sleep(Duration::from_millis(600));
+        t.expire(ttl);
+        assert!(!t.refuses("a", "v2"));
+        assert_eq!((t.by_doc.len(), t.order.len()), (0, 0));
     }
 
     #[tokio::test]
