@@ -460,13 +460,10 @@ async fn documents(
             );
         }
     }
-    let limit = params.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be between 1 and {MAX}"),
-        );
-    }
+    let limit = match page_limit(params.limit, 100, MAX) {
+        Ok(limit) => limit,
+        Err(r) => return *r,
+    };
     let query = DocQuery {
         status: params.status,
         prefix: params.prefix,
@@ -507,6 +504,17 @@ struct DlqParams {
     pending: bool,
 }
 
+/// A listing's `limit` parameter: `default` when absent; outside
+/// 1..=`max`, the 400 to send.
+fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, Box<Response>> {
+    let n = limit.unwrap_or(default);
+    if (1..=max).contains(&n) {
+        return Ok(n);
+    }
+    let why = format!("limit must be between 1 and {max}");
+    Err(Box::new(error(StatusCode::BAD_REQUEST, why)))
+}
+
 /// Entries per `GET /dlq` page unless `limit` says otherwise, and the most
 /// `limit` may ask for: a queue of many thousands is read in pages.
 const DLQ_PAGE: usize = 1000;
@@ -527,13 +535,10 @@ async fn dlq_list(
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let limit = params.limit.unwrap_or(DLQ_PAGE);
-    if limit == 0 || limit > DLQ_PAGE_MAX {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be between 1 and {DLQ_PAGE_MAX}"),
-        );
-    }
+    let limit = match page_limit(params.limit, DLQ_PAGE, DLQ_PAGE_MAX) {
+        Ok(limit) => limit,
+        Err(r) => return *r,
+    };
     let q = PageQuery {
         after: params.after,
         limit,

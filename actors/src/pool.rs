@@ -1116,14 +1116,15 @@ mod tests {
         assert_eq!((queue.len(), let_go.load(Ordering::SeqCst)), (1, 1));
     }
 
+    /// The DLQ's entries: document and attempts.
+    fn dead_lettered(run: &Run) -> Vec<(&str, u32)> {
+        let entries = run.dlq.iter();
+        entries.map(|e| (e.doc_id.as_str(), e.attempts)).collect()
+    }
+
     /// The DLQ holds exactly "bad", after its three attempts.
     fn only_bad_dead_lettered(run: &Run) {
-        let entries: Vec<(&str, u32)> = run
-            .dlq
-            .iter()
-            .map(|e| (e.doc_id.as_str(), e.attempts))
-            .collect();
-        assert_eq!(entries, [("bad", 3)]);
+        assert_eq!(dead_lettered(run), [("bad", 3)]);
     }
 
     /// Fails every attempt at "bad", succeeds at anything else.
@@ -1350,12 +1351,7 @@ mod tests {
         let run = run(Arc::new(Panicky), &["boom", "fine"]).await;
         assert_eq!(run.stats.restarts.load(Ordering::SeqCst), 3);
         assert_eq!(run.acks, HashMap::from([("boom", 1), ("fine", 1)]));
-        let entries: Vec<(&str, u32)> = run
-            .dlq
-            .iter()
-            .map(|e| (e.doc_id.as_str(), e.attempts))
-            .collect();
-        assert_eq!(entries, [("boom", 3)]);
+        assert_eq!(dead_lettered(&run), [("boom", 3)]);
         assert!(
             run.dlq[0].error.contains("the stage broke on boom"),
             "{:?}",
