@@ -95,6 +95,8 @@ struct RawEmbedder {
 struct RawPipeline {
     max_in_flight: Option<usize>,
     max_attempts: Option<u32>,
+    retry_base_ms: Option<u64>,
+    retry_cap_ms: Option<u64>,
     debounce_ms: Option<u64>,
     delete_grace_ms: Option<u64>,
     forget_deleted_after_secs: Option<u64>,
@@ -263,6 +265,10 @@ pub struct Config {
     pub embedder_max_workers: usize,
     pub max_in_flight: usize,
     pub max_attempts: u32,
+    /// A failed attempt's wait before the next: `retry_base`, doubled per
+    /// attempt, at most `retry_cap` (see `PoolSettings::retry_delay`).
+    pub retry_base: std::time::Duration,
+    pub retry_cap: std::time::Duration,
     pub debounce_ms: u64,
     /// How long a file must stay gone before it is deleted (see
     /// `WatcherArgs::delete_grace`).
@@ -712,6 +718,18 @@ fn validate(
     positive("pipeline.max_in_flight", max_in_flight, &mut err);
     let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
     positive("pipeline.max_attempts", max_attempts as usize, &mut err);
+    let retry_base_ms = raw.pipeline.retry_base_ms.unwrap_or(200);
+    let retry_cap_ms = raw.pipeline.retry_cap_ms.unwrap_or(10_000);
+    if !(1..=60_000).contains(&retry_base_ms) {
+        err(format!(
+            "pipeline.retry_base_ms ({retry_base_ms}) must be between 1 and 60000"
+        ));
+    }
+    if !(retry_base_ms..=600_000).contains(&retry_cap_ms) {
+        err(format!(
+            "pipeline.retry_cap_ms ({retry_cap_ms}) must be between retry_base_ms ({retry_base_ms}) and 600000"
+        ));
+    }
     let delete_grace_ms = raw.pipeline.delete_grace_ms.unwrap_or(2000);
     if delete_grace_ms > 3_600_000 {
         err(format!(
@@ -1051,6 +1069,8 @@ fn validate(
         embedder_max_workers,
         max_in_flight,
         max_attempts,
+        retry_base: std::time::Duration::from_millis(retry_base_ms),
+        retry_cap: std::time::Duration::from_millis(retry_cap_ms),
         debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
         delete_grace: std::time::Duration::from_millis(delete_grace_ms),
         forget_deleted_after: raw.pipeline.forget_deleted_after_secs.map_or(
@@ -1279,6 +1299,16 @@ mod tests {
             (cfg.optimize_idle.as_millis(), cfg.optimize_every),
             (2_000, 100_000)
         );
+        assert_eq!(
+            (cfg.retry_base.as_millis(), cfg.retry_cap.as_millis()),
+            (200, 10_000)
+        );
+        let slower = format!("{GOOD}\n[pipeline]\nretry_base_ms = 1000\nretry_cap_ms = 60000\n");
+        let slow = Config::parse(&path, &slower, std::iter::empty()).unwrap();
+        assert_eq!(
+            (slow.retry_base.as_millis(), slow.retry_cap.as_millis()),
+            (1_000, 60_000)
+        );
         assert_eq!(cfg.principal_for("alice-token-1").unwrap().name, "alice");
         assert!(cfg.principal_for("alice-token-2").is_none());
         // Secrets stay out of Debug output.
@@ -1364,6 +1394,8 @@ mod tests {
             hnsw_m = 2
             [pipeline]
             delete_grace_ms = 86400000
+            retry_base_ms = 0
+            retry_cap_ms = 1000000
             [llm]
             base_url = "http://127.0.0.1:1/v1"
             model = "m"
@@ -1394,6 +1426,8 @@ mod tests {
             "query.max_top_k (60)",
             "poll_secs (0) must be between 0.1 and 86400",
             "pipeline.delete_grace_ms (86400000) must be at most 3600000",
+            "pipeline.retry_base_ms (0) must be between 1 and 60000",
+            "pipeline.retry_cap_ms (1000000) must be between retry_base_ms (0) and 600000",
             "llm.timeout_secs: 100000000000000000000",
             "llm.retry_budget_secs: -1",
             "query.max_concurrent (9223372036854775807) must be between 1 and 1000000",

@@ -539,6 +539,8 @@ impl Node {
             min,
             max,
             max_attempts: config.max_attempts,
+            retry_base: config.retry_base,
+            retry_cap: config.retry_cap,
             ..Default::default()
         };
         let tokenizer = encoder.tokenizer().clone();
