@@ -44,10 +44,7 @@ fn version_of(content: &[u8; 32], partition: &Partition) -> String {
         h.update((field.len() as u64).to_le_bytes());
         h.update(field.as_bytes());
     }
-    h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&h.finalize()[..16])
 }
 
 #[derive(Clone, Debug)]

@@ -28,6 +28,7 @@
 //! back empty serves again without a ragd restart.
 
 use super::{CachedAnswer, SemanticCache};
+use crate::hex;
 use crate::indexer::{Removal, Removed, Scope};
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
@@ -88,10 +89,6 @@ return 1
 
 /// After a failed command, how long queries skip Redis before trying again.
 const COOL_OFF: Duration = Duration::from_secs(1);
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// The TAG value for a scope under a model: a hash of the scope's
 /// canonical form and of the model's fingerprint (TAG values must not

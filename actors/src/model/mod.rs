@@ -99,7 +99,6 @@ fn max_seq_length(dir: &Path, fallback: usize) -> usize {
 /// another model are never compared with this one's.
 pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
     use sha2::{Digest, Sha256};
-    use std::io::Read;
     let mut h = Sha256::new();
     let files = [
         "config.json",
@@ -107,12 +106,12 @@ pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
         "model.safetensors",
         "sentence_bert_config.json",
     ];
-    let mut buf = vec![0u8; 1 << 20];
     for name in files {
         let path = dir.join(name);
         let mut file = match std::fs::File::open(&path) {
             Ok(f) => f,
-            // The optional settings file; the others are read at load.
+            // Only the settings file is optional; without one of the
+            // others the model does not load in the first place.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 h.update(format!("{name}: none\n"));
                 continue;
@@ -120,18 +119,9 @@ pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         h.update(format!("{name}: {}\n", file.metadata()?.len()));
-        loop {
-            let n = file
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        std::io::copy(&mut file, &mut h).with_context(|| format!("reading {}", path.display()))?;
     }
-    let digest = h.finalize();
-    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::hex(&h.finalize()[..8]))
 }
 
 pub fn load_tokenizer(dir: &Path, max_len: usize) -> anyhow::Result<Tokenizer> {
