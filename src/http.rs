@@ -654,6 +654,10 @@ async fn prometheus(
             .set(v.queue_depth as f64);
         metrics::gauge!("ragd_actor_restarts", "actor" => path.clone()).set(v.restarts as f64);
         metrics::gauge!("ragd_actor_processed", "actor" => path.clone()).set(v.processed as f64);
+        // A stage waiting for its backend (see ragd_actors::pool): worth an
+        // alert when it lasts.
+        let paused = if v.status == "paused" { 1.0 } else { 0.0 };
+        metrics::gauge!("ragd_actor_paused", "actor" => path.clone()).set(paused);
         if let Some(w) = v.workers {
             metrics::gauge!("ragd_actor_workers", "actor" => path).set(w as f64);
         }

@@ -306,6 +306,57 @@ fn the_daemon_runs_on_the_qdrant_backend_through_qdrant_client() {
     assert!(d.log().contains(host), "the log lacks the details");
 }
 
+/// While the Qdrant server does not answer, the indexer pauses (admin
+/// /actors says so) instead of spending the documents' attempts: nothing is
+/// dead-lettered, however long it lasts, and once the server is back every
+/// document written meanwhile is indexed.
+#[test]
+fn a_qdrant_outage_pauses_indexing_and_dead_letters_nothing() {
+    use ragd_actors::testkit::qdrant::QdrantTestServer;
+    let server = QdrantTestServer::start();
+    // Quick retries everywhere: without the pause, three attempts 50 and
+    // 100 ms apart would take each document to the DLQ within a second.
+    let ws = Workspace::with_extra(&format!(
+        "[index]\nbackend = \"qdrant\"\nqdrant_url = \"{}\"\nqdrant_collection = \"outage\"\nmax_retries = 1\n[pipeline]\nretry_base_ms = 50\nretry_cap_ms = 400\n",
+        server.url
+    ));
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+
+    server.go_down();
+    for i in 0..3 {
+        ws.write(&format!("eng/note-{i}.md"), note(i));
+    }
+    d.wait_until("the indexer paused", Duration::from_secs(60), || {
+        actor(&d, "indexer")["status"] == "paused"
+    });
+    let why = actor(&d, "indexer")["last_error"].to_string();
+    assert!(
+        why.contains("qdrant") && why.contains("unavailable"),
+        "{why}"
+    );
+    // Dozens of attempts' worth of time.
+    std::thread::sleep(Duration::from_secs(4));
+    let ledger = d.ledger();
+    assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
+    assert_eq!(ledger["indexed"], 1, "{ledger}");
+    assert_eq!(actor(&d, "indexer")["status"], "paused");
+    assert_eq!(metric(&d, "ragd_actor_paused"), 1.0);
+
+    server.clear_faults();
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 4);
+    let ledger = d.ledger();
+    assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
+    assert!(d.admin_json("/dlq")["entries"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(actor(&d, "indexer")["status"], "running");
+    assert_eq!(metric(&d, "ragd_actor_paused"), 0.0);
+    assert!(server.points_in("outage", "eng") >= 3);
+}
+
 /// Past `[query] max_concurrent` queries in flight, a query is shed at once
 /// with 503 and Retry-After, not queued; once one finishes, the next is
 /// answered. (The slow LLM holds the one slot.)

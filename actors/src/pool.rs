@@ -27,6 +27,17 @@
 //! are its own. (The embedder's model thread still merges requests from
 //! different workers into one pass, as before batches: a pass that fails
 //! fails each of them.)
+//!
+//! A stage whose backend stops answering (a vector store that is down past
+//! its own retries, a network mount that went away) says so by marking the
+//! error [`Unavailable`]. That is nobody's job's fault, so it spends no
+//! job's attempts: the pool pauses the stage instead (status "paused"; the
+//! jobs stay queued, so a Kafka input stops consuming), then tries one job
+//! alone after `retry_base`, then after twice that, up to `retry_cap`,
+//! until one gets an answer. An outage of an hour dead-letters nothing. A
+//! job whose own failures merely look like an outage is found out: once
+//! other jobs have succeeded since its last such failure, its next one
+//! counts as an attempt.
 
 use crate::dlq::{DeadLetters, DlqEntry};
 use crate::ledger::{Ledger, Outcome};
@@ -49,6 +60,56 @@ pub trait Job: Clone + Send + Sync + 'static {
     /// for [`Stage::max_batch_bytes`].
     fn bytes(&self) -> u64 {
         0
+    }
+}
+
+/// Marks an error as the stage's backend not answering rather than the job
+/// being bad (see the module's notes): made by [`unavailable`], found by
+/// [`is_unavailable`] under any context added on top. Its text is the
+/// wrapped error's, whole.
+#[derive(Debug)]
+pub struct Unavailable(anyhow::Error);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// `e`, marked [`Unavailable`].
+pub fn unavailable(e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Unavailable(e))
+}
+
+/// Whether `e`, or an error it wraps, is marked [`Unavailable`].
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unavailable>())
+}
+
+/// Why a job or a batch failed, as its worker tells the pool.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: String,
+    /// Marked [`Unavailable`].
+    pub unavailable: bool,
+}
+
+impl Failure {
+    fn of(e: &anyhow::Error) -> Failure {
+        Failure {
+            error: format!("{e:#}"),
+            unavailable: is_unavailable(e),
+        }
+    }
+
+    /// A panic: the worker's, whatever the backend's state.
+    fn panic(error: String) -> Failure {
+        Failure {
+            error,
+            unavailable: false,
+        }
     }
 }
 
@@ -101,7 +162,8 @@ pub struct PoolSettings {
     pub idle_retire: Duration,
     /// A failed job waits `retry_base` before its second attempt, twice
     /// that before its third, and so on up to `retry_cap`; the other jobs
-    /// go on meanwhile.
+    /// go on meanwhile. A stage paused by an outage ([`Unavailable`]) tries
+    /// again after the same delays.
     pub retry_base: Duration,
     pub retry_cap: Duration,
     /// Worker restarts: for panics only (an error fails its job, not its
@@ -199,6 +261,10 @@ struct Attempt<J> {
     ack: Option<Ack>,
     /// Back from a failed batch: runs alone, so its next failure is its own.
     solo: bool,
+    /// When it last failed as [`Unavailable`]: the pool's count of jobs
+    /// done then. Its next such failure counts as an attempt if jobs were
+    /// done since (the backend answers them, so maybe not this one).
+    outage_at: Option<u64>,
 }
 
 /// The queue in front of a stage. Cloneable handle used by upstream stages.
@@ -257,6 +323,7 @@ impl<J: Job> PoolQueue<J> {
                 attempt: 0,
                 ack: None,
                 solo: false,
+                outage_at: None,
             },
             false,
         );
@@ -270,6 +337,7 @@ impl<J: Job> PoolQueue<J> {
                 attempt: 0,
                 ack: Some(ack),
                 solo: false,
+                outage_at: None,
             },
             false,
         );
@@ -284,6 +352,7 @@ impl<J: Job> PoolQueue<J> {
             attempt: 0,
             ack: None,
             solo: false,
+            outage_at: None,
         }));
         let (added, len) = (queue.len() > before, queue.len());
         drop(queue);
@@ -442,7 +511,7 @@ pub enum PoolMsg<J> {
     Kick,
     /// A worker finished its batch: `Ok` with the jobs of it (by position)
     /// that failed on their own, or `Err` when the batch failed as a whole.
-    Done(ActorId, Result<Vec<(usize, String)>, String>),
+    Done(ActorId, Result<Vec<(usize, Failure)>, Failure>),
     Tick,
     Respawn,
     #[doc(hidden)]
@@ -479,6 +548,21 @@ pub struct PoolState<S: Stage> {
     backoff: Backoff,
     respawn_pending: bool,
     next_worker: u64,
+    /// Jobs done so far (see `Attempt::outage_at`).
+    done: u64,
+    /// Set while the stage's backend does not answer.
+    outage: Option<Outage>,
+}
+
+/// The stage is paused: its backend did not answer ([`Unavailable`]).
+struct Outage {
+    since: Instant,
+    /// Nothing is dispatched before this; then one job alone, the probe.
+    until: Instant,
+    /// The wait before this probe; doubled after each probe that fails.
+    pause: Duration,
+    /// The worker running the probe.
+    probe: Option<ActorId>,
 }
 
 impl<S: Stage> PoolState<S> {
@@ -523,9 +607,9 @@ impl<S: Stage> Actor for Worker<S> {
         let errors = errors
             .map(|errors| {
                 let errors = errors.into_iter();
-                errors.map(|(i, e)| (i, format!("{e:#}"))).collect()
+                errors.map(|(i, e)| (i, Failure::of(&e))).collect()
             })
-            .map_err(|e| format!("{e:#}"));
+            .map_err(|e| Failure::of(&e));
         let _ = self.pool.cast(PoolMsg::Done(myself.get_id(), errors));
         Ok(())
     }
@@ -565,6 +649,12 @@ impl<S: Stage> Pool<S> {
             if !state.args.queue.has_ready() {
                 return Ok(());
             }
+            // Paused: nothing until the pause is over, then one probe.
+            let probe = match &state.outage {
+                None => false,
+                Some(o) if o.probe.is_some() || Instant::now() < o.until => return Ok(()),
+                Some(_) => true,
+            };
             let idle = state.workers.values_mut().find(|w| w.busy.is_empty());
             let slot = match idle {
                 Some(slot) => slot,
@@ -577,10 +667,11 @@ impl<S: Stage> Pool<S> {
                 }
             };
             let stage = &state.args.stage;
-            let batch = state
-                .args
-                .queue
-                .pop_batch(stage.max_batch(), stage.max_batch_bytes());
+            let (max, max_bytes) = match probe {
+                true => (1, u64::MAX),
+                false => (stage.max_batch(), stage.max_batch_bytes()),
+            };
+            let batch = state.args.queue.pop_batch(max, max_bytes);
             if batch.is_empty() {
                 return Ok(());
             }
@@ -594,15 +685,91 @@ impl<S: Stage> Pool<S> {
                 }
                 return Ok(());
             }
+            if let (true, Some(o)) = (probe, &mut state.outage) {
+                o.probe = Some(slot.actor.get_id());
+            }
         }
+    }
+
+    /// The backend did not answer `probe` (or, with none, a job that ran
+    /// when it was answering): the stage pauses, or pauses longer.
+    fn backend_down(
+        myself: &ActorRef<PoolMsg<S::In>>,
+        state: &mut PoolState<S>,
+        probe: bool,
+        error: &str,
+    ) {
+        let settings = &state.args.settings;
+        let now = Instant::now();
+        let pause = match &state.outage {
+            None => {
+                tracing::warn!(stage = %state.args.name, "pausing: the backend does not answer: {error}");
+                settings.retry_base
+            }
+            Some(o) if probe => (o.pause * 2).min(settings.retry_cap),
+            // A job that ran when the outage began: already paused.
+            Some(_) => return,
+        };
+        let since = state.outage.as_ref().map_or(now, |o| o.since);
+        state.outage = Some(Outage {
+            since,
+            until: now + pause,
+            pause,
+            probe: None,
+        });
+        state.stats().set_status("paused");
+        Self::kick_after(myself, pause);
+    }
+
+    /// Wakes the pool after `delay` (a pause is over).
+    fn kick_after(myself: &ActorRef<PoolMsg<S::In>>, delay: Duration) {
+        let me = myself.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = me.cast(PoolMsg::Kick);
+        });
+    }
+
+    /// The backend answered: a paused stage goes on.
+    fn backend_up(state: &mut PoolState<S>) {
+        if let Some(o) = state.outage.take() {
+            tracing::info!(stage = %state.args.name, "resuming: the backend answers again after {:?}", o.since.elapsed());
+            state.stats().set_status("running");
+        }
+    }
+
+    /// `a` failed because the backend did not answer. That costs it no
+    /// attempt, unless jobs were done since its last such failure: then the
+    /// backend answers others, and it may be the job after all.
+    fn job_unanswered(state: &mut PoolState<S>, mut a: Attempt<S::In>, error: String) {
+        let done = state.done;
+        let forgiven = a.outage_at.is_none_or(|at| at == done);
+        a.outage_at = Some(done);
+        if !forgiven {
+            return Self::job_failed(state, a, error);
+        }
+        let stats = state.stats();
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        stats.set_error(format!("{}: {error}", a.job.doc_id()));
+        if a.let_go_unheld() {
+            return;
+        }
+        // At the back: the next probe is another job, so one that only
+        // looks like an outage cannot keep the stage paused.
+        state.args.queue.push(a, false);
     }
 
     /// A worker failed holding `batch`. One job: that job failed. More: no
     /// job is to blame yet; each goes back to run alone (in queue order, at
     /// the front), attempts unchanged.
-    fn batch_failed(state: &mut PoolState<S>, mut batch: Vec<Attempt<S::In>>, error: String) {
+    fn batch_failed(state: &mut PoolState<S>, mut batch: Vec<Attempt<S::In>>, failure: Failure) {
+        let error = failure.error;
         if batch.len() == 1 {
-            return Self::job_failed(state, batch.remove(0), error);
+            let a = batch.remove(0);
+            return match failure.unavailable {
+                true => Self::job_unanswered(state, a, error),
+                false => Self::job_failed(state, a, error),
+            };
         }
         let stats = state.stats();
         stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -681,6 +848,8 @@ impl<S: Stage> Actor for Pool<S> {
             backoff: Backoff::default(),
             respawn_pending: false,
             next_worker: 0,
+            done: 0,
+            outage: None,
         };
         for _ in 0..state.args.settings.min.max(1) {
             Self::spawn_worker(&myself, &mut state).await?;
@@ -723,29 +892,54 @@ impl<S: Stage> Actor for Pool<S> {
                     }
                     None => vec![],
                 };
+                let probe = state.outage.as_ref().is_some_and(|o| o.probe == Some(id));
                 let errors = match result {
                     Ok(errors) => errors,
-                    Err(error) => {
+                    Err(failure) => {
+                        match failure.unavailable {
+                            true => Self::backend_down(&myself, state, probe, &failure.error),
+                            false => Self::backend_up(state),
+                        }
                         if !batch.is_empty() {
-                            Self::batch_failed(state, batch, error);
+                            Self::batch_failed(state, batch, failure);
                         }
                         return Self::dispatch(&myself, state).await;
                     }
                 };
-                let mut failed: HashMap<usize, String> = errors.into_iter().collect();
-                let mut done = 0;
+                let mut failed: HashMap<usize, Failure> = errors.into_iter().collect();
+                // Whether the backend answered: a job done, or an error
+                // of the job's own. Settled before the failures below, so
+                // that they are judged against this batch's successes.
+                let answered =
+                    failed.len() < batch.len() || failed.values().any(|f| !f.unavailable);
+                let down = failed
+                    .values()
+                    .find(|f| f.unavailable)
+                    .map(|f| f.error.clone());
+                let done = batch.len() - failed.len();
+                state.done += done as u64;
+                match (answered, down) {
+                    (true, _) => Self::backend_up(state),
+                    (false, Some(error)) => Self::backend_down(&myself, state, probe, &error),
+                    // Nothing held (cannot happen): a probe still ended.
+                    (false, None) => {
+                        if let Some(o) = state.outage.as_mut().filter(|_| probe) {
+                            o.probe = None;
+                        }
+                    }
+                }
                 for (i, a) in batch.into_iter().enumerate() {
                     match failed.remove(&i) {
-                        Some(error) => Self::job_failed(state, a, error),
+                        Some(f) if f.unavailable => Self::job_unanswered(state, a, f.error),
+                        Some(f) => Self::job_failed(state, a, f.error),
                         None => {
                             if let Some(ack) = &a.ack {
                                 ack.fire();
                             }
-                            done += 1;
                         }
                     }
                 }
-                state.stats().processed_n(done);
+                state.stats().processed_n(done as u64);
             }
             PoolMsg::Tick => {
                 let min = state.args.settings.min.max(1);
@@ -772,7 +966,12 @@ impl<S: Stage> Actor for Pool<S> {
                 if state.workers.len() < state.args.settings.min.max(1) {
                     Self::spawn_worker(&myself, state).await?;
                 }
-                state.stats().set_status("running");
+                let status = if state.outage.is_some() {
+                    "paused"
+                } else {
+                    "running"
+                };
+                state.stats().set_status(status);
             }
         }
         Self::dispatch(&myself, state).await
@@ -801,8 +1000,15 @@ impl<S: Stage> Actor for Pool<S> {
             state.args.queue.push_all_front(slot.busy);
             return Self::dispatch(&myself, state).await;
         };
+        if let Some(o) = state.outage.as_mut().filter(|o| o.probe == Some(id)) {
+            // The probe panicked: that says nothing of the backend; the
+            // next job probes after the same pause.
+            o.probe = None;
+            o.until = Instant::now() + o.pause;
+            Self::kick_after(&myself, o.pause);
+        }
         if !slot.busy.is_empty() {
-            Self::batch_failed(state, slot.busy, error.clone());
+            Self::batch_failed(state, slot.busy, Failure::panic(error.clone()));
         }
         match state.backoff.next_delay(&state.args.settings.restart) {
             Some(delay) => {
@@ -895,50 +1101,105 @@ mod tests {
         ids: &[&'static str],
         settings: PoolSettings,
     ) -> Run {
-        let dir = tempfile::tempdir().unwrap();
-        let dlq: Arc<dyn DeadLetters> =
-            Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
-        let stats = Arc::new(ActorStats::default());
-        let queue = PoolQueue::new(stats.clone());
-        let acks: Arc<HashMap<&'static str, AtomicUsize>> =
-            Arc::new(ids.iter().map(|d| (*d, AtomicUsize::new(0))).collect());
-        for d in ids.iter().copied() {
-            let a = acks.clone();
-            queue.submit_with_ack(
-                Doc(d),
-                Ack::new(move || {
-                    a[d].fetch_add(1, Ordering::SeqCst);
-                }),
-            );
-        }
-        let (pool, _) = Actor::spawn(
-            None,
-            Pool::<S>::default(),
-            PoolArgs {
-                name: "test".into(),
-                stage,
-                queue,
-                settings,
-                ledger: Ledger::new(8),
-                dlq: dlq.clone(),
-            },
-        )
-        .await
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while acks.values().any(|a| a.load(Ordering::SeqCst) == 0) {
-            assert!(Instant::now() < deadline, "not every job was acked");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let rig = Rig::start(stage, settings, ids).await;
+        rig.wait_acked(ids, Duration::from_secs(20)).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        pool.stop(None);
-        Run {
-            acks: acks
-                .iter()
-                .map(|(d, n)| (*d, n.load(Ordering::SeqCst)))
-                .collect(),
-            dlq: dlq.list().unwrap(),
-            stats,
+        rig.finish()
+    }
+
+    /// A running pool over jobs that count their acks.
+    struct Rig {
+        pool: ActorRef<PoolMsg<Doc>>,
+        queue: Arc<PoolQueue<Doc>>,
+        acks: Mutex<HashMap<&'static str, Arc<AtomicUsize>>>,
+        dlq: Arc<dyn DeadLetters>,
+        stats: Arc<ActorStats>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Queues `id` with an ack that counts in `acks`.
+    fn submit_counted(
+        queue: &PoolQueue<Doc>,
+        acks: &Mutex<HashMap<&'static str, Arc<AtomicUsize>>>,
+        id: &'static str,
+    ) {
+        let n = Arc::new(AtomicUsize::new(0));
+        acks.lock().insert(id, n.clone());
+        let ack = Ack::new(move || {
+            n.fetch_add(1, Ordering::SeqCst);
+        });
+        queue.submit_with_ack(Doc(id), ack);
+    }
+
+    impl Rig {
+        /// Queues `ids` before the pool starts, so its first dispatch sees
+        /// them all, and starts it.
+        async fn start<S: Stage<In = Doc>>(
+            stage: Arc<S>,
+            settings: PoolSettings,
+            ids: &[&'static str],
+        ) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let dlq: Arc<dyn DeadLetters> =
+                Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap());
+            let stats = Arc::new(ActorStats::default());
+            let queue = PoolQueue::new(stats.clone());
+            let acks = Mutex::new(HashMap::new());
+            for id in ids {
+                submit_counted(&queue, &acks, id);
+            }
+            let (pool, _) = Actor::spawn(
+                None,
+                Pool::<S>::default(),
+                PoolArgs {
+                    name: "test".into(),
+                    stage,
+                    queue: queue.clone(),
+                    settings,
+                    ledger: Ledger::new(8),
+                    dlq: dlq.clone(),
+                },
+            )
+            .await
+            .unwrap();
+            Rig {
+                pool,
+                queue,
+                acks,
+                dlq,
+                stats,
+                _dir: dir,
+            }
+        }
+
+        fn submit(&self, id: &'static str) {
+            submit_counted(&self.queue, &self.acks, id);
+        }
+
+        fn acked(&self, id: &str) -> usize {
+            self.acks.lock()[id].load(Ordering::SeqCst)
+        }
+
+        async fn wait_acked(&self, ids: &[&'static str], timeout: Duration) {
+            let deadline = Instant::now() + timeout;
+            while ids.iter().any(|id| self.acked(id) == 0) {
+                assert!(Instant::now() < deadline, "not every job was acked");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        /// Stops the pool; what became of the jobs.
+        fn finish(self) -> Run {
+            self.pool.stop(None);
+            let acks = self.acks.lock();
+            Run {
+                acks: acks
+                    .iter()
+                    .map(|(d, n)| (*d, n.load(Ordering::SeqCst)))
+                    .collect(),
+                dlq: self.dlq.list().unwrap(),
+                stats: self.stats.clone(),
+            }
         }
     }
 
@@ -1357,5 +1618,150 @@ mod tests {
             "{:?}",
             run.dlq[0].error
         );
+    }
+
+    #[test]
+    fn an_outage_is_found_under_any_context_and_keeps_its_text() {
+        let e = unavailable(anyhow::anyhow!("connection refused").context("qdrant upsert"));
+        let e = e.context("writing 3 documents");
+        assert!(is_unavailable(&e));
+        assert_eq!(
+            format!("{e:#}"),
+            "writing 3 documents: qdrant upsert: connection refused"
+        );
+        assert!(!is_unavailable(&anyhow::anyhow!("not a PDF")));
+        // Only the mark counts, not the words.
+        assert!(!is_unavailable(&anyhow::anyhow!("backend unavailable")));
+    }
+
+    /// Four jobs at a time; while the backend is down (until `up_at`),
+    /// every batch fails as [`Unavailable`]. Records when it was called.
+    struct Backend {
+        up_at: Instant,
+        calls: Mutex<Vec<(usize, Instant)>>,
+    }
+
+    impl Stage for Backend {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            self.process_batch(vec![job]).await.map(|_| ())
+        }
+        fn max_batch(&self) -> usize {
+            4
+        }
+        async fn process_batch(&self, jobs: Vec<Doc>) -> anyhow::Result<JobErrors> {
+            let now = Instant::now();
+            self.calls.lock().push((jobs.len(), now));
+            if now < self.up_at {
+                return Err(unavailable(anyhow::anyhow!("connection refused")));
+            }
+            Ok(vec![])
+        }
+    }
+
+    /// While the backend does not answer, the stage is paused: it tries one
+    /// job alone after each pause, the pause doubling up to `retry_cap`, and
+    /// no job spends an attempt. When the backend is back, every job is done
+    /// once and none was dead-lettered.
+    #[tokio::test]
+    async fn a_backend_outage_pauses_the_stage_and_dead_letters_nothing() {
+        let outage = Duration::from_millis(1500);
+        let stage = Arc::new(Backend {
+            up_at: Instant::now() + outage,
+            calls: Mutex::new(vec![]),
+        });
+        let settings = PoolSettings {
+            min: 2,
+            max: 2,
+            max_attempts: 2,
+            retry_base: Duration::from_millis(20),
+            retry_cap: Duration::from_millis(160),
+            ..Default::default()
+        };
+        let ids: Vec<&'static str> = (0..20)
+            .map(|i| &*Box::leak(format!("doc-{i}").into_boxed_str()))
+            .collect();
+        let rig = Rig::start(stage.clone(), settings, &ids).await;
+        tokio::time::sleep(outage / 2).await;
+        assert_eq!(rig.stats.status(), "paused");
+        assert_eq!(rig.queue.len(), 20, "a job left the queue");
+        let error = rig.stats.last_error().unwrap_or_default();
+        assert!(error.contains("connection refused"), "{error}");
+        rig.wait_acked(&ids, Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(rig.stats.status(), "running");
+        let run = rig.finish();
+        assert!(
+            run.dlq.is_empty(),
+            "dead-lettered: {:?}",
+            dead_lettered(&run)
+        );
+        assert!(run.acks.values().all(|n| *n == 1), "{:?}", run.acks);
+        assert_eq!(run.stats.processed.load(Ordering::SeqCst), 20);
+
+        let calls = stage.calls.lock().clone();
+        let down: Vec<_> = calls.iter().filter(|(_, t)| *t < stage.up_at).collect();
+        // The two workers' first batches, then probes of one job each:
+        // the first after 20 ms, then twice the pause before, up to 160.
+        let probes: Vec<Instant> = down.iter().skip(2).map(|(_, t)| *t).collect();
+        assert!(down.iter().skip(2).all(|(n, _)| *n == 1), "{down:?}");
+        assert!(probes[0] - down[0].1 >= Duration::from_millis(20));
+        let gaps: Vec<Duration> = probes.windows(2).map(|w| w[1] - w[0]).collect();
+        for (gap, least) in gaps.iter().zip([40, 80, 160, 160, 160]) {
+            assert!(*gap >= Duration::from_millis(least), "{gaps:?}");
+        }
+        assert!(
+            gaps.iter().all(|g| *g < Duration::from_millis(600)),
+            "a pause past the cap: {gaps:?}"
+        );
+        // About 1.5 s of 20 + 40 + 80 + 160… ms pauses: a dozen probes, not
+        // a retry storm.
+        assert!((6..=16).contains(&down.len()), "{} calls", down.len());
+    }
+
+    /// "poison" always fails as if the backend were down; the rest is fine.
+    struct Poison;
+
+    impl Stage for Poison {
+        type In = Doc;
+        async fn process(&self, job: Doc) -> anyhow::Result<()> {
+            if job.0 == "poison" {
+                return Err(unavailable(anyhow::anyhow!("timed out")));
+            }
+            Ok(())
+        }
+    }
+
+    /// A job whose own failures look like an outage holds the stage only
+    /// while nothing else gets through: once other jobs succeed between its
+    /// failures, those count as its attempts and it is dead-lettered.
+    #[tokio::test]
+    async fn a_job_that_only_looks_like_an_outage_is_dead_lettered_once_others_succeed() {
+        let settings = PoolSettings {
+            max_attempts: 3,
+            retry_base: Duration::from_millis(5),
+            retry_cap: Duration::from_millis(40),
+            ..Default::default()
+        };
+        let rig = Rig::start(Arc::new(Poison), settings, &["poison", "a", "b"]).await;
+        rig.wait_acked(&["a", "b"], Duration::from_secs(10)).await;
+        // Alone in the queue, it cannot be told from an outage: it is kept.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rig.acked("poison"), 0);
+        assert_eq!(rig.queue.len(), 1);
+        assert_eq!(rig.stats.status(), "paused");
+        // Other jobs keep coming and are done: it is found out.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut i = 0;
+        while rig.acked("poison") == 0 {
+            assert!(Instant::now() < deadline, "poison was never dead-lettered");
+            rig.submit(Box::leak(format!("more-{i}").into_boxed_str()));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let run = rig.finish();
+        assert_eq!(dead_lettered(&run), [("poison", 3)]);
+        assert!(run.acks.values().all(|n| *n == 1), "{:?}", run.acks);
     }
 }

@@ -481,11 +481,11 @@ pub fn metric(d: &Daemon, name: &str) -> f64 {
         .sum()
 }
 
-/// `processed` of the actor named `name` in /actors.
-pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
-    fn find(v: &serde_json::Value, name: &str) -> Option<u64> {
+/// The actor named `name` in /actors (status, processed, last_error, …).
+pub fn actor(d: &Daemon, name: &str) -> serde_json::Value {
+    fn find(v: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
         if v["name"] == name {
-            return v["processed"].as_u64();
+            return Some(v.clone());
         }
         v["children"].as_array()?.iter().find_map(|c| find(c, name))
     }
@@ -496,6 +496,11 @@ pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
         .iter()
         .find_map(|r| find(r, name))
         .expect("actor in /actors")
+}
+
+/// `processed` of the actor named `name` in /actors.
+pub fn actor_processed(d: &Daemon, name: &str) -> u64 {
+    actor(d, name)["processed"].as_u64().expect("a count")
 }
 
 /// One-chunk note `i`: a sentence only it contains (badge number 7000 + i).

@@ -6,7 +6,7 @@ use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{ChunkedDoc, DocMeta, IndexedEvent};
-use crate::pool::{JobErrors, Stage};
+use crate::pool::{unavailable, JobErrors, Stage};
 use crate::source_watcher::{doc_version, read_at_most};
 use std::sync::Arc;
 
@@ -128,6 +128,34 @@ fn read_and_parse(chunker: &Chunker, meta: &DocMeta, max: u64) -> std::io::Resul
     Ok(Read::Parsed(chunker.chunk_file(&meta.path, &bytes)))
 }
 
+/// A read that failed (other than for a missing file). Marked
+/// [`unavailable`] when the storage does not answer: a network or FUSE
+/// mount that went away (ENOTCONN, ESTALE, EHOSTUNREACH, …) or fails its
+/// reads (EIO, a soft NFS mount's timeout): every file there fails alike,
+/// and the chunker pauses rather than dead-letter them. A file of its own
+/// that fails so (a bad sector) is found out once the others succeed (see
+/// [`crate::pool`]).
+fn read_failed(meta: &DocMeta, e: std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind::*;
+    let down = matches!(
+        e.kind(),
+        NotConnected
+            | TimedOut
+            | StaleNetworkFileHandle
+            | HostUnreachable
+            | NetworkDown
+            | NetworkUnreachable
+            | ConnectionReset
+            | ConnectionAborted
+    ) || e.raw_os_error() == Some(libc::EIO);
+    let e = anyhow::anyhow!("reading {}: {e}", meta.path.display());
+    if down {
+        unavailable(e)
+    } else {
+        e
+    }
+}
+
 impl ChunkerStage {
     fn skip(&self, meta: &DocMeta, reason: String, skipped: &mut Vec<IndexedEvent>) {
         self.ledger.finish(
@@ -193,7 +221,7 @@ impl ChunkerStage {
                 self.skip(meta, "file removed before it was read".into(), skipped);
                 return Ok(None);
             }
-            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", meta.path.display())),
+            Err(e) => return Err(read_failed(meta, e)),
         };
         match parsed {
             Ok(chunks) => Ok(Some(chunks)),
@@ -203,6 +231,52 @@ impl ChunkerStage {
                 Ok(None)
             }
             Err(e @ ParseError::Malformed { .. }) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::is_unavailable;
+    use std::io::{Error, ErrorKind};
+
+    /// Storage that does not answer pauses the chunker; a file that cannot
+    /// be read is that file's failure.
+    #[test]
+    fn a_mount_that_does_not_answer_is_unavailable_a_bad_file_is_not() {
+        let meta = DocMeta {
+            doc_id: "kb:hr/leave.md".into(),
+            source: "kb".into(),
+            uri: "hr/leave.md".into(),
+            path: "/mnt/kb/hr/leave.md".into(),
+            version: "v1".into(),
+            partition: crate::messages::Partition {
+                division: "hr".into(),
+                access_level: "public".into(),
+            },
+            size: 1,
+            seq: 1,
+        };
+        let down = [
+            libc::ENOTCONN,
+            libc::ESTALE,
+            libc::EIO,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+        ];
+        for errno in down {
+            let e = read_failed(&meta, Error::from_raw_os_error(errno));
+            assert!(is_unavailable(&e), "{e:#}");
+            assert!(e.to_string().contains("/mnt/kb/hr/leave.md"), "{e}");
+        }
+        for e in [
+            Error::from_raw_os_error(libc::EACCES),
+            Error::from_raw_os_error(libc::EISDIR),
+            Error::new(ErrorKind::InvalidData, "not a file"),
+        ] {
+            let e = read_failed(&meta, e);
+            assert!(!is_unavailable(&e), "{e:#}");
         }
     }
 }

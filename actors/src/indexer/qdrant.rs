@@ -11,6 +11,8 @@
 //! Every call has a timeout and is retried with exponential backoff (jitter,
 //! `retry-after` honoured) when the server is unavailable, overloaded or the
 //! call timed out; other errors fail at once with the server's message.
+//! One still unavailable after the retries is marked so
+//! ([`crate::pool::Unavailable`]): the indexer and pruner pause for it.
 
 use super::{
     all_found, check_search, check_upsert, hit_ids, point_id, removed_per_doc, Hit, HnswSettings,
@@ -176,7 +178,17 @@ impl QdrantStore {
                 })
             })
             .await
-            .map_err(|e| anyhow!("qdrant {what} ({}): {e}", self.s.url))
+            .map_err(|e| {
+                let down = retryable(&e);
+                let e = anyhow!("qdrant {what} ({}): {e}", self.s.url);
+                // Past the retries, still down: a stage pauses for it
+                // rather than dead-letter its documents.
+                if down {
+                    crate::pool::unavailable(e)
+                } else {
+                    e
+                }
+            })
     }
 
     async fn ensure_collection(&self) -> anyhow::Result<()> {
@@ -727,15 +739,19 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
-        // Past the retries: a clear error naming the call and the server.
+        // Past the retries: a clear error naming the call and the server,
+        // marked as the backend's, not the job's.
         server.fail_next([tonic::Code::Unavailable; 20]);
-        let e = store.count(None).await.unwrap_err().to_string();
+        let e = store.count(None).await.unwrap_err();
+        assert!(crate::pool::is_unavailable(&e), "{e:#}");
+        let e = e.to_string();
         assert!(e.contains("qdrant count") && e.contains(&server.url), "{e}");
         server.clear_faults();
-        // Errors that another try cannot fix are not retried.
+        // Errors that another try cannot fix are not retried, nor marked.
         let before = server.calls().len();
         server.fail_next([tonic::Code::InvalidArgument]);
-        assert!(store.count(None).await.is_err());
+        let e = store.count(None).await.unwrap_err();
+        assert!(!crate::pool::is_unavailable(&e), "{e:#}");
         assert_eq!(server.calls().len(), before + 1);
         assert_eq!(store.count(None).await.unwrap(), 0);
     }

@@ -43,6 +43,8 @@ struct State {
     /// Serialises writes (edge shards are single-writer).
     writer: Mutex<()>,
     faults: Mutex<VecDeque<Code>>,
+    /// Every call fails as Unavailable (see [`QdrantTestServer::go_down`]).
+    down: std::sync::atomic::AtomicBool,
     calls: Mutex<Vec<Call>>,
     dir: PathBuf,
 }
@@ -102,9 +104,20 @@ impl QdrantTestServer {
         self.state.faults.lock().extend(codes);
     }
 
-    /// Drops the faults not yet used.
+    /// Every call fails as Unavailable, as from a server that is down (or
+    /// a proxy in front of one), until [`QdrantTestServer::clear_faults`].
+    pub fn go_down(&self) {
+        self.state
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Drops the faults not yet used; a server gone down is back.
     pub fn clear_faults(&self) {
         self.state.faults.lock().clear();
+        self.state
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every call so far.
@@ -315,6 +328,9 @@ impl Service {
     /// Records the call; fails it if a fault is queued.
     fn enter(&self, method: &'static str, shard_keys: Vec<String>) -> Result<(), Status> {
         self.0.calls.lock().push(Call { method, shard_keys });
+        if self.0.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable(format!("down: {method} refused")));
+        }
         match self.0.faults.lock().pop_front() {
             Some(code) => Err(Status::new(code, format!("injected fault in {method}"))),
             None => Ok(()),
