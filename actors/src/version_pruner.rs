@@ -171,6 +171,9 @@ pub(crate) mod tests {
             }
             self.inner.invalidate_all(removals).await
         }
+        async fn drop_citing(&self, cited: &[(String, String)]) -> anyhow::Result<usize> {
+            self.inner.drop_citing(cited).await
+        }
     }
 
     /// With the cache down, prunes go on: the old version leaves the

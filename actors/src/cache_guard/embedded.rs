@@ -354,6 +354,14 @@ impl SemanticCache for EmbeddedCache {
         let dropped = self.entries.write().remove_where(cites_removed);
         Ok(dropped)
     }
+
+    async fn drop_citing(&self, cited: &[(String, String)]) -> anyhow::Result<usize> {
+        let cites = |e: &Entry| {
+            let mut sources = e.value.sources.iter();
+            sources.any(|h| cited.iter().any(|(d, v)| *d == h.doc_id && *v == h.version))
+        };
+        Ok(self.entries.write().remove_where(cites))
+    }
 }
 
 #[cfg(test)]

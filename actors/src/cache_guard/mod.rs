@@ -100,6 +100,12 @@ pub trait SemanticCache: Send + Sync {
         }
         Ok(n)
     }
+    /// Drops the entries citing any of these (document, version) pairs and
+    /// leaves no tombstone: for versions already gone from the store (see
+    /// `drop_stale`), where an entry stored later citing one is caught on
+    /// its first hit the same way, and the document's other versions are
+    /// none of this call's business.
+    async fn drop_citing(&self, cited: &[(String, String)]) -> anyhow::Result<usize>;
 }
 
 /// Is every cited chunk visible inside `scope`? Checked on every hit, so a
@@ -244,25 +250,29 @@ impl Actor for CacheGuard {
 /// Drops a stale entry from the cache (its invalidation was lost: dropped
 /// while owed past [`MAX_OWED`], or owed by a node that stopped), so that
 /// the questions near it miss at once rather than each checking it
-/// against the store until its TTL. Every entry citing a document whose
-/// cited chunks are gone goes, at any version (the backends drop by
-/// document): at worst a few answers are computed again.
+/// against the store until its TTL. Only what cites the versions it cites
+/// that the store no longer holds goes, with no tombstone: answers citing
+/// those documents' current versions stay cached and are cached as usual.
 async fn drop_stale(
     value: &CachedAnswer,
     cache: &dyn SemanticCache,
     store: &dyn VectorStore,
     stats: &ActorStats,
 ) {
-    let mut gone: Vec<Removal> = Vec::new();
+    let mut gone: Vec<(String, String)> = Vec::new();
     for hit in &value.sources {
-        if gone.iter().any(|r| r.doc_id == hit.doc_id) {
+        let cited = (hit.doc_id.clone(), hit.version.clone());
+        if gone.contains(&cited) {
             continue;
         }
         if !matches!(store.holds_all(std::slice::from_ref(hit)).await, Ok(true)) {
-            gone.push(Removal::new(&hit.doc_id, None));
+            gone.push(cited);
         }
     }
-    if let Err(e) = cache.invalidate_all(&gone).await {
+    if gone.is_empty() {
+        return;
+    }
+    if let Err(e) = cache.drop_citing(&gone).await {
         // (It stays until its TTL, never served.)
         stats.set_error(format!("dropping a stale entry: {e:#}"));
     }
@@ -462,6 +472,9 @@ mod tests {
         async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
             self.0.invalidate(doc_id, keep).await
         }
+        async fn drop_citing(&self, cited: &[(String, String)]) -> anyhow::Result<usize> {
+            self.0.drop_citing(cited).await
+        }
     }
 
     /// Lookups are answered while stores hang: a store neither holds up
@@ -505,6 +518,73 @@ mod tests {
             handle.store(&[0.0, 1.0, 0.0, 0.0], &scope, 5, answer.clone());
         }
         assert_eq!(handle.lookup(&q, &scope, 5).await, Some(answer));
+        guard.stop(None);
+    }
+
+    /// A hit citing a version the store no longer holds (its invalidation
+    /// was lost) is a miss, and drops what cites that version only: an
+    /// answer citing the document's current version stays, and a new one
+    /// is cached at once.
+    #[tokio::test]
+    async fn a_stale_hit_drops_only_the_version_that_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let d = embedded("v2", 2_000);
+        store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
+        let scope = Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec!["public".into()],
+        };
+        let (q_old, q_new) = ([1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]);
+        let current = store.search(&q_old, &scope, 10).await.unwrap();
+        let mut pruned = current.clone();
+        pruned[0].version = "v1".into();
+        let answer = |sources: &[Hit]| CachedAnswer {
+            answer: Some("sixteen weeks".into()),
+            sources: sources.to_vec(),
+        };
+        let cache = Arc::new(EmbeddedCache::new(0.98, 10, Duration::from_secs(60)));
+        cache
+            .store(&q_old, &scope, 5, answer(&pruned))
+            .await
+            .unwrap();
+        cache
+            .store(&q_new, &scope, 5, answer(&current))
+            .await
+            .unwrap();
+        let name = format!("cache-guard-stale-{}", std::process::id());
+        let (guard, _h) = Actor::spawn(
+            Some(name.clone()),
+            CacheGuard,
+            CacheGuardArgs {
+                cache: cache.clone(),
+                store,
+                stats: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+        let handle = CacheHandle::new(name, cache.clone());
+        assert_eq!(handle.lookup(&q_old, &scope, 5).await, None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cache.lookup(&q_old, &scope, 5).await.unwrap().is_some() {
+            assert!(std::time::Instant::now() < deadline, "never dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            handle.lookup(&q_new, &scope, 5).await,
+            Some(answer(&current)),
+            "the current version's answer went too"
+        );
+        cache
+            .store(&q_old, &scope, 5, answer(&current))
+            .await
+            .unwrap();
+        assert_eq!(
+            handle.lookup(&q_old, &scope, 5).await,
+            Some(answer(&current)),
+            "a tombstone refused the current version's answer"
+        );
         guard.stop(None);
     }
 }

@@ -12,7 +12,8 @@
 //! * `cites:<version>:<doc id>`: set of entry keys citing that doc version;
 //!   `versions:<doc id>`: set of that doc's versions that entries cite. The
 //!   VersionPruner's invalidation walks these to delete every entry citing a
-//!   version other than the one kept.
+//!   version other than the one kept, and a stale hit's drop to delete
+//!   those citing a version gone from the store.
 //! * `pruned:<doc id>`: tombstone (the version kept, "" when deleted), so a
 //!   response computed from a version pruned while its query ran is never
 //!   stored: the store is one script that checks the tombstones and writes
@@ -450,11 +451,17 @@ impl RedisCache {
                 }
             }
         }
+        self.drop_versions(&stale).await
+    }
+
+    /// Deletes the entries citing these (document, version) pairs, and
+    /// their citation sets: two round trips.
+    async fn drop_versions(&self, stale: &BTreeSet<(&str, String)>) -> anyhow::Result<usize> {
         if stale.is_empty() {
             return Ok(0);
         }
         let mut p = redis::pipe();
-        for (doc_id, v) in &stale {
+        for (doc_id, v) in stale {
             p.cmd("SMEMBERS").arg(self.cites_key(doc_id, v));
         }
         let citing: Vec<Vec<String>> = self
@@ -517,6 +524,13 @@ impl SemanticCache for RedisCache {
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
         let removal = Removal::new(doc_id, keep);
         self.invalidate_all(&[removal]).await
+    }
+
+    async fn drop_citing(&self, cited: &[(String, String)]) -> anyhow::Result<usize> {
+        let stale: BTreeSet<(&str, String)> =
+            cited.iter().map(|(d, v)| (d.as_str(), v.clone())).collect();
+        let dropped = self.guarded("drop", || self.drop_versions(&stale)).await?;
+        Ok(dropped.unwrap_or(0))
     }
 
     async fn invalidate_all(&self, removals: &[Removal]) -> anyhow::Result<usize> {
@@ -881,6 +895,41 @@ mod tests {
             .await
             .unwrap();
         assert!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap().is_some());
+    }
+
+    /// A stale hit drops what cites the version gone from the store, and
+    /// nothing else: the document's current version stays cached and is
+    /// cached again at once (no tombstone).
+    #[tokio::test]
+    async fn dropping_a_gone_version_keeps_the_current_one_cacheable() {
+        let v = Valkey::start();
+        let cache = RedisCache::connect(settings(&v, 2, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let s = scope(&["hr"]);
+        let (old, new, both) = ([1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]);
+        let cites: [(_, &[(&str, &str)]); 3] = [
+            (old, &[("leave", "v1")]),
+            (new, &[("leave", "v2")]),
+            (both, &[("pay", "p1"), ("leave", "v1")]),
+        ];
+        for (q, sources) in cites {
+            cache.store(&q, &s, 5, answer(sources)).await.unwrap();
+        }
+        let gone = [("leave".to_string(), "v1".to_string())];
+        assert_eq!(cache.drop_citing(&gone).await.unwrap(), 2);
+        let cached = |q: [f32; 2]| {
+            let (cache, s) = (&cache, s.clone());
+            async move { cache.lookup(&q, &s, 5).await.unwrap().is_some() }
+        };
+        assert!(!cached(old).await && !cached(both).await);
+        assert!(cached(new).await, "the current version's entry went too");
+        cache
+            .store(&old, &s, 5, answer(&[("leave", "v2")]))
+            .await
+            .unwrap();
+        assert!(cached(old).await, "a tombstone refused the current version");
+        assert_eq!(cache.drop_citing(&gone).await.unwrap(), 0);
     }
 
     #[tokio::test]
