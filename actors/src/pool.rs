@@ -261,7 +261,7 @@ struct Attempt<J> {
     ack: Option<Ack>,
     /// Back from a failed batch: runs alone, so its next failure is its own.
     solo: bool,
-    /// When it last failed as [`Unavailable`]: the pool's count of jobs
+    /// When it last failed as [`Unavailable`]: the queue's count of jobs
     /// done then. Its next such failure counts as an attempt if jobs were
     /// done since (the backend answers them, so maybe not this one).
     outage_at: Option<u64>,
@@ -272,6 +272,10 @@ pub struct PoolQueue<J: Job> {
     jobs: Mutex<Jobs<J>>,
     pool: Mutex<Option<ActorRef<PoolMsg<J>>>>,
     stats: Arc<ActorStats>,
+    /// Jobs done so far (see `Attempt::outage_at`): here, not in the pool,
+    /// so that the count goes on across the pool's restarts as the
+    /// attempts it is compared with do.
+    done: std::sync::atomic::AtomicU64,
 }
 
 /// The jobs ready to run, in order, and the failed ones waiting out their
@@ -313,6 +317,7 @@ impl<J: Job> PoolQueue<J> {
             }),
             pool: Mutex::new(None),
             stats,
+            done: Default::default(),
         })
     }
 
@@ -548,8 +553,6 @@ pub struct PoolState<S: Stage> {
     backoff: Backoff,
     respawn_pending: bool,
     next_worker: u64,
-    /// Jobs done so far (see `Attempt::outage_at`).
-    done: u64,
     /// Set while the stage's backend does not answer.
     outage: Option<Outage>,
 }
@@ -742,7 +745,7 @@ impl<S: Stage> Pool<S> {
     /// attempt, unless jobs were done since its last such failure: then the
     /// backend answers others, and it may be the job after all.
     fn job_unanswered(state: &mut PoolState<S>, mut a: Attempt<S::In>, error: String) {
-        let done = state.done;
+        let done = state.args.queue.done.load(Ordering::Relaxed);
         let forgiven = a.outage_at.is_none_or(|at| at == done);
         a.outage_at = Some(done);
         if !forgiven {
@@ -848,7 +851,6 @@ impl<S: Stage> Actor for Pool<S> {
             backoff: Backoff::default(),
             respawn_pending: false,
             next_worker: 0,
-            done: 0,
             outage: None,
         };
         for _ in 0..state.args.settings.min.max(1) {
@@ -917,7 +919,11 @@ impl<S: Stage> Actor for Pool<S> {
                     .find(|f| f.unavailable)
                     .map(|f| f.error.clone());
                 let done = batch.len() - failed.len();
-                state.done += done as u64;
+                state
+                    .args
+                    .queue
+                    .done
+                    .fetch_add(done as u64, Ordering::Relaxed);
                 match (answered, down) {
                     (true, _) => Self::backend_up(state),
                     (false, Some(error)) => Self::backend_down(&myself, state, probe, &error),
