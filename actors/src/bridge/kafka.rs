@@ -22,7 +22,9 @@ use crate::pool::{Ack, AckHook, Job, PoolQueue};
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
 use parking_lot::{Condvar, Mutex};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, ConfigEntry, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -509,7 +511,34 @@ impl Kafka {
             consumers: Mutex::new(Vec::new()),
         });
         kafka.ensure_topics().await?;
+        match kafka.dlq_expiry().await {
+            Ok(Some(why)) => {
+                tracing::warn!("{why}");
+                metrics::gauge!("ragd_kafka_dlq_expires").set(1.0);
+            }
+            Ok(None) => metrics::gauge!("ragd_kafka_dlq_expires").set(0.0),
+            // A broker that does not say is no reason not to start.
+            Err(e) => tracing::debug!("the DLQ topic's settings are unknown: {e:#}"),
+        }
         Ok(kafka)
+    }
+
+    /// What makes the DLQ topic drop entries, if anything (see
+    /// [`dlq_expiry`]), as the broker describes the topic.
+    pub async fn dlq_expiry(&self) -> anyhow::Result<Option<String>> {
+        let admin: AdminClient<DefaultClientContext> =
+            base_config(&self.settings.brokers).create()?;
+        let topic = self.topic(DLQ);
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let described = admin
+            .describe_configs(&[ResourceSpecifier::Topic(&topic)], &opts)
+            .await
+            .with_context(|| format!("describing the DLQ topic {topic}"))?;
+        match described.into_iter().next() {
+            Some(Ok(resource)) => Ok(dlq_expiry(&topic, &resource.entries)),
+            Some(Err(code)) => anyhow::bail!("describing the DLQ topic {topic}: {code}"),
+            None => Ok(None),
+        }
     }
 
     pub fn topic(&self, name: &str) -> String {
@@ -1056,6 +1085,36 @@ impl DeadLetters for KafkaDlq {
     }
 }
 
+/// What makes a DLQ topic with these settings drop entries: a finite
+/// retention (by time or size) or compaction (by document key). ragd
+/// creates the topic with `retention.ms = -1`; one made by hand, or with a
+/// broker's defaults (Kafka's: seven days), loses its dead letters, which
+/// then can no longer be listed or replayed, and their documents are
+/// admitted again at the next scan.
+fn dlq_expiry(topic: &str, entries: &[ConfigEntry]) -> Option<String> {
+    let value = |name: &str| {
+        let entry = entries.iter().find(|e| e.name == name)?;
+        entry.value.as_deref().map(str::trim)
+    };
+    let mut why = Vec::new();
+    for key in ["retention.ms", "retention.bytes"] {
+        if let Some(v) = value(key).filter(|v| *v != "-1") {
+            why.push(format!("{key}={v}"));
+        }
+    }
+    if let Some(p) = value("cleanup.policy").filter(|p| p.contains("compact")) {
+        why.push(format!("cleanup.policy={p}"));
+    }
+    (!why.is_empty()).then(|| {
+        format!(
+            "the DLQ topic {topic} drops entries ({}): a dead letter it drops can no longer be \
+             listed or replayed; set retention.ms=-1, retention.bytes=-1 and \
+             cleanup.policy=delete on it",
+            why.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1569,6 +1628,61 @@ mod tests {
             format!("{err:#}").contains("two.dlq has 2 partitions"),
             "{err:#}"
         );
+    }
+
+    /// A DLQ topic that would drop its entries is reported with what does
+    /// it; the one ragd creates keeps them for good.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_dlq_topic_that_drops_entries_is_reported() {
+        let broker = crate::testkit::Tansu::start_persistent();
+        let admin: AdminClient<DefaultClientContext> =
+            base_config(&broker.brokers()).create().unwrap();
+        let week = NewTopic::new("week.dlq", 1, TopicReplication::Fixed(1))
+            .set("retention.ms", "604800000");
+        let made = admin
+            .create_topics(&[week], &AdminOptions::new())
+            .await
+            .unwrap();
+        assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
+        let kafka = Kafka::connect(broker.settings("week.")).await.unwrap();
+        let why = kafka.dlq_expiry().await.unwrap().expect("reported");
+        assert!(
+            why.contains("week.dlq") && why.contains("retention.ms=604800000"),
+            "{why}"
+        );
+        let kafka = Kafka::connect(broker.settings("kept.")).await.unwrap();
+        assert_eq!(kafka.dlq_expiry().await.unwrap(), None);
+    }
+
+    /// As Kafka describes a topic: every setting, defaults included.
+    #[test]
+    fn a_finite_retention_or_compaction_drops_dead_letters() {
+        let entry = |name: &str, value: &str| ConfigEntry {
+            name: name.into(),
+            value: Some(value.into()),
+            source: rdkafka::admin::ConfigSource::Default,
+            is_read_only: false,
+            is_default: true,
+            is_sensitive: false,
+        };
+        let topic = |ms, bytes, policy| {
+            let entries = [
+                entry("retention.ms", ms),
+                entry("retention.bytes", bytes),
+                entry("cleanup.policy", policy),
+                entry("max.message.bytes", "1048588"),
+            ];
+            dlq_expiry("ragd.dlq", &entries)
+        };
+        assert_eq!(topic("-1", "-1", "delete"), None);
+        let why = topic("604800000", "-1", "delete").unwrap();
+        assert!(why.contains("(retention.ms=604800000)"), "{why}");
+        let why = topic("-1", "1073741824", "compact,delete").unwrap();
+        assert!(
+            why.contains("retention.bytes=1073741824, cleanup.policy=compact,delete"),
+            "{why}"
+        );
+        assert_eq!(dlq_expiry("ragd.dlq", &[]), None, "nothing said");
     }
 
     #[test]
