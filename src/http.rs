@@ -141,8 +141,9 @@ async fn query(
 /// * 503, with Retry-After, when a part of the node is restarting or the
 ///   vector store does not answer: the same question may work shortly;
 /// * 504 when the reranker did not answer in time;
-/// * 500 when a part failed on this question (the model): asking again
-///   will not help, and the node's log says why.
+/// * 500 when a part failed on this question (the model, or a vector store
+///   that answered with an error): asking again will not help, and the
+///   node's log says why.
 struct QueryFailed {
     status: StatusCode,
     error: anyhow::Error,
@@ -208,12 +209,22 @@ async fn answer(
     timings.insert("cache".into(), ms(t.elapsed()));
 
     let t = Instant::now();
-    let mut hits = node
+    let mut hits = match node
         .store
         .search(&vector, scope, node.config.candidates)
         .await
-        .context("the vector store did not answer")
-        .map_err(failed(S::SERVICE_UNAVAILABLE))?;
+    {
+        Ok(hits) => hits,
+        // Down or overloaded past its retries (pool::Unavailable).
+        Err(e) if ragd_actors::pool::is_unavailable(&e) => {
+            let e = e.context("the vector store did not answer");
+            return Err(failed(S::SERVICE_UNAVAILABLE)(e));
+        }
+        Err(e) => {
+            let e = e.context("the vector store failed the search");
+            return Err(failed(S::INTERNAL_SERVER_ERROR)(e));
+        }
+    };
     // The engine filtered already; this is the second lock on the door.
     hits.retain(|h| scope.allows(&h.division, &h.access_level));
     timings.insert("search".into(), ms(t.elapsed()));

@@ -292,11 +292,18 @@ fn the_daemon_runs_on_the_qdrant_backend_through_qdrant_client() {
         server.points_in("e2e", "hr") == 0
     });
 
+    // A search the server refuses is a 500: asking again will not help.
+    server.reject_next("query");
+    let body = serde_json::json!({ "question": "who carries the pager?" }).to_string();
+    let (status, resp) = d.query_raw(Some(ENG_TOKEN), &body);
+    assert_eq!(status, 500, "{resp}");
+    let why = resp["error"].as_str().unwrap();
+    assert!(why.contains("the vector store failed the search"), "{why}");
+
     // With the server gone a query fails with a 503 that says what failed
     // but not where the backend lives: that is for the node's log.
     let url = server.url.clone();
     drop(server);
-    let body = serde_json::json!({ "question": "who carries the pager?" }).to_string();
     let (status, resp) = d.query_raw(Some(ENG_TOKEN), &body);
     assert_eq!(status, 503, "{resp}");
     let why = resp["error"].as_str().unwrap();

@@ -45,6 +45,8 @@ struct State {
     faults: Mutex<VecDeque<Code>>,
     /// Every call fails as Unavailable (see [`QdrantTestServer::go_down`]).
     down: std::sync::atomic::AtomicBool,
+    /// The next call of a method fails with the code, once.
+    rejects: Mutex<Vec<(&'static str, Code)>>,
     calls: Mutex<Vec<Call>>,
     dir: PathBuf,
 }
@@ -102,6 +104,15 @@ impl QdrantTestServer {
     /// The next calls fail with these codes, one each, in order.
     pub fn fail_next(&self, codes: impl IntoIterator<Item = Code>) {
         self.state.faults.lock().extend(codes);
+    }
+
+    /// The next call of `method` (e.g. "query") fails with InvalidArgument,
+    /// whatever other calls come meanwhile: a request the server refuses.
+    pub fn reject_next(&self, method: &'static str) {
+        self.state
+            .rejects
+            .lock()
+            .push((method, Code::InvalidArgument));
     }
 
     /// Every call fails as Unavailable, as from a server that is down (or
@@ -331,6 +342,12 @@ impl Service {
         if self.0.down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Status::unavailable(format!("down: {method} refused")));
         }
+        let mut rejects = self.0.rejects.lock();
+        if let Some(i) = rejects.iter().position(|(m, _)| *m == method) {
+            let (_, code) = rejects.remove(i);
+            return Err(Status::new(code, format!("injected rejection of {method}")));
+        }
+        drop(rejects);
         match self.0.faults.lock().pop_front() {
             Some(code) => Err(Status::new(code, format!("injected fault in {method}"))),
             None => Ok(()),
