@@ -111,6 +111,7 @@ struct RawIndex {
     hnsw_m: Option<usize>,
     hnsw_ef_construct: Option<usize>,
     hnsw_ef: Option<usize>,
+    min_free_mb: Option<u64>,
     qdrant_url: Option<String>,
     qdrant_collection: Option<String>,
     qdrant_api_key_env: Option<String>,
@@ -279,6 +280,9 @@ pub struct Config {
     pub optimize_every: u64,
     pub optimize_idle: std::time::Duration,
     pub hnsw: ragd_actors::indexer::HnswSettings,
+    /// The embedded store's writes wait while its disk has less free (see
+    /// `EdgeStore::set_min_free`); 0: never.
+    pub min_free_bytes: u64,
     pub cache_threshold: f32,
     pub cache_capacity: usize,
     pub cache_ttl_secs: u64,
@@ -1080,6 +1084,7 @@ fn validate(
         optimize_every,
         optimize_idle: std::time::Duration::from_millis(optimize_idle_ms),
         hnsw,
+        min_free_bytes: raw.index.min_free_mb.unwrap_or(512).saturating_mul(1 << 20),
         cache_threshold,
         cache_capacity: raw.cache.capacity.unwrap_or(10_000),
         cache_ttl_secs: raw.cache.ttl_secs.unwrap_or(3600),
@@ -1303,6 +1308,10 @@ mod tests {
             (cfg.retry_base.as_millis(), cfg.retry_cap.as_millis()),
             (200, 10_000)
         );
+        assert_eq!(cfg.min_free_bytes, 512 << 20);
+        let roomy = format!("{GOOD}\n[index]\nmin_free_mb = 0\n");
+        let roomy = Config::parse(&path, &roomy, std::iter::empty()).unwrap();
+        assert_eq!(roomy.min_free_bytes, 0);
         let slower = format!("{GOOD}\n[pipeline]\nretry_base_ms = 1000\nretry_cap_ms = 60000\n");
         let slow = Config::parse(&path, &slower, std::iter::empty()).unwrap();
         assert_eq!(

@@ -387,6 +387,7 @@ impl Node {
                         "opening the vector store (is another ragd using the same data_dir?)"
                             .to_string()
                     })?;
+                s.set_min_free(config.min_free_bytes);
                 Arc::new(s)
             }
             IndexBackend::Qdrant {

@@ -58,6 +58,10 @@ pub struct Inner {
     dim: usize,
     /// `hnsw_ef` of a search; 0: the default ([`HnswSettings::search_ef`]).
     search_ef: std::sync::atomic::AtomicUsize,
+    dir: std::path::PathBuf,
+    /// Writes wait while the disk has less free (see
+    /// [`EdgeStore::set_min_free`]); 0: never.
+    min_free: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
@@ -173,6 +177,8 @@ impl EdgeStore {
                 dirty: false.into(),
                 dim,
                 search_ef: hnsw.ef.into(),
+                dir: dir.to_path_buf(),
+                min_free: 0.into(),
             }),
         };
         store
@@ -304,7 +310,46 @@ impl EdgeStore {
             .store(ef.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Writes (and optimisations) wait while the disk holding the store
+    /// has less than `bytes` free (`[index] min_free_mb`). The engine writes
+    /// through memory maps: a write that finds the disk full does not fail,
+    /// it kills the process (SIGBUS). Refused here instead, a write is an
+    /// outage ([`crate::pool::Unavailable`]): the indexer pauses until
+    /// there is room, and nothing is lost.
+    pub fn set_min_free(&self, bytes: u64) {
+        self.min_free
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`EdgeStore::set_min_free`].
+    fn check_room(&self) -> anyhow::Result<()> {
+        let min = self.min_free.load(std::sync::atomic::Ordering::Relaxed);
+        if min == 0 {
+            return Ok(());
+        }
+        let free = match fs4::available_space(&self.dir) {
+            Ok(free) => free,
+            // Unknown: no reason to stop writing.
+            Err(e) => {
+                tracing::debug!("free space at {}: {e}", self.dir.display());
+                return Ok(());
+            }
+        };
+        if free < min {
+            let e = anyhow::anyhow!(
+                "the vector store's disk ({}) has {} MiB free, under index.min_free_mb ({} MiB): \
+                 writes wait until there is room",
+                self.dir.display(),
+                free >> 20,
+                min >> 20
+            );
+            return Err(crate::pool::unavailable(e));
+        }
+        Ok(())
+    }
+
     fn write(&self, op: UpdateOperation) -> anyhow::Result<()> {
+        self.check_room()?;
         let _w = self.writer.lock();
         self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
         self.shard
@@ -608,6 +653,8 @@ impl VectorStore for EdgeStore {
 
     async fn optimize(&self) -> anyhow::Result<()> {
         self.blocking(|s| {
+            // An optimisation writes new segments: no room, no run.
+            s.check_room()?;
             {
                 let _o = s.optimizing.lock();
                 s.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -730,5 +777,77 @@ mod tests {
             assert_eq!(hits.len(), 3, "{id}");
             assert!(hits.iter().all(|h| h.doc_id == id), "{hits:?}");
         }
+    }
+
+    /// A disk that fills up pauses the writes instead of killing the
+    /// daemon: the engine writes through memory maps, and without the check
+    /// a write onto a full disk ends the process with SIGBUS. Once there is
+    /// room again, the refused write goes through. (Needs a tmpfs: skipped
+    /// where this process may not mount.)
+    #[tokio::test]
+    async fn a_full_disk_refuses_writes_as_an_outage_until_there_is_room() {
+        use super::super::conformance::doc;
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("disk");
+        std::fs::create_dir_all(&at).unwrap();
+        let mount = |args: &[&str]| {
+            let status = std::process::Command::new("mount")
+                .args(args)
+                .arg(&at)
+                .stderr(std::process::Stdio::null())
+                .status();
+            status.is_ok_and(|s| s.success())
+        };
+        if !mount(&["-t", "tmpfs", "-o", "size=160m", "ragd-test"]) {
+            eprintln!("skipped: cannot mount a tmpfs here");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(self.0)
+                    .status();
+            }
+        }
+        let _unmount = Unmount(&at);
+        let store = EdgeStore::open(&at.join("store"), 384).unwrap();
+        store.set_min_free(96 << 20);
+        // ~1 MiB of text and vectors a document.
+        let big = |i: usize| {
+            let (d, chunks, _) = doc(&format!("d{i}"), "v1", "hr", "public", 200, 0);
+            let chunks: Vec<Chunk> = chunks
+                .into_iter()
+                .map(|c| Chunk {
+                    text: "leave policy ".repeat(300),
+                    ..c
+                })
+                .collect();
+            let vectors = (0..chunks.len())
+                .map(|j| (0..384).map(|k| ((i + j + k) % 7) as f32).collect())
+                .collect::<Vec<Vec<f32>>>();
+            (d, chunks, vectors)
+        };
+        let mut written = 0;
+        let refused = loop {
+            assert!(written < 200, "the disk never filled up");
+            let (d, chunks, vectors) = big(written);
+            match store.upsert(&d, &chunks, &vectors).await {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(written > 0, "refused at once: {refused:#}");
+        assert!(crate::pool::is_unavailable(&refused), "{refused:#}");
+        assert!(format!("{refused:#}").contains("MiB free"), "{refused:#}");
+        assert!(store.optimize().await.is_err(), "an optimisation ran");
+        assert_eq!(store.count(None).await.unwrap(), 200 * written as u64);
+        // More room: the refused document goes in, and the store is whole.
+        assert!(mount(&["-o", "remount,size=512m"]));
+        let (d, chunks, vectors) = big(written);
+        store.upsert(&d, &chunks, &vectors).await.unwrap();
+        store.optimize().await.unwrap();
+        assert_eq!(store.count(None).await.unwrap(), 200 * (written as u64 + 1));
     }
 }
