@@ -477,19 +477,48 @@ mod tests {
         }
     }
 
+    /// An edge store holding kb:hr/leave.md at `version` (in `dir`), and
+    /// the scope that sees it.
+    async fn store_with(dir: &std::path::Path, version: &str) -> (Arc<dyn VectorStore>, Scope) {
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir, 4).unwrap());
+        let d = embedded(version, 1_000);
+        store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
+        let scope = Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec!["public".into()],
+        };
+        (store, scope)
+    }
+
+    /// A CacheGuard over `cache` and `store`, and the handle the query path
+    /// reaches it with.
+    async fn start_guard(
+        name: &str,
+        cache: Arc<dyn SemanticCache>,
+        store: Arc<dyn VectorStore>,
+    ) -> (ActorRef<CacheMsg>, CacheHandle) {
+        let name = format!("cache-guard-{name}-{}", std::process::id());
+        let (guard, _) = Actor::spawn(
+            Some(name.clone()),
+            CacheGuard,
+            CacheGuardArgs {
+                cache: cache.clone(),
+                store,
+                stats: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+        (guard, CacheHandle::new(name, cache))
+    }
+
     /// Lookups are answered while stores hang: a store neither holds up
     /// the actor nor queues without bound (past [`MAX_STORES`] under way,
     /// one is dropped).
     #[tokio::test]
     async fn a_lookup_is_not_held_up_behind_slow_stores() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
-        let d = embedded("v1", 1_000);
-        store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
-        let scope = Scope {
-            divisions: vec!["hr".into()],
-            access_levels: vec!["public".into()],
-        };
+        let (store, scope) = store_with(dir.path(), "v1").await;
         let q = [1.0, 0.0, 0.0, 0.0];
         let answer = CachedAnswer {
             answer: Some("sixteen weeks".into()),
@@ -501,19 +530,7 @@ mod tests {
             Duration::from_secs(60),
         )));
         cache.0.store(&q, &scope, 5, answer.clone()).await.unwrap();
-        let name = format!("cache-guard-slow-{}", std::process::id());
-        let (guard, _h) = Actor::spawn(
-            Some(name.clone()),
-            CacheGuard,
-            CacheGuardArgs {
-                cache: cache.clone(),
-                store,
-                stats: Default::default(),
-            },
-        )
-        .await
-        .unwrap();
-        let handle = CacheHandle::new(name, cache.clone());
+        let (guard, handle) = start_guard("slow", cache, store).await;
         for _ in 0..MAX_STORES + 5 {
             handle.store(&[0.0, 1.0, 0.0, 0.0], &scope, 5, answer.clone());
         }
@@ -528,13 +545,7 @@ mod tests {
     #[tokio::test]
     async fn a_stale_hit_drops_only_the_version_that_is_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
-        let d = embedded("v2", 2_000);
-        store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
-        let scope = Scope {
-            divisions: vec!["hr".into()],
-            access_levels: vec!["public".into()],
-        };
+        let (store, scope) = store_with(dir.path(), "v2").await;
         let (q_old, q_new) = ([1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]);
         let current = store.search(&q_old, &scope, 10).await.unwrap();
         let mut pruned = current.clone();
@@ -552,19 +563,7 @@ mod tests {
             .store(&q_new, &scope, 5, answer(&current))
             .await
             .unwrap();
-        let name = format!("cache-guard-stale-{}", std::process::id());
-        let (guard, _h) = Actor::spawn(
-            Some(name.clone()),
-            CacheGuard,
-            CacheGuardArgs {
-                cache: cache.clone(),
-                store,
-                stats: Default::default(),
-            },
-        )
-        .await
-        .unwrap();
-        let handle = CacheHandle::new(name, cache.clone());
+        let (guard, handle) = start_guard("stale", cache.clone(), store).await;
         assert_eq!(handle.lookup(&q_old, &scope, 5).await, None);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while cache.lookup(&q_old, &scope, 5).await.unwrap().is_some() {
