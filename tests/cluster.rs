@@ -656,6 +656,47 @@ fn the_pipeline_waits_out_a_broker_outage_and_completes() {
     assert_eq!(points(&s), n, "every note once: {ledger}");
 }
 
+/// Qdrant down while a burst goes through: the index node pauses its
+/// indexer instead of spending the documents' attempts, its consumer stops
+/// taking more once its queue is full, and nothing is dead-lettered; once
+/// Qdrant answers again, every document is indexed once.
+#[test]
+fn the_pipeline_waits_out_a_qdrant_outage_and_completes() {
+    let s = Services::start();
+    let ingest = s.node("ingest-1", &["ingest"]);
+    let n = 40;
+    // Quick retries: without the pause, each document would reach the DLQ
+    // within seconds.
+    let quick = "[pipeline]\nretry_base_ms = 50\nretry_cap_ms = 500\n";
+    let index = s.node_with("index-1", &["index"], quick).start();
+    let _embed = s.node("embed-1", &["embed"]).start();
+    let d = ingest.start();
+    index.wait_until("the index node consumes", Duration::from_secs(120), || {
+        !assigned(&index).is_empty()
+    });
+    // Every node is up (each checks the collection at start): Qdrant goes
+    // down, then the burst comes.
+    s.qdrant.go_down();
+    write_notes(&ingest, n);
+    index.wait_until("the indexer paused", Duration::from_secs(240), || {
+        actor(&index, "indexer")["status"] == "paused"
+    });
+    let consumer = |d: &Daemon| d.admin_json("/actors")["kafka"][0].clone();
+    index.wait_until("its consumer held back", Duration::from_secs(240), || {
+        consumer(&index)["paused"] == true
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(d.ledger()["dead_lettered"], 0);
+    assert_eq!(d.ledger()["indexed"], 0);
+    assert_eq!(actor(&index, "indexer")["status"], "paused");
+
+    s.qdrant.clear_faults();
+    let ledger = d.wait_ledger(Duration::from_secs(300), |l| l["indexed"] == n);
+    assert_eq!(ledger["dead_lettered"], 0, "{ledger}");
+    assert_eq!(points(&s), n, "every note once: {ledger}");
+    assert_eq!(actor(&index, "indexer")["status"], "running");
+}
+
 /// A DLQ opens with every entry the topic held: `ragd dlq list` lists what
 /// `open` read, and the watcher asks it about every document it sees. The
 /// reader once marked a record read before it was in the list, so a
