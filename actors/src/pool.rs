@@ -721,16 +721,7 @@ impl<S: Stage> Pool<S> {
             probe: None,
         });
         state.stats().set_status("paused");
-        Self::kick_after(myself, pause);
-    }
-
-    /// Wakes the pool after `delay` (a pause is over).
-    fn kick_after(myself: &ActorRef<PoolMsg<S::In>>, delay: Duration) {
-        let me = myself.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = me.cast(PoolMsg::Kick);
-        });
+        myself.send_after(pause, || PoolMsg::Kick);
     }
 
     /// The backend answered: a paused stage goes on.
@@ -1011,7 +1002,7 @@ impl<S: Stage> Actor for Pool<S> {
             // next job probes after the same pause.
             o.probe = None;
             o.until = Instant::now() + o.pause;
-            Self::kick_after(&myself, o.pause);
+            myself.send_after(o.pause, || PoolMsg::Kick);
         }
         if !slot.busy.is_empty() {
             Self::batch_failed(state, slot.busy, Failure::panic(error.clone()));
@@ -1024,11 +1015,7 @@ impl<S: Stage> Actor for Pool<S> {
                 }
                 if !state.respawn_pending {
                     state.respawn_pending = true;
-                    let me = myself.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = me.cast(PoolMsg::Respawn);
-                    });
+                    myself.send_after(delay, || PoolMsg::Respawn);
                 }
                 Self::dispatch(&myself, state).await
             }
