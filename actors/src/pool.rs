@@ -742,10 +742,7 @@ impl<S: Stage> Pool<S> {
         if !forgiven {
             return Self::job_failed(state, a, error);
         }
-        let stats = state.stats();
-        stats.failed.fetch_add(1, Ordering::Relaxed);
-        stats.set_error(format!("{}: {error}", a.job.doc_id()));
-        if a.let_go_unheld() {
+        if Self::failure_counted(state, &a, &error) {
             return;
         }
         // At the back: the next probe is another job, so one that only
@@ -785,15 +782,23 @@ impl<S: Stage> Pool<S> {
         *state.args.queue.pool.lock() = None;
     }
 
-    fn job_failed(state: &mut PoolState<S>, mut a: Attempt<S::In>, error: String) {
-        a.attempt += 1;
+    /// Counts `a`'s failure in the stage's stats; lets it go if it is no
+    /// longer this node's (true then): its partition's new owner tries it
+    /// again, and dead-letters it if it must.
+    fn failure_counted(state: &PoolState<S>, a: &Attempt<S::In>, error: &str) -> bool {
         let stats = state.stats();
         stats.failed.fetch_add(1, Ordering::Relaxed);
         stats.set_error(format!("{}: {error}", a.job.doc_id()));
-        if a.let_go_unheld() {
-            // Its partition's new owner tries it again, and dead-letters it
-            // if it must.
-            tracing::debug!(stage = %state.args.name, doc = %a.job.doc_id(), "a failed job whose partition was revoked is let go: {error}");
+        if !a.let_go_unheld() {
+            return false;
+        }
+        tracing::debug!(stage = %state.args.name, doc = %a.job.doc_id(), "a failed job whose partition was revoked is let go: {error}");
+        true
+    }
+
+    fn job_failed(state: &mut PoolState<S>, mut a: Attempt<S::In>, error: String) {
+        a.attempt += 1;
+        if Self::failure_counted(state, &a, &error) {
             return;
         }
         let delay = state.args.settings.retry_delay(a.attempt);
