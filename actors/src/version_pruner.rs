@@ -76,24 +76,31 @@ impl VersionPrunerStage {
             }
             outcomes.push(event);
         }
-        if !removals.is_empty() {
-            // The cache first, so that its tombstones keep an answer
-            // computed from the old version meanwhile from being cached.
-            // It never fails the prune: what it cannot take now is owed,
-            // and a cached answer citing removed text is not served (its
-            // sources are checked against the store on every hit).
-            self.cache.invalidate_all(&removals).await;
-            let removed = self.store.remove(&removals).await?;
-            for (r, versions) in removals.iter().zip(&removed) {
-                if !versions.is_empty() {
-                    tracing::debug!(doc = %r.doc_id, ?versions, "pruned old versions");
-                }
-            }
-        }
+        self.remove(&removals).await?;
         // After the removals: a version ends once what it replaced is gone.
         for event in outcomes {
             self.ledger
                 .finish(event.doc_id(), event.version(), event.outcome());
+        }
+        Ok(())
+    }
+
+    /// Removes from the store and the cache.
+    pub async fn remove(&self, removals: &[Removal]) -> anyhow::Result<()> {
+        if removals.is_empty() {
+            return Ok(());
+        }
+        // The cache first, so that its tombstones keep an answer computed
+        // from the old version meanwhile from being cached. It never fails
+        // the prune: what it cannot take now is owed, and a cached answer
+        // citing removed text is not served (its sources are checked
+        // against the store on every hit).
+        self.cache.invalidate_all(removals).await;
+        let removed = self.store.remove(removals).await?;
+        for (r, versions) in removals.iter().zip(&removed) {
+            if !versions.is_empty() {
+                tracing::debug!(doc = %r.doc_id, ?versions, "pruned old versions");
+            }
         }
         Ok(())
     }

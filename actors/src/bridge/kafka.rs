@@ -13,8 +13,9 @@
 //! jobs and waits for their running ones before the group hands them on
 //! (see [`ConsumerState::revoke`]): done late, an old owner's job could
 //! write an old version after the new owner wrote and pruned a newer one.
-//! (A node the group dropped for not answering can still do so; only a
-//! store-side check could fence it.)
+//! (A node the group dropped for not answering can still do so: the
+//! indexer reads the store back after each write and undoes it, see
+//! [`crate::indexer::overtaken`].)
 
 use crate::dlq::{now_secs, DeadLetters, DlqEntry, Record};
 use crate::messages::{Envelope, ENVELOPE_VERSION};

@@ -257,11 +257,69 @@ impl IndexerStage {
             self.store.upsert_docs(&writes).await?;
             let points = writes.iter().map(|d| d.chunks.len() as u64).sum();
             self.optimizer.wrote(points);
+            if self.observe {
+                self.undo_overtaken(&writes, &mut events).await?;
+            }
         }
         if let Some(pruner) = &self.prune {
             pruner.prune(events.clone()).await?;
         }
         self.out.send_all(events).await
+    }
+}
+
+impl IndexerStage {
+    /// On a bus, where other index nodes write the same store: reads back
+    /// the documents just written and removes each one that another node
+    /// has overtaken meanwhile (see [`super::overtaken`]); its events
+    /// become `Superseded`, as for a version the ledger refused, and the
+    /// ledger learns the newer version.
+    async fn undo_overtaken(
+        &self,
+        writes: &[EmbeddedDoc],
+        events: &mut [IndexedEvent],
+    ) -> anyhow::Result<()> {
+        let mut ids: Vec<String> = writes.iter().map(|d| d.meta.doc_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let stored = self.store.versions_of(&ids).await?;
+        let metas: Vec<&crate::messages::DocMeta> = writes.iter().map(|d| &d.meta).collect();
+        let removals = super::overtaken(&metas, &stored);
+        if removals.is_empty() {
+            return Ok(());
+        }
+        for r in &removals {
+            let newer = r.keep.as_deref().expect("an overtaking version is kept");
+            let seq = r.seen_before.unwrap_or(0);
+            tracing::warn!(
+                doc = %r.doc_id,
+                newer,
+                "a late write of an older version (this node lost the document's partition \
+                 while writing it); removing it again"
+            );
+            self.ledger.observe(&r.doc_id, Some(newer), seq);
+        }
+        metrics::counter!("ragd_index_overtaken_total").increment(removals.len() as u64);
+        match &self.prune {
+            Some(pruner) => pruner.remove(&removals).await?,
+            None => {
+                self.store.remove(&removals).await?;
+            }
+        }
+        for e in events.iter_mut() {
+            if let IndexedEvent::Indexed {
+                doc_id, version, ..
+            } = e
+            {
+                if removals.iter().any(|r| r.doc_id == *doc_id) {
+                    *e = IndexedEvent::Superseded {
+                        doc_id: std::mem::take(doc_id),
+                        version: std::mem::take(version),
+                    };
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -375,17 +433,62 @@ pub(crate) mod tests {
             after.ledger.status("kb:hr/leave.md"),
             Some(DocStatus::Indexed)
         );
-        // The ordering survives only through the stored seq: a ledger that
-        // starts empty writes the stale version.
-        let (unseeded, _) = index_node(&store, Ledger::new(8));
+        // The ordering survives through the stored seq: a ledger that
+        // starts empty lets the stale version through, and only reading
+        // the store back after the write (see the next test) takes it out.
+        let (unseeded, out) = index_node(&store, Ledger::new(8));
         unseeded
             .process(IndexJob::Upsert(embedded("v1", 1_000)))
             .await
             .unwrap();
-        assert_eq!(
-            versions(&store).await,
-            vec!["v1".to_string(), "v2".to_string()]
+        assert_eq!(versions(&store).await, vec!["v2".to_string()]);
+        assert!(matches!(
+            &out.drain()[..],
+            [IndexedEvent::Superseded { .. }]
+        ));
+    }
+
+    /// Two index nodes on one store. A started writing v1, then its group
+    /// dropped it for not answering; B inherited the partition, wrote v1
+    /// (redelivered) and v2, and pruned. A's write of v1 lands after all
+    /// that: A reads the store back, removes v1 again, and reports it
+    /// superseded. Done in the other order (A's write before B's prune),
+    /// the prune removes it.
+    #[tokio::test]
+    async fn a_late_write_from_a_node_that_lost_the_partition_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let node = |ledger: Arc<Ledger>| {
+            let (mut stage, out) = index_node(&store, ledger.clone());
+            stage.prune = Some(Arc::new(pruner(&store, ledger)));
+            (stage, out)
+        };
+        let (a, a_out) = node(Ledger::new(8));
+        let (b, b_out) = node(Ledger::new(8));
+        let doc_id = "kb:hr/leave.md";
+        for (v, seq) in [("v1", 1_000), ("v2", 2_000)] {
+            b.process(IndexJob::Upsert(embedded(v, seq))).await.unwrap();
+        }
+        assert_eq!(versions(&store).await, ["v2"]);
+        assert_eq!(b_out.drain().len(), 2);
+
+        a.process(IndexJob::Upsert(embedded("v1", 1_000)))
+            .await
+            .unwrap();
+        assert_eq!(versions(&store).await, ["v2"], "the late v1 stayed");
+        let events = a_out.drain();
+        assert!(
+            matches!(&events[..], [IndexedEvent::Superseded { version, .. }] if version == "v1"),
+            "{events:?}"
         );
+        assert_eq!(a.ledger.latest_version(doc_id).as_deref(), Some("v2"));
+
+        // A version newer than the store's is written as usual, by either.
+        a.process(IndexJob::Upsert(embedded("v3", 3_000)))
+            .await
+            .unwrap();
+        assert_eq!(versions(&store).await, ["v3"]);
+        assert!(matches!(&a_out.drain()[..], [IndexedEvent::Indexed { .. }]));
     }
 
     /// An index node keeps a deletion while a version seen before it may
@@ -513,6 +616,12 @@ pub(crate) mod tests {
         }
         async fn indexed_versions(&self) -> anyhow::Result<Vec<crate::indexer::StoredVersion>> {
             self.inner.indexed_versions().await
+        }
+        async fn versions_of(
+            &self,
+            d: &[String],
+        ) -> anyhow::Result<Vec<crate::indexer::StoredVersion>> {
+            self.inner.versions_of(d).await
         }
         async fn count(&self, d: Option<&str>) -> anyhow::Result<u64> {
             self.inner.count(d).await

@@ -182,6 +182,13 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
     };
     // Once per version (not per chunk), with the watcher's seq.
     assert_eq!(versions, vec![stored("v1", 1_000), stored("v2", 2_000)]);
+    // The same, looked up by document (one that is not there adds nothing).
+    let looked_up = store
+        .versions_of(&["leave".into(), "never-written".into()])
+        .await
+        .unwrap();
+    assert_eq!(looked_up, versions);
+    assert!(store.versions_of(&[]).await.unwrap().is_empty());
     // What an answer cached now would cite: chunks of both versions.
     let cited = store
         .search(&vector(0, 0), &scope(&["hr"], &["public"]), 50)
@@ -221,6 +228,11 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
     let removed = store.delete_doc("build").await.unwrap();
     assert_eq!(removed, vec!["v1".to_string()]);
     assert_eq!(store.count(Some("build")).await.unwrap(), 0);
+    assert!(store
+        .versions_of(&["build".into()])
+        .await
+        .unwrap()
+        .is_empty());
     assert!(store.delete_doc("build").await.unwrap().is_empty());
     assert!(store
         .indexed_versions()

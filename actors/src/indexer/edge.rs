@@ -634,6 +634,23 @@ impl VectorStore for EdgeStore {
         .await
     }
 
+    async fn versions_of(&self, doc_ids: &[String]) -> anyhow::Result<Vec<StoredVersion>> {
+        if doc_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let filter = Filter {
+            must: Some(vec![
+                any_of("doc_id", doc_ids),
+                Condition::Field(FieldCondition::new_match(
+                    key("chunk_index"),
+                    Match::from(0i64),
+                )),
+            ]),
+            ..Default::default()
+        };
+        self.blocking(move |s| s.versions_matching(filter)).await
+    }
+
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {
         let filter = doc_id.map(|d| Filter {
             must: Some(vec![eq("doc_id", d)]),

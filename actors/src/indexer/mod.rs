@@ -210,6 +210,45 @@ pub fn removals_at_start(
     removals
 }
 
+/// What an index node undoes after a write to a store other index nodes
+/// write too: each document of `written` of which the store, read back
+/// after the write (`stored`, see [`VectorStore::versions_of`]), holds a
+/// version seen later than the newest written here loses every version
+/// seen before that one (the one written here among them).
+///
+/// Why: a node that the group dropped for not answering (a long pause, a
+/// network split) may still finish a write it had started, after the
+/// node that inherited its partitions wrote a newer version and pruned
+/// against it; nothing else would ever remove the old text. Any such late
+/// write either lands before the newer version's prune, which removes it,
+/// or after, when the newer version is in the store and this read finds
+/// it. A version with no seq (from a node that sends none) cannot be
+/// ordered and is left as written.
+pub fn overtaken(written: &[&DocMeta], stored: &[StoredVersion]) -> Vec<Removal> {
+    let mut newest_written: std::collections::BTreeMap<&str, &DocMeta> = Default::default();
+    for d in written {
+        let e = newest_written.entry(&d.doc_id).or_insert(d);
+        if d.seq > e.seq {
+            *e = d;
+        }
+    }
+    let mut newest_stored: std::collections::HashMap<&str, &StoredVersion> = Default::default();
+    for v in stored {
+        let e = newest_stored.entry(&v.doc_id).or_insert(v);
+        if v.seq > e.seq {
+            *e = v;
+        }
+    }
+    newest_written
+        .into_iter()
+        .filter_map(|(doc_id, w)| {
+            let n = newest_stored.get(doc_id)?;
+            (w.seq > 0 && n.seq > w.seq && n.version != w.version)
+                .then(|| Removal::new(doc_id, Some(&n.version)).seen_before(n.seq))
+        })
+        .collect()
+}
+
 /// What to delete of one document: every version but `keep`, or, with no
 /// `keep`, all of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,6 +334,10 @@ pub trait VectorStore: Send + Sync {
     async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool>;
     /// Every document version in the store.
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>>;
+    /// The versions stored of these documents (as
+    /// [`VectorStore::indexed_versions`] tells them), in one lookup: an
+    /// index node reads back what it wrote (see [`overtaken`]).
+    async fn versions_of(&self, doc_ids: &[String]) -> anyhow::Result<Vec<StoredVersion>>;
     /// Number of points, optionally only those of one document.
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64>;
     /// Makes every write so far durable.
@@ -468,6 +511,54 @@ mod tests {
         assert_eq!(removals_at_start(&found, true, Some(&rules)).len(), 3);
         // Nothing to do on a store in order.
         assert!(removals_at_start(&found[2..3], true, Some(&rules)).is_empty());
+    }
+
+    #[test]
+    fn a_write_overtaken_in_the_store_is_undone() {
+        let meta = |doc: &str, version: &str, seq: u64| DocMeta {
+            doc_id: doc.into(),
+            source: "kb".into(),
+            uri: doc.into(),
+            path: doc.into(),
+            version: version.into(),
+            partition: Partition {
+                division: "eng".into(),
+                access_level: "internal".into(),
+            },
+            size: 1,
+            seq,
+        };
+        let written = [
+            meta("a", "v1", 10),
+            meta("b", "v1", 10),
+            meta("c", "v1", 10),
+            meta("c", "v2", 20),
+            meta("d", "v1", 0),
+            meta("e", "v1", 30),
+        ];
+        let stored = [
+            // a: another node wrote v2, seen later, meanwhile.
+            stored("a", "v1", 10, "eng"),
+            stored("a", "v2", 20, "eng"),
+            // b: only what was written here.
+            stored("b", "v1", 10, "eng"),
+            // c: both versions written here; the pruner sees to v1.
+            stored("c", "v1", 10, "eng"),
+            stored("c", "v2", 20, "eng"),
+            // d: no seq, no order.
+            stored("d", "v1", 0, "eng"),
+            stored("d", "v2", 20, "eng"),
+            // e: the same text seen again later elsewhere (a change undone).
+            stored("e", "v1", 40, "eng"),
+        ];
+        let written: Vec<&DocMeta> = written.iter().collect();
+        assert_eq!(
+            overtaken(&written, &stored),
+            [Removal::new("a", Some("v2")).seen_before(20)]
+        );
+        // A store that holds nothing of them (deleted meanwhile) undoes
+        // nothing here: the ingest node deletes again once told.
+        assert!(overtaken(&written, &[]).is_empty());
     }
 
     #[test]

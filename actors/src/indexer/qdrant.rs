@@ -550,6 +550,17 @@ impl VectorStore for QdrantStore {
             .await
     }
 
+    async fn versions_of(&self, doc_ids: &[String]) -> anyhow::Result<Vec<StoredVersion>> {
+        if doc_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        self.versions_matching(Filter::must([
+            Condition::matches("doc_id", doc_ids.to_vec()),
+            Condition::matches("chunk_index", 0i64),
+        ]))
+        .await
+    }
+
     async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool> {
         use qdrant_client::qdrant::{
             with_payload_selector::SelectorOptions, PayloadIncludeSelector,
