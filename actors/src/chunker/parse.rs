@@ -59,7 +59,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
     match format {
         Format::Pdf => parse_pdf(bytes),
         _ => {
-            let text = decode_text(bytes)?;
+            let text = decode_text(bytes, format)?;
             Ok(match format {
                 Format::Markdown => markdown_sections(&text),
                 Format::Html => markdown_sections(&html_to_markdown(&text)),
@@ -72,17 +72,78 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
     }
 }
 
-/// Text formats must be UTF-8 and not binary: a NUL byte or invalid UTF-8
-/// means someone named a binary file `.txt`, which is skipped, not indexed as
-/// garbage.
-fn decode_text(bytes: &[u8]) -> Result<String, ParseError> {
-    let probe = &bytes[..bytes.len().min(8192)];
-    if probe.contains(&0) {
-        return Err(ParseError::Unsupported("binary content (NUL bytes)".into()));
+/// A text format's bytes as text. UTF-8 is the rule; a byte-order mark
+/// names another Unicode encoding (Windows tools save "Unicode" text as
+/// UTF-16 with one); text in neither is in a legacy encoding, an HTML
+/// page's declared one or else the one chardetng (Firefox's detector)
+/// guesses, e.g. Windows-1252 or Shift_JIS. A NUL byte, or control
+/// characters all over the decoded text, mean someone named a binary file
+/// `.txt`: it is skipped, not indexed as garbage.
+fn decode_text(bytes: &[u8], format: Format) -> Result<String, ParseError> {
+    use encoding_rs::Encoding;
+    let (text, encoding) = if let Some((encoding, bom)) = Encoding::for_bom(bytes) {
+        let text = encoding
+            .decode_without_bom_handling_and_without_replacement(&bytes[bom..])
+            .ok_or_else(|| {
+                ParseError::Unsupported(format!(
+                    "not {} text, despite its byte-order mark",
+                    encoding.name()
+                ))
+            })?;
+        (text, encoding)
+    } else {
+        let probe = &bytes[..bytes.len().min(8192)];
+        if probe.contains(&0) {
+            return Err(ParseError::Unsupported("binary content (NUL bytes)".into()));
+        }
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            return Ok(text.to_string());
+        }
+        let declared = match format {
+            Format::Html => declared_charset(bytes),
+            _ => None,
+        };
+        let encoding = declared.unwrap_or_else(|| {
+            // The first 64 KiB say enough, and a huge file costs no more.
+            let sample = &bytes[..bytes.len().min(64 << 10)];
+            let mut detector = chardetng::EncodingDetector::new();
+            detector.feed(sample, sample.len() == bytes.len());
+            detector.guess(None, false)
+        });
+        (encoding.decode_without_bom_handling(bytes).0, encoding)
+    };
+    let controls = text
+        .chars()
+        .filter(|c| c.is_control() && !c.is_ascii_whitespace())
+        .count();
+    if controls * 100 > text.chars().count() {
+        return Err(ParseError::Unsupported(format!(
+            "binary content (control characters, read as {})",
+            encoding.name()
+        )));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| ParseError::Unsupported(format!("not UTF-8 text: {e}")))?;
-    Ok(text.strip_prefix('\u{feff}').unwrap_or(text).to_string())
+    Ok(text.into_owned())
+}
+
+/// The encoding an HTML page declares in its first 1024 bytes
+/// (`<meta charset="…">` or `content="text/html; charset=…"`), as the HTML
+/// standard's pre-scan finds it (simplified: the first `charset=` wins). A
+/// page declaring UTF-16 without a byte-order mark is read as UTF-8, as
+/// browsers do.
+fn declared_charset(bytes: &[u8]) -> Option<&'static encoding_rs::Encoding> {
+    let head = bytes[..bytes.len().min(1024)].to_ascii_lowercase();
+    let at = head.windows(7).position(|w| w == b"charset")? + 7;
+    let rest = head[at..].trim_ascii_start().strip_prefix(b"=")?;
+    let rest = rest.trim_ascii_start();
+    let rest = rest
+        .strip_prefix(b"\"")
+        .or(rest.strip_prefix(b"'"))
+        .unwrap_or(rest);
+    let end = rest
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || b"-_:.".contains(b)))
+        .unwrap_or(rest.len());
+    encoding_rs::Encoding::for_label(&rest[..end]).map(|e| e.output_encoding())
 }
 
 fn parse_pdf(bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
@@ -813,6 +874,75 @@ mod tests {
         );
     }
 
+    fn body(path: &str, bytes: &[u8]) -> String {
+        let sections = parse(Path::new(path), bytes).unwrap();
+        sections.iter().map(|s| s.body.as_str()).collect()
+    }
+
+    #[test]
+    fn text_in_other_encodings_is_decoded() {
+        // UTF-16 with a byte-order mark (Notepad's "Unicode"), both orders.
+        let text = "Le parking ferme à minuit. 駐車場は深夜に閉まります。";
+        let mut le = vec![0xff, 0xfe];
+        let mut be = vec![0xfe, 0xff];
+        for unit in text.encode_utf16() {
+            le.extend(unit.to_le_bytes());
+            be.extend(unit.to_be_bytes());
+        }
+        assert_eq!(body("a.txt", &le), text);
+        assert_eq!(body("a.txt", &be), text);
+        // UTF-8 with a mark: the mark is no text.
+        assert_eq!(body("a.txt", b"\xef\xbb\xbfhello"), "hello");
+        // Behind a mark, binary data is still binary.
+        let e = parse(Path::new("a.txt"), b"\xef\xbb\xbf\x01\x02\x03\0\0\0\x04x").unwrap_err();
+        assert!(
+            matches!(&e, ParseError::Unsupported(r) if r.starts_with("binary content")),
+            "{e:?}"
+        );
+
+        // No mark, not UTF-8: a legacy encoding, guessed from the bytes.
+        let guessed = [
+            (
+                encoding_rs::WINDOWS_1252,
+                "Les congés payés: cinq semaines par an, café crème offert à la cantine.",
+            ),
+            (
+                encoding_rs::SHIFT_JIS,
+                "有給休暇は年に二十日です。申請は人事部のポータルから行ってください。",
+            ),
+            (
+                encoding_rs::WINDOWS_1251,
+                "Отпуск по уходу за ребёнком оформляется через портал отдела кадров.",
+            ),
+        ];
+        for (encoding, text) in guessed {
+            let (bytes, _, unmappable) = encoding.encode(text);
+            assert!(!unmappable && std::str::from_utf8(&bytes).is_err());
+            assert_eq!(body("a.md", &bytes), text, "{}", encoding.name());
+        }
+
+        // HTML: the page's declared charset, over any guess.
+        let (latin, _, _) = encoding_rs::WINDOWS_1252.encode("Caf\u{e9} au lait");
+        for head in [
+            &b"<meta charset=\"windows-1252\">"[..],
+            b"<META HTTP-EQUIV='Content-Type' CONTENT='text/html; charset=ISO-8859-1'>",
+        ] {
+            let page = [head, b"<p>", &latin, b"</p>"].concat();
+            assert_eq!(body("a.html", &page).trim(), "Café au lait");
+        }
+        assert_eq!(
+            declared_charset(b"<meta charset = 'Shift_JIS'>"),
+            Some(encoding_rs::SHIFT_JIS)
+        );
+        assert_eq!(
+            declared_charset(b"<meta charset=utf-16>"),
+            Some(encoding_rs::UTF_8),
+            "a page cannot declare UTF-16 without a mark"
+        );
+        assert_eq!(declared_charset(b"<meta charset=klingon>"), None);
+        assert_eq!(declared_charset(b"<p>no declaration</p>"), None);
+    }
+
     #[test]
     fn binary_and_unknown_files_are_unsupported_and_bad_pdfs_malformed() {
         let p = Path::new("a.txt");
@@ -820,10 +950,19 @@ mod tests {
             parse(p, b"ab\0cd"),
             Err(ParseError::Unsupported(_))
         ));
+        // A UTF-16 byte-order mark before an odd byte.
         assert!(matches!(
             parse(p, &[0xff, 0xfe, 0x41]),
             Err(ParseError::Unsupported(_))
         ));
+        // Binary data with no NUL byte, not UTF-8: control characters
+        // whatever the encoding.
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 255 + 1) as u8).collect();
+        let e = parse(p, &noise).unwrap_err();
+        assert!(
+            matches!(&e, ParseError::Unsupported(r) if r.starts_with("binary content")),
+            "{e:?}"
+        );
         assert!(matches!(
             parse(Path::new("a.exe"), b"MZ"),
             Err(ParseError::Unsupported(_))
