@@ -76,21 +76,18 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
 /// names another Unicode encoding (Windows tools save "Unicode" text as
 /// UTF-16 with one); text in neither is in a legacy encoding, an HTML
 /// page's declared one or else the one chardetng (Firefox's detector)
-/// guesses, e.g. Windows-1252 or Shift_JIS. A NUL byte, or control
-/// characters all over the decoded text, mean someone named a binary file
-/// `.txt`: it is skipped, not indexed as garbage.
+/// guesses, e.g. Windows-1252 or Shift_JIS. UTF-8 with a few bad bytes (a
+/// file cut mid-character, a stray byte) stays UTF-8, each bad sequence
+/// one replacement character. A NUL byte, or unreadable characters all
+/// over the decoded text, mean someone named a binary file `.txt`: it is
+/// skipped, not indexed as garbage.
 fn decode_text(bytes: &[u8], format: Format) -> Result<String, ParseError> {
-    use encoding_rs::Encoding;
+    use encoding_rs::{Encoding, UTF_8};
     let (text, encoding) = if let Some((encoding, bom)) = Encoding::for_bom(bytes) {
-        let text = encoding
-            .decode_without_bom_handling_and_without_replacement(&bytes[bom..])
-            .ok_or_else(|| {
-                ParseError::Unsupported(format!(
-                    "not {} text, despite its byte-order mark",
-                    encoding.name()
-                ))
-            })?;
-        (text, encoding)
+        (
+            encoding.decode_without_bom_handling(&bytes[bom..]).0,
+            encoding,
+        )
     } else {
         let probe = &bytes[..bytes.len().min(8192)];
         if probe.contains(&0) {
@@ -103,47 +100,88 @@ fn decode_text(bytes: &[u8], format: Format) -> Result<String, ParseError> {
             Format::Html => declared_charset(bytes),
             _ => None,
         };
-        let encoding = declared.unwrap_or_else(|| {
-            // The first 64 KiB say enough, and a huge file costs no more.
-            let sample = &bytes[..bytes.len().min(64 << 10)];
-            let mut detector = chardetng::EncodingDetector::new();
-            detector.feed(sample, sample.len() == bytes.len());
-            detector.guess(None, false)
-        });
+        let encoding = if mostly_utf8(bytes) {
+            UTF_8
+        } else {
+            declared.unwrap_or_else(|| {
+                // The first 64 KiB say enough, and a huge file costs no more.
+                let sample = &bytes[..bytes.len().min(64 << 10)];
+                let mut detector = chardetng::EncodingDetector::new();
+                detector.feed(sample, sample.len() == bytes.len());
+                detector.guess(None, false)
+            })
+        };
         (encoding.decode_without_bom_handling(bytes).0, encoding)
     };
-    let controls = text
+    // (ESC: a log's colour codes.)
+    let unreadable = text
         .chars()
-        .filter(|c| c.is_control() && !c.is_ascii_whitespace())
+        .filter(|c| {
+            *c == char::REPLACEMENT_CHARACTER
+                || (c.is_control() && !c.is_ascii_whitespace() && *c != '\u{1b}')
+        })
         .count();
-    if controls * 100 > text.chars().count() {
+    if unreadable * 100 > text.chars().count() {
         return Err(ParseError::Unsupported(format!(
-            "binary content (control characters, read as {})",
+            "binary content (unreadable characters, read as {})",
             encoding.name()
         )));
     }
     Ok(text.into_owned())
 }
 
-/// The encoding an HTML page declares in its first 1024 bytes
-/// (`<meta charset="…">` or `content="text/html; charset=…"`), as the HTML
-/// standard's pre-scan finds it (simplified: the first `charset=` wins). A
-/// page declaring UTF-16 without a byte-order mark is read as UTF-8, as
-/// browsers do.
+/// Whether bytes that are not valid UTF-8 are still UTF-8 text with a few
+/// bad bytes: more well-formed multi-byte characters than malformed
+/// sequences. Text in a legacy encoding has hardly any well-formed ones
+/// (an accented letter followed by a plain one is malformed UTF-8).
+fn mostly_utf8(bytes: &[u8]) -> bool {
+    let (mut good, mut bad) = (0usize, 0usize);
+    for chunk in bytes.utf8_chunks() {
+        good += chunk.valid().chars().filter(|c| !c.is_ascii()).count();
+        bad += usize::from(!chunk.invalid().is_empty());
+    }
+    good > bad
+}
+
+/// The encoding an HTML page declares in a `<meta>` tag in its first 1024
+/// bytes (`<meta charset="…">` or `content="text/html; charset=…"`), as
+/// the HTML standard's pre-scan finds it (simplified: the first known
+/// label wins). A page declaring UTF-16 without a byte-order mark is read
+/// as UTF-8, and `x-user-defined` as Windows-1252, as browsers do.
 fn declared_charset(bytes: &[u8]) -> Option<&'static encoding_rs::Encoding> {
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
     let head = bytes[..bytes.len().min(1024)].to_ascii_lowercase();
-    let at = head.windows(7).position(|w| w == b"charset")? + 7;
-    let rest = head[at..].trim_ascii_start().strip_prefix(b"=")?;
-    let rest = rest.trim_ascii_start();
-    let rest = rest
-        .strip_prefix(b"\"")
-        .or(rest.strip_prefix(b"'"))
-        .unwrap_or(rest);
-    let end = rest
-        .iter()
-        .position(|b| !(b.is_ascii_alphanumeric() || b"-_:.".contains(b)))
-        .unwrap_or(rest.len());
-    encoding_rs::Encoding::for_label(&rest[..end]).map(|e| e.output_encoding())
+    let mut rest = &head[..];
+    while let Some(at) = find(rest, b"<meta") {
+        let tag = &rest[at..];
+        let tag = &tag[..find(tag, b">").unwrap_or(tag.len())];
+        rest = &rest[at + tag.len()..];
+        let mut attrs = tag;
+        while let Some(at) = find(attrs, b"charset") {
+            attrs = &attrs[at + 7..];
+            let Some(value) = attrs.trim_ascii_start().strip_prefix(b"=") else {
+                continue;
+            };
+            let value = value.trim_ascii_start();
+            let value = value
+                .strip_prefix(b"\"")
+                .or(value.strip_prefix(b"'"))
+                .unwrap_or(value);
+            let end = value
+                .iter()
+                .position(|b| !(b.is_ascii_alphanumeric() || b"-_:.".contains(b)))
+                .unwrap_or(value.len());
+            if let Some(e) = encoding_rs::Encoding::for_label(&value[..end]) {
+                return Some(match e {
+                    e if e == encoding_rs::X_USER_DEFINED => encoding_rs::WINDOWS_1252,
+                    e => e.output_encoding(),
+                });
+            }
+        }
+    }
+    None
 }
 
 fn parse_pdf(bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
@@ -893,6 +931,19 @@ mod tests {
         assert_eq!(body("a.txt", &be), text);
         // UTF-8 with a mark: the mark is no text.
         assert_eq!(body("a.txt", b"\xef\xbb\xbfhello"), "hello");
+        // UTF-8 with a few bad bytes stays UTF-8: a stray byte, a file
+        // cut mid-character.
+        let long = "Привет, мир. ".repeat(20);
+        let stray = [long.as_bytes(), b"\xff", long.as_bytes()].concat();
+        assert_eq!(body("a.txt", &stray), format!("{long}\u{fffd}{long}"));
+        let whole = format!("{long}мир");
+        let cut = &whole.as_bytes()[..whole.len() - 1];
+        assert_eq!(body("a.log", cut), format!("{long}ми\u{fffd}"));
+        // A UTF-16 file cut to an odd length keeps its text.
+        let mut odd = vec![0xff, 0xfe];
+        odd.extend(long.encode_utf16().flat_map(u16::to_le_bytes));
+        odd.push(b'x');
+        assert_eq!(body("a.txt", &odd), format!("{long}\u{fffd}"));
         // Behind a mark, binary data is still binary.
         let e = parse(Path::new("a.txt"), b"\xef\xbb\xbf\x01\x02\x03\0\0\0\x04x").unwrap_err();
         assert!(
@@ -921,15 +972,25 @@ mod tests {
             assert_eq!(body("a.md", &bytes), text, "{}", encoding.name());
         }
 
-        // HTML: the page's declared charset, over any guess.
-        let (latin, _, _) = encoding_rs::WINDOWS_1252.encode("Caf\u{e9} au lait");
+        // HTML: the page's declared charset, over any guess (here a wrong
+        // one, to tell them apart), in either form of <meta>, past other
+        // tags' charsets and a "charset" that sets none.
+        let (cyrillic, _, _) =
+            encoding_rs::WINDOWS_1251.encode("Отпуск оформляется через портал отдела кадров.");
+        let as_koi8 = encoding_rs::KOI8_R.decode_without_bom_handling(&cyrillic).0;
         for head in [
-            &b"<meta charset=\"windows-1252\">"[..],
-            b"<META HTTP-EQUIV='Content-Type' CONTENT='text/html; charset=ISO-8859-1'>",
+            &b"<meta charset=\"koi8-r\">"[..],
+            b"<script charset=utf-8 src=a.js></script><META HTTP-EQUIV='Content-Type' \
+              CONTENT='text/html; charset=KOI8-R'>",
+            b"<meta name=charset-note content=x><meta charset = 'koi8-r'>",
         ] {
-            let page = [head, b"<p>", &latin, b"</p>"].concat();
-            assert_eq!(body("a.html", &page).trim(), "Café au lait");
+            let page = [head, b"<p>", &cyrillic, b"</p>"].concat();
+            assert_eq!(body("a.html", &page).trim(), as_koi8, "{:?}", head);
         }
+        assert_ne!(
+            body("a.html", &[b"<p>", &cyrillic[..], b"</p>"].concat()).trim(),
+            as_koi8
+        );
         assert_eq!(
             declared_charset(b"<meta charset = 'Shift_JIS'>"),
             Some(encoding_rs::SHIFT_JIS)
