@@ -311,7 +311,12 @@ impl IndexerStage {
                 doc_id, version, ..
             } = e
             {
-                if removals.iter().any(|r| r.doc_id == *doc_id) {
+                // (The version kept may be one written here: its text was
+                // seen again later, by another node.)
+                let gone = |r: &&super::Removal| {
+                    r.doc_id == *doc_id && r.keep.as_deref() != Some(version.as_str())
+                };
+                if removals.iter().any(|r| gone(&r)) {
                     *e = IndexedEvent::Superseded {
                         doc_id: std::mem::take(doc_id),
                         version: std::mem::take(version),
@@ -483,8 +488,42 @@ pub(crate) mod tests {
         );
         assert_eq!(a.ledger.latest_version(doc_id).as_deref(), Some("v2"));
 
+        // The file changed back to v1 meanwhile (seen again at 4_000, on
+        // B), while A, cut off, still writes v1 and v2 as first seen: its
+        // v1 leaves B's newer copy as it is (an older write does not make
+        // it look older), its v2 goes again, and only v2 is superseded.
+        b.process(IndexJob::Upsert(embedded("v1", 4_000)))
+            .await
+            .unwrap();
+        assert_eq!(versions(&store).await, ["v1"]);
+        let (late, late_out) = node(Ledger::new(8));
+        late.process_batch(vec![
+            IndexJob::Upsert(embedded("v1", 1_000)),
+            IndexJob::Upsert(embedded("v2", 2_000)),
+        ])
+        .await
+        .unwrap();
+        let stored = store.indexed_versions().await.unwrap();
+        assert_eq!(
+            stored
+                .iter()
+                .map(|v| (v.version.as_str(), v.seq))
+                .collect::<Vec<_>>(),
+            [("v1", 4_000)]
+        );
+        let events = late_out.drain();
+        assert!(
+            matches!(
+                &events[..],
+                [IndexedEvent::Indexed { version: v1, .. }, IndexedEvent::Superseded { version: v2, .. }]
+                    if v1 == "v1" && v2 == "v2"
+            ),
+            "{events:?}"
+        );
+        assert_eq!(late.ledger.latest_version(doc_id).as_deref(), Some("v1"));
+
         // A version newer than the store's is written as usual, by either.
-        a.process(IndexJob::Upsert(embedded("v3", 3_000)))
+        a.process(IndexJob::Upsert(embedded("v3", 5_000)))
             .await
             .unwrap();
         assert_eq!(versions(&store).await, ["v3"]);

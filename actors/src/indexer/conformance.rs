@@ -162,6 +162,16 @@ async fn redelivery_is_idempotent(store: &dyn VectorStore) {
     assert_eq!(store.count(None).await.unwrap(), before);
 }
 
+/// The seqs stored for a document version (one, normally).
+async fn seqs_of(store: &dyn VectorStore, doc_id: &str, version: &str) -> Vec<u64> {
+    let stored = store.versions_of(&[doc_id.into()]).await.unwrap();
+    stored
+        .into_iter()
+        .filter(|v| v.version == version)
+        .map(|v| v.seq)
+        .collect()
+}
+
 async fn version_swap_and_delete(store: &dyn VectorStore) {
     put(store, doc("leave", "v2", "hr", "public", 2, 0)).await;
     assert_eq!(
@@ -189,6 +199,25 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
         .unwrap();
     assert_eq!(looked_up, versions);
     assert!(store.versions_of(&[]).await.unwrap().is_empty());
+    // The same version written again as seen earlier (delivered late) does
+    // not make the stored copy look older; seen later, it does look newer.
+    let (mut meta, chunks, vectors) = doc("leave", "v2", "hr", "public", 2, 0);
+    meta.seq = 1_500;
+    store.upsert(&meta, &chunks, &vectors).await.unwrap();
+    assert_eq!(seqs_of(store, "leave", "v2").await, [2_000]);
+    meta.seq = 2_500;
+    store
+        .upsert_docs(&[EmbeddedDoc {
+            meta: meta.clone(),
+            chunks: chunks.clone(),
+            vectors: vectors.clone(),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(seqs_of(store, "leave", "v2").await, [2_500]);
+    meta.seq = 2_000;
+    store.upsert(&meta, &chunks, &vectors).await.unwrap();
+    assert_eq!(seqs_of(store, "leave", "v2").await, [2_500]);
     // What an answer cached now would cite: chunks of both versions.
     let cited = store
         .search(&vector(0, 0), &scope(&["hr"], &["public"]), 50)

@@ -30,13 +30,13 @@ use parking_lot::Mutex;
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::external::serde_json::{self as qjson, json};
 use qdrant_edge::{
-    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
-    FacetRequest, FacetValue, FieldCondition, FieldIndexOperations, Filter, HnswIndexConfig,
-    IntegerIndexParams, JsonPath, KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema,
-    PayloadOps, PayloadSchemaParams, PointId, PointInsertOperations, PointOperations, PointStruct,
-    PointStructPersisted, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest,
-    SearchParams, SetPayloadOp, UpdateOperation, WithPayloadInterface, WithVector,
-    DEFAULT_VECTOR_NAME,
+    Condition, ConditionalInsertOperation, CountRequest, CreateIndex, Distance, EdgeConfig,
+    EdgeShard, EdgeVectorParams, FacetRequest, FacetValue, FieldCondition, FieldIndexOperations,
+    Filter, HnswIndexConfig, IntegerIndexParams, JsonPath, KeywordIndexParams, Match, NamedQuery,
+    PayloadFieldSchema, PayloadOps, PayloadSchemaParams, PointId, PointInsertOperations,
+    PointOperations, PointStruct, PointStructPersisted, QueryEnum, QueryRequest, Range,
+    ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, WithPayloadInterface,
+    WithVector, DEFAULT_VECTOR_NAME,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -138,6 +138,38 @@ pub fn scope_filter(scope: &Scope) -> Filter {
         .collect();
     Filter {
         must: Some(vec![any_of("partition", &partitions)]),
+        ..Default::default()
+    }
+}
+
+/// The stored points an upsert of the versions `docs` may overwrite: not
+/// those stored with a later seq than the version now written (see
+/// [`VectorStore::upsert`]). A version with no seq overwrites its points.
+fn overwritable(docs: &[&DocMeta]) -> Filter {
+    let clause = |d: &DocMeta| {
+        let mut must = vec![eq("doc_id", &d.doc_id), eq("version", &d.version)];
+        if d.seq > 0 {
+            must.push(Condition::Filter(Filter {
+                should: Some(vec![
+                    Condition::Field(FieldCondition::new_range(
+                        key("seq"),
+                        Range {
+                            lte: Some(OrderedFloat(d.seq as f64)),
+                            ..Default::default()
+                        },
+                    )),
+                    Condition::IsEmpty(key("seq").into()),
+                ]),
+                ..Default::default()
+            }));
+        }
+        Condition::Filter(Filter {
+            must: Some(must),
+            ..Default::default()
+        })
+    };
+    Filter {
+        should: Some(docs.iter().map(|d| clause(d)).collect()),
         ..Default::default()
     }
 }
@@ -483,14 +515,24 @@ impl EdgeStore {
             .collect())
     }
 
-    /// Writes `points` in one operation (nothing for none).
-    async fn upsert_points(&self, points: Vec<PointStructPersisted>) -> anyhow::Result<()> {
+    /// Writes `points`, of the versions `docs`, in one operation (nothing
+    /// for none), overwriting no point stored with a later seq.
+    async fn upsert_points(
+        &self,
+        docs: &[&DocMeta],
+        points: Vec<PointStructPersisted>,
+    ) -> anyhow::Result<()> {
         if points.is_empty() {
             return Ok(());
         }
+        let condition = overwritable(docs);
         self.blocking(move |s| {
             s.write(UpdateOperation::PointOperation(
-                PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
+                PointOperations::UpsertPointsConditional(ConditionalInsertOperation {
+                    points_op: PointInsertOperations::PointsList(points),
+                    condition,
+                    update_mode: None,
+                }),
             ))
         })
         .await
@@ -520,7 +562,7 @@ impl VectorStore for EdgeStore {
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()> {
         let points = self.points(doc, chunks, vectors)?;
-        self.upsert_points(points).await
+        self.upsert_points(&[doc], points).await
     }
 
     async fn upsert_docs(&self, docs: &[EmbeddedDoc]) -> anyhow::Result<()> {
@@ -528,7 +570,8 @@ impl VectorStore for EdgeStore {
         for d in docs {
             points.extend(self.points(&d.meta, &d.chunks, &d.vectors)?);
         }
-        self.upsert_points(points).await
+        let metas: Vec<&DocMeta> = docs.iter().map(|d| &d.meta).collect();
+        self.upsert_points(&metas, points).await
     }
 
     async fn search(

@@ -291,7 +291,10 @@ impl Removal {
 pub trait VectorStore: Send + Sync {
     fn backend(&self) -> &'static str;
     /// Writes every chunk of one document version; visible to searches when
-    /// it returns, durable after [`VectorStore::flush`].
+    /// it returns, durable after [`VectorStore::flush`]. A chunk already
+    /// stored with a later seq (the same text seen again since) is left
+    /// as it is: a version delivered late must not make the current one
+    /// look older than it is (see [`overtaken`]).
     async fn upsert(
         &self,
         doc: &DocMeta,

@@ -24,12 +24,12 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 use qdrant_client::qdrant::{
-    shard_key, Condition, CountPointsBuilder, CreateCollectionBuilder,
+    read_consistency, shard_key, Condition, CountPointsBuilder, CreateCollectionBuilder,
     CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder, CreateShardKeyRequestBuilder,
     DeletePointsBuilder, Distance, FieldType, Filter, GetPointsBuilder, HnswConfigDiffBuilder,
-    PointId, PointStruct, QueryPoints, QueryPointsBuilder, Range, ScrollPointsBuilder,
-    SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod, UpsertPointsBuilder, Value,
-    VectorParamsBuilder,
+    PointId, PointStruct, QueryPoints, QueryPointsBuilder, Range, ReadConsistencyType,
+    ScrollPointsBuilder, SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod,
+    UpsertPointsBuilder, Value, VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use std::collections::{HashMap, HashSet};
@@ -122,6 +122,26 @@ pub fn search_request(
             fallback: None,
         })
         .build()
+}
+
+/// The stored points an upsert of the versions `docs` may overwrite: not
+/// those stored with a later seq than the version now written (see
+/// [`VectorStore::upsert`]). A version with no seq overwrites its points.
+fn overwritable(docs: &[&DocMeta]) -> Filter {
+    Filter::should(docs.iter().map(|d| {
+        let mut f = Filter::must([keyword("doc_id", &d.doc_id), keyword("version", &d.version)]);
+        if d.seq > 0 {
+            let not_later = Range {
+                lte: Some(d.seq as f64),
+                ..Default::default()
+            };
+            f.must.push(Condition::from(Filter::should([
+                Condition::range("seq", not_later),
+                Condition::is_empty("seq"),
+            ])));
+        }
+        Condition::from(f)
+    }))
 }
 
 fn payload_str(p: &HashMap<String, Value>, k: &str) -> Option<String> {
@@ -239,7 +259,10 @@ impl QdrantStore {
                         )
                         .sharding_method(ShardingMethod::Custom.into())
                         .shard_number(self.s.shard_number)
-                        .replication_factor(self.s.replication_factor),
+                        .replication_factor(self.s.replication_factor)
+                        // A write acknowledged by a majority of replicas,
+                        // so a read of a majority sees it (see `overtaken`).
+                        .write_consistency_factor(self.s.replication_factor / 2 + 1),
                 )
             })
             .await;
@@ -336,11 +359,17 @@ impl QdrantStore {
         let mut out = Versions::default();
         let mut offset: Option<PointId> = None;
         loop {
+            // What a majority of a shard's replicas hold: an index node
+            // reading back its write must see another node's acknowledged
+            // one (see `overtaken`), and a prune every version written.
             let mut b = ScrollPointsBuilder::new(&self.s.collection)
                 .filter(filter.clone())
                 .limit(1024)
                 .with_payload(true)
-                .with_vectors(false);
+                .with_vectors(false)
+                .read_consistency(read_consistency::Value::Type(
+                    ReadConsistencyType::Majority as i32,
+                ));
             if let Some(o) = offset.take() {
                 b = b.offset(o);
             }
@@ -408,14 +437,23 @@ impl QdrantStore {
             .collect())
     }
 
-    /// Writes `points` into the shard key of `division`, in one request.
-    async fn upsert_points(&self, division: &str, points: Vec<PointStruct>) -> anyhow::Result<()> {
+    /// Writes `points`, of the versions `docs`, into the shard key of
+    /// `division`, in one request, overwriting no point stored with a
+    /// later seq. (A server too old to know `update_filter` ignores it:
+    /// it overwrites them.)
+    async fn upsert_points(
+        &self,
+        division: &str,
+        docs: &[&DocMeta],
+        points: Vec<PointStruct>,
+    ) -> anyhow::Result<()> {
         if points.is_empty() {
             return Ok(());
         }
         self.ensure_key(division).await?;
         let req = UpsertPointsBuilder::new(&self.s.collection, points)
             .wait(true)
+            .update_filter(overwritable(docs))
             .shard_key_selector(ShardKeySelector {
                 shard_keys: vec![ShardKey::from(division.to_string())],
                 fallback: None,
@@ -440,23 +478,27 @@ impl VectorStore for QdrantStore {
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()> {
         let points = self.points(doc, chunks, vectors)?;
-        self.upsert_points(&doc.partition.division, points).await
+        self.upsert_points(&doc.partition.division, &[doc], points)
+            .await
     }
 
     /// One request per division (a division is a shard key), in the order
     /// the divisions first appear.
     async fn upsert_docs(&self, docs: &[EmbeddedDoc]) -> anyhow::Result<()> {
-        let mut by_division: Vec<(&str, Vec<PointStruct>)> = Vec::new();
+        let mut by_division: Vec<(&str, Vec<&DocMeta>, Vec<PointStruct>)> = Vec::new();
         for d in docs {
             let points = self.points(&d.meta, &d.chunks, &d.vectors)?;
             let division = d.meta.partition.division.as_str();
-            match by_division.iter_mut().find(|(k, _)| *k == division) {
-                Some((_, all)) => all.extend(points),
-                None => by_division.push((division, points)),
+            match by_division.iter_mut().find(|(k, _, _)| *k == division) {
+                Some((_, metas, all)) => {
+                    metas.push(&d.meta);
+                    all.extend(points);
+                }
+                None => by_division.push((division, vec![&d.meta], points)),
             }
         }
-        for (division, points) in by_division {
-            self.upsert_points(division, points).await?;
+        for (division, metas, points) in by_division {
+            self.upsert_points(division, &metas, points).await?;
         }
         Ok(())
     }

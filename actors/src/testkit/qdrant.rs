@@ -17,11 +17,11 @@ use qdrant_client::qdrant::points_server::{Points, PointsServer};
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::external::serde_json;
 use qdrant_edge::{
-    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
-    FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, MatchExcept, NamedQuery,
-    PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations, PointOperations,
-    PointStruct, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest, UpdateOperation,
-    WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
+    Condition, ConditionalInsertOperation, CountRequest, CreateIndex, Distance, EdgeConfig,
+    EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match,
+    MatchExcept, NamedQuery, PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations,
+    PointOperations, PointStruct, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest,
+    UpdateOperation, WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -668,15 +668,28 @@ impl Points for Service {
             };
             points.push(PointStruct::new(id, vector, payload).into());
         }
+        if r.update_mode.is_some() {
+            return Err(unsupported("update_mode"));
+        }
+        // Qdrant's conditional upsert: a stored point that does not match
+        // `update_filter` keeps its state; new points go in regardless.
+        let condition = r.update_filter.map(filter).transpose()?;
         let shards = self.shards(&r.collection_name, &keys)?;
         let _w = self.0.writer.lock();
         for (_, shard) in shards {
+            let points_op = PointInsertOperations::PointsList(points.clone());
+            let op = match &condition {
+                Some(condition) => {
+                    PointOperations::UpsertPointsConditional(ConditionalInsertOperation {
+                        points_op,
+                        condition: condition.clone(),
+                        update_mode: None,
+                    })
+                }
+                None => PointOperations::UpsertPoints(points_op),
+            };
             shard
-                .update(UpdateOperation::PointOperation(
-                    PointOperations::UpsertPoints(PointInsertOperations::PointsList(
-                        points.clone(),
-                    )),
-                ))
+                .update(UpdateOperation::PointOperation(op))
                 .map_err(internal)?;
         }
         Ok(Response::new(ok_update()))
