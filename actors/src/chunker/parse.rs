@@ -83,13 +83,14 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
 /// skipped, not indexed as garbage.
 fn decode_text(bytes: &[u8], format: Format) -> Result<String, ParseError> {
     use encoding_rs::{Encoding, UTF_8};
-    let (text, encoding) = if let Some((encoding, bom)) = Encoding::for_bom(bytes) {
+    let probe = &bytes[..bytes.len().min(8192)];
+    let unicode = Encoding::for_bom(bytes).or_else(|| unmarked_utf16(probe).map(|e| (e, 0)));
+    let (text, encoding) = if let Some((encoding, bom)) = unicode {
         (
             encoding.decode_without_bom_handling(&bytes[bom..]).0,
             encoding,
         )
     } else {
-        let probe = &bytes[..bytes.len().min(8192)];
         if probe.contains(&0) {
             return Err(ParseError::Unsupported("binary content (NUL bytes)".into()));
         }
@@ -128,6 +129,37 @@ fn decode_text(bytes: &[u8], format: Format) -> Result<String, ParseError> {
         )));
     }
     Ok(text.into_owned())
+}
+
+/// UTF-16 without a byte-order mark (.NET's and some exporters' default),
+/// told by its NUL bytes: text mostly in the first 256 code points has one
+/// in nearly every other byte, the high one of each unit (at odd offsets
+/// little-endian, at even ones big-endian), and hardly any in the others.
+/// Binary data rarely looks like that, and what does is read as control
+/// characters and skipped all the same.
+fn unmarked_utf16(probe: &[u8]) -> Option<&'static encoding_rs::Encoding> {
+    let units = probe.len() / 2;
+    if units < 2 {
+        return None;
+    }
+    let zeros = |at: usize| {
+        probe[at..]
+            .iter()
+            .step_by(2)
+            .take(units)
+            .filter(|b| **b == 0)
+            .count()
+    };
+    let (even, odd) = (zeros(0), zeros(1));
+    let mostly = |n: usize| n * 10 >= units * 9;
+    let hardly = |n: usize| n * 50 <= units;
+    if mostly(odd) && hardly(even) {
+        Some(encoding_rs::UTF_16LE)
+    } else if mostly(even) && hardly(odd) {
+        Some(encoding_rs::UTF_16BE)
+    } else {
+        None
+    }
 }
 
 /// Whether bytes that are not valid UTF-8 are still UTF-8 text with a few
@@ -929,6 +961,14 @@ mod tests {
         }
         assert_eq!(body("a.txt", &le), text);
         assert_eq!(body("a.txt", &be), text);
+        // Without a mark, from its NUL bytes, when the text is mostly in
+        // the first 256 code points.
+        let plain = "Bicycles go in the basement rack; café on the 2nd floor.";
+        let le: Vec<u8> = plain.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let be: Vec<u8> = plain.encode_utf16().flat_map(u16::to_be_bytes).collect();
+        assert_eq!(body("a.md", &le), plain);
+        assert_eq!(body("a.md", &be), plain);
+        assert_eq!(unmarked_utf16(b"a\0"), None, "too short to tell");
         // UTF-8 with a mark: the mark is no text.
         assert_eq!(body("a.txt", b"\xef\xbb\xbfhello"), "hello");
         // UTF-8 with a few bad bytes stays UTF-8: a stray byte, a file
