@@ -96,6 +96,50 @@ fn ingest_ask_update_delete() {
     );
 }
 
+/// Documents saved by Windows tools and older systems: UTF-16 with a
+/// byte-order mark, Windows-1252, Shift_JIS. Each is indexed, found, and
+/// quoted in its own characters.
+#[test]
+fn text_in_windows_and_legacy_encodings_is_indexed_and_found() {
+    let ws = Workspace::new();
+    let utf16 = "The parking garage under building C closes at midnight.";
+    let mut bytes = vec![0xff, 0xfe];
+    bytes.extend(utf16.encode_utf16().flat_map(u16::to_le_bytes));
+    ws.write("parking.txt", bytes);
+    ws.write(
+        "cafeteria.md",
+        b"# Cafeteria\n\nThe caf\xe9 serves cr\xe8me br\xfbl\xe9e every Friday afternoon.\n",
+    );
+    let japanese = "東京オフィスの会議室は受付で予約してください。";
+    // (Shift_JIS bytes of `japanese`.)
+    let sjis: Vec<u8> = [
+        "93 8c 8b 9e 83 49 83 74 83 42 83 58 82 cc 89 ef 8b 63 8e ba 82 cd 8e f3 95 74 82 c5",
+        "97 5c 96 f1 82 b5 82 c4 82 ad 82 be 82 b3 82 a2 81 42",
+    ]
+    .join(" ")
+    .split(' ')
+    .map(|h| u8::from_str_radix(h, 16).unwrap())
+    .collect();
+    ws.write("tokyo.txt", sjis);
+    let d = ws.start();
+    let ledger = d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 3);
+    assert_eq!(ledger["skipped"], 0, "{ledger}");
+    for (question, uri, quoted) in [
+        ("when does the parking garage close?", "parking.txt", utf16),
+        (
+            "what does the cafeteria serve on Fridays?",
+            "cafeteria.md",
+            "crème brûlée",
+        ),
+        ("東京オフィスの会議室の予約", "tokyo.txt", japanese),
+    ] {
+        let r = d.ask(ENG_TOKEN, question);
+        let top = &r["sources"][0];
+        assert_eq!(top["uri"], uri, "{r}");
+        assert!(top["text"].as_str().unwrap().contains(quoted), "{r}");
+    }
+}
+
 /// notify reports opens, and the watcher's own reads are opens: it must
 /// not take them for changes, or each hash of a file schedules the next and
 /// an idle daemon re-reads its whole tree forever.
