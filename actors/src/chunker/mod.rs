@@ -115,10 +115,14 @@ impl Chunker {
             return vec![whole];
         }
         let config = ChunkConfig::new(budget)
-            .with_sizer(&self.tokenizer)
+            .with_sizer(Measure {
+                tokenizer: &self.tokenizer,
+                budget,
+            })
             .with_overlap(overlap)
             .expect("overlap < budget by construction");
-        MarkdownSplitter::new(config).chunks(body).collect()
+        let splitter = MarkdownSplitter::new(config);
+        windows(body).flat_map(|w| splitter.chunks(w)).collect()
     }
 
     pub fn count_tokens(&self, text: &str) -> usize {
@@ -126,6 +130,78 @@ impl Chunker {
             .encode_fast(text, false)
             .map(|e| e.len())
             .unwrap_or(text.len())
+    }
+}
+
+/// A body longer than this is split a window at a time, each cut at a
+/// paragraph or line end (else a space) in its second half.
+/// text-splitter's work per chunk grows with the text after it: a 1 MB log
+/// took 18-25 s and a 19 MB one tens of minutes, where windows of this
+/// size take ~10 s a MB whatever the length. (A chunk then never spans a
+/// window's cut, as it never spans a heading.)
+const WINDOW_BYTES: usize = 64 << 10;
+
+fn windows(body: &str) -> impl Iterator<Item = &str> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(WINDOW_BYTES);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let head = &rest[..end];
+        let cut = if end == rest.len() {
+            end
+        } else {
+            ["\n\n", "\n", " "]
+                .iter()
+                .find_map(|sep| {
+                    let at = head.rfind(sep)? + sep.len();
+                    (at >= end / 2).then_some(at)
+                })
+                .unwrap_or(end)
+        };
+        let (window, after) = rest.split_at(cut);
+        rest = after;
+        Some(window)
+    })
+}
+
+/// The most bytes a chunk may hold per token of its budget. Text runs
+/// 1-6 bytes a token (CJK to English), so it never binds there.
+const MAX_BYTES_PER_TOKEN: usize = 16;
+
+/// The splitter's measure of a chunk: its model tokens, and never fewer
+/// than its bytes over [`MAX_BYTES_PER_TOKEN`].
+///
+/// Why not the tokenizer alone: WordPiece makes any "word" longer than 100
+/// characters one `[UNK]` token, so a minified script, a base64 blob or a
+/// log without spaces was one chunk of any size (a 19 MB line: one chunk,
+/// 19 MB in the index and in every answer citing it). And the splitter
+/// measures whole sections and sentences before it cuts them: a candidate
+/// far over the budget is now sized by its length, without tokenising it
+/// (a 19 MB line cost a gigabyte of memory to tokenise, and a 19 MB log
+/// with spaces but no sentence ends took minutes: the rest of the text
+/// was tokenised again for every chunk).
+struct Measure<'a> {
+    tokenizer: &'a Tokenizer,
+    budget: usize,
+}
+
+impl text_splitter::ChunkSizer for Measure<'_> {
+    fn size(&self, chunk: &str) -> usize {
+        let floor = chunk.len().div_ceil(MAX_BYTES_PER_TOKEN);
+        if floor > self.budget {
+            return floor;
+        }
+        // (text-splitter's own sizer panics on text it cannot tokenise.)
+        let tokens = self
+            .tokenizer
+            .encode_fast(chunk, false)
+            .map_or(chunk.len(), |e| e.len());
+        tokens.max(floor)
     }
 }
 
@@ -183,7 +259,10 @@ mod tests {
             let overlap = (budget / 2).min(8);
             for body in bodies {
                 let config = ChunkConfig::new(budget)
-                    .with_sizer(&c.tokenizer)
+                    .with_sizer(Measure {
+                        tokenizer: &c.tokenizer,
+                        budget,
+                    })
                     .with_overlap(overlap)
                     .unwrap();
                 let expected: Vec<&str> = MarkdownSplitter::new(config).chunks(body).collect();
@@ -196,5 +275,69 @@ mod tests {
         }
         let long = "Every office keeps its own visitor log. ".repeat(12);
         assert!(c.split_body(&long, 40, 8).len() > 1);
+    }
+
+    /// A huge body: a log without sentence ends, a minified line without
+    /// spaces (one `[UNK]` for WordPiece). Every chunk keeps to the budget
+    /// in tokens and in bytes, no text is lost, and windows cut at line
+    /// ends.
+    #[test]
+    fn huge_bodies_are_cut_to_size_and_lose_nothing() {
+        let c = chunker(200);
+        let log: String = (0..6_000)
+            .map(|i| {
+                format!(
+                    "2026-11-30T10:{:02}:{:02} worker={i} state=ok queue=17 latency=3ms\n",
+                    i / 60 % 60,
+                    i % 60
+                )
+            })
+            .collect();
+        assert!(log.len() > 3 * WINDOW_BYTES);
+        let chunks = c.split(&[Section {
+            headings: vec![],
+            body: log.clone(),
+        }]);
+        for ch in &chunks {
+            assert!(c.count_tokens(&ch.text) <= 200, "{}", ch.text);
+            assert!(ch.text.len() <= 200 * MAX_BYTES_PER_TOKEN);
+        }
+        for i in 0..6_000 {
+            let line = format!("worker={i} ");
+            assert!(
+                chunks.iter().any(|ch| ch.text.contains(&line)),
+                "{line} lost"
+            );
+        }
+        let w: Vec<&str> = windows(&log).collect();
+        assert_eq!(w.concat(), log);
+        assert!(
+            w.len() > 3
+                && w.iter()
+                    .all(|w| w.ends_with('\n') && w.len() <= WINDOW_BYTES)
+        );
+
+        let blob: String = (0..200_000u32)
+            .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+            .collect();
+        assert_eq!(c.count_tokens(&blob), 1, "WordPiece: one [UNK]");
+        let chunks = c.split(&[Section {
+            headings: vec![],
+            body: blob.clone(),
+        }]);
+        assert!(chunks.len() >= blob.len() / (200 * MAX_BYTES_PER_TOKEN));
+        assert!(chunks
+            .iter()
+            .all(|ch| ch.text.len() <= 200 * MAX_BYTES_PER_TOKEN));
+        let mut covered = 0;
+        for ch in &chunks {
+            assert!(blob.contains(&ch.text));
+            covered += ch.text.len();
+        }
+        assert!(
+            covered >= blob.len(),
+            "text lost: {covered} of {}",
+            blob.len()
+        );
     }
 }
