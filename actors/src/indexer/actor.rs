@@ -289,7 +289,10 @@ impl IndexerStage {
             return Ok(());
         }
         for r in &removals {
-            let newer = r.keep.as_deref().expect("an overtaking version is kept");
+            // (`overtaken` always keeps the newer version.)
+            let Some(newer) = r.keep.as_deref() else {
+                continue;
+            };
             let seq = r.seen_before.unwrap_or(0);
             tracing::warn!(
                 doc = %r.doc_id,
