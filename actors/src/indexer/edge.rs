@@ -142,6 +142,18 @@ pub fn scope_filter(scope: &Scope) -> Filter {
     }
 }
 
+/// Points seen within `range` (by `seq`), and those that carry no seq
+/// (written before ragd stored it), which count as seen before any.
+fn seq_within(range: Range<OrderedFloat<f64>>) -> Condition {
+    Condition::Filter(Filter {
+        should: Some(vec![
+            Condition::Field(FieldCondition::new_range(key("seq"), range)),
+            Condition::IsEmpty(key("seq").into()),
+        ]),
+        ..Default::default()
+    })
+}
+
 /// The stored points an upsert of the versions `docs` may overwrite: not
 /// those stored with a later seq than the version now written (see
 /// [`VectorStore::upsert`]). A version with no seq overwrites its points.
@@ -149,17 +161,8 @@ fn overwritable(docs: &[&DocMeta]) -> Filter {
     let clause = |d: &DocMeta| {
         let mut must = vec![eq("doc_id", &d.doc_id), eq("version", &d.version)];
         if d.seq > 0 {
-            must.push(Condition::Filter(Filter {
-                should: Some(vec![
-                    Condition::Field(FieldCondition::new_range(
-                        key("seq"),
-                        Range {
-                            lte: Some(OrderedFloat(d.seq as f64)),
-                            ..Default::default()
-                        },
-                    )),
-                    Condition::IsEmpty(key("seq").into()),
-                ]),
+            must.push(seq_within(Range {
+                lte: Some(OrderedFloat(d.seq as f64)),
                 ..Default::default()
             }));
         }
@@ -446,17 +449,8 @@ impl EdgeStore {
         let one = |r: &Removal| {
             let mut must = vec![eq("doc_id", &r.doc_id)];
             if let Some(seq) = r.seen_before {
-                must.push(Condition::Filter(Filter {
-                    should: Some(vec![
-                        Condition::Field(FieldCondition::new_range(
-                            key("seq"),
-                            Range {
-                                lt: Some(OrderedFloat(seq as f64)),
-                                ..Default::default()
-                            },
-                        )),
-                        Condition::IsEmpty(key("seq").into()),
-                    ]),
+                must.push(seq_within(Range {
+                    lt: Some(OrderedFloat(seq as f64)),
                     ..Default::default()
                 }));
             }

@@ -124,6 +124,15 @@ pub fn search_request(
         .build()
 }
 
+/// Points seen within `range` (by `seq`), and those that carry no seq
+/// (written before ragd stored it), which count as seen before any.
+fn seq_within(range: Range) -> Condition {
+    Condition::from(Filter::should([
+        Condition::range("seq", range),
+        Condition::is_empty("seq"),
+    ]))
+}
+
 /// The stored points an upsert of the versions `docs` may overwrite: not
 /// those stored with a later seq than the version now written (see
 /// [`VectorStore::upsert`]). A version with no seq overwrites its points.
@@ -131,14 +140,10 @@ fn overwritable(docs: &[&DocMeta]) -> Filter {
     Filter::should(docs.iter().map(|d| {
         let mut f = Filter::must([keyword("doc_id", &d.doc_id), keyword("version", &d.version)]);
         if d.seq > 0 {
-            let not_later = Range {
+            f.must.push(seq_within(Range {
                 lte: Some(d.seq as f64),
                 ..Default::default()
-            };
-            f.must.push(Condition::from(Filter::should([
-                Condition::range("seq", not_later),
-                Condition::is_empty("seq"),
-            ])));
+            }));
         }
         Condition::from(f)
     }))
@@ -555,14 +560,10 @@ impl VectorStore for QdrantStore {
         let one = |r: &Removal| {
             let mut f = Filter::must([keyword("doc_id", &r.doc_id)]);
             if let Some(seq) = r.seen_before {
-                let older = Range {
+                f.must.push(seq_within(Range {
                     lt: Some(seq as f64),
                     ..Default::default()
-                };
-                f.must.push(Condition::from(Filter::should([
-                    Condition::range("seq", older),
-                    Condition::is_empty("seq"),
-                ])));
+                }));
             }
             if let Some(keep) = &r.keep {
                 f.must_not.push(keyword("version", keep));
