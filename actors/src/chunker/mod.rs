@@ -31,8 +31,8 @@ pub struct Chunker {
     tokenizer: Tokenizer,
     settings: ChunkerSettings,
     /// Whether a window's one tokenisation can size any part of it
-    /// ([`WordCounts`]): true for BERT-style WordPiece tokenizers.
-    word_local: bool,
+    /// ([`WordCounts`]): set for BERT-style WordPiece tokenizers.
+    word_local: Option<WordLocal>,
 }
 
 impl Chunker {
@@ -120,11 +120,9 @@ impl Chunker {
         }
         let mut out = Vec::new();
         for window in windows(body) {
-            let words = if self.word_local {
-                WordCounts::new(&self.tokenizer, window)
-            } else {
-                None
-            };
+            let words = self
+                .word_local
+                .and_then(|local| WordCounts::new(&self.tokenizer, local, window));
             let config = ChunkConfig::new(budget)
                 .with_sizer(Measure {
                     tokenizer: &self.tokenizer,
@@ -229,6 +227,15 @@ fn count(tokenizer: &Tokenizer, text: &str) -> usize {
         .map_or(text.len(), |e| e.len())
 }
 
+/// What a word-local tokenizer ([`word_local`]) lets the sizer skip.
+#[derive(Clone, Copy, Debug)]
+struct WordLocal {
+    /// A run of ASCII letters and digits longer than this is one token
+    /// (WordPiece's `[UNK]` for a word over its `max_input_chars_per_word`);
+    /// `usize::MAX` when an added token could split such a run.
+    unknown_over: usize,
+}
+
 /// Whether the tokenizer splits text into words independently of their
 /// neighbours: a BERT normalizer (every step maps one character), the
 /// BERT pre-tokenizer (splits at whitespace and punctuation, each decided
@@ -236,15 +243,31 @@ fn count(tokenizer: &Tokenizer, text: &str) -> usize {
 /// Then a part of a text holds the tokens of the words wholly inside it,
 /// plus those of the cut words' parts tokenised alone. Not so for
 /// SentencePiece or byte-level BPE, whose first word is marked.
-fn word_local(tokenizer: &Tokenizer) -> bool {
+fn word_local(tokenizer: &Tokenizer) -> Option<WordLocal> {
     use tokenizers::{ModelWrapper, NormalizerWrapper, PreTokenizerWrapper};
-    matches!(
+    let ModelWrapper::WordPiece(model) = tokenizer.get_model() else {
+        return None;
+    };
+    let local = matches!(
         tokenizer.get_normalizer(),
         None | Some(NormalizerWrapper::BertNormalizer(_))
     ) && matches!(
         tokenizer.get_pre_tokenizer(),
         Some(PreTokenizerWrapper::BertPreTokenizer(_))
-    ) && matches!(tokenizer.get_model(), ModelWrapper::WordPiece(_))
+    );
+    // Added tokens are cut out before the words are: one made of letters
+    // and digits alone could split a long run.
+    let alnum_added = tokenizer
+        .get_added_tokens_decoder()
+        .values()
+        .any(|t| t.content.bytes().all(|b| b.is_ascii_alphanumeric()));
+    local.then_some(WordLocal {
+        unknown_over: if alnum_added {
+            usize::MAX
+        } else {
+            model.max_input_chars_per_word
+        },
+    })
 }
 
 /// The token count of any part of a window, from one tokenisation of the
@@ -253,14 +276,20 @@ fn word_local(tokenizer: &Tokenizer) -> bool {
 /// text-splitter sizes a chunk by measuring candidates: each section and
 /// sentence, then prefixes in a binary search, then the overlap's, about
 /// fifteen per chunk. Each was a tokenisation of up to a chunk of text,
-/// so chunking cost about fifteen times tokenising the text (2-4 s a MB
-/// on one core, where one tokenisation takes 0.1-0.3 s). For a
-/// [`word_local`] tokenizer, a candidate's count is the tokens of the
-/// words wholly inside it (a difference of running sums) plus its cut
-/// words' parts tokenised alone, which is exactly what tokenising the
-/// candidate gives.
+/// so chunking cost about five times tokenising the text (BENCHMARKS.md,
+/// "Chunking large files"). For a [`word_local`] tokenizer, a candidate's
+/// count is the tokens of the words wholly inside it (a difference of
+/// running sums) plus its cut words' parts tokenised alone, which is
+/// exactly what tokenising the candidate gives.
+///
+/// A cut part of a word longer than a chunk (a hex dump, a key, an id
+/// list without separators) is itself up to a chunk of text, measured
+/// about fifteen times a chunk: when it is letters and digits over
+/// WordPiece's word limit, it is one `[UNK]`, counted without
+/// tokenising it.
 struct WordCounts<'t> {
     text: &'t str,
+    local: WordLocal,
     /// Each word's byte span in `text`, in order, not overlapping.
     spans: Vec<(usize, usize)>,
     /// `before[i]`: the tokens of the words before word `i`.
@@ -270,7 +299,7 @@ struct WordCounts<'t> {
 impl<'t> WordCounts<'t> {
     /// `None` if the tokenizer fails on `text` or its words' spans are not
     /// in order; the sizer then tokenises each candidate.
-    fn new(tokenizer: &Tokenizer, text: &'t str) -> Option<Self> {
+    fn new(tokenizer: &Tokenizer, local: WordLocal, text: &'t str) -> Option<Self> {
         let encoding = tokenizer.encode(text, false).ok()?;
         let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut before = vec![0];
@@ -293,6 +322,7 @@ impl<'t> WordCounts<'t> {
             && spans.windows(2).all(|w| w[0].1 <= w[1].0);
         ordered.then_some(WordCounts {
             text,
+            local,
             spans,
             before,
         })
@@ -309,7 +339,16 @@ impl<'t> WordCounts<'t> {
         let lo = self.spans.partition_point(|&(s, _)| s < a);
         let hi = self.spans.partition_point(|&(_, e)| e <= b);
         let mut n = self.before[hi.max(lo)] - self.before[lo];
-        let clip = |s: usize, e: usize| count(tokenizer, &self.text[s..e]);
+        let clip = |s: usize, e: usize| {
+            let part = &self.text[s..e];
+            if part.len() > self.local.unknown_over
+                && part.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                1
+            } else {
+                count(tokenizer, part)
+            }
+        };
         // The word cut at `a` (and perhaps at `b` too).
         if lo > 0 && self.spans[lo - 1].1 > a {
             n += clip(a, self.spans[lo - 1].1.min(b));
@@ -410,9 +449,10 @@ mod tests {
     #[test]
     fn a_part_of_a_window_counts_as_its_own_tokenisation() {
         let c = chunker(200);
-        assert!(c.word_local, "MiniLM's tokenizer is BERT WordPiece");
+        let local = c.word_local.expect("MiniLM's tokenizer is BERT WordPiece");
+        assert_eq!(local.unknown_over, 100);
         let text = MIXED.repeat(3);
-        let words = WordCounts::new(&c.tokenizer, &text).expect("ordered words");
+        let words = WordCounts::new(&c.tokenizer, local, &text).expect("ordered words");
         let bounds: Vec<usize> = (0..=text.len())
             .filter(|&i| text.is_char_boundary(i))
             .collect();
@@ -442,6 +482,31 @@ mod tests {
         }
         // Not a slice of the window: the sizer tokenises it instead.
         assert_eq!(words.count(&c.tokenizer, "elsewhere"), None);
+
+        // Parts from every start around a run of letters and digits longer
+        // than WordPiece's word limit (counted as one `[UNK]` without
+        // tokenising): short ones, ones just under and over the limit, and
+        // the rest of the text.
+        let text = format!("an id: {} and {}x.", hex(300), hex(101));
+        let words = WordCounts::new(&c.tokenizer, local, &text).unwrap();
+        for i in 0..text.len() {
+            let ends = (i..i + 4).chain(i + 96..i + 106).chain([text.len()]);
+            for j in ends.filter(|&j| j <= text.len()) {
+                let part = &text[i..j];
+                assert_eq!(
+                    words.count(&c.tokenizer, part),
+                    Some(count(&c.tokenizer, part)),
+                    "{part:?}"
+                );
+            }
+        }
+    }
+
+    /// `n` letters and digits, mixed case, without a separator.
+    fn hex(n: usize) -> String {
+        (0..n)
+            .map(|i| b"0123456789abcdefABCDEFxyz"[i * 7 % 25] as char)
+            .collect()
     }
 
     /// Chunks sized from the window's words are the chunks sized by
@@ -449,10 +514,10 @@ mod tests {
     #[test]
     fn chunks_from_word_counts_are_the_tokenised_ones() {
         let c = chunker(60);
-        let body = MIXED.repeat(400);
+        let body = MIXED.repeat(400) + &hex(20_000) + "\n" + MIXED;
         assert!(body.len() > 2 * WINDOW_BYTES);
         let mut direct = Chunker::new(c.tokenizer.clone(), c.settings.clone()).unwrap();
-        direct.word_local = false;
+        direct.word_local = None;
         for (budget, overlap) in [(60, 8), (17, 4), (200, 32)] {
             let fast = c.split_body(&body, budget, overlap);
             assert!(fast.len() > 10);
