@@ -5,8 +5,9 @@
 //! as one request and waits. The batcher runs the model on its own thread
 //! and, like TEI's queue, takes every request waiting when it starts a pass,
 //! up to the token budget, so small documents share forward passes instead
-//! of running one tiny batch each. The encoder sorts and pads each pass by
-//! length (see [`crate::model::BatchPolicy`]).
+//! of running one tiny batch each; a long document's chunks go a call at a
+//! time, in turn with the requests that arrive meanwhile. The encoder sorts
+//! and pads each pass by length (see [`crate::model::BatchPolicy`]).
 
 use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
@@ -64,62 +65,98 @@ impl Batcher {
     }
 }
 
+/// A request being worked through: its texts' vectors so far.
+struct Pending {
+    request: Request,
+    done: Vec<Vec<f32>>,
+}
+
+/// Serves requests in turn, at most `max_texts` texts a model call. A
+/// request larger than that (a long document's chunks: a 20 MB file has
+/// 25,000) is taken a call's worth at a time and goes back in line behind
+/// the requests that came in meanwhile, so one large document does not
+/// hold every other document back until it is done (minutes, on CPU).
 fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) {
+    // Requests waiting, in turn. Every caller waits for its reply, so this
+    // holds at most one request per caller (the pool's workers).
+    let mut line: std::collections::VecDeque<Pending> = Default::default();
+    // The request cut short by the last call's limit, back in line after
+    // the ones that arrived during that call.
+    let mut unfinished: Option<Pending> = None;
     loop {
         // How long the model waited for work: during a burst, time the
         // pipeline failed to keep it fed (benches/ingest.rs sums it).
         let waiting = std::time::Instant::now();
-        let Ok(first) = rx.recv() else { return };
-        let waited = waiting.elapsed();
-        let mut batch = vec![first];
-        let mut n = batch[0].texts.len();
-        while n < max_texts {
-            match rx.try_recv() {
-                Ok(r) => {
-                    n += r.texts.len();
-                    batch.push(r);
-                }
-                Err(_) => break,
-            }
+        if line.is_empty() && unfinished.is_none() {
+            let Ok(first) = rx.recv() else { return };
+            line.push_back(Pending::new(first));
         }
-        let texts: Vec<&str> = batch
+        let waited = waiting.elapsed();
+        line.extend(rx.try_iter().map(Pending::new));
+        line.extend(unfinished.take());
+
+        // This call: requests from the front of the line, the last one
+        // perhaps only in part.
+        let mut taken: Vec<(Pending, std::ops::Range<usize>)> = Vec::new();
+        let mut n = 0;
+        while n < max_texts {
+            let Some(p) = line.pop_front() else { break };
+            let start = p.done.len();
+            let end = p.request.texts.len().min(start + max_texts - n);
+            n += end - start;
+            taken.push((p, start..end));
+        }
+        let texts: Vec<&str> = taken
             .iter()
-            .flat_map(|r| r.texts.iter().map(String::as_str))
+            .flat_map(|(p, range)| p.request.texts[range.clone()].iter().map(String::as_str))
             .collect();
         // Pass sizes tell whether the pipeline keeps the model fed
         // (benches/ingest.rs reads them).
         tracing::debug!(
             texts = texts.len(),
-            requests = batch.len(),
+            requests = taken.len(),
             waited_us = waited.as_micros() as u64,
             "embedding pass"
         );
-        // A model panic fails this pass's requests (they are retried by
+        // A model panic fails this call's requests (they are retried by
         // their pools), not the thread.
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encoder.embed(&texts)));
-        match result {
-            Ok(Ok(mut vectors)) => {
-                for r in batch.into_iter().rev() {
-                    let mine = vectors.split_off(vectors.len() - r.texts.len());
-                    let _ = r.reply.send(Ok(mine));
+        let asked = texts.len();
+        drop(texts);
+        let failure = match result {
+            Ok(Ok(vectors)) if vectors.len() == asked => {
+                let mut vectors = vectors.into_iter();
+                for (mut p, range) in taken {
+                    p.done.extend(vectors.by_ref().take(range.len()));
+                    if p.done.len() < p.request.texts.len() {
+                        unfinished = Some(p);
+                    } else {
+                        let _ = p.request.reply.send(Ok(p.done));
+                    }
                 }
+                continue;
             }
-            Ok(Err(e)) => {
-                let msg = format!("{e:#}");
-                for r in batch {
-                    let _ = r
-                        .reply
-                        .send(Err(anyhow::anyhow!("embedding failed: {msg}")));
-                }
-            }
-            Err(_) => {
-                for r in batch {
-                    let _ = r
-                        .reply
-                        .send(Err(anyhow::anyhow!("the embedding model panicked")));
-                }
-            }
+            Ok(Ok(vectors)) => format!(
+                "embedding failed: {} vectors for {} texts",
+                vectors.len(),
+                asked
+            ),
+            Ok(Err(e)) => format!("embedding failed: {e:#}"),
+            Err(_) => "the embedding model panicked".to_string(),
+        };
+        // A request fails whole, the parts of it done before included.
+        for (p, _) in taken {
+            let _ = p.request.reply.send(Err(anyhow::anyhow!("{failure}")));
+        }
+    }
+}
+
+impl Pending {
+    fn new(request: Request) -> Pending {
+        Pending {
+            done: Vec::with_capacity(request.texts.len()),
+            request,
         }
     }
 }
@@ -177,5 +214,66 @@ impl EmbedderStage {
             })
             .collect();
         self.out.send_all(jobs).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BatchPolicy, Device};
+    use std::time::{Duration, Instant};
+
+    fn minilm() -> Arc<AnyEncoder> {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
+        Arc::new(AnyEncoder::load(&dir, BatchPolicy::default(), Device::Cpu).unwrap())
+    }
+
+    fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            let diff = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-4, "{diff}");
+        }
+    }
+
+    /// A large request (a long document's chunks) is served a call's worth
+    /// at a time: a small one sent while it runs is answered before it
+    /// ends, and every text gets the vector it gets embedded on its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_request_does_not_hold_back_the_ones_sent_after_it() {
+        let encoder = minilm();
+        let batcher = Batcher::start("test-embedder", encoder.clone(), 4);
+        let large: Vec<String> = (0..600)
+            .map(|i| format!("Visitor log entry {i} of the Lyon office"))
+            .collect();
+        let small = vec!["Who signs off a badge exception?".to_string()];
+        let timed = |texts: Vec<String>| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                let vectors = batcher.embed(texts).await.unwrap();
+                (vectors, Instant::now())
+            })
+        };
+        let large_run = timed(large.clone());
+        // 150 calls of 4 texts: well under way, far from done.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (small_vectors, small_done) = timed(small.clone()).await.unwrap();
+        let (large_vectors, large_done) = large_run.await.unwrap();
+        assert!(
+            small_done < large_done,
+            "the small request waited for the large one"
+        );
+
+        let alone = |texts: &[String]| {
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            encoder.embed(&texts).unwrap()
+        };
+        assert_close(&large_vectors, &alone(&large));
+        assert_close(&small_vectors, &alone(&small));
     }
 }
