@@ -298,7 +298,8 @@ struct WordCounts<'t> {
 
 impl<'t> WordCounts<'t> {
     /// `None` if the tokenizer fails on `text` or its words' spans are not
-    /// in order; the sizer then tokenises each candidate.
+    /// in order on character boundaries; the sizer then tokenises each
+    /// candidate.
     fn new(tokenizer: &Tokenizer, local: WordLocal, text: &'t str) -> Option<Self> {
         let encoding = tokenizer.encode(text, false).ok()?;
         let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -318,7 +319,10 @@ impl<'t> WordCounts<'t> {
             }
             last = word;
         }
-        let ordered = spans.iter().all(|&(s, e)| s <= e && e <= text.len())
+        // (Offsets are the tokenizer's: checked, as a part is cut at them.)
+        let ordered = spans
+            .iter()
+            .all(|&(s, e)| s <= e && text.is_char_boundary(s) && text.is_char_boundary(e))
             && spans.windows(2).all(|w| w[0].1 <= w[1].0);
         ordered.then_some(WordCounts {
             text,
