@@ -73,36 +73,45 @@ struct Pending {
 
 /// Serves requests in turn, at most `max_texts` texts a model call. A
 /// request larger than that (a long document's chunks: a 20 MB file has
-/// 25,000) is taken a call's worth at a time and goes back in line behind
-/// the requests that came in meanwhile, so one large document does not
-/// hold every other document back until it is done (minutes, on CPU).
+/// 25,000) is taken a call's worth at a time, a quarter while others
+/// wait, and goes back in line behind the requests that came in
+/// meanwhile, so one large document does not hold every other document
+/// back until it is done (minutes, on CPU). benches/turns.rs measures it.
 fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) {
     // Requests waiting, in turn. Every caller waits for its reply, so this
     // holds at most one request per caller (the pool's workers).
     let mut line: std::collections::VecDeque<Pending> = Default::default();
-    // The request cut short by the last call's limit, back in line after
-    // the ones that arrived during that call.
-    let mut unfinished: Option<Pending> = None;
+    // Requests cut short by the last call's limit, back in line after the
+    // ones that arrived during that call.
+    let mut unfinished: Vec<Pending> = Vec::new();
     loop {
         // How long the model waited for work: during a burst, time the
         // pipeline failed to keep it fed (benches/ingest.rs sums it).
         let waiting = std::time::Instant::now();
-        if line.is_empty() && unfinished.is_none() {
+        if line.is_empty() && unfinished.is_empty() {
             let Ok(first) = rx.recv() else { return };
             line.push_back(Pending::new(first));
         }
         let waited = waiting.elapsed();
         line.extend(rx.try_iter().map(Pending::new));
-        line.extend(unfinished.take());
+        line.extend(unfinished.drain(..));
 
         // This call: requests from the front of the line, the last one
-        // perhaps only in part.
+        // perhaps only in part. While others wait, a request already under
+        // way takes at most a quarter of the call: the others' replies
+        // come when the whole call is done.
+        let contended = line.len() > 1;
         let mut taken: Vec<(Pending, std::ops::Range<usize>)> = Vec::new();
         let mut n = 0;
         while n < max_texts {
             let Some(p) = line.pop_front() else { break };
             let start = p.done.len();
-            let end = p.request.texts.len().min(start + max_texts - n);
+            let share = if contended && start > 0 {
+                (max_texts / 4).max(1)
+            } else {
+                max_texts
+            };
+            let end = p.request.texts.len().min(start + share.min(max_texts - n));
             n += end - start;
             taken.push((p, start..end));
         }
@@ -130,7 +139,7 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
                 for (mut p, range) in taken {
                     p.done.extend(vectors.by_ref().take(range.len()));
                     if p.done.len() < p.request.texts.len() {
-                        unfinished = Some(p);
+                        unfinished.push(p);
                     } else {
                         let _ = p.request.reply.send(Ok(p.done));
                     }
