@@ -137,10 +137,7 @@ impl Chunker {
     }
 
     pub fn count_tokens(&self, text: &str) -> usize {
-        self.tokenizer
-            .encode_fast(text, false)
-            .map(|e| e.len())
-            .unwrap_or(text.len())
+        count(&self.tokenizer, text)
     }
 }
 
@@ -148,8 +145,9 @@ impl Chunker {
 /// paragraph or line end (else a space) in its second half.
 /// text-splitter's work per chunk grows with the text after it: a 1 MB log
 /// took 18-25 s and a 19 MB one tens of minutes, where windows of this
-/// size take ~10 s a MB whatever the length. (A chunk then never spans a
-/// window's cut, as it never spans a heading.)
+/// size cost the same per MB whatever the length (BENCHMARKS.md,
+/// "Chunking large files"). (A chunk then never spans a window's cut, as
+/// it never spans a heading.)
 const WINDOW_BYTES: usize = 64 << 10;
 
 fn windows(body: &str) -> impl Iterator<Item = &str> {
