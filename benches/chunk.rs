@@ -23,6 +23,8 @@
 //!     ~/.cache/ragd-target/debug/deps/chunk-<hash>
 //!
 //! RAGD_BENCH_STOCK=0 skips the stock splitter (slow on large inputs).
+//! RAGD_BENCH_FILES=a.pdf:b.html also chunks those files, any format ragd
+//! reads, and reports the parse's time apart from the split's.
 //! Prints one JSON object per case.
 
 #[path = "../tests/common/mod.rs"]
@@ -179,6 +181,38 @@ fn main() -> anyhow::Result<()> {
         ("log", "worker.log", log(bytes, &mut rng)),
         ("blob", "keys.txt", blob(bytes, &mut rng)),
     ];
+    // Your own files, any format ragd reads: the time to parse (PDF, HTML
+    // to text) against the time to split what the parser gives.
+    for file in std::env::var("RAGD_BENCH_FILES")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|f| !f.is_empty())
+    {
+        let path = Path::new(file);
+        let bytes = std::fs::read(path)?;
+        let t = Instant::now();
+        let sections = ragd_actors::chunker::parse::parse(path, &bytes)
+            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        let parse_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let chunks = chunker.split(&sections);
+        let split_s = t.elapsed().as_secs_f64();
+        let text: usize = sections.iter().map(|s| s.body.len()).sum();
+        let tokens: usize = chunks.iter().map(|c| chunker.count_tokens(&c.text)).sum();
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": file,
+                "file_mb": bytes.len() as f64 / 1e6,
+                "text_mb": text as f64 / 1e6,
+                "chunks": chunks.len(),
+                "chunk_tokens": tokens,
+                "parse_s": parse_s,
+                "split_s": split_s,
+                "tokens_per_s": (tokens as f64 / (parse_s + split_s)).round(),
+            })
+        );
+    }
     for (case, file, text) in &cases {
         let mb = text.len() as f64 / 1e6;
 
