@@ -80,7 +80,11 @@ struct RawChunker {
     max_tokens: Option<usize>,
     overlap_tokens: Option<usize>,
     max_file_bytes: Option<u64>,
+    /// A fixed pool: min_workers = max_workers = workers (the key of
+    /// configs written before the pool grew on its own).
     workers: Option<usize>,
+    min_workers: Option<usize>,
+    max_workers: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -261,7 +265,10 @@ pub struct Config {
     pub chunk_max_tokens: usize,
     pub chunk_overlap_tokens: usize,
     pub max_file_bytes: u64,
-    pub chunker_workers: usize,
+    /// The chunker pool's size: it grows from min to max while files wait
+    /// to be parsed (see [`default_chunker_workers`]).
+    pub chunker_min_workers: usize,
+    pub chunker_max_workers: usize,
     pub embedder_min_workers: usize,
     pub embedder_max_workers: usize,
     pub max_in_flight: usize,
@@ -561,6 +568,23 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// The chunker pool's default most workers on a machine of `cores` cores:
+/// every core on a node that only parses (an ingest node feeding embed
+/// nodes), one fewer where the embedder runs too, whose model thread (and,
+/// on CPU, its GEMM threads) needs the rest. So a 2-core CPU node keeps one
+/// parser, which outpaces its CPU model tenfold even on PDFs, while a GPU
+/// node's parsers keep up with the GPU: one core parses PDFs at about
+/// 70,000 tokens a second, a GPU embeds several hundred thousand
+/// (BENCHMARKS.md, "Chunking large files").
+pub fn default_chunker_workers(cores: usize, embeds_here: bool) -> usize {
+    cores.saturating_sub(usize::from(embeds_here)).max(1)
+}
+
+/// The cores this process may use (its CPU quota included).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn validate_cluster(
     node: &RawNode,
     bus: &RawBus,
@@ -710,8 +734,6 @@ fn validate(
             errors(format!("{name} must be at least 1"));
         }
     };
-    let chunker_workers = raw.chunker.workers.unwrap_or(1);
-    positive("chunker.workers", chunker_workers, &mut err);
     let embedder_min_workers = raw.embedder.min_workers.unwrap_or(1);
     let embedder_max_workers = raw.embedder.max_workers.unwrap_or(64);
     positive("embedder.min_workers", embedder_min_workers, &mut err);
@@ -874,6 +896,29 @@ fn validate(
         ));
     }
     let (node_name, roles, bus) = validate_cluster(&raw.node, &raw.bus, &mut err);
+    let (chunker_min_workers, chunker_max_workers) = {
+        let c = &raw.chunker;
+        if c.workers.is_some() && (c.min_workers.is_some() || c.max_workers.is_some()) {
+            err("chunker.workers (a fixed pool) cannot be combined with chunker.min_workers or chunker.max_workers".into());
+        }
+        let min = c.workers.or(c.min_workers).unwrap_or(1);
+        let max = c
+            .workers
+            .or(c.max_workers)
+            .unwrap_or_else(|| default_chunker_workers(cores(), roles.embed).max(min));
+        let name = if c.workers.is_some() {
+            "chunker.workers"
+        } else {
+            "chunker.min_workers"
+        };
+        positive(name, min, &mut err);
+        if max < min {
+            err(format!(
+                "chunker.max_workers ({max}) is below chunker.min_workers ({min})"
+            ));
+        }
+        (min, max)
+    };
     if let Bus::Kafka(_) = bus {
         if (roles.ingest || roles.index || roles.query) && index_backend == IndexBackend::Embedded {
             err("bus.backend = \"kafka\" needs index.backend = \"qdrant\": the embedded store is for a single node, a cluster's nodes share Qdrant".into());
@@ -1068,7 +1113,8 @@ fn validate(
         chunk_max_tokens,
         chunk_overlap_tokens,
         max_file_bytes: raw.chunker.max_file_bytes.unwrap_or(20 * 1024 * 1024),
-        chunker_workers,
+        chunker_min_workers,
+        chunker_max_workers,
         embedder_min_workers,
         embedder_max_workers,
         max_in_flight,
@@ -1382,6 +1428,63 @@ mod tests {
             "{:?}",
             open_admin.refusals
         );
+    }
+
+    /// The chunker pool grows to the machine's cores by default, leaving
+    /// one to the model where this node embeds too; `workers`, the key of
+    /// older configs, still fixes its size.
+    #[test]
+    fn the_chunker_pool_follows_the_cores_unless_sized() {
+        assert_eq!(default_chunker_workers(16, true), 15);
+        assert_eq!(default_chunker_workers(16, false), 16);
+        assert_eq!(default_chunker_workers(2, true), 1);
+        assert_eq!(default_chunker_workers(1, true), 1);
+        let (_dir, path) = setup();
+        let parse =
+            |extra: &str| Config::parse(&path, &format!("{GOOD}\n{extra}"), std::iter::empty());
+        let cfg = parse("").unwrap();
+        assert_eq!(
+            (cfg.chunker_min_workers, cfg.chunker_max_workers),
+            (1, default_chunker_workers(cores(), true)),
+            "a single node embeds"
+        );
+        let fixed = parse("[chunker]\nworkers = 3\n").unwrap();
+        assert_eq!(
+            (fixed.chunker_min_workers, fixed.chunker_max_workers),
+            (3, 3)
+        );
+        let sized = parse("[chunker]\nmin_workers = 2\nmax_workers = 6\n").unwrap();
+        assert_eq!(
+            (sized.chunker_min_workers, sized.chunker_max_workers),
+            (2, 6)
+        );
+        // A min above the default max raises the max with it.
+        let many = parse("[chunker]\nmin_workers = 1000\n").unwrap();
+        assert_eq!(
+            (many.chunker_min_workers, many.chunker_max_workers),
+            (1000, 1000)
+        );
+        for (extra, needle) in [
+            (
+                "[chunker]\nworkers = 2\nmax_workers = 4\n",
+                "cannot be combined",
+            ),
+            (
+                "[chunker]\nworkers = 0\n",
+                "chunker.workers must be at least 1",
+            ),
+            (
+                "[chunker]\nmin_workers = 0\n",
+                "chunker.min_workers must be at least 1",
+            ),
+            (
+                "[chunker]\nmin_workers = 4\nmax_workers = 2\n",
+                "chunker.max_workers (2) is below chunker.min_workers (4)",
+            ),
+        ] {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra:?}: missing {needle:?} in:\n{e}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! root
-//! ├── ingest  ── source_watcher, chunker (pool)
+//! ├── ingest  ── source_watcher, chunker (pool, min..max workers by queue length)
 //! ├── embed   ── embedder (pool, min..max workers by queue length)
 //! ├── index   ── indexer (single writer), version_pruner
 //! └── query   ── cache_guard, reranker
@@ -536,6 +536,13 @@ impl Node {
         let scanned = Arc::new(AtomicBool::new(!roles.ingest));
         let sources = ragd_actors::source_watcher::SourceHealth::default();
 
+        if roles.ingest {
+            tracing::info!(
+                min = config.chunker_min_workers,
+                max = config.chunker_max_workers,
+                "chunker pool: parser workers grow from min to max while files wait"
+            );
+        }
         let settings = |min: usize, max: usize| PoolSettings {
             min,
             max,
@@ -607,7 +614,7 @@ impl Node {
                 max_file_bytes: config.max_file_bytes,
             }),
             chunk_q.clone(),
-            settings(config.chunker_workers, config.chunker_workers),
+            settings(config.chunker_min_workers, config.chunker_max_workers),
             &ledger,
             &dlq,
         );

@@ -311,8 +311,11 @@ fn a_changed_partition_rule_moves_unchanged_files() {
 /// what the index held of it goes: its text is no longer the file's.
 #[test]
 fn a_file_grown_past_the_size_limit_leaves_the_index() {
-    let ws = Workspace::with_extra("[chunker]\nmax_file_bytes = 2000\n");
+    // Two parsers at least (the default on a 2-core node is one): the
+    // skip is one worker's, whichever takes the file.
+    let ws = Workspace::with_extra("[chunker]\nmax_file_bytes = 2000\nmin_workers = 2\n");
     let d = start_with_leave_and_build(&ws);
+    assert_eq!(actor(&d, "chunker")["workers"], 2);
     assert_eq!(d.admin_json("/index")["points"], 2);
     let question = "how do I request parental leave?";
     assert!(source_uris(&d.ask(HR_TOKEN, question)).contains(&"hr/leave.md".to_string()));
