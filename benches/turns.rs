@@ -1,7 +1,8 @@
 //! How long a small document waits for the embedding model while a long
 //! one is being embedded: the embedder's batcher as the daemon starts it
-//! (`[model] batch_max_size` 64, so 256 texts a model call; passes of at
-//! most 8,192 tokens), the real model on CPU.
+//! (`[model] batch_max_size` 64: on CPU a model call is one pass of at
+//! most 64 texts and 8,192 tokens; RAGD_BENCH_CALL_TEXTS sets the call's
+//! texts, 256 as before 2026-12-01), the real model on CPU.
 //!
 //! A large request of RAGD_BENCH_CHUNKS chunk-sized texts (default 1,024,
 //! ~190 tokens each: a ~1 MB document) is sent, then, RAGD_BENCH_AFTER_MS
@@ -73,7 +74,13 @@ async fn main() -> anyhow::Result<()> {
         max_batch: 64,
     };
     let encoder = Arc::new(AnyEncoder::load(&model_dir(), policy, Device::Cpu)?);
-    let batcher = Batcher::start("bench-embedder", encoder, 64 * 4);
+    // The daemon's call size on CPU; RAGD_BENCH_CALL_TEXTS=256 is what it
+    // was before a call was one pass there.
+    let call = env_usize(
+        "RAGD_BENCH_CALL_TEXTS",
+        ragd_actors::embedder::call_texts(Device::Cpu, 64),
+    );
+    let batcher = Batcher::start("bench-embedder", encoder, call);
     let mut rng = Rng(11);
     let large: Vec<String> = (0..chunks).map(|_| chunk(&mut rng)).collect();
     let small = vec!["Who signs off a badge exception?".to_string()];
@@ -116,7 +123,8 @@ async fn main() -> anyhow::Result<()> {
             "large_with_small_s": r(large_s),
             "large_alone_s": r(alone_s),
             "large_with_vs_alone": r(large_s / alone_s),
-            "calls": chunks.div_ceil(256),
+            "call_texts": call,
+            "calls": chunks.div_ceil(call),
         })
     );
     Ok(())

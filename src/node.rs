@@ -624,7 +624,7 @@ impl Node {
                 batcher: ragd_actors::embedder::Batcher::start(
                     "ragd-embedder",
                     encoder.clone(),
-                    config.batch_max_size * 4,
+                    ragd_actors::embedder::call_texts(config.device, config.batch_max_size),
                 ),
                 out: port(&kafka, &index_q, EMBEDDED),
                 batch_docs: config.batch_max_size,

@@ -65,6 +65,22 @@ impl Batcher {
     }
 }
 
+/// The most texts one model call takes, for passes of at most
+/// `batch_max_size` texts on `device`. A call's replies come only when the
+/// whole call is done, so a document sent during a long one waits for the
+/// call under way: the smaller the call, the shorter that wait. On CPU a
+/// pass does its work when launched, so a call of one pass loses nothing.
+/// On a GPU the device runs a call's next pass while the host reads one
+/// and pads the next (see `model::batched`), which a call of one pass
+/// would give up: a call there is four passes.
+pub fn call_texts(device: crate::model::Device, batch_max_size: usize) -> usize {
+    use crate::model::Device;
+    match device {
+        Device::Cpu => batch_max_size,
+        Device::Cuda | Device::CudaF16 => batch_max_size * 4,
+    }
+}
+
 /// A request being worked through: its texts' vectors so far.
 struct Pending {
     request: Request,
