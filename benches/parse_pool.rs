@@ -9,6 +9,9 @@
 //! pool fixed at one worker (the reference, what ragd ran before the pool
 //! grew) and then allowed to grow to 2, 4, … and every core. The
 //! downstream queue is only counted, so nothing but the chunker runs.
+//! Each PDF is parsed as the daemon does, in a child process (the ragd
+//! executable; see chunker::pdf); a last run parses in this process with
+//! one worker, to show what the child costs.
 //!
 //!     cargo test --workspace --bench parse_pool --no-run
 //!     ~/.cache/ragd-target/debug/deps/parse_pool-<hash>
@@ -141,7 +144,21 @@ async fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let tokenizer = tokenizers::Tokenizer::from_file(model_dir().join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-    let chunker = Arc::new(Chunker::new(tokenizer, ChunkerSettings::default())?);
+    // As the daemon parses PDFs: each in a child, the ragd executable.
+    let isolated = ragd_actors::chunker::pdf::PdfParser::Isolated {
+        exe: env!("CARGO_BIN_EXE_ragd").into(),
+        memory_bytes: 1 << 30,
+        max_text_bytes: 20 << 20,
+    };
+    let chunker = Arc::new(Chunker::new(
+        tokenizer.clone(),
+        ChunkerSettings {
+            pdf: isolated,
+            ..Default::default()
+        },
+    )?);
+    // The cost of the child: the same parse in this process.
+    let in_process = Arc::new(Chunker::new(tokenizer, ChunkerSettings::default())?);
     let dir = tempfile::tempdir()?;
     let partition = Partition {
         division: "finance".into(),
@@ -195,15 +212,25 @@ async fn main() -> anyhow::Result<()> {
         sizes.push(cores);
     }
     let mut reference = None;
-    for max in sizes {
+    let runs = sizes
+        .into_iter()
+        .map(|max| ("child", max))
+        .chain([("in_process", 1)]);
+    for (pdf, max) in runs {
         // The reference is a fixed pool of one; the others start at one
         // and grow, as the daemon's pool does.
-        let s = run(&chunker, &metas, 1, max, dir.path()).await?;
+        let chunker = if pdf == "child" {
+            &chunker
+        } else {
+            &in_process
+        };
+        let s = run(chunker, &metas, 1, max, dir.path()).await?;
         let per_s = tokens as f64 / s;
         let base = *reference.get_or_insert(per_s);
         println!(
             "{}",
             serde_json::json!({
+                "pdf_parsed": pdf,
                 "max_workers": max,
                 "cores": cores,
                 "files": n,

@@ -85,6 +85,7 @@ struct RawChunker {
     workers: Option<usize>,
     min_workers: Option<usize>,
     max_workers: Option<usize>,
+    pdf_memory_mb: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -269,6 +270,8 @@ pub struct Config {
     /// to be parsed (see [`default_chunker_workers`]).
     pub chunker_min_workers: usize,
     pub chunker_max_workers: usize,
+    /// The memory a PDF's parser child may take (see chunker::pdf).
+    pub pdf_memory_bytes: u64,
     pub embedder_min_workers: usize,
     pub embedder_max_workers: usize,
     pub max_in_flight: usize,
@@ -734,6 +737,13 @@ fn validate(
             errors(format!("{name} must be at least 1"));
         }
     };
+    let pdf_memory_mb = raw.chunker.pdf_memory_mb.unwrap_or(1024);
+    if !(64..=1 << 20).contains(&pdf_memory_mb) {
+        err(format!(
+            "chunker.pdf_memory_mb ({pdf_memory_mb}) must be between 64 and 1048576"
+        ));
+    }
+    let pdf_memory_bytes = pdf_memory_mb << 20;
     let embedder_min_workers = raw.embedder.min_workers.unwrap_or(1);
     let embedder_max_workers = raw.embedder.max_workers.unwrap_or(64);
     positive("embedder.min_workers", embedder_min_workers, &mut err);
@@ -1115,6 +1125,7 @@ fn validate(
         max_file_bytes: raw.chunker.max_file_bytes.unwrap_or(20 * 1024 * 1024),
         chunker_min_workers,
         chunker_max_workers,
+        pdf_memory_bytes,
         embedder_min_workers,
         embedder_max_workers,
         max_in_flight,
@@ -1355,6 +1366,7 @@ mod tests {
             (200, 10_000)
         );
         assert_eq!(cfg.min_free_bytes, 512 << 20);
+        assert_eq!(cfg.pdf_memory_bytes, 1 << 30);
         let roomy = format!("{GOOD}\n[index]\nmin_free_mb = 0\n");
         let roomy = Config::parse(&path, &roomy, std::iter::empty()).unwrap();
         assert_eq!(roomy.min_free_bytes, 0);
@@ -1497,6 +1509,7 @@ mod tests {
             [chunker]
             max_tokens = 100
             overlap_tokens = 100
+            pdf_memory_mb = 8
             [query]
             bind = "not an address"
             latency_budget_ms = 0
@@ -1543,6 +1556,7 @@ mod tests {
             "llm.timeout_secs: 100000000000000000000",
             "llm.retry_budget_secs: -1",
             "query.max_concurrent (9223372036854775807) must be between 1 and 1000000",
+            "chunker.pdf_memory_mb (8) must be between 64 and 1048576",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

@@ -161,6 +161,12 @@ const DEFAULT_LOG: &str =
     "info,qdrant_edge::common::flags=error,qdrant_edge::common::mmap::ops=error";
 
 fn main() {
+    // A PDF parser child (chunker::pdf): before anything else starts, so
+    // the child is one thread that reads stdin and writes stdout.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(ragd_actors::chunker::pdf::CHILD_ARG) {
+        std::process::exit(ragd_actors::chunker::pdf::child_main(&args[2..]));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RAGD_LOG")

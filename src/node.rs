@@ -557,6 +557,12 @@ impl Node {
             ChunkerSettings {
                 max_tokens: config.chunk_max_tokens,
                 overlap_tokens: config.chunk_overlap_tokens,
+                // This executable, run as a child per PDF (see pdf.rs):
+                // a hostile PDF takes down the child, not the node.
+                pdf: ragd_actors::chunker::pdf::PdfParser::isolated(
+                    config.pdf_memory_bytes,
+                    config.max_file_bytes,
+                ),
             },
         )?);
 

@@ -471,6 +471,46 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
     assert_eq!(d.get_status("/metrics"), Some(200));
 }
 
+/// PDFs that kill their parser (a stack overflow, an allocation past the
+/// memory limit) kill only its child process: the daemon goes on, the
+/// files go to the DLQ with the reason, and one with more text than
+/// max_file_bytes is skipped.
+#[test]
+fn hostile_pdfs_take_down_their_parser_not_the_daemon() {
+    let ws = Workspace::with_extra("[chunker]\npdf_memory_mb = 128\nmax_file_bytes = 2000000\n");
+    ws.write("eng/nested.pdf", nested_pdf(200_000));
+    ws.write("eng/bomb.pdf", deflated_pdf("lorem ipsum", 24_000_000));
+    ws.write(
+        "eng/long.pdf",
+        deflated_pdf("quarterly travel budget", 100_000),
+    );
+    ws.write(
+        "eng/expenses.pdf",
+        valid_pdf(&["Submit expense reports within thirty days."]),
+    );
+    let d = ws.start();
+    let ledger = d.wait_ledger(Duration::from_secs(180), |l| {
+        l["dead_lettered"] == 2 && l["indexed"] == 1 && l["skipped"] == 1
+    });
+    assert_eq!(ledger["seen"], 4, "{ledger}");
+    let r = d.ask(ENG_TOKEN, "how long do I have to submit an expense report?");
+    assert_eq!(r["sources"][0]["uri"], "eng/expenses.pdf", "{r}");
+    let reason = |id: &str| {
+        let page = d.admin_json(&format!("/ingest/documents?prefix={id}"));
+        page["documents"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let nested = reason("kb:eng/nested.pdf");
+    assert!(nested.contains("nested too deeply"), "{nested}");
+    let bomb = reason("kb:eng/bomb.pdf");
+    assert!(bomb.contains("needs more than 128 MiB"), "{bomb}");
+    let long = reason("kb:eng/long.pdf");
+    assert!(long.contains("over the 2000000 byte limit"), "{long}");
+    assert_eq!(d.get_status("/health"), Some(200));
+}
+
 #[test]
 fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
     let ws = Workspace::new();

@@ -407,18 +407,37 @@ pub fn valid_pdf(lines: &[&str]) -> Vec<u8> {
             .map(|l| format!("({l}) Tj T*\n"))
             .collect::<String>()
     );
-    let objs = [
-        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
-        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
-        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
-        format!("<< /Length {} >>\nstream\n{content}endstream", content.len()),
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+    pdf_document(content.as_bytes(), None, None)
+}
+
+/// A one-page PDF: its content stream (`filter` names its encoding, if
+/// any) and, if given, another object in place of its font.
+pub fn pdf_document(content: &[u8], filter: Option<&str>, font: Option<&[u8]>) -> Vec<u8> {
+    let mut stream = format!(
+        "<< /Length {}{} >>\nstream\n",
+        content.len(),
+        filter.map(|f| format!(" /Filter /{f}")).unwrap_or_default()
+    )
+    .into_bytes();
+    stream.extend_from_slice(content);
+    stream.extend_from_slice(b"\nendstream");
+    let objs: [Vec<u8>; 5] = [
+        b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_vec(),
+        stream,
+        font.map(<[u8]>::to_vec).unwrap_or_else(|| {
+            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
+                .to_vec()
+        }),
     ];
     let mut out = b"%PDF-1.4\n".to_vec();
     let mut offsets = vec![];
     for (i, o) in objs.iter().enumerate() {
         offsets.push(out.len());
-        out.extend(format!("{} 0 obj\n{o}\nendobj\n", i + 1).bytes());
+        out.extend(format!("{} 0 obj\n", i + 1).bytes());
+        out.extend_from_slice(o);
+        out.extend(b"\nendobj\n");
     }
     let xref = out.len();
     out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objs.len() + 1).bytes());
@@ -433,6 +452,29 @@ pub fn valid_pdf(lines: &[&str]) -> Vec<u8> {
         .bytes(),
     );
     out
+}
+
+/// A PDF whose font object is `depth` arrays nested in one another: a
+/// parser that recurses per level overflows its stack (400 KB here).
+pub fn nested_pdf(depth: usize) -> Vec<u8> {
+    let mut font = vec![b'['; depth];
+    font.extend(std::iter::repeat_n(b']', depth));
+    pdf_document(b"BT ET", None, Some(&font))
+}
+
+/// A PDF whose page shows `text` `times` times, its content stream
+/// deflated: `times` in the millions makes a file of a few hundred KB
+/// that inflates to hundreds of MB.
+pub fn deflated_pdf(text: &str, times: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(b"BT /F1 12 Tf 72 720 Td ").unwrap();
+    let show = format!("({text}) Tj ");
+    for _ in 0..times {
+        z.write_all(show.as_bytes()).unwrap();
+    }
+    z.write_all(b"ET").unwrap();
+    pdf_document(&z.finish().unwrap(), Some("FlateDecode"), None)
 }
 
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {

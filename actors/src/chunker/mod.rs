@@ -2,6 +2,7 @@
 
 pub mod actor;
 pub mod parse;
+pub mod pdf;
 
 use crate::messages::Chunk;
 use parse::{ParseError, Section};
@@ -16,6 +17,9 @@ pub struct ChunkerSettings {
     /// Tokens shared by neighbouring chunks, so a sentence cut at a boundary
     /// is still found whole in one of them.
     pub overlap_tokens: usize,
+    /// Where PDFs are parsed: the daemon's in a child process
+    /// ([`pdf::PdfParser::isolated`]), the default in this one.
+    pub pdf: pdf::PdfParser,
 }
 
 impl Default for ChunkerSettings {
@@ -23,6 +27,7 @@ impl Default for ChunkerSettings {
         ChunkerSettings {
             max_tokens: 200,
             overlap_tokens: 32,
+            pdf: pdf::PdfParser::InProcess,
         }
     }
 }
@@ -57,7 +62,7 @@ impl Chunker {
     }
 
     pub fn chunk_file(&self, path: &Path, bytes: &[u8]) -> Result<Vec<Chunk>, ParseError> {
-        let sections = parse::parse(path, bytes)?;
+        let sections = parse::parse_with(path, bytes, &self.settings.pdf)?;
         let chunks = self.split(&sections);
         if chunks.is_empty() {
             return Err(ParseError::Unsupported("no text content".into()));
@@ -389,6 +394,7 @@ mod tests {
             ChunkerSettings {
                 max_tokens,
                 overlap_tokens: 8,
+                ..Default::default()
             },
         )
         .unwrap()

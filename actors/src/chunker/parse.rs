@@ -4,6 +4,7 @@
 //! heading trail, so the splitter can keep headings as context whatever the
 //! source format was.
 
+use super::pdf::PdfParser;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -47,7 +48,12 @@ impl Format {
     }
 }
 
+/// [`parse_with`] PDFs parsed in this process (tests, benches).
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
+    parse_with(path, bytes, &PdfParser::InProcess)
+}
+
+pub fn parse_with(path: &Path, bytes: &[u8], pdf: &PdfParser) -> Result<Vec<Section>, ParseError> {
     let format = Format::from_path(path).ok_or_else(|| {
         ParseError::Unsupported(format!(
             "no parser for extension {:?}",
@@ -57,7 +63,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
         ))
     })?;
     match format {
-        Format::Pdf => parse_pdf(bytes),
+        Format::Pdf => parse_pdf(bytes, pdf),
         _ => {
             let text = decode_text(bytes, format)?;
             Ok(match format {
@@ -216,32 +222,8 @@ fn declared_charset(bytes: &[u8]) -> Option<&'static encoding_rs::Encoding> {
     None
 }
 
-fn parse_pdf(bytes: &[u8]) -> Result<Vec<Section>, ParseError> {
-    if !bytes.starts_with(b"%PDF-") {
-        return Err(ParseError::Malformed {
-            format: "pdf",
-            message: "missing %PDF- header".into(),
-        });
-    }
-    // pdf-extract panics on some malformed inputs instead of returning an
-    // error; a parse failure must reach the DLQ, not take the worker down.
-    let owned = bytes.to_vec();
-    let result = std::panic::catch_unwind(move || pdf_extract::extract_text_from_mem(&owned));
-    let text = match result {
-        Ok(Ok(text)) => text,
-        Ok(Err(e)) => {
-            return Err(ParseError::Malformed {
-                format: "pdf",
-                message: e.to_string(),
-            })
-        }
-        Err(_) => {
-            return Err(ParseError::Malformed {
-                format: "pdf",
-                message: "the PDF parser gave up on this file".into(),
-            })
-        }
-    };
+fn parse_pdf(bytes: &[u8], pdf: &PdfParser) -> Result<Vec<Section>, ParseError> {
+    let text = pdf.extract(bytes)?;
     Ok(vec![Section {
         headings: vec![],
         body: normalise_whitespace(&text),
