@@ -471,6 +471,51 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
     assert_eq!(d.get_status("/metrics"), Some(200));
 }
 
+/// Text of words the model cannot spell (a key dump: each word one
+/// `[UNK]`) is not indexed: all such chunks embed to one vector, and
+/// thousands of copies of it buried every search of their partition (a
+/// 19 MB dump answered a travel question with key chunks at -0.01, the
+/// policy scoring 0.59 unreachable). A file of nothing else is skipped
+/// with the reason; the prose around a key block is kept.
+#[test]
+fn text_the_model_cannot_read_is_not_indexed() {
+    let ws = Workspace::new();
+    let key = |n: usize| -> String {
+        (0..n)
+            .map(|i| {
+                b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                    [(i * 7919 + i / 3) % 62] as char
+            })
+            .collect()
+    };
+    ws.write(
+        "eng/keys.txt",
+        format!("{}\n{}\n", key(1_000_000), key(400_000)),
+    );
+    ws.write(
+        "eng/deploy.md",
+        format!(
+            "# Deploy\n\nRotate the signing key every ninety days.\n\n{}\n\nThe on-call engineer approves each rotation.\n",
+            key(60_000)
+        ),
+    );
+    ws.write("eng/build.txt", BUILD);
+    let d = ws.start();
+    let ledger = d.wait_ledger(Duration::from_secs(120), |l| {
+        l["indexed"] == 2 && l["skipped"] == 1
+    });
+    assert_eq!(ledger["seen"], 3, "{ledger}");
+    let page = d.admin_json("/ingest/documents?prefix=kb:eng/keys.txt");
+    let reason = page["documents"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no text the model can read"), "{page}");
+    // deploy.md's prose, not its key: a chunk or two, not twenty.
+    let points = d.admin_json("/index")["points"].as_u64().unwrap();
+    assert!(points <= 4, "{points} points");
+    let r = d.ask(ENG_TOKEN, "how often is the signing key rotated?");
+    assert_eq!(r["sources"][0]["uri"], "eng/deploy.md", "{r}");
+    assert!(texts(&r).contains("ninety days"), "{r}");
+}
+
 /// PDFs that kill their parser (a stack overflow, an allocation past the
 /// memory limit) kill only its child process: the daemon goes on, the
 /// files go to the DLQ with the reason, and one with more text than

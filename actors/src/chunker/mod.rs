@@ -38,6 +38,95 @@ pub struct Chunker {
     /// Whether a window's one tokenisation can size any part of it
     /// ([`WordCounts`]): set for BERT-style WordPiece tokenizers.
     word_local: Option<WordLocal>,
+    /// How the model's unknown token is told apart (see [`Unknown`]); None
+    /// for a tokenizer without one.
+    unknown: Option<Unknown>,
+}
+
+/// The model's unknown token (WordPiece's `[UNK]`), to find the chunks made
+/// of it alone.
+///
+/// A word WordPiece cannot spell (longer than its 100 characters: a key, a
+/// hash, a base64 line; or of characters its vocabulary lacks) is one
+/// `[UNK]`, so every chunk of a key dump embeds to the same vector. That
+/// vector means nothing, and thousands of copies of it wreck the HNSW
+/// graph of their partition: with a 19 MB key dump indexed (7,250 such
+/// chunks), every search of its partition answered with key-dump chunks
+/// at a score of -0.01 and never reached the travel policy that scores
+/// 0.59 (the graph's neighbour selection links a copy to one other copy
+/// and nothing else, so a search that enters them stays there). So a
+/// chunk whose body holds no other token is not indexed.
+#[derive(Clone, Debug)]
+struct Unknown {
+    id: u32,
+    /// The added tokens (`[UNK]`, `[MASK]`, …): matched in the text before
+    /// its words are, so a text holding one is tokenised to tell.
+    added: Vec<String>,
+    /// A word of ASCII letters and digits up to this long is certainly
+    /// spelled (the vocabulary holds every such character, alone and as a
+    /// continuation), so a body with one needs no tokenising to be
+    /// readable ([`has_spelled_run`]); 0 when that does not hold.
+    spelled_up_to: usize,
+}
+
+/// Whether `text` has a run of ASCII letters and digits of at most `max`
+/// with nothing but ASCII whitespace or punctuation (or the text's ends)
+/// on either side: the BERT pre-tokenizer makes such a run a word of its
+/// own (it splits at both), which WordPiece then spells. Logs, code and
+/// prose have one within their first few bytes.
+fn has_spelled_run(text: &[u8], max: usize) -> bool {
+    let apart =
+        |b: Option<&u8>| b.is_none_or(|b| b.is_ascii_whitespace() || b.is_ascii_punctuation());
+    let mut i = 0;
+    while i < text.len() {
+        if !text[i].is_ascii_alphanumeric() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < text.len() && text[i].is_ascii_alphanumeric() {
+            i += 1;
+        }
+        let before = start.checked_sub(1).map(|j| &text[j]);
+        if i - start <= max && apart(before) && apart(text.get(i)) {
+            return true;
+        }
+    }
+    false
+}
+
+fn unknown(tokenizer: &Tokenizer, local: Option<WordLocal>) -> Option<Unknown> {
+    let tokenizers::ModelWrapper::WordPiece(model) = tokenizer.get_model() else {
+        return None;
+    };
+    let id = tokenizer.token_to_id(&model.unk_token)?;
+    let every_char = (b'0'..=b'9')
+        .chain(b'a'..=b'z')
+        .chain(b'A'..=b'Z')
+        .all(|c| {
+            let c = (c as char).to_string();
+            let lower = c.to_lowercase();
+            [&c, &lower].iter().any(|c| {
+                tokenizer.token_to_id(c).is_some()
+                    && tokenizer
+                        .token_to_id(&format!("{}{c}", model.continuing_subword_prefix))
+                        .is_some()
+            })
+        });
+    let spelled_up_to = match local {
+        Some(l) if every_char && l.unknown_over != usize::MAX => l.unknown_over,
+        _ => 0,
+    };
+    let added = tokenizer
+        .get_added_tokens_decoder()
+        .values()
+        .map(|t| t.content.clone())
+        .collect();
+    Some(Unknown {
+        id,
+        added,
+        spelled_up_to,
+    })
 }
 
 impl Chunker {
@@ -54,8 +143,10 @@ impl Chunker {
             settings.overlap_tokens,
             settings.max_tokens
         );
+        let word_local = word_local(&tokenizer);
         Ok(Chunker {
-            word_local: word_local(&tokenizer),
+            unknown: unknown(&tokenizer, word_local),
+            word_local,
             tokenizer,
             settings,
         })
@@ -63,14 +154,33 @@ impl Chunker {
 
     pub fn chunk_file(&self, path: &Path, bytes: &[u8]) -> Result<Vec<Chunk>, ParseError> {
         let sections = parse::parse_with(path, bytes, &self.settings.pdf)?;
-        let chunks = self.split(&sections);
+        let (chunks, unreadable) = self.split_counting(&sections);
         if chunks.is_empty() {
-            return Err(ParseError::Unsupported("no text content".into()));
+            return Err(ParseError::Unsupported(if unreadable > 0 {
+                "no text the model can read: every word is unknown to its vocabulary (a key, hash or encoded dump?)".into()
+            } else {
+                "no text content".into()
+            }));
+        }
+        if unreadable > 0 {
+            tracing::debug!(
+                file = %path.display(),
+                unreadable,
+                "chunks of words unknown to the model left out"
+            );
         }
         Ok(chunks)
     }
 
+    /// The chunks of `sections`, without those whose body is unknown words
+    /// only (see [`Unknown`]).
     pub fn split(&self, sections: &[Section]) -> Vec<Chunk> {
+        self.split_counting(sections).0
+    }
+
+    /// [`Chunker::split`], and how many chunks it left out.
+    fn split_counting(&self, sections: &[Section]) -> (Vec<Chunk>, usize) {
+        let mut unreadable = 0;
         let mut out = Vec::new();
         for section in sections {
             let trail = section.headings.join(" > ");
@@ -88,6 +198,10 @@ impl Chunker {
                 .max(self.settings.max_tokens / 2);
             let overlap = self.settings.overlap_tokens.min(budget / 2);
             for body in self.split_body(&section.body, budget, overlap) {
+                if !self.readable(body) {
+                    unreadable += 1;
+                    continue;
+                }
                 let text = if trail.is_empty() {
                     body.to_string()
                 } else {
@@ -99,7 +213,25 @@ impl Chunker {
                 });
             }
         }
-        out
+        (out, unreadable)
+    }
+
+    /// Whether `body` holds a token other than the unknown one. Prose has
+    /// a plain word early on and is not tokenised for this.
+    pub fn readable(&self, body: &str) -> bool {
+        let Some(unknown) = &self.unknown else {
+            return true;
+        };
+        if has_spelled_run(body.as_bytes(), unknown.spelled_up_to)
+            && !unknown.added.iter().any(|t| body.contains(t.as_str()))
+        {
+            return true;
+        }
+        match self.tokenizer.encode_fast(body, false) {
+            Ok(e) => e.get_ids().iter().any(|&id| id != unknown.id),
+            // Not this check's to refuse: the embedder reports it.
+            Err(_) => true,
+        }
     }
 
     /// `body` in chunks of at most `budget` tokens. A short body that fits
@@ -577,23 +709,95 @@ mod tests {
             .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
             .collect();
         assert_eq!(c.count_tokens(&blob), 1, "WordPiece: one [UNK]");
-        let chunks = c.split(&[Section {
-            headings: vec![],
-            body: blob.clone(),
-        }]);
-        assert!(chunks.len() >= blob.len() / (200 * MAX_BYTES_PER_TOKEN));
-        assert!(chunks
-            .iter()
-            .all(|ch| ch.text.len() <= 200 * MAX_BYTES_PER_TOKEN));
+        // Cut to size (the pieces, all `[UNK]`, are then left out: see
+        // chunks_of_unknown_words_only_are_left_out).
+        let pieces = c.split_body(&blob, 200, 8);
+        assert!(pieces.len() >= blob.len() / (200 * MAX_BYTES_PER_TOKEN));
+        assert!(pieces.iter().all(|p| p.len() <= 200 * MAX_BYTES_PER_TOKEN));
         let mut covered = 0;
-        for ch in &chunks {
-            assert!(blob.contains(&ch.text));
-            covered += ch.text.len();
+        for p in &pieces {
+            assert!(blob.contains(p));
+            covered += p.len();
         }
         assert!(
             covered >= blob.len(),
             "text lost: {covered} of {}",
             blob.len()
         );
+    }
+
+    /// A chunk whose body is unknown words only (a key dump: one `[UNK]`
+    /// each) is left out; a file of nothing else is skipped with the
+    /// reason; the text around such a run is kept.
+    #[test]
+    fn chunks_of_unknown_words_only_are_left_out() {
+        let c = chunker(200);
+        let unk = c.unknown.clone().expect("WordPiece has [UNK]");
+        assert_eq!(
+            unk.spelled_up_to, 100,
+            "every letter and digit is in the vocabulary"
+        );
+        let keys = format!("{}\n{}\n", hex(30_000), hex(20_000));
+        match c.chunk_file(Path::new("keys.txt"), keys.as_bytes()) {
+            Err(ParseError::Unsupported(reason)) => {
+                assert!(reason.contains("no text the model can read"), "{reason}")
+            }
+            other => panic!("expected a skip, got {other:?}"),
+        }
+        let mixed = format!(
+            "# Expenses\n\nSubmit receipts within thirty days.\n\n{}\n\nManagers approve reports weekly.\n",
+            hex(40_000)
+        );
+        let sections = parse::markdown_sections(&mixed);
+        let (chunks, left_out) = c.split_counting(&sections);
+        assert!(left_out >= 10, "{left_out}");
+        let all: String = chunks.iter().map(|ch| ch.text.as_str()).collect();
+        assert!(
+            all.contains("Submit receipts") && all.contains("Managers approve"),
+            "{all}"
+        );
+        for ch in &chunks {
+            let body = ch.text.trim_start_matches("Expenses\n");
+            assert!(c.readable(body), "{:?}", ch.text);
+        }
+        assert_eq!(
+            chunks.iter().map(|ch| ch.index).collect::<Vec<_>>(),
+            (0..chunks.len() as u32).collect::<Vec<_>>(),
+            "indexes stay consecutive"
+        );
+        // Characters the vocabulary lacks are unknown too; CJK it has.
+        assert!(!c.readable("😀 😀\n🙃"));
+        assert!(c.readable("東京オフィス"));
+    }
+
+    /// `readable` is what tokenising says, with or without its shortcut.
+    #[test]
+    fn readable_is_what_tokenising_says() {
+        let c = chunker(200);
+        let unk = c.unknown.as_ref().unwrap().id;
+        let tokenised = |t: &str| {
+            let e = c.tokenizer.encode_fast(t, false).unwrap();
+            e.get_ids().iter().any(|&id| id != unk)
+        };
+        let text: Vec<char> = format!(
+            "{MIXED} {} 😀 ✓ {} worker=3 job=a-{}x\u{7}{} é{}, ({})",
+            hex(150),
+            hex(100),
+            hex(99),
+            hex(60),
+            hex(40),
+            hex(101)
+        )
+        .chars()
+        .collect();
+        for i in 0..text.len() {
+            for j in [i + 1, i + 2, i + 5, i + 40, i + 120, text.len()] {
+                let part: String = text[i..j.min(text.len())].iter().collect();
+                if part.trim().is_empty() {
+                    continue;
+                }
+                assert_eq!(c.readable(&part), tokenised(&part), "{part:?}");
+            }
+        }
     }
 }
