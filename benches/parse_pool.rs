@@ -36,48 +36,16 @@ use ragd_actors::stats::ActorStats;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[rustfmt::skip]
 const WORDS: &[&str] = &[
-    "the",
-    "office",
-    "policy",
-    "requires",
-    "every",
-    "employee",
-    "to",
-    "report",
-    "incidents",
-    "within",
-    "two",
-    "business",
-    "days",
-    "security",
-    "team",
-    "reviews",
-    "access",
-    "logs",
-    "travel",
-    "expenses",
-    "are",
-    "reimbursed",
-    "after",
-    "receipts",
-    "submitted",
-    "through",
-    "portal",
-    "invoice",
-    "payment",
-    "terms",
-    "quarterly",
-    "budget",
-    "approved",
-    "division",
+    "the", "office", "policy", "requires", "every", "employee", "to", "report", "incidents",
+    "within", "two", "business", "days", "security", "team", "reviews", "access", "logs",
+    "travel", "expenses", "are", "reimbursed", "after", "receipts", "submitted", "through",
+    "portal", "invoice", "payment", "terms", "quarterly", "budget", "approved", "division",
 ];
 
 fn line(rng: &mut Rng) -> String {
-    (0..11)
-        .map(|_| WORDS[(rng.next_u64() % WORDS.len() as u64) as usize])
-        .collect::<Vec<_>>()
-        .join(" ")
+    rng.words(WORDS, 11)
 }
 
 async fn run(

@@ -59,10 +59,7 @@ const WORDS: &[&str] = &[
 
 /// A chunk of about 190 model tokens.
 fn chunk(rng: &mut Rng) -> String {
-    (0..180)
-        .map(|_| WORDS[(rng.next_u64() % WORDS.len() as u64) as usize])
-        .collect::<Vec<_>>()
-        .join(" ")
+    rng.words(WORDS, 180)
 }
 
 #[tokio::main]

@@ -578,7 +578,7 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 /// parser, which outpaces its CPU model tenfold even on PDFs, while a GPU
 /// node's parsers keep up with the GPU: one core parses PDFs at about
 /// 70,000 tokens a second, a GPU embeds several hundred thousand
-/// (BENCHMARKS.md, "Chunking large files").
+/// (BENCHMARKS.md, "Parsing on many cores").
 pub fn default_chunker_workers(cores: usize, embeds_here: bool) -> usize {
     cores.saturating_sub(usize::from(embeds_here)).max(1)
 }

@@ -616,6 +616,13 @@ impl Rng {
         let (u, v) = (self.unit(), self.unit());
         (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
     }
+    /// `n` words drawn from `words`, joined by spaces.
+    pub fn words(&mut self, words: &[&str], n: usize) -> String {
+        (0..n)
+            .map(|_| words[(self.next_u64() % words.len() as u64) as usize])
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 pub fn normalise(mut v: Vec<f32>) -> Vec<f32> {

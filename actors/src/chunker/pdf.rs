@@ -12,8 +12,10 @@
 //! (RLIMIT_DATA) before it reads the file from stdin, and writes the text to
 //! stdout; the parent kills it past a time budget and reads at most
 //! `max_text_bytes` of text. A child that dies takes only that file with
-//! it, to the DLQ with the reason. A child costs about a millisecond to
-//! start, against tens to hundreds for the parse itself.
+//! it, to the DLQ with the reason. A child costs a few milliseconds to
+//! start and stop (about 4 ms for a debug build's 1 GB executable), against
+//! tens to hundreds for the parse of a real PDF (BENCHMARKS.md, "PDFs in a
+//! child process").
 
 use super::parse::ParseError;
 use std::io::{Read, Write};
