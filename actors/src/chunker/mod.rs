@@ -100,18 +100,21 @@ fn unknown(tokenizer: &Tokenizer, local: Option<WordLocal>) -> Option<Unknown> {
         return None;
     };
     let id = tokenizer.token_to_id(&model.unk_token)?;
+    // What WordPiece sees of a letter: lowercased first by an uncased
+    // model's normalizer (local tokenizers have only that one).
+    let lowercase = matches!(
+        tokenizer.get_normalizer(),
+        Some(tokenizers::NormalizerWrapper::BertNormalizer(n)) if n.lowercase
+    );
     let every_char = (b'0'..=b'9')
         .chain(b'a'..=b'z')
         .chain(b'A'..=b'Z')
         .all(|c| {
-            let c = (c as char).to_string();
-            let lower = c.to_lowercase();
-            [&c, &lower].iter().any(|c| {
-                tokenizer.token_to_id(c).is_some()
-                    && tokenizer
-                        .token_to_id(&format!("{}{c}", model.continuing_subword_prefix))
-                        .is_some()
-            })
+            let c = (if lowercase { c.to_ascii_lowercase() } else { c } as char).to_string();
+            tokenizer.token_to_id(&c).is_some()
+                && tokenizer
+                    .token_to_id(&format!("{}{c}", model.continuing_subword_prefix))
+                    .is_some()
         });
     let spelled_up_to = match local {
         Some(l) if every_char && l.unknown_over != usize::MAX => l.unknown_over,
