@@ -70,13 +70,13 @@ async fn main() -> anyhow::Result<()> {
         max_tokens: 8192,
         max_batch: 64,
     };
-    let encoder = Arc::new(AnyEncoder::load(&model_dir(), policy, Device::Cpu)?);
     // The daemon's call size on CPU; RAGD_BENCH_CALL_TEXTS=256 is what it
     // was before a call was one pass there.
     let call = env_usize(
         "RAGD_BENCH_CALL_TEXTS",
-        ragd_actors::embedder::call_texts(Device::Cpu, 64),
+        ragd_actors::embedder::call_texts(Device::Cpu, policy.max_batch),
     );
+    let encoder = Arc::new(AnyEncoder::load(&model_dir(), policy, Device::Cpu)?);
     let batcher = Batcher::start("bench-embedder", encoder, call);
     let mut rng = Rng(11);
     let large: Vec<String> = (0..chunks).map(|_| chunk(&mut rng)).collect();

@@ -79,6 +79,15 @@ impl PdfParser {
     }
 }
 
+/// Not a PDF at all: said before any parser (or child) is started.
+fn check_header(bytes: &[u8]) -> Result<(), ParseError> {
+    if bytes.starts_with(b"%PDF-") {
+        Ok(())
+    } else {
+        Err(malformed("missing %PDF- header"))
+    }
+}
+
 fn malformed(message: impl Into<String>) -> ParseError {
     ParseError::Malformed {
         format: "pdf",
@@ -89,9 +98,7 @@ fn malformed(message: impl Into<String>) -> ParseError {
 /// pdf-extract here; its panics (it has some on malformed input) become
 /// errors.
 pub fn extract_in_process(bytes: &[u8]) -> Result<String, ParseError> {
-    if !bytes.starts_with(b"%PDF-") {
-        return Err(malformed("missing %PDF- header"));
-    }
+    check_header(bytes)?;
     match std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(bytes)) {
         Ok(Ok(text)) => Ok(text),
         Ok(Err(e)) => Err(malformed(e.to_string())),
@@ -118,9 +125,7 @@ pub fn extract_isolated(
     budget: Duration,
     bytes: &[u8],
 ) -> Result<String, ParseError> {
-    if !bytes.starts_with(b"%PDF-") {
-        return Err(malformed("missing %PDF- header"));
-    }
+    check_header(bytes)?;
     let mut child = Command::new(exe)
         .arg(CHILD_ARG)
         .arg(memory_bytes.to_string())
