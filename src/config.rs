@@ -104,6 +104,7 @@ struct RawPipeline {
     retry_cap_ms: Option<u64>,
     debounce_ms: Option<u64>,
     delete_grace_ms: Option<u64>,
+    max_write_wait_ms: Option<u64>,
     forget_deleted_after_secs: Option<u64>,
 }
 
@@ -284,6 +285,9 @@ pub struct Config {
     /// How long a file must stay gone before it is deleted (see
     /// `WatcherArgs::delete_grace`).
     pub delete_grace: std::time::Duration,
+    /// How long a file written to without a pause waits before it is read
+    /// anyway (see `WatcherArgs::max_write_wait`).
+    pub max_write_wait: std::time::Duration,
     /// How long the ledger remembers a deleted document once its deletion
     /// settled (see `Ledger::with_memory`).
     pub forget_deleted_after: std::time::Duration,
@@ -772,6 +776,12 @@ fn validate(
             "pipeline.delete_grace_ms ({delete_grace_ms}) must be at most 3600000 (an hour)"
         ));
     }
+    let max_write_wait_ms = raw.pipeline.max_write_wait_ms.unwrap_or(30_000);
+    if max_write_wait_ms > 3_600_000 {
+        err(format!(
+            "pipeline.max_write_wait_ms ({max_write_wait_ms}) must be at most 3600000 (an hour)"
+        ));
+    }
     let device = raw.model.device.unwrap_or(Device::Cpu);
     if device != Device::Cpu && !cfg!(feature = "cuda") {
         err(format!(
@@ -1134,6 +1144,7 @@ fn validate(
         retry_cap: std::time::Duration::from_millis(retry_cap_ms),
         debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
         delete_grace: std::time::Duration::from_millis(delete_grace_ms),
+        max_write_wait: std::time::Duration::from_millis(max_write_wait_ms),
         forget_deleted_after: raw.pipeline.forget_deleted_after_secs.map_or(
             ragd_actors::ledger::FORGET_DELETED_AFTER,
             std::time::Duration::from_secs,
@@ -1519,6 +1530,7 @@ mod tests {
             hnsw_m = 2
             [pipeline]
             delete_grace_ms = 86400000
+            max_write_wait_ms = 86400000
             retry_base_ms = 0
             retry_cap_ms = 1000000
             [llm]
@@ -1551,6 +1563,7 @@ mod tests {
             "query.max_top_k (60)",
             "poll_secs (0) must be between 0.1 and 86400",
             "pipeline.delete_grace_ms (86400000) must be at most 3600000",
+            "pipeline.max_write_wait_ms (86400000) must be at most 3600000",
             "pipeline.retry_base_ms (0) must be between 1 and 60000",
             "pipeline.retry_cap_ms (1000000) must be between retry_base_ms (0) and 600000",
             "llm.timeout_secs: 100000000000000000000",

@@ -578,10 +578,11 @@ impl Node {
                 known.clone(),
                 scanned.clone(),
             );
-            let (max_file_bytes, debounce, delete_grace) = (
+            let (max_file_bytes, debounce, delete_grace, max_write_wait) = (
                 config.max_file_bytes,
                 Duration::from_millis(config.debounce_ms),
                 config.delete_grace,
+                config.max_write_wait,
             );
             let stats = stats(roles.ingest, &format!("root/ingest/{WATCHER}"));
             child(WATCHER, move || {
@@ -605,6 +606,8 @@ impl Node {
                         delete_grace,
                         hang_after: ragd_actors::source_watcher::HANG_AFTER,
                         health: health.clone(),
+                        max_write_wait,
+                        being_written: Default::default(),
                     },
                 )
             })

@@ -404,6 +404,9 @@ pub enum WatchMsg {
     RootCheck,
     /// Try the files of [`WatcherArgs::retry`] again.
     Retry,
+    /// Look again at the files of [`WatcherArgs::being_written`] whose
+    /// writer may be done.
+    Written,
 }
 
 pub struct SourceWatcher;
@@ -451,6 +454,31 @@ pub struct WatcherArgs {
     /// How each source stands, kept here for the admin API and the
     /// one-shot summary.
     pub health: SourceHealth,
+    /// A file whose event comes while it is still being written (modified
+    /// within [`WatcherArgs::debounce`]) is read once it has been left
+    /// alone that long, rather than at every event: a file copied in
+    /// slowly (a large one, a network share) is chunked and embedded once,
+    /// not once per debounce of its copy. One written to without such a
+    /// pause (a log) is read anyway once this long has passed since the
+    /// first event that found it being written (`[pipeline]
+    /// max_write_wait_ms`): it is indexed at least that often. Zero: read
+    /// at every event.
+    pub max_write_wait: Duration,
+    /// The files waiting for their writer to pause (see
+    /// [`WatcherArgs::max_write_wait`]), by path. Only events wait: a scan
+    /// reads what it finds (its first one admits everything, and a file
+    /// still being written then has its events to come).
+    pub being_written: Arc<parking_lot::Mutex<HashMap<PathBuf, BeingWritten>>>,
+}
+
+/// A file waiting for its writer to pause (see
+/// [`WatcherArgs::max_write_wait`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BeingWritten {
+    /// When an event first found it being written.
+    since: tokio::time::Instant,
+    /// When it is looked at again: a debounce after its last write.
+    due: tokio::time::Instant,
 }
 
 /// How each source stands, by name (see [`SourceView`]).
@@ -500,6 +528,8 @@ pub struct WatcherState {
     unscanned: HashSet<usize>,
     /// A [`WatchMsg::Retry`] is on its way.
     retry_scheduled: bool,
+    /// A [`WatchMsg::Written`] is on its way, due then.
+    written_at: Option<tokio::time::Instant>,
     /// A [`WatchMsg::RootCheck`] is on its way.
     root_check_scheduled: bool,
     /// Source roots that did not answer an event (see [`on_source`]):
@@ -586,6 +616,7 @@ impl Actor for SourceWatcher {
             rescans: 0,
             unscanned: HashSet::new(),
             retry_scheduled: false,
+            written_at: None,
             root_check_scheduled: false,
             missed: HashSet::new(),
             doomed: HashMap::new(),
@@ -630,6 +661,16 @@ impl Actor for SourceWatcher {
         if !st.retry_scheduled && !st.args.retry.lock().is_empty() {
             st.retry_scheduled = true;
             cast_later(&myself, WatchMsg::Retry);
+        }
+        // And one for the files being written, when the first is due (a
+        // file found being written since is due sooner only by less than
+        // a debounce: that timer then goes too).
+        let first = st.args.being_written.lock().values().map(|w| w.due).min();
+        if let Some(due) = first {
+            if st.written_at.is_none_or(|at| due < at) {
+                st.written_at = Some(due);
+                cast_at(&myself, WatchMsg::Written, due);
+            }
         }
         // And one for the documents waiting out their grace, a little
         // after the first is due: those of a burst's next event batches
@@ -761,6 +802,33 @@ impl SourceWatcher {
             WatchMsg::Retry => {
                 st.retry_scheduled = false;
                 let hung = retry(&st.args).await;
+                for root in hung {
+                    st.missed(myself, root);
+                }
+            }
+            WatchMsg::Written => {
+                st.written_at = None;
+                let now = tokio::time::Instant::now();
+                let due: Vec<PathBuf> = (st.args.being_written.lock().iter())
+                    .filter(|(_, w)| w.due <= now)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                let mut hung = Vec::new();
+                for path in &due {
+                    if let Some((source, uri)) = source_of(&st.args.sources, path) {
+                        hung.extend(consider(&st.args, source, path, &uri, Look::Event).await);
+                    }
+                }
+                // One that was not looked at after all (a source that hung
+                // keeps it on the retry list; its type no longer read)
+                // waits no more: it would be due again at once, forever.
+                let mut waiting = st.args.being_written.lock();
+                for path in &due {
+                    if waiting.get(path).is_some_and(|w| w.due <= now) {
+                        waiting.remove(path);
+                    }
+                }
+                drop(waiting);
                 for root in hung {
                     st.missed(myself, root);
                 }
@@ -897,7 +965,7 @@ impl SourceWatcher {
                             }
                             // There, or unreadable for now (which the
                             // probe tells, and tries again).
-                            _ => consider(&st.args, source, &path, &uri, true).await,
+                            _ => consider(&st.args, source, &path, &uri, Look::Forced).await,
                         };
                         for root in hung {
                             st.missed(myself, root);
@@ -948,7 +1016,7 @@ impl SourceWatcher {
                     // it is read again.
                     if matches!(st.args.ledger.status(id), Some(DocStatus::Skipped(_))) {
                         if let Some((source, uri, path)) = place_of(&st.args.sources, id) {
-                            hung.extend(consider(&st.args, source, &path, uri, true).await);
+                            hung.extend(consider(&st.args, source, &path, uri, Look::Forced).await);
                         }
                     }
                 }
@@ -1431,7 +1499,11 @@ async fn handle_path(
             // considered; what it held before and holds no longer is gone.
             // (A source that hangs: the scan once it answers sees to
             // what the folder holds, and what it no longer does.)
-            let (files, unreadable) = walk_sources(args, path.to_path_buf()).await?;
+            let (mut files, unreadable) = walk_sources(args, path.to_path_buf()).await?;
+            // (A folder copied in: its files may still be being written.)
+            for file in &mut files {
+                file.look = Look::Event;
+            }
             let present: HashSet<String> = files.iter().map(Candidate::doc_id).collect();
             if let Some(root) = consider_all(args, files).await.pop() {
                 return Err(root);
@@ -1446,7 +1518,7 @@ async fn handle_path(
         // A file, or something else where a file was (a link, a FIFO):
         // the probe tells which.
         Ok(_) => {
-            if let Some(root) = consider(args, source, path, &uri, false).await.pop() {
+            if let Some(root) = consider(args, source, path, &uri, Look::Event).await.pop() {
                 return Err(root);
             }
         }
@@ -1694,25 +1766,36 @@ impl Unreadable {
     }
 }
 
-/// A file to look at: its source, path and uri, and whether to read it
-/// even if unchanged (a replay, see [`decide`]).
+/// Why a file is looked at, which says how [`decide`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Look {
+    /// A scan (or the retry list): what is found is taken as it is.
+    Scan,
+    /// An event: a file still being written waits for its writer to pause
+    /// (see [`WatcherArgs::max_write_wait`]).
+    Event,
+    /// A replay (or a deletion found wrong): read even if unchanged.
+    Forced,
+}
+
+/// A file to look at: its source, path and uri, and why.
 struct Candidate<'s> {
     source: &'s SourceSpec,
     path: PathBuf,
     uri: String,
-    force: bool,
+    look: Look,
 }
 
 impl<'s> Candidate<'s> {
     /// The file at `path`, unless no source holds it there (or its name
     /// is one the watcher ignores).
-    fn at(sources: &'s [SourceSpec], path: PathBuf, force: bool) -> Option<Candidate<'s>> {
+    fn at(sources: &'s [SourceSpec], path: PathBuf, look: Look) -> Option<Candidate<'s>> {
         let (source, uri) = source_of(sources, &path)?;
         Some(Candidate {
             source,
             path,
             uri,
-            force,
+            look,
         })
     }
 
@@ -1744,7 +1827,7 @@ async fn walk_sources(
     let unreadable: Vec<PathBuf> = unreadable.into_iter().map(|(p, _)| p).collect();
     let files = files
         .into_iter()
-        .filter_map(|path| Candidate::at(&args.sources, path, false))
+        .filter_map(|path| Candidate::at(&args.sources, path, Look::Scan))
         .collect();
     let prefixes = unreadable
         .iter()
@@ -1868,7 +1951,8 @@ async fn retry(args: &WatcherArgs) -> Vec<PathBuf> {
             }
             // (A file of a type not read, or a name not watched, never
             // will be: off the list, recorded as skipped once.)
-            match Candidate::at(&args.sources, path.clone(), force) {
+            let look = if force { Look::Forced } else { Look::Scan };
+            match Candidate::at(&args.sources, path.clone(), look) {
                 Some(c) if supported(args, c.source, &c.path, &c.uri) => files.push(c),
                 _ => {
                     args.retry.lock().remove(&path);
@@ -2089,7 +2173,7 @@ async fn consider_all(args: &WatcherArgs, files: Vec<Candidate<'_>>) -> Vec<Path
         for c in batch {
             let probed = probes.as_mut().and_then(Iterator::next);
             let probed = probed.unwrap_or_else(|| Err(hung()));
-            decide(args, c.source, &c.path, &c.uri, c.force, probed).await;
+            decide(args, c.source, &c.path, &c.uri, c.look, probed).await;
         }
     }
     hanging
@@ -2126,29 +2210,32 @@ async fn consider(
     source: &SourceSpec,
     path: &Path,
     uri: &str,
-    force: bool,
+    look: Look,
 ) -> Vec<PathBuf> {
     let file = Candidate {
         source,
         path: path.to_path_buf(),
         uri: uri.to_string(),
-        force,
+        look,
     };
     // (A hang leaves it on the retry list: see `decide`.)
     consider_all(args, vec![file]).await
 }
 
 /// What to do with a probed file: nothing (unchanged, in flight, or in the
-/// DLQ), skip it (too big), or admit its version and hand it on.
+/// DLQ), wait for its writer to pause, skip it (too big), or admit its
+/// version and hand it on.
 async fn decide(
     args: &WatcherArgs,
     source: &SourceSpec,
     path: &Path,
     uri: &str,
-    force: bool,
+    look: Look,
     probed: std::io::Result<Probe>,
 ) {
     let id = doc_id(source, uri);
+    // (Whatever this look decides, it is the file's latest.)
+    let written_since = args.being_written.lock().remove(path).map(|w| w.since);
     let skip = |reason: String| skip_whole(args, &id, reason);
     let passing =
         matches!(&probed, Err(e) if !gone(e) && e.kind() != std::io::ErrorKind::PermissionDenied);
@@ -2162,10 +2249,17 @@ async fn decide(
     }
     // (One waiting forced, a replay, is read as such whoever reads it:
     // a scan would find it unchanged, and the replay would be lost.)
-    let force = force || waiting.is_some_and(|(_, forced)| forced);
+    let force = look == Look::Forced || waiting.is_some_and(|(_, forced)| forced);
     let partition = source.partition_for(uri);
-    let (size, version) = match probed {
-        Ok(Probe::Read { size, content }) => (size, version_of(&content, &partition)),
+    let (size, version, modified) = match probed {
+        Ok(Probe::Read {
+            size,
+            content,
+            modified,
+        }) => {
+            let version = version_of(&content, &partition);
+            (size, version, modified)
+        }
         Ok(Probe::TooBig(size)) => {
             // Never read a huge file just to hash it.
             let limit = args.max_file_bytes;
@@ -2248,6 +2342,26 @@ async fn decide(
         );
         return;
     }
+    if look == Look::Event && !force && args.watch && !args.max_write_wait.is_zero() {
+        if let Some(quiet_in) = being_written(modified, args.debounce) {
+            let now = tokio::time::Instant::now();
+            let since = written_since.unwrap_or(now);
+            if now.duration_since(since) < args.max_write_wait {
+                let due = now + quiet_in;
+                let waiting = BeingWritten { since, due };
+                args.being_written
+                    .lock()
+                    .insert(path.to_path_buf(), waiting);
+                tracing::debug!("{} is being written: read once it pauses", path.display());
+                return;
+            }
+            tracing::debug!(
+                "{} has been written to for {:?} without a pause: read as it is now",
+                path.display(),
+                args.max_write_wait
+            );
+        }
+    }
     let doc = DocMeta {
         doc_id: id.clone(),
         source: source.name.clone(),
@@ -2300,10 +2414,12 @@ async fn skip_whole(args: &WatcherArgs, id: &str, reason: String) {
 }
 
 enum Probe {
-    /// `content`: the sha256 of the file's bytes.
+    /// `content`: the sha256 of the file's bytes; `modified`: its
+    /// modification time, where the file system keeps one.
     Read {
         size: u64,
         content: [u8; 32],
+        modified: Option<std::time::SystemTime>,
     },
     TooBig(u64),
     /// A link, a FIFO, a socket or a device: never opened.
@@ -2330,7 +2446,8 @@ fn probe(path: &Path, max: u64, progress: &AtomicU64) -> std::io::Result<Probe> 
             };
         }
     };
-    let size = file.metadata()?.len();
+    let metadata = file.metadata()?;
+    let size = metadata.len();
     if size > max {
         return Ok(Probe::TooBig(size));
     }
@@ -2343,7 +2460,20 @@ fn probe(path: &Path, max: u64, progress: &AtomicU64) -> std::io::Result<Probe> 
     Ok(Probe::Read {
         size: bytes.len() as u64,
         content: Sha256::digest(&bytes).into(),
+        modified: metadata.modified().ok(),
     })
+}
+
+/// How long until a file last modified at `modified` has been left alone
+/// for `quiet`, or `None` if it has been. The debouncer hands an event on
+/// a debounce after it came, so a file written once is never waited for;
+/// only one written again since is. A modification time ahead of this
+/// clock (another machine's, on a share) says nothing: not waited for.
+fn being_written(modified: Option<std::time::SystemTime>, quiet: Duration) -> Option<Duration> {
+    let age = std::time::SystemTime::now()
+        .duration_since(modified?)
+        .ok()?;
+    quiet.checked_sub(age).filter(|left| !left.is_zero())
 }
 
 #[cfg(test)]
@@ -2486,7 +2616,7 @@ mod tests {
         std::fs::write(&p, "hello").unwrap();
         let progress = AtomicU64::new(0);
         match probe(&p, 5, &progress).unwrap() {
-            Probe::Read { size, content } => {
+            Probe::Read { size, content, .. } => {
                 assert_eq!(size, 5);
                 assert_eq!(content, <[u8; 32]>::from(Sha256::digest(b"hello")));
             }
@@ -2607,6 +2737,8 @@ mod tests {
                 delete_grace: Duration::ZERO,
                 hang_after: HANG_AFTER,
                 health: Default::default(),
+                max_write_wait: Duration::from_secs(30),
+                being_written: Default::default(),
             }
         }
 
@@ -2742,6 +2874,103 @@ mod tests {
         assert_eq!(rig.handed(), ["kb:eng/d.md", "kb:hr/b.md"]);
         assert_eq!(rig.deleted(), ["kb:eng/c.md", "kb:hr/a.md"]);
         watcher.stop(None);
+    }
+
+    /// The versions of `id` handed on to be chunked since the last look.
+    fn versions_handed(rig: &Rig, id: &str) -> Vec<String> {
+        let handed = rig.chunk_q.drain().into_iter();
+        handed
+            .filter(|d| d.doc_id == id)
+            .map(|d| d.version)
+            .collect()
+    }
+
+    /// The version the watcher gives `text` in the rig's source.
+    fn version_in_rig(rig: &Rig, text: &str) -> String {
+        doc_version(text.as_bytes(), &rig.source().partition)
+    }
+
+    /// A file copied in slowly: written to every 30 ms for over a second,
+    /// well within the debounce each time. Each event finds it still being
+    /// written, so it is read once, whole, after the last write (before,
+    /// every debounce handed on a version, each chunked and embedded).
+    #[tokio::test]
+    async fn a_file_copied_in_slowly_is_read_once_it_is_whole() {
+        let rig = Rig::new();
+        let mut args = rig.args(true);
+        args.debounce = Duration::from_millis(300);
+        let waiting = args.being_written.clone();
+        let (watcher, _) = rig.start_with(args).await;
+        let path = rig.root.join("copy.md");
+        let mut text = String::from("# Copied\n\n");
+        let mut file = std::fs::File::create(&path).unwrap();
+        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+        for i in 0..40 {
+            let line = format!("Line {i} of a file that arrives a little at a time.\n");
+            std::io::Write::write_all(&mut file, line.as_bytes()).unwrap();
+            text.push_str(&line);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        drop(file);
+        let mut handed = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            handed.extend(versions_handed(&rig, "kb:copy.md"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(handed, [version_in_rig(&rig, &text)], "read once, whole");
+        assert!(waiting.lock().is_empty());
+        watcher.stop(None);
+    }
+
+    /// A file written to without a pause (a log) is still read, once each
+    /// max_write_wait, and as it is once the writes stop.
+    #[tokio::test]
+    async fn a_file_written_without_a_pause_is_read_every_max_write_wait() {
+        let rig = Rig::new();
+        let mut args = rig.args(true);
+        args.debounce = Duration::from_millis(200);
+        args.max_write_wait = Duration::from_secs(1);
+        let waiting = args.being_written.clone();
+        let (watcher, _) = rig.start_with(args).await;
+        let path = rig.root.join("app.log.txt");
+        let mut text = String::new();
+        let mut during = Vec::new();
+        let started = std::time::Instant::now();
+        let mut i = 0;
+        while started.elapsed() < Duration::from_millis(3500) {
+            text.push_str(&format!("line {i}: the service answered\n"));
+            std::fs::write(&path, &text).unwrap();
+            during.extend(versions_handed(&rig, "kb:app.log.txt"));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        // One a second (at most one more: the first may come from the
+        // create, before the file was seen being written).
+        assert!(
+            (2..=5).contains(&during.len()),
+            "read {} times in 3.5 s of writes",
+            during.len()
+        );
+        wait_for(|| waiting.lock().is_empty()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = versions_handed(&rig, "kb:app.log.txt");
+        assert_eq!(after, [version_in_rig(&rig, &text)], "then as it ends");
+        watcher.stop(None);
+    }
+
+    #[test]
+    fn a_file_is_being_written_until_left_alone_for_the_quiet_time() {
+        let quiet = Duration::from_millis(300);
+        let now = std::time::SystemTime::now();
+        let left = being_written(Some(now), quiet).unwrap();
+        assert!(left > Duration::from_millis(250) && left <= quiet);
+        let earlier = now - Duration::from_millis(200);
+        assert!(being_written(Some(earlier), quiet).unwrap() <= Duration::from_millis(100));
+        assert_eq!(being_written(Some(now - quiet), quiet), None);
+        // A clock ahead (another machine's), or none: not waited for.
+        assert_eq!(being_written(Some(now + quiet), quiet), None);
+        assert_eq!(being_written(None, quiet), None);
     }
 
     /// `rm -rf site && build site`: the debouncer folds the removals under
@@ -3262,22 +3491,22 @@ mod tests {
         let path = rig.root.join("a.md");
         rig.known.lock().insert("kb:a.md".into(), "v1".into());
         let vanished = Err(std::io::Error::from(std::io::ErrorKind::NotFound));
-        decide(&args, &source, &path, "a.md", false, vanished).await;
+        decide(&args, &source, &path, "a.md", Look::Scan, vanished).await;
         assert!(rig.index_q.is_empty());
         // Too many open files (a burst): kept, and tried again, once per
         // path however often it is found, up to READ_TRIES times.
         let emfile = || Err(std::io::Error::from_raw_os_error(24));
         for tries in 1..READ_TRIES {
-            decide(&args, &source, &path, "a.md", false, emfile()).await;
+            decide(&args, &source, &path, "a.md", Look::Scan, emfile()).await;
             assert!(rig.index_q.is_empty());
             assert_eq!(args.retry.lock().get(&path), Some(&(tries, false)));
         }
-        decide(&args, &source, &path, "a.md", false, emfile()).await;
+        decide(&args, &source, &path, "a.md", Look::Scan, emfile()).await;
         assert!(args.retry.lock().is_empty());
         assert_eq!(rig.deleted(), ["kb:a.md"], "given up: skipped");
         // A one-shot ingest does not wait for a retry.
         let once = rig.args(false);
-        decide(&once, &source, &path, "a.md", false, emfile()).await;
+        decide(&once, &source, &path, "a.md", Look::Scan, emfile()).await;
         assert!(once.retry.lock().is_empty());
         assert!(matches!(
             rig.ledger.status("kb:a.md"),
@@ -3285,7 +3514,7 @@ mod tests {
         ));
         rig.known.lock().insert("kb:a.md".into(), "v1".into());
         let denied = Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
-        decide(&args, &source, &path, "a.md", false, denied).await;
+        decide(&args, &source, &path, "a.md", Look::Scan, denied).await;
         assert_eq!(rig.deleted(), ["kb:a.md"]);
         let Some(DocStatus::Skipped(why)) = rig.ledger.status("kb:a.md") else {
             panic!("{:?}", rig.ledger.status("kb:a.md"))
