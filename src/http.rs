@@ -94,6 +94,13 @@ async fn query(
             format!("question is longer than {MAX_QUESTION_CHARS} characters"),
         );
     }
+    if !node.encoder.reads_a_word(&question) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the question has no word the embedding model knows (its vocabulary has none \
+             of these characters): ask in words",
+        );
+    }
     let top_k = body.top_k.unwrap_or(5);
     if top_k == 0 || top_k > node.config.max_top_k {
         return error(

@@ -68,6 +68,9 @@ pub struct Node {
     /// waiting, so concurrent queries share forward passes and cannot
     /// oversubscribe the cores (and starve Redis sharing them).
     pub query_embedder: ragd_actors::embedder::Batcher,
+    /// The embedding model, whose tokenizer tells a question it cannot
+    /// read (see `ragd_actors::model::reads_a_word`).
+    pub encoder: Arc<ragd_actors::model::AnyEncoder>,
     pub cache: CacheHandle,
     pub dlq: Arc<dyn DeadLetters>,
     pub scanned: Arc<AtomicBool>,
@@ -802,6 +805,7 @@ impl Node {
             registry,
             store,
             query_embedder,
+            encoder,
             roles,
             kafka,
             cache,

@@ -455,6 +455,16 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
         (r#"{"question": "x", "top_k": 0}"#, "top_k"),
         (r#"{"question": "x", "top_k": 100000}"#, "top_k"),
         (r#"{"question": 42}"#, "bad request body"),
+        // Nothing but the model's unknown token: every such question
+        // embeds alike, and the cache took one for another.
+        (
+            r#"{"question": "😀🎉"}"#,
+            "no word the embedding model knows",
+        ),
+        (
+            r#"{"question": "ℵ℘℘"}"#,
+            "no word the embedding model knows",
+        ),
     ] {
         let (status, resp) = d.query_raw(Some(HR_TOKEN), body);
         assert_eq!(status, 400, "{body} -> {resp}");
@@ -463,6 +473,9 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
             "{body} -> {resp}"
         );
     }
+    // A known word among them is enough.
+    let (status, _) = d.query_raw(Some(HR_TOKEN), r#"{"question": "office 😀?"}"#);
+    assert_eq!(status, 200);
     let long = serde_json::json!({ "question": "a".repeat(5000) }).to_string();
     assert_eq!(d.query_raw(Some(HR_TOKEN), &long).0, 400);
     // Admin endpoints want the admin token; probes do not.

@@ -589,6 +589,31 @@ impl AnyEncoder {
     pub fn tokenizer(&self) -> &Tokenizer {
         on_backend!(self, AnyEncoder, e => e.tokenizer())
     }
+    /// See [`reads_a_word`].
+    pub fn reads_a_word(&self, text: &str) -> bool {
+        reads_a_word(self.tokenizer(), text)
+    }
+}
+
+/// Whether the model makes anything of `text` (as much of it as it reads)
+/// but its unknown token. A text of emoji alone, or of characters its
+/// vocabulary lacks, is nothing but `[UNK]`, and embeds to about the same
+/// vector as any other such text: as a question, it finds whatever lies
+/// nearest that vector, and the semantic cache takes one such question
+/// for another ("ℵ℘℘" got the cached answer to "😀🎉"). A tokenizer
+/// without an unknown token reads everything.
+pub fn reads_a_word(tokenizer: &Tokenizer, text: &str) -> bool {
+    let tokenizers::ModelWrapper::WordPiece(model) = tokenizer.get_model() else {
+        return true;
+    };
+    let Some(unknown) = tokenizer.token_to_id(&model.unk_token) else {
+        return true;
+    };
+    match tokenizer.encode_fast(text, false) {
+        Ok(e) => e.get_ids().iter().any(|&id| id != unknown),
+        // Not this check's to refuse: the embedder reports it.
+        Err(_) => true,
+    }
 }
 
 pub enum AnyCrossEncoder {
@@ -654,6 +679,25 @@ mod tests {
             model: enc.model.unpacked(),
             ..enc
         }
+    }
+
+    /// Emoji alone, or letters the vocabulary lacks, are nothing but
+    /// `[UNK]`, and embed alike: those questions are the ones refused. A
+    /// word, or punctuation, the model knows is enough.
+    #[test]
+    fn a_text_of_unknown_tokens_only_reads_no_word() {
+        let enc = minilm();
+        for text in ["😀🎉", "ℵ℘℘", "🚗 🚗", "", "\u{1}"] {
+            assert!(!reads_a_word(enc.tokenizer(), text), "{text:?}");
+        }
+        for text in ["office 😀", "?", "café", "東京", "Qu'est-ce que c'est"] {
+            assert!(reads_a_word(enc.tokenizer(), text), "{text:?}");
+        }
+        // And the embeddings say why: two such texts are one vector, as
+        // far as a 0.98 cache threshold can tell.
+        let v = enc.embed(&["😀🎉", "ℵ℘℘"]).unwrap();
+        let cosine: f32 = v[0].iter().zip(&v[1]).map(|(a, b)| a * b).sum();
+        assert!(cosine > 0.98, "{cosine}");
     }
 
     fn worst_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
