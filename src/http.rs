@@ -511,7 +511,8 @@ async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
 }
 
 /// A page of `GET /dlq`: `?after=ID` (the last id of the page before),
-/// `limit`, `pending=true` for the entries not replayed yet.
+/// `limit`, `pending=true` for the entries still waiting (not replayed, nor settled
+/// by a newer version or a deletion).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DlqParams {
@@ -598,6 +599,16 @@ async fn dlq_replay(
     if entry.replayed {
         let already = ragd_actors::dlq::AlreadyReplayed(id);
         return error(StatusCode::CONFLICT, already.to_string());
+    }
+    if entry.settled.is_some() {
+        let why = match entry.status() {
+            "deleted" => "the document was deleted since",
+            _ => "a newer version of the document was taken in since",
+        };
+        return error(
+            StatusCode::CONFLICT,
+            format!("DLQ entry {id} needs no replay: {why}"),
+        );
     }
     let Some(path) = replay_path(&node.config.sources, &entry) else {
         return error(
@@ -749,6 +760,7 @@ mod tests {
             version: None,
             payload,
             replayed: false,
+            settled: None,
         };
         let chunker = entry("kb:a/b.md", json!({ "path": "/srv/kb/a/b.md" }));
         assert_eq!(

@@ -325,7 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "{}\t{}\t{}\tattempts={}\t{}\t{}",
                     e.id,
-                    if e.replayed { "replayed" } else { "pending" },
+                    e.status(),
                     e.doc_id,
                     e.attempts,
                     e.stage,

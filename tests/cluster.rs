@@ -705,7 +705,7 @@ fn the_pipeline_waits_out_a_qdrant_outage_and_completes() {
 #[test]
 fn a_dlq_opens_with_every_entry_the_topic_holds() {
     use ragd_actors::bridge::kafka::{Kafka, KafkaDlq};
-    use ragd_actors::dlq::{DeadLetters, DlqEntry};
+    use ragd_actors::dlq::{DeadLetters, DlqEntry, Settled};
     let broker = Tansu::start_persistent();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let kafka = rt
@@ -721,32 +721,39 @@ fn a_dlq_opens_with_every_entry_the_topic_holds() {
         version: Some("v1".into()),
         payload: serde_json::json!({"doc": doc}),
         replayed: false,
+        settled: None,
     };
     // Written as the pool writes them, from a runtime worker: an entry, its
-    // replay, and a second entry last.
+    // replay, one whose document was then deleted (the watcher settles it),
+    // and a second entry last.
     let writer = KafkaDlq::open(kafka.clone(), |_| {}).unwrap();
-    let (first, second) = rt
+    let (first, deleted, second) = rt
         .block_on(rt.spawn(async move {
             let first = writer.push(entry("kb:hr/a.pdf")).unwrap();
             writer.mark_replayed(first).unwrap();
-            (first, writer.push(entry("kb:hr/b.pdf")).unwrap())
+            let deleted = writer.push(entry("kb:hr/c.pdf")).unwrap();
+            let settled = writer.settle("kb:hr/c.pdf", None, Settled::Deleted);
+            assert_eq!(settled.unwrap(), [deleted]);
+            (first, deleted, writer.push(entry("kb:hr/b.pdf")).unwrap())
         }))
         .unwrap();
 
     let slow = |_: &DlqEntry| std::thread::sleep(Duration::from_millis(500));
     let reader = KafkaDlq::open(kafka, slow).unwrap();
-    let listed: Vec<(u64, String, bool)> = reader
+    let listed: Vec<(u64, String, &str)> = reader
         .list()
         .unwrap()
         .into_iter()
-        .map(|e| (e.id, e.doc_id, e.replayed))
+        .map(|e| (e.id, e.doc_id.clone(), e.status()))
         .collect();
     assert_eq!(
         listed,
         [
-            (first, "kb:hr/a.pdf".to_string(), true),
-            (second, "kb:hr/b.pdf".to_string(), false)
+            (first, "kb:hr/a.pdf".to_string(), "replayed"),
+            (deleted, "kb:hr/c.pdf".to_string(), "deleted"),
+            (second, "kb:hr/b.pdf".to_string(), "pending")
         ]
     );
     assert!(reader.pending("kb:hr/b.pdf", "v1").is_some());
+    assert!(reader.pending("kb:hr/c.pdf", "v1").is_none());
 }

@@ -697,6 +697,23 @@ fn malformed_pdf_goes_to_the_dlq_and_the_daemon_keeps_serving() {
         source_uris(&r).contains(&"eng/broken.pdf".to_string()),
         "{r}"
     );
+    // And its entry waits no more: nothing is left to replay.
+    let dlq = d.admin_json("/dlq")["entries"].clone();
+    assert_eq!(dlq[1]["settled"], "superseded", "{dlq}");
+    let pending = d.admin_json("/dlq?pending=true")["entries"].clone();
+    assert_eq!(pending, serde_json::json!([]), "{pending}");
+    let config = ws.config();
+    let (ok, out, _) = ws.ragd(&["dlq", "list", "--config", config.to_str().unwrap()]);
+    assert!(
+        ok && out.lines().nth(1).unwrap().contains("\tsuperseded\t"),
+        "{out}"
+    );
+    let id = dlq[1]["id"].to_string();
+    let (ok, out, err) = ws.ragd(&["dlq", "replay", &id, "--config", config.to_str().unwrap()]);
+    assert!(
+        !ok && format!("{out}{err}").contains("needs no replay"),
+        "{out}{err}"
+    );
 }
 
 #[test]

@@ -5,6 +5,11 @@
 //! Embedded backend: an append-only JSON-lines log. Replaying appends a
 //! `replayed` record instead of rewriting the file, so a crash mid-write can
 //! lose at most the line being written, never earlier entries.
+//!
+//! An entry waits for a replay until one comes, or until its document moves
+//! on without one (see [`Settled`]): a newer version of the file came (the
+//! operator fixed it, or it changed), or the file was deleted. Either way
+//! there is nothing left to replay.
 
 use anyhow::Context;
 use parking_lot::Mutex;
@@ -28,6 +33,40 @@ pub struct DlqEntry {
     pub payload: serde_json::Value,
     #[serde(default)]
     pub replayed: bool,
+    /// Set when the document moved on without a replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<Settled>,
+}
+
+/// How an entry's document moved on without a replay: its failed version
+/// is no longer the document's, so the entry no longer waits (an
+/// operator's list of what to look at, or an alert on the entries
+/// waiting, would otherwise keep it for good).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Settled {
+    /// A newer version of the file came (fixed, or changed) and was taken
+    /// in; should it fail too, it has an entry of its own.
+    Superseded,
+    /// The file was deleted.
+    Deleted,
+}
+
+impl DlqEntry {
+    /// Still waiting for a replay: neither replayed nor settled.
+    pub fn waiting(&self) -> bool {
+        !self.replayed && self.settled.is_none()
+    }
+
+    /// "pending", "replayed", "superseded" or "deleted".
+    pub fn status(&self) -> &'static str {
+        match (self.replayed, self.settled) {
+            (true, _) => "replayed",
+            (false, Some(Settled::Superseded)) => "superseded",
+            (false, Some(Settled::Deleted)) => "deleted",
+            (false, None) => "pending",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -35,6 +74,7 @@ pub struct DlqEntry {
 pub(crate) enum Record {
     Entry(DlqEntry),
     Replayed { id: u64 },
+    Settled { id: u64, how: Settled },
 }
 
 pub trait DeadLetters: Send + Sync {
@@ -54,10 +94,17 @@ pub trait DeadLetters: Send + Sync {
     /// Marks entry `id` replayed and returns it; of two calls for one
     /// entry, one fails with [`AlreadyReplayed`].
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry>;
-    /// The entry holding `version` of `doc_id`, unless it was replayed. The
-    /// watcher asks this for every document it sees, so backends answer
-    /// from memory without copying the whole queue.
+    /// The entry holding `version` of `doc_id`, unless it was replayed (or
+    /// settled). The watcher asks this for every document it sees, so
+    /// backends answer from memory without copying the whole queue.
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry>;
+    /// Marks `how` every entry of `doc_id` still waiting, but those of
+    /// `current` (the version just taken in: its entry, if any, is the one
+    /// it waits on), and returns their ids. The watcher calls it for each
+    /// version it takes in and each deletion, so a backend answers the
+    /// usual case (no entry of the document) from memory.
+    fn settle(&self, doc_id: &str, current: Option<&str>, how: Settled)
+        -> anyhow::Result<Vec<u64>>;
 }
 
 /// Which entries a [`DeadLetters::page`] holds: up to `limit` with ids
@@ -79,7 +126,7 @@ pub struct Page {
 impl Page {
     /// The page of `entries` (in id order, above `q.after` already).
     fn of(entries: impl Iterator<Item = DlqEntry>, q: &PageQuery) -> Page {
-        let mut entries = entries.filter(|e| !(q.pending_only && e.replayed));
+        let mut entries = entries.filter(|e| !q.pending_only || e.waiting());
         let page: Vec<DlqEntry> = entries.by_ref().take(q.limit).collect();
         let more = entries.next().is_some();
         Page {
@@ -153,7 +200,7 @@ impl Held {
     }
 
     fn index(&mut self, e: &DlqEntry, add: bool) {
-        let Some(version) = e.version.as_ref().filter(|_| !e.replayed) else {
+        let Some(version) = e.version.as_ref().filter(|_| e.waiting()) else {
             return;
         };
         if add {
@@ -193,7 +240,32 @@ impl Held {
         Some(e)
     }
 
-    /// The first entry holding `version` of `doc_id` that was not replayed.
+    /// Sets entry `id`'s settled mark and returns the entry; None when
+    /// there is no such entry.
+    pub fn set_settled(&mut self, id: u64, how: Option<Settled>) -> Option<DlqEntry> {
+        let at = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        let e = self.entries[at].clone();
+        self.index(&e, false);
+        self.entries[at].settled = how;
+        let e = self.entries[at].clone();
+        self.index(&e, true);
+        Some(e)
+    }
+
+    /// The entries of `doc_id` waiting for a replay, but those of version
+    /// `except`.
+    pub fn waiting_of(&self, doc_id: &str, except: Option<&str>) -> Vec<u64> {
+        let Some(versions) = self.pending.get(doc_id) else {
+            return Vec::new();
+        };
+        let others = versions.iter().filter(|(v, _)| Some(v.as_str()) != except);
+        let mut ids: Vec<u64> = others.flat_map(|(_, ids)| ids.iter().copied()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The first entry holding `version` of `doc_id` still waiting for a
+    /// replay.
     pub fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
         let id = *self.pending.get(doc_id)?.get(version)?.first()?;
         self.get(id).cloned()
@@ -212,7 +284,7 @@ impl Held {
     pub fn page(&self, q: &PageQuery) -> Page {
         let start = self.entries.partition_point(|e| e.id <= q.after);
         let rest = self.entries[start..].iter();
-        Page::of(rest.filter(|e| !(q.pending_only && e.replayed)).cloned(), q)
+        Page::of(rest.filter(|e| !q.pending_only || e.waiting()).cloned(), q)
     }
 }
 
@@ -286,6 +358,11 @@ impl FileDlq {
                         entries[i].replayed = true;
                     }
                 }
+                Ok(Record::Settled { id, how }) => {
+                    if let Some(&i) = at.get(&id) {
+                        entries[i].settled = Some(how);
+                    }
+                }
                 Err(_) => continue,
             }
         }
@@ -308,6 +385,7 @@ impl DeadLetters for FileDlq {
         let (file, held) = &mut *log;
         entry.id = held.last_id() + 1;
         entry.replayed = false;
+        entry.settled = None;
         self.append(file, &Record::Entry(entry.clone()))?;
         let id = entry.id;
         held.insert(entry);
@@ -343,6 +421,22 @@ impl DeadLetters for FileDlq {
         held.set_replayed(id, true)
             .with_context(|| format!("no DLQ entry with id {id}"))
     }
+
+    fn settle(
+        &self,
+        doc_id: &str,
+        current: Option<&str>,
+        how: Settled,
+    ) -> anyhow::Result<Vec<u64>> {
+        let mut log = self.log.lock();
+        let (file, held) = &mut *log;
+        let ids = held.waiting_of(doc_id, current);
+        for &id in &ids {
+            self.append(file, &Record::Settled { id, how })?;
+            held.set_settled(id, Some(how));
+        }
+        Ok(ids)
+    }
 }
 
 impl DlqEntry {
@@ -358,6 +452,7 @@ impl DlqEntry {
             version: job.version().map(str::to_string),
             payload: job.payload(),
             replayed: false,
+            settled: None,
         }
     }
 }
@@ -384,6 +479,7 @@ mod tests {
             version: Some("abc".into()),
             payload: serde_json::json!({"path": doc}),
             replayed: false,
+            settled: None,
         }
     }
 
@@ -429,6 +525,63 @@ mod tests {
         assert_eq!(held.last_id(), 4);
     }
 
+    /// A document that moved on (a newer version taken in, or deleted)
+    /// leaves its entries of other versions settled: no longer pending,
+    /// nor listed as waiting, and so after a reopen. The current version's
+    /// own entry, and other documents', still wait.
+    #[test]
+    fn an_entry_whose_document_moved_on_waits_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let dlq = FileDlq::open(&path).unwrap();
+        let of = |doc: &str, version: &str| DlqEntry {
+            version: Some(version.into()),
+            ..entry(doc)
+        };
+        for e in [of("a", "v1"), of("a", "v2"), of("b", "v1"), of("c", "v1")] {
+            dlq.push(e).unwrap();
+        }
+        assert_eq!(
+            dlq.settle("a", Some("v2"), Settled::Superseded).unwrap(),
+            [1]
+        );
+        assert!(dlq.pending("a", "v1").is_none());
+        assert_eq!(dlq.pending("a", "v2").map(|e| e.id), Some(2));
+        assert_eq!(dlq.settle("b", None, Settled::Deleted).unwrap(), [3]);
+        assert!(dlq.settle("b", None, Settled::Deleted).unwrap().is_empty());
+        assert!(dlq.settle("z", None, Settled::Deleted).unwrap().is_empty());
+        // A replayed entry is the replay's, not settled after it.
+        dlq.mark_replayed(4).unwrap();
+        assert!(dlq
+            .settle("c", Some("v9"), Settled::Superseded)
+            .unwrap()
+            .is_empty());
+        let statuses = |entries: Vec<DlqEntry>| -> Vec<&'static str> {
+            entries.iter().map(DlqEntry::status).collect()
+        };
+        let want = ["superseded", "pending", "deleted", "replayed"];
+        assert_eq!(statuses(dlq.list().unwrap()), want);
+        let waiting = PageQuery {
+            after: 0,
+            limit: 10,
+            pending_only: true,
+        };
+        let ids: Vec<u64> = dlq
+            .page(&waiting)
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, [2]);
+        drop(dlq);
+        assert_eq!(statuses(FileDlq::read(&path).unwrap()), want);
+        let dlq = FileDlq::open(&path).unwrap();
+        assert_eq!(statuses(dlq.list().unwrap()), want);
+        assert!(dlq.pending("a", "v1").is_none() && dlq.pending("b", "v1").is_none());
+        assert!(dlq.pending("a", "v2").is_some());
+    }
+
     #[test]
     fn pages_go_in_id_order_from_after_and_say_whether_more_follow() {
         let dir = tempfile::tempdir().unwrap();
@@ -471,6 +624,9 @@ mod tests {
             }
             fn pending(&self, _: &str, _: &str) -> Option<DlqEntry> {
                 None
+            }
+            fn settle(&self, _: &str, _: Option<&str>, _: Settled) -> anyhow::Result<Vec<u64>> {
+                unreachable!()
             }
         }
         let listed = Listed(dlq.list().unwrap());

@@ -8,7 +8,7 @@
 //! missed. A restart does the same scan against the vector store's contents.
 
 use crate::bridge::Port;
-use crate::dlq::DeadLetters;
+use crate::dlq::{DeadLetters, Settled};
 use crate::indexer::actor::IndexJob;
 use crate::ledger::{DocStatus, Ledger, Outcome};
 use crate::messages::{DocMeta, Partition};
@@ -2115,6 +2115,7 @@ async fn remove(args: &WatcherArgs, doc_id: &str) {
             seq,
         };
         hand_on(args, &args.index_q, job).await;
+        settle_dead_letters(args, doc_id, None, Settled::Deleted);
     }
 }
 
@@ -2373,9 +2374,25 @@ async fn decide(
         seq: crate::messages::next_seq(),
     };
     if args.ledger.admit_at(&id, Some(&version), doc.seq).await {
-        args.known.lock().insert(id, version);
+        args.known.lock().insert(id.clone(), version.clone());
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
+        settle_dead_letters(args, &id, Some(&version), Settled::Superseded);
+    }
+}
+
+/// The document's DLQ entries of other versions than `current` need no
+/// replay now (see [`Settled`]): marked so, they leave the list of what
+/// waits for an operator. (The usual document has none: answered from
+/// memory.)
+fn settle_dead_letters(args: &WatcherArgs, id: &str, current: Option<&str>, how: Settled) {
+    match args.dlq.settle(id, current, how) {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(doc = %id, ?ids, "its dead-lettered versions need no replay now: {how:?}");
+        }
+        Ok(_) => {}
+        // They go on waiting: an operator's replay finds the file as it is.
+        Err(e) => tracing::warn!(doc = %id, "could not mark its DLQ entries settled: {e:#}"),
     }
 }
 
@@ -2971,6 +2988,46 @@ mod tests {
         // A clock ahead (another machine's), or none: not waited for.
         assert_eq!(being_written(Some(now + quiet), quiet), None);
         assert_eq!(being_written(None, quiet), None);
+    }
+
+    /// A dead-lettered document that is then changed (fixed) or deleted
+    /// leaves its entry settled: nothing is left to replay, and it no
+    /// longer counts as waiting for an operator.
+    #[tokio::test]
+    async fn a_dead_lettered_document_changed_or_deleted_needs_no_replay() {
+        let rig = Rig::new();
+        rig.write("fixed.md", "# Broken");
+        rig.write("gone.md", "# Broken too");
+        let args = rig.args(true);
+        let dlq = args.dlq.clone();
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned.len(), 2);
+        for id in ["kb:fixed.md", "kb:gone.md"] {
+            let version = rig.known.lock()[id].clone();
+            let e = crate::dlq::DlqEntry {
+                id: 0,
+                at: 0,
+                stage: "chunker".into(),
+                error: "boom".into(),
+                attempts: 3,
+                doc_id: id.into(),
+                version: Some(version),
+                payload: serde_json::json!({}),
+                replayed: false,
+                settled: None,
+            };
+            dlq.push(e).unwrap();
+            rig.dead_letter(id);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rig.write("fixed.md", "# Fixed\n\nNow it parses.");
+        std::fs::remove_file(rig.root.join("gone.md")).unwrap();
+        wait_for(|| dlq.list().unwrap().iter().all(|e| e.settled.is_some())).await;
+        let statuses: Vec<_> = dlq.list().unwrap().iter().map(|e| e.status()).collect();
+        assert_eq!(statuses, ["superseded", "deleted"]);
+        assert_eq!(rig.handed(), ["kb:fixed.md"]);
+        assert_eq!(rig.deleted(), ["kb:gone.md"]);
+        watcher.stop(None);
     }
 
     /// `rm -rf site && build site`: the debouncer folds the removals under

@@ -769,6 +769,7 @@ impl Kafka {
                                     .into_owned(),
                             ),
                             replayed: false,
+                            settled: None,
                         };
                         // Tried again, off this loop (which must keep
                         // polling): while it is not written, this partition
@@ -982,6 +983,9 @@ impl KafkaDlq {
                             Ok(Record::Replayed { id }) => {
                                 all.lock().set_replayed(id, true);
                             }
+                            Ok(Record::Settled { id, how }) => {
+                                all.lock().set_settled(id, Some(how));
+                            }
                             Err(e) => tracing::warn!(topic = %t, "unreadable DLQ record: {e}"),
                         }
                         // Only once the record is in the list: `open` returns
@@ -1083,6 +1087,34 @@ impl DeadLetters for KafkaDlq {
             return Err(err);
         }
         Ok(entry)
+    }
+
+    fn settle(
+        &self,
+        doc_id: &str,
+        current: Option<&str>,
+        how: crate::dlq::Settled,
+    ) -> anyhow::Result<Vec<u64>> {
+        // Claimed under the lock and written after, as a replay is.
+        let ids = {
+            let mut entries = self.entries.lock();
+            let ids = entries.waiting_of(doc_id, current);
+            for &id in &ids {
+                entries.set_settled(id, Some(how));
+            }
+            ids
+        };
+        for (i, &id) in ids.iter().enumerate() {
+            if let Err(err) = self.append(&Record::Settled { id, how }, doc_id) {
+                // Not written: these wait again.
+                let mut entries = self.entries.lock();
+                for &id in &ids[i..] {
+                    entries.set_settled(id, None);
+                }
+                return Err(err);
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -1235,6 +1267,14 @@ mod tests {
         }
         fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
             anyhow::bail!("no replays here ({id})")
+        }
+        fn settle(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: crate::dlq::Settled,
+        ) -> anyhow::Result<Vec<u64>> {
+            Ok(vec![])
         }
         fn pending(&self, _: &str, _: &str) -> Option<DlqEntry> {
             None
