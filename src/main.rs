@@ -40,7 +40,8 @@ enum Command {
     },
     /// Ingest once with a progress bar, and exit when every file is accounted for.
     /// With PATHs (inside the configured sources), only those are scanned.
-    /// Stop the daemon first: both use the same data folder.
+    /// Stop the daemon first: both use the same data folder, which one ragd
+    /// at a time may use (a second is refused, naming the first).
     Ingest {
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "RAGD_CONFIG")]
         config: PathBuf,

@@ -88,6 +88,54 @@ pub struct Node {
     pub optimizer: Arc<Optimizer>,
     /// One permit per query being answered (`[query] max_concurrent`).
     pub query_slots: tokio::sync::Semaphore,
+    /// Held for the node's life: see [`lock_data_dir`].
+    _data_dir_lock: Option<std::fs::File>,
+}
+
+/// One ragd per data folder. A second (a `ragd ingest` while the daemon
+/// runs, a second `ragd up` on other ports) would write the same store and
+/// DLQ log; the store's own lock refused it, but with the engine's words
+/// ("Can't init WAL: Kind(WouldBlock)"). The lock is the kernel's (flock),
+/// so a process killed with -9 leaves none behind, and the file names the
+/// holder's pid. A file system without locks (some network mounts) gets a
+/// warning and no lock.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<Option<std::fs::File>> {
+    use std::io::{Read, Write};
+    let path = dir.join("ragd.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            anyhow::bail!(
+                "data_dir {} is in use by another ragd{holder}: one ragd at a time per data \
+                 folder (stop the daemon before a one-shot `ragd ingest`, or give this one \
+                 another data_dir)",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {}: {e}; nothing stops a second ragd from using this data_dir",
+                path.display()
+            );
+            return Ok(None);
+        }
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(Some(file))
 }
 
 /// Removes what [`removals_at_start`] finds (old versions a prune left,
@@ -336,6 +384,7 @@ impl Node {
         }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let policy = BatchPolicy {
             max_tokens: config.batch_max_tokens,
             max_batch: config.batch_max_size,
@@ -800,6 +849,7 @@ impl Node {
             ragd_actors::embedder::Batcher::start("ragd-query-embed", encoder.clone(), 64);
         Ok(Node {
             query_slots: tokio::sync::Semaphore::new(config.max_concurrent_queries),
+            _data_dir_lock: data_dir_lock,
             config,
             ledger,
             registry,

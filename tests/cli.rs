@@ -86,6 +86,11 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     let d = ws.start();
     let ledger = d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
     assert_eq!(ledger["in_flight"], 0);
+    // A one-shot ingest meanwhile is refused, naming the daemon, and
+    // changes nothing.
+    let (ok, _, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+    let holder = format!("is in use by another ragd (pid {})", d.child.id());
+    assert!(!ok && err.contains(&holder), "{err}");
     let (ok, out, err) = ws.ragd(&["status", "--config", cfg.to_str().unwrap()]);
     assert!(ok, "{err}");
     for needle in [
