@@ -52,23 +52,6 @@ pub enum Settled {
     Deleted,
 }
 
-impl DlqEntry {
-    /// Still waiting for a replay: neither replayed nor settled.
-    pub fn waiting(&self) -> bool {
-        !self.replayed && self.settled.is_none()
-    }
-
-    /// "pending", "replayed", "superseded" or "deleted".
-    pub fn status(&self) -> &'static str {
-        match (self.replayed, self.settled) {
-            (true, _) => "replayed",
-            (false, Some(Settled::Superseded)) => "superseded",
-            (false, Some(Settled::Deleted)) => "deleted",
-            (false, None) => "pending",
-        }
-    }
-}
-
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]
 pub(crate) enum Record {
@@ -440,6 +423,21 @@ impl DeadLetters for FileDlq {
 }
 
 impl DlqEntry {
+    /// Still waiting for a replay: neither replayed nor settled.
+    pub fn waiting(&self) -> bool {
+        !self.replayed && self.settled.is_none()
+    }
+
+    /// "pending", "replayed", "superseded" or "deleted".
+    pub fn status(&self) -> &'static str {
+        match (self.replayed, self.settled) {
+            (true, _) => "replayed",
+            (false, Some(Settled::Superseded)) => "superseded",
+            (false, Some(Settled::Deleted)) => "deleted",
+            (false, None) => "pending",
+        }
+    }
+
     /// The entry for `job` failing in `stage` (its id is assigned on push).
     pub fn for_job<J: crate::pool::Job>(stage: &str, error: &str, attempts: u32, job: &J) -> Self {
         DlqEntry {

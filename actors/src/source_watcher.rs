@@ -813,12 +813,11 @@ impl SourceWatcher {
                     .filter(|(_, w)| w.due <= now)
                     .map(|(p, _)| p.clone())
                     .collect();
-                let mut hung = Vec::new();
-                for path in &due {
-                    if let Some((source, uri)) = source_of(&st.args.sources, path) {
-                        hung.extend(consider(&st.args, source, path, &uri, Look::Event).await);
-                    }
-                }
+                // (Probed together: a folder copied in has many due at once.)
+                let files = (due.iter().cloned())
+                    .filter_map(|path| Candidate::at(&st.args.sources, path, Look::Event))
+                    .collect();
+                let hung = consider_all(&st.args, files).await;
                 // One that was not looked at after all (a source that hung
                 // keeps it on the retry list; its type no longer read)
                 // waits no more: it would be due again at once, forever.
