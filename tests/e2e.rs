@@ -501,9 +501,23 @@ fn text_the_model_cannot_read_is_not_indexed() {
             })
             .collect()
     };
+    // Hashes, one `[UNK]` each (101 to 255 characters: longer runs are
+    // taken for encoded data, as below).
+    let hashes: Vec<String> = (0..2_000)
+        .map(|i| key(101 + i % 150).to_lowercase())
+        .collect();
+    ws.write("eng/keys.txt", hashes.join("\n"));
+    // Encoded data: a base64 attachment alone, and a screenshot pasted
+    // into a guide as a data: URI (which was ~4,000 chunks of pieces the
+    // model spells, minutes of embedding).
+    ws.write("eng/attachment.txt", key(1_000_000));
     ws.write(
-        "eng/keys.txt",
-        format!("{}\n{}\n", key(1_000_000), key(400_000)),
+        "eng/guide.md",
+        format!(
+            "# Guide\n\nAttach a screenshot of the failing build to the ticket.\n\n\
+             ![the build page](data:image/png;base64,{}==)\n",
+            key(400_000)
+        ),
     );
     ws.write(
         "eng/deploy.md",
@@ -515,15 +529,23 @@ fn text_the_model_cannot_read_is_not_indexed() {
     ws.write("eng/build.txt", BUILD);
     let d = ws.start();
     let ledger = d.wait_ledger(Duration::from_secs(120), |l| {
-        l["indexed"] == 2 && l["skipped"] == 1
+        l["indexed"] == 3 && l["skipped"] == 2
     });
-    assert_eq!(ledger["seen"], 3, "{ledger}");
-    let page = d.admin_json("/ingest/documents?prefix=kb:eng/keys.txt");
-    let reason = page["documents"][0]["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("no text the model can read"), "{page}");
-    // deploy.md's prose, not its key: a chunk or two, not twenty.
+    assert_eq!(ledger["seen"], 5, "{ledger}");
+    for (doc, why) in [
+        ("keys.txt", "no text the model can read"),
+        ("attachment.txt", "only encoded data"),
+    ] {
+        let page = d.admin_json(&format!("/ingest/documents?prefix=kb:eng/{doc}"));
+        let reason = page["documents"][0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(why), "{page}");
+    }
+    // The prose of deploy.md and guide.md, not their key and image: a
+    // chunk or two each, not thousands.
     let points = d.admin_json("/index")["points"].as_u64().unwrap();
-    assert!(points <= 4, "{points} points");
+    assert!(points <= 5, "{points} points");
+    let r = d.ask(ENG_TOKEN, "what goes on a ticket about a failing build?");
+    assert_eq!(r["sources"][0]["uri"], "eng/guide.md", "{r}");
     let r = d.ask(ENG_TOKEN, "how often is the signing key rotated?");
     assert_eq!(r["sources"][0]["uri"], "eng/deploy.md", "{r}");
     assert!(texts(&r).contains("ninety days"), "{r}");

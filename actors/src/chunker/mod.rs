@@ -740,12 +740,25 @@ mod tests {
             unk.spelled_up_to, 100,
             "every letter and digit is in the vocabulary"
         );
-        let keys = format!("{}\n{}\n", hex(30_000), hex(20_000));
-        match c.chunk_file(Path::new("keys.txt"), keys.as_bytes()) {
-            Err(ParseError::Unsupported(reason)) => {
-                assert!(reason.contains("no text the model can read"), "{reason}")
+        // Words of 101 to 255 characters: hashes (SHA-512 in lowercase hex
+        // is 128), each one `[UNK]`. (Longer runs, and blocks of lines in
+        // both cases, are encoded data, left out when parsed: see
+        // parse::without_encoded_data.)
+        let hashes: Vec<String> = (0..300)
+            .map(|i| hex(101 + i % 150).to_lowercase())
+            .collect();
+        let dumps = [
+            (hashes.join("\n"), "no text the model can read"),
+            (
+                format!("{}\n{}\n", hex(30_000), hex(20_000)),
+                "only encoded data",
+            ),
+        ];
+        for (keys, why) in dumps {
+            match c.chunk_file(Path::new("keys.txt"), keys.as_bytes()) {
+                Err(ParseError::Unsupported(reason)) => assert!(reason.contains(why), "{reason}"),
+                other => panic!("expected a skip, got {other:?}"),
             }
-            other => panic!("expected a skip, got {other:?}"),
         }
         let mixed = format!(
             "# Expenses\n\nSubmit receipts within thirty days.\n\n{}\n\nManagers approve reports weekly.\n",

@@ -67,15 +67,116 @@ pub fn parse_with(path: &Path, bytes: &[u8], pdf: &PdfParser) -> Result<Vec<Sect
         _ => {
             let text = decode_text(bytes, format)?;
             Ok(match format {
-                Format::Markdown => markdown_sections(&text),
-                Format::Html => markdown_sections(&html_to_markdown(&text)),
+                Format::Markdown => markdown_sections(&text_of(&text)?),
+                Format::Html => markdown_sections(&text_of(&html_to_markdown(&text))?),
                 _ => vec![Section {
                     headings: vec![],
-                    body: text,
+                    body: text_of(&text)?.into_owned(),
                 }],
             })
         }
     }
+}
+
+/// A run of at least this many base64 (or hex) characters, digits among
+/// them, is encoded data, not words: no word of prose or code is this
+/// long. (The pieces a run ends in are `/`, `+`, `=`, `-`, `_`: a URL path
+/// of words has no digits and is kept.)
+const ENCODED_RUN: usize = 256;
+
+/// A line of only base64 characters (letters of both cases and digits
+/// among them), at least this long, in a block of [`ENCODED_BLOCK`] or
+/// more: a PEM certificate or key, a MIME part (64 or 76 a line).
+const ENCODED_LINE: usize = 40;
+const ENCODED_BLOCK: usize = 3;
+
+fn is_base64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+}
+
+/// `text` without encoded data: an image inlined as a `data:` URI (a
+/// Markdown editor's pasted screenshot, an exported page), a PEM
+/// certificate in a runbook, a base64 attachment. The BERT pre-tokenizer
+/// splits base64 at its `+` and `/` into pieces WordPiece spells, so such
+/// data became chunks of meaningless tokens: a 2 MB Markdown file with one
+/// pasted screenshot was ~4,000 chunks, minutes of embedding on CPU, and
+/// as many junk vectors in its partition (unlike a key dump, whose
+/// unbroken words are `[UNK]` and left out). The prose around it stays.
+pub fn without_encoded_data(text: &str) -> std::borrow::Cow<'_, str> {
+    let encoded_line = |line: &str| {
+        let b = line.trim().as_bytes();
+        b.len() >= ENCODED_LINE
+            && b.iter().all(|&c| is_base64(c))
+            && b.iter().any(u8::is_ascii_digit)
+            && b.iter().any(u8::is_ascii_uppercase)
+            && b.iter().any(u8::is_ascii_lowercase)
+    };
+    let lines: Vec<&str> = text.split('\n').collect();
+    let mut dropped = vec![false; lines.len()];
+    let mut i = 0;
+    while i < lines.len() {
+        let start = i;
+        while i < lines.len() && encoded_line(lines[i]) {
+            i += 1;
+        }
+        if i - start >= ENCODED_BLOCK {
+            dropped[start..i].iter_mut().for_each(|d| *d = true);
+        }
+        i = i.max(start + 1);
+    }
+    let kept: Vec<std::borrow::Cow<str>> = (lines.iter().zip(&dropped))
+        .filter(|(_, d)| !**d)
+        .map(|(line, _)| without_runs(line))
+        .collect();
+    let cut = kept.iter().any(|l| matches!(l, std::borrow::Cow::Owned(_)));
+    if !cut && !dropped.contains(&true) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(kept.join("\n"))
+}
+
+/// [`without_encoded_data`], or why there is nothing left to index.
+fn text_of(text: &str) -> Result<std::borrow::Cow<'_, str>, ParseError> {
+    let kept = without_encoded_data(text);
+    if matches!(kept, std::borrow::Cow::Owned(_)) && kept.trim().is_empty() {
+        return Err(ParseError::Unsupported(
+            "no text: only encoded data (base64 or hex: a key, an image or an attachment)".into(),
+        ));
+    }
+    Ok(kept)
+}
+
+/// `line` without its runs of [`ENCODED_RUN`] or more base64 characters
+/// with a digit among them.
+fn without_runs(line: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = line.as_bytes();
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !is_base64(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && is_base64(bytes[i]) {
+            i += 1;
+        }
+        if i - start >= ENCODED_RUN && bytes[start..i].iter().any(u8::is_ascii_digit) {
+            cuts.push((start, i));
+        }
+    }
+    if cuts.is_empty() {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    // (Runs are ASCII, so each cut is at a character boundary.)
+    let mut out = String::with_capacity(line.len());
+    let mut at = 0;
+    for (start, end) in cuts {
+        out.push_str(&line[at..start]);
+        at = end;
+    }
+    out.push_str(&line[at..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// A text format's bytes as text. UTF-8 is the rule; a byte-order mark
@@ -226,7 +327,7 @@ fn parse_pdf(bytes: &[u8], pdf: &PdfParser) -> Result<Vec<Section>, ParseError> 
     let text = pdf.extract(bytes)?;
     Ok(vec![Section {
         headings: vec![],
-        body: normalise_whitespace(&text),
+        body: normalise_whitespace(&text_of(&text)?),
     }])
 }
 
@@ -929,6 +1030,82 @@ mod tests {
     fn body(path: &str, bytes: &[u8]) -> String {
         let sections = parse(Path::new(path), bytes).unwrap();
         sections.iter().map(|s| s.body.as_str()).collect()
+    }
+
+    /// `n` base64 characters of pseudo-random bytes, as an encoder gives.
+    fn base64_of_noise(n: usize) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ALPHABET[(x % 64) as usize] as char
+            })
+            .collect()
+    }
+
+    /// Encoded data (a screenshot pasted as a `data:` URI, a PEM
+    /// certificate, a base64 blob in a page) is left out of every format;
+    /// the prose around it stays, and text without any is not touched.
+    #[test]
+    fn encoded_data_is_left_out_and_the_prose_kept() {
+        let blob = base64_of_noise(200_000);
+        let md = format!(
+            "# Guide\n\nTake a screenshot of the window.\n\n\
+             ![the dialog](data:image/png;base64,{blob}==)\n\nThen describe it.\n"
+        );
+        let got = body("guide.md", md.as_bytes());
+        assert!(got.contains("Take a screenshot of the window."), "{got}");
+        assert!(
+            got.contains("![the dialog](data:image/png;base64,)"),
+            "{got}"
+        );
+        assert!(got.contains("Then describe it."), "{got}");
+        assert!(got.len() < 200, "{} bytes kept", got.len());
+
+        let pem: Vec<String> = (0..12).map(|i| base64_of_noise(64 + i)).collect();
+        let txt = format!(
+            "Install the CA first:\r\n-----BEGIN CERTIFICATE-----\r\n{}\r\n\
+             -----END CERTIFICATE-----\r\nThen restart the proxy.\r\n",
+            pem.join("\r\n")
+        );
+        let got = body("runbook.txt", txt.as_bytes());
+        assert_eq!(
+            got,
+            "Install the CA first:\r\n-----BEGIN CERTIFICATE-----\r\n\
+             -----END CERTIFICATE-----\r\nThen restart the proxy.\r\n"
+        );
+
+        let html =
+            format!("<p>Visitors park on level two.</p><p>{blob}</p><p>Bikes go in the rack.</p>");
+        let got = body("parking.html", html.as_bytes());
+        assert!(
+            got.contains("level two") && got.contains("the rack"),
+            "{got}"
+        );
+        assert!(got.len() < 100, "{} bytes kept", got.len());
+
+        // Kept as they are: prose, a long path of words (no digits), two
+        // lines of base64 (not a block), a run short of the limit, and
+        // letters or punctuation alone (a setext underline).
+        let words = "docs/".repeat(70);
+        let two = format!("{}\n{}", base64_of_noise(64), base64_of_noise(64));
+        let short = base64_of_noise(200);
+        let rule = "=".repeat(80);
+        for text in [
+            "Plain prose, with a URL: https://example.com/a/b?c=1.",
+            words.as_str(),
+            two.as_str(),
+            short.as_str(),
+            &format!("Title\n{rule}\n{rule}\n{rule}"),
+        ] {
+            assert!(
+                matches!(without_encoded_data(text), std::borrow::Cow::Borrowed(t) if t == text),
+                "{text}"
+            );
+        }
     }
 
     #[test]
