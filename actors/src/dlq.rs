@@ -214,22 +214,22 @@ impl Held {
     /// Sets entry `id`'s replayed mark and returns the entry; None when
     /// there is no such entry.
     pub fn set_replayed(&mut self, id: u64, replayed: bool) -> Option<DlqEntry> {
-        let at = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
-        let e = self.entries[at].clone();
-        self.index(&e, false);
-        self.entries[at].replayed = replayed;
-        let e = self.entries[at].clone();
-        self.index(&e, true);
-        Some(e)
+        self.mark(id, |e| e.replayed = replayed)
     }
 
     /// Sets entry `id`'s settled mark and returns the entry; None when
     /// there is no such entry.
     pub fn set_settled(&mut self, id: u64, how: Option<Settled>) -> Option<DlqEntry> {
+        self.mark(id, |e| e.settled = how)
+    }
+
+    /// Changes entry `id`'s marks, its place in the index of pending
+    /// entries with them.
+    fn mark(&mut self, id: u64, change: impl FnOnce(&mut DlqEntry)) -> Option<DlqEntry> {
         let at = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
         let e = self.entries[at].clone();
         self.index(&e, false);
-        self.entries[at].settled = how;
+        change(&mut self.entries[at]);
         let e = self.entries[at].clone();
         self.index(&e, true);
         Some(e)
