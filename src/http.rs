@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ragd_actors::cache_guard::CachedAnswer;
-use ragd_actors::dlq::PageQuery;
+use ragd_actors::dlq::{PageQuery, Settled};
 use ragd_actors::indexer::{Hit, Scope};
 use ragd_actors::reranker::{RerankMsg, RerankRequest};
 use serde::{Deserialize, Serialize};
@@ -511,8 +511,8 @@ async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
 }
 
 /// A page of `GET /dlq`: `?after=ID` (the last id of the page before),
-/// `limit`, `pending=true` for the entries still waiting (not replayed, nor settled
-/// by a newer version or a deletion).
+/// `limit`, `pending=true` for the entries still waiting (not replayed,
+/// nor settled by a newer version or a deletion).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DlqParams {
@@ -600,10 +600,10 @@ async fn dlq_replay(
         let already = ragd_actors::dlq::AlreadyReplayed(id);
         return error(StatusCode::CONFLICT, already.to_string());
     }
-    if entry.settled.is_some() {
-        let why = match entry.status() {
-            "deleted" => "the document was deleted since",
-            _ => "a newer version of the document was taken in since",
+    if let Some(how) = entry.settled {
+        let why = match how {
+            Settled::Deleted => "the document was deleted since",
+            Settled::Superseded => "a newer version of the document was taken in since",
         };
         return error(
             StatusCode::CONFLICT,
