@@ -2326,6 +2326,10 @@ async fn decide(
         if !args.ledger.watch(&id) {
             args.ledger.record(&id, Some(&version), Outcome::Indexed);
         }
+        // Indexed as it is: entries of its other versions need no replay
+        // (left waiting by a ragd from before entries were settled, or by
+        // a settle that could not be written).
+        settle_dead_letters(args, &id, Some(&version), Settled::Superseded);
         return;
     }
     if !force && args.ledger.latest_version(&id).as_deref() == Some(version.as_str()) {
@@ -3026,6 +3030,41 @@ mod tests {
         assert_eq!(statuses, ["superseded", "deleted"]);
         assert_eq!(rig.handed(), ["kb:fixed.md"]);
         assert_eq!(rig.deleted(), ["kb:gone.md"]);
+        watcher.stop(None);
+    }
+
+    /// An entry left waiting for a version the index no longer holds (by
+    /// a ragd from before entries were settled) is settled by the scan
+    /// that finds the document indexed as it is.
+    #[tokio::test]
+    async fn a_scan_settles_the_entries_of_an_indexed_document_s_old_versions() {
+        let rig = Rig::new();
+        rig.write("a.md", "# Fixed long ago");
+        let args = rig.args(true);
+        let version = doc_version(b"# Fixed long ago", &rig.source().partition);
+        rig.known.lock().insert("kb:a.md".into(), version.clone());
+        let entry = |version: &str| crate::dlq::DlqEntry {
+            id: 0,
+            at: 0,
+            stage: "chunker".into(),
+            error: "boom".into(),
+            attempts: 3,
+            doc_id: "kb:a.md".into(),
+            version: Some(version.into()),
+            payload: serde_json::json!({}),
+            replayed: false,
+            settled: None,
+        };
+        // Its broken version, and one of the version now indexed (a stage
+        // after the write failed on it: the pruner, say), which a replay
+        // still has to finish.
+        args.dlq.push(entry("v0")).unwrap();
+        args.dlq.push(entry(&version)).unwrap();
+        let dlq = args.dlq.clone();
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert!(scanned.is_empty(), "indexed as it is: nothing to do");
+        let statuses: Vec<_> = dlq.list().unwrap().iter().map(|e| e.status()).collect();
+        assert_eq!(statuses, ["superseded", "pending"]);
         watcher.stop(None);
     }
 
