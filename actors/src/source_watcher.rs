@@ -2993,6 +2993,22 @@ mod tests {
         assert_eq!(being_written(None, quiet), None);
     }
 
+    /// The DLQ entry of `version` of `doc_id` that the chunker gave up on.
+    fn chunker_failed(doc_id: &str, version: &str) -> crate::dlq::DlqEntry {
+        crate::dlq::DlqEntry {
+            id: 0,
+            at: 0,
+            stage: "chunker".into(),
+            error: "boom".into(),
+            attempts: 3,
+            doc_id: doc_id.into(),
+            version: Some(version.into()),
+            payload: serde_json::json!({}),
+            replayed: false,
+            settled: None,
+        }
+    }
+
     /// A dead-lettered document that is then changed (fixed) or deleted
     /// leaves its entry settled: nothing is left to replay, and it no
     /// longer counts as waiting for an operator.
@@ -3007,19 +3023,7 @@ mod tests {
         assert_eq!(scanned.len(), 2);
         for id in ["kb:fixed.md", "kb:gone.md"] {
             let version = rig.known.lock()[id].clone();
-            let e = crate::dlq::DlqEntry {
-                id: 0,
-                at: 0,
-                stage: "chunker".into(),
-                error: "boom".into(),
-                attempts: 3,
-                doc_id: id.into(),
-                version: Some(version),
-                payload: serde_json::json!({}),
-                replayed: false,
-                settled: None,
-            };
-            dlq.push(e).unwrap();
+            dlq.push(chunker_failed(id, &version)).unwrap();
             rig.dead_letter(id);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -3043,18 +3047,7 @@ mod tests {
         let args = rig.args(true);
         let version = doc_version(b"# Fixed long ago", &rig.source().partition);
         rig.known.lock().insert("kb:a.md".into(), version.clone());
-        let entry = |version: &str| crate::dlq::DlqEntry {
-            id: 0,
-            at: 0,
-            stage: "chunker".into(),
-            error: "boom".into(),
-            attempts: 3,
-            doc_id: "kb:a.md".into(),
-            version: Some(version.into()),
-            payload: serde_json::json!({}),
-            replayed: false,
-            settled: None,
-        };
+        let entry = |version: &str| chunker_failed("kb:a.md", version);
         // Its broken version, and one of the version now indexed (a stage
         // after the write failed on it: the pruner, say), which a replay
         // still has to finish.
