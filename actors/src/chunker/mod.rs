@@ -58,7 +58,6 @@ pub struct Chunker {
 /// chunk whose body holds no other token is not indexed.
 #[derive(Clone, Debug)]
 struct Unknown {
-    id: u32,
     /// The added tokens (`[UNK]`, `[MASK]`, …): matched in the text before
     /// its words are, so a text holding one is tokenised to tell.
     added: Vec<String>,
@@ -99,7 +98,7 @@ fn unknown(tokenizer: &Tokenizer, local: Option<WordLocal>) -> Option<Unknown> {
     let tokenizers::ModelWrapper::WordPiece(model) = tokenizer.get_model() else {
         return None;
     };
-    let id = tokenizer.token_to_id(&model.unk_token)?;
+    tokenizer.token_to_id(&model.unk_token)?;
     // What WordPiece sees of a letter: lowercased first by an uncased
     // model's normalizer (local tokenizers have only that one).
     let lowercase = matches!(
@@ -126,7 +125,6 @@ fn unknown(tokenizer: &Tokenizer, local: Option<WordLocal>) -> Option<Unknown> {
         .map(|t| t.content.clone())
         .collect();
     Some(Unknown {
-        id,
         added,
         spelled_up_to,
     })
@@ -230,11 +228,7 @@ impl Chunker {
         {
             return true;
         }
-        match self.tokenizer.encode_fast(body, false) {
-            Ok(e) => e.get_ids().iter().any(|&id| id != unknown.id),
-            // Not this check's to refuse: the embedder reports it.
-            Err(_) => true,
-        }
+        crate::model::reads_a_word(&self.tokenizer, body)
     }
 
     /// `body` in chunks of at most `budget` tokens. A short body that fits
@@ -790,11 +784,7 @@ mod tests {
     #[test]
     fn readable_is_what_tokenising_says() {
         let c = chunker(200);
-        let unk = c.unknown.as_ref().unwrap().id;
-        let tokenised = |t: &str| {
-            let e = c.tokenizer.encode_fast(t, false).unwrap();
-            e.get_ids().iter().any(|&id| id != unk)
-        };
+        let tokenised = |t: &str| crate::model::reads_a_word(&c.tokenizer, t);
         let text: Vec<char> = format!(
             "{MIXED} {} 😀 ✓ {} worker=3 job=a-{}x\u{7}{} é{}, ({})",
             hex(150),
