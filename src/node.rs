@@ -502,6 +502,12 @@ impl Node {
         };
         let registry = StatsRegistry::default();
         registry.entry("root");
+        // Names the embedding model by its files: in the Redis cache's keys
+        // and in the text keys of the chunks (see `embedder::text_key`).
+        let model_id = {
+            let dir = config.embedder_model.clone();
+            tokio::task::spawn_blocking(move || ragd_actors::model::fingerprint(&dir)).await??
+        };
         let cache_backend: Arc<dyn SemanticCache> = match &config.cache_backend {
             CacheBackend::Embedded => Arc::new(EmbeddedCache::new(
                 config.cache_threshold,
@@ -518,13 +524,7 @@ impl Node {
                     url: url.0.clone(),
                     index: index.clone(),
                     prefix: prefix.clone(),
-                    model: {
-                        let dir = config.embedder_model.clone();
-                        let model = tokio::task::spawn_blocking(move || {
-                            ragd_actors::model::fingerprint(&dir)
-                        });
-                        model.await??
-                    },
+                    model: model_id.clone(),
                     dim: encoder.dim(),
                     threshold: config.cache_threshold,
                     ttl: Duration::from_secs(config.cache_ttl_secs),
@@ -689,6 +689,14 @@ impl Node {
                 ),
                 out: port(&kafka, &index_q, EMBEDDED),
                 batch_docs: config.batch_max_size,
+                model_id: model_id.clone(),
+                // The store the index nodes write: this node's own, or a
+                // Qdrant server every node shares. (A cluster node of the
+                // embed role alone has an embedded store of its own, which
+                // nothing writes.)
+                reuse: (roles.index || matches!(config.index_backend, IndexBackend::Qdrant { .. }))
+                    .then(|| store.clone()),
+                tally: Default::default(),
             }),
             embed_q.clone(),
             settings(config.embedder_min_workers, config.embedder_max_workers),

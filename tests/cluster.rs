@@ -428,6 +428,7 @@ fn produce_late_note_0(s: &Services, path: std::path::PathBuf) {
             text: "The spare badge of office 0 is in the old late drawer.".into(),
         }],
         vectors: vec![normalise(vec![1.0; 384])],
+        keys: vec![],
     });
     let envelope = serde_json::to_string(&Envelope::new(doc_id, late)).unwrap();
     produce(s, "ragd.embedded", doc_id, &envelope);

@@ -91,6 +91,12 @@ pub struct EmbeddedDoc {
     pub meta: DocMeta,
     pub chunks: Vec<Chunk>,
     pub vectors: Vec<Vec<f32>>,
+    /// Each chunk's text key ([`crate::embedder::text_key`]), stored with
+    /// its point: the embedder finds the vector of a text it already
+    /// embedded by it (see [`crate::indexer::stored_vectors`]). Empty
+    /// from a node that sends none; its points are then not found so.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<i64>,
 }
 
 /// What the Indexer tells the VersionPruner: this version is durable now.

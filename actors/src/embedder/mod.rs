@@ -11,9 +11,12 @@
 
 use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
+use crate::indexer::VectorStore;
 use crate::messages::{ChunkedDoc, EmbeddedDoc};
 use crate::model::AnyEncoder;
 use crate::pool::{JobErrors, Stage};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -193,6 +196,37 @@ pub struct EmbedderStage {
     /// (`[model] batch_max_size`): during a burst a few requests fill a pass
     /// where one per document would cost a wake-up each.
     pub batch_docs: usize,
+    /// The model's [`crate::model::fingerprint`], in every text key (see
+    /// [`text_key`]).
+    pub model_id: String,
+    /// Where the vectors of texts embedded before are looked for (see
+    /// [`crate::indexer::stored_vectors`]); `None`: every chunk is
+    /// embedded (a cluster's embed node that does not share the index
+    /// nodes' store).
+    pub reuse: Option<Arc<dyn VectorStore>>,
+    /// Chunks embedded, and chunks whose vector was found stored.
+    pub tally: Tally,
+}
+
+/// See [`EmbedderStage::tally`].
+#[derive(Default, Debug)]
+pub struct Tally {
+    pub embedded: AtomicU64,
+    pub reused: AtomicU64,
+}
+
+/// A chunk text's key for the model `model_id`: stored with the chunk's
+/// point, it finds that vector again for the same text (see
+/// [`crate::indexer::stored_vectors`]). The model is part of it, so that a
+/// store written with another model offers nothing.
+pub fn text_key(model_id: &str, text: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(model_id.as_bytes());
+    h.update([0]);
+    h.update(text.as_bytes());
+    let digest = h.finalize();
+    i64::from_le_bytes(digest[..8].try_into().expect("a sha256 has 8 bytes"))
 }
 
 impl Stage for EmbedderStage {
@@ -218,23 +252,93 @@ impl Stage for EmbedderStage {
 }
 
 impl EmbedderStage {
+    /// Embeds each distinct text of `docs` once, but those whose vector
+    /// the store already holds (a file copied or moved, the unchanged
+    /// chunks of an edited one), and hands the documents on.
     async fn embed(&self, docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
-        let texts: Vec<String> = docs
+        let keys: Vec<Vec<i64>> = docs
             .iter()
-            .flat_map(|d| d.chunks.iter().map(|c| c.text.clone()))
+            .map(|d| {
+                d.chunks
+                    .iter()
+                    .map(|c| text_key(&self.model_id, &c.text))
+                    .collect()
+            })
             .collect();
-        let n = texts.len();
-        let vectors = self.batcher.embed(texts).await?;
-        anyhow::ensure!(vectors.len() == n, "one vector per chunk");
-        let mut vectors = vectors.into_iter();
+        // Each text once, and each key looked up for one text only (two
+        // texts of one key, however unlikely, must not swap vectors).
+        let mut texts: HashMap<&str, i64> = HashMap::new();
+        let mut owner: HashMap<i64, &str> = HashMap::new();
+        for (d, keys) in docs.iter().zip(&keys) {
+            for (c, &k) in d.chunks.iter().zip(keys) {
+                texts.entry(c.text.as_str()).or_insert_with(|| {
+                    owner.entry(k).or_insert(c.text.as_str());
+                    k
+                });
+            }
+        }
+        let mut stored = match &self.reuse {
+            Some(store) if !owner.is_empty() => {
+                let wanted: Vec<(i64, &str)> = owner.iter().map(|(k, t)| (*k, *t)).collect();
+                crate::indexer::stored_vectors(store.as_ref(), &wanted)
+                    .await
+                    .unwrap_or_else(|e| {
+                        // Only a saving lost: the texts are embedded.
+                        tracing::warn!("looking up stored vectors failed: {e:#}");
+                        HashMap::new()
+                    })
+            }
+            _ => HashMap::new(),
+        };
+        let mut vectors: HashMap<&str, Vec<f32>> = HashMap::with_capacity(texts.len());
+        let mut fresh: Vec<&str> = Vec::new();
+        for (&text, k) in &texts {
+            match stored.remove(k) {
+                Some(v) if owner.get(k) == Some(&text) => {
+                    vectors.insert(text, v);
+                }
+                _ => fresh.push(text),
+            }
+        }
+        let reused = vectors.len();
+        if !fresh.is_empty() {
+            let made = self
+                .batcher
+                .embed(fresh.iter().map(|t| t.to_string()).collect())
+                .await?;
+            anyhow::ensure!(made.len() == fresh.len(), "one vector per chunk");
+            vectors.extend(fresh.iter().copied().zip(made));
+        }
+        self.tally
+            .embedded
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.tally
+            .reused
+            .fetch_add(reused as u64, Ordering::Relaxed);
+        metrics::counter!("ragd_embedder_chunks_total", "vector" => "embedded")
+            .increment(fresh.len() as u64);
+        metrics::counter!("ragd_embedder_chunks_total", "vector" => "reused")
+            .increment(reused as u64);
+        let per_doc: Vec<Vec<Vec<f32>>> = docs
+            .iter()
+            .map(|d| {
+                d.chunks
+                    .iter()
+                    .map(|c| vectors[c.text.as_str()].clone())
+                    .collect()
+            })
+            .collect();
+        drop(vectors);
         let jobs = docs
             .into_iter()
-            .map(|doc| {
-                let vectors = vectors.by_ref().take(doc.chunks.len()).collect();
+            .zip(per_doc)
+            .zip(keys)
+            .map(|((doc, vectors), keys)| {
                 IndexJob::Upsert(EmbeddedDoc {
                     meta: doc.meta,
                     chunks: doc.chunks,
                     vectors,
+                    keys,
                 })
             })
             .collect();
@@ -263,6 +367,98 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
             assert!(diff < 1e-4, "{diff}");
+        }
+    }
+
+    fn chunked(id: &str, texts: &[&str]) -> ChunkedDoc {
+        let (meta, _, _) = crate::indexer::conformance::doc(id, "v1", "hr", "public", 0, 0);
+        ChunkedDoc {
+            meta,
+            chunks: texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| crate::messages::Chunk {
+                    index: i as u32,
+                    text: t.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A document whose texts the store already holds (a file copied or
+    /// moved, an edit that kept most chunks) is embedded for its new
+    /// texts only, each once, and its chunks get the vectors the model
+    /// gives them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_texts_the_store_does_not_hold_are_embedded() {
+        use crate::indexer::edge::EdgeStore;
+        let encoder = minilm();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 384).unwrap());
+        let out = crate::pool::PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
+        let stage = |reuse: Option<Arc<dyn VectorStore>>, model_id: &str| EmbedderStage {
+            batcher: Batcher::start("test-embedder", encoder.clone(), 8),
+            out: Port::Local(out.clone()),
+            batch_docs: 8,
+            model_id: model_id.into(),
+            reuse,
+            tally: Tally::default(),
+        };
+        let counts = |s: &EmbedderStage| {
+            (
+                s.tally.embedded.load(Ordering::Relaxed),
+                s.tally.reused.load(Ordering::Relaxed),
+            )
+        };
+        let written = |docs: Vec<IndexJob>| -> Vec<EmbeddedDoc> {
+            docs.into_iter()
+                .map(|j| match j {
+                    IndexJob::Upsert(d) => d,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let policy = "Badge exceptions are signed off by the site security lead.";
+        let visitors = "Every office keeps its own visitor log.";
+        let new = "Lost badges are reported to the front desk within a day.";
+
+        let first = stage(Some(store.clone()), "minilm");
+        first
+            .embed(vec![chunked("kb:a.md", &[policy, visitors])])
+            .await
+            .unwrap();
+        assert_eq!(counts(&first), (2, 0), "nothing stored yet");
+        let a = written(out.drain());
+        store.upsert_docs(&a).await.unwrap();
+
+        // The same texts under another name, one new text twice.
+        let second = stage(Some(store.clone()), "minilm");
+        second
+            .embed(vec![chunked("kb:b.md", &[visitors, new, policy, new])])
+            .await
+            .unwrap();
+        assert_eq!(counts(&second), (1, 2), "only the new text, once");
+        let b = written(out.drain()).pop().unwrap();
+        let alone = |t: &str| encoder.embed(&[t]).unwrap().pop().unwrap();
+        assert_close(
+            &b.vectors,
+            &[alone(visitors), alone(new), alone(policy), alone(new)],
+        );
+        assert_eq!(b.keys.len(), 4, "a text key for every chunk");
+        assert_eq!(
+            b.keys[0], a[0].keys[1],
+            "a text's key is the same everywhere"
+        );
+
+        // A store written with another model, or none to look in: every
+        // text is embedded.
+        for s in [
+            stage(Some(store.clone()), "another model"),
+            stage(None, "minilm"),
+        ] {
+            s.embed(vec![chunked("kb:c.md", &[policy])]).await.unwrap();
+            assert_eq!(counts(&s), (1, 0));
+            out.drain();
         }
     }
 

@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// A deletion queued takes as much room as a document (a few hundred
+// bytes); boxing the document would cost an allocation for each instead.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum IndexJob {
     Upsert(EmbeddedDoc),
@@ -362,6 +365,7 @@ pub(crate) mod tests {
                 text: format!("leave policy {version}"),
             }],
             vectors: vec![vec![1.0, 0.0, 0.0, 0.0]],
+            keys: vec![],
         }
     }
 
@@ -674,6 +678,13 @@ pub(crate) mod tests {
         async fn optimize(&self) -> anyhow::Result<()> {
             self.runs.fetch_add(1, Ordering::SeqCst);
             self.inner.optimize().await
+        }
+        async fn keyed_texts(
+            &self,
+            k: &[i64],
+            l: usize,
+        ) -> anyhow::Result<Vec<crate::indexer::KeyedText>> {
+            self.inner.keyed_texts(k, l).await
         }
     }
 

@@ -71,6 +71,7 @@ pub async fn run_all(store: &dyn VectorStore) {
     version_swap_and_delete(store).await;
     bad_vectors_are_errors(store).await;
     batches(store).await;
+    vectors_are_found_by_their_text(store).await;
     store.optimize().await.expect("optimize");
     // Optimising changes nothing a caller sees.
     let hits = store
@@ -211,6 +212,7 @@ async fn version_swap_and_delete(store: &dyn VectorStore) {
             meta: meta.clone(),
             chunks: chunks.clone(),
             vectors: vectors.clone(),
+            keys: vec![],
         }])
         .await
         .unwrap();
@@ -293,7 +295,76 @@ fn embedded(d: (DocMeta, Vec<Chunk>, Vec<Vec<f32>>)) -> EmbeddedDoc {
         meta: d.0,
         chunks: d.1,
         vectors: d.2,
+        keys: vec![],
     }
+}
+
+/// `d` with these chunk texts and text keys.
+fn keyed(d: (DocMeta, Vec<Chunk>, Vec<Vec<f32>>), texts: &[(i64, &str)]) -> EmbeddedDoc {
+    let mut d = embedded(d);
+    assert_eq!(d.chunks.len(), texts.len());
+    for (c, (_, text)) in d.chunks.iter_mut().zip(texts) {
+        c.text = text.to_string();
+    }
+    d.keys = texts.iter().map(|(k, _)| *k).collect();
+    d
+}
+
+/// The embedder finds a vector by its text key in any document and any
+/// partition ([`super::stored_vectors`]): also past a text that many
+/// points share, and never one whose stored text is another.
+async fn vectors_are_found_by_their_text(store: &dyn VectorStore) {
+    let footer = "Confidential: do not forward";
+    store
+        .upsert_docs(&[
+            keyed(
+                doc("keyed-a", "v1", "hr", "public", 2, 5),
+                &[(11, "leave policy"), (12, "parental leave")],
+            ),
+            // Written first, in another partition: 40 points of one
+            // text, more than one page of the lookup.
+            keyed(
+                doc("keyed-b", "v1", "eng", "secret", 40, 6),
+                &vec![(13, footer); 40],
+            ),
+            // Another text under a key of the question's (two texts
+            // whose hashes meet).
+            keyed(
+                doc("keyed-c", "v1", "eng", "public", 1, 7),
+                &[(14, "other")],
+            ),
+            // Without keys: not found by any.
+            embedded(doc("keyed-d", "v1", "hr", "public", 1, 5)),
+        ])
+        .await
+        .expect("upsert with text keys");
+    let wanted = [
+        (11, "leave policy"),
+        (12, "parental leave"),
+        (13, footer),
+        (14, "what was asked"),
+        (15, "never stored"),
+    ];
+    let found = super::stored_vectors(store, &wanted).await.expect("lookup");
+    let mut keys: Vec<i64> = found.keys().copied().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [11, 12, 13],
+        "by text, across partitions, past a shared text"
+    );
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+    assert!(close(&found[&11], &vector(5, 0)) && close(&found[&12], &vector(5, 1)));
+    assert!((0..40).any(|i| close(&found[&13], &vector(6, i))));
+
+    for id in ["keyed-a", "keyed-b", "keyed-c", "keyed-d"] {
+        store.delete_doc(id).await.unwrap();
+    }
+    let found = super::stored_vectors(store, &wanted).await.unwrap();
+    assert!(
+        found.is_empty(),
+        "a deleted point is not offered: {found:?}"
+    );
 }
 
 /// The Indexer's and the VersionPruner's batched calls do what their
@@ -325,6 +396,7 @@ async fn batches(store: &dyn VectorStore) {
         meta,
         chunks,
         vectors: vec![vec![1.0; DIM + 1]],
+        keys: vec![],
     };
     let good = embedded(doc("batch-e", "v1", "hr", "public", 1, 0));
     assert!(store.upsert_docs(&[good, bad]).await.is_err());

@@ -21,7 +21,7 @@
 
 use super::{
     all_found, check_search, check_upsert, hit_ids, point_id, removed_per_doc, Hit, HnswSettings,
-    Removal, Scope, StoredVersion, VectorStore, Versions,
+    KeyedText, Removal, Scope, StoredVersion, VectorStore, Versions,
 };
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::Context;
@@ -35,8 +35,8 @@ use qdrant_edge::{
     Filter, HnswIndexConfig, IntegerIndexParams, JsonPath, KeywordIndexParams, Match, NamedQuery,
     PayloadFieldSchema, PayloadOps, PayloadSchemaParams, PointId, PointInsertOperations,
     PointOperations, PointStruct, PointStructPersisted, QueryEnum, QueryRequest, Range,
-    ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, WithPayloadInterface,
-    WithVector, DEFAULT_VECTOR_NAME,
+    ScoringQuery, ScrollRequest, SearchParams, SetPayloadOp, UpdateOperation, VectorInternal,
+    VectorStructInternal, WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -248,21 +248,22 @@ impl EdgeStore {
                 ..Default::default()
             })
         };
+        let lookup = || {
+            PayloadSchemaParams::Integer(IntegerIndexParams {
+                lookup: Some(true),
+                range: Some(false),
+                enable_hnsw: Some(false),
+                ..Default::default()
+            })
+        };
         for (field, params) in [
             ("doc_id", keyword(false)),
             ("version", keyword(false)),
             ("division", keyword(false)),
             ("access_level", keyword(false)),
             ("partition", keyword(true)),
-            (
-                "chunk_index",
-                PayloadSchemaParams::Integer(IntegerIndexParams {
-                    lookup: Some(true),
-                    range: Some(false),
-                    enable_hnsw: Some(false),
-                    ..Default::default()
-                }),
-            ),
+            ("chunk_index", lookup()),
+            ("text_key", lookup()),
         ] {
             store.write(UpdateOperation::FieldIndexOperation(
                 FieldIndexOperations::CreateIndex(CreateIndex {
@@ -482,27 +483,33 @@ impl EdgeStore {
         doc: &DocMeta,
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
+        keys: &[i64],
     ) -> anyhow::Result<Vec<PointStructPersisted>> {
-        check_upsert(chunks, vectors, self.dim)?;
+        check_upsert(chunks, vectors, keys, self.dim)?;
         let partition = partition_key(&doc.partition.division, &doc.partition.access_level);
         Ok(chunks
             .iter()
             .zip(vectors)
-            .map(|(c, v)| {
+            .enumerate()
+            .map(|(i, (c, v))| {
+                let mut payload = json!({
+                    "doc_id": doc.doc_id,
+                    "uri": doc.uri,
+                    "version": doc.version,
+                    "division": doc.partition.division,
+                    "access_level": doc.partition.access_level,
+                    "partition": partition,
+                    "chunk_index": c.index as i64,
+                    "seq": doc.seq,
+                    "text": c.text,
+                });
+                if let Some(k) = keys.get(i) {
+                    payload["text_key"] = json!(k);
+                }
                 PointStruct::new(
                     point_id(&doc.doc_id, &doc.version, c.index),
                     v.clone(),
-                    json!({
-                        "doc_id": doc.doc_id,
-                        "uri": doc.uri,
-                        "version": doc.version,
-                        "division": doc.partition.division,
-                        "access_level": doc.partition.access_level,
-                        "partition": partition,
-                        "chunk_index": c.index as i64,
-                        "seq": doc.seq,
-                        "text": c.text,
-                    }),
+                    payload,
                 )
                 .into()
             })
@@ -555,14 +562,14 @@ impl VectorStore for EdgeStore {
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()> {
-        let points = self.points(doc, chunks, vectors)?;
+        let points = self.points(doc, chunks, vectors, &[])?;
         self.upsert_points(&[doc], points).await
     }
 
     async fn upsert_docs(&self, docs: &[EmbeddedDoc]) -> anyhow::Result<()> {
         let mut points = Vec::new();
         for d in docs {
-            points.extend(self.points(&d.meta, &d.chunks, &d.vectors)?);
+            points.extend(self.points(&d.meta, &d.chunks, &d.vectors, &d.keys)?);
         }
         let metas: Vec<&DocMeta> = docs.iter().map(|d| &d.meta).collect();
         self.upsert_points(&metas, points).await
@@ -686,6 +693,54 @@ impl VectorStore for EdgeStore {
             ..Default::default()
         };
         self.blocking(move |s| s.versions_matching(filter)).await
+    }
+
+    async fn keyed_texts(&self, keys: &[i64], limit: usize) -> anyhow::Result<Vec<KeyedText>> {
+        if keys.is_empty() || limit == 0 {
+            return Ok(vec![]);
+        }
+        let filter = Filter::new_must(Condition::Field(FieldCondition::new_match(
+            key("text_key"),
+            Match::from(keys.to_vec()),
+        )));
+        let (records, _) = self
+            .blocking(move |s| {
+                s.shard
+                    .scroll(ScrollRequest {
+                        offset: None,
+                        limit: Some(limit),
+                        filter: Some(filter),
+                        with_payload: Some(WithPayloadInterface::Fields(vec![
+                            key("text_key"),
+                            key("text"),
+                        ])),
+                        with_vector: WithVector::Bool(true),
+                        order_by: None,
+                    })
+                    .map_err(|e| anyhow::anyhow!("vector store scroll: {e}"))
+            })
+            .await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| {
+                let p = r.payload?.0;
+                let vector = match r.vector? {
+                    VectorStructInternal::Single(v) => v,
+                    VectorStructInternal::Named(mut named) => {
+                        match named.remove(DEFAULT_VECTOR_NAME)? {
+                            VectorInternal::Dense(v) => v,
+                            _ => return None,
+                        }
+                    }
+                    VectorStructInternal::MultiDense(_) => return None,
+                };
+                Some(KeyedText {
+                    key: p.get("text_key")?.as_i64()?,
+                    text: p.get("text")?.as_str()?.to_string(),
+                    vector,
+                })
+            })
+            .collect())
     }
 
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {

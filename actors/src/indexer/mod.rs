@@ -348,6 +348,65 @@ pub trait VectorStore: Send + Sync {
     /// Builds search indexes for grown segments (a no-op where the engine
     /// does it by itself).
     async fn optimize(&self) -> anyhow::Result<()>;
+    /// Up to `limit` points whose text key ([`EmbeddedDoc::keys`]) is one
+    /// of `keys`, of any document and partition, with their text and
+    /// vector (see [`stored_vectors`]).
+    async fn keyed_texts(&self, keys: &[i64], limit: usize) -> anyhow::Result<Vec<KeyedText>>;
+}
+
+/// A chunk's text and vector as a store holds them, found by its text key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyedText {
+    pub key: i64,
+    pub text: String,
+    pub vector: Vec<f32>,
+}
+
+/// See [`stored_vectors`].
+const LOOKUP_ROUNDS: usize = 4;
+
+/// The vectors `store` already holds for these texts (each with its text
+/// key), by key: the embedder reuses them rather than embedding the same
+/// text again. A file copied, renamed or moved to another folder is a new
+/// document of the same text, and most chunks of an edited one are
+/// unchanged: without this, each costs a full embedding (minutes of CPU
+/// for a large folder moved).
+///
+/// Reusing a vector shows nothing across partitions: it is a function of
+/// the text alone, which the document asking for it holds itself. A point
+/// counts only if its stored text is the chunk's own, so a key that two
+/// texts share (64 bits of a hash) costs an embedding, never a wrong
+/// vector; and the key covers the model (see
+/// [`crate::embedder::text_key`]), so a store written by another model
+/// offers nothing.
+pub async fn stored_vectors(
+    store: &dyn VectorStore,
+    wanted: &[(i64, &str)],
+) -> anyhow::Result<std::collections::HashMap<i64, Vec<f32>>> {
+    let mut missing: std::collections::BTreeMap<i64, &str> = wanted.iter().copied().collect();
+    let mut found = std::collections::HashMap::new();
+    // A text that many documents share (a footer, a disclaimer) has as
+    // many points, which could fill a page. Each round asks only for the
+    // keys not found yet, so one such text takes a round at most.
+    for _ in 0..LOOKUP_ROUNDS {
+        if missing.is_empty() {
+            break;
+        }
+        let keys: Vec<i64> = missing.keys().copied().collect();
+        let limit = keys.len() + 16;
+        let page = store.keyed_texts(&keys, limit).await?;
+        let more = page.len() >= limit;
+        for t in page {
+            if missing.get(&t.key) == Some(&t.text.as_str()) {
+                missing.remove(&t.key);
+                found.insert(t.key, t.vector);
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    Ok(found)
 }
 
 /// The versions a batch of removals takes out, as one after the other
@@ -393,8 +452,17 @@ pub(crate) fn removed_per_doc(removals: &[Removal], found: &[StoredVersion]) -> 
 }
 
 /// The argument checks every backend's `upsert` makes.
-pub fn check_upsert(chunks: &[Chunk], vectors: &[Vec<f32>], dim: usize) -> anyhow::Result<()> {
+pub fn check_upsert(
+    chunks: &[Chunk],
+    vectors: &[Vec<f32>],
+    keys: &[i64],
+    dim: usize,
+) -> anyhow::Result<()> {
     anyhow::ensure!(chunks.len() == vectors.len(), "one vector per chunk");
+    anyhow::ensure!(
+        keys.is_empty() || keys.len() == chunks.len(),
+        "one text key per chunk, or none"
+    );
     for v in vectors {
         anyhow::ensure!(
             v.len() == dim,

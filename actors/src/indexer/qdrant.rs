@@ -16,7 +16,7 @@
 
 use super::{
     all_found, check_search, check_upsert, hit_ids, point_id, removed_per_doc, Hit, HnswSettings,
-    Removal, Scope, StoredVersion, VectorStore, Versions,
+    KeyedText, Removal, Scope, StoredVersion, VectorStore, Versions,
 };
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::{anyhow, bail, Context};
@@ -24,12 +24,13 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 use qdrant_client::qdrant::{
-    read_consistency, shard_key, Condition, CountPointsBuilder, CreateCollectionBuilder,
-    CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder, CreateShardKeyRequestBuilder,
-    DeletePointsBuilder, Distance, FieldType, Filter, GetPointsBuilder, HnswConfigDiffBuilder,
-    PointId, PointStruct, QueryPoints, QueryPointsBuilder, Range, ReadConsistencyType,
-    ScrollPointsBuilder, SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod,
-    UpsertPointsBuilder, Value, VectorParamsBuilder,
+    read_consistency, shard_key, vector_output, Condition, CountPointsBuilder,
+    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder,
+    CreateShardKeyRequestBuilder, DeletePointsBuilder, Distance, FieldType, Filter,
+    GetPointsBuilder, HnswConfigDiffBuilder, PayloadIncludeSelector, PointId, PointStruct,
+    QueryPoints, QueryPointsBuilder, Range, ReadConsistencyType, ScrollPointsBuilder,
+    SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod, UpsertPointsBuilder, Value,
+    VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use std::collections::{HashMap, HashSet};
@@ -71,6 +72,7 @@ const FIELDS: &[(&str, FieldType)] = &[
     ("division", FieldType::Keyword),
     ("access_level", FieldType::Keyword),
     ("chunk_index", FieldType::Integer),
+    ("text_key", FieldType::Integer),
 ];
 
 /// Worth another try: the server (or the way to it) is down, overloaded or
@@ -236,7 +238,22 @@ impl QdrantStore {
                     _ => None,
                 });
             match size {
-                Some(size) if size as usize == self.s.dim => return Ok(()),
+                Some(size) if size as usize == self.s.dim => {
+                    // Made by an older ragd, it lacks this one (Qdrant
+                    // answers a second creation of an index with success).
+                    self.call("create_field_index", || {
+                        self.client.create_field_index(
+                            CreateFieldIndexCollectionBuilder::new(
+                                &name,
+                                "text_key",
+                                FieldType::Integer,
+                            )
+                            .wait(true),
+                        )
+                    })
+                    .await?;
+                    return Ok(());
+                }
                 Some(size) => bail!(
                     "the Qdrant collection {name:?} holds {size}-dimensional vectors but the \
                      embedding model makes {}: set index.qdrant_collection to another name or \
@@ -411,13 +428,15 @@ impl QdrantStore {
         doc: &DocMeta,
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
+        keys: &[i64],
     ) -> anyhow::Result<Vec<PointStruct>> {
-        check_upsert(chunks, vectors, self.s.dim)?;
+        check_upsert(chunks, vectors, keys, self.s.dim)?;
         Ok(chunks
             .iter()
             .zip(vectors)
-            .map(|(c, v)| {
-                let payload: HashMap<String, Value> = [
+            .enumerate()
+            .map(|(i, (c, v))| {
+                let mut payload: HashMap<String, Value> = [
                     ("doc_id", Value::from(doc.doc_id.clone())),
                     ("uri", Value::from(doc.uri.clone())),
                     ("version", Value::from(doc.version.clone())),
@@ -433,6 +452,9 @@ impl QdrantStore {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
+                if let Some(k) = keys.get(i) {
+                    payload.insert("text_key".into(), Value::from(*k));
+                }
                 PointStruct::new(
                     point_id(&doc.doc_id, &doc.version, c.index),
                     v.clone(),
@@ -482,7 +504,7 @@ impl VectorStore for QdrantStore {
         chunks: &[Chunk],
         vectors: &[Vec<f32>],
     ) -> anyhow::Result<()> {
-        let points = self.points(doc, chunks, vectors)?;
+        let points = self.points(doc, chunks, vectors, &[])?;
         self.upsert_points(&doc.partition.division, &[doc], points)
             .await
     }
@@ -492,7 +514,7 @@ impl VectorStore for QdrantStore {
     async fn upsert_docs(&self, docs: &[EmbeddedDoc]) -> anyhow::Result<()> {
         let mut by_division: Vec<(&str, Vec<&DocMeta>, Vec<PointStruct>)> = Vec::new();
         for d in docs {
-            let points = self.points(&d.meta, &d.chunks, &d.vectors)?;
+            let points = self.points(&d.meta, &d.chunks, &d.vectors, &d.keys)?;
             let division = d.meta.partition.division.as_str();
             match by_division.iter_mut().find(|(k, _, _)| *k == division) {
                 Some((_, metas, all)) => {
@@ -658,6 +680,43 @@ impl VectorStore for QdrantStore {
     async fn optimize(&self) -> anyhow::Result<()> {
         // Qdrant's own optimizer builds indexes in the background.
         Ok(())
+    }
+
+    /// One scroll over every shard key.
+    async fn keyed_texts(&self, keys: &[i64], limit: usize) -> anyhow::Result<Vec<KeyedText>> {
+        if keys.is_empty() || limit == 0 {
+            return Ok(vec![]);
+        }
+        let req = ScrollPointsBuilder::new(&self.s.collection)
+            .filter(Filter::must([Condition::matches(
+                "text_key",
+                keys.to_vec(),
+            )]))
+            .limit(limit as u32)
+            .with_payload(PayloadIncludeSelector {
+                fields: vec!["text_key".into(), "text".into()],
+            })
+            .with_vectors(true)
+            .build();
+        let page = self
+            .call("scroll", || self.client.scroll(req.clone()))
+            .await?;
+        Ok(page
+            .result
+            .into_iter()
+            .filter_map(|p| {
+                let key = p.payload.get("text_key")?.as_integer()?;
+                let text = payload_str(&p.payload, "text")?;
+                match p.vectors?.get_vector()? {
+                    vector_output::Vector::Dense(v) => Some(KeyedText {
+                        key,
+                        text,
+                        vector: v.data,
+                    }),
+                    _ => None,
+                }
+            })
+            .collect())
     }
 }
 

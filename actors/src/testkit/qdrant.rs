@@ -21,7 +21,8 @@ use qdrant_edge::{
     EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match,
     MatchExcept, NamedQuery, PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations,
     PointOperations, PointStruct, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest,
-    UpdateOperation, WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
+    UpdateOperation, VectorInternal, VectorStructInternal, WithPayloadInterface, WithVector,
+    DEFAULT_VECTOR_NAME,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -324,6 +325,34 @@ fn grpc_payload(p: Option<qdrant_edge::Payload>) -> HashMap<String, g::Value> {
     .unwrap_or_default()
 }
 
+/// Whether a call asks for the points' vectors (all of them or none).
+fn wants_vectors(s: &Option<g::WithVectorsSelector>) -> Result<bool, Status> {
+    use g::with_vectors_selector::SelectorOptions;
+    match s.as_ref().and_then(|s| s.selector_options.as_ref()) {
+        None => Ok(false),
+        Some(SelectorOptions::Enable(on)) => Ok(*on),
+        Some(SelectorOptions::Include(_)) => Err(unsupported("choosing named vectors")),
+    }
+}
+
+/// A point's (single, unnamed, dense) vector as the API returns it.
+fn grpc_vectors(v: Option<VectorStructInternal>) -> Option<g::VectorsOutput> {
+    let data = match v? {
+        VectorStructInternal::Single(v) => v,
+        VectorStructInternal::Named(mut named) => match named.remove(DEFAULT_VECTOR_NAME)? {
+            VectorInternal::Dense(v) => v,
+            _ => return None,
+        },
+        VectorStructInternal::MultiDense(_) => return None,
+    };
+    Some(g::VectorsOutput {
+        vectors_options: Some(g::vectors_output::VectorsOptions::Vector(g::VectorOutput {
+            vector: Some(g::vector_output::Vector::Dense(g::DenseVector { data })),
+            ..Default::default()
+        })),
+    })
+}
+
 fn ok_update() -> g::PointsOperationResponse {
     g::PointsOperationResponse {
         result: Some(g::UpdateResult {
@@ -624,7 +653,10 @@ impl Points for Service {
                 .update(index_op(&r.field_name, ty)?)
                 .map_err(internal)?;
         }
-        c.indexes.push((r.field_name, ty));
+        // (Qdrant answers a second creation with success, as here.)
+        if !c.indexes.iter().any(|(f, _)| *f == r.field_name) {
+            c.indexes.push((r.field_name, ty));
+        }
         Ok(Response::new(ok_update()))
     }
 
@@ -851,6 +883,8 @@ impl Points for Service {
         let filter = r.filter.map(filter).transpose()?;
         let limit = r.limit.unwrap_or(10) as usize;
         let offset = r.offset.map(edge_id).transpose()?;
+        let with_payload = payload_selector(r.with_payload)?;
+        let with_vector = WithVector::Bool(wants_vectors(&r.with_vectors)?);
         // Each shard's page from the offset, merged in id order; one more
         // than the limit tells the next page's offset.
         let mut all = Vec::new();
@@ -860,8 +894,8 @@ impl Points for Service {
                     offset,
                     limit: Some(limit + 1),
                     filter: filter.clone(),
-                    with_payload: Some(WithPayloadInterface::Bool(true)),
-                    with_vector: WithVector::Bool(false),
+                    with_payload: Some(with_payload.clone()),
+                    with_vector: with_vector.clone(),
                     order_by: None,
                 })
                 .map_err(internal)?;
@@ -875,7 +909,7 @@ impl Points for Service {
             .map(|(key, rec)| g::RetrievedPoint {
                 id: Some(grpc_id(rec.id)),
                 payload: grpc_payload(rec.payload),
-                vectors: None,
+                vectors: grpc_vectors(rec.vector),
                 shard_key: Some(g::ShardKey::from(key)),
                 order_value: None,
             })
