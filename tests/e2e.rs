@@ -784,6 +784,68 @@ fn no_gap_during_an_update_and_no_old_text_after_it() {
     assert!(n > 10, "only {n} queries ran");
 }
 
+/// A folder renamed: its documents take their new names without being
+/// embedded again (their points hold each text's vector), and a search
+/// finds them all the while, under the old name until the new one is in.
+#[test]
+fn a_folder_moved_is_not_embedded_again_nor_missing_meanwhile() {
+    const N: usize = 30;
+    let ws = Workspace::new();
+    for i in 0..N {
+        ws.write(&format!("hr/policies/note-{i}.md"), note(i));
+    }
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == N as u64);
+    let chunks = |vector: &str| {
+        metric_where(
+            &d,
+            "ragd_embedder_chunks_total",
+            &format!("vector=\"{vector}\""),
+        )
+    };
+    let embedded = chunks("embedded");
+    assert_eq!(embedded, N as f64, "one chunk a note");
+
+    let question = "where does office 3 keep its spare badge?";
+    let moved = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::rename(ws.kb().join("hr/policies"), ws.kb().join("hr/handbook")).unwrap();
+            moved.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let started = Instant::now();
+        let mut n = 0;
+        loop {
+            let r = d.ask(HR_TOKEN, question);
+            n += 1;
+            assert!(
+                texts(&r).contains("badge number 7003"),
+                "query {n}: the note was missing: {r}"
+            );
+            let uris = source_uris(&r);
+            if moved.load(std::sync::atomic::Ordering::SeqCst)
+                && uris.contains(&"hr/handbook/note-3.md".to_string())
+                && !uris.iter().any(|u| u.starts_with("hr/policies/"))
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "the new names never replaced the old: {r}"
+            );
+        }
+    });
+    let ledger = d.wait_ledger(Duration::from_secs(60), |l| l["deleted"] == N as u64);
+    assert_eq!(ledger["indexed"], N as u64, "{ledger}");
+    assert_eq!(
+        chunks("embedded"),
+        embedded,
+        "a moved note was embedded again"
+    );
+    assert_eq!(chunks("reused"), N as f64);
+}
+
 /// The reranker under `[query] latency_budget_ms`: with room to spare it
 /// scores every candidate; with a budget spent before it starts it scores
 /// none, keeps the vector order, says so in the timings, and such an answer

@@ -739,6 +739,24 @@ impl Ledger {
         self.docs.lock().map.get(doc_id).map(|e| e.status.clone())
     }
 
+    /// The versions on their way through the pipeline (admitted, not
+    /// ended), each with the documents it is a version of: the watcher
+    /// keeps a moved file's old document until its new one, of the same
+    /// version, is through.
+    pub fn versions_in_flight(&self) -> HashMap<String, Vec<Arc<str>>> {
+        let docs = self.docs.lock();
+        let mut versions: HashMap<String, Vec<Arc<str>>> = HashMap::new();
+        let Some(ids) = docs.by_state.get(DocStatus::InFlight.name()) else {
+            return versions;
+        };
+        for (id, e) in ids.iter().filter_map(|id| Some((id, docs.map.get(id)?))) {
+            for v in e.pending.keys().filter(|v| *v != DELETE_VERSION) {
+                versions.entry(v.clone()).or_default().push(id.clone());
+            }
+        }
+        versions
+    }
+
     pub fn known_docs(&self) -> Vec<(String, Option<String>)> {
         self.docs
             .lock()

@@ -1003,7 +1003,41 @@ impl SourceWatcher {
                 });
                 // Not one deleted meanwhile (a replay, a check).
                 due.retain(|id| has_version(&st.args, id));
-                let looked = look_again(&st.args, due).await;
+                let mut looked = look_again(&st.args, due).await;
+                let again = tokio::time::Instant::now() + st.args.delete_grace;
+                // A document whose version (its text, in its partition) is
+                // on its way in under another name was moved or renamed:
+                // it stays until that one is through. Until then a search
+                // finds the text under its old name rather than not at
+                // all, and the embedder reuses its vectors rather than
+                // embedding the text again (a large folder moved is
+                // admitted long before its last file reaches the model).
+                // Nothing shows to anyone who could not see it: the same
+                // version is in the same partition.
+                let moving = st.args.ledger.versions_in_flight();
+                if !moving.is_empty() {
+                    let known = st.args.known.lock();
+                    let (wait, gone) =
+                        std::mem::take(&mut looked.gone)
+                            .into_iter()
+                            .partition(|id| {
+                                let version = st
+                                    .args
+                                    .ledger
+                                    .latest_version(id)
+                                    .or_else(|| known.get(id).cloned());
+                                // (Its own version on its way ends skipped: the
+                                // chunker finds the file gone.)
+                                version
+                                    .and_then(|v| moving.get(&v))
+                                    .is_some_and(|ids| ids.iter().any(|other| **other != **id))
+                            });
+                    looked.gone = gone;
+                    for id in wait {
+                        tracing::debug!(doc = %id, "deletion waits: the document moved, and its new name is not indexed yet");
+                        st.doomed.insert(id, again);
+                    }
+                }
                 for id in &looked.gone {
                     remove(&st.args, id).await;
                 }
@@ -1022,7 +1056,6 @@ impl SourceWatcher {
                 for root in hung {
                     st.missed(myself, root);
                 }
-                let again = tokio::time::Instant::now() + st.args.delete_grace;
                 for id in looked.unknown {
                     st.doomed.insert(id, again);
                 }
@@ -2868,8 +2901,11 @@ mod tests {
     async fn a_file_saved_over_then_deleted_at_once_is_deleted() {
         let rig = Rig::new();
         let files = ["hr/a.md", "hr/b.md", "eng/c.md", "eng/d.md"];
+        // (Each its own text: a deleted file whose text is on its way in
+        // under another name waits for it, see
+        // `a_moved_file_keeps_its_old_name_until_the_new_one_is_through`.)
         for f in files {
-            rig.write(f, "# A\n\nold");
+            rig.write(f, &format!("# A\n\nold {f}"));
         }
         let mut args = rig.args(true);
         args.debounce = Duration::from_millis(300);
@@ -2885,7 +2921,7 @@ mod tests {
                 ".{}.tmp",
                 file.file_name().unwrap().to_string_lossy()
             ));
-            std::fs::write(&tmp, "# A\n\nnew").unwrap();
+            std::fs::write(&tmp, format!("# A\n\nnew {f}")).unwrap();
             std::fs::rename(&tmp, &file).unwrap();
         }
         std::fs::remove_file(rig.root.join("hr/a.md")).unwrap();
@@ -2893,6 +2929,67 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(rig.handed(), ["kb:eng/d.md", "kb:hr/b.md"]);
         assert_eq!(rig.deleted(), ["kb:eng/c.md", "kb:hr/a.md"]);
+        watcher.stop(None);
+    }
+
+    /// A file renamed or moved keeps its old document until the new one,
+    /// of the same version, is through the pipeline: no gap in search, and
+    /// the old points are there for the embedder to reuse. One moved into
+    /// another partition is a new version, and its old document goes after
+    /// the grace as any (its readers may not see the new place).
+    #[tokio::test]
+    async fn a_moved_file_keeps_its_old_name_until_the_new_one_is_through() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\nthe text of a");
+        rig.write("c.md", "# C\n\nthe text of c");
+        let mut args = rig.args(true);
+        args.delete_grace = Duration::from_millis(300);
+        args.sources[0].rules.push(PartitionRule {
+            prefix: "secret".into(),
+            partition: Partition {
+                division: "eng".into(),
+                access_level: "secret".into(),
+            },
+        });
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:a.md", "kb:c.md"]);
+        let indexed = |id: &str| {
+            let version = rig.known.lock()[id].clone();
+            rig.ledger.finish(id, Some(&version), Outcome::Indexed);
+        };
+        indexed("kb:a.md");
+        indexed("kb:c.md");
+        // (The scan's reads are events too.)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for folder in ["moved", "secret"] {
+            std::fs::create_dir(rig.root.join(folder)).unwrap();
+        }
+        std::fs::rename(rig.root.join("a.md"), rig.root.join("moved/a.md")).unwrap();
+        std::fs::rename(rig.root.join("c.md"), rig.root.join("secret/c.md")).unwrap();
+        let mut handed = Vec::new();
+        wait_for(|| {
+            handed.extend(rig.handed());
+            handed.len() == 2
+        })
+        .await;
+        handed.sort();
+        assert_eq!(handed, ["kb:moved/a.md", "kb:secret/c.md"]);
+
+        // Several graces on, with both new names still on their way.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            rig.deleted(),
+            ["kb:c.md"],
+            "only the one that changed partition"
+        );
+        indexed("kb:moved/a.md");
+        let mut deleted = Vec::new();
+        wait_for(|| {
+            deleted.extend(rig.deleted());
+            !deleted.is_empty()
+        })
+        .await;
+        assert_eq!(deleted, ["kb:a.md"]);
         watcher.stop(None);
     }
 

@@ -523,6 +523,24 @@ pub fn metric(d: &Daemon, name: &str) -> f64 {
         .sum()
 }
 
+/// [`metric`], summed over the series whose labels include `label`
+/// (`vector="reused"`).
+pub fn metric_where(d: &Daemon, name: &str, label: &str) -> f64 {
+    let text = Daemon::client()
+        .get(format!("{}/metrics", d.admin))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let labels = l.strip_prefix(name)?.strip_prefix('{')?.split('}').next()?;
+            labels.split(',').any(|l| l == label).then_some(l)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The actor named `name` in /actors (status, processed, last_error, …).
 pub fn actor(d: &Daemon, name: &str) -> serde_json::Value {
     fn find(v: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
