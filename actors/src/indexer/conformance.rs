@@ -357,7 +357,21 @@ async fn vectors_are_found_by_their_text(store: &dyn VectorStore) {
     assert!(close(&found[&11], &vector(5, 0)) && close(&found[&12], &vector(5, 1)));
     assert!((0..40).any(|i| close(&found[&13], &vector(6, i))));
 
-    for id in ["keyed-a", "keyed-b", "keyed-c", "keyed-d"] {
+    // A long document's chunks, more than one lookup takes at once.
+    let texts: Vec<String> = (0..300).map(|i| format!("long chunk {i}")).collect();
+    let long: Vec<(i64, &str)> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (100 + i as i64, t.as_str()))
+        .collect();
+    store
+        .upsert_docs(&[keyed(doc("keyed-e", "v1", "hr", "public", 300, 1), &long)])
+        .await
+        .unwrap();
+    let found = super::stored_vectors(store, &long).await.unwrap();
+    assert_eq!(found.len(), 300, "every chunk of a long document");
+
+    for id in ["keyed-a", "keyed-b", "keyed-c", "keyed-d", "keyed-e"] {
         store.delete_doc(id).await.unwrap();
     }
     let found = super::stored_vectors(store, &wanted).await.unwrap();

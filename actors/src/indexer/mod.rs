@@ -364,6 +364,7 @@ pub struct KeyedText {
 
 /// See [`stored_vectors`].
 const LOOKUP_ROUNDS: usize = 4;
+const LOOKUP_KEYS: usize = 256;
 
 /// The vectors `store` already holds for these texts (each with its text
 /// key), by key: the embedder reuses them rather than embedding the same
@@ -383,27 +384,32 @@ pub async fn stored_vectors(
     store: &dyn VectorStore,
     wanted: &[(i64, &str)],
 ) -> anyhow::Result<std::collections::HashMap<i64, Vec<f32>>> {
-    let mut missing: std::collections::BTreeMap<i64, &str> = wanted.iter().copied().collect();
     let mut found = std::collections::HashMap::new();
-    // A text that many documents share (a footer, a disclaimer) has as
-    // many points, which could fill a page. Each round asks only for the
-    // keys not found yet, so one such text takes a round at most.
-    for _ in 0..LOOKUP_ROUNDS {
-        if missing.is_empty() {
-            break;
-        }
-        let keys: Vec<i64> = missing.keys().copied().collect();
-        let limit = keys.len() + 16;
-        let page = store.keyed_texts(&keys, limit).await?;
-        let more = page.len() >= limit;
-        for t in page {
-            if missing.get(&t.key) == Some(&t.text.as_str()) {
-                missing.remove(&t.key);
-                found.insert(t.key, t.vector);
+    // A long document's chunks (25,000 for a 20 MB file) a few hundred at
+    // a time: each answer stays around a megabyte (a Qdrant server's
+    // replies are limited in size).
+    for part in wanted.chunks(LOOKUP_KEYS) {
+        let mut missing: std::collections::BTreeMap<i64, &str> = part.iter().copied().collect();
+        // A text that many documents share (a footer, a disclaimer) has as
+        // many points, which could fill a page. Each round asks only for
+        // the keys not found yet, so one such text takes a round at most.
+        for _ in 0..LOOKUP_ROUNDS {
+            if missing.is_empty() {
+                break;
             }
-        }
-        if !more {
-            break;
+            let keys: Vec<i64> = missing.keys().copied().collect();
+            let limit = keys.len() + 16;
+            let page = store.keyed_texts(&keys, limit).await?;
+            let more = page.len() >= limit;
+            for t in page {
+                if missing.get(&t.key) == Some(&t.text.as_str()) {
+                    missing.remove(&t.key);
+                    found.insert(t.key, t.vector);
+                }
+            }
+            if !more {
+                break;
+            }
         }
     }
     Ok(found)
