@@ -357,13 +357,16 @@ async fn vectors_are_found_by_their_text(store: &dyn VectorStore) {
     assert!(close(&found[&11], &vector(5, 0)) && close(&found[&12], &vector(5, 1)));
     assert!((0..40).any(|i| close(&found[&13], &vector(6, i))));
 
-    // A long document's chunks, more than one lookup takes at once.
+    // A long document's chunks, more than one lookup takes at once, with
+    // keys over the whole range (the hashes' are: negative, past 2^53).
     let texts: Vec<String> = (0..300).map(|i| format!("long chunk {i}")).collect();
+    let spread = |i: usize| (i as i64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64);
     let long: Vec<(i64, &str)> = texts
         .iter()
         .enumerate()
-        .map(|(i, t)| (100 + i as i64, t.as_str()))
+        .map(|(i, t)| (spread(i), t.as_str()))
         .collect();
+    assert!(long.iter().any(|(k, _)| *k < 0) && long.iter().any(|(k, _)| *k > 1 << 53));
     store
         .upsert_docs(&[keyed(doc("keyed-e", "v1", "hr", "public", 300, 1), &long)])
         .await
