@@ -509,6 +509,10 @@ pub const READ_TRIES: u32 = 5;
 /// looked for.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// How often a one-time scan looks whether the files that moved are
+/// through under their new names (see [`WatcherState::doom`]).
+const MOVED_CHECK: Duration = Duration::from_millis(100);
+
 /// See [`WatcherArgs::delete_grace`]: the documents due within this much
 /// of each other are deleted together.
 const DOOM_GATHER: Duration = Duration::from_millis(250);
@@ -1016,25 +1020,15 @@ impl SourceWatcher {
                 // version is in the same partition.
                 let moving = st.args.ledger.versions_in_flight();
                 if !moving.is_empty() {
-                    let known = st.args.known.lock();
-                    let (wait, gone) =
-                        std::mem::take(&mut looked.gone)
-                            .into_iter()
-                            .partition(|id| {
-                                let version = st
-                                    .args
-                                    .ledger
-                                    .latest_version(id)
-                                    .or_else(|| known.get(id).cloned());
-                                // (Its own version on its way ends skipped: the
-                                // chunker finds the file gone.)
-                                version
-                                    .and_then(|v| moving.get(&v))
-                                    .is_some_and(|ids| ids.iter().any(|other| **other != **id))
-                            });
+                    let (wait, gone) = std::mem::take(&mut looked.gone)
+                        .into_iter()
+                        .partition(|id| moved_elsewhere(&st.args, &moving, id));
                     looked.gone = gone;
                     for id in wait {
-                        tracing::debug!(doc = %id, "deletion waits: the document moved, and its new name is not indexed yet");
+                        tracing::debug!(
+                            doc = %id,
+                            "deletion waits: the document moved, and its new name is not indexed yet"
+                        );
                         st.doomed.insert(id, again);
                     }
                 }
@@ -1149,8 +1143,22 @@ impl WatcherState {
         gone.sort();
         gone.dedup();
         // (A one-time scan ends when what it admitted has: its deletions
-        // go at once.)
+        // go at once, but after the new names of the files that moved
+        // since the last run, whose embedding reuses the old names'
+        // vectors. Nothing else waits on the watcher then.)
         if self.args.delete_grace.is_zero() || !self.args.watch {
+            if !self.args.watch {
+                loop {
+                    let moving = self.args.ledger.versions_in_flight();
+                    if !gone
+                        .iter()
+                        .any(|id| moved_elsewhere(&self.args, &moving, id))
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(MOVED_CHECK).await;
+                }
+            }
             for id in gone {
                 if has_version(&self.args, &id) {
                     remove(&self.args, &id).await;
@@ -1576,6 +1584,20 @@ async fn handle_path(
 
 /// Whether the ledger or the store has a version of `id`: it is not
 /// deleted yet.
+/// Whether `id`'s version (its text, in its partition) is on its way
+/// into the index under another name, by `moving`
+/// ([`Ledger::versions_in_flight`]): the file moved. (Its own version on
+/// its way ends skipped: the chunker finds the file gone.)
+fn moved_elsewhere(args: &WatcherArgs, moving: &HashMap<String, Vec<Arc<str>>>, id: &str) -> bool {
+    let version = args
+        .ledger
+        .latest_version(id)
+        .or_else(|| args.known.lock().get(id).cloned());
+    version
+        .and_then(|v| moving.get(&v))
+        .is_some_and(|ids| ids.iter().any(|other| **other != *id))
+}
+
 fn has_version(args: &WatcherArgs, id: &str) -> bool {
     args.ledger.latest_version(id).is_some() || args.known.lock().contains_key(id)
 }
@@ -2990,6 +3012,49 @@ mod tests {
         })
         .await;
         assert_eq!(deleted, ["kb:a.md"]);
+        watcher.stop(None);
+    }
+
+    /// A one-time scan (`ragd ingest`) after a file moved: the old name is
+    /// deleted once the new one is through (its embedding reuses the old
+    /// name's vectors), and the scan is done only then. Other deletions
+    /// wait with it: the run ends no sooner either way.
+    #[tokio::test]
+    async fn a_one_shot_scan_deletes_a_moved_file_s_old_name_after_its_new_one() {
+        let rig = Rig::new();
+        let (a, b) = ("# A\n\nthe text of a", "# B\n\nthe text of b");
+        rig.write("moved/a.md", a);
+        rig.write("b.md", b);
+        // What the store held after the last run.
+        for (id, version) in [
+            ("kb:a.md", version_in_rig(&rig, a)),
+            ("kb:b.md", version_in_rig(&rig, b)),
+            ("kb:gone.md", "v0".into()),
+        ] {
+            rig.known.lock().insert(id.into(), version);
+        }
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, rig.args(false))
+            .await
+            .unwrap();
+        let mut handed = Vec::new();
+        wait_for(|| {
+            handed.extend(rig.handed());
+            !handed.is_empty()
+        })
+        .await;
+        assert_eq!(handed, ["kb:moved/a.md"], "b.md is indexed as it is");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            rig.deleted(),
+            Vec::<String>::new(),
+            "before the new name was through"
+        );
+        assert_eq!(rig.stats.status(), "scanning");
+        let version = rig.known.lock()["kb:moved/a.md"].clone();
+        rig.ledger
+            .finish("kb:moved/a.md", Some(&version), Outcome::Indexed);
+        wait_for(|| rig.stats.status() == "scanned").await;
+        assert_eq!(rig.deleted(), ["kb:a.md", "kb:gone.md"]);
         watcher.stop(None);
     }
 
