@@ -37,17 +37,6 @@ use common::*;
 use ragd_actors::model::{BatchPolicy, Cpu, Encoder};
 use std::time::{Duration, Instant};
 
-const TEAMS: &[&str] = &[
-    "payroll",
-    "facilities",
-    "security",
-    "platform",
-    "legal",
-    "travel",
-    "support",
-    "research",
-];
-
 /// File `i`: one short paragraph (about 30 tokens), one chunk.
 fn doc(i: usize) -> String {
     format!(

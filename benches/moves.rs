@@ -30,17 +30,6 @@ use common::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const TEAMS: &[&str] = &[
-    "payroll",
-    "facilities",
-    "security",
-    "platform",
-    "legal",
-    "travel",
-    "support",
-    "research",
-];
-
 /// Section `s` of document `i` (about 120 tokens), `edit` its revision.
 fn section(i: usize, s: usize, edit: usize) -> String {
     let team = TEAMS[(i + s) % TEAMS.len()];

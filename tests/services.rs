@@ -66,7 +66,7 @@ fn two_query_nodes_share_the_redis_cache_and_an_update_invalidates_it_on_both() 
             "old text after the update: {r}"
         );
     }
-    let metrics = metrics(&node_a);
+    let metrics = metrics_text(&node_a);
     assert!(metrics.contains("ragd_cache_lookups_total"), "{metrics}");
 }
 
@@ -84,13 +84,6 @@ fn leave_answered_from_the_cache(valkey: &Valkey) -> (Workspace, Daemon) {
     (ws, d)
 }
 
-fn metrics(d: &Daemon) -> String {
-    reqwest::blocking::get(format!("{}/metrics", d.admin))
-        .unwrap()
-        .text()
-        .unwrap()
-}
-
 #[test]
 fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
     let mut valkey = Valkey::start();
@@ -104,7 +97,7 @@ fn with_redis_down_queries_still_answer_and_the_cache_comes_back() {
         let took = r["timings_ms"]["total"].as_f64().unwrap();
         assert!(took < 2000.0, "a query waited {took} ms on a dead cache");
     }
-    let metrics = metrics(&d);
+    let metrics = metrics_text(&d);
     assert!(metrics.contains("ragd_cache_bypassed_total"), "{metrics}");
 
     // Back (empty): the daemon rebuilds the index and caches again.
@@ -136,7 +129,7 @@ fn an_update_with_redis_unreachable_is_pruned_and_the_old_answer_never_served() 
             t.contains("twenty weeks") && !t.contains("sixteen")
         },
     );
-    let metrics = metrics(&d);
+    let metrics = metrics_text(&d);
     assert!(
         metrics.contains("ragd_cache_invalidations_owed 1"),
         "{metrics}"

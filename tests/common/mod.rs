@@ -505,41 +505,57 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A counter or gauge from the daemon's /metrics (Prometheus text), summed
-/// over its labels; 0 when it has not been recorded yet.
-pub fn metric(d: &Daemon, name: &str) -> f64 {
-    let text = Daemon::client()
+/// The daemon's /metrics (Prometheus text).
+pub fn metrics_text(d: &Daemon) -> String {
+    Daemon::client()
         .get(format!("{}/metrics", d.admin))
         .send()
         .unwrap()
         .text()
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .unwrap()
+}
+
+/// A counter or gauge from the daemon's /metrics, summed over its labels;
+/// 0 when it has not been recorded yet.
+pub fn metric(d: &Daemon, name: &str) -> f64 {
+    metric_series(d, name, |_| true)
 }
 
 /// [`metric`], summed over the series whose labels include `label`
 /// (`vector="reused"`).
 pub fn metric_where(d: &Daemon, name: &str, label: &str) -> f64 {
-    let text = Daemon::client()
-        .get(format!("{}/metrics", d.admin))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
+    metric_series(d, name, |labels| labels.split(',').any(|l| l == label))
+}
+
+/// The sum of `name`'s series whose labels (`a="x",b="y"`, empty for none)
+/// `keep` keeps.
+fn metric_series(d: &Daemon, name: &str, keep: impl Fn(&str) -> bool) -> f64 {
+    metrics_text(d)
+        .lines()
         .filter_map(|l| {
-            let labels = l.strip_prefix(name)?.strip_prefix('{')?.split('}').next()?;
-            labels.split(',').any(|l| l == label).then_some(l)
+            let rest = l.strip_prefix(name)?;
+            let labels = match rest.strip_prefix('{') {
+                Some(r) => r.split('}').next()?,
+                None if rest.starts_with(' ') => "",
+                None => return None,
+            };
+            keep(labels).then_some(l)
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Team names for generated documents (the benches' corpora).
+pub const TEAMS: &[&str] = &[
+    "payroll",
+    "facilities",
+    "security",
+    "platform",
+    "legal",
+    "travel",
+    "support",
+    "research",
+];
 
 /// The actor named `name` in /actors (status, processed, last_error, …).
 pub fn actor(d: &Daemon, name: &str) -> serde_json::Value {
