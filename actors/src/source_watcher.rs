@@ -1582,8 +1582,6 @@ async fn handle_path(
     Ok(vec![])
 }
 
-/// Whether the ledger or the store has a version of `id`: it is not
-/// deleted yet.
 /// Whether `id`'s version (its text, in its partition) is on its way
 /// into the index under another name, by `moving`
 /// ([`Ledger::versions_in_flight`]): the file moved. (Its own version on
@@ -1598,6 +1596,8 @@ fn moved_elsewhere(args: &WatcherArgs, moving: &HashMap<String, Vec<Arc<str>>>, 
         .is_some_and(|ids| ids.iter().any(|other| **other != *id))
 }
 
+/// Whether the ledger or the store has a version of `id`: it is not
+/// deleted yet.
 fn has_version(args: &WatcherArgs, id: &str) -> bool {
     args.ledger.latest_version(id).is_some() || args.known.lock().contains_key(id)
 }
