@@ -498,7 +498,7 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish();
-    let (store, ledger) = (node.store.clone(), node.ledger.clone());
+    let (store, ledger, chunks) = (node.store.clone(), node.ledger.clone(), node.chunks.clone());
     let c = node.ledger.counts();
     // What the scan could not see (a source root missing, a share with
     // nothing mounted, one that hangs) is in none of the counts.
@@ -518,6 +518,13 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
         c.deleted,
         c.skipped,
         c.dead_lettered
+    );
+    let chunk_count =
+        |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "  chunks: {} embedded, {} reused (their text was in the index already)",
+        chunk_count(&chunks.embedded),
+        chunk_count(&chunks.reused)
     );
     for why in unseen {
         println!("  note: {why}");

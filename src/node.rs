@@ -86,6 +86,9 @@ pub struct Node {
     pub kafka: Option<Arc<Kafka>>,
     /// When the index node builds the store's index.
     pub optimizer: Arc<Optimizer>,
+    /// The chunks this node's embedder embedded, and those whose vector
+    /// it found stored.
+    pub chunks: Arc<ragd_actors::embedder::Tally>,
     /// One permit per query being answered (`[query] max_concurrent`).
     pub query_slots: tokio::sync::Semaphore,
     /// Held for the node's life: see [`lock_data_dir`].
@@ -679,6 +682,7 @@ impl Node {
             &ledger,
             &dlq,
         );
+        let chunks = Arc::new(ragd_actors::embedder::Tally::default());
         let embedder_pool = pool(
             "embedder",
             Arc::new(EmbedderStage {
@@ -696,7 +700,7 @@ impl Node {
                 // nothing writes.)
                 reuse: (roles.index || matches!(config.index_backend, IndexBackend::Qdrant { .. }))
                     .then(|| store.clone()),
-                tally: Default::default(),
+                tally: chunks.clone(),
             }),
             embed_q.clone(),
             settings(config.embedder_min_workers, config.embedder_max_workers),
@@ -875,6 +879,7 @@ impl Node {
             root,
             root_done,
             optimizer,
+            chunks,
         })
     }
 

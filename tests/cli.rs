@@ -76,6 +76,19 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
         out.contains("3 documents") && out.contains("2 indexed") && out.contains("1 skipped"),
         "{out}"
     );
+    assert!(out.contains("chunks: 2 embedded, 0 reused"), "{out}");
+    // A copy costs no embedding: its text is in the index already.
+    std::fs::copy(
+        ws.kb().join("hr/leave.md"),
+        ws.kb().join("hr/leave-copy.md"),
+    )
+    .unwrap();
+    let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("3 indexed") && out.contains("chunks: 0 embedded, 1 reused"),
+        "{out}"
+    );
     let (ok, _, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap(), "/"]);
     assert!(
         !ok && err.contains("not inside any configured source"),
@@ -84,7 +97,7 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
 
     // The daemon finds everything already indexed and re-does nothing.
     let d = ws.start();
-    let ledger = d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+    let ledger = d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 3);
     assert_eq!(ledger["in_flight"], 0);
     // A one-shot ingest meanwhile is refused, naming the daemon, and
     // changes nothing.

@@ -204,8 +204,9 @@ pub struct EmbedderStage {
     /// embedded (a cluster's embed node that does not share the index
     /// nodes' store).
     pub reuse: Option<Arc<dyn VectorStore>>,
-    /// Chunks embedded, and chunks whose vector was found stored.
-    pub tally: Tally,
+    /// Chunks embedded, and chunks whose vector was found stored (the
+    /// one-shot ingest's summary reads it).
+    pub tally: Arc<Tally>,
 }
 
 /// See [`EmbedderStage::tally`].
@@ -402,7 +403,7 @@ mod tests {
             batch_docs: 8,
             model_id: model_id.into(),
             reuse,
-            tally: Tally::default(),
+            tally: Default::default(),
         };
         let counts = |s: &EmbedderStage| {
             (
