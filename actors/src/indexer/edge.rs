@@ -120,6 +120,19 @@ fn any_of(field: &str, values: &[String]) -> Condition {
     ))
 }
 
+/// A point's vector as the engine returns it, for a store of one
+/// unnamed dense vector (ragd's): the vector itself.
+pub fn dense_vector(v: VectorStructInternal) -> Option<Vec<f32>> {
+    match v {
+        VectorStructInternal::Single(v) => Some(v),
+        VectorStructInternal::Named(mut named) => match named.remove(DEFAULT_VECTOR_NAME)? {
+            VectorInternal::Dense(v) => Some(v),
+            _ => None,
+        },
+        VectorStructInternal::MultiDense(_) => None,
+    }
+}
+
 /// The `partition` payload of a point: its division and access level as
 /// one value (a JSON pair, unambiguous whatever the names hold). Searches
 /// filter on it, and the HNSW index links each partition's points among
@@ -724,20 +737,10 @@ impl VectorStore for EdgeStore {
             .into_iter()
             .filter_map(|r| {
                 let p = r.payload?.0;
-                let vector = match r.vector? {
-                    VectorStructInternal::Single(v) => v,
-                    VectorStructInternal::Named(mut named) => {
-                        match named.remove(DEFAULT_VECTOR_NAME)? {
-                            VectorInternal::Dense(v) => v,
-                            _ => return None,
-                        }
-                    }
-                    VectorStructInternal::MultiDense(_) => return None,
-                };
                 Some(KeyedText {
                     key: p.get("text_key")?.as_i64()?,
                     text: p.get("text")?.as_str()?.to_string(),
-                    vector,
+                    vector: dense_vector(r.vector?)?,
                 })
             })
             .collect())

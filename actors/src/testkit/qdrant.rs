@@ -21,8 +21,7 @@ use qdrant_edge::{
     EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match,
     MatchExcept, NamedQuery, PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations,
     PointOperations, PointStruct, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest,
-    UpdateOperation, VectorInternal, VectorStructInternal, WithPayloadInterface, WithVector,
-    DEFAULT_VECTOR_NAME,
+    UpdateOperation, VectorStructInternal, WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -337,14 +336,7 @@ fn wants_vectors(s: &Option<g::WithVectorsSelector>) -> Result<bool, Status> {
 
 /// A point's (single, unnamed, dense) vector as the API returns it.
 fn grpc_vectors(v: Option<VectorStructInternal>) -> Option<g::VectorsOutput> {
-    let data = match v? {
-        VectorStructInternal::Single(v) => v,
-        VectorStructInternal::Named(mut named) => match named.remove(DEFAULT_VECTOR_NAME)? {
-            VectorInternal::Dense(v) => v,
-            _ => return None,
-        },
-        VectorStructInternal::MultiDense(_) => return None,
-    };
+    let data = crate::indexer::edge::dense_vector(v?)?;
     Some(g::VectorsOutput {
         vectors_options: Some(g::vectors_output::VectorsOptions::Vector(g::VectorOutput {
             vector: Some(g::vector_output::Vector::Dense(g::DenseVector { data })),
