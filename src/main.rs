@@ -519,12 +519,9 @@ async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
         c.skipped,
         c.dead_lettered
     );
-    let chunk_count =
-        |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    let (embedded, reused) = chunks.counts();
     println!(
-        "  chunks: {} embedded, {} reused (their text was in the index already)",
-        chunk_count(&chunks.embedded),
-        chunk_count(&chunks.reused)
+        "  chunks: {embedded} embedded, {reused} reused (their text was in the index already)"
     );
     for why in unseen {
         println!("  note: {why}");

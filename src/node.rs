@@ -506,10 +506,15 @@ impl Node {
         let registry = StatsRegistry::default();
         registry.entry("root");
         // Names the embedding model by its files: in the Redis cache's keys
-        // and in the text keys of the chunks (see `embedder::text_key`).
-        let model_id = {
+        // and in the text keys of the chunks (see `embedder::text_key`). It
+        // reads all the weights, so a node of neither does not (its
+        // embedder stage is built but never started).
+        let redis = matches!(config.cache_backend, CacheBackend::Redis { .. });
+        let model_id = if config.roles.embed || redis {
             let dir = config.embedder_model.clone();
             tokio::task::spawn_blocking(move || ragd_actors::model::fingerprint(&dir)).await??
+        } else {
+            String::new()
         };
         let cache_backend: Arc<dyn SemanticCache> = match &config.cache_backend {
             CacheBackend::Embedded => Arc::new(EmbeddedCache::new(

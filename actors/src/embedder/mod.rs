@@ -216,6 +216,16 @@ pub struct Tally {
     pub reused: AtomicU64,
 }
 
+impl Tally {
+    /// Chunks embedded and chunks reused so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.embedded.load(Ordering::Relaxed),
+            self.reused.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// A chunk text's key for the model `model_id`: stored with the chunk's
 /// point, it finds that vector again for the same text (see
 /// [`crate::indexer::stored_vectors`]). The model is part of it, so that a
@@ -405,12 +415,7 @@ mod tests {
             reuse,
             tally: Default::default(),
         };
-        let counts = |s: &EmbedderStage| {
-            (
-                s.tally.embedded.load(Ordering::Relaxed),
-                s.tally.reused.load(Ordering::Relaxed),
-            )
-        };
+        let counts = |s: &EmbedderStage| s.tally.counts();
         let written = |docs: Vec<IndexJob>| -> Vec<EmbeddedDoc> {
             docs.into_iter()
                 .map(|j| match j {
