@@ -28,8 +28,9 @@ use ragd_actors::dlq::{DeadLetters, FileDlq};
 use ragd_actors::embedder::EmbedderStage;
 use ragd_actors::indexer::actor::{IndexJob, IndexerStage, OptimizePolicy, Optimizer};
 use ragd_actors::indexer::edge::EdgeStore;
+use ragd_actors::indexer::model_check::{self, ModelCheck, Rekey};
 use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
-use ragd_actors::indexer::{removals_at_start, PartitionOf, StoredVersion, VectorStore};
+use ragd_actors::indexer::{removals_at_start, PartitionOf, StoredVersion, TextPage, VectorStore};
 use ragd_actors::ledger::{Ledger, Outcome};
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy, Device};
@@ -91,6 +92,10 @@ pub struct Node {
     pub chunks: Arc<ragd_actors::embedder::Tally>,
     /// One permit per query being answered (`[query] max_concurrent`).
     pub query_slots: tokio::sync::Semaphore,
+    /// Setting the text keys of points written without them (see
+    /// `ragd_actors::indexer::model_check`); stopped at shutdown, resumed
+    /// at the next start.
+    rekeying: Option<tokio::task::JoinHandle<()>>,
     /// Held for the node's life: see [`lock_data_dir`].
     _data_dir_lock: Option<std::fs::File>,
 }
@@ -376,6 +381,83 @@ fn pool<S: Stage>(
     })
 }
 
+async fn store_is_empty(store: &dyn VectorStore) -> anyhow::Result<bool> {
+    let page = TextPage {
+        limit: 1,
+        ..Default::default()
+    };
+    Ok(store.texts(page).await?.0.is_empty())
+}
+
+/// Refuses a store that holds another model's vectors (see
+/// [`model_check::check_model`]): searched with this model it would
+/// answer with unrelated text, and written with it, it would mix two
+/// models' vectors. What keys it needs set, where it passes.
+async fn check_store(
+    config: &Config,
+    store: &dyn VectorStore,
+    encoder: &Arc<AnyEncoder>,
+    model_id: &str,
+) -> anyhow::Result<Option<Rekey>> {
+    let e = encoder.clone();
+    let embed = |texts: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            e.embed(&refs)
+        })
+        .await?
+    };
+    match model_check::check_model(store, model_id, embed).await? {
+        ModelCheck::Empty => Ok(None),
+        ModelCheck::Same { rekey } => Ok(rekey),
+        ModelCheck::Other {
+            checked,
+            agreeing,
+            closest,
+        } => {
+            let (what, rebuild) = match &config.index_backend {
+                IndexBackend::Embedded => (
+                    format!("the vector store in {}", config.index_dir().display()),
+                    format!(
+                        "stop ragd, delete {} and start it again (every source is read again)",
+                        config.index_dir().display()
+                    ),
+                ),
+                IndexBackend::Qdrant {
+                    url, collection, ..
+                } => (
+                    format!("the Qdrant collection {collection:?} at {url}"),
+                    "delete that collection, or set index.collection to a new name".to_string(),
+                ),
+            };
+            anyhow::bail!(
+                "{what} was embedded by another model than {}: of {checked} chunks read, \
+                 {agreeing} have the vector this model gives their text (the others' closest \
+                 cosine: {closest:.2}). Searched with this model it would answer with unrelated \
+                 text. Point model.embedder at the model that built it, or build the index \
+                 again with this one: {rebuild}.",
+                config.embedder_model.display()
+            )
+        }
+    }
+}
+
+async fn set_text_keys(store: Arc<dyn VectorStore>, model_id: String, which: Rekey) {
+    let started = std::time::Instant::now();
+    tracing::info!(
+        ?which,
+        "setting the text keys of chunks stored without them (their vectors are then reused)"
+    );
+    match model_check::rekey(store.as_ref(), &model_id, which).await {
+        Ok(n) => tracing::info!(
+            chunks = n,
+            secs = started.elapsed().as_secs_f64(),
+            "text keys set"
+        ),
+        Err(e) => tracing::warn!("setting text keys stopped (the next start goes on): {e:#}"),
+    }
+}
+
 impl Node {
     pub async fn start(
         config: Config,
@@ -510,11 +592,31 @@ impl Node {
         // reads all the weights, so a node of neither does not (its
         // embedder stage is built but never started).
         let redis = matches!(config.cache_backend, CacheBackend::Redis { .. });
-        let model_id = if config.roles.embed || redis {
+        // A node that searches or writes the store checks that it holds
+        // this model's vectors (which needs the name), unless it is empty.
+        let reads_store = (roles.index || roles.query) && !store_is_empty(store.as_ref()).await?;
+        let checks_jobs = roles.index && matches!(config.bus, Bus::Kafka(_));
+        let model_id = if config.roles.embed || redis || reads_store || checks_jobs {
             let dir = config.embedder_model.clone();
             tokio::task::spawn_blocking(move || ragd_actors::model::fingerprint(&dir)).await??
         } else {
             String::new()
+        };
+        let rekey = if reads_store {
+            check_store(&config, store.as_ref(), &encoder, &model_id).await?
+        } else {
+            None
+        };
+        // Only the index role writes the store. A one-shot ingest sets the
+        // keys before it reads the sources, so that what it ingests finds
+        // them; the daemon does it beside its work, not to hold up its
+        // start.
+        let rekey = match rekey.filter(|_| roles.index) {
+            Some(which) if mode == Mode::Ingest => {
+                set_text_keys(store.clone(), model_id.clone(), which).await;
+                None
+            }
+            other => other,
         };
         let cache_backend: Arc<dyn SemanticCache> = match &config.cache_backend {
             CacheBackend::Embedded => Arc::new(EmbeddedCache::new(
@@ -734,6 +836,8 @@ impl Node {
                 observe: kafka.is_some(),
                 optimizer: optimizer.clone(),
                 prune: kafka.is_some().then(|| pruner.clone()),
+                // On one node the embedder is this node's: nothing to check.
+                model_id: kafka.is_some().then(|| model_id.clone()),
             }),
             index_q.clone(),
             settings(1, 1),
@@ -864,7 +968,10 @@ impl Node {
         }
         let query_embedder =
             ragd_actors::embedder::Batcher::start("ragd-query-embed", encoder.clone(), 64);
+        let rekeying =
+            rekey.map(|which| tokio::spawn(set_text_keys(store.clone(), model_id, which)));
         Ok(Node {
+            rekeying,
             query_slots: tokio::sync::Semaphore::new(config.max_concurrent_queries),
             _data_dir_lock: data_dir_lock,
             config,
@@ -930,6 +1037,9 @@ impl Node {
         }
         let _ = self.root.cast(SupervisorMsg::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;
+        if let Some(r) = &self.rekeying {
+            r.abort();
+        }
         // The flush waits for a running index optimisation, which cannot be
         // cancelled and may take minutes: bounded, so a stop stays a stop.
         match tokio::time::timeout(Duration::from_secs(30), self.store.flush()).await {

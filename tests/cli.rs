@@ -122,6 +122,113 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     );
 }
 
+/// A store embedded by another model (here MiniLM's first three layers) is
+/// refused by `ingest` and `up`, saying how to go on, and is left as it
+/// was. One embedded by this model under another name (its config file
+/// rewritten, its weights the same) passes, and its chunks get this
+/// name's text keys: by a one-shot ingest before it reads anything, by
+/// the daemon beside its work. Copies then reuse their vectors.
+#[test]
+fn a_store_of_another_model_is_refused_and_one_of_this_model_gets_its_keys() {
+    let ws = Workspace::new();
+    ws.write(
+        "hr/leave.md",
+        "# Leave\n\nAsk the HR portal four weeks ahead.\n",
+    );
+    ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    let cfg = ws.config();
+    let three = model_variant(&ws, "three-layers", |c| {
+        c.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 3")
+    });
+    let renamed = model_variant(&ws, "renamed", |c| format!("{c}\n"));
+    let (ok, out, err) = ws.ragd(&[
+        "ingest",
+        "--config",
+        config_with_model(&ws, &three).to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("2 indexed"), "{out}{err}");
+
+    let index = ws.data().join("index").canonicalize().unwrap();
+    for cmd in ["ingest", "up"] {
+        let (ok, _, err) = ws.ragd(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert!(!ok, "{cmd} took another model's store");
+        for needle in [
+            "was embedded by another model".to_string(),
+            "of 2 chunks read, 0 have the vector".to_string(),
+            format!("delete {}", index.display()),
+        ] {
+            assert!(
+                err.contains(&needle),
+                "{cmd}: {needle:?} missing from:\n{err}"
+            );
+        }
+    }
+    // Nothing changed: the model that built it finds it whole.
+    let (ok, out, err) = ws.ragd(&[
+        "ingest",
+        "--config",
+        config_with_model(&ws, &three).to_str().unwrap(),
+    ]);
+    assert!(
+        ok && out.contains("2 indexed") && out.contains("chunks: 0 embedded, 0 reused"),
+        "{out}{err}"
+    );
+
+    // Built again by this model under its other name: a copy made then
+    // is ingested by this one from the stored vector.
+    std::fs::remove_dir_all(ws.data()).unwrap();
+    let (ok, out, err) = ws.ragd(&[
+        "ingest",
+        "--config",
+        config_with_model(&ws, &renamed).to_str().unwrap(),
+    ]);
+    assert!(
+        ok && out.contains("chunks: 2 embedded, 0 reused"),
+        "{out}{err}"
+    );
+    std::fs::copy(
+        ws.kb().join("hr/leave.md"),
+        ws.kb().join("hr/leave-copy.md"),
+    )
+    .unwrap();
+    let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("chunks: 0 embedded, 1 reused"),
+        "{out}{err}"
+    );
+
+    // The same for the daemon, which sets the keys once it is up.
+    std::fs::remove_file(ws.kb().join("hr/leave-copy.md")).unwrap();
+    std::fs::remove_dir_all(ws.data()).unwrap();
+    let (ok, out, err) = ws.ragd(&[
+        "ingest",
+        "--config",
+        config_with_model(&ws, &renamed).to_str().unwrap(),
+    ]);
+    assert!(
+        ok && out.contains("chunks: 2 embedded, 0 reused"),
+        "{out}{err}"
+    );
+    let d = ws.start();
+    d.wait_until("the text keys", Duration::from_secs(60), || {
+        metric(&d, "ragd_text_keys_set_total") == 2.0
+    });
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+    ws.write(
+        "eng/build-copy.txt",
+        "The build cache is cleaned nightly.\n",
+    );
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 3);
+    assert_eq!(
+        metric_where(&d, "ragd_embedder_chunks_total", "vector=\"reused\""),
+        1.0
+    );
+    assert_eq!(
+        metric_where(&d, "ragd_embedder_chunks_total", "vector=\"embedded\""),
+        0.0
+    );
+}
+
 /// A source the scan could not see is in none of the counts: the
 /// summary says why (here a share with nothing mounted on its folder).
 #[test]

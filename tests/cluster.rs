@@ -635,6 +635,46 @@ fn a_poison_document_goes_to_the_dlq_topic_and_is_replayed() {
     });
 }
 
+/// An embed node given another model than the index node's (here
+/// MiniLM's first three layers) cannot put its vectors in the index: the
+/// index node dead-letters its documents, saying why; once the embed node
+/// is put right, a replay indexes them.
+#[test]
+fn an_embed_node_with_another_model_cannot_write_the_index() {
+    let s = Services::start();
+    let ingest = s.node("ingest-1", &["ingest"]);
+    ingest.write("hr/leave.md", note(1));
+    let _index = s.node("index-1", &["index"]).start();
+    let wrong = s.node("embed-wrong", &["embed"]);
+    let three = model_variant(&wrong, "three-layers", |c| {
+        c.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 3")
+    });
+    std::fs::copy(config_with_model(&wrong, &three), wrong.config()).unwrap();
+    let mut wrong = wrong.start();
+    let d = ingest.start();
+    d.wait_ledger(Duration::from_secs(240), |l| l["dead_lettered"] == 1);
+    assert_eq!(points(&s), 0, "nothing of the other model's written");
+    let entries = d.admin_json("/dlq")["entries"].clone();
+    let entry = &entries[0];
+    assert_eq!(entry["doc_id"], "kb:hr/leave.md", "{entries}");
+    assert_eq!(entry["stage"], "indexer", "{entries}");
+    let error = entry["error"].as_str().unwrap_or_default();
+    assert!(error.contains("embedded by another model"), "{entries}");
+
+    // Put right, and replayed.
+    wrong.sigterm();
+    let _embed = s.node("embed-1", &["embed"]).start();
+    let config = ingest.config();
+    let id = entry["id"].to_string();
+    let id = id.trim_matches('"');
+    let (ok, out, err) = ingest.ragd(&["dlq", "replay", id, "--config", config.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    d.wait_ledger(Duration::from_secs(120), |l| {
+        l["indexed"] == 1 && l["dead_lettered"] == 0
+    });
+    assert!(points(&s) > 0);
+}
+
 #[test]
 fn the_pipeline_waits_out_a_broker_outage_and_completes() {
     let mut s = Services::start();

@@ -664,3 +664,33 @@ pub fn normalise(mut v: Vec<f32>) -> Vec<f32> {
     v.iter_mut().for_each(|x| *x /= n);
     v
 }
+
+/// A copy of the model folder with `config.json` rewritten by `edit` (the
+/// weights and tokenizer linked): another model where the edit changes
+/// what the weights make, the same model under another name otherwise.
+pub fn model_variant(ws: &Workspace, name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let dir = ws.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::os::unix::fs::symlink(model_dir().join(f), dir.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(model_dir().join("config.json")).unwrap();
+    let edited = edit(&config);
+    assert_ne!(edited, config);
+    std::fs::write(dir.join("config.json"), edited).unwrap();
+    dir
+}
+
+/// `ws`'s config with its model set to `model`, in a file of its own.
+pub fn config_with_model(ws: &Workspace, model: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(ws.config()).unwrap();
+    let from = format!("embedder = {:?}", model_dir().display().to_string());
+    assert!(text.contains(&from));
+    let to = format!("embedder = {:?}", model.display().to_string());
+    let path = ws.dir.path().join(format!(
+        "ragd-{}.toml",
+        model.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&path, text.replace(&from, &to)).unwrap();
+    path
+}

@@ -55,6 +55,13 @@ pub struct IndexerStage {
     /// On a cluster's index node: prunes what this write made old, here,
     /// before the events go on (see [`IndexerStage::write`]).
     pub prune: Option<Arc<VersionPrunerStage>>,
+    /// On a cluster's index node: the name of this node's model
+    /// ([`crate::model::fingerprint`]). A document whose text keys were
+    /// made under another (an embed node given another model) is refused:
+    /// its vectors would answer this model's questions with unrelated
+    /// text, and the store would hold two models' vectors. It waits in the
+    /// dead-letter queue for a replay once the embed node is put right.
+    pub model_id: Option<String>,
 }
 
 /// When to run the store's optimizer (the HNSW build), `[index]`
@@ -180,6 +187,9 @@ impl Stage for IndexerStage {
     type In = IndexJob;
 
     async fn process(&self, job: IndexJob) -> anyhow::Result<()> {
+        if let Some(e) = self.refused(&job) {
+            return Err(e);
+        }
         self.write(vec![job]).await
     }
 
@@ -192,7 +202,38 @@ impl Stage for IndexerStage {
     }
 
     async fn process_batch(&self, jobs: Vec<IndexJob>) -> anyhow::Result<JobErrors> {
-        self.write(jobs).await.map(|()| vec![])
+        let mut refused = JobErrors::new();
+        let mut admitted = Vec::with_capacity(jobs.len());
+        for (i, job) in jobs.into_iter().enumerate() {
+            match self.refused(&job) {
+                Some(e) => refused.push((i, e)),
+                None => admitted.push(job),
+            }
+        }
+        self.write(admitted).await.map(|()| refused)
+    }
+}
+
+impl IndexerStage {
+    /// Why this job may not be written, if it may not: see
+    /// [`IndexerStage::model_id`]. A document without text keys (from an
+    /// embed node older than them) cannot tell and is taken.
+    fn refused(&self, job: &IndexJob) -> Option<anyhow::Error> {
+        let (Some(model), IndexJob::Upsert(doc)) = (&self.model_id, job) else {
+            return None;
+        };
+        let foreign = doc
+            .keys
+            .iter()
+            .zip(&doc.chunks)
+            .any(|(k, c)| *k != crate::embedder::text_key(model, &c.text));
+        foreign.then(|| {
+            anyhow::anyhow!(
+                "embedded by another model than this index node's ({model}): its chunks' \
+                 text keys are not this model's. Give the embed nodes the same model.embedder \
+                 as the index nodes, then replay the dead letters"
+            )
+        })
     }
 }
 
@@ -379,6 +420,7 @@ pub(crate) mod tests {
             out: Port::Local(out.clone()),
             observe: true,
             prune: None,
+            model_id: Some("minilm".into()),
             optimizer: Optimizer::new(
                 store.clone(),
                 OptimizePolicy {
@@ -394,6 +436,53 @@ pub(crate) mod tests {
     pub(crate) async fn versions(store: &Arc<dyn VectorStore>) -> Vec<String> {
         let stored = store.indexed_versions().await.unwrap();
         stored.into_iter().map(|v| v.version).collect()
+    }
+
+    /// An index node takes documents embedded by its own model, and
+    /// those that carry no text keys to tell; one whose keys were made
+    /// under another model fails on its own (the pool dead-letters it
+    /// after its attempts), naming the fix, and the others are written.
+    #[tokio::test]
+    async fn a_document_embedded_by_another_model_is_refused_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let (stage, out) = index_node(&store, Ledger::new(8));
+        let keyed = |version: &str, seq: u64, model: &str| {
+            let mut d = embedded(version, seq);
+            d.meta.doc_id = format!("kb:{model}-{version}.md");
+            d.keys = vec![crate::embedder::text_key(model, &d.chunks[0].text)];
+            IndexJob::Upsert(d)
+        };
+        let mut unkeyed = embedded("v3", 3_000);
+        unkeyed.meta.doc_id = "kb:unkeyed.md".into();
+        let errors = stage
+            .process_batch(vec![
+                keyed("v1", 1_000, "minilm"),
+                keyed("v2", 2_000, "another model"),
+                IndexJob::Upsert(unkeyed),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let (i, e) = &errors[0];
+        assert_eq!(*i, 1);
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("embedded by another model") && e.contains("replay"),
+            "{e}"
+        );
+        let mut written: Vec<String> = store
+            .indexed_versions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.doc_id)
+            .collect();
+        written.sort();
+        assert_eq!(written, ["kb:minilm-v1.md", "kb:unkeyed.md"]);
+        assert_eq!(out.len(), 2, "events for the two written");
+        let alone = stage.process(keyed("v4", 4_000, "another model")).await;
+        assert!(alone.is_err(), "one at a time as well");
     }
 
     #[tokio::test]
@@ -685,6 +774,15 @@ pub(crate) mod tests {
             l: usize,
         ) -> anyhow::Result<Vec<crate::indexer::KeyedText>> {
             self.inner.keyed_texts(k, l).await
+        }
+        async fn texts(
+            &self,
+            p: crate::indexer::TextPage,
+        ) -> anyhow::Result<(Vec<crate::indexer::StoredText>, Option<u64>)> {
+            self.inner.texts(p).await
+        }
+        async fn set_text_keys(&self, k: &[(u64, i64)]) -> anyhow::Result<()> {
+            self.inner.set_text_keys(k).await
         }
     }
 

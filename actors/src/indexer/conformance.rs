@@ -1,7 +1,7 @@
 //! The conformance suite every [`VectorStore`] backend must pass. Backend
 //! tests call [`run_all`] on an empty store.
 
-use super::{Removal, Scope, StoredVersion, VectorStore};
+use super::{Removal, Scope, StoredText, StoredVersion, TextPage, VectorStore};
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 
 pub const DIM: usize = 8;
@@ -72,6 +72,7 @@ pub async fn run_all(store: &dyn VectorStore) {
     bad_vectors_are_errors(store).await;
     batches(store).await;
     vectors_are_found_by_their_text(store).await;
+    texts_are_read_in_pages_and_keys_set(store).await;
     store.optimize().await.expect("optimize");
     // Optimising changes nothing a caller sees.
     let hits = store
@@ -382,6 +383,94 @@ async fn vectors_are_found_by_their_text(store: &dyn VectorStore) {
         found.is_empty(),
         "a deleted point is not offered: {found:?}"
     );
+}
+
+/// The model check and the text-key backfill (see
+/// [`super::model_check`]) read every point once, page by page, with its
+/// text and key; keys are set by point id, and a point gone meanwhile is
+/// skipped, not made again.
+async fn texts_are_read_in_pages_and_keys_set(store: &dyn VectorStore) {
+    store
+        .upsert_docs(&[
+            keyed(
+                doc("texts-a", "v1", "hr", "public", 2, 5),
+                &[(21, "a first"), (22, "a second")],
+            ),
+            embedded(doc("texts-b", "v1", "eng", "secret", 3, 6)),
+        ])
+        .await
+        .unwrap();
+    let total = store.count(None).await.unwrap() as usize;
+    let read = |unkeyed: bool| async move {
+        let (mut all, mut from) = (vec![], None);
+        loop {
+            let page = TextPage {
+                from,
+                limit: 4,
+                with_vectors: false,
+                unkeyed,
+            };
+            let (texts, next) = store.texts(page).await.unwrap();
+            assert!(texts.len() <= 4, "{} in a page of 4", texts.len());
+            all.extend(texts);
+            match next {
+                Some(n) => from = Some(n),
+                None => return all,
+            }
+        }
+    };
+    let all = read(false).await;
+    assert_eq!(all.len(), total, "every point, in pages");
+    assert!(
+        all.windows(2).all(|w| w[0].id < w[1].id),
+        "in id order, once"
+    );
+    let first = all.iter().find(|t| t.text == "a first").unwrap();
+    assert_eq!(first.key, Some(21));
+    assert_eq!(first.id, super::point_id("texts-a", "v1", 0));
+    assert!(all.iter().all(|t| t.vector.is_none()), "no vectors unasked");
+    let unkeyed = read(true).await;
+    assert_eq!(unkeyed.len(), total - 2, "all but the keyed two");
+    assert!(unkeyed.iter().all(|t| t.key.is_none()));
+
+    let page = TextPage {
+        limit: total,
+        with_vectors: true,
+        ..Default::default()
+    };
+    let (with, _) = store.texts(page).await.unwrap();
+    let first = with.iter().find(|t| t.text == "a first").unwrap();
+    let v = first.vector.as_ref().expect("the vector asked for");
+    assert!(v
+        .iter()
+        .zip(vector(5, 0))
+        .all(|(x, y)| (x - y).abs() < 1e-5));
+
+    let b: Vec<&StoredText> = unkeyed
+        .iter()
+        .filter(|t| t.text.starts_with("texts-b"))
+        .collect();
+    assert_eq!(b.len(), 3);
+    let mut keys: Vec<(u64, i64)> = b.iter().zip(100..).map(|(t, k)| (t.id, k)).collect();
+    let gone = super::point_id("texts-gone", "v1", 0);
+    keys.push((gone, 200));
+    store.set_text_keys(&keys).await.expect("set keys");
+    let wanted: Vec<(i64, &str)> = b
+        .iter()
+        .zip(100..)
+        .map(|(t, k)| (k, t.text.as_str()))
+        .collect();
+    let found = super::stored_vectors(store, &wanted).await.unwrap();
+    assert_eq!(found.len(), 3, "found by the keys set");
+    assert_eq!(
+        store.count(None).await.unwrap() as usize,
+        total,
+        "nothing made"
+    );
+    assert_eq!(read(true).await.len(), total - 5);
+
+    store.delete_doc("texts-a").await.unwrap();
+    store.delete_doc("texts-b").await.unwrap();
 }
 
 /// The Indexer's and the VersionPruner's batched calls do what their

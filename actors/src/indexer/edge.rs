@@ -21,7 +21,7 @@
 
 use super::{
     all_found, check_search, check_upsert, hit_ids, point_id, removed_per_doc, Hit, HnswSettings,
-    KeyedText, Removal, Scope, StoredVersion, VectorStore, Versions,
+    KeyedText, Removal, Scope, StoredText, StoredVersion, TextPage, VectorStore, Versions,
 };
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::Context;
@@ -744,6 +744,75 @@ impl VectorStore for EdgeStore {
                 })
             })
             .collect())
+    }
+
+    async fn texts(&self, page: TextPage) -> anyhow::Result<(Vec<StoredText>, Option<u64>)> {
+        let filter = page
+            .unkeyed
+            .then(|| Filter::new_must(Condition::IsEmpty(key("text_key").into())));
+        let (records, next) = self
+            .blocking(move |s| {
+                s.shard
+                    .scroll(ScrollRequest {
+                        offset: page.from.map(PointId::NumId),
+                        limit: Some(page.limit),
+                        filter,
+                        with_payload: Some(WithPayloadInterface::Fields(vec![
+                            key("text_key"),
+                            key("text"),
+                        ])),
+                        with_vector: WithVector::Bool(page.with_vectors),
+                        order_by: None,
+                    })
+                    .map_err(|e| anyhow::anyhow!("vector store scroll: {e}"))
+            })
+            .await?;
+        let texts = records
+            .into_iter()
+            .filter_map(|r| {
+                let PointId::NumId(id) = r.id else {
+                    return None;
+                };
+                let p = r.payload?.0;
+                Some(StoredText {
+                    id,
+                    key: p.get("text_key").and_then(|k| k.as_i64()),
+                    text: p.get("text")?.as_str()?.to_string(),
+                    vector: r.vector.and_then(dense_vector),
+                })
+            })
+            .collect();
+        let next = match next {
+            Some(PointId::NumId(n)) => Some(n),
+            _ => None,
+        };
+        Ok((texts, next))
+    }
+
+    async fn set_text_keys(&self, keys: &[(u64, i64)]) -> anyhow::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let keys = keys.to_vec();
+        self.blocking(move |s| {
+            for (id, text_key) in keys {
+                let mut payload = qjson::Map::new();
+                payload.insert("text_key".into(), text_key.into());
+                // By filter, not by id: an id the store no longer holds
+                // (deleted since it was read) is then no error.
+                let only = std::iter::once(PointId::NumId(id)).collect();
+                s.write(UpdateOperation::PayloadOperation(PayloadOps::SetPayload(
+                    SetPayloadOp {
+                        payload: payload.into(),
+                        points: None,
+                        filter: Some(Filter::new_must(Condition::HasId(only))),
+                        key: None,
+                    },
+                )))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {

@@ -8,6 +8,7 @@
 pub mod actor;
 pub mod conformance;
 pub mod edge;
+pub mod model_check;
 pub mod qdrant;
 
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
@@ -352,6 +353,35 @@ pub trait VectorStore: Send + Sync {
     /// of `keys`, of any document and partition, with their text and
     /// vector (see [`stored_vectors`]).
     async fn keyed_texts(&self, keys: &[i64], limit: usize) -> anyhow::Result<Vec<KeyedText>>;
+    /// One page of points in id order, from `page.from` on, with their
+    /// text and text key (and vector, where asked); the next page's start
+    /// comes back (none after the last). The model check and the text-key
+    /// backfill read the store this way (see [`model_check`]).
+    async fn texts(&self, page: TextPage) -> anyhow::Result<(Vec<StoredText>, Option<u64>)>;
+    /// Sets each point's text key, by point id, in as few writes as the
+    /// backend can; a point deleted meanwhile is skipped, not an error.
+    async fn set_text_keys(&self, keys: &[(u64, i64)]) -> anyhow::Result<()>;
+}
+
+/// Which points [`VectorStore::texts`] reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TextPage {
+    /// The first point id of the page (none: the store's first).
+    pub from: Option<u64>,
+    pub limit: usize,
+    pub with_vectors: bool,
+    /// Only points without a text key.
+    pub unkeyed: bool,
+}
+
+/// A point's text as [`VectorStore::texts`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredText {
+    pub id: u64,
+    pub key: Option<i64>,
+    pub text: String,
+    /// Where [`TextPage::with_vectors`].
+    pub vector: Option<Vec<f32>>,
 }
 
 /// A chunk's text and vector as a store holds them, found by its text key.

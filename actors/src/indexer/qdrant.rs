@@ -16,7 +16,7 @@
 
 use super::{
     all_found, check_search, check_upsert, hit_ids, point_id, removed_per_doc, Hit, HnswSettings,
-    KeyedText, Removal, Scope, StoredVersion, VectorStore, Versions,
+    KeyedText, Removal, Scope, StoredText, StoredVersion, TextPage, VectorStore, Versions,
 };
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 use anyhow::{anyhow, bail, Context};
@@ -24,13 +24,13 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 use qdrant_client::qdrant::{
-    read_consistency, shard_key, vector_output, Condition, CountPointsBuilder,
-    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, CreateShardKeyBuilder,
-    CreateShardKeyRequestBuilder, DeletePointsBuilder, Distance, FieldType, Filter,
-    GetPointsBuilder, HnswConfigDiffBuilder, PayloadIncludeSelector, PointId, PointStruct,
-    QueryPoints, QueryPointsBuilder, Range, ReadConsistencyType, ScrollPointsBuilder,
-    SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod, UpsertPointsBuilder, Value,
-    VectorParamsBuilder,
+    point_id, points_update_operation, read_consistency, shard_key, vector_output, Condition,
+    CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
+    CreateShardKeyBuilder, CreateShardKeyRequestBuilder, DeletePointsBuilder, Distance, FieldType,
+    Filter, GetPointsBuilder, HnswConfigDiffBuilder, PayloadIncludeSelector, PointId, PointStruct,
+    PointsUpdateOperation, QueryPoints, QueryPointsBuilder, Range, ReadConsistencyType,
+    ScrollPointsBuilder, SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod,
+    UpdateBatchPointsBuilder, UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsOutput,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use std::collections::{HashMap, HashSet};
@@ -707,16 +707,93 @@ impl VectorStore for QdrantStore {
             .filter_map(|p| {
                 let key = p.payload.get("text_key")?.as_integer()?;
                 let text = payload_str(&p.payload, "text")?;
-                match p.vectors?.get_vector()? {
-                    vector_output::Vector::Dense(v) => Some(KeyedText {
-                        key,
-                        text,
-                        vector: v.data,
-                    }),
-                    _ => None,
-                }
+                Some(KeyedText {
+                    key,
+                    text,
+                    vector: dense(p.vectors)?,
+                })
             })
             .collect())
+    }
+
+    async fn texts(&self, page: TextPage) -> anyhow::Result<(Vec<StoredText>, Option<u64>)> {
+        let mut req = ScrollPointsBuilder::new(&self.s.collection)
+            .limit(page.limit as u32)
+            .with_payload(PayloadIncludeSelector {
+                fields: vec!["text_key".into(), "text".into()],
+            })
+            .with_vectors(page.with_vectors);
+        if let Some(from) = page.from {
+            req = req.offset(PointId::from(from));
+        }
+        if page.unkeyed {
+            req = req.filter(Filter::must([Condition::is_empty("text_key")]));
+        }
+        let req = req.build();
+        let reply = self
+            .call("scroll", || self.client.scroll(req.clone()))
+            .await?;
+        let texts = reply
+            .result
+            .into_iter()
+            .filter_map(|p| {
+                Some(StoredText {
+                    id: num_id(p.id?)?,
+                    key: p.payload.get("text_key").and_then(|k| k.as_integer()),
+                    text: payload_str(&p.payload, "text")?,
+                    vector: dense(p.vectors),
+                })
+            })
+            .collect();
+        Ok((texts, reply.next_page_offset.and_then(num_id)))
+    }
+
+    async fn set_text_keys(&self, keys: &[(u64, i64)]) -> anyhow::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        // One request for the lot. By filter, not by id: an id deleted
+        // since it was read is then no error; and no shard key, so that
+        // the operation reaches the point whatever its division (as a
+        // deletion does).
+        let operations: Vec<PointsUpdateOperation> = keys
+            .iter()
+            .map(|&(id, key)| PointsUpdateOperation {
+                operation: Some(points_update_operation::Operation::SetPayload(
+                    points_update_operation::SetPayload {
+                        payload: HashMap::from([("text_key".to_string(), Value::from(key))]),
+                        points_selector: Some(
+                            Filter::must([Condition::has_id([PointId::from(id)])]).into(),
+                        ),
+                        shard_key_selector: None,
+                        key: None,
+                    },
+                )),
+            })
+            .collect();
+        let req = UpdateBatchPointsBuilder::new(&self.s.collection, operations)
+            .wait(true)
+            .build();
+        self.call("update_batch", || {
+            self.client.update_points_batch(req.clone())
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// A point's dense vector, as a scroll returns it.
+fn dense(v: Option<VectorsOutput>) -> Option<Vec<f32>> {
+    match v?.get_vector()? {
+        vector_output::Vector::Dense(v) => Some(v.data),
+        _ => None,
+    }
+}
+
+fn num_id(id: PointId) -> Option<u64> {
+    match id.point_id_options? {
+        point_id::PointIdOptions::Num(n) => Some(n),
+        point_id::PointIdOptions::Uuid(_) => None,
     }
 }
 

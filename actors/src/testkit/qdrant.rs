@@ -19,9 +19,10 @@ use qdrant_edge::external::serde_json;
 use qdrant_edge::{
     Condition, ConditionalInsertOperation, CountRequest, CreateIndex, Distance, EdgeConfig,
     EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match,
-    MatchExcept, NamedQuery, PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations,
-    PointOperations, PointStruct, QueryEnum, QueryRequest, Range, ScoringQuery, ScrollRequest,
-    UpdateOperation, VectorStructInternal, WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
+    MatchExcept, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaType, PointId,
+    PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest, Range,
+    ScoringQuery, ScrollRequest, SetPayloadOp, UpdateOperation, VectorStructInternal,
+    WithPayloadInterface, WithVector, DEFAULT_VECTOR_NAME,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -279,6 +280,12 @@ fn condition(c: g::Condition) -> Result<Condition, Status> {
             Ok(Condition::Field(FieldCondition::new_match(key, m)))
         }
         Some(C::Filter(f)) => Ok(Condition::Filter(filter(f)?)),
+        Some(C::HasId(h)) => Ok(Condition::HasId(
+            h.has_id
+                .into_iter()
+                .map(edge_id)
+                .collect::<Result<_, _>>()?,
+        )),
         Some(C::IsEmpty(e)) => {
             let key: JsonPath = e
                 .key
@@ -914,6 +921,64 @@ impl Points for Service {
         }))
     }
 
+    /// Only payload settings (the text-key backfill sends them), each
+    /// applied to the shards its selector names (all, with none), in
+    /// order.
+    async fn update_batch(
+        &self,
+        request: Request<g::UpdateBatchPoints>,
+    ) -> Result<Response<g::UpdateBatchResponse>, Status> {
+        use g::points_update_operation::Operation as O;
+        let r = request.into_inner();
+        self.enter("update_batch", vec![])?;
+        let mut ops = Vec::with_capacity(r.operations.len());
+        for op in r.operations {
+            let Some(O::SetPayload(set)) = op.operation else {
+                return Err(unsupported("this batch operation"));
+            };
+            if set.key.is_some() {
+                return Err(unsupported("a nested payload key"));
+            }
+            let (points, filter) = match set.points_selector.and_then(|p| p.points_selector_one_of)
+            {
+                Some(g::points_selector::PointsSelectorOneOf::Filter(f)) => {
+                    (None, Some(filter(f)?))
+                }
+                Some(g::points_selector::PointsSelectorOneOf::Points(ids)) => (
+                    Some(ids.ids.into_iter().map(edge_id).collect::<Result<_, _>>()?),
+                    None,
+                ),
+                None => return Err(Status::invalid_argument("no points to set a payload on")),
+            };
+            let payload: serde_json::Map<_, _> = set
+                .payload
+                .into_iter()
+                .map(|(k, v)| (k, v.into_json()))
+                .collect();
+            let keys = selector_keys(&set.shard_key_selector)?;
+            let op = UpdateOperation::PayloadOperation(PayloadOps::SetPayload(SetPayloadOp {
+                payload: payload.into(),
+                points,
+                filter,
+                key: None,
+            }));
+            ops.push((keys, op));
+        }
+        let _w = self.0.writer.lock();
+        let mut result = Vec::with_capacity(ops.len());
+        for (keys, op) in ops {
+            for (_, shard) in self.shards(&r.collection_name, &keys)? {
+                shard.update(op.clone()).map_err(internal)?;
+            }
+            result.extend(ok_update().result);
+        }
+        Ok(Response::new(g::UpdateBatchResponse {
+            result,
+            time: 0.0,
+            usage: None,
+        }))
+    }
+
     unimplemented_calls! {
         update_vectors(UpdatePointVectors) -> PointsOperationResponse;
         delete_vectors(DeletePointVectors) -> PointsOperationResponse;
@@ -932,7 +997,6 @@ impl Points for Service {
         recommend_groups(RecommendPointGroups) -> RecommendGroupsResponse;
         discover(DiscoverPoints) -> DiscoverResponse;
         discover_batch(DiscoverBatchPoints) -> DiscoverBatchResponse;
-        update_batch(UpdateBatchPoints) -> UpdateBatchResponse;
         query_batch(QueryBatchPoints) -> QueryBatchResponse;
         query_groups(QueryPointGroups) -> QueryGroupsResponse;
         facet(FacetCounts) -> FacetResponse;
