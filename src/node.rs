@@ -801,6 +801,7 @@ impl Node {
                 out: port(&kafka, &index_q, EMBEDDED),
                 batch_docs: config.batch_max_size,
                 model_id: model_id.clone(),
+                ledger: kafka.is_none().then(|| ledger.clone()),
                 // The store the index nodes write: this node's own, or a
                 // Qdrant server every node shares. (A cluster node of the
                 // embed role alone has an embedded store of its own, which

@@ -12,6 +12,7 @@
 use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
 use crate::indexer::VectorStore;
+use crate::ledger::{Ledger, Outcome, SUPERSEDED};
 use crate::messages::{ChunkedDoc, EmbeddedDoc};
 use crate::model::AnyEncoder;
 use crate::pool::{JobErrors, Stage};
@@ -207,6 +208,12 @@ pub struct EmbedderStage {
     /// Chunks embedded, and chunks whose vector was found stored (the
     /// one-shot ingest's summary reads it).
     pub tally: Arc<Tally>,
+    /// On one node, the ledger that admitted the documents: a version
+    /// overtaken while it waited here (saved again, deleted) ends skipped
+    /// unembedded, as the Indexer would end it after its embedding. On a
+    /// cluster an embed node's ledger does not know the ingest nodes'
+    /// documents: `None`.
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 /// See [`EmbedderStage::tally`].
@@ -266,7 +273,20 @@ impl EmbedderStage {
     /// Embeds each distinct text of `docs` once, but those whose vector
     /// the store already holds (a file copied or moved, the unchanged
     /// chunks of an edited one), and hands the documents on.
-    async fn embed(&self, docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
+    async fn embed(&self, mut docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
+        if let Some(ledger) = &self.ledger {
+            docs.retain(|d| {
+                let (id, version) = (&d.meta.doc_id, &d.meta.version);
+                let current = ledger.is_current(id, version);
+                if !current {
+                    ledger.finish(id, Some(version), Outcome::Skipped(SUPERSEDED.into()));
+                }
+                current
+            });
+            if docs.is_empty() {
+                return Ok(());
+            }
+        }
         let keys: Vec<Vec<i64>> = docs
             .iter()
             .map(|d| {
@@ -414,6 +434,7 @@ mod tests {
             model_id: model_id.into(),
             reuse,
             tally: Default::default(),
+            ledger: None,
         };
         let counts = |s: &EmbedderStage| s.tally.counts();
         let written = |docs: Vec<IndexJob>| -> Vec<EmbeddedDoc> {
@@ -466,6 +487,52 @@ mod tests {
             assert_eq!(counts(&s), (1, 0));
             out.drain();
         }
+    }
+
+    /// On one node, a version saved over (or deleted) while it waited at
+    /// the embedder is not embedded: it ends skipped, and the current
+    /// version goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_overtaken_while_it_waited_is_not_embedded() {
+        let ledger = Ledger::new(8);
+        let out = crate::pool::PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
+        let stage = EmbedderStage {
+            batcher: Batcher::start("test-embedder", minilm(), 8),
+            out: Port::Local(out.clone()),
+            batch_docs: 8,
+            model_id: "minilm".into(),
+            reuse: None,
+            tally: Default::default(),
+            ledger: Some(ledger.clone()),
+        };
+        let version = |v: &str, text: &str| {
+            let mut d = chunked("kb:a.md", &[text]);
+            d.meta.version = v.into();
+            d
+        };
+        assert!(ledger.admit("kb:a.md", Some("v1")).await);
+        assert!(ledger.admit("kb:a.md", Some("v2")).await);
+        stage
+            .embed(vec![version("v1", "Old text."), version("v2", "New text.")])
+            .await
+            .unwrap();
+        assert_eq!(stage.tally.counts(), (1, 0), "only the current version");
+        let sent: Vec<String> = out
+            .drain()
+            .into_iter()
+            .map(|j| match j {
+                IndexJob::Upsert(d) => d.meta.version,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sent, ["v2"]);
+        assert!(ledger.is_current("kb:a.md", "v2"));
+
+        // Deleted while it waited: nothing embedded, nothing sent.
+        assert!(ledger.admit("kb:a.md", None).await);
+        stage.embed(vec![version("v2", "New text.")]).await.unwrap();
+        assert_eq!(stage.tally.counts(), (1, 0));
+        assert!(out.drain().is_empty());
     }
 
     /// A large request (a long document's chunks) is served a call's worth
