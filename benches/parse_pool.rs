@@ -153,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
             source: "kb".into(),
             uri: format!("report-{i}.pdf"),
             path,
-            version: doc_version(&bytes, &partition),
+            version: doc_version(&bytes, &partition, chunker.fingerprint()),
             partition: partition.clone(),
             size: bytes.len() as u64,
             seq: next_seq(),

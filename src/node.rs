@@ -728,6 +728,7 @@ impl Node {
             },
         )?);
 
+        let chunking: Arc<str> = chunker.fingerprint().into();
         let watcher = {
             let (specs, health, ledger, dlq, chunk_port, delete_port, known, scanned) = (
                 config.sources.clone(),
@@ -753,6 +754,7 @@ impl Node {
                     SourceWatcher,
                     WatcherArgs {
                         sources: specs.clone(),
+                        chunking: chunking.clone(),
                         ledger: ledger.clone(),
                         dlq: dlq.clone(),
                         chunk_q: chunk_port.clone(),

@@ -122,6 +122,68 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     );
 }
 
+/// A changed chunk size chunks every document again, the new way, and
+/// leaves none of the old chunks behind; texts that come out the same keep
+/// their vectors, and unchanged settings change nothing.
+#[test]
+fn a_changed_chunk_size_chunks_every_document_again() {
+    use ragd_actors::indexer::{edge::EdgeStore, VectorStore};
+    let ws = Workspace::new();
+    let long: String = (0..40)
+        .map(|i| {
+            format!(
+                "Office {i} keeps its spare badge number {n} in the safe.\n\n",
+                n = 7000 + i
+            )
+        })
+        .collect();
+    ws.write("hr/badges.md", format!("# Badges\n\n{long}"));
+    ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    let cfg = ws.config();
+    let ingest = || {
+        let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+        assert!(ok, "{out}{err}");
+        out
+    };
+    let points = || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = EdgeStore::open(&ws.data().join("index"), 384).unwrap();
+            let n = store.count(Some("kb:hr/badges.md")).await.unwrap();
+            let versions = store.indexed_versions().await.unwrap().len();
+            (n, versions)
+        })
+    };
+    let out = ingest();
+    assert!(out.contains("2 indexed"), "{out}");
+    let (before, versions) = points();
+    assert!(before >= 2, "{before} chunks");
+    assert_eq!(versions, 2);
+
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[chunker]\nmax_tokens = 48\noverlap_tokens = 8\n"),
+    )
+    .unwrap();
+    let out = ingest();
+    // The short file is one chunk either way: its vector is reused.
+    assert!(
+        out.contains("2 indexed") && out.contains(", 1 reused"),
+        "{out}"
+    );
+    let (after, versions) = points();
+    assert!(
+        after > 2 * before,
+        "{before} chunks of 200 tokens, {after} of 48"
+    );
+    assert_eq!(versions, 2, "the old versions are gone");
+
+    let out = ingest();
+    assert!(out.contains("chunks: 0 embedded, 0 reused"), "{out}");
+    assert_eq!(points(), (after, 2));
+}
+
 /// A store embedded by another model (here MiniLM's first three layers) is
 /// refused by `ingest` and `up`, saying how to go on, and is left as it
 /// was. One embedded by this model under another name (its config file

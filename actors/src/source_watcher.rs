@@ -26,20 +26,28 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Version of a document: 32 hex digits of a sha256 over its content and
-/// the partition it is filed in. A changed partition rule thus makes every
-/// file it moves a new version: indexed in its new partition, while the
-/// pruner removes the old one. With the content alone, an unchanged file
-/// would keep its old partition, and whoever could see that partition its
-/// text, until its next edit.
-pub fn doc_version(bytes: &[u8], partition: &Partition) -> String {
-    version_of(&Sha256::digest(bytes).into(), partition)
+/// Version of a document: 32 hex digits of a sha256 over its content, the
+/// partition it is filed in and how it is chunked
+/// ([`crate::chunker::Chunker::fingerprint`]). A changed partition rule
+/// thus makes every file it moves a new version: indexed in its new
+/// partition, while the pruner removes the old one. With the content
+/// alone, an unchanged file would keep its old partition, and whoever
+/// could see that partition its text, until its next edit. Likewise a
+/// changed chunk size makes every file a new version, chunked the new way
+/// (the old chunks stay searchable until the new ones are in).
+pub fn doc_version(bytes: &[u8], partition: &Partition, chunking: &str) -> String {
+    version_of(&Sha256::digest(bytes).into(), partition, chunking)
 }
 
-fn version_of(content: &[u8; 32], partition: &Partition) -> String {
+fn version_of(content: &[u8; 32], partition: &Partition, chunking: &str) -> String {
     let mut h = Sha256::new();
     h.update(content);
-    for field in [&partition.division, &partition.access_level] {
+    let fields = [
+        partition.division.as_str(),
+        partition.access_level.as_str(),
+        chunking,
+    ];
+    for field in fields {
         // Length-prefixed, so no two partitions hash alike.
         h.update((field.len() as u64).to_le_bytes());
         h.update(field.as_bytes());
@@ -413,6 +421,9 @@ pub struct SourceWatcher;
 
 pub struct WatcherArgs {
     pub sources: Vec<SourceSpec>,
+    /// How the chunker chunks ([`crate::chunker::Chunker::fingerprint`]),
+    /// in every version ([`doc_version`]).
+    pub chunking: Arc<str>,
     pub ledger: Arc<Ledger>,
     pub dlq: Arc<dyn DeadLetters>,
     /// To the Chunker (local queue, or the `raw-docs` topic).
@@ -2312,7 +2323,7 @@ async fn decide(
             content,
             modified,
         }) => {
-            let version = version_of(&content, &partition);
+            let version = version_of(&content, &partition, &args.chunking);
             (size, version, modified)
         }
         Ok(Probe::TooBig(size)) => {
@@ -2554,6 +2565,9 @@ fn being_written(modified: Option<std::time::SystemTime>, quiet: Duration) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chunking every version of these tests is made with.
+    const CHUNKING: &str = "test chunking";
     use crate::ledger::DocStatus;
 
     #[test]
@@ -2717,22 +2731,33 @@ mod tests {
             access_level: l.into(),
         };
         let hr = part("hr", "internal");
-        assert_eq!(doc_version(b"a", &hr), doc_version(b"a", &hr));
-        assert_ne!(doc_version(b"a", &hr), doc_version(b"b", &hr));
-        assert_ne!(
-            doc_version(b"a", &hr),
-            doc_version(b"a", &part("hr", "confidential"))
+        assert_eq!(
+            doc_version(b"a", &hr, CHUNKING),
+            doc_version(b"a", &hr, CHUNKING)
         );
         assert_ne!(
-            doc_version(b"a", &hr),
-            doc_version(b"a", &part("eng", "internal"))
+            doc_version(b"a", &hr, CHUNKING),
+            doc_version(b"b", &hr, CHUNKING)
+        );
+        assert_ne!(
+            doc_version(b"a", &hr, CHUNKING),
+            doc_version(b"a", &part("hr", "confidential"), CHUNKING)
+        );
+        assert_ne!(
+            doc_version(b"a", &hr, CHUNKING),
+            doc_version(b"a", &part("eng", "internal"), CHUNKING)
         );
         // The fields are delimited: moving a letter across them is a change.
         assert_ne!(
-            doc_version(b"a", &part("ab", "c")),
-            doc_version(b"a", &part("a", "bc"))
+            doc_version(b"a", &part("ab", "c"), CHUNKING),
+            doc_version(b"a", &part("a", "bc"), CHUNKING)
         );
-        assert_eq!(doc_version(b"a", &hr).len(), 32);
+        assert_eq!(doc_version(b"a", &hr, CHUNKING).len(), 32);
+        // Chunked another way, the same file is another version.
+        assert_ne!(
+            doc_version(b"a", &hr, CHUNKING),
+            doc_version(b"a", &hr, "chunked another way")
+        );
     }
 
     /// A watcher's surroundings: a source `kb` in a temporary folder, and
@@ -2795,6 +2820,7 @@ mod tests {
         fn args(&self, watch: bool) -> WatcherArgs {
             WatcherArgs {
                 sources: vec![self.source()],
+                chunking: CHUNKING.into(),
                 ledger: self.ledger.clone(),
                 dlq: Arc::new(
                     crate::dlq::FileDlq::open(self.dir.path().join("dlq.jsonl")).unwrap(),
@@ -3069,7 +3095,7 @@ mod tests {
 
     /// The version the watcher gives `text` in the rig's source.
     fn version_in_rig(rig: &Rig, text: &str) -> String {
-        doc_version(text.as_bytes(), &rig.source().partition)
+        doc_version(text.as_bytes(), &rig.source().partition, CHUNKING)
     }
 
     /// A file copied in slowly: written to every 30 ms for over a second,
@@ -3207,7 +3233,7 @@ mod tests {
         let rig = Rig::new();
         rig.write("a.md", "# Fixed long ago");
         let args = rig.args(true);
-        let version = doc_version(b"# Fixed long ago", &rig.source().partition);
+        let version = doc_version(b"# Fixed long ago", &rig.source().partition, CHUNKING);
         rig.known.lock().insert("kb:a.md".into(), version.clone());
         let entry = |version: &str| chunker_failed("kb:a.md", version);
         // Its broken version, and one of the version now indexed (a stage
@@ -3711,7 +3737,10 @@ mod tests {
         let (a, b) = (b"# A\n\nalpha\n", b"# B\n\nbeta\n");
         std::fs::write(rig.root.join("a.md"), a).unwrap();
         std::fs::write(rig.root.join("b.md"), b).unwrap();
-        let (va, vb) = (doc_version(a, &partition), doc_version(b, &partition));
+        let (va, vb) = (
+            doc_version(a, &partition, CHUNKING),
+            doc_version(b, &partition, CHUNKING),
+        );
         rig.ledger.seed(&[crate::indexer::StoredVersion {
             doc_id: "kb:a.md".into(),
             version: va.clone(),

@@ -122,7 +122,7 @@ fn read_and_parse(chunker: &Chunker, meta: &DocMeta, max: u64) -> std::io::Resul
     let Some(bytes) = read_at_most(&std::fs::File::open(&meta.path)?, max)? else {
         return Ok(Read::TooBig);
     };
-    if doc_version(&bytes, &meta.partition) != meta.version {
+    if doc_version(&bytes, &meta.partition, chunker.fingerprint()) != meta.version {
         return Ok(Read::Changed);
     }
     Ok(Read::Parsed(chunker.chunk_file(&meta.path, &bytes)))

@@ -35,12 +35,34 @@ impl Default for ChunkerSettings {
 pub struct Chunker {
     tokenizer: Tokenizer,
     settings: ChunkerSettings,
+    /// See [`Chunker::fingerprint`].
+    fingerprint: String,
     /// Whether a window's one tokenisation can size any part of it
     /// ([`WordCounts`]): set for BERT-style WordPiece tokenizers.
     word_local: Option<WordLocal>,
     /// How the model's unknown token is told apart (see [`Unknown`]); None
     /// for a tokenizer without one.
     unknown: Option<Unknown>,
+}
+
+/// Bumped when a change to parsing or splitting changes the chunks of an
+/// unchanged file: every document is then chunked again at the next start
+/// (see [`Chunker::fingerprint`]), its unchanged texts' vectors reused.
+pub const CHUNKING_GENERATION: u32 = 1;
+
+/// See [`Chunker::fingerprint`].
+fn fingerprint(tokenizer: &Tokenizer, settings: &ChunkerSettings) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let vocabulary = tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let mut h = Sha256::new();
+    h.update(format!(
+        "generation {CHUNKING_GENERATION}, {} tokens, {} overlapping\n",
+        settings.max_tokens, settings.overlap_tokens
+    ));
+    h.update(vocabulary.as_bytes());
+    Ok(crate::hex(&h.finalize()[..8]))
 }
 
 /// The model's unknown token (WordPiece's `[UNK]`), to find the chunks made
@@ -145,12 +167,25 @@ impl Chunker {
             settings.max_tokens
         );
         let word_local = word_local(&tokenizer);
+        let fingerprint = fingerprint(&tokenizer, &settings)?;
         Ok(Chunker {
+            fingerprint,
             unknown: unknown(&tokenizer, word_local),
             word_local,
             tokenizer,
             settings,
         })
+    }
+
+    /// Names how this chunker chunks: the chunk size and overlap, the
+    /// tokenizer that counts their tokens, and [`CHUNKING_GENERATION`]. It
+    /// is part of every document's version
+    /// ([`crate::source_watcher::doc_version`]), so a change to any of
+    /// them chunks every document again (its old chunks searchable until
+    /// the new ones are in), as a user who changed `[chunker] max_tokens`
+    /// expects; the texts that come out the same keep their vectors.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn chunk_file(&self, path: &Path, bytes: &[u8]) -> Result<Vec<Chunk>, ParseError> {
