@@ -567,6 +567,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     Sha256::digest(a).ct_eq(&Sha256::digest(b)).into()
 }
 
+/// A division or access level name may not hold control characters: the
+/// index files the points it hides under such a name
+/// (`ragd_actors::indexer::HIDDEN`), which no principal may then hold.
+fn partition_name(at: &str, field: &str, name: &str, errors: &mut Vec<String>) {
+    if name.chars().any(char::is_control) {
+        errors.push(format!("{at}: {field} {name:?} holds a control character"));
+    }
+}
+
 fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -1022,6 +1031,7 @@ fn validate(
             if v.trim().is_empty() {
                 errors.push(format!("{at}: {field} is empty"));
             }
+            partition_name(&at, field, v, errors);
         }
         let mut rules = Vec::new();
         for (j, r) in s.rules.into_iter().enumerate() {
@@ -1033,6 +1043,9 @@ fn validate(
                     "{at}: rules[{j}] needs a prefix, a division and an access_level"
                 ));
             }
+            let rule = format!("{at}: rules[{j}]");
+            partition_name(&rule, "division", &r.division, errors);
+            partition_name(&rule, "access_level", &r.access_level, errors);
             rules.push(PartitionRule {
                 prefix: r.prefix,
                 partition: Partition {
@@ -1107,6 +1120,12 @@ fn validate(
             errors.push(format!(
                 "{at}: needs at least one division and one access level"
             ));
+        }
+        for d in &p.divisions {
+            partition_name(&at, "divisions", d, errors);
+        }
+        for a in &p.access_levels {
+            partition_name(&at, "access_levels", a, errors);
         }
         principals.push(Principal {
             name: p.name,
@@ -1541,13 +1560,13 @@ mod tests {
             [[sources]]
             path = "missing"
             division = ""
-            access_level = "x"
+            access_level = "x\u0001"
             poll_secs = 0
             [[principals]]
             name = "a"
             token = "short"
             divisions = []
-            access_levels = ["x"]
+            access_levels = ["x", "\u0001hidden"]
         "#;
         let e = Config::parse(&path, bad, std::iter::empty()).unwrap_err();
         let text = e.to_string();
@@ -1570,6 +1589,8 @@ mod tests {
             "llm.retry_budget_secs: -1",
             "query.max_concurrent (9223372036854775807) must be between 1 and 1000000",
             "chunker.pdf_memory_mb (8) must be between 64 and 1048576",
+            "access_level \"x\\u{1}\" holds a control character",
+            "principals[0] (a): access_levels \"\\u{1}hidden\" holds a control character",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

@@ -30,7 +30,9 @@ use ragd_actors::indexer::actor::{IndexJob, IndexerStage, OptimizePolicy, Optimi
 use ragd_actors::indexer::edge::EdgeStore;
 use ragd_actors::indexer::model_check::{self, ModelCheck, Rekey};
 use ragd_actors::indexer::qdrant::{QdrantSettings, QdrantStore};
-use ragd_actors::indexer::{removals_at_start, PartitionOf, StoredVersion, TextPage, VectorStore};
+use ragd_actors::indexer::{
+    removals_at_start, AtStart, PartitionOf, StoredVersion, TextPage, VectorStore,
+};
 use ragd_actors::ledger::{Ledger, Outcome};
 use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy, Device};
@@ -147,8 +149,10 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<Option<std::fs::File>>
 }
 
 /// Removes what [`removals_at_start`] finds (old versions a prune left,
-/// documents whose source or partition changed) before the node serves or
-/// takes work, and drops them from `stored`.
+/// documents whose source is gone) before the node serves or takes work,
+/// and drops them from `stored`; hides the documents whose partition rule
+/// changed, and gives them in `stored` a version no file has, so that the
+/// scan indexes each anew (or deletes it, gone meanwhile).
 async fn remove_at_start(
     config: &Config,
     roles: &Roles,
@@ -166,7 +170,35 @@ async fn remove_at_start(
     } else {
         None
     };
-    let removals = removals_at_start(stored, roles.index, rules);
+    let AtStart {
+        remove: removals,
+        hide,
+        hidden,
+    } = removals_at_start(stored, roles.index, rules);
+    for batch in hide.chunks(PRUNE_BATCH) {
+        // No answer citing them is served either way (a hit's partition is
+        // checked against the store), but none is kept for nothing.
+        cache.invalidate_all(batch).await;
+        store
+            .hide(batch)
+            .await
+            .context("hiding at start the documents whose partition rule changed")?;
+    }
+    if !hidden.is_empty() {
+        tracing::warn!(
+            documents = hidden.len(),
+            "their partition rule changed: out of every search until the scan indexes them \
+             in their new partition (their vectors are reused)"
+        );
+        // Each is indexed anew, even unchanged (a rule changed and back
+        // again gives its stored version): a version no file has.
+        let hidden: HashSet<&str> = hidden.iter().map(String::as_str).collect();
+        for v in stored.iter_mut() {
+            if hidden.contains(v.doc_id.as_str()) {
+                v.version = ragd_actors::indexer::HIDDEN.to_string();
+            }
+        }
+    }
     if removals.is_empty() {
         return Ok(());
     }
@@ -187,10 +219,9 @@ async fn remove_at_start(
         .collect();
     tracing::warn!(
         outdated = removals.len() - whole.len(),
-        moved = whole.len(),
+        gone = whole.len(),
         "removed at start: old versions a prune did not remove (outdated), and documents \
-         whose source is gone or whose partition rule changed (moved; the scan indexes \
-         them anew)"
+         whose source is no longer configured (gone)"
     );
     let keep: HashMap<&str, &str> = removals
         .iter()

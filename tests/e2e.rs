@@ -244,7 +244,9 @@ fn partitions_never_leak_also_through_the_cache() {
 
 /// A changed partition rule moves the files it covers at the next start:
 /// re-indexed in the new partition, gone from the old one, although not a
-/// byte of them changed; the files it does not cover are left alone.
+/// byte of them changed, and not embedded again; the files it does not
+/// cover are left alone. A file moved and moved back before it was
+/// re-indexed is re-indexed all the same.
 #[test]
 fn a_changed_partition_rule_moves_unchanged_files() {
     let ws = Workspace::new();
@@ -305,6 +307,51 @@ fn a_changed_partition_rule_moves_unchanged_files() {
         1,
         "only the moved file is indexed again"
     );
+    let chunks = |d: &Daemon, v: &str| {
+        metric_where(d, "ragd_embedder_chunks_total", &format!("vector=\"{v}\""))
+    };
+    assert_eq!(
+        (chunks(&d, "embedded"), chunks(&d, "reused")),
+        (0.0, 1.0),
+        "the moved file's vector is reused"
+    );
+    let mut d = d;
+    assert!(d.sigterm().success());
+
+    // The rule dropped, and a one-shot ingest of another file: hidden at
+    // its start, not re-indexed. Then the rule back: the file's stored
+    // version is the one it has again, but hidden, it is indexed anew.
+    let with_rule = std::fs::read_to_string(ws.config()).unwrap();
+    let without = with_rule.replacen(
+        "  [[sources.rules]]\n  prefix = \"hr/pay\"\n  division = \"eng\"\n  access_level = \"internal\"\n",
+        "",
+        1,
+    );
+    assert_ne!(without, with_rule);
+    std::fs::write(ws.config(), without).unwrap();
+    let only = ws.kb().join("eng/build.txt");
+    let cfg = ws.config();
+    let (ok, out, err) = ws.ragd(&[
+        "ingest",
+        "--config",
+        cfg.to_str().unwrap(),
+        only.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    std::fs::write(ws.config(), with_rule).unwrap();
+    let d = ws.start();
+    wait_for("the file back in search", Duration::from_secs(60), || {
+        let r = d.ask_top(ENG_TOKEN, question, 5);
+        source_uris(&r)
+            .contains(&"hr/pay/bands.md".to_string())
+            .then_some(r)
+    });
+    let hr = d.ask_top(HR_TOKEN, question, 5);
+    assert!(
+        !source_uris(&hr).contains(&"hr/pay/bands.md".to_string()),
+        "{hr}"
+    );
+    assert_eq!(chunks(&d, "embedded"), 0.0);
 }
 
 /// A file that grows past `max_file_bytes` is skipped, never read, and

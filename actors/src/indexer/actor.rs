@@ -746,6 +746,9 @@ pub(crate) mod tests {
         async fn remove(&self, r: &[crate::indexer::Removal]) -> anyhow::Result<Vec<Vec<String>>> {
             self.inner.remove(r).await
         }
+        async fn hide(&self, r: &[crate::indexer::Removal]) -> anyhow::Result<()> {
+            self.inner.hide(r).await
+        }
         async fn holds_all(&self, h: &[crate::indexer::Hit]) -> anyhow::Result<bool> {
             self.inner.holds_all(h).await
         }

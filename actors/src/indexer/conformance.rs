@@ -1,7 +1,7 @@
 //! The conformance suite every [`VectorStore`] backend must pass. Backend
 //! tests call [`run_all`] on an empty store.
 
-use super::{Removal, Scope, StoredText, StoredVersion, TextPage, VectorStore};
+use super::{Hit, Removal, Scope, StoredText, StoredVersion, TextPage, VectorStore};
 use crate::messages::{Chunk, DocMeta, EmbeddedDoc, Partition};
 
 pub const DIM: usize = 8;
@@ -73,6 +73,7 @@ pub async fn run_all(store: &dyn VectorStore) {
     batches(store).await;
     vectors_are_found_by_their_text(store).await;
     texts_are_read_in_pages_and_keys_set(store).await;
+    hidden_points_are_in_no_search_and_keep_their_vectors(store).await;
     store.optimize().await.expect("optimize");
     // Optimising changes nothing a caller sees.
     let hits = store
@@ -471,6 +472,70 @@ async fn texts_are_read_in_pages_and_keys_set(store: &dyn VectorStore) {
 
     store.delete_doc("texts-a").await.unwrap();
     store.delete_doc("texts-b").await.unwrap();
+}
+
+/// A document whose partition rule changed is hidden at start
+/// ([`VectorStore::hide`]): found by no search and no cached answer's
+/// check, its vectors still found by their text, until its new version is
+/// written and the old one pruned.
+async fn hidden_points_are_in_no_search_and_keep_their_vectors(store: &dyn VectorStore) {
+    let text = "Moving house is two days of leave.";
+    store
+        .upsert_docs(&[keyed(
+            doc("hide-a", "v1", "hr", "public", 1, 2),
+            &[(31, text)],
+        )])
+        .await
+        .unwrap();
+    let everywhere = scope(&["hr", "eng"], &["public", "internal", "confidential"]);
+    let hits = store.search(&vector(2, 0), &everywhere, 50).await.unwrap();
+    let before: Vec<Hit> = hits.into_iter().filter(|h| h.doc_id == "hide-a").collect();
+    assert_eq!(before.len(), 1);
+    assert!(store.holds_all(&before).await.unwrap());
+
+    store
+        .hide(&[Removal::new("hide-a", None).seen_before(2_000)])
+        .await
+        .expect("hide");
+    let hits = store.search(&vector(2, 0), &everywhere, 50).await.unwrap();
+    assert!(hits.iter().all(|h| h.doc_id != "hide-a"), "{hits:?}");
+    assert!(
+        !store.holds_all(&before).await.unwrap(),
+        "a cached answer citing it"
+    );
+    assert_eq!(store.count(Some("hide-a")).await.unwrap(), 1, "kept");
+    let found = super::stored_vectors(store, &[(31, text)]).await.unwrap();
+    assert_eq!(found.len(), 1, "its vector serves the new version");
+    let stored = store.versions_of(&["hide-a".into()]).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].partition, Some(Partition::hidden()));
+
+    // Its new version, in its new partition: found; the hidden one goes
+    // with the prune.
+    put(store, doc("hide-a", "v2", "eng", "internal", 1, 2)).await;
+    let removed = store.delete_other_versions("hide-a", "v2").await.unwrap();
+    assert_eq!(removed, ["v1"]);
+    assert_eq!(store.count(Some("hide-a")).await.unwrap(), 1);
+    let hits = store.search(&vector(2, 0), &everywhere, 50).await.unwrap();
+    let now: Vec<&Hit> = hits.iter().filter(|h| h.doc_id == "hide-a").collect();
+    assert_eq!(now.len(), 1);
+    assert_eq!(
+        (now[0].division.as_str(), now[0].version.as_str()),
+        ("eng", "v2")
+    );
+    // A seq bound spares what was seen after it.
+    put(store, doc("hide-b", "v1", "hr", "public", 1, 3)).await;
+    store
+        .hide(&[Removal::new("hide-b", None).seen_before(500)])
+        .await
+        .unwrap();
+    let hits = store.search(&vector(3, 0), &everywhere, 50).await.unwrap();
+    assert!(
+        hits.iter().any(|h| h.doc_id == "hide-b"),
+        "seen after the bound"
+    );
+    store.delete_doc("hide-a").await.unwrap();
+    store.delete_doc("hide-b").await.unwrap();
 }
 
 /// The Indexer's and the VersionPruner's batched calls do what their

@@ -155,6 +155,31 @@ pub fn scope_filter(scope: &Scope) -> Filter {
     }
 }
 
+/// The points `removals` name.
+fn removal_filter(removals: &[Removal]) -> Filter {
+    let one = |r: &Removal| {
+        let mut must = vec![eq("doc_id", &r.doc_id)];
+        if let Some(seq) = r.seen_before {
+            must.push(seq_within(Range {
+                lt: Some(OrderedFloat(seq as f64)),
+                ..Default::default()
+            }));
+        }
+        Filter {
+            must: Some(must),
+            must_not: r.keep.as_deref().map(|k| vec![eq("version", k)]),
+            ..Default::default()
+        }
+    };
+    match removals {
+        [r] => one(r),
+        _ => Filter {
+            should: Some(removals.iter().map(|r| Condition::Filter(one(r))).collect()),
+            ..Default::default()
+        },
+    }
+}
+
 /// Points seen within `range` (by `seq`), and those that carry no seq
 /// (written before ragd stored it), which count as seen before any.
 fn seq_within(range: Range<OrderedFloat<f64>>) -> Condition {
@@ -460,27 +485,7 @@ impl EdgeStore {
         if removals.is_empty() {
             return Ok(vec![]);
         }
-        let one = |r: &Removal| {
-            let mut must = vec![eq("doc_id", &r.doc_id)];
-            if let Some(seq) = r.seen_before {
-                must.push(seq_within(Range {
-                    lt: Some(OrderedFloat(seq as f64)),
-                    ..Default::default()
-                }));
-            }
-            Filter {
-                must: Some(must),
-                must_not: r.keep.as_deref().map(|k| vec![eq("version", k)]),
-                ..Default::default()
-            }
-        };
-        let filter = match removals {
-            [r] => one(r),
-            _ => Filter {
-                should: Some(removals.iter().map(|r| Condition::Filter(one(r))).collect()),
-                ..Default::default()
-            },
-        };
+        let filter = removal_filter(removals);
         let found = self.versions_matching(filter.clone())?;
         if !found.is_empty() {
             self.write(UpdateOperation::PointOperation(
@@ -648,6 +653,32 @@ impl VectorStore for EdgeStore {
     async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>> {
         let removals = removals.to_vec();
         self.blocking(move |s| s.remove_now(&removals)).await
+    }
+
+    async fn hide(&self, removals: &[Removal]) -> anyhow::Result<()> {
+        if removals.is_empty() {
+            return Ok(());
+        }
+        let filter = removal_filter(removals);
+        let h = Partition::hidden();
+        let mut payload = qjson::Map::new();
+        payload.insert(
+            "partition".into(),
+            partition_key(&h.division, &h.access_level).into(),
+        );
+        payload.insert("division".into(), h.division.into());
+        payload.insert("access_level".into(), h.access_level.into());
+        self.blocking(move |s| {
+            s.write(UpdateOperation::PayloadOperation(PayloadOps::SetPayload(
+                SetPayloadOp {
+                    payload: payload.into(),
+                    points: None,
+                    filter: Some(filter),
+                    key: None,
+                },
+            )))
+        })
+        .await
     }
 
     async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool> {

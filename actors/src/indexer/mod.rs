@@ -154,6 +154,21 @@ impl Versions {
 /// configured source holds it.
 pub type PartitionOf<'a> = &'a dyn Fn(&str) -> Option<Partition>;
 
+/// The division and access level of hidden points ([`VectorStore::hide`]).
+/// No scope holds it: the config refuses division and access level names
+/// with control characters.
+pub const HIDDEN: &str = "\u{1}hidden";
+
+impl Partition {
+    /// See [`HIDDEN`].
+    pub fn hidden() -> Partition {
+        Partition {
+            division: HIDDEN.into(),
+            access_level: HIDDEN.into(),
+        }
+    }
+}
+
 /// See [`removals_at_start`]: a millisecond, in seqs.
 const PAST_NEWEST: u64 = 1_000_000;
 
@@ -167,11 +182,13 @@ const PAST_NEWEST: u64 = 1_000_000;
 ///   else would ever remove them (the next scan finds the file unchanged).
 /// * With `partition_of` (a node that runs the watcher and has the
 ///   sources' rules), every version of a document whose source is no
-///   longer configured, or whose newest version is filed in another
-///   partition than the rules now give it (`None` from `partition_of`: no
-///   such source). The scan re-indexes the file in its new partition, but
-///   it reaches it only after re-embedding; until then the old copy would
-///   answer those who may see the old partition only.
+///   longer configured (`None` from `partition_of`), and, to hide
+///   ([`VectorStore::hide`]), every version of one whose newest version is
+///   filed in another partition than the rules now give it. The scan
+///   re-indexes the file in its new partition, but it reaches it only
+///   later; until then the old copy would answer those who may see the old
+///   partition only. Hidden rather than removed, its vectors serve the
+///   new version: a changed rule costs no embedding.
 ///
 /// Each removal spares versions seen after the newest found here, which
 /// another node may be writing meanwhile. (Removing a document whole, it
@@ -182,33 +199,53 @@ pub fn removals_at_start(
     stored: &[StoredVersion],
     prune: bool,
     partition_of: Option<PartitionOf>,
-) -> Vec<Removal> {
+) -> AtStart {
     let mut docs: std::collections::BTreeMap<&str, Vec<&StoredVersion>> = Default::default();
     for v in stored {
         docs.entry(&v.doc_id).or_default().push(v);
     }
-    let mut removals = Vec::new();
+    let mut at_start = AtStart::default();
     for (doc_id, versions) in docs {
         let newest = *versions
             .iter()
             .max_by_key(|v| v.seq)
             .expect("a document has a version");
+        let whole = || Removal::new(doc_id, None).seen_before(newest.seq + PAST_NEWEST);
         if let Some(partition_of) = partition_of {
-            let moved = match (partition_of(doc_id), &newest.partition) {
-                (None, _) => true,
-                (Some(now), Some(was)) => now != *was,
-                (Some(_), None) => false,
-            };
-            if moved {
-                removals.push(Removal::new(doc_id, None).seen_before(newest.seq + PAST_NEWEST));
-                continue;
+            match (partition_of(doc_id), &newest.partition) {
+                (None, _) => {
+                    at_start.remove.push(whole());
+                    continue;
+                }
+                (Some(now), Some(was)) if now != *was => {
+                    // (Hidden at an earlier start: nothing more to do to
+                    // it, but it is still to index anew.)
+                    if *was != Partition::hidden() {
+                        at_start.hide.push(whole());
+                    }
+                    at_start.hidden.push(doc_id.to_string());
+                    continue;
+                }
+                _ => {}
             }
         }
         if prune && versions.len() > 1 {
-            removals.push(Removal::new(doc_id, Some(&newest.version)).seen_before(newest.seq));
+            let removal = Removal::new(doc_id, Some(&newest.version)).seen_before(newest.seq);
+            at_start.remove.push(removal);
         }
     }
-    removals
+    at_start
+}
+
+/// What [`removals_at_start`] finds.
+#[derive(Debug, Default, PartialEq)]
+pub struct AtStart {
+    pub remove: Vec<Removal>,
+    /// Documents to hide ([`VectorStore::hide`]).
+    pub hide: Vec<Removal>,
+    /// Every document hidden, now or at an earlier start: each is indexed
+    /// anew, whatever its stored version says.
+    pub hidden: Vec<String>,
 }
 
 /// What an index node undoes after a write to a store other index nodes
@@ -329,6 +366,14 @@ pub trait VectorStore: Send + Sync {
     /// as the backend can (the VersionPruner's batches); the versions
     /// removed, per removal. Every backend's deletions go through this.
     async fn remove(&self, removals: &[Removal]) -> anyhow::Result<Vec<Vec<String>>>;
+    /// Takes the points [`VectorStore::remove`] would remove out of every
+    /// search, and keeps them: filed in the [`HIDDEN`] partition, which no
+    /// scope holds. A document whose partition rule changed is hidden at
+    /// start rather than deleted (see [`removals_at_start`]): none of its
+    /// old readers sees it from then, and its vectors stay for the embedder
+    /// ([`stored_vectors`]) until its new version is written and the
+    /// pruner removes the old.
+    async fn hide(&self, removals: &[Removal]) -> anyhow::Result<()>;
     /// Whether the store still holds every chunk `hits` cite (by document,
     /// version and chunk), in the partition each hit names. A cached answer
     /// is served only then: not one that cites a version pruned since
@@ -588,8 +633,9 @@ mod tests {
         ];
         // An index node: a.md and c.md keep their newest.
         let pruned = removals_at_start(&found, true, None);
+        assert!(pruned.hide.is_empty() && pruned.hidden.is_empty());
         assert_eq!(
-            pruned,
+            pruned.remove,
             [
                 Removal::new("kb:a.md", Some("v2")).seen_before(20),
                 Removal::new("kb:hr/c.md", Some("v2")).seen_before(30),
@@ -609,15 +655,34 @@ mod tests {
         let moved = removals_at_start(&found, false, Some(&rules));
         assert_eq!(
             moved,
-            [
-                Removal::new("kb:hr/c.md", None).seen_before(30 + PAST_NEWEST),
-                Removal::new("wiki:d.md", None).seen_before(10 + PAST_NEWEST),
-            ]
+            AtStart {
+                // d.md's source is gone: removed.
+                remove: vec![Removal::new("wiki:d.md", None).seen_before(10 + PAST_NEWEST)],
+                // c.md is filed elsewhere now: hidden for its new version.
+                hide: vec![Removal::new("kb:hr/c.md", None).seen_before(30 + PAST_NEWEST)],
+                hidden: vec!["kb:hr/c.md".into()],
+            }
         );
         // Both roles: each document once, moved ones whole.
-        assert_eq!(removals_at_start(&found, true, Some(&rules)).len(), 3);
+        let both = removals_at_start(&found, true, Some(&rules));
+        assert_eq!((both.remove.len(), both.hide.len()), (2, 1));
         // Nothing to do on a store in order.
-        assert!(removals_at_start(&found[2..3], true, Some(&rules)).is_empty());
+        assert_eq!(
+            removals_at_start(&found[2..3], true, Some(&rules)),
+            AtStart::default()
+        );
+        // Hidden at an earlier start and not indexed since: not hidden
+        // again, still to index anew.
+        let mut was_hidden = stored("kb:hr/c.md", "v2", 30, "eng");
+        was_hidden.partition = Some(Partition::hidden());
+        let again = removals_at_start(&[was_hidden], true, Some(&rules));
+        assert_eq!(
+            again,
+            AtStart {
+                hidden: vec!["kb:hr/c.md".into()],
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

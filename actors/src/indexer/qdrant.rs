@@ -135,6 +135,27 @@ fn seq_within(range: Range) -> Condition {
     ]))
 }
 
+/// The points `removals` name.
+fn removal_filter(removals: &[Removal]) -> Filter {
+    let one = |r: &Removal| {
+        let mut f = Filter::must([keyword("doc_id", &r.doc_id)]);
+        if let Some(seq) = r.seen_before {
+            f.must.push(seq_within(Range {
+                lt: Some(seq as f64),
+                ..Default::default()
+            }));
+        }
+        if let Some(keep) = &r.keep {
+            f.must_not.push(keyword("version", keep));
+        }
+        f
+    };
+    match removals {
+        [r] => one(r),
+        _ => Filter::should(removals.iter().map(|r| Condition::from(one(r)))),
+    }
+}
+
 /// The stored points an upsert of the versions `docs` may overwrite: not
 /// those stored with a later seq than the version now written (see
 /// [`VectorStore::upsert`]). A version with no seq overwrites its points.
@@ -579,23 +600,7 @@ impl VectorStore for QdrantStore {
         if removals.is_empty() {
             return Ok(vec![]);
         }
-        let one = |r: &Removal| {
-            let mut f = Filter::must([keyword("doc_id", &r.doc_id)]);
-            if let Some(seq) = r.seen_before {
-                f.must.push(seq_within(Range {
-                    lt: Some(seq as f64),
-                    ..Default::default()
-                }));
-            }
-            if let Some(keep) = &r.keep {
-                f.must_not.push(keyword("version", keep));
-            }
-            f
-        };
-        let filter = match removals {
-            [r] => one(r),
-            _ => Filter::should(removals.iter().map(|r| Condition::from(one(r)))),
-        };
+        let filter = removal_filter(removals);
         let found = self.versions_matching(filter.clone()).await?;
         if !found.is_empty() {
             // No shard key: the delete reaches every key, so a document
@@ -608,6 +613,35 @@ impl VectorStore for QdrantStore {
                 .await?;
         }
         Ok(removed_per_doc(removals, &found))
+    }
+
+    async fn hide(&self, removals: &[Removal]) -> anyhow::Result<()> {
+        if removals.is_empty() {
+            return Ok(());
+        }
+        let h = Partition::hidden();
+        // No shard key, as for a deletion: the points stay in their
+        // division's shard, where the scope filter no longer matches them.
+        let set = points_update_operation::SetPayload {
+            payload: HashMap::from([
+                ("division".to_string(), Value::from(h.division)),
+                ("access_level".to_string(), Value::from(h.access_level)),
+            ]),
+            points_selector: Some(removal_filter(removals).into()),
+            shard_key_selector: None,
+            key: None,
+        };
+        let op = PointsUpdateOperation {
+            operation: Some(points_update_operation::Operation::SetPayload(set)),
+        };
+        let req = UpdateBatchPointsBuilder::new(&self.s.collection, vec![op])
+            .wait(true)
+            .build();
+        self.call("update_batch", || {
+            self.client.update_points_batch(req.clone())
+        })
+        .await?;
+        Ok(())
     }
 
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {
