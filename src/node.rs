@@ -619,12 +619,12 @@ impl Node {
         let registry = StatsRegistry::default();
         registry.entry("root");
         // Names the embedding model by its files: in the Redis cache's keys
-        // and in the text keys of the chunks (see `embedder::text_key`). It
-        // reads all the weights, so a node of neither does not (its
-        // embedder stage is built but never started).
+        // and in the text keys of the chunks (see `embedder::text_key`),
+        // which the embedder makes, a node that searches or writes a store
+        // checks it by (`check_store`; an empty one needs no check), and a
+        // cluster's index node checks its jobs by. It reads all the
+        // weights, so a node that does none of these does not.
         let redis = matches!(config.cache_backend, CacheBackend::Redis { .. });
-        // A node that searches or writes the store checks that it holds
-        // this model's vectors (which needs the name), unless it is empty.
         let reads_store = (roles.index || roles.query) && !store_is_empty(store.as_ref()).await?;
         let checks_jobs = roles.index && matches!(config.bus, Bus::Kafka(_));
         let model_id = if config.roles.embed || redis || reads_store || checks_jobs {
