@@ -238,16 +238,16 @@ fn a_store_of_another_model_is_refused_and_one_of_this_model_gets_its_keys() {
 
     // Built again by this model under its other name: a copy made then
     // is ingested by this one from the stored vector.
-    std::fs::remove_dir_all(ws.data()).unwrap();
-    let (ok, out, err) = ws.ragd(&[
-        "ingest",
-        "--config",
-        config_with_model(&ws, &renamed).to_str().unwrap(),
-    ]);
-    assert!(
-        ok && out.contains("chunks: 2 embedded, 0 reused"),
-        "{out}{err}"
-    );
+    let built_again_by_renamed = || {
+        std::fs::remove_dir_all(ws.data()).unwrap();
+        let cfg = config_with_model(&ws, &renamed);
+        let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+        assert!(
+            ok && out.contains("chunks: 2 embedded, 0 reused"),
+            "{out}{err}"
+        );
+    };
+    built_again_by_renamed();
     std::fs::copy(
         ws.kb().join("hr/leave.md"),
         ws.kb().join("hr/leave-copy.md"),
@@ -261,16 +261,7 @@ fn a_store_of_another_model_is_refused_and_one_of_this_model_gets_its_keys() {
 
     // The same for the daemon, which sets the keys once it is up.
     std::fs::remove_file(ws.kb().join("hr/leave-copy.md")).unwrap();
-    std::fs::remove_dir_all(ws.data()).unwrap();
-    let (ok, out, err) = ws.ragd(&[
-        "ingest",
-        "--config",
-        config_with_model(&ws, &renamed).to_str().unwrap(),
-    ]);
-    assert!(
-        ok && out.contains("chunks: 2 embedded, 0 reused"),
-        "{out}{err}"
-    );
+    built_again_by_renamed();
     let d = ws.start();
     d.wait_until("the text keys", Duration::from_secs(60), || {
         metric(&d, "ragd_text_keys_set_total") == 2.0

@@ -378,12 +378,13 @@ impl EmbedderStage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{BatchPolicy, Device};
     use std::time::{Duration, Instant};
 
-    fn minilm() -> Arc<AnyEncoder> {
+    /// The real model, as `ops/fetch-models.sh` installs it.
+    pub(crate) fn minilm() -> Arc<AnyEncoder> {
         let dir =
             std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
         Arc::new(AnyEncoder::load(&dir, BatchPolicy::default(), Device::Cpu).unwrap())

@@ -174,17 +174,12 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::embedder::tests::minilm;
     use crate::indexer::edge::EdgeStore;
     use crate::indexer::stored_vectors;
     use crate::messages::{Chunk, EmbeddedDoc};
-    use crate::model::{AnyEncoder, BatchPolicy, Device};
+    use crate::model::AnyEncoder;
     use std::sync::Arc;
-
-    fn minilm() -> Arc<AnyEncoder> {
-        let dir =
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2");
-        Arc::new(AnyEncoder::load(&dir, BatchPolicy::default(), Device::Cpu).unwrap())
-    }
 
     const TEXTS: [&str; 5] = [
         "Badge exceptions are signed off by the site security lead.",

@@ -620,28 +620,14 @@ impl VectorStore for QdrantStore {
             return Ok(());
         }
         let h = Partition::hidden();
-        // No shard key, as for a deletion: the points stay in their
-        // division's shard, where the scope filter no longer matches them.
-        let set = points_update_operation::SetPayload {
-            payload: HashMap::from([
-                ("division".to_string(), Value::from(h.division)),
-                ("access_level".to_string(), Value::from(h.access_level)),
-            ]),
-            points_selector: Some(removal_filter(removals).into()),
-            shard_key_selector: None,
-            key: None,
-        };
-        let op = PointsUpdateOperation {
-            operation: Some(points_update_operation::Operation::SetPayload(set)),
-        };
-        let req = UpdateBatchPointsBuilder::new(&self.s.collection, vec![op])
-            .wait(true)
-            .build();
-        self.call("update_batch", || {
-            self.client.update_points_batch(req.clone())
-        })
-        .await?;
-        Ok(())
+        // The points stay in their division's shard, where the scope
+        // filter no longer matches them.
+        let payload = HashMap::from([
+            ("division".to_string(), Value::from(h.division)),
+            ("access_level".to_string(), Value::from(h.access_level)),
+        ]);
+        self.set_payloads(vec![(payload, removal_filter(removals))])
+            .await
     }
 
     async fn indexed_versions(&self) -> anyhow::Result<Vec<StoredVersion>> {
@@ -786,19 +772,37 @@ impl VectorStore for QdrantStore {
         if keys.is_empty() {
             return Ok(());
         }
-        // One request for the lot. By filter, not by id: an id deleted
-        // since it was read is then no error; and no shard key, so that
-        // the operation reaches the point whatever its division (as a
-        // deletion does).
-        let operations: Vec<PointsUpdateOperation> = keys
+        // By filter, not by id: an id deleted since it was read is then no
+        // error.
+        let sets = keys
             .iter()
-            .map(|&(id, key)| PointsUpdateOperation {
+            .map(|&(id, key)| {
+                let payload = HashMap::from([("text_key".to_string(), Value::from(key))]);
+                (
+                    payload,
+                    Filter::must([Condition::has_id([PointId::from(id)])]),
+                )
+            })
+            .collect();
+        self.set_payloads(sets).await
+    }
+}
+
+impl QdrantStore {
+    /// Sets each payload on the points its filter matches, in one request.
+    /// No shard key, so that it reaches a point whatever its division (as a
+    /// deletion does).
+    async fn set_payloads(
+        &self,
+        sets: Vec<(HashMap<String, Value>, Filter)>,
+    ) -> anyhow::Result<()> {
+        let operations: Vec<PointsUpdateOperation> = sets
+            .into_iter()
+            .map(|(payload, filter)| PointsUpdateOperation {
                 operation: Some(points_update_operation::Operation::SetPayload(
                     points_update_operation::SetPayload {
-                        payload: HashMap::from([("text_key".to_string(), Value::from(key))]),
-                        points_selector: Some(
-                            Filter::must([Condition::has_id([PointId::from(id)])]).into(),
-                        ),
+                        payload,
+                        points_selector: Some(filter.into()),
                         shard_key_selector: None,
                         key: None,
                     },
