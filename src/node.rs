@@ -473,7 +473,7 @@ async fn check_store(
     }
 }
 
-async fn set_text_keys(store: Arc<dyn VectorStore>, model_id: String, which: Rekey) {
+async fn rekey_store(store: Arc<dyn VectorStore>, model_id: String, which: Rekey) {
     let started = std::time::Instant::now();
     tracing::info!(
         ?which,
@@ -644,7 +644,7 @@ impl Node {
         // start.
         let rekey = match rekey.filter(|_| roles.index) {
             Some(which) if mode == Mode::Ingest => {
-                set_text_keys(store.clone(), model_id.clone(), which).await;
+                rekey_store(store.clone(), model_id.clone(), which).await;
                 None
             }
             other => other,
@@ -1002,8 +1002,7 @@ impl Node {
         }
         let query_embedder =
             ragd_actors::embedder::Batcher::start("ragd-query-embed", encoder.clone(), 64);
-        let rekeying =
-            rekey.map(|which| tokio::spawn(set_text_keys(store.clone(), model_id, which)));
+        let rekeying = rekey.map(|which| tokio::spawn(rekey_store(store.clone(), model_id, which)));
         Ok(Node {
             rekeying,
             query_slots: tokio::sync::Semaphore::new(config.max_concurrent_queries),

@@ -2565,10 +2565,10 @@ fn being_written(modified: Option<std::time::SystemTime>, quiet: Duration) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::DocStatus;
 
     /// The chunking every version of these tests is made with.
     const CHUNKING: &str = "test chunking";
-    use crate::ledger::DocStatus;
 
     #[test]
     fn hidden_and_temporary_files_are_ignored() {
