@@ -297,6 +297,23 @@ fn condition(c: g::Condition) -> Result<Condition, Status> {
     }
 }
 
+/// The points a request's selector names.
+enum Selected {
+    Filter(Filter),
+    Ids(Vec<PointId>),
+}
+
+fn selected(s: Option<g::PointsSelector>, none: &str) -> Result<Selected, Status> {
+    use g::points_selector::PointsSelectorOneOf as S;
+    match s.and_then(|p| p.points_selector_one_of) {
+        Some(S::Filter(f)) => Ok(Selected::Filter(filter(f)?)),
+        Some(S::Points(ids)) => Ok(Selected::Ids(
+            ids.ids.into_iter().map(edge_id).collect::<Result<_, _>>()?,
+        )),
+        None => Err(Status::invalid_argument(none.to_string())),
+    }
+}
+
 fn grpc_id(id: PointId) -> g::PointId {
     match id {
         PointId::NumId(n) => n.into(),
@@ -733,16 +750,9 @@ impl Points for Service {
         let r = request.into_inner();
         let keys = selector_keys(&r.shard_key_selector)?;
         self.enter("delete", keys.clone())?;
-        let op = match r.points.and_then(|p| p.points_selector_one_of) {
-            Some(g::points_selector::PointsSelectorOneOf::Filter(f)) => {
-                PointOperations::DeletePointsByFilter(filter(f)?)
-            }
-            Some(g::points_selector::PointsSelectorOneOf::Points(ids)) => {
-                PointOperations::DeletePoints {
-                    ids: ids.ids.into_iter().map(edge_id).collect::<Result<_, _>>()?,
-                }
-            }
-            None => return Err(Status::invalid_argument("nothing to delete")),
+        let op = match selected(r.points, "nothing to delete")? {
+            Selected::Filter(f) => PointOperations::DeletePointsByFilter(f),
+            Selected::Ids(ids) => PointOperations::DeletePoints { ids },
         };
         let shards = self.shards(&r.collection_name, &keys)?;
         let _w = self.0.writer.lock();
@@ -939,17 +949,11 @@ impl Points for Service {
             if set.key.is_some() {
                 return Err(unsupported("a nested payload key"));
             }
-            let (points, filter) = match set.points_selector.and_then(|p| p.points_selector_one_of)
-            {
-                Some(g::points_selector::PointsSelectorOneOf::Filter(f)) => {
-                    (None, Some(filter(f)?))
-                }
-                Some(g::points_selector::PointsSelectorOneOf::Points(ids)) => (
-                    Some(ids.ids.into_iter().map(edge_id).collect::<Result<_, _>>()?),
-                    None,
-                ),
-                None => return Err(Status::invalid_argument("no points to set a payload on")),
-            };
+            let (points, filter) =
+                match selected(set.points_selector, "no points to set a payload on")? {
+                    Selected::Filter(f) => (None, Some(f)),
+                    Selected::Ids(ids) => (Some(ids), None),
+                };
             let payload: serde_json::Map<_, _> = set
                 .payload
                 .into_iter()
