@@ -318,9 +318,9 @@ fn a_changed_partition_rule_moves_unchanged_files() {
     let mut d = d;
     assert!(d.sigterm().success());
 
-    // The rule dropped, and a one-shot ingest of another file: hidden at
-    // its start, not re-indexed. Then the rule back: the file's stored
-    // version is the one it has again, but hidden, it is indexed anew.
+    // The rule dropped, and a one-shot ingest of another file: the moved
+    // file, hidden at its start, is indexed back in hr all the same (its
+    // vector reused), not left out of every search until a full scan.
     let with_rule = std::fs::read_to_string(ws.config()).unwrap();
     let without = with_rule.replacen(
         "  [[sources.rules]]\n  prefix = \"hr/pay\"\n  division = \"eng\"\n  access_level = \"internal\"\n",
@@ -328,28 +328,45 @@ fn a_changed_partition_rule_moves_unchanged_files() {
         1,
     );
     assert_ne!(without, with_rule);
-    std::fs::write(ws.config(), without).unwrap();
     let only = ws.kb().join("eng/build.txt");
     let cfg = ws.config();
-    let (ok, out, err) = ws.ragd(&[
-        "ingest",
-        "--config",
-        cfg.to_str().unwrap(),
-        only.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}{err}");
-    std::fs::write(ws.config(), with_rule).unwrap();
+    let ingest_only = || {
+        let (ok, out, err) = ws.ragd(&[
+            "ingest",
+            "--config",
+            cfg.to_str().unwrap(),
+            only.to_str().unwrap(),
+        ]);
+        assert!(ok, "{out}{err}");
+        out
+    };
+    std::fs::write(ws.config(), &without).unwrap();
+    let out = ingest_only();
+    assert!(out.contains("chunks: 0 embedded, 1 reused"), "{out}");
+
+    // The rule back, and the same ingest with the file away: hidden at
+    // its start, it cannot be indexed. Then the rule dropped again: the
+    // file's stored version is the one it has again, but hidden, it is
+    // indexed anew.
+    std::fs::write(ws.config(), &with_rule).unwrap();
+    let bands_path = ws.kb().join("hr/pay/bands.md");
+    let aside = ws.kb().with_file_name("bands.md");
+    std::fs::rename(&bands_path, &aside).unwrap();
+    let out = ingest_only();
+    assert!(out.contains("chunks: 0 embedded, 0 reused"), "{out}");
+    std::fs::rename(&aside, &bands_path).unwrap();
+    std::fs::write(ws.config(), &without).unwrap();
     let d = ws.start();
     wait_for("the file back in search", Duration::from_secs(60), || {
-        let r = d.ask_top(ENG_TOKEN, question, 5);
+        let r = d.ask_top(HR_TOKEN, question, 5);
         source_uris(&r)
             .contains(&"hr/pay/bands.md".to_string())
             .then_some(r)
     });
-    let hr = d.ask_top(HR_TOKEN, question, 5);
+    let eng = d.ask_top(ENG_TOKEN, question, 5);
     assert!(
-        !source_uris(&hr).contains(&"hr/pay/bands.md".to_string()),
-        "{hr}"
+        !source_uris(&eng).contains(&"hr/pay/bands.md".to_string()),
+        "{eng}"
     );
     assert_eq!(chunks(&d, "embedded"), 0.0);
 }

@@ -2093,6 +2093,22 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
             }
         }
     }
+    if !args.only.is_empty() {
+        // A partition rule changed since the store was written hid at
+        // start every document it moved (see `indexer::HIDDEN`), under
+        // these paths or not: each is out of every search until indexed
+        // anew in its new partition, so the ingest takes those elsewhere
+        // too. (One no longer there is left as it is, hidden, for a full
+        // scan to delete: a partial scan cannot tell a deletion.)
+        let moved = hidden_elsewhere(args, &present);
+        if !moved.is_empty() {
+            tracing::info!(
+                documents = moved.len(),
+                "also indexing the documents a changed partition rule moved, outside the paths given"
+            );
+            hung.extend(consider_all(args, moved).await);
+        }
+    }
     hung.sort();
     hung.dedup();
     if !args.only.is_empty() {
@@ -2137,6 +2153,25 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
         unseen: hung,
         unreadable: unreadable_roots,
     }
+}
+
+/// The documents hidden at start for a changed partition rule (their
+/// known version is [`crate::indexer::HIDDEN`]) that a partial scan did
+/// not see, as files to look at, by source.
+fn hidden_elsewhere<'a>(args: &'a WatcherArgs, seen: &HashSet<String>) -> Vec<Candidate<'a>> {
+    let mut moved: Vec<Candidate> = args
+        .known
+        .lock()
+        .iter()
+        .filter(|(id, v)| v.as_str() == crate::indexer::HIDDEN && !seen.contains(*id))
+        .filter_map(|(id, _)| {
+            let (source, uri) = source_of_doc(&args.sources, id)?;
+            Candidate::at(&args.sources, source.root.join(uri), Look::Scan)
+        })
+        .collect();
+    // (`consider_all` takes a source's files together.)
+    moved.sort_by(|a, b| a.source.root.cmp(&b.source.root));
+    moved
 }
 
 /// Sends an admitted job on. A port only fails for good (a bus that waits
@@ -3038,6 +3073,38 @@ mod tests {
         })
         .await;
         assert_eq!(deleted, ["kb:a.md"]);
+        watcher.stop(None);
+    }
+
+    /// A partial scan (`ragd ingest PATH`) also takes the documents a
+    /// changed partition rule hid at start outside PATH: they are out of
+    /// every search until indexed anew. One no longer there stays as it
+    /// is, and nothing else outside PATH is looked at.
+    #[tokio::test]
+    async fn a_partial_scan_also_indexes_what_a_rule_change_hid_elsewhere() {
+        let rig = Rig::new();
+        for (rel, text) in [
+            ("given/a.md", "# A\n\nthe text of a"),
+            ("moved/b.md", "# B\n\nthe text of b"),
+            ("changed/c.md", "# C\n\nthe text of c"),
+        ] {
+            rig.write(rel, text);
+        }
+        let hidden = crate::indexer::HIDDEN.to_string();
+        for (id, version) in [
+            ("kb:moved/b.md", hidden.clone()),
+            ("kb:gone/d.md", hidden),
+            // Changed, not hidden: for a scan of its own folder.
+            ("kb:changed/c.md", "v0".into()),
+        ] {
+            rig.known.lock().insert(id.into(), version);
+        }
+        let mut args = rig.args(false);
+        args.only = vec![rig.root.join("given")];
+        let (watcher, mut handed) = rig.start_with(args).await;
+        handed.sort();
+        assert_eq!(handed, ["kb:given/a.md", "kb:moved/b.md"]);
+        assert_eq!(rig.deleted(), Vec::<String>::new());
         watcher.stop(None);
     }
 
