@@ -477,7 +477,8 @@ async fn rekey_store(store: Arc<dyn VectorStore>, model_id: String, which: Rekey
     let started = std::time::Instant::now();
     tracing::info!(
         ?which,
-        "setting the text keys of chunks stored without them (their vectors are then reused)"
+        "setting the text keys of chunks stored without them (their vectors are then reused; \
+         the embedder waits for them)"
     );
     match model_check::rekey(store.as_ref(), &model_id, which).await {
         Ok(n) => tracing::info!(
@@ -649,6 +650,9 @@ impl Node {
             }
             other => other,
         };
+        // The daemon's embedder looks up stored vectors only once the keys
+        // are set (see `EmbedderStage::keys_ready`).
+        let (keys_set, keys_ready) = tokio::sync::watch::channel(false);
         let cache_backend: Arc<dyn SemanticCache> = match &config.cache_backend {
             CacheBackend::Embedded => Arc::new(EmbeddedCache::new(
                 config.cache_threshold,
@@ -842,6 +846,7 @@ impl Node {
                 reuse: (roles.index || matches!(config.index_backend, IndexBackend::Qdrant { .. }))
                     .then(|| store.clone()),
                 tally: chunks.clone(),
+                keys_ready: rekey.is_some().then_some(keys_ready),
             }),
             embed_q.clone(),
             settings(config.embedder_min_workers, config.embedder_max_workers),
@@ -1002,7 +1007,14 @@ impl Node {
         }
         let query_embedder =
             ragd_actors::embedder::Batcher::start("ragd-query-embed", encoder.clone(), 64);
-        let rekeying = rekey.map(|which| tokio::spawn(rekey_store(store.clone(), model_id, which)));
+        let rekeying = rekey.map(|which| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                rekey_store(store, model_id, which).await;
+                // Set or not (a failure is logged): the lookups go on.
+                let _ = keys_set.send(true);
+            })
+        });
         Ok(Node {
             rekeying,
             query_slots: tokio::sync::Semaphore::new(config.max_concurrent_queries),
@@ -1068,11 +1080,13 @@ impl Node {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             k.drain(left.max(Duration::from_secs(1))).await;
         }
-        let _ = self.root.cast(SupervisorMsg::Shutdown);
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;
+        // Before the stages stop: an embedder waiting for the keys then
+        // goes on (see `EmbedderStage::keys_ready`).
         if let Some(r) = &self.rekeying {
             r.abort();
         }
+        let _ = self.root.cast(SupervisorMsg::Shutdown);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;
         // The flush waits for a running index optimisation, which cannot be
         // cancelled and may take minutes: bounded, so a stop stays a stop.
         match tokio::time::timeout(Duration::from_secs(30), self.store.flush()).await {

@@ -214,6 +214,13 @@ pub struct EmbedderStage {
     /// cluster an embed node's ledger does not know the ingest nodes'
     /// documents: `None`.
     pub ledger: Option<Arc<Ledger>>,
+    /// `Some` while the text keys of a store written before them (or
+    /// under another name for this model) are being set in the background
+    /// (`model_check::rekey`): it turns true once they are. Until then a
+    /// lookup misses every text not yet keyed and embeds it again (after
+    /// an upgrade that re-chunks every document, the whole store), so
+    /// each lookup waits for it. `None`: nothing to wait for.
+    pub keys_ready: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// See [`EmbedderStage::tally`].
@@ -274,6 +281,11 @@ impl EmbedderStage {
     /// the store already holds (a file copied or moved, the unchanged
     /// chunks of an edited one), and hands the documents on.
     async fn embed(&self, mut docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
+        if let (Some(ready), Some(_)) = (&self.keys_ready, &self.reuse) {
+            // (An error: the rekey ended without a word, stopped at
+            // shutdown. What it set is found; the rest is embedded.)
+            let _ = ready.clone().wait_for(|ready| *ready).await;
+        }
         if let Some(ledger) = &self.ledger {
             docs.retain(|d| {
                 let (id, version) = (&d.meta.doc_id, &d.meta.version);
@@ -436,6 +448,7 @@ pub(crate) mod tests {
             reuse,
             tally: Default::default(),
             ledger: None,
+            keys_ready: None,
         };
         let counts = |s: &EmbedderStage| s.tally.counts();
         let written = |docs: Vec<IndexJob>| -> Vec<EmbeddedDoc> {
@@ -490,6 +503,65 @@ pub(crate) mod tests {
         }
     }
 
+    /// While the stored chunks' text keys are being set (a store written
+    /// before them, or under another name for this model), a lookup waits
+    /// for them: otherwise every text not yet keyed is embedded again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_waits_for_the_store_s_text_keys() {
+        use crate::indexer::edge::EdgeStore;
+        use crate::indexer::model_check::{rekey, Rekey};
+        let encoder = minilm();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 384).unwrap());
+        let out = crate::pool::PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
+        let (ready, keys_ready) = tokio::sync::watch::channel(false);
+        let stage = |model_id: &str, keys_ready| {
+            Arc::new(EmbedderStage {
+                batcher: Batcher::start("test-embedder", encoder.clone(), 8),
+                out: Port::Local(out.clone()),
+                batch_docs: 8,
+                model_id: model_id.into(),
+                reuse: Some(store.clone()),
+                tally: Default::default(),
+                ledger: None,
+                keys_ready,
+            })
+        };
+        let text = "Every office keeps its own visitor log.";
+        // Stored with keys made under the model's old name.
+        stage("minilm, old files", None)
+            .embed(vec![chunked("kb:a.md", &[text])])
+            .await
+            .unwrap();
+        let IndexJob::Upsert(a) = out.drain().pop().unwrap() else {
+            panic!("an upsert")
+        };
+        store.upsert_docs(&[a]).await.unwrap();
+
+        let waiting = stage("minilm", Some(keys_ready));
+        let run = {
+            let s = waiting.clone();
+            tokio::spawn(async move { s.embed(vec![chunked("kb:b.md", &[text])]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!run.is_finished(), "looked up before the keys were set");
+        assert_eq!(waiting.tally.counts(), (0, 0));
+        assert_eq!(
+            rekey(store.as_ref(), "minilm", Rekey::All).await.unwrap(),
+            1
+        );
+        ready.send(true).unwrap();
+        run.await.unwrap().unwrap();
+        assert_eq!(waiting.tally.counts(), (0, 1), "its vector reused");
+
+        // A rekey stopped without a word (at shutdown) holds nothing up.
+        let (stopped, keys_ready) = tokio::sync::watch::channel(false);
+        drop(stopped);
+        let s = stage("minilm", Some(keys_ready));
+        s.embed(vec![chunked("kb:c.md", &[text])]).await.unwrap();
+        assert_eq!(s.tally.counts(), (0, 1));
+    }
+
     /// On one node, a version saved over (or deleted) while it waited at
     /// the embedder is not embedded: it ends skipped, and the current
     /// version goes on.
@@ -505,6 +577,7 @@ pub(crate) mod tests {
             reuse: None,
             tally: Default::default(),
             ledger: Some(ledger.clone()),
+            keys_ready: None,
         };
         let version = |v: &str, text: &str| {
             let mut d = chunked("kb:a.md", &[text]);
