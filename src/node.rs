@@ -148,11 +148,12 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<Option<std::fs::File>>
     Ok(Some(file))
 }
 
-/// Removes what [`removals_at_start`] finds (old versions a prune left,
-/// documents whose source is gone) before the node serves or takes work,
-/// and drops them from `stored`; hides the documents whose partition rule
-/// changed, and gives them in `stored` a version no file has, so that the
-/// scan indexes each anew (or deletes it, gone meanwhile).
+/// Removes what [`removals_at_start`] finds (old versions a prune left)
+/// before the node serves or takes work, and drops them from `stored`;
+/// hides the documents whose partition rule changed, and gives them in
+/// `stored` a version no file has, so that the scan indexes each anew (or
+/// deletes it, gone meanwhile); hides those whose source is no longer
+/// configured, for the scan to delete.
 async fn remove_at_start(
     config: &Config,
     roles: &Roles,
@@ -184,6 +185,18 @@ async fn remove_at_start(
             .await
             .context("hiding at start the documents whose partition rule changed")?;
     }
+    let moved: HashSet<&str> = hidden.iter().map(String::as_str).collect();
+    let gone = hide
+        .iter()
+        .filter(|r| !moved.contains(r.doc_id.as_str()))
+        .count();
+    if gone > 0 {
+        tracing::warn!(
+            documents = gone,
+            "their source is no longer configured: out of every search, deleted by the scan \
+             (after the files that moved to another source reuse their vectors)"
+        );
+    }
     if !hidden.is_empty() {
         tracing::warn!(
             documents = hidden.len(),
@@ -192,9 +205,8 @@ async fn remove_at_start(
         );
         // Each is indexed anew, even unchanged (a rule changed and back
         // again gives its stored version): a version no file has.
-        let hidden: HashSet<&str> = hidden.iter().map(String::as_str).collect();
         for v in stored.iter_mut() {
-            if hidden.contains(v.doc_id.as_str()) {
+            if moved.contains(v.doc_id.as_str()) {
                 v.version = ragd_actors::indexer::HIDDEN.to_string();
             }
         }
@@ -210,27 +222,17 @@ async fn remove_at_start(
         store
             .remove(batch)
             .await
-            .context("removing at start what the sources no longer have")?;
+            .context("removing at start the old versions a prune left")?;
     }
-    let whole: HashSet<&str> = removals
-        .iter()
-        .filter(|r| r.keep.is_none())
-        .map(|r| r.doc_id.as_str())
-        .collect();
     tracing::warn!(
-        outdated = removals.len() - whole.len(),
-        gone = whole.len(),
-        "removed at start: old versions a prune did not remove (outdated), and documents \
-         whose source is no longer configured (gone)"
+        outdated = removals.len(),
+        "removed at start: old versions a prune did not remove"
     );
     let keep: HashMap<&str, &str> = removals
         .iter()
         .filter_map(|r| Some((r.doc_id.as_str(), r.keep.as_deref()?)))
         .collect();
-    stored.retain(|v| {
-        !whole.contains(v.doc_id.as_str())
-            && keep.get(v.doc_id.as_str()).is_none_or(|k| *k == v.version)
-    });
+    stored.retain(|v| keep.get(v.doc_id.as_str()).is_none_or(|k| *k == v.version));
     Ok(())
 }
 

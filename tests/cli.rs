@@ -122,6 +122,70 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     );
 }
 
+/// A renamed source costs no embedding: its documents under their new ids
+/// reuse the vectors of the old ones, which are out of every search from
+/// the start and deleted once they have served. Through the daemon, and
+/// back again through a one-shot ingest.
+#[test]
+fn a_renamed_source_reuses_its_vectors() {
+    let ws = Workspace::new();
+    ws.write(
+        "hr/leave.md",
+        "# Leave\n\nAsk the HR portal four weeks ahead.\n",
+    );
+    ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    let cfg = ws.config();
+    let ingest = || {
+        let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+        assert!(ok, "{out}{err}");
+        out
+    };
+    let out = ingest();
+    assert!(out.contains("chunks: 2 embedded, 0 reused"), "{out}");
+    let kb = std::fs::read_to_string(&cfg).unwrap();
+    let handbook = kb.replacen("name = \"kb\"", "name = \"handbook\"", 1);
+    assert_ne!(handbook, kb);
+
+    std::fs::write(&cfg, &handbook).unwrap();
+    let mut d = ws.start();
+    let question = "how do I request leave?";
+    let early = d.ask_top(HR_TOKEN, question, 5);
+    assert!(
+        early["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["doc_id"] != "kb:hr/leave.md"),
+        "a document of a source no longer configured is served: {early}"
+    );
+    let ledger = d.wait_ledger(Duration::from_secs(60), |l| {
+        l["indexed"] == 2 && l["deleted"] == 2
+    });
+    assert_eq!(ledger["in_flight"], 0, "{ledger}");
+    let chunks = |d: &Daemon, v: &str| {
+        metric_where(d, "ragd_embedder_chunks_total", &format!("vector=\"{v}\""))
+    };
+    assert_eq!((chunks(&d, "embedded"), chunks(&d, "reused")), (0.0, 2.0));
+    assert_eq!(d.admin_json("/index")["points"], 2);
+    let hits = d.ask_top(HR_TOKEN, question, 5);
+    let ids: Vec<&str> = hits["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["doc_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"handbook:hr/leave.md"), "{hits}");
+    assert!(ids.iter().all(|id| id.starts_with("handbook:")), "{hits}");
+    assert!(d.sigterm().success());
+
+    std::fs::write(&cfg, &kb).unwrap();
+    let out = ingest();
+    assert!(
+        out.contains("2 indexed, 2 deleted") && out.contains("chunks: 0 embedded, 2 reused"),
+        "{out}"
+    );
+}
+
 /// A changed chunk size chunks every document again, the new way, and
 /// leaves none of the old chunks behind; texts that come out the same keep
 /// their vectors, and unchanged settings change nothing.

@@ -181,14 +181,15 @@ const PAST_NEWEST: u64 = 1_000_000;
 ///   for good, or whose event was lost, left them searchable, and nothing
 ///   else would ever remove them (the next scan finds the file unchanged).
 /// * With `partition_of` (a node that runs the watcher and has the
-///   sources' rules), every version of a document whose source is no
-///   longer configured (`None` from `partition_of`), and, to hide
-///   ([`VectorStore::hide`]), every version of one whose newest version is
-///   filed in another partition than the rules now give it. The scan
-///   re-indexes the file in its new partition, but it reaches it only
-///   later; until then the old copy would answer those who may see the old
-///   partition only. Hidden rather than removed, its vectors serve the
-///   new version: a changed rule costs no embedding.
+///   sources' rules), to hide ([`VectorStore::hide`]), every version of a
+///   document whose source is no longer configured (`None` from
+///   `partition_of`; the scan deletes it), and every version of one whose
+///   newest version is filed in another partition than the rules now give
+///   it. The scan re-indexes the file in its new partition, but it
+///   reaches it only later; until then the old copy would answer those
+///   who may see the old partition only. Hidden rather than removed, its
+///   vectors serve the new version: a changed rule, or a renamed source,
+///   costs no embedding.
 ///
 /// Each removal spares versions seen after the newest found here, which
 /// another node may be writing meanwhile. (Removing a document whole, it
@@ -213,8 +214,15 @@ pub fn removals_at_start(
         let whole = || Removal::new(doc_id, None).seen_before(newest.seq + PAST_NEWEST);
         if let Some(partition_of) = partition_of {
             match (partition_of(doc_id), &newest.partition) {
-                (None, _) => {
-                    at_start.remove.push(whole());
+                (None, was) => {
+                    // Hidden, not removed: the scan deletes it, after the
+                    // files that moved into another source meanwhile (a
+                    // source renamed: same text, same partition) have
+                    // reused its vectors. It keeps its stored version for
+                    // that (see `source_watcher::moved_elsewhere`).
+                    if was.as_ref() != Some(&Partition::hidden()) {
+                        at_start.hide.push(whole());
+                    }
                     continue;
                 }
                 (Some(now), Some(was)) if now != *was => {
@@ -642,8 +650,8 @@ mod tests {
             ]
         );
         // An ingest node whose rules now file hr/ under hr, with no wiki
-        // source any more: c.md and d.md go whole (and nothing seen after
-        // their newest version).
+        // source any more: c.md and d.md are hidden whole (and nothing
+        // seen after their newest version).
         let rules = |doc: &str| -> Option<Partition> {
             let uri = doc.strip_prefix("kb:")?;
             let division = if uri.starts_with("hr/") { "hr" } else { "eng" };
@@ -656,16 +664,20 @@ mod tests {
         assert_eq!(
             moved,
             AtStart {
-                // d.md's source is gone: removed.
-                remove: vec![Removal::new("wiki:d.md", None).seen_before(10 + PAST_NEWEST)],
+                remove: vec![],
                 // c.md is filed elsewhere now: hidden for its new version.
-                hide: vec![Removal::new("kb:hr/c.md", None).seen_before(30 + PAST_NEWEST)],
+                // d.md's source is gone: hidden for the scan to delete,
+                // not to index anew.
+                hide: vec![
+                    Removal::new("kb:hr/c.md", None).seen_before(30 + PAST_NEWEST),
+                    Removal::new("wiki:d.md", None).seen_before(10 + PAST_NEWEST),
+                ],
                 hidden: vec!["kb:hr/c.md".into()],
             }
         );
         // Both roles: each document once, moved ones whole.
         let both = removals_at_start(&found, true, Some(&rules));
-        assert_eq!((both.remove.len(), both.hide.len()), (2, 1));
+        assert_eq!((both.remove.len(), both.hide.len()), (1, 2));
         // Nothing to do on a store in order.
         assert_eq!(
             removals_at_start(&found[2..3], true, Some(&rules)),
@@ -675,7 +687,7 @@ mod tests {
         // again, still to index anew.
         let mut was_hidden = stored("kb:hr/c.md", "v2", 30, "eng");
         was_hidden.partition = Some(Partition::hidden());
-        let again = removals_at_start(&[was_hidden], true, Some(&rules));
+        let again = removals_at_start(&[was_hidden.clone()], true, Some(&rules));
         assert_eq!(
             again,
             AtStart {
@@ -683,6 +695,10 @@ mod tests {
                 ..Default::default()
             }
         );
+        // Nor one of a source gone, still to delete.
+        was_hidden.doc_id = "wiki:d.md".into();
+        let again = removals_at_start(&[was_hidden], true, Some(&rules));
+        assert_eq!(again, AtStart::default());
     }
 
     #[test]
