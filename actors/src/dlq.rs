@@ -88,6 +88,15 @@ pub trait DeadLetters: Send + Sync {
     /// usual case (no entry of the document) from memory.
     fn settle(&self, doc_id: &str, current: Option<&str>, how: Settled)
         -> anyhow::Result<Vec<u64>>;
+    /// The documents with an entry of a version waiting for a replay: a
+    /// full scan settles those whose file went while no ragd looked (see
+    /// `source_watcher::rescan`).
+    fn waiting_docs(&self) -> Vec<String> {
+        let entries = self.list().unwrap_or_default().into_iter();
+        let waiting = entries.filter(|e| e.waiting() && e.version.is_some());
+        let docs: BTreeSet<String> = waiting.map(|e| e.doc_id).collect();
+        docs.into_iter().collect()
+    }
 }
 
 /// Which entries a [`DeadLetters::page`] holds: up to `limit` with ids
@@ -247,6 +256,11 @@ impl Held {
         ids
     }
 
+    /// See [`DeadLetters::waiting_docs`].
+    pub fn waiting_docs(&self) -> Vec<String> {
+        self.pending.keys().cloned().collect()
+    }
+
     /// The first entry holding `version` of `doc_id` still waiting for a
     /// replay.
     pub fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
@@ -389,6 +403,10 @@ impl DeadLetters for FileDlq {
 
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
         self.log.lock().1.pending(doc_id, version)
+    }
+
+    fn waiting_docs(&self) -> Vec<String> {
+        self.log.lock().1.waiting_docs()
     }
 
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {

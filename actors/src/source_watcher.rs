@@ -2148,6 +2148,15 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
     gone.retain(|d| !unreadable.covers(d));
     gone.sort();
     gone.dedup();
+    // A dead-lettered document whose file went (or whose source is no
+    // longer configured) while no ragd looked: neither the store nor the
+    // ledger knows it, so no deletion would ever settle its entries, and
+    // they would wait for a replay of nothing for good.
+    for d in args.dlq.waiting_docs() {
+        if scanned(&d) && !unreadable.covers(&d) && !has_version(args, &d) {
+            settle_dead_letters(args, &d, None, Settled::Deleted);
+        }
+    }
     Scanned {
         gone,
         unseen: hung,
@@ -2165,8 +2174,8 @@ fn hidden_elsewhere<'a>(args: &'a WatcherArgs, seen: &HashSet<String>) -> Vec<Ca
         .iter()
         .filter(|(id, v)| v.as_str() == crate::indexer::HIDDEN && !seen.contains(*id))
         .filter_map(|(id, _)| {
-            let (source, uri) = source_of_doc(&args.sources, id)?;
-            Candidate::at(&args.sources, source.root.join(uri), Look::Scan)
+            let (_, _, path) = place_of(&args.sources, id)?;
+            Candidate::at(&args.sources, path, Look::Scan)
         })
         .collect();
     // (`consider_all` takes a source's files together.)
@@ -3313,6 +3322,55 @@ mod tests {
         assert!(scanned.is_empty(), "indexed as it is: nothing to do");
         let statuses: Vec<_> = dlq.list().unwrap().iter().map(|e| e.status()).collect();
         assert_eq!(statuses, ["superseded", "pending"]);
+        watcher.stop(None);
+    }
+
+    /// The entries of a dead-lettered document whose file went while no
+    /// ragd looked (or whose source is no longer configured) are settled
+    /// by the first scan: neither the store nor the ledger knows it, so no
+    /// deletion would. Those of a file still there, or under a folder the
+    /// scan could not read, or of a partial scan, wait on.
+    #[tokio::test]
+    async fn a_scan_settles_the_entries_of_dead_lettered_files_gone_meanwhile() {
+        let rig = Rig::new();
+        rig.write("here.md", "# Still broken");
+        std::fs::create_dir_all(rig.root.join("locked")).unwrap();
+        let args = rig.args(false);
+        let version = doc_version(b"# Still broken", &rig.source().partition, CHUNKING);
+        for (id, version) in [
+            ("kb:gone.md", "v0"),
+            ("wiki:x.md", "v0"),
+            ("kb:here.md", version.as_str()),
+            ("kb:locked/y.md", "v0"),
+        ] {
+            args.dlq.push(chunker_failed(id, version)).unwrap();
+        }
+        let dlq = args.dlq.clone();
+        let statuses = || -> Vec<(String, &'static str)> {
+            let entries = dlq.list().unwrap().into_iter();
+            entries.map(|e| (e.doc_id.clone(), e.status())).collect()
+        };
+        let mut partial = rig.args(false);
+        partial.dlq = dlq.clone();
+        partial.only = vec![rig.root.join("locked")];
+        let (watcher, _) = rig.start_with(partial).await;
+        watcher.stop(None);
+        assert!(
+            statuses().iter().all(|(_, s)| *s == "pending"),
+            "{:?}",
+            statuses()
+        );
+        rig.stats.set_status("stopped");
+
+        FAIL_TO_OPEN.lock().insert(rig.root.join("locked"), 1);
+        let (watcher, _) = rig.start_with(args).await;
+        let want = [
+            ("kb:gone.md", "deleted"),
+            ("wiki:x.md", "deleted"),
+            ("kb:here.md", "pending"),
+            ("kb:locked/y.md", "pending"),
+        ];
+        assert_eq!(statuses(), want.map(|(d, s)| (d.to_string(), s)));
         watcher.stop(None);
     }
 

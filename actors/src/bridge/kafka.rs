@@ -1069,6 +1069,10 @@ impl DeadLetters for KafkaDlq {
         self.entries.lock().pending(doc_id, version)
     }
 
+    fn waiting_docs(&self) -> Vec<String> {
+        self.entries.lock().waiting_docs()
+    }
+
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
         // Claimed under the lock, then written: of two replays of one
         // entry at once, the second finds it claimed. (The lock is not
