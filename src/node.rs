@@ -422,6 +422,23 @@ async fn store_is_empty(store: &dyn VectorStore) -> anyhow::Result<bool> {
     Ok(store.texts(page).await?.0.is_empty())
 }
 
+/// [`model_check::check_model`] with this node's model.
+async fn check_model(
+    store: &dyn VectorStore,
+    encoder: &Arc<AnyEncoder>,
+    model_id: &str,
+) -> anyhow::Result<ModelCheck> {
+    let e = encoder.clone();
+    let embed = |texts: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            e.embed(&refs)
+        })
+        .await?
+    };
+    model_check::check_model(store, model_id, embed).await
+}
+
 /// Refuses a store that holds another model's vectors (see
 /// [`model_check::check_model`]): searched with this model it would
 /// answer with unrelated text, and written with it, it would mix two
@@ -432,15 +449,7 @@ async fn check_store(
     encoder: &Arc<AnyEncoder>,
     model_id: &str,
 ) -> anyhow::Result<Option<Rekey>> {
-    let e = encoder.clone();
-    let embed = |texts: Vec<String>| async move {
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            e.embed(&refs)
-        })
-        .await?
-    };
-    match model_check::check_model(store, model_id, embed).await? {
+    match check_model(store, encoder, model_id).await? {
         ModelCheck::Empty => Ok(None),
         ModelCheck::Same { rekey } => Ok(rekey),
         ModelCheck::Other {
@@ -473,6 +482,70 @@ async fn check_store(
             )
         }
     }
+}
+
+/// The embedded store a switch to `index.backend = "qdrant"` left in the
+/// data folder, if it holds this model's vectors: the embedder reuses
+/// them (see `EmbedderStage::reuse`), so the new collection is filled
+/// without embedding again what the old store held. Its keys are set
+/// first if it needs them (nothing else writes it now). Anything amiss is
+/// a warning: it only saves work.
+async fn left_behind(
+    config: &Config,
+    encoder: &Arc<AnyEncoder>,
+    model_id: &str,
+) -> Option<Arc<dyn VectorStore>> {
+    let dir = config.index_dir();
+    // (Read without creating anything: most nodes have no such folder.)
+    if std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none()) {
+        return None;
+    }
+    let opened = {
+        let (dir, dim, hnsw) = (dir.clone(), encoder.dim(), config.hnsw.clone());
+        tokio::task::spawn_blocking(move || EdgeStore::open_with(&dir, dim, &hnsw)).await
+    };
+    let store: Arc<dyn VectorStore> = match opened {
+        Ok(Ok(s)) => Arc::new(s),
+        Ok(Err(e)) => {
+            tracing::warn!(
+                "{} cannot be opened to reuse its vectors: {e:#}",
+                dir.display()
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!("opening {}: {e}", dir.display());
+            return None;
+        }
+    };
+    let rekey = match check_model(store.as_ref(), encoder, model_id).await {
+        Ok(ModelCheck::Same { rekey }) => rekey,
+        Ok(ModelCheck::Empty) => return None,
+        Ok(ModelCheck::Other { .. }) => {
+            tracing::warn!(
+                "the embedded store left in {} holds another model's vectors: not reused",
+                dir.display()
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{} cannot be read to reuse its vectors: {e:#}",
+                dir.display()
+            );
+            return None;
+        }
+    };
+    if let Some(which) = rekey {
+        rekey_store(store.clone(), model_id.to_string(), which).await;
+    }
+    tracing::info!(
+        "the embedded store in {} (from before index.backend = \"qdrant\") is still there: \
+         the texts it holds are not embedded again. Delete it once the collection holds \
+         every document",
+        dir.display()
+    );
+    Some(store)
 }
 
 async fn rekey_store(store: Arc<dyn VectorStore>, model_id: String, which: Rekey) {
@@ -651,6 +724,12 @@ impl Node {
                 None
             }
             other => other,
+        };
+        let left_behind = match &config.index_backend {
+            IndexBackend::Qdrant { .. } if roles.embed => {
+                left_behind(&config, &encoder, &model_id).await
+            }
+            _ => None,
         };
         // The daemon's embedder looks up stored vectors only once the keys
         // are set (see `EmbedderStage::keys_ready`).
@@ -846,7 +925,10 @@ impl Node {
                 // embed role alone has an embedded store of its own, which
                 // nothing writes.)
                 reuse: (roles.index || matches!(config.index_backend, IndexBackend::Qdrant { .. }))
-                    .then(|| store.clone()),
+                    .then(|| store.clone())
+                    .into_iter()
+                    .chain(left_behind)
+                    .collect(),
                 tally: chunks.clone(),
                 keys_ready: rekey.is_some().then_some(keys_ready),
             }),

@@ -306,6 +306,48 @@ fn the_daemon_runs_on_the_qdrant_backend_through_qdrant_client() {
     assert!(d.log().contains(host), "the log lacks the details");
 }
 
+/// A node switched from the embedded store to Qdrant fills the new
+/// collection without embedding again what the embedded store, still in
+/// its data folder, holds.
+#[test]
+fn a_switch_to_qdrant_reuses_the_embedded_store_s_vectors() {
+    use ragd_actors::testkit::qdrant::QdrantTestServer;
+    let server = QdrantTestServer::start();
+    let ws = Workspace::new();
+    ws.write("hr/leave.md", LEAVE_V1);
+    ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    let cfg = ws.config();
+    let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let chunks: f64 = out
+        .split_once("chunks: ")
+        .and_then(|(_, rest)| rest.split_once(" embedded, 0 reused"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(chunks >= 2.0, "{out}");
+
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let qdrant = text.replacen(
+        "[[sources]]",
+        &format!(
+            "[index]\nbackend = \"qdrant\"\nqdrant_url = \"{}\"\nqdrant_collection = \"moved\"\n[[sources]]",
+            server.url
+        ),
+        1,
+    );
+    std::fs::write(&cfg, qdrant).unwrap();
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 2);
+    let counted =
+        |v: &str| metric_where(&d, "ragd_embedder_chunks_total", &format!("vector=\"{v}\""));
+    assert_eq!((counted("embedded"), counted("reused")), (0.0, chunks));
+    let points = server.points_in("moved", "hr") + server.points_in("moved", "eng");
+    assert_eq!(points as f64, chunks);
+    let r = d.ask(HR_TOKEN, QUESTION);
+    assert!(texts(&r).contains("sixteen weeks"), "{r}");
+    assert!(d.log().contains("is still there"), "{}", d.log());
+}
+
 /// While the Qdrant server does not answer, the indexer pauses (admin
 /// /actors says so) instead of spending the documents' attempts: nothing is
 /// dead-lettered, however long it lasts, and once the server is back every

@@ -201,10 +201,12 @@ pub struct EmbedderStage {
     /// [`text_key`]).
     pub model_id: String,
     /// Where the vectors of texts embedded before are looked for (see
-    /// [`crate::indexer::stored_vectors`]); `None`: every chunk is
+    /// [`crate::indexer::stored_vectors`]), in this order: the store the
+    /// index is written to, then any the node holds from before (the
+    /// embedded store left by a switch to Qdrant). None: every chunk is
     /// embedded (a cluster's embed node that does not share the index
     /// nodes' store).
-    pub reuse: Option<Arc<dyn VectorStore>>,
+    pub reuse: Vec<Arc<dyn VectorStore>>,
     /// Chunks embedded, and chunks whose vector was found stored (the
     /// one-shot ingest's summary reads it).
     pub tally: Arc<Tally>,
@@ -281,7 +283,7 @@ impl EmbedderStage {
     /// the store already holds (a file copied or moved, the unchanged
     /// chunks of an edited one), and hands the documents on.
     async fn embed(&self, mut docs: Vec<ChunkedDoc>) -> anyhow::Result<()> {
-        if let (Some(ready), Some(_)) = (&self.keys_ready, &self.reuse) {
+        if let (Some(ready), false) = (&self.keys_ready, self.reuse.is_empty()) {
             // (An error: the rekey ended without a word, stopped at
             // shutdown. What it set is found; the rest is embedded.)
             let _ = ready.clone().wait_for(|ready| *ready).await;
@@ -320,19 +322,21 @@ impl EmbedderStage {
                 });
             }
         }
-        let mut stored = match &self.reuse {
-            Some(store) if !owner.is_empty() => {
-                let wanted: Vec<(i64, &str)> = owner.iter().map(|(k, t)| (*k, *t)).collect();
-                crate::indexer::stored_vectors(store.as_ref(), &wanted)
-                    .await
-                    .unwrap_or_else(|e| {
-                        // Only a saving lost: the texts are embedded.
-                        tracing::warn!("looking up stored vectors failed: {e:#}");
-                        HashMap::new()
-                    })
+        let mut stored = HashMap::new();
+        let mut wanted: Vec<(i64, &str)> = owner.iter().map(|(k, t)| (*k, *t)).collect();
+        for store in &self.reuse {
+            if wanted.is_empty() {
+                break;
             }
-            _ => HashMap::new(),
-        };
+            match crate::indexer::stored_vectors(store.as_ref(), &wanted).await {
+                Ok(found) => {
+                    wanted.retain(|(k, _)| !found.contains_key(k));
+                    stored.extend(found);
+                }
+                // Only a saving lost: the texts are embedded.
+                Err(e) => tracing::warn!("looking up stored vectors failed: {e:#}"),
+            }
+        }
         let mut vectors: HashMap<&str, Vec<f32>> = HashMap::with_capacity(texts.len());
         let mut fresh: Vec<&str> = Vec::new();
         for (&text, k) in &texts {
@@ -440,7 +444,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 384).unwrap());
         let out = crate::pool::PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
-        let stage = |reuse: Option<Arc<dyn VectorStore>>, model_id: &str| EmbedderStage {
+        let stage = |reuse: Vec<Arc<dyn VectorStore>>, model_id: &str| EmbedderStage {
             batcher: Batcher::start("test-embedder", encoder.clone(), 8),
             out: Port::Local(out.clone()),
             batch_docs: 8,
@@ -463,7 +467,7 @@ pub(crate) mod tests {
         let visitors = "Every office keeps its own visitor log.";
         let new = "Lost badges are reported to the front desk within a day.";
 
-        let first = stage(Some(store.clone()), "minilm");
+        let first = stage(vec![store.clone()], "minilm");
         first
             .embed(vec![chunked("kb:a.md", &[policy, visitors])])
             .await
@@ -473,7 +477,7 @@ pub(crate) mod tests {
         store.upsert_docs(&a).await.unwrap();
 
         // The same texts under another name, one new text twice.
-        let second = stage(Some(store.clone()), "minilm");
+        let second = stage(vec![store.clone()], "minilm");
         second
             .embed(vec![chunked("kb:b.md", &[visitors, new, policy, new])])
             .await
@@ -494,13 +498,24 @@ pub(crate) mod tests {
         // A store written with another model, or none to look in: every
         // text is embedded.
         for s in [
-            stage(Some(store.clone()), "another model"),
-            stage(None, "minilm"),
+            stage(vec![store.clone()], "another model"),
+            stage(vec![], "minilm"),
         ] {
             s.embed(vec![chunked("kb:c.md", &[policy])]).await.unwrap();
             assert_eq!(counts(&s), (1, 0));
             out.drain();
         }
+
+        // After the store written now (empty), one from before (left by a
+        // switch of backend): what it holds is found there.
+        let dir = tempfile::tempdir().unwrap();
+        let empty: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 384).unwrap());
+        let s = stage(vec![empty, store.clone()], "minilm");
+        let doc = chunked("kb:d.md", &[policy, "A text in neither store."]);
+        s.embed(vec![doc]).await.unwrap();
+        assert_eq!(counts(&s), (1, 1));
+        let d = written(out.drain()).pop().unwrap();
+        assert_close(&d.vectors[..1], &[alone(policy)]);
     }
 
     /// While the stored chunks' text keys are being set (a store written
@@ -521,7 +536,7 @@ pub(crate) mod tests {
                 out: Port::Local(out.clone()),
                 batch_docs: 8,
                 model_id: model_id.into(),
-                reuse: Some(store.clone()),
+                reuse: vec![store.clone()],
                 tally: Default::default(),
                 ledger: None,
                 keys_ready,
@@ -574,7 +589,7 @@ pub(crate) mod tests {
             out: Port::Local(out.clone()),
             batch_docs: 8,
             model_id: "minilm".into(),
-            reuse: None,
+            reuse: vec![],
             tally: Default::default(),
             ledger: Some(ledger.clone()),
             keys_ready: None,
