@@ -48,6 +48,9 @@ pub struct Chunker {
 /// Bumped when a change to parsing or splitting changes the chunks of an
 /// unchanged file: every document is then chunked again at the next start
 /// (see [`Chunker::fingerprint`]), its unchanged texts' vectors reused.
+/// Not for a change that leaves what a search finds as it was (the few
+/// tokens of a `data:` URI's head that 2026-12-01 stopped keeping): that
+/// would re-read every document of every index for nothing.
 pub const CHUNKING_GENERATION: u32 = 1;
 
 /// See [`Chunker::fingerprint`].
