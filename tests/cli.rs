@@ -60,14 +60,20 @@ fn rerank_prints_the_cross_encoder_scores() {
     }
 }
 
-#[test]
-fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
+/// A workspace with two short notes, one chunk each.
+fn leave_and_build() -> Workspace {
     let ws = Workspace::new();
     ws.write(
         "hr/leave.md",
         "# Leave\n\nAsk the HR portal four weeks ahead.\n",
     );
     ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    ws
+}
+
+#[test]
+fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
+    let ws = leave_and_build();
     ws.write("eng/blob.exe", [0u8, 159, 146, 150]);
     let cfg = ws.config();
     let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
@@ -128,19 +134,9 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
 /// back again through a one-shot ingest.
 #[test]
 fn a_renamed_source_reuses_its_vectors() {
-    let ws = Workspace::new();
-    ws.write(
-        "hr/leave.md",
-        "# Leave\n\nAsk the HR portal four weeks ahead.\n",
-    );
-    ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    let ws = leave_and_build();
     let cfg = ws.config();
-    let ingest = || {
-        let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
-        assert!(ok, "{out}{err}");
-        out
-    };
-    let out = ingest();
+    let out = ws.ingest(&[]);
     assert!(out.contains("chunks: 2 embedded, 0 reused"), "{out}");
     let kb = std::fs::read_to_string(&cfg).unwrap();
     let handbook = kb.replacen("name = \"kb\"", "name = \"handbook\"", 1);
@@ -179,7 +175,7 @@ fn a_renamed_source_reuses_its_vectors() {
     assert!(d.sigterm().success());
 
     std::fs::write(&cfg, &kb).unwrap();
-    let out = ingest();
+    let out = ws.ingest(&[]);
     assert!(
         out.contains("2 indexed, 2 deleted") && out.contains("chunks: 0 embedded, 2 reused"),
         "{out}"
@@ -203,12 +199,6 @@ fn a_changed_chunk_size_chunks_every_document_again() {
         .collect();
     ws.write("hr/badges.md", format!("# Badges\n\n{long}"));
     ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
-    let cfg = ws.config();
-    let ingest = || {
-        let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
-        assert!(ok, "{out}{err}");
-        out
-    };
     let points = || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -218,19 +208,20 @@ fn a_changed_chunk_size_chunks_every_document_again() {
             (n, versions)
         })
     };
-    let out = ingest();
+    let out = ws.ingest(&[]);
     assert!(out.contains("2 indexed"), "{out}");
     let (before, versions) = points();
     assert!(before >= 2, "{before} chunks");
     assert_eq!(versions, 2);
 
+    let cfg = ws.config();
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,
         format!("{text}\n[chunker]\nmax_tokens = 48\noverlap_tokens = 8\n"),
     )
     .unwrap();
-    let out = ingest();
+    let out = ws.ingest(&[]);
     // The short file is one chunk either way: its vector is reused.
     assert!(
         out.contains("2 indexed") && out.contains(", 1 reused"),
@@ -243,7 +234,7 @@ fn a_changed_chunk_size_chunks_every_document_again() {
     );
     assert_eq!(versions, 2, "the old versions are gone");
 
-    let out = ingest();
+    let out = ws.ingest(&[]);
     assert!(out.contains("chunks: 0 embedded, 0 reused"), "{out}");
     assert_eq!(points(), (after, 2));
 }
@@ -256,12 +247,7 @@ fn a_changed_chunk_size_chunks_every_document_again() {
 /// the daemon beside its work. Copies then reuse their vectors.
 #[test]
 fn a_store_of_another_model_is_refused_and_one_of_this_model_gets_its_keys() {
-    let ws = Workspace::new();
-    ws.write(
-        "hr/leave.md",
-        "# Leave\n\nAsk the HR portal four weeks ahead.\n",
-    );
-    ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
+    let ws = leave_and_build();
     let cfg = ws.config();
     let three = model_variant(&ws, "three-layers", |c| {
         c.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 3")

@@ -329,17 +329,7 @@ fn a_changed_partition_rule_moves_unchanged_files() {
     );
     assert_ne!(without, with_rule);
     let only = ws.kb().join("eng/build.txt");
-    let cfg = ws.config();
-    let ingest_only = || {
-        let (ok, out, err) = ws.ragd(&[
-            "ingest",
-            "--config",
-            cfg.to_str().unwrap(),
-            only.to_str().unwrap(),
-        ]);
-        assert!(ok, "{out}{err}");
-        out
-    };
+    let ingest_only = || ws.ingest(&[&only]);
     std::fs::write(ws.config(), &without).unwrap();
     let out = ingest_only();
     assert!(out.contains("chunks: 0 embedded, 1 reused"), "{out}");

@@ -316,9 +316,7 @@ fn a_switch_to_qdrant_reuses_the_embedded_store_s_vectors() {
     let ws = Workspace::new();
     ws.write("hr/leave.md", LEAVE_V1);
     ws.write("eng/build.txt", "The build cache is cleaned nightly.\n");
-    let cfg = ws.config();
-    let (ok, out, err) = ws.ragd(&["ingest", "--config", cfg.to_str().unwrap()]);
-    assert!(ok, "{out}{err}");
+    let out = ws.ingest(&[]);
     let chunks: f64 = out
         .split_once("chunks: ")
         .and_then(|(_, rest)| rest.split_once(" embedded, 0 reused"))
@@ -326,6 +324,7 @@ fn a_switch_to_qdrant_reuses_the_embedded_store_s_vectors() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!(chunks >= 2.0, "{out}");
 
+    let cfg = ws.config();
     let text = std::fs::read_to_string(&cfg).unwrap();
     let qdrant = text.replacen(
         "[[sources]]",

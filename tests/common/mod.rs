@@ -130,6 +130,17 @@ access_levels = ["public", "internal"]
         Daemon::start(self)
     }
 
+    /// `ragd ingest` of `paths` (all the sources when empty) with this
+    /// workspace's config, which must succeed; returns what it printed.
+    pub fn ingest(&self, paths: &[&Path]) -> String {
+        let cfg = self.config();
+        let mut args = vec!["ingest", "--config", cfg.to_str().unwrap()];
+        args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+        let (ok, out, err) = self.ragd(&args);
+        assert!(ok, "{out}{err}");
+        out
+    }
+
     /// Runs a ragd subcommand to completion; returns (success, stdout, stderr).
     pub fn ragd(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
