@@ -487,14 +487,14 @@ async fn check_store(
 /// The embedded store a switch to `index.backend = "qdrant"` left in the
 /// data folder, if it holds this model's vectors: the embedder reuses
 /// them (see `EmbedderStage::reuse`), so the new collection is filled
-/// without embedding again what the old store held. Its keys are set
-/// first if it needs them (nothing else writes it now). Anything amiss is
-/// a warning: it only saves work.
+/// without embedding again what the old store held. With the keys it
+/// needs set (nothing else writes it now). Anything amiss is a warning:
+/// it only saves work.
 async fn left_behind(
     config: &Config,
     encoder: &Arc<AnyEncoder>,
     model_id: &str,
-) -> Option<Arc<dyn VectorStore>> {
+) -> Option<(Arc<dyn VectorStore>, Option<Rekey>)> {
     let dir = config.index_dir();
     // (Read without creating anything: most nodes have no such folder.)
     if std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none()) {
@@ -536,16 +536,13 @@ async fn left_behind(
             return None;
         }
     };
-    if let Some(which) = rekey {
-        rekey_store(store.clone(), model_id.to_string(), which).await;
-    }
     tracing::info!(
         "the embedded store in {} (from before index.backend = \"qdrant\") is still there: \
          the texts it holds are not embedded again. Delete it once the collection holds \
          every document",
         dir.display()
     );
-    Some(store)
+    Some((store, rekey))
 }
 
 async fn rekey_store(store: Arc<dyn VectorStore>, model_id: String, which: Rekey) {
@@ -714,25 +711,31 @@ impl Node {
         } else {
             None
         };
-        // Only the index role writes the store. A one-shot ingest sets the
-        // keys before it reads the sources, so that what it ingests finds
-        // them; the daemon does it beside its work, not to hold up its
-        // start.
-        let rekey = match rekey.filter(|_| roles.index) {
-            Some(which) if mode == Mode::Ingest => {
-                rekey_store(store.clone(), model_id.clone(), which).await;
-                None
-            }
-            other => other,
-        };
+        // The stores whose text keys to set: this node's (only the index
+        // role writes it), and one a switch to Qdrant left behind.
+        let mut rekeys: Vec<(Arc<dyn VectorStore>, Rekey)> = (rekey.filter(|_| roles.index))
+            .map(|which| (store.clone(), which))
+            .into_iter()
+            .collect();
         let left_behind = match &config.index_backend {
             IndexBackend::Qdrant { .. } if roles.embed => {
                 left_behind(&config, &encoder, &model_id).await
             }
             _ => None,
         };
-        // The daemon's embedder looks up stored vectors only once the keys
-        // are set (see `EmbedderStage::keys_ready`).
+        let left_behind = left_behind.map(|(old, rekey)| {
+            rekeys.extend(rekey.map(|which| (old.clone(), which)));
+            old
+        });
+        // A one-shot ingest sets the keys before it reads the sources, so
+        // that what it ingests finds them; the daemon does it beside its
+        // work, not to hold up its start, and its embedder looks up stored
+        // vectors only once they are set (see `EmbedderStage::keys_ready`).
+        if mode == Mode::Ingest {
+            for (s, which) in rekeys.drain(..) {
+                rekey_store(s, model_id.clone(), which).await;
+            }
+        }
         let (keys_set, keys_ready) = tokio::sync::watch::channel(false);
         let cache_backend: Arc<dyn SemanticCache> = match &config.cache_backend {
             CacheBackend::Embedded => Arc::new(EmbeddedCache::new(
@@ -930,7 +933,7 @@ impl Node {
                     .chain(left_behind)
                     .collect(),
                 tally: chunks.clone(),
-                keys_ready: rekey.is_some().then_some(keys_ready),
+                keys_ready: (!rekeys.is_empty()).then_some(keys_ready),
             }),
             embed_q.clone(),
             settings(config.embedder_min_workers, config.embedder_max_workers),
@@ -1091,10 +1094,11 @@ impl Node {
         }
         let query_embedder =
             ragd_actors::embedder::Batcher::start("ragd-query-embed", encoder.clone(), 64);
-        let rekeying = rekey.map(|which| {
-            let store = store.clone();
+        let rekeying = (!rekeys.is_empty()).then(|| {
             tokio::spawn(async move {
-                rekey_store(store, model_id, which).await;
+                for (s, which) in rekeys {
+                    rekey_store(s, model_id.clone(), which).await;
+                }
                 // Set or not (a failure is logged): the lookups go on.
                 let _ = keys_set.send(true);
             })
@@ -1142,6 +1146,13 @@ impl Node {
     /// `grace`), then stops every actor. Anything unfinished is picked up by
     /// the next start's scan.
     pub async fn shutdown(self, grace: Duration) {
+        // First: an embedder waiting for the keys (see
+        // `EmbedderStage::keys_ready`) then goes on, and the grace is the
+        // documents' to finish in, not the rekey's. (It resumes at the
+        // next start.)
+        if let Some(r) = &self.rekeying {
+            r.abort();
+        }
         // A build started now could not finish, and the final flush would
         // wait for it.
         self.optimizer.stop();
@@ -1163,11 +1174,6 @@ impl Node {
             // node has nothing to settle and gets it all.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             k.drain(left.max(Duration::from_secs(1))).await;
-        }
-        // Before the stages stop: an embedder waiting for the keys then
-        // goes on (see `EmbedderStage::keys_ready`).
-        if let Some(r) = &self.rekeying {
-            r.abort();
         }
         let _ = self.root.cast(SupervisorMsg::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;

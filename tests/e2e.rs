@@ -335,17 +335,28 @@ fn a_changed_partition_rule_moves_unchanged_files() {
     assert!(out.contains("chunks: 0 embedded, 1 reused"), "{out}");
 
     // The rule back, and the same ingest with the file away: hidden at
-    // its start, it cannot be indexed. Then the rule dropped again: the
-    // file's stored version is the one it has again, but hidden, it is
-    // indexed anew.
+    // its start, and gone, it is deleted. Back, it is indexed as new.
     std::fs::write(ws.config(), &with_rule).unwrap();
     let bands_path = ws.kb().join("hr/pay/bands.md");
     let aside = ws.kb().with_file_name("bands.md");
     std::fs::rename(&bands_path, &aside).unwrap();
     let out = ingest_only();
-    assert!(out.contains("chunks: 0 embedded, 0 reused"), "{out}");
+    assert!(out.contains("1 deleted"), "{out}");
     std::fs::rename(&aside, &bands_path).unwrap();
     std::fs::write(ws.config(), &without).unwrap();
+    let out = ws.ingest(&[]);
+    assert!(out.contains("chunks: 1 embedded, 0 reused"), "{out}");
+
+    // A start that hid it (the rule changed) and stopped before indexing
+    // it anew, and the rule changed back: its stored version is the one
+    // the file has again, but hidden, it is indexed anew.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use ragd_actors::indexer::{edge::EdgeStore, Removal, VectorStore};
+        let store = EdgeStore::open(&ws.data().join("index"), 384).unwrap();
+        let bands = Removal::new("kb:hr/pay/bands.md", None);
+        store.hide(&[bands]).await.unwrap();
+        store.flush().await.unwrap();
+    });
     let d = ws.start();
     wait_for("the file back in search", Duration::from_secs(60), || {
         let r = d.ask_top(HR_TOKEN, question, 5);

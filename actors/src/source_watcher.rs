@@ -2093,14 +2093,23 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
             }
         }
     }
+    let mut gone_elsewhere = Vec::new();
     if !args.only.is_empty() {
         // A partition rule changed since the store was written hid at
         // start every document it moved (see `indexer::HIDDEN`), under
         // these paths or not: each is out of every search until indexed
         // anew in its new partition, so the ingest takes those elsewhere
-        // too. (One no longer there is left as it is, hidden, for a full
-        // scan to delete: a partial scan cannot tell a deletion.)
-        let moved = hidden_elsewhere(args, &present);
+        // too, or deletes them, gone (looked at as a deletion is: a share
+        // that does not answer is no deletion).
+        let looked = look_again(args, hidden_elsewhere(args, &present)).await;
+        let mut moved: Vec<Candidate> = (looked.back.into_iter())
+            .filter_map(|id| {
+                let (_, _, path) = place_of(&args.sources, &id)?;
+                Candidate::at(&args.sources, path, Look::Scan)
+            })
+            .collect();
+        // (`consider_all` takes a source's files together.)
+        moved.sort_by(|a, b| a.source.root.cmp(&b.source.root));
         if !moved.is_empty() {
             tracing::info!(
                 documents = moved.len(),
@@ -2108,13 +2117,22 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
             );
             hung.extend(consider_all(args, moved).await);
         }
+        gone_elsewhere = looked.gone;
+        // Those of a source no longer configured, hidden at start, are
+        // gone wherever the paths are (once the files that moved under
+        // them have reused their vectors: see `doom`).
+        let configured: HashSet<&str> = args.sources.iter().map(|s| s.name.as_str()).collect();
+        gone_elsewhere.extend(args.known.lock().keys().filter_map(|d| {
+            let source = d.split_once(':').map_or(d.as_str(), |(name, _)| name);
+            (!configured.contains(source)).then(|| d.clone())
+        }));
     }
     hung.sort();
     hung.dedup();
     if !args.only.is_empty() {
-        // A partial scan cannot tell what was deleted elsewhere.
+        // A partial scan cannot tell what else was deleted.
         return Scanned {
-            gone: vec![],
+            gone: gone_elsewhere,
             unseen: hung,
             unreadable: unreadable_roots,
         };
@@ -2166,21 +2184,12 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
 
 /// The documents hidden at start for a changed partition rule (their
 /// known version is [`crate::indexer::HIDDEN`]) that a partial scan did
-/// not see, as files to look at, by source.
-fn hidden_elsewhere<'a>(args: &'a WatcherArgs, seen: &HashSet<String>) -> Vec<Candidate<'a>> {
-    let mut moved: Vec<Candidate> = args
-        .known
-        .lock()
-        .iter()
+/// not see.
+fn hidden_elsewhere(args: &WatcherArgs, seen: &HashSet<String>) -> Vec<String> {
+    (args.known.lock().iter())
         .filter(|(id, v)| v.as_str() == crate::indexer::HIDDEN && !seen.contains(*id))
-        .filter_map(|(id, _)| {
-            let (_, _, path) = place_of(&args.sources, id)?;
-            Candidate::at(&args.sources, path, Look::Scan)
-        })
-        .collect();
-    // (`consider_all` takes a source's files together.)
-    moved.sort_by(|a, b| a.source.root.cmp(&b.source.root));
-    moved
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 /// Sends an admitted job on. A port only fails for good (a bus that waits
@@ -3087,8 +3096,8 @@ mod tests {
 
     /// A partial scan (`ragd ingest PATH`) also takes the documents a
     /// changed partition rule hid at start outside PATH: they are out of
-    /// every search until indexed anew. One no longer there stays as it
-    /// is, and nothing else outside PATH is looked at.
+    /// every search until indexed anew, or deleted, gone. So go those of a
+    /// source no longer configured. Nothing else outside PATH is looked at.
     #[tokio::test]
     async fn a_partial_scan_also_indexes_what_a_rule_change_hid_elsewhere() {
         let rig = Rig::new();
@@ -3103,8 +3112,11 @@ mod tests {
         for (id, version) in [
             ("kb:moved/b.md", hidden.clone()),
             ("kb:gone/d.md", hidden),
+            ("wiki:e.md", "v0".into()),
             // Changed, not hidden: for a scan of its own folder.
             ("kb:changed/c.md", "v0".into()),
+            // Gone, not hidden: a partial scan cannot tell.
+            ("kb:f.md", "v0".into()),
         ] {
             rig.known.lock().insert(id.into(), version);
         }
@@ -3113,7 +3125,7 @@ mod tests {
         let (watcher, mut handed) = rig.start_with(args).await;
         handed.sort();
         assert_eq!(handed, ["kb:given/a.md", "kb:moved/b.md"]);
-        assert_eq!(rig.deleted(), Vec::<String>::new());
+        assert_eq!(rig.deleted(), ["kb:gone/d.md", "wiki:e.md"]);
         watcher.stop(None);
     }
 

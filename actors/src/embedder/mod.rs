@@ -573,7 +573,11 @@ pub(crate) mod tests {
         let (stopped, keys_ready) = tokio::sync::watch::channel(false);
         drop(stopped);
         let s = stage("minilm", Some(keys_ready));
-        s.embed(vec![chunked("kb:c.md", &[text])]).await.unwrap();
+        let run = s.embed(vec![chunked("kb:c.md", &[text])]);
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("held up by a rekey that stopped")
+            .unwrap();
         assert_eq!(s.tally.counts(), (0, 1));
     }
 
