@@ -461,7 +461,10 @@ async fn check_store(
                 IndexBackend::Embedded => (
                     format!("the vector store in {}", config.index_dir().display()),
                     format!(
-                        "stop ragd, delete {} and start it again (every source is read again)",
+                        "stop ragd, delete {} and start it again (every source is read again; \
+                         to go on serving from it meanwhile, build the new index with `ragd \
+                         ingest` and a config whose data_dir is another folder, then point \
+                         this one there)",
                         config.index_dir().display()
                     ),
                 ),
