@@ -491,8 +491,8 @@ async fn check_store(
 /// data folder, if it holds this model's vectors: the embedder reuses
 /// them (see `EmbedderStage::reuse`), so the new collection is filled
 /// without embedding again what the old store held. With the keys it
-/// needs set (nothing else writes it now). Anything amiss is a warning:
-/// it only saves work.
+/// needs set, if any (the node sets them: nothing else writes it now).
+/// Anything amiss is a warning: it only saves work.
 async fn left_behind(
     config: &Config,
     encoder: &Arc<AnyEncoder>,
