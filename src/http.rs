@@ -497,10 +497,20 @@ async fn index_info(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
         return r;
     }
     let (optimizing, optimizations) = node.optimizer.state();
-    match node.store.count(None).await {
-        Ok(points) => Json(json!({
+    let counts = async {
+        Ok::<_, anyhow::Error>((
+            node.store.count(None).await?,
+            node.store.count_hidden().await?,
+        ))
+    };
+    match counts.await {
+        Ok((points, hidden)) => Json(json!({
             "backend": node.store.backend(),
             "points": points,
+            // Of them, out of every search until indexed anew in their
+            // new partition, or deleted (a changed partition rule, a
+            // source no longer configured).
+            "hidden": hidden,
             // The HNSW build (embedded store): running now, runs finished.
             "optimizing": optimizing,
             "optimizations": optimizations,

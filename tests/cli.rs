@@ -162,7 +162,8 @@ fn a_renamed_source_reuses_its_vectors() {
         metric_where(d, "ragd_embedder_chunks_total", &format!("vector=\"{v}\""))
     };
     assert_eq!((chunks(&d, "embedded"), chunks(&d, "reused")), (0.0, 2.0));
-    assert_eq!(d.admin_json("/index")["points"], 2);
+    let index = d.admin_json("/index");
+    assert_eq!((&index["points"], &index["hidden"]), (&2.into(), &0.into()));
     let hits = d.ask_top(HR_TOKEN, question, 5);
     let ids: Vec<&str> = hits["sources"]
         .as_array()

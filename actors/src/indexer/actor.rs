@@ -764,6 +764,9 @@ pub(crate) mod tests {
         async fn count(&self, d: Option<&str>) -> anyhow::Result<u64> {
             self.inner.count(d).await
         }
+        async fn count_hidden(&self) -> anyhow::Result<u64> {
+            self.inner.count_hidden().await
+        }
         async fn flush(&self) -> anyhow::Result<()> {
             self.inner.flush().await
         }

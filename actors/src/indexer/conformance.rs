@@ -504,6 +504,7 @@ async fn hidden_points_are_in_no_search_and_keep_their_vectors(store: &dyn Vecto
         "a cached answer citing it"
     );
     assert_eq!(store.count(Some("hide-a")).await.unwrap(), 1, "kept");
+    assert_eq!(store.count_hidden().await.unwrap(), 1);
     let found = super::stored_vectors(store, &[(31, text)]).await.unwrap();
     assert_eq!(found.len(), 1, "its vector serves the new version");
     let stored = store.versions_of(&["hide-a".into()]).await.unwrap();
@@ -515,6 +516,7 @@ async fn hidden_points_are_in_no_search_and_keep_their_vectors(store: &dyn Vecto
     put(store, doc("hide-a", "v2", "eng", "internal", 1, 2)).await;
     let removed = store.delete_other_versions("hide-a", "v2").await.unwrap();
     assert_eq!(removed, ["v1"]);
+    assert_eq!(store.count_hidden().await.unwrap(), 0);
     assert_eq!(store.count(Some("hide-a")).await.unwrap(), 1);
     let hits = store.search(&vector(2, 0), &everywhere, 50).await.unwrap();
     let now: Vec<&Hit> = hits.iter().filter(|h| h.doc_id == "hide-a").collect();

@@ -863,6 +863,23 @@ impl VectorStore for EdgeStore {
         .await
     }
 
+    async fn count_hidden(&self) -> anyhow::Result<u64> {
+        let filter = Some(Filter {
+            must: Some(vec![eq("division", super::HIDDEN)]),
+            ..Default::default()
+        });
+        self.blocking(move |s| {
+            s.shard
+                .count(CountRequest {
+                    filter,
+                    exact: true,
+                })
+                .map(|n| n as u64)
+                .map_err(|e| anyhow::anyhow!("vector store count: {e}"))
+        })
+        .await
+    }
+
     async fn optimize(&self) -> anyhow::Result<()> {
         self.blocking(|s| {
             // An optimisation writes new segments: no room, no run.

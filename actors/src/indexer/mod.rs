@@ -397,6 +397,9 @@ pub trait VectorStore: Send + Sync {
     async fn versions_of(&self, doc_ids: &[String]) -> anyhow::Result<Vec<StoredVersion>>;
     /// Number of points, optionally only those of one document.
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64>;
+    /// Number of points hidden ([`VectorStore::hide`]): waiting to be
+    /// indexed anew in their new partition, or deleted.
+    async fn count_hidden(&self) -> anyhow::Result<u64>;
     /// Makes every write so far durable.
     async fn flush(&self) -> anyhow::Result<()>;
     /// Builds search indexes for grown segments (a no-op where the engine

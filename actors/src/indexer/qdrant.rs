@@ -692,6 +692,18 @@ impl VectorStore for QdrantStore {
         Ok(res.result.map(|r| r.count).unwrap_or(0))
     }
 
+    /// (Over every shard key: a hidden point stays in its old one.)
+    async fn count_hidden(&self) -> anyhow::Result<u64> {
+        let req = CountPointsBuilder::new(&self.s.collection)
+            .exact(true)
+            .filter(Filter::must([keyword("division", super::HIDDEN)]))
+            .build();
+        let res = self
+            .call("count", || self.client.count(req.clone()))
+            .await?;
+        Ok(res.result.map(|r| r.count).unwrap_or(0))
+    }
+
     async fn flush(&self) -> anyhow::Result<()> {
         // Writes use wait=true: acknowledged writes are in Qdrant's WAL.
         Ok(())
