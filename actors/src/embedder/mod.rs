@@ -203,7 +203,7 @@ pub struct EmbedderStage {
     /// Where the vectors of texts embedded before are looked for (see
     /// [`crate::indexer::stored_vectors`]), in this order: the store the
     /// index is written to, then any the node holds from before (the
-    /// embedded store left by a switch to Qdrant). None: every chunk is
+    /// embedded store left by a switch to Qdrant). Empty: every chunk is
     /// embedded (a cluster's embed node that does not share the index
     /// nodes' store).
     pub reuse: Vec<Arc<dyn VectorStore>>,
