@@ -566,6 +566,24 @@ impl EdgeStore {
             .await
             .context("vector store task panicked")?
     }
+
+    /// The points `must` all hold for (every point with none).
+    async fn count_where(&self, must: Vec<Condition>) -> anyhow::Result<u64> {
+        let filter = (!must.is_empty()).then(|| Filter {
+            must: Some(must),
+            ..Default::default()
+        });
+        self.blocking(move |s| {
+            s.shard
+                .count(CountRequest {
+                    filter,
+                    exact: true,
+                })
+                .map(|n| n as u64)
+                .map_err(|e| anyhow::anyhow!("vector store count: {e}"))
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -847,37 +865,12 @@ impl VectorStore for EdgeStore {
     }
 
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {
-        let filter = doc_id.map(|d| Filter {
-            must: Some(vec![eq("doc_id", d)]),
-            ..Default::default()
-        });
-        self.blocking(move |s| {
-            s.shard
-                .count(CountRequest {
-                    filter,
-                    exact: true,
-                })
-                .map(|n| n as u64)
-                .map_err(|e| anyhow::anyhow!("vector store count: {e}"))
-        })
-        .await
+        self.count_where(doc_id.map(|d| eq("doc_id", d)).into_iter().collect())
+            .await
     }
 
     async fn count_hidden(&self) -> anyhow::Result<u64> {
-        let filter = Some(Filter {
-            must: Some(vec![eq("division", super::HIDDEN)]),
-            ..Default::default()
-        });
-        self.blocking(move |s| {
-            s.shard
-                .count(CountRequest {
-                    filter,
-                    exact: true,
-                })
-                .map(|n| n as u64)
-                .map_err(|e| anyhow::anyhow!("vector store count: {e}"))
-        })
-        .await
+        self.count_where(vec![eq("division", super::HIDDEN)]).await
     }
 
     async fn optimize(&self) -> anyhow::Result<()> {
