@@ -2121,11 +2121,11 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
         // Those of a source no longer configured, hidden at start, are
         // gone wherever the paths are (once the files that moved under
         // them have reused their vectors: see `doom`).
-        let configured: HashSet<&str> = args.sources.iter().map(|s| s.name.as_str()).collect();
-        gone_elsewhere.extend(args.known.lock().keys().filter_map(|d| {
-            let source = d.split_once(':').map_or(d.as_str(), |(name, _)| name);
-            (!configured.contains(source)).then(|| d.clone())
-        }));
+        let known = args.known.lock();
+        let unconfigured = known
+            .keys()
+            .filter(|d| source_of_doc(&args.sources, d).is_none());
+        gone_elsewhere.extend(unconfigured.cloned());
     }
     hung.sort();
     hung.dedup();

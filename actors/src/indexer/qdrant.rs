@@ -681,27 +681,14 @@ impl VectorStore for QdrantStore {
     }
 
     async fn count(&self, doc_id: Option<&str>) -> anyhow::Result<u64> {
-        let mut b = CountPointsBuilder::new(&self.s.collection).exact(true);
-        if let Some(d) = doc_id {
-            b = b.filter(Filter::must([keyword("doc_id", d)]));
-        }
-        let req = b.build();
-        let res = self
-            .call("count", || self.client.count(req.clone()))
-            .await?;
-        Ok(res.result.map(|r| r.count).unwrap_or(0))
+        self.count_where(doc_id.map(|d| Filter::must([keyword("doc_id", d)])))
+            .await
     }
 
     /// (Over every shard key: a hidden point stays in its old one.)
     async fn count_hidden(&self) -> anyhow::Result<u64> {
-        let req = CountPointsBuilder::new(&self.s.collection)
-            .exact(true)
-            .filter(Filter::must([keyword("division", super::HIDDEN)]))
-            .build();
-        let res = self
-            .call("count", || self.client.count(req.clone()))
-            .await?;
-        Ok(res.result.map(|r| r.count).unwrap_or(0))
+        let hidden = Filter::must([keyword("division", super::HIDDEN)]);
+        self.count_where(Some(hidden)).await
     }
 
     async fn flush(&self) -> anyhow::Result<()> {
@@ -801,6 +788,20 @@ impl VectorStore for QdrantStore {
 }
 
 impl QdrantStore {
+    /// The points `filter` matches (every point with none), over every
+    /// shard key.
+    async fn count_where(&self, filter: Option<Filter>) -> anyhow::Result<u64> {
+        let mut b = CountPointsBuilder::new(&self.s.collection).exact(true);
+        if let Some(f) = filter {
+            b = b.filter(f);
+        }
+        let req = b.build();
+        let res = self
+            .call("count", || self.client.count(req.clone()))
+            .await?;
+        Ok(res.result.map(|r| r.count).unwrap_or(0))
+    }
+
     /// Sets each payload on the points its filter matches, in one request.
     /// No shard key, so that it reaches a point whatever its division (as a
     /// deletion does).
