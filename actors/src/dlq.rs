@@ -81,6 +81,14 @@ pub trait DeadLetters: Send + Sync {
     /// settled). The watcher asks this for every document it sees, so
     /// backends answer from memory without copying the whole queue.
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry>;
+    /// An entry of `version` waiting for a replay, of any document: the
+    /// same content in the same partition, dead-lettered under another
+    /// name (a copy, or a file moved). Asked for every version the watcher
+    /// takes in, so answered from memory; `None` for a backend without an
+    /// index of versions.
+    fn pending_version(&self, _version: &str) -> Option<DlqEntry> {
+        None
+    }
     /// Marks `how` every entry of `doc_id` still waiting, but those of
     /// `current` (the version just taken in: its entry, if any, is the one
     /// it waits on), and returns their ids. The watcher calls it for each
@@ -153,6 +161,8 @@ pub struct Held {
     entries: Vec<DlqEntry>,
     /// doc id -> version -> ids of its entries waiting for a replay.
     pending: HashMap<String, HashMap<String, BTreeSet<u64>>>,
+    /// version -> ids of its entries waiting for a replay, of any document.
+    by_version: HashMap<String, BTreeSet<u64>>,
     /// Where the whole payload of entry `id` is, for a preview to say.
     whole_at: Box<dyn Fn(u64) -> String + Send>,
 }
@@ -162,6 +172,7 @@ impl Held {
         Held {
             entries: Vec::new(),
             pending: HashMap::new(),
+            by_version: HashMap::new(),
             whole_at: Box::new(whole_at),
         }
     }
@@ -202,7 +213,13 @@ impl Held {
                 .entry(version.clone())
                 .or_default()
                 .insert(e.id);
-        } else if let Some(versions) = self.pending.get_mut(&e.doc_id) {
+            self.by_version
+                .entry(version.clone())
+                .or_default()
+                .insert(e.id);
+            return;
+        }
+        if let Some(versions) = self.pending.get_mut(&e.doc_id) {
             if let Some(ids) = versions.get_mut(version) {
                 ids.remove(&e.id);
                 if ids.is_empty() {
@@ -211,6 +228,12 @@ impl Held {
             }
             if versions.is_empty() {
                 self.pending.remove(&e.doc_id);
+            }
+        }
+        if let Some(ids) = self.by_version.get_mut(version) {
+            ids.remove(&e.id);
+            if ids.is_empty() {
+                self.by_version.remove(version);
             }
         }
     }
@@ -265,6 +288,12 @@ impl Held {
     /// replay.
     pub fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
         let id = *self.pending.get(doc_id)?.get(version)?.first()?;
+        self.get(id).cloned()
+    }
+
+    /// See [`DeadLetters::pending_version`]: the first such entry.
+    pub fn pending_version(&self, version: &str) -> Option<DlqEntry> {
+        let id = *self.by_version.get(version)?.first()?;
         self.get(id).cloned()
     }
 
@@ -405,6 +434,10 @@ impl DeadLetters for FileDlq {
         self.log.lock().1.pending(doc_id, version)
     }
 
+    fn pending_version(&self, version: &str) -> Option<DlqEntry> {
+        self.log.lock().1.pending_version(version)
+    }
+
     fn waiting_docs(&self) -> Vec<String> {
         self.log.lock().1.waiting_docs()
     }
@@ -519,18 +552,28 @@ mod tests {
         }
         assert!(!held.insert(with(2, "c", Some("v1"))), "a second id 2");
         let pending = |h: &Held, doc, v| h.pending(doc, v).map(|e| e.id);
+        // Of any document (a copy of a file in the DLQ).
+        let of_version = |h: &Held, v| h.pending_version(v).map(|e| e.id);
         assert_eq!(pending(&held, "a", "v1"), Some(1));
         assert_eq!(pending(&held, "a", "v2"), Some(2));
         assert_eq!(pending(&held, "a", "v3"), None);
         assert_eq!(pending(&held, "b", "v1"), None);
         assert_eq!(pending(&held, "c", "v1"), None);
+        assert_eq!(of_version(&held, "v1"), Some(1));
+        assert_eq!(of_version(&held, "v3"), None);
         assert!(held.set_replayed(1, true).unwrap().replayed);
         assert_eq!(pending(&held, "a", "v1"), Some(3));
+        assert_eq!(of_version(&held, "v1"), Some(3));
         held.set_replayed(3, true);
         assert_eq!(pending(&held, "a", "v1"), None);
+        assert_eq!(of_version(&held, "v1"), None);
+        assert_eq!(of_version(&held, "v2"), Some(2));
         // A replay that could not be written waits again.
         held.set_replayed(3, false);
         assert_eq!(pending(&held, "a", "v1"), Some(3));
+        assert_eq!(of_version(&held, "v1"), Some(3));
+        held.set_settled(2, Some(Settled::Deleted));
+        assert_eq!(of_version(&held, "v2"), None);
         assert!(held.set_replayed(9, true).is_none());
         // Out of order (a log edited by hand): still found, listed in order.
         assert!(held.insert(with(0, "d", Some("v1"))));

@@ -1069,6 +1069,10 @@ impl DeadLetters for KafkaDlq {
         self.entries.lock().pending(doc_id, version)
     }
 
+    fn pending_version(&self, version: &str) -> Option<DlqEntry> {
+        self.entries.lock().pending_version(version)
+    }
+
     fn waiting_docs(&self) -> Vec<String> {
         self.entries.lock().waiting_docs()
     }
