@@ -880,9 +880,19 @@ impl VectorStore for EdgeStore {
             {
                 let _o = s.optimizing.lock();
                 s.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
-                s.shard
-                    .optimize()
-                    .map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
+                let started = std::time::Instant::now();
+                let changed = (s.shard.optimize()).map_err(|e| anyhow::anyhow!("optimize: {e}"))?;
+                if changed {
+                    // (What an operator who changed hnsw_m waits for.)
+                    let info = s.shard.info();
+                    tracing::info!(
+                        points = info.points_count,
+                        in_graph = info.indexed_vectors_count,
+                        segments = info.segments_count,
+                        "vector store optimised (HNSW graph built) in {:.1?}",
+                        started.elapsed()
+                    );
+                }
             }
             s.inner.flush(true)
         })
@@ -999,6 +1009,67 @@ mod tests {
             assert_eq!(hits.len(), 3, "{id}");
             assert!(hits.iter().all(|h| h.doc_id == id), "{hits:?}");
         }
+    }
+
+    /// Changed `[index] hnsw_m` or `hnsw_ef_construct` rebuild the graph
+    /// at the store's next optimisation (the indexer runs one after every
+    /// start), and unchanged ones rebuild nothing: at a million points a
+    /// rebuild at every start would take the cores for minutes.
+    #[tokio::test]
+    async fn changed_hnsw_parameters_rebuild_the_graph_and_unchanged_ones_do_not() {
+        use super::super::conformance::doc;
+        use qdrant_edge::EdgeOptimizersConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let hnsw = |m| HnswSettings {
+            m,
+            ef_construct: 32,
+            ef: 64,
+        };
+        let scope = Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec!["public".into()],
+        };
+        // (A graph for a few hundred 8-d points: the default threshold is
+        // 10 MB of vectors.)
+        let small_threshold = EdgeOptimizersConfig {
+            indexing_threshold: Some(1),
+            ..Default::default()
+        };
+        let open = |m| {
+            let store = EdgeStore::open_with(dir.path(), 8, &hnsw(m)).unwrap();
+            store
+                .shard
+                .set_optimizers_config(small_threshold.clone())
+                .unwrap();
+            store
+        };
+        // Runs an optimisation: whether it rebuilt anything.
+        let optimize = |store: &EdgeStore| store.shard.optimize().unwrap();
+        let store = open(8);
+        for i in 0..20 {
+            let (d, chunks, vecs) = doc(&format!("d{i}"), "v1", "hr", "public", 20, i % 8);
+            store.upsert(&d, &chunks, &vecs).await.unwrap();
+        }
+        assert!(optimize(&store), "the first optimisation builds the graph");
+        assert_eq!(store.shard.info().indexed_vectors_count, 400);
+        assert!(!optimize(&store), "nothing changed, nothing to rebuild");
+        store.flush().await.unwrap();
+        drop(store);
+        std::thread::sleep(FLUSH_EVERY * 2);
+
+        let store = open(8);
+        assert!(
+            !optimize(&store),
+            "reopened as it was, the graph was rebuilt"
+        );
+        drop(store);
+        std::thread::sleep(FLUSH_EVERY * 2);
+
+        let store = open(16);
+        assert!(optimize(&store), "a new hnsw_m left the old graph");
+        assert_eq!(store.shard.info().indexed_vectors_count, 400);
+        assert!(!optimize(&store), "rebuilt twice");
+        assert_eq!(store.search(&[1.0; 8], &scope, 50).await.unwrap().len(), 50);
     }
 
     /// A disk that fills up pauses the writes instead of killing the
