@@ -183,6 +183,48 @@ fn a_renamed_source_reuses_its_vectors() {
     );
 }
 
+/// A source renamed and given other partitions in the same edit: its
+/// files' versions change (the partition is part of a version), their
+/// texts do not. The old names go only once the new names have reused
+/// their vectors, though a one-shot ingest deletes what it found gone
+/// while the files it admitted are still on their way.
+#[test]
+fn a_renamed_source_with_new_partitions_reuses_its_vectors() {
+    let ws = leave_and_build();
+    let cfg = ws.config();
+    let out = ws.ingest(&[]);
+    assert!(out.contains("chunks: 2 embedded, 0 reused"), "{out}");
+    let kb = std::fs::read_to_string(&cfg).unwrap();
+    let eng_rule = "division = \"eng\"\n  access_level = \"internal\"";
+    assert!(kb.contains(eng_rule), "{kb}");
+    let handbook = kb
+        .replacen("name = \"kb\"", "name = \"handbook\"", 1)
+        .replacen(
+            eng_rule,
+            "division = \"eng\"\n  access_level = \"public\"",
+            1,
+        );
+    std::fs::write(&cfg, &handbook).unwrap();
+    let out = ws.ingest(&[]);
+    assert!(
+        out.contains("2 indexed, 2 deleted") && out.contains("chunks: 0 embedded, 2 reused"),
+        "{out}"
+    );
+    let mut d = ws.start();
+    let hits = d.ask_top(ENG_TOKEN, "when is the build cache cleaned?", 5);
+    let ids: Vec<&str> = hits["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["doc_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["handbook:eng/build.txt"], "{hits}");
+    assert_eq!(hits["sources"][0]["access_level"], "public", "{hits}");
+    let index = d.admin_json("/index");
+    assert_eq!((&index["points"], &index["hidden"]), (&2.into(), &0.into()));
+    assert!(d.sigterm().success());
+}
+
 /// A changed chunk size chunks every document again, the new way, and
 /// leaves none of the old chunks behind; texts that come out the same keep
 /// their vectors, and unchanged settings change nothing.

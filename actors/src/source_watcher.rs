@@ -8,7 +8,7 @@
 //! missed. A restart does the same scan against the vector store's contents.
 
 use crate::bridge::Port;
-use crate::dlq::{DeadLetters, Settled};
+use crate::dlq::{DeadLetters, DlqEntry, Settled};
 use crate::indexer::actor::IndexJob;
 use crate::ledger::{DocStatus, Ledger, Outcome};
 use crate::messages::{DocMeta, Partition};
@@ -1028,17 +1028,20 @@ impl SourceWatcher {
                 // embedding the text again (a large folder moved is
                 // admitted long before its last file reaches the model).
                 // Nothing shows to anyone who could not see it: the same
-                // version is in the same partition.
+                // version is in the same partition. (A document of a source
+                // no longer configured, out of every search, waits for
+                // whatever is on its way: see `waits_for_moves`.)
                 let moving = st.args.ledger.versions_in_flight();
                 if !moving.is_empty() {
                     let (wait, gone) = std::mem::take(&mut looked.gone)
                         .into_iter()
-                        .partition(|id| moved_elsewhere(&st.args, &moving, id));
+                        .partition(|id| waits_for_moves(&st.args, &moving, id));
                     looked.gone = gone;
                     for id in wait {
                         tracing::debug!(
                             doc = %id,
-                            "deletion waits: the document moved, and its new name is not indexed yet"
+                            "deletion waits: the document moved (or its source was renamed), \
+                             and its new name is not indexed yet"
                         );
                         st.doomed.insert(id, again);
                     }
@@ -1163,7 +1166,7 @@ impl WatcherState {
                     let moving = self.args.ledger.versions_in_flight();
                     if !gone
                         .iter()
-                        .any(|id| moved_elsewhere(&self.args, &moving, id))
+                        .any(|id| waits_for_moves(&self.args, &moving, id))
                     {
                         break;
                     }
@@ -1593,11 +1596,20 @@ async fn handle_path(
     Ok(vec![])
 }
 
-/// Whether `id`'s version (its text, in its partition) is on its way
-/// into the index under another name, by `moving`
-/// ([`Ledger::versions_in_flight`]): the file moved. (Its own version on
-/// its way ends skipped: the chunker finds the file gone.)
-fn moved_elsewhere(args: &WatcherArgs, moving: &HashMap<String, Vec<Arc<str>>>, id: &str) -> bool {
+/// Whether `id`'s deletion waits for what is on its way into the index,
+/// by `moving` ([`Ledger::versions_in_flight`]):
+/// * its version (its text, in its partition) under another name: the
+///   file moved. (Its own version on its way ends skipped: the chunker
+///   finds the file gone.)
+/// * anything at all, for a document of a source no longer configured
+///   (hidden at start, its points out of every search). A source renamed
+///   and given other partitions in the same edit gives its files other
+///   versions but the same texts; until the new names are through, the
+///   old names' points are what their embedding reuses.
+fn waits_for_moves(args: &WatcherArgs, moving: &HashMap<String, Vec<Arc<str>>>, id: &str) -> bool {
+    if !moving.is_empty() && source_of_doc(&args.sources, id).is_none() {
+        return true;
+    }
     let version = args
         .ledger
         .latest_version(id)
@@ -2202,7 +2214,7 @@ async fn hand_on<T: Job + serde::Serialize>(args: &WatcherArgs, port: &Port<T>, 
         let error = format!("{e:#}");
         let (id, version) = (job.doc_id(), job.version());
         tracing::error!(doc = %id, "could not hand the document on: {error}");
-        let entry = crate::dlq::DlqEntry::for_job("source_watcher", &error, 1, &job);
+        let entry = DlqEntry::for_job("source_watcher", &error, 1, &job);
         if let Err(e) = args.dlq.push(entry) {
             tracing::error!(doc = %id, "DLQ write failed too: {e:#}");
         }
@@ -2495,11 +2507,56 @@ async fn decide(
         size,
         seq: crate::messages::next_seq(),
     };
+    if !force && dead_lettered_elsewhere(args, &doc) {
+        return;
+    }
     if args.ledger.admit_at(&id, Some(&version), doc.seq).await {
         args.known.lock().insert(id.clone(), version.clone());
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
         settle_dead_letters(args, &id, Some(&version), Settled::Superseded);
+    }
+}
+
+/// Whether `doc`'s version (its content, in its partition) waits in the
+/// DLQ under another name, a copy of a dead-lettered file or the file
+/// moved: `doc` then goes to the DLQ too, with an entry of its own that a
+/// replay tries again, rather than failing every attempt once more (a PDF
+/// past its time budget takes minutes of a chunker's time to do so).
+fn dead_lettered_elsewhere(args: &WatcherArgs, doc: &DocMeta) -> bool {
+    const NOT_TRIED: &str = " [not tried: ";
+    let Some(first) = args.dlq.pending_version(&doc.version) else {
+        return false;
+    };
+    if first.doc_id == doc.doc_id {
+        return false; // (its own entry: `pending` answered for that)
+    }
+    // (`first` may be such an entry itself, its original since settled.)
+    let cause = first.error.split(NOT_TRIED).next().unwrap_or_default();
+    let error = format!(
+        "{cause}{NOT_TRIED}the same content failed every attempt as {} (DLQ entry {})]",
+        first.doc_id, first.id
+    );
+    let entry = DlqEntry::for_job(&first.stage, &error, 0, doc);
+    match args.dlq.push(entry) {
+        Ok(n) => {
+            tracing::warn!(
+                doc = %doc.doc_id,
+                "dead-lettered as DLQ entry {n}: the same content failed every attempt as {} \
+                 (DLQ entry {}); `ragd dlq replay {n}` tries it again",
+                first.doc_id,
+                first.id
+            );
+            let why = format!("{}: {error}", first.stage);
+            (args.ledger).record(&doc.doc_id, Some(&doc.version), Outcome::DeadLettered(why));
+            settle_dead_letters(args, &doc.doc_id, Some(&doc.version), Settled::Superseded);
+            true
+        }
+        Err(e) => {
+            // Tried, then: it goes to the DLQ by itself should it fail.
+            tracing::warn!(doc = %doc.doc_id, "could not dead-letter it with its copy: {e:#}");
+            false
+        }
     }
 }
 
@@ -3270,8 +3327,8 @@ mod tests {
     }
 
     /// The DLQ entry of `version` of `doc_id` that the chunker gave up on.
-    fn chunker_failed(doc_id: &str, version: &str) -> crate::dlq::DlqEntry {
-        crate::dlq::DlqEntry {
+    fn chunker_failed(doc_id: &str, version: &str) -> DlqEntry {
+        DlqEntry {
             id: 0,
             at: 0,
             stage: "chunker".into(),
@@ -3310,6 +3367,75 @@ mod tests {
         assert_eq!(statuses, ["superseded", "deleted"]);
         assert_eq!(rig.handed(), ["kb:fixed.md"]);
         assert_eq!(rig.deleted(), ["kb:gone.md"]);
+        watcher.stop(None);
+    }
+
+    /// A copy of a dead-lettered file, or the file moved, is dead-lettered
+    /// at once, with an entry of its own, rather than failing every
+    /// attempt once more; a replay of that entry tries it again, and the
+    /// moved file's old entry settles once its name is gone. Other content
+    /// is taken in as usual.
+    #[tokio::test]
+    async fn the_content_of_a_dead_lettered_file_under_another_name_waits_in_the_dlq_too() {
+        let rig = Rig::new();
+        rig.write("broken.md", "# Broken");
+        let mut args = rig.args(true);
+        // (As the daemon's: the old name goes after its new one is seen.)
+        args.delete_grace = Duration::from_millis(500);
+        let dlq = args.dlq.clone();
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:broken.md"]);
+        let version = rig.known.lock()["kb:broken.md"].clone();
+        dlq.push(chunker_failed("kb:broken.md", &version)).unwrap();
+        rig.dead_letter("kb:broken.md");
+        let broken = rig.root.join("broken.md");
+        std::fs::copy(&broken, rig.root.join("copy.md")).unwrap();
+        std::fs::create_dir_all(rig.root.join("moved")).unwrap();
+        std::fs::rename(&broken, rig.root.join("moved/broken.md")).unwrap();
+        rig.write("other.md", "# Other\n\nThis one parses.");
+        let entries = || -> Vec<(String, &'static str, u32)> {
+            let entries = dlq.list().unwrap().into_iter();
+            entries
+                .map(|e| (e.doc_id.clone(), e.status(), e.attempts))
+                .collect()
+        };
+        wait_for(|| entries().len() == 3 && entries()[0].1 == "deleted").await;
+        let mut got = entries();
+        got[1..].sort();
+        let want = [
+            ("kb:broken.md", "deleted", 3),
+            ("kb:copy.md", "pending", 0),
+            ("kb:moved/broken.md", "pending", 0),
+        ];
+        assert_eq!(got, want.map(|(d, s, a)| (d.to_string(), s, a)));
+        let copy = dlq
+            .pending("kb:copy.md", &version)
+            .expect("an entry of its own");
+        assert!(copy.error.contains("kb:broken.md"), "{}", copy.error);
+        assert_eq!(
+            copy.payload["path"],
+            rig.root.join("copy.md").to_str().unwrap()
+        );
+        for id in ["kb:copy.md", "kb:moved/broken.md"] {
+            let status = rig.ledger.status(id);
+            assert!(
+                matches!(status, Some(DocStatus::DeadLettered(_))),
+                "{id}: {status:?}"
+            );
+        }
+        assert_eq!(
+            rig.handed(),
+            ["kb:other.md"],
+            "tried again under a new name"
+        );
+
+        dlq.mark_replayed(copy.id).unwrap();
+        let path = rig.root.join("copy.md");
+        watcher
+            .cast(WatchMsg::Replay("kb:copy.md".into(), path))
+            .unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:copy.md"], "a replay tries it");
         watcher.stop(None);
     }
 
@@ -3383,6 +3509,37 @@ mod tests {
             ("kb:locked/y.md", "pending"),
         ];
         assert_eq!(statuses(), want.map(|(d, s)| (d.to_string(), s)));
+        watcher.stop(None);
+    }
+
+    /// A document of a source no longer configured (a source renamed,
+    /// maybe with other partitions too: other versions, same texts) is
+    /// deleted only once nothing is on its way in, since the new names'
+    /// embedding reuses its vectors. Another gone document goes after the
+    /// grace as usual.
+    #[tokio::test]
+    async fn a_document_of_a_source_no_longer_configured_goes_once_nothing_is_on_its_way() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\nThe text the renamed source kept.");
+        let mut args = rig.args(true);
+        args.delete_grace = Duration::from_millis(200);
+        for id in ["wiki:a.md", "kb:gone.md"] {
+            rig.known.lock().insert(id.into(), "v0".into());
+        }
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:a.md"], "in flight from here on");
+        wait_for(|| !rig.index_q.is_empty()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            rig.deleted(),
+            ["kb:gone.md"],
+            "only the configured source's"
+        );
+        let version = rig.known.lock()["kb:a.md"].clone();
+        rig.ledger
+            .finish("kb:a.md", Some(&version), Outcome::Indexed);
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["wiki:a.md"]);
         watcher.stop(None);
     }
 

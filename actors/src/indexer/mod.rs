@@ -217,9 +217,8 @@ pub fn removals_at_start(
                 (None, was) => {
                     // Hidden, not removed: the scan deletes it, after the
                     // files that moved into another source meanwhile (a
-                    // source renamed: same text, same partition) have
-                    // reused its vectors. It keeps its stored version for
-                    // that (see `source_watcher::moved_elsewhere`).
+                    // source renamed) have reused its vectors. It keeps its stored version for
+                    // that (see `source_watcher::waits_for_moves`).
                     if was.as_ref() != Some(&Partition::hidden()) {
                         at_start.hide.push(whole());
                     }
