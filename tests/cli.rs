@@ -185,9 +185,11 @@ fn a_renamed_source_reuses_its_vectors() {
 
 /// A source renamed and given other partitions in the same edit: its
 /// files' versions change (the partition is part of a version), their
-/// texts do not. The old names go only once the new names have reused
-/// their vectors, though a one-shot ingest deletes what it found gone
-/// while the files it admitted are still on their way.
+/// texts do not: the new names reuse the old names' vectors, and are
+/// served in their new partitions. (That the old names wait for them is
+/// pinned by the watcher's test
+/// `a_document_of_a_source_no_longer_configured_goes_once_nothing_is_on_its_way`:
+/// on two small files the race does not show.)
 #[test]
 fn a_renamed_source_with_new_partitions_reuses_its_vectors() {
     let ws = leave_and_build();

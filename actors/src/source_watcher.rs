@@ -3179,9 +3179,21 @@ mod tests {
         }
         let mut args = rig.args(false);
         args.only = vec![rig.root.join("given")];
-        let (watcher, mut handed) = rig.start_with(args).await;
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        let mut handed = Vec::new();
+        wait_for(|| {
+            handed.extend(rig.handed());
+            handed.len() == 2
+        })
+        .await;
         handed.sort();
         assert_eq!(handed, ["kb:given/a.md", "kb:moved/b.md"]);
+        // (The deletions wait until those are through: `waits_for_moves`.)
+        for id in handed {
+            let version = rig.known.lock()[&id].clone();
+            rig.ledger.finish(&id, Some(&version), Outcome::Indexed);
+        }
+        wait_for(|| rig.stats.status() == "scanned").await;
         assert_eq!(rig.deleted(), ["kb:gone/d.md", "wiki:e.md"]);
         watcher.stop(None);
     }
