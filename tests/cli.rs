@@ -71,6 +71,17 @@ fn leave_and_build() -> Workspace {
     ws
 }
 
+/// `leave_and_build` ingested once, with its config's path and text: the
+/// start of the tests that then edit the config.
+fn ingested_once() -> (Workspace, std::path::PathBuf, String) {
+    let ws = leave_and_build();
+    let cfg = ws.config();
+    let out = ws.ingest(&[]);
+    assert!(out.contains("chunks: 2 embedded, 0 reused"), "{out}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    (ws, cfg, text)
+}
+
 #[test]
 fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
     let ws = leave_and_build();
@@ -134,11 +145,7 @@ fn one_shot_ingest_accounts_for_every_file_and_the_daemon_reuses_it() {
 /// back again through a one-shot ingest.
 #[test]
 fn a_renamed_source_reuses_its_vectors() {
-    let ws = leave_and_build();
-    let cfg = ws.config();
-    let out = ws.ingest(&[]);
-    assert!(out.contains("chunks: 2 embedded, 0 reused"), "{out}");
-    let kb = std::fs::read_to_string(&cfg).unwrap();
+    let (ws, cfg, kb) = ingested_once();
     let handbook = kb.replacen("name = \"kb\"", "name = \"handbook\"", 1);
     assert_ne!(handbook, kb);
 
@@ -192,11 +199,7 @@ fn a_renamed_source_reuses_its_vectors() {
 /// on two small files the race does not show.)
 #[test]
 fn a_renamed_source_with_new_partitions_reuses_its_vectors() {
-    let ws = leave_and_build();
-    let cfg = ws.config();
-    let out = ws.ingest(&[]);
-    assert!(out.contains("chunks: 2 embedded, 0 reused"), "{out}");
-    let kb = std::fs::read_to_string(&cfg).unwrap();
+    let (ws, cfg, kb) = ingested_once();
     let eng_rule = "division = \"eng\"\n  access_level = \"internal\"";
     assert!(kb.contains(eng_rule), "{kb}");
     let handbook = kb
