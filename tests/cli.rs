@@ -195,7 +195,7 @@ fn a_renamed_source_reuses_its_vectors() {
 /// texts do not: the new names reuse the old names' vectors, and are
 /// served in their new partitions. (That the old names wait for them is
 /// pinned by the watcher's test
-/// `a_document_of_a_source_no_longer_configured_goes_once_nothing_is_on_its_way`:
+/// `a_document_of_a_source_no_longer_configured_goes_once_what_was_on_its_way_is_through`:
 /// on two small files the race does not show.)
 #[test]
 fn a_renamed_source_with_new_partitions_reuses_its_vectors() {

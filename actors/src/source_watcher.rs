@@ -558,6 +558,8 @@ pub struct WatcherState {
     doom_scheduled: bool,
     /// How each source is watched, by index.
     watches: Vec<SourceWatch>,
+    /// What the documents of sources no longer configured wait for.
+    orphans: OrphanWait,
 }
 
 /// How a source is watched.
@@ -636,6 +638,7 @@ impl Actor for SourceWatcher {
             missed: HashSet::new(),
             doomed: HashMap::new(),
             doom_scheduled: false,
+            orphans: OrphanWait::default(),
         };
         // Each source is scanned once watched (set up on its own, and in
         // the background: one that hangs holds up no other), so that
@@ -1030,12 +1033,13 @@ impl SourceWatcher {
                 // Nothing shows to anyone who could not see it: the same
                 // version is in the same partition. (A document of a source
                 // no longer configured, out of every search, waits for
-                // whatever is on its way: see `waits_for_moves`.)
+                // what was on its way: see `waits_for_moves`.)
                 let moving = st.args.ledger.versions_in_flight();
                 if !moving.is_empty() {
+                    let (args, orphans) = (&st.args, &mut st.orphans);
                     let (wait, gone) = std::mem::take(&mut looked.gone)
                         .into_iter()
-                        .partition(|id| waits_for_moves(&st.args, &moving, id));
+                        .partition(|id| waits_for_moves(args, orphans, &moving, id));
                     looked.gone = gone;
                     for id in wait {
                         tracing::debug!(
@@ -1164,9 +1168,10 @@ impl WatcherState {
             if !self.args.watch {
                 loop {
                     let moving = self.args.ledger.versions_in_flight();
+                    let (args, orphans) = (&self.args, &mut self.orphans);
                     if !gone
                         .iter()
-                        .any(|id| waits_for_moves(&self.args, &moving, id))
+                        .any(|id| waits_for_moves(args, orphans, &moving, id))
                     {
                         break;
                     }
@@ -1601,14 +1606,17 @@ async fn handle_path(
 /// * its version (its text, in its partition) under another name: the
 ///   file moved. (Its own version on its way ends skipped: the chunker
 ///   finds the file gone.)
-/// * anything at all, for a document of a source no longer configured
-///   (hidden at start, its points out of every search). A source renamed
-///   and given other partitions in the same edit gives its files other
-///   versions but the same texts; until the new names are through, the
-///   old names' points are what their embedding reuses.
-fn waits_for_moves(args: &WatcherArgs, moving: &HashMap<String, Vec<Arc<str>>>, id: &str) -> bool {
-    if !moving.is_empty() && source_of_doc(&args.sources, id).is_none() {
-        return true;
+/// * what was on its way when it came due, for a document of a source
+///   no longer configured (hidden at start, its points out of every
+///   search): see [`OrphanWait`].
+fn waits_for_moves(
+    args: &WatcherArgs,
+    orphans: &mut OrphanWait,
+    moving: &HashMap<String, Vec<Arc<str>>>,
+    id: &str,
+) -> bool {
+    if source_of_doc(&args.sources, id).is_none() {
+        return orphans.waits(moving);
     }
     let version = args
         .ledger
@@ -1617,6 +1625,33 @@ fn waits_for_moves(args: &WatcherArgs, moving: &HashMap<String, Vec<Arc<str>>>, 
     version
         .and_then(|v| moving.get(&v))
         .is_some_and(|ids| ids.iter().any(|other| **other != *id))
+}
+
+/// What the documents of sources no longer configured wait for before
+/// they are deleted. A source renamed and given other partitions in the
+/// same edit gives its files other versions but the same texts: until the
+/// new names are through, the old names' points are what their embedding
+/// reuses. The new names are admitted by the scan that found the old ones
+/// gone (it ends once all it found is admitted), so what the old ones wait
+/// for is what was on its way when the first of them came due, and not
+/// what comes in later: on a daemon that is never idle they would
+/// otherwise wait, out of every search, for ever.
+#[derive(Default)]
+struct OrphanWait(Option<HashSet<Arc<str>>>);
+
+impl OrphanWait {
+    /// Whether anything of what was on its way at the first call is still
+    /// on its way, by `moving` ([`Ledger::versions_in_flight`]). A
+    /// document seen through is no longer waited for, even if it comes
+    /// back (edited): the wait only shrinks.
+    fn waits(&mut self, moving: &HashMap<String, Vec<Arc<str>>>) -> bool {
+        let now: HashSet<&Arc<str>> = moving.values().flatten().collect();
+        let first = self
+            .0
+            .get_or_insert_with(|| now.iter().map(|id| Arc::clone(id)).collect());
+        first.retain(|id| now.contains(id));
+        !first.is_empty()
+    }
 }
 
 /// Whether the ledger or the store has a version of `id`: it is not
@@ -3526,11 +3561,13 @@ mod tests {
 
     /// A document of a source no longer configured (a source renamed,
     /// maybe with other partitions too: other versions, same texts) is
-    /// deleted only once nothing is on its way in, since the new names'
-    /// embedding reuses its vectors. Another gone document goes after the
-    /// grace as usual.
+    /// deleted only once what was on its way in when it came due is
+    /// through, since the new names' embedding reuses its vectors; what
+    /// came in after (a daemon is never idle for long) does not hold it.
+    /// Another gone document goes after the grace as usual.
     #[tokio::test]
-    async fn a_document_of_a_source_no_longer_configured_goes_once_nothing_is_on_its_way() {
+    async fn a_document_of_a_source_no_longer_configured_goes_once_what_was_on_its_way_is_through()
+    {
         let rig = Rig::new();
         rig.write("a.md", "# A\n\nThe text the renamed source kept.");
         let mut args = rig.args(true);
@@ -3547,11 +3584,18 @@ mod tests {
             ["kb:gone.md"],
             "only the configured source's"
         );
+        // A file written since: on its way in, it holds nothing up.
+        rig.write("b.md", "# B\n\nWritten after the scan.");
+        let kind = notify::EventKind::Create(notify::event::CreateKind::File);
+        watcher.cast(event(kind, &rig.root.join("b.md"))).unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:b.md"]);
         let version = rig.known.lock()["kb:a.md"].clone();
         rig.ledger
             .finish("kb:a.md", Some(&version), Outcome::Indexed);
         wait_for(|| !rig.index_q.is_empty()).await;
         assert_eq!(rig.deleted(), ["wiki:a.md"]);
+        assert_eq!(rig.ledger.status("kb:b.md"), Some(DocStatus::InFlight));
         watcher.stop(None);
     }
 
