@@ -91,7 +91,9 @@ pub trait DeadLetters: Send + Sync {
     }
     /// Marks `how` every entry of `doc_id` still waiting, but those of
     /// `current` (the version just taken in: its entry, if any, is the one
-    /// it waits on), and returns their ids. The watcher calls it for each
+    /// it waits on), and returns their ids. Entries with no version (a
+    /// deletion that failed) are settled too: the version or deletion
+    /// taken in does their work again. The watcher calls it for each
     /// version it takes in and each deletion, so a backend answers the
     /// usual case (no entry of the document) from memory.
     fn settle(&self, doc_id: &str, current: Option<&str>, how: Settled)
@@ -163,6 +165,11 @@ pub struct Held {
     pending: HashMap<String, HashMap<String, BTreeSet<u64>>>,
     /// version -> ids of its entries waiting for a replay, of any document.
     by_version: HashMap<String, BTreeSet<u64>>,
+    /// doc id -> ids of its entries with no version waiting for a replay:
+    /// a deletion that failed every attempt, a bus message that named
+    /// none. The document's next version or deletion settles them (it
+    /// does their work again: a new version's index prunes every other).
+    unversioned: HashMap<String, BTreeSet<u64>>,
     /// Where the whole payload of entry `id` is, for a preview to say.
     whole_at: Box<dyn Fn(u64) -> String + Send>,
 }
@@ -173,6 +180,7 @@ impl Held {
             entries: Vec::new(),
             pending: HashMap::new(),
             by_version: HashMap::new(),
+            unversioned: HashMap::new(),
             whole_at: Box::new(whole_at),
         }
     }
@@ -203,7 +211,19 @@ impl Held {
     }
 
     fn index(&mut self, e: &DlqEntry, add: bool) {
-        let Some(version) = e.version.as_ref().filter(|_| e.waiting()) else {
+        if !e.waiting() {
+            return;
+        }
+        let Some(version) = e.version.as_ref() else {
+            if add {
+                let ids = self.unversioned.entry(e.doc_id.clone()).or_default();
+                ids.insert(e.id);
+            } else if let Some(ids) = self.unversioned.get_mut(&e.doc_id) {
+                ids.remove(&e.id);
+                if ids.is_empty() {
+                    self.unversioned.remove(&e.doc_id);
+                }
+            }
             return;
         };
         if add {
@@ -268,13 +288,15 @@ impl Held {
     }
 
     /// The entries of `doc_id` waiting for a replay, but those of version
-    /// `except`.
+    /// `except` (those with no version too).
     pub fn waiting_of(&self, doc_id: &str, except: Option<&str>) -> Vec<u64> {
-        let Some(versions) = self.pending.get(doc_id) else {
-            return Vec::new();
-        };
-        let others = versions.iter().filter(|(v, _)| Some(v.as_str()) != except);
-        let mut ids: Vec<u64> = others.flat_map(|(_, ids)| ids.iter().copied()).collect();
+        let versions = self.pending.get(doc_id).into_iter().flatten();
+        let others = versions.filter(|(v, _)| Some(v.as_str()) != except);
+        let unversioned = self.unversioned.get(doc_id).into_iter().flatten();
+        let mut ids: Vec<u64> = (others.flat_map(|(_, ids)| ids.iter()))
+            .chain(unversioned)
+            .copied()
+            .collect();
         ids.sort_unstable();
         ids
     }
@@ -639,6 +661,40 @@ mod tests {
         assert_eq!(statuses(dlq.list().unwrap()), want);
         assert!(dlq.pending("a", "v1").is_none() && dlq.pending("b", "v1").is_none());
         assert!(dlq.pending("a", "v2").is_some());
+    }
+
+    /// An entry with no version (a deletion that failed every attempt, a
+    /// bus message that named none) is settled by its document's next
+    /// version or deletion, as one with a version is, and so after a
+    /// reopen. A full scan's list of documents to look at leaves it out:
+    /// a message with no key names no document a scan could find gone.
+    #[test]
+    fn an_entry_with_no_version_is_settled_by_its_documents_next_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let dlq = FileDlq::open(&path).unwrap();
+        let unversioned = |doc: &str| DlqEntry {
+            stage: "indexer".into(),
+            version: None,
+            ..entry(doc)
+        };
+        for doc in ["a", "b", "c", ""] {
+            dlq.push(unversioned(doc)).unwrap();
+        }
+        assert!(dlq.waiting_docs().is_empty());
+        // (Reopened: the index is rebuilt from the log.)
+        drop(dlq);
+        let dlq = FileDlq::open(&path).unwrap();
+        assert_eq!(
+            dlq.settle("a", Some("v2"), Settled::Superseded).unwrap(),
+            [1]
+        );
+        assert_eq!(dlq.settle("b", None, Settled::Deleted).unwrap(), [2]);
+        assert!(dlq.settle("b", None, Settled::Deleted).unwrap().is_empty());
+        dlq.mark_replayed(3).unwrap();
+        assert!(dlq.settle("c", None, Settled::Deleted).unwrap().is_empty());
+        let statuses: Vec<&str> = dlq.list().unwrap().iter().map(DlqEntry::status).collect();
+        assert_eq!(statuses, ["superseded", "deleted", "replayed", "pending"]);
     }
 
     #[test]
