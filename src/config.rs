@@ -93,6 +93,7 @@ struct RawChunker {
 struct RawEmbedder {
     min_workers: Option<usize>,
     max_workers: Option<usize>,
+    deleted_vectors_mb: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -275,6 +276,9 @@ pub struct Config {
     pub pdf_memory_bytes: u64,
     pub embedder_min_workers: usize,
     pub embedder_max_workers: usize,
+    /// The memory for the vectors of documents just deleted (see
+    /// `ragd_actors::embedder::deleted`); 0: none kept.
+    pub deleted_vectors_bytes: u64,
     pub max_in_flight: usize,
     pub max_attempts: u32,
     /// A failed attempt's wait before the next: `retry_base`, doubled per
@@ -763,6 +767,12 @@ fn validate(
     if embedder_max_workers < embedder_min_workers {
         err(format!("embedder.max_workers ({embedder_max_workers}) is below embedder.min_workers ({embedder_min_workers})"));
     }
+    let deleted_vectors_mb = raw.embedder.deleted_vectors_mb.unwrap_or(64);
+    if deleted_vectors_mb > 65_536 {
+        err(format!(
+            "embedder.deleted_vectors_mb ({deleted_vectors_mb}) must be between 0 and 65536"
+        ));
+    }
     let max_in_flight = raw.pipeline.max_in_flight.unwrap_or(256);
     positive("pipeline.max_in_flight", max_in_flight, &mut err);
     let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
@@ -1157,6 +1167,7 @@ fn validate(
         pdf_memory_bytes,
         embedder_min_workers,
         embedder_max_workers,
+        deleted_vectors_bytes: deleted_vectors_mb << 20,
         max_in_flight,
         max_attempts,
         retry_base: std::time::Duration::from_millis(retry_base_ms),
@@ -1540,6 +1551,8 @@ mod tests {
             max_tokens = 100
             overlap_tokens = 100
             pdf_memory_mb = 8
+            [embedder]
+            deleted_vectors_mb = 70000
             [query]
             bind = "not an address"
             latency_budget_ms = 0
@@ -1589,6 +1602,7 @@ mod tests {
             "llm.retry_budget_secs: -1",
             "query.max_concurrent (9223372036854775807) must be between 1 and 1000000",
             "chunker.pdf_memory_mb (8) must be between 64 and 1048576",
+            "embedder.deleted_vectors_mb (70000) must be between 0 and 65536",
             "access_level \"x\\u{1}\" holds a control character",
             "principals[0] (a): access_levels \"\\u{1}hidden\" holds a control character",
         ] {

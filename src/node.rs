@@ -914,6 +914,13 @@ impl Node {
             &dlq,
         );
         let chunks = Arc::new(ragd_actors::embedder::Tally::default());
+        // The pruner keeps what it deletes whole for the embedder: both in
+        // this process, or neither.
+        let deleted = (roles.embed && roles.index && config.deleted_vectors_bytes > 0).then(|| {
+            Arc::new(ragd_actors::embedder::deleted::DeletedVectors::new(
+                config.deleted_vectors_bytes,
+            ))
+        });
         let embedder_pool = pool(
             "embedder",
             Arc::new(EmbedderStage {
@@ -937,6 +944,7 @@ impl Node {
                     .collect(),
                 tally: chunks.clone(),
                 keys_ready: (!rekeys.is_empty()).then_some(keys_ready),
+                deleted: deleted.clone(),
             }),
             embed_q.clone(),
             settings(config.embedder_min_workers, config.embedder_max_workers),
@@ -955,6 +963,7 @@ impl Node {
             store: store.clone(),
             ledger: ledger.clone(),
             cache: cache.clone(),
+            deleted,
         });
         let indexer_pool = pool(
             "indexer",

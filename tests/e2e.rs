@@ -911,6 +911,52 @@ fn a_folder_moved_is_not_embedded_again_nor_missing_meanwhile() {
     assert_eq!(chunks("reused"), N as f64);
 }
 
+/// A folder rebuilt more slowly than the delete grace (`rm -rf site`, and
+/// the build writes it again minutes later): its files leave the index
+/// and every search after the grace, and come back without being embedded
+/// again, their vectors kept in memory meanwhile (`[embedder]
+/// deleted_vectors_mb`; with 0 they are embedded again).
+#[test]
+fn a_folder_rebuilt_after_the_grace_is_not_embedded_again() {
+    const N: usize = 6;
+    for (extra, again) in [("", 0), ("[embedder]\ndeleted_vectors_mb = 0\n", N)] {
+        let ws = Workspace::with_extra(extra);
+        let write = || {
+            for i in 0..N {
+                ws.write(&format!("hr/site/note-{i}.md"), note(i));
+            }
+        };
+        write();
+        let d = ws.start();
+        d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == N as u64);
+        let chunks = |vector: &str| {
+            let label = format!("vector=\"{vector}\"");
+            metric_where(&d, "ragd_embedder_chunks_total", &label) as usize
+        };
+        assert_eq!(chunks("embedded"), N, "one chunk a note");
+
+        std::fs::remove_dir_all(ws.kb().join("hr/site")).unwrap();
+        d.wait_ledger(Duration::from_secs(60), |l| l["deleted"] == N as u64);
+        assert_eq!(d.admin_json("/index")["points"], 0);
+        let question = "where does office 3 keep its spare badge?";
+        let r = d.ask(HR_TOKEN, question);
+        assert!(!texts(&r).contains("7003"), "{extra}: still found: {r}");
+
+        write();
+        let ledger = d.wait_ledger(Duration::from_secs(120), |l| {
+            l["indexed"] == N as u64 && l["in_flight"] == 0
+        });
+        assert_eq!(ledger["deleted"], 0, "{ledger}");
+        assert_eq!(
+            (chunks("embedded"), chunks("reused")),
+            (N + again, N - again),
+            "{extra}"
+        );
+        let r = d.ask(HR_TOKEN, question);
+        assert!(texts(&r).contains("badge number 7003"), "{extra}: {r}");
+    }
+}
+
 /// The reranker under `[query] latency_budget_ms`: with room to spare it
 /// scores every candidate; with a budget spent before it starts it scores
 /// none, keeps the vector order, says so in the timings, and such an answer

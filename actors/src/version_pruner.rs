@@ -7,6 +7,7 @@
 //! always finds the document; after the prune, no old text is returned.
 
 use crate::cache_guard::CacheHandle;
+use crate::embedder::deleted::DeletedVectors;
 use crate::indexer::{Removal, VectorStore};
 use crate::ledger::Ledger;
 use crate::messages::IndexedEvent;
@@ -17,6 +18,10 @@ pub struct VersionPrunerStage {
     pub store: Arc<dyn VectorStore>,
     pub ledger: Arc<Ledger>,
     pub cache: CacheHandle,
+    /// Where the texts of a document removed whole are kept for this
+    /// node's embedder, should the file come back (see
+    /// [`crate::embedder::deleted`]); `None` on a node that does not embed.
+    pub deleted: Option<Arc<DeletedVectors>>,
 }
 
 /// The most events the pruner takes at once: one store call (a scroll,
@@ -96,6 +101,18 @@ impl VersionPrunerStage {
         // citing removed text is not served (its sources are checked
         // against the store on every hit).
         self.cache.invalidate_all(removals).await;
+        if let Some(deleted) = &self.deleted {
+            for r in removals.iter().filter(|r| r.keep.is_none()) {
+                match (self.store)
+                    .keyed_texts_of(&r.doc_id, crate::embedder::deleted::PER_DOCUMENT)
+                    .await
+                {
+                    Ok(texts) => deleted.keep(texts),
+                    // Only a saving lost: the removal goes on.
+                    Err(e) => tracing::debug!(doc = %r.doc_id, "not kept for reuse: {e:#}"),
+                }
+            }
+        }
         let removed = self.store.remove(removals).await?;
         for (r, versions) in removals.iter().zip(&removed) {
             if !versions.is_empty() {
@@ -130,6 +147,7 @@ pub(crate) mod tests {
             store: store.clone(),
             ledger,
             cache: CacheHandle::new("no-cache-actor", cache),
+            deleted: None,
         }
     }
 
@@ -247,6 +265,7 @@ pub(crate) mod tests {
             store: store.clone(),
             ledger: ledger.clone(),
             cache: handle.clone(),
+            deleted: None,
         };
         pruner
             .process(IndexedEvent::Indexed {
@@ -348,6 +367,55 @@ pub(crate) mod tests {
         // From an older node, with no seq: every version goes.
         pruner.process(deleted(0)).await.unwrap();
         assert!(versions(&store).await.is_empty());
+    }
+
+    /// A document deleted whole leaves its texts and vectors with the
+    /// pruner's `deleted`, for this node's embedder should the file come
+    /// back; a prune of old versions keeps nothing (the current version
+    /// holds what did not change).
+    #[tokio::test]
+    async fn a_document_deleted_whole_leaves_its_vectors_for_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let keyed = |version: &str, seq, key| crate::messages::EmbeddedDoc {
+            keys: vec![key],
+            ..embedded(version, seq)
+        };
+        store
+            .upsert_docs(&[keyed("v1", 1_000, 11), keyed("v2", 2_000, 12)])
+            .await
+            .unwrap();
+        let (doc, ledger) = ("kb:hr/leave.md", Ledger::new(8));
+        ledger.observe(doc, Some("v2"), 2_000);
+        let deleted = Arc::new(DeletedVectors::new(1 << 20));
+        let pruner = VersionPrunerStage {
+            deleted: Some(deleted.clone()),
+            ..pruner(&store, ledger.clone())
+        };
+        pruner
+            .process(IndexedEvent::Indexed {
+                doc_id: doc.into(),
+                version: "v2".into(),
+                seq: 2_000,
+            })
+            .await
+            .unwrap();
+        assert_eq!(versions(&store).await, ["v2"]);
+        assert_eq!(deleted.bytes(), 0, "a prune keeps nothing");
+        ledger.observe(doc, None, 3_000);
+        pruner
+            .process(IndexedEvent::Deleted {
+                doc_id: doc.into(),
+                seq: 3_000,
+            })
+            .await
+            .unwrap();
+        assert!(versions(&store).await.is_empty());
+        let found = deleted.find(&[(12, "leave policy v2"), (11, "leave policy v1")]);
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            [(12, vec![1.0, 0.0, 0.0, 0.0])]
+        );
     }
 
     /// The race the seq guard closes: v2 is current when the pruner checks,

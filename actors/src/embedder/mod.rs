@@ -9,6 +9,8 @@
 //! time, in turn with the requests that arrive meanwhile. The encoder sorts
 //! and pads each pass by length (see [`crate::model::BatchPolicy`]).
 
+pub mod deleted;
+
 use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
 use crate::indexer::VectorStore;
@@ -223,6 +225,9 @@ pub struct EmbedderStage {
     /// an upgrade that re-chunks every document, the whole store), so
     /// each lookup waits for it. `None`: nothing to wait for.
     pub keys_ready: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The texts of documents this node deleted a moment ago, looked up
+    /// after the stores (see [`deleted`]); `None`: none are kept.
+    pub deleted: Option<Arc<deleted::DeletedVectors>>,
 }
 
 /// See [`EmbedderStage::tally`].
@@ -336,6 +341,9 @@ impl EmbedderStage {
                 // Only a saving lost: the texts are embedded.
                 Err(e) => tracing::warn!("looking up stored vectors failed: {e:#}"),
             }
+        }
+        if let Some(deleted) = self.deleted.as_ref().filter(|_| !wanted.is_empty()) {
+            stored.extend(deleted.find(&wanted));
         }
         let mut vectors: HashMap<&str, Vec<f32>> = HashMap::with_capacity(texts.len());
         let mut fresh: Vec<&str> = Vec::new();
@@ -453,6 +461,7 @@ pub(crate) mod tests {
             tally: Default::default(),
             ledger: None,
             keys_ready: None,
+            deleted: None,
         };
         let counts = |s: &EmbedderStage| s.tally.counts();
         let written = |docs: Vec<IndexJob>| -> Vec<EmbeddedDoc> {
@@ -516,6 +525,30 @@ pub(crate) mod tests {
         assert_eq!(counts(&s), (1, 1));
         let d = written(out.drain()).pop().unwrap();
         assert_close(&d.vectors[..1], &[alone(policy)]);
+
+        // In no store, but kept from a document deleted a moment ago: found
+        // there, for the same text only.
+        let deleted = Arc::new(deleted::DeletedVectors::new(1 << 20));
+        let gone = "A text whose file was deleted and written back.";
+        deleted.keep(vec![crate::indexer::KeyedText {
+            key: text_key("minilm", gone),
+            text: gone.into(),
+            vector: alone(gone),
+        }]);
+        let s = EmbedderStage {
+            deleted: Some(deleted),
+            ..stage(vec![store.clone()], "minilm")
+        };
+        s.embed(vec![chunked("kb:e.md", &[gone, policy, visitors])])
+            .await
+            .unwrap();
+        assert_eq!(counts(&s), (0, 3), "one kept, two stored");
+        let e = written(out.drain()).pop().unwrap();
+        assert_close(&e.vectors[..1], &[alone(gone)]);
+        let s = stage(vec![store.clone()], "minilm");
+        s.embed(vec![chunked("kb:f.md", &[gone])]).await.unwrap();
+        assert_eq!(counts(&s), (1, 0), "kept by none");
+        out.drain();
     }
 
     /// While the stored chunks' text keys are being set (a store written
@@ -540,6 +573,7 @@ pub(crate) mod tests {
                 tally: Default::default(),
                 ledger: None,
                 keys_ready,
+                deleted: None,
             })
         };
         let text = "Every office keeps its own visitor log.";
@@ -597,6 +631,7 @@ pub(crate) mod tests {
             tally: Default::default(),
             ledger: Some(ledger.clone()),
             keys_ready: None,
+            deleted: None,
         };
         let version = |v: &str, text: &str| {
             let mut d = chunked("kb:a.md", &[text]);

@@ -216,6 +216,39 @@ fn overwritable(docs: &[&DocMeta]) -> Filter {
 }
 
 impl EdgeStore {
+    /// Up to `limit` points `filter` matches that have a text key, with
+    /// their text and vector.
+    async fn keyed_where(&self, filter: Filter, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
+        let (records, _) = self
+            .blocking(move |s| {
+                s.shard
+                    .scroll(ScrollRequest {
+                        offset: None,
+                        limit: Some(limit),
+                        filter: Some(filter),
+                        with_payload: Some(WithPayloadInterface::Fields(vec![
+                            key("text_key"),
+                            key("text"),
+                        ])),
+                        with_vector: WithVector::Bool(true),
+                        order_by: None,
+                    })
+                    .map_err(|e| anyhow::anyhow!("vector store scroll: {e}"))
+            })
+            .await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| {
+                let p = r.payload?.0;
+                Some(KeyedText {
+                    key: p.get("text_key")?.as_i64()?,
+                    text: p.get("text")?.as_str()?.to_string(),
+                    vector: dense_vector(r.vector?)?,
+                })
+            })
+            .collect())
+    }
+
     /// Opens the store in `dir`, creating it (and its payload indexes) on
     /// first use. Fails clearly when the folder holds vectors of another size.
     pub fn open(dir: &Path, dim: usize) -> anyhow::Result<Self> {
@@ -765,34 +798,15 @@ impl VectorStore for EdgeStore {
             key("text_key"),
             Match::from(keys.to_vec()),
         )));
-        let (records, _) = self
-            .blocking(move |s| {
-                s.shard
-                    .scroll(ScrollRequest {
-                        offset: None,
-                        limit: Some(limit),
-                        filter: Some(filter),
-                        with_payload: Some(WithPayloadInterface::Fields(vec![
-                            key("text_key"),
-                            key("text"),
-                        ])),
-                        with_vector: WithVector::Bool(true),
-                        order_by: None,
-                    })
-                    .map_err(|e| anyhow::anyhow!("vector store scroll: {e}"))
-            })
-            .await?;
-        Ok(records
-            .into_iter()
-            .filter_map(|r| {
-                let p = r.payload?.0;
-                Some(KeyedText {
-                    key: p.get("text_key")?.as_i64()?,
-                    text: p.get("text")?.as_str()?.to_string(),
-                    vector: dense_vector(r.vector?)?,
-                })
-            })
-            .collect())
+        self.keyed_where(filter, limit).await
+    }
+
+    async fn keyed_texts_of(&self, doc_id: &str, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        self.keyed_where(Filter::new_must(eq("doc_id", doc_id)), limit)
+            .await
     }
 
     async fn texts(&self, page: TextPage) -> anyhow::Result<(Vec<StoredText>, Option<u64>)> {

@@ -706,33 +706,16 @@ impl VectorStore for QdrantStore {
         if keys.is_empty() || limit == 0 {
             return Ok(vec![]);
         }
-        let req = ScrollPointsBuilder::new(&self.s.collection)
-            .filter(Filter::must([Condition::matches(
-                "text_key",
-                keys.to_vec(),
-            )]))
-            .limit(limit as u32)
-            .with_payload(PayloadIncludeSelector {
-                fields: vec!["text_key".into(), "text".into()],
-            })
-            .with_vectors(true)
-            .build();
-        let page = self
-            .call("scroll", || self.client.scroll(req.clone()))
-            .await?;
-        Ok(page
-            .result
-            .into_iter()
-            .filter_map(|p| {
-                let key = p.payload.get("text_key")?.as_integer()?;
-                let text = payload_str(&p.payload, "text")?;
-                Some(KeyedText {
-                    key,
-                    text,
-                    vector: dense(p.vectors)?,
-                })
-            })
-            .collect())
+        let filter = Filter::must([Condition::matches("text_key", keys.to_vec())]);
+        self.keyed_where(filter, limit).await
+    }
+
+    async fn keyed_texts_of(&self, doc_id: &str, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        let filter = Filter::must([Condition::matches("doc_id", doc_id.to_string())]);
+        self.keyed_where(filter, limit).await
     }
 
     async fn texts(&self, page: TextPage) -> anyhow::Result<(Vec<StoredText>, Option<u64>)> {
@@ -788,6 +771,35 @@ impl VectorStore for QdrantStore {
 }
 
 impl QdrantStore {
+    /// Up to `limit` points `filter` matches that have a text key, with
+    /// their text and vector.
+    async fn keyed_where(&self, filter: Filter, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
+        let req = ScrollPointsBuilder::new(&self.s.collection)
+            .filter(filter)
+            .limit(limit as u32)
+            .with_payload(PayloadIncludeSelector {
+                fields: vec!["text_key".into(), "text".into()],
+            })
+            .with_vectors(true)
+            .build();
+        let page = self
+            .call("scroll", || self.client.scroll(req.clone()))
+            .await?;
+        Ok(page
+            .result
+            .into_iter()
+            .filter_map(|p| {
+                let key = p.payload.get("text_key")?.as_integer()?;
+                let text = payload_str(&p.payload, "text")?;
+                Some(KeyedText {
+                    key,
+                    text,
+                    vector: dense(p.vectors)?,
+                })
+            })
+            .collect())
+    }
+
     /// The points `filter` matches (every point with none), over every
     /// shard key.
     async fn count_where(&self, filter: Option<Filter>) -> anyhow::Result<u64> {
