@@ -7,7 +7,11 @@
 //!    reused stored vectors);
 //! 2. moved, as one folder rename, to another folder of the same
 //!    partition: every document takes a new name;
-//! 3. edited: one section of each rewritten in place.
+//! 3. edited: one section of each rewritten in place;
+//! 4. rebuilt more slowly than the delete grace: the folder moved out of
+//!    the tree, every document deleted, then moved back in unchanged (the
+//!    time counts from the move back in; `[embedder] deleted_vectors_mb`
+//!    keeps the deleted texts' vectors meanwhile).
 //!
 //! For each step it reports the time from the change to the last document
 //! through (ledger settled, old names deleted), its ratio to step 1, and
@@ -131,6 +135,23 @@ fn main() {
     let edited = (after.0 - before.0, after.1 - before.1);
     let points_after = d.admin_json("/index")["points"].as_u64().unwrap_or(0);
 
+    // 4. Out of the tree past the grace, then back in as it was.
+    let away = ws.dir.path().join("away");
+    std::fs::rename(ws.kb().join("archive/2026"), &away).unwrap();
+    d.wait_ledger(Duration::from_secs(4 * 3600), |l| {
+        l["indexed"] == 0 && l["in_flight"] == 0
+    });
+    let points_gone = d.admin_json("/index")["points"].as_u64().unwrap_or(0);
+    let before = chunks(&d);
+    let t = Instant::now();
+    std::fs::rename(&away, ws.kb().join("archive/2026")).unwrap();
+    d.wait_ledger(Duration::from_secs(4 * 3600), |l| {
+        l["indexed"] == n as u64 && l["in_flight"] == 0
+    });
+    let rebuild_s = t.elapsed().as_secs_f64();
+    let after = chunks(&d);
+    let rebuilt = (after.0 - before.0, after.1 - before.1);
+
     println!(
         "{}",
         serde_json::json!({
@@ -146,7 +167,10 @@ fn main() {
             "edit_s": edit_s,
             "edit_ratio": edit_s / ingest_s,
             "edit_chunks_embedded_reused": [edited.0, edited.1],
-            "points": [points, points_after],
+            "rebuild_s": rebuild_s,
+            "rebuild_ratio": rebuild_s / ingest_s,
+            "rebuild_chunks_embedded_reused": [rebuilt.0, rebuilt.1],
+            "points": [points, points_after, points_gone],
             "ledger": [ledger, ledger_moved],
         })
     );
