@@ -255,7 +255,11 @@ fn decode_text(bytes: &[u8], format: Format) -> Result<String, ParseError> {
 /// in nearly every other byte, the high one of each unit (at odd offsets
 /// little-endian, at even ones big-endian), and hardly any in the others.
 /// Binary data rarely looks like that, and what does is read as control
-/// characters and skipped all the same.
+/// characters and skipped all the same. Chinese, Japanese or Korean text
+/// has few NULs, from its line breaks, spaces and digits, but those on
+/// one side too; it is taken as UTF-16 when it then reads as text in
+/// nearly every unit (see [`reads_as_text`]). Text in a legacy encoding
+/// has no NUL at all.
 fn unmarked_utf16(probe: &[u8]) -> Option<&'static encoding_rs::Encoding> {
     let units = probe.len() / 2;
     if units < 2 {
@@ -277,8 +281,36 @@ fn unmarked_utf16(probe: &[u8]) -> Option<&'static encoding_rs::Encoding> {
     } else if mostly(even) && hardly(odd) {
         Some(encoding_rs::UTF_16BE)
     } else {
-        None
+        // (A CJK character's low byte is NUL one time in 256: a few on the
+        // other side.)
+        let one_side = |nuls: usize, other: usize| nuls >= 2 && other * 4 <= nuls;
+        let side = if one_side(odd, even) {
+            encoding_rs::UTF_16LE
+        } else if one_side(even, odd) {
+            encoding_rs::UTF_16BE
+        } else {
+            return None;
+        };
+        // (A probe cut mid-pair ends in a replacement character: one in
+        // thousands, within what `reads_as_text` lets pass.)
+        let (text, _) = side.decode_without_bom_handling(&probe[..units * 2]);
+        reads_as_text(&text).then_some(side)
     }
+}
+
+/// Whether nearly every character of `text` (19 in 20) is a letter or
+/// digit of any script, white space or punctuation: what text decoded
+/// with the wrong encoding, or binary data, is not (it lands in private
+/// use, surrogates, symbols and scripts scattered over the whole range).
+fn reads_as_text(text: &str) -> bool {
+    let (mut all, mut good) = (0usize, 0usize);
+    for c in text.chars() {
+        all += 1;
+        let punctuation = c.is_ascii_punctuation()
+            || matches!(c, '\u{2000}'..='\u{206f}' | '\u{3000}'..='\u{303f}' | '\u{ff00}'..='\u{ffef}');
+        good += usize::from(c.is_alphanumeric() || c.is_whitespace() || punctuation);
+    }
+    all >= 8 && good * 20 >= all * 19
 }
 
 /// Whether bytes that are not valid UTF-8 are still UTF-8 text with a few
@@ -1137,6 +1169,41 @@ mod tests {
         assert_eq!(body("a.md", &le), plain);
         assert_eq!(body("a.md", &be), plain);
         assert_eq!(unmarked_utf16(b"a\0"), None, "too short to tell");
+        // Chinese, Japanese and Korean without a mark: few NULs (line
+        // breaks, spaces, digits), all on one side. The same texts in
+        // legacy encodings have none, and are not taken for UTF-16.
+        for cjk in [
+            "停车场午夜关闭。\n请在晚上十一点前取车，2 号门除外。\n",
+            "駐車場は深夜に閉まります。\n23 時までに車を出してください。\n",
+            "주차장은 자정에 닫습니다.\n오후 11시 전에 차를 빼 주세요.\n",
+        ] {
+            let le: Vec<u8> = cjk.encode_utf16().flat_map(u16::to_le_bytes).collect();
+            let be: Vec<u8> = cjk.encode_utf16().flat_map(u16::to_be_bytes).collect();
+            assert_eq!(decode_text(&le, Format::Text).unwrap(), cjk);
+            assert_eq!(decode_text(&be, Format::Text).unwrap(), cjk);
+            for legacy in [
+                encoding_rs::GBK,
+                encoding_rs::SHIFT_JIS,
+                encoding_rs::EUC_KR,
+            ] {
+                let (bytes, _, lossy) = legacy.encode(cjk);
+                if !lossy {
+                    assert_eq!(unmarked_utf16(&bytes), None, "{cjk} in {}", legacy.name());
+                }
+            }
+        }
+        // Binary data with NULs on one side does not read as text.
+        let binary: Vec<u8> = (0..4096u32)
+            .flat_map(|i| {
+                [
+                    (i * 37 % 251) as u8,
+                    0,
+                    (i * 91 % 253) as u8 | 1,
+                    (i % 7) as u8,
+                ]
+            })
+            .collect();
+        assert_eq!(unmarked_utf16(&binary), None);
         // UTF-8 with a mark: the mark is no text.
         assert_eq!(body("a.txt", b"\xef\xbb\xbfhello"), "hello");
         // UTF-8 with a few bad bytes stays UTF-8: a stray byte, a file
