@@ -1035,20 +1035,18 @@ impl SourceWatcher {
                 // no longer configured, out of every search, waits for
                 // what was on its way: see `waits_for_moves`.)
                 let moving = st.args.ledger.versions_in_flight();
-                if !moving.is_empty() {
-                    let (args, orphans) = (&st.args, &mut st.orphans);
-                    let (wait, gone) = std::mem::take(&mut looked.gone)
-                        .into_iter()
-                        .partition(|id| waits_for_moves(args, orphans, &moving, id));
-                    looked.gone = gone;
-                    for id in wait {
-                        tracing::debug!(
-                            doc = %id,
-                            "deletion waits: the document moved (or its source was renamed), \
-                             and its new name is not indexed yet"
-                        );
-                        st.doomed.insert(id, again);
-                    }
+                let (args, orphans) = (&st.args, &mut st.orphans);
+                let (wait, gone) = std::mem::take(&mut looked.gone)
+                    .into_iter()
+                    .partition(|id| waits_for_moves(args, orphans, &moving, id));
+                looked.gone = gone;
+                for id in wait {
+                    tracing::debug!(
+                        doc = %id,
+                        "deletion waits: the document moved (or its source was renamed), \
+                         and its new name is not indexed yet"
+                    );
+                    st.doomed.insert(id, again);
                 }
                 for id in &looked.gone {
                     remove(&st.args, id).await;
@@ -1606,9 +1604,9 @@ async fn handle_path(
 /// * its version (its text, in its partition) under another name: the
 ///   file moved. (Its own version on its way ends skipped: the chunker
 ///   finds the file gone.)
-/// * what was on its way when it came due, for a document of a source
-///   no longer configured (hidden at start, its points out of every
-///   search): see [`OrphanWait`].
+/// * for a document of a source no longer configured (hidden at start,
+///   its points out of every search): on a daemon, every source's first
+///   scan, then what was on its way when it came due (see [`OrphanWait`]).
 fn waits_for_moves(
     args: &WatcherArgs,
     orphans: &mut OrphanWait,
@@ -1616,7 +1614,10 @@ fn waits_for_moves(
     id: &str,
 ) -> bool {
     if source_of_doc(&args.sources, id).is_none() {
-        return orphans.waits(moving);
+        // (A daemon scans each source once its watch is set up: until
+        // every one has had its first scan, a renamed one may not have.)
+        let first_scan_done = !args.watch || args.scanned.load(Ordering::SeqCst);
+        return !first_scan_done || orphans.waits(moving);
     }
     let version = args
         .ledger
@@ -1631,25 +1632,29 @@ fn waits_for_moves(
 /// they are deleted. A source renamed and given other partitions in the
 /// same edit gives its files other versions but the same texts: until the
 /// new names are through, the old names' points are what their embedding
-/// reuses. The new names are admitted by the scan that found the old ones
-/// gone (it ends once all it found is admitted), so what the old ones wait
-/// for is what was on its way when the first of them came due, and not
-/// what comes in later: on a daemon that is never idle they would
-/// otherwise wait, out of every search, for ever.
+/// reuses. The new names are admitted by the first scan of every source
+/// (each ends once all it found is admitted), so what the old ones wait
+/// for, once that is done, is what was on its way when the first of them
+/// came due, and not what comes in later: on a daemon that is never idle
+/// they would otherwise wait, out of every search, for ever.
 #[derive(Default)]
-struct OrphanWait(Option<HashSet<Arc<str>>>);
+struct OrphanWait(Option<HashSet<(String, Arc<str>)>>);
 
 impl OrphanWait {
     /// Whether anything of what was on its way at the first call is still
-    /// on its way, by `moving` ([`Ledger::versions_in_flight`]). A
-    /// document seen through is no longer waited for, even if it comes
-    /// back (edited): the wait only shrinks.
+    /// on its way, by `moving` ([`Ledger::versions_in_flight`]). By
+    /// version and document: a version seen through is no longer waited
+    /// for, and a file written again and again (a log) is not waited for
+    /// for ever, its later versions not being in the set. The wait only
+    /// shrinks.
     fn waits(&mut self, moving: &HashMap<String, Vec<Arc<str>>>) -> bool {
-        let now: HashSet<&Arc<str>> = moving.values().flatten().collect();
-        let first = self
-            .0
-            .get_or_insert_with(|| now.iter().map(|id| Arc::clone(id)).collect());
-        first.retain(|id| now.contains(id));
+        let first = self.0.get_or_insert_with(|| {
+            let pairs = moving
+                .iter()
+                .flat_map(|(v, ids)| ids.iter().map(move |id| (v, id)));
+            pairs.map(|(v, id)| (v.clone(), Arc::clone(id))).collect()
+        });
+        first.retain(|(version, id)| moving.get(version).is_some_and(|ids| ids.contains(id)));
         !first.is_empty()
     }
 }
@@ -2279,8 +2284,10 @@ async fn remove(args: &WatcherArgs, doc_id: &str) {
             doc_id: doc_id.to_string(),
             seq,
         };
-        hand_on(args, &args.index_q, job).await;
+        // (Settled first: a hand-on that fails dead-letters the deletion,
+        // and that entry must wait.)
         settle_dead_letters(args, doc_id, None, Settled::Deleted);
+        hand_on(args, &args.index_q, job).await;
     }
 }
 
@@ -3584,18 +3591,24 @@ mod tests {
             ["kb:gone.md"],
             "only the configured source's"
         );
-        // A file written since: on its way in, it holds nothing up.
-        rig.write("b.md", "# B\n\nWritten after the scan.");
-        let kind = notify::EventKind::Create(notify::event::CreateKind::File);
-        watcher.cast(event(kind, &rig.root.join("b.md"))).unwrap();
-        wait_for(|| !rig.chunk_q.is_empty()).await;
-        assert_eq!(rig.handed(), ["kb:b.md"]);
+        // A file written since, and a new version of the one on its way:
+        // on their way in, they hold nothing up.
         let version = rig.known.lock()["kb:a.md"].clone();
+        rig.write("b.md", "# B\n\nWritten after the scan.");
+        rig.write("a.md", "# A\n\nEdited while on its way.");
+        let kind = notify::EventKind::Create(notify::event::CreateKind::File);
+        for name in ["b.md", "a.md"] {
+            watcher.cast(event(kind, &rig.root.join(name))).unwrap();
+        }
+        wait_for(|| rig.chunk_q.len() == 2).await;
+        assert_eq!(rig.handed(), ["kb:a.md", "kb:b.md"]);
         rig.ledger
             .finish("kb:a.md", Some(&version), Outcome::Indexed);
         wait_for(|| !rig.index_q.is_empty()).await;
         assert_eq!(rig.deleted(), ["wiki:a.md"]);
-        assert_eq!(rig.ledger.status("kb:b.md"), Some(DocStatus::InFlight));
+        for id in ["kb:a.md", "kb:b.md"] {
+            assert_eq!(rig.ledger.status(id), Some(DocStatus::InFlight), "{id}");
+        }
         watcher.stop(None);
     }
 
