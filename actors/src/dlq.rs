@@ -98,12 +98,13 @@ pub trait DeadLetters: Send + Sync {
     /// usual case (no entry of the document) from memory.
     fn settle(&self, doc_id: &str, current: Option<&str>, how: Settled)
         -> anyhow::Result<Vec<u64>>;
-    /// The documents with an entry of a version waiting for a replay: a
-    /// full scan settles those whose file went while no ragd looked (see
-    /// `source_watcher::rescan`).
+    /// The documents with an entry waiting for a replay: a full scan
+    /// settles those whose file went while no ragd looked (see
+    /// `source_watcher::rescan`). Not "": a bus message with no key names
+    /// no document.
     fn waiting_docs(&self) -> Vec<String> {
         let entries = self.list().unwrap_or_default().into_iter();
-        let waiting = entries.filter(|e| e.waiting() && e.version.is_some());
+        let waiting = entries.filter(|e| e.waiting() && !e.doc_id.is_empty());
         let docs: BTreeSet<String> = waiting.map(|e| e.doc_id).collect();
         docs.into_iter().collect()
     }
@@ -303,7 +304,9 @@ impl Held {
 
     /// See [`DeadLetters::waiting_docs`].
     pub fn waiting_docs(&self) -> Vec<String> {
-        self.pending.keys().cloned().collect()
+        let docs = self.pending.keys().chain(self.unversioned.keys());
+        let named: BTreeSet<&String> = docs.filter(|d| !d.is_empty()).collect();
+        named.into_iter().cloned().collect()
     }
 
     /// The first entry holding `version` of `doc_id` still waiting for a
@@ -666,8 +669,8 @@ mod tests {
     /// An entry with no version (a deletion that failed every attempt, a
     /// bus message that named none) is settled by its document's next
     /// version or deletion, as one with a version is, and so after a
-    /// reopen. A full scan's list of documents to look at leaves it out:
-    /// a message with no key names no document a scan could find gone.
+    /// reopen. A full scan looks at its document (not at "": a message
+    /// with no key names none).
     #[test]
     fn an_entry_with_no_version_is_settled_by_its_documents_next_job() {
         let dir = tempfile::tempdir().unwrap();
@@ -681,7 +684,7 @@ mod tests {
         for doc in ["a", "b", "c", ""] {
             dlq.push(unversioned(doc)).unwrap();
         }
-        assert!(dlq.waiting_docs().is_empty());
+        assert_eq!(dlq.waiting_docs(), ["a", "b", "c"]);
         // (Reopened: the index is rebuilt from the log.)
         drop(dlq);
         let dlq = FileDlq::open(&path).unwrap();
