@@ -101,16 +101,17 @@ impl VersionPrunerStage {
         // citing removed text is not served (its sources are checked
         // against the store on every hit).
         self.cache.invalidate_all(removals).await;
-        if let Some(deleted) = &self.deleted {
-            for r in removals.iter().filter(|r| r.keep.is_none()) {
-                match (self.store)
-                    .keyed_texts_of(&r.doc_id, crate::embedder::deleted::PER_DOCUMENT)
-                    .await
-                {
-                    Ok(texts) => deleted.keep(texts),
-                    // Only a saving lost: the removal goes on.
-                    Err(e) => tracing::debug!(doc = %r.doc_id, "not kept for reuse: {e:#}"),
-                }
+        // What goes whole is kept for the embedder, in one read.
+        let whole: Vec<String> = (removals.iter())
+            .filter(|r| r.keep.is_none() && self.deleted.is_some())
+            .map(|r| r.doc_id.clone())
+            .collect();
+        if let (Some(deleted), false) = (&self.deleted, whole.is_empty()) {
+            let limit = crate::embedder::deleted::PER_BATCH;
+            match self.store.keyed_texts_of(&whole, limit).await {
+                Ok(texts) => deleted.keep(texts),
+                // Only a saving lost: the removal goes on.
+                Err(e) => tracing::debug!(docs = whole.len(), "not kept for reuse: {e:#}"),
             }
         }
         let removed = self.store.remove(removals).await?;

@@ -10,9 +10,10 @@ use quick_cache::sync::Cache;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The most chunks of one document kept: a 20 MB file has 25,000, which
-/// would push out every other document's.
-pub const PER_DOCUMENT: usize = 4096;
+/// The most chunks kept of one batch of removals (the pruner's): a 20 MB
+/// file has 25,000, which would push out every other document's, and
+/// reading them would hold up the removal.
+pub const PER_BATCH: usize = 4096;
 
 /// A text and its vector, under the text's key.
 type Entry = Arc<(String, Vec<f32>)>;

@@ -216,8 +216,8 @@ fn overwritable(docs: &[&DocMeta]) -> Filter {
 }
 
 impl EdgeStore {
-    /// Up to `limit` points `filter` matches that have a text key, with
-    /// their text and vector.
+    /// Up to `limit` points `filter` matches, with their text key, text
+    /// and vector (those without a key are left out, counted in `limit`).
     async fn keyed_where(&self, filter: Filter, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
         let (records, _) = self
             .blocking(move |s| {
@@ -801,12 +801,20 @@ impl VectorStore for EdgeStore {
         self.keyed_where(filter, limit).await
     }
 
-    async fn keyed_texts_of(&self, doc_id: &str, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
-        if limit == 0 {
+    async fn keyed_texts_of(
+        &self,
+        doc_ids: &[String],
+        limit: usize,
+    ) -> anyhow::Result<Vec<KeyedText>> {
+        if doc_ids.is_empty() || limit == 0 {
             return Ok(vec![]);
         }
-        self.keyed_where(Filter::new_must(eq("doc_id", doc_id)), limit)
-            .await
+        let filter = Filter {
+            must: Some(vec![any_of("doc_id", doc_ids)]),
+            must_not: Some(vec![Condition::IsEmpty(key("text_key").into())]),
+            ..Default::default()
+        };
+        self.keyed_where(filter, limit).await
     }
 
     async fn texts(&self, page: TextPage) -> anyhow::Result<(Vec<StoredText>, Option<u64>)> {

@@ -408,11 +408,15 @@ pub trait VectorStore: Send + Sync {
     /// of `keys`, of any document and partition, with their text and
     /// vector (see [`stored_vectors`]).
     async fn keyed_texts(&self, keys: &[i64], limit: usize) -> anyhow::Result<Vec<KeyedText>>;
-    /// Up to `limit` points of `doc_id` (any version) that have a text
-    /// key, with their text and vector: what the pruner keeps of a
-    /// document it deletes (see [`crate::embedder::deleted`]). A backend
+    /// Up to `limit` points of these documents (any version) that have a
+    /// text key, with their text and vector: what the pruner keeps of the
+    /// documents it deletes (see [`crate::embedder::deleted`]). A backend
     /// that cannot tell returns none: only a saving is lost.
-    async fn keyed_texts_of(&self, _doc_id: &str, _limit: usize) -> anyhow::Result<Vec<KeyedText>> {
+    async fn keyed_texts_of(
+        &self,
+        _doc_ids: &[String],
+        _limit: usize,
+    ) -> anyhow::Result<Vec<KeyedText>> {
         Ok(vec![])
     }
     /// One page of points in id order, from `page.from` on, with their

@@ -176,6 +176,10 @@ fn payload_str(p: &HashMap<String, Value>, k: &str) -> Option<String> {
     p.get(k).and_then(|v| v.as_str()).map(|s| s.to_string())
 }
 
+/// Points with vectors per scroll of [`QdrantStore::keyed_where`]: about
+/// a megabyte a reply (a 384-d vector and its chunk are ~2 KB).
+const KEYED_PAGE: usize = 512;
+
 impl QdrantStore {
     /// Connects, creates the collection (custom sharding, payload indexes)
     /// when it does not exist, and checks its vector size otherwise.
@@ -710,11 +714,16 @@ impl VectorStore for QdrantStore {
         self.keyed_where(filter, limit).await
     }
 
-    async fn keyed_texts_of(&self, doc_id: &str, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
-        if limit == 0 {
+    async fn keyed_texts_of(
+        &self,
+        doc_ids: &[String],
+        limit: usize,
+    ) -> anyhow::Result<Vec<KeyedText>> {
+        if doc_ids.is_empty() || limit == 0 {
             return Ok(vec![]);
         }
-        let filter = Filter::must([Condition::matches("doc_id", doc_id.to_string())]);
+        let mut filter = Filter::must([Condition::matches("doc_id", doc_ids.to_vec())]);
+        filter.must_not.push(Condition::is_empty("text_key"));
         self.keyed_where(filter, limit).await
     }
 
@@ -771,24 +780,30 @@ impl VectorStore for QdrantStore {
 }
 
 impl QdrantStore {
-    /// Up to `limit` points `filter` matches that have a text key, with
-    /// their text and vector.
+    /// Up to `limit` points `filter` matches, with their text key, text
+    /// and vector (those without a key are left out, counted in `limit`),
+    /// a page of [`KEYED_PAGE`] at a time: a server's replies are limited
+    /// in size.
     async fn keyed_where(&self, filter: Filter, limit: usize) -> anyhow::Result<Vec<KeyedText>> {
-        let req = ScrollPointsBuilder::new(&self.s.collection)
-            .filter(filter)
-            .limit(limit as u32)
-            .with_payload(PayloadIncludeSelector {
-                fields: vec!["text_key".into(), "text".into()],
-            })
-            .with_vectors(true)
-            .build();
-        let page = self
-            .call("scroll", || self.client.scroll(req.clone()))
-            .await?;
-        Ok(page
-            .result
-            .into_iter()
-            .filter_map(|p| {
+        let mut texts = Vec::new();
+        let (mut seen, mut from) = (0, None);
+        while seen < limit {
+            let mut req = ScrollPointsBuilder::new(&self.s.collection)
+                .filter(filter.clone())
+                .limit((limit - seen).min(KEYED_PAGE) as u32)
+                .with_payload(PayloadIncludeSelector {
+                    fields: vec!["text_key".into(), "text".into()],
+                })
+                .with_vectors(true);
+            if let Some(from) = from.take() {
+                req = req.offset(from);
+            }
+            let req = req.build();
+            let page = self
+                .call("scroll", || self.client.scroll(req.clone()))
+                .await?;
+            seen += page.result.len();
+            texts.extend(page.result.into_iter().filter_map(|p| {
                 let key = p.payload.get("text_key")?.as_integer()?;
                 let text = payload_str(&p.payload, "text")?;
                 Some(KeyedText {
@@ -796,8 +811,13 @@ impl QdrantStore {
                     text,
                     vector: dense(p.vectors)?,
                 })
-            })
-            .collect())
+            }));
+            match page.next_page_offset {
+                Some(next) => from = Some(next),
+                None => break,
+            }
+        }
+        Ok(texts)
     }
 
     /// The points `filter` matches (every point with none), over every
