@@ -256,10 +256,11 @@ fn decode_text(bytes: &[u8], format: Format) -> Result<String, ParseError> {
 /// little-endian, at even ones big-endian), and hardly any in the others.
 /// Binary data rarely looks like that, and what does is read as control
 /// characters and skipped all the same. Chinese, Japanese or Korean text
-/// has few NULs, from its line breaks, spaces and digits, but those on
-/// one side too; it is taken as UTF-16 when it then reads as text in
-/// nearly every unit (see [`reads_as_text`]). Text in a legacy encoding
-/// has no NUL at all.
+/// has few NULs, from its line breaks, spaces and digits (and a few
+/// characters such as '一'); it is taken as UTF-16 in the byte order in
+/// which it then reads as text in nearly every unit (see
+/// [`reads_as_text`]), if only one. Text in a legacy encoding has no NUL
+/// at all.
 fn unmarked_utf16(probe: &[u8]) -> Option<&'static encoding_rs::Encoding> {
     let units = probe.len() / 2;
     if units < 2 {
@@ -281,20 +282,29 @@ fn unmarked_utf16(probe: &[u8]) -> Option<&'static encoding_rs::Encoding> {
     } else if mostly(even) && hardly(odd) {
         Some(encoding_rs::UTF_16BE)
     } else {
-        // (A CJK character's low byte is NUL one time in 256: a few on the
-        // other side.)
-        let one_side = |nuls: usize, other: usize| nuls >= 2 && other * 4 <= nuls;
-        let side = if one_side(odd, even) {
-            encoding_rs::UTF_16LE
-        } else if one_side(even, odd) {
-            encoding_rs::UTF_16BE
-        } else {
+        // ASCII (or UTF-8) with a few stray NULs is no UTF-16: nearly
+        // every unit of it is two printable ASCII bytes, which CJK text has
+        // in a fifth of its units or fewer (and read as UTF-16, ASCII
+        // pairs are CJK ideographs: letters).
+        let ascii = |b: u8| matches!(b, b' '..=b'~' | b'\t' | b'\n' | b'\r');
+        let pairs = (probe.chunks_exact(2))
+            .filter(|p| ascii(p[0]) && ascii(p[1]))
+            .count();
+        if even + odd < 2 || pairs * 4 >= units * 3 {
             return None;
+        }
+        // Either order: a CJK character's low byte is NUL too now and then
+        // ('一', U+3000's ideographic space), so both sides may have some.
+        // The order whose text reads as text, if only one does. (A probe
+        // cut mid-pair ends in a replacement character: one in thousands.)
+        let reads = |e: &'static encoding_rs::Encoding| {
+            reads_as_text(&e.decode_without_bom_handling(&probe[..units * 2]).0)
         };
-        // (A probe cut mid-pair ends in a replacement character: one in
-        // thousands, within what `reads_as_text` lets pass.)
-        let (text, _) = side.decode_without_bom_handling(&probe[..units * 2]);
-        reads_as_text(&text).then_some(side)
+        match (reads(encoding_rs::UTF_16LE), reads(encoding_rs::UTF_16BE)) {
+            (true, false) => Some(encoding_rs::UTF_16LE),
+            (false, true) => Some(encoding_rs::UTF_16BE),
+            _ => None,
+        }
     }
 }
 
@@ -1176,6 +1186,9 @@ mod tests {
             "停车场午夜关闭。\n请在晚上十一点前取车，2 号门除外。\n",
             "駐車場は深夜に閉まります。\n23 時までに車を出してください。\n",
             "주차장은 자정에 닫습니다.\n오후 11시 전에 차를 빼 주세요.\n",
+            // NULs on both sides: '一' and the ideographic space have theirs
+            // in the low byte.
+            "　一月一日停车场关闭。\n一号门一直开放。\n",
         ] {
             let le: Vec<u8> = cjk.encode_utf16().flat_map(u16::to_le_bytes).collect();
             let be: Vec<u8> = cjk.encode_utf16().flat_map(u16::to_be_bytes).collect();
@@ -1192,6 +1205,15 @@ mod tests {
                 }
             }
         }
+        // ASCII with a few stray NULs is not UTF-16 (read so, it would be
+        // CJK ideographs).
+        let stray = [
+            &b"Bicycles go in the basement rack, "[..],
+            b"\0\0",
+            b"caf\xc3\xa9 on the 2nd floor.",
+        ]
+        .concat();
+        assert_eq!(unmarked_utf16(&stray), None);
         // Binary data with NULs on one side does not read as text.
         let binary: Vec<u8> = (0..4096u32)
             .flat_map(|i| {
