@@ -25,7 +25,8 @@ pub struct VersionPrunerStage {
 }
 
 /// The most events the pruner takes at once: one store call (a scroll,
-/// paged, and at most one delete) prunes them all.
+/// paged, and at most one delete) prunes them all (and, on a node that
+/// embeds, one read keeps what goes whole).
 pub const PRUNE_BATCH: usize = 64;
 
 impl Stage for VersionPrunerStage {
@@ -102,11 +103,11 @@ impl VersionPrunerStage {
         // against the store on every hit).
         self.cache.invalidate_all(removals).await;
         // What goes whole is kept for the embedder, in one read.
-        let whole: Vec<String> = (removals.iter())
-            .filter(|r| r.keep.is_none() && self.deleted.is_some())
-            .map(|r| r.doc_id.clone())
-            .collect();
-        if let (Some(deleted), false) = (&self.deleted, whole.is_empty()) {
+        if let Some(deleted) = &self.deleted {
+            let whole: Vec<String> = (removals.iter())
+                .filter(|r| r.keep.is_none())
+                .map(|r| r.doc_id.clone())
+                .collect();
             let limit = crate::embedder::deleted::PER_BATCH;
             match self.store.keyed_texts_of(&whole, limit).await {
                 Ok(texts) => deleted.keep(texts),

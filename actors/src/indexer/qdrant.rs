@@ -802,6 +802,9 @@ impl QdrantStore {
             let page = self
                 .call("scroll", || self.client.scroll(req.clone()))
                 .await?;
+            if page.result.is_empty() {
+                break;
+            }
             seen += page.result.len();
             texts.extend(page.result.into_iter().filter_map(|p| {
                 let key = p.payload.get("text_key")?.as_integer()?;
