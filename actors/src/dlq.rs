@@ -216,46 +216,14 @@ impl Held {
             return;
         }
         let Some(version) = e.version.as_ref() else {
-            if add {
-                let ids = self.unversioned.entry(e.doc_id.clone()).or_default();
-                ids.insert(e.id);
-            } else if let Some(ids) = self.unversioned.get_mut(&e.doc_id) {
-                ids.remove(&e.id);
-                if ids.is_empty() {
-                    self.unversioned.remove(&e.doc_id);
-                }
-            }
+            file_id(&mut self.unversioned, &e.doc_id, e.id, add);
             return;
         };
-        if add {
-            self.pending
-                .entry(e.doc_id.clone())
-                .or_default()
-                .entry(version.clone())
-                .or_default()
-                .insert(e.id);
-            self.by_version
-                .entry(version.clone())
-                .or_default()
-                .insert(e.id);
-            return;
-        }
-        if let Some(versions) = self.pending.get_mut(&e.doc_id) {
-            if let Some(ids) = versions.get_mut(version) {
-                ids.remove(&e.id);
-                if ids.is_empty() {
-                    versions.remove(version);
-                }
-            }
-            if versions.is_empty() {
-                self.pending.remove(&e.doc_id);
-            }
-        }
-        if let Some(ids) = self.by_version.get_mut(version) {
-            ids.remove(&e.id);
-            if ids.is_empty() {
-                self.by_version.remove(version);
-            }
+        file_id(&mut self.by_version, version, e.id, add);
+        let versions = self.pending.entry(e.doc_id.clone()).or_default();
+        file_id(versions, version, e.id, add);
+        if versions.is_empty() {
+            self.pending.remove(&e.doc_id);
         }
     }
 
@@ -527,6 +495,19 @@ impl DlqEntry {
             payload: job.payload(),
             replayed: false,
             settled: None,
+        }
+    }
+}
+
+/// Adds entry `id` under `key` in one of [`Held`]'s indexes, or takes it
+/// out (and the key with its last entry).
+fn file_id(index: &mut HashMap<String, BTreeSet<u64>>, key: &str, id: u64, add: bool) {
+    if add {
+        index.entry(key.to_string()).or_default().insert(id);
+    } else if let Some(ids) = index.get_mut(key) {
+        ids.remove(&id);
+        if ids.is_empty() {
+            index.remove(key);
         }
     }
 }
