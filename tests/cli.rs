@@ -172,13 +172,8 @@ fn a_renamed_source_reuses_its_vectors() {
     let index = d.admin_json("/index");
     assert_eq!((&index["points"], &index["hidden"]), (&2.into(), &0.into()));
     let hits = d.ask_top(HR_TOKEN, question, 5);
-    let ids: Vec<&str> = hits["sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["doc_id"].as_str().unwrap())
-        .collect();
-    assert!(ids.contains(&"handbook:hr/leave.md"), "{hits}");
+    let ids = source_doc_ids(&hits);
+    assert!(ids.contains(&"handbook:hr/leave.md".to_string()), "{hits}");
     assert!(ids.iter().all(|id| id.starts_with("handbook:")), "{hits}");
     assert!(d.sigterm().success());
 
@@ -217,12 +212,7 @@ fn a_renamed_source_with_new_partitions_reuses_its_vectors() {
     );
     let mut d = ws.start();
     let hits = d.ask_top(ENG_TOKEN, "when is the build cache cleaned?", 5);
-    let ids: Vec<&str> = hits["sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["doc_id"].as_str().unwrap())
-        .collect();
+    let ids = source_doc_ids(&hits);
     assert_eq!(ids, ["handbook:eng/build.txt"], "{hits}");
     assert_eq!(hits["sources"][0]["access_level"], "public", "{hits}");
     let index = d.admin_json("/index");

@@ -392,11 +392,19 @@ impl Drop for Daemon {
 }
 
 pub fn source_uris(resp: &serde_json::Value) -> Vec<String> {
+    source_field(resp, "uri")
+}
+
+pub fn source_doc_ids(resp: &serde_json::Value) -> Vec<String> {
+    source_field(resp, "doc_id")
+}
+
+fn source_field(resp: &serde_json::Value, field: &str) -> Vec<String> {
     resp["sources"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s["uri"].as_str().unwrap().to_string())
+        .map(|s| s[field].as_str().unwrap().to_string())
         .collect()
 }
 
