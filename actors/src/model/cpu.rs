@@ -79,9 +79,8 @@ pub fn gemm_backend() -> Gemm {
     }
 }
 
-/// The GEMM for products of `rows` rows. OpenBLAS costs more per call
-/// than the gemm crate, which wins below ~32 rows: short texts one at a
-/// time ran 1.5x faster on the crate (BENCHMARKS.md).
+/// The GEMM for an attention product of `rows` rows. OpenBLAS costs more
+/// per call than the gemm crate, which wins below ~32 rows.
 fn gemm_for(rows: usize) -> Gemm {
     if rows < 32 {
         Gemm::Crate
@@ -90,10 +89,66 @@ fn gemm_for(rows: usize) -> Gemm {
     }
 }
 
+/// The GEMM for a dense layer of `rows` rows. Below 32 rows (a question,
+/// a short text alone) the faster of the two on this CPU, measured once:
+/// on a 2-core AVX-512 machine the gemm crate ran short texts one at a
+/// time 1.5× faster than OpenBLAS, on a 2-core AVX2 one OpenBLAS ran them
+/// 1.7× faster than the crate (BENCHMARKS.md).
+fn dense_gemm_for(rows: usize) -> Gemm {
+    static FEW_ROWS: OnceLock<Gemm> = OnceLock::new();
+    match gemm_backend() {
+        Gemm::Blas(_) if rows < 32 => *FEW_ROWS.get_or_init(faster_on_few_rows),
+        g => g,
+    }
+}
+
+/// Times both GEMMs on one thread's share of a short text's widest dense
+/// layer ([16, 384] · [384, 768]), best of five rounds of four calls each
+/// (a few milliseconds, once a process), and keeps the faster.
+fn faster_on_few_rows() -> Gemm {
+    let blas = gemm_backend();
+    let (m, k, n) = (16, 384, 768);
+    let (a, b, mut c) = (vec![0.5f32; m * k], vec![0.25f32; k * n], vec![0f32; m * n]);
+    let mut time = |g: Gemm| {
+        let t = std::time::Instant::now();
+        for _ in 0..4 {
+            // SAFETY: a is [m, k], b is [k, n] and c is [m, n], dense.
+            unsafe {
+                sgemm(
+                    g,
+                    (m, n, k),
+                    1.0,
+                    (a.as_ptr(), k),
+                    (b.as_ptr(), n, false),
+                    (c.as_mut_ptr(), n),
+                )
+            };
+        }
+        t.elapsed()
+    };
+    let (mut on_blas, mut on_crate) = (std::time::Duration::MAX, std::time::Duration::MAX);
+    for _ in 0..5 {
+        on_blas = on_blas.min(time(blas));
+        on_crate = on_crate.min(time(Gemm::Crate));
+    }
+    tracing::debug!(?on_blas, ?on_crate, "GEMMs of a few rows timed");
+    if on_blas < on_crate {
+        blas
+    } else {
+        Gemm::Crate
+    }
+}
+
 /// For logs and benchmark labels.
 pub fn gemm_name() -> String {
     match gemm_backend() {
-        Gemm::Blas(b) => format!("OpenBLAS ({})", b.path),
+        Gemm::Blas(b) => {
+            let few = match dense_gemm_for(1) {
+                Gemm::Blas(_) => "OpenBLAS too",
+                Gemm::Crate => "the gemm crate",
+            };
+            format!("OpenBLAS ({}); fewer than 32 rows on {few}", b.path)
+        }
         Gemm::Crate => "gemm crate".into(),
     }
 }
@@ -245,6 +300,14 @@ pub unsafe fn sgemm(
     }
 }
 
+/// Below this many rows a dense layer splits its output columns over the
+/// threads rather than its rows: split by rows, a short question (~15
+/// rows) leaves each thread a GEMM of 7 or 8 rows that still reads the
+/// whole weight; split by columns, each thread multiplies every row by
+/// its share of the weight. (Short texts one at a time: 1.3× faster on
+/// OpenBLAS, no change on the gemm crate; BENCHMARKS.md.)
+const COLUMN_SPLIT_BELOW: usize = 64;
+
 /// A dense layer's weight ([in, out], burn's layout) and bias. The weight
 /// is the burn parameter's own flex buffer, shared, not a copy.
 pub struct HostLinear {
@@ -276,15 +339,20 @@ impl HostLinear {
 
     /// out = x·W ([rows, in] · [in, out]), no bias. The rows are split
     /// evenly over rayon's threads, one single-threaded GEMM each (as fast
-    /// as a threaded GEMM on large batches, and faster on a few rows), into
+    /// as a threaded GEMM on large batches), or the columns for fewer than
+    /// [`COLUMN_SPLIT_BELOW`] rows, into
     /// an output buffer reused across layers, where flex would allocate
     /// (and page-fault) a fresh one per call.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
         let rows = x.len() / self.d_in;
         assert_eq!(out.len(), rows * self.d_out, "output is [rows, out]");
         let w = self.weight.as_slice::<f32>().expect("checked in new");
-        let per_task = rows.div_ceil(rayon::current_num_threads()).max(1);
-        let g = gemm_for(per_task);
+        let threads = rayon::current_num_threads();
+        if threads > 1 && rows < COLUMN_SPLIT_BELOW {
+            return self.matmul_by_columns(x, w, out, threads);
+        }
+        let per_task = rows.div_ceil(threads).max(1);
+        let g = dense_gemm_for(per_task);
         out.par_chunks_mut(per_task * self.d_out)
             .zip(x.par_chunks(per_task * self.d_in))
             .for_each(|(out, x)| {
@@ -299,6 +367,36 @@ impl HostLinear {
                         (x.as_ptr(), self.d_in),
                         (w.as_ptr(), self.d_out, false),
                         (out.as_mut_ptr(), self.d_out),
+                    )
+                };
+            });
+    }
+
+    /// [`Self::matmul`] of a few rows: the output columns in blocks, one
+    /// per thread.
+    fn matmul_by_columns(&self, x: &[f32], w: &[f32], out: &mut [f32], threads: usize) {
+        let rows = x.len() / self.d_in;
+        // Column blocks of a multiple of 16 (whole SIMD registers).
+        let per_task = self.d_out.div_ceil(threads).next_multiple_of(16);
+        let g = dense_gemm_for(rows);
+        let out_at = SharedOut(out.as_mut_ptr());
+        (0..self.d_out.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|t| {
+                let start = t * per_task;
+                let n = per_task.min(self.d_out - start);
+                // SAFETY: x is [rows, d_in]; the block is columns start..start+n
+                // of w ([d_in, d_out]) and of out ([rows, d_out]), row-major with
+                // leading dimension d_out, in bounds; the tasks' column blocks
+                // are disjoint, so no two write the same element.
+                unsafe {
+                    sgemm(
+                        g,
+                        (rows, n, self.d_in),
+                        1.0,
+                        (x.as_ptr(), self.d_in),
+                        (w.as_ptr().add(start), self.d_out, false),
+                        (out_at.at(start), self.d_out),
                     )
                 };
             });
@@ -396,8 +494,9 @@ const ROWS_PER_TASK: usize = 32;
 /// A pointer that rayon tasks share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
-// SAFETY: every task writes its own (text, head) block and nothing reads the
-// buffer until all tasks are done.
+// SAFETY: every task writes its own block (a (text, head) block of the
+// attention context, a column block of a dense layer's output) and nothing
+// reads the buffer until all tasks are done.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
@@ -742,6 +841,39 @@ mod tests {
                         let got = c[i * ldc + j];
                         assert!((got - want).abs() < 1e-5, "c[{i},{j}] = {got}, want {want}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A few rows are split by columns (into blocks of 16, the last one
+    /// short), many by rows; both give the plain product.
+    #[test]
+    fn a_dense_layer_gives_the_product_however_it_splits() {
+        use burn::tensor::{Tensor, TensorData};
+        let (d_in, d_out) = (24, 40);
+        let w: Vec<f32> = (0..d_in * d_out).map(|i| (i as f32 * 0.13).sin()).collect();
+        let data = TensorData::new(w.clone(), [d_in, d_out]);
+        let t = Tensor::<crate::model::Cpu, 2>::from_data(data, &Default::default());
+        let prim: Box<dyn std::any::Any> = Box::new(t.into_primitive().tensor());
+        let weight = *prim.downcast::<FlexTensor>().unwrap();
+        let linear = HostLinear::new(weight, vec![0.0; d_out]).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for rows in [1, 5, 31, COLUMN_SPLIT_BELOW + 6] {
+            let x: Vec<f32> = (0..rows * d_in).map(|i| (i as f32 * 0.29).cos()).collect();
+            let mut out = vec![f32::NAN; rows * d_out];
+            pool.install(|| linear.matmul(&x, &mut out));
+            for i in 0..rows {
+                for j in 0..d_out {
+                    let want: f32 = (0..d_in).map(|p| x[i * d_in + p] * w[p * d_out + j]).sum();
+                    let got = out[i * d_out + j];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "{rows} rows: [{i},{j}] = {got}, want {want}"
+                    );
                 }
             }
         }
