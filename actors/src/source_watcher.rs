@@ -3612,6 +3612,49 @@ mod tests {
         watcher.stop(None);
     }
 
+    /// On a daemon with several sources, a document of a source no longer
+    /// configured waits for every source's first scan, not only the first
+    /// one's: the renamed source may be the last whose watch is set up,
+    /// and its new names' embedding reuses the document's vectors. Then it
+    /// waits for them to be through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_document_of_a_source_no_longer_configured_waits_for_every_first_scan() {
+        let rig = Rig::new();
+        let wiki = rig.other_source("wiki");
+        std::fs::write(
+            wiki.root.join("a.md"),
+            "# A\n\nThe text the renamed source kept.",
+        )
+        .unwrap();
+        let setup = setup_of(&wiki.root);
+        hold(&setup);
+        let mut args = rig.args(true);
+        args.sources.push(wiki.clone());
+        args.delete_grace = Duration::from_millis(200);
+        args.hang_after = Duration::from_secs(5);
+        rig.known.lock().insert("old:a.md".into(), "v0".into());
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        // kb (empty) is scanned, which finds old:a.md gone; wiki's watch
+        // is still being set up, well past the grace.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rig.stats.status(), "scanning");
+        assert!(rig.deleted().is_empty(), "gone before wiki was scanned");
+        assert_eq!(let_go(&setup), 1);
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["wiki:a.md"]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            rig.deleted().is_empty(),
+            "gone while wiki:a.md was on its way"
+        );
+        let version = rig.known.lock()["wiki:a.md"].clone();
+        rig.ledger
+            .finish("wiki:a.md", Some(&version), Outcome::Indexed);
+        wait_for(|| !rig.index_q.is_empty()).await;
+        assert_eq!(rig.deleted(), ["old:a.md"]);
+        watcher.stop(None);
+    }
+
     /// `rm -rf site && build site`: the debouncer folds the removals under
     /// the folder into one event for the folder, which by then exists
     /// again. What it no longer holds is deleted; what it holds is
