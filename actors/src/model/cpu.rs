@@ -93,7 +93,7 @@ fn gemm_for(rows: usize) -> Gemm {
 /// a short text alone) the faster of the two on this CPU, measured once:
 /// on a 2-core AVX-512 machine the gemm crate ran short texts one at a
 /// time 1.5× faster than OpenBLAS, on a 2-core AVX2 one OpenBLAS ran them
-/// 1.7× faster than the crate (BENCHMARKS.md).
+/// 1.5× faster than the crate (2× with the columns split; BENCHMARKS.md).
 fn dense_gemm_for(rows: usize) -> Gemm {
     static FEW_ROWS: OnceLock<Gemm> = OnceLock::new();
     match gemm_backend() {
@@ -102,8 +102,8 @@ fn dense_gemm_for(rows: usize) -> Gemm {
     }
 }
 
-/// Times both GEMMs on one thread's share of a short text's widest dense
-/// layer ([16, 384] · [384, 768]), best of five rounds of four calls each
+/// Times both GEMMs on a share of a short text's widest dense layer
+/// ([16, 384] · [384, 768], one thread's of two), best of five rounds of four calls each
 /// (a few milliseconds, once a process), and keeps the faster.
 fn faster_on_few_rows() -> Gemm {
     let blas = gemm_backend();
@@ -147,7 +147,10 @@ pub fn gemm_name() -> String {
                 Gemm::Blas(_) => "OpenBLAS too",
                 Gemm::Crate => "the gemm crate",
             };
-            format!("OpenBLAS ({}); fewer than 32 rows on {few}", b.path)
+            format!(
+                "OpenBLAS ({}); dense layers of fewer than 32 rows on {few}",
+                b.path
+            )
         }
         Gemm::Crate => "gemm crate".into(),
     }
