@@ -103,8 +103,9 @@ fn dense_gemm_for(rows: usize) -> Gemm {
 }
 
 /// Times both GEMMs on a share of a short text's widest dense layer
-/// ([16, 384] · [384, 768], one thread's of two), best of five rounds of four calls each
-/// (a few milliseconds, once a process), and keeps the faster.
+/// ([16, 384] · [384, 768], one thread's of two), best of five rounds of
+/// four calls each (a few milliseconds, once a process), and keeps the
+/// faster.
 fn faster_on_few_rows() -> Gemm {
     let blas = gemm_backend();
     let (m, k, n) = (16, 384, 768);
@@ -343,9 +344,9 @@ impl HostLinear {
     /// out = x·W ([rows, in] · [in, out]), no bias. The rows are split
     /// evenly over rayon's threads, one single-threaded GEMM each (as fast
     /// as a threaded GEMM on large batches), or the columns for fewer than
-    /// [`COLUMN_SPLIT_BELOW`] rows, into
-    /// an output buffer reused across layers, where flex would allocate
-    /// (and page-fault) a fresh one per call.
+    /// [`COLUMN_SPLIT_BELOW`] rows, into an output buffer reused across
+    /// layers, where flex would allocate (and page-fault) a fresh one per
+    /// call.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
         let rows = x.len() / self.d_in;
         assert_eq!(out.len(), rows * self.d_out, "output is [rows, out]");
