@@ -28,7 +28,7 @@ mkdir -p "$work/kb/notes"
 reranker="${RERANKER:-}"
 if [ "$reranker" = minilm ]; then
   reranker="$HOME/.cache/ragd/minilm-cross-encoder"
-  [ -f "$reranker/model.safetensors" ] || python3 ops/bench/make_cross_encoder.py models/all-MiniLM-L6-v2 "$reranker"
+  [ -f "$reranker/model.safetensors" ] || "$(./ops/bench/numpy-python.sh)" ops/bench/make_cross_encoder.py models/all-MiniLM-L6-v2 "$reranker"
 fi
 if [ ! -f "$work/kb/notes/note-$(printf %05d $((notes - 1))).txt" ]; then
   python3 - "$work/kb/notes" "$notes" <<'PY'

@@ -37,7 +37,7 @@ for pair in "parity:$parity" "embed:$embed"; do
 done
 
 m=models/all-MiniLM-L6-v2
-python3 ops/bench/safetensors_np.py "$m/model.safetensors" "$out/model/model.safetensors" f16
+"$(./ops/bench/numpy-python.sh)" ops/bench/safetensors_np.py "$m/model.safetensors" "$out/model/model.safetensors" f16
 cp "$m"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt,modules.json,sentence_bert_config.json,config_sentence_transformers.json} "$out/model/"
 cp "$m/1_Pooling/config.json" "$out/model/1_Pooling/"
 cp "$fixtures/minilm-l6-v2-reference.jsonl" "$out/fixtures/"
