@@ -19,8 +19,8 @@
 //! * the dense layers' GEMMs write into buffers reused by every layer.
 //!
 //! The loops are compiled for AVX-512 and AVX2 as well as the baseline and
-//! picked at run time (`multiversion`), so they vectorise on the CPUs that
-//! have them without building for one CPU.
+//! picked at run time (`multiversion`, through `simd_versions!`), so they
+//! vectorise on the CPUs that have them without building for one CPU.
 //!
 //! The GEMMs run on OpenBLAS when the process can load it (see [`gemm_name`]):
 //! on this project's machine its single-threaded sgemm does ~120 GFLOP/s a
@@ -602,59 +602,73 @@ pub fn bias_residual_norm(y: &mut [f32], bias: &[f32], residual: &[f32], norm: &
         .for_each(|(rows, res)| bias_residual_norm_rows(rows, bias, res, norm));
 }
 
-#[multiversion(targets = "simd")]
-fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
-    for row in x.chunks_exact_mut(bias.len()) {
-        for (v, b) in row.iter_mut().zip(bias) {
-            *v += b;
-        }
-    }
+/// Compiles each row kernel for AVX-512, AVX2 and SSE4.2 (NEON on ARM) as
+/// well as the baseline; the CPU picks at run time. Not multiversion's
+/// `targets = "simd"`: its list leaves AVX-512 out (commented out in
+/// multiversion-macros 0.8.1), so an AVX-512 CPU ran the AVX2 build.
+macro_rules! simd_versions {
+    ($($f:item)*) => {$(
+        #[multiversion(targets(
+            "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+            "x86_64+avx2+fma",
+            "x86_64+sse4.2",
+            "aarch64+neon"
+        ))]
+        $f
+    )*};
 }
 
-#[multiversion(targets = "simd")]
-fn bias_gelu_rows(x: &mut [f32], bias: &[f32]) {
-    for row in x.chunks_exact_mut(bias.len()) {
-        for (v, b) in row.iter_mut().zip(bias) {
-            *v = gelu(*v + b);
-        }
-    }
-}
-
-#[multiversion(targets = "simd")]
-fn bias_residual_norm_rows(y: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm) {
-    let w = bias.len();
-    for (row, res) in y.chunks_exact_mut(w).zip(residual.chunks_exact(w)) {
-        for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
-            *v += b + r;
-        }
-        // Two passes (mean, then the mean square deviation), as PyTorch
-        // computes it: one-pass E[x²] - E[x]² loses digits when |mean| ≫ std.
-        let mean = sum(row) / w as f32;
-        let mut dev = [0f32; LANES];
-        for c in row.chunks(LANES) {
-            for (a, v) in dev.iter_mut().zip(c) {
-                *a += (v - mean) * (v - mean);
+simd_versions! {
+    fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
             }
         }
-        let var = dev.iter().sum::<f32>() / w as f32;
-        let inv = 1.0 / (var + norm.eps).sqrt();
-        for ((v, g), b) in row.iter_mut().zip(norm.gamma).zip(norm.beta) {
-            *v = (*v - mean) * inv * g + b;
+    }
+
+    fn bias_gelu_rows(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v = gelu(*v + b);
+            }
         }
     }
-}
 
-/// Softmax of each `l`-wide row, in place.
-#[multiversion(targets = "simd")]
-fn softmax_rows(s: &mut [f32], l: usize) {
-    for row in s.chunks_exact_mut(l) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for v in row.iter_mut() {
-            *v = exp_non_positive(*v - max);
+    fn bias_residual_norm_rows(y: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm) {
+        let w = bias.len();
+        for (row, res) in y.chunks_exact_mut(w).zip(residual.chunks_exact(w)) {
+            for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
+                *v += b + r;
+            }
+            // Two passes (mean, then the mean square deviation), as PyTorch
+            // computes it: one-pass E[x²] - E[x]² loses digits when |mean| ≫ std.
+            let mean = sum(row) / w as f32;
+            let mut dev = [0f32; LANES];
+            for c in row.chunks(LANES) {
+                for (a, v) in dev.iter_mut().zip(c) {
+                    *a += (v - mean) * (v - mean);
+                }
+            }
+            let var = dev.iter().sum::<f32>() / w as f32;
+            let inv = 1.0 / (var + norm.eps).sqrt();
+            for ((v, g), b) in row.iter_mut().zip(norm.gamma).zip(norm.beta) {
+                *v = (*v - mean) * inv * g + b;
+            }
         }
-        let inv = 1.0 / sum(row);
-        for v in row.iter_mut() {
-            *v *= inv;
+    }
+
+    /// Softmax of each `l`-wide row, in place.
+    fn softmax_rows(s: &mut [f32], l: usize) {
+        for row in s.chunks_exact_mut(l) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in row.iter_mut() {
+                *v = exp_non_positive(*v - max);
+            }
+            let inv = 1.0 / sum(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
         }
     }
 }
