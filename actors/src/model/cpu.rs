@@ -93,7 +93,8 @@ fn gemm_for(rows: usize) -> Gemm {
 /// a short text alone) the faster of the two on this CPU, measured once:
 /// on a 2-core AVX-512 machine the gemm crate ran short texts one at a
 /// time 1.5× faster than OpenBLAS, on a 2-core AVX2 one OpenBLAS ran them
-/// 1.5× faster than the crate (2× with the columns split; BENCHMARKS.md).
+/// 1.5× faster than the crate (2× with the columns split), and on a 2-core
+/// AVX-512 Zen 4 2.4× (BENCHMARKS.md).
 fn dense_gemm_for(rows: usize) -> Gemm {
     static FEW_ROWS: OnceLock<Gemm> = OnceLock::new();
     match gemm_backend() {
@@ -644,13 +645,7 @@ simd_versions! {
             // Two passes (mean, then the mean square deviation), as PyTorch
             // computes it: one-pass E[x²] - E[x]² loses digits when |mean| ≫ std.
             let mean = sum(row) / w as f32;
-            let mut dev = [0f32; LANES];
-            for c in row.chunks(LANES) {
-                for (a, v) in dev.iter_mut().zip(c) {
-                    *a += (v - mean) * (v - mean);
-                }
-            }
-            let var = dev.iter().sum::<f32>() / w as f32;
+            let var = fold_lanes(row, 0.0, |v| (v - mean) * (v - mean), |a, b| a + b) / w as f32;
             let inv = 1.0 / (var + norm.eps).sqrt();
             for ((v, g), b) in row.iter_mut().zip(norm.gamma).zip(norm.beta) {
                 *v = (*v - mean) * inv * g + b;
@@ -661,7 +656,7 @@ simd_versions! {
     /// Softmax of each `l`-wide row, in place.
     fn softmax_rows(s: &mut [f32], l: usize) {
         for row in s.chunks_exact_mut(l) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = fold_lanes(row, f32::NEG_INFINITY, |v| v, f32::max);
             for v in row.iter_mut() {
                 *v = exp_non_positive(*v - max);
             }
@@ -673,20 +668,40 @@ simd_versions! {
     }
 }
 
-/// Independent accumulators for a sum: a single one is a chain of dependent
-/// adds that the compiler may not reorder (float addition is not
-/// associative), so it would neither vectorise nor pipeline.
+/// Independent accumulators for a reduction: a single one is a chain of
+/// dependent operations that the compiler may not reorder (float addition is
+/// not associative, and `max` must keep NaN's rules), so it would neither
+/// vectorise nor pipeline.
 const LANES: usize = 16;
+
+/// `combine` over `map` of every element, with LANES accumulators. Whole
+/// chunks only in the main loop and the tail on its own: with a short last
+/// chunk inside the loop the accumulators lived on the stack, and the
+/// store and reload was a quarter of softmax's time (perf annotate).
+#[inline(always)]
+fn fold_lanes(
+    x: &[f32],
+    init: f32,
+    map: impl Fn(f32) -> f32,
+    combine: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut acc = [init; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = combine(*a, map(*v));
+        }
+    }
+    let whole = acc.into_iter().fold(init, &combine);
+    chunks
+        .remainder()
+        .iter()
+        .fold(whole, |a, v| combine(a, map(*v)))
+}
 
 #[inline(always)]
 fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    for c in x.chunks(LANES) {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
-        }
-    }
-    acc.iter().sum()
+    fold_lanes(x, 0.0, |v| v, |a, b| a + b)
 }
 
 /// 0.5·x·(1 + erf(x/√2)), the exact GELU BERT defines, with erf by
@@ -762,7 +777,9 @@ mod tests {
     fn packed_attention_matches_a_scalar_reference() {
         let (heads, h) = (3, 12);
         let d = h / heads;
-        let lens = [5usize, 1, 9];
+        // 37: a softmax row of whole 16-lane chunks and a tail.
+        let lens = [5usize, 1, 37];
+        let width = 37;
         let total: usize = lens.iter().sum();
         let mut x = 0x1234_5678u32;
         let qkv: Vec<f32> = (0..total * 3 * h)
@@ -773,11 +790,11 @@ mod tests {
                 (x % 2001) as f32 / 1000.0 - 1.0
             })
             .collect();
-        let mut mask = vec![0.0; lens.len() * 9];
+        let mut mask = vec![0.0; lens.len() * width];
         for (r, l) in lens.iter().enumerate() {
-            mask[r * 9..r * 9 + l].fill(1.0);
+            mask[r * width..r * width + l].fill(1.0);
         }
-        let p = Packing::from_mask(&mask, lens.len(), 9);
+        let p = Packing::from_mask(&mask, lens.len(), width);
         let got = attention(&qkv, &p, heads, h);
         let at =
             |t: usize, part: usize, hd: usize, i: usize| qkv[t * 3 * h + part * h + hd * d + i];
@@ -897,9 +914,38 @@ mod tests {
         }
     }
 
+    /// Every length from none to three chunks and a tail: the 16-lane
+    /// loop, the tail, and the largest element in either.
+    #[test]
+    fn lane_reductions_match_plain_ones_at_every_length() {
+        for n in 0..=50 {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 101) as f32 * 0.37 - 20.0)
+                .collect();
+            let want_sum: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!((sum(&x) as f64 - want_sum).abs() < 1e-3, "sum of {n}");
+            let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(
+                fold_lanes(&x, f32::NEG_INFINITY, |v| v, f32::max),
+                want_max,
+                "max of {n}"
+            );
+            for top in 0..n {
+                let mut y = x.clone();
+                y[top] = 1e3;
+                assert_eq!(
+                    fold_lanes(&y, f32::NEG_INFINITY, |v| v, f32::max),
+                    1e3,
+                    "max at {top} of {n}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fused_norm_matches_a_two_pass_layer_norm() {
-        let w = 8;
+        // 40 columns: two whole 16-lane chunks and a tail.
+        let w = 40;
         let y0: Vec<f32> = (0..3 * w)
             .map(|i| (i as f32 * 0.37).sin() * 3.0 + 5.0)
             .collect();
