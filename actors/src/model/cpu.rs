@@ -93,8 +93,10 @@ fn gemm_for(rows: usize) -> Gemm {
 /// a short text alone) the faster of the two on this CPU, measured once:
 /// on a 2-core AVX-512 machine the gemm crate ran short texts one at a
 /// time 1.5× faster than OpenBLAS, on a 2-core AVX2 one OpenBLAS ran them
-/// 1.5× faster than the crate (2× with the columns split), and on a 2-core
-/// AVX-512 Zen 4 2.4× (BENCHMARKS.md).
+/// 1.5× faster than the crate (2× with the columns split). The build
+/// matters too: on a Zen 4 the test build's checks slowed the crate ~3×,
+/// so OpenBLAS won there and the release build picks the crate
+/// (BENCHMARKS.md). Hence timed, not assumed.
 fn dense_gemm_for(rows: usize) -> Gemm {
     static FEW_ROWS: OnceLock<Gemm> = OnceLock::new();
     match gemm_backend() {
