@@ -283,8 +283,8 @@ async fn answer(
     timings.insert("rerank_depth".into(), json!(result.scored));
     let cut_short = result.cut_short();
 
-    let (answer, answer_error) = match &node.llm {
-        None => (None, None),
+    let (answer, answer_error, answer_complete) = match &node.llm {
+        None => (None, None, true),
         Some(llm) => {
             let t = Instant::now();
             let r = llm.answer(question, &result.hits).await;
@@ -292,12 +292,12 @@ async fn answer(
             match r {
                 Ok(a) => {
                     timings.insert("llm_attempts".into(), json!(a.attempts));
-                    (Some(a.text), None)
+                    (Some(a.text), None, a.complete)
                 }
                 Err(e) => {
                     tracing::warn!("no LLM answer: {e}");
                     timings.insert("llm_attempts".into(), json!(e.attempts));
-                    (None, Some(e.public()))
+                    (None, Some(e.public()), true)
                 }
             }
         }
@@ -307,8 +307,9 @@ async fn answer(
         sources: result.hits,
     };
     // Only complete responses are cached: a failed LLM call is retried by
-    // the next asker, not served to them, and a rerank the latency budget
-    // cut short is redone fully once the load allows. Nor are answers
+    // the next asker, not served to them, and so is an answer the LLM cut
+    // short (at llm.max_tokens, by a content filter); a rerank the latency
+    // budget cut short is redone fully once the load allows. Nor are answers
     // without sources, or any before this node's first scan is done (an
     // ingest node's; a query-only node has none): the documents may just
     // not be indexed yet, and a cached "nothing found" would outlive their
@@ -317,6 +318,8 @@ async fn answer(
     // keeps the cache empty, which shows here and nowhere else.
     let uncached = if answer_error.is_some() {
         Some("answer_error")
+    } else if !answer_complete {
+        Some("answer_incomplete")
     } else if cut_short {
         Some("rerank_cut_short")
     } else if value.sources.is_empty() {

@@ -108,7 +108,17 @@ impl GaveUp {
 pub struct Answer {
     pub text: String,
     pub attempts: u32,
+    /// False when the LLM stopped short of the end: it ran into
+    /// `max_tokens` or a content filter (`finish_reason` "length" or
+    /// "content_filter"). Such an answer is shown, not cached: the next
+    /// asker would get the cut-off text for the cache's whole TTL.
+    pub complete: bool,
 }
+
+/// The longest a 429 holds the node. A provider (or a proxy in front of
+/// it) may ask for hours or, by a bug, for ever; past this the node tries
+/// one request and is told again.
+pub const MAX_HOLD: Duration = Duration::from_secs(3600);
 
 pub struct Llm {
     cfg: LlmConfig,
@@ -156,7 +166,9 @@ impl Llm {
     pub async fn answer(&self, question: &str, sources: &[Hit]) -> Result<Answer, GaveUp> {
         let body = request_body(&self.cfg, question, sources);
         // ~4 characters a token for English prose, plus what we let it write.
-        let estimate = (body.to_string().len() / 4) as u32 + self.cfg.max_tokens;
+        let estimate = u32::try_from(body.to_string().len() / 4)
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.cfg.max_tokens);
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let spent = parking_lot::Mutex::new(Duration::ZERO);
         let budget = self.cfg.retry_budget;
@@ -165,9 +177,15 @@ impl Llm {
             .with_max_delay(self.cfg.max_backoff)
             .with_max_times(self.cfg.max_retries)
             .with_jitter();
+        // A query waits for the LLM at most one request's timeout plus the
+        // retry budget, its turn under the node's rate limits included: at
+        // 60 requests a minute, the thousandth concurrent question would
+        // otherwise wait a quarter of an hour, and a stopping node with it.
+        let deadline = self.cfg.timeout + budget;
+        let give_up_at = tokio::time::Instant::now() + deadline;
         let retried = (|| async {
             attempts.fetch_add(1, Ordering::SeqCst);
-            self.once(&body, estimate).await
+            self.once(&body, estimate, give_up_at).await
         })
         .retry(backoff)
         .when(LlmError::retryable)
@@ -189,19 +207,19 @@ impl Llm {
             tracing::debug!(error = %e, ?wait, "retrying the LLM call");
             Some(wait)
         });
-        // A query waits for the LLM at most one request's timeout plus the
-        // retry budget, its turn under the node's rate limits included: at
-        // 60 requests a minute, the thousandth concurrent question would
-        // otherwise wait a quarter of an hour, and a stopping node with it.
-        let deadline = self.cfg.timeout + budget;
         let result = tokio::time::timeout(deadline, retried)
             .await
             .unwrap_or(Err(LlmError::Deadline(deadline)));
         let attempts = attempts.load(Ordering::SeqCst);
         match result {
-            Ok(text) => {
-                metrics::counter!("ragd_llm_answers_total", "outcome" => "ok").increment(1);
-                Ok(Answer { text, attempts })
+            Ok((text, complete)) => {
+                let outcome = if complete { "ok" } else { "incomplete" };
+                metrics::counter!("ragd_llm_answers_total", "outcome" => outcome).increment(1);
+                Ok(Answer {
+                    text,
+                    attempts,
+                    complete,
+                })
             }
             Err(last) => {
                 metrics::counter!("ragd_llm_answers_total", "outcome" => "failed").increment(1);
@@ -210,12 +228,28 @@ impl Llm {
         }
     }
 
-    async fn once(&self, body: &serde_json::Value, estimate: u32) -> Result<String, LlmError> {
+    /// One attempt: the answer and whether it is complete.
+    async fn once(
+        &self,
+        body: &serde_json::Value,
+        estimate: u32,
+        give_up_at: tokio::time::Instant,
+    ) -> Result<(String, bool), LlmError> {
         // (Looked at again after each wait: another 429 may have moved it.)
         loop {
             let until = *self.held_until.lock();
+            let now = tokio::time::Instant::now();
             match until {
-                Some(t) if t > tokio::time::Instant::now() => tokio::time::sleep_until(t).await,
+                // A hold that outlasts this query is the provider's answer
+                // to it too: said now, with the wait (the retry budget then
+                // refuses it), not after sleeping to the query's deadline
+                // while it holds one of the node's query slots.
+                Some(t) if t > now && t >= give_up_at => {
+                    return Err(LlmError::RateLimited {
+                        retry_after: Some(t - now),
+                    })
+                }
+                Some(t) if t > now => tokio::time::sleep_until(t).await,
                 _ => break,
             }
         }
@@ -236,7 +270,8 @@ impl Llm {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            let until = tokio::time::Instant::now() + retry_after.unwrap_or(self.cfg.min_backoff);
+            let hold = retry_after.unwrap_or(self.cfg.min_backoff).min(MAX_HOLD);
+            let until = tokio::time::Instant::now() + hold;
             let mut held = self.held_until.lock();
             *held = Some(held.map_or(until, |t| t.max(until)));
             return Err(LlmError::RateLimited { retry_after });
@@ -256,10 +291,22 @@ impl Llm {
         }
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| LlmError::Malformed(e.to_string()))?;
-        v["choices"][0]["message"]["content"]
+        let choice = &v["choices"][0];
+        let content = choice["message"]["content"]
             .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| LlmError::Malformed(snippet(&text)))
+            .filter(|c| !c.trim().is_empty())
+            .ok_or_else(|| LlmError::Malformed(snippet(&text)))?;
+        let complete = !matches!(
+            choice["finish_reason"].as_str(),
+            Some("length" | "content_filter")
+        );
+        if !complete {
+            tracing::warn!(
+                finish_reason = %choice["finish_reason"],
+                "the LLM's answer stopped short (llm.max_tokens or a content filter)"
+            );
+        }
+        Ok((content.to_string(), complete))
     }
 
     fn transport(&self, e: reqwest::Error) -> LlmError {
@@ -477,6 +524,57 @@ mod tests {
             t.elapsed()
         );
         assert!(matches!(e.last, LlmError::RateLimited { .. }), "{e:?}");
+    }
+
+    /// A Retry-After too long for an Instant (a provider's or a proxy's
+    /// bug) is neither a panic nor a hold for ever, and a hold longer than
+    /// a query may wait fails that query at once, without sending: it does
+    /// not sit on one of the node's query slots until its deadline.
+    #[tokio::test]
+    async fn a_hold_past_the_deadline_fails_queries_at_once_and_is_capped() {
+        for retry_after in ["1e20", "inf", "7200"] {
+            let script = serve(vec![Step::Status(429, Some(retry_after))]);
+            let llm = Llm::new(config(script.url.clone())).unwrap();
+            for question in ["leave?", "travel?", "pager?"] {
+                let t = Instant::now();
+                let e = llm.answer(question, &[hit()]).await.unwrap_err();
+                assert!(
+                    t.elapsed() < Duration::from_secs(2),
+                    "{retry_after}: {question} waited {:?}",
+                    t.elapsed()
+                );
+                assert!(matches!(e.last, LlmError::RateLimited { .. }), "{e:?}");
+            }
+            assert_eq!(script.arrivals().len(), 1, "{retry_after}: sent while held");
+            let until = (*llm.held_until.lock()).expect("held");
+            let held = until - tokio::time::Instant::now();
+            assert!(
+                held > MAX_HOLD - Duration::from_secs(60) && held <= MAX_HOLD,
+                "{retry_after}: held {held:?}"
+            );
+        }
+    }
+
+    /// An answer cut off at max_tokens or by a content filter is returned
+    /// but marked incomplete (not cached); an empty one is no answer.
+    #[tokio::test]
+    async fn answers_cut_short_are_incomplete_and_empty_ones_malformed() {
+        let script = serve(vec![
+            Step::Reply("Parental leave is", "length"),
+            Step::Reply("", "content_filter"),
+            Step::Reply("  \n", "stop"),
+            Step::Reply("Sixteen weeks [1].", "stop"),
+        ]);
+        let llm = Llm::new(config(script.url.clone())).unwrap();
+        let cut = llm.answer("leave?", &[hit()]).await.unwrap();
+        assert_eq!((cut.text.as_str(), cut.complete), ("Parental leave is", false));
+        for _ in 0..2 {
+            let e = llm.answer("leave?", &[hit()]).await.unwrap_err();
+            assert!(matches!(e.last, LlmError::Malformed(_)), "{e:?}");
+            assert_eq!(e.attempts, 1);
+        }
+        let whole = llm.answer("leave?", &[hit()]).await.unwrap();
+        assert_eq!((whole.text.as_str(), whole.complete), ("Sixteen weeks [1].", true));
     }
 
     #[tokio::test]

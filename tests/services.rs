@@ -174,11 +174,13 @@ fn llm_config(llm: &FakeLlm, extra: &str) -> String {
 
 #[test]
 fn llm_answers_cite_sources_and_only_successful_answers_are_cached() {
-    // Every attempt of the first query fails (1 try + 2 retries).
+    // Every attempt of the first query fails (1 try + 2 retries); the
+    // second's answer is cut off at max_tokens.
     let llm = FakeLlm::start(vec![
         Step::Status(500, None),
         Step::Status(429, None),
         Step::Status(503, None),
+        Step::Reply("Parental leave is", "length"),
     ]);
     let ws = Workspace::with_extra(&llm_config(&llm, "max_retries = 2"));
     ws.write("hr/leave.md", LEAVE_V1);
@@ -197,10 +199,16 @@ fn llm_answers_cite_sources_and_only_successful_answers_are_cached() {
     );
     assert_eq!(llm.arrivals().len(), 3);
 
-    // Not cached: the next asker gets a fresh attempt, which succeeds.
+    // Not cached: the next asker gets a fresh attempt. Its answer is cut
+    // short: shown, but not cached either.
+    std::thread::sleep(Duration::from_millis(300));
+    let cut = d.ask(HR_TOKEN, QUESTION);
+    assert_eq!(cut["cached"], false, "a failed answer was cached: {cut}");
+    assert_eq!(cut["answer"], "Parental leave is", "{cut}");
+    assert!(texts(&cut).contains("sixteen weeks"), "{cut}");
     std::thread::sleep(Duration::from_millis(300));
     let ok = d.ask(HR_TOKEN, QUESTION);
-    assert_eq!(ok["cached"], false, "a failed answer was cached: {ok}");
+    assert_eq!(ok["cached"], false, "a cut-short answer was cached: {ok}");
     let answer = ok["answer"].as_str().unwrap_or_default();
     assert!(
         answer.contains("sixteen weeks") && answer.contains("[1]"),
@@ -208,12 +216,12 @@ fn llm_answers_cite_sources_and_only_successful_answers_are_cached() {
     );
     assert!(ok.get("answer_error").is_none(), "{ok}");
     // The prompt carried the reranked sources, numbered.
-    let prompt = llm.requests()[3]["messages"][1]["content"]
+    let prompt = llm.requests()[4]["messages"][1]["content"]
         .as_str()
         .unwrap()
         .to_string();
     assert!(prompt.contains("[1] hr/leave.md"), "{prompt}");
-    assert_eq!(llm.requests()[3]["model"], "fake-model");
+    assert_eq!(llm.requests()[4]["model"], "fake-model");
 
     // That one is cached, answer included; the LLM is not called again.
     let calls = llm.arrivals().len();

@@ -333,6 +333,8 @@ pub enum Step {
     Status(u16, Option<&'static str>),
     /// A normal answer, after this delay.
     Slow(Duration),
+    /// This answer text, with this `finish_reason`.
+    Reply(&'static str, &'static str),
 }
 
 #[derive(Default)]
@@ -380,6 +382,9 @@ impl FakeLlm {
                     Some(Step::Slow(d)) => {
                         tokio::time::sleep(d).await;
                         axum::Json(reply(&body.0)).into_response()
+                    }
+                    Some(Step::Reply(content, finish_reason)) => {
+                        axum::Json(completion(content, finish_reason)).into_response()
                     }
                     None => axum::Json(reply(&body.0)).into_response(),
                 }
@@ -436,10 +441,14 @@ fn reply(request: &serde_json::Value) -> serde_json::Value {
                 .join(" ")
         })
         .unwrap_or_else(|| "no sources".into());
+    completion(&format!("Answer: {first} [1]"), "stop")
+}
+
+fn completion(content: &str, finish_reason: &str) -> serde_json::Value {
     serde_json::json!({
         "id": "fake",
         "object": "chat.completion",
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": format!("Answer: {first} [1]")}}],
+        "choices": [{"index": 0, "finish_reason": finish_reason,
+                     "message": {"role": "assistant", "content": content}}],
     })
 }
