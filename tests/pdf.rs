@@ -111,3 +111,50 @@ fn a_parse_past_its_time_budget_is_killed() {
     assert_eq!(message, "not parsed within 300ms");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
+
+/// A parser that cannot start, or that the system kills (the OOM killer's
+/// SIGKILL), says nothing of the file: the chunker pauses and tries again
+/// instead of dead-lettering every PDF in a second.
+#[test]
+fn a_parser_that_cannot_start_or_is_killed_is_unavailable_not_malformed() {
+    let pdf = valid_pdf(&["Submit expense reports within thirty days."]);
+    let unavailable = |r: Result<String, ParseError>| match r {
+        Err(ParseError::Unavailable(why)) => why,
+        other => panic!("expected the parser unavailable, got {other:?}"),
+    };
+    let missing = Path::new("/nonexistent/ragd");
+    let why = unavailable(extract_isolated(
+        missing,
+        256 * MIB,
+        1 << 20,
+        time_budget(pdf.len()),
+        &pdf,
+    ));
+    assert!(why.contains("starting the PDF parser /nonexistent/ragd"), "{why}");
+
+    // (A stand-in for the child that the kernel kills as it starts.)
+    let dir = tempfile::tempdir().unwrap();
+    let killed = dir.path().join("killed");
+    std::fs::write(&killed, "#!/bin/sh\nkill -9 $$\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&killed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // (Another test's child, forked while the script was open for
+    // writing, may hold it open a moment: ETXTBSY.)
+    let why = (0..100)
+        .find_map(|_| {
+            let why = unavailable(extract_isolated(
+                &killed,
+                256 * MIB,
+                1 << 20,
+                time_budget(pdf.len()),
+                &pdf,
+            ));
+            let busy = why.contains("Text file busy");
+            if busy {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (!busy).then_some(why)
+        })
+        .expect("the script stayed busy");
+    assert!(why.contains("killed") && why.contains("out of memory"), "{why}");
+}

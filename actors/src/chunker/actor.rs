@@ -132,8 +132,11 @@ fn read_and_parse(chunker: &Chunker, meta: &DocMeta, max: u64) -> std::io::Resul
 /// [`unavailable`] when the storage does not answer: a network or FUSE
 /// mount that went away (ENOTCONN, ESTALE, EHOSTUNREACH, …) or fails its
 /// reads (EIO, a soft NFS mount's timeout): every file there fails alike,
-/// and the chunker pauses rather than dead-letter them. A file of its own
-/// that fails so (a bad sector) is found out once the others succeed (see
+/// and the chunker pauses rather than dead-letter them. So too when the
+/// node is out of file handles or memory (EMFILE, ENFILE, ENOMEM: a burst
+/// of open files elsewhere in the process): three attempts would pass in
+/// a second and dead-letter a good file. A file of its own that fails so
+/// (a bad sector) is found out once the others succeed (see
 /// [`crate::pool`]).
 fn read_failed(meta: &DocMeta, e: std::io::Error) -> anyhow::Error {
     use std::io::ErrorKind::*;
@@ -147,7 +150,10 @@ fn read_failed(meta: &DocMeta, e: std::io::Error) -> anyhow::Error {
             | NetworkUnreachable
             | ConnectionReset
             | ConnectionAborted
-    ) || e.raw_os_error() == Some(libc::EIO);
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    );
     let e = anyhow::anyhow!("reading {}: {e}", meta.path.display());
     if down {
         unavailable(e)
@@ -231,6 +237,10 @@ impl ChunkerStage {
                 Ok(None)
             }
             Err(e @ ParseError::Malformed { .. }) => Err(e.into()),
+            Err(ParseError::Unavailable(why)) => Err(unavailable(anyhow::anyhow!(
+                "parsing {}: {why}",
+                meta.path.display()
+            ))),
         }
     }
 }
@@ -241,8 +251,8 @@ mod tests {
     use crate::pool::is_unavailable;
     use std::io::{Error, ErrorKind};
 
-    /// Storage that does not answer pauses the chunker; a file that cannot
-    /// be read is that file's failure.
+    /// Storage that does not answer, or a node out of file handles, pauses
+    /// the chunker; a file that cannot be read is that file's failure.
     #[test]
     fn a_mount_that_does_not_answer_is_unavailable_a_bad_file_is_not() {
         let meta = DocMeta {
@@ -264,6 +274,9 @@ mod tests {
             libc::EIO,
             libc::ETIMEDOUT,
             libc::EHOSTUNREACH,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
         ];
         for errno in down {
             let e = read_failed(&meta, Error::from_raw_os_error(errno));

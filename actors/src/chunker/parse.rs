@@ -18,6 +18,12 @@ pub enum ParseError {
         format: &'static str,
         message: String,
     },
+    /// Not parsed for want of the node's resources (the PDF parser's
+    /// process could not start, or the system killed it): not the file's
+    /// fault, so its stage pauses and tries again (see
+    /// [`crate::pool::unavailable`]) rather than dead-letter good files.
+    #[error("cannot parse it now: {0}")]
+    Unavailable(String),
 }
 
 /// A run of body text under a heading trail ("Benefits > Parental leave").

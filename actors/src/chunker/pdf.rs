@@ -133,7 +133,9 @@ pub fn extract_isolated(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| malformed(format!("starting the PDF parser {}: {e}", exe.display())))?;
+        .map_err(|e| {
+            ParseError::Unavailable(format!("starting the PDF parser {}: {e}", exe.display()))
+        })?;
     let (mut stdin, stdout, stderr) = (
         child.stdin.take().expect("piped"),
         child.stdout.take().expect("piped"),
@@ -172,6 +174,14 @@ pub fn extract_isolated(
         // The child may have died of the closed pipe: the size is the news.
         return Err(ParseError::Unsupported(format!(
             "its text is over the {max_text_bytes} byte limit ([chunker] max_file_bytes)"
+        )));
+    }
+    // Killed, not by us (that was the budget, above): the kernel's OOM
+    // killer, which picks whatever is biggest when the node runs out of
+    // memory (the child's own limit makes a failed allocation, below).
+    if std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL) {
+        return Err(ParseError::Unavailable(format!(
+            "the PDF parser was killed ({status}): is the node out of memory?"
         )));
     }
     match status.code() {
