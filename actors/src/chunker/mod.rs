@@ -222,14 +222,12 @@ impl Chunker {
         let mut unreadable = 0;
         let mut out = Vec::new();
         for section in sections {
-            let trail = section.headings.join(" > ");
+            let trail = self.heading_trail(&section.headings);
             let trail_tokens = if trail.is_empty() {
                 0
             } else {
                 self.count_tokens(&trail) + 1
             };
-            // A heading trail longer than half a chunk is cut rather than
-            // allowed to crowd out the body it labels.
             let budget = self
                 .settings
                 .max_tokens
@@ -253,6 +251,33 @@ impl Chunker {
             }
         }
         (out, unreadable)
+    }
+
+    /// The section's heading trail ("Handbook > Leave"), cut to half a
+    /// chunk: it labels every chunk of the section, and a longer one (a
+    /// paragraph or a dump marked as a heading) would crowd out the body
+    /// it labels, and be copied into each of its chunks: a 200 KB heading
+    /// over 19 MB of text made some 8 GB of chunks. (Not a new
+    /// [`CHUNKING_GENERATION`]: documents indexed with a long trail are
+    /// few, and chunked anew when they change.)
+    fn heading_trail(&self, headings: &[String]) -> String {
+        let mut trail = headings.join(" > ");
+        let half = self.settings.max_tokens / 2;
+        // Bytes first, so a huge heading is not tokenised whole: half a
+        // chunk of tokens is seldom over 4 bytes each.
+        let cap = half * 16;
+        let mut end = trail.len();
+        if end > cap {
+            end = trail.floor_char_boundary(cap);
+        }
+        if let Ok(e) = self.tokenizer.encode(&trail[..end], false) {
+            if e.len() > half {
+                end = e.get_offsets()[half - 1].1;
+            }
+        }
+        trail.truncate(end);
+        trail.truncate(trail.trim_end().len());
+        trail
     }
 
     /// Whether `body` holds a token other than the unknown one. Prose has
@@ -607,6 +632,36 @@ mod tests {
         }
         let long = "Every office keeps its own visitor log. ".repeat(12);
         assert!(c.split_body(&long, 40, 8).len() > 1);
+    }
+
+    /// A heading longer than half a chunk is cut to half a chunk in every
+    /// chunk it labels, and the body keeps the rest of each chunk; one
+    /// within half a chunk is kept whole.
+    #[test]
+    fn a_heading_trail_is_cut_to_half_a_chunk() {
+        let c = chunker(64);
+        let huge = "Quarterly security review of badge readers ".repeat(2_000);
+        let body = "Every office keeps its own visitor log and sends a copy to security each week.\n\n"
+            .repeat(20);
+        let text = format!("# Handbook\n\n## {huge}\n\n{body}");
+        let chunks = c.chunk_file(Path::new("a.md"), text.as_bytes()).unwrap();
+        assert!(chunks.len() > 5, "{}", chunks.len());
+        for chunk in &chunks {
+            let (trail, rest) = chunk.text.split_once('\n').unwrap();
+            assert!(
+                trail.starts_with("Handbook > Quarterly security review"),
+                "{trail}"
+            );
+            assert!(c.count_tokens(trail) <= 32, "{trail}");
+            assert!(c.count_tokens(&chunk.text) <= 64, "{}", chunk.text);
+            assert!(rest.contains("visitor log"), "{rest}");
+        }
+        let short = vec!["Handbook".to_string(), "Parental leave".to_string()];
+        assert_eq!(c.heading_trail(&short), "Handbook > Parental leave");
+        // Cut on a character's boundary, whatever the script.
+        let kana = vec!["東京オフィスの規程".repeat(500)];
+        let cut = c.heading_trail(&kana);
+        assert!(cut.starts_with("東京") && c.count_tokens(&cut) <= 32, "{cut}");
     }
 
     /// Text that tries the word model: punctuation, accents composed and
