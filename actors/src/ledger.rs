@@ -73,6 +73,12 @@ pub struct DocReport {
 /// Why a version ends skipped when a newer one overtook it.
 pub const SUPERSEDED: &str = "superseded by a newer version";
 
+/// Why the chunker ends a version it could not read as the watcher saw it:
+/// the file no longer hashed so (being rewritten), or was gone for the
+/// moment. See [`Ledger::ended_unread`].
+pub const CHANGED_WHILE_QUEUED: &str = "changed while queued; newer version follows";
+pub const REMOVED_BEFORE_READ: &str = "file removed before it was read";
+
 impl crate::messages::IndexedEvent {
     /// How the version this event reports ended, for a ledger.
     pub fn outcome(&self) -> Outcome {
@@ -618,6 +624,22 @@ impl Ledger {
             .map
             .get(doc_id)
             .is_some_and(|e| e.latest.as_deref() == Some(version))
+    }
+
+    /// Whether `version`, the document's latest, ended unread
+    /// ([`CHANGED_WHILE_QUEUED`], [`REMOVED_BEFORE_READ`]). The newer
+    /// version the chunker expected may turn out to be this one again: a
+    /// file saved over with the same bytes (truncated, then written) or by
+    /// an editor that removes it first, read in between. Found so by the
+    /// watcher, it is read again rather than taken as done: its text is
+    /// not in the index, and the version before it may be.
+    pub fn ended_unread(&self, doc_id: &str, version: &str) -> bool {
+        self.docs.lock().map.get(doc_id).is_some_and(|e| {
+            e.latest.as_deref() == Some(version)
+                && !e.pending.contains_key(version)
+                && matches!(&e.status, DocStatus::Skipped(why)
+                    if why == CHANGED_WHILE_QUEUED || why == REMOVED_BEFORE_READ)
+        })
     }
 
     pub fn latest_version(&self, doc_id: &str) -> Option<String> {

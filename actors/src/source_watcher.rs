@@ -2493,9 +2493,12 @@ async fn decide(
             return;
         }
     };
+    // A version the chunker could not read as it was seen, found as it
+    // was, is read again (see `Ledger::ended_unread`).
+    let unread = args.ledger.ended_unread(&id, &version);
     // (Either way the watcher has it now: on a node with the index role
     // too, the ledger may have it from the store or from a job alone.)
-    if !force && args.known.lock().get(&id) == Some(&version) {
+    if !force && !unread && args.known.lock().get(&id) == Some(&version) {
         if !args.ledger.watch(&id) {
             args.ledger.record(&id, Some(&version), Outcome::Indexed);
         }
@@ -2505,13 +2508,16 @@ async fn decide(
         settle_dead_letters(args, &id, Some(&version), Settled::Superseded);
         return;
     }
-    if !force && args.ledger.latest_version(&id).as_deref() == Some(version.as_str()) {
+    if !force && !unread && args.ledger.latest_version(&id).as_deref() == Some(version.as_str())
+    {
         // This version is in flight or already ended (e.g. skipped).
         args.ledger.watch(&id);
         return;
     }
     // A version that already went to the DLQ stays there until replayed.
-    if let Some(e) = args.dlq.pending(&id, &version) {
+    // (A replay is read whatever other entry of the version waits: two
+    // ingest nodes on one share each dead-letter what fails.)
+    if let Some(e) = args.dlq.pending(&id, &version).filter(|_| !force) {
         args.ledger.record(
             &id,
             Some(&version),
@@ -4573,6 +4579,29 @@ mod tests {
         watcher.stop(None);
     }
 
+    /// A version dead-lettered twice (two ingest nodes on one share each
+    /// failed it) is read again when one of its entries is replayed: the
+    /// entry still waiting does not swallow the replay.
+    #[tokio::test]
+    async fn a_replay_is_read_though_another_entry_of_its_version_waits() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A");
+        let args = rig.args(false);
+        let dlq = args.dlq.clone();
+        let (watcher, scanned) = rig.start_with(args).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        let version = rig.known.lock()["kb:a.md"].clone();
+        let first = dlq.push(chunker_failed("kb:a.md", &version)).unwrap();
+        dlq.push(chunker_failed("kb:a.md", &version)).unwrap();
+        rig.dead_letter("kb:a.md");
+        dlq.mark_replayed(first).unwrap();
+        let a = rig.root.join("a.md");
+        watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:a.md"]);
+        watcher.stop(None);
+    }
+
     /// A replay waiting on the retry list whose file is gone for a moment
     /// (a save that deletes and writes) stays owed: the read once it is
     /// back is forced, though the version is the dead-lettered one.
@@ -4646,7 +4675,8 @@ mod tests {
     /// When the grace is over, a document counts as there only as a file
     /// of exactly its name: one whose name is now a folder's goes. One back
     /// unchanged but never indexed (the chunker found it gone when it came
-    /// to read it) is read again.
+    /// to read it) is read again, at once: its event does not wait for the
+    /// grace, and the grace's end does not read it a second time.
     #[tokio::test]
     async fn what_the_grace_finds_back_is_judged_as_a_scan_would() {
         let rig = Rig::new();
@@ -4662,17 +4692,50 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         // As the chunker ends a version whose file it found gone.
         let version = rig.known.lock()["kb:a.md"].clone();
-        let skipped = Outcome::Skipped("file removed before it was read".into());
+        let skipped = Outcome::Skipped(crate::ledger::REMOVED_BEFORE_READ.into());
         rig.ledger.finish("kb:a.md", Some(&version), skipped);
         rig.write("a.md", "# A\n\nAlpha.");
         rig.write("b.md/c.md", "# C\n\nGamma.");
-        wait_for(|| !rig.chunk_q.is_empty()).await;
-        assert_eq!(rig.handed(), ["kb:b.md/c.md"], "a.md unchanged");
+        let mut handed = Vec::new();
+        wait_for(|| {
+            handed.extend(rig.handed());
+            handed.len() >= 2
+        })
+        .await;
+        handed.sort();
+        assert_eq!(handed, ["kb:a.md", "kb:b.md/c.md"], "a.md read again");
 
         wait_for(|| !rig.index_q.is_empty()).await;
         assert_eq!(rig.deleted(), ["kb:b.md"], "a folder now");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rig.handed().is_empty(), "a.md read twice");
+        watcher.stop(None);
+    }
+
+    /// A version the chunker read mid-write (so not as the watcher hashed
+    /// it) is read again when the watcher finds the file as it was: saved
+    /// over with the same bytes, truncated first. Before, the watcher took
+    /// that version as handled, and the one before it stayed in the index.
+    /// One that ended otherwise, found as it is, is not read again.
+    #[tokio::test]
+    async fn a_version_the_chunker_found_changed_is_read_again_when_found_as_it_was() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\nAlpha.");
+        let (watcher, scanned) = rig.start(true).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let version = rig.known.lock()["kb:a.md"].clone();
+        let changed = Outcome::Skipped(crate::ledger::CHANGED_WHILE_QUEUED.into());
+        rig.ledger.finish("kb:a.md", Some(&version), changed);
+        rig.write("a.md", "# A\n\nAlpha.");
         wait_for(|| !rig.chunk_q.is_empty()).await;
-        assert_eq!(rig.handed(), ["kb:a.md"], "read again");
+        assert_eq!(rig.handed(), ["kb:a.md"]);
+        assert_eq!(rig.known.lock()["kb:a.md"], version);
+
+        rig.ledger.finish("kb:a.md", Some(&version), Outcome::Indexed);
+        rig.write("a.md", "# A\n\nAlpha.");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(rig.handed().is_empty(), "read again though indexed");
         watcher.stop(None);
     }
 

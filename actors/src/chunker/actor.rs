@@ -215,16 +215,12 @@ impl ChunkerStage {
             // Changed after the watcher hashed it; the watcher's next event
             // carries the new version.
             Ok(Read::Changed) => {
-                self.skip(
-                    meta,
-                    "changed while queued; newer version follows".into(),
-                    skipped,
-                );
+                self.skip(meta, crate::ledger::CHANGED_WHILE_QUEUED.into(), skipped);
                 return Ok(None);
             }
             // Gone since the watcher saw it: its deletion event follows.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.skip(meta, "file removed before it was read".into(), skipped);
+                self.skip(meta, crate::ledger::REMOVED_BEFORE_READ.into(), skipped);
                 return Ok(None);
             }
             Err(e) => return Err(read_failed(meta, e)),
