@@ -928,6 +928,11 @@ fn validate(
         }
     };
     let llm = validate_llm(&raw.llm, env, &mut err);
+    // Beyond what Redis's EXPIRE takes, its store would fail after the
+    // hash is written, leaving an entry that never expires.
+    if let Some(ttl) = raw.cache.ttl_secs.filter(|t| *t > 366 * 24 * 3600) {
+        err(format!("cache.ttl_secs ({ttl}) must be at most a year (31622400)"));
+    }
     let cache_threshold = raw.cache.threshold.unwrap_or(0.98);
     if !(cache_threshold > 0.0 && cache_threshold <= 1.0) {
         err(format!(
@@ -981,8 +986,12 @@ fn validate(
     // A query gets at most the candidates the search hands on: by default
     // 50, or all of them when fewer are configured.
     let max_top_k = raw.query.max_top_k.unwrap_or(candidates.clamp(1, 50));
-    if candidates == 0 {
-        errors.push("query.candidates must be at least 1".into());
+    // Each is searched for (the store's ef is 4x that), fetched and may be
+    // reranked, per query.
+    if !(1..=10_000).contains(&candidates) {
+        errors.push(format!(
+            "query.candidates ({candidates}) must be between 1 and 10000"
+        ));
     }
     if max_top_k == 0 || max_top_k > candidates.max(1) {
         errors.push(format!(
@@ -1286,7 +1295,13 @@ fn validate_llm(
 ) -> Option<crate::llm::LlmConfig> {
     use std::num::NonZeroU32;
     use std::time::Duration;
-    let base_url = raw.base_url.clone().filter(|u| !u.trim().is_empty())?;
+    let Some(base_url) = raw.base_url.clone().filter(|u| !u.trim().is_empty()) else {
+        // Half an LLM setup is a slip, not a choice to answer without one.
+        if raw.model.as_deref().is_some_and(|m| !m.trim().is_empty()) {
+            err("llm.model is set but llm.base_url is not: set both to answer with an LLM, or neither".into());
+        }
+        return None;
+    };
     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
         err(format!("llm.base_url: {base_url:?} is not an http(s) URL"));
     }
@@ -1318,11 +1333,28 @@ fn validate_llm(
     let requests_per_minute = nz("requests_per_minute", raw.requests_per_minute, 60, err);
     let tokens_per_minute = nz("tokens_per_minute", raw.tokens_per_minute, 200_000, err);
     let max_tokens = raw.max_tokens.unwrap_or(512);
-    if max_tokens == 0 {
-        err("llm.max_tokens must be at least 1".into());
+    if !(1..=1_000_000).contains(&max_tokens) {
+        err(format!(
+            "llm.max_tokens ({max_tokens}) must be between 1 and 1000000"
+        ));
     }
-    let min_backoff = Duration::from_millis(raw.min_backoff_ms.unwrap_or(500));
-    let max_backoff = Duration::from_millis(raw.max_backoff_ms.unwrap_or(20_000));
+    // NaN would go out as null, which every provider refuses.
+    let temperature = raw.temperature.unwrap_or(0.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        err(format!(
+            "llm.temperature ({temperature}) must be between 0 and 2"
+        ));
+    }
+    // A 429 without Retry-After holds the whole node for min_backoff.
+    let ms = |name: &str, v: Option<u64>, default: u64, err: &mut dyn FnMut(String)| {
+        let v = v.unwrap_or(default);
+        if v > 3_600_000 {
+            err(format!("llm.{name} ({v}) must be at most 3600000 (an hour)"));
+        }
+        Duration::from_millis(v.min(3_600_000))
+    };
+    let min_backoff = ms("min_backoff_ms", raw.min_backoff_ms, 500, err);
+    let max_backoff = ms("max_backoff_ms", raw.max_backoff_ms, 20_000, err);
     if max_backoff < min_backoff {
         err("llm.max_backoff_ms is below llm.min_backoff_ms".into());
     }
@@ -1332,7 +1364,7 @@ fn validate_llm(
         api_key,
         timeout,
         max_tokens,
-        temperature: raw.temperature.unwrap_or(0.0),
+        temperature,
         requests_per_minute,
         tokens_per_minute,
         max_retries: raw.max_retries.unwrap_or(4),
@@ -1609,6 +1641,52 @@ mod tests {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert!(e.errors.len() >= 8);
+    }
+
+    /// Values that would fail later (a panic, a refused request, a cache
+    /// entry that never expires) are refused at load.
+    #[test]
+    fn out_of_range_llm_query_and_cache_values_are_refused() {
+        let (_dir, path) = setup();
+        let parse =
+            |extra: &str| Config::parse(&path, &format!("{GOOD}\n{extra}"), std::iter::empty());
+        let llm = "[llm]\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\n";
+        assert!(parse(llm).unwrap().llm.is_some());
+        for (extra, needle) in [
+            (
+                "[llm]\nmodel = \"gpt-4o-mini\"\n".to_string(),
+                "llm.model is set but llm.base_url is not",
+            ),
+            (
+                format!("{llm}max_tokens = 4294967295\n"),
+                "llm.max_tokens (4294967295) must be between 1 and 1000000",
+            ),
+            (
+                format!("{llm}temperature = nan\n"),
+                "llm.temperature (NaN) must be between 0 and 2",
+            ),
+            (
+                format!("{llm}temperature = -0.5\n"),
+                "llm.temperature (-0.5) must be between 0 and 2",
+            ),
+            (
+                format!("{llm}min_backoff_ms = 86400000\nmax_backoff_ms = 86400000\n"),
+                "llm.min_backoff_ms (86400000) must be at most 3600000",
+            ),
+            (
+                "[query]\ncandidates = 100000\nmax_top_k = 5\n".to_string(),
+                "query.candidates (100000) must be between 1 and 10000",
+            ),
+            (
+                "[cache]\nttl_secs = 10000000000000000\n".to_string(),
+                "cache.ttl_secs (10000000000000000) must be at most a year",
+            ),
+        ] {
+            let e = parse(&extra).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra:?}: missing {needle:?} in:\n{e}");
+        }
+        let edge = "[query]\ncandidates = 10000\n[cache]\nttl_secs = 31622400\n";
+        assert!(parse(&format!("{llm}temperature = 2.0\n{edge}")).is_ok());
     }
 
     #[test]
