@@ -100,6 +100,7 @@ struct RawEmbedder {
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     max_in_flight: Option<usize>,
+    max_in_flight_mb: Option<u64>,
     max_attempts: Option<u32>,
     retry_base_ms: Option<u64>,
     retry_cap_ms: Option<u64>,
@@ -280,6 +281,9 @@ pub struct Config {
     /// `ragd_actors::embedder::deleted`); 0: none kept.
     pub deleted_vectors_bytes: u64,
     pub max_in_flight: usize,
+    /// The bytes of the documents in flight at once (see
+    /// `ragd_actors::ledger`).
+    pub max_in_flight_bytes: u64,
     pub max_attempts: u32,
     /// A failed attempt's wait before the next: `retry_base`, doubled per
     /// attempt, at most `retry_cap` (see `PoolSettings::retry_delay`).
@@ -775,6 +779,12 @@ fn validate(
     }
     let max_in_flight = raw.pipeline.max_in_flight.unwrap_or(256);
     positive("pipeline.max_in_flight", max_in_flight, &mut err);
+    let max_in_flight_mb = raw.pipeline.max_in_flight_mb.unwrap_or(256);
+    if !(1..=1_048_576).contains(&max_in_flight_mb) {
+        err(format!(
+            "pipeline.max_in_flight_mb ({max_in_flight_mb}) must be between 1 and 1048576"
+        ));
+    }
     let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
     positive("pipeline.max_attempts", max_attempts as usize, &mut err);
     let retry_base_ms = raw.pipeline.retry_base_ms.unwrap_or(200);
@@ -1178,6 +1188,7 @@ fn validate(
         embedder_max_workers,
         deleted_vectors_bytes: deleted_vectors_mb << 20,
         max_in_flight,
+        max_in_flight_bytes: max_in_flight_mb.clamp(1, 1_048_576) << 20,
         max_attempts,
         retry_base: std::time::Duration::from_millis(retry_base_ms),
         retry_cap: std::time::Duration::from_millis(retry_cap_ms),
@@ -1681,12 +1692,18 @@ mod tests {
                 "[cache]\nttl_secs = 10000000000000000\n".to_string(),
                 "cache.ttl_secs (10000000000000000) must be at most a year",
             ),
+            (
+                "[pipeline]\nmax_in_flight_mb = 0\n".to_string(),
+                "pipeline.max_in_flight_mb (0) must be between 1 and 1048576",
+            ),
         ] {
             let e = parse(&extra).unwrap_err().to_string();
             assert!(e.contains(needle), "{extra:?}: missing {needle:?} in:\n{e}");
         }
-        let edge = "[query]\ncandidates = 10000\n[cache]\nttl_secs = 31622400\n";
-        assert!(parse(&format!("{llm}temperature = 2.0\n{edge}")).is_ok());
+        let edge = "[query]\ncandidates = 10000\n[cache]\nttl_secs = 31622400\n[pipeline]\nmax_in_flight_mb = 1\n";
+        let cfg = parse(&format!("{llm}temperature = 2.0\n{edge}")).unwrap();
+        assert_eq!(cfg.max_in_flight_bytes, 1 << 20);
+        assert_eq!(parse("").unwrap().max_in_flight_bytes, 256 << 20);
     }
 
     #[test]

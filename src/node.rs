@@ -673,7 +673,12 @@ impl Node {
         // the ingest role too, its own watcher's deletions end in its own
         // ledger: only the others' wait.)
         let held = kafka.is_some() && roles.index;
-        let ledger = Ledger::with_memory(config.max_in_flight, config.forget_deleted_after, held);
+        let ledger = Ledger::with_limits(
+            config.max_in_flight,
+            config.max_in_flight_bytes,
+            config.forget_deleted_after,
+            held,
+        );
         let dlq: Arc<dyn DeadLetters> = match &kafka {
             None => Arc::new(FileDlq::open(config.dlq_path())?),
             Some(k) => {

@@ -4,7 +4,10 @@
 //! pipeline only with a permit from a fixed pool, and gives it back when it
 //! reaches an end (indexed, deleted, skipped, dead-lettered or superseded). So
 //! however large the burst, at most `max_in_flight` documents are queued
-//! between the stages, and the watcher waits instead of buffering.
+//! between the stages, and the watcher waits instead of buffering. Their
+//! bytes are held to a budget the same way (`max_in_flight_mb`): a burst of
+//! 20 MB logs would otherwise hold 256 of them, their text and chunks, at
+//! once (some 10 GB).
 //!
 //! Its memory follows the documents the source has, not every name it ever
 //! had: a deleted document is forgotten a while after its deletion ends
@@ -122,11 +125,18 @@ pub const DELETE_VERSION: &str = "-";
 /// text in it): the source has it, but nothing of it is to be in the index.
 const SKIPPED_VERSION: &str = "-";
 
+/// What a version in flight holds: its place among `max_in_flight`, and
+/// its bytes' share of the byte budget (given back when dropped).
+struct Permits {
+    _doc: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
 struct DocEntry {
     /// The newest version the source has; `None` once the file is gone.
     latest: Option<String>,
     status: DocStatus,
-    pending: HashMap<String, OwnedSemaphorePermit>,
+    pending: HashMap<String, Permits>,
     /// The watcher's sequence of `latest` (see [`Ledger::observe`]).
     seq: u64,
     forget: Forget,
@@ -394,11 +404,18 @@ impl Docs {
 pub struct Ledger {
     docs: Mutex<Docs>,
     permits: Arc<Semaphore>,
+    /// The byte budget, in KiB (see [`Ledger::admit_at`]).
+    kib: Arc<Semaphore>,
+    kib_total: u32,
     settled: Notify,
 }
 
 /// How long a deleted document is remembered by default.
 pub const FORGET_DELETED_AFTER: Duration = Duration::from_secs(3600);
+
+/// The bytes of the versions in flight, by default (`[pipeline]
+/// max_in_flight_mb`).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 256 << 20;
 
 impl Ledger {
     pub fn new(max_in_flight: usize) -> Arc<Self> {
@@ -415,6 +432,20 @@ impl Ledger {
     /// written, and the ingest node deletes it again when it hears of it
     /// (see [`Ledger::gone_here`]).
     pub fn with_memory(max_in_flight: usize, forget_after: Duration, held: bool) -> Arc<Self> {
+        Self::with_limits(max_in_flight, MAX_IN_FLIGHT_BYTES, forget_after, held)
+    }
+
+    /// [`Ledger::with_memory`], with a byte budget for the versions in
+    /// flight (see [`Ledger::admit_at`]).
+    pub fn with_limits(
+        max_in_flight: usize,
+        max_in_flight_bytes: u64,
+        forget_after: Duration,
+        held: bool,
+    ) -> Arc<Self> {
+        let kib_total = u32::try_from(max_in_flight_bytes / 1024)
+            .unwrap_or(u32::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize) as u32);
         Arc::new(Ledger {
             docs: Mutex::new(Docs {
                 map: BTreeMap::new(),
@@ -426,6 +457,8 @@ impl Ledger {
                 settled_out: None,
             }),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            kib: Arc::new(Semaphore::new(kib_total as usize)),
+            kib_total,
             settled: Notify::new(),
         })
     }
@@ -481,6 +514,12 @@ impl Ledger {
     /// deletion finished. The overtaken job may already have been dropped
     /// as superseded, so counting on it would lose the revert.
     pub async fn admit(&self, doc_id: &str, version: Option<&str>) -> bool {
+        self.admit_sized(doc_id, version, 0).await
+    }
+
+    /// [`Ledger::admit`] for a version of `bytes` bytes (see
+    /// [`Ledger::admit_at`]).
+    async fn admit_sized(&self, doc_id: &str, version: Option<&str>, bytes: u64) -> bool {
         let key = version.unwrap_or(DELETE_VERSION).to_string();
         // None: not pending. Some(true): pending and still the latest, a
         // duplicate. Some(false): pending but overtaken, and back: a new
@@ -502,12 +541,26 @@ impl Ledger {
         if let Some(duplicate) = self.docs.lock().update(doc_id, false, back).flatten() {
             return !duplicate;
         }
-        let permit = self
+        let doc = self
             .permits
             .clone()
             .acquire_owned()
             .await
             .expect("the ledger never closes its semaphore");
+        // (One bigger than the whole budget takes all of it: it goes alone.)
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.kib_total);
+        let bytes = self
+            .kib
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the ledger never closes its semaphore");
+        let permit = Permits {
+            _doc: doc,
+            _bytes: bytes,
+        };
         self.docs
             .lock()
             .update(doc_id, true, |entry| {
@@ -576,15 +629,25 @@ impl Ledger {
     /// goes with its release to the index nodes (see
     /// [`Ledger::settled_deletions`]).
     pub async fn admit_deletion(&self, doc_id: &str, seq: u64) -> bool {
-        self.admit_at(doc_id, None, seq).await
+        self.admit_at(doc_id, None, seq, 0).await
     }
 
     /// [`Ledger::admit`] for the version (or deletion) the watcher saw at
     /// `seq`. On a node with the index role too, a job older than it,
     /// delivered late, is then refused as [`Ledger::observe`] refuses one
     /// older than a job it saw (the watcher's own job may come after it).
-    pub async fn admit_at(&self, doc_id: &str, version: Option<&str>, seq: u64) -> bool {
-        if !self.admit(doc_id, version).await {
+    ///
+    /// `bytes`, the file's size, is held against the byte budget until the
+    /// version ends: the watcher waits while the versions in flight hold
+    /// it all, as it waits for a permit.
+    pub async fn admit_at(
+        &self,
+        doc_id: &str,
+        version: Option<&str>,
+        seq: u64,
+        bytes: u64,
+    ) -> bool {
+        if !self.admit_sized(doc_id, version, bytes).await {
             return false;
         }
         self.docs.lock().update(doc_id, false, |entry| {
@@ -1060,6 +1123,38 @@ mod tests {
         }
     }
 
+    /// Versions in flight hold their bytes against the budget: past it the
+    /// next admission waits until one ends, and one bigger than the whole
+    /// budget goes alone. Every byte comes back.
+    #[tokio::test]
+    async fn the_bytes_in_flight_are_held_to_a_budget() {
+        let ledger = Ledger::with_limits(100, 10 << 20, Duration::ZERO, false);
+        let admit = |id: &'static str, bytes: u64| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.admit_at(id, Some("v1"), 1, bytes).await })
+        };
+        let waits = |task: &tokio::task::JoinHandle<bool>| !task.is_finished();
+        assert!(admit("a", 6 << 20).await.unwrap());
+        assert!(admit("b", 4 << 20).await.unwrap());
+        let c = admit("c", 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(waits(&c), "admitted past the budget");
+        ledger.finish("a", Some("v1"), Outcome::Indexed);
+        assert!(c.await.unwrap());
+        let huge = admit("d", 1 << 40);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(waits(&huge));
+        ledger.finish("b", Some("v1"), Outcome::Indexed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(waits(&huge), "went beside another version");
+        ledger.finish("c", Some("v1"), Outcome::Skipped("x".into()));
+        assert!(huge.await.unwrap());
+        assert_eq!(ledger.kib.available_permits(), 0);
+        ledger.finish("d", Some("v1"), Outcome::Indexed);
+        assert_eq!(ledger.kib.available_permits(), 10 << 10);
+        assert_eq!(ledger.permits.available_permits(), 100);
+    }
+
     /// An overtaken version that comes back while its first job is still
     /// in flight is admitted again (the first job may already be dropped as
     /// superseded), under the permit it holds; every permit comes back.
@@ -1339,7 +1434,7 @@ mod tests {
         assert_eq!(ledger.status("kb:kept.md"), Some(DocStatus::Indexed));
         // Changed since: a version seen between the stored one and the
         // watcher's new one, delivered late, is refused as well.
-        assert!(ledger.admit_at("kb:kept.md", Some("v4"), 80).await);
+        assert!(ledger.admit_at("kb:kept.md", Some("v4"), 80, 0).await);
         assert!(!ledger.observe("kb:kept.md", Some("v3"), 60), "a late v3");
         assert!(ledger.is_current("kb:kept.md", "v4"));
         assert!(!ledger.watch("kb:never.md"), "no entry");

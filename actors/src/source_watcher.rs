@@ -2558,7 +2558,7 @@ async fn decide(
     if !force && dead_lettered_elsewhere(args, &doc) {
         return;
     }
-    if args.ledger.admit_at(&id, Some(&version), doc.seq).await {
+    if args.ledger.admit_at(&id, Some(&version), doc.seq, size).await {
         args.known.lock().insert(id.clone(), version.clone());
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
@@ -4576,6 +4576,31 @@ mod tests {
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| !rig.chunk_q.is_empty()).await;
         assert_eq!(rig.handed(), ["kb:a.md"], "read again, though unchanged");
+        watcher.stop(None);
+    }
+
+    /// The watcher holds each version's size against the ledger's byte
+    /// budget: with the budget full it waits, and reads on once a version
+    /// ends.
+    #[tokio::test]
+    async fn the_watcher_waits_while_the_bytes_in_flight_fill_the_budget() {
+        let mut rig = Rig::new();
+        rig.ledger = Ledger::with_limits(100, 3 << 10, Duration::ZERO, false);
+        rig.write("a.md", &format!("# A\n\n{}", "alpha ".repeat(400)));
+        rig.write("b.md", &format!("# B\n\n{}", "beta ".repeat(400)));
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, rig.args(false))
+            .await
+            .unwrap();
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let first = rig.handed();
+        assert_eq!(first.len(), 1, "both in flight: {first:?}");
+        let version = rig.known.lock()[&first[0]].clone();
+        rig.ledger.finish(&first[0], Some(&version), Outcome::Indexed);
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        let second = rig.handed();
+        assert_eq!(second.len(), 1);
+        assert_ne!(first, second);
         watcher.stop(None);
     }
 
