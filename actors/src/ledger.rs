@@ -266,6 +266,9 @@ struct Docs {
     /// Told each deletion that settled here (an ingest node: the index
     /// nodes are then told that they may forget it too).
     settled_out: Option<mpsc::Sender<(String, u64)>>,
+    /// Told each document whose latest version ended unread (see
+    /// [`Ledger::unread_versions`]).
+    unread_out: Option<mpsc::Sender<String>>,
 }
 
 impl Docs {
@@ -455,6 +458,7 @@ impl Ledger {
                 forget_after,
                 held,
                 settled_out: None,
+                unread_out: None,
             }),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             kib: Arc::new(Semaphore::new(kib_total as usize)),
@@ -470,6 +474,19 @@ impl Ledger {
     pub fn settled_deletions(&self, capacity: usize) -> mpsc::Receiver<(String, u64)> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         self.docs.lock().settled_out = Some(tx);
+        rx
+    }
+
+    /// The documents whose latest version ended unread from now on
+    /// ([`Ledger::ended_unread`]), each time one does: the watcher looks at
+    /// their files again. Its event for the rewrite that made the chunker
+    /// skip may have come, and found the version in flight, before the
+    /// skip (a batch slow to read, a skip told by another node), and a
+    /// polled source raises none for a file saved over with the same bytes.
+    /// At most `capacity` wait to be taken; past that the rest are not told.
+    pub fn unread_versions(&self, capacity: usize) -> mpsc::Receiver<String> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.docs.lock().unread_out = Some(tx);
         rx
     }
 
@@ -769,7 +786,10 @@ impl Ledger {
     /// superseded version's outcome is not the document's.
     pub fn finish(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
         let key = version.unwrap_or(DELETE_VERSION);
-        self.docs.lock().update(doc_id, false, |entry| {
+        let unread = matches!(&outcome, Outcome::Skipped(why)
+            if why == CHANGED_WHILE_QUEUED || why == REMOVED_BEFORE_READ);
+        let mut docs = self.docs.lock();
+        let current = docs.update(doc_id, false, |entry| {
             entry.pending.remove(key);
             let current = entry.latest.as_deref() == version;
             if current {
@@ -784,7 +804,15 @@ impl Ledger {
                     (Some(_), o) => status_of(o),
                 };
             }
+            current
         });
+        if unread && current == Some(true) {
+            if let Some(out) = &docs.unread_out {
+                // (Full: the file is looked at on its next event or scan.)
+                let _ = out.try_send(doc_id.to_string());
+            }
+        }
+        drop(docs);
         self.settled.notify_waiters();
     }
 

@@ -415,6 +415,10 @@ pub enum WatchMsg {
     /// Look again at the files of [`WatcherArgs::being_written`] whose
     /// writer may be done.
     Written,
+    /// The chunker could not read this document's latest version as it
+    /// was seen (see [`Ledger::unread_versions`]): its file is looked at
+    /// again, as one being written.
+    Unread(String),
 }
 
 pub struct SourceWatcher;
@@ -658,6 +662,17 @@ impl Actor for SourceWatcher {
         }
         // (With nothing to scan, the first scan is done at once.)
         st.schedule_scan(&myself);
+        // (A restarted watcher takes the ledger's news over: the old
+        // forwarder ends with the channel it held.)
+        let mut unread = st.args.ledger.unread_versions(4096);
+        let me = myself.clone();
+        tokio::spawn(async move {
+            while let Some(id) = unread.recv().await {
+                if me.cast(WatchMsg::Unread(id)).is_err() {
+                    break;
+                }
+            }
+        });
         Ok(st)
     }
 
@@ -822,6 +837,17 @@ impl SourceWatcher {
                 let hung = retry(&st.args).await;
                 for root in hung {
                     st.missed(myself, root);
+                }
+            }
+            WatchMsg::Unread(id) => {
+                if let Some((_, _, path)) = place_of(&st.args.sources, &id) {
+                    // A debounce on, as after an event: the writer that
+                    // made the chunker skip may not be done.
+                    let now = tokio::time::Instant::now();
+                    let due = now + st.args.debounce;
+                    (st.args.being_written.lock())
+                        .entry(path)
+                        .or_insert(BeingWritten { since: now, due });
                 }
             }
             WatchMsg::Written => {
@@ -2508,8 +2534,7 @@ async fn decide(
         settle_dead_letters(args, &id, Some(&version), Settled::Superseded);
         return;
     }
-    if !force && !unread && args.ledger.latest_version(&id).as_deref() == Some(version.as_str())
-    {
+    if !force && !unread && args.ledger.latest_version(&id).as_deref() == Some(version.as_str()) {
         // This version is in flight or already ended (e.g. skipped).
         args.ledger.watch(&id);
         return;
@@ -2558,7 +2583,11 @@ async fn decide(
     if !force && dead_lettered_elsewhere(args, &doc) {
         return;
     }
-    if args.ledger.admit_at(&id, Some(&version), doc.seq, size).await {
+    if args
+        .ledger
+        .admit_at(&id, Some(&version), doc.seq, size)
+        .await
+    {
         args.known.lock().insert(id.clone(), version.clone());
         args.stats.processed();
         hand_on(args, &args.chunk_q, doc).await;
@@ -4596,7 +4625,8 @@ mod tests {
         let first = rig.handed();
         assert_eq!(first.len(), 1, "both in flight: {first:?}");
         let version = rig.known.lock()[&first[0]].clone();
-        rig.ledger.finish(&first[0], Some(&version), Outcome::Indexed);
+        rig.ledger
+            .finish(&first[0], Some(&version), Outcome::Indexed);
         wait_for(|| !rig.chunk_q.is_empty()).await;
         let second = rig.handed();
         assert_eq!(second.len(), 1);
@@ -4757,10 +4787,33 @@ mod tests {
         assert_eq!(rig.handed(), ["kb:a.md"]);
         assert_eq!(rig.known.lock()["kb:a.md"], version);
 
-        rig.ledger.finish("kb:a.md", Some(&version), Outcome::Indexed);
+        rig.ledger
+            .finish("kb:a.md", Some(&version), Outcome::Indexed);
         rig.write("a.md", "# A\n\nAlpha.");
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(rig.handed().is_empty(), "read again though indexed");
+        watcher.stop(None);
+    }
+
+    /// A skip for a read race that lands after the watcher looked at the
+    /// file again (a batch slow to read ahead of it, a skip told by
+    /// another node), or with no event at all, has the file looked at
+    /// once more; a skip of another kind does not.
+    #[tokio::test]
+    async fn a_version_skipped_unread_is_looked_at_again_when_the_skip_lands() {
+        let rig = Rig::new();
+        rig.write("a.md", "# A\n\nAlpha.");
+        let (watcher, scanned) = rig.start(true).await;
+        assert_eq!(scanned, ["kb:a.md"]);
+        let version = rig.known.lock()["kb:a.md"].clone();
+        let gone = Outcome::Skipped(crate::ledger::REMOVED_BEFORE_READ.into());
+        rig.ledger.finish("kb:a.md", Some(&version), gone);
+        wait_for(|| !rig.chunk_q.is_empty()).await;
+        assert_eq!(rig.handed(), ["kb:a.md"]);
+        let binary = Outcome::Skipped("binary content (NUL bytes)".into());
+        rig.ledger.finish("kb:a.md", Some(&version), binary);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(rig.handed().is_empty(), "looked at again after a real skip");
         watcher.stop(None);
     }
 
