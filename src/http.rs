@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ragd_actors::cache_guard::CachedAnswer;
-use ragd_actors::dlq::{PageQuery, Settled};
+use ragd_actors::dlq::{DeadLetters, PageQuery, Settled};
 use ragd_actors::indexer::{Hit, Scope};
 use ragd_actors::reranker::{RerankMsg, RerankRequest};
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,10 @@ pub struct QueryResponse {
     /// the retry budget, endpoint down, …). The sources are still returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_error: Option<String>,
+    /// True when the LLM cut `answer` off (at `[llm] max_tokens`, by a
+    /// content filter): returned as it came, and not cached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answer_incomplete: bool,
     pub cached: bool,
     pub sources: Vec<Hit>,
     pub timings_ms: serde_json::Map<String, serde_json::Value>,
@@ -208,6 +212,7 @@ async fn answer(
         return Ok(QueryResponse {
             answer: hit.answer,
             answer_error: None,
+            answer_incomplete: false,
             cached: true,
             sources: hit.sources,
             timings_ms: timings,
@@ -338,6 +343,7 @@ async fn answer(
     Ok(QueryResponse {
         answer: value.answer,
         answer_error,
+        answer_incomplete: !answer_complete,
         cached: false,
         sources: value.sources,
         timings_ms: timings,
@@ -648,11 +654,32 @@ async fn dlq_replay(
         };
         return error(status, format!("{e:#}"));
     }
+    if let Some(version) = entry.version.as_deref() {
+        mark_twins_replayed(node.dlq.as_ref(), &entry.doc_id, version);
+    }
     let _ = watcher.cast(ragd_actors::source_watcher::WatchMsg::Replay(
         entry.doc_id.clone(),
         path,
     ));
     Json(json!({ "replayed": id, "doc_id": entry.doc_id })).into_response()
+}
+
+/// Marks replayed the other entries still waiting for `version` of
+/// `doc_id`, which the replay of one of them reads again too: each ingest
+/// node on a shared mount dead-letters a version that fails, and an entry
+/// left waiting would send every copy of that content to the DLQ at once
+/// (`dead_lettered_elsewhere` in the watcher). Returns how many.
+fn mark_twins_replayed(dlq: &dyn DeadLetters, doc_id: &str, version: &str) -> usize {
+    let mut marked = 0;
+    // (Bounded: a backend that kept answering with one entry would
+    // otherwise loop.)
+    for _ in 0..64 {
+        match dlq.pending(doc_id, version) {
+            Some(twin) if dlq.mark_replayed(twin.id).is_ok() => marked += 1,
+            _ => break,
+        }
+    }
+    marked
 }
 
 /// Where a dead-lettered document is in its source now. A replay looks at
@@ -745,6 +772,37 @@ mod tests {
             assert_eq!(r.status(), status);
             assert!(r.headers().get(RETRY_AFTER).is_none());
         }
+    }
+
+    /// Replaying one entry of a version replays the others still waiting
+    /// for it (another ingest node's); other versions' and documents'
+    /// entries keep waiting.
+    #[test]
+    fn a_replay_marks_the_other_entries_of_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq = ragd_actors::dlq::FileDlq::open(dir.path().join("dlq.jsonl")).unwrap();
+        let entry = |doc_id: &str, version: &str| DlqEntry {
+            id: 0,
+            at: 0,
+            stage: "chunker".into(),
+            error: "boom".into(),
+            attempts: 3,
+            doc_id: doc_id.into(),
+            version: Some(version.into()),
+            payload: json!({}),
+            replayed: false,
+            settled: None,
+        };
+        let first = dlq.push(entry("kb:a.md", "v1")).unwrap();
+        let twin = dlq.push(entry("kb:a.md", "v1")).unwrap();
+        let older = dlq.push(entry("kb:a.md", "v0")).unwrap();
+        let other = dlq.push(entry("kb:b.md", "v1")).unwrap();
+        dlq.mark_replayed(first).unwrap();
+        assert_eq!(mark_twins_replayed(&dlq, "kb:a.md", "v1"), 1);
+        let replayed = |id: u64| dlq.get(id).unwrap().unwrap().replayed;
+        assert!(replayed(twin));
+        assert!(!replayed(older) && !replayed(other));
+        assert_eq!(mark_twins_replayed(&dlq, "kb:a.md", "v1"), 0);
     }
 
     /// Every stage's entry can be replayed: those of the stages that only

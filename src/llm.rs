@@ -567,14 +567,20 @@ mod tests {
         ]);
         let llm = Llm::new(config(script.url.clone())).unwrap();
         let cut = llm.answer("leave?", &[hit()]).await.unwrap();
-        assert_eq!((cut.text.as_str(), cut.complete), ("Parental leave is", false));
+        assert_eq!(
+            (cut.text.as_str(), cut.complete),
+            ("Parental leave is", false)
+        );
         for _ in 0..2 {
             let e = llm.answer("leave?", &[hit()]).await.unwrap_err();
             assert!(matches!(e.last, LlmError::Malformed(_)), "{e:?}");
             assert_eq!(e.attempts, 1);
         }
         let whole = llm.answer("leave?", &[hit()]).await.unwrap();
-        assert_eq!((whole.text.as_str(), whole.complete), ("Sixteen weeks [1].", true));
+        assert_eq!(
+            (whole.text.as_str(), whole.complete),
+            ("Sixteen weeks [1].", true)
+        );
     }
 
     #[tokio::test]

@@ -205,6 +205,7 @@ fn llm_answers_cite_sources_and_only_successful_answers_are_cached() {
     let cut = d.ask(HR_TOKEN, QUESTION);
     assert_eq!(cut["cached"], false, "a failed answer was cached: {cut}");
     assert_eq!(cut["answer"], "Parental leave is", "{cut}");
+    assert_eq!(cut["answer_incomplete"], true, "{cut}");
     assert!(texts(&cut).contains("sixteen weeks"), "{cut}");
     std::thread::sleep(Duration::from_millis(300));
     let ok = d.ask(HR_TOKEN, QUESTION);
@@ -215,6 +216,7 @@ fn llm_answers_cite_sources_and_only_successful_answers_are_cached() {
         "{ok}"
     );
     assert!(ok.get("answer_error").is_none(), "{ok}");
+    assert!(ok.get("answer_incomplete").is_none(), "{ok}");
     // The prompt carried the reranked sources, numbered.
     let prompt = llm.requests()[4]["messages"][1]["content"]
         .as_str()
