@@ -130,7 +130,10 @@ fn a_parser_that_cannot_start_or_is_killed_is_unavailable_not_malformed() {
         time_budget(pdf.len()),
         &pdf,
     ));
-    assert!(why.contains("starting the PDF parser /nonexistent/ragd"), "{why}");
+    assert!(
+        why.contains("starting the PDF parser /nonexistent/ragd"),
+        "{why}"
+    );
 
     // (A stand-in for the child that the kernel kills as it starts.)
     let dir = tempfile::tempdir().unwrap();
@@ -156,5 +159,8 @@ fn a_parser_that_cannot_start_or_is_killed_is_unavailable_not_malformed() {
             (!busy).then_some(why)
         })
         .expect("the script stayed busy");
-    assert!(why.contains("killed") && why.contains("out of memory"), "{why}");
+    assert!(
+        why.contains("killed") && why.contains("out of memory"),
+        "{why}"
+    );
 }

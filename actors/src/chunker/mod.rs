@@ -263,8 +263,8 @@ impl Chunker {
     fn heading_trail(&self, headings: &[String]) -> String {
         let mut trail = headings.join(" > ");
         let half = self.settings.max_tokens / 2;
-        // Bytes first, so a huge heading is not tokenised whole: half a
-        // chunk of tokens is seldom over 4 bytes each.
+        // Bytes first, so a huge heading is not tokenised whole: prose
+        // takes 4-6 bytes a token, seldom over 16.
         let cap = half * 16;
         let mut end = trail.len();
         if end > cap {
@@ -272,7 +272,14 @@ impl Chunker {
         }
         if let Ok(e) = self.tokenizer.encode(&trail[..end], false) {
             if e.len() > half {
-                end = e.get_offsets()[half - 1].1;
+                // Before the first word that does not fit whole: a word
+                // cut inside may tokenise to more pieces than it had.
+                // (One word longer than it all is cut after half.)
+                let words = e.get_word_ids();
+                end = match (1..=half).rev().find(|&i| words[i] != words[i - 1]) {
+                    Some(i) => e.get_offsets()[i].0,
+                    None => e.get_offsets()[half - 1].1,
+                };
             }
         }
         trail.truncate(end);
@@ -641,8 +648,9 @@ mod tests {
     fn a_heading_trail_is_cut_to_half_a_chunk() {
         let c = chunker(64);
         let huge = "Quarterly security review of badge readers ".repeat(2_000);
-        let body = "Every office keeps its own visitor log and sends a copy to security each week.\n\n"
-            .repeat(20);
+        let body =
+            "Every office keeps its own visitor log and sends a copy to security each week.\n\n"
+                .repeat(20);
         let text = format!("# Handbook\n\n## {huge}\n\n{body}");
         let chunks = c.chunk_file(Path::new("a.md"), text.as_bytes()).unwrap();
         assert!(chunks.len() > 5, "{}", chunks.len());
@@ -661,7 +669,10 @@ mod tests {
         // Cut on a character's boundary, whatever the script.
         let kana = vec!["東京オフィスの規程".repeat(500)];
         let cut = c.heading_trail(&kana);
-        assert!(cut.starts_with("東京") && c.count_tokens(&cut) <= 32, "{cut}");
+        assert!(
+            cut.starts_with("東京") && c.count_tokens(&cut) <= 32,
+            "{cut}"
+        );
     }
 
     /// Text that tries the word model: punctuation, accents composed and
