@@ -779,10 +779,19 @@ fn validate(
     }
     let max_in_flight = raw.pipeline.max_in_flight.unwrap_or(256);
     positive("pipeline.max_in_flight", max_in_flight, &mut err);
-    let max_in_flight_mb = raw.pipeline.max_in_flight_mb.unwrap_or(256);
+    let max_file_bytes = raw.chunker.max_file_bytes.unwrap_or(20 << 20);
+    // The budget holds the biggest file there may be: one bigger would
+    // wait for everything in flight to end, and the watcher (deletions,
+    // replays) with it. Unset, it grows to hold one.
+    let max_file_mb = max_file_bytes.div_ceil(1 << 20);
+    let max_in_flight_mb = (raw.pipeline.max_in_flight_mb).unwrap_or(max_file_mb.max(256));
     if !(1..=1_048_576).contains(&max_in_flight_mb) {
         err(format!(
             "pipeline.max_in_flight_mb ({max_in_flight_mb}) must be between 1 and 1048576"
+        ));
+    } else if max_in_flight_mb < max_file_mb {
+        err(format!(
+            "pipeline.max_in_flight_mb ({max_in_flight_mb}) must hold the biggest file, chunker.max_file_bytes ({max_file_bytes})"
         ));
     }
     let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
@@ -941,7 +950,9 @@ fn validate(
     // Beyond what Redis's EXPIRE takes, its store would fail after the
     // hash is written, leaving an entry that never expires.
     if let Some(ttl) = raw.cache.ttl_secs.filter(|t| *t > 366 * 24 * 3600) {
-        err(format!("cache.ttl_secs ({ttl}) must be at most a year (31622400)"));
+        err(format!(
+            "cache.ttl_secs ({ttl}) must be at most a year (31622400)"
+        ));
     }
     let cache_threshold = raw.cache.threshold.unwrap_or(0.98);
     if !(cache_threshold > 0.0 && cache_threshold <= 1.0) {
@@ -1180,7 +1191,7 @@ fn validate(
         reranker_model,
         chunk_max_tokens,
         chunk_overlap_tokens,
-        max_file_bytes: raw.chunker.max_file_bytes.unwrap_or(20 * 1024 * 1024),
+        max_file_bytes,
         chunker_min_workers,
         chunker_max_workers,
         pdf_memory_bytes,
@@ -1360,7 +1371,9 @@ fn validate_llm(
     let ms = |name: &str, v: Option<u64>, default: u64, err: &mut dyn FnMut(String)| {
         let v = v.unwrap_or(default);
         if v > 3_600_000 {
-            err(format!("llm.{name} ({v}) must be at most 3600000 (an hour)"));
+            err(format!(
+                "llm.{name} ({v}) must be at most 3600000 (an hour)"
+            ));
         }
         Duration::from_millis(v.min(3_600_000))
     };
@@ -1696,14 +1709,22 @@ mod tests {
                 "[pipeline]\nmax_in_flight_mb = 0\n".to_string(),
                 "pipeline.max_in_flight_mb (0) must be between 1 and 1048576",
             ),
+            (
+                "[pipeline]\nmax_in_flight_mb = 100\n[chunker]\nmax_file_bytes = 200000000\n"
+                    .to_string(),
+                "pipeline.max_in_flight_mb (100) must hold the biggest file, chunker.max_file_bytes (200000000)",
+            ),
         ] {
             let e = parse(&extra).unwrap_err().to_string();
             assert!(e.contains(needle), "{extra:?}: missing {needle:?} in:\n{e}");
         }
-        let edge = "[query]\ncandidates = 10000\n[cache]\nttl_secs = 31622400\n[pipeline]\nmax_in_flight_mb = 1\n";
+        let edge = "[query]\ncandidates = 10000\n[cache]\nttl_secs = 31622400\n[pipeline]\nmax_in_flight_mb = 1\n[chunker]\nmax_file_bytes = 1048576\n";
         let cfg = parse(&format!("{llm}temperature = 2.0\n{edge}")).unwrap();
         assert_eq!(cfg.max_in_flight_bytes, 1 << 20);
         assert_eq!(parse("").unwrap().max_in_flight_bytes, 256 << 20);
+        // Unset, the budget grows to hold the biggest file.
+        let big = parse("[chunker]\nmax_file_bytes = 1000000000\n").unwrap();
+        assert_eq!(big.max_in_flight_bytes, 954 << 20);
     }
 
     #[test]
