@@ -82,6 +82,11 @@ pub const SUPERSEDED: &str = "superseded by a newer version";
 pub const CHANGED_WHILE_QUEUED: &str = "changed while queued; newer version follows";
 pub const REMOVED_BEFORE_READ: &str = "file removed before it was read";
 
+/// Whether a skip's reason is one of those above.
+fn ended_unread_for(why: &str) -> bool {
+    why == CHANGED_WHILE_QUEUED || why == REMOVED_BEFORE_READ
+}
+
 impl crate::messages::IndexedEvent {
     /// How the version this event reports ended, for a ledger.
     pub fn outcome(&self) -> Outcome {
@@ -717,8 +722,7 @@ impl Ledger {
         self.docs.lock().map.get(doc_id).is_some_and(|e| {
             e.latest.as_deref() == Some(version)
                 && !e.pending.contains_key(version)
-                && matches!(&e.status, DocStatus::Skipped(why)
-                    if why == CHANGED_WHILE_QUEUED || why == REMOVED_BEFORE_READ)
+                && matches!(&e.status, DocStatus::Skipped(why) if ended_unread_for(why))
         })
     }
 
@@ -786,8 +790,7 @@ impl Ledger {
     /// superseded version's outcome is not the document's.
     pub fn finish(&self, doc_id: &str, version: Option<&str>, outcome: Outcome) {
         let key = version.unwrap_or(DELETE_VERSION);
-        let unread = matches!(&outcome, Outcome::Skipped(why)
-            if why == CHANGED_WHILE_QUEUED || why == REMOVED_BEFORE_READ);
+        let unread = matches!(&outcome, Outcome::Skipped(why) if ended_unread_for(why));
         let mut docs = self.docs.lock();
         let current = docs.update(doc_id, false, |entry| {
             entry.pending.remove(key);
