@@ -77,6 +77,7 @@ async fn run(
                 deletes: Port::Local(PoolQueue::new(stats.clone())),
                 skips: None,
                 max_file_bytes: 20 << 20,
+                hang_after: ragd_actors::source_watcher::HANG_AFTER,
             }),
             queue: queue.clone(),
             settings: PoolSettings {

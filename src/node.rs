@@ -912,6 +912,7 @@ impl Node {
                 deletes: port(&kafka, &index_q, EMBEDDED),
                 skips: kafka.as_ref().map(|_| port(&kafka, &prune_q, INDEXED)),
                 max_file_bytes: config.max_file_bytes,
+                hang_after: ragd_actors::source_watcher::HANG_AFTER,
             }),
             chunk_q.clone(),
             settings(config.chunker_min_workers, config.chunker_max_workers),

@@ -81,10 +81,14 @@ pub const SUPERSEDED: &str = "superseded by a newer version";
 /// moment. See [`Ledger::ended_unread`].
 pub const CHANGED_WHILE_QUEUED: &str = "changed while queued; newer version follows";
 pub const REMOVED_BEFORE_READ: &str = "file removed before it was read";
+/// Why the chunker ends a version whose source did not answer its read (a
+/// hard-mounted share whose server is gone): the watcher reads it again
+/// once the source answers.
+pub const SOURCE_HUNG: &str = "its source did not answer the read; read again once it does";
 
 /// Whether a skip's reason is one of those above.
 fn ended_unread_for(why: &str) -> bool {
-    why == CHANGED_WHILE_QUEUED || why == REMOVED_BEFORE_READ
+    why == CHANGED_WHILE_QUEUED || why == REMOVED_BEFORE_READ || why == SOURCE_HUNG
 }
 
 impl crate::messages::IndexedEvent {

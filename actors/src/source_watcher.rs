@@ -217,13 +217,14 @@ static STUCK: std::sync::LazyLock<parking_lot::Mutex<HashSet<PathBuf>>> =
 /// a batch of reads that keeps going is not hung). A hard-mounted share
 /// whose server is gone blocks every call under it for as long as it is
 /// gone; the watcher, which waits for the call, would stop with it, and
-/// every other source with it.
+/// every other source with it. (The chunker's reads go through here too,
+/// so a root either finds hanging is left alone by both.)
 ///
 /// `None` when given up on, and at once while a call under `root` that
 /// was given up on has not returned: each would hold a blocking thread
 /// for good. (A `work` that panics fails the watcher, as it would on
 /// the watcher's own thread.)
-async fn on_source<T: Send + 'static>(
+pub(crate) async fn on_source<T: Send + 'static>(
     root: &Path,
     hang_after: Duration,
     work: impl FnOnce(&AtomicU64) -> T + Send + 'static,
@@ -345,14 +346,10 @@ pub fn is_mount_point(path: &Path) -> bool {
 
 /// The content of an open file when it holds at most `max` bytes; `None`
 /// when it holds more, having read no further than one byte past `max`.
-/// The watcher and the chunker both read documents this way.
-pub fn read_at_most(file: &std::fs::File, max: u64) -> std::io::Result<Option<Vec<u8>>> {
-    read_counting(file, max, &AtomicU64::new(0))
-}
-
-/// [`read_at_most`], counting each MiB read on `progress`: a large file
-/// read slowly is not a share that hangs (see [`on_source`]).
-fn read_counting(
+/// Counts each MiB read on `progress`: a large file read slowly is not a
+/// share that hangs (see [`on_source`]). The watcher and the chunker both
+/// read documents this way.
+pub(crate) fn read_counting(
     file: &std::fs::File,
     max: u64,
     progress: &AtomicU64,
@@ -3748,34 +3745,6 @@ mod tests {
         watcher.stop(None);
     }
 
-    /// A write lease on a file (`F_SETLEASE`): until it is given up (on
-    /// drop), the kernel holds every other open of the file, as a share
-    /// whose server is gone holds every call. (A real block in the kernel,
-    /// not a fake: and a stat still answers, as it may from a client's
-    /// attribute cache.)
-    struct Lease(std::fs::File);
-
-    impl Lease {
-        fn hold(path: &Path) -> Lease {
-            use std::os::fd::AsRawFd;
-            // The holder is told of a conflicting open by SIGIO, which
-            // would end the test process.
-            unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
-            let file = std::fs::File::open(path).unwrap();
-            let held = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
-            let e = std::io::Error::last_os_error();
-            assert_eq!(held, 0, "a lease on {}: {e}", path.display());
-            Lease(file)
-        }
-    }
-
-    impl Drop for Lease {
-        fn drop(&mut self) {
-            use std::os::fd::AsRawFd;
-            unsafe { libc::fcntl(self.0.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
-        }
-    }
-
     /// A source whose files do not answer (a hard-mounted share whose
     /// server is gone) stops neither the scan nor the watcher: what is
     /// under it waits, nothing is deleted for it, and once it answers what
@@ -3788,7 +3757,7 @@ mod tests {
         }
         // Indexed before, at another version: the scan reads it again.
         rig.known.lock().insert("kb:old.md".into(), "v0".into());
-        let lease = Lease::hold(&rig.root.join("a.md"));
+        let lease = crate::testkit::Lease::hold(&rig.root.join("a.md"));
         let mut args = rig.args(true);
         args.hang_after = Duration::from_millis(300);
         let retry = args.retry.clone();
@@ -3829,9 +3798,9 @@ mod tests {
             rig.write(name, &format!("# {name}\n\ntext\n"));
         }
         // (Whichever file the scan reads first hangs.)
-        let leases: Vec<Lease> = names
+        let leases: Vec<crate::testkit::Lease> = names
             .iter()
-            .map(|n| Lease::hold(&rig.root.join(n)))
+            .map(|n| crate::testkit::Lease::hold(&rig.root.join(n)))
             .collect();
         let mut args = rig.args(true);
         args.hang_after = Duration::from_secs(1);
@@ -3847,6 +3816,89 @@ mod tests {
         })
         .await;
         wait_for(|| retry.lock().is_empty()).await;
+        assert!(rig.deleted().is_empty());
+        watcher.stop(None);
+    }
+
+    /// A share that hangs after the watcher read its files, before the
+    /// chunker did: the chunker gives up on its read and chunks what it
+    /// read and the other sources' files; the rest end skipped, and while
+    /// the read given up on hangs the source is not read again. Once it
+    /// answers, the watcher reads those again and hands them on: nothing is
+    /// lost, and nothing waits in the DLQ for a replay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_the_chunker_gave_up_on_is_read_again_once_its_source_answers() {
+        use crate::chunker::actor::ChunkerStage;
+        use crate::pool::Stage;
+        let rig = Rig::new();
+        let chunker = Arc::new(crate::chunker::tests::chunker(64));
+        for name in ["a.md", "b.md", "c.md"] {
+            rig.write(name, &format!("# {name}\n\nThe text of {name}.\n"));
+        }
+        let wiki = rig.other_source("wiki");
+        std::fs::write(wiki.root.join("w.md"), "# W\n\nThe wiki's text.\n").unwrap();
+        let mut args = rig.args(true);
+        args.sources.push(wiki);
+        args.chunking = chunker.fingerprint().into();
+        let (watcher, _) = Actor::spawn(None, SourceWatcher, args).await.unwrap();
+        wait_for(|| rig.stats.status() == "watching").await;
+        let by_id = |mut metas: Vec<DocMeta>| {
+            metas.sort_by(|a, b| a.doc_id.cmp(&b.doc_id));
+            metas
+        };
+        let metas = by_id(rig.chunk_q.drain());
+        let ids: Vec<&str> = metas.iter().map(|m| m.doc_id.as_str()).collect();
+        assert_eq!(ids, ["kb:a.md", "kb:b.md", "kb:c.md", "wiki:w.md"]);
+        let lease = crate::testkit::Lease::hold(&rig.root.join("b.md"));
+        let out = crate::pool::PoolQueue::new(rig.stats.clone());
+        let hang_after = Duration::from_millis(300);
+        let stage = ChunkerStage {
+            chunker,
+            ledger: rig.ledger.clone(),
+            out: Port::Local(out.clone()),
+            deletes: Port::Local(rig.index_q.clone()),
+            skips: None,
+            max_file_bytes: 1 << 20,
+            hang_after,
+        };
+        let chunked = |out: &crate::pool::PoolQueue<crate::messages::ChunkedDoc>| {
+            let mut ids: Vec<String> = out.drain().into_iter().map(|d| d.meta.doc_id).collect();
+            ids.sort();
+            ids
+        };
+        let errors = stage.process_batch(metas.clone()).await.unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(chunked(&out), ["kb:a.md", "wiki:w.md"]);
+        let hung = DocStatus::Skipped(crate::ledger::SOURCE_HUNG.into());
+        for id in ["kb:b.md", "kb:c.md"] {
+            assert_eq!(rig.ledger.status(id), Some(hung.clone()), "{id}");
+        }
+        // Not read while the read given up on hangs: no thread is taken.
+        let t = std::time::Instant::now();
+        let errors = stage.process_batch(vec![metas[2].clone()]).await.unwrap();
+        assert!(errors.is_empty() && t.elapsed() < hang_after, "{errors:?}");
+        assert!(out.is_empty());
+        // The watcher looks at the skipped ones again, and finds the
+        // source hanging too: they wait, and nothing is deleted.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(rig.handed().is_empty());
+        assert!(rig.deleted().is_empty());
+        drop(lease);
+        let mut again = Vec::new();
+        wait_for(|| {
+            again.extend(rig.chunk_q.drain());
+            again.len() == 2
+        })
+        .await;
+        let again = by_id(again);
+        let versions = |m: &[DocMeta]| -> Vec<(String, String)> {
+            m.iter()
+                .map(|m| (m.doc_id.clone(), m.version.clone()))
+                .collect()
+        };
+        assert_eq!(versions(&again), versions(&metas[1..3]), "read again");
+        stage.process_batch(again).await.unwrap();
+        assert_eq!(chunked(&out), ["kb:b.md", "kb:c.md"]);
         assert!(rig.deleted().is_empty());
         watcher.stop(None);
     }
@@ -4080,7 +4132,7 @@ mod tests {
         assert_eq!(scanned, ["kb:a.md"]);
         rig.dead_letter("kb:a.md");
         let a = rig.root.join("a.md");
-        let lease = Lease::hold(&a);
+        let lease = crate::testkit::Lease::hold(&a);
         watcher
             .cast(WatchMsg::Replay("kb:a.md".into(), a.clone()))
             .unwrap();
@@ -4110,7 +4162,7 @@ mod tests {
         let (watcher, scanned) = rig.start_with(args).await;
         assert_eq!(scanned, ["kb:a.md"]);
         let a = rig.root.join("a.md");
-        let lease = Lease::hold(&a);
+        let lease = crate::testkit::Lease::hold(&a);
         // A replay makes the source hang; an event meanwhile goes unread.
         watcher.cast(WatchMsg::Replay("kb:a.md".into(), a)).unwrap();
         wait_for(|| stuck(&rig.root)).await;

@@ -7,12 +7,26 @@ use crate::indexer::actor::IndexJob;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{ChunkedDoc, DocMeta, IndexedEvent};
 use crate::pool::{unavailable, JobErrors, Stage};
-use crate::source_watcher::{doc_version, read_at_most};
+use crate::source_watcher::{doc_version, on_source, read_counting};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// What reading a version found, before parsing.
+enum Fetch {
+    TooBig,
+    Changed,
+    /// Its source did not answer (see [`ChunkerStage::hang_after`]).
+    Hung,
+    Bytes(Vec<u8>),
+}
 
 enum Read {
     TooBig,
     Changed,
+    Hung,
     Parsed(Result<Vec<crate::messages::Chunk>, ParseError>),
 }
 
@@ -28,11 +42,16 @@ pub struct ChunkerStage {
     /// be another than this one. None on one node, whose ledger this is.
     pub skips: Option<Port<IndexedEvent>>,
     pub max_file_bytes: u64,
+    /// How long a read under one source root may go without progress
+    /// before that source counts as hanging (a hard-mounted share whose
+    /// server is gone blocks every read of it for as long as it is gone).
+    /// The watcher's [`crate::source_watcher::HANG_AFTER`] in a node.
+    pub hang_after: Duration,
 }
 
-/// The most documents the chunker reads and parses in one trip to the
-/// blocking pool, and their most bytes together: a burst of small files
-/// costs one trip (two wake-ups) per batch, while a large file still goes
+/// The most documents the chunker reads and parses in one batch, and
+/// their most bytes together: a burst of small files costs a read and a
+/// parse trip to the blocking pool per batch, while a large file still goes
 /// alone and a batch never holds more than a few MiB of text at once.
 pub const CHUNK_BATCH: usize = 32;
 pub const CHUNK_BATCH_BYTES: u64 = 4 << 20;
@@ -55,8 +74,9 @@ impl Stage for ChunkerStage {
         CHUNK_BATCH_BYTES
     }
 
-    /// Reads, checks and parses the batch's current versions in one trip to
-    /// the blocking pool (each trip wakes a thread, and during a burst on
+    /// Reads and checks the batch's current versions (one trip to the
+    /// blocking pool per source root: see [`ChunkerStage::fetch`]), parses
+    /// them in one more (each trip wakes a thread, and during a burst on
     /// the model's cores), then hands the parsed ones on together. A file
     /// that fails fails alone.
     async fn process_batch(&self, metas: Vec<DocMeta>) -> anyhow::Result<JobErrors> {
@@ -73,14 +93,20 @@ impl Stage for ChunkerStage {
             self.tell_skips(skipped).await?;
             return Ok(vec![]);
         }
-        let chunker = self.chunker.clone();
-        let max = self.max_file_bytes;
         let files: Vec<_> = todo.iter().map(|(_, m)| m.clone()).collect();
+        let fetched = self.fetch(&files).await;
+        let chunker = self.chunker.clone();
         let reads = tokio::task::spawn_blocking(move || {
-            files
-                .iter()
-                .map(|m| read_and_parse(&chunker, m, max))
-                .collect::<Vec<_>>()
+            (files.iter().zip(fetched))
+                .map(|(m, f)| {
+                    Ok(match f? {
+                        Fetch::TooBig => Read::TooBig,
+                        Fetch::Changed => Read::Changed,
+                        Fetch::Hung => Read::Hung,
+                        Fetch::Bytes(bytes) => Read::Parsed(chunker.chunk_file(&m.path, &bytes)),
+                    })
+                })
+                .collect::<Vec<std::io::Result<Read>>>()
         })
         .await
         .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
@@ -116,16 +142,37 @@ impl Stage for ChunkerStage {
     }
 }
 
-/// Reads the document (at most `max` bytes), checks it is still the
-/// version probed, and parses it.
-fn read_and_parse(chunker: &Chunker, meta: &DocMeta, max: u64) -> std::io::Result<Read> {
-    let Some(bytes) = read_at_most(&std::fs::File::open(&meta.path)?, max)? else {
-        return Ok(Read::TooBig);
+/// Reads the document (at most `max` bytes, counting each MiB on
+/// `progress`) and checks it is still the version probed.
+fn fetch_one(
+    meta: &DocMeta,
+    max: u64,
+    chunking: &str,
+    progress: &AtomicU64,
+) -> std::io::Result<Fetch> {
+    let Some(bytes) = read_counting(&std::fs::File::open(&meta.path)?, max, progress)? else {
+        return Ok(Fetch::TooBig);
     };
-    if doc_version(&bytes, &meta.partition, chunker.fingerprint()) != meta.version {
-        return Ok(Read::Changed);
+    if doc_version(&bytes, &meta.partition, chunking) != meta.version {
+        return Ok(Fetch::Changed);
     }
-    Ok(Read::Parsed(chunker.chunk_file(&meta.path, &bytes)))
+    Ok(Fetch::Bytes(bytes))
+}
+
+/// The root of the source `meta` is under: its path less its uri's parts
+/// (the watcher makes the path so). Reads are guarded per root, as the
+/// watcher guards its own calls (see [`on_source`]).
+fn root_of(meta: &DocMeta) -> &Path {
+    let parts = meta.uri.split('/').count();
+    meta.path.ancestors().nth(parts).unwrap_or(&meta.path)
+}
+
+/// What one trip of reads under a root has read so far; taken whole when
+/// the trip is given up on, after which the trip reads no further.
+#[derive(Default)]
+struct Fetched {
+    got: Vec<std::io::Result<Fetch>>,
+    given_up: bool,
 }
 
 /// A read that failed (other than for a missing file). Marked
@@ -163,6 +210,64 @@ fn read_failed(meta: &DocMeta, e: std::io::Error) -> anyhow::Error {
 }
 
 impl ChunkerStage {
+    /// Reads `files` (not parsing them): under each source root in one
+    /// trip to the blocking pool, guarded as the watcher's own calls are
+    /// ([`on_source`], which shares its record of roots that hang with the
+    /// watcher). A root whose reads make no progress for
+    /// [`ChunkerStage::hang_after`] is given up on: what it read stands,
+    /// the rest is [`Fetch::Hung`], and while the call given up on has not
+    /// returned, reads under that root are not tried (each would hold a
+    /// blocking thread for good). A hung version ends skipped with
+    /// [`crate::ledger::SOURCE_HUNG`]; the watcher then looks at it again,
+    /// which waits until the source answers. So chunking goes on for the
+    /// other sources, and nothing of the hung one is lost or dead-lettered.
+    async fn fetch(&self, files: &[DocMeta]) -> Vec<std::io::Result<Fetch>> {
+        let mut roots: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
+        for (i, m) in files.iter().enumerate() {
+            roots.entry(root_of(m).to_path_buf()).or_default().push(i);
+        }
+        let trips = roots.into_iter().map(|(root, at)| {
+            let metas: Vec<DocMeta> = at.iter().map(|&i| files[i].clone()).collect();
+            async move { at.into_iter().zip(self.fetch_under(&root, metas).await) }
+        });
+        let mut out: Vec<_> = futures::future::join_all(trips)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        out.sort_by_key(|(i, _)| *i);
+        out.into_iter().map(|(_, f)| f).collect()
+    }
+
+    /// [`ChunkerStage::fetch`] of files under one source root.
+    async fn fetch_under(&self, root: &Path, metas: Vec<DocMeta>) -> Vec<std::io::Result<Fetch>> {
+        let n = metas.len();
+        let fetched = Arc::new(parking_lot::Mutex::new(Fetched::default()));
+        let (shared, max) = (fetched.clone(), self.max_file_bytes);
+        let chunking: Arc<str> = self.chunker.fingerprint().into();
+        let read = on_source(root, self.hang_after, move |progress| {
+            for m in &metas {
+                let f = fetch_one(m, max, &chunking, progress);
+                progress.fetch_add(1, Ordering::SeqCst);
+                let mut fetched = shared.lock();
+                if fetched.given_up {
+                    return;
+                }
+                fetched.got.push(f);
+            }
+        })
+        .await;
+        let mut fetched = fetched.lock();
+        fetched.given_up = true;
+        let mut got = std::mem::take(&mut fetched.got);
+        drop(fetched);
+        if read.is_none() {
+            metrics::counter!("ragd_chunker_hung_reads_total").increment((n - got.len()) as u64);
+        }
+        got.resize_with(n, || Ok(Fetch::Hung));
+        got
+    }
+
     fn skip(&self, meta: &DocMeta, reason: String, skipped: &mut Vec<IndexedEvent>) {
         self.ledger.finish(
             &meta.doc_id,
@@ -216,6 +321,12 @@ impl ChunkerStage {
             // carries the new version.
             Ok(Read::Changed) => {
                 self.skip(meta, crate::ledger::CHANGED_WHILE_QUEUED.into(), skipped);
+                return Ok(None);
+            }
+            // The watcher reads it again once its source answers (see
+            // [`ChunkerStage::fetch`]); what the index has of it stands.
+            Ok(Read::Hung) => {
+                self.skip(meta, crate::ledger::SOURCE_HUNG.into(), skipped);
                 return Ok(None);
             }
             // Gone since the watcher saw it: its deletion event follows.

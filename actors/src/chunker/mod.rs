@@ -581,10 +581,10 @@ fn trim_like_the_splitter(text: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn chunker(max_tokens: usize) -> Chunker {
+    pub(crate) fn chunker(max_tokens: usize) -> Chunker {
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../models/all-MiniLM-L6-v2/tokenizer.json");
         let tokenizer = Tokenizer::from_file(&dir).expect("run ops/fetch-models.sh first");

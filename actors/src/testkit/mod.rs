@@ -452,3 +452,32 @@ fn completion(content: &str, finish_reason: &str) -> serde_json::Value {
                      "message": {"role": "assistant", "content": content}}],
     })
 }
+
+/// A write lease on a file (`F_SETLEASE`): until it is given up (on drop),
+/// the kernel holds every other open of the file, as a share whose server
+/// is gone holds every call: the injected fault of the tests of a share
+/// that hangs. (A real block in the kernel, not a fake: and a stat still
+/// answers, as it may from a client's attribute cache. The kernel breaks
+/// the lease after `fs.lease-break-time`, 45 s by default.)
+pub struct Lease(std::fs::File);
+
+impl Lease {
+    pub fn hold(path: &std::path::Path) -> Lease {
+        use std::os::fd::AsRawFd;
+        // The holder is told of a conflicting open by SIGIO, which would
+        // end the test process.
+        unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+        let file = std::fs::File::open(path).unwrap();
+        let held = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+        let e = std::io::Error::last_os_error();
+        assert_eq!(held, 0, "a lease on {}: {e}", path.display());
+        Lease(file)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        unsafe { libc::fcntl(self.0.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
+}
