@@ -198,6 +198,13 @@ impl Llm {
                 } => *after,
                 _ => planned,
             };
+            // A wait that ends past the query's deadline is given up now,
+            // with this error: not slept on a query slot until the deadline
+            // and then told as one.
+            let now = tokio::time::Instant::now();
+            if now.checked_add(wait).is_none_or(|end| end >= give_up_at) {
+                return None;
+            }
             let mut spent = spent.lock();
             if spent.checked_add(wait).is_none_or(|total| total > budget) {
                 return None; // waiting that long would break the budget
@@ -523,6 +530,31 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+        assert!(matches!(e.last, LlmError::RateLimited { .. }), "{e:?}");
+    }
+
+    /// A retry whose wait fits the retry budget but would end past the
+    /// query's deadline (attempts that timed out took the time) is given
+    /// up at once, with the provider's error, not slept on until the
+    /// deadline and reported as one.
+    #[tokio::test]
+    async fn a_retry_that_would_end_past_the_deadline_is_not_waited_for() {
+        let slow = Step::Slow(Duration::from_secs(3));
+        let script = serve(vec![slow.clone(), slow, Step::Status(429, Some("2"))]);
+        let mut c = config(script.url.clone());
+        c.timeout = Duration::from_secs(1);
+        c.retry_budget = Duration::from_secs(3);
+        let llm = Llm::new(c).unwrap();
+        let t = Instant::now();
+        let e = llm.answer("leave?", &[hit()]).await.unwrap_err();
+        // About 2.5 s in, a 2 s wait: within the 3 s budget, past the 4 s
+        // deadline.
+        assert!(
+            t.elapsed() < Duration::from_millis(3500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(e.attempts, 3);
         assert!(matches!(e.last, LlmError::RateLimited { .. }), "{e:?}");
     }
 
