@@ -58,11 +58,16 @@ impl VersionPrunerStage {
                     version,
                     seq,
                 } => {
-                    // An overtaken version must not prune its successor:
-                    // not when it is known to be overtaken here, and not
-                    // when its successor is written between this check and
-                    // the removal (only versions seen before it go).
-                    if self.ledger.is_current(doc_id, version) {
+                    // Only versions seen before it go, so it never prunes
+                    // a successor, even one written between a check here
+                    // and the removal. One overtaken while its event
+                    // waited (saved again meanwhile) still prunes what it
+                    // replaced: else that older text stayed searchable
+                    // beside it until the successor was indexed, and for
+                    // good if the successor went to the DLQ. Without a seq
+                    // (an event from an older node) nothing orders them:
+                    // only the current version prunes.
+                    if *seq > 0 || self.ledger.is_current(doc_id, version) {
                         removals.push(Removal::new(doc_id, Some(version)).seen_before(*seq));
                     }
                 }
@@ -418,6 +423,48 @@ pub(crate) mod tests {
             found.into_iter().collect::<Vec<_>>(),
             [(12, vec![1.0, 0.0, 0.0, 0.0])]
         );
+    }
+
+    /// A version overtaken while its event waited (the file saved again
+    /// before the pruner took it) still prunes what it replaced, and no
+    /// version seen after it: not its successor, nor an older text seen
+    /// again (a revert), which is written again with its new seq.
+    #[tokio::test]
+    async fn an_overtaken_version_still_prunes_what_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let write = |v: &'static str, seq| {
+            let store = store.clone();
+            async move {
+                let d = embedded(v, seq);
+                store.upsert(&d.meta, &d.chunks, &d.vectors).await.unwrap();
+            }
+        };
+        let doc = "kb:hr/leave.md";
+        let indexed = |version: &str, seq| IndexedEvent::Indexed {
+            doc_id: doc.into(),
+            version: version.into(),
+            seq,
+        };
+        write("v1", 1_000).await;
+        write("v2", 2_000).await;
+        let ledger = Ledger::new(8);
+        ledger.observe(doc, Some("v3"), 3_000);
+        let pruner = pruner(&store, ledger.clone());
+        pruner.process(indexed("v2", 2_000)).await.unwrap();
+        assert_eq!(versions(&store).await, ["v2"], "v1 stayed beside v2");
+        write("v3", 3_000).await;
+        pruner.process(indexed("v3", 3_000)).await.unwrap();
+        assert_eq!(versions(&store).await, ["v3"]);
+        // Reverted to v2's text (seen again at 5 000) while v4's event
+        // waited: v4 prunes v3, and v2, written again, stays.
+        write("v4", 4_000).await;
+        ledger.observe(doc, Some("v2"), 5_000);
+        write("v2", 5_000).await;
+        pruner.process(indexed("v4", 4_000)).await.unwrap();
+        assert_eq!(versions(&store).await, ["v2", "v4"]);
+        pruner.process(indexed("v2", 5_000)).await.unwrap();
+        assert_eq!(versions(&store).await, ["v2"]);
     }
 
     /// The race the seq guard closes: v2 is current when the pruner checks,
