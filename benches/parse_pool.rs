@@ -75,7 +75,6 @@ async fn run(
                 ledger: ledger.clone(),
                 out: Port::Local(out.clone()),
                 deletes: Port::Local(PoolQueue::new(stats.clone())),
-                skips: None,
                 max_file_bytes: 20 << 20,
                 hang_after: ragd_actors::source_watcher::HANG_AFTER,
             }),

@@ -17,7 +17,7 @@
 use crate::config::{Bus, CacheBackend, Config, IndexBackend, Roles};
 use anyhow::Context;
 use ractor::{Actor, ActorCell, ActorRef};
-use ragd_actors::bridge::kafka::{Kafka, KafkaDlq, CHUNKS, EMBEDDED, INDEXED, RAW_DOCS};
+use ragd_actors::bridge::kafka::{Kafka, KafkaDlq, CHUNKS, EMBEDDED, INDEXED};
 use ragd_actors::bridge::Port;
 use ragd_actors::cache_guard::embedded::EmbeddedCache;
 use ragd_actors::cache_guard::redis::{RedisCache, RedisSettings};
@@ -862,7 +862,11 @@ impl Node {
                 sources.clone(),
                 ledger.clone(),
                 dlq.clone(),
-                port(&kafka, &chunk_q, RAW_DOCS),
+                // Always this node's own chunker, on a cluster too: the
+                // chunker reads the file at the path this node's watcher
+                // saw, which another ingest node may not have (an office
+                // of its own), and its ledger is the one that admitted it.
+                Port::Local(chunk_q.clone()),
                 // Deletions skip chunking and embedding.
                 port(&kafka, &index_q, EMBEDDED),
                 known.clone(),
@@ -910,7 +914,6 @@ impl Node {
                 ledger: ledger.clone(),
                 out: port(&kafka, &embed_q, CHUNKS),
                 deletes: port(&kafka, &index_q, EMBEDDED),
-                skips: kafka.as_ref().map(|_| port(&kafka, &prune_q, INDEXED)),
                 max_file_bytes: config.max_file_bytes,
                 hang_after: ragd_actors::source_watcher::HANG_AFTER,
             }),
@@ -1076,12 +1079,6 @@ impl Node {
             // Inputs from the bus, one consumer group per role: nodes of the
             // same role share the partitions.
             if roles.ingest {
-                k.consume(
-                    &k.topic(RAW_DOCS),
-                    &k.group("ingest"),
-                    chunk_q.clone(),
-                    dlq.clone(),
-                )?;
                 let l = ledger.clone();
                 let gone = GoneChecks::for_watcher(ledger.clone(), scanned.clone());
                 let group = k.group(&format!("ledger-{}", config.node_name));

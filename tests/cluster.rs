@@ -242,6 +242,38 @@ fn two_ingest_nodes_both_settle_what_either_chunker_skipped() {
     assert_eq!(points(&s), n);
 }
 
+/// Two ingest nodes that watch different sources (an office's file server
+/// each): each chunks what its own watcher saw, so every document of both
+/// is indexed. (With a shared chunker group, a node given another office's
+/// file found neither its path nor the version in its ledger, and skipped
+/// it as superseded.)
+#[test]
+fn ingest_nodes_of_different_sources_each_index_their_own() {
+    let s = Services::start();
+    let a_ws = s.node("ingest-a", &["ingest"]);
+    let b_ws = s.node("ingest-b", &["ingest"]);
+    let config = std::fs::read_to_string(b_ws.config()).unwrap();
+    std::fs::write(
+        b_ws.config(),
+        config.replace("name = \"kb\"", "name = \"office-b\""),
+    )
+    .unwrap();
+    let c_ws = s.node("embed-index", &["embed", "index"]);
+    let _c = c_ws.start();
+    let n = 8;
+    write_notes(&a_ws, n);
+    write_notes(&b_ws, n);
+    let a = a_ws.start();
+    let b = b_ws.start();
+    for (name, d) in [("ingest-a", &a), ("ingest-b", &b)] {
+        let ledger = d.wait_ledger(Duration::from_secs(180), |l| {
+            l["in_flight"] == 0 && l["seen"] == n
+        });
+        assert_eq!(ledger["indexed"], n, "{name}: {ledger}");
+    }
+    assert_eq!(points(&s), 2 * n);
+}
+
 /// Deleted documents leave every node's memory: the ingest node's ledger a
 /// while after the deletion settled, and the index node's once the ingest
 /// node tells it (over the bus) that no older version of them is on its

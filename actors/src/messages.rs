@@ -121,9 +121,10 @@ pub enum IndexedEvent {
     /// the ingest node's ledger closes the version on it).
     Superseded { doc_id: String, version: String },
     /// The chunker ended this version without indexing it (superseded, no
-    /// text in it, changed or gone before it was read). Cluster: every
-    /// ingest node's ledger closes it, since the chunker that read it may
-    /// run on another node than the one that admitted it.
+    /// text in it, changed or gone before it was read). No longer sent:
+    /// the chunker runs on the node that admitted the version and ends it
+    /// in that node's ledger. Still read, from a node of an older release
+    /// during a rolling upgrade.
     Skipped {
         doc_id: String,
         version: String,

@@ -427,7 +427,8 @@ pub struct WatcherArgs {
     pub chunking: Arc<str>,
     pub ledger: Arc<Ledger>,
     pub dlq: Arc<dyn DeadLetters>,
-    /// To the Chunker (local queue, or the `raw-docs` topic).
+    /// To this node's Chunker (a local queue on a cluster too: the chunker
+    /// reads the file where this watcher saw it).
     pub chunk_q: Port<DocMeta>,
     /// Deletions, to the Indexer (local queue, or the `embedded` topic).
     pub index_q: Port<IndexJob>,
@@ -3857,7 +3858,6 @@ mod tests {
             ledger: rig.ledger.clone(),
             out: Port::Local(out.clone()),
             deletes: Port::Local(rig.index_q.clone()),
-            skips: None,
             max_file_bytes: 1 << 20,
             hang_after,
         };

@@ -40,13 +40,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The topics between the stages, without the configured prefix.
-pub const RAW_DOCS: &str = "raw-docs";
+/// The topics between the stages, without the configured prefix. (None
+/// between the watcher and the chunker: a node chunks what its own watcher
+/// saw, reading the file where it is mounted on that node.)
 pub const CHUNKS: &str = "chunks";
 pub const EMBEDDED: &str = "embedded";
 pub const INDEXED: &str = "indexed";
 pub const DLQ: &str = "dlq";
-pub const TOPICS: [&str; 5] = [RAW_DOCS, CHUNKS, EMBEDDED, INDEXED, DLQ];
+pub const TOPICS: [&str; 4] = [CHUNKS, EMBEDDED, INDEXED, DLQ];
 
 #[derive(Clone, Debug)]
 pub struct KafkaSettings {

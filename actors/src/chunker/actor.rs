@@ -5,7 +5,7 @@ use super::Chunker;
 use crate::bridge::Port;
 use crate::indexer::actor::IndexJob;
 use crate::ledger::{Ledger, Outcome};
-use crate::messages::{ChunkedDoc, DocMeta, IndexedEvent};
+use crate::messages::{ChunkedDoc, DocMeta};
 use crate::pool::{unavailable, JobErrors, Stage};
 use crate::source_watcher::{doc_version, on_source, read_counting};
 use std::collections::BTreeMap;
@@ -37,10 +37,6 @@ pub struct ChunkerStage {
     /// The indexer's input, for what an unindexable version leaves behind
     /// (see [`ChunkerStage::settle`]).
     pub deletes: Port<IndexJob>,
-    /// On a cluster, where the versions it skips are told to every ingest
-    /// node's ledger (the `indexed` topic): the node that admitted one may
-    /// be another than this one. None on one node, whose ledger this is.
-    pub skips: Option<Port<IndexedEvent>>,
     pub max_file_bytes: u64,
     /// How long a read under one source root may go without progress
     /// before that source counts as hanging (a hard-mounted share whose
@@ -81,16 +77,14 @@ impl Stage for ChunkerStage {
     /// that fails fails alone.
     async fn process_batch(&self, metas: Vec<DocMeta>) -> anyhow::Result<JobErrors> {
         let mut todo = Vec::with_capacity(metas.len());
-        let mut skipped = Vec::new();
         for (i, meta) in metas.into_iter().enumerate() {
             if self.ledger.is_current(&meta.doc_id, &meta.version) {
                 todo.push((i, meta));
             } else {
-                self.skip(&meta, crate::ledger::SUPERSEDED.into(), &mut skipped);
+                self.skip(&meta, crate::ledger::SUPERSEDED.into());
             }
         }
         if todo.is_empty() {
-            self.tell_skips(skipped).await?;
             return Ok(vec![]);
         }
         let files: Vec<_> = todo.iter().map(|(_, m)| m.clone()).collect();
@@ -114,7 +108,7 @@ impl Stage for ChunkerStage {
         let mut unindexable = Vec::new();
         let mut errors = JobErrors::new();
         for ((i, meta), read) in todo.into_iter().zip(reads) {
-            match self.settle(&meta, read, &mut unindexable, &mut skipped) {
+            match self.settle(&meta, read, &mut unindexable) {
                 Ok(Some(chunks)) => out.push(ChunkedDoc { meta, chunks }),
                 Ok(None) => {}
                 Err(e) => errors.push((i, e)),
@@ -137,7 +131,6 @@ impl Stage for ChunkerStage {
             self.ledger
                 .finish_unindexable(&m.doc_id, &m.version, m.seq, reason);
         }
-        self.tell_skips(skipped).await?;
         Ok(errors)
     }
 }
@@ -268,31 +261,13 @@ impl ChunkerStage {
         got
     }
 
-    fn skip(&self, meta: &DocMeta, reason: String, skipped: &mut Vec<IndexedEvent>) {
-        self.ledger.finish(
-            &meta.doc_id,
-            Some(&meta.version),
-            Outcome::Skipped(reason.clone()),
-        );
-        self.told(meta, reason, skipped);
-    }
-
-    /// Notes a skipped version for the other ingest nodes (cluster only).
-    fn told(&self, meta: &DocMeta, reason: String, skipped: &mut Vec<IndexedEvent>) {
-        if self.skips.is_some() {
-            skipped.push(IndexedEvent::Skipped {
-                doc_id: meta.doc_id.clone(),
-                version: meta.version.clone(),
-                reason,
-            });
-        }
-    }
-
-    async fn tell_skips(&self, skipped: Vec<IndexedEvent>) -> anyhow::Result<()> {
-        match &self.skips {
-            Some(port) if !skipped.is_empty() => port.send_all(skipped).await,
-            _ => Ok(()),
-        }
+    /// Ends `meta`'s version skipped, in the ledger of the node that
+    /// admitted it: this one's (the watcher hands its versions to its own
+    /// node's chunker, on a cluster too).
+    fn skip(&self, meta: &DocMeta, reason: String) {
+        let skipped = Outcome::Skipped(reason);
+        self.ledger
+            .finish(&meta.doc_id, Some(&meta.version), skipped);
     }
 
     /// What becomes of one read: its chunks to hand on, nothing (skipped,
@@ -308,30 +283,29 @@ impl ChunkerStage {
         meta: &DocMeta,
         read: std::io::Result<Read>,
         unindexable: &mut Vec<(DocMeta, String)>,
-        skipped: &mut Vec<IndexedEvent>,
     ) -> anyhow::Result<Option<Vec<crate::messages::Chunk>>> {
         let parsed = match read {
             Ok(Read::Parsed(parsed)) => parsed,
             Ok(Read::TooBig) => {
                 let reason = format!("file grew over the {} byte limit", self.max_file_bytes);
-                self.skip(meta, reason, skipped);
+                self.skip(meta, reason);
                 return Ok(None);
             }
             // Changed after the watcher hashed it; the watcher's next event
             // carries the new version.
             Ok(Read::Changed) => {
-                self.skip(meta, crate::ledger::CHANGED_WHILE_QUEUED.into(), skipped);
+                self.skip(meta, crate::ledger::CHANGED_WHILE_QUEUED.into());
                 return Ok(None);
             }
             // The watcher reads it again once its source answers (see
             // [`ChunkerStage::fetch`]); what the index has of it stands.
             Ok(Read::Hung) => {
-                self.skip(meta, crate::ledger::SOURCE_HUNG.into(), skipped);
+                self.skip(meta, crate::ledger::SOURCE_HUNG.into());
                 return Ok(None);
             }
             // Gone since the watcher saw it: its deletion event follows.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.skip(meta, crate::ledger::REMOVED_BEFORE_READ.into(), skipped);
+                self.skip(meta, crate::ledger::REMOVED_BEFORE_READ.into());
                 return Ok(None);
             }
             Err(e) => return Err(read_failed(meta, e)),
@@ -339,7 +313,6 @@ impl ChunkerStage {
         match parsed {
             Ok(chunks) => Ok(Some(chunks)),
             Err(ParseError::Unsupported(reason)) => {
-                self.told(meta, reason.clone(), skipped);
                 unindexable.push((meta.clone(), reason));
                 Ok(None)
             }
