@@ -76,16 +76,22 @@ const FIELDS: &[(&str, FieldType)] = &[
 ];
 
 /// Worth another try: the server (or the way to it) is down, overloaded or
-/// slow. qdrant-client reports a refused connection as Internal.
+/// slow. Internal too: qdrant-client reports a refused connection so, and
+/// the server its service errors, which a cluster in a rolling restart
+/// gives ("not enough active replicas" while a node of a shard is down).
+/// A request the server refuses is InvalidArgument, NotFound or
+/// FailedPrecondition. (Past the retries such an error pauses the stage
+/// rather than dead-letter documents; a document whose own write keeps
+/// failing so while others succeed is still found out: see
+/// [`crate::pool`].)
 pub fn retryable(e: &QdrantError) -> bool {
     use tonic::Code::*;
     match e {
         QdrantError::ResourceExhaustedError { .. } => true,
-        QdrantError::ResponseError { status } => match status.code() {
-            Unavailable | ResourceExhausted | DeadlineExceeded | Cancelled | Unknown => true,
-            Internal => status.message().contains("Failed to connect"),
-            _ => false,
-        },
+        QdrantError::ResponseError { status } => matches!(
+            status.code(),
+            Unavailable | ResourceExhausted | DeadlineExceeded | Cancelled | Unknown | Internal
+        ),
         _ => false,
     }
 }
@@ -1022,6 +1028,12 @@ mod tests {
         assert!(crate::pool::is_unavailable(&e), "{e:#}");
         let e = e.to_string();
         assert!(e.contains("qdrant count") && e.contains(&server.url), "{e}");
+        server.clear_faults();
+        // A service error (a shard's replicas down in a rolling restart)
+        // is the server's too.
+        server.fail_next([tonic::Code::Internal; 20]);
+        let e = store.count(None).await.unwrap_err();
+        assert!(crate::pool::is_unavailable(&e), "{e:#}");
         server.clear_faults();
         // Errors that another try cannot fix are not retried, nor marked.
         let before = server.calls().len();
