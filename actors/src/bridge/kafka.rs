@@ -699,6 +699,11 @@ impl Kafka {
         let consumer = Arc::new(consumer);
         let (topic, high) = (topic.to_string(), self.settings.max_queued.max(1));
         let st = state.clone();
+        // Rejected messages not yet dead-lettered: each holds its entry
+        // and a task, so they count against the stage's room too (a run of
+        // unreadable messages, say from a newer release's producers, with
+        // a slow DLQ would otherwise be read at the broker's full speed).
+        let rejecting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             loop {
                 let stopping = *st.stopping.lock();
@@ -709,7 +714,7 @@ impl Kafka {
                 // Backpressure: no more from the broker while the stage is
                 // full. Paused again every turn, because a rebalance hands
                 // out partitions resumed (see `post_rebalance`).
-                let queued = queue.len();
+                let queued = queue.len() + rejecting.load(std::sync::atomic::Ordering::SeqCst);
                 let paused = st.view.lock().paused;
                 if queued >= high || (paused && queued > high / 2) {
                     if let Ok(a) = consumer.assignment() {
@@ -779,9 +784,13 @@ impl Kafka {
                         // The DLQ's own writes wait out a broker outage, so
                         // what fails here fails for good (say, not allowed
                         // to write the topic): after about 10 minutes the
-                        // message is logged whole and let go. (A revoke
-                        // meanwhile may dead-letter it twice: at least once.)
+                        // message is logged (its first 64 KiB; the rest
+                        // stays in the topic for its retention) and let go.
+                        // (A revoke meanwhile may dead-letter it twice: at
+                        // least once.)
                         let (dlq, t) = (dlq.clone(), topic.clone());
+                        let rejecting = rejecting.clone();
+                        rejecting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         tokio::spawn(async move {
                             let backoff = ExponentialBuilder::default()
                                 .with_min_delay(Duration::from_millis(200))
@@ -813,6 +822,7 @@ impl Kafka {
                                 );
                             }
                             ack.fire();
+                            rejecting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                         });
                     }
                 }
@@ -1261,10 +1271,12 @@ mod tests {
 
     impl DeadLetters for Flaky {
         fn push(&self, entry: DlqEntry) -> anyhow::Result<u64> {
-            let left = self.fail.load(std::sync::atomic::Ordering::SeqCst);
-            if left > 0 {
-                self.fail
-                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            use std::sync::atomic::Ordering::SeqCst;
+            // (One step: a test's store of 0 is never undone by a push.)
+            if (self.fail)
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok()
+            {
                 anyhow::bail!("the DLQ is not writable now");
             }
             let mut entries = self.entries.lock();
@@ -1341,6 +1353,56 @@ mod tests {
         assert!(e.error.contains("not a ragd envelope"), "{}", e.error);
         assert_eq!(queue.len(), 0);
         assert_eq!(state.view().rejected, 1);
+    }
+
+    /// A run of unreadable messages while the DLQ cannot take them: the
+    /// ones waiting to be dead-lettered count against `max_queued`, so the
+    /// consumer pauses rather than read (and hold) the whole run; once
+    /// the DLQ takes them, every one is dead-lettered.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn rejected_messages_waiting_for_the_dlq_hold_the_consumer_back() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let broker = crate::testkit::Tansu::start_persistent();
+        let mut settings = broker.settings("rejects-burst.");
+        settings.max_queued = 4;
+        let kafka = Kafka::connect(settings).await.unwrap();
+        let topic = kafka.topic(CHUNKS);
+        let n = 40;
+        for i in 0..n {
+            let key = format!("kb:hr/x{i}.md");
+            kafka
+                .produce(&topic, &key, b"\x00\x01binary")
+                .await
+                .unwrap();
+        }
+        let dlq = Arc::new(Flaky {
+            fail: u32::MAX.into(),
+            entries: Mutex::new(Vec::new()),
+        });
+        let queue: Arc<PoolQueue<crate::messages::ChunkedDoc>> =
+            PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
+        let state = kafka
+            .consume(&topic, "rejects-burst-embed", queue.clone(), dlq.clone())
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while state.view().rejected < 4 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", state.view());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let view = state.view();
+        assert!(view.rejected <= 6 && view.paused, "{view:?}");
+        dlq.fail.store(0, SeqCst);
+        while dlq.entries.lock().len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} dead-lettered; {:?}",
+                dlq.entries.lock().len(),
+                state.view()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(state.view().rejected, n as u64);
     }
 
     /// One run of a job: which node, which message (the deletion's seq),
