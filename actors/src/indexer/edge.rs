@@ -460,11 +460,12 @@ impl EdgeStore {
         self.write_anyway(op)
     }
 
-    /// [`EdgeStore::write`] whatever the free space: for what takes text
-    /// out of search (a deletion, a prune, a hide). Each writes a small
-    /// record, and a disk low on room must not keep a deleted document,
-    /// an old version or text of a tightened partition searchable until
-    /// someone frees space (nor stop a node whose start removes them).
+    /// [`EdgeStore::write`] whatever the free space: for deletions (of a
+    /// document, or a prune's old versions), each a small record. A disk
+    /// low on room must not keep deleted or outdated text searchable until
+    /// someone frees space (nor stop a node whose start removes it). (A
+    /// hide is checked: it writes every payload it moves again, text
+    /// included, and a hidden point is out of search by its partition.)
     fn write_anyway(&self, op: UpdateOperation) -> anyhow::Result<()> {
         let _w = self.writer.lock();
         self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -729,7 +730,7 @@ impl VectorStore for EdgeStore {
         payload.insert("division".into(), h.division.into());
         payload.insert("access_level".into(), h.access_level.into());
         self.blocking(move |s| {
-            s.write_anyway(UpdateOperation::PayloadOperation(PayloadOps::SetPayload(
+            s.write(UpdateOperation::PayloadOperation(PayloadOps::SetPayload(
                 SetPayloadOp {
                     payload: payload.into(),
                     points: None,
@@ -1167,12 +1168,10 @@ mod tests {
         assert!(format!("{refused:#}").contains("MiB free"), "{refused:#}");
         assert!(store.optimize().await.is_err(), "an optimisation ran");
         assert_eq!(store.count(None).await.unwrap(), 200 * written as u64);
-        // What takes text out of search still goes: a deleted document,
-        // and one hidden (its partition tightened).
+        // A deletion still goes: a full disk keeps no deleted text
+        // searchable.
         store.remove(&[Removal::new("d0", None)]).await.unwrap();
         assert_eq!(store.count(Some("d0")).await.unwrap(), 0);
-        store.hide(&[Removal::new("d1", None)]).await.unwrap();
-        assert_eq!(store.count_hidden().await.unwrap(), 200);
         // More room: the refused document goes in, and the store is whole.
         assert!(mount(&["-o", "remount,size=512m"]));
         let (d, chunks, vectors) = big(written);
