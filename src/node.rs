@@ -34,7 +34,7 @@ use ragd_actors::indexer::{
     removals_at_start, AtStart, PartitionOf, StoredVersion, TextPage, VectorStore,
 };
 use ragd_actors::ledger::{Ledger, Outcome};
-use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent};
+use ragd_actors::messages::{ChunkedDoc, DocMeta, IndexedEvent, Partition};
 use ragd_actors::model::{AnyCrossEncoder, AnyEncoder, BatchPolicy, Device};
 use ragd_actors::pool::{Job, Pool, PoolArgs, PoolQueue, PoolSettings, Stage};
 use ragd_actors::reranker::{PairCost, RerankMsg, Reranker, RerankerArgs};
@@ -162,10 +162,29 @@ async fn remove_at_start(
     stored: &mut Vec<StoredVersion>,
 ) -> anyhow::Result<()> {
     let sources = &config.sources;
-    let partition_of = |doc_id: &str| {
-        let (source, uri) = ragd_actors::source_watcher::source_of_doc(sources, doc_id)?;
-        Some(source.partition_for(uri))
-    };
+    // On a bus, a document of a source this node does not watch is another
+    // ingest node's (an office of its own), not one of a source removed
+    // here: not this node's to move or retire. Its stored partition
+    // stands (any, for one stored without: left alone either way).
+    let mut theirs: HashMap<String, (u64, Partition)> = HashMap::new();
+    if matches!(config.bus, Bus::Kafka(_)) {
+        for v in stored.iter() {
+            if ragd_actors::source_watcher::source_of_doc(sources, &v.doc_id).is_none() {
+                let partition = v.partition.clone().unwrap_or_else(Partition::hidden);
+                let e = theirs
+                    .entry(v.doc_id.clone())
+                    .or_insert((v.seq, partition.clone()));
+                if v.seq >= e.0 {
+                    *e = (v.seq, partition);
+                }
+            }
+        }
+    }
+    let partition_of =
+        |doc_id: &str| match ragd_actors::source_watcher::source_of_doc(sources, doc_id) {
+            Some((source, uri)) => Some(source.partition_for(uri)),
+            None => theirs.get(doc_id).map(|(_, p)| p.clone()),
+        };
     let rules: Option<PartitionOf> = if roles.ingest {
         Some(&partition_of)
     } else {
@@ -810,7 +829,17 @@ impl Node {
             ledger.seed(&stored);
         }
         let known: BTreeMap<String, String> = if roles.ingest {
-            stored.into_iter().map(|v| (v.doc_id, v.version)).collect()
+            // On a bus, only this node's sources' documents: the others
+            // are other ingest nodes' (see `remove_at_start`), which its
+            // scan would take as deleted.
+            let bus = matches!(config.bus, Bus::Kafka(_));
+            let ours = |id: &str| {
+                !bus || ragd_actors::source_watcher::source_of_doc(&config.sources, id).is_some()
+            };
+            (stored.into_iter())
+                .filter(|v| ours(&v.doc_id))
+                .map(|v| (v.doc_id, v.version))
+                .collect()
         } else {
             BTreeMap::new()
         };
@@ -872,6 +901,7 @@ impl Node {
                 known.clone(),
                 scanned.clone(),
             );
+            let others_sources = kafka.is_some();
             let (max_file_bytes, debounce, delete_grace, max_write_wait) = (
                 config.max_file_bytes,
                 Duration::from_millis(config.debounce_ms),
@@ -903,6 +933,7 @@ impl Node {
                         health: health.clone(),
                         max_write_wait,
                         being_written: Default::default(),
+                        others_sources,
                     },
                 )
             })

@@ -215,9 +215,9 @@ fn a_document_of_hundreds_of_chunks_crosses_the_bus() {
     assert!(texts(&r).contains("cabinet 299"), "{r}");
 }
 
-/// Two ingest nodes on one shared mount both admit every file, and the
-/// chunker that reads one may run on either: a version it skips (no text
-/// in it) is closed in both ledgers, which both settle.
+/// Two ingest nodes on one shared mount both admit every file, and each
+/// chunks what it admitted: a version with no text in it is closed in
+/// both ledgers, which both settle.
 #[test]
 fn two_ingest_nodes_both_settle_what_either_chunker_skipped() {
     let s = Services::start();
@@ -243,10 +243,13 @@ fn two_ingest_nodes_both_settle_what_either_chunker_skipped() {
 }
 
 /// Two ingest nodes that watch different sources (an office's file server
-/// each): each chunks what its own watcher saw, so every document of both
-/// is indexed. (With a shared chunker group, a node given another office's
-/// file found neither its path nor the version in its ledger, and skipped
-/// it as superseded.)
+/// each) over one store: each chunks what its own watcher saw, so every
+/// document of both is indexed, and a node that starts leaves the other
+/// office's documents alone. (With a shared chunker group, a node given
+/// another office's file found neither its path nor the version in its
+/// ledger, and skipped it as superseded; and a node starting took the
+/// other office's documents for those of a removed source, hid them and
+/// deleted them.)
 #[test]
 fn ingest_nodes_of_different_sources_each_index_their_own() {
     let s = Services::start();
@@ -258,20 +261,38 @@ fn ingest_nodes_of_different_sources_each_index_their_own() {
         config.replace("name = \"kb\"", "name = \"office-b\""),
     )
     .unwrap();
-    let c_ws = s.node("embed-index", &["embed", "index"]);
-    let _c = c_ws.start();
+    let c_ws = s.node("worker", &["embed", "index", "query"]);
+    let c = c_ws.start();
     let n = 8;
     write_notes(&a_ws, n);
     write_notes(&b_ws, n);
-    let a = a_ws.start();
-    let b = b_ws.start();
-    for (name, d) in [("ingest-a", &a), ("ingest-b", &b)] {
-        let ledger = d.wait_ledger(Duration::from_secs(180), |l| {
-            l["in_flight"] == 0 && l["seen"] == n
-        });
+    let settled = |d: &Daemon, name: &str| {
+        let ledger = d.wait_ledger(Duration::from_secs(180), |l| l["seen"] == n);
         assert_eq!(ledger["indexed"], n, "{name}: {ledger}");
-    }
+    };
+    // A first, alone: B then starts on a store that holds A's documents.
+    let a = a_ws.start();
+    settled(&a, "ingest-a");
+    let b = b_ws.start();
+    settled(&b, "ingest-b");
+    drop(a);
+    let a = a_ws.start();
+    settled(&a, "ingest-a, restarted");
     assert_eq!(points(&s), 2 * n);
+    // Both offices' notes are found (none hidden or deleted).
+    let r = c.ask_top(
+        HR_TOKEN,
+        "which office keeps its spare badge in the safe?",
+        20,
+    );
+    let ids: Vec<&str> = (r["sources"].as_array().unwrap().iter())
+        .filter_map(|h| h["doc_id"].as_str())
+        .collect();
+    for office in ["kb:", "office-b:"] {
+        let found = ids.iter().filter(|id| id.starts_with(office)).count();
+        assert_eq!(found, n / 2, "{office} hr notes: {ids:?}");
+    }
+    drop(b);
 }
 
 /// Deleted documents leave every node's memory: the ingest node's ledger a

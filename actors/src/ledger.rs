@@ -82,9 +82,10 @@ pub const SUPERSEDED: &str = "superseded by a newer version";
 pub const CHANGED_WHILE_QUEUED: &str = "changed while queued; newer version follows";
 pub const REMOVED_BEFORE_READ: &str = "file removed before it was read";
 /// Why the chunker ends a version whose source did not answer its read (a
-/// hard-mounted share whose server is gone): the watcher reads it again
-/// once the source answers.
-pub const SOURCE_HUNG: &str = "its source did not answer the read; read again once it does";
+/// hard-mounted share whose server is gone): a watching node's watcher
+/// reads it again once the source answers; a one-shot `ragd ingest` ends
+/// with it skipped so (run it again).
+pub const SOURCE_HUNG: &str = "its source did not answer the read (a share that hangs)";
 
 /// Whether a skip's reason is one of those above.
 fn ended_unread_for(why: &str) -> bool {

@@ -482,6 +482,11 @@ pub struct WatcherArgs {
     /// reads what it finds (its first one admits everything, and a file
     /// still being written then has its events to come).
     pub being_written: Arc<parking_lot::Mutex<HashMap<PathBuf, BeingWritten>>>,
+    /// Whether a document of a source not configured here is another
+    /// ingest node's (a cluster, whose ingest nodes may each watch an
+    /// office of their own), rather than one of a source removed from the
+    /// config: then it is never taken as deleted for it.
+    pub others_sources: bool,
 }
 
 /// A file waiting for its writer to pause (see
@@ -1728,7 +1733,10 @@ async fn look_again(args: &WatcherArgs, ids: Vec<String>) -> Looked {
     let mut by_source: BTreeMap<&Path, Folders> = BTreeMap::new();
     for id in ids {
         let Some((source, _)) = source_of_doc(sources, &id) else {
-            looked.gone.push(id); // its source is no longer configured
+            match args.others_sources {
+                true => looked.unknown.push(id), // another ingest node's
+                false => looked.gone.push(id),   // its source is no longer configured
+            }
             continue;
         };
         let there = match present.get(source.name.as_str()) {
@@ -2223,7 +2231,8 @@ async fn rescan(args: &WatcherArgs, which: &[usize]) -> Scanned {
     let configured: HashSet<&str> = args.sources.iter().map(|s| s.name.as_str()).collect();
     let scanned = |d: &str| {
         let source = d.split_once(':').map_or(d, |(name, _)| name);
-        !present.contains(d) && (names.contains(source) || !configured.contains(source))
+        let removed = !configured.contains(source) && !args.others_sources;
+        !present.contains(d) && (names.contains(source) || removed)
     };
     let mut gone: Vec<String> = args
         .known
@@ -3025,6 +3034,7 @@ mod tests {
                 health: Default::default(),
                 max_write_wait: Duration::from_secs(30),
                 being_written: Default::default(),
+                others_sources: false,
             }
         }
 
@@ -3852,7 +3862,7 @@ mod tests {
         assert_eq!(ids, ["kb:a.md", "kb:b.md", "kb:c.md", "wiki:w.md"]);
         let lease = crate::testkit::Lease::hold(&rig.root.join("b.md"));
         let out = crate::pool::PoolQueue::new(rig.stats.clone());
-        let hang_after = Duration::from_millis(300);
+        let hang_after = Duration::from_secs(2);
         let stage = ChunkerStage {
             chunker,
             ledger: rig.ledger.clone(),
@@ -3873,7 +3883,8 @@ mod tests {
         for id in ["kb:b.md", "kb:c.md"] {
             assert_eq!(rig.ledger.status(id), Some(hung.clone()), "{id}");
         }
-        // Not read while the read given up on hangs: no thread is taken.
+        // Not read while the read given up on hangs: no thread is taken,
+        // and no wait for the hang.
         let t = std::time::Instant::now();
         let errors = stage.process_batch(vec![metas[2].clone()]).await.unwrap();
         assert!(errors.is_empty() && t.elapsed() < hang_after, "{errors:?}");
