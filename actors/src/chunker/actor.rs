@@ -14,21 +14,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What reading a version found, before parsing.
-enum Fetch {
+/// What reading a version found: its bytes (`Read<Vec<u8>>`), then, once
+/// parsed, its chunks (`Read<Result<Vec<Chunk>, ParseError>>`).
+enum Read<T> {
     TooBig,
     Changed,
     /// Its source did not answer (see [`ChunkerStage::hang_after`]).
     Hung,
-    Bytes(Vec<u8>),
+    Got(T),
 }
 
-enum Read {
-    TooBig,
-    Changed,
-    Hung,
-    Parsed(Result<Vec<crate::messages::Chunk>, ParseError>),
+impl<T> Read<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Read<U> {
+        match self {
+            Read::TooBig => Read::TooBig,
+            Read::Changed => Read::Changed,
+            Read::Hung => Read::Hung,
+            Read::Got(t) => Read::Got(f(t)),
+        }
+    }
 }
+
+type Fetch = Read<Vec<u8>>;
+type Parsed = Read<Result<Vec<crate::messages::Chunk>, ParseError>>;
 
 pub struct ChunkerStage {
     pub chunker: Arc<Chunker>,
@@ -92,15 +100,8 @@ impl Stage for ChunkerStage {
         let chunker = self.chunker.clone();
         let reads = tokio::task::spawn_blocking(move || {
             (files.iter().zip(fetched))
-                .map(|(m, f)| {
-                    Ok(match f? {
-                        Fetch::TooBig => Read::TooBig,
-                        Fetch::Changed => Read::Changed,
-                        Fetch::Hung => Read::Hung,
-                        Fetch::Bytes(bytes) => Read::Parsed(chunker.chunk_file(&m.path, &bytes)),
-                    })
-                })
-                .collect::<Vec<std::io::Result<Read>>>()
+                .map(|(m, f)| Ok(f?.map(|bytes| chunker.chunk_file(&m.path, &bytes))))
+                .collect::<Vec<std::io::Result<Parsed>>>()
         })
         .await
         .map_err(|e| anyhow::anyhow!("chunker task panicked: {e}"))?;
@@ -144,12 +145,12 @@ fn fetch_one(
     progress: &AtomicU64,
 ) -> std::io::Result<Fetch> {
     let Some(bytes) = read_counting(&std::fs::File::open(&meta.path)?, max, progress)? else {
-        return Ok(Fetch::TooBig);
+        return Ok(Read::TooBig);
     };
     if doc_version(&bytes, &meta.partition, chunking) != meta.version {
-        return Ok(Fetch::Changed);
+        return Ok(Read::Changed);
     }
-    Ok(Fetch::Bytes(bytes))
+    Ok(Read::Got(bytes))
 }
 
 /// The root of the source `meta` is under: its path less its uri's parts
@@ -208,7 +209,7 @@ impl ChunkerStage {
     /// ([`on_source`], which shares its record of roots that hang with the
     /// watcher). A root whose reads make no progress for
     /// [`ChunkerStage::hang_after`] is given up on: what it read stands,
-    /// the rest is [`Fetch::Hung`], and while the call given up on has not
+    /// the rest is [`Read::Hung`], and while the call given up on has not
     /// returned, reads under that root are not tried (each would hold a
     /// blocking thread for good). A hung version ends skipped with
     /// [`crate::ledger::SOURCE_HUNG`]; the watcher then looks at it again,
@@ -257,7 +258,7 @@ impl ChunkerStage {
         if read.is_none() {
             metrics::counter!("ragd_chunker_hung_reads_total").increment((n - got.len()) as u64);
         }
-        got.resize_with(n, || Ok(Fetch::Hung));
+        got.resize_with(n, || Ok(Read::Hung));
         got
     }
 
@@ -281,11 +282,11 @@ impl ChunkerStage {
     fn settle(
         &self,
         meta: &DocMeta,
-        read: std::io::Result<Read>,
+        read: std::io::Result<Parsed>,
         unindexable: &mut Vec<(DocMeta, String)>,
     ) -> anyhow::Result<Option<Vec<crate::messages::Chunk>>> {
         let parsed = match read {
-            Ok(Read::Parsed(parsed)) => parsed,
+            Ok(Read::Got(parsed)) => parsed,
             Ok(Read::TooBig) => {
                 let reason = format!("file grew over the {} byte limit", self.max_file_bytes);
                 self.skip(meta, reason);
