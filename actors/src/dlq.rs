@@ -312,7 +312,13 @@ impl Held {
 /// file each time. The file stays the source of truth across restarts.
 pub struct FileDlq {
     path: PathBuf,
-    log: Mutex<(File, Held)>,
+    log: Mutex<(Tail, Held)>,
+}
+
+/// The log file and where its last whole record ends.
+struct Tail {
+    file: File,
+    end: u64,
 }
 
 impl FileDlq {
@@ -340,6 +346,7 @@ impl FileDlq {
                 (&file).write_all(b"\n")?;
             }
         }
+        let end = file.metadata()?.len();
         let log = path.display().to_string();
         let mut held = Held::new(move |_| format!("the DLQ log {log}"));
         for e in Self::read(&path)? {
@@ -349,7 +356,7 @@ impl FileDlq {
         }
         Ok(FileDlq {
             path,
-            log: Mutex::new((file, held)),
+            log: Mutex::new((Tail { file, end }, held)),
         })
     }
 
@@ -364,10 +371,12 @@ impl FileDlq {
         let mut entries: Vec<DlqEntry> = Vec::new();
         // id -> its place in `entries` (the first entry of an id).
         let mut at = HashMap::new();
-        for line in BufReader::new(file).lines() {
-            let line = line?;
-            // A torn last line from a crash is ignored, not fatal.
-            match serde_json::from_str::<Record>(&line) {
+        // Split on bytes, not lines of text: a record torn inside a
+        // multi-byte character is not UTF-8, and must not fail the read.
+        for line in BufReader::new(file).split(b'\n') {
+            let line = line.with_context(|| format!("reading {}", path.display()))?;
+            // A torn line (a crash, a write cut short) is ignored, not fatal.
+            match serde_json::from_slice::<Record>(&line) {
                 Ok(Record::Entry(e)) => {
                     at.entry(e.id).or_insert(entries.len());
                     entries.push(e);
@@ -388,13 +397,33 @@ impl FileDlq {
         Ok(entries)
     }
 
-    fn append(&self, file: &mut File, record: &Record) -> anyhow::Result<()> {
+    /// Appends `record` durably, or not at all as far as a reader can
+    /// tell: a write or sync that fails is cut off again, and where that
+    /// fails too (or a crash tore a record earlier) the next record starts
+    /// on a line of its own, so the torn one cannot take it along.
+    fn append(&self, tail: &mut Tail, record: &Record) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
-        file.write_all(&line)?;
-        file.sync_data()
-            .with_context(|| format!("syncing {}", self.path.display()))?;
-        Ok(())
+        let len = tail.file.metadata()?.len();
+        if len != tail.end {
+            line.insert(0, b'\n');
+        }
+        let written = tail
+            .file
+            .write_all(&line)
+            .and_then(|()| tail.file.sync_data());
+        match written {
+            Ok(()) => {
+                tail.end = len + line.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // (A failed sync may have left the record whole: cut off,
+                // its id is not taken by a record the caller thinks lost.)
+                let _ = tail.file.set_len(len);
+                Err(e).with_context(|| format!("writing {}", self.path.display()))
+            }
+        }
     }
 }
 
@@ -794,5 +823,56 @@ mod tests {
             listed.iter().map(|e| e.replayed).collect::<Vec<_>>(),
             vec![false, true]
         );
+    }
+
+    /// A record torn inside a multi-byte character (a file named
+    /// `Résumé.pdf`, cut off by a crash or a full disk) is not UTF-8: it is
+    /// skipped like any torn line, and the node still starts.
+    #[test]
+    fn a_record_torn_inside_a_character_does_not_stop_the_log_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let dlq = FileDlq::open(&path).unwrap();
+        dlq.push(entry("kb:Résumé.pdf")).unwrap();
+        drop(dlq);
+        let record = serde_json::to_vec(&Record::Entry(entry("kb:é"))).unwrap();
+        let cut = record.windows(2).position(|w| w == "é".as_bytes()).unwrap() + 1;
+        assert!(std::str::from_utf8(&record[..cut]).is_err());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&record[..cut])
+            .unwrap();
+        let dlq = FileDlq::open(&path).unwrap();
+        let docs: Vec<_> = dlq.list().unwrap().into_iter().map(|e| e.doc_id).collect();
+        assert_eq!(docs, ["kb:Résumé.pdf"]);
+        assert_eq!(FileDlq::read(&path).unwrap().len(), 1);
+    }
+
+    /// Part of a record left behind while the log is open (a write cut
+    /// short) must not swallow the next record: it would be acked as
+    /// dead-lettered and then gone after a restart.
+    #[test]
+    fn a_record_after_a_torn_write_is_on_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let dlq = FileDlq::open(&path).unwrap();
+        dlq.push(entry("a")).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"record\":\"entr")
+            .unwrap();
+        assert_eq!(dlq.push(entry("b")).unwrap(), 2);
+        assert_eq!(dlq.mark_replayed(2).unwrap().doc_id, "b");
+        drop(dlq);
+        let listed = FileDlq::read(&path).unwrap();
+        let docs: Vec<_> = listed
+            .iter()
+            .map(|e| (e.doc_id.as_str(), e.replayed))
+            .collect();
+        assert_eq!(docs, [("a", false), ("b", true)]);
     }
 }
