@@ -15,7 +15,7 @@ use ragd_actors::messages::Partition;
 use ragd_actors::model::Device;
 use ragd_actors::source_watcher::{PartitionRule, SourceSpec};
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -1074,16 +1074,38 @@ fn validate(
             partition_name(&at, field, v, errors);
         }
         let mut rules = Vec::new();
+        let mut prefixes = HashMap::new();
         for (j, r) in s.rules.into_iter().enumerate() {
-            if r.prefix.trim_matches('/').is_empty()
-                || r.division.is_empty()
-                || r.access_level.is_empty()
-            {
+            let prefix = r.prefix.trim_matches('/');
+            if prefix.is_empty() || r.division.is_empty() || r.access_level.is_empty() {
                 errors.push(format!(
                     "{at}: rules[{j}] needs a prefix, a division and an access_level"
                 ));
             }
             let rule = format!("{at}: rules[{j}]");
+            // A prefix is compared with the document's path under the root,
+            // which has none of these: such a rule would never match, and
+            // its files would fall into the source's (wider) partition.
+            if !prefix.is_empty()
+                && prefix
+                    .split('/')
+                    .any(|part| matches!(part, "" | "." | "..") || part.contains('\\'))
+            {
+                errors.push(format!(
+                    "{rule}: prefix {:?} must be a plain sub-path of the source \
+                     (like \"hr/confidential\": no \"//\", \".\", \"..\" or \"\\\\\")",
+                    r.prefix
+                ));
+            }
+            if let Some(k) = prefixes
+                .insert(prefix.to_string(), j)
+                .filter(|_| !prefix.is_empty())
+            {
+                errors.push(format!(
+                    "{rule}: prefix {prefix:?} is rules[{k}]'s too; which partition \
+                     is meant?"
+                ));
+            }
             partition_name(&rule, "division", &r.division, errors);
             partition_name(&rule, "access_level", &r.access_level, errors);
             rules.push(PartitionRule {
@@ -1481,6 +1503,51 @@ mod tests {
             !debug.contains("alice-token-1") && !debug.contains("admin-secret"),
             "{debug}"
         );
+    }
+
+    /// A sub-folder rule the matcher could never apply (a path that is no
+    /// plain sub-path, or a second rule for one prefix) is refused: its
+    /// files would quietly land in the source's wider partition. Order does
+    /// not matter: the longest prefix wins.
+    #[test]
+    fn partition_rules_that_could_never_apply_are_refused() {
+        let (_dir, path) = setup();
+        let with_rules = |rules: &[(&str, &str)]| {
+            let rules: String = rules
+                .iter()
+                .map(|(prefix, level)| {
+                    format!(
+                        "[[sources.rules]]\nprefix = {prefix:?}\ndivision = \"hr\"\n\
+                         access_level = {level:?}\n"
+                    )
+                })
+                .collect();
+            let toml = GOOD.replace("[[principals]]", &format!("{rules}[[principals]]"));
+            Config::parse(&path, &toml, std::iter::empty())
+        };
+        let cfg = with_rules(&[("hr", "internal"), ("hr/confidential/", "confidential")]).unwrap();
+        let s = &cfg.sources[0];
+        assert_eq!(
+            s.partition_for("hr/confidential/pay.md").access_level,
+            "confidential"
+        );
+        assert_eq!(s.partition_for("hr/leave.md").access_level, "internal");
+        for (rules, says) in [
+            (&[("./hr", "internal")][..], "plain sub-path"),
+            (&[("hr//confidential", "confidential")], "plain sub-path"),
+            (&[("hr/../finance", "internal")], "plain sub-path"),
+            (&[("hr\\confidential", "confidential")], "plain sub-path"),
+            (
+                &[("hr", "internal"), ("/hr/", "confidential")],
+                "rules[0]'s too",
+            ),
+        ] {
+            let e = with_rules(rules).unwrap_err().to_string();
+            assert!(
+                e.contains(says) && e.contains("sources[0] (kb): rules["),
+                "{rules:?}: {e}"
+            );
+        }
     }
 
     /// The tokens ragd's own docs print serve trying it out on loopback,

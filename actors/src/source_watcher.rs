@@ -67,7 +67,10 @@ pub struct SourceSpec {
     pub name: String,
     pub root: PathBuf,
     pub partition: Partition,
-    /// First matching rule wins; the source's partition otherwise.
+    /// The rule with the longest matching prefix wins, whatever the order
+    /// (a general `hr` rule listed before `hr/confidential` must not file
+    /// confidential files as merely internal); the source's partition
+    /// where none matches.
     pub rules: Vec<PartitionRule>,
     /// Poll the tree at this interval instead of taking the kernel's file
     /// events: for network file systems (NFS, SMB), whose changes made on
@@ -139,11 +142,11 @@ impl SourceSpec {
     pub fn partition_for(&self, uri: &str) -> Partition {
         self.rules
             .iter()
-            .find(|r| {
-                let p = r.prefix.trim_matches('/');
-                uri == p || uri.starts_with(&format!("{p}/"))
-            })
-            .map(|r| r.partition.clone())
+            .map(|r| r.prefix.trim_matches('/'))
+            .zip(&self.rules)
+            .filter(|(p, _)| uri == *p || uri.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(_, r)| r.partition.clone())
             .unwrap_or_else(|| self.partition.clone())
     }
 }
@@ -2851,10 +2854,17 @@ mod tests {
             name: "kb".into(),
             root: "/kb".into(),
             partition: part("eng", "internal"),
-            rules: vec![PartitionRule {
-                prefix: "hr/confidential".into(),
-                partition: part("hr", "confidential"),
-            }],
+            // The general rule first: the specific one still wins.
+            rules: vec![
+                PartitionRule {
+                    prefix: "hr".into(),
+                    partition: part("hr", "internal"),
+                },
+                PartitionRule {
+                    prefix: "/hr/confidential/".into(),
+                    partition: part("hr", "confidential"),
+                },
+            ],
             poll: None,
             mount_point: false,
         };
@@ -2863,9 +2873,15 @@ mod tests {
             part("hr", "confidential")
         );
         assert_eq!(
-            s.partition_for("hr/confidentiality.md"),
-            part("eng", "internal")
+            s.partition_for("hr/confidential"),
+            part("hr", "confidential")
         );
+        assert_eq!(s.partition_for("hr/leave.md"), part("hr", "internal"));
+        assert_eq!(
+            s.partition_for("hr/confidentiality.md"),
+            part("hr", "internal")
+        );
+        assert_eq!(s.partition_for("hrx/a.md"), part("eng", "internal"));
         assert_eq!(s.partition_for("readme.md"), part("eng", "internal"));
     }
 
