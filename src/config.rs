@@ -423,7 +423,8 @@ fn env_overrides(
     doc: &mut toml::Table,
     vars: impl Iterator<Item = (String, String)>,
     errors: &mut Vec<String>,
-) {
+) -> Vec<String> {
+    let mut applied = Vec::new();
     // Variables the config names for its secrets (api_key_env and the
     // like) are not overrides, whatever they look like.
     let named: Vec<String> = doc
@@ -441,6 +442,11 @@ fn env_overrides(
             continue;
         }
         let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        // A whole section is no one variable's (RAGD_CACHE and RAGD_MODEL
+        // are folders for ragd's scripts and tests, not [cache] or [model]).
+        if parts.len() == 1 && parts[0] != "data_dir" && SECTIONS.contains(&parts[0].as_str()) {
+            continue;
+        }
         if !SECTIONS.contains(&parts[0].as_str()) {
             // RAGD_INDEX_BACKEND for RAGD_INDEX__BACKEND would otherwise be
             // ignored, and the node run quietly on the defaults.
@@ -459,6 +465,7 @@ fn env_overrides(
             }
             continue; // RAGD_LOG and friends are not config
         }
+        applied.push(name.clone());
         let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
@@ -481,6 +488,7 @@ fn env_overrides(
             }
         }
     }
+    applied
 }
 
 impl Config {
@@ -498,7 +506,26 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        Self::load_with_env(path, std::env::vars())
+        // (vars_os: one variable that is not UTF-8, ragd's or not, must
+        // not panic the load; ragd's own are refused by name.)
+        let mut env = Vec::new();
+        let mut errors = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            match (k.into_string(), v.into_string()) {
+                (Ok(k), Ok(v)) => env.push((k, v)),
+                (Ok(k), Err(_)) if k.starts_with("RAGD_") => {
+                    errors.push(format!("environment variable {k}: its value is not UTF-8"))
+                }
+                _ => {}
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors {
+                path: path.to_path_buf(),
+                errors,
+            });
+        }
+        Self::load_with_env(path, env.into_iter())
     }
 
     pub fn load_with_env(
@@ -526,8 +553,16 @@ impl Config {
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| fail(vec![e.to_string()]))?;
         let mut errors = Vec::new();
         let env: Vec<(String, String)> = env.collect();
-        env_overrides(&mut doc, env.iter().cloned(), &mut errors);
-        let raw: RawConfig = RawConfig::deserialize(doc).map_err(|e| fail(vec![e.to_string()]))?;
+        let overrides = env_overrides(&mut doc, env.iter().cloned(), &mut errors);
+        let raw: RawConfig = RawConfig::deserialize(doc).map_err(|e| {
+            // The key may have come from the environment, not the file.
+            let from = match overrides.is_empty() {
+                true => String::new(),
+                false => format!(" (set from the environment: {})", overrides.join(", ")),
+            };
+            errors.push(format!("{e}{from}"));
+            fail(std::mem::take(&mut errors))
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let cfg = validate(path, &base, raw, &env, &mut errors);
         if errors.is_empty() {
@@ -1882,8 +1917,19 @@ mod tests {
             "RAGD_KAFKA_DEBUG",
             "RAGD_GPU_ATTENTION",
             "RAGD_ADMIN_TOKEN",
+            "RAGD_CACHE",
+            "RAGD_MODEL",
         ]
         .map(|k| (k.to_string(), "x".to_string()));
         assert!(Config::parse(&path, GOOD, env.into_iter()).is_ok());
+        // A value of the wrong type names the variable it came from.
+        let env = [("RAGD_QUERY__CANDIDATES", "many"), ("RAGD_LOG", "debug")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let e = Config::parse(&path, GOOD, env.into_iter()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("set from the environment: RAGD_QUERY__CANDIDATES"),
+            "{e}"
+        );
     }
 }

@@ -164,9 +164,14 @@ const DEFAULT_LOG: &str =
 fn main() {
     // A PDF parser child (chunker::pdf): before anything else starts, so
     // the child is one thread that reads stdin and writes stdout.
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some(ragd_actors::chunker::pdf::CHILD_ARG) {
-        std::process::exit(ragd_actors::chunker::pdf::child_main(&args[2..]));
+    // (args_os: a path that is not UTF-8 is a legal argument, for clap.)
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|a| a == ragd_actors::chunker::pdf::CHILD_ARG)
+    {
+        let rest: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+        std::process::exit(ragd_actors::chunker::pdf::child_main(&rest));
     }
     tracing_subscriber::fmt()
         .with_env_filter(

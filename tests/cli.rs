@@ -437,3 +437,48 @@ fn check_reports_every_config_error_at_once() {
         "{err}"
     );
 }
+
+/// A variable or an argument that is not UTF-8 is legal on Linux: neither
+/// panics ragd. Another tool's variable is ignored, ragd's own is refused
+/// by name, and a path argument is a path like any other.
+#[test]
+fn environment_and_arguments_that_are_not_utf8_get_clear_answers() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let ws = Workspace::new();
+    let not_utf8 = OsStr::from_bytes(b"caf\xe9");
+    let run = |args: &[&OsStr], env: &[(&str, &OsStr)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ragd"));
+        cmd.args(args).env("RAGD_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{err}");
+        (out.status.success(), err)
+    };
+    let config = ws.config();
+    let check = [
+        OsStr::new("check"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ];
+    let (ok, err) = run(&check, &[("OTHER_TOOL", not_utf8)]);
+    assert!(ok, "{err}");
+    let (ok, err) = run(&check, &[("RAGD_QUERY__BIND", not_utf8)]);
+    assert!(
+        !ok && err.contains("RAGD_QUERY__BIND: its value is not UTF-8"),
+        "{err}"
+    );
+    let missing = ws.dir.path().join(not_utf8);
+    let (ok, err) = run(
+        &[
+            OsStr::new("check"),
+            OsStr::new("--config"),
+            missing.as_os_str(),
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("cannot read"), "{err}");
+}
