@@ -359,18 +359,21 @@ impl<J: Job> PoolQueue<J> {
             solo: false,
             outage_at: None,
         }));
-        let (added, len) = (queue.len() > before, queue.len());
-        drop(queue);
-        if added {
-            self.queued(len);
+        if queue.len() > before {
+            self.queued(queue);
         }
     }
 
     /// The queue now holds `len` jobs (waiting ones included: they are
     /// work to do, and a Kafka input's backpressure counts them): the depth
     /// gauge, and a wake-up for the pool.
-    fn queued(&self, len: usize) {
-        self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
+    /// (Stored under the queue's lock: a depth stored after it could be
+    /// one a later change already replaced, and stay so after a burst.)
+    fn queued(&self, jobs: parking_lot::MutexGuard<'_, Jobs<J>>) {
+        self.stats
+            .queue_depth
+            .store(jobs.len() as u64, Ordering::Relaxed);
+        drop(jobs);
         if let Some(pool) = self.pool.lock().as_ref() {
             // A pool that is restarting picks the queue up when it starts.
             let _ = pool.cast(PoolMsg::Kick);
@@ -384,9 +387,7 @@ impl<J: Job> PoolQueue<J> {
         } else {
             jobs.ready.push_back(a);
         }
-        let len = jobs.len();
-        drop(jobs);
-        self.queued(len);
+        self.queued(jobs);
     }
 
     /// Puts a failed job aside until `delay` has passed, then at the back
@@ -397,19 +398,18 @@ impl<J: Job> PoolQueue<J> {
         jobs.failures += 1;
         let key = (due, jobs.failures);
         jobs.waiting.insert(key, a);
-        let len = jobs.len();
+        self.stats
+            .queue_depth
+            .store(jobs.len() as u64, Ordering::Relaxed);
         drop(jobs);
-        self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
         // Weak: a queue dropped meanwhile has no pool left to wake.
         let queue = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep_until(due.into()).await;
             if let Some(queue) = queue.upgrade() {
                 let mut jobs = queue.jobs.lock();
-                let (moved, len) = (jobs.promote_due(), jobs.len());
-                drop(jobs);
-                if moved {
-                    queue.queued(len);
+                if jobs.promote_due() {
+                    queue.queued(jobs);
                 }
             }
         });
@@ -479,10 +479,11 @@ impl<J: Job> PoolQueue<J> {
                 jobs.waiting.insert(key, a);
             }
         }
-        let len = jobs.len();
+        self.stats
+            .queue_depth
+            .store(jobs.len() as u64, Ordering::Relaxed);
         // Dropped after the lock (see `pop_batch`).
         drop(jobs);
-        self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
         gone.len()
     }
 
@@ -566,6 +567,17 @@ struct Outage {
     pause: Duration,
     /// The worker running the probe.
     probe: Option<ActorId>,
+}
+
+/// A pool killed (its supervisor gave up, and ractor kills the group's
+/// other actors with it) or whose own handler panicked is dropped without
+/// `post_stop`: the jobs its workers held go back to the queue here, or
+/// each would be lost and hold its ledger permit for good. (Otherwise
+/// `let_go` ran already, and there is nothing left to hand back.)
+impl<S: Stage> Drop for PoolState<S> {
+    fn drop(&mut self) {
+        Pool::let_go(self);
+    }
 }
 
 impl<S: Stage> PoolState<S> {
@@ -1211,6 +1223,38 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(60)).await;
             Ok(())
         }
+    }
+
+    /// A pool killed from outside (its group's supervisor gave up on a
+    /// sibling) hands back the job its worker held: it is not lost.
+    #[tokio::test]
+    async fn a_killed_pool_leaves_the_jobs_it_held_in_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = PoolQueue::new(Arc::new(ActorStats::default()));
+        queue.submit_all([Doc("slow")]);
+        let (pool, handle) = Actor::spawn(
+            None,
+            Pool::<SlowAndBad>::default(),
+            PoolArgs {
+                name: "test".into(),
+                stage: Arc::new(SlowAndBad),
+                queue: queue.clone(),
+                settings: PoolSettings::default(),
+                ledger: Ledger::new(8),
+                dlq: Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap()),
+            },
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !queue.is_empty() {
+            assert!(Instant::now() < deadline, "the job was never taken");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        pool.kill();
+        handle.await.unwrap();
+        assert_eq!(queue.len(), 1, "the job the worker held was lost");
+        assert_eq!(queue.stats.queue_depth.load(Ordering::SeqCst), 1);
     }
 
     /// A pool that gives up (more worker failures than its restart policy
