@@ -24,9 +24,9 @@
 //! once. A batch that fails as a whole costs its jobs no attempt: they go
 //! back to the front of the queue to run one at a time, so one bad job
 //! cannot take its batch-mates to the DLQ, and from there on its failures
-//! are its own. (The embedder's model thread still merges requests from
-//! different workers into one pass, as before batches: a pass that fails
-//! fails each of them.)
+//! are its own. (The embedder's model thread merges requests from
+//! different workers into one call; a call that fails is made again for
+//! each request alone, so there too a failure is its own.)
 //!
 //! A stage whose backend stops answering (a vector store that is down past
 //! its own retries, a network mount that went away) says so by marking the

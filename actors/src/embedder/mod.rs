@@ -40,12 +40,18 @@ impl Batcher {
     /// `name` names the model thread (ingestion and queries have one each,
     /// so a question never waits behind a 128-chunk ingestion pass).
     pub fn start(name: &str, encoder: Arc<AnyEncoder>, max_texts: usize) -> Batcher {
+        Self::start_with(name, move |texts| encoder.embed(texts), max_texts)
+    }
+
+    /// [`Batcher::start`] with any encoding function (a test's, to fail
+    /// on purpose).
+    fn start_with(name: &str, embed: impl Embed, max_texts: usize) -> Batcher {
         // Bounded: a full batcher makes callers wait, which keeps the pool's
         // queue (and so the watcher) waiting too.
         let (tx, rx) = mpsc::sync_channel::<Request>(256);
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(encoder, rx, max_texts.max(1)))
+            .spawn(move || run(embed, rx, max_texts.max(1)))
             .expect("spawning the embedder thread");
         Batcher { tx }
     }
@@ -87,6 +93,25 @@ pub fn call_texts(device: crate::model::Device, batch_max_size: usize) -> usize 
     }
 }
 
+/// What the model thread runs: texts in, one vector each out.
+trait Embed: Fn(&[&str]) -> anyhow::Result<Vec<Vec<f32>>> + Send + 'static {}
+impl<F: Fn(&[&str]) -> anyhow::Result<Vec<Vec<f32>>> + Send + 'static> Embed for F {}
+
+/// One model call: its vectors, or why it failed. A model panic fails
+/// the call (its requests are retried by their pools), not the thread.
+fn call(embed: &impl Embed, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| embed(texts))) {
+        Ok(Ok(vectors)) if vectors.len() == texts.len() => Ok(vectors),
+        Ok(Ok(vectors)) => Err(format!(
+            "embedding failed: {} vectors for {} texts",
+            vectors.len(),
+            texts.len()
+        )),
+        Ok(Err(e)) => Err(format!("embedding failed: {e:#}")),
+        Err(_) => Err("the embedding model panicked".to_string()),
+    }
+}
+
 /// A request being worked through: its texts' vectors so far.
 struct Pending {
     request: Request,
@@ -99,7 +124,12 @@ struct Pending {
 /// wait, and goes back in line behind the requests that came in
 /// meanwhile, so one large document does not hold every other document
 /// back until it is done (minutes, on CPU). benches/turns.rs measures it.
-fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) {
+///
+/// A call that fails with several requests in it is made again for each
+/// of them alone: one document's texts (a tokenizer error, a panic) must
+/// not fail the documents it happened to share a call with, which the
+/// pool split from it to run alone, into the DLQ beside it.
+fn run(embed: impl Embed, rx: mpsc::Receiver<Request>, max_texts: usize) {
     // Requests waiting, in turn. Every caller waits for its reply, so this
     // holds at most one request per caller (the pool's workers).
     let mut line: std::collections::VecDeque<Pending> = Default::default();
@@ -117,6 +147,13 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
         let waited = waiting.elapsed();
         line.extend(rx.try_iter().map(Pending::new));
         line.extend(unfinished.drain(..));
+        // A caller that is gone (a pool killed, a query past its deadline)
+        // would have its texts embedded for nothing, a long document's for
+        // minutes.
+        line.retain(|p| !p.request.reply.is_closed());
+        if line.is_empty() {
+            continue;
+        }
 
         // This call: requests from the front of the line, the last one
         // perhaps only in part. While others wait, a request already under
@@ -149,36 +186,35 @@ fn run(encoder: Arc<AnyEncoder>, rx: mpsc::Receiver<Request>, max_texts: usize) 
             waited_us = waited.as_micros() as u64,
             "embedding pass"
         );
-        // A model panic fails this call's requests (they are retried by
-        // their pools), not the thread.
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encoder.embed(&texts)));
-        let asked = texts.len();
+        let result = call(&embed, &texts);
         drop(texts);
-        let failure = match result {
-            Ok(Ok(vectors)) if vectors.len() == asked => {
+        match result {
+            Ok(vectors) => {
                 let mut vectors = vectors.into_iter();
-                for (mut p, range) in taken {
-                    p.done.extend(vectors.by_ref().take(range.len()));
-                    if p.done.len() < p.request.texts.len() {
-                        unfinished.push(p);
-                    } else {
-                        let _ = p.request.reply.send(Ok(p.done));
+                for (p, range) in taken {
+                    let n = range.len();
+                    p.take(vectors.by_ref().take(n), &mut unfinished);
+                }
+            }
+            Err(failure) if taken.len() > 1 => {
+                tracing::warn!(
+                    requests = taken.len(),
+                    "{failure}; trying each request of the call alone"
+                );
+                for (p, range) in taken {
+                    let texts: Vec<&str> =
+                        p.request.texts[range].iter().map(String::as_str).collect();
+                    match call(&embed, &texts) {
+                        Ok(vectors) => p.take(vectors, &mut unfinished),
+                        Err(failure) => p.fail(&failure),
                     }
                 }
-                continue;
             }
-            Ok(Ok(vectors)) => format!(
-                "embedding failed: {} vectors for {} texts",
-                vectors.len(),
-                asked
-            ),
-            Ok(Err(e)) => format!("embedding failed: {e:#}"),
-            Err(_) => "the embedding model panicked".to_string(),
-        };
-        // A request fails whole, the parts of it done before included.
-        for (p, _) in taken {
-            let _ = p.request.reply.send(Err(anyhow::anyhow!("{failure}")));
+            Err(failure) => {
+                for (p, _) in taken {
+                    p.fail(&failure);
+                }
+            }
         }
     }
 }
@@ -189,6 +225,22 @@ impl Pending {
             done: Vec::with_capacity(request.texts.len()),
             request,
         }
+    }
+
+    /// Takes the vectors of its next texts: replies once it has them all,
+    /// else goes to `unfinished`, back in line.
+    fn take(mut self, vectors: impl IntoIterator<Item = Vec<f32>>, unfinished: &mut Vec<Pending>) {
+        self.done.extend(vectors);
+        if self.done.len() < self.request.texts.len() {
+            unfinished.push(self);
+        } else {
+            let _ = self.request.reply.send(Ok(self.done));
+        }
+    }
+
+    /// A request fails whole, the parts of it done before included.
+    fn fail(self, failure: &str) {
+        let _ = self.request.reply.send(Err(anyhow::anyhow!("{failure}")));
     }
 }
 
@@ -357,10 +409,17 @@ impl EmbedderStage {
         }
         let reused = vectors.len();
         if !fresh.is_empty() {
+            // The model failing is the stage's outage, not the document's
+            // fault (a GPU lost or out of memory fails every call): the
+            // stage pauses rather than dead-letter whatever comes. A
+            // document that fails it on its own is still found out, once
+            // others are embedded since (see crate::pool), since the
+            // batcher tries each request of a failed call alone.
             let made = self
                 .batcher
                 .embed(fresh.iter().map(|t| t.to_string()).collect())
-                .await?;
+                .await
+                .map_err(crate::pool::unavailable)?;
             anyhow::ensure!(made.len() == fresh.len(), "one vector per chunk");
             vectors.extend(fresh.iter().copied().zip(made));
         }
@@ -439,6 +498,106 @@ pub(crate) mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// A model that fails on "poison" (an error) or "panic" (a panic),
+    /// takes 300 ms over "slow", and records every text it is given.
+    fn faulty(seen: Arc<parking_lot::Mutex<Vec<String>>>) -> impl Embed {
+        move |texts: &[&str]| {
+            seen.lock().extend(texts.iter().map(|t| t.to_string()));
+            if texts.contains(&"slow") {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            assert!(!texts.contains(&"panic"), "the model panicked");
+            anyhow::ensure!(!texts.contains(&"poison"), "cannot tokenize");
+            Ok(texts.iter().map(|t| vec![t.len() as f32]).collect())
+        }
+    }
+
+    /// One request's texts failing a call (an error or a panic) fail that
+    /// request alone: the requests it shared the call with get their
+    /// vectors, rather than going to the DLQ with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_fails_a_shared_call_fails_alone() {
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let batcher = Batcher::start_with("test-embedder", faulty(seen.clone()), 8);
+        for bad in ["poison", "panic"] {
+            // The model busy, so the three below share its next call.
+            let busy = tokio::spawn({
+                let b = batcher.clone();
+                async move { b.embed(vec!["slow".into()]).await }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (fine, failed, also) = tokio::join!(
+                batcher.embed(vec!["fine".into()]),
+                batcher.embed(vec!["other".into(), bad.into()]),
+                batcher.embed(vec!["also fine".into()]),
+            );
+            assert!(busy.await.unwrap().is_ok());
+            assert_eq!(fine.unwrap(), [vec![4.0]], "{bad}");
+            assert_eq!(also.unwrap(), [vec![9.0]], "{bad}");
+            let e = failed.unwrap_err().to_string();
+            assert!(
+                e.contains("cannot tokenize") || e.contains("panicked"),
+                "{e}"
+            );
+        }
+        let seen = seen.lock();
+        assert!(
+            seen.iter().filter(|t| *t == "fine").count() == 4,
+            "each shared call, then alone: {seen:?}"
+        );
+    }
+
+    /// A request whose caller is gone is not embedded: a long document's
+    /// chunks would hold the model for nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_caller_is_gone_is_not_embedded() {
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let batcher = Batcher::start_with("test-embedder", faulty(seen.clone()), 8);
+        let busy = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.embed(vec!["slow".into()]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            batcher.embed(vec!["abandoned".into()]),
+        );
+        assert!(given_up.await.is_err());
+        assert!(busy.await.unwrap().is_ok());
+        assert_eq!(
+            batcher.embed(vec!["next".into()]).await.unwrap(),
+            [vec![4.0]]
+        );
+        assert_eq!(*seen.lock(), ["slow", "next"]);
+    }
+
+    /// A model that fails every call (a GPU lost) is the stage's outage:
+    /// the error is marked unavailable, so the pool pauses the stage
+    /// instead of dead-lettering every document that comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_model_is_an_outage_of_the_stage() {
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let out = crate::pool::PoolQueue::new(Arc::new(crate::stats::ActorStats::default()));
+        let stage = EmbedderStage {
+            batcher: Batcher::start_with("test-embedder", faulty(seen), 8),
+            out: Port::Local(out.clone()),
+            batch_docs: 8,
+            model_id: "m".into(),
+            reuse: vec![],
+            tally: Default::default(),
+            ledger: None,
+            keys_ready: None,
+            deleted: None,
+        };
+        let e = stage
+            .process(chunked("kb:a.md", &["poison"]))
+            .await
+            .unwrap_err();
+        assert!(crate::pool::is_unavailable(&e), "{e:#}");
+        stage.process(chunked("kb:b.md", &["fine"])).await.unwrap();
+        assert_eq!(out.len(), 1);
     }
 
     /// A document whose texts the store already holds (a file copied or
