@@ -340,6 +340,11 @@ impl SemanticCache for EmbeddedCache {
         }
         let now = Instant::now();
         let mut tombstones = self.tombstones.lock();
+        // Here too, not only in `store`: a node that indexes and answers
+        // nothing (no queries, or none stored) would keep a tombstone per
+        // version it ever indexed, and its first store would then drain
+        // them all under the entries' lock.
+        tombstones.expire(self.ttl);
         for r in removals {
             tombstones.insert(&r.doc_id, r.keep.clone(), now);
         }
@@ -451,6 +456,22 @@ mod tests {
         t.expire(ttl);
         assert!(!t.refuses("a", "v2"));
         assert_eq!((t.by_doc.len(), t.order.len()), (0, 0));
+    }
+
+    /// A node that indexes without storing answers keeps no more than a
+    /// TTL's worth of tombstones.
+    #[tokio::test]
+    async fn invalidations_alone_expire_old_tombstones() {
+        let cache = EmbeddedCache::new(0.98, 10, Duration::from_millis(20));
+        let removals: Vec<Removal> = (0..1000)
+            .map(|i| Removal::new(&format!("kb:{i}.md"), Some("v1")))
+            .collect();
+        cache.invalidate_all(&removals).await.unwrap();
+        assert_eq!(cache.tombstones.lock().order.len(), 1000);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache.invalidate("kb:new.md", Some("v1")).await.unwrap();
+        let t = cache.tombstones.lock();
+        assert_eq!((t.by_doc.len(), t.order.len()), (1, 1));
     }
 
     #[tokio::test]
