@@ -3,7 +3,7 @@
 use crate::config::constant_time_eq;
 use crate::node::Node;
 use anyhow::Context;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -64,29 +64,25 @@ pub fn query_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-async fn query(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    body: Result<Json<QueryBody>, JsonRejection>,
-) -> Response {
+/// The most bytes of a query's body: a question of
+/// [`MAX_QUESTION_CHARS`] characters, four bytes each, escaped, and room
+/// for the rest.
+const MAX_QUERY_BODY: usize = 64 << 10;
+
+async fn query(State(node): State<Arc<Node>>, request: axum::extract::Request) -> Response {
     let started = Instant::now();
-    let Some(token) = bearer(&headers) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer <token>",
-        );
+    let (parts, body) = request.into_parts();
+    // Who asks before the body is read: a caller without a token costs
+    // no more than its headers.
+    let Some(token) = bearer(&parts.headers) else {
+        return unauthorized("missing Authorization: Bearer <token>");
     };
     let Some(principal) = node.config.principal_for(token) else {
-        return error(StatusCode::UNAUTHORIZED, "unknown token");
+        return unauthorized("unknown token");
     };
-    let Json(body) = match body {
+    let body = match query_body(&parts.headers, body).await {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("bad request body: {}", e.body_text()),
-            )
-        }
+        Err(resp) => return resp,
     };
     let question = body.question.trim().to_string();
     if question.is_empty() {
@@ -163,6 +159,56 @@ struct QueryFailed {
 /// The `map_err` that gives an error its status.
 fn failed(status: StatusCode) -> impl FnOnce(anyhow::Error) -> QueryFailed {
     move |error| QueryFailed { status, error }
+}
+
+/// The reranker's error (its whole chain, as text: model paths and
+/// all) under a reason fit for the caller; the chain goes to the log.
+fn rerank_failed(chain: String) -> anyhow::Error {
+    anyhow::anyhow!(chain).context("reranking failed")
+}
+
+/// A 401 that names the scheme to use (RFC 9110).
+fn unauthorized(why: &str) -> Response {
+    let challenge = [(axum::http::header::WWW_AUTHENTICATE, "Bearer")];
+    (challenge, error(StatusCode::UNAUTHORIZED, why)).into_response()
+}
+
+/// The query's body, read up to [`MAX_QUERY_BODY`] bytes: 415 for a body
+/// that says it is not JSON, 413 for one too large, 400 for bad JSON.
+async fn query_body(headers: &HeaderMap, body: axum::body::Body) -> Result<QueryBody, Response> {
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|m| {
+            m == "application/json" || m.starts_with("application/") && m.ends_with("+json")
+        });
+    if !json {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON (Content-Type: application/json)",
+        ));
+    }
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_QUERY_BODY} bytes"),
+        )
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_QUERY_BODY as u64) {
+        return Err(too_large());
+    }
+    // (Past the length said, or a chunked body past the limit: too large.
+    // Any other failure is a client gone, who reads no answer.)
+    let bytes = axum::body::to_bytes(body, MAX_QUERY_BODY)
+        .await
+        .map_err(|_| too_large())?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
 fn failure_response(status: StatusCode, e: &anyhow::Error) -> Response {
@@ -266,11 +312,11 @@ async fn answer(
             Some(Duration::from_secs(30)),
         )
         .await
-        .map_err(|e| anyhow::anyhow!("reranker unavailable: {e}"))
+        .map_err(|e| anyhow::anyhow!("{e}").context("the reranker is unavailable"))
         .map_err(failed(S::SERVICE_UNAVAILABLE))?;
     let result = match result {
         ractor::rpc::CallResult::Success(r) => r
-            .map_err(|e| anyhow::anyhow!("rerank: {e}"))
+            .map_err(rerank_failed)
             .map_err(failed(S::INTERNAL_SERVER_ERROR))?,
         ractor::rpc::CallResult::Timeout => {
             return Err(failed(S::GATEWAY_TIMEOUT)(anyhow::anyhow!(
@@ -772,6 +818,13 @@ mod tests {
             assert_eq!(r.status(), status);
             assert!(r.headers().get(RETRY_AFTER).is_none());
         }
+        // The reranker's reply is its error's whole chain, as text.
+        let e = rerank_failed("scoring: loading /srv/models/ce/model.safetensors: EIO".into());
+        let r = failure_response(StatusCode::INTERNAL_SERVER_ERROR, &e);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("reranking failed"), "{body}");
+        assert!(!body.contains("/srv/models"), "{body}");
     }
 
     /// Replaying one entry of a version replays the others still waiting

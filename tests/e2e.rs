@@ -504,6 +504,34 @@ fn bad_requests_get_clear_errors_and_never_a_500() {
     let good = r#"{"question": "when does the office open?"}"#;
     assert_eq!(d.query_raw(None, good).0, 401);
     assert_eq!(d.query_raw(Some("not-a-token"), good).0, 401);
+    let post = |content_type: &str, body: String| {
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/query", d.query))
+            .header("content-type", content_type)
+            .bearer_auth(HR_TOKEN)
+            .body(body)
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.text().unwrap())
+    };
+    // The scheme to use, on a 401 (RFC 9110).
+    let anonymous = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/query", d.query))
+        .body(good)
+        .send()
+        .unwrap();
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    // Not JSON, or too large: said so, not a 400.
+    let (status, text) = post("text/plain", good.into());
+    assert_eq!(status, 415, "{text}");
+    let huge = format!(r#"{{"question": "{}"}}"#, "a".repeat(100 << 10));
+    let (status, text) = post("application/json", huge);
+    assert!(
+        status == 413 && text.contains("larger than"),
+        "{status} {text}"
+    );
+    let (status, text) = post("application/json; charset=utf-8", good.into());
+    assert_eq!(status, 200, "{text}");
     // The auth scheme's name is case-insensitive (RFC 9110).
     let lower = reqwest::blocking::Client::new()
         .post(format!("{}/v1/query", d.query))
