@@ -829,8 +829,24 @@ fn validate(
             "pipeline.max_in_flight_mb ({max_in_flight_mb}) must hold the biggest file, chunker.max_file_bytes ({max_file_bytes})"
         ));
     }
+    // Zero skips every file as too big; nothing to index, and no error.
+    positive("chunker.max_file_bytes", max_file_bytes as usize, &mut err);
     let max_attempts = raw.pipeline.max_attempts.unwrap_or(3);
-    positive("pipeline.max_attempts", max_attempts as usize, &mut err);
+    // Past a hundred, a document that fails for good never reaches the
+    // DLQ in practice: it is retried for days at the retry cap.
+    if !(1..=100).contains(&max_attempts) {
+        err(format!(
+            "pipeline.max_attempts ({max_attempts}) must be between 1 and 100"
+        ));
+    }
+    // Zero makes the file watcher's thread spin on a core per source; an
+    // hour or more, and changes are in practice never seen.
+    let debounce_ms = raw.pipeline.debounce_ms.unwrap_or(300);
+    if !(10..=60_000).contains(&debounce_ms) {
+        err(format!(
+            "pipeline.debounce_ms ({debounce_ms}) must be between 10 and 60000"
+        ));
+    }
     let retry_base_ms = raw.pipeline.retry_base_ms.unwrap_or(200);
     let retry_cap_ms = raw.pipeline.retry_cap_ms.unwrap_or(10_000);
     if !(1..=60_000).contains(&retry_base_ms) {
@@ -984,10 +1000,18 @@ fn validate(
     let llm = validate_llm(&raw.llm, env, &mut err);
     // Beyond what Redis's EXPIRE takes, its store would fail after the
     // hash is written, leaving an entry that never expires.
-    if let Some(ttl) = raw.cache.ttl_secs.filter(|t| *t > 366 * 24 * 3600) {
+    // Zero: the embedded cache kept nothing, and Redis kept a second.
+    if let Some(ttl) = raw
+        .cache
+        .ttl_secs
+        .filter(|t| *t == 0 || *t > 366 * 24 * 3600)
+    {
         err(format!(
-            "cache.ttl_secs ({ttl}) must be at most a year (31622400)"
+            "cache.ttl_secs ({ttl}) must be between 1 and a year (31622400)"
         ));
+    }
+    if raw.cache.capacity == Some(0) {
+        err("cache.capacity must be at least 1".into());
     }
     let cache_threshold = raw.cache.threshold.unwrap_or(0.98);
     if !(cache_threshold > 0.0 && cache_threshold <= 1.0) {
@@ -1260,7 +1284,7 @@ fn validate(
         max_attempts,
         retry_base: std::time::Duration::from_millis(retry_base_ms),
         retry_cap: std::time::Duration::from_millis(retry_cap_ms),
-        debounce_ms: raw.pipeline.debounce_ms.unwrap_or(300),
+        debounce_ms,
         delete_grace: std::time::Duration::from_millis(delete_grace_ms),
         max_write_wait: std::time::Duration::from_millis(max_write_wait_ms),
         forget_deleted_after: raw.pipeline.forget_deleted_after_secs.map_or(
@@ -1805,7 +1829,27 @@ mod tests {
             ),
             (
                 "[cache]\nttl_secs = 10000000000000000\n".to_string(),
-                "cache.ttl_secs (10000000000000000) must be at most a year",
+                "cache.ttl_secs (10000000000000000) must be between 1 and a year",
+            ),
+            (
+                "[cache]\nttl_secs = 0\n".to_string(),
+                "cache.ttl_secs (0) must be between 1 and a year",
+            ),
+            (
+                "[cache]\ncapacity = 0\n".to_string(),
+                "cache.capacity must be at least 1",
+            ),
+            (
+                "[chunker]\nmax_file_bytes = 0\n".to_string(),
+                "chunker.max_file_bytes",
+            ),
+            (
+                "[pipeline]\nmax_attempts = 1000000\n".to_string(),
+                "pipeline.max_attempts (1000000) must be between 1 and 100",
+            ),
+            (
+                "[pipeline]\ndebounce_ms = 0\n".to_string(),
+                "pipeline.debounce_ms (0) must be between 10 and 60000",
             ),
             (
                 "[pipeline]\nmax_in_flight_mb = 0\n".to_string(),

@@ -470,6 +470,13 @@ async fn up(cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn ingest(cfg: Config, paths: Vec<PathBuf>) -> anyhow::Result<()> {
+    // Without the role no watcher runs: it would report 0 documents, done.
+    anyhow::ensure!(
+        cfg.roles.ingest,
+        "{}: node.roles has no \"ingest\", so this node reads no sources; run \
+         `ragd ingest` with an ingest node's config",
+        cfg.path.display()
+    );
     let mut only = Vec::new();
     for p in paths {
         let c = p

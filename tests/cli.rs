@@ -482,3 +482,13 @@ fn environment_and_arguments_that_are_not_utf8_get_clear_answers() {
     );
     assert!(!ok && err.contains("cannot read"), "{err}");
 }
+
+/// A one-shot ingest with the config of a node that reads no sources (a
+/// cluster's query node) says so, rather than "0 documents" and success.
+#[test]
+fn one_shot_ingest_on_a_node_without_the_ingest_role_is_refused() {
+    let ws = Workspace::new();
+    let query = concat!(env!("CARGO_MANIFEST_DIR"), "/config/cluster/query.toml");
+    let (ok, _, err) = ws.ragd(&["ingest", "--config", query]);
+    assert!(!ok && err.contains("node.roles has no \"ingest\""), "{err}");
+}
