@@ -450,7 +450,20 @@ async fn up(cfg: Config) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
     }
+    // A second signal: the operator will not wait for the bounded steps
+    // below (each waits at most 30 s).
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("second signal: stopping now, without the graceful shutdown");
+        std::process::exit(130);
+    });
     let _ = stop_tx.send(true);
+    // Queries under way get 10 s to answer; one still waiting for the LLM
+    // after that does not hold the shutdown (it gets an error as the
+    // actors stop).
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         if let Some(q) = q {
             let _ = q.await;
@@ -458,13 +471,7 @@ async fn up(cfg: Config) -> anyhow::Result<()> {
         let _ = a.await;
     })
     .await;
-    match Arc::try_unwrap(node) {
-        Ok(node) => node.shutdown(Duration::from_secs(30)).await,
-        Err(node) => {
-            // An HTTP handler still holds the node; stop what we can.
-            node.ledger.wait_settled().await;
-        }
-    }
+    node.shutdown(Duration::from_secs(30)).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -83,7 +83,8 @@ pub struct Node {
     /// None: no `[llm]` configured, answers stay null.
     pub llm: Option<Arc<crate::llm::Llm>>,
     pub root: ActorRef<SupervisorMsg>,
-    pub root_done: tokio::task::JoinHandle<()>,
+    /// Taken by [`Node::shutdown`].
+    pub root_done: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub roles: Roles,
     /// The Kafka bus, when the stages of this cluster talk over it.
     pub kafka: Option<Arc<Kafka>>,
@@ -1168,7 +1169,7 @@ impl Node {
             reranker_on: reranker_model.is_some(),
             llm,
             root,
-            root_done,
+            root_done: parking_lot::Mutex::new(Some(root_done)),
             optimizer,
             chunks,
         })
@@ -1191,7 +1192,10 @@ impl Node {
     /// Stops taking new work, lets in-flight documents finish (up to
     /// `grace`), then stops every actor. Anything unfinished is picked up by
     /// the next start's scan.
-    pub async fn shutdown(self, grace: Duration) {
+    /// (By reference: an HTTP handler still under way holds the node too,
+    /// and must not keep it from stopping; it gets errors as the actors
+    /// go.)
+    pub async fn shutdown(&self, grace: Duration) {
         // First: an embedder waiting for the keys (see
         // `EmbedderStage::keys_ready`) then goes on, and the grace is the
         // documents' to finish in, not the rekey's. (It resumes at the
@@ -1222,7 +1226,10 @@ impl Node {
             k.drain(left.max(Duration::from_secs(1))).await;
         }
         let _ = self.root.cast(SupervisorMsg::Shutdown);
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.root_done).await;
+        let root_done = self.root_done.lock().take();
+        if let Some(done) = root_done {
+            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        }
         // The flush waits for a running index optimisation, which cannot be
         // cancelled and may take minutes: bounded, so a stop stays a stop.
         match tokio::time::timeout(Duration::from_secs(30), self.store.flush()).await {
@@ -1233,6 +1240,7 @@ impl Node {
                  stopping without it (the next start's scan redoes the unflushed writes)"
             ),
         }
+        tracing::info!("shut down: actors stopped, the vector store flushed");
     }
 }
 

@@ -453,3 +453,40 @@ fn queries_past_the_concurrency_limit_are_shed_with_retry_after() {
     assert!(next["sources"].is_array(), "{next}");
     assert!(metric(&d, "ragd_queries_shed_total") >= 1.0);
 }
+
+/// SIGTERM while a query waits on a slow LLM: the node stops within its
+/// bounds and still shuts down in order (actors stopped, store flushed),
+/// rather than waiting on the query's handler, which held the node.
+#[test]
+fn sigterm_during_a_slow_query_still_shuts_down_in_order() {
+    let llm = FakeLlm::start(vec![Step::Slow(Duration::from_secs(120))]);
+    let ws = Workspace::with_extra(&llm_config(&llm, "timeout_secs = 120"));
+    ws.write("hr/leave.md", LEAVE_V1);
+    let mut d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    let query = d.query.clone();
+    std::thread::spawn(move || {
+        let _ = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .unwrap()
+            .post(format!("{query}/v1/query"))
+            .bearer_auth(HR_TOKEN)
+            .json(&serde_json::json!({ "question": QUESTION }))
+            .send();
+    });
+    wait_for("the query at the LLM", Duration::from_secs(30), || {
+        (!llm.arrivals().is_empty()).then_some(())
+    });
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopped = wait_for("the node to stop", Duration::from_secs(60), || {
+        d.child.try_wait().unwrap()
+    });
+    assert!(stopped.success(), "{}", d.log());
+    let log = d.log();
+    assert!(log.contains("shut down: actors stopped"), "{log}");
+}
