@@ -1103,6 +1103,27 @@ fn validate(
         errors.push(format!("query.bind and admin.bind are both {query_bind}"));
     }
     let admin_token = raw.admin.token.filter(|t| !t.is_empty()).map(Secret);
+    // A client's token is taken without the spaces around it (see
+    // http::bearer): one configured with them could never match, and a
+    // short one is guessed.
+    for (at, token) in (admin_token
+        .iter()
+        .map(|t| ("admin.token".to_string(), &t.0)))
+    .chain(
+        raw.principals
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("principals[{i}] ({})", p.name), &p.token)),
+    ) {
+        if token.trim() != token {
+            errors.push(format!(
+                "{at}: the token starts or ends with white space, which no client can send"
+            ));
+        }
+    }
+    if admin_token.as_ref().is_some_and(|t| t.0.trim().len() < 8) {
+        errors.push("admin.token must have at least 8 characters".into());
+    }
 
     if raw.sources.is_empty() && roles.ingest {
         errors.push("no [[sources]]: nothing to index".into());
@@ -1607,6 +1628,37 @@ mod tests {
                 "{rules:?}: {e}"
             );
         }
+    }
+
+    /// A token no client can send (spaces around it: clients' are taken
+    /// trimmed) or a short admin token is refused by name.
+    #[test]
+    fn tokens_that_cannot_match_or_are_short_are_refused() {
+        let (_dir, path) = setup();
+        let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())].into_iter();
+        let spaced = GOOD.replace("\"alice-token-1\"", "\"alice-token-1 \"");
+        let e = Config::parse(&path, &spaced, std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("principals[0] (alice): the token starts or ends with white space"),
+            "{e}"
+        );
+        let e = Config::parse(&path, GOOD, env("RAGD_ADMIN__TOKEN", "abc"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin.token must have at least 8 characters"),
+            "{e}"
+        );
+        let e = Config::parse(&path, GOOD, env("RAGD_ADMIN__TOKEN", "  padded-admin  "))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin.token: the token starts or ends with white space"),
+            "{e}"
+        );
+        assert!(Config::parse(&path, GOOD, env("RAGD_ADMIN__TOKEN", "long-enough")).is_ok());
     }
 
     /// The tokens ragd's own docs print serve trying it out on loopback,
