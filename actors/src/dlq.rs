@@ -552,6 +552,12 @@ pub fn now_secs() -> u64 {
 mod tests {
     use super::*;
 
+    /// Bytes written to the log behind the DLQ's back (a torn record).
+    fn append_raw(path: &Path, bytes: &[u8]) {
+        let mut log = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        log.write_all(bytes).unwrap();
+    }
+
     fn entry(doc: &str) -> DlqEntry {
         DlqEntry {
             id: 0,
@@ -807,12 +813,7 @@ mod tests {
         assert_eq!(dlq.push(entry("b")).unwrap(), 2);
         drop(dlq);
         // A torn line from a crash must not hide the entries before it.
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(b"{\"record\":\"entr")
-            .unwrap();
+        append_raw(&path, b"{\"record\":\"entr");
         let dlq = FileDlq::open(&path).unwrap();
         assert_eq!(dlq.list().unwrap().len(), 2);
         assert_eq!(dlq.mark_replayed(2).unwrap().doc_id, "b");
@@ -838,12 +839,7 @@ mod tests {
         let record = serde_json::to_vec(&Record::Entry(entry("kb:é"))).unwrap();
         let cut = record.windows(2).position(|w| w == "é".as_bytes()).unwrap() + 1;
         assert!(std::str::from_utf8(&record[..cut]).is_err());
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(&record[..cut])
-            .unwrap();
+        append_raw(&path, &record[..cut]);
         let dlq = FileDlq::open(&path).unwrap();
         let docs: Vec<_> = dlq.list().unwrap().into_iter().map(|e| e.doc_id).collect();
         assert_eq!(docs, ["kb:Résumé.pdf"]);
@@ -859,12 +855,7 @@ mod tests {
         let path = dir.path().join("dlq.jsonl");
         let dlq = FileDlq::open(&path).unwrap();
         dlq.push(entry("a")).unwrap();
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(b"{\"record\":\"entr")
-            .unwrap();
+        append_raw(&path, b"{\"record\":\"entr");
         assert_eq!(dlq.push(entry("b")).unwrap(), 2);
         assert_eq!(dlq.mark_replayed(2).unwrap().doc_id, "b");
         drop(dlq);

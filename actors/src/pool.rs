@@ -1225,6 +1225,28 @@ mod tests {
         }
     }
 
+    /// A pool of [`SlowAndBad`] over `queue`, its DLQ in `dir`.
+    async fn slow_and_bad(
+        queue: &Arc<PoolQueue<Doc>>,
+        settings: PoolSettings,
+        dir: &std::path::Path,
+    ) -> (ActorRef<PoolMsg<Doc>>, ractor::concurrency::JoinHandle<()>) {
+        Actor::spawn(
+            None,
+            Pool::<SlowAndBad>::default(),
+            PoolArgs {
+                name: "test".into(),
+                stage: Arc::new(SlowAndBad),
+                queue: queue.clone(),
+                settings,
+                ledger: Ledger::new(8),
+                dlq: Arc::new(FileDlq::open(dir.join("dlq.jsonl")).unwrap()),
+            },
+        )
+        .await
+        .unwrap()
+    }
+
     /// A pool killed from outside (its group's supervisor gave up on a
     /// sibling) hands back the job its worker held: it is not lost.
     #[tokio::test]
@@ -1232,20 +1254,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = PoolQueue::new(Arc::new(ActorStats::default()));
         queue.submit_all([Doc("slow")]);
-        let (pool, handle) = Actor::spawn(
-            None,
-            Pool::<SlowAndBad>::default(),
-            PoolArgs {
-                name: "test".into(),
-                stage: Arc::new(SlowAndBad),
-                queue: queue.clone(),
-                settings: PoolSettings::default(),
-                ledger: Ledger::new(8),
-                dlq: Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap()),
-            },
-        )
-        .await
-        .unwrap();
+        let (pool, handle) = slow_and_bad(&queue, PoolSettings::default(), dir.path()).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !queue.is_empty() {
             assert!(Instant::now() < deadline, "the job was never taken");
@@ -1274,20 +1283,7 @@ mod tests {
             ..Default::default()
         };
         settings.restart.max_restarts = 0; // the first panic escalates
-        let (_pool, handle) = Actor::spawn(
-            None,
-            Pool::<SlowAndBad>::default(),
-            PoolArgs {
-                name: "test".into(),
-                stage: Arc::new(SlowAndBad),
-                queue: queue.clone(),
-                settings,
-                ledger: Ledger::new(8),
-                dlq: Arc::new(FileDlq::open(dir.path().join("dlq.jsonl")).unwrap()),
-            },
-        )
-        .await
-        .unwrap();
+        let (_pool, handle) = slow_and_bad(&queue, settings, dir.path()).await;
         tokio::time::timeout(Duration::from_secs(10), handle)
             .await
             .expect("the pool gave up")
