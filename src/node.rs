@@ -1240,7 +1240,8 @@ impl Node {
                  stopping without it (the next start's scan redoes the unflushed writes)"
             ),
         }
-        tracing::info!("shut down: actors stopped, the vector store flushed");
+        // (Whether the flush made it is said above.)
+        tracing::info!("shut down: actors stopped, the final flush done or given up");
     }
 }
 
