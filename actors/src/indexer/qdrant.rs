@@ -27,10 +27,11 @@ use qdrant_client::qdrant::{
     point_id, points_update_operation, read_consistency, shard_key, vector_output, Condition,
     CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
     CreateShardKeyBuilder, CreateShardKeyRequestBuilder, DeletePointsBuilder, Distance, FieldType,
-    Filter, GetPointsBuilder, HnswConfigDiffBuilder, PayloadIncludeSelector, PointId, PointStruct,
-    PointsUpdateOperation, QueryPoints, QueryPointsBuilder, Range, ReadConsistencyType,
-    ScrollPointsBuilder, SearchParamsBuilder, ShardKey, ShardKeySelector, ShardingMethod,
-    UpdateBatchPointsBuilder, UpsertPointsBuilder, Value, VectorParamsBuilder, VectorsOutput,
+    Filter, GetPoints, GetPointsBuilder, HnswConfigDiffBuilder, PayloadIncludeSelector, PointId,
+    PointStruct, PointsUpdateOperation, QueryPoints, QueryPointsBuilder, Range,
+    ReadConsistencyType, ScrollPointsBuilder, SearchParamsBuilder, ShardKey, ShardKeySelector,
+    ShardingMethod, UpdateBatchPointsBuilder, UpsertPointsBuilder, Value, VectorParamsBuilder,
+    VectorsOutput,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use std::collections::{HashMap, HashSet};
@@ -129,6 +130,31 @@ pub fn search_request(
             shard_keys: keys.iter().map(|k| ShardKey::from(k.clone())).collect(),
             fallback: None,
         })
+        .read_consistency(majority())
+        .build()
+}
+
+/// What a majority of a shard's replicas hold, as writes are acknowledged
+/// (see `write_ordering`): Qdrant's default read asks one replica, and
+/// one that lags a prune still returns the pruned chunks, to a search and
+/// to the cache's check that a hit's sources stand ([`VectorStore::holds_all`]).
+/// With one replica it is that replica, at no cost.
+fn majority() -> read_consistency::Value {
+    read_consistency::Value::Type(ReadConsistencyType::Majority as i32)
+}
+
+/// The request of [`VectorStore::holds_all`]: the points, with the two
+/// fields the check reads, not the chunk's text. No shard key selector:
+/// every shard is looked in, and a division emptied since (its key gone)
+/// is no error, just points not found.
+pub fn holds_request(collection: &str, ids: Vec<PointId>) -> GetPoints {
+    use qdrant_client::qdrant::with_payload_selector::SelectorOptions;
+    GetPointsBuilder::new(collection, ids)
+        .with_payload(SelectorOptions::Include(PayloadIncludeSelector {
+            fields: vec!["division".into(), "access_level".into()],
+        }))
+        .with_vectors(false)
+        .read_consistency(majority())
         .build()
 }
 
@@ -420,9 +446,7 @@ impl QdrantStore {
                 .limit(1024)
                 .with_payload(true)
                 .with_vectors(false)
-                .read_consistency(read_consistency::Value::Type(
-                    ReadConsistencyType::Majority as i32,
-                ));
+                .read_consistency(majority());
             if let Some(o) = offset.take() {
                 b = b.offset(o);
             }
@@ -657,22 +681,11 @@ impl VectorStore for QdrantStore {
     }
 
     async fn holds_all(&self, hits: &[Hit]) -> anyhow::Result<bool> {
-        use qdrant_client::qdrant::{
-            with_payload_selector::SelectorOptions, PayloadIncludeSelector,
-        };
         let ids: Vec<PointId> = hit_ids(hits).into_iter().map(PointId::from).collect();
         if ids.is_empty() {
             return Ok(true);
         }
-        // No shard key selector: every shard is looked in, and a division
-        // emptied since (its key gone) is no error, just points not found.
-        // The two fields the check reads, not the chunk's text.
-        let req = GetPointsBuilder::new(&self.s.collection, ids)
-            .with_payload(SelectorOptions::Include(PayloadIncludeSelector {
-                fields: vec!["division".into(), "access_level".into()],
-            }))
-            .with_vectors(false)
-            .build();
+        let req = holds_request(&self.s.collection, ids);
         let found = self
             .call("get", || self.client.get_points(req.clone()))
             .await?
@@ -966,6 +979,14 @@ mod tests {
             ]))
         );
         assert!(q.query.is_some());
+        // Read as writes are acknowledged: a replica that lags a prune
+        // must not answer alone, for a search or a cached hit's check.
+        let majority = Some(qdrant_client::qdrant::ReadConsistency {
+            value: Some(majority()),
+        });
+        assert_eq!(q.read_consistency, majority);
+        let holds = holds_request("docs", vec![PointId::from(7)]);
+        assert_eq!(holds.read_consistency, majority);
     }
 
     #[tokio::test]
