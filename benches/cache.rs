@@ -23,7 +23,7 @@ mod common;
 use common::{env_usize, normalise, Rng};
 use ragd_actors::cache_guard::embedded::EmbeddedCache;
 use ragd_actors::cache_guard::redis::{RedisCache, RedisSettings};
-use ragd_actors::cache_guard::{CachedAnswer, SemanticCache};
+use ragd_actors::cache_guard::{AsOf, CachedAnswer, SemanticCache};
 use ragd_actors::indexer::{Hit, Scope};
 use ragd_actors::testkit::Valkey;
 use std::sync::Arc;
@@ -102,7 +102,13 @@ fn data(entries: usize, lookups: usize, n_scopes: usize) -> Data {
 async fn fill(cache: &dyn SemanticCache, d: &Data) {
     for (i, (v, s)) in d.stored.iter().enumerate() {
         cache
-            .store(v, &d.scopes[*s], TOP_K, answer(i, &d.scopes[*s]))
+            .store(
+                v,
+                &d.scopes[*s],
+                TOP_K,
+                answer(i, &d.scopes[*s]),
+                &AsOf::default(),
+            )
             .await
             .unwrap();
     }
@@ -131,9 +137,11 @@ async fn many_clients(cache: Arc<dyn SemanticCache>, d: Arc<Data>, clients: usiz
             tokio::spawn(async move {
                 for (i, (q, s, _)) in d.questions.iter().enumerate().skip(c).step_by(clients) {
                     let scope = &d.scopes[*s];
-                    if cache.lookup(q, scope, TOP_K).await.unwrap().is_none() {
+                    // As a query does: a miss stores as of its lookup.
+                    let probe = cache.probe(q, scope, TOP_K).await.unwrap();
+                    if let (None, Some(as_of)) = (probe.found, probe.as_of) {
                         cache
-                            .store(q, scope, TOP_K, answer(i, scope))
+                            .store(q, scope, TOP_K, answer(i, scope), &as_of)
                             .await
                             .unwrap();
                     }

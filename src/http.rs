@@ -252,7 +252,10 @@ async fn answer(
     timings.insert("embed".into(), ms(t.elapsed()));
 
     let t = Instant::now();
-    if let Some(hit) = node.cache.lookup(&vector, scope, top_k).await {
+    // Before the search: an answer found from here on is stored as of
+    // this, and refused if anything was indexed in its scope meanwhile.
+    let probe = node.cache.probe(&vector, scope, top_k).await;
+    if let Some(hit) = probe.found {
         timings.insert("cache".into(), ms(t.elapsed()));
         timings.insert("total".into(), ms(started.elapsed()));
         return Ok(QueryResponse {
@@ -363,8 +366,10 @@ async fn answer(
     // budget cut short is redone fully once the load allows. Nor are answers
     // without sources, or any before this node's first scan is done (an
     // ingest node's; a query-only node has none): the documents may just
-    // not be indexed yet, and a cached "nothing found" would outlive their
-    // arrival for the cache's whole TTL.
+    // not be indexed yet. (Their indexing moves the scope's generations,
+    // which drops such an answer, but a generation the cache could not
+    // take yet is owed, and meanwhile it would be served.) Nor when the
+    // lookup could not say as of when (the cache was unavailable).
     // Counted by reason: a latency budget that cuts every rerank short
     // keeps the cache empty, which shows here and nowhere else.
     let uncached = if answer_error.is_some() {
@@ -377,13 +382,16 @@ async fn answer(
         Some("no_sources")
     } else if !node.scanned.load(std::sync::atomic::Ordering::SeqCst) {
         Some("first_scan")
+    } else if probe.as_of.is_none() {
+        Some("cache_unavailable")
     } else {
         None
     };
     if let Some(reason) = uncached {
         metrics::counter!("ragd_answers_not_cached_total", "reason" => reason).increment(1);
-    } else {
-        node.cache.store(&vector, scope, top_k, value.clone());
+    } else if let Some(as_of) = probe.as_of {
+        node.cache
+            .store(&vector, scope, top_k, value.clone(), as_of);
     }
     timings.insert("total".into(), ms(started.elapsed()));
     Ok(QueryResponse {

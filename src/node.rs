@@ -1017,6 +1017,7 @@ impl Node {
                 prune: kafka.is_some().then(|| pruner.clone()),
                 // On one node the embedder is this node's: nothing to check.
                 model_id: kafka.is_some().then(|| model_id.clone()),
+                cache: cache.clone(),
             }),
             index_q.clone(),
             settings(1, 1),

@@ -70,6 +70,49 @@ fn two_query_nodes_share_the_redis_cache_and_an_update_invalidates_it_on_both() 
     assert!(metrics.contains("ragd_cache_lookups_total"), "{metrics}");
 }
 
+/// A document indexed after a question was answered and cached is in the
+/// next answer to it, not missing from a cached one until the TTL: the
+/// Indexer moves its partition's generation in Redis, and every cached
+/// answer whose scope sees that partition is stale. Scopes that do not see
+/// it keep their cached answers.
+#[test]
+fn a_new_document_is_in_the_next_answer_not_missing_from_a_cached_one() {
+    let valkey = Valkey::start();
+    let (ws, d) = leave_answered_from_the_cache(&valkey);
+    ws.write(
+        "eng/build.txt",
+        "# Build cache\n\nThe build cache lives on the shared runner disk.\n",
+    );
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 2);
+    let build = "where is the build cache?";
+    assert_eq!(d.ask(ENG_TOKEN, build)["cached"], false);
+    d.wait_until("the eng answer cached", Duration::from_secs(10), || {
+        d.ask(ENG_TOKEN, build)["cached"] == true
+    });
+    // Written after: eng/build.txt moved eng's generation, not hr's.
+    d.wait_until("the hr answer cached", Duration::from_secs(10), || {
+        d.ask(HR_TOKEN, QUESTION)["cached"] == true
+    });
+
+    ws.write(
+        "hr/adoption.md",
+        "# Adoption leave\n\nParents who adopt get the same parental leave, starting on the day of placement.\n",
+    );
+    d.wait_ledger(Duration::from_secs(60), |l| l["indexed"] == 3);
+    let r = d.ask(HR_TOKEN, QUESTION);
+    assert_eq!(r["cached"], false, "{r}");
+    assert!(
+        source_uris(&r).contains(&"hr/adoption.md".to_string()),
+        "{r}"
+    );
+    assert_eq!(d.ask(ENG_TOKEN, build)["cached"], true);
+    let metrics = metrics_text(&d);
+    assert!(
+        metrics.contains("ragd_cache_stale_generation_total"),
+        "{metrics}"
+    );
+}
+
 /// A daemon caching in `valkey` whose answer on parental leave (v1) is
 /// cached.
 fn leave_answered_from_the_cache(valkey: &Valkey) -> (Workspace, Daemon) {

@@ -134,10 +134,16 @@ impl VersionPrunerStage {
 pub(crate) mod tests {
     use super::*;
     use crate::cache_guard::embedded::EmbeddedCache;
-    use crate::cache_guard::CachedAnswer;
+    use crate::cache_guard::{AsOf, CachedAnswer, Probe};
     use crate::indexer::actor::tests::{embedded, versions};
     use crate::indexer::edge::EdgeStore;
     use std::time::Duration;
+
+    /// A handle on an embedded cache, with no CacheGuard actor.
+    pub(crate) fn no_cache() -> CacheHandle {
+        let cache = EmbeddedCache::new(0.98, 10, Duration::from_secs(60));
+        CacheHandle::new("no-cache-actor", Arc::new(cache))
+    }
 
     pub(crate) fn pruner(store: &Arc<dyn VectorStore>, ledger: Arc<Ledger>) -> VersionPrunerStage {
         let cache: Arc<dyn crate::cache_guard::SemanticCache> =
@@ -158,13 +164,23 @@ pub(crate) mod tests {
         }
     }
 
-    /// The embedded cache, unable to invalidate (Redis unreachable) while
-    /// `down`; it records the first document of every invalidation asked
-    /// of it. Injects the fault.
-    struct Unreachable {
-        inner: EmbeddedCache,
-        down: std::sync::atomic::AtomicBool,
+    /// The embedded cache, unable to invalidate or to take a write's
+    /// generations (Redis unreachable) while `down`; it records the first
+    /// document of every invalidation asked of it. Injects the fault.
+    pub(crate) struct Unreachable {
+        pub(crate) inner: EmbeddedCache,
+        pub(crate) down: std::sync::atomic::AtomicBool,
         asked: parking_lot::Mutex<Vec<String>>,
+    }
+
+    impl Unreachable {
+        pub(crate) fn new(down: bool) -> Unreachable {
+            Unreachable {
+                inner: EmbeddedCache::new(0.98, 10, Duration::from_secs(60)),
+                down: down.into(),
+                asked: Default::default(),
+            }
+        }
     }
 
     #[async_trait::async_trait]
@@ -172,13 +188,16 @@ pub(crate) mod tests {
         fn backend(&self) -> &'static str {
             "unreachable"
         }
-        async fn lookup(
+        async fn probe(
             &self,
             v: &[f32],
             scope: &crate::indexer::Scope,
             top_k: usize,
-        ) -> anyhow::Result<Option<CachedAnswer>> {
-            self.inner.lookup(v, scope, top_k).await
+        ) -> anyhow::Result<Probe> {
+            self.inner.probe(v, scope, top_k).await
+        }
+        async fn as_of(&self, scope: &crate::indexer::Scope) -> anyhow::Result<AsOf> {
+            self.inner.as_of(scope).await
         }
         async fn store(
             &self,
@@ -186,8 +205,15 @@ pub(crate) mod tests {
             scope: &crate::indexer::Scope,
             top_k: usize,
             value: CachedAnswer,
+            as_of: &AsOf,
         ) -> anyhow::Result<()> {
-            self.inner.store(v, scope, top_k, value).await
+            self.inner.store(v, scope, top_k, value, as_of).await
+        }
+        async fn indexed(&self, partitions: &[crate::messages::Partition]) -> anyhow::Result<()> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                anyhow::bail!("connection refused");
+            }
+            self.inner.indexed(partitions).await
         }
         async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
             self.invalidate_all(&[crate::indexer::Removal::new(doc_id, keep)])
@@ -240,12 +266,11 @@ pub(crate) mod tests {
             answer: Some("from v1".into()),
             sources,
         };
-        let cache = Arc::new(Unreachable {
-            inner: EmbeddedCache::new(0.98, 10, Duration::from_secs(60)),
-            down: true.into(),
-            asked: Default::default(),
-        });
-        cache.store(&q, &scope, 5, answer.clone()).await.unwrap();
+        let cache = Arc::new(Unreachable::new(true));
+        cache
+            .store(&q, &scope, 5, answer.clone(), &AsOf::default())
+            .await
+            .unwrap();
         let name = format!("cache-guard-{}", std::process::id());
         let (guard, _h) = ractor::Actor::spawn(
             Some(name.clone()),
@@ -336,7 +361,10 @@ pub(crate) mod tests {
             answer: Some("from v2".into()),
             sources: store.search(&q, &scope, 10).await.unwrap(),
         };
-        cache.store(&q, &scope, 5, fresh.clone()).await.unwrap();
+        cache
+            .store(&q, &scope, 5, fresh.clone(), &AsOf::default())
+            .await
+            .unwrap();
         assert_eq!(handle.lookup(&q, &scope, 5).await, Some(fresh));
         let lost = crate::indexer::Removal::new(doc, None);
         store.remove(std::slice::from_ref(&lost)).await.unwrap();

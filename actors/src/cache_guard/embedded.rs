@@ -6,8 +6,9 @@
 //! scope scans in a fraction of a millisecond (BENCHMARKS.md, "Semantic
 //! cache at capacity"); a node that needs far more uses the Redis backend.
 
-use super::{CachedAnswer, SemanticCache};
+use super::{scope_partitions, AsOf, CachedAnswer, Probe, SemanticCache};
 use crate::indexer::{Removal, Removed, Scope};
+use crate::messages::Partition;
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -58,6 +59,11 @@ struct Entries {
     order: VecDeque<(Arc<Key>, u64, Instant)>,
     len: usize,
     next_id: u64,
+    /// Each partition's generation (see the module's notes in
+    /// `cache_guard`): here, under the entries' lock, so that a store's
+    /// check of its `AsOf` and its insert are one step against a write's
+    /// move and the drop of what it made stale.
+    generations: HashMap<Partition, u64>,
 }
 
 impl Entries {
@@ -115,6 +121,14 @@ impl Entries {
                 self.order.pop_front();
             }
         }
+    }
+
+    fn as_of(&self, scope: &Scope) -> AsOf {
+        AsOf::from_generations(
+            scope_partitions(scope)
+                .iter()
+                .map(|p| self.generations.get(p)),
+        )
     }
 
     /// Forgets the order of entries invalidated since they were stored, once
@@ -249,20 +263,23 @@ impl SemanticCache for EmbeddedCache {
         "embedded"
     }
 
-    async fn lookup(
-        &self,
-        vector: &[f32],
-        scope: &Scope,
-        top_k: usize,
-    ) -> anyhow::Result<Option<CachedAnswer>> {
+    async fn probe(&self, vector: &[f32], scope: &Scope, top_k: usize) -> anyhow::Result<Probe> {
+        let entries = self.entries.read();
+        let as_of = entries.as_of(scope);
         let Some(q) = unit(vector) else {
-            return Ok(None);
+            return Ok(Probe {
+                found: None,
+                as_of: Some(as_of),
+            });
         };
         let key: Key = (scope.clone().canonical(), top_k, q.len());
-        let entries = self.entries.read();
         let Some(bucket) = entries.buckets.get(&key) else {
-            return Ok(None);
+            return Ok(Probe {
+                found: None,
+                as_of: Some(as_of),
+            });
         };
+        // Every entry here is as of now: a write drops those it makes stale.
         let mut best: Option<(f32, usize)> = None;
         for (i, row) in bucket.vectors.chunks_exact(bucket.dim).enumerate() {
             let c = dot(row, &q);
@@ -273,7 +290,15 @@ impl SemanticCache for EmbeddedCache {
                 best = Some((c, i));
             }
         }
-        Ok(best.map(|(_, i)| bucket.entries[i].value.clone()))
+        let found = best.map(|(_, i)| bucket.entries[i].value.clone());
+        Ok(Probe {
+            found,
+            as_of: Some(as_of),
+        })
+    }
+
+    async fn as_of(&self, scope: &Scope) -> anyhow::Result<AsOf> {
+        Ok(self.entries.read().as_of(scope))
     }
 
     async fn store(
@@ -282,18 +307,23 @@ impl SemanticCache for EmbeddedCache {
         scope: &Scope,
         top_k: usize,
         value: CachedAnswer,
+        as_of: &AsOf,
     ) -> anyhow::Result<()> {
         let Some(v) = unit(vector) else {
             return Ok(()); // no question is near it
         };
         let key = Arc::new((scope.clone().canonical(), top_k, v.len()));
-        // The tombstone check and the insert happen under the entries' lock,
-        // as one step: an invalidation writes its tombstones first, then
-        // takes this lock to drop what cites them, so it either sees this
-        // entry or this store sees its tombstones. (Checked, unlocked, then
-        // inserted, an invalidation in between would miss the entry, which
-        // would then be served until its TTL.)
+        // The checks and the insert happen under the entries' lock, as one
+        // step: an invalidation writes its tombstones first, then takes
+        // this lock to drop what cites them, so it either sees this entry
+        // or this store sees its tombstones; a write moves the generations
+        // and drops what they made stale under this lock too. (Checked,
+        // unlocked, then inserted, an invalidation or a write in between
+        // would miss the entry, which would then be served until its TTL.)
         let mut entries = self.entries.write();
+        if entries.as_of(scope) != *as_of {
+            return Ok(()); // computed before a write to its partitions
+        }
         let ttl = self.ttl;
         {
             let mut tombstones = self.tombstones.lock();
@@ -325,6 +355,31 @@ impl SemanticCache for EmbeddedCache {
             value,
             created: now,
         });
+        Ok(())
+    }
+
+    /// Moves the generations and drops every entry of a scope that sees
+    /// one of the partitions, in one step under the entries' lock.
+    async fn indexed(&self, partitions: &[Partition]) -> anyhow::Result<()> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let mut entries = self.entries.write();
+        for p in partitions {
+            *entries.generations.entry(p.clone()).or_default() += 1;
+        }
+        let sees =
+            |key: &Key| (partitions.iter()).any(|p| key.0.allows(&p.division, &p.access_level));
+        let mut dropped = 0;
+        entries.buckets.retain(|key, bucket| {
+            let stale = sees(key);
+            if stale {
+                dropped += bucket.ids.len();
+            }
+            !stale
+        });
+        entries.len -= dropped;
+        entries.compact_order();
         Ok(())
     }
 
@@ -389,7 +444,9 @@ mod tests {
             sources: vec![hit("a", "v1", "hr")],
         };
         std::thread::scope(|s| {
-            s.spawn(|| block_on(cache.store(&v, &scope(&["hr"]), 5, value)).unwrap());
+            s.spawn(|| {
+                block_on(cache.store(&v, &scope(&["hr"]), 5, value, &AsOf::default())).unwrap()
+            });
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(50));
                 block_on(cache.invalidate_all(&[Removal::new("a", Some("v2"))])).unwrap();
@@ -401,6 +458,49 @@ mod tests {
         );
     }
 
+    /// A write to a partition: every answer for a scope that sees it stops
+    /// being served (the scopes that do not see it keep theirs), and an
+    /// answer whose lookup came before the write is not stored after it.
+    #[tokio::test]
+    async fn a_write_makes_the_answers_of_every_scope_that_sees_its_partition_stale() {
+        let cache = EmbeddedCache::new(0.98, 100, Duration::from_secs(60));
+        let (hr, eng, both) = (scope(&["hr"]), scope(&["eng"]), scope(&["hr", "eng"]));
+        let value = |doc: &str| CachedAnswer {
+            answer: Some(doc.into()),
+            sources: vec![hit(doc, "v1", "hr")],
+        };
+        let q = [1.0, 0.0, 0.0];
+        for s in [&hr, &eng, &both] {
+            let as_of = cache.as_of(s).await.unwrap();
+            cache.store(&q, s, 5, value("a"), &as_of).await.unwrap();
+        }
+        // A query for hr, under way while the write lands.
+        let before = cache.probe(&q, &hr, 3).await.unwrap().as_of.unwrap();
+        let partition = |d: &str, a: &str| Partition {
+            division: d.into(),
+            access_level: a.into(),
+        };
+        cache.indexed(&[partition("hr", "internal")]).await.unwrap();
+        assert_eq!(cache.lookup(&q, &hr, 5).await.unwrap(), None);
+        assert_eq!(cache.lookup(&q, &both, 5).await.unwrap(), None);
+        assert!(cache.lookup(&q, &eng, 5).await.unwrap().is_some());
+        assert_eq!(cache.len(), 1, "the stale entries were kept");
+        cache.store(&q, &hr, 3, value("a"), &before).await.unwrap();
+        assert_eq!(cache.lookup(&q, &hr, 3).await.unwrap(), None);
+        // Asked again after the write: stored, and served.
+        let after = cache.probe(&q, &hr, 3).await.unwrap().as_of.unwrap();
+        assert_ne!(after, before);
+        cache.store(&q, &hr, 3, value("b"), &after).await.unwrap();
+        assert_eq!(cache.lookup(&q, &hr, 3).await.unwrap(), Some(value("b")));
+        // A partition hr's principals do not see moves nothing of theirs.
+        cache
+            .indexed(&[partition("hr", "confidential")])
+            .await
+            .unwrap();
+        assert_eq!(cache.as_of(&hr).await.unwrap(), after);
+        assert!(cache.lookup(&q, &hr, 3).await.unwrap().is_some());
+    }
+
     #[tokio::test]
     async fn hits_near_questions_in_the_same_scope_only() {
         let cache = EmbeddedCache::new(0.98, 100, Duration::from_secs(60));
@@ -410,7 +510,7 @@ mod tests {
             sources: vec![hit("a", "v1", "hr")],
         };
         cache
-            .store(&v, &scope(&["hr"]), 5, value.clone())
+            .store(&v, &scope(&["hr"]), 5, value.clone(), &AsOf::default())
             .await
             .unwrap();
         // 0.99 cosine: a hit.
@@ -487,6 +587,7 @@ mod tests {
                     answer: None,
                     sources: vec![hit("a", "v1", "hr")],
                 },
+                &AsOf::default(),
             )
             .await
             .unwrap();
@@ -499,6 +600,7 @@ mod tests {
                     answer: None,
                     sources: vec![hit("b", "v1", "hr")],
                 },
+                &AsOf::default(),
             )
             .await
             .unwrap();
@@ -517,6 +619,7 @@ mod tests {
                     answer: None,
                     sources: vec![hit("a", "v1", "hr")],
                 },
+                &AsOf::default(),
             )
             .await
             .unwrap();
@@ -530,6 +633,7 @@ mod tests {
                     answer: None,
                     sources: vec![hit("a", "v2", "hr")],
                 },
+                &AsOf::default(),
             )
             .await
             .unwrap();
@@ -553,7 +657,10 @@ mod tests {
                 answer: None,
                 sources,
             };
-            cache.store(&v, &s, 5, value).await.unwrap();
+            cache
+                .store(&v, &s, 5, value, &AsOf::default())
+                .await
+                .unwrap();
         }
         assert_eq!(cache.invalidate_all(&a_batch()).await.unwrap(), 2);
         let cited = |cache: &EmbeddedCache| -> Vec<String> {
@@ -599,6 +706,7 @@ mod tests {
                         answer: None,
                         sources: vec![],
                     },
+                    &AsOf::default(),
                 )
                 .await
                 .unwrap();
@@ -613,7 +721,7 @@ mod tests {
             sources: vec![],
         };
         cache
-            .store(&[0.0, 1.0], &s, 5, fresh.clone())
+            .store(&[0.0, 1.0], &s, 5, fresh.clone(), &AsOf::default())
             .await
             .unwrap();
         assert_eq!(cache.lookup(&[0.0, 1.0], &s, 5).await.unwrap(), Some(fresh));
@@ -641,11 +749,23 @@ mod tests {
             v[i] = 1.0;
             v
         };
-        cache.store(&e(0), &hr, 5, answer("hr-0")).await.unwrap();
-        cache.store(&e(1), &eng, 5, answer("eng-1")).await.unwrap();
-        cache.store(&e(2), &hr, 5, answer("hr-2")).await.unwrap();
+        cache
+            .store(&e(0), &hr, 5, answer("hr-0"), &AsOf::default())
+            .await
+            .unwrap();
+        cache
+            .store(&e(1), &eng, 5, answer("eng-1"), &AsOf::default())
+            .await
+            .unwrap();
+        cache
+            .store(&e(2), &hr, 5, answer("hr-2"), &AsOf::default())
+            .await
+            .unwrap();
         // Full: the fourth pushes out hr-0, the oldest, from another scope.
-        cache.store(&e(3), &eng, 5, answer("eng-3")).await.unwrap();
+        cache
+            .store(&e(3), &eng, 5, answer("eng-3"), &AsOf::default())
+            .await
+            .unwrap();
         let got = |v: Vec<f32>, s: &Scope| {
             let cache = &cache;
             let s = s.clone();
@@ -666,20 +786,29 @@ mod tests {
         let short: Vec<f32> = e(2).iter().map(|x| x * 0.1).collect();
         assert_eq!(got(short, &hr).await.as_deref(), Some("hr-2"));
         let long: Vec<f32> = e(7).iter().map(|x| x * 40.0).collect();
-        cache.store(&long, &eng, 5, answer("eng-7")).await.unwrap();
+        cache
+            .store(&long, &eng, 5, answer("eng-7"), &AsOf::default())
+            .await
+            .unwrap();
         assert_eq!(got(e(7), &eng).await.as_deref(), Some("eng-7"));
         // Two entries above the threshold: the nearer one answers.
         let mut a = e(5);
         a[6] = 0.1; // cosine 0.995 to e(5)
         let mut b = e(5);
         b[6] = 0.2; // cosine 0.981 to e(5)
-        cache.store(&b, &hr, 5, answer("far")).await.unwrap();
-        cache.store(&a, &hr, 5, answer("near")).await.unwrap();
+        cache
+            .store(&b, &hr, 5, answer("far"), &AsOf::default())
+            .await
+            .unwrap();
+        cache
+            .store(&a, &hr, 5, answer("near"), &AsOf::default())
+            .await
+            .unwrap();
         assert_eq!(got(e(5), &hr).await.as_deref(), Some("near"));
         // A zero vector is near nothing and is not stored.
         assert_eq!(got(vec![0.0; 20], &hr).await, None);
         cache
-            .store(&[0.0; 20], &hr, 5, answer("zero"))
+            .store(&[0.0; 20], &hr, 5, answer("zero"), &AsOf::default())
             .await
             .unwrap();
         assert_eq!(cache.len(), 3);
@@ -687,7 +816,7 @@ mod tests {
         for i in 0..1000 {
             let doc = format!("d{i}");
             cache
-                .store(&e(i % 20), &eng, 5, answer(&doc))
+                .store(&e(i % 20), &eng, 5, answer(&doc), &AsOf::default())
                 .await
                 .unwrap();
             assert_eq!(cache.invalidate(&doc, None).await.unwrap(), 1);

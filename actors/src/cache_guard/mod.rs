@@ -6,11 +6,19 @@
 //! store still holds each of them, in the partition the entry names.
 //!
 //! So the cache is never what keeps old text out of answers: the check
-//! against the store is. Invalidation (the VersionPruner drops the entries
-//! citing what it removed) keeps the cache useful, and when the cache
-//! cannot take it (Redis down) it is owed and sent again in the
-//! background, while pruning goes on: a cache outage never holds up the
-//! pipeline.
+//! against the store is. Nor does it keep new text out: each partition has
+//! a generation, moved on by the Indexer after every write to it (see
+//! [`SemanticCache::indexed`]). A lookup reads the generations of its
+//! scope's partitions (its [`AsOf`]) before the query searches, the answer
+//! is stored with them, and it is served only while they stand: a document
+//! indexed since the question was first answered is in the next answer,
+//! not missing from a cached one for the TTL.
+//!
+//! Invalidation (the VersionPruner drops the entries citing what it
+//! removed) keeps the cache useful, and when the cache cannot take it
+//! (Redis down) it is owed and sent again in the background, while
+//! pruning goes on: a cache outage never holds up the pipeline. So is a
+//! write's generation.
 
 pub mod embedded;
 pub mod redis;
@@ -57,13 +65,14 @@ pub(crate) mod test_support {
 }
 
 use crate::indexer::{Hit, Removal, Scope, VectorStore};
+use crate::messages::Partition;
 use crate::stats::ActorStats;
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,22 +82,90 @@ pub struct CachedAnswer {
     pub sources: Vec<Hit>,
 }
 
+/// The generations of a scope's partitions when a lookup read them (see
+/// the module's notes): an answer is stored with the `AsOf` its query's
+/// lookup got, and refused if any moved on since. Opaque; the default is
+/// "before anything was indexed".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AsOf(pub(crate) String);
+
+impl AsOf {
+    /// From each partition's generation, in the scope's canonical order
+    /// ([`scope_partitions`]); a partition never indexed reads as None.
+    pub(crate) fn from_generations<T: std::fmt::Display>(
+        generations: impl IntoIterator<Item = Option<T>>,
+    ) -> AsOf {
+        let mut s = String::new();
+        for (i, g) in generations.into_iter().enumerate() {
+            if let Some(g) = g {
+                if !s.is_empty() {
+                    s.push(',');
+                }
+                s.push_str(&format!("{i}={g}"));
+            }
+        }
+        AsOf(s)
+    }
+}
+
+/// Every partition a scope sees, in a canonical order (its divisions by
+/// its access levels, each sorted).
+pub fn scope_partitions(scope: &Scope) -> Vec<Partition> {
+    let s = scope.clone().canonical();
+    let mut out = Vec::with_capacity(s.divisions.len() * s.access_levels.len());
+    for division in &s.divisions {
+        for access_level in &s.access_levels {
+            out.push(Partition {
+                division: division.clone(),
+                access_level: access_level.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// What a lookup found, and as of when: what the query's answer is stored
+/// with; None when the cache could not tell (down, or bypassed after a
+/// failure), and then the answer is not stored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Probe {
+    pub found: Option<CachedAnswer>,
+    pub as_of: Option<AsOf>,
+}
+
 #[async_trait]
 pub trait SemanticCache: Send + Sync {
     fn backend(&self) -> &'static str;
+    /// The nearest entry within the threshold, asked with this scope and
+    /// top_k, that no write to the scope's partitions has made stale; and
+    /// the scope's [`AsOf`], read before the entries.
+    async fn probe(&self, vector: &[f32], scope: &Scope, top_k: usize) -> anyhow::Result<Probe>;
+    /// [`SemanticCache::probe`]'s entry alone.
     async fn lookup(
         &self,
         vector: &[f32],
         scope: &Scope,
         top_k: usize,
-    ) -> anyhow::Result<Option<CachedAnswer>>;
+    ) -> anyhow::Result<Option<CachedAnswer>> {
+        Ok(self.probe(vector, scope, top_k).await?.found)
+    }
+    /// The scope's [`AsOf`] now.
+    async fn as_of(&self, scope: &Scope) -> anyhow::Result<AsOf>;
+    /// Stores the answer unless a partition of the scope was written to
+    /// since `as_of` was read (or a version it cites was pruned): checked
+    /// and written as one step, so neither can slip in between.
     async fn store(
         &self,
         vector: &[f32],
         scope: &Scope,
         top_k: usize,
         value: CachedAnswer,
+        as_of: &AsOf,
     ) -> anyhow::Result<()>;
+    /// New text is in these partitions (the Indexer wrote to them): every
+    /// answer for a scope that sees one of them is stale from now on,
+    /// whether cached already or still being computed.
+    async fn indexed(&self, partitions: &[Partition]) -> anyhow::Result<()>;
     /// Drops entries citing `doc_id` at any version other than `keep`.
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize>;
     /// [`SemanticCache::invalidate`] for each removal (the VersionPruner's
@@ -122,13 +199,14 @@ pub enum CacheMsg {
         vector: Vec<f32>,
         scope: Scope,
         top_k: usize,
-        reply: RpcReplyPort<Option<CachedAnswer>>,
+        reply: RpcReplyPort<Probe>,
     },
     Store {
         vector: Vec<f32>,
         scope: Scope,
         top_k: usize,
         value: CachedAnswer,
+        as_of: AsOf,
     },
 }
 
@@ -189,12 +267,12 @@ impl Actor for CacheGuard {
                 let (cache, store) = (st.cache.clone(), st.store.clone());
                 let stats = st.stats.clone();
                 tokio::spawn(async move {
-                    let found = match cache.lookup(&vector, &scope, top_k).await {
-                        Ok(found) => found.filter(|v| visible(v, &scope)),
+                    let (found, as_of) = match cache.probe(&vector, &scope, top_k).await {
+                        Ok(p) => (p.found.filter(|v| visible(v, &scope)), p.as_of),
                         Err(e) => {
                             // A broken cache is a miss, never a failed query.
                             stats.set_error(format!("lookup: {e:#}"));
-                            None
+                            (None, None)
                         }
                     };
                     let (found, result, stale) = match found {
@@ -212,7 +290,7 @@ impl Actor for CacheGuard {
                     };
                     metrics::counter!("ragd_cache_lookups_total", "result" => result).increment(1);
                     stats.processed();
-                    let _ = reply.send(found);
+                    let _ = reply.send(Probe { found, as_of });
                     if let Some(v) = stale {
                         drop_stale(&v, cache.as_ref(), store.as_ref(), &stats).await;
                     }
@@ -223,6 +301,7 @@ impl Actor for CacheGuard {
                 scope,
                 top_k,
                 value,
+                as_of,
             } => {
                 // Off the actor too: a slow cache (answering, so no
                 // breaker opens) would otherwise hold every lookup behind
@@ -235,7 +314,7 @@ impl Actor for CacheGuard {
                 };
                 let (cache, stats) = (st.cache.clone(), st.stats.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = cache.store(&vector, &scope, top_k, value).await {
+                    if let Err(e) = cache.store(&vector, &scope, top_k, value, &as_of).await {
                         stats.set_error(format!("store: {e:#}"));
                     }
                     stats.processed();
@@ -292,6 +371,10 @@ pub struct CacheHandle {
 #[derive(Default)]
 struct Owed {
     removals: VecDeque<Removal>,
+    /// Partitions written to whose generation the cache has not taken.
+    partitions: BTreeSet<Partition>,
+    /// Of those, how many are being sent (taken out of `partitions`).
+    partitions_sending: usize,
     /// Whether a task is sending them.
     flushing: bool,
 }
@@ -317,17 +400,21 @@ impl CacheHandle {
     pub fn owed(&self) -> usize {
         self.owed.lock().removals.len()
     }
+    /// How many partitions' generations wait for the cache to come back.
+    pub fn owed_generations(&self) -> usize {
+        let o = self.owed.lock();
+        o.partitions.len() + o.partitions_sending
+    }
     fn actor(&self) -> Option<ActorRef<CacheMsg>> {
         ActorRef::where_is(&self.actor_name)
     }
 
-    pub async fn lookup(
-        &self,
-        vector: &[f32],
-        scope: &Scope,
-        top_k: usize,
-    ) -> Option<CachedAnswer> {
-        let actor = self.actor()?;
+    /// What the cache holds for this question, and as of when (nothing
+    /// when the cache is unavailable: a miss, and nothing to store).
+    pub async fn probe(&self, vector: &[f32], scope: &Scope, top_k: usize) -> Probe {
+        let Some(actor) = self.actor() else {
+            return Probe::default();
+        };
         let call = actor
             .call(
                 |reply| CacheMsg::Lookup {
@@ -340,19 +427,67 @@ impl CacheHandle {
             )
             .await;
         match call {
-            Ok(ractor::rpc::CallResult::Success(found)) => found,
-            _ => None,
+            Ok(ractor::rpc::CallResult::Success(probe)) => probe,
+            _ => Probe::default(),
         }
     }
 
-    pub fn store(&self, vector: &[f32], scope: &Scope, top_k: usize, value: CachedAnswer) {
+    /// [`CacheHandle::probe`]'s hit alone.
+    pub async fn lookup(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+    ) -> Option<CachedAnswer> {
+        self.probe(vector, scope, top_k).await.found
+    }
+
+    /// Stores an answer computed after the lookup that gave `as_of`.
+    pub fn store(
+        &self,
+        vector: &[f32],
+        scope: &Scope,
+        top_k: usize,
+        value: CachedAnswer,
+        as_of: AsOf,
+    ) {
         if let Some(actor) = self.actor() {
             let _ = actor.cast(CacheMsg::Store {
                 vector: vector.to_vec(),
                 scope: scope.clone(),
                 top_k,
                 value,
+                as_of,
             });
+        }
+    }
+
+    /// Tells the cache that new text is in these partitions (see
+    /// [`SemanticCache::indexed`]). If it cannot take it now, it is owed
+    /// and sent again in the background, like an invalidation; meanwhile
+    /// a cached answer for those partitions may miss what was just
+    /// written (`ragd_cache_generations_owed` shows it). Never fails.
+    pub async fn indexed(&self, partitions: &[Partition]) {
+        if partitions.is_empty() {
+            return;
+        }
+        if !self.owed.lock().flushing {
+            match self.cache.indexed(partitions).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(
+                    "could not tell the cache that new text was indexed: {e:#}; owed until it \
+                     takes it (cached answers for those partitions may miss the new text \
+                     meanwhile)"
+                ),
+            }
+        }
+        let mut owed = self.owed.lock();
+        // One per partition however many writes: bounded by the partitions.
+        owed.partitions.extend(partitions.iter().cloned());
+        metrics::gauge!("ragd_cache_generations_owed").set(owed.partitions.len() as f64);
+        if !owed.flushing {
+            owed.flushing = true;
+            tokio::spawn(pay_owed(self.owed.clone(), self.cache.clone()));
         }
     }
 
@@ -405,25 +540,51 @@ impl CacheHandle {
     }
 }
 
-/// Sends the owed invalidations, oldest first, each batch until the cache
-/// takes it (100 ms doubling to 5 s between tries), until none is left.
+/// Sends what is owed until none is left: the partitions' generations
+/// first (all in one call), then the invalidations, oldest first, each
+/// batch until the cache takes it (100 ms doubling to 5 s between tries).
 async fn pay_owed(owed: Arc<Mutex<Owed>>, cache: Arc<dyn SemanticCache>) {
+    let backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+    };
     loop {
+        // Taken out, not copied: a write to one of them meanwhile owes it
+        // again, and a generation moved on twice is as good as once.
+        let partitions: Vec<Partition> = {
+            let mut o = owed.lock();
+            let taken: Vec<Partition> = std::mem::take(&mut o.partitions).into_iter().collect();
+            o.partitions_sending = taken.len();
+            taken
+        };
+        if !partitions.is_empty() {
+            let sent = (|| cache.indexed(&partitions))
+                .retry(backoff())
+                .notify(|e, after| {
+                    tracing::debug!("owed cache generations: {e:#}; again in {after:?}")
+                })
+                .await;
+            debug_assert!(sent.is_ok(), "retried without a limit");
+            let mut o = owed.lock();
+            o.partitions_sending = 0;
+            metrics::gauge!("ragd_cache_generations_owed").set(o.partitions.len() as f64);
+        }
         let batch: Vec<Removal> = {
             let mut o = owed.lock();
             if o.removals.is_empty() {
+                if !o.partitions.is_empty() {
+                    continue;
+                }
                 o.flushing = false;
-                tracing::info!("the cache took every owed invalidation");
+                tracing::info!("the cache took everything owed to it");
                 return;
             }
             o.removals.iter().take(OWED_BATCH).cloned().collect()
         };
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .without_max_times();
         let sent = (|| cache.invalidate_all(&batch))
-            .retry(backoff)
+            .retry(backoff())
             .notify(|e, after| {
                 tracing::debug!("owed cache invalidation: {e:#}; again in {after:?}")
             })
@@ -452,13 +613,16 @@ mod tests {
         fn backend(&self) -> &'static str {
             "slow-stores"
         }
-        async fn lookup(
+        async fn probe(
             &self,
             vector: &[f32],
             scope: &Scope,
             top_k: usize,
-        ) -> anyhow::Result<Option<CachedAnswer>> {
-            self.0.lookup(vector, scope, top_k).await
+        ) -> anyhow::Result<Probe> {
+            self.0.probe(vector, scope, top_k).await
+        }
+        async fn as_of(&self, scope: &Scope) -> anyhow::Result<AsOf> {
+            self.0.as_of(scope).await
         }
         async fn store(
             &self,
@@ -466,8 +630,12 @@ mod tests {
             _: &Scope,
             _: usize,
             _: CachedAnswer,
+            _: &AsOf,
         ) -> anyhow::Result<()> {
             std::future::pending().await
+        }
+        async fn indexed(&self, partitions: &[Partition]) -> anyhow::Result<()> {
+            self.0.indexed(partitions).await
         }
         async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
             self.0.invalidate(doc_id, keep).await
@@ -529,10 +697,20 @@ mod tests {
             10,
             Duration::from_secs(60),
         )));
-        cache.0.store(&q, &scope, 5, answer.clone()).await.unwrap();
+        cache
+            .0
+            .store(&q, &scope, 5, answer.clone(), &AsOf::default())
+            .await
+            .unwrap();
         let (guard, handle) = start_guard("slow", cache, store).await;
         for _ in 0..MAX_STORES + 5 {
-            handle.store(&[0.0, 1.0, 0.0, 0.0], &scope, 5, answer.clone());
+            handle.store(
+                &[0.0, 1.0, 0.0, 0.0],
+                &scope,
+                5,
+                answer.clone(),
+                AsOf::default(),
+            );
         }
         assert_eq!(handle.lookup(&q, &scope, 5).await, Some(answer));
         guard.stop(None);
@@ -556,11 +734,11 @@ mod tests {
         };
         let cache = Arc::new(EmbeddedCache::new(0.98, 10, Duration::from_secs(60)));
         cache
-            .store(&q_old, &scope, 5, answer(&pruned))
+            .store(&q_old, &scope, 5, answer(&pruned), &AsOf::default())
             .await
             .unwrap();
         cache
-            .store(&q_new, &scope, 5, answer(&current))
+            .store(&q_new, &scope, 5, answer(&current), &AsOf::default())
             .await
             .unwrap();
         let (guard, handle) = start_guard("stale", cache.clone(), store).await;
@@ -576,7 +754,7 @@ mod tests {
             "the current version's answer went too"
         );
         cache
-            .store(&q_old, &scope, 5, answer(&current))
+            .store(&q_old, &scope, 5, answer(&current), &AsOf::default())
             .await
             .unwrap();
         assert_eq!(

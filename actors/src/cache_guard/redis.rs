@@ -4,7 +4,8 @@
 //!
 //! * `e:<id>`: one hash per cached response: `vec` (f32 LE blob), `scope`
 //!   (TAG: hash of the canonical scope and of the embedding model's
-//!   [`crate::model::fingerprint`]), `top_k` (TAG), `value` (JSON). It
+//!   [`crate::model::fingerprint`]), `top_k` (TAG), `value` (JSON),
+//!   `as_of` (the scope's generations it was computed under). It
 //!   expires after the TTL; a hit reads it and never extends it. Nodes
 //!   that share the cache but not the model (a rolling model upgrade, or
 //!   another model of the same dimension) never see each other's entries:
@@ -14,6 +15,12 @@
 //!   VersionPruner's invalidation walks these to delete every entry citing a
 //!   version other than the one kept, and a stale hit's drop to delete
 //!   those citing a version gone from the store.
+//! * `gen:<partition hash>`: the partition's generation, INCRed by the
+//!   Indexer after each write to it (no TTL: under a `volatile-*` eviction
+//!   policy Redis never evicts it). A lookup reads its scope's in the same
+//!   round trip as its search, and an entry whose `as_of` differs is
+//!   stale: a miss, deleted. The store script refuses an answer whose
+//!   lookup read other generations than there are now.
 //! * `pruned:<doc id>`: tombstone (the version kept, "" when deleted), so a
 //!   response computed from a version pruned while its query ran is never
 //!   stored: the store is one script that checks the tombstones and writes
@@ -28,9 +35,10 @@
 //! their cache. The index is (re)created when missing, so a Redis that comes
 //! back empty serves again without a ragd restart.
 
-use super::{CachedAnswer, SemanticCache};
+use super::{scope_partitions, AsOf, CachedAnswer, Probe, SemanticCache};
 use crate::hex;
 use crate::indexer::{Removal, Removed, Scope};
+use crate::messages::Partition;
 use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -65,24 +73,41 @@ pub struct RedisCache {
     down_until: Mutex<Option<Instant>>,
 }
 
-/// Stores one response unless a tombstone says a version it cites was
-/// pruned (see the module docs): check and write as one step, so that an
-/// invalidation can never fall between them. Returns 1 if stored.
+/// Stores one response unless its scope's generations moved on since its
+/// lookup read them, or a tombstone says a version it cites was pruned (see
+/// the module docs): check and write as one step, so that neither a write
+/// nor an invalidation can fall between them. Returns 1 if stored.
+///
+/// KEYS: the entry; per cited (doc, version) its tombstone, then its cites
+/// set, then its doc's versions set; the scope's generation keys. ARGV:
+/// ttl, the hash's fields (vec, scope, top_k, value, as_of), the number of
+/// cited versions, then those versions.
 const STORE_SCRIPT: &str = r"
-local n = (#KEYS - 1) / 3
+local n = tonumber(ARGV[7])
+local m = #KEYS - 1 - 3 * n
 local ttl = ARGV[1]
+local now = {}
+for j = 1, m do
+  local g = redis.call('GET', KEYS[1 + 3 * n + j])
+  if g then
+    table.insert(now, (j - 1) .. '=' .. g)
+  end
+end
+if table.concat(now, ',') ~= ARGV[6] then
+  return 0
+end
 for i = 1, n do
   local kept = redis.call('GET', KEYS[1 + i])
-  if kept and kept ~= ARGV[5 + i] then
+  if kept and kept ~= ARGV[7 + i] then
     return 0
   end
 end
-redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'scope', ARGV[3], 'top_k', ARGV[4], 'value', ARGV[5])
+redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'scope', ARGV[3], 'top_k', ARGV[4], 'value', ARGV[5], 'as_of', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ttl)
 for i = 1, n do
   redis.call('SADD', KEYS[1 + n + i], KEYS[1])
   redis.call('EXPIRE', KEYS[1 + n + i], ttl)
-  redis.call('SADD', KEYS[1 + 2 * n + i], ARGV[5 + i])
+  redis.call('SADD', KEYS[1 + 2 * n + i], ARGV[7 + i])
   redis.call('EXPIRE', KEYS[1 + 2 * n + i], ttl)
 end
 return 1
@@ -329,47 +354,113 @@ impl RedisCache {
         format!("{}pruned:{doc_id}", self.s.prefix)
     }
 
-    async fn do_lookup(
-        &self,
-        vector: &[f32],
-        scope: &Scope,
-        top_k: usize,
-    ) -> anyhow::Result<Option<CachedAnswer>> {
-        let reply: Value = self
+    /// A partition's generation (hashed: divisions and access levels are
+    /// free text).
+    fn generation_key(&self, p: &Partition) -> String {
+        let mut h = Sha256::new();
+        h.update(p.division.as_bytes());
+        h.update([0x1f]);
+        h.update(p.access_level.as_bytes());
+        format!("{}gen:{}", self.s.prefix, hex(&h.finalize()[..12]))
+    }
+
+    fn generation_keys(&self, scope: &Scope) -> Vec<String> {
+        (scope_partitions(scope).iter())
+            .map(|p| self.generation_key(p))
+            .collect()
+    }
+
+    async fn do_as_of(&self, scope: &Scope) -> anyhow::Result<AsOf> {
+        let keys = self.generation_keys(scope);
+        if keys.is_empty() {
+            return Ok(AsOf::default());
+        }
+        let generations: Vec<Option<String>> = self
             .within(
-                "FT.SEARCH",
-                redis::cmd("FT.SEARCH")
-                    .arg(&self.s.index)
-                    .arg(lookup_query(scope, &self.s.model, top_k))
-                    .arg("PARAMS")
-                    .arg(2)
-                    .arg("vec")
-                    .arg(blob(vector))
-                    .arg("SORTBY")
-                    .arg("dist")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(1)
-                    .arg("RETURN")
-                    .arg(2)
-                    .arg("dist")
-                    .arg("value")
-                    .arg("DIALECT")
-                    .arg(2)
-                    .query_async(&mut self.conn()),
+                "MGET generations",
+                redis::cmd("MGET").arg(keys).query_async(&mut self.conn()),
             )
             .await?;
-        let Some((dist, value)) = first_result(&reply)? else {
-            return Ok(None);
+        Ok(AsOf::from_generations(generations))
+    }
+
+    /// One round trip: the scope's generations, then the search.
+    async fn do_probe(&self, vector: &[f32], scope: &Scope, top_k: usize) -> anyhow::Result<Probe> {
+        let keys = self.generation_keys(scope);
+        let mut p = redis::pipe();
+        if !keys.is_empty() {
+            p.cmd("MGET").arg(&keys);
+        }
+        p.cmd("FT.SEARCH")
+            .arg(&self.s.index)
+            .arg(lookup_query(scope, &self.s.model, top_k))
+            .arg("PARAMS")
+            .arg(2)
+            .arg("vec")
+            .arg(blob(vector))
+            .arg("SORTBY")
+            .arg("dist")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1)
+            .arg("RETURN")
+            .arg(3)
+            .arg("dist")
+            .arg("value")
+            .arg("as_of")
+            .arg("DIALECT")
+            .arg(2);
+        let mut replies: Vec<Value> = self
+            .within(
+                "MGET generations, FT.SEARCH",
+                p.query_async(&mut self.conn()),
+            )
+            .await?;
+        let reply = replies.pop().context("no FT.SEARCH reply")?;
+        let as_of = match replies.pop() {
+            Some(generations) => {
+                let generations: Vec<Option<String>> = redis::from_redis_value(generations)
+                    .context("an MGET reply that is not strings")?;
+                AsOf::from_generations(generations)
+            }
+            None => AsOf::default(),
+        };
+        let Some(found) = first_result(&reply)? else {
+            return Ok(Probe {
+                found: None,
+                as_of: Some(as_of),
+            });
         };
         // COSINE distance is 1 - cosine similarity.
-        let similarity = 1.0 - dist.max(0.0);
+        let similarity = 1.0 - found.dist.max(0.0);
         if similarity < f64::from(self.s.threshold) {
-            return Ok(None);
+            return Ok(Probe {
+                found: None,
+                as_of: Some(as_of),
+            });
+        }
+        // (An entry stored before generations were kept has none: stale.)
+        if found.as_of.as_deref() != Some(as_of.0.as_str()) {
+            // Its partitions were written to since: never served again,
+            // so it goes now rather than at its TTL, and a question near
+            // it finds the fresh entries behind it.
+            let (mut del, mut conn) = (redis::cmd("DEL"), self.conn());
+            let del = del.arg(&found.key).query_async::<i64>(&mut conn);
+            if let Err(e) = self.within("DEL a stale entry", del).await {
+                tracing::debug!("{e:#}");
+            }
+            metrics::counter!("ragd_cache_stale_generation_total").increment(1);
+            return Ok(Probe {
+                found: None,
+                as_of: Some(as_of),
+            });
         }
         let value: CachedAnswer =
-            serde_json::from_slice(&value).context("a cached value that is not ours")?;
-        Ok(Some(value))
+            serde_json::from_slice(&found.value).context("a cached value that is not ours")?;
+        Ok(Probe {
+            found: Some(value),
+            as_of: Some(as_of),
+        })
     }
 
     async fn do_store(
@@ -378,6 +469,7 @@ impl RedisCache {
         scope: &Scope,
         top_k: usize,
         value: &CachedAnswer,
+        as_of: &AsOf,
     ) -> anyhow::Result<()> {
         let (vec_blob, tag) = (blob(vector), scope_tag(scope, &self.s.model));
         let key = self.entry_key(&vec_blob, &tag, top_k);
@@ -389,11 +481,12 @@ impl RedisCache {
             .collect();
         cited.sort();
         cited.dedup();
-        // KEYS: the entry, then per cited (doc, version) its tombstone,
-        // its cites set and its doc's versions set. ARGV: ttl, the hash's
-        // fields, then the cited versions.
+        // As STORE_SCRIPT says.
+        let generations = self.generation_keys(scope);
         let mut eval = redis::cmd("EVAL");
-        eval.arg(STORE_SCRIPT).arg(1 + 3 * cited.len()).arg(&key);
+        eval.arg(STORE_SCRIPT)
+            .arg(1 + 3 * cited.len() + generations.len())
+            .arg(&key);
         for (doc, _) in &cited {
             eval.arg(self.pruned_key(doc));
         }
@@ -403,17 +496,23 @@ impl RedisCache {
         for (doc, _) in &cited {
             eval.arg(self.versions_key(doc));
         }
+        eval.arg(generations);
         eval.arg(ttl)
             .arg(&vec_blob)
             .arg(&tag)
             .arg(top_k)
-            .arg(serde_json::to_vec(value)?);
+            .arg(serde_json::to_vec(value)?)
+            .arg(&as_of.0)
+            .arg(cited.len());
         for (_, version) in &cited {
             eval.arg(*version);
         }
-        let _stored: i64 = self
+        let stored: i64 = self
             .within("store", eval.query_async(&mut self.conn()))
             .await?;
+        if stored == 0 {
+            metrics::counter!("ragd_cache_stores_refused_total").increment(1);
+        }
         Ok(())
     }
 
@@ -497,16 +596,16 @@ impl SemanticCache for RedisCache {
         "redis"
     }
 
-    async fn lookup(
-        &self,
-        vector: &[f32],
-        scope: &Scope,
-        top_k: usize,
-    ) -> anyhow::Result<Option<CachedAnswer>> {
+    async fn probe(&self, vector: &[f32], scope: &Scope, top_k: usize) -> anyhow::Result<Probe> {
+        // Bypassed: a miss, and nothing to store.
         Ok(self
-            .guarded("lookup", || self.do_lookup(vector, scope, top_k))
+            .guarded("lookup", || self.do_probe(vector, scope, top_k))
             .await?
-            .flatten())
+            .unwrap_or_default())
+    }
+
+    async fn as_of(&self, scope: &Scope) -> anyhow::Result<AsOf> {
+        self.do_as_of(scope).await
     }
 
     async fn store(
@@ -515,10 +614,33 @@ impl SemanticCache for RedisCache {
         scope: &Scope,
         top_k: usize,
         value: CachedAnswer,
+        as_of: &AsOf,
     ) -> anyhow::Result<()> {
-        self.guarded("store", || self.do_store(vector, scope, top_k, &value))
-            .await?;
+        self.guarded("store", || {
+            self.do_store(vector, scope, top_k, &value, as_of)
+        })
+        .await?;
         Ok(())
+    }
+
+    /// Not guarded by the circuit, like an invalidation: owed ones reach
+    /// Redis as soon as it answers.
+    async fn indexed(&self, partitions: &[Partition]) -> anyhow::Result<()> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let mut p = redis::pipe();
+        for partition in partitions {
+            p.cmd("INCR").arg(self.generation_key(partition)).ignore();
+        }
+        p.cmd("ECHO").arg(0);
+        let r: anyhow::Result<Vec<i64>> = self
+            .within("INCR generations", p.query_async(&mut self.conn()))
+            .await;
+        if r.is_err() {
+            metrics::counter!("ragd_cache_generation_errors_total").increment(1);
+        }
+        r.map(|_| ())
     }
 
     async fn invalidate(&self, doc_id: &str, keep: Option<&str>) -> anyhow::Result<usize> {
@@ -646,25 +768,41 @@ fn index_dim(info: &Value) -> Option<usize> {
     walk(info)
 }
 
-/// (distance, value) of the first FT.SEARCH result, if any.
-fn first_result(reply: &Value) -> anyhow::Result<Option<(f64, Vec<u8>)>> {
+/// The first FT.SEARCH result.
+struct Found {
+    key: String,
+    dist: f64,
+    value: Vec<u8>,
+    as_of: Option<String>,
+}
+
+/// The first FT.SEARCH result, if any.
+fn first_result(reply: &Value) -> anyhow::Result<Option<Found>> {
     let Value::Array(items) = reply else {
         bail!("unexpected FT.SEARCH reply: {reply:?}");
     };
-    let Some(Value::Array(fields)) = items.get(2) else {
+    let (Some(key), Some(Value::Array(fields))) = (items.get(1).and_then(text), items.get(2))
+    else {
         return Ok(None);
     };
     let mut dist = None;
     let mut value = None;
+    let mut as_of = None;
     for kv in fields.chunks(2) {
         match (text(&kv[0]).as_deref(), kv.get(1)) {
             (Some("dist"), Some(v)) => dist = text(v).and_then(|t| t.parse::<f64>().ok()),
             (Some("value"), Some(Value::BulkString(b))) => value = Some(b.clone()),
+            (Some("as_of"), Some(v)) => as_of = text(v),
             _ => {}
         }
     }
     match (dist, value) {
-        (Some(d), Some(v)) => Ok(Some((d, v))),
+        (Some(dist), Some(value)) => Ok(Some(Found {
+            key,
+            dist,
+            value,
+            as_of,
+        })),
         // The entry expired between the KNN and the read of its fields.
         _ => Ok(None),
     }
@@ -706,7 +844,7 @@ mod tests {
         let value = answer(&[("a", "v1")]);
         let q = [1.0f32, 0.0, 0.0];
         cache
-            .store(&q, &scope(&["hr"]), 5, value.clone())
+            .store(&q, &scope(&["hr"]), 5, value.clone(), &AsOf::default())
             .await
             .unwrap();
         // 0.99 cosine: a hit; 0.95: a miss.
@@ -747,11 +885,19 @@ mod tests {
         .await
         .unwrap();
         let (q, s) = ([1.0f32, 0.0, 0.0], scope(&["hr"]));
-        old.store(&q, &s, 5, answer(&[("a", "v1")])).await.unwrap();
-        assert_eq!(new.lookup(&q, &s, 5).await.unwrap(), None);
-        new.store(&q, &s, 5, answer(&[("a", "v1"), ("b", "v1")]))
+        old.store(&q, &s, 5, answer(&[("a", "v1")]), &AsOf::default())
             .await
             .unwrap();
+        assert_eq!(new.lookup(&q, &s, 5).await.unwrap(), None);
+        new.store(
+            &q,
+            &s,
+            5,
+            answer(&[("a", "v1"), ("b", "v1")]),
+            &AsOf::default(),
+        )
+        .await
+        .unwrap();
         let got = |c: Option<CachedAnswer>| c.map(|a| a.sources.len());
         assert_eq!(got(old.lookup(&q, &s, 5).await.unwrap()), Some(1));
         assert_eq!(got(new.lookup(&q, &s, 5).await.unwrap()), Some(2));
@@ -771,7 +917,7 @@ mod tests {
             .unwrap();
         let s = scope(&["hr"]);
         cache
-            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -779,6 +925,78 @@ mod tests {
         // 2.4 s after the store: gone, although it was hit at 1.2 s.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
+    }
+
+    /// A write on one node (its Indexer) makes every answer stored by any
+    /// node for a scope that sees the partition stale: missed and deleted
+    /// at the next lookup; an answer whose lookup came before the write is
+    /// refused by the store script; a scope that does not see it keeps
+    /// its answers.
+    #[tokio::test]
+    async fn a_write_on_one_node_makes_stale_the_answers_of_every_node_that_see_it() {
+        let v = Valkey::start();
+        let ttl = Duration::from_secs(60);
+        let node_a = RedisCache::connect(settings(&v, 2, ttl)).await.unwrap();
+        let node_b = RedisCache::connect(settings(&v, 2, ttl)).await.unwrap();
+        let (hr, eng, both) = (scope(&["hr"]), scope(&["eng"]), scope(&["hr", "eng"]));
+        let q = [1.0, 0.0];
+        for s in [&hr, &eng, &both] {
+            let as_of = node_a.as_of(s).await.unwrap();
+            node_a
+                .store(&q, s, 5, answer(&[("leave", "v1")]), &as_of)
+                .await
+                .unwrap();
+            assert!(node_b.lookup(&q, s, 5).await.unwrap().is_some());
+        }
+        let exists = |s: &Scope, top_k: usize| {
+            let key = node_a.entry_key(&blob(&q), &scope_tag(s, "test-model"), top_k);
+            let mut conn = node_a.conn();
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .unwrap()
+                    == 1
+            }
+        };
+        // Node A answers a question for hr while node B writes.
+        let before = node_a.probe(&q, &hr, 3).await.unwrap().as_of.unwrap();
+        let hr_internal = Partition {
+            division: "hr".into(),
+            access_level: "internal".into(),
+        };
+        node_b.indexed(&[hr_internal]).await.unwrap();
+        assert_eq!(node_a.lookup(&q, &hr, 5).await.unwrap(), None);
+        assert_eq!(node_a.lookup(&q, &both, 5).await.unwrap(), None);
+        assert!(!exists(&hr, 5).await && !exists(&both, 5).await, "kept");
+        assert!(node_a.lookup(&q, &eng, 5).await.unwrap().is_some());
+        node_a
+            .store(&q, &hr, 3, answer(&[("leave", "v1")]), &before)
+            .await
+            .unwrap();
+        assert!(!exists(&hr, 3).await, "stored");
+        assert_eq!(node_b.lookup(&q, &hr, 3).await.unwrap(), None);
+        // Asked again: stored as of the write, served to every node.
+        let after = node_a.probe(&q, &hr, 3).await.unwrap().as_of.unwrap();
+        assert_ne!(after, before);
+        node_a
+            .store(&q, &hr, 3, answer(&[("leave", "v2")]), &after)
+            .await
+            .unwrap();
+        assert_eq!(
+            node_b.lookup(&q, &hr, 3).await.unwrap(),
+            Some(answer(&[("leave", "v2")]))
+        );
+        // An entry stored before generations were kept (no as_of): stale.
+        let key = node_a.entry_key(&blob(&q), &scope_tag(&eng, "test-model"), 5);
+        redis::cmd("HDEL")
+            .arg(key)
+            .arg("as_of")
+            .query_async::<i64>(&mut node_a.conn())
+            .await
+            .unwrap();
+        assert_eq!(node_a.lookup(&q, &eng, 5).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -794,11 +1012,18 @@ mod tests {
                 &s,
                 5,
                 answer(&[("leave", "v1"), ("pay", "p1")]),
+                &AsOf::default(),
             )
             .await
             .unwrap();
         node_a
-            .store(&[0.0, 1.0], &s, 5, answer(&[("pay", "p1")]))
+            .store(
+                &[0.0, 1.0],
+                &s,
+                5,
+                answer(&[("pay", "p1")]),
+                &AsOf::default(),
+            )
             .await
             .unwrap();
         // Shared: node B hits what node A stored.
@@ -832,7 +1057,10 @@ mod tests {
             (ad, &[("a", "v2"), ("d", "v1")]),
         ];
         for (q, sources) in cites {
-            cache.store(&q, &s, 5, answer(sources)).await.unwrap();
+            cache
+                .store(&q, &s, 5, answer(sources), &AsOf::default())
+                .await
+                .unwrap();
         }
         assert_eq!(cache.invalidate_all(&a_batch()).await.unwrap(), 2);
         let cached = |q: [f32; 2]| {
@@ -869,7 +1097,13 @@ mod tests {
         // The pruner went by first (v1 → v2) while a query computed from v1.
         cache.invalidate("leave", Some("v2")).await.unwrap();
         cache
-            .store(&[1.0, 0.0], &s, 5, answer(&[("leave", "v1")]))
+            .store(
+                &[1.0, 0.0],
+                &s,
+                5,
+                answer(&[("leave", "v1")]),
+                &AsOf::default(),
+            )
             .await
             .unwrap();
         assert_eq!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
@@ -891,7 +1125,13 @@ mod tests {
         assert!(versions.is_empty(), "{versions:?}");
         // An answer from the kept version is cached as usual.
         cache
-            .store(&[1.0, 0.0], &s, 5, answer(&[("leave", "v2")]))
+            .store(
+                &[1.0, 0.0],
+                &s,
+                5,
+                answer(&[("leave", "v2")]),
+                &AsOf::default(),
+            )
             .await
             .unwrap();
         assert!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap().is_some());
@@ -914,7 +1154,10 @@ mod tests {
             (both, &[("pay", "p1"), ("leave", "v1")]),
         ];
         for (q, sources) in cites {
-            cache.store(&q, &s, 5, answer(sources)).await.unwrap();
+            cache
+                .store(&q, &s, 5, answer(sources), &AsOf::default())
+                .await
+                .unwrap();
         }
         let gone = [("leave".to_string(), "v1".to_string())];
         assert_eq!(cache.drop_citing(&gone).await.unwrap(), 2);
@@ -925,7 +1168,7 @@ mod tests {
         assert!(!cached(old).await && !cached(both).await);
         assert!(cached(new).await, "the current version's entry went too");
         cache
-            .store(&old, &s, 5, answer(&[("leave", "v2")]))
+            .store(&old, &s, 5, answer(&[("leave", "v2")]), &AsOf::default())
             .await
             .unwrap();
         assert!(cached(old).await, "a tombstone refused the current version");
@@ -967,7 +1210,7 @@ mod tests {
             .unwrap();
         let s = scope(&["hr"]);
         cache
-            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
             .await
             .unwrap();
         v.stop();
@@ -982,7 +1225,7 @@ mod tests {
             );
             assert!(
                 cache
-                    .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+                    .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
                     .await
                     .is_ok()
                     || t.elapsed() < Duration::from_millis(600)
@@ -994,7 +1237,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let _ = cache
-                .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
+                .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
                 .await;
             if let Ok(Some(_)) = cache.lookup(&[1.0, 0.0], &s, 5).await {
                 break;

@@ -8,6 +8,7 @@
 
 use super::VectorStore;
 use crate::bridge::Port;
+use crate::cache_guard::CacheHandle;
 use crate::ledger::{Ledger, Outcome};
 use crate::messages::{EmbeddedDoc, IndexedEvent};
 use crate::pool::{JobErrors, Stage};
@@ -62,6 +63,9 @@ pub struct IndexerStage {
     /// text, and the store would hold two models' vectors. It waits in the
     /// dead-letter queue for a replay once the embed node is put right.
     pub model_id: Option<String>,
+    /// Told which partitions each write put new text in, so that no cached
+    /// answer computed before it is served (see `cache_guard`).
+    pub cache: CacheHandle,
 }
 
 /// When to run the store's optimizer (the HNSW build), `[index]`
@@ -304,6 +308,10 @@ impl IndexerStage {
             if self.observe {
                 self.undo_overtaken(&writes, &mut events).await?;
             }
+            let mut partitions: Vec<_> = writes.iter().map(|d| d.meta.partition.clone()).collect();
+            partitions.sort();
+            partitions.dedup();
+            self.cache.indexed(&partitions).await;
         }
         if let Some(pruner) = &self.prune {
             pruner.prune(events.clone()).await?;
@@ -421,6 +429,7 @@ pub(crate) mod tests {
             observe: true,
             prune: None,
             model_id: Some("minilm".into()),
+            cache: crate::version_pruner::tests::no_cache(),
             optimizer: Optimizer::new(
                 store.clone(),
                 OptimizePolicy {
@@ -436,6 +445,68 @@ pub(crate) mod tests {
     pub(crate) async fn versions(store: &Arc<dyn VectorStore>) -> Vec<String> {
         let stored = store.indexed_versions().await.unwrap();
         stored.into_iter().map(|v| v.version).collect()
+    }
+
+    /// Each write tells the cache the partitions it put new text in: an
+    /// answer cached for a scope that sees one is not served after it.
+    /// With the cache down the write goes on, and the cache is told once
+    /// it is back.
+    #[tokio::test]
+    async fn a_write_makes_the_answers_cached_for_its_partition_stale_cache_down_or_not() {
+        use crate::cache_guard::{CacheHandle, CachedAnswer, SemanticCache};
+        use crate::version_pruner::tests::Unreachable;
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn VectorStore> = Arc::new(EdgeStore::open(dir.path(), 4).unwrap());
+        let cache = Arc::new(Unreachable::new(false));
+        let (mut stage, _out) = index_node(&store, Ledger::new(8));
+        stage.cache = CacheHandle::new("no-cache-actor", cache.clone());
+        let (hr, eng) = (
+            crate::indexer::Scope {
+                divisions: vec!["hr".into()],
+                access_levels: vec!["public".into()],
+            },
+            crate::indexer::Scope {
+                divisions: vec!["eng".into()],
+                access_levels: vec!["public".into()],
+            },
+        );
+        let q = [1.0, 0.0, 0.0, 0.0];
+        let cache_an_answer = || async {
+            let answer = CachedAnswer {
+                answer: Some("no leave policy found".into()),
+                sources: vec![],
+            };
+            for s in [&hr, &eng] {
+                let as_of = cache.as_of(s).await.unwrap();
+                cache.store(&q, s, 5, answer.clone(), &as_of).await.unwrap();
+                assert!(cache.lookup(&q, s, 5).await.unwrap().is_some());
+            }
+        };
+        cache_an_answer().await;
+        stage
+            .process(IndexJob::Upsert(embedded("v1", 1_000)))
+            .await
+            .unwrap();
+        assert_eq!(cache.lookup(&q, &hr, 5).await.unwrap(), None);
+        assert!(cache.lookup(&q, &eng, 5).await.unwrap().is_some());
+
+        cache_an_answer().await;
+        cache.down.store(true, SeqCst);
+        stage
+            .process(IndexJob::Upsert(embedded("v2", 2_000)))
+            .await
+            .unwrap();
+        assert_eq!(versions(&store).await, ["v1", "v2"]);
+        assert_eq!(stage.cache.owed_generations(), 1);
+        cache.down.store(false, SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while cache.lookup(&q, &hr, 5).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "the cache was never told");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(stage.cache.owed_generations(), 0);
+        assert!(cache.lookup(&q, &eng, 5).await.unwrap().is_some());
     }
 
     /// An index node takes documents embedded by its own model, and
