@@ -588,6 +588,38 @@ impl Config {
         self.data_dir.join("kernels")
     }
 
+    /// What, besides the embedding model and the question, makes a query's
+    /// answer: the reranker's weights (`reranker`: their
+    /// `model::fingerprint`), how many candidates it scores, and the LLM
+    /// asked (endpoint, model, prompt, limits). Query nodes that differ in
+    /// any keep their entries apart in a shared cache, as nodes on
+    /// different embedding models do: during a rolling change of the LLM,
+    /// an answer from the old one is not served as the new one's, and a
+    /// node without an LLM does not serve sources-only answers to nodes
+    /// with one.
+    pub fn answers_id(&self, reranker: Option<&str>) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("candidates {}\n", self.candidates));
+        h.update(format!("reranker {}\n", reranker.unwrap_or("none")));
+        match &self.llm {
+            None => h.update("llm none\n"),
+            Some(llm) => {
+                // Length-prefixed: free text must not run into the next field.
+                for field in [&llm.base_url, &llm.model, crate::llm::SYSTEM_PROMPT] {
+                    h.update(format!("{}:", field.len()));
+                    h.update(field);
+                }
+                h.update(format!(
+                    "max_tokens {} temperature {}\n",
+                    llm.max_tokens,
+                    llm.temperature.to_bits()
+                ));
+            }
+        }
+        ragd_actors::hex(&h.finalize()[..8])
+    }
+
     pub fn principal_for(&self, token: &str) -> Option<&Principal> {
         // Compare every token in full: no early exit that times the prefix.
         let mut found = None;
@@ -1531,6 +1563,41 @@ mod tests {
         divisions = ["eng"]
         access_levels = ["internal"]
     "#;
+
+    /// What changes an answer changes the id; what only changes how it is
+    /// obtained (rate limits, timeouts) or kept (the cache) does not.
+    #[test]
+    fn the_answers_id_follows_what_makes_an_answer() {
+        let (_dir, path) = setup();
+        let with = |extra: &str| {
+            let text = format!("{GOOD}\n{extra}");
+            Config::parse(&path, &text, std::iter::empty()).unwrap()
+        };
+        let llm = "[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"small\"\n";
+        let base = with(llm).answers_id(Some("r1"));
+        assert_eq!(base, with(llm).answers_id(Some("r1")), "not stable");
+        let differs = [
+            with(llm).answers_id(Some("r2")),
+            with(llm).answers_id(None),
+            with("").answers_id(Some("r1")),
+            with(&llm.replace("small", "large")).answers_id(Some("r1")),
+            with(&format!("{llm}temperature = 0.7\n")).answers_id(Some("r1")),
+            with(&format!("{llm}max_tokens = 64\n")).answers_id(Some("r1")),
+            with(&format!("[query]\ncandidates = 20\n{llm}")).answers_id(Some("r1")),
+        ];
+        for (i, id) in differs.iter().enumerate() {
+            assert_ne!(*id, base, "change {i} kept the id");
+        }
+        let same = [
+            with(&format!(
+                "{llm}requests_per_minute = 7\ntimeout_secs = 99\n"
+            )),
+            with(&format!("[cache]\nttl_secs = 60\n{llm}")),
+        ];
+        for cfg in same {
+            assert_eq!(cfg.answers_id(Some("r1")), base);
+        }
+    }
 
     #[test]
     fn a_good_config_loads_with_defaults_and_relative_paths() {

@@ -609,8 +609,11 @@ impl Node {
             tokio::task::spawn_blocking(move || AnyEncoder::load(&dir, p2, device)).await??;
         let encoder = Arc::new(encoder);
         tracing::info!(model = %config.embedder_model.display(), dim = encoder.dim(), "embedding model loaded");
-        let reranker_model = match (&config.reranker_model, mode) {
-            (Some(dir), Mode::Daemon) => {
+        // Only a query node reranks: a node of the other roles would hold
+        // the weights (and on a GPU, warm up its kernels) for nothing.
+        let reranks = mode == Mode::Daemon && config.roles.query;
+        let reranker_model = match (&config.reranker_model, reranks) {
+            (Some(dir), true) => {
                 let (dir, device) = (dir.clone(), config.device);
                 let m = tokio::task::spawn_blocking(move || {
                     AnyCrossEncoder::load(&dir, policy, device)
@@ -619,12 +622,23 @@ impl Node {
                 tracing::info!("reranker on");
                 Some(Arc::new(m))
             }
-            _ => {
-                if mode == Mode::Daemon {
-                    tracing::warn!("reranker off: no [reranker] model configured; query results keep the vector order");
-                }
+            (None, true) => {
+                tracing::warn!("reranker off: no [reranker] model configured; query results keep the vector order");
                 None
             }
+            (_, false) => None,
+        };
+        // The reranker's weights by their contents, for the shared cache's
+        // keys (see `Config::answers_id`); only a query node stores answers.
+        let reranker_id = match (&config.reranker_model, &config.cache_backend) {
+            (Some(dir), CacheBackend::Redis { .. }) if reranks => {
+                let dir = dir.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || ragd_actors::model::fingerprint(&dir))
+                        .await??,
+                )
+            }
+            _ => None,
         };
         if config.device != Device::Cpu && (config.roles.embed || config.roles.query) {
             // Compile and tune every batch shape's kernels before the node
@@ -781,7 +795,7 @@ impl Node {
                     url: url.0.clone(),
                     index: index.clone(),
                     prefix: prefix.clone(),
-                    model: model_id.clone(),
+                    model: format!("{model_id}/{}", config.answers_id(reranker_id.as_deref())),
                     dim: encoder.dim(),
                     threshold: config.cache_threshold,
                     ttl: Duration::from_secs(config.cache_ttl_secs),

@@ -55,7 +55,15 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
     let ingest = s.node("ingest-1", &["ingest"]);
     let n = 40;
     write_notes(&ingest, n);
-    let index_ws = s.node("index-1", &["index"]);
+    // The shared config names a reranker: only a query node loads it.
+    let fixtures = std::env::var_os("RAGD_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/fixtures"));
+    let reranker = format!(
+        "[reranker]\nmodel = {:?}\n",
+        fixtures.join("tiny-cross-encoder").display()
+    );
+    let index_ws = s.node_with("index-1", &["index"], &reranker);
     let embed_ws = [s.node("embed-1", &["embed"]), s.node("embed-2", &["embed"])];
     let query_ws = s.node("query-1", &["query"]);
     let index = index_ws.start();
@@ -85,13 +93,17 @@ fn a_five_process_cluster_ingests_shares_the_embedding_and_answers() {
         );
     }
     // The index node runs only the index stages.
-    let names = index.admin_json("/actors").to_string();
+    let actors = index.admin_json("/actors");
+    let names = actors["actors"].to_string();
     assert!(
         names.contains("indexer")
             && !names.contains("embedder")
-            && !names.contains("source_watcher"),
+            && !names.contains("source_watcher")
+            && !names.contains("reranker"),
         "{names}"
     );
+    assert_eq!(actors["reranker"], "off", "{actors}");
+    assert!(!index.log().contains("reranker"), "{}", index.log());
     // The ingest ledger lives on the ingest node only.
     assert_eq!(index.admin_status("/ingest"), Some(409));
     assert_eq!(index.admin_status("/ingest/sources"), Some(409));

@@ -23,6 +23,6 @@ pub mod testkit;
 pub mod version_pruner;
 
 /// Lower-case hex of `bytes` (digests in names, versions and tags).
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

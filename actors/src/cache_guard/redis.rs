@@ -10,6 +10,8 @@
 //!   that share the cache but not the model (a rolling model upgrade, or
 //!   another model of the same dimension) never see each other's entries:
 //!   a question's vector from one model is meaningless next to another's.
+//!   Nor do nodes whose answers are made otherwise (another reranker,
+//!   number of candidates or LLM: the node folds those into `model`).
 //! * `cites:<version>:<doc id>`: set of entry keys citing that doc version;
 //!   `versions:<doc id>`: set of that doc's versions that entries cite. The
 //!   VersionPruner's invalidation walks these to delete every entry citing a
@@ -54,7 +56,9 @@ pub struct RedisSettings {
     pub url: String,
     pub index: String,
     pub prefix: String,
-    /// The embedding model's [`crate::model::fingerprint`].
+    /// What entries are kept apart by: the embedding model's
+    /// [`crate::model::fingerprint`], and on a node what else makes its
+    /// answers (the reranker, the LLM: `Config::answers_id`).
     pub model: String,
     pub dim: usize,
     pub threshold: f32,
