@@ -189,6 +189,7 @@ struct RawQuery {
     max_top_k: Option<usize>,
     latency_budget_ms: Option<u64>,
     max_concurrent: Option<usize>,
+    timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -318,6 +319,9 @@ pub struct Config {
     /// Target for embed + cache + search + rerank of one query; the
     /// reranker scores fewer candidates to meet it. None: no budget.
     pub latency_budget: Option<std::time::Duration>,
+    /// The most one query may take, LLM included: past it the caller gets
+    /// 504 naming the step it was at, and its slot is free again.
+    pub query_timeout: std::time::Duration,
     /// Queries a node answers at once; past it, 503 with Retry-After.
     pub max_concurrent_queries: usize,
     pub admin_bind: SocketAddr,
@@ -1123,6 +1127,13 @@ fn validate(
         }
         ms => ms.map(std::time::Duration::from_millis),
     };
+    let query_timeout = raw.query.timeout_secs.unwrap_or(120);
+    if !(1..=3600).contains(&query_timeout) {
+        errors.push(format!(
+            "query.timeout_secs ({query_timeout}) must be between 1 and 3600"
+        ));
+    }
+    let query_timeout = std::time::Duration::from_secs(query_timeout.clamp(1, 3600));
     let max_concurrent_queries = raw.query.max_concurrent.unwrap_or(256);
     // (An upper bound too: a semaphore of more permits than tokio allows
     // would panic at start.)
@@ -1361,6 +1372,7 @@ fn validate(
         candidates,
         max_top_k,
         latency_budget,
+        query_timeout,
         max_concurrent_queries,
         admin_bind,
         admin_token,
@@ -1857,6 +1869,7 @@ mod tests {
             [query]
             bind = "not an address"
             latency_budget_ms = 0
+            timeout_secs = 0
             max_top_k = 60
             max_concurrent = 9223372036854775807
             [index]
@@ -1894,6 +1907,7 @@ mod tests {
             "at least one division",
             "index.hnsw_m (2)",
             "query.max_top_k (60)",
+            "query.timeout_secs (0) must be between 1 and 3600",
             "poll_secs (0) must be between 0.1 and 86400",
             "pipeline.delete_grace_ms (86400000) must be at most 3600000",
             "pipeline.max_write_wait_ms (86400000) must be at most 3600000",

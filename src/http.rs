@@ -127,7 +127,22 @@ async fn query(State(node): State<Arc<Node>>, request: axum::extract::Request) -
         access_levels: principal.access_levels.clone(),
     }
     .canonical();
-    match answer(&node, &question, top_k, &scope, started).await {
+    // The step the query is at, for the 504 when it runs out of time.
+    let step = parking_lot::Mutex::new("embedding the question");
+    let timeout = node.config.query_timeout;
+    let answered = tokio::time::timeout(
+        timeout,
+        answer(&node, &question, top_k, &scope, started, &step),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(failed(StatusCode::GATEWAY_TIMEOUT)(anyhow::anyhow!(
+            "it did not finish within {}s ([query] timeout_secs); it was at {}",
+            timeout.as_secs(),
+            *step.lock()
+        )))
+    });
+    match answered {
         Ok(resp) => {
             metrics::counter!("ragd_queries_total", "cached" => resp.cached.to_string())
                 .increment(1);
@@ -147,7 +162,8 @@ async fn query(State(node): State<Arc<Node>>, request: axum::extract::Request) -
 /// of it:
 /// * 503, with Retry-After, when a part of the node is restarting or the
 ///   vector store does not answer: the same question may work shortly;
-/// * 504 when the reranker did not answer in time;
+/// * 504 when the reranker did not answer in time, or the whole query
+///   took longer than `[query] timeout_secs`;
 /// * 500 when a part failed on this question (the model, or a vector store
 ///   that answered with an error): asking again will not help, and the
 ///   node's log says why.
@@ -236,8 +252,10 @@ async fn answer(
     top_k: usize,
     scope: &Scope,
     started: Instant,
+    step: &parking_lot::Mutex<&'static str>,
 ) -> Result<QueryResponse, QueryFailed> {
     use StatusCode as S;
+    let at = |what: &'static str| *step.lock() = what;
     let mut timings = serde_json::Map::new();
     let t = Instant::now();
     let vector = node
@@ -252,6 +270,7 @@ async fn answer(
     timings.insert("embed".into(), ms(t.elapsed()));
 
     let t = Instant::now();
+    at("the semantic cache");
     // Before the search: an answer found from here on is stored as of
     // this, and refused if anything was indexed in its scope meanwhile.
     let probe = node.cache.probe(&vector, scope, top_k).await;
@@ -270,6 +289,7 @@ async fn answer(
     timings.insert("cache".into(), ms(t.elapsed()));
 
     let t = Instant::now();
+    at("the vector search");
     let mut hits = match node
         .store
         .search(&vector, scope, node.config.candidates)
@@ -292,6 +312,7 @@ async fn answer(
     timings.insert("candidates".into(), json!(hits.len()));
 
     let t = Instant::now();
+    at("reranking");
     let reranker = node
         .reranker()
         .ok_or_else(|| anyhow::anyhow!("the reranker is restarting"))
@@ -341,6 +362,7 @@ async fn answer(
         None => (None, None, true),
         Some(llm) => {
             let t = Instant::now();
+            at("the LLM");
             let r = llm.answer(question, &result.hits).await;
             timings.insert("llm".into(), ms(t.elapsed()));
             match r {

@@ -500,6 +500,36 @@ fn queries_past_the_concurrency_limit_are_shed_with_retry_after() {
 /// SIGTERM while a query waits on a slow LLM: the node stops within its
 /// bounds and still shuts down in order (actors stopped, store flushed),
 /// rather than waiting on the query's handler, which held the node.
+/// A query bounded by `[query] timeout_secs`: an LLM slower than that
+/// (within its own timeout) gets the caller a 504 naming the step, once
+/// the time is up, not once the LLM gives up; the slot is free again and
+/// the next query is answered.
+#[test]
+fn a_query_past_its_timeout_gets_504_naming_the_step() {
+    let llm = FakeLlm::start(vec![Step::Slow(Duration::from_secs(60))]);
+    let ws = Workspace::with_extra(&llm_config(&llm, "timeout_secs = 120"));
+    let config = std::fs::read_to_string(ws.config()).unwrap().replacen(
+        "[query]\n",
+        "[query]\ntimeout_secs = 2\nmax_concurrent = 1\n",
+        1,
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    ws.write("hr/leave.md", LEAVE_V1);
+    let d = ws.start();
+    d.wait_ledger(Duration::from_secs(120), |l| l["indexed"] == 1);
+    let t = std::time::Instant::now();
+    let body = serde_json::json!({ "question": QUESTION }).to_string();
+    let (status, r) = d.query_raw(Some(HR_TOKEN), &body);
+    let took = t.elapsed();
+    assert_eq!(status, 504, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("within 2s") && e.contains("the LLM"), "{r}");
+    assert!(took < Duration::from_secs(10), "waited {took:?}");
+    // Its slot (the only one) is free: the next query is answered.
+    let next = d.ask(HR_TOKEN, QUESTION);
+    assert!(texts(&next).contains("sixteen weeks"), "{next}");
+}
+
 #[test]
 fn sigterm_during_a_slow_query_still_shuts_down_in_order() {
     let llm = FakeLlm::start(vec![Step::Slow(Duration::from_secs(120))]);

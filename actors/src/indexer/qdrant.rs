@@ -85,6 +85,26 @@ const FIELDS: &[(&str, FieldType)] = &[
 /// rather than dead-letter documents; a document whose own write keeps
 /// failing so while others succeed is still found out: see
 /// [`crate::pool`].)
+/// The most a server's `retry-after` makes a call wait before its next
+/// try. A larger one (an hour; a buggy proxy's u64::MAX, which would
+/// overflow the clock) is not waited out in one sleep: the call tries
+/// again after this, and a server still overloaded says so again.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How long to wait before the next try: the backoff planned, or longer
+/// when an overloaded server says so, up to [`MAX_RETRY_AFTER`].
+pub fn next_wait(e: &QdrantError, planned: Duration) -> Duration {
+    match e {
+        QdrantError::ResourceExhaustedError {
+            retry_after_seconds,
+            ..
+        } => Duration::from_secs(*retry_after_seconds)
+            .min(MAX_RETRY_AFTER)
+            .max(planned),
+        _ => planned,
+    }
+}
+
 pub fn retryable(e: &QdrantError) -> bool {
     use tonic::Code::*;
     match e {
@@ -236,7 +256,8 @@ impl QdrantStore {
         Ok(store)
     }
 
-    /// One call, retried with backoff while the server is unavailable.
+    /// One call, retried with backoff while the server is unavailable
+    /// (see [`next_wait`]).
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
@@ -253,13 +274,7 @@ impl QdrantStore {
                 let planned = planned?;
                 metrics::counter!("ragd_qdrant_retries_total").increment(1);
                 tracing::debug!("qdrant {what}: {e}; retrying");
-                Some(match e {
-                    QdrantError::ResourceExhaustedError {
-                        retry_after_seconds,
-                        ..
-                    } => Duration::from_secs(*retry_after_seconds).max(planned),
-                    _ => planned,
-                })
+                Some(next_wait(e, planned))
             })
             .await
             .map_err(|e| {
@@ -1018,6 +1033,25 @@ mod tests {
             .unwrap();
         // "legal" has no key yet, so it is not asked for.
         assert_eq!(last.shard_keys, vec!["eng".to_string(), "hr".to_string()]);
+    }
+
+    /// A server's retry-after lengthens the wait up to a cap (an hour, or
+    /// u64::MAX seconds, would hold the call, or overflow the clock);
+    /// never shortens the backoff.
+    #[test]
+    fn a_retry_after_is_honoured_up_to_a_cap() {
+        let exhausted = |secs: u64| QdrantError::ResourceExhaustedError {
+            status: tonic::Status::resource_exhausted("busy"),
+            retry_after_seconds: secs,
+        };
+        let planned = Duration::from_millis(400);
+        assert_eq!(next_wait(&exhausted(3), planned), Duration::from_secs(3));
+        assert_eq!(next_wait(&exhausted(0), planned), planned);
+        for secs in [3600, u64::MAX] {
+            assert_eq!(next_wait(&exhausted(secs), planned), MAX_RETRY_AFTER);
+        }
+        let other = QdrantError::ConversionError("x".into());
+        assert_eq!(next_wait(&other, planned), planned);
     }
 
     #[tokio::test]
