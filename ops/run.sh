@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
+source ops/need.sh
+need cargo cc c++ make python3 pip
 ./ops/fetch-models.sh
 # OpenBLAS for the model's GEMMs; ragd runs without it, only slower.
 RAGD_BLAS="${RAGD_BLAS:-$(./ops/fetch-blas.sh || echo off)}"

