@@ -338,23 +338,50 @@ async fn drop_stale(
     store: &dyn VectorStore,
     stats: &ActorStats,
 ) {
-    let mut gone: Vec<(String, String)> = Vec::new();
-    for hit in &value.sources {
-        let cited = (hit.doc_id.clone(), hit.version.clone());
-        if gone.contains(&cited) {
-            continue;
+    let gone = gone_versions(value, |hit: Hit| async move {
+        store.holds_all(std::slice::from_ref(&hit)).await
+    })
+    .await;
+    let gone = match gone {
+        Ok(gone) if gone.is_empty() => return,
+        Ok(gone) => gone,
+        Err(e) => {
+            // Not taken for "gone": that would drop entries whenever the
+            // store hiccups. It stays, and its next hit checks again.
+            stats.set_error(format!("checking a stale entry's sources: {e:#}"));
+            return;
         }
-        if !matches!(store.holds_all(std::slice::from_ref(hit)).await, Ok(true)) {
-            gone.push(cited);
-        }
-    }
-    if gone.is_empty() {
-        return;
-    }
+    };
     if let Err(e) = cache.drop_citing(&gone).await {
         // (It stays until its TTL, never served.)
         stats.set_error(format!("dropping a stale entry: {e:#}"));
     }
+}
+
+/// The (document, version) pairs `value` cites that the store no longer
+/// holds, each once, by `holds`; an error if the store could not tell for
+/// one of them.
+async fn gone_versions<F, Fut>(
+    value: &CachedAnswer,
+    holds: F,
+) -> anyhow::Result<Vec<(String, String)>>
+where
+    F: Fn(Hit) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut gone = Vec::new();
+    for hit in &value.sources {
+        let cited = (hit.doc_id.clone(), hit.version.clone());
+        if seen.contains(&cited) {
+            continue;
+        }
+        seen.push(cited.clone());
+        if !holds(hit.clone()).await? {
+            gone.push(cited);
+        }
+    }
+    Ok(gone)
 }
 
 /// How the query path and the VersionPruner reach the cache.
@@ -643,6 +670,37 @@ mod tests {
         async fn drop_citing(&self, cited: &[(String, String)]) -> anyhow::Result<usize> {
             self.0.drop_citing(cited).await
         }
+    }
+
+    /// A stale entry's sources are checked one by one: what the store no
+    /// longer holds is gone (each version once); a store that fails to
+    /// answer for one is not taken to have lost it.
+    #[tokio::test]
+    async fn a_store_error_is_not_taken_for_a_version_gone() {
+        use crate::cache_guard::test_support::hit;
+        let value = CachedAnswer {
+            answer: None,
+            sources: vec![
+                hit("a", "v1", "hr"),
+                hit("b", "v1", "hr"),
+                hit("a", "v1", "hr"),
+            ],
+        };
+        let asked = Mutex::new(0);
+        let gone = gone_versions(&value, |h: Hit| {
+            *asked.lock() += 1;
+            async move { Ok(h.doc_id == "b") }
+        })
+        .await
+        .unwrap();
+        assert_eq!(gone, vec![("a".to_string(), "v1".to_string())]);
+        assert_eq!(*asked.lock(), 2, "a@v1 asked twice");
+        let failed = gone_versions(&value, |h: Hit| async move {
+            anyhow::ensure!(h.doc_id != "b", "the store timed out");
+            Ok(false)
+        })
+        .await;
+        assert!(failed.is_err());
     }
 
     /// An edge store holding kb:hr/leave.md at `version` (in `dir`), and
