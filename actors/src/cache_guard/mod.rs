@@ -511,7 +511,8 @@ impl CacheHandle {
         let mut owed = self.owed.lock();
         // One per partition however many writes: bounded by the partitions.
         owed.partitions.extend(partitions.iter().cloned());
-        metrics::gauge!("ragd_cache_generations_owed").set(owed.partitions.len() as f64);
+        let owing = owed.partitions.len() + owed.partitions_sending;
+        metrics::gauge!("ragd_cache_generations_owed").set(owing as f64);
         if !owed.flushing {
             owed.flushing = true;
             tokio::spawn(pay_owed(self.owed.clone(), self.cache.clone()));

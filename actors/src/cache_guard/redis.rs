@@ -17,11 +17,16 @@
 //!   VersionPruner's invalidation walks these to delete every entry citing a
 //!   version other than the one kept, and a stale hit's drop to delete
 //!   those citing a version gone from the store.
-//! * `gen:<partition hash>`: the partition's generation, INCRed by the
-//!   Indexer after each write to it (no TTL: under a `volatile-*` eviction
-//!   policy Redis never evicts it). A lookup reads its scope's in the same
-//!   round trip as its search, and an entry whose `as_of` differs is
-//!   stale: a miss, deleted. The store script refuses an answer whose
+//! * `gen:<partition hash>`: the partition's generation, set to a new
+//!   random value by the Indexer after each write to it (no TTL: under a
+//!   `volatile-*` eviction policy Redis never evicts it). Random, not a
+//!   counter: a counter whose key is lost (evicted, deleted by hand, a
+//!   Redis that restarted empty while a query ran) starts again at 1 and
+//!   would make an old entry's `as_of` current again. A lookup reads its
+//!   scope's in the same round trip as its search, and an entry whose
+//!   `as_of` differs is stale: a miss, deleted (by a script that checks
+//!   it against the generations there are then, so an entry stored since
+//!   under newer ones stays). The store script refuses an answer whose
 //!   lookup read other generations than there are now.
 //! * `pruned:<doc id>`: tombstone (the version kept, "" when deleted), so a
 //!   response computed from a version pruned while its query ran is never
@@ -77,6 +82,24 @@ pub struct RedisCache {
     down_until: Mutex<Option<Instant>>,
 }
 
+/// Lua: `as_of`, the generations of keys `KEYS[first + 1 ..]` as
+/// [`AsOf::from_generations`] writes them (the same string, compared as
+/// is). A macro, not a const: `concat!` takes literals only.
+macro_rules! as_of_lua {
+    () => {
+        r"
+local now = {}
+for j = 1, #KEYS - first do
+  local g = redis.call('GET', KEYS[first + j])
+  if g then
+    table.insert(now, (j - 1) .. '=' .. g)
+  end
+end
+local as_of = table.concat(now, ',')
+"
+    };
+}
+
 /// Stores one response unless its scope's generations moved on since its
 /// lookup read them, or a tombstone says a version it cites was pruned (see
 /// the module docs): check and write as one step, so that neither a write
@@ -86,18 +109,15 @@ pub struct RedisCache {
 /// set, then its doc's versions set; the scope's generation keys. ARGV:
 /// ttl, the hash's fields (vec, scope, top_k, value, as_of), the number of
 /// cited versions, then those versions.
-const STORE_SCRIPT: &str = r"
+const STORE_SCRIPT: &str = concat!(
+    r"
 local n = tonumber(ARGV[7])
-local m = #KEYS - 1 - 3 * n
+local first = 1 + 3 * n
 local ttl = ARGV[1]
-local now = {}
-for j = 1, m do
-  local g = redis.call('GET', KEYS[1 + 3 * n + j])
-  if g then
-    table.insert(now, (j - 1) .. '=' .. g)
-  end
-end
-if table.concat(now, ',') ~= ARGV[6] then
+",
+    as_of_lua!(),
+    r"
+if as_of ~= ARGV[6] then
   return 0
 end
 for i = 1, n do
@@ -115,7 +135,26 @@ for i = 1, n do
   redis.call('EXPIRE', KEYS[1 + 2 * n + i], ttl)
 end
 return 1
-";
+"
+);
+
+/// Deletes an entry found stale, unless it is current after all: between
+/// a lookup's read of the generations and this, another query may have
+/// stored a fresh entry under the same key (the same question), computed
+/// under generations newer than the lookup read. KEYS: the entry, then
+/// its scope's generation keys. Returns 1 if deleted.
+const DROP_STALE_SCRIPT: &str = concat!(
+    r"
+local first = 1
+",
+    as_of_lua!(),
+    r"
+if redis.call('HGET', KEYS[1], 'as_of') == as_of then
+  return 0
+end
+return redis.call('DEL', KEYS[1])
+"
+);
 
 /// After a failed command, how long queries skip Redis before trying again.
 const COOL_OFF: Duration = Duration::from_secs(1);
@@ -448,9 +487,7 @@ impl RedisCache {
             // Its partitions were written to since: never served again,
             // so it goes now rather than at its TTL, and a question near
             // it finds the fresh entries behind it.
-            let (mut del, mut conn) = (redis::cmd("DEL"), self.conn());
-            let del = del.arg(&found.key).query_async::<i64>(&mut conn);
-            if let Err(e) = self.within("DEL a stale entry", del).await {
+            if let Err(e) = self.drop_stale(&found.key, &keys).await {
                 tracing::debug!("{e:#}");
             }
             metrics::counter!("ragd_cache_stale_generation_total").increment(1);
@@ -465,6 +502,22 @@ impl RedisCache {
             found: Some(value),
             as_of: Some(as_of),
         })
+    }
+
+    /// Deletes entry `key` unless it is current under the generations of
+    /// `generation_keys` (its scope's); true if deleted. See
+    /// [`DROP_STALE_SCRIPT`].
+    async fn drop_stale(&self, key: &str, generation_keys: &[String]) -> anyhow::Result<bool> {
+        let mut drop = redis::cmd("EVAL");
+        drop.arg(DROP_STALE_SCRIPT)
+            .arg(1 + generation_keys.len())
+            .arg(key)
+            .arg(generation_keys);
+        let mut conn = self.conn();
+        let dropped: i64 = self
+            .within("drop a stale entry", drop.query_async(&mut conn))
+            .await?;
+        Ok(dropped == 1)
     }
 
     async fn do_store(
@@ -635,11 +688,14 @@ impl SemanticCache for RedisCache {
         }
         let mut p = redis::pipe();
         for partition in partitions {
-            p.cmd("INCR").arg(self.generation_key(partition)).ignore();
+            p.cmd("SET")
+                .arg(self.generation_key(partition))
+                .arg(new_generation()?)
+                .ignore();
         }
         p.cmd("ECHO").arg(0);
         let r: anyhow::Result<Vec<i64>> = self
-            .within("INCR generations", p.query_async(&mut self.conn()))
+            .within("SET generations", p.query_async(&mut self.conn()))
             .await;
         if r.is_err() {
             metrics::counter!("ragd_cache_generation_errors_total").increment(1);
@@ -688,6 +744,13 @@ impl std::fmt::Display for Unreachable {
     }
 }
 impl std::error::Error for Unreachable {}
+
+/// A generation no other write has had (64 random bits: see the module
+/// docs for why not a counter).
+fn new_generation() -> anyhow::Result<String> {
+    let g = getrandom::u64().map_err(|e| anyhow!("no randomness for a cache generation: {e}"))?;
+    Ok(format!("{g:016x}"))
+}
 
 fn is_unreachable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -1001,6 +1064,57 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(node_a.lookup(&q, &eng, 5).await.unwrap(), None);
+    }
+
+    /// A generation whose key was lost (evicted, deleted by hand, a Redis
+    /// that restarted empty) never comes back to a value an entry was
+    /// stored under; and a lookup that read older generations than an
+    /// entry was stored under (a fresh answer stored between its read and
+    /// its drop) leaves the entry be.
+    #[tokio::test]
+    async fn generations_never_repeat_and_a_late_lookup_keeps_a_fresh_entry() {
+        let v = Valkey::start();
+        let cache = RedisCache::connect(settings(&v, 2, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let hr = scope(&["hr"]);
+        let part = Partition {
+            division: "hr".into(),
+            access_level: "internal".into(),
+        };
+        let q = [1.0, 0.0];
+        cache.indexed(std::slice::from_ref(&part)).await.unwrap();
+        let old = cache.as_of(&hr).await.unwrap();
+        cache
+            .store(&q, &hr, 5, answer(&[("leave", "v1")]), &old)
+            .await
+            .unwrap();
+        assert!(cache.lookup(&q, &hr, 5).await.unwrap().is_some());
+        redis::cmd("DEL")
+            .arg(cache.generation_key(&part))
+            .query_async::<i64>(&mut cache.conn())
+            .await
+            .unwrap();
+        cache.indexed(std::slice::from_ref(&part)).await.unwrap();
+        assert_ne!(cache.as_of(&hr).await.unwrap(), old);
+        assert_eq!(
+            cache.lookup(&q, &hr, 5).await.unwrap(),
+            None,
+            "an answer from before the write was served"
+        );
+        // Stored fresh; a lookup that read the generations before that
+        // write judged it stale, and drops it only if it still is.
+        let now = cache.as_of(&hr).await.unwrap();
+        cache
+            .store(&q, &hr, 5, answer(&[("leave", "v2")]), &now)
+            .await
+            .unwrap();
+        let entry = cache.entry_key(&blob(&q), &scope_tag(&hr, "test-model"), 5);
+        let keys = cache.generation_keys(&hr);
+        assert!(!cache.drop_stale(&entry, &keys).await.unwrap(), "dropped");
+        assert!(cache.lookup(&q, &hr, 5).await.unwrap().is_some());
+        cache.indexed(std::slice::from_ref(&part)).await.unwrap();
+        assert!(cache.drop_stale(&entry, &keys).await.unwrap(), "kept");
     }
 
     #[tokio::test]
