@@ -302,16 +302,24 @@ impl IndexerStage {
             }
         }
         if !writes.is_empty() {
-            self.store.upsert_docs(&writes).await?;
-            let points = writes.iter().map(|d| d.chunks.len() as u64).sum();
-            self.optimizer.wrote(points);
-            if self.observe {
-                self.undo_overtaken(&writes, &mut events).await?;
+            let written = async {
+                self.store.upsert_docs(&writes).await?;
+                let points = writes.iter().map(|d| d.chunks.len() as u64).sum();
+                self.optimizer.wrote(points);
+                if self.observe {
+                    self.undo_overtaken(&writes, &mut events).await?;
+                }
+                anyhow::Ok(())
             }
+            .await;
+            // Told even when the write failed: it may have failed part
+            // way, with some of the new text searchable already, and the
+            // job may never come back (dead-lettered) to tell it then.
             let mut partitions: Vec<_> = writes.iter().map(|d| d.meta.partition.clone()).collect();
             partitions.sort();
             partitions.dedup();
             self.cache.indexed(&partitions).await;
+            written?;
         }
         if let Some(pruner) = &self.prune {
             pruner.prune(events.clone()).await?;
@@ -507,6 +515,41 @@ pub(crate) mod tests {
         }
         assert_eq!(stage.cache.owed_generations(), 0);
         assert!(cache.lookup(&q, &eng, 5).await.unwrap().is_some());
+    }
+
+    /// A write that fails may have put its text in the store all the
+    /// same: the cache is told, or an answer cached before it would hide
+    /// that text until its TTL (the job may be dead-lettered, never to
+    /// come back and tell it).
+    #[tokio::test]
+    async fn a_write_that_failed_part_way_still_makes_cached_answers_stale() {
+        use crate::cache_guard::{CacheHandle, CachedAnswer, SemanticCache};
+        use crate::version_pruner::tests::Unreachable;
+        let dir = tempfile::tempdir().unwrap();
+        let counted = Arc::new(Counted {
+            inner: EdgeStore::open(dir.path(), 4).unwrap(),
+            runs: Default::default(),
+            fail_writes: true.into(),
+        });
+        let store: Arc<dyn VectorStore> = counted.clone();
+        let cache = Arc::new(Unreachable::new(false));
+        let (mut stage, _out) = index_node(&store, Ledger::new(8));
+        stage.cache = CacheHandle::new("no-cache-actor", cache.clone());
+        let hr = crate::indexer::Scope {
+            divisions: vec!["hr".into()],
+            access_levels: vec!["public".into()],
+        };
+        let q = [1.0, 0.0, 0.0, 0.0];
+        let answer = CachedAnswer {
+            answer: Some("no leave policy found".into()),
+            sources: vec![],
+        };
+        let as_of = cache.as_of(&hr).await.unwrap();
+        cache.store(&q, &hr, 5, answer, &as_of).await.unwrap();
+        let failed = stage.process(IndexJob::Upsert(embedded("v1", 1_000))).await;
+        assert!(failed.is_err(), "the write did not fail");
+        assert_eq!(versions(&store).await, ["v1"], "the text is not in");
+        assert_eq!(cache.lookup(&q, &hr, 5).await.unwrap(), None);
     }
 
     /// An index node takes documents embedded by its own model, and
@@ -792,10 +835,13 @@ pub(crate) mod tests {
         );
     }
 
-    /// The real store, with its optimisations counted.
+    /// The real store, with its optimisations counted; while `fail_writes`
+    /// is set, a write fails after it is done (a write cut off part way:
+    /// the text searchable, the caller told it failed).
     struct Counted {
         inner: EdgeStore,
         runs: std::sync::atomic::AtomicUsize,
+        fail_writes: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -804,7 +850,11 @@ pub(crate) mod tests {
             "counted"
         }
         async fn upsert(&self, d: &DocMeta, c: &[Chunk], v: &[Vec<f32>]) -> anyhow::Result<()> {
-            self.inner.upsert(d, c, v).await
+            self.inner.upsert(d, c, v).await?;
+            if self.fail_writes.load(Ordering::SeqCst) {
+                anyhow::bail!("the connection dropped before the write was acknowledged");
+            }
+            Ok(())
         }
         async fn search(
             &self,
@@ -869,6 +919,7 @@ pub(crate) mod tests {
         let store = Arc::new(Counted {
             inner: EdgeStore::open(dir.path(), 4).unwrap(),
             runs: Default::default(),
+            fail_writes: Default::default(),
         });
         let runs = || store.runs.load(Ordering::SeqCst);
         let optimizer = Optimizer::new(
