@@ -310,9 +310,15 @@ impl Held {
 /// The log plus its entries in memory: the watcher asks "is this version
 /// dead-lettered?" for every document it sees, which must not re-read the
 /// file each time. The file stays the source of truth across restarts.
+///
+/// Two locks: a change holds `tail` throughout (so what it checked in
+/// `held` stays true until it is written) but `held` only to read it and,
+/// once the record is on disk, to apply it. A reader takes `held` alone,
+/// so the watcher's question never waits for a change's fsync.
 pub struct FileDlq {
     path: PathBuf,
-    log: Mutex<(Tail, Held)>,
+    tail: Mutex<Tail>,
+    held: Mutex<Held>,
 }
 
 /// The log file and where its last whole record ends.
@@ -356,7 +362,8 @@ impl FileDlq {
         }
         Ok(FileDlq {
             path,
-            log: Mutex::new((Tail { file, end }, held)),
+            tail: Mutex::new(Tail { file, end }),
+            held: Mutex::new(held),
         })
     }
 
@@ -429,52 +436,51 @@ impl FileDlq {
 
 impl DeadLetters for FileDlq {
     fn push(&self, mut entry: DlqEntry) -> anyhow::Result<u64> {
-        let mut log = self.log.lock();
-        let (file, held) = &mut *log;
-        entry.id = held.last_id() + 1;
+        let mut tail = self.tail.lock();
+        // (Only changes, under `tail`, add entries: this id stays free.)
+        entry.id = self.held.lock().last_id() + 1;
         entry.replayed = false;
         entry.settled = None;
-        self.append(file, &Record::Entry(entry.clone()))?;
+        self.append(&mut tail, &Record::Entry(entry.clone()))?;
         let id = entry.id;
-        held.insert(entry);
+        self.held.lock().insert(entry);
         Ok(id)
     }
 
     fn list(&self) -> anyhow::Result<Vec<DlqEntry>> {
-        Ok(self.log.lock().1.list())
+        Ok(self.held.lock().list())
     }
 
     fn page(&self, q: &PageQuery) -> anyhow::Result<Page> {
-        Ok(self.log.lock().1.page(q))
+        Ok(self.held.lock().page(q))
     }
 
     fn get(&self, id: u64) -> anyhow::Result<Option<DlqEntry>> {
-        Ok(self.log.lock().1.get(id).cloned())
+        Ok(self.held.lock().get(id).cloned())
     }
 
     fn pending(&self, doc_id: &str, version: &str) -> Option<DlqEntry> {
-        self.log.lock().1.pending(doc_id, version)
+        self.held.lock().pending(doc_id, version)
     }
 
     fn pending_version(&self, version: &str) -> Option<DlqEntry> {
-        self.log.lock().1.pending_version(version)
+        self.held.lock().pending_version(version)
     }
 
     fn waiting_docs(&self) -> Vec<String> {
-        self.log.lock().1.waiting_docs()
+        self.held.lock().waiting_docs()
     }
 
     fn mark_replayed(&self, id: u64) -> anyhow::Result<DlqEntry> {
-        let mut log = self.log.lock();
-        let (file, held) = &mut *log;
-        let entry = held
-            .get(id)
-            .with_context(|| format!("no DLQ entry with id {id}"))?;
-        if entry.replayed {
+        let mut tail = self.tail.lock();
+        let replayed = (self.held.lock().get(id))
+            .with_context(|| format!("no DLQ entry with id {id}"))?
+            .replayed;
+        if replayed {
             return Err(AlreadyReplayed(id).into());
         }
-        self.append(file, &Record::Replayed { id })?;
-        held.set_replayed(id, true)
+        self.append(&mut tail, &Record::Replayed { id })?;
+        (self.held.lock().set_replayed(id, true))
             .with_context(|| format!("no DLQ entry with id {id}"))
     }
 
@@ -484,12 +490,16 @@ impl DeadLetters for FileDlq {
         current: Option<&str>,
         how: Settled,
     ) -> anyhow::Result<Vec<u64>> {
-        let mut log = self.log.lock();
-        let (file, held) = &mut *log;
-        let ids = held.waiting_of(doc_id, current);
+        // The usual case, no entry of the document, answered without
+        // waiting on a change being written.
+        if self.held.lock().waiting_of(doc_id, current).is_empty() {
+            return Ok(vec![]);
+        }
+        let mut tail = self.tail.lock();
+        let ids = self.held.lock().waiting_of(doc_id, current);
         for &id in &ids {
-            self.append(file, &Record::Settled { id, how })?;
-            held.set_settled(id, Some(how));
+            self.append(&mut tail, &Record::Settled { id, how })?;
+            self.held.lock().set_settled(id, Some(how));
         }
         Ok(ids)
     }
