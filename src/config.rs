@@ -1319,13 +1319,27 @@ fn validate(
             access_levels: p.access_levels,
         });
     }
-    let (warnings, refusals) = exposure(
+    let (mut warnings, refusals) = exposure(
         &roles,
         query_bind,
         admin_bind,
         admin_token.as_ref(),
         &principals,
     );
+    if let Some(llm) = llm.as_ref().filter(|_| roles.query) {
+        // Allowed (a caller may want an answer or an error quickly), but
+        // said: the LLM's own timeout and retries then never play out.
+        let llm_may_take = llm.timeout + llm.retry_budget;
+        if llm_may_take > query_timeout {
+            warnings.push(format!(
+                "query.timeout_secs ({}) is shorter than llm.timeout_secs + \
+                 llm.retry_budget_secs ({}): a slow or rate-limited LLM's retries are cut \
+                 off by the query's deadline (a 504)",
+                query_timeout.as_secs(),
+                llm_may_take.as_secs_f64()
+            ));
+        }
+    }
     Config {
         path: path.to_path_buf(),
         data_dir,
@@ -1575,6 +1589,31 @@ mod tests {
         divisions = ["eng"]
         access_levels = ["internal"]
     "#;
+
+    /// A query deadline shorter than the LLM's timeout and retries is
+    /// allowed, and said; the defaults leave room for them.
+    #[test]
+    fn a_query_deadline_that_cuts_the_llms_retries_short_is_warned_about() {
+        let (_dir, path) = setup();
+        let llm = "[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"small\"\n";
+        let warnings = |extra: &str| {
+            let text = format!("{GOOD}\n{extra}");
+            Config::parse(&path, &text, std::iter::empty())
+                .unwrap()
+                .warnings
+        };
+        assert_eq!(warnings(llm), Vec::<String>::new());
+        let short = warnings(&format!("[query]\ntimeout_secs = 60\n{llm}"));
+        assert_eq!(short.len(), 1, "{short:?}");
+        assert!(
+            short[0].contains("query.timeout_secs (60)") && short[0].contains("(90)"),
+            "{short:?}"
+        );
+        let slow_llm = warnings(&format!("{llm}timeout_secs = 100\n"));
+        assert_eq!(slow_llm.len(), 1, "{slow_llm:?}");
+        // No LLM, nothing to cut short.
+        assert!(warnings("[query]\ntimeout_secs = 5\n").is_empty());
+    }
 
     /// What changes an answer changes the id; what only changes how it is
     /// obtained (rate limits, timeouts) or kept (the cache) does not.

@@ -497,9 +497,6 @@ fn queries_past_the_concurrency_limit_are_shed_with_retry_after() {
     assert!(metric(&d, "ragd_queries_shed_total") >= 1.0);
 }
 
-/// SIGTERM while a query waits on a slow LLM: the node stops within its
-/// bounds and still shuts down in order (actors stopped, store flushed),
-/// rather than waiting on the query's handler, which held the node.
 /// A query bounded by `[query] timeout_secs`: an LLM slower than that
 /// (within its own timeout) gets the caller a 504 naming the step, once
 /// the time is up, not once the LLM gives up; the slot is free again and
@@ -530,6 +527,9 @@ fn a_query_past_its_timeout_gets_504_naming_the_step() {
     assert!(texts(&next).contains("sixteen weeks"), "{next}");
 }
 
+/// SIGTERM while a query waits on a slow LLM: the node stops within its
+/// bounds and still shuts down in order (actors stopped, store flushed),
+/// rather than waiting on the query's handler, which held the node.
 #[test]
 fn sigterm_during_a_slow_query_still_shuts_down_in_order() {
     let llm = FakeLlm::start(vec![Step::Slow(Duration::from_secs(120))]);
