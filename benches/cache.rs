@@ -23,7 +23,7 @@ mod common;
 use common::{env_usize, normalise, Rng};
 use ragd_actors::cache_guard::embedded::EmbeddedCache;
 use ragd_actors::cache_guard::redis::{RedisCache, RedisSettings};
-use ragd_actors::cache_guard::{AsOf, CachedAnswer, SemanticCache};
+use ragd_actors::cache_guard::{CachedAnswer, SemanticCache};
 use ragd_actors::indexer::{Hit, Scope};
 use ragd_actors::testkit::Valkey;
 use std::sync::Arc;
@@ -101,14 +101,12 @@ fn data(entries: usize, lookups: usize, n_scopes: usize) -> Data {
 
 async fn fill(cache: &dyn SemanticCache, d: &Data) {
     for (i, (v, s)) in d.stored.iter().enumerate() {
+        let scope = &d.scopes[*s];
+        // (As of now: Redis gives a partition never written to a
+        // generation at its first store, and refuses later ones as of none.)
+        let as_of = cache.as_of(scope).await.unwrap();
         cache
-            .store(
-                v,
-                &d.scopes[*s],
-                TOP_K,
-                answer(i, &d.scopes[*s]),
-                &AsOf::default(),
-            )
+            .store(v, scope, TOP_K, answer(i, scope), &as_of)
             .await
             .unwrap();
     }

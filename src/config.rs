@@ -1330,7 +1330,7 @@ fn validate(
         // Allowed (a caller may want an answer or an error quickly), but
         // said: the LLM's own timeout and retries then never play out.
         let llm_may_take = llm.timeout + llm.retry_budget;
-        if llm_may_take > query_timeout {
+        if llm_may_take >= query_timeout {
             warnings.push(format!(
                 "query.timeout_secs ({}) is shorter than llm.timeout_secs + \
                  llm.retry_budget_secs ({}): a slow or rate-limited LLM's retries are cut \

@@ -400,10 +400,18 @@ struct Owed {
     removals: VecDeque<Removal>,
     /// Partitions written to whose generation the cache has not taken.
     partitions: BTreeSet<Partition>,
-    /// Of those, how many are being sent (taken out of `partitions`).
-    partitions_sending: usize,
+    /// Those being sent (taken out of `partitions`; one written to again
+    /// meanwhile is in both).
+    partitions_sending: BTreeSet<Partition>,
     /// Whether a task is sending them.
     flushing: bool,
+}
+
+impl Owed {
+    /// Partitions whose generation is owed, those being sent included.
+    fn generations_owed(&self) -> usize {
+        self.partitions.union(&self.partitions_sending).count()
+    }
 }
 
 /// The most invalidations owed at once (a few MB). Past it, more are
@@ -430,7 +438,7 @@ impl CacheHandle {
     /// How many partitions' generations wait for the cache to come back.
     pub fn owed_generations(&self) -> usize {
         let o = self.owed.lock();
-        o.partitions.len() + o.partitions_sending
+        o.generations_owed()
     }
     fn actor(&self) -> Option<ActorRef<CacheMsg>> {
         ActorRef::where_is(&self.actor_name)
@@ -511,7 +519,7 @@ impl CacheHandle {
         let mut owed = self.owed.lock();
         // One per partition however many writes: bounded by the partitions.
         owed.partitions.extend(partitions.iter().cloned());
-        let owing = owed.partitions.len() + owed.partitions_sending;
+        let owing = owed.generations_owed();
         metrics::gauge!("ragd_cache_generations_owed").set(owing as f64);
         if !owed.flushing {
             owed.flushing = true;
@@ -584,7 +592,7 @@ async fn pay_owed(owed: Arc<Mutex<Owed>>, cache: Arc<dyn SemanticCache>) {
         let partitions: Vec<Partition> = {
             let mut o = owed.lock();
             let taken: Vec<Partition> = std::mem::take(&mut o.partitions).into_iter().collect();
-            o.partitions_sending = taken.len();
+            o.partitions_sending = taken.iter().cloned().collect();
             taken
         };
         if !partitions.is_empty() {
@@ -596,7 +604,7 @@ async fn pay_owed(owed: Arc<Mutex<Owed>>, cache: Arc<dyn SemanticCache>) {
                 .await;
             debug_assert!(sent.is_ok(), "retried without a limit");
             let mut o = owed.lock();
-            o.partitions_sending = 0;
+            o.partitions_sending.clear();
             metrics::gauge!("ragd_cache_generations_owed").set(o.partitions.len() as f64);
         }
         let batch: Vec<Removal> = {

@@ -22,7 +22,9 @@
 //!   `volatile-*` eviction policy Redis never evicts it). Random, not a
 //!   counter: a counter whose key is lost (evicted, deleted by hand, a
 //!   Redis that restarted empty while a query ran) starts again at 1 and
-//!   would make an old entry's `as_of` current again. A lookup reads its
+//!   would make an old entry's `as_of` current again. A partition never
+//!   written to gets one from the first answer stored for it (see
+//!   [`STORE_SCRIPT`]), so no entry is stored under "none". A lookup reads its
 //!   scope's in the same round trip as its search, and an entry whose
 //!   `as_of` differs is stale: a miss, deleted (by a script that checks
 //!   it against the generations there are then, so an entry stored since
@@ -84,13 +86,15 @@ pub struct RedisCache {
 
 /// Lua: `as_of`, the generations of keys `KEYS[first + 1 ..]` as
 /// [`AsOf::from_generations`] writes them (the same string, compared as
-/// is). A macro, not a const: `concat!` takes literals only.
+/// is), and `gens[j]`, each key's generation (false when it has none). A
+/// macro, not a const: `concat!` takes literals only.
 macro_rules! as_of_lua {
     () => {
         r"
-local now = {}
+local now, gens = {}, {}
 for j = 1, #KEYS - first do
   local g = redis.call('GET', KEYS[first + j])
+  gens[j] = g
   if g then
     table.insert(now, (j - 1) .. '=' .. g)
   end
@@ -105,10 +109,16 @@ local as_of = table.concat(now, ',')
 /// the module docs): check and write as one step, so that neither a write
 /// nor an invalidation can fall between them. Returns 1 if stored.
 ///
+/// A partition never written to has no generation yet: the script gives
+/// it one (ARGV's last, with the key's place appended) and stores the
+/// entry under it. Stored under "none" instead, the entry would be
+/// current again whenever the key is lost (evicted, deleted), even after
+/// a write set it in between.
+///
 /// KEYS: the entry; per cited (doc, version) its tombstone, then its cites
 /// set, then its doc's versions set; the scope's generation keys. ARGV:
 /// ttl, the hash's fields (vec, scope, top_k, value, as_of), the number of
-/// cited versions, then those versions.
+/// cited versions, then those versions, then a new generation.
 const STORE_SCRIPT: &str = concat!(
     r"
 local n = tonumber(ARGV[7])
@@ -126,7 +136,16 @@ for i = 1, n do
     return 0
   end
 end
-redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'scope', ARGV[3], 'top_k', ARGV[4], 'value', ARGV[5], 'as_of', ARGV[6])
+local all = {}
+for j = 1, #KEYS - first do
+  local g = gens[j]
+  if not g then
+    g = ARGV[8 + n] .. '.' .. j
+    redis.call('SET', KEYS[first + j], g)
+  end
+  table.insert(all, (j - 1) .. '=' .. g)
+end
+redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'scope', ARGV[3], 'top_k', ARGV[4], 'value', ARGV[5], 'as_of', table.concat(all, ','))
 redis.call('EXPIRE', KEYS[1], ttl)
 for i = 1, n do
   redis.call('SADD', KEYS[1 + n + i], KEYS[1])
@@ -564,6 +583,7 @@ impl RedisCache {
         for (_, version) in &cited {
             eval.arg(*version);
         }
+        eval.arg(new_generation()?);
         let stored: i64 = self
             .within("store", eval.query_async(&mut self.conn()))
             .await?;
@@ -895,6 +915,20 @@ mod tests {
         }
     }
 
+    impl RedisCache {
+        /// Stores as a query that read the generations just now would.
+        async fn store_now(
+            &self,
+            vector: &[f32],
+            scope: &Scope,
+            top_k: usize,
+            value: CachedAnswer,
+        ) -> anyhow::Result<()> {
+            let as_of = self.as_of(scope).await?;
+            self.store(vector, scope, top_k, value, &as_of).await
+        }
+    }
+
     fn answer(cites: &[(&str, &str)]) -> CachedAnswer {
         CachedAnswer {
             answer: Some("sixteen weeks".into()),
@@ -911,7 +945,7 @@ mod tests {
         let value = answer(&[("a", "v1")]);
         let q = [1.0f32, 0.0, 0.0];
         cache
-            .store(&q, &scope(&["hr"]), 5, value.clone(), &AsOf::default())
+            .store_now(&q, &scope(&["hr"]), 5, value.clone())
             .await
             .unwrap();
         // 0.99 cosine: a hit; 0.95: a miss.
@@ -952,19 +986,13 @@ mod tests {
         .await
         .unwrap();
         let (q, s) = ([1.0f32, 0.0, 0.0], scope(&["hr"]));
-        old.store(&q, &s, 5, answer(&[("a", "v1")]), &AsOf::default())
+        old.store_now(&q, &s, 5, answer(&[("a", "v1")]))
             .await
             .unwrap();
         assert_eq!(new.lookup(&q, &s, 5).await.unwrap(), None);
-        new.store(
-            &q,
-            &s,
-            5,
-            answer(&[("a", "v1"), ("b", "v1")]),
-            &AsOf::default(),
-        )
-        .await
-        .unwrap();
+        new.store_now(&q, &s, 5, answer(&[("a", "v1"), ("b", "v1")]))
+            .await
+            .unwrap();
         let got = |c: Option<CachedAnswer>| c.map(|a| a.sources.len());
         assert_eq!(got(old.lookup(&q, &s, 5).await.unwrap()), Some(1));
         assert_eq!(got(new.lookup(&q, &s, 5).await.unwrap()), Some(2));
@@ -984,7 +1012,7 @@ mod tests {
             .unwrap();
         let s = scope(&["hr"]);
         cache
-            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
+            .store_now(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -1115,6 +1143,25 @@ mod tests {
         assert!(cache.lookup(&q, &hr, 5).await.unwrap().is_some());
         cache.indexed(std::slice::from_ref(&part)).await.unwrap();
         assert!(cache.drop_stale(&entry, &keys).await.unwrap(), "kept");
+
+        // A partition never written to: the answer is stored under a
+        // generation made then, not under none, so losing the key makes
+        // it stale too.
+        let eng = scope(&["eng"]);
+        let none = cache.as_of(&eng).await.unwrap();
+        cache
+            .store(&q, &eng, 5, answer(&[("build", "b1")]), &none)
+            .await
+            .unwrap();
+        assert!(cache.lookup(&q, &eng, 5).await.unwrap().is_some());
+        assert_ne!(cache.as_of(&eng).await.unwrap(), none, "no generation made");
+        redis::cmd("DEL")
+            .arg(cache.generation_keys(&eng))
+            .query_async::<i64>(&mut cache.conn())
+            .await
+            .unwrap();
+        assert_eq!(cache.as_of(&eng).await.unwrap(), none);
+        assert_eq!(cache.lookup(&q, &eng, 5).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -1125,23 +1172,16 @@ mod tests {
         let node_b = RedisCache::connect(settings(&v, 2, ttl)).await.unwrap();
         let s = scope(&["hr"]);
         node_a
-            .store(
+            .store_now(
                 &[1.0, 0.0],
                 &s,
                 5,
                 answer(&[("leave", "v1"), ("pay", "p1")]),
-                &AsOf::default(),
             )
             .await
             .unwrap();
         node_a
-            .store(
-                &[0.0, 1.0],
-                &s,
-                5,
-                answer(&[("pay", "p1")]),
-                &AsOf::default(),
-            )
+            .store_now(&[0.0, 1.0], &s, 5, answer(&[("pay", "p1")]))
             .await
             .unwrap();
         // Shared: node B hits what node A stored.
@@ -1175,10 +1215,7 @@ mod tests {
             (ad, &[("a", "v2"), ("d", "v1")]),
         ];
         for (q, sources) in cites {
-            cache
-                .store(&q, &s, 5, answer(sources), &AsOf::default())
-                .await
-                .unwrap();
+            cache.store_now(&q, &s, 5, answer(sources)).await.unwrap();
         }
         assert_eq!(cache.invalidate_all(&a_batch()).await.unwrap(), 2);
         let cached = |q: [f32; 2]| {
@@ -1215,13 +1252,7 @@ mod tests {
         // The pruner went by first (v1 → v2) while a query computed from v1.
         cache.invalidate("leave", Some("v2")).await.unwrap();
         cache
-            .store(
-                &[1.0, 0.0],
-                &s,
-                5,
-                answer(&[("leave", "v1")]),
-                &AsOf::default(),
-            )
+            .store_now(&[1.0, 0.0], &s, 5, answer(&[("leave", "v1")]))
             .await
             .unwrap();
         assert_eq!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap(), None);
@@ -1243,13 +1274,7 @@ mod tests {
         assert!(versions.is_empty(), "{versions:?}");
         // An answer from the kept version is cached as usual.
         cache
-            .store(
-                &[1.0, 0.0],
-                &s,
-                5,
-                answer(&[("leave", "v2")]),
-                &AsOf::default(),
-            )
+            .store_now(&[1.0, 0.0], &s, 5, answer(&[("leave", "v2")]))
             .await
             .unwrap();
         assert!(cache.lookup(&[1.0, 0.0], &s, 5).await.unwrap().is_some());
@@ -1272,10 +1297,7 @@ mod tests {
             (both, &[("pay", "p1"), ("leave", "v1")]),
         ];
         for (q, sources) in cites {
-            cache
-                .store(&q, &s, 5, answer(sources), &AsOf::default())
-                .await
-                .unwrap();
+            cache.store_now(&q, &s, 5, answer(sources)).await.unwrap();
         }
         let gone = [("leave".to_string(), "v1".to_string())];
         assert_eq!(cache.drop_citing(&gone).await.unwrap(), 2);
@@ -1286,7 +1308,7 @@ mod tests {
         assert!(!cached(old).await && !cached(both).await);
         assert!(cached(new).await, "the current version's entry went too");
         cache
-            .store(&old, &s, 5, answer(&[("leave", "v2")]), &AsOf::default())
+            .store_now(&old, &s, 5, answer(&[("leave", "v2")]))
             .await
             .unwrap();
         assert!(cached(old).await, "a tombstone refused the current version");
@@ -1328,7 +1350,7 @@ mod tests {
             .unwrap();
         let s = scope(&["hr"]);
         cache
-            .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
+            .store_now(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
             .await
             .unwrap();
         v.stop();
@@ -1343,7 +1365,7 @@ mod tests {
             );
             assert!(
                 cache
-                    .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
+                    .store_now(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
                     .await
                     .is_ok()
                     || t.elapsed() < Duration::from_millis(600)
@@ -1355,7 +1377,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let _ = cache
-                .store(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]), &AsOf::default())
+                .store_now(&[1.0, 0.0], &s, 5, answer(&[("a", "v1")]))
                 .await;
             if let Ok(Some(_)) = cache.lookup(&[1.0, 0.0], &s, 5).await {
                 break;
